@@ -1,0 +1,41 @@
+# Two commands do all set-up on a fresh machine:
+#   make demo   set up, then run the reference MNIST job (2 servers, 3 workers) locally
+#   make test   set up, then run the whole test suite
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+DATA := /usr/share/datasets/fashion-mnist
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: demo test setup data lint bench clean
+
+$(VENV)/.installed: requirements.txt requirements-dev.txt pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements-dev.txt
+	$(PY) -m pip install --quiet --no-deps -e .
+	touch $@
+
+setup: $(VENV)/.installed
+
+data:
+	@if [ ! -f $(DATA)/train-images-idx3-ubyte.gz ]; then \
+		echo "Fashion-MNIST not found: installing Debian's dataset-fashion-mnist"; \
+		$(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq dataset-fashion-mnist; \
+	fi
+
+demo: setup data
+	$(VENV)/bin/downpour train examples/mnist.yaml
+
+test: setup data
+	$(PY) -m pytest -q
+
+lint: setup
+	$(VENV)/bin/ruff check downpour tests benchmarks
+
+bench: setup data
+	$(PY) benchmarks/transport.py
+	$(PY) benchmarks/end_to_end.py
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,1 @@
+"""Command line: flags and environment -> configs -> components. Nothing else."""

@@ -1,0 +1,255 @@
+"""``downpour``: train a job locally, or start one role of a job by hand.
+
+    downpour train JOB.yaml [--run-dir DIR] [--data DIR] [--set key=value ...]
+    downpour coordinator JOB.yaml [--bind tcp://HOST:PORT] [--run-dir DIR]
+    downpour server --coordinator HOST:PORT [--host HOST] [--rank N]
+    downpour worker --coordinator HOST:PORT [--rank N]
+    downpour status RUN_DIR | HOST:PORT
+
+Hand-started nodes may take their settings from the environment instead, in
+the spirit of ps-lite's DMLC_* variables: DOWNPOUR_ROLE (for ``downpour node``),
+DOWNPOUR_COORDINATOR, DOWNPOUR_RANK, DOWNPOUR_HOST, DOWNPOUR_JOB, DOWNPOUR_BIND.
+This module is the only place that reads them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from typing import Any
+
+from downpour.errors import ConfigError, DownpourError, JobFailed
+
+log = logging.getLogger("downpour")
+
+
+def _setup_logging(level: str = "INFO") -> None:
+    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO),
+                        format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
+
+
+def _coordinator_url(text: str | None) -> str:
+    if not text:
+        raise ConfigError("--coordinator HOST:PORT is required (or set DOWNPOUR_COORDINATOR)")
+    if "://" in text:
+        return text
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ConfigError(f"--coordinator: expected HOST:PORT, got {text!r}")
+    return f"tcp://{host}:{port}"
+
+
+def _env_int(name: str) -> int | None:
+    v = os.environ.get(name)
+    if v is None or v == "":
+        return None
+    if not v.lstrip("-").isdigit():
+        raise ConfigError(f"{name} must be an integer, got {v!r}")
+    return int(v)
+
+
+def _load(args) -> Any:
+    from downpour.config import load_job
+
+    overrides = list(args.set or [])
+    if getattr(args, "data", None):
+        overrides.append(f"data.path={args.data}")
+    return load_job(args.job, overrides)
+
+
+# -- train ------------------------------------------------------------------
+def cmd_train(args) -> int:
+    from downpour.api import check_data, default_run_dir
+    from downpour.launch import LocalLauncher
+
+    job = _load(args)
+    check_data(job)  # missing data: one line saying how to get it, nothing started
+    run_dir = args.run_dir or default_run_dir(job.name)
+    launcher = LocalLauncher(job, run_dir)
+    print(f"downpour: {job.name}: {job.cluster.num_servers} servers, {job.cluster.num_workers} workers, "
+          f"{job.training.consistency}; run folder {run_dir}", flush=True)
+    try:
+        result = _run_with_progress(launcher, job, quiet=args.quiet)
+    except KeyboardInterrupt:
+        print("downpour: interrupted; every process of the job was stopped", file=sys.stderr)
+        return 130
+    s = result.summary
+    print(f"test accuracy: {s['test_accuracy']:.4f}   test loss: {s['test_loss']:.4f}")
+    print(f"{s['examples']} examples in {s['steps']} steps, {s['train_s']:.1f}s training "
+          f"({s['examples_per_s']:.0f} examples/s), {s['wall_s']:.1f}s wall; "
+          f"staleness mean {s['staleness']['mean']:.2f} max {s['staleness']['max']}")
+    print(f"summary: {os.path.join(result.run_dir, 'summary.json')}")
+    return 0
+
+
+def _run_with_progress(launcher, job, quiet: bool):
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    if quiet or not sys.stdout.isatty():
+        last = [0.0]
+
+        def plain(status: dict) -> None:  # a line every 5 s where no terminal is attached
+            if quiet or time.monotonic() - last[0] < 5.0 or status.get("phase") != "training":
+                return
+            last[0] = time.monotonic()
+            loss = status.get("loss")
+            print(f"  {status['examples']}/{status['planned_examples']} examples, step {status['steps']}, "
+                  f"{status['examples_per_s']:.0f} ex/s, loss {loss if loss is None else round(loss, 4)}", flush=True)
+
+        return launcher.run(plain)
+    columns = [TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed:>7.0f}/{task.total:.0f} ex"),
+               TextColumn("step {task.fields[step]}"), TextColumn("{task.fields[rate]:>7.0f} ex/s"),
+               TextColumn("loss {task.fields[loss]}"), TimeElapsedColumn()]
+    with Progress(*columns, transient=False) as progress:
+        task = progress.add_task("starting", total=1, step=0, rate=0.0, loss="-")
+
+        def update(status: dict) -> None:
+            loss = status.get("loss")
+            progress.update(task, description=status["phase"], total=max(1, status["planned_examples"]),
+                            completed=status["examples"], step=status["steps"], rate=status["examples_per_s"],
+                            loss="-" if loss is None else f"{loss:.4f}")
+
+        return launcher.run(update)
+
+
+# -- single roles -----------------------------------------------------------
+def cmd_coordinator(args) -> int:
+    from downpour.coordinator.service import Coordinator
+    from downpour.transport import new_context
+
+    job = _load(args)
+    bind = args.bind or os.environ.get("DOWNPOUR_BIND") or "tcp://127.0.0.1:7070"
+    if "://" not in bind:
+        bind = f"tcp://{bind}"
+    if args.run_dir:
+        os.makedirs(args.run_dir, exist_ok=True)
+    ctx = new_context()
+    coord = Coordinator(ctx, job, bind, args.run_dir)
+    print(f"coordinator listening on {coord.address}", file=sys.stderr, flush=True)
+    try:
+        return coord.serve()
+    finally:
+        ctx.destroy(linger=0)
+
+
+def cmd_server(args) -> int:
+    from downpour.server.service import run_server
+    from downpour.transport import new_context
+
+    ctx = new_context()
+    try:
+        return run_server(ctx, _coordinator_url(args.coordinator), host=args.host, rank=args.rank, ipc_dir=args.ipc_dir)
+    finally:
+        ctx.destroy(linger=0)
+
+
+def cmd_worker(args) -> int:
+    from downpour.transport import new_context
+    from downpour.worker.service import run_worker
+
+    ctx = new_context()
+    try:
+        return run_worker(ctx, _coordinator_url(args.coordinator), rank=args.rank)
+    finally:
+        ctx.destroy(linger=0)
+
+
+def cmd_node(args) -> int:
+    role = os.environ.get("DOWNPOUR_ROLE", "")
+    if role not in ("coordinator", "server", "worker"):
+        raise ConfigError(f"DOWNPOUR_ROLE must be coordinator, server or worker, got {role!r}")
+    return {"coordinator": cmd_coordinator, "server": cmd_server, "worker": cmd_worker}[role](args)
+
+
+def cmd_status(args) -> int:
+    target = args.target
+    if os.path.isdir(target):
+        path = os.path.join(target, "summary.json")
+        addr_path = os.path.join(target, "coordinator.addr")
+        if os.path.exists(path):
+            with open(path) as f:
+                print(json.dumps(json.load(f), indent=2))
+            return 0
+        if not os.path.exists(addr_path):
+            raise ConfigError(f"{target} holds neither summary.json nor coordinator.addr")
+        with open(addr_path) as f:
+            target = f.read().strip()
+    from downpour.protocol import Message, Op
+    from downpour.protocol.rpc import RpcClient
+    from downpour.transport import new_context
+
+    ctx = new_context()
+    rpc = RpcClient(ctx, f"status-{os.getpid()}", request_timeout_s=5.0)
+    try:
+        rpc.connect("coordinator", _coordinator_url(target))
+        status = rpc.call("coordinator", Message(Op.STATUS)).meta
+    finally:
+        rpc.close()
+        ctx.destroy(linger=0)
+    print(f"phase {status['phase']}  examples {status['examples']}/{status['planned_examples']}  "
+          f"{status['examples_per_s']:.0f} ex/s  loss {status['loss']}")
+    for n in status["nodes"]:
+        print(f"  {n['name']:<10} {n['state']:<9} heartbeat {n['heartbeat_age_s']:.1f}s ago  {n['progress']}")
+    if status.get("error"):
+        print(f"error: {status['error']}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="downpour", description="Downpour parameter-server training")
+    p.add_argument("--log-level", default="INFO")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    env = os.environ.get
+    t = sub.add_parser("train", help="run a whole job on this machine (coordinator, servers, workers)")
+    t.add_argument("job", help="job file (YAML)")
+    t.add_argument("--run-dir", help="run folder (default: runs/NAME-TIMESTAMP)")
+    t.add_argument("--data", help="folder of MNIST-format IDX files (sets data.path)")
+    t.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a job field, e.g. --set epochs=3")
+    t.add_argument("--quiet", action="store_true", help="no progress output")
+    t.set_defaults(fn=cmd_train)
+
+    c = sub.add_parser("coordinator", help="start the coordinator of a hand-started job")
+    c.add_argument("job", nargs="?" if env("DOWNPOUR_JOB") else None, default=env("DOWNPOUR_JOB"))
+    c.add_argument("--bind", help="address to listen on, e.g. tcp://0.0.0.0:7070 (default 127.0.0.1:7070)")
+    c.add_argument("--run-dir")
+    c.add_argument("--data")
+    c.add_argument("--set", action="append", metavar="KEY=VALUE")
+    c.set_defaults(fn=cmd_coordinator)
+
+    for role, fn in (("server", cmd_server), ("worker", cmd_worker)):
+        r = sub.add_parser(role, help=f"start one {role} of a job")
+        r.add_argument("--coordinator", default=env("DOWNPOUR_COORDINATOR"), help="coordinator HOST:PORT")
+        r.add_argument("--rank", type=int, default=_env_int("DOWNPOUR_RANK"), help="preferred rank")
+        if role == "server":
+            r.add_argument("--host", default=env("DOWNPOUR_HOST", "127.0.0.1"), help="interface to listen on")
+            r.add_argument("--ipc-dir", help="folder for ipc sockets (when the coordinator is ipc://)")
+        r.set_defaults(fn=fn)
+
+    n = sub.add_parser("node", help="start the role named by DOWNPOUR_ROLE, configured from DOWNPOUR_* variables")
+    n.set_defaults(fn=cmd_node, job=env("DOWNPOUR_JOB"), bind=env("DOWNPOUR_BIND"), run_dir=None, data=None, set=None,
+                   coordinator=env("DOWNPOUR_COORDINATOR"), rank=None, host=env("DOWNPOUR_HOST", "127.0.0.1"), ipc_dir=None)
+
+    s = sub.add_parser("status", help="show a running or finished job")
+    s.add_argument("target", help="run folder or coordinator HOST:PORT")
+    s.set_defaults(fn=cmd_status)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _setup_logging(args.log_level)
+    try:
+        if args.command == "node":
+            args.rank = _env_int("DOWNPOUR_RANK")
+        return int(args.fn(args) or 0)
+    except JobFailed as err:
+        print(f"downpour: job failed: {err}", file=sys.stderr)
+        return 1
+    except DownpourError as err:
+        print(f"downpour: {err}", file=sys.stderr)
+        return 2

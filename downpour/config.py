@@ -1,0 +1,260 @@
+"""Validated, frozen job configuration.
+
+A job file (YAML) maps one-to-one onto :class:`JobConfig`. Validation happens
+once, at the edge (CLI, job file, :func:`downpour.train`); every component
+below receives an already-valid, immutable config. Errors name the field and
+the offending value (see :func:`load_job`).
+
+Example (``examples/mnist.yaml``)::
+
+    model: {name: mlp, args: {hidden: [128], dropout: 0.2}}
+    data: {name: idx, path: /usr/share/datasets/fashion-mnist}
+    optimizer: {name: sgd, lr: 0.01, momentum: 0.9}
+    training: {consistency: async, epochs: 1, batch_size: 32, seed: 0}
+    cluster: {num_servers: 2, num_workers: 3}
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from downpour.errors import ConfigError
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class ModelConfig(_Frozen):
+    """The model: a built-in ``name`` (see ``downpour.models``) or an import path
+    ``factory: "package.module:function"``; ``args`` are passed to it as keywords."""
+
+    name: str | None = None
+    factory: str | None = None
+    args: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ModelConfig:
+        if (self.name is None) == (self.factory is None):
+            raise ValueError("give exactly one of model.name (a built-in) or model.factory ('pkg.mod:fn')")
+        return self
+
+
+class DataConfig(_Frozen):
+    """Training data. ``name: idx`` reads MNIST-format IDX files (gzipped or not) from
+    ``path``; ``factory: "pkg.mod:fn"`` calls a user function that returns a
+    :class:`downpour.data.Dataset`."""
+
+    name: str | None = "idx"
+    factory: str | None = None
+    path: str = "/usr/share/datasets/fashion-mnist"
+    args: dict[str, Any] = Field(default_factory=dict)
+    # Examples per data shard. The coordinator hands shards to workers one at a time;
+    # smaller shards balance load better, larger ones cost fewer coordinator round trips.
+    shard_size: int = Field(2048, gt=0)
+
+    @model_validator(mode="after")
+    def _one_source(self) -> DataConfig:
+        if self.factory is not None:
+            object.__setattr__(self, "name", None)
+        if self.name is None and self.factory is None:
+            raise ValueError("give data.name (a built-in) or data.factory ('pkg.mod:fn')")
+        return self
+
+
+class SGDConfig(_Frozen):
+    name: Literal["sgd"] = "sgd"
+    lr: float = Field(0.01, gt=0)
+    momentum: float = Field(0.0, ge=0)
+    dampening: float = Field(0.0, ge=0)
+    nesterov: bool = False
+    weight_decay: float = Field(0.0, ge=0)
+    # Linear scaling rule (Goyal et al. 2017): multiply lr by the number of workers.
+    # Meant for sync mode, where one update averages num_workers batches.
+    scale_lr_with_workers: bool = False
+
+    @model_validator(mode="after")
+    def _nesterov(self) -> SGDConfig:
+        if self.nesterov and (self.momentum <= 0 or self.dampening != 0):
+            raise ValueError("optimizer.nesterov needs momentum > 0 and dampening = 0")
+        return self
+
+
+class AdagradConfig(_Frozen):
+    name: Literal["adagrad"]
+    lr: float = Field(0.01, gt=0)
+    lr_decay: float = Field(0.0, ge=0)
+    weight_decay: float = Field(0.0, ge=0)
+    initial_accumulator_value: float = Field(0.0, ge=0)
+    eps: float = Field(1e-10, gt=0)
+    scale_lr_with_workers: bool = False
+
+
+class AdamConfig(_Frozen):
+    name: Literal["adam"]
+    lr: float = Field(0.001, gt=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = Field(1e-8, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    scale_lr_with_workers: bool = False
+
+    @model_validator(mode="after")
+    def _betas(self) -> AdamConfig:
+        if not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ValueError(f"optimizer.betas must lie in [0, 1), got {self.betas}")
+        return self
+
+
+OptimizerConfig = Annotated[Union[SGDConfig, AdagradConfig, AdamConfig], Field(discriminator="name")]
+
+
+class TrainingConfig(_Frozen):
+    # async: a server applies each push when it arrives (Downpour/ASP).
+    # sync: a server waits for one gradient from every live worker, averages, applies (BSP).
+    consistency: Literal["async", "sync"] = "async"
+    epochs: int = Field(1, ge=1)
+    # Optional cap on optimizer steps per worker; the run ends at whichever of
+    # epochs/steps comes first.
+    steps: int | None = Field(None, ge=1)
+    batch_size: int = Field(32, ge=1)
+    seed: int = 0
+    device: Literal["cpu", "cuda"] = "cpu"
+    # Async only: keep one push+pull in flight while the next batch computes
+    # (one extra step of staleness, communication hidden behind compute).
+    overlap: bool = True
+    # Torch intra-op threads per worker process. 1 suits many processes sharing few cores.
+    torch_threads: int = Field(1, ge=1)
+
+
+class ClusterConfig(_Frozen):
+    num_servers: int = Field(2, ge=1)
+    num_workers: int = Field(3, ge=1)
+    # tcp binds 127.0.0.1 for local runs (or --host for hand-started nodes);
+    # ipc uses unix sockets in the run folder (one machine only).
+    transport: Literal["tcp", "ipc"] = "tcp"
+    partitioner: str = "bytes"
+    # Largest slice of one tensor stored under one key, in bytes. Larger tensors are cut.
+    max_slice_bytes: int = Field(4 * 1024 * 1024, gt=0)
+    heartbeat_interval_s: float = Field(0.5, gt=0)
+    # A node silent for this long is declared dead.
+    heartbeat_timeout_s: float = Field(5.0, gt=0)
+    # A request with no reply for this long fails with an error naming the peer.
+    request_timeout_s: float = Field(30.0, gt=0)
+    # How long the coordinator waits for all expected nodes to register.
+    startup_timeout_s: float = Field(120.0, gt=0)
+    # Largest message accepted, in bytes (header plus tensor frames).
+    max_message_bytes: int = Field(1 << 30, gt=0)
+
+    @model_validator(mode="after")
+    def _timeouts(self) -> ClusterConfig:
+        if self.heartbeat_timeout_s <= self.heartbeat_interval_s:
+            raise ValueError("cluster.heartbeat_timeout_s must exceed cluster.heartbeat_interval_s")
+        return self
+
+
+class JobConfig(_Frozen):
+    name: str = "job"
+    model: ModelConfig
+    data: DataConfig = Field(default_factory=DataConfig)
+    optimizer: OptimizerConfig = Field(default_factory=SGDConfig)
+    training: TrainingConfig = Field(default_factory=TrainingConfig)
+    cluster: ClusterConfig = Field(default_factory=ClusterConfig)
+
+    def effective_lr(self) -> float:
+        """The learning rate the servers use, after the optional linear scaling rule."""
+        opt = self.optimizer
+        return opt.lr * (self.cluster.num_workers if opt.scale_lr_with_workers else 1)
+
+
+def _format_validation_error(err: ValidationError, source: str) -> str:
+    lines = [f"invalid job configuration ({source}):"]
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        msg = e["msg"]
+        if e["type"] == "literal_error" and "expected" in e.get("ctx", {}):
+            msg = f"must be one of {e['ctx']['expected']}"
+        elif e["type"] == "union_tag_invalid":
+            msg = f"unknown name {e['ctx'].get('tag')!r}; allowed: {e['ctx'].get('expected_tags')}"
+        elif e["type"] == "extra_forbidden":
+            msg = "unknown field"
+        given = e.get("input")
+        shown = "" if isinstance(given, dict) or e["type"] == "missing" else f" (got {given!r})"
+        lines.append(f"  {loc}: {msg}{shown}")
+    return "\n".join(lines)
+
+
+def parse_job(raw: Any, source: str = "job") -> JobConfig:
+    """Validate a plain mapping into a :class:`JobConfig`; raise :class:`ConfigError` naming the bad fields."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"invalid job configuration ({source}): expected a mapping at the top level")
+    try:
+        return JobConfig.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(_format_validation_error(err, source)) from None
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``key.path=value`` overrides (values parsed as YAML scalars) to a raw job mapping.
+
+    A bare top-level training key may be given without its section
+    (``epochs=3`` means ``training.epochs=3``).
+    """
+    out = _deep_copy(raw)
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set expects key=value, got {item!r}")
+        key, _, text = item.partition("=")
+        parts = [p for p in key.strip().split(".") if p]
+        if not parts:
+            raise ConfigError(f"--set expects key=value, got {item!r}")
+        if len(parts) == 1 and parts[0] in TrainingConfig.model_fields:
+            parts = ["training", parts[0]]
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError as err:
+            raise ConfigError(f"--set {key}: cannot parse value {text!r}: {err}") from None
+        node = out
+        for p in parts[:-1]:
+            child = node.get(p)
+            if child is None:
+                child = node[p] = {}
+            if not isinstance(child, dict):
+                raise ConfigError(f"--set {key}: {p!r} is not a section")
+            node = child
+        node[parts[-1]] = value
+    return out
+
+
+def _deep_copy(d: Any) -> Any:
+    if isinstance(d, dict):
+        return {k: _deep_copy(v) for k, v in d.items()}
+    if isinstance(d, list):
+        return [_deep_copy(v) for v in d]
+    return d
+
+
+def load_job(path: str | Path, overrides: list[str] | None = None) -> JobConfig:
+    """Read a YAML job file, apply ``--set`` overrides, validate."""
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except OSError as err:
+        raise ConfigError(f"cannot read job file {p}: {err.strerror}") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"job file {p} is not valid YAML: {err}") from None
+    if raw is None:
+        raise ConfigError(f"job file {p} is empty")
+    if not isinstance(raw, dict):
+        raise ConfigError(f"invalid job configuration ({p}): expected a mapping at the top level")
+    return parse_job(apply_overrides(raw, overrides or []), source=str(p))
+
+
+def job_to_dict(job: JobConfig) -> dict[str, Any]:
+    """A JSON/YAML-safe mapping that :func:`parse_job` turns back into the same config."""
+    return job.model_dump(mode="json")

@@ -1,0 +1,112 @@
+"""The coordinator's contract as seen by servers and workers.
+
+:class:`CoordinatorClient` wraps every request a node makes to the coordinator
+(register, heartbeat, barrier, data shards, done, report). Each method states
+when it returns; all of them time out with an error naming the coordinator.
+:class:`Heartbeat` is driven by the caller's loop (or a thread of its own) and
+never blocks.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+from typing import Any, Callable
+
+import zmq
+
+from downpour.errors import JobFailed, TransportError
+from downpour.protocol import Message, Op
+from downpour.protocol.rpc import Future, RpcClient
+
+COORDINATOR = "coordinator"
+
+
+class CoordinatorClient:
+    def __init__(
+        self,
+        ctx: zmq.Context,
+        address: str,
+        identity: str,
+        request_timeout_s: float = 30.0,
+        on_push: Callable[[str, Message], None] | None = None,
+        abort: threading.Event | None = None,
+        abort_reason: Callable[[], str] = lambda: "aborted",
+    ) -> None:
+        self.identity = identity
+        self.rpc = RpcClient(ctx, identity, request_timeout_s, on_push=on_push, abort=abort, abort_reason=abort_reason)
+        self.rpc.connect(COORDINATOR, address)
+        self.node = identity
+
+    def call(self, op: Op, meta: dict[str, Any] | None = None, timeout_s: float | None = None) -> dict[str, Any]:
+        return self.rpc.call(COORDINATOR, Message(op, meta=dict(meta or {}, node=self.node)), timeout_s).meta
+
+    def register(self, role: str, rank: int | None, address: str | None, timeout_s: float) -> dict[str, Any]:
+        """Join the job. Returns once the coordinator admitted this node (for a worker: once
+        every server and worker of the job registered): node name, rank, job, layout, servers."""
+        meta = {"role": role, "rank": rank, "address": address, "host": socket.gethostname(), "pid": os.getpid()}
+        reply = self.call(Op.REGISTER, meta, timeout_s)
+        self.node = reply["node"]
+        return reply
+
+    def barrier(self, name: str, timeout_s: float) -> dict[str, Any]:
+        """Returns when every live worker reached barrier ``name``."""
+        return self.call(Op.BARRIER, {"name": name}, timeout_s)
+
+    def next_shard(self) -> dict[str, Any] | None:
+        """The next data shard to train ({epoch, shard, start, stop}), or None when none is left."""
+        reply = self.call(Op.NEXT_SHARD)
+        return reply.get("shard")
+
+    def shard_done(self, epoch: int, shard: int, examples: int) -> None:
+        self.call(Op.SHARD_DONE, {"epoch": epoch, "shard": shard, "examples": examples})
+
+    def worker_done(self, stats: dict[str, Any], timeout_s: float) -> dict[str, Any]:
+        """Returns once every worker finished training; ``evaluate`` says whether this one evaluates."""
+        return self.call(Op.WORKER_DONE, {"stats": stats}, timeout_s)
+
+    def report(self, kind: str, data: dict[str, Any], timeout_s: float | None = None) -> None:
+        """Hand the coordinator a result (``eval``, ``server`` stats) or this node's fatal ``error``."""
+        self.call(Op.REPORT, {"kind": kind, "data": data}, timeout_s)
+
+    def close(self) -> None:
+        self.rpc.close()
+
+
+class Heartbeat:
+    """Sends a heartbeat every ``interval_s`` and watches the answers.
+
+    ``tick()`` returns the coordinator's stop reason once it asked the node to
+    stop, else None; it raises :class:`TransportError` when the coordinator has
+    not answered for ``timeout_s`` (the node should then exit).
+    """
+
+    def __init__(self, client: CoordinatorClient, interval_s: float, timeout_s: float) -> None:
+        self.client = client
+        self.interval_s = interval_s
+        self.timeout_s = timeout_s
+        self._fut: Future | None = None
+        self._last_ok = time.monotonic()
+        self._next = 0.0
+
+    def tick(self, progress: dict[str, Any] | None = None) -> str | None:
+        now = time.monotonic()
+        if self._fut is not None and self._fut.done():
+            fut, self._fut = self._fut, None
+            meta = fut.result().meta
+            self._last_ok = now
+            if meta.get("stop"):
+                return str(meta["stop"])
+        if now - self._last_ok > self.timeout_s:
+            raise TransportError(f"{self.client.node}: coordinator silent for {now - self._last_ok:.1f}s; giving up")
+        if self._fut is None and now >= self._next:
+            self._next = now + self.interval_s
+            msg = Message(Op.HEARTBEAT, meta={"node": self.client.node, "progress": progress or {}})
+            self._fut = self.client.rpc.request(COORDINATOR, msg, timeout_s=self.timeout_s)
+        return None
+
+
+def stopped(reason: str, node: str) -> JobFailed:
+    return JobFailed(f"{node}: stopped by the coordinator: {reason}", node=node)

@@ -1,0 +1,379 @@
+"""The coordinator as a state machine: pure decisions, no sockets.
+
+:meth:`CoordinatorState.handle` takes one request (who sent it, the message,
+the time) and :meth:`CoordinatorState.tick` takes the time; both return
+*actions* — replies, unprompted sends, the end of the job — that the service
+(:mod:`downpour.coordinator.service`) performs. Time is always passed in, so
+tests drive a whole job with a fake clock and no network.
+
+Life of a job::
+
+    registering --all servers and workers registered--> training
+    training --every worker reported WORKER_DONE--> evaluating
+    evaluating --the evaluator's REPORT--> stopping
+    stopping --every server's REPORT--> finished
+    (any phase) --a node died, failed or the start timed out--> failed
+
+Servers are admitted at once; a worker's REGISTER is answered when the whole
+cluster is there (it needs every server's address). Nodes learn that they must
+stop from the answer to their next heartbeat.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Union
+
+from downpour.config import JobConfig, job_to_dict
+from downpour.coordinator.shards import ShardLedger
+from downpour.layout import Layout
+from downpour.protocol import Message, Op
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Reply:
+    to: bytes
+    msg: Message
+
+
+@dataclass
+class Finish:
+    code: int
+    summary: dict[str, Any]
+
+
+Action = Union[Reply, Finish]
+
+ALIVE, DONE, FINISHED, DEAD = "alive", "done", "finished", "dead"
+
+
+@dataclass
+class Node:
+    name: str
+    role: str
+    rank: int
+    identity: bytes
+    address: str | None
+    host: str
+    pid: int
+    state: str = ALIVE
+    last_seen: float = 0.0
+    progress: dict[str, Any] = field(default_factory=dict)
+    stats: dict[str, Any] | None = None
+
+
+class CoordinatorState:
+    def __init__(self, job: JobConfig, layout: Layout, num_train: int, now: float) -> None:
+        self.job = job
+        self.layout = layout
+        self.cl = job.cluster
+        self.phase = "registering"
+        self.started = now
+        self.train_started: float | None = None
+        self.train_ended: float | None = None
+        self.nodes: dict[str, Node] = {}
+        self.by_identity: dict[bytes, str] = {}
+        self.pending_workers: list[tuple[bytes, Message, str]] = []
+        self.barriers: dict[str, dict[str, tuple[bytes, Message]]] = {}
+        self.done_waiting: dict[str, tuple[bytes, Message]] = {}
+        self.ledger = ShardLedger(num_train, job.data.shard_size, job.training.epochs, job.training.seed)
+        self.num_train = num_train
+        self.evaluation: dict[str, Any] | None = None
+        self.error: str | None = None
+        self.failed_node: str | None = None
+        self.stop_deadline: float | None = None
+        self.stop_told: set[str] = set()
+
+    # -- helpers ------------------------------------------------------------
+    def _role(self, role: str, states: tuple[str, ...] = (ALIVE,)) -> list[Node]:
+        return sorted((n for n in self.nodes.values() if n.role == role and n.state in states), key=lambda n: n.rank)
+
+    def _training_workers(self) -> list[Node]:
+        return self._role("worker", (ALIVE,))
+
+    def _server_addresses(self) -> list[dict[str, Any]]:
+        return [{"rank": n.rank, "name": n.name, "address": n.address} for n in self._role("server", (ALIVE, DONE))]
+
+    def _membership(self) -> list[Action]:
+        """Tell the servers which workers a sync round waits for (sent unprompted)."""
+        workers = [n.name for n in self._training_workers()]
+        msg = Message(Op.MEMBERSHIP, meta={"workers": workers})
+        return [Reply(s.identity, msg) for s in self._role("server")]
+
+    def _fail(self, now: float, node: str, reason: str) -> list[Action]:
+        if self.phase in ("failed", "finished"):
+            return []
+        log.error("coordinator: job failed: %s: %s", node, reason)
+        self.phase = "failed"
+        self.error = f"{node}: {reason}"
+        self.failed_node = node
+        self.stop_deadline = now + 3 * self.cl.heartbeat_interval_s + 1.0
+        out: list[Action] = []
+        # Requests parked in a barrier or the start would otherwise wait for their timeout.
+        for ident, msg, _ in self.pending_workers:
+            out.append(Reply(ident, msg.error("job_failed", self.error)))
+        for waiting in [*self.barriers.values(), self.done_waiting]:
+            for ident, msg in waiting.values():
+                out.append(Reply(ident, msg.error("job_failed", self.error)))
+        self.pending_workers, self.barriers, self.done_waiting = [], {}, {}
+        return out
+
+    # -- requests -------------------------------------------------------------
+    def handle(self, identity: bytes, msg: Message, now: float) -> list[Action]:
+        handler = _HANDLERS.get(msg.op)
+        if handler is None:
+            return [Reply(identity, msg.error("bad_op", f"the coordinator does not serve {msg.op.name}"))]
+        if msg.op not in (Op.REGISTER, Op.STATUS):
+            node = self.nodes.get(msg.meta.get("node"))  # type: ignore[arg-type]
+            if node is None:
+                return [Reply(identity, msg.error("unknown_node", f"node {msg.meta.get('node')!r} is not registered"))]
+            node.last_seen = now
+            return handler(self, identity, msg, now, node)
+        return handler(self, identity, msg, now, None)
+
+    def on_register(self, ident: bytes, msg: Message, now: float, _: Node | None) -> list[Action]:
+        role, hint = msg.meta.get("role"), msg.meta.get("rank")
+        want = {"server": self.cl.num_servers, "worker": self.cl.num_workers}.get(role)  # type: ignore[arg-type]
+        if want is None:
+            return [Reply(ident, msg.error("bad_role", f"role must be server or worker, got {role!r}"))]
+        if self.phase != "registering":
+            return [Reply(ident, msg.error("job_running", f"the job is {self.phase}; it takes no new {role}s"))]
+        taken = {n.rank for n in self.nodes.values() if n.role == role}
+        free = [r for r in range(want) if r not in taken]
+        if not free:
+            return [Reply(ident, msg.error("job_full", f"the job already has {want} {role}s"))]
+        rank = hint if isinstance(hint, int) and hint in free else free[0]
+        address = msg.meta.get("address")
+        if role == "server" and not (isinstance(address, str) and address):
+            return [Reply(ident, msg.error("bad_address", "a server must give the address it listens on"))]
+        name = f"{role}-{rank}"
+        self.nodes[name] = Node(name, role, rank, ident, address, str(msg.meta.get("host", "?")), int(msg.meta.get("pid", 0) or 0), last_seen=now)
+        self.by_identity[ident] = name
+        log.info("coordinator: %s registered (%s, pid %s)", name, msg.meta.get("host"), msg.meta.get("pid"))
+        base = {"node": name, "rank": rank, "job": job_to_dict(self.job), "layout": self.layout.to_dict()}
+        out: list[Action] = []
+        if role == "server":
+            out.append(Reply(ident, msg.reply(base)))
+        else:
+            self.pending_workers.append((ident, msg, name))
+        if len(self._role("server")) == self.cl.num_servers and len(self._role("worker")) == self.cl.num_workers:
+            out += self._start(now)
+        return out
+
+    def _start(self, now: float) -> list[Action]:
+        self.phase = "training"
+        log.info("coordinator: all %d servers and %d workers registered; training", self.cl.num_servers, self.cl.num_workers)
+        servers = self._server_addresses()
+        out: list[Action] = []
+        for ident, msg, name in self.pending_workers:
+            node = self.nodes[name]
+            node.last_seen = now
+            meta = {"node": name, "rank": node.rank, "job": job_to_dict(self.job), "layout": self.layout.to_dict(),
+                    "servers": servers, "initializer": node.rank == 0}
+            out.append(Reply(ident, msg.reply(meta)))
+        self.pending_workers = []
+        return out + self._membership()
+
+    def on_heartbeat(self, ident: bytes, msg: Message, now: float, node: Node) -> list[Action]:
+        progress = msg.meta.get("progress")
+        if isinstance(progress, dict):
+            node.progress = progress
+        if self.phase == "failed" or (self.phase == "stopping" and node.role == "server"):
+            self.stop_told.add(node.name)
+            reason = self.error if self.phase == "failed" else "job finished"
+            return [Reply(ident, msg.reply({"stop": reason}))]
+        return [Reply(ident, msg.reply({}))]
+
+    def on_barrier(self, ident: bytes, msg: Message, now: float, node: Node) -> list[Action]:
+        name = str(msg.meta.get("name"))
+        self.barriers.setdefault(name, {})[node.name] = (ident, msg)
+        return self._release_barriers(now)
+
+    def _release_barriers(self, now: float) -> list[Action]:
+        out: list[Action] = []
+        live = {n.name for n in self._training_workers()}
+        for name, arrived in list(self.barriers.items()):
+            if live.issubset(arrived):
+                for ident, msg in arrived.values():
+                    out.append(Reply(ident, msg.reply({})))
+                del self.barriers[name]
+                if name == "init" and self.train_started is None:
+                    self.train_started = now
+        return out
+
+    def on_next_shard(self, ident: bytes, msg: Message, now: float, node: Node) -> list[Action]:
+        if self.phase != "training":
+            return [Reply(ident, msg.reply({"shard": None}))]
+        return [Reply(ident, msg.reply({"shard": self.ledger.next(node.name)}))]
+
+    def on_shard_done(self, ident: bytes, msg: Message, now: float, node: Node) -> list[Action]:
+        epoch, shard = msg.meta.get("epoch"), msg.meta.get("shard")
+        if not (isinstance(epoch, int) and isinstance(shard, int)) or not self.ledger.done(node.name, epoch, shard):
+            return [Reply(ident, msg.error("bad_shard", f"{node.name} was not assigned shard {shard} of epoch {epoch}"))]
+        return [Reply(ident, msg.reply({}))]
+
+    def on_worker_done(self, ident: bytes, msg: Message, now: float, node: Node) -> list[Action]:
+        stats = msg.meta.get("stats")
+        node.stats = stats if isinstance(stats, dict) else {}
+        node.state = DONE
+        self.done_waiting[node.name] = (ident, msg)
+        log.info("coordinator: %s finished training", node.name)
+        out = self._membership() + self._release_barriers(now)
+        if not self._training_workers():
+            out += self._end_training(now)
+        return out
+
+    def _end_training(self, now: float) -> list[Action]:
+        self.train_ended = now
+        self.phase = "evaluating"
+        done = sorted(self.done_waiting.items(), key=lambda kv: self.nodes[kv[0]].rank)
+        out: list[Action] = []
+        for i, (name, (ident, msg)) in enumerate(done):
+            out.append(Reply(ident, msg.reply({"evaluate": i == 0})))
+            if i > 0:
+                self.nodes[name].state = FINISHED
+        self.done_waiting = {}
+        return out
+
+    def on_report(self, ident: bytes, msg: Message, now: float, node: Node) -> list[Action]:
+        kind, data = msg.meta.get("kind"), msg.meta.get("data")
+        data = data if isinstance(data, dict) else {}
+        out: list[Action] = [Reply(ident, msg.reply({}))]
+        if kind == "error":
+            node.state = DEAD
+            return out + self._fail(now, node.name, str(data.get("error", "failed")))
+        if kind == "eval" and node.role == "worker" and self.phase == "evaluating":
+            self.evaluation = data
+            node.state = FINISHED
+            self.phase = "stopping"
+            log.info("coordinator: test accuracy %.4f; stopping servers", float(data.get("test_accuracy", 0.0)))
+        elif kind == "server" and node.role == "server":
+            node.stats = data
+            node.state = FINISHED
+            if self.phase == "stopping" and not self._role("server"):
+                self.phase = "finished"
+                out.append(Finish(0, self.summary(now)))
+        return out
+
+    def on_status(self, ident: bytes, msg: Message, now: float, _: Node | None) -> list[Action]:
+        return [Reply(ident, msg.reply(self.status(now)))]
+
+    # -- time -------------------------------------------------------------
+    def tick(self, now: float) -> list[Action]:
+        if self.phase == "failed":
+            alive = {n.name for n in self.nodes.values() if n.state in (ALIVE, DONE)}
+            if alive.issubset(self.stop_told) or (self.stop_deadline is not None and now >= self.stop_deadline):
+                self.phase = "finished"
+                return [Finish(1, self.summary(now))]
+            return []
+        if self.phase == "registering":
+            if now - self.started > self.cl.startup_timeout_s:
+                have_s, have_w = len(self._role("server")), len(self._role("worker"))
+                return self._fail(now, "coordinator", f"start timed out after {self.cl.startup_timeout_s:g}s: "
+                                  f"{have_s}/{self.cl.num_servers} servers and {have_w}/{self.cl.num_workers} workers registered")
+            watched = self._role("server")  # workers wait inside REGISTER, without heartbeats
+        else:
+            watched = [n for n in self.nodes.values() if n.state in (ALIVE, DONE)]
+        for node in watched:
+            silent = now - node.last_seen
+            if silent > self.cl.heartbeat_timeout_s:
+                node.state = DEAD
+                return self._fail(now, node.name, f"no heartbeat for {silent:.1f}s (timeout {self.cl.heartbeat_timeout_s:g}s); declared dead")
+        return []
+
+    # -- reporting ----------------------------------------------------------
+    def status(self, now: float) -> dict[str, Any]:
+        workers = self._role("worker", (ALIVE, DONE, FINISHED, DEAD))
+        examples = sum(int(n.progress.get("examples", 0)) for n in workers)
+        losses = [float(n.progress["loss"]) for n in workers if n.state == ALIVE and "loss" in n.progress]
+        elapsed = (self.train_ended or now) - self.train_started if self.train_started is not None else 0.0
+        planned = self.num_train * self.job.training.epochs
+        if self.job.training.steps is not None:
+            planned = min(planned, self.job.training.steps * self.job.training.batch_size * self.cl.num_workers)
+        return {
+            "phase": self.phase,
+            "error": self.error,
+            "elapsed_s": now - self.started,
+            "train_s": elapsed,
+            "examples": examples,
+            "planned_examples": planned,
+            "steps": sum(int(n.progress.get("steps", 0)) for n in workers),
+            "examples_per_s": examples / elapsed if elapsed > 0 else 0.0,
+            "loss": sum(losses) / len(losses) if losses else None,
+            "nodes": [
+                {"name": n.name, "role": n.role, "state": n.state, "host": n.host, "pid": n.pid,
+                 "heartbeat_age_s": round(now - n.last_seen, 3), "progress": n.progress}
+                for n in sorted(self.nodes.values(), key=lambda n: (n.role, n.rank))
+            ],
+        }
+
+    def summary(self, now: float) -> dict[str, Any]:
+        workers = {n.name: n.stats or {} for n in self._role("worker", (ALIVE, DONE, FINISHED, DEAD))}
+        servers = {n.name: n.stats or {} for n in self._role("server", (ALIVE, DONE, FINISHED, DEAD))}
+        hist: dict[int, int] = {}
+        for s in servers.values():
+            for k, v in (s.get("staleness_histogram") or {}).items():
+                hist[int(k)] = hist.get(int(k), 0) + int(v)
+        examples = sum(int(w.get("examples", 0)) for w in workers.values())
+        steps = sum(int(w.get("steps", 0)) for w in workers.values())
+        train_s = (self.train_ended or now) - self.train_started if self.train_started is not None else 0.0
+        ev = self.evaluation or {}
+        return {
+            "status": "ok" if self.error is None else "failed",
+            "error": self.error,
+            "failed_node": self.failed_node,
+            "job": self.job.name,
+            "test_accuracy": ev.get("test_accuracy"),
+            "test_loss": ev.get("test_loss"),
+            "examples": examples,
+            "steps": steps,
+            "wall_s": now - self.started,
+            "train_s": train_s,
+            "examples_per_s": examples / train_s if train_s > 0 else 0.0,
+            "num_servers": self.cl.num_servers,
+            "num_workers": self.cl.num_workers,
+            "consistency": self.job.training.consistency,
+            "staleness": _histogram_summary(hist),
+            "data_shards": self.ledger.summary(),
+            "workers": workers,
+            "servers": servers,
+        }
+
+
+def _histogram_summary(hist: dict[int, int]) -> dict[str, Any]:
+    total = sum(hist.values())
+    if not total:
+        return {"pushes": 0, "mean": 0.0, "p50": 0, "p90": 0, "p99": 0, "max": 0, "histogram": {}}
+
+    def pct(q: float) -> int:
+        seen = 0
+        for k in sorted(hist):
+            seen += hist[k]
+            if seen >= q * total:
+                return k
+        return max(hist)
+
+    return {
+        "pushes": total,
+        "mean": sum(k * v for k, v in hist.items()) / total,
+        "p50": pct(0.5),
+        "p90": pct(0.9),
+        "p99": pct(0.99),
+        "max": max(hist),
+        "histogram": {str(k): hist[k] for k in sorted(hist)},
+    }
+
+
+_HANDLERS = {
+    Op.REGISTER: CoordinatorState.on_register,
+    Op.HEARTBEAT: CoordinatorState.on_heartbeat,
+    Op.BARRIER: CoordinatorState.on_barrier,
+    Op.NEXT_SHARD: CoordinatorState.on_next_shard,
+    Op.SHARD_DONE: CoordinatorState.on_shard_done,
+    Op.WORKER_DONE: CoordinatorState.on_worker_done,
+    Op.REPORT: CoordinatorState.on_report,
+    Op.STATUS: CoordinatorState.on_status,
+}

@@ -1,0 +1,94 @@
+"""MNIST-format IDX files (gzipped or not): the reference job's data.
+
+IDX layout: two zero bytes, a type code, the number of dimensions, then one
+big-endian uint32 per dimension and the raw data. Uncompressed files are
+memory-mapped, so a worker reads only the pages of the examples it trains on;
+gzipped files are decompressed once into memory.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import struct
+
+import numpy as np
+
+from downpour.data.dataset import ArrayDataset, Dataset, register_dataset
+from downpour.errors import DataError
+
+_TYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: np.dtype(">i2"), 0x0C: np.dtype(">i4"), 0x0D: np.dtype(">f4"), 0x0E: np.dtype(">f8")}
+
+FILES = {
+    "train_x": "train-images-idx3-ubyte",
+    "train_y": "train-labels-idx1-ubyte",
+    "test_x": "t10k-images-idx3-ubyte",
+    "test_y": "t10k-labels-idx1-ubyte",
+}
+
+HOW_TO_GET = (
+    "install Debian's Fashion-MNIST with `apt-get install dataset-fashion-mnist` "
+    "(files land in /usr/share/datasets/fashion-mnist), or point data.path / --data at a folder of MNIST-format IDX files"
+)
+
+
+def read_idx(path: str) -> np.ndarray:
+    """One IDX file as a numpy array (memory-mapped when not compressed)."""
+    try:
+        if path.endswith(".gz"):
+            with gzip.open(path, "rb") as f:
+                raw = f.read()
+            return _parse(memoryview(raw), path, None)
+        with open(path, "rb") as f:
+            head = f.read(4 + 4 * 8)
+        return _parse(memoryview(head), path, path)
+    except (OSError, EOFError, gzip.BadGzipFile) as err:
+        raise DataError(f"cannot read IDX file {path}: {err}") from None
+
+
+def _parse(buf: memoryview, name: str, mmap_path: str | None) -> np.ndarray:
+    if len(buf) < 4 or buf[0] != 0 or buf[1] != 0 or buf[2] not in _TYPES:
+        raise DataError(f"{name} is not an IDX file (bad magic)")
+    dtype, ndim = np.dtype(_TYPES[buf[2]]), buf[3]
+    if ndim == 0 or len(buf) < 4 + 4 * ndim:
+        raise DataError(f"{name}: truncated IDX header")
+    shape = struct.unpack(f">{ndim}I", bytes(buf[4 : 4 + 4 * ndim]))
+    offset = 4 + 4 * ndim
+    count = int(np.prod(shape))
+    if mmap_path is not None:
+        size = os.path.getsize(mmap_path)
+        if size < offset + count * dtype.itemsize:
+            raise DataError(f"{name}: file holds {size} bytes, header promises {offset + count * dtype.itemsize}")
+        return np.memmap(mmap_path, dtype=dtype, mode="r", offset=offset, shape=shape)
+    if len(buf) < offset + count * dtype.itemsize:
+        raise DataError(f"{name}: data is shorter than its header says")
+    return np.frombuffer(buf, dtype=dtype, count=count, offset=offset).reshape(shape)
+
+
+def find_idx_files(folder: str) -> dict[str, str]:
+    """The four standard file paths in ``folder`` (plain or .gz); DataError saying how to get them if absent."""
+    found, missing = {}, []
+    for key, base in FILES.items():
+        for cand in (base, base + ".gz"):
+            p = os.path.join(folder, cand)
+            if os.path.isfile(p):
+                found[key] = p
+                break
+        else:
+            missing.append(base)
+    if missing:
+        where = folder if os.path.isdir(folder) else f"{folder} (no such folder)"
+        raise DataError(f"training data not found in {where}: missing {', '.join(missing)}[.gz]. To get it: {HOW_TO_GET}")
+    return found
+
+
+@register_dataset("idx")
+def load_idx_dataset(path: str) -> Dataset:
+    """MNIST-format images and labels from a folder; pixels scaled to [0, 1] as floats."""
+    f = find_idx_files(path)
+    arrays = {k: read_idx(p) for k, p in f.items()}
+    scale = 1.0 / 255.0 if arrays["train_x"].dtype == np.uint8 else None
+    return Dataset(
+        train=ArrayDataset(arrays["train_x"], arrays["train_y"], scale),
+        test=ArrayDataset(arrays["test_x"], arrays["test_y"], scale),
+    )

@@ -1,0 +1,219 @@
+"""Run a whole job as local processes: one coordinator, the servers, the workers.
+
+The launcher starts the coordinator first (it binds a free port and writes its
+address into the run folder), then the servers and workers pointed at it. It
+polls the coordinator for progress and watches every process: the first one
+to die unexpectedly is reported as the root cause (with the end of its log),
+and every process started is stopped, on success, failure or Ctrl-C alike.
+Children also die with the launcher (``PR_SET_PDEATHSIG``), so none is orphaned.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import yaml
+
+from downpour.config import JobConfig, job_to_dict
+from downpour.errors import DownpourError, JobFailed, TransportError
+from downpour.protocol import Message, Op
+from downpour.protocol.rpc import RpcClient
+from downpour.transport import new_context
+
+_STATUS_EVERY_S = 0.25
+_START_TIMEOUT_S = 60.0
+_EXIT_GRACE_S = 10.0
+
+
+def _die_with_parent() -> None:  # runs in the child between fork and exec
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+@dataclass
+class Proc:
+    name: str
+    popen: subprocess.Popen
+    log_path: str
+    exit_code: int | None = None
+    exited_at: float | None = None
+
+    def describe_exit(self) -> str:
+        rc = self.exit_code
+        if rc is not None and rc < 0:
+            try:
+                how = f"was killed by {signal.Signals(-rc).name}"
+            except ValueError:
+                how = f"was killed by signal {-rc}"
+        else:
+            how = f"exited with code {rc}"
+        return f"{self.name} (pid {self.popen.pid}) {how}"
+
+    def log_tail(self, lines: int = 8) -> str:
+        try:
+            with open(self.log_path, errors="replace") as f:
+                return "".join(f.readlines()[-lines:]).rstrip()
+        except OSError:
+            return ""
+
+
+@dataclass
+class RunResult:
+    run_dir: str
+    summary: dict[str, Any]
+    exit_codes: dict[str, int | None] = field(default_factory=dict)
+
+
+class LocalLauncher:
+    def __init__(self, job: JobConfig, run_dir: str, python: str = sys.executable) -> None:
+        self.job = job
+        self.run_dir = os.path.abspath(run_dir)
+        self.python = python
+        self.procs: list[Proc] = []
+        self.env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS=str(job.training.torch_threads))
+
+    # -- processes ----------------------------------------------------------
+    def _spawn(self, name: str, args: list[str]) -> Proc:
+        log_path = os.path.join(self.run_dir, "logs", f"{name}.log")
+        with open(log_path, "ab") as log:
+            popen = subprocess.Popen(
+                [self.python, "-m", "downpour", *args],
+                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                env=self.env, start_new_session=True, preexec_fn=_die_with_parent,
+            )
+        proc = Proc(name, popen, log_path)
+        self.procs.append(proc)
+        return proc
+
+    def start(self) -> str:
+        """Start every process; returns the coordinator's address."""
+        os.makedirs(os.path.join(self.run_dir, "logs"), exist_ok=True)
+        job_path = os.path.join(self.run_dir, "config.yaml")
+        with open(job_path, "w") as f:
+            yaml.safe_dump(job_to_dict(self.job), f, sort_keys=False)
+        addr_file = os.path.join(self.run_dir, "coordinator.addr")
+        if os.path.exists(addr_file):
+            os.remove(addr_file)
+        cl = self.job.cluster
+        ipc_dir = os.path.join(self.run_dir, "sock")
+        bind = f"ipc://{ipc_dir}/coordinator.sock" if cl.transport == "ipc" else "tcp://127.0.0.1:*"
+        if cl.transport == "ipc":
+            os.makedirs(ipc_dir, mode=0o700, exist_ok=True)
+        coord = self._spawn("coordinator", ["coordinator", job_path, "--bind", bind, "--run-dir", self.run_dir])
+        deadline = time.monotonic() + _START_TIMEOUT_S
+        while not os.path.exists(addr_file):
+            if coord.popen.poll() is not None:
+                coord.exit_code = coord.popen.returncode
+                raise JobFailed(f"the coordinator failed to start: {coord.describe_exit()}\n{coord.log_tail()}", node="coordinator")
+            if time.monotonic() > deadline:
+                raise JobFailed(f"the coordinator did not start within {_START_TIMEOUT_S:g}s; see {coord.log_path}", node="coordinator")
+            time.sleep(0.05)
+        with open(addr_file) as f:
+            address = f.read().strip()
+        for r in range(cl.num_servers):
+            self._spawn(f"server-{r}", ["server", "--coordinator", address, "--rank", str(r), "--host", "127.0.0.1", "--ipc-dir", ipc_dir])
+        for r in range(cl.num_workers):
+            self._spawn(f"worker-{r}", ["worker", "--coordinator", address, "--rank", str(r)])
+        return address
+
+    def stop_all(self, grace_s: float = 3.0) -> None:
+        """Stop every process still running: SIGTERM, then SIGKILL after ``grace_s``."""
+        live = [p for p in self.procs if p.popen.poll() is None]
+        for p in live:
+            try:
+                p.popen.terminate()
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + grace_s
+        for p in live:
+            try:
+                p.popen.wait(timeout=max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                p.popen.kill()
+                p.popen.wait(timeout=5.0)
+
+    # -- watching -----------------------------------------------------------
+    def run(self, on_status: Callable[[dict[str, Any]], None] | None = None) -> RunResult:
+        """Start the job, watch it to the end, and return its summary.
+
+        Raises :class:`JobFailed` naming the first node that failed (and why), after
+        stopping every process it started.
+        """
+        ctx = new_context()
+        status_rpc: RpcClient | None = None
+        try:
+            address = self.start()
+            status_rpc = RpcClient(ctx, f"launcher-{uuid.uuid4().hex[:6]}", request_timeout_s=2.0)
+            status_rpc.connect("coordinator", address)
+            return self._watch(status_rpc, on_status)
+        finally:
+            self.stop_all()
+            if status_rpc is not None:
+                status_rpc.close()
+            ctx.term()
+
+    def _watch(self, rpc: RpcClient, on_status) -> RunResult:
+        coord = self.procs[0]
+        pending = None
+        next_status = 0.0
+        while True:
+            now = time.monotonic()
+            for p in self.procs:
+                if p.exit_code is None and p.popen.poll() is not None:
+                    p.exit_code, p.exited_at = p.popen.returncode, now
+            failed = sorted((p for p in self.procs if p.exit_code not in (None, 0)), key=lambda p: p.exited_at or 0)
+            if coord.exit_code is not None:
+                return self._finish(failed)
+            if failed:
+                first = failed[0]
+                tail = first.log_tail()
+                raise JobFailed(f"{first.describe_exit()}; stopping the job.\n"
+                                f"--- end of {first.log_path} ---\n{tail}" if tail else f"{first.describe_exit()}; stopping the job.",
+                                node=first.name)
+            if on_status is not None:
+                if pending is not None and pending.done():
+                    try:
+                        on_status(pending.result().meta)
+                    except DownpourError:
+                        pass
+                    pending = None
+                if pending is None and now >= next_status:
+                    next_status = now + _STATUS_EVERY_S
+                    pending = rpc.request("coordinator", Message(Op.STATUS))
+            time.sleep(0.05)
+
+    def _finish(self, failed: list[Proc]) -> RunResult:
+        # The coordinator is done; the others exit on their own within a heartbeat or two.
+        deadline = time.monotonic() + _EXIT_GRACE_S
+        for p in self.procs:
+            try:
+                p.popen.wait(timeout=max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                pass
+            if p.exit_code is None and p.popen.poll() is not None:
+                p.exit_code = p.popen.returncode
+        summary_path = os.path.join(self.run_dir, "summary.json")
+        try:
+            with open(summary_path) as f:
+                summary = json.load(f)
+        except (OSError, ValueError) as err:
+            raise TransportError(f"the coordinator exited ({self.procs[0].describe_exit()}) without a readable summary: {err}") from None
+        codes = {p.name: p.exit_code for p in self.procs}
+        if summary.get("status") != "ok":
+            node = summary.get("failed_node") or (failed[0].name if failed else "coordinator")
+            culprit = next((p for p in self.procs if p.name == node), None)
+            tail = culprit.log_tail() if culprit else ""
+            detail = f"\n--- end of {culprit.log_path} ---\n{tail}" if tail else ""
+            raise JobFailed(f"job failed: {summary.get('error')}{detail}", node=node)
+        return RunResult(self.run_dir, summary, codes)

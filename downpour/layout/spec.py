@@ -1,0 +1,89 @@
+"""The key layout: which slice of which parameter is stored under which key, on which server.
+
+A model's parameters are laid end to end in one flat vector (in
+``named_parameters`` order); ``ParamSpec.offset`` is where each starts. A key is a
+contiguous range ``[start, start + length)`` of that flat vector, held by one
+server. Every element belongs to exactly one key (checked by :meth:`Layout.validate`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from downpour.errors import ConfigError
+
+
+@dataclass(frozen=True, slots=True)
+class ParamSpec:
+    name: str
+    shape: tuple[int, ...]
+    offset: int  # first element in the flat vector
+    numel: int
+
+
+@dataclass(frozen=True, slots=True)
+class KeySlice:
+    key: int
+    server: int
+    start: int  # first element in the flat vector
+    length: int  # elements
+
+    @property
+    def stop(self) -> int:
+        return self.start + self.length
+
+
+@dataclass(frozen=True)
+class Layout:
+    params: tuple[ParamSpec, ...]
+    slices: tuple[KeySlice, ...]  # ordered by key
+    num_servers: int
+    dtype: str  # wire dtype name of every parameter, e.g. "f32"
+
+    @property
+    def numel(self) -> int:
+        return sum(p.numel for p in self.params)
+
+    def server_slices(self, server: int) -> list[KeySlice]:
+        """The keys one server holds, in key order (the order of its flat shard)."""
+        return [s for s in self.slices if s.server == server]
+
+    def server_numel(self, server: int) -> int:
+        return sum(s.length for s in self.slices if s.server == server)
+
+    def validate(self) -> None:
+        covered = sorted((s.start, s.stop) for s in self.slices)
+        pos = 0
+        for start, stop in covered:
+            if start != pos or stop <= start:
+                raise ConfigError(f"layout does not tile the parameters: gap or overlap at element {pos}")
+            pos = stop
+        if pos != self.numel:
+            raise ConfigError(f"layout covers {pos} of {self.numel} elements")
+        if [s.key for s in self.slices] != list(range(len(self.slices))):
+            raise ConfigError("layout keys must be 0..n-1 in order")
+        if any(not 0 <= s.server < self.num_servers for s in self.slices):
+            raise ConfigError("layout names a server outside 0..num_servers-1")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "params": [[p.name, list(p.shape), p.offset, p.numel] for p in self.params],
+            "slices": [[s.key, s.server, s.start, s.length] for s in self.slices],
+            "num_servers": self.num_servers,
+            "dtype": self.dtype,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Layout:
+        try:
+            layout = cls(
+                params=tuple(ParamSpec(str(n), tuple(int(x) for x in shape), int(o), int(k)) for n, shape, o, k in d["params"]),
+                slices=tuple(KeySlice(int(k), int(srv), int(st), int(ln)) for k, srv, st, ln in d["slices"]),
+                num_servers=int(d["num_servers"]),
+                dtype=str(d["dtype"]),
+            )
+        except (KeyError, TypeError, ValueError) as err:
+            raise ConfigError(f"malformed layout: {err}") from None
+        layout.validate()
+        return layout

@@ -1,0 +1,81 @@
+"""Built-in models and the model factory lookup.
+
+``model.name: mlp`` is the reference model; ``model.factory: "pkg.mod:fn"``
+calls a user function returning any ``torch.nn.Module``. ``args`` are passed
+as keyword arguments either way.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+
+from downpour.config import ModelConfig
+from downpour.errors import ConfigError
+from downpour.imports import import_object
+
+BUILTINS: dict[str, Callable[..., nn.Module]] = {}
+
+
+def register_model(name: str):
+    def deco(fn):
+        BUILTINS[name] = fn
+        return fn
+
+    return deco
+
+
+@register_model("mlp")
+def mlp(
+    input_shape: tuple[int, ...] | list[int] = (28, 28),
+    hidden: list[int] | tuple[int, ...] = (128,),
+    dropout: float = 0.2,
+    num_classes: int = 10,
+) -> nn.Module:
+    """Flatten -> (Linear -> ReLU -> Dropout) per hidden width -> Linear to logits.
+
+    The default is the reference model: 784 -> 128 (ReLU, dropout 0.2) -> 10.
+    """
+    layers: list[nn.Module] = [nn.Flatten()]
+    width = 1
+    for d in input_shape:
+        width *= int(d)
+    for h in hidden:
+        layers += [nn.Linear(width, int(h)), nn.ReLU()]
+        if dropout:
+            layers.append(nn.Dropout(dropout))
+        width = int(h)
+    layers.append(nn.Linear(width, int(num_classes)))
+    return nn.Sequential(*layers)
+
+
+def build_model(cfg: ModelConfig, seed: int) -> nn.Module:
+    """The job's model with parameters initialised from ``seed`` (the same on every node)."""
+    if cfg.factory is not None:
+        fn = import_object(cfg.factory, "model.factory")
+    else:
+        fn = BUILTINS.get(cfg.name or "")
+        if fn is None:
+            raise ConfigError(f"model.name: unknown model {cfg.name!r}; known: {sorted(BUILTINS)}")
+    torch.manual_seed(seed)
+    try:
+        model = fn(**cfg.args)
+    except TypeError as err:
+        raise ConfigError(f"model.args: {err}") from None
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"the model factory returned {type(model).__name__}, not a torch.nn.Module")
+    return model
+
+
+def param_shapes(model: nn.Module) -> list[tuple[str, tuple[int, ...]]]:
+    """(name, shape) of every trainable parameter, in the order the layout uses."""
+    out = []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if p.dtype != torch.float32:
+            raise ConfigError(f"parameter {name} is {p.dtype}; Downpour serves float32 parameters")
+        out.append((name, tuple(p.shape)))
+    return out

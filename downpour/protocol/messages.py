@@ -1,0 +1,58 @@
+"""The typed messages Downpour nodes exchange.
+
+Every message is ``(op, req_id, meta, tensors)``: ``op`` says what it is,
+``req_id`` pairs a reply with its request, ``meta`` is a small mapping of plain
+values (msgpack), and ``tensors`` travel as raw buffers in frames of their own.
+Replies reuse the request's ``req_id`` with ``op`` :attr:`Op.OK` or
+:attr:`Op.ERROR`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import IntEnum
+from typing import Any
+
+import torch
+
+
+class Op(IntEnum):
+    # node -> coordinator
+    REGISTER = 1  # meta: role, address (servers), host, pid -> OK: rank, node, job, layout
+    HEARTBEAT = 2  # meta: node, progress -> OK: stop?
+    BARRIER = 3  # meta: node, name -> OK once every live participant arrived
+    NEXT_SHARD = 4  # meta: node -> OK: shard (or none left)
+    SHARD_DONE = 5  # meta: node, epoch, shard, examples
+    WORKER_DONE = 6  # meta: node, stats -> OK once every worker is done: evaluator?
+    REPORT = 7  # meta: node, test metrics
+    STATUS = 8  # -> OK: job status snapshot (launcher, `downpour status`)
+    # coordinator -> node (sent unprompted on the node's coordinator socket)
+    STOP = 20  # meta: reason
+    # coordinator -> server
+    MEMBERSHIP = 21  # meta: workers (ids whose gradients a sync round waits for)
+    SERVER_STATS = 22  # -> OK: stats
+    # worker -> server
+    INIT = 30  # meta: keys; tensors: values  (first INIT wins)
+    PULL = 31  # meta: keys -> OK: version, tensors
+    PUSH = 32  # meta: keys, version, weight; tensors: gradients -> OK: version
+    PUSHPULL = 33  # PUSH, then reply with the values after the update -> OK: version, tensors
+    # replies
+    OK = 50
+    ERROR = 51
+
+
+REPLY_OPS = frozenset({Op.OK, Op.ERROR})
+
+
+@dataclass(slots=True)
+class Message:
+    op: Op
+    req_id: int = 0
+    meta: dict[str, Any] = field(default_factory=dict)
+    tensors: list[torch.Tensor] = field(default_factory=list)
+
+    def reply(self, meta: dict[str, Any] | None = None, tensors: list[torch.Tensor] | None = None) -> Message:
+        return Message(Op.OK, self.req_id, meta or {}, tensors or [])
+
+    def error(self, code: str, text: str) -> Message:
+        return Message(Op.ERROR, self.req_id, {"code": code, "error": text})

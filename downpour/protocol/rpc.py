@@ -1,0 +1,161 @@
+"""Request tracking: futures over channels, typed replies, timeouts that name the peer.
+
+:class:`RpcClient` is single-threaded (ps-lite's "customer"): ``request`` sends
+at once and returns a :class:`Future`; ``Future.result`` pumps the client's
+sockets until that reply (or its deadline) arrives, resolving any other replies
+it meets on the way. Messages a peer sends unprompted (``STOP``,
+``MEMBERSHIP``) go to ``on_push``.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Callable
+
+import zmq
+
+from downpour.errors import JobFailed, ProtocolError, RemoteError, RequestTimeout
+from downpour.protocol.codec import decode, encode
+from downpour.protocol.messages import REPLY_OPS, Message, Op
+from downpour.transport import Channel, Poller
+
+log = logging.getLogger(__name__)
+
+_ABORT_CHECK_S = 0.2  # how often a waiting future looks at the abort flag
+
+
+class Future:
+    """The eventual reply to one request."""
+
+    __slots__ = ("_client", "peer", "req_id", "deadline", "_reply", "_op")
+
+    def __init__(self, client: RpcClient, peer: str, req_id: int, op: Op, deadline: float) -> None:
+        self._client = client
+        self.peer = peer
+        self.req_id = req_id
+        self.deadline = deadline
+        self._reply: Message | None = None
+        self._op = op
+
+    def done(self) -> bool:
+        if self._reply is None:
+            self._client.pump(0.0)
+        return self._reply is not None
+
+    def result(self, timeout_s: float | None = None) -> Message:
+        """The reply. Raises :class:`RemoteError` if the peer answered with an error,
+        :class:`RequestTimeout` (naming the peer) if no reply came before the request's
+        deadline or ``timeout_s``, whichever is first."""
+        deadline = self.deadline if timeout_s is None else min(self.deadline, time.monotonic() + timeout_s)
+        while self._reply is None:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                self._client._forget(self.req_id)
+                raise RequestTimeout(
+                    f"{self._op.name} to {self.peer} got no reply within {self._client.request_timeout_s:g}s "
+                    f"(is {self.peer} alive?)",
+                    peer=self.peer,
+                )
+            abort = self._client.abort
+            if abort is not None and abort.is_set():
+                self._client._forget(self.req_id)
+                raise JobFailed(f"{self._client.node}: {self._client.abort_reason()}", node=self._client.node)
+            self._client.pump(min(left, _ABORT_CHECK_S))
+        reply = self._reply
+        if reply.op == Op.ERROR:
+            raise RemoteError(
+                f"{self.peer} refused {self._op.name}: {reply.meta.get('error', '?')}",
+                peer=self.peer,
+                code=str(reply.meta.get("code", "")),
+            )
+        return reply
+
+    def _resolve(self, reply: Message) -> None:
+        self._reply = reply
+
+
+class RpcClient:
+    """Requests to named peers, each over its own channel."""
+
+    def __init__(
+        self,
+        ctx: zmq.Context,
+        node: str,
+        request_timeout_s: float,
+        max_message_bytes: int = 1 << 30,
+        on_push: Callable[[str, Message], None] | None = None,
+        abort: threading.Event | None = None,
+        abort_reason: Callable[[], str] = lambda: "aborted",
+    ) -> None:
+        """``abort``: when set (by another thread), every wait ends with :class:`JobFailed`
+        carrying ``abort_reason()`` instead of waiting out its timeout."""
+        self.ctx = ctx
+        self.abort = abort
+        self.abort_reason = abort_reason
+        self.node = node
+        self.request_timeout_s = request_timeout_s
+        self.max_message_bytes = max_message_bytes
+        self.on_push = on_push
+        self._channels: dict[str, Channel] = {}
+        self._names: dict[Channel, str] = {}
+        self._poller = Poller()
+        self._pending: dict[int, Future] = {}
+        self._next_id = 1
+
+    def connect(self, peer: str, address: str) -> None:
+        if peer in self._channels:
+            return
+        ch = Channel(self.ctx, address, identity=self.node.encode())
+        self._channels[peer] = ch
+        self._names[ch] = peer
+        self._poller.register(ch)
+
+    def peers(self) -> list[str]:
+        return list(self._channels)
+
+    def request(self, peer: str, msg: Message, timeout_s: float | None = None) -> Future:
+        """Send ``msg`` to ``peer`` now; the reply arrives through the returned future."""
+        msg.req_id = self._next_id
+        self._next_id += 1
+        fut = Future(self, peer, msg.req_id, msg.op, time.monotonic() + (timeout_s or self.request_timeout_s))
+        self._pending[msg.req_id] = fut
+        self._channels[peer].send(encode(msg))
+        return fut
+
+    def call(self, peer: str, msg: Message, timeout_s: float | None = None) -> Message:
+        return self.request(peer, msg, timeout_s).result()
+
+    def pump(self, timeout_s: float) -> None:
+        """Receive whatever arrives within ``timeout_s`` (at least one poll)."""
+        for ch in self._poller.poll(timeout_s):
+            while True:
+                try:
+                    frames = ch.recv()
+                except zmq.Again:
+                    break
+                self._dispatch(self._names[ch], frames)
+
+    def _dispatch(self, peer: str, frames: list) -> None:
+        try:
+            msg = decode(frames, self.max_message_bytes)
+        except ProtocolError as err:
+            log.warning("%s: dropped a malformed message from %s: %s", self.node, peer, err)
+            return
+        if msg.op in REPLY_OPS:
+            fut = self._pending.pop(msg.req_id, None)
+            if fut is not None:
+                fut._resolve(msg)
+        elif self.on_push is not None:
+            self.on_push(peer, msg)
+
+    def _forget(self, req_id: int) -> None:
+        self._pending.pop(req_id, None)
+
+    def close(self) -> None:
+        for ch in self._channels.values():
+            ch.close()
+        self._channels.clear()
+        self._names.clear()
+        self._pending.clear()

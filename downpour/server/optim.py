@@ -1,0 +1,122 @@
+"""Server-side update rules (optimizers) on flat parameter ranges.
+
+An update rule owns its state for a server's whole flat shard and updates any
+range of it in place: ``apply(param, grad, lo, hi, step)`` where ``param`` is the
+shard, ``grad`` the gradient for ``param[lo:hi]`` and ``step`` how many updates
+that range had before (0 for its first). The math follows ``torch.optim``
+exactly (tests compare them to 1e-5), with no per-element Python loops.
+
+New rules register with :func:`register_rule`; an unknown name lists the known ones.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+
+from downpour.config import AdagradConfig, AdamConfig, SGDConfig
+from downpour.errors import ConfigError
+
+
+class UpdateRule:
+    """Base class: subclasses allocate state in ``__init__`` and implement ``apply``."""
+
+    def __init__(self, cfg, lr: float, numel: int) -> None:
+        self.cfg = cfg
+        self.lr = lr
+
+    def apply(self, param: torch.Tensor, grad: torch.Tensor, lo: int, hi: int, step: int) -> None:
+        raise NotImplementedError
+
+    def state(self) -> dict[str, torch.Tensor]:
+        """The rule's state tensors (for checkpoints)."""
+        return {}
+
+
+RULES: dict[str, type[UpdateRule]] = {}
+
+
+def register_rule(name: str) -> Callable[[type[UpdateRule]], type[UpdateRule]]:
+    def deco(cls: type[UpdateRule]) -> type[UpdateRule]:
+        RULES[name] = cls
+        return cls
+
+    return deco
+
+
+def make_rule(cfg, lr: float, numel: int) -> UpdateRule:
+    cls = RULES.get(cfg.name)
+    if cls is None:
+        raise ConfigError(f"optimizer.name: unknown {cfg.name!r}; known: {sorted(RULES)}")
+    return cls(cfg, lr, numel)
+
+
+@register_rule("sgd")
+class SGD(UpdateRule):
+    def __init__(self, cfg: SGDConfig, lr: float, numel: int) -> None:
+        super().__init__(cfg, lr, numel)
+        self.buf = torch.zeros(numel) if cfg.momentum else None
+
+    def apply(self, param, grad, lo, hi, step):
+        c = self.cfg
+        p = param[lo:hi]
+        if c.weight_decay:
+            grad = grad.add(p, alpha=c.weight_decay)
+        if self.buf is not None:
+            buf = self.buf[lo:hi]
+            if step == 0:
+                buf.copy_(grad)
+            else:
+                buf.mul_(c.momentum).add_(grad, alpha=1 - c.dampening)
+            grad = grad.add(buf, alpha=c.momentum) if c.nesterov else buf
+        p.add_(grad, alpha=-self.lr)
+
+    def state(self):
+        return {"momentum_buffer": self.buf} if self.buf is not None else {}
+
+
+@register_rule("adagrad")
+class Adagrad(UpdateRule):
+    def __init__(self, cfg: AdagradConfig, lr: float, numel: int) -> None:
+        super().__init__(cfg, lr, numel)
+        self.sum = torch.full((numel,), cfg.initial_accumulator_value)
+
+    def apply(self, param, grad, lo, hi, step):
+        c = self.cfg
+        p = param[lo:hi]
+        if c.weight_decay:
+            grad = grad.add(p, alpha=c.weight_decay)
+        clr = self.lr / (1 + step * c.lr_decay)
+        s = self.sum[lo:hi]
+        s.addcmul_(grad, grad, value=1)
+        p.addcdiv_(grad, s.sqrt().add_(c.eps), value=-clr)
+
+    def state(self):
+        return {"sum": self.sum}
+
+
+@register_rule("adam")
+class Adam(UpdateRule):
+    def __init__(self, cfg: AdamConfig, lr: float, numel: int) -> None:
+        super().__init__(cfg, lr, numel)
+        self.m = torch.zeros(numel)
+        self.v = torch.zeros(numel)
+
+    def apply(self, param, grad, lo, hi, step):
+        c = self.cfg
+        b1, b2 = c.betas
+        p = param[lo:hi]
+        if c.weight_decay:
+            grad = grad.add(p, alpha=c.weight_decay)
+        m, v = self.m[lo:hi], self.v[lo:hi]
+        m.lerp_(grad, 1 - b1)
+        v.mul_(b2).addcmul_(grad, grad, value=1 - b2)
+        t = step + 1
+        step_size = self.lr / (1 - b1**t)
+        denom = (v.sqrt() / math.sqrt(1 - b2**t)).add_(c.eps)
+        p.addcdiv_(m, denom, value=-step_size)
+
+    def state(self):
+        return {"exp_avg": self.m, "exp_avg_sq": self.v}

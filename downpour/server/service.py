@@ -1,0 +1,212 @@
+"""The parameter-server process: register, then answer INIT/PULL/PUSH/PUSHPULL until told to stop.
+
+One thread does everything (no locks, no GIL contention): it polls its
+listener, decodes each request, validates it fully *before* touching the
+shard, and answers. A bad request gets an ERROR reply (or, if even its header
+is unreadable, is dropped) and is counted under ``rejected``; it never changes
+a parameter and never stops the loop.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections import Counter
+from typing import Any
+
+import torch
+import zmq
+
+from downpour.config import JobConfig, parse_job
+from downpour.coordinator.client import CoordinatorClient, Heartbeat
+from downpour.errors import DownpourError, ProtocolError
+from downpour.layout import Layout
+from downpour.protocol import Message, Op, decode, encode
+from downpour.server.consistency import POLICIES, Push
+from downpour.server.optim import make_rule
+from downpour.server.store import ShardStore
+from downpour.transport import Listener, Poller, bind_address
+
+log = logging.getLogger(__name__)
+
+_POLL_S = 0.05  # longest idle wait between heartbeat/coordinator checks
+
+
+class ParameterServer:
+    """One shard of the job's parameters behind a listener."""
+
+    def __init__(self, ctx: zmq.Context, job: JobConfig, layout: Layout, rank: int, listener: Listener, name: str) -> None:
+        self.job, self.rank, self.name = job, rank, name
+        self.listener = listener
+        self.store = ShardStore(layout.server_slices(rank), lambda n: make_rule(job.optimizer, job.effective_lr(), n))
+        self.staleness: Counter[int] = Counter()
+        self.policy = POLICIES[job.training.consistency](self.store, self._record_staleness)
+        self.max_bytes = job.cluster.max_message_bytes
+        self.counts: Counter[str] = Counter()
+        self.rejected: Counter[str] = Counter()
+        self.apply_s = 0.0
+        self.bytes_in = 0
+        self.bytes_out = 0
+
+    def _record_staleness(self, s: int) -> None:
+        self.staleness[s] += 1
+
+    # -- request handling ------------------------------------------------
+    def handle(self, peer: bytes, frames: list) -> None:
+        self.bytes_in += sum(len(f) for f in frames)
+        try:
+            msg = decode(frames, self.max_bytes)
+        except ProtocolError as err:
+            log.debug("%s: malformed message from %r: %s", self.name, peer, err)
+            if err.req_id is not None:
+                self._send(peer, Message(Op.ERROR, err.req_id, {"code": "malformed", "error": str(err)}))
+            else:
+                self.rejected["malformed"] += 1  # nobody to answer: dropped and counted
+            return
+        handler = self._HANDLERS.get(msg.op)
+        if handler is None:
+            self._reject(peer, msg, "bad_op", f"a server does not serve {msg.op.name}")
+            return
+        try:
+            replies = handler(self, peer, msg)
+        except ProtocolError as err:
+            self._reject(peer, msg, "invalid", str(err))
+            return
+        for to, reply in replies:
+            self._send(to, reply)
+
+    def _reject(self, peer: bytes, msg: Message, code: str, text: str) -> None:
+        self._send(peer, msg.error(code, text))
+
+    def _send(self, peer: bytes, msg: Message) -> None:
+        if msg.op == Op.ERROR:  # every refusal is counted by its code
+            self.rejected[str(msg.meta.get("code"))] += 1
+        frames = encode(msg)
+        self.bytes_out += sum(len(f) for f in frames)
+        self.listener.send(peer, frames)
+
+    def _values(self, msg: Message) -> tuple[list[int], torch.Tensor]:
+        idx = self.store.resolve(msg.meta.get("keys"))
+        if len(msg.tensors) != 1:
+            raise ProtocolError(f"{msg.op.name} carries {len(msg.tensors)} tensors, expected 1")
+        t = msg.tensors[0]
+        if t.dtype != torch.float32 or t.dim() != 1:
+            raise ProtocolError(f"{msg.op.name} values must be a 1-d float32 tensor, got {t.dtype} {tuple(t.shape)}")
+        want = self.store.size_of(idx)
+        if t.numel() != want:
+            raise ProtocolError(f"{msg.op.name} values hold {t.numel()} elements, the keys need {want}")
+        # One reduction instead of an elementwise test: NaN and Inf propagate into the sum
+        # (a sum that overflows rejects a gradient far too large to apply anyway).
+        if not math.isfinite(float(t.sum())):
+            raise ProtocolError(f"{msg.op.name} values contain NaN or Inf")
+        return idx, t
+
+    def on_init(self, peer: bytes, msg: Message):
+        idx, values = self._values(msg)
+        if self.store.initialized:
+            return [(peer, msg.reply({"initialized": False}))]
+        if idx != list(range(len(self.store.keys))):
+            raise ProtocolError("INIT must carry every key of the server")
+        self.store.write(idx, values)
+        self.store.initialized = True
+        log.info("%s: initialized %d parameters from %r", self.name, self.store.numel, peer)
+        return [(peer, msg.reply({"initialized": True}))]
+
+    def on_pull(self, peer: bytes, msg: Message):
+        if not self.store.initialized:
+            return [(peer, msg.error("uninitialized", "parameters not initialized yet"))]
+        idx = self.store.resolve(msg.meta.get("keys"))
+        self.counts["pull"] += 1
+        return [(peer, msg.reply({"version": self.store.version(idx)}, [self.store.read(idx)]))]
+
+    def on_push(self, peer: bytes, msg: Message):
+        if not self.store.initialized:
+            return [(peer, msg.error("uninitialized", "parameters not initialized yet"))]
+        idx, grad = self._values(msg)
+        version, weight = msg.meta.get("version"), msg.meta.get("weight", 1.0)
+        if not isinstance(version, int) or isinstance(version, bool) or version < 0:
+            raise ProtocolError(f"push version must be a non-negative integer, got {version!r}")
+        if not isinstance(weight, (int, float)) or isinstance(weight, bool) or not math.isfinite(weight) or weight <= 0:
+            raise ProtocolError(f"push weight must be a positive number, got {weight!r}")
+        self.counts["push"] += 1
+        if msg.op == Op.PUSHPULL:
+            self.counts["pull"] += 1
+        t0 = time.perf_counter()
+        replies = self.policy.push(Push(peer, msg, idx, grad, float(weight), version))
+        self.apply_s += time.perf_counter() - t0
+        return replies
+
+    _HANDLERS = {Op.INIT: on_init, Op.PULL: on_pull, Op.PUSH: on_push, Op.PUSHPULL: on_push}
+
+    # -- coordinator messages ---------------------------------------------
+    def on_coordinator(self, peer: str, msg: Message) -> None:
+        if msg.op == Op.MEMBERSHIP:
+            for to, reply in self.policy.set_workers(set(msg.meta.get("workers", []))):
+                self._send(to, reply)
+
+    def stats(self) -> dict[str, Any]:
+        total = sum(self.staleness.values())
+        mean = sum(k * v for k, v in self.staleness.items()) / total if total else 0.0
+        return {
+            "rank": self.rank,
+            "numel": self.store.numel,
+            "keys": len(self.store.keys),
+            "pushes": self.counts["push"],
+            "pulls": self.counts["pull"],
+            "rejected": dict(self.rejected),
+            "staleness_histogram": {str(k): v for k, v in sorted(self.staleness.items())},
+            "staleness_mean": mean,
+            "apply_s": self.apply_s,
+            "bytes_in": self.bytes_in,
+            "bytes_out": self.bytes_out,
+            "version": int(self.store.versions.max()) if len(self.store.keys) else 0,
+            "cpu_s": time.process_time(),
+        }
+
+    def serve(self, coord: CoordinatorClient, heartbeat: Heartbeat) -> str:
+        """Answer requests until the coordinator says stop; returns its reason."""
+        poller = Poller()
+        poller.register(self.listener)
+        while True:
+            if poller.poll(_POLL_S):
+                for _ in range(256):  # bounded burst, then look at the coordinator again
+                    try:
+                        peer, frames = self.listener.recv()
+                    except zmq.Again:
+                        break
+                    self.handle(peer, frames)
+            coord.rpc.pump(0)
+            reason = heartbeat.tick({"pushes": self.counts["push"], "pulls": self.counts["pull"]})
+            if reason is not None:
+                return reason
+
+
+def run_server(ctx: zmq.Context, coordinator: str, host: str = "127.0.0.1", rank: int | None = None, ipc_dir: str | None = None) -> int:
+    """Entry point of ``downpour server``: returns the process exit code."""
+    import uuid
+
+    identity = f"server-{rank if rank is not None else '?'}-{uuid.uuid4().hex[:6]}"
+    coord = CoordinatorClient(ctx, coordinator, identity, request_timeout_s=30.0)
+    server: ParameterServer | None = None
+    try:
+        # Bind before registering: the coordinator hands our address to the workers.
+        transport = "ipc" if coordinator.startswith("ipc://") else "tcp"
+        listener = Listener(ctx, bind_address(transport, host, ipc_dir, f"server-{rank}-{uuid.uuid4().hex[:6]}"), 1 << 30)
+        reply = coord.register("server", rank, listener.address, timeout_s=120.0)
+        job = parse_job(reply["job"], source="coordinator")
+        layout = Layout.from_dict(reply["layout"])
+        server = ParameterServer(ctx, job, layout, int(reply["rank"]), listener, reply["node"])
+        coord.rpc.on_push = server.on_coordinator
+        coord.rpc.request_timeout_s = job.cluster.request_timeout_s
+        log.info("%s: serving %d parameters in %d keys at %s", server.name, server.store.numel, len(server.store.keys), listener.address)
+        hb = Heartbeat(coord, job.cluster.heartbeat_interval_s, job.cluster.heartbeat_timeout_s)
+        reason = server.serve(coord, hb)
+        log.info("%s: stopping: %s", server.name, reason)
+        coord.report("server", server.stats())
+        return 0
+    except DownpourError as err:
+        log.error("%s: %s", server.name if server else identity, err)
+        return 1
+    finally:
+        coord.close()

@@ -1,0 +1,89 @@
+"""One server's shard: its keys' values in one flat tensor, with a version per key.
+
+The version of a key counts the updates applied to it. Requests name keys; the
+store turns a key list into ranges of its flat tensor, merging neighbours so
+that a request for all of a server's keys is one range (one kernel per
+optimizer operation, however many keys).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from downpour.errors import ProtocolError
+from downpour.layout import KeySlice
+from downpour.server.optim import UpdateRule
+
+
+class ShardStore:
+    def __init__(self, slices: list[KeySlice], rule_factory) -> None:
+        self.keys = [s.key for s in slices]
+        self.lengths = np.array([s.length for s in slices], dtype=np.int64)
+        self.offsets = np.concatenate([[0], np.cumsum(self.lengths)]).astype(np.int64)
+        self.index = {k: i for i, k in enumerate(self.keys)}
+        self.numel = int(self.offsets[-1])
+        self.data = torch.zeros(self.numel)
+        self.versions = np.zeros(len(self.keys), dtype=np.int64)
+        self.rule: UpdateRule = rule_factory(self.numel)
+        self.initialized = False
+        self._all_keys = list(self.keys)
+
+    # -- key resolution -------------------------------------------------
+    def resolve(self, keys: object) -> list[int]:
+        """Key list -> indices into this shard; raises ProtocolError for unknown or repeated keys."""
+        if keys == self._all_keys:
+            return list(range(len(self.keys)))
+        if not isinstance(keys, list) or not keys:
+            raise ProtocolError("keys must be a non-empty list of integers")
+        idx = []
+        for k in keys:
+            i = self.index.get(k) if isinstance(k, int) else None
+            if i is None:
+                raise ProtocolError(f"key {k!r} is not held by this server")
+            idx.append(i)
+        if len(set(idx)) != len(idx):
+            raise ProtocolError("a key appears twice in one request")
+        return idx
+
+    def size_of(self, idx: list[int]) -> int:
+        return int(self.lengths[idx].sum())
+
+    def _runs(self, idx: list[int], by_version: bool):
+        """(shard_lo, shard_hi, msg_lo, first_index) runs of adjacent keys (and equal versions)."""
+        runs = []
+        pos = 0
+        for i in idx:
+            lo, hi = int(self.offsets[i]), int(self.offsets[i + 1])
+            if runs:
+                r = runs[-1]
+                if r[1] == lo and (not by_version or self.versions[r[3]] == self.versions[i]):
+                    r[1] = hi
+                    pos += hi - lo
+                    continue
+            runs.append([lo, hi, pos, i])
+            pos += hi - lo
+        return runs
+
+    # -- operations -----------------------------------------------------
+    def write(self, idx: list[int], values: torch.Tensor) -> None:
+        for lo, hi, at, _ in self._runs(idx, by_version=False):
+            self.data[lo:hi].copy_(values[at : at + hi - lo])
+
+    def read(self, idx: list[int]) -> torch.Tensor:
+        """A copy of the keys' values, concatenated in request order (safe to send while updates go on)."""
+        runs = self._runs(idx, by_version=False)
+        if len(runs) == 1:
+            lo, hi, _, _ = runs[0]
+            return self.data[lo:hi].clone()
+        return torch.cat([self.data[lo:hi] for lo, hi, _, _ in runs])
+
+    def apply(self, idx: list[int], grad: torch.Tensor) -> None:
+        """One optimizer step on the keys, with ``grad`` concatenated in request order."""
+        for lo, hi, at, first in self._runs(idx, by_version=True):
+            self.rule.apply(self.data, grad[at : at + hi - lo], lo, hi, int(self.versions[first]))
+        self.versions[idx] += 1
+
+    def version(self, idx: list[int]) -> int:
+        """The newest version among the keys."""
+        return int(self.versions[idx].max())

@@ -1,0 +1,124 @@
+"""ZeroMQ sockets behind four verbs: bind, connect, send, receive.
+
+* :class:`Listener` (ROUTER) is bound by a node that answers requests (a server,
+  the coordinator). ``recv`` yields ``(peer, frames)``; ``send(peer, frames)``
+  answers that peer, at any time and in any order.
+* :class:`Channel` (DEALER) connects to one listener. Several requests may be in
+  flight on it; replies come back in whatever order the peer sends them.
+
+Sends never block the caller on the network (ZeroMQ's I/O thread moves the
+bytes) and pass buffers without copying. A socket belongs to one thread.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Any, Sequence
+
+import zmq
+
+from downpour.errors import TransportError
+
+# Messages queued per socket before sends block (ZeroMQ high-water marks).
+_HWM = 10_000
+# Frames below this size are copied into ZeroMQ's buffer rather than lent to it.
+# Lending costs a round trip through pyzmq's garbage-collector thread per frame,
+# which for a few hundred kB costs more CPU than one memcpy (measured: see
+# benchmarks/RESULTS.md); large frames are lent, never copied.
+ZERO_COPY_MIN_BYTES = 1 << 20
+
+
+def new_context() -> zmq.Context:
+    """A fresh ZeroMQ context (one per process, passed explicitly; never a global)."""
+    return zmq.Context(io_threads=1)
+
+
+def bind_address(transport: str, host: str, ipc_dir: str | None, name: str) -> str:
+    """The address a node binds: ``tcp://host:*`` (a free port) or an ipc path in ``ipc_dir``."""
+    if transport == "ipc":
+        if not ipc_dir:
+            raise TransportError("ipc transport needs a socket folder (the run folder)")
+        os.makedirs(ipc_dir, mode=0o700, exist_ok=True)
+        return f"ipc://{os.path.join(ipc_dir, name)}.sock"
+    return f"tcp://{host}:*"
+
+
+class Listener:
+    """A bound ROUTER socket. ``address`` is the concrete address peers connect to."""
+
+    def __init__(self, ctx: zmq.Context, address: str, max_message_bytes: int) -> None:
+        self.socket = ctx.socket(zmq.ROUTER)
+        self.socket.setsockopt(zmq.LINGER, 0)
+        self.socket.setsockopt(zmq.SNDHWM, _HWM)
+        self.socket.setsockopt(zmq.RCVHWM, _HWM)
+        self.socket.setsockopt(zmq.MAXMSGSIZE, max_message_bytes)  # per frame; larger peers are cut off
+        self.socket.setsockopt(zmq.ROUTER_MANDATORY, 0)  # replies to vanished peers are dropped
+        self.socket.copy_threshold = ZERO_COPY_MIN_BYTES
+        try:
+            self.socket.bind(address)
+        except zmq.ZMQError as err:
+            self.socket.close()
+            raise TransportError(f"cannot bind {address}: {err}") from None
+        self.address = self.socket.getsockopt_string(zmq.LAST_ENDPOINT)
+
+    def recv(self) -> tuple[bytes, list[zmq.Frame]]:
+        """One message, without blocking (call after a poll said it is readable)."""
+        frames = self.socket.recv_multipart(flags=zmq.NOBLOCK, copy=False)
+        return frames[0].bytes, frames[1:]
+
+    def send(self, peer: bytes, frames: Sequence[Any]) -> None:
+        self.socket.send_multipart([peer, *frames], copy=False)
+
+    def close(self) -> None:
+        self.socket.close(linger=0)
+
+
+class Channel:
+    """A DEALER socket connected to one listener."""
+
+    def __init__(self, ctx: zmq.Context, address: str, identity: bytes | None = None) -> None:
+        self.address = address
+        self.socket = ctx.socket(zmq.DEALER)
+        self.socket.setsockopt(zmq.LINGER, 0)
+        self.socket.setsockopt(zmq.SNDHWM, _HWM)
+        self.socket.setsockopt(zmq.RCVHWM, _HWM)
+        self.socket.copy_threshold = ZERO_COPY_MIN_BYTES
+        if identity:
+            self.socket.setsockopt(zmq.IDENTITY, identity)
+        try:
+            self.socket.connect(address)
+        except zmq.ZMQError as err:
+            self.socket.close()
+            raise TransportError(f"cannot connect to {address}: {err}") from None
+
+    def send(self, frames: Sequence[Any]) -> None:
+        self.socket.send_multipart(frames, copy=False)
+
+    def recv(self) -> list[zmq.Frame]:
+        """One message, without blocking (call after a poll said it is readable)."""
+        return self.socket.recv_multipart(flags=zmq.NOBLOCK, copy=False)
+
+    def close(self) -> None:
+        self.socket.close(linger=0)
+
+
+class Poller:
+    """Waits until any registered listener or channel has a message."""
+
+    def __init__(self) -> None:
+        self._poller = zmq.Poller()
+        self._owner: dict[Any, Any] = {}
+
+    def register(self, endpoint: Listener | Channel) -> None:
+        self._poller.register(endpoint.socket, zmq.POLLIN)
+        self._owner[endpoint.socket] = endpoint
+
+    def unregister(self, endpoint: Listener | Channel) -> None:
+        self._poller.unregister(endpoint.socket)
+        self._owner.pop(endpoint.socket, None)
+
+    def poll(self, timeout_s: float) -> list[Listener | Channel]:
+        """The endpoints with a message waiting, after at most ``timeout_s`` seconds."""
+        ready = self._poller.poll(max(0, math.ceil(timeout_s * 1000)))
+        return [self._owner[s] for s, _ in ready]

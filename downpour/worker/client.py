@@ -1,0 +1,147 @@
+"""KVClient: the low-level push/pull API (ps-lite's KVWorker).
+
+Values travel as flat float32 vectors in the layout's order (see
+:class:`downpour.layout.Layout`): ``grad[s.start:s.stop]`` is key ``s.key``.
+Every call sends at once and returns a :class:`Handle`; nothing blocks until
+:meth:`KVClient.wait`. One request goes to each server involved, carrying all
+of that server's keys in one frame (a view of your tensor, not a copy, when
+the keys are contiguous, as the default ``bytes`` partitioner makes them).
+
+Contract:
+* A tensor passed to ``push``/``push_pull``/``init`` must not be modified until
+  ``wait`` returned for its handle (it is sent without copying).
+* ``out`` of ``pull``/``push_pull`` is written only inside ``wait``.
+* Keys are given in any order; ``None`` means every key.
+* Not thread-safe: use a client from one thread.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from downpour.errors import ConfigError, ProtocolError
+from downpour.layout import KeySlice, Layout
+from downpour.protocol import Message, Op
+from downpour.protocol.rpc import Future, RpcClient
+
+
+@dataclass
+class _Part:
+    server: int
+    keys: list[int]
+    ranges: list[tuple[int, int]]  # flat ranges, merged where adjacent
+    numel: int
+
+    def gather(self, flat: torch.Tensor) -> torch.Tensor:
+        if len(self.ranges) == 1:
+            lo, hi = self.ranges[0]
+            return flat[lo:hi]
+        return torch.cat([flat[lo:hi] for lo, hi in self.ranges])
+
+    def scatter(self, values: torch.Tensor, out: torch.Tensor) -> None:
+        at = 0
+        for lo, hi in self.ranges:
+            out[lo:hi].copy_(values[at : at + hi - lo])
+            at += hi - lo
+
+
+class Handle:
+    """What :meth:`KVClient.wait` needs to finish one call."""
+
+    __slots__ = ("futures", "out")
+
+    def __init__(self, futures: list[tuple[_Part, Future]], out: torch.Tensor | None) -> None:
+        self.futures = futures
+        self.out = out
+
+
+class KVClient:
+    def __init__(self, rpc: RpcClient, layout: Layout, server_peers: dict[int, str]) -> None:
+        """``server_peers`` maps a server rank to the peer name it is connected under in ``rpc``."""
+        self.rpc = rpc
+        self.layout = layout
+        self.peers = server_peers
+        self.versions = {s: 0 for s in range(layout.num_servers)}  # last version pulled per server
+        self._all = self._plan(None)
+
+    def _plan(self, keys: list[int] | None) -> list[_Part]:
+        slices: list[KeySlice] = list(self.layout.slices) if keys is None else [self._slice(k) for k in sorted(keys)]
+        parts: dict[int, _Part] = {}
+        for s in slices:
+            part = parts.setdefault(s.server, _Part(s.server, [], [], 0))
+            part.keys.append(s.key)
+            part.numel += s.length
+            if part.ranges and part.ranges[-1][1] == s.start:
+                part.ranges[-1] = (part.ranges[-1][0], s.stop)
+            else:
+                part.ranges.append((s.start, s.stop))
+        return [parts[k] for k in sorted(parts)]
+
+    def _slice(self, key: int) -> KeySlice:
+        if not isinstance(key, int) or not 0 <= key < len(self.layout.slices):
+            raise ConfigError(f"key {key!r} is not in the layout (0..{len(self.layout.slices) - 1})")
+        return self.layout.slices[key]
+
+    def _check(self, t: torch.Tensor, what: str) -> None:
+        if t.dtype != torch.float32 or t.dim() != 1 or t.numel() != self.layout.numel or t.device.type != "cpu":
+            raise ConfigError(f"{what} must be a flat float32 CPU tensor of {self.layout.numel} elements, got {t.dtype} {tuple(t.shape)} on {t.device}")
+
+    def _send(self, op: Op, keys: list[int] | None, data: torch.Tensor | None, out: torch.Tensor | None,
+              weight: float = 1.0, versions: dict[int, int] | None = None) -> Handle:
+        versions = self.versions if versions is None else versions
+        parts = self._all if keys is None else self._plan(keys)
+        futures = []
+        for part in parts:
+            meta: dict = {"keys": part.keys}
+            tensors = []
+            if data is not None:
+                tensors.append(part.gather(data))
+                if op in (Op.PUSH, Op.PUSHPULL):
+                    meta["version"] = versions[part.server]
+                    meta["weight"] = weight
+            futures.append((part, self.rpc.request(self.peers[part.server], Message(op, meta=meta, tensors=tensors))))
+        return Handle(futures, out)
+
+    def init(self, values: torch.Tensor) -> Handle:
+        """Offer initial values for every key. The first INIT a server gets wins; later ones are ignored."""
+        self._check(values, "values")
+        return self._send(Op.INIT, None, values, None)
+
+    def pull(self, out: torch.Tensor, keys: list[int] | None = None) -> Handle:
+        """Fetch the keys' current values into ``out`` (a flat vector) when waited on."""
+        self._check(out, "out")
+        return self._send(Op.PULL, keys, None, out)
+
+    def push(self, grad: torch.Tensor, keys: list[int] | None = None, weight: float = 1.0,
+             versions: dict[int, int] | None = None) -> Handle:
+        """Send a gradient for the keys; each server applies it under its consistency policy.
+        ``weight`` (e.g. the batch size) weights this gradient in a sync round's mean.
+        ``versions`` (server rank -> version) are the values' versions the gradient was
+        computed on; by default the versions last pulled."""
+        self._check(grad, "grad")
+        return self._send(Op.PUSH, keys, grad, None, weight, versions)
+
+    def push_pull(self, grad: torch.Tensor, out: torch.Tensor, keys: list[int] | None = None, weight: float = 1.0,
+                  versions: dict[int, int] | None = None) -> Handle:
+        """Push, then receive the values after that update in the same round trip (one message
+        per server each way). Arguments as for :meth:`push`."""
+        self._check(grad, "grad")
+        self._check(out, "out")
+        return self._send(Op.PUSHPULL, keys, grad, out, weight, versions)
+
+    def wait(self, handle: Handle, timeout_s: float | None = None) -> None:
+        """Block until every server answered (or raise: RemoteError if one refused,
+        RequestTimeout naming the server that did not answer)."""
+        for part, fut in handle.futures:
+            reply = fut.result(timeout_s)
+            version = reply.meta.get("version")
+            if isinstance(version, int):
+                self.versions[part.server] = version
+            if handle.out is not None and reply.tensors:
+                values = reply.tensors[0]
+                if values.numel() != part.numel:
+                    raise ProtocolError(f"{fut.peer} returned {values.numel()} values for {part.numel} expected")
+                part.scatter(values, handle.out)
+        handle.futures = []

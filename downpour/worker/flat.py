@@ -1,0 +1,50 @@
+"""A model whose parameters are views into one flat vector (as DDP's buckets are).
+
+Pulled values land straight in the model's memory (one copy per server reply),
+and the gradient goes out as one flat vector, so a training step moves each
+byte once. On a GPU the flat vector lives on the device and a CPU mirror is
+what the client reads and writes.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from downpour.errors import ConfigError
+from downpour.layout import Layout
+from downpour.models import param_shapes
+
+
+class FlatModel:
+    def __init__(self, model: nn.Module, layout: Layout, device: torch.device) -> None:
+        shapes = param_shapes(model)
+        expected = [(p.name, p.shape) for p in layout.params]
+        if shapes != expected:
+            raise ConfigError(f"the model's parameters {shapes[:3]}... do not match the job's layout {expected[:3]}...")
+        self.model = model.to(device)
+        self.device = device
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.flat = torch.empty(layout.numel, device=device)
+        for p, spec in zip(self.params, layout.params):
+            view = self.flat[spec.offset : spec.offset + spec.numel]
+            view.copy_(p.data.reshape(-1))
+            p.data = view.view(spec.shape)
+        on_cpu = device.type == "cpu"
+        self.host = self.flat if on_cpu else torch.empty(layout.numel, pin_memory=torch.cuda.is_available())
+        if not on_cpu:
+            self.host.copy_(self.flat)
+
+    def grad_vector(self) -> torch.Tensor:
+        """The gradients as one new flat CPU tensor (safe to send while the next step runs)."""
+        grads = [p.grad.reshape(-1) if p.grad is not None else torch.zeros(p.numel(), device=self.device) for p in self.params]
+        return torch.cat(grads).cpu()
+
+    def zero_grad(self) -> None:
+        for p in self.params:
+            p.grad = None
+
+    def host_to_device(self) -> None:
+        """After values were written into ``host``: make the model see them."""
+        if self.host is not self.flat:
+            self.flat.copy_(self.host, non_blocking=True)

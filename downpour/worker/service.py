@@ -1,0 +1,149 @@
+"""The worker process: register, build model and data, initialise, train, report.
+
+A heartbeat thread (its own socket) tells the coordinator this worker is alive
+and carries its progress; if the coordinator goes silent or orders a stop, the
+thread sets the abort flag and every wait of the main thread ends at once
+with :class:`JobFailed` rather than waiting out its timeout.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import traceback
+import uuid
+from typing import Any, Callable
+
+import torch
+import zmq
+
+from downpour.config import JobConfig, parse_job
+from downpour.coordinator.client import CoordinatorClient, Heartbeat
+from downpour.data import build_dataset
+from downpour.errors import DownpourError
+from downpour.layout import Layout
+from downpour.models import build_model
+from downpour.protocol.rpc import RpcClient
+from downpour.worker.client import KVClient
+from downpour.worker.flat import FlatModel
+from downpour.worker.trainer import Trainer
+
+log = logging.getLogger(__name__)
+
+# Waits for other workers (the start, the end of training) last as long as the
+# job; they end early through the abort flag when the coordinator stops answering.
+_LONG_WAIT_S = 7 * 24 * 3600.0
+
+
+class HeartbeatThread(threading.Thread):
+    def __init__(self, ctx: zmq.Context, address: str, node: str, job: JobConfig,
+                 progress: Callable[[], dict[str, Any]], abort: threading.Event) -> None:
+        super().__init__(name=f"{node}-heartbeat", daemon=True)
+        self.ctx, self.address, self.node, self.job = ctx, address, node, job
+        self.progress, self.abort = progress, abort
+        self.reason = "stopped"
+        self._halt = threading.Event()
+
+    def run(self) -> None:
+        cl = self.job.cluster
+        client = CoordinatorClient(self.ctx, self.address, f"{self.node}.hb-{uuid.uuid4().hex[:6]}", cl.request_timeout_s)
+        client.node = self.node
+        hb = Heartbeat(client, cl.heartbeat_interval_s, cl.heartbeat_timeout_s)
+        try:
+            while not self._halt.wait(min(0.1, cl.heartbeat_interval_s / 4)):
+                try:
+                    reason = hb.tick(self.progress())
+                except DownpourError as err:
+                    reason = str(err)
+                if reason is not None:
+                    self.reason = f"stopped by the coordinator: {reason}"
+                    self.abort.set()
+                    return
+        finally:
+            client.close()
+
+    def stop(self) -> None:
+        self._halt.set()
+        self.join(timeout=5.0)
+
+
+def device_for(job: JobConfig) -> torch.device:
+    if job.training.device == "cuda" and torch.cuda.is_available():
+        return torch.device("cuda")
+    if job.training.device == "cuda":
+        log.warning("device: cuda asked for, but no GPU is visible; computing on the CPU")
+    return torch.device("cpu")
+
+
+def run_worker(ctx: zmq.Context, coordinator: str, rank: int | None = None, startup_timeout_s: float = 120.0) -> int:
+    """Entry point of ``downpour worker``: returns the process exit code."""
+    abort = threading.Event()
+    hb: HeartbeatThread | None = None
+    reason = lambda: hb.reason if hb else "aborted"  # noqa: E731
+    coord = CoordinatorClient(ctx, coordinator, f"worker-{rank if rank is not None else '?'}-{uuid.uuid4().hex[:6]}",
+                              abort=abort, abort_reason=reason)
+    rpc: RpcClient | None = None
+    name = coord.identity
+    try:
+        reply = coord.register("worker", rank, None, timeout_s=startup_timeout_s)
+        name = reply["node"]
+        job = parse_job(reply["job"], source="coordinator")
+        layout = Layout.from_dict(reply["layout"])
+        coord.rpc.request_timeout_s = job.cluster.request_timeout_s
+        torch.set_num_threads(job.training.torch_threads)
+        device = device_for(job)
+        model = build_model(job.model, job.training.seed)
+        dataset = build_dataset(job.data)
+        flat = FlatModel(model, layout, device)
+        rpc = RpcClient(ctx, name, job.cluster.request_timeout_s, job.cluster.max_message_bytes, abort=abort, abort_reason=reason)
+        peers = {}
+        for s in reply["servers"]:
+            rpc.connect(s["name"], s["address"])
+            peers[int(s["rank"])] = s["name"]
+        kv = KVClient(rpc, layout, peers)
+        trainer = Trainer(job, flat, kv, dataset, name)
+        hb = HeartbeatThread(ctx, coordinator, name, job, trainer.progress, abort)
+        hb.start()
+
+        if reply.get("initializer"):
+            kv.wait(kv.init(flat.host))
+        coord.barrier("init", timeout_s=_LONG_WAIT_S)
+        kv.wait(kv.pull(flat.host))
+        flat.host_to_device()
+        log.info("%s: training on %s", name, device)
+        trainer.run(coord.next_shard, coord.shard_done)
+        stats = trainer.stats()
+        log.info("%s: trained %d steps, %d examples, %.0f examples/s", name, stats["steps"], stats["examples"], stats["examples_per_s"])
+        end = coord.worker_done(stats, timeout_s=_LONG_WAIT_S)
+        if end.get("evaluate"):
+            kv.wait(kv.pull(flat.host))
+            flat.host_to_device()
+            result = trainer.evaluate()
+            log.info("%s: test accuracy %.4f, test loss %.4f", name, result["test_accuracy"], result["test_loss"])
+            coord.report("eval", result)
+        return 0
+    except DownpourError as err:
+        log.error("%s: %s", name, err)
+        if not abort.is_set():  # when the coordinator stopped us, it knows why already
+            _report_error(coord, str(err))
+        return 1
+    except Exception as err:  # a bug or a user-code failure: tell the coordinator the root cause
+        log.error("%s: %s\n%s", name, err, traceback.format_exc())
+        _report_error(coord, f"{type(err).__name__}: {err}")
+        return 1
+    finally:
+        if hb is not None:
+            hb.stop()
+        if rpc is not None:
+            rpc.close()
+        coord.close()
+
+
+def _report_error(coord: CoordinatorClient, text: str) -> None:
+    if coord.node == coord.identity:  # never registered: nobody to tell
+        return
+    try:
+        coord.rpc.abort = None
+        coord.report("error", {"error": text}, timeout_s=2.0)
+    except DownpourError:
+        pass

@@ -1,0 +1,145 @@
+"""The training loop of one worker: shards from the coordinator, steps against the servers.
+
+One step (async, ``overlap: true``)::
+
+    forward + backward on the current values     while the previous step's
+    gradient -> one flat vector                  push+pull is in flight
+    wait for that push+pull (new values land in the model)
+    push+pull this gradient (returns at once)
+
+so communication hides behind compute at the price of one step of extra
+staleness. Sync mode (or ``overlap: false``) waits for each push+pull before
+the next step, which BSP requires.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from downpour.config import JobConfig
+from downpour.coordinator.shards import example_order
+from downpour.data import Dataset
+from downpour.worker.client import Handle, KVClient
+from downpour.worker.flat import FlatModel
+
+log = logging.getLogger(__name__)
+
+
+class Trainer:
+    def __init__(self, job: JobConfig, flat: FlatModel, kv: KVClient, dataset: Dataset, name: str) -> None:
+        self.job, self.flat, self.kv, self.data, self.name = job, flat, kv, dataset, name
+        t = job.training
+        self.overlap = t.overlap and t.consistency == "async"
+        self.max_steps = t.steps
+        self.steps = 0
+        self.examples = 0
+        self.loss_ema: float | None = None
+        self.inflight: Handle | None = None
+        self.compute_s = 0.0
+        self.wait_s = 0.0
+        self.train_s = 0.0
+        self.order = example_order(len(dataset.train), t.seed)
+        torch.manual_seed(t.seed * 1000 + 17)  # dropout differs per worker through the data it sees
+
+    @property
+    def finished(self) -> bool:
+        return self.max_steps is not None and self.steps >= self.max_steps
+
+    def progress(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"steps": self.steps, "examples": self.examples}
+        if self.loss_ema is not None:
+            out["loss"] = self.loss_ema
+        return out
+
+    def run(self, next_shard: Callable[[], dict | None], shard_done: Callable[[int, int, int], None]) -> None:
+        """Train shards until the coordinator has none left (or ``training.steps`` is reached)."""
+        t0 = time.perf_counter()
+        while not self.finished:
+            shard = next_shard()
+            if shard is None:
+                break
+            n = self.train_shard(shard)
+            shard_done(shard["epoch"], shard["shard"], n)
+        self._settle()
+        self.train_s = time.perf_counter() - t0
+
+    def train_shard(self, shard: dict) -> int:
+        t = self.job.training
+        positions = self.order[shard["start"] : shard["stop"]]
+        rng = np.random.default_rng([t.seed, shard["epoch"], shard["shard"]])
+        x_all, y_all = self.data.train.take(rng.permutation(positions))
+        x_all, y_all = x_all.to(self.flat.device), y_all.to(self.flat.device)
+        done = 0
+        for b in range(0, len(y_all), t.batch_size):
+            if self.finished:
+                break
+            self.step(x_all[b : b + t.batch_size], y_all[b : b + t.batch_size])
+            done += len(y_all[b : b + t.batch_size])
+        return done
+
+    def step(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        c0 = time.perf_counter()
+        # The versions the model's values have now: the gradient is computed on them, so the
+        # servers measure its staleness from here (not from the push+pull settled below).
+        base = dict(self.kv.versions)
+        model = self.flat.model
+        model.train()
+        self.flat.zero_grad()
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        grad = self.flat.grad_vector()
+        c1 = time.perf_counter()
+        self._settle()
+        self.inflight = self.kv.push_pull(grad, self.flat.host, weight=float(len(y)), versions=base)
+        if not self.overlap:
+            self._settle()
+        self.compute_s += c1 - c0
+        value = float(loss.item())
+        if math.isfinite(value):
+            self.loss_ema = value if self.loss_ema is None else 0.98 * self.loss_ema + 0.02 * value
+        self.steps += 1
+        self.examples += len(y)
+
+    def _settle(self) -> None:
+        """Wait for the push+pull in flight; its values then sit in the model."""
+        if self.inflight is None:
+            return
+        w0 = time.perf_counter()
+        self.kv.wait(self.inflight)
+        self.inflight = None
+        self.flat.host_to_device()
+        self.wait_s += time.perf_counter() - w0
+
+    def evaluate(self, batch_size: int = 1000) -> dict[str, float]:
+        """Test loss and accuracy of the model's current values over the whole test split."""
+        model = self.flat.model
+        model.eval()
+        test = self.data.test
+        total_loss, correct, n = 0.0, 0, len(test)
+        with torch.no_grad():
+            for b in range(0, n, batch_size):
+                x, y = test.take(np.arange(b, min(n, b + batch_size)))
+                x, y = x.to(self.flat.device), y.to(self.flat.device)
+                logits = model(x)
+                total_loss += float(F.cross_entropy(logits, y, reduction="sum"))
+                correct += int((logits.argmax(1) == y).sum())
+        return {"test_accuracy": correct / n if n else 0.0, "test_loss": total_loss / n if n else 0.0, "test_examples": n}
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "steps": self.steps,
+            "examples": self.examples,
+            "train_s": self.train_s,
+            "compute_s": self.compute_s,
+            "wait_s": self.wait_s,
+            "examples_per_s": self.examples / self.train_s if self.train_s > 0 else 0.0,
+            "final_loss": self.loss_ema,
+            "cpu_s": time.process_time(),
+        }
