@@ -123,9 +123,11 @@ class TrainingConfig(_Frozen):
     batch_size: int = Field(32, ge=1)
     seed: int = 0
     device: Literal["cpu", "cuda"] = "cpu"
-    # Async only: keep one push+pull in flight while the next batch computes
-    # (one extra step of staleness, communication hidden behind compute).
-    overlap: bool = True
+    # Async only: keep one push+pull in flight while the next batch computes, hiding
+    # communication behind compute at the price of one more step of staleness per
+    # worker. Off by default: on a CPU-bound 2-core machine it gains no speed and the
+    # extra staleness costs accuracy (see benchmarks/RESULTS.md).
+    overlap: bool = False
     # Torch intra-op threads per worker process. 1 suits many processes sharing few cores.
     torch_threads: int = Field(1, ge=1)
 

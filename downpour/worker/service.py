@@ -101,7 +101,7 @@ def run_worker(ctx: zmq.Context, coordinator: str, rank: int | None = None, star
             rpc.connect(s["name"], s["address"])
             peers[int(s["rank"])] = s["name"]
         kv = KVClient(rpc, layout, peers)
-        trainer = Trainer(job, flat, kv, dataset, name)
+        trainer = Trainer(job, flat, kv, dataset, name, int(reply["rank"]))
         hb = HeartbeatThread(ctx, coordinator, name, job, trainer.progress, abort)
         hb.start()
 

@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 
 
 class Trainer:
-    def __init__(self, job: JobConfig, flat: FlatModel, kv: KVClient, dataset: Dataset, name: str) -> None:
+    def __init__(self, job: JobConfig, flat: FlatModel, kv: KVClient, dataset: Dataset, name: str, rank: int = 0) -> None:
         self.job, self.flat, self.kv, self.data, self.name = job, flat, kv, dataset, name
         t = job.training
         self.overlap = t.overlap and t.consistency == "async"
@@ -46,7 +46,7 @@ class Trainer:
         self.wait_s = 0.0
         self.train_s = 0.0
         self.order = example_order(len(dataset.train), t.seed)
-        torch.manual_seed(t.seed * 1000 + 17)  # dropout differs per worker through the data it sees
+        torch.manual_seed(t.seed * 1000 + 17 + rank)  # dropout masks: reproducible, distinct per worker
 
     @property
     def finished(self) -> bool:
