@@ -17,9 +17,9 @@ import torch
 import zmq
 
 from downpour.config import JobConfig
-from downpour.coordinator.state import CoordinatorState, Finish, Reply
+from downpour.coordinator.state import CoordinatorState, Finish, Reply, SaveModel
 from downpour.data import build_dataset
-from downpour.errors import ProtocolError
+from downpour.errors import DownpourError, ProtocolError
 from downpour.layout import Layout, make_layout
 from downpour.models import build_model, param_shapes
 from downpour.protocol import decode, encode
@@ -57,6 +57,8 @@ class Coordinator:
         layout = plan_layout(job)
         num_train = len(build_dataset(job.data).train)
         self.state = CoordinatorState(job, layout, num_train, time.monotonic())
+        self.ctx = ctx
+        self.layout = layout
         self.listener = Listener(ctx, address, job.cluster.max_message_bytes)
         self.address = self.listener.address
         self.rejected = 0
@@ -74,7 +76,34 @@ class Coordinator:
                 self.listener.send(a.to, encode(a.msg))
             elif isinstance(a, Finish):
                 finish = a
+            elif isinstance(a, SaveModel):
+                self._save_model(a)
         return finish
+
+    def _save_model(self, action: SaveModel) -> None:
+        """Write the trained parameters as a state_dict (``model.pt``, read with
+        ``torch.load(path, weights_only=True)``) into the run folder."""
+        if not self.run_dir:
+            return
+        from downpour.protocol.rpc import RpcClient
+        from downpour.worker.client import KVClient
+
+        rpc = RpcClient(self.ctx, f"coordinator-save-{os.getpid()}", self.job.cluster.request_timeout_s)
+        try:
+            for s in action.servers:
+                rpc.connect(s["name"], s["address"])
+            kv = KVClient(rpc, self.layout, {int(s["rank"]): s["name"] for s in action.servers})
+            flat = torch.empty(self.layout.numel)
+            kv.wait(kv.pull(flat))
+            state = {p.name: flat[p.offset : p.offset + p.numel].view(p.shape).clone() for p in self.layout.params}
+            path = os.path.join(self.run_dir, "model.pt")
+            torch.save(state, path + ".tmp")
+            os.replace(path + ".tmp", path)
+            log.info("coordinator: saved the trained parameters to %s", path)
+        except DownpourError as err:
+            log.error("coordinator: could not save the trained parameters: %s", err)
+        finally:
+            rpc.close()
 
     def serve(self) -> int:
         """Run until the job finishes or fails; returns the exit code (0 on success)."""

@@ -45,7 +45,14 @@ class Finish:
     summary: dict[str, Any]
 
 
-Action = Union[Reply, Finish]
+@dataclass
+class SaveModel:
+    """Pull the final parameters from the servers (still serving) and save them."""
+
+    servers: list[dict[str, Any]]
+
+
+Action = Union[Reply, Finish, SaveModel]
 
 ALIVE, DONE, FINISHED, DEAD = "alive", "done", "finished", "dead"
 
@@ -250,6 +257,8 @@ class CoordinatorState:
             node.state = FINISHED
             self.phase = "stopping"
             log.info("coordinator: test accuracy %.4f; stopping servers", float(data.get("test_accuracy", 0.0)))
+            # Before any server hears "stop" (that happens in answers to later heartbeats).
+            out.append(SaveModel(self._server_addresses()))
         elif kind == "server" and node.role == "server":
             node.stats = data
             node.state = FINISHED

@@ -1,0 +1,451 @@
+"""Push+pull round trips through Downpour against raw pyzmq moving the same bytes.
+
+For each payload size P (float32 parameters, P bytes each way):
+
+* **Downpour**: parameter-server process(es) (a real :class:`ParameterServer`
+  behind a :class:`Listener`, no coordinator) and a :class:`KVClient` in this
+  process doing ``kv.wait(kv.push_pull(grad, out))``: P bytes of gradient go
+  out, the server validates them, applies one SGD step (no momentum, tiny lr)
+  and answers with P bytes of fresh values, which the client copies into ``out``.
+* **raw**: ROUTER echo process(es) and a DEALER per echo process here sending
+  one small header frame plus one frame of P bytes and waiting for the echo
+  (the same bytes back). Same socket options as Downpour's (high-water marks,
+  zero-copy threshold), so the difference is Downpour's own work: encoding,
+  validation, the update, the copy of the values, the request bookkeeping.
+
+Both sides run in the same invocation, in alternating timed blocks (``--trials``),
+with their server processes up at the same time; the table reports the median
+block of each side and their ratio. Besides ``--sizes`` one row is always the
+reference model (the MLP of examples/mnist.yaml: 101,770 float32 = 407 KB)
+over 2 servers, split as the job's layout splits it: what one training step moves.
+
+This is a benchmark, not a test: on a small, shared machine the absolute numbers
+are noisy; compare the ratios measured in one run.
+
+    .venv/bin/python benchmarks/transport.py                       # 1MB,16MB,100MB + reference
+    .venv/bin/python benchmarks/transport.py --sizes 1MB --repeats 50 --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import platform
+import queue
+import re
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if _ROOT not in sys.path:  # run from a checkout without `pip install -e .`
+    sys.path.insert(0, _ROOT)
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import zmq  # noqa: E402
+
+from downpour.config import parse_job  # noqa: E402
+from downpour.layout import Layout  # noqa: E402
+from downpour.layout.partition import make_layout  # noqa: E402
+from downpour.models import mlp, param_shapes  # noqa: E402
+from downpour.protocol.rpc import RpcClient  # noqa: E402
+from downpour.server.service import ParameterServer  # noqa: E402
+from downpour.transport import Listener, Poller, new_context  # noqa: E402
+from downpour.transport.zmq_transport import ZERO_COPY_MIN_BYTES  # noqa: E402
+from downpour.worker.client import KVClient  # noqa: E402
+
+DEFAULT_SIZES = "1MB,16MB,100MB"
+LR = 1e-6  # tiny: the values barely move, however many round trips
+GRAD_VALUE = 1e-3  # small, finite: passes the server's NaN/Inf check
+HEADER = b"\x00" * 48  # raw side's small header frame (Downpour's msgpack header is ~40-60 bytes)
+HWM = 10_000
+START_TIMEOUT_S = 120.0  # a spawned child imports torch: slow on a busy machine
+REQUEST_TIMEOUT_S = 120.0
+_UNITS = {"": 1, "b": 1, "kb": 1 << 10, "kib": 1 << 10, "mb": 1 << 20, "mib": 1 << 20, "gb": 1 << 30, "gib": 1 << 30}
+
+
+# --------------------------------------------------------------------------- helpers
+def parse_size(text: str) -> int:
+    """'1MB' -> 1048576 (binary units: KB = KiB = 1024 B), rounded down to whole float32s."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
+    if not m or m.group(2).lower() not in _UNITS:
+        raise argparse.ArgumentTypeError(f"bad size {text!r}: use e.g. 407080, 512KB, 1MB, 1.5GB (binary units)")
+    n = int(float(m.group(1)) * _UNITS[m.group(2).lower()]) // 4 * 4
+    if n < 4:
+        raise argparse.ArgumentTypeError(f"size {text!r} is smaller than one float32")
+    return n
+
+
+def human(n: float) -> str:
+    for unit, div in (("GB", 1 << 30), ("MB", 1 << 20), ("KB", 1 << 10)):
+        if n >= div:
+            v = n / div
+            return f"{v:.0f} {unit}" if v == int(v) else f"{v:.1f} {unit}"
+    return f"{n:.0f} B"
+
+
+def bench_job(num_servers: int):
+    return parse_job(
+        {
+            "name": "transport-bench",
+            "model": {"name": "mlp"},
+            "optimizer": {"name": "sgd", "lr": LR, "momentum": 0.0},
+            "training": {"consistency": "async"},
+            "cluster": {"num_servers": num_servers, "num_workers": 1},
+        },
+        source="benchmarks/transport.py",
+    )
+
+
+# --------------------------------------------------------------------------- child processes
+def downpour_server_main(rank: int, named_shapes: list, num_servers: int, addr_q: Any, stop: Any) -> None:
+    """A ParameterServer for ``rank`` of the layout, serving until ``stop`` is set (or terminated)."""
+    ctx = listener = None
+    try:
+        torch.set_num_threads(1)  # as the launcher runs servers (OMP_NUM_THREADS=1)
+        ctx = new_context()
+        job = bench_job(num_servers)
+        layout = make_layout([(n, tuple(s)) for n, s in named_shapes], num_servers)
+        listener = Listener(ctx, "tcp://127.0.0.1:*", job.cluster.max_message_bytes)
+        server = ParameterServer(ctx, job, layout, rank, listener, f"bench-server-{rank}")
+        server.store.initialized = True  # values start at zero; no INIT round trip needed
+        poller = Poller()
+        poller.register(listener)
+        addr_q.put(("downpour", rank, listener.address))
+        while not stop.is_set():  # ParameterServer.serve's loop, without the coordinator
+            if poller.poll(0.05):
+                for _ in range(256):
+                    try:
+                        peer, frames = listener.recv()
+                    except zmq.Again:
+                        break
+                    server.handle(peer, frames)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        if listener is not None:
+            listener.close()
+        if ctx is not None:
+            ctx.destroy(linger=0)
+
+
+def echo_server_main(rank: int, copy_threshold: int, addr_q: Any, stop: Any) -> None:
+    """A ROUTER that sends every message straight back to its sender (zero-copy)."""
+    ctx = sock = None
+    try:
+        ctx = zmq.Context(io_threads=1)
+        sock = ctx.socket(zmq.ROUTER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.SNDHWM, HWM)
+        sock.setsockopt(zmq.RCVHWM, HWM)
+        sock.copy_threshold = copy_threshold
+        sock.bind("tcp://127.0.0.1:*")
+        addr_q.put(("raw", rank, sock.getsockopt_string(zmq.LAST_ENDPOINT)))
+        poller = zmq.Poller()
+        poller.register(sock, zmq.POLLIN)
+        while not stop.is_set():
+            if poller.poll(50):
+                for _ in range(256):
+                    try:
+                        frames = sock.recv_multipart(flags=zmq.NOBLOCK, copy=False)
+                    except zmq.Again:
+                        break
+                    sock.send_multipart(frames, copy=False)  # [peer, header, payload] back as received
+    except KeyboardInterrupt:
+        pass
+    finally:
+        if sock is not None:
+            sock.close(linger=0)
+        if ctx is not None:
+            ctx.destroy(linger=0)
+
+
+class Children:
+    """Spawned server processes, stopped (event, then terminate, then kill) on any exit."""
+
+    def __init__(self, mpctx: Any) -> None:
+        self.mpctx = mpctx
+        self.procs: list[Any] = []
+        self.stop = mpctx.Event()
+        self.addr_q = mpctx.Queue()
+
+    def start(self, name: str, target: Callable, *args: Any) -> None:
+        p = self.mpctx.Process(target=target, args=(*args, self.addr_q, self.stop), name=name, daemon=True)
+        p.start()
+        self.procs.append(p)
+
+    def addresses(self, count: int) -> dict[tuple[str, int], str]:
+        """Wait until ``count`` children reported the address they bound."""
+        found: dict[tuple[str, int], str] = {}
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while len(found) < count:
+            dead = [p for p in self.procs if p.exitcode is not None]
+            if dead:
+                raise RuntimeError(f"server process {dead[0].name} exited with code {dead[0].exitcode} during start-up")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"server processes did not start within {START_TIMEOUT_S:g}s")
+            try:
+                kind, rank, address = self.addr_q.get(timeout=0.5)
+            except queue.Empty:
+                continue
+            found[(kind, rank)] = address
+        return found
+
+    def close(self) -> None:
+        self.stop.set()
+        for p in self.procs:
+            p.join(timeout=2.0)
+        for p in self.procs:
+            if p.is_alive():
+                p.terminate()
+                p.join(timeout=3.0)
+            if p.is_alive():
+                p.kill()
+                p.join(timeout=3.0)
+        self.procs.clear()
+        self.addr_q.close()
+        self.addr_q.join_thread()
+
+
+# --------------------------------------------------------------------------- clients (this process)
+class DownpourSide:
+    def __init__(self, layout: Layout, addresses: dict[int, str]) -> None:
+        self.ctx = new_context()
+        self.rpc = RpcClient(self.ctx, "bench-client", request_timeout_s=REQUEST_TIMEOUT_S)
+        for rank, addr in addresses.items():
+            self.rpc.connect(f"server-{rank}", addr)
+        self.kv = KVClient(self.rpc, layout, {rank: f"server-{rank}" for rank in addresses})
+        self.grad = torch.full((layout.numel,), GRAD_VALUE, dtype=torch.float32)
+        self.out = torch.zeros(layout.numel, dtype=torch.float32)
+
+    def round_trip(self) -> None:
+        self.kv.wait(self.kv.push_pull(self.grad, self.out), timeout_s=REQUEST_TIMEOUT_S)
+
+    def check(self) -> None:
+        # After a push of +GRAD_VALUE everywhere the values are negative everywhere: bytes really moved.
+        if not bool((self.out < 0).all()):
+            raise RuntimeError("Downpour push_pull returned values that were not updated")
+
+    def close(self) -> None:
+        self.rpc.close()
+        self.ctx.destroy(linger=0)
+
+
+class RawSide:
+    def __init__(self, part_bytes: list[int], addresses: list[str], copy_threshold: int) -> None:
+        self.ctx = zmq.Context(io_threads=1)
+        self.socks = []
+        self.parts = [np.full(n // 4, GRAD_VALUE, dtype=np.float32) for n in part_bytes]
+        for addr in addresses:
+            s = self.ctx.socket(zmq.DEALER)
+            s.setsockopt(zmq.LINGER, 0)
+            s.setsockopt(zmq.SNDHWM, HWM)
+            s.setsockopt(zmq.RCVHWM, HWM)
+            s.copy_threshold = copy_threshold
+            s.connect(addr)
+            self.socks.append(s)
+        self.last: list[list[zmq.Frame]] = []
+
+    def round_trip(self) -> None:
+        for s, part in zip(self.socks, self.parts):
+            s.send_multipart([HEADER, part], copy=False)
+        self.last = [s.recv_multipart(copy=False) for s in self.socks]
+
+    def check(self) -> None:
+        got = [len(frames[-1].buffer) for frames in self.last]
+        want = [p.nbytes for p in self.parts]
+        if got != want:
+            raise RuntimeError(f"raw echo returned {got} bytes, sent {want}")
+
+    def close(self) -> None:
+        for s in self.socks:
+            s.close(linger=0)
+        self.ctx.destroy(linger=0)
+
+
+# --------------------------------------------------------------------------- timing
+@dataclass
+class SideResult:
+    repeats: int = 0
+    trial_s: list[float] = field(default_factory=list)
+
+    def rates(self) -> list[float]:
+        return [self.repeats / s for s in self.trial_s]
+
+    def summary(self, payload: int) -> dict[str, Any]:
+        rates = self.rates()
+        rt = statistics.median(rates)
+        return {
+            "repeats_per_trial": self.repeats,
+            "trial_round_trips_per_s": rates,
+            "round_trips_per_s": rt,
+            "ms_per_round_trip": 1e3 / rt,
+            "gb_per_s": 2 * payload * rt / 1e9,  # P out + P back
+        }
+
+
+def calibrate(fn: Callable[[], None], block_s: float, repeats: int | None, warmup: int) -> int:
+    """Warm up; return the round trips per timed block (``repeats`` or about ``block_s`` of work)."""
+    t0 = time.perf_counter()
+    for _ in range(warmup):
+        fn()
+    n = warmup
+    while time.perf_counter() - t0 < 0.1 and n < 1000:  # enough for a rate estimate
+        fn()
+        n += 1
+    per = (time.perf_counter() - t0) / n
+    if repeats is not None:
+        return repeats
+    return max(3, min(100_000, int(block_s / per)))
+
+
+def time_block(fn: Callable[[], None], n: int) -> float:
+    t0 = time.perf_counter()
+    for _ in range(n):
+        fn()
+    return time.perf_counter() - t0
+
+
+@dataclass
+class Case:
+    label: str
+    named_shapes: list[tuple[str, tuple[int, ...]]]
+    num_servers: int
+
+
+def run_case(mpctx: Any, case: Case, args: argparse.Namespace) -> dict[str, Any]:
+    layout = make_layout(case.named_shapes, case.num_servers)
+    payload = layout.numel * 4
+    part_bytes = [4 * sum(s.length for s in layout.slices if s.server == r) for r in range(case.num_servers)]
+    children = Children(mpctx)
+    dp = raw = None
+    try:
+        shapes = [(n, list(s)) for n, s in case.named_shapes]
+        for r in range(case.num_servers):
+            children.start(f"downpour-server-{r}", downpour_server_main, r, shapes, case.num_servers)
+            children.start(f"raw-echo-{r}", echo_server_main, r, args.raw_copy_threshold)
+        addr = children.addresses(2 * case.num_servers)
+        dp = DownpourSide(layout, {r: addr[("downpour", r)] for r in range(case.num_servers)})
+        raw = RawSide(part_bytes, [addr[("raw", r)] for r in range(case.num_servers)], args.raw_copy_threshold)
+        sides = {"downpour": dp, "raw": raw}
+        results = {name: SideResult() for name in sides}
+        for name, side in sides.items():
+            results[name].repeats = calibrate(side.round_trip, args.block_s, args.repeats, args.warmup)
+            side.check()
+        for _ in range(args.trials):  # alternate the sides so that both see the same machine load
+            for name, side in sides.items():
+                results[name].trial_s.append(time_block(side.round_trip, results[name].repeats))
+        out = {
+            "label": case.label,
+            "payload_bytes": payload,
+            "numel": layout.numel,
+            "servers": case.num_servers,
+            "server_bytes": part_bytes,
+            "downpour": results["downpour"].summary(payload),
+            "raw": results["raw"].summary(payload),
+        }
+        out["ratio"] = out["downpour"]["round_trips_per_s"] / out["raw"]["round_trips_per_s"]
+        return out
+    finally:
+        for side in (dp, raw):
+            if side is not None:
+                side.close()
+        children.close()
+
+
+# --------------------------------------------------------------------------- main
+def table(rows: list[dict[str, Any]]) -> str:
+    lines = [
+        "| payload (each way) | servers | Downpour rt/s | Downpour GB/s | raw pyzmq rt/s | raw GB/s | Downpour/raw |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        d, w = r["downpour"], r["raw"]
+        lines.append(
+            f"| {r['label']} | {r['servers']} | {d['round_trips_per_s']:,.1f} | {d['gb_per_s']:.3f} | "
+            f"{w['round_trips_per_s']:,.1f} | {w['gb_per_s']:.3f} | {r['ratio']:.2f} |"
+        )
+    return "\n".join(lines)
+
+
+def environment() -> dict[str, Any]:
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "pyzmq": zmq.__version__,
+        "libzmq": zmq.zmq_version(),
+        "cpus": os.cpu_count(),
+        "machine": platform.machine(),
+        "loadavg_at_start": os.getloadavg(),
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "argv": sys.argv,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sizes", default=DEFAULT_SIZES,
+                    help=f"comma-separated payloads, binary units (1MB = 2^20 bytes); default {DEFAULT_SIZES}")
+    ap.add_argument("--repeats", type=int, default=None,
+                    help="round trips per timed block (default: auto, about --block-s of work per block)")
+    ap.add_argument("--trials", type=int, default=3, help="timed blocks per side, alternating sides (default 3; the median is reported)")
+    ap.add_argument("--block-s", type=float, default=0.5, help="target seconds per timed block when --repeats is not given (default 0.5)")
+    ap.add_argument("--warmup", type=int, default=3, help="untimed round trips per side first (default 3)")
+    ap.add_argument("--no-reference", action="store_true", help="skip the reference-model row (407 KB over 2 servers)")
+    ap.add_argument("--raw-copy-threshold", type=int, default=ZERO_COPY_MIN_BYTES,
+                    help=f"pyzmq copy_threshold of the raw sockets (default {ZERO_COPY_MIN_BYTES}, Downpour's own)")
+    ap.add_argument("--start-method", choices=["spawn", "fork", "forkserver"], default="spawn")
+    ap.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH")
+    args = ap.parse_args(argv)
+    if args.repeats is not None and args.repeats < 1:
+        ap.error("--repeats must be at least 1")
+    if args.trials < 1:
+        ap.error("--trials must be at least 1")
+    try:
+        sizes = [parse_size(s) for s in args.sizes.split(",") if s.strip()]
+    except argparse.ArgumentTypeError as err:
+        ap.error(str(err))
+
+    torch.set_num_threads(1)  # as a worker runs (training.torch_threads: 1)
+    cases = [Case(human(n), [("w", (n // 4,))], 1) for n in sizes]
+    if not args.no_reference:
+        shapes = param_shapes(mlp())
+        numel = sum(int(np.prod(s)) for _, s in shapes)
+        cases.append(Case(f"{human(numel * 4)} (reference MLP, {numel:,} float32)", shapes, 2))
+
+    mpctx = mp.get_context(args.start_method)
+    rows = []
+    t0 = time.perf_counter()
+    env = environment()
+    try:
+        for case in cases:
+            row = run_case(mpctx, case, args)
+            rows.append(row)
+            print(f"  {row['label']}: Downpour {row['downpour']['round_trips_per_s']:.1f} rt/s, "
+                  f"raw {row['raw']['round_trips_per_s']:.1f} rt/s, ratio {row['ratio']:.2f}", file=sys.stderr, flush=True)
+    except KeyboardInterrupt:
+        print("interrupted; server processes stopped", file=sys.stderr)
+        return 130
+    total = time.perf_counter() - t0
+    print()
+    print(f"Push+pull round trips, P bytes each way (median of {args.trials} alternating blocks per side; "
+          f"GB/s counts both directions, 1 GB = 1e9 B):")
+    print()
+    print(table(rows))
+    print()
+    print(f"{env['cpus']} CPUs, torch {env['torch']}, pyzmq {env['pyzmq']} (libzmq {env['libzmq']}); {total:.1f}s in all")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"benchmark": "transport", "environment": env, "total_s": total,
+                       "settings": {k: v for k, v in vars(args).items() if k != "json"}, "results": rows}, f, indent=2)
+        print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,64 @@
+"""Shared fixtures: a small synthetic IDX dataset and fast job settings for real clusters on 127.0.0.1."""
+
+from __future__ import annotations
+
+import gzip
+import os
+import struct
+
+import numpy as np
+import pytest
+
+# Heartbeats and timeouts short enough that a failure shows within seconds.
+FAST_CLUSTER = {"heartbeat_interval_s": 0.2, "heartbeat_timeout_s": 3.0, "request_timeout_s": 10.0, "startup_timeout_s": 90.0}
+
+
+def write_idx(path: str, array: np.ndarray, gz: bool = True) -> None:
+    codes = {np.dtype(np.uint8): 0x08}
+    head = struct.pack(">BBBB", 0, 0, codes[array.dtype], array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
+    data = head + array.tobytes()
+    if gz:
+        with gzip.open(path + ".gz", "wb") as f:
+            f.write(data)
+    else:
+        with open(path, "wb") as f:
+            f.write(data)
+
+
+def make_images(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Ten classes, each a bright 7x7 block at its own place plus noise: learnable in a few steps."""
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 10, n).astype(np.uint8)
+    x = rng.integers(0, 60, (n, 28, 28)).astype(np.uint8)
+    for c in range(10):
+        r, col = (c // 4) * 9, (c % 4) * 7
+        x[y == c, r : r + 7, col : col + 7] = 220
+    return x, y
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory) -> str:
+    """A folder of MNIST-format files: 2,400 training and 400 test images."""
+    folder = str(tmp_path_factory.mktemp("idx"))
+    xtr, ytr = make_images(2400, 1)
+    xte, yte = make_images(400, 2)
+    write_idx(os.path.join(folder, "train-images-idx3-ubyte"), xtr)
+    write_idx(os.path.join(folder, "train-labels-idx1-ubyte"), ytr)
+    write_idx(os.path.join(folder, "t10k-images-idx3-ubyte"), xte)
+    write_idx(os.path.join(folder, "t10k-labels-idx1-ubyte"), yte)
+    return folder
+
+
+def tiny_job(data: str, **sections) -> dict:
+    """A small job on the tiny data; keyword arguments update sections (training=..., cluster=...)."""
+    job = {
+        "name": "tiny",
+        "model": {"name": "mlp", "args": {"hidden": [32], "dropout": 0.0}},
+        "data": {"name": "idx", "path": data, "shard_size": 400},
+        "optimizer": {"name": "sgd", "lr": 0.05, "momentum": 0.9},
+        "training": {"consistency": "async", "epochs": 1, "batch_size": 32, "seed": 0},
+        "cluster": {"num_servers": 2, "num_workers": 2, **FAST_CLUSTER},
+    }
+    for section, values in sections.items():
+        job[section] = {**job.get(section, {}), **values}
+    return job

@@ -1,0 +1,225 @@
+"""Real clusters on 127.0.0.1: a coordinator, servers and workers as separate processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+import yaml
+
+from downpour.api import resolve_job
+from downpour.coordinator.shards import ShardLedger, example_order
+from downpour.data import load_idx_dataset
+from downpour.launch import LocalLauncher
+from downpour.models import build_model
+from downpour.protocol import Message, Op
+from downpour.protocol.rpc import RpcClient
+from downpour.transport import new_context
+from tests.conftest import FAST_CLUSTER, tiny_job
+
+PY = sys.executable
+
+
+def run_job(tmp_path, job: dict):
+    return LocalLauncher(resolve_job(job), str(tmp_path / "run")).run()
+
+
+def test_an_async_job_trains_and_writes_its_run_folder(tmp_path, tiny_data):
+    result = run_job(tmp_path, tiny_job(tiny_data, training={"epochs": 2}))
+    s = result.summary
+    assert s["status"] == "ok"
+    assert s["examples"] == 2 * 2400
+    assert s["num_servers"] == 2 and s["num_workers"] == 2 and s["consistency"] == "async"
+    assert s["test_accuracy"] > 0.9  # the tiny classes are easy; chance is 0.1
+    assert s["staleness"]["pushes"] == s["steps"] * 2  # each step pushes once to each of the 2 servers
+    assert s["data_shards"]["completed_per_epoch"] == {"0": 6, "1": 6}
+    for key in ("test_loss", "wall_s", "examples_per_s", "train_s"):
+        assert s[key] is not None
+    run = tmp_path / "run"
+    assert {"config.yaml", "summary.json", "model.pt"} <= set(os.listdir(run))
+    assert sorted(os.listdir(run / "logs")) == ["coordinator.log", "server-0.log", "server-1.log", "worker-0.log", "worker-1.log"]
+    assert all(code == 0 for code in result.exit_codes.values())
+    state = torch.load(run / "model.pt", weights_only=True)
+    assert list(state) == ["1.weight", "1.bias", "3.weight", "3.bias"]
+
+
+def test_a_sync_job_keeps_workers_in_lockstep_with_no_staleness(tmp_path, tiny_data):
+    s = run_job(tmp_path, tiny_job(tiny_data, training={"consistency": "sync", "epochs": 2})).summary
+    assert s["status"] == "ok" and s["consistency"] == "sync"
+    assert s["staleness"]["max"] == 0
+    assert s["examples"] == 2 * 2400
+    assert s["test_accuracy"] > 0.9
+    versions = {srv["version"] for srv in s["servers"].values()}
+    assert len(versions) == 1  # both servers applied the same number of averaged rounds
+    assert versions.pop() < s["steps"]  # a round averages several workers' pushes
+
+
+def _reference_params(job_dict: dict, data: str, steps: int) -> torch.Tensor:
+    """What torch.optim gives on one process with the same model, data order and seed."""
+    job = resolve_job(job_dict)
+    t = job.training
+    model = build_model(job.model, t.seed)
+    opt = torch.optim.SGD(model.parameters(), lr=job.optimizer.lr, momentum=job.optimizer.momentum,
+                          nesterov=job.optimizer.nesterov, weight_decay=job.optimizer.weight_decay)
+    ds = load_idx_dataset(data)
+    order = example_order(len(ds.train), t.seed)
+    ledger = ShardLedger(len(ds.train), job.data.shard_size, t.epochs, t.seed)
+    done = 0
+    while done < steps:
+        shard = ledger.next("w")
+        assert shard is not None
+        positions = order[shard["start"] : shard["stop"]]
+        x_all, y_all = ds.train.take(np.random.default_rng([t.seed, shard["epoch"], shard["shard"]]).permutation(positions))
+        for b in range(0, len(y_all), t.batch_size):
+            if done == steps:
+                break
+            opt.zero_grad()
+            F.cross_entropy(model(x_all[b : b + t.batch_size]), y_all[b : b + t.batch_size]).backward()
+            opt.step()
+            done += 1
+    return {n: p.detach() for n, p in model.named_parameters()}
+
+
+def test_one_sync_worker_matches_torch_optim(tmp_path, tiny_data):
+    steps = 40
+    job = tiny_job(tiny_data, training={"consistency": "sync", "steps": steps},
+                   optimizer={"nesterov": True, "weight_decay": 1e-3}, cluster={"num_workers": 1})
+    s = run_job(tmp_path, job).summary
+    assert s["steps"] == steps
+    got = torch.load(tmp_path / "run" / "model.pt", weights_only=True)
+    want = _reference_params(job, tiny_data, steps)
+    for name, value in want.items():
+        torch.testing.assert_close(got[name], value, rtol=1e-5, atol=1e-5)
+
+
+def _cli(*args, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run([PY, "-m", "downpour", *args], capture_output=True, text=True, timeout=120, **kw)
+
+
+def test_a_bad_job_file_names_the_field_and_starts_nothing(tmp_path, tiny_data):
+    bad = tiny_job(tiny_data, training={"consistency": "eventually"})
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(bad))
+    r = _cli("train", str(path), "--run-dir", str(tmp_path / "run"))
+    assert r.returncode == 2
+    assert "training.consistency" in r.stderr and "'async'" in r.stderr and "'sync'" in r.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_missing_data_says_how_to_get_it_and_starts_nothing(tmp_path):
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(tiny_job(str(tmp_path / "nowhere"))))
+    r = _cli("train", str(path), "--run-dir", str(tmp_path / "run"))
+    assert r.returncode == 2
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "apt-get install dataset-fashion-mnist" in lines[0]
+    assert not (tmp_path / "run").exists()
+
+
+def _status(run_dir, timeout_s: float = 90.0) -> dict:
+    """Wait until the job trains, then return the coordinator's status."""
+    deadline = time.monotonic() + timeout_s
+    ctx = new_context()
+    try:
+        while time.monotonic() < deadline:
+            addr = os.path.join(run_dir, "coordinator.addr")
+            if os.path.exists(addr):
+                rpc = RpcClient(ctx, "test-status", request_timeout_s=2.0)
+                try:
+                    rpc.connect("coordinator", open(addr).read().strip())
+                    st = rpc.call("coordinator", Message(Op.STATUS)).meta
+                    if st["phase"] == "training" and st["steps"] > 0:
+                        return st
+                except Exception:
+                    pass
+                finally:
+                    rpc.close()
+            time.sleep(0.2)
+    finally:
+        ctx.term()
+    raise AssertionError("the job never started training")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie has exited already; only its parent's wait() is missing.
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def _start_long_job(tmp_path, tiny_data):
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(tiny_job(tiny_data, training={"epochs": 1000})))
+    run_dir = tmp_path / "run"
+    proc = subprocess.Popen([PY, "-m", "downpour", "train", str(path), "--run-dir", str(run_dir), "--quiet"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return proc, run_dir
+
+
+@pytest.mark.parametrize("victim", ["worker-1", "server-0"])
+def test_a_killed_node_stops_the_job_with_a_clear_error(tmp_path, tiny_data, victim):
+    proc, run_dir = _start_long_job(tmp_path, tiny_data)
+    try:
+        status = _status(str(run_dir))
+        pids = {n["name"]: n["pid"] for n in status["nodes"]}
+        os.kill(pids[victim], signal.SIGKILL)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 1
+    assert f"{victim} (pid {pids[victim]}) was killed by SIGKILL" in err
+    time.sleep(0.5)
+    assert not any(_alive(p) for p in pids.values()), "every process of the job is stopped"
+
+
+def test_ctrl_c_stops_every_process(tmp_path, tiny_data):
+    proc, run_dir = _start_long_job(tmp_path, tiny_data)
+    try:
+        pids = [n["pid"] for n in _status(str(run_dir))["nodes"]]
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130 and "interrupted" in err
+    time.sleep(0.5)
+    assert not any(_alive(p) for p in pids)
+
+
+def test_hand_started_roles_form_one_job(tmp_path, tiny_data):
+    """`downpour coordinator|server|worker` by hand, a worker configured by environment variables."""
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(tiny_job(tiny_data, cluster={"num_servers": 1, "num_workers": 2}, training={"steps": 10})))
+    run_dir = tmp_path / "run"
+    logs = open(tmp_path / "nodes.log", "w")
+    procs = [subprocess.Popen([PY, "-m", "downpour", "coordinator", str(path), "--bind", "tcp://127.0.0.1:*", "--run-dir", str(run_dir)],
+                              stdout=logs, stderr=subprocess.STDOUT)]
+    try:
+        deadline = time.monotonic() + 60
+        while not (run_dir / "coordinator.addr").exists():
+            assert time.monotonic() < deadline and procs[0].poll() is None
+            time.sleep(0.1)
+        url = (run_dir / "coordinator.addr").read_text().strip()
+        host_port = url.removeprefix("tcp://")
+        procs.append(subprocess.Popen([PY, "-m", "downpour", "server", "--coordinator", host_port], stdout=logs, stderr=subprocess.STDOUT))
+        procs.append(subprocess.Popen([PY, "-m", "downpour", "worker", "--coordinator", host_port], stdout=logs, stderr=subprocess.STDOUT))
+        env = dict(os.environ, DOWNPOUR_ROLE="worker", DOWNPOUR_COORDINATOR=host_port)
+        procs.append(subprocess.Popen([PY, "-m", "downpour", "node"], env=env, stdout=logs, stderr=subprocess.STDOUT))
+        codes = [p.wait(timeout=120) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+        logs.close()
+    assert codes == [0, 0, 0, 0], open(tmp_path / "nodes.log").read()[-3000:]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "ok" and summary["steps"] == 20
