@@ -18,6 +18,8 @@ with their server processes up at the same time; the table reports the median
 block of each side and their ratio. Besides ``--sizes`` one row is always the
 reference model (the MLP of examples/mnist.yaml: 101,770 float32 = 407 KB)
 over 2 servers, split as the job's layout splits it: what one training step moves.
+Sizes use binary units: 1MB = 1 MiB = 2^20 bytes (Downpour lends frames of at
+least 1 MiB to ZeroMQ without copying and copies smaller ones).
 
 This is a benchmark, not a test: on a small, shared machine the absolute numbers
 are noisy; compare the ratios measured in one run.
@@ -35,6 +37,7 @@ import os
 import platform
 import queue
 import re
+import signal
 import statistics
 import sys
 import time
@@ -82,7 +85,7 @@ def parse_size(text: str) -> int:
 
 
 def human(n: float) -> str:
-    for unit, div in (("GB", 1 << 30), ("MB", 1 << 20), ("KB", 1 << 10)):
+    for unit, div in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
         if n >= div:
             v = n / div
             return f"{v:.0f} {unit}" if v == int(v) else f"{v:.1f} {unit}"
@@ -359,6 +362,10 @@ def run_case(mpctx: Any, case: Case, args: argparse.Namespace) -> dict[str, Any]
 
 
 # --------------------------------------------------------------------------- main
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt  # SIGTERM: unwind through the finally blocks that stop the servers
+
+
 def table(rows: list[dict[str, Any]]) -> str:
     lines = [
         "| payload (each way) | servers | Downpour rt/s | Downpour GB/s | raw pyzmq rt/s | raw GB/s | Downpour/raw |",
@@ -411,12 +418,13 @@ def main(argv: list[str] | None = None) -> int:
     except argparse.ArgumentTypeError as err:
         ap.error(str(err))
 
+    signal.signal(signal.SIGTERM, _interrupt)
     torch.set_num_threads(1)  # as a worker runs (training.torch_threads: 1)
     cases = [Case(human(n), [("w", (n // 4,))], 1) for n in sizes]
     if not args.no_reference:
         shapes = param_shapes(mlp())
         numel = sum(int(np.prod(s)) for _, s in shapes)
-        cases.append(Case(f"{human(numel * 4)} (reference MLP, {numel:,} float32)", shapes, 2))
+        cases.append(Case(f"{human(numel * 4)} (reference MLP: {numel:,} float32 = {numel * 4:,} B)", shapes, 2))
 
     mpctx = mp.get_context(args.start_method)
     rows = []

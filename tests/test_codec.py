@@ -209,7 +209,7 @@ headers = st.one_of(
 )
 
 
-@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=200, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
 @given(head=headers, rest=st.lists(st.binary(max_size=24), max_size=3))
 def test_arbitrary_frames_never_raise_anything_but_protocol_error(head, rest):
     try:

@@ -19,6 +19,7 @@ import torch
 
 from downpour.protocol import Message, Op
 from downpour.server.store import ShardStore
+from downpour.transport import send_copies
 
 
 @dataclass
@@ -52,8 +53,8 @@ class Policy:
     def _answer(self, p: Push, values: torch.Tensor | None = None) -> Reply:
         version = self.store.version(p.idx)
         if p.wants_values:
-            if values is None:
-                values = self.store.read(p.idx)
+            if values is None:  # the reply is sent before the next update: a view will do if the send copies
+                values = self.store.read(p.idx, snapshot=not send_copies(4 * self.store.size_of(p.idx)))
             return p.peer, p.msg.reply({"version": version}, [values])
         return p.peer, p.msg.reply({"version": version})
 
@@ -72,12 +73,12 @@ class SyncPolicy(Policy):
         self.waiting: dict[str, Push] = {}
         self.acc: torch.Tensor | None = None
         self.weight = 0.0
-        self._all = list(range(len(store.keys)))
+        self._all = store.all
 
     def push(self, p: Push) -> list[Reply]:
         who = p.peer.decode(errors="replace")
         current = self.store.version(self._all)
-        if p.idx != self._all:
+        if p.idx is not self._all and p.idx != self._all:
             return [(p.peer, p.msg.error("sync_partial", "sync mode needs every key of the server in each push"))]
         if p.version != current:
             return [(p.peer, p.msg.error("sync_round", f"push for round {p.version}, server is at round {current}"))]

@@ -106,7 +106,7 @@ class ParameterServer:
         idx, values = self._values(msg)
         if self.store.initialized:
             return [(peer, msg.reply({"initialized": False}))]
-        if idx != list(range(len(self.store.keys))):
+        if idx is not self.store.all:
             raise ProtocolError("INIT must carry every key of the server")
         self.store.write(idx, values)
         self.store.initialized = True
@@ -160,7 +160,7 @@ class ParameterServer:
             "apply_s": self.apply_s,
             "bytes_in": self.bytes_in,
             "bytes_out": self.bytes_out,
-            "version": int(self.store.versions.max()) if len(self.store.keys) else 0,
+            "version": max(self.store.versions, default=0),
             "cpu_s": time.process_time(),
         }
 
@@ -196,6 +196,8 @@ def run_server(ctx: zmq.Context, coordinator: str, host: str = "127.0.0.1", rank
         reply = coord.register("server", rank, listener.address, timeout_s=120.0)
         job = parse_job(reply["job"], source="coordinator")
         layout = Layout.from_dict(reply["layout"])
+        # Updates are elementwise and memory-bound: more intra-op threads only contend with other processes.
+        torch.set_num_threads(job.training.torch_threads)
         server = ParameterServer(ctx, job, layout, int(reply["rank"]), listener, reply["node"])
         coord.rpc.on_push = server.on_coordinator
         coord.rpc.request_timeout_s = job.cluster.request_timeout_s

@@ -8,7 +8,6 @@ optimizer operation, however many keys).
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 
 from downpour.errors import ProtocolError
@@ -19,26 +18,28 @@ from downpour.server.optim import UpdateRule
 class ShardStore:
     def __init__(self, slices: list[KeySlice], rule_factory) -> None:
         self.keys = [s.key for s in slices]
-        self.lengths = np.array([s.length for s in slices], dtype=np.int64)
-        self.offsets = np.concatenate([[0], np.cumsum(self.lengths)]).astype(np.int64)
+        self.lengths = [s.length for s in slices]
+        self.offsets = [0]
+        for n in self.lengths:
+            self.offsets.append(self.offsets[-1] + n)
         self.index = {k: i for i, k in enumerate(self.keys)}
-        self.numel = int(self.offsets[-1])
+        self.numel = self.offsets[-1]
         self.data = torch.zeros(self.numel)
-        self.versions = np.zeros(len(self.keys), dtype=np.int64)
+        self.versions = [0] * len(self.keys)
         self.rule: UpdateRule = rule_factory(self.numel)
         self.initialized = False
-        self._all_keys = list(self.keys)
+        self.all = list(range(len(self.keys)))  # resolve() returns this very list for "every key"
 
     # -- key resolution -------------------------------------------------
     def resolve(self, keys: object) -> list[int]:
         """Key list -> indices into this shard; raises ProtocolError for unknown or repeated keys."""
-        if keys == self._all_keys:
-            return list(range(len(self.keys)))
+        if keys == self.keys:
+            return self.all
         if not isinstance(keys, list) or not keys:
             raise ProtocolError("keys must be a non-empty list of integers")
         idx = []
         for k in keys:
-            i = self.index.get(k) if isinstance(k, int) else None
+            i = self.index.get(k) if type(k) is int else None
             if i is None:
                 raise ProtocolError(f"key {k!r} is not held by this server")
             idx.append(i)
@@ -47,14 +48,14 @@ class ShardStore:
         return idx
 
     def size_of(self, idx: list[int]) -> int:
-        return int(self.lengths[idx].sum())
+        return self.numel if idx is self.all else sum(self.lengths[i] for i in idx)
 
-    def _runs(self, idx: list[int], by_version: bool):
-        """(shard_lo, shard_hi, msg_lo, first_index) runs of adjacent keys (and equal versions)."""
-        runs = []
+    def _runs(self, idx: list[int], by_version: bool) -> list[list[int]]:
+        """[shard_lo, shard_hi, msg_lo, first_index] runs of adjacent keys (with equal versions)."""
+        runs: list[list[int]] = []
         pos = 0
         for i in idx:
-            lo, hi = int(self.offsets[i]), int(self.offsets[i + 1])
+            lo, hi = self.offsets[i], self.offsets[i + 1]
             if runs:
                 r = runs[-1]
                 if r[1] == lo and (not by_version or self.versions[r[3]] == self.versions[i]):
@@ -70,20 +71,23 @@ class ShardStore:
         for lo, hi, at, _ in self._runs(idx, by_version=False):
             self.data[lo:hi].copy_(values[at : at + hi - lo])
 
-    def read(self, idx: list[int]) -> torch.Tensor:
-        """A copy of the keys' values, concatenated in request order (safe to send while updates go on)."""
+    def read(self, idx: list[int], snapshot: bool = True) -> torch.Tensor:
+        """The keys' values, concatenated in request order. With ``snapshot=False`` a contiguous
+        request returns a view of the live values: only for a caller that copies them before the
+        next update (a send that copies, see ``downpour.transport.send_copies``)."""
         runs = self._runs(idx, by_version=False)
         if len(runs) == 1:
             lo, hi, _, _ = runs[0]
-            return self.data[lo:hi].clone()
+            return self.data[lo:hi].clone() if snapshot else self.data[lo:hi]
         return torch.cat([self.data[lo:hi] for lo, hi, _, _ in runs])
 
     def apply(self, idx: list[int], grad: torch.Tensor) -> None:
         """One optimizer step on the keys, with ``grad`` concatenated in request order."""
         for lo, hi, at, first in self._runs(idx, by_version=True):
-            self.rule.apply(self.data, grad[at : at + hi - lo], lo, hi, int(self.versions[first]))
-        self.versions[idx] += 1
+            self.rule.apply(self.data, grad[at : at + hi - lo], lo, hi, self.versions[first])
+        for i in idx:
+            self.versions[i] += 1
 
     def version(self, idx: list[int]) -> int:
         """The newest version among the keys."""
-        return int(self.versions[idx].max())
+        return max(self.versions[i] for i in idx)

@@ -29,6 +29,12 @@ _HWM = 10_000
 ZERO_COPY_MIN_BYTES = 1 << 20
 
 
+def send_copies(nbytes: int) -> bool:
+    """Whether a frame of ``nbytes`` is copied during ``send`` (so its memory may change right
+    after) rather than lent to ZeroMQ until the bytes are on the wire."""
+    return nbytes < ZERO_COPY_MIN_BYTES
+
+
 def new_context() -> zmq.Context:
     """A fresh ZeroMQ context (one per process, passed explicitly; never a global)."""
     return zmq.Context(io_threads=1)

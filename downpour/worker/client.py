@@ -65,6 +65,7 @@ class KVClient:
         self.peers = server_peers
         self.versions = {s: 0 for s in range(layout.num_servers)}  # last version pulled per server
         self._all = self._plan(None)
+        self._shape = torch.Size([layout.numel])
 
     def _plan(self, keys: list[int] | None) -> list[_Part]:
         slices: list[KeySlice] = list(self.layout.slices) if keys is None else [self._slice(k) for k in sorted(keys)]
@@ -85,7 +86,7 @@ class KVClient:
         return self.layout.slices[key]
 
     def _check(self, t: torch.Tensor, what: str) -> None:
-        if t.dtype != torch.float32 or t.dim() != 1 or t.numel() != self.layout.numel or t.device.type != "cpu":
+        if t.dtype is not torch.float32 or t.shape != self._shape or t.is_cuda:
             raise ConfigError(f"{what} must be a flat float32 CPU tensor of {self.layout.numel} elements, got {t.dtype} {tuple(t.shape)} on {t.device}")
 
     def _send(self, op: Op, keys: list[int] | None, data: torch.Tensor | None, out: torch.Tensor | None,
