@@ -41,8 +41,9 @@ import signal
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _ROOT not in sys.path:  # run from a checkout without `pip install -e .`
@@ -255,7 +256,7 @@ class RawSide:
         self.last: list[list[zmq.Frame]] = []
 
     def round_trip(self) -> None:
-        for s, part in zip(self.socks, self.parts):
+        for s, part in zip(self.socks, self.parts, strict=True):
             s.send_multipart([HEADER, part], copy=False)
         self.last = [s.recv_multipart(copy=False) for s in self.socks]
 

@@ -20,8 +20,9 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from downpour.config import JobConfig, apply_overrides, job_to_dict, load_job, parse_job
 from downpour.data import build_dataset

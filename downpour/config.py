@@ -17,7 +17,7 @@ Example (``examples/mnist.yaml``)::
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -109,7 +109,7 @@ class AdamConfig(_Frozen):
         return self
 
 
-OptimizerConfig = Annotated[Union[SGDConfig, AdagradConfig, AdamConfig], Field(discriminator="name")]
+OptimizerConfig = Annotated[SGDConfig | AdagradConfig | AdamConfig, Field(discriminator="name")]
 
 
 class TrainingConfig(_Frozen):
@@ -160,6 +160,15 @@ class ClusterConfig(_Frozen):
 
 class JobConfig(_Frozen):
     name: str = "job"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_optimizer_name(cls, data: Any) -> Any:
+        # An optimizer section without a name means SGD, as the default section does.
+        if isinstance(data, dict) and isinstance(data.get("optimizer"), dict) and "name" not in data["optimizer"]:
+            data = {**data, "optimizer": {**data["optimizer"], "name": "sgd"}}
+        return data
+
     model: ModelConfig
     data: DataConfig = Field(default_factory=DataConfig)
     optimizer: OptimizerConfig = Field(default_factory=SGDConfig)

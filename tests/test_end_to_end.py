@@ -23,7 +23,7 @@ from downpour.models import build_model
 from downpour.protocol import Message, Op
 from downpour.protocol.rpc import RpcClient
 from downpour.transport import new_context
-from tests.conftest import FAST_CLUSTER, tiny_job
+from tests.conftest import tiny_job
 
 PY = sys.executable
 

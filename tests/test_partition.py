@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import numpy as np
@@ -55,7 +56,7 @@ def test_bytes_gives_each_server_one_contiguous_flat_range(servers):
     layout = make_layout(SHAPES, servers, max_slice_bytes=32 << 10)
     for server in range(servers):
         mine = layout.server_slices(server)
-        assert all(a.stop == b.start for a, b in zip(mine, mine[1:]))
+        assert all(a.stop == b.start for a, b in itertools.pairwise(mine))
         assert [s.key for s in mine] == list(range(mine[0].key, mine[-1].key + 1))
 
 
@@ -161,3 +162,15 @@ def with_slices(slices: list[list[int]], num_servers: int = 2) -> dict:
 def test_from_dict_of_a_layout_that_does_not_tile_is_a_config_error(slices, match):
     with pytest.raises(ConfigError, match=match):
         Layout.from_dict(with_slices(slices))
+
+
+@pytest.mark.parametrize(
+    "broken",
+    [lambda d: d["params"][1].__setitem__(2, 11), lambda d: d["params"][1].__setitem__(1, [9])],
+    ids=["overlapping-offsets", "numel-not-shape"],
+)
+def test_from_dict_of_params_that_contradict_themselves_is_a_config_error(broken):
+    d = good_dict()
+    broken(d)
+    with pytest.raises(ConfigError):
+        Layout.from_dict(d)

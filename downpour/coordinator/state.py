@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Union
+from typing import Any
 
 from downpour.config import JobConfig, job_to_dict
 from downpour.coordinator.shards import ShardLedger
@@ -52,7 +52,7 @@ class SaveModel:
     servers: list[dict[str, Any]]
 
 
-Action = Union[Reply, Finish, SaveModel]
+Action = Reply | Finish | SaveModel
 
 ALIVE, DONE, FINISHED, DEAD = "alive", "done", "finished", "dead"
 
@@ -152,12 +152,13 @@ class CoordinatorState:
         free = [r for r in range(want) if r not in taken]
         if not free:
             return [Reply(ident, msg.error("job_full", f"the job already has {want} {role}s"))]
-        rank = hint if isinstance(hint, int) and hint in free else free[0]
+        rank = hint if type(hint) is int and hint in free else free[0]
         address = msg.meta.get("address")
         if role == "server" and not (isinstance(address, str) and address):
             return [Reply(ident, msg.error("bad_address", "a server must give the address it listens on"))]
         name = f"{role}-{rank}"
-        self.nodes[name] = Node(name, role, rank, ident, address, str(msg.meta.get("host", "?")), int(msg.meta.get("pid", 0) or 0), last_seen=now)
+        host, pid = str(msg.meta.get("host", "?")), msg.meta.get("pid")
+        self.nodes[name] = Node(name, role, rank, ident, address, host, pid if isinstance(pid, int) else 0, last_seen=now)
         self.by_identity[ident] = name
         log.info("coordinator: %s registered (%s, pid %s)", name, msg.meta.get("host"), msg.meta.get("pid"))
         base = {"node": name, "rank": rank, "job": job_to_dict(self.job), "layout": self.layout.to_dict()}
@@ -290,7 +291,8 @@ class CoordinatorState:
             silent = now - node.last_seen
             if silent > self.cl.heartbeat_timeout_s:
                 node.state = DEAD
-                return self._fail(now, node.name, f"no heartbeat for {silent:.1f}s (timeout {self.cl.heartbeat_timeout_s:g}s); declared dead")
+                why = f"no heartbeat for {silent:.1f}s (timeout {self.cl.heartbeat_timeout_s:g}s); declared dead"
+                return self._fail(now, node.name, why)
         return []
 
     # -- reporting ----------------------------------------------------------

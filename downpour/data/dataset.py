@@ -7,8 +7,9 @@ int64), so a worker touches only the examples of the shards it is assigned.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Protocol
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -43,7 +44,9 @@ class ArrayDataset:
         return len(self.x)
 
     def take(self, indices: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        x = torch.from_numpy(np.ascontiguousarray(self.x[indices]))
+        x = self.x[indices]
+        # IDX stores multi-byte values big-endian; torch takes native byte order only.
+        x = torch.from_numpy(x.astype(np.float32) if x.dtype.itemsize > 1 else np.ascontiguousarray(x))
         x = x.to(torch.float32)
         if self.scale is not None:
             x.mul_(self.scale)

@@ -15,7 +15,7 @@ registered under a name; :func:`make_layout` turns its answer into a checked
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 from downpour.errors import ConfigError
 from downpour.layout.spec import KeySlice, Layout, ParamSpec

@@ -53,6 +53,14 @@ class Layout:
         return sum(s.length for s in self.slices if s.server == server)
 
     def validate(self) -> None:
+        offset = 0
+        for p in self.params:
+            numel = 1
+            for d in p.shape:
+                numel *= d
+            if p.offset != offset or p.numel != numel or numel <= 0:
+                raise ConfigError(f"layout parameter {p.name}: offset {p.offset} / numel {p.numel} contradict shape {p.shape}")
+            offset += numel
         covered = sorted((s.start, s.stop) for s in self.slices)
         pos = 0
         for start, stop in covered:

@@ -7,7 +7,7 @@ as keyword arguments either way.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import nn

@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import msgpack
 import torch
@@ -85,8 +86,8 @@ def decode(frames: Sequence[Any], max_bytes: int = 1 << 30) -> Message:
     if len(frames) - 1 > MAX_TENSORS:
         raise ProtocolError(f"too many frames: {len(frames)} (limit {MAX_TENSORS + 1})")
     head = _view(frames[0])
-    if len(head) > MAX_HEADER_BYTES:
-        raise ProtocolError(f"header of {len(head)} bytes exceeds {MAX_HEADER_BYTES}")
+    if len(head) > min(MAX_HEADER_BYTES, max_bytes):
+        raise ProtocolError(f"header of {len(head)} bytes exceeds {min(MAX_HEADER_BYTES, max_bytes)}")
     try:
         header = msgpack.unpackb(head, raw=False, strict_map_key=True)
     except Exception as err:  # msgpack raises several unrelated types
@@ -94,7 +95,7 @@ def decode(frames: Sequence[Any], max_bytes: int = 1 << 30) -> Message:
     if not isinstance(header, list) or len(header) != 5 or header[0] != MAGIC:
         raise ProtocolError("header is not a Downpour v0 header")
     _, op_code, req_id, meta, descs = header
-    if not isinstance(req_id, int) or isinstance(req_id, bool) or not 0 <= req_id < 1 << 63:
+    if type(req_id) is not int or not 0 <= req_id < 1 << 63:
         raise ProtocolError(f"bad request id {req_id!r}")
     try:
         return _decode_body(op_code, req_id, meta, descs, frames, len(head), max_bytes)
@@ -104,7 +105,7 @@ def decode(frames: Sequence[Any], max_bytes: int = 1 << 30) -> Message:
 
 
 def _decode_body(op_code, req_id, meta, descs, frames, total, max_bytes) -> Message:
-    op = _OPS.get(op_code) if isinstance(op_code, int) else None
+    op = _OPS.get(op_code) if type(op_code) is int else None
     if op is None:
         raise ProtocolError(f"unknown op {op_code!r}")
     if not isinstance(meta, dict):

@@ -12,8 +12,8 @@ A policy returns the replies to send; it never touches sockets.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 

@@ -12,7 +12,7 @@ New rules register with :func:`register_rule`; an unknown name lists the known o
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

@@ -33,7 +33,7 @@ class ShardStore:
     # -- key resolution -------------------------------------------------
     def resolve(self, keys: object) -> list[int]:
         """Key list -> indices into this shard; raises ProtocolError for unknown or repeated keys."""
-        if keys == self.keys:
+        if keys == self.keys and all(type(k) is int for k in keys):
             return self.all
         if not isinstance(keys, list) or not keys:
             raise ProtocolError("keys must be a non-empty list of integers")

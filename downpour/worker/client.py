@@ -87,7 +87,8 @@ class KVClient:
 
     def _check(self, t: torch.Tensor, what: str) -> None:
         if t.dtype is not torch.float32 or t.shape != self._shape or t.is_cuda:
-            raise ConfigError(f"{what} must be a flat float32 CPU tensor of {self.layout.numel} elements, got {t.dtype} {tuple(t.shape)} on {t.device}")
+            raise ConfigError(f"{what} must be a flat float32 CPU tensor of {self.layout.numel} elements, "
+                              f"got {t.dtype} {tuple(t.shape)} on {t.device}")
 
     def _send(self, op: Op, keys: list[int] | None, data: torch.Tensor | None, out: torch.Tensor | None,
               weight: float = 1.0, versions: dict[int, int] | None = None) -> Handle:

@@ -12,7 +12,8 @@ import logging
 import threading
 import traceback
 import uuid
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import zmq

@@ -1,0 +1,359 @@
+"""The coordinator's state machine, driven by hand with a fake clock and fake identities."""
+
+from __future__ import annotations
+
+import pytest
+
+from downpour.config import parse_job
+from downpour.coordinator.state import CoordinatorState, Finish, Reply
+from downpour.layout import Layout, make_layout
+from downpour.models import build_model, param_shapes
+from downpour.protocol import Message, Op
+
+NUM_TRAIN = 10  # shards of 4: three shards per epoch (4, 4, 2 examples)
+JOB = parse_job({
+    "name": "tiny",
+    "model": {"name": "mlp", "args": {"input_shape": [4], "hidden": [3], "num_classes": 2}},
+    "data": {"shard_size": 4},
+    "training": {"epochs": 2},
+    "cluster": {"num_servers": 2, "num_workers": 3, "heartbeat_interval_s": 0.5, "heartbeat_timeout_s": 5.0,
+                "startup_timeout_s": 60.0},
+})
+LAYOUT = make_layout(param_shapes(build_model(JOB.model, 0)), 2)
+SERVERS = [f"server-{i}" for i in range(2)]
+WORKERS = [f"worker-{i}" for i in range(3)]
+
+
+def ident(name: str) -> bytes:
+    return f"id-{name}".encode()
+
+
+class Sim:
+    """A CoordinatorState, a clock, and helpers that speak for the nodes."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+        self.state = CoordinatorState(JOB, LAYOUT, NUM_TRAIN, self.now)
+        self.req = 0
+
+    def send(self, who: str, op: Op, **meta) -> list:
+        self.req += 1
+        if op not in (Op.REGISTER, Op.STATUS):
+            meta.setdefault("node", who)
+        return self.state.handle(ident(who), Message(op, self.req, meta), self.now)
+
+    def tick(self, now: float) -> list:
+        self.now = now
+        return self.state.tick(now)
+
+    def register(self, who: str, role: str, rank: int | None = None) -> list:
+        address = f"tcp://127.0.0.1:{6000 + len(self.state.nodes)}" if role == "server" else None
+        return self.send(who, Op.REGISTER, role=role, rank=rank, address=address, host="test", pid=123)
+
+    def start(self) -> list:
+        """Register every server and worker (in rank order); returns all actions."""
+        out = []
+        for i, s in enumerate(SERVERS):
+            out += self.register(s, "server", i)
+        for i, w in enumerate(WORKERS):
+            out += self.register(w, "worker", i)
+        assert self.state.phase == "training"
+        return out
+
+    def train(self) -> None:
+        """Start, pass the init barrier, train every shard, and finish training; rank 0 evaluates."""
+        self.start()
+        for w in WORKERS:
+            self.send(w, Op.BARRIER, name="init")
+        while (shard := one(self.send(WORKERS[0], Op.NEXT_SHARD)).msg.meta["shard"]) is not None:
+            self.send(WORKERS[0], Op.SHARD_DONE, epoch=shard["epoch"], shard=shard["shard"], examples=shard["stop"] - shard["start"])
+        for i, w in enumerate(WORKERS):
+            self.send(w, Op.WORKER_DONE, stats={"examples": 100 * (i + 1), "steps": 10 * (i + 1)})
+        assert self.state.phase == "evaluating"
+
+
+def replies(actions: list, to: str | None = None) -> list[Reply]:
+    return [a for a in actions if isinstance(a, Reply) and (to is None or a.to == ident(to))]
+
+
+def one(actions: list, to: str | None = None) -> Reply:
+    [r] = replies(actions, to)
+    return r
+
+
+def finishes(actions: list) -> list[Finish]:
+    return [a for a in actions if isinstance(a, Finish)]
+
+
+def ok(r: Reply) -> dict:
+    assert r.msg.op == Op.OK, r.msg.meta
+    return r.msg.meta
+
+
+def error_code(r: Reply) -> str:
+    assert r.msg.op == Op.ERROR
+    return r.msg.meta["code"]
+
+
+# -- registration -----------------------------------------------------------------
+
+
+def test_a_server_is_answered_at_once_with_its_rank_job_and_layout():
+    sim = Sim()
+    meta = ok(one(sim.register("s", "server")))
+    assert meta["node"] == "server-0" and meta["rank"] == 0
+    assert parse_job(meta["job"]) == JOB
+    assert Layout.from_dict(meta["layout"]) == LAYOUT
+    assert sim.state.phase == "registering"
+
+
+def test_a_worker_is_answered_only_once_every_node_registered():
+    sim = Sim()
+    for i, w in enumerate(WORKERS):
+        assert replies(sim.register(w, "worker", i)) == []
+    sim.register(SERVERS[0], "server", 0)
+    out = sim.register(SERVERS[1], "server", 1)
+    assert sim.state.phase == "training"
+    servers = [{"rank": i, "name": s, "address": f"tcp://127.0.0.1:{6003 + i}"} for i, s in enumerate(SERVERS)]
+    for i, w in enumerate(WORKERS):
+        meta = ok(one(out, w))
+        assert meta["node"] == w and meta["rank"] == i
+        assert meta["servers"] == servers
+        assert meta["initializer"] is (i == 0)
+        assert Layout.from_dict(meta["layout"]) == LAYOUT and parse_job(meta["job"]) == JOB
+
+
+def test_once_training_starts_every_server_is_told_the_membership():
+    out = Sim().start()
+    for s in SERVERS:
+        membership = [r.msg for r in replies(out, s) if r.msg.op == Op.MEMBERSHIP]
+        assert [m.meta for m in membership] == [{"workers": WORKERS}]
+
+
+def test_requested_ranks_are_honoured_and_a_taken_rank_gets_a_free_one():
+    sim = Sim()
+    sim.register("a", "worker", 2)
+    sim.register("b", "worker", 2)
+    sim.register("c", "worker", None)
+    assert {n.name for n in sim.state.nodes.values()} == {"worker-2", "worker-0", "worker-1"}
+    assert sim.state.nodes["worker-2"].identity == ident("a")
+    assert ok(one(sim.register("s", "server", 1)))["node"] == "server-1"
+
+
+def test_a_fourth_worker_is_refused_as_job_full():
+    sim = Sim()
+    for w in WORKERS:
+        sim.register(w, "worker")
+    assert error_code(one(sim.register("extra", "worker"))) == "job_full"
+
+
+def test_a_node_registering_after_the_start_is_refused():
+    sim = Sim()
+    sim.start()
+    assert error_code(one(sim.register("late", "server"))) == "job_running"
+
+
+@pytest.mark.parametrize(("role", "address", "code"), [("ps", "tcp://x:1", "bad_role"), ("server", None, "bad_address")])
+def test_a_bad_registration_is_refused(role, address, code):
+    sim = Sim()
+    out = sim.send("x", Op.REGISTER, role=role, rank=None, address=address)
+    assert error_code(one(out)) == code and sim.state.nodes == {}
+
+
+def test_a_request_from_an_unregistered_node_is_refused():
+    assert error_code(one(Sim().send("ghost", Op.HEARTBEAT))) == "unknown_node"
+
+
+def test_status_answers_anyone():
+    meta = ok(one(Sim().send("cli", Op.STATUS)))
+    assert meta["phase"] == "registering" and meta["planned_examples"] == NUM_TRAIN * 2
+
+
+# -- training -------------------------------------------------------------------------
+
+
+def test_the_init_barrier_releases_only_when_every_live_worker_arrived():
+    sim = Sim()
+    sim.start()
+    assert replies(sim.send(WORKERS[0], Op.BARRIER, name="init")) == []
+    assert replies(sim.send(WORKERS[1], Op.BARRIER, name="init")) == []
+    out = sim.send(WORKERS[2], Op.BARRIER, name="init")
+    assert sorted(r.to for r in replies(out)) == sorted(ident(w) for w in WORKERS)
+    assert all(r.msg.op == Op.OK for r in replies(out))
+
+
+def test_a_barrier_waits_only_for_workers_still_training():
+    sim = Sim()
+    sim.start()
+    sim.send(WORKERS[0], Op.BARRIER, name="b")
+    sim.send(WORKERS[1], Op.BARRIER, name="b")
+    out = sim.send(WORKERS[2], Op.WORKER_DONE, stats={})
+    assert sorted(r.to for r in replies(out) if r.msg.op == Op.OK) == [ident(WORKERS[0]), ident(WORKERS[1])]
+
+
+def test_every_shard_of_every_epoch_is_handed_out_exactly_once_then_none():
+    sim = Sim()
+    sim.start()
+    handed = []
+    for turn in range(20):
+        shard = ok(one(sim.send(WORKERS[turn % 3], Op.NEXT_SHARD)))["shard"]
+        if shard is None:
+            break
+        handed.append((shard["epoch"], shard["shard"]))
+        assert (shard["start"], shard["stop"]) == [(0, 4), (4, 8), (8, 10)][shard["shard"]]
+    assert sorted(handed) == [(e, s) for e in range(2) for s in range(3)]
+    assert [e for e, _ in handed] == [0, 0, 0, 1, 1, 1]  # one epoch after the other
+    assert ok(one(sim.send(WORKERS[0], Op.NEXT_SHARD)))["shard"] is None
+
+
+def test_no_shard_is_handed_out_before_training():
+    sim = Sim()
+    sim.register(SERVERS[0], "server")
+    assert ok(one(sim.send(SERVERS[0], Op.NEXT_SHARD)))["shard"] is None
+
+
+def test_shard_done_is_accepted_once_and_only_from_the_worker_that_was_assigned_it():
+    sim = Sim()
+    sim.start()
+    shard = ok(one(sim.send(WORKERS[0], Op.NEXT_SHARD)))["shard"]
+    where = {"epoch": shard["epoch"], "shard": shard["shard"], "examples": 4}
+    assert error_code(one(sim.send(WORKERS[1], Op.SHARD_DONE, **where))) == "bad_shard"
+    ok(one(sim.send(WORKERS[0], Op.SHARD_DONE, **where)))
+    assert error_code(one(sim.send(WORKERS[0], Op.SHARD_DONE, **where))) == "bad_shard"
+
+
+@pytest.mark.parametrize("where", [{"epoch": 0, "shard": 2}, {"epoch": 5, "shard": 0}, {"epoch": "0", "shard": 0}, {}], ids=repr)
+def test_shard_done_for_a_shard_never_assigned_is_an_error(where):
+    sim = Sim()
+    sim.start()
+    assert error_code(one(sim.send(WORKERS[0], Op.SHARD_DONE, **where))) == "bad_shard"
+
+
+def test_worker_done_answers_nobody_until_every_worker_is_done_then_exactly_one_evaluates():
+    sim = Sim()
+    sim.start()
+    for w in (WORKERS[2], WORKERS[0]):
+        assert [r for r in replies(sim.send(w, Op.WORKER_DONE, stats={})) if r.msg.op == Op.OK] == []
+    out = sim.send(WORKERS[1], Op.WORKER_DONE, stats={})
+    answers = {r.to: ok(r)["evaluate"] for r in replies(out) if r.msg.op == Op.OK}
+    assert answers == {ident(WORKERS[0]): True, ident(WORKERS[1]): False, ident(WORKERS[2]): False}
+    assert sim.state.phase == "evaluating"
+
+
+def test_each_worker_done_shrinks_the_servers_membership():
+    sim = Sim()
+    sim.start()
+    out = sim.send(WORKERS[1], Op.WORKER_DONE, stats={})
+    for s in SERVERS:
+        assert [r.msg.meta for r in replies(out, s) if r.msg.op == Op.MEMBERSHIP] == [{"workers": [WORKERS[0], WORKERS[2]]}]
+
+
+# -- the end of a job ---------------------------------------------------------------------
+
+
+def test_the_eval_report_moves_to_stopping_and_servers_heartbeats_are_told_to_stop():
+    sim = Sim()
+    sim.train()
+    assert ok(one(sim.send(WORKERS[0], Op.HEARTBEAT))) == {}
+    ok(one(sim.send(WORKERS[0], Op.REPORT, kind="eval", data={"test_accuracy": 0.875, "test_loss": 0.4})))
+    assert sim.state.phase == "stopping"
+    for s in SERVERS:
+        assert ok(one(sim.send(s, Op.HEARTBEAT, progress={"pushes": 5})))["stop"]
+
+
+def test_once_every_server_reported_the_job_finishes_with_a_summary():
+    sim = Sim()
+    sim.train()
+    sim.send(WORKERS[0], Op.REPORT, kind="eval", data={"test_accuracy": 0.875, "test_loss": 0.4})
+    assert finishes(sim.send(SERVERS[0], Op.REPORT, kind="server", data={"staleness_histogram": {"0": 3, "2": 1}})) == []
+    sim.now = 12.0
+    [finish] = finishes(sim.send(SERVERS[1], Op.REPORT, kind="server", data={"staleness_histogram": {"0": 1, "1": 3}}))
+    assert finish.code == 0 and sim.state.phase == "finished"
+    s = finish.summary
+    assert s["status"] == "ok" and s["error"] is None and s["job"] == "tiny"
+    assert s["test_accuracy"] == 0.875 and s["test_loss"] == 0.4
+    assert s["examples"] == 600 and s["steps"] == 60
+    assert s["num_servers"] == 2 and s["num_workers"] == 3 and s["consistency"] == "async"
+    assert s["staleness"]["pushes"] == 8 and s["staleness"]["histogram"] == {"0": 4, "1": 3, "2": 1}
+    assert s["staleness"]["mean"] == pytest.approx(5 / 8) and s["staleness"]["max"] == 2
+    assert s["data_shards"]["completed_per_epoch"] == {"0": 3, "1": 3} and s["data_shards"]["unfinished"] == 0
+    assert set(s["workers"]) == set(WORKERS) and set(s["servers"]) == set(SERVERS)
+    assert s["wall_s"] == 12.0
+
+
+# -- failures ----------------------------------------------------------------------------
+
+
+def test_a_node_silent_past_the_heartbeat_timeout_fails_the_job_naming_it():
+    sim = Sim()
+    sim.start()
+    sim.now = 3.0
+    for name in [*SERVERS, WORKERS[0], WORKERS[2]]:
+        sim.send(name, Op.HEARTBEAT)
+    assert sim.tick(4.9) == [] and sim.state.phase == "training"
+    sim.tick(5.5)
+    assert sim.state.phase == "failed" and sim.state.failed_node == WORKERS[1]
+    for name in [*SERVERS, WORKERS[0], WORKERS[2]]:  # everyone else hears "stop" on the next heartbeat
+        assert WORKERS[1] in ok(one(sim.send(name, Op.HEARTBEAT)))["stop"]
+    [finish] = finishes(sim.tick(5.6))
+    assert finish.code == 1
+    assert finish.summary["status"] == "failed" and finish.summary["failed_node"] == WORKERS[1]
+    assert WORKERS[1] in finish.summary["error"] and "heartbeat" in finish.summary["error"]
+
+
+def test_a_failed_job_finishes_at_its_deadline_even_if_nodes_never_hear_stop():
+    sim = Sim()
+    sim.start()
+    sim.tick(6.0)
+    assert sim.state.phase == "failed"
+    assert finishes(sim.tick(6.1)) == []
+    [finish] = finishes(sim.tick(6.0 + 3 * 0.5 + 1.0))
+    assert finish.code == 1
+
+
+def test_waiting_requests_are_answered_with_job_failed_when_the_job_fails():
+    sim = Sim()
+    sim.start()
+    sim.send(WORKERS[0], Op.BARRIER, name="init")
+    out = sim.send(WORKERS[1], Op.REPORT, kind="error", data={"error": "out of memory"})
+    assert error_code(one(out, WORKERS[0])) == "job_failed"
+
+
+def test_registration_past_the_startup_timeout_fails_naming_the_counts():
+    sim = Sim()
+    sim.register(SERVERS[0], "server")
+    sim.register(WORKERS[0], "worker")
+    sim.register(WORKERS[1], "worker")
+    for t in range(4, 61, 4):  # the server keeps heartbeating: only the start is late
+        sim.now = float(t)
+        sim.send(SERVERS[0], Op.HEARTBEAT)
+        assert sim.tick(float(t)) == []
+    out = sim.tick(61.0)
+    assert sim.state.phase == "failed" and sim.state.failed_node == "coordinator"
+    assert "1/2 servers" in sim.state.error and "2/3 workers" in sim.state.error
+    assert {r.to for r in replies(out)} == {ident(WORKERS[0]), ident(WORKERS[1])}  # parked registrations hear why
+    assert all(error_code(r) == "job_failed" for r in replies(out))
+
+
+def test_a_server_silent_during_registration_fails_the_job():
+    sim = Sim()
+    sim.register(SERVERS[0], "server")
+    sim.tick(5.5)
+    assert sim.state.phase == "failed" and sim.state.failed_node == SERVERS[0]
+
+
+def test_an_error_report_fails_the_job_naming_the_node_and_its_error():
+    sim = Sim()
+    sim.start()
+    ok(one(sim.send(WORKERS[2], Op.REPORT, kind="error", data={"error": "CUDA out of memory"})))
+    assert sim.state.phase == "failed" and sim.state.failed_node == WORKERS[2]
+    assert sim.state.error == f"{WORKERS[2]}: CUDA out of memory"
+    assert WORKERS[2] in ok(one(sim.send(SERVERS[0], Op.HEARTBEAT)))["stop"]
+
+
+def test_only_the_first_failure_is_reported():
+    sim = Sim()
+    sim.start()
+    sim.send(WORKERS[2], Op.REPORT, kind="error", data={"error": "first"})
+    sim.send(WORKERS[1], Op.REPORT, kind="error", data={"error": "second"})
+    assert sim.state.failed_node == WORKERS[2] and sim.state.error.endswith("first")
