@@ -53,7 +53,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import zmq  # noqa: E402
 
-from downpour.config import parse_job  # noqa: E402
+from downpour.config import ClusterConfig, parse_job  # noqa: E402
 from downpour.layout import Layout  # noqa: E402
 from downpour.layout.partition import make_layout  # noqa: E402
 from downpour.models import mlp, param_shapes  # noqa: E402
@@ -114,7 +114,7 @@ def downpour_server_main(rank: int, named_shapes: list, num_servers: int, addr_q
         torch.set_num_threads(1)  # as the launcher runs servers (OMP_NUM_THREADS=1)
         ctx = new_context()
         job = bench_job(num_servers)
-        layout = make_layout([(n, tuple(s)) for n, s in named_shapes], num_servers)
+        layout = make_layout([(n, tuple(s)) for n, s in named_shapes], num_servers, max_slice_bytes=ClusterConfig().max_slice_bytes)
         listener = Listener(ctx, "tcp://127.0.0.1:*", job.cluster.max_message_bytes)
         server = ParameterServer(ctx, job, layout, rank, listener, f"bench-server-{rank}")
         server.store.initialized = True  # values start at zero; no INIT round trip needed
@@ -223,7 +223,10 @@ class DownpourSide:
         self.rpc = RpcClient(self.ctx, "bench-client", request_timeout_s=REQUEST_TIMEOUT_S)
         for rank, addr in addresses.items():
             self.rpc.connect(f"server-{rank}", addr)
-        self.kv = KVClient(self.rpc, layout, {rank: f"server-{rank}" for rank in addresses})
+        # As an async worker does: a server's keys go out in requests of at most
+        # cluster.max_request_bytes, so transfer and update overlap.
+        self.kv = KVClient(self.rpc, layout, {rank: f"server-{rank}" for rank in addresses},
+                           request_bytes=ClusterConfig().max_request_bytes)
         self.grad = torch.full((layout.numel,), GRAD_VALUE, dtype=torch.float32)
         self.out = torch.zeros(layout.numel, dtype=torch.float32)
 
@@ -323,7 +326,7 @@ class Case:
 
 
 def run_case(mpctx: Any, case: Case, args: argparse.Namespace) -> dict[str, Any]:
-    layout = make_layout(case.named_shapes, case.num_servers)
+    layout = make_layout(case.named_shapes, case.num_servers, max_slice_bytes=ClusterConfig().max_slice_bytes)
     payload = layout.numel * 4
     part_bytes = [4 * sum(s.length for s in layout.slices if s.server == r) for r in range(case.num_servers)]
     children = Children(mpctx)

@@ -140,7 +140,10 @@ class ClusterConfig(_Frozen):
     transport: Literal["tcp", "ipc"] = "tcp"
     partitioner: str = "bytes"
     # Largest slice of one tensor stored under one key, in bytes. Larger tensors are cut.
-    max_slice_bytes: int = Field(4 * 1024 * 1024, gt=0)
+    max_slice_bytes: int = Field(2 * 1024 * 1024, gt=0)
+    # Async only: a worker sends a server's keys in requests of at most this many bytes
+    # (whole keys), so the server updates one while the next is on the wire.
+    max_request_bytes: int = Field(2 * 1024 * 1024, gt=0)
     heartbeat_interval_s: float = Field(0.5, gt=0)
     # A node silent for this long is declared dead.
     heartbeat_timeout_s: float = Field(5.0, gt=0)

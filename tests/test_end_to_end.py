@@ -223,3 +223,26 @@ def test_hand_started_roles_form_one_job(tmp_path, tiny_data):
     assert codes == [0, 0, 0, 0], open(tmp_path / "nodes.log").read()[-3000:]
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["status"] == "ok" and summary["steps"] == 20
+
+
+def test_the_python_api_trains_module_level_factories(tmp_path, tiny_data):
+    import downpour
+    from tests.api_factories import idx_dataset, small_model
+
+    config = tiny_job(tiny_data, training={"steps": 15})
+    config["model"] = {"args": {"width": 8}}
+    config["data"] = {"args": {"path": tiny_data}, "shard_size": 400}
+    summary = downpour.train(small_model, idx_dataset, config, run_dir=str(tmp_path / "run"))
+    assert summary["status"] == "ok" and summary["steps"] == 30
+    state = torch.load(tmp_path / "run" / "model.pt", weights_only=True)
+    assert state["1.weight"].shape == (8, 784)
+
+
+def test_overlap_ipc_and_the_greedy_partitioner_train_together(tmp_path, tiny_data):
+    job = tiny_job(tiny_data, training={"overlap": True, "epochs": 2},
+                   cluster={"transport": "ipc", "partitioner": "greedy", "num_servers": 3})
+    s = run_job(tmp_path, job).summary
+    assert s["status"] == "ok" and s["examples"] == 2 * 2400
+    assert s["test_accuracy"] > 0.9
+    # With a push+pull in flight during each step, every push is at least one version stale.
+    assert s["staleness"]["mean"] >= 1

@@ -75,7 +75,7 @@ def cluster(ctx):
     threads: list[ServerThread] = []
     clients: list[RpcClient] = []
 
-    def start(layout: Layout, server_job=None, request_timeout_s: float = WAIT_S) -> KVClient:
+    def start(layout: Layout, server_job=None, request_timeout_s: float = WAIT_S, request_bytes: int | None = None) -> KVClient:
         rpc = RpcClient(ctx, "worker-0", request_timeout_s)
         clients.append(rpc)
         for rank in range(layout.num_servers):
@@ -84,7 +84,7 @@ def cluster(ctx):
             t.start()
             assert t.ready.wait(WAIT_S) and t.address, f"server {rank} did not start: {t.error!r}"
             rpc.connect(f"server-{rank}", t.address)
-        return KVClient(rpc, layout, {rank: f"server-{rank}" for rank in range(layout.num_servers)})
+        return KVClient(rpc, layout, {rank: f"server-{rank}" for rank in range(layout.num_servers)}, request_bytes=request_bytes)
 
     yield start
     for rpc in clients:
@@ -128,7 +128,7 @@ def test_pull_after_init_returns_the_initial_values(cluster, layout):
     out = torch.full((layout.numel,), float("nan"))
     kv.wait(kv.pull(out), WAIT_S)
     assert torch.equal(out, values)
-    assert kv.versions == {0: 0, 1: 0}
+    assert kv.versions == [0] * len(layout.slices)  # one version per key
 
 
 def test_a_second_init_does_not_change_the_values(cluster):
@@ -148,7 +148,7 @@ def test_push_pull_applies_sgd_and_returns_the_updated_values(cluster, layout):
     out = torch.empty(layout.numel)
     kv.wait(kv.push_pull(grad, out), WAIT_S)
     torch.testing.assert_close(out, values - 0.1 * grad)
-    assert kv.versions == {0: 1, 1: 1}
+    assert kv.versions == [1] * len(layout.slices)
 
 
 def test_push_then_pull_sees_the_update(cluster):
@@ -172,7 +172,7 @@ def test_several_steps_with_momentum_match_torch_sgd(cluster):
         param.grad = grad
         opt.step()
     torch.testing.assert_close(out, param.detach(), rtol=1e-5, atol=1e-5)
-    assert kv.versions == {0: 5, 1: 5}
+    assert kv.versions == [5] * len(GREEDY.slices)
 
 
 def test_requests_to_both_servers_may_be_in_flight_at_once(cluster):
@@ -262,3 +262,15 @@ def test_a_request_to_a_server_nobody_runs_times_out_naming_it(ctx):
         assert info.value.peer == "server-0"
     finally:
         rpc.close()
+
+
+def test_a_servers_keys_can_travel_in_several_requests(cluster):
+    kv = cluster(BYTES, job(lr=0.1), request_bytes=80)  # at most two 10-element keys per request
+    assert len(kv._all) > BYTES.num_servers
+    assert all(part.numel <= 20 for part in kv._all)
+    values = ready(kv)
+    grad = gradient(BYTES, 3)
+    out = torch.empty(BYTES.numel)
+    kv.wait(kv.push_pull(grad, out), WAIT_S)
+    torch.testing.assert_close(out, values - 0.1 * grad)
+    assert kv.versions == [1] * len(BYTES.slices)

@@ -19,7 +19,6 @@ import torch
 
 from downpour.protocol import Message, Op
 from downpour.server.store import ShardStore
-from downpour.transport import send_copies
 
 
 @dataclass
@@ -53,8 +52,8 @@ class Policy:
     def _answer(self, p: Push, values: torch.Tensor | None = None) -> Reply:
         version = self.store.version(p.idx)
         if p.wants_values:
-            if values is None:  # the reply is sent before the next update: a view will do if the send copies
-                values = self.store.read(p.idx, snapshot=not send_copies(4 * self.store.size_of(p.idx)))
+            if values is None:  # a view: the send copies it, or lends it under copy-on-write
+                values = self.store.read(p.idx, snapshot=False)
             return p.peer, p.msg.reply({"version": version}, [values])
         return p.peer, p.msg.reply({"version": version})
 

@@ -84,7 +84,11 @@ class ParameterServer:
             self.rejected[str(msg.meta.get("code"))] += 1
         frames = encode(msg)
         self.bytes_out += sum(len(f) for f in frames)
-        self.listener.send(peer, frames)
+        shared = [self.store.shares_memory(t) for t in msg.tensors]
+        trackers = self.listener.send(peer, frames, track=any(shared))
+        for t, is_shared, tracker in zip(msg.tensors, shared, trackers[1:]):
+            if is_shared and tracker is not None:  # lent, not copied: no change until it is sent
+                self.store.lend(t, tracker)
 
     def _values(self, msg: Message) -> tuple[list[int], torch.Tensor]:
         idx = self.store.resolve(msg.meta.get("keys"))
@@ -103,22 +107,19 @@ class ParameterServer:
         return idx, t
 
     def on_init(self, peer: bytes, msg: Message):
+        """Initial values for some keys; the first INIT of each key wins (later ones are ignored)."""
         idx, values = self._values(msg)
-        if self.store.initialized:
-            return [(peer, msg.reply({"initialized": False}))]
-        if idx is not self.store.all:
-            raise ProtocolError("INIT must carry every key of the server")
-        self.store.write(idx, values)
-        self.store.initialized = True
-        log.info("%s: initialized %d parameters from %r", self.name, self.store.numel, peer)
-        return [(peer, msg.reply({"initialized": True}))]
+        written = self.store.init_keys(idx, values)
+        if written and self.store.initialized:
+            log.info("%s: initialized %d parameters (last from %r)", self.name, self.store.numel, peer)
+        return [(peer, msg.reply({"initialized": written}))]
 
     def on_pull(self, peer: bytes, msg: Message):
         if not self.store.initialized:
             return [(peer, msg.error("uninitialized", "parameters not initialized yet"))]
         idx = self.store.resolve(msg.meta.get("keys"))
         self.counts["pull"] += 1
-        return [(peer, msg.reply({"version": self.store.version(idx)}, [self.store.read(idx)]))]
+        return [(peer, msg.reply({"version": self.store.version(idx)}, [self.store.read(idx, snapshot=False)]))]
 
     def on_push(self, peer: bytes, msg: Message):
         if not self.store.initialized:

@@ -14,6 +14,8 @@ from downpour.errors import ProtocolError
 from downpour.layout import KeySlice
 from downpour.server.optim import UpdateRule
 
+_LEND_WAIT_S = 0.05  # longest wait for a zero-copy reply before copying the shard instead
+
 
 class ShardStore:
     def __init__(self, slices: list[KeySlice], rule_factory) -> None:
@@ -27,8 +29,11 @@ class ShardStore:
         self.data = torch.zeros(self.numel)
         self.versions = [0] * len(self.keys)
         self.rule: UpdateRule = rule_factory(self.numel)
-        self.initialized = False
-        self.all = list(range(len(self.keys)))  # resolve() returns this very list for "every key"
+        self.key_initialized = [False] * len(self.keys)
+        self.initialized = False  # every key has its initial value
+        self.all = list(range(len(self.keys)))
+        # (lo, hi, tracker) of sends that lent data[lo:hi] to the transport (zero-copy replies).
+        self.lent: list[tuple[int, int, object]] = []  # resolve() returns this very list for "every key"
 
     # -- key resolution -------------------------------------------------
     def resolve(self, keys: object) -> list[int]:
@@ -67,14 +72,57 @@ class ShardStore:
         return runs
 
     # -- operations -----------------------------------------------------
+    def lend(self, t: torch.Tensor, tracker) -> None:
+        """Record that ``t`` (a view of ``data``) is being sent without a copy until ``tracker.done``."""
+        lo = (t.data_ptr() - self.data.data_ptr()) // self.data.element_size()
+        self.lent.append((lo, lo + t.numel(), tracker))
+
+    def _before_change(self, runs: list[list[int]]) -> None:
+        """Before ``runs`` change: a reply still being sent from memory they overlap is waited
+        for (briefly: sends to a local peer finish in microseconds); if it takes longer, the shard
+        moves to a fresh copy and the old memory is left to the send (copy-on-write)."""
+        if not self.lent:
+            return
+        pending = []
+        for lo, hi, tracker in self.lent:
+            if tracker.done:
+                continue
+            if any(lo < r[1] and r[0] < hi for r in runs):
+                try:
+                    tracker.wait(_LEND_WAIT_S)
+                    continue
+                except Exception:  # zmq.NotDone: give the send the old memory
+                    self.data = self.data.clone()
+                    self.lent.clear()
+                    return
+            pending.append((lo, hi, tracker))
+        self.lent = pending
+
     def write(self, idx: list[int], values: torch.Tensor) -> None:
+        self._before_change(self._runs(idx, by_version=False))
         for lo, hi, at, _ in self._runs(idx, by_version=False):
             self.data[lo:hi].copy_(values[at : at + hi - lo])
 
+    def init_keys(self, idx: list[int], values: torch.Tensor) -> int:
+        """Write initial values of the keys not initialized yet; returns how many keys were written."""
+        fresh, at = [], 0
+        for i in idx:
+            n = self.lengths[i]
+            if not self.key_initialized[i]:
+                fresh.append((i, at))
+            at += n
+        if fresh:
+            self._before_change([[self.offsets[i], self.offsets[i + 1]] for i, _ in fresh])
+        for i, pos in fresh:
+            self.data[self.offsets[i] : self.offsets[i + 1]].copy_(values[pos : pos + self.lengths[i]])
+            self.key_initialized[i] = True
+        self.initialized = all(self.key_initialized)
+        return len(fresh)
+
     def read(self, idx: list[int], snapshot: bool = True) -> torch.Tensor:
         """The keys' values, concatenated in request order. With ``snapshot=False`` a contiguous
-        request returns a view of the live values: only for a caller that copies them before the
-        next update (a send that copies, see ``downpour.transport.send_copies``)."""
+        request returns a view of the live values: for a caller that either copies them before the
+        next change or registers its send's trackers in ``lent`` (copy-on-write)."""
         runs = self._runs(idx, by_version=False)
         if len(runs) == 1:
             lo, hi, _, _ = runs[0]
@@ -83,10 +131,15 @@ class ShardStore:
 
     def apply(self, idx: list[int], grad: torch.Tensor) -> None:
         """One optimizer step on the keys, with ``grad`` concatenated in request order."""
-        for lo, hi, at, first in self._runs(idx, by_version=True):
+        runs = self._runs(idx, by_version=True)
+        self._before_change(runs)
+        for lo, hi, at, first in runs:
             self.rule.apply(self.data, grad[at : at + hi - lo], lo, hi, self.versions[first])
         for i in idx:
             self.versions[i] += 1
+
+    def shares_memory(self, t: torch.Tensor) -> bool:
+        return t.untyped_storage().data_ptr() == self.data.untyped_storage().data_ptr()
 
     def version(self, idx: list[int]) -> int:
         """The newest version among the keys."""

@@ -74,8 +74,21 @@ class Listener:
         frames = self.socket.recv_multipart(flags=zmq.NOBLOCK, copy=False)
         return frames[0].bytes, frames[1:]
 
-    def send(self, peer: bytes, frames: Sequence[Any]) -> None:
-        self.socket.send_multipart([peer, *frames], copy=False)
+    def send(self, peer: bytes, frames: Sequence[Any], track: bool = False) -> list[zmq.MessageTracker | None]:
+        """Send to ``peer``. With ``track``, returns one entry per frame: a tracker for each
+        frame lent to ZeroMQ (not copied, see :func:`send_copies`), whose memory must not
+        change until ``tracker.done``; None for frames that were copied."""
+        if not track:
+            self.socket.send_multipart([peer, *frames], copy=False)
+            return []
+        self.socket.send(peer, zmq.SNDMORE)
+        trackers: list[zmq.MessageTracker | None] = []
+        for i, part in enumerate(frames):
+            flags = zmq.SNDMORE if i < len(frames) - 1 else 0
+            lent = isinstance(part, memoryview) and not send_copies(part.nbytes)
+            t = self.socket.send(part, flags, copy=False, track=lent)
+            trackers.append(t if lent else None)
+        return trackers
 
     def close(self) -> None:
         self.socket.close(linger=0)

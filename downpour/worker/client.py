@@ -58,27 +58,37 @@ class Handle:
 
 
 class KVClient:
-    def __init__(self, rpc: RpcClient, layout: Layout, server_peers: dict[int, str]) -> None:
-        """``server_peers`` maps a server rank to the peer name it is connected under in ``rpc``."""
+    def __init__(self, rpc: RpcClient, layout: Layout, server_peers: dict[int, str], request_bytes: int | None = None) -> None:
+        """``server_peers`` maps a server rank to the peer name it is connected under in ``rpc``.
+
+        ``request_bytes``: when set, a server's keys go out in several requests of at most this
+        many bytes (whole keys), so that the server updates one while the next is on the wire and
+        the replies stream back. Leave it None for sync mode, where a push must hold every key
+        of its server."""
         self.rpc = rpc
         self.layout = layout
         self.peers = server_peers
-        self.versions = {s: 0 for s in range(layout.num_servers)}  # last version pulled per server
+        self.request_bytes = request_bytes
+        self.versions = [0] * len(layout.slices)  # per key: the version last received
         self._all = self._plan(None)
         self._shape = torch.Size([layout.numel])
 
     def _plan(self, keys: list[int] | None) -> list[_Part]:
         slices: list[KeySlice] = list(self.layout.slices) if keys is None else [self._slice(k) for k in sorted(keys)]
-        parts: dict[int, _Part] = {}
+        limit = self.request_bytes // 4 if self.request_bytes else None
+        by_server: dict[int, list[_Part]] = {}
         for s in slices:
-            part = parts.setdefault(s.server, _Part(s.server, [], [], 0))
+            group = by_server.setdefault(s.server, [])
+            if not group or (limit is not None and group[-1].numel + s.length > limit):
+                group.append(_Part(s.server, [], [], 0))
+            part = group[-1]
             part.keys.append(s.key)
             part.numel += s.length
             if part.ranges and part.ranges[-1][1] == s.start:
                 part.ranges[-1] = (part.ranges[-1][0], s.stop)
             else:
                 part.ranges.append((s.start, s.stop))
-        return [parts[k] for k in sorted(parts)]
+        return [p for server in sorted(by_server) for p in by_server[server]]
 
     def _slice(self, key: int) -> KeySlice:
         if not isinstance(key, int) or not 0 <= key < len(self.layout.slices):
@@ -91,7 +101,7 @@ class KVClient:
                               f"got {t.dtype} {tuple(t.shape)} on {t.device}")
 
     def _send(self, op: Op, keys: list[int] | None, data: torch.Tensor | None, out: torch.Tensor | None,
-              weight: float = 1.0, versions: dict[int, int] | None = None) -> Handle:
+              weight: float = 1.0, versions: list[int] | None = None) -> Handle:
         versions = self.versions if versions is None else versions
         parts = self._all if keys is None else self._plan(keys)
         futures = []
@@ -101,7 +111,7 @@ class KVClient:
             if data is not None:
                 tensors.append(part.gather(data))
                 if op in (Op.PUSH, Op.PUSHPULL):
-                    meta["version"] = versions[part.server]
+                    meta["version"] = max(versions[k] for k in part.keys)
                     meta["weight"] = weight
             futures.append((part, self.rpc.request(self.peers[part.server], Message(op, meta=meta, tensors=tensors))))
         return Handle(futures, out)
@@ -117,16 +127,16 @@ class KVClient:
         return self._send(Op.PULL, keys, None, out)
 
     def push(self, grad: torch.Tensor, keys: list[int] | None = None, weight: float = 1.0,
-             versions: dict[int, int] | None = None) -> Handle:
+             versions: list[int] | None = None) -> Handle:
         """Send a gradient for the keys; each server applies it under its consistency policy.
         ``weight`` (e.g. the batch size) weights this gradient in a sync round's mean.
-        ``versions`` (server rank -> version) are the values' versions the gradient was
-        computed on; by default the versions last pulled."""
+        ``versions`` (one per key, a copy of :attr:`versions` taken earlier) are the versions of
+        the values the gradient was computed on; by default the versions last received."""
         self._check(grad, "grad")
         return self._send(Op.PUSH, keys, grad, None, weight, versions)
 
     def push_pull(self, grad: torch.Tensor, out: torch.Tensor, keys: list[int] | None = None, weight: float = 1.0,
-                  versions: dict[int, int] | None = None) -> Handle:
+                  versions: list[int] | None = None) -> Handle:
         """Push, then receive the values after that update in the same round trip (one message
         per server each way). Arguments as for :meth:`push`."""
         self._check(grad, "grad")
@@ -139,8 +149,9 @@ class KVClient:
         for part, fut in handle.futures:
             reply = fut.result(timeout_s)
             version = reply.meta.get("version")
-            if isinstance(version, int):
-                self.versions[part.server] = version
+            if type(version) is int:
+                for k in part.keys:
+                    self.versions[k] = version
             if handle.out is not None and reply.tensors:
                 values = reply.tensors[0]
                 if values.numel() != part.numel:

@@ -101,7 +101,8 @@ def run_worker(ctx: zmq.Context, coordinator: str, rank: int | None = None, star
         for s in reply["servers"]:
             rpc.connect(s["name"], s["address"])
             peers[int(s["rank"])] = s["name"]
-        kv = KVClient(rpc, layout, peers)
+        chunk = job.cluster.max_request_bytes if job.training.consistency == "async" else None
+        kv = KVClient(rpc, layout, peers, request_bytes=chunk)
         trainer = Trainer(job, flat, kv, dataset, name, int(reply["rank"]))
         hb = HeartbeatThread(ctx, coordinator, name, job, trainer.progress, abort)
         hb.start()

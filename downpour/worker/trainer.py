@@ -89,7 +89,7 @@ class Trainer:
         c0 = time.perf_counter()
         # The versions the model's values have now: the gradient is computed on them, so the
         # servers measure its staleness from here (not from the push+pull settled below).
-        base = dict(self.kv.versions)
+        base = list(self.kv.versions)
         model = self.flat.model
         model.train()
         self.flat.zero_grad()
