@@ -31,6 +31,7 @@ from downpour.transport import Listener, Poller, bind_address
 log = logging.getLogger(__name__)
 
 _POLL_S = 0.05  # longest idle wait between heartbeat/coordinator checks
+_COORDINATOR_CHECK_S = 0.005  # how often a busy server looks for coordinator messages (MEMBERSHIP, stop)
 
 
 class ParameterServer:
@@ -169,6 +170,7 @@ class ParameterServer:
         """Answer requests until the coordinator says stop; returns its reason."""
         poller = Poller()
         poller.register(self.listener)
+        next_check = 0.0
         while True:
             if poller.poll(_POLL_S):
                 for _ in range(256):  # bounded burst, then look at the coordinator again
@@ -177,10 +179,13 @@ class ParameterServer:
                     except zmq.Again:
                         break
                     self.handle(peer, frames)
-            coord.rpc.pump(0)
-            reason = heartbeat.tick({"pushes": self.counts["push"], "pulls": self.counts["pull"]})
-            if reason is not None:
-                return reason
+            now = time.monotonic()
+            if now >= next_check:  # not per request: a poll of the coordinator costs a system call
+                next_check = now + _COORDINATOR_CHECK_S
+                coord.rpc.pump(0)
+                reason = heartbeat.tick({"pushes": self.counts["push"], "pulls": self.counts["pull"]})
+                if reason is not None:
+                    return reason
 
 
 def run_server(ctx: zmq.Context, coordinator: str, host: str = "127.0.0.1", rank: int | None = None, ipc_dir: str | None = None) -> int:
