@@ -357,3 +357,11 @@ def test_only_the_first_failure_is_reported():
     sim.send(WORKERS[2], Op.REPORT, kind="error", data={"error": "first"})
     sim.send(WORKERS[1], Op.REPORT, kind="error", data={"error": "second"})
     assert sim.state.failed_node == WORKERS[2] and sim.state.error.endswith("first")
+
+
+def test_a_servers_heartbeat_answer_repeats_who_trains():
+    sim = Sim()
+    sim.start()
+    assert ok(one(sim.send(SERVERS[0], Op.HEARTBEAT)))["workers"] == WORKERS
+    sim.send(WORKERS[1], Op.WORKER_DONE, stats={})
+    assert ok(one(sim.send(SERVERS[0], Op.HEARTBEAT)))["workers"] == [WORKERS[0], WORKERS[2]]

@@ -84,8 +84,11 @@ class Heartbeat:
     not answered for ``timeout_s`` (the node should then exit).
     """
 
-    def __init__(self, client: CoordinatorClient, interval_s: float, timeout_s: float) -> None:
+    def __init__(self, client: CoordinatorClient, interval_s: float, timeout_s: float,
+                 on_reply: Callable[[dict[str, Any]], None] | None = None) -> None:
+        """``on_reply`` sees every heartbeat answer (a server takes the membership from it)."""
         self.client = client
+        self.on_reply = on_reply
         self.interval_s = interval_s
         self.timeout_s = timeout_s
         self._fut: Future | None = None
@@ -98,6 +101,8 @@ class Heartbeat:
             fut, self._fut = self._fut, None
             meta = fut.result().meta
             self._last_ok = now
+            if self.on_reply is not None:
+                self.on_reply(meta)
             if meta.get("stop"):
                 return str(meta["stop"])
         if now - self._last_ok > self.timeout_s:

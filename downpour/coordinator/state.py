@@ -193,6 +193,9 @@ class CoordinatorState:
             self.stop_told.add(node.name)
             reason = self.error if self.phase == "failed" else "job finished"
             return [Reply(ident, msg.reply({"stop": reason}))]
+        if node.role == "server" and self.phase != "registering":
+            # Repeats the last MEMBERSHIP, so a server that missed it still learns who trains.
+            return [Reply(ident, msg.reply({"workers": [n.name for n in self._training_workers()]}))]
         return [Reply(ident, msg.reply({}))]
 
     def on_barrier(self, ident: bytes, msg: Message, now: float, node: Node) -> list[Action]:

@@ -92,12 +92,13 @@ class RpcClient:
         """``abort``: when set (by another thread), every wait ends with :class:`JobFailed`
         carrying ``abort_reason()`` instead of waiting out its timeout."""
         self.ctx = ctx
+        self._on_push = on_push
+        self._held: list[tuple[str, Message]] = []  # unprompted messages that came before on_push was set
         self.abort = abort
         self.abort_reason = abort_reason
         self.node = node
         self.request_timeout_s = request_timeout_s
         self.max_message_bytes = max_message_bytes
-        self.on_push = on_push
         self._channels: dict[str, Channel] = {}
         self._names: dict[Channel, str] = {}
         self._poller = Poller()
@@ -147,8 +148,23 @@ class RpcClient:
             fut = self._pending.pop(msg.req_id, None)
             if fut is not None:
                 fut._resolve(msg)
-        elif self.on_push is not None:
-            self.on_push(peer, msg)
+        elif self._on_push is not None:
+            self._on_push(peer, msg)
+        else:
+            self._held.append((peer, msg))
+
+    @property
+    def on_push(self) -> Callable[[str, Message], None] | None:
+        return self._on_push
+
+    @on_push.setter
+    def on_push(self, fn: Callable[[str, Message], None] | None) -> None:
+        """Set the handler of unprompted messages; messages held so far are handed to it now."""
+        self._on_push = fn
+        held, self._held = self._held, []
+        for peer, msg in held:
+            if fn is not None:
+                fn(peer, msg)
 
     def _forget(self, req_id: int) -> None:
         self._pending.pop(req_id, None)

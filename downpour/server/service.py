@@ -45,6 +45,7 @@ class ParameterServer:
         self.policy = POLICIES[job.training.consistency](self.store, self._record_staleness)
         self.max_bytes = job.cluster.max_message_bytes
         self.counts: Counter[str] = Counter()
+        self.members: set[str] = set()
         self.rejected: Counter[str] = Counter()
         self.apply_s = 0.0
         self.bytes_in = 0
@@ -144,7 +145,15 @@ class ParameterServer:
     # -- coordinator messages ---------------------------------------------
     def on_coordinator(self, peer: str, msg: Message) -> None:
         if msg.op == Op.MEMBERSHIP:
-            for to, reply in self.policy.set_workers(set(msg.meta.get("workers", []))):
+            self.set_workers(msg.meta.get("workers"))
+
+    def set_workers(self, workers: object) -> None:
+        """The workers a sync round waits for (from MEMBERSHIP, repeated in heartbeat answers)."""
+        if not isinstance(workers, list) or not all(isinstance(w, str) for w in workers):
+            return
+        if set(workers) != self.members:
+            self.members = set(workers)
+            for to, reply in self.policy.set_workers(self.members):
                 self._send(to, reply)
 
     def stats(self) -> dict[str, Any]:
@@ -208,7 +217,8 @@ def run_server(ctx: zmq.Context, coordinator: str, host: str = "127.0.0.1", rank
         coord.rpc.on_push = server.on_coordinator
         coord.rpc.request_timeout_s = job.cluster.request_timeout_s
         log.info("%s: serving %d parameters in %d keys at %s", server.name, server.store.numel, len(server.store.keys), listener.address)
-        hb = Heartbeat(coord, job.cluster.heartbeat_interval_s, job.cluster.heartbeat_timeout_s)
+        hb = Heartbeat(coord, job.cluster.heartbeat_interval_s, job.cluster.heartbeat_timeout_s,
+                       on_reply=lambda meta: server.set_workers(meta.get("workers")))
         reason = server.serve(coord, hb)
         log.info("%s: stopping: %s", server.name, reason)
         coord.report("server", server.stats())
