@@ -70,13 +70,12 @@ def _reference_params(job_dict: dict, data: str, steps: int) -> torch.Tensor:
     opt = torch.optim.SGD(model.parameters(), lr=job.optimizer.lr, momentum=job.optimizer.momentum,
                           nesterov=job.optimizer.nesterov, weight_decay=job.optimizer.weight_decay)
     ds = load_idx_dataset(data)
-    order = example_order(len(ds.train), t.seed)
     ledger = ShardLedger(len(ds.train), job.data.shard_size, t.epochs, t.seed)
     done = 0
     while done < steps:
         shard = ledger.next("w")
         assert shard is not None
-        positions = order[shard["start"] : shard["stop"]]
+        positions = example_order(len(ds.train), t.seed, shard["epoch"])[shard["start"] : shard["stop"]]
         x_all, y_all = ds.train.take(np.random.default_rng([t.seed, shard["epoch"], shard["shard"]]).permutation(positions))
         for b in range(0, len(y_all), t.batch_size):
             if done == steps:

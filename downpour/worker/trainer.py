@@ -46,7 +46,7 @@ class Trainer:
         self.compute_s = 0.0
         self.wait_s = 0.0
         self.train_s = 0.0
-        self.order = example_order(len(dataset.train), t.seed)
+        self._order: tuple[int, np.ndarray] | None = None  # (epoch, that epoch's example order)
         torch.manual_seed(t.seed * 1000 + 17 + rank)  # dropout masks: reproducible, distinct per worker
 
     @property
@@ -73,7 +73,9 @@ class Trainer:
 
     def train_shard(self, shard: dict) -> int:
         t = self.job.training
-        positions = self.order[shard["start"] : shard["stop"]]
+        if self._order is None or self._order[0] != shard["epoch"]:
+            self._order = (shard["epoch"], example_order(len(self.data.train), t.seed, shard["epoch"]))
+        positions = self._order[1][shard["start"] : shard["stop"]]
         rng = np.random.default_rng([t.seed, shard["epoch"], shard["shard"]])
         x_all, y_all = self.data.train.take(rng.permutation(positions))
         x_all, y_all = x_all.to(self.flat.device), y_all.to(self.flat.device)
