@@ -113,7 +113,11 @@ def _run_with_progress(launcher, job, quiet: bool):
                             completed=status["examples"], step=status["steps"], rate=status["examples_per_s"],
                             loss="-" if loss is None else f"{loss:.4f}")
 
-        return launcher.run(update)
+        result = launcher.run(update)
+        s = result.summary  # the final figures, not the last heartbeat's
+        progress.update(task, description="finished", total=max(1, s["examples"]), completed=s["examples"], step=s["steps"],
+                        rate=s["examples_per_s"], loss="-" if s.get("test_loss") is None else f"test {s['test_loss']:.4f}")
+        return result
 
 
 # -- single roles -----------------------------------------------------------

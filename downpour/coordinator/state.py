@@ -302,7 +302,7 @@ class CoordinatorState:
     def status(self, now: float) -> dict[str, Any]:
         workers = self._role("worker", (ALIVE, DONE, FINISHED, DEAD))
         examples = sum(int(n.progress.get("examples", 0)) for n in workers)
-        losses = [float(n.progress["loss"]) for n in workers if n.state == ALIVE and "loss" in n.progress]
+        losses = [float(n.progress["loss"]) for n in workers if n.state in (ALIVE, DONE) and "loss" in n.progress]
         elapsed = (self.train_ended or now) - self.train_started if self.train_started is not None else 0.0
         planned = self.num_train * self.job.training.epochs
         if self.job.training.steps is not None:
