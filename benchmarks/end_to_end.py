@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import signal
 import statistics
@@ -51,6 +50,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from benchmarks.common import environment  # noqa: E402
 from downpour.config import JobConfig, SGDConfig, load_job  # noqa: E402
 from downpour.data import load_idx_dataset  # noqa: E402
 from downpour.errors import DownpourError  # noqa: E402
@@ -226,21 +226,6 @@ def table(agg: dict[str, Any], spread: bool) -> str:
             f"{fmt(a['wall_s'], '.1f', spread)} | {fmt(a['test_accuracy'], '.4f', spread)} |"
         )
     return "\n".join(lines)
-
-
-def environment() -> dict[str, Any]:
-    import zmq
-
-    return {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "pyzmq": zmq.__version__,
-        "cpus": os.cpu_count(),
-        "machine": platform.machine(),
-        "loadavg_at_start": os.getloadavg(),
-        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "argv": sys.argv,
-    }
 
 
 # --------------------------------------------------------------------------- main

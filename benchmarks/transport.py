@@ -34,7 +34,6 @@ import argparse
 import json
 import multiprocessing as mp
 import os
-import platform
 import queue
 import re
 import signal
@@ -53,6 +52,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import zmq  # noqa: E402
 
+from benchmarks.common import environment  # noqa: E402
 from downpour.config import ClusterConfig, parse_job  # noqa: E402
 from downpour.layout import Layout  # noqa: E402
 from downpour.layout.partition import make_layout  # noqa: E402
@@ -382,20 +382,6 @@ def table(rows: list[dict[str, Any]]) -> str:
             f"{w['round_trips_per_s']:,.1f} | {w['gb_per_s']:.3f} | {r['ratio']:.2f} |"
         )
     return "\n".join(lines)
-
-
-def environment() -> dict[str, Any]:
-    return {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "pyzmq": zmq.__version__,
-        "libzmq": zmq.zmq_version(),
-        "cpus": os.cpu_count(),
-        "machine": platform.machine(),
-        "loadavg_at_start": os.getloadavg(),
-        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "argv": sys.argv,
-    }
 
 
 def main(argv: list[str] | None = None) -> int:
