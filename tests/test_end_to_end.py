@@ -166,12 +166,14 @@ def _start_long_job(tmp_path, tiny_data):
     return proc, run_dir
 
 
-@pytest.mark.parametrize("victim", ["worker-1", "server-0"])
+@pytest.mark.parametrize("victim", ["worker-1", "server-0", "coordinator"])
 def test_a_killed_node_stops_the_job_with_a_clear_error(tmp_path, tiny_data, victim):
     proc, run_dir = _start_long_job(tmp_path, tiny_data)
     try:
         status = _status(str(run_dir))
         pids = {n["name"]: n["pid"] for n in status["nodes"]}
+        found = subprocess.run(["pgrep", "-P", str(proc.pid), "-f", "downpour coordinator"], capture_output=True, text=True)
+        pids["coordinator"] = int(found.stdout.split()[0])
         os.kill(pids[victim], signal.SIGKILL)
         _, err = proc.communicate(timeout=60)
     finally:

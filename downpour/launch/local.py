@@ -25,7 +25,7 @@ from typing import Any
 import yaml
 
 from downpour.config import JobConfig, job_to_dict
-from downpour.errors import DownpourError, JobFailed, TransportError
+from downpour.errors import DownpourError, JobFailed
 from downpour.protocol import Message, Op
 from downpour.protocol.rpc import RpcClient
 from downpour.transport import new_context
@@ -189,6 +189,8 @@ class LocalLauncher:
                     except DownpourError:
                         pass
                     pending = None
+                elif pending is not None and pending.expired():  # a slow answer: ask again
+                    pending = None
                 if pending is None and now >= next_status:
                     next_status = now + _STATUS_EVERY_S
                     pending = rpc.request("coordinator", Message(Op.STATUS))
@@ -208,8 +210,11 @@ class LocalLauncher:
         try:
             with open(summary_path) as f:
                 summary = json.load(f)
-        except (OSError, ValueError) as err:
-            raise TransportError(f"the coordinator exited ({self.procs[0].describe_exit()}) without a readable summary: {err}") from None
+        except (OSError, ValueError):
+            coord = self.procs[0]
+            tail = coord.log_tail()
+            raise JobFailed(f"{coord.describe_exit()} before writing the job's summary; stopping the job."
+                            + (f"\n--- end of {coord.log_path} ---\n{tail}" if tail else ""), node="coordinator") from None
         codes = {p.name: p.exit_code for p in self.procs}
         if summary.get("status") != "ok":
             node = summary.get("failed_node") or (failed[0].name if failed else "coordinator")

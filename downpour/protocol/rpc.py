@@ -44,6 +44,13 @@ class Future:
             self._client.pump(0.0)
         return self._reply is not None
 
+    def expired(self) -> bool:
+        """No reply and past the deadline (the request is then forgotten)."""
+        if self._reply is None and time.monotonic() > self.deadline:
+            self._client._forget(self.req_id)
+            return True
+        return False
+
     def result(self, timeout_s: float | None = None) -> Message:
         """The reply. Raises :class:`RemoteError` if the peer answered with an error,
         :class:`RequestTimeout` (naming the peer) if no reply came before the request's

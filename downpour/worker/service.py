@@ -91,6 +91,11 @@ def run_worker(ctx: zmq.Context, coordinator: str, rank: int | None = None, star
         job = parse_job(reply["job"], source="coordinator")
         layout = Layout.from_dict(reply["layout"])
         coord.rpc.request_timeout_s = job.cluster.request_timeout_s
+        # Heartbeats start at once: the coordinator watches this worker from now on, and
+        # building the model and reading the data can take seconds on a busy machine.
+        trainer: Trainer | None = None
+        hb = HeartbeatThread(ctx, coordinator, name, job, lambda: trainer.progress() if trainer else {}, abort)
+        hb.start()
         torch.set_num_threads(job.training.torch_threads)
         device = device_for(job)
         model = build_model(job.model, job.training.seed)
@@ -104,8 +109,6 @@ def run_worker(ctx: zmq.Context, coordinator: str, rank: int | None = None, star
         chunk = job.cluster.max_request_bytes if job.training.consistency == "async" else None
         kv = KVClient(rpc, layout, peers, request_bytes=chunk)
         trainer = Trainer(job, flat, kv, dataset, name, int(reply["rank"]))
-        hb = HeartbeatThread(ctx, coordinator, name, job, trainer.progress, abort)
-        hb.start()
 
         if reply.get("initializer"):
             kv.wait(kv.init(flat.host))
