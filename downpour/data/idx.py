@@ -32,6 +32,49 @@ HOW_TO_GET = (
 )
 
 
+def read_idx_header(path: str) -> tuple[np.dtype, tuple[int, ...]]:
+    """An IDX file's element type and shape, reading only its header (and, for an
+    uncompressed file, checking that the data it promises is there)."""
+    try:
+        opener = gzip.open if path.endswith(".gz") else open
+        with opener(path, "rb") as f:
+            head = f.read(4 + 4 * 8)
+    except (OSError, EOFError, gzip.BadGzipFile) as err:
+        raise DataError(f"cannot read IDX file {path}: {err}") from None
+    if len(head) < 4 or head[0] != 0 or head[1] != 0 or head[2] not in _TYPES or head[3] == 0 or len(head) < 4 + 4 * head[3]:
+        raise DataError(f"{path} is not an IDX file (bad magic or truncated header)")
+    dtype, ndim = np.dtype(_TYPES[head[2]]), head[3]
+    shape = struct.unpack(f">{ndim}I", head[4 : 4 + 4 * ndim])
+    if not path.endswith(".gz"):
+        need = 4 + 4 * ndim + int(np.prod(shape)) * dtype.itemsize
+        if os.path.getsize(path) < need:
+            raise DataError(f"{path}: file holds {os.path.getsize(path)} bytes, header promises {need}")
+    return dtype, shape
+
+
+class IdxSplit:
+    """Images and labels in two IDX files. Only the headers are read up front (length and
+    type checks); the data is read at the first ``take``, so a process that only needs
+    the split's length (the coordinator, the launcher's check) never reads it."""
+
+    def __init__(self, images: str, labels: str) -> None:
+        (xtype, xshape), (_, yshape) = read_idx_header(images), read_idx_header(labels)
+        if xshape[0] != yshape[0]:
+            raise DataError(f"{xshape[0]} inputs but {yshape[0]} labels ({images}, {labels})")
+        self.paths = (images, labels)
+        self.scale = 1.0 / 255.0 if xtype == np.uint8 else None
+        self._len = xshape[0]
+        self._arrays: ArrayDataset | None = None
+
+    def __len__(self) -> int:
+        return self._len
+
+    def take(self, indices: np.ndarray):
+        if self._arrays is None:
+            self._arrays = ArrayDataset(read_idx(self.paths[0]), read_idx(self.paths[1]), self.scale)
+        return self._arrays.take(indices)
+
+
 def read_idx(path: str) -> np.ndarray:
     """One IDX file as a numpy array (memory-mapped when not compressed)."""
     try:
@@ -86,9 +129,4 @@ def find_idx_files(folder: str) -> dict[str, str]:
 def load_idx_dataset(path: str) -> Dataset:
     """MNIST-format images and labels from a folder; pixels scaled to [0, 1] as floats."""
     f = find_idx_files(path)
-    arrays = {k: read_idx(p) for k, p in f.items()}
-    scale = 1.0 / 255.0 if arrays["train_x"].dtype == np.uint8 else None
-    return Dataset(
-        train=ArrayDataset(arrays["train_x"], arrays["train_y"], scale),
-        test=ArrayDataset(arrays["test_x"], arrays["test_y"], scale),
-    )
+    return Dataset(train=IdxSplit(f["train_x"], f["train_y"]), test=IdxSplit(f["test_x"], f["test_y"]))

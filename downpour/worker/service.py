@@ -15,6 +15,7 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import torch
 import zmq
 
@@ -100,6 +101,9 @@ def run_worker(ctx: zmq.Context, coordinator: str, rank: int | None = None, star
         device = device_for(job)
         model = build_model(job.model, job.training.seed)
         dataset = build_dataset(job.data)
+        # Touch the data before training starts: a split may read its files lazily, and that
+        # read belongs to start-up, not to the first step (where it would stall this worker).
+        dataset.train.take(np.zeros(1, dtype=np.int64))
         flat = FlatModel(model, layout, device)
         rpc = RpcClient(ctx, name, job.cluster.request_timeout_s, job.cluster.max_message_bytes, abort=abort, abort_reason=reason)
         peers = {}
