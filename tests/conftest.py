@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 # Heartbeats and timeouts short enough that a failure shows within seconds.
-FAST_CLUSTER = {"heartbeat_interval_s": 0.2, "heartbeat_timeout_s": 3.0, "request_timeout_s": 10.0, "startup_timeout_s": 90.0}
+FAST_CLUSTER = {"heartbeat_interval_s": 0.2, "heartbeat_timeout_s": 6.0, "request_timeout_s": 10.0, "startup_timeout_s": 90.0}
 
 
 def write_idx(path: str, array: np.ndarray, gz: bool = True) -> None:
