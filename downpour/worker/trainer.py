@@ -67,7 +67,8 @@ class Trainer:
             if shard is None:
                 break
             n = self.train_shard(shard)
-            shard_done(shard["epoch"], shard["shard"], n)
+            if n == shard["stop"] - shard["start"]:  # a shard cut short by training.steps stays unfinished
+                shard_done(shard["epoch"], shard["shard"], n)
         self._settle()
         self.train_s = time.perf_counter() - t0
 
