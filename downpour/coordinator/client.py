@@ -18,7 +18,7 @@ from typing import Any
 
 import zmq
 
-from downpour.errors import JobFailed, TransportError
+from downpour.errors import TransportError
 from downpour.protocol import Message, Op
 from downpour.protocol.rpc import Future, RpcClient
 
@@ -113,6 +113,3 @@ class Heartbeat:
             self._fut = self.client.rpc.request(COORDINATOR, msg, timeout_s=self.timeout_s)
         return None
 
-
-def stopped(reason: str, node: str) -> JobFailed:
-    return JobFailed(f"{node}: stopped by the coordinator: {reason}", node=node)

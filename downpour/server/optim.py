@@ -68,6 +68,8 @@ class SGD(UpdateRule):
             buf = self.buf[lo:hi]
             if step == 0:
                 buf.copy_(grad)
+            elif c.dampening == 0:
+                torch.add(grad, buf, alpha=c.momentum, out=buf)  # one kernel for buf = momentum * buf + grad
             else:
                 buf.mul_(c.momentum).add_(grad, alpha=1 - c.dampening)
             grad = grad.add(buf, alpha=c.momentum) if c.nesterov else buf
