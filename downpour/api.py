@@ -26,7 +26,7 @@ from typing import Any
 
 from downpour.config import JobConfig, apply_overrides, job_to_dict, load_job, parse_job
 from downpour.data import build_dataset
-from downpour.errors import ConfigError, DataError
+from downpour.errors import ConfigError
 from downpour.imports import object_path
 
 
@@ -79,8 +79,5 @@ def train(
     from downpour.launch import LocalLauncher
 
     job = resolve_job(config, model_fn, dataset_fn)
-    try:
-        check_data(job)
-    except DataError:
-        raise
+    check_data(job)
     return LocalLauncher(job, run_dir or default_run_dir(job.name)).run().summary

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import os
 import sys
 from typing import Any
 
@@ -56,7 +57,5 @@ def object_path(fn: Any, field: str) -> str:
         path = getattr(main, "__file__", None)
         if not path:
             raise ConfigError(f"{field}: functions defined interactively cannot run in worker processes; put them in a module")
-        import os
-
         return f"file:{os.path.abspath(path)}:{qualname}"
     return f"{module}:{qualname}"

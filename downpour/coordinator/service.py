@@ -41,13 +41,16 @@ def plan_layout(job: JobConfig) -> Layout:
     return make_layout(param_shapes(model), cl.num_servers, "f32", cl.partitioner, cl.max_slice_bytes)
 
 
-def write_json(path: str, data: Any) -> None:
+def write_atomic(path: str, text: str) -> None:
     """Write atomically: a reader sees the old file or the whole new one, never half."""
     tmp = f"{path}.tmp"
     with open(tmp, "w") as f:
-        json.dump(data, f, indent=2, sort_keys=True)
-        f.write("\n")
+        f.write(text)
     os.replace(tmp, path)
+
+
+def write_json(path: str, data: Any) -> None:
+    write_atomic(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
 class Coordinator:
@@ -65,9 +68,7 @@ class Coordinator:
         log.info("coordinator: listening on %s; %d parameters in %d keys over %d servers",
                  self.address, layout.numel, len(layout.slices), layout.num_servers)
         if run_dir:
-            with open(os.path.join(run_dir, "coordinator.addr.tmp"), "w") as f:
-                f.write(self.address)
-            os.replace(os.path.join(run_dir, "coordinator.addr.tmp"), os.path.join(run_dir, "coordinator.addr"))
+            write_atomic(os.path.join(run_dir, "coordinator.addr"), self.address)
 
     def _perform(self, actions: list) -> Finish | None:
         finish = None
