@@ -7,7 +7,10 @@ PY := $(VENV)/bin/python
 DATA := /usr/share/datasets/fashion-mnist
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: demo test setup data lint bench clean
+# Programs the monitoring tests drive: a real Prometheus server and headless Chromium.
+TEST_TOOLS := prometheus chromium
+
+.PHONY: demo test setup data tools lint bench clean
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,10 +27,18 @@ data:
 		$(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq dataset-fashion-mnist; \
 	fi
 
+tools:
+	@missing=""; for t in $(TEST_TOOLS); do command -v $$t >/dev/null || missing="$$missing $$t"; done; \
+	if [ -n "$$missing" ]; then \
+		echo "installing$$missing (Debian packages) for the monitoring tests"; \
+		($(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends $$missing) \
+			|| echo "WARNING: could not install$$missing: the tests that need them will be SKIPPED"; \
+	fi
+
 demo: setup data
 	$(VENV)/bin/downpour train examples/mnist.yaml
 
-test: setup data
+test: setup data tools
 	$(PY) -m pytest -q
 
 lint: setup
@@ -36,6 +47,7 @@ lint: setup
 bench: setup data
 	$(PY) benchmarks/transport.py
 	$(PY) benchmarks/end_to_end.py
+	$(PY) benchmarks/metrics_overhead.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

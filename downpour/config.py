@@ -162,6 +162,30 @@ class ClusterConfig(_Frozen):
         return self
 
 
+class MonitorConfig(_Frozen):
+    """What a job shows of itself while it runs (see docs/monitoring.md)."""
+
+    # Every server and worker serves Prometheus metrics at http://HOST:PORT/metrics (a free
+    # port, listed in the run folder's prometheus_targets.json); so does the coordinator.
+    metrics: bool = True
+    # The coordinator serves a live dashboard (and /api/status, /api/history, /targets).
+    dashboard: bool = True
+    # The dashboard's port; 0 takes a free one (written to the run folder's dashboard.url).
+    dashboard_port: int = Field(0, ge=0, le=65535)
+    # Interface every HTTP endpoint binds. 127.0.0.1 keeps them on this machine; give
+    # 0.0.0.0 (or an address) for a Prometheus on another host.
+    http_host: str = "127.0.0.1"
+    # Scalars (loss, examples/s, staleness, test accuracy) under RUN_DIR/tensorboard.
+    tensorboard: bool = True
+    # Seconds between the coordinator's samples of the job: dashboard history, TensorBoard.
+    sample_interval_s: float = Field(1.0, gt=0)
+    # A training worker whose step count has not moved for this long is reported as stalled.
+    stall_after_s: float = Field(10.0, gt=0)
+    # A worker slower than this fraction of the other workers' median examples/s, for
+    # longer than stall_after_s, is reported as falling behind.
+    slow_fraction: float = Field(0.5, gt=0, lt=1)
+
+
 class JobConfig(_Frozen):
     name: str = "job"
 
@@ -178,6 +202,7 @@ class JobConfig(_Frozen):
     optimizer: OptimizerConfig = Field(default_factory=SGDConfig)
     training: TrainingConfig = Field(default_factory=TrainingConfig)
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
+    monitor: MonitorConfig = Field(default_factory=MonitorConfig)
 
     def effective_lr(self) -> float:
         """The learning rate the servers use, after the optional linear scaling rule."""

@@ -20,9 +20,7 @@ from downpour.coordinator.shards import ShardLedger, example_order
 from downpour.data import load_idx_dataset
 from downpour.launch import LocalLauncher
 from downpour.models import build_model
-from downpour.protocol import Message, Op
-from downpour.protocol.rpc import RpcClient
-from downpour.transport import new_context
+from tests.cluster import alive, start_job, wait_training
 from tests.conftest import tiny_job
 
 PY = sys.executable
@@ -125,54 +123,15 @@ def test_missing_data_says_how_to_get_it_and_starts_nothing(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
-def _status(run_dir, timeout_s: float = 90.0) -> dict:
-    """Wait until the job trains, then return the coordinator's status."""
-    deadline = time.monotonic() + timeout_s
-    ctx = new_context()
-    try:
-        while time.monotonic() < deadline:
-            addr = os.path.join(run_dir, "coordinator.addr")
-            if os.path.exists(addr):
-                rpc = RpcClient(ctx, "test-status", request_timeout_s=2.0)
-                try:
-                    rpc.connect("coordinator", open(addr).read().strip())
-                    st = rpc.call("coordinator", Message(Op.STATUS)).meta
-                    if st["phase"] == "training" and st["steps"] > 0:
-                        return st
-                except Exception:
-                    pass
-                finally:
-                    rpc.close()
-            time.sleep(0.2)
-    finally:
-        ctx.term()
-    raise AssertionError("the job never started training")
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    # A zombie has exited already; only its parent's wait() is missing.
-    with open(f"/proc/{pid}/stat") as f:
-        return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-
-
 def _start_long_job(tmp_path, tiny_data):
-    path = tmp_path / "job.yaml"
-    path.write_text(yaml.safe_dump(tiny_job(tiny_data, training={"epochs": 1000})))
-    run_dir = tmp_path / "run"
-    proc = subprocess.Popen([PY, "-m", "downpour", "train", str(path), "--run-dir", str(run_dir), "--quiet"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    return proc, run_dir
+    return start_job(tmp_path, tiny_job(tiny_data, training={"epochs": 1000}))
 
 
 @pytest.mark.parametrize("victim", ["worker-1", "server-0", "coordinator"])
 def test_a_killed_node_stops_the_job_with_a_clear_error(tmp_path, tiny_data, victim):
     proc, run_dir = _start_long_job(tmp_path, tiny_data)
     try:
-        status = _status(str(run_dir))
+        status = wait_training(run_dir)
         pids = {n["name"]: n["pid"] for n in status["nodes"]}
         found = subprocess.run(["pgrep", "-P", str(proc.pid), "-f", "downpour coordinator"], capture_output=True, text=True)
         pids["coordinator"] = int(found.stdout.split()[0])
@@ -183,20 +142,20 @@ def test_a_killed_node_stops_the_job_with_a_clear_error(tmp_path, tiny_data, vic
     assert proc.returncode == 1
     assert f"{victim} (pid {pids[victim]}) was killed by SIGKILL" in err
     time.sleep(0.5)
-    assert not any(_alive(p) for p in pids.values()), "every process of the job is stopped"
+    assert not any(alive(p) for p in pids.values()), "every process of the job is stopped"
 
 
 def test_ctrl_c_stops_every_process(tmp_path, tiny_data):
     proc, run_dir = _start_long_job(tmp_path, tiny_data)
     try:
-        pids = [n["pid"] for n in _status(str(run_dir))["nodes"]]
+        pids = [n["pid"] for n in wait_training(run_dir)["nodes"]]
         proc.send_signal(signal.SIGINT)
         _, err = proc.communicate(timeout=30)
     finally:
         proc.kill()
     assert proc.returncode == 130 and "interrupted" in err
     time.sleep(0.5)
-    assert not any(_alive(p) for p in pids)
+    assert not any(alive(p) for p in pids)
 
 
 def test_hand_started_roles_form_one_job(tmp_path, tiny_data):

@@ -4,11 +4,12 @@
     downpour coordinator JOB.yaml [--bind tcp://HOST:PORT] [--run-dir DIR]
     downpour server --coordinator HOST:PORT [--host HOST] [--rank N]
     downpour worker --coordinator HOST:PORT [--rank N]
-    downpour status RUN_DIR | HOST:PORT
+    downpour status RUN_DIR | HOST:PORT [--json]
 
 Hand-started nodes may take their settings from the environment instead, in
 the spirit of ps-lite's DMLC_* variables: DOWNPOUR_ROLE (for ``downpour node``),
-DOWNPOUR_COORDINATOR, DOWNPOUR_RANK, DOWNPOUR_HOST, DOWNPOUR_JOB, DOWNPOUR_BIND.
+DOWNPOUR_COORDINATOR, DOWNPOUR_RANK, DOWNPOUR_HOST, DOWNPOUR_JOB, DOWNPOUR_BIND,
+DOWNPOUR_METRICS_HOST.
 This module is the only place that reads them.
 """
 
@@ -146,7 +147,8 @@ def cmd_server(args) -> int:
 
     ctx = new_context()
     try:
-        return run_server(ctx, _coordinator_url(args.coordinator), host=args.host, rank=args.rank, ipc_dir=args.ipc_dir)
+        return run_server(ctx, _coordinator_url(args.coordinator), host=args.host, rank=args.rank, ipc_dir=args.ipc_dir,
+                          metrics_host=args.metrics_host)
     finally:
         ctx.destroy(linger=0)
 
@@ -157,7 +159,7 @@ def cmd_worker(args) -> int:
 
     ctx = new_context()
     try:
-        return run_worker(ctx, _coordinator_url(args.coordinator), rank=args.rank)
+        return run_worker(ctx, _coordinator_url(args.coordinator), rank=args.rank, metrics_host=args.metrics_host)
     finally:
         ctx.destroy(linger=0)
 
@@ -170,18 +172,28 @@ def cmd_node(args) -> int:
 
 
 def cmd_status(args) -> int:
-    target = args.target
+    from downpour.cli.status import render_live, render_summary, show
+
+    target, dashboard = args.target, None
     if os.path.isdir(target):
         path = os.path.join(target, "summary.json")
         addr_path = os.path.join(target, "coordinator.addr")
+        url_path = os.path.join(target, "dashboard.url")
         if os.path.exists(path):
             with open(path) as f:
-                print(json.dumps(json.load(f), indent=2))
+                summary = json.load(f)
+            if args.json:
+                print(json.dumps(summary, indent=2))
+            else:
+                show(render_summary(summary), f"downpour status: {target} (finished)")
             return 0
         if not os.path.exists(addr_path):
             raise ConfigError(f"{target} holds neither summary.json nor coordinator.addr")
         with open(addr_path) as f:
             target = f.read().strip()
+        if os.path.exists(url_path):
+            with open(url_path) as f:
+                dashboard = f.read().strip()
     from downpour.protocol import Message, Op
     from downpour.protocol.rpc import RpcClient
     from downpour.transport import new_context
@@ -194,12 +206,10 @@ def cmd_status(args) -> int:
     finally:
         rpc.close()
         ctx.destroy(linger=0)
-    print(f"phase {status['phase']}  examples {status['examples']}/{status['planned_examples']}  "
-          f"{status['examples_per_s']:.0f} ex/s  loss {status['loss']}")
-    for n in status["nodes"]:
-        print(f"  {n['name']:<10} {n['state']:<9} heartbeat {n['heartbeat_age_s']:.1f}s ago  {n['progress']}")
-    if status.get("error"):
-        print(f"error: {status['error']}")
+    if args.json:
+        print(json.dumps(status, indent=2))
+    else:
+        show(render_live(status, dashboard), f"downpour status: {target}")
     return 0
 
 
@@ -229,6 +239,8 @@ def build_parser() -> argparse.ArgumentParser:
         r = sub.add_parser(role, help=f"start one {role} of a job")
         r.add_argument("--coordinator", default=env("DOWNPOUR_COORDINATOR"), help="coordinator HOST:PORT")
         r.add_argument("--rank", type=int, default=_env_int("DOWNPOUR_RANK"), help="preferred rank")
+        r.add_argument("--metrics-host", default=env("DOWNPOUR_METRICS_HOST"),
+                       help="interface for this node's /metrics (default: the job's monitor.http_host)")
         if role == "server":
             r.add_argument("--host", default=env("DOWNPOUR_HOST", "127.0.0.1"), help="interface to listen on")
             r.add_argument("--ipc-dir", help="folder for ipc sockets (when the coordinator is ipc://)")
@@ -236,10 +248,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     n = sub.add_parser("node", help="start the role named by DOWNPOUR_ROLE, configured from DOWNPOUR_* variables")
     n.set_defaults(fn=cmd_node, job=env("DOWNPOUR_JOB"), bind=env("DOWNPOUR_BIND"), run_dir=None, data=None, set=None,
-                   coordinator=env("DOWNPOUR_COORDINATOR"), rank=None, host=env("DOWNPOUR_HOST", "127.0.0.1"), ipc_dir=None)
+                   coordinator=env("DOWNPOUR_COORDINATOR"), rank=None, host=env("DOWNPOUR_HOST", "127.0.0.1"), ipc_dir=None,
+                   metrics_host=env("DOWNPOUR_METRICS_HOST"))
 
     s = sub.add_parser("status", help="show a running or finished job")
     s.add_argument("target", help="run folder or coordinator HOST:PORT")
+    s.add_argument("--json", action="store_true", help="print the raw status (or summary.json) as JSON")
     s.set_defaults(fn=cmd_status)
     return p
 

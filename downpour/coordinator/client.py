@@ -85,9 +85,11 @@ class Heartbeat:
     """
 
     def __init__(self, client: CoordinatorClient, interval_s: float, timeout_s: float,
-                 on_reply: Callable[[dict[str, Any]], None] | None = None) -> None:
-        """``on_reply`` sees every heartbeat answer (a server takes the membership from it)."""
+                 on_reply: Callable[[dict[str, Any]], None] | None = None, extra: dict[str, Any] | None = None) -> None:
+        """``on_reply`` sees every heartbeat answer (a server takes the membership from it);
+        ``extra`` goes into every heartbeat (for example ``metrics``: this node's metrics address)."""
         self.client = client
+        self.extra = dict(extra or {})
         self.on_reply = on_reply
         self.interval_s = interval_s
         self.timeout_s = timeout_s
@@ -95,7 +97,8 @@ class Heartbeat:
         self._last_ok = time.monotonic()
         self._next = 0.0
 
-    def tick(self, progress: dict[str, Any] | None = None) -> str | None:
+    def tick(self, progress: Callable[[], dict[str, Any]] | None = None) -> str | None:
+        """``progress`` is called only when a heartbeat goes out (so it may cost a little)."""
         now = time.monotonic()
         if self._fut is not None and self._fut.done():
             fut, self._fut = self._fut, None
@@ -109,7 +112,8 @@ class Heartbeat:
             raise TransportError(f"{self.client.node}: coordinator silent for {now - self._last_ok:.1f}s; giving up")
         if self._fut is None and now >= self._next:
             self._next = now + self.interval_s
-            msg = Message(Op.HEARTBEAT, meta={"node": self.client.node, "progress": progress or {}})
+            meta = {**self.extra, "node": self.client.node, "progress": progress() if progress else {}}
+            msg = Message(Op.HEARTBEAT, meta=meta)
             self._fut = self.client.rpc.request(COORDINATOR, msg, timeout_s=self.timeout_s)
         return None
 

@@ -17,11 +17,15 @@ import torch
 import zmq
 
 from downpour.config import JobConfig
+from downpour.coordinator.history import History
+from downpour.coordinator.metrics import coordinator_metrics
 from downpour.coordinator.state import CoordinatorState, Finish, Reply, SaveModel
 from downpour.data import build_dataset
 from downpour.errors import DownpourError, ProtocolError
 from downpour.layout import Layout, make_layout
 from downpour.models import build_model, param_shapes
+from downpour.monitor import HttpEndpoint, metrics_route, node_labels
+from downpour.monitor.http import static_file
 from downpour.protocol import decode, encode
 from downpour.transport import Listener, Poller
 
@@ -69,6 +73,83 @@ class Coordinator:
                  self.address, layout.numel, len(layout.slices), layout.num_servers)
         if run_dir:
             write_atomic(os.path.join(run_dir, "coordinator.addr"), self.address)
+        self._start_monitoring()
+
+    # -- monitoring --------------------------------------------------------
+    def _start_monitoring(self) -> None:
+        """Dashboard, /metrics, Prometheus targets and TensorBoard, as the job's monitor section asks.
+
+        The HTTP thread only serves bytes prepared here, in the coordinator's own thread, once per
+        ``monitor.sample_interval_s``: it never reads the state machine while it changes."""
+        mon = self.job.monitor
+        self.history = History()
+        self.snapshot: dict[str, Any] | None = None
+        self._json = {"status": b"{}", "history": b"{}", "targets": b"[]"}
+        self._targets: list[dict[str, Any]] = []
+        self._next_sample = 0.0
+        routes: dict[str, Any] = {}
+        if mon.metrics:
+            labels = node_labels(self.job.name, "coordinator", 0, "coordinator")
+            routes["/metrics"] = metrics_route(coordinator_metrics(lambda: self.snapshot), labels)
+            routes["/targets"] = lambda: ("application/json", self._json["targets"])
+        if mon.dashboard:
+            routes["/"] = lambda: static_file("index.html")
+            routes["/api/status"] = lambda: ("application/json", self._json["status"])
+            routes["/api/history"] = lambda: ("application/json", self._json["history"])
+        self.endpoint = HttpEndpoint(mon.http_host, mon.dashboard_port, routes, "coordinator") if routes else None
+        if self.endpoint is not None:
+            log.info("coordinator: dashboard at http://%s/ (metrics at /metrics, Prometheus targets at /targets)",
+                     self.endpoint.address)
+            if self.run_dir:
+                write_atomic(os.path.join(self.run_dir, "dashboard.url"), f"http://{self.endpoint.address}/\n")
+        self.tensorboard = None
+        if mon.tensorboard and self.run_dir:
+            from downpour.monitor.tensorboard import ScalarLog
+
+            self.tensorboard = ScalarLog(os.path.join(self.run_dir, "tensorboard"))
+
+    def _sample(self, now: float) -> None:
+        status = self.state.status(now)
+        self.snapshot = status
+        self.history.sample(status["elapsed_s"], status)
+        self._json["status"] = json.dumps(status).encode()
+        self._json["history"] = json.dumps(self.history.to_dict()).encode()
+        self._update_targets(status)
+        if self.tensorboard is not None and status["phase"] == "training":
+            scalars: dict[str, float | None] = {
+                "train/loss": status["loss"], "train/examples_per_s": self.history.series["job"]["examples_per_s"][-1],
+                "train/staleness_mean": status["staleness"]["mean"]}
+            for n in status["nodes"]:
+                if n["role"] == "worker" and n["state"] == "alive":
+                    scalars[f"{n['name']}/loss"] = n["progress"].get("loss")
+                    scalars[f"{n['name']}/examples_per_s"] = n["progress"].get("examples_per_s")
+            self.tensorboard.add(scalars, status["steps"])
+
+    def _update_targets(self, status: dict[str, Any]) -> None:
+        """Prometheus file_sd targets: every node's /metrics, labelled with job, role, rank and node."""
+        targets = []
+        if self.endpoint is not None and self.job.monitor.metrics:
+            targets.append({"targets": [self.endpoint.address],
+                            "labels": {"job": self.job.name, "role": "coordinator", "rank": "0", "node": "coordinator"}})
+        for n in status["nodes"]:
+            if n["metrics"] and n["state"] in ("alive", "done"):
+                targets.append({"targets": [n["metrics"]],
+                                "labels": {"job": self.job.name, "role": n["role"], "rank": str(n["rank"]), "node": n["name"]}})
+        if targets == self._targets:
+            return
+        self._targets = targets
+        self._json["targets"] = json.dumps(targets).encode()
+        if self.run_dir:
+            write_json(os.path.join(self.run_dir, "prometheus_targets.json"), targets)
+
+    def _stop_monitoring(self, summary: dict[str, Any]) -> None:
+        self._sample(time.monotonic())
+        if self.tensorboard is not None:
+            self.tensorboard.add({"test/accuracy": summary.get("test_accuracy"), "test/loss": summary.get("test_loss"),
+                                  "train/examples_per_s_overall": summary.get("examples_per_s")}, int(summary.get("steps") or 0))
+            self.tensorboard.close()
+        if self.endpoint is not None:
+            self.endpoint.close()
 
     def _perform(self, actions: list) -> Finish | None:
         finish = None
@@ -125,7 +206,11 @@ class Coordinator:
                         log.warning("coordinator: dropped a malformed message: %s", err)
                         continue
                     finish = self._perform(self.state.handle(peer, msg, time.monotonic())) or finish
-            finish = self._perform(self.state.tick(time.monotonic())) or finish
+            now = time.monotonic()
+            finish = self._perform(self.state.tick(now)) or finish
+            if now >= self._next_sample:
+                self._next_sample = now + self.job.monitor.sample_interval_s
+                self._sample(now)
         summary = dict(finish.summary, coordinator_rejected=self.rejected)
         if self.run_dir:
             write_json(os.path.join(self.run_dir, "summary.json"), summary)
@@ -143,5 +228,6 @@ class Coordinator:
                     self._perform([a for a in self.state.handle(peer, msg, time.monotonic()) if isinstance(a, Reply)])
                 except (zmq.Again, ProtocolError):
                     pass
+        self._stop_monitoring(summary)
         self.listener.close()
         return finish.code

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from downpour.config import JobConfig, job_to_dict
+from downpour.coordinator.health import Health, describe_affected
 from downpour.coordinator.shards import ShardLedger
 from downpour.layout import Layout
 from downpour.protocol import Message, Op
@@ -70,6 +71,7 @@ class Node:
     last_seen: float = 0.0
     progress: dict[str, Any] = field(default_factory=dict)
     stats: dict[str, Any] | None = None
+    metrics: str | None = None  # HOST:PORT of its Prometheus endpoint, from its heartbeats
 
 
 class CoordinatorState:
@@ -93,6 +95,10 @@ class CoordinatorState:
         self.failed_node: str | None = None
         self.stop_deadline: float | None = None
         self.stop_told: set[str] = set()
+        mon = job.monitor
+        silent_after = min(0.5 * self.cl.heartbeat_timeout_s, max(3 * self.cl.heartbeat_interval_s, 1.0))
+        self.health = Health(silent_after, mon.stall_after_s, mon.slow_fraction)
+        self.failures: list[dict[str, Any]] = []
 
     # -- helpers ------------------------------------------------------------
     def _role(self, role: str, states: tuple[str, ...] = (ALIVE,)) -> list[Node]:
@@ -110,9 +116,26 @@ class CoordinatorState:
         msg = Message(Op.MEMBERSHIP, meta={"workers": workers})
         return [Reply(s.identity, msg) for s in self._role("server")]
 
-    def _fail(self, now: float, node: str, reason: str) -> list[Action]:
+    def affected(self, name: str) -> dict[str, list[str]]:
+        """The key ranges (of a server) or data shards (of a worker) that ``name`` holds."""
+        node = self.nodes.get(name)
+        if node is None:
+            return {}
+        if node.role == "server":
+            keys = [self.layout.describe(s) for s in self.layout.server_slices(node.rank)]
+            return {"keys": keys if len(keys) <= 8 else [*keys[:8], f"... {len(keys)} keys in all"]}
+        shards = sorted(k for k, who in self.ledger.assigned.items() if who == name)
+        return {"shards": [f"epoch {e} shard {s}" for e, s in shards]}
+
+    def _fail(self, now: float, node: str, reason: str, kind: str = "error", detected_after_s: float = 0.0) -> list[Action]:
         if self.phase in ("failed", "finished"):
             return []
+        affected = self.affected(node)
+        self.failures.append({"node": node, "kind": kind, "at_s": round(now - self.started, 3),
+                              "detected_after_s": round(detected_after_s, 3), "recovered_after_s": None,
+                              "reason": reason, "affected": affected})
+        if any(affected.values()):
+            reason = f"{reason} ({describe_affected(affected)})"
         log.error("coordinator: job failed: %s: %s", node, reason)
         self.phase = "failed"
         self.error = f"{node}: {reason}"
@@ -189,6 +212,9 @@ class CoordinatorState:
         progress = msg.meta.get("progress")
         if isinstance(progress, dict):
             node.progress = progress
+        metrics = msg.meta.get("metrics")
+        if isinstance(metrics, str) and len(metrics) < 256:
+            node.metrics = metrics
         if self.phase == "failed" or (self.phase == "stopping" and node.role == "server"):
             self.stop_told.add(node.name)
             reason = self.error if self.phase == "failed" else "job finished"
@@ -255,7 +281,7 @@ class CoordinatorState:
         out: list[Action] = [Reply(ident, msg.reply({}))]
         if kind == "error":
             node.state = DEAD
-            return out + self._fail(now, node.name, str(data.get("error", "failed")))
+            return out + self._fail(now, node.name, str(data.get("error", "failed")), "error")
         if kind == "eval" and node.role == "worker" and self.phase == "evaluating":
             self.evaluation = data
             node.state = FINISHED
@@ -286,16 +312,21 @@ class CoordinatorState:
             if now - self.started > self.cl.startup_timeout_s:
                 have_s, have_w = len(self._role("server")), len(self._role("worker"))
                 return self._fail(now, "coordinator", f"start timed out after {self.cl.startup_timeout_s:g}s: "
-                                  f"{have_s}/{self.cl.num_servers} servers and {have_w}/{self.cl.num_workers} workers registered")
+                                  f"{have_s}/{self.cl.num_servers} servers and {have_w}/{self.cl.num_workers} workers registered",
+                                  "start_timeout")
             watched = self._role("server")  # workers wait inside REGISTER, without heartbeats
         else:
             watched = [n for n in self.nodes.values() if n.state in (ALIVE, DONE)]
         for node in watched:
             silent = now - node.last_seen
             if silent > self.cl.heartbeat_timeout_s:
-                node.state = DEAD
                 why = f"no heartbeat for {silent:.1f}s (timeout {self.cl.heartbeat_timeout_s:g}s); declared dead"
-                return self._fail(now, node.name, why)
+                out = self._fail(now, node.name, why, "dead", silent)
+                node.state = DEAD
+                return out
+        if self.phase != "registering":  # workers waiting inside REGISTER send no heartbeats
+            training = self.phase == "training" and self.train_started is not None
+            self.health.update(list(self.nodes.values()), training, now, self.affected)
         return []
 
     # -- reporting ----------------------------------------------------------
@@ -307,9 +338,15 @@ class CoordinatorState:
         planned = self.num_train * self.job.training.epochs
         if self.job.training.steps is not None:
             planned = min(planned, self.job.training.steps * self.job.training.batch_size * self.cl.num_workers)
+        servers = [n.progress for n in self._role("server", (ALIVE, DONE, FINISHED))]
+        pushes = sum(int(p.get("pushes", 0)) for p in servers)
         return {
+            "job": self.job.name,
             "phase": self.phase,
             "error": self.error,
+            "consistency": self.job.training.consistency,
+            "num_servers": self.cl.num_servers,
+            "num_workers": self.cl.num_workers,
             "elapsed_s": now - self.started,
             "train_s": elapsed,
             "examples": examples,
@@ -317,11 +354,21 @@ class CoordinatorState:
             "steps": sum(int(n.progress.get("steps", 0)) for n in workers),
             "examples_per_s": examples / elapsed if elapsed > 0 else 0.0,
             "loss": sum(losses) / len(losses) if losses else None,
+            "staleness": {
+                "pushes": pushes,
+                "mean": sum(float(p.get("staleness_mean", 0.0)) * int(p.get("pushes", 0)) for p in servers) / pushes if pushes else 0.0,
+                "max": max((int(p.get("staleness_max", 0)) for p in servers), default=0),
+            },
+            "bytes": {"sent": sum(int(n.progress.get("bytes_sent", 0)) for n in workers),
+                      "received": sum(int(n.progress.get("bytes_received", 0)) for n in workers)},
+            "data_shards": self.ledger.summary(),
             "nodes": [
-                {"name": n.name, "role": n.role, "state": n.state, "host": n.host, "pid": n.pid,
-                 "heartbeat_age_s": round(now - n.last_seen, 3), "progress": n.progress}
+                {"name": n.name, "role": n.role, "rank": n.rank, "state": n.state, "host": n.host, "pid": n.pid,
+                 "heartbeat_age_s": round(now - n.last_seen, 3), "metrics": n.metrics, "progress": n.progress}
                 for n in sorted(self.nodes.values(), key=lambda n: (n.role, n.rank))
             ],
+            "alerts": self.health.current(now),
+            "failures": list(self.failures),
         }
 
     def summary(self, now: float) -> dict[str, Any]:
@@ -352,6 +399,7 @@ class CoordinatorState:
             "consistency": self.job.training.consistency,
             "staleness": _histogram_summary(hist),
             "data_shards": self.ledger.summary(),
+            "failures": list(self.failures),
             "workers": workers,
             "servers": servers,
         }

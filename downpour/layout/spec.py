@@ -49,6 +49,15 @@ class Layout:
         """The keys one server holds, in key order (the order of its flat shard)."""
         return [s for s in self.slices if s.server == server]
 
+    def describe(self, s: KeySlice) -> str:
+        """A key as people read it: the parameter and the element range it covers, e.g. ``0.weight[0:50176]``."""
+        for p in self.params:
+            if p.offset <= s.start < p.offset + p.numel:
+                lo = s.start - p.offset
+                whole = lo == 0 and s.length == p.numel
+                return p.name if whole else f"{p.name}[{lo}:{lo + s.length}]"
+        return f"key {s.key}"
+
     def server_numel(self, server: int) -> int:
         return sum(s.length for s in self.slices if s.server == server)
 

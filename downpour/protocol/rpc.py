@@ -111,6 +111,8 @@ class RpcClient:
         self._poller = Poller()
         self._pending: dict[int, Future] = {}
         self._next_id = 1
+        self.bytes_sent = 0  # header and tensor frames, every message (for monitoring)
+        self.bytes_received = 0
 
     def connect(self, peer: str, address: str) -> None:
         if peer in self._channels:
@@ -129,7 +131,9 @@ class RpcClient:
         self._next_id += 1
         fut = Future(self, peer, msg.req_id, msg.op, time.monotonic() + (timeout_s or self.request_timeout_s))
         self._pending[msg.req_id] = fut
-        self._channels[peer].send(encode(msg))
+        frames = encode(msg)
+        self.bytes_sent += sum(len(f) for f in frames)
+        self._channels[peer].send(frames)
         return fut
 
     def call(self, peer: str, msg: Message, timeout_s: float | None = None) -> Message:
@@ -146,6 +150,7 @@ class RpcClient:
                 self._dispatch(self._names[ch], frames)
 
     def _dispatch(self, peer: str, frames: list) -> None:
+        self.bytes_received += sum(len(f) for f in frames)
         try:
             msg = decode(frames, self.max_message_bytes)
         except ProtocolError as err:

@@ -22,8 +22,10 @@ from downpour.config import JobConfig, parse_job
 from downpour.coordinator.client import CoordinatorClient, Heartbeat
 from downpour.errors import DownpourError, ProtocolError
 from downpour.layout import Layout
+from downpour.monitor import Buckets, HttpEndpoint, metrics_route, node_labels
 from downpour.protocol import Message, Op, decode, encode
 from downpour.server.consistency import POLICIES, Push
+from downpour.server.metrics import server_metrics
 from downpour.server.optim import make_rule
 from downpour.server.store import ShardStore
 from downpour.transport import Listener, Poller, bind_address
@@ -50,9 +52,29 @@ class ParameterServer:
         self.apply_s = 0.0
         self.bytes_in = 0
         self.bytes_out = 0
+        self.staleness_sum = 0
+        self.staleness_max = 0
+        # For the metrics (None when the job turned them off: nothing is recorded).
+        self.timing = job.monitor.metrics
+        self.request_times: dict[Op, Buckets] = {op: Buckets() for op in self._HANDLERS}
+        self.apply_times = Buckets()
+        # Traffic per key, counted in transfers of the key's values (a push+pull is two):
+        # requests for every key (the usual case) are one counter, others per key.
+        self.full_transfers = 0
+        self.key_transfers: Counter[int] = Counter()
 
     def _record_staleness(self, s: int) -> None:
         self.staleness[s] += 1
+        self.staleness_sum += s
+        if s > self.staleness_max:
+            self.staleness_max = s
+
+    def _count_transfer(self, idx: list[int], times: int) -> None:
+        if idx is self.store.all:
+            self.full_transfers += times
+        else:
+            for i in idx:
+                self.key_transfers[i] += times
 
     # -- request handling ------------------------------------------------
     def handle(self, peer: bytes, frames: list) -> None:
@@ -70,6 +92,7 @@ class ParameterServer:
         if handler is None:
             self._reject(peer, msg, "bad_op", f"a server does not serve {msg.op.name}")
             return
+        t0 = time.perf_counter()
         try:
             replies = handler(self, peer, msg)
         except ProtocolError as err:
@@ -77,6 +100,8 @@ class ParameterServer:
             return
         for to, reply in replies:
             self._send(to, reply)
+        if self.timing:
+            self.request_times[msg.op].observe(time.perf_counter() - t0)
 
     def _reject(self, peer: bytes, msg: Message, code: str, text: str) -> None:
         self._send(peer, msg.error(code, text))
@@ -121,6 +146,7 @@ class ParameterServer:
             return [(peer, msg.error("uninitialized", "parameters not initialized yet"))]
         idx = self.store.resolve(msg.meta.get("keys"))
         self.counts["pull"] += 1
+        self._count_transfer(idx, 1)
         return [(peer, msg.reply({"version": self.store.version(idx)}, [self.store.read(idx, snapshot=False)]))]
 
     def on_push(self, peer: bytes, msg: Message):
@@ -135,9 +161,13 @@ class ParameterServer:
         self.counts["push"] += 1
         if msg.op == Op.PUSHPULL:
             self.counts["pull"] += 1
+        self._count_transfer(idx, 2 if msg.op == Op.PUSHPULL else 1)
         t0 = time.perf_counter()
         replies = self.policy.push(Push(peer, msg, idx, grad, float(weight), version))
-        self.apply_s += time.perf_counter() - t0
+        took = time.perf_counter() - t0
+        self.apply_s += took
+        if self.timing:
+            self.apply_times.observe(took)
         return replies
 
     _HANDLERS = {Op.INIT: on_init, Op.PULL: on_pull, Op.PUSH: on_push, Op.PUSHPULL: on_push}
@@ -155,6 +185,14 @@ class ParameterServer:
             self.members = set(workers)
             for to, reply in self.policy.set_workers(self.members):
                 self._send(to, reply)
+
+    def progress(self) -> dict[str, Any]:
+        """What the heartbeat carries to the coordinator (its dashboard and diagnosis)."""
+        pushes = self.counts["push"]
+        return {"pushes": pushes, "pulls": self.counts["pull"], "bytes_in": self.bytes_in, "bytes_out": self.bytes_out,
+                "staleness_mean": self.staleness_sum / pushes if pushes else 0.0, "staleness_max": self.staleness_max,
+                "rejected": sum(self.rejected.values()), "apply_s": self.apply_s,
+                "version": max(self.store.versions, default=0)}
 
     def stats(self) -> dict[str, Any]:
         total = sum(self.staleness.values())
@@ -192,18 +230,21 @@ class ParameterServer:
             if now >= next_check:  # not per request: a poll of the coordinator costs a system call
                 next_check = now + _COORDINATOR_CHECK_S
                 coord.rpc.pump(0)
-                reason = heartbeat.tick({"pushes": self.counts["push"], "pulls": self.counts["pull"]})
+                reason = heartbeat.tick(self.progress)
                 if reason is not None:
                     return reason
 
 
-def run_server(ctx: zmq.Context, coordinator: str, host: str = "127.0.0.1", rank: int | None = None, ipc_dir: str | None = None) -> int:
-    """Entry point of ``downpour server``: returns the process exit code."""
+def run_server(ctx: zmq.Context, coordinator: str, host: str = "127.0.0.1", rank: int | None = None, ipc_dir: str | None = None,
+               metrics_host: str | None = None) -> int:
+    """Entry point of ``downpour server``: returns the process exit code. ``metrics_host``
+    overrides the job's ``monitor.http_host`` for this server's metrics endpoint."""
     import uuid
 
     identity = f"server-{rank if rank is not None else '?'}-{uuid.uuid4().hex[:6]}"
     coord = CoordinatorClient(ctx, coordinator, identity, request_timeout_s=30.0)
     server: ParameterServer | None = None
+    endpoint: HttpEndpoint | None = None
     try:
         # Bind before registering: the coordinator hands our address to the workers.
         transport = "ipc" if coordinator.startswith("ipc://") else "tcp"
@@ -217,8 +258,12 @@ def run_server(ctx: zmq.Context, coordinator: str, host: str = "127.0.0.1", rank
         coord.rpc.on_push = server.on_coordinator
         coord.rpc.request_timeout_s = job.cluster.request_timeout_s
         log.info("%s: serving %d parameters in %d keys at %s", server.name, server.store.numel, len(server.store.keys), listener.address)
+        if job.monitor.metrics:
+            route = metrics_route(server_metrics(server, layout), node_labels(job.name, "server", server.rank, server.name))
+            endpoint = HttpEndpoint(metrics_host or job.monitor.http_host, 0, {"/metrics": route}, server.name)
         hb = Heartbeat(coord, job.cluster.heartbeat_interval_s, job.cluster.heartbeat_timeout_s,
-                       on_reply=lambda meta: server.set_workers(meta.get("workers")))
+                       on_reply=lambda meta: server.set_workers(meta.get("workers")),
+                       extra={"metrics": endpoint.address} if endpoint else None)
         reason = server.serve(coord, hb)
         log.info("%s: stopping: %s", server.name, reason)
         coord.report("server", server.stats())
@@ -227,4 +272,6 @@ def run_server(ctx: zmq.Context, coordinator: str, host: str = "127.0.0.1", rank
         log.error("%s: %s", server.name if server else identity, err)
         return 1
     finally:
+        if endpoint is not None:
+            endpoint.close()
         coord.close()

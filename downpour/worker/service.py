@@ -25,9 +25,11 @@ from downpour.data import build_dataset
 from downpour.errors import DownpourError
 from downpour.layout import Layout
 from downpour.models import build_model
+from downpour.monitor import HttpEndpoint, metrics_route, node_labels
 from downpour.protocol.rpc import RpcClient
 from downpour.worker.client import KVClient
 from downpour.worker.flat import FlatModel
+from downpour.worker.metrics import worker_metrics
 from downpour.worker.trainer import Trainer
 
 log = logging.getLogger(__name__)
@@ -39,10 +41,10 @@ _LONG_WAIT_S = 7 * 24 * 3600.0
 
 class HeartbeatThread(threading.Thread):
     def __init__(self, ctx: zmq.Context, address: str, node: str, job: JobConfig,
-                 progress: Callable[[], dict[str, Any]], abort: threading.Event) -> None:
+                 progress: Callable[[], dict[str, Any]], abort: threading.Event, extra: dict[str, Any] | None = None) -> None:
         super().__init__(name=f"{node}-heartbeat", daemon=True)
         self.ctx, self.address, self.node, self.job = ctx, address, node, job
-        self.progress, self.abort = progress, abort
+        self.progress, self.abort, self.extra = progress, abort, extra
         self.reason = "stopped"
         self._halt = threading.Event()
 
@@ -50,11 +52,11 @@ class HeartbeatThread(threading.Thread):
         cl = self.job.cluster
         client = CoordinatorClient(self.ctx, self.address, f"{self.node}.hb-{uuid.uuid4().hex[:6]}", cl.request_timeout_s)
         client.node = self.node
-        hb = Heartbeat(client, cl.heartbeat_interval_s, cl.heartbeat_timeout_s)
+        hb = Heartbeat(client, cl.heartbeat_interval_s, cl.heartbeat_timeout_s, extra=self.extra)
         try:
             while not self._halt.wait(min(0.1, cl.heartbeat_interval_s / 4)):
                 try:
-                    reason = hb.tick(self.progress())
+                    reason = hb.tick(self.progress)
                 except DownpourError as err:
                     reason = str(err)
                 if reason is not None:
@@ -77,10 +79,13 @@ def device_for(job: JobConfig) -> torch.device:
     return torch.device("cpu")
 
 
-def run_worker(ctx: zmq.Context, coordinator: str, rank: int | None = None, startup_timeout_s: float = 120.0) -> int:
-    """Entry point of ``downpour worker``: returns the process exit code."""
+def run_worker(ctx: zmq.Context, coordinator: str, rank: int | None = None, startup_timeout_s: float = 120.0,
+               metrics_host: str | None = None) -> int:
+    """Entry point of ``downpour worker``: returns the process exit code. ``metrics_host``
+    overrides the job's ``monitor.http_host`` for this worker's metrics endpoint."""
     abort = threading.Event()
     hb: HeartbeatThread | None = None
+    endpoint: HttpEndpoint | None = None
     reason = lambda: hb.reason if hb else "aborted"  # noqa: E731
     coord = CoordinatorClient(ctx, coordinator, f"worker-{rank if rank is not None else '?'}-{uuid.uuid4().hex[:6]}",
                               abort=abort, abort_reason=reason)
@@ -95,7 +100,12 @@ def run_worker(ctx: zmq.Context, coordinator: str, rank: int | None = None, star
         # Heartbeats start at once: the coordinator watches this worker from now on, and
         # building the model and reading the data can take seconds on a busy machine.
         trainer: Trainer | None = None
-        hb = HeartbeatThread(ctx, coordinator, name, job, lambda: trainer.progress() if trainer else {}, abort)
+        if job.monitor.metrics:
+            labels = node_labels(job.name, "worker", reply["rank"], name)
+            route = metrics_route(worker_metrics(lambda: trainer), labels)
+            endpoint = HttpEndpoint(metrics_host or job.monitor.http_host, 0, {"/metrics": route}, name)
+        hb = HeartbeatThread(ctx, coordinator, name, job, lambda: trainer.progress() if trainer else {}, abort,
+                             extra={"metrics": endpoint.address} if endpoint else None)
         hb.start()
         torch.set_num_threads(job.training.torch_threads)
         device = device_for(job)
@@ -143,6 +153,8 @@ def run_worker(ctx: zmq.Context, coordinator: str, rank: int | None = None, star
     finally:
         if hb is not None:
             hb.stop()
+        if endpoint is not None:
+            endpoint.close()
         if rpc is not None:
             rpc.close()
         coord.close()

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from downpour.config import JobConfig
 from downpour.coordinator.shards import example_order
 from downpour.data import Dataset
+from downpour.monitor import Buckets, RateMeter
 from downpour.worker.client import Handle, KVClient
 from downpour.worker.flat import FlatModel
 
@@ -43,9 +44,14 @@ class Trainer:
         self.examples = 0
         self.loss_ema: float | None = None
         self.inflight: Handle | None = None
-        self.compute_s = 0.0
-        self.wait_s = 0.0
+        self.compute_s = 0.0  # forward, backward, gradient to one vector
+        self.push_s = 0.0  # handing the push+pull to ZeroMQ (encode, send)
+        self.wait_s = 0.0  # waiting for the pulled values (the reply to the push+pull)
         self.train_s = 0.0
+        self.shard: dict | None = None  # the shard being trained ({epoch, shard, start, stop})
+        # Step times for the metrics; None when the job turned metrics off (nothing recorded).
+        self.step_times: Buckets | None = Buckets() if job.monitor.metrics else None
+        self.rate = RateMeter()
         self._order: tuple[int, np.ndarray] | None = None  # (epoch, that epoch's example order)
         torch.manual_seed(t.seed * 1000 + 17 + rank)  # dropout masks: reproducible, distinct per worker
 
@@ -54,7 +60,15 @@ class Trainer:
         return self.max_steps is not None and self.steps >= self.max_steps
 
     def progress(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"steps": self.steps, "examples": self.examples}
+        """What the heartbeat carries (called from the heartbeat thread: reads plain numbers only)."""
+        out: dict[str, Any] = {
+            "steps": self.steps, "examples": self.examples, "examples_per_s": self.rate.update(self.examples),
+            "compute_s": self.compute_s, "push_s": self.push_s, "pull_wait_s": self.wait_s,
+            "bytes_sent": self.kv.rpc.bytes_sent, "bytes_received": self.kv.rpc.bytes_received,
+        }
+        shard = self.shard
+        if shard is not None:
+            out["shard"] = [shard["epoch"], shard["shard"]]
         if self.loss_ema is not None:
             out["loss"] = self.loss_ema
         return out
@@ -66,9 +80,11 @@ class Trainer:
             shard = next_shard()
             if shard is None:
                 break
+            self.shard = shard
             n = self.train_shard(shard)
             if n == shard["stop"] - shard["start"]:  # a shard cut short by training.steps stays unfinished
                 shard_done(shard["epoch"], shard["shard"], n)
+        self.shard = None
         self._settle()
         self.train_s = time.perf_counter() - t0
 
@@ -101,10 +117,14 @@ class Trainer:
         grad = self.flat.grad_vector()
         c1 = time.perf_counter()
         self._settle()
+        p0 = time.perf_counter()
         self.inflight = self.kv.push_pull(grad, self.flat.host, weight=float(len(y)), versions=base)
+        self.push_s += time.perf_counter() - p0
         if not self.overlap:
             self._settle()
         self.compute_s += c1 - c0
+        if self.step_times is not None:
+            self.step_times.observe(time.perf_counter() - c0)
         value = float(loss.item())
         if math.isfinite(value):
             self.loss_ema = value if self.loss_ema is None else 0.98 * self.loss_ema + 0.02 * value
@@ -142,8 +162,11 @@ class Trainer:
             "examples": self.examples,
             "train_s": self.train_s,
             "compute_s": self.compute_s,
+            "push_s": self.push_s,
             "wait_s": self.wait_s,
             "examples_per_s": self.examples / self.train_s if self.train_s > 0 else 0.0,
             "final_loss": self.loss_ema,
+            "bytes_sent": self.kv.rpc.bytes_sent,
+            "bytes_received": self.kv.rpc.bytes_received,
             "cpu_s": time.process_time(),
         }

@@ -1,0 +1,113 @@
+"""``downpour status``: a one-screen terminal summary of a running job (its coordinator's
+``STATUS``) or a finished one (its ``summary.json``)."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from rich.console import Console, Group
+from rich.panel import Panel
+from rich.table import Table
+from rich.text import Text
+
+_STATE_STYLE = {"alive": "green", "done": "cyan", "finished": "dim", "dead": "bold red"}
+
+
+def _num(x: Any, fmt: str = ".0f") -> str:
+    return "-" if x is None else format(x, fmt)
+
+
+def _bytes(n: float | None) -> str:
+    if n is None:
+        return "-"
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return str(n)
+
+
+def _clock(seconds_ago: float) -> str:
+    return time.strftime("%H:%M:%S", time.localtime(time.time() - seconds_ago))
+
+
+def render_live(status: dict[str, Any], dashboard: str | None = None) -> Group:
+    s = status
+    head = Text()
+    head.append(f"{s.get('job', 'job')}  ", style="bold")
+    head.append(s["phase"], style="bold red" if s["phase"] == "failed" else "bold green")
+    head.append(f"  {s.get('consistency', '')}  {s.get('num_servers', '?')} servers, {s.get('num_workers', '?')} workers"
+                f"  up {s['elapsed_s']:.0f}s\n")
+    head.append(f"examples {s['examples']}/{s['planned_examples']}  step {s['steps']}  {s['examples_per_s']:.0f} ex/s"
+                f"  loss {_num(s.get('loss'), '.4f')}")
+    st = s.get("staleness") or {}
+    if st:
+        head.append(f"  staleness mean {st.get('mean', 0):.2f} max {st.get('max', 0)}")
+    b = s.get("bytes") or {}
+    if b:
+        head.append(f"  workers sent {_bytes(b.get('sent'))}, received {_bytes(b.get('received'))}")
+    shards = s.get("data_shards")
+    if shards:
+        done = sum(shards["completed_per_epoch"].values())
+        head.append(f"\ndata shards: {done} completed, {shards['unfinished']} unfinished ({shards['num_shards']} per epoch)")
+    if dashboard:
+        head.append(f"\ndashboard: {dashboard}")
+    nodes = Table(box=None, pad_edge=False, header_style="bold")
+    for col in ("node", "state", "host/pid", "heartbeat", "rate", "loss/staleness", "detail"):
+        nodes.add_column(col)
+    for n in s["nodes"]:
+        p = n.get("progress") or {}
+        if n["role"] == "worker":
+            rate, level = f"{_num(p.get('examples_per_s'))} ex/s", f"loss {_num(p.get('loss'), '.4f')}"
+            detail = f"step {p.get('steps', 0)}" + (f", epoch {p['shard'][0]} shard {p['shard'][1]}" if p.get("shard") else "")
+        else:
+            rate, level = f"{p.get('pushes', 0)} pushes", f"staleness {_num(p.get('staleness_mean'), '.2f')}"
+            detail = f"v{p.get('version', 0)}, {p.get('rejected', 0)} rejected"
+        nodes.add_row(n["name"], Text(n["state"], style=_STATE_STYLE.get(n["state"], "")), f"{n['host']}/{n['pid']}",
+                      f"{n['heartbeat_age_s']:.1f}s ago", rate, level, detail)
+    parts: list[Any] = [head, nodes]
+    for a in s.get("alerts") or []:
+        affected = a.get("affected") or {}
+        what = ", ".join(affected.get("keys") or affected.get("shards") or []) or "-"
+        parts.append(Text(f"! {a['node']} {a['kind']} since {_clock(a['since_s'])} ({a['since_s']:.0f}s): {a['message']}; "
+                          f"affects {what}", style="yellow"))
+    for f in s.get("failures") or []:
+        parts.append(Text(f"x {f['node']} {f['kind']} at {f['at_s']:.1f}s (detected after {f['detected_after_s']:.1f}s): "
+                          f"{f['reason']}", style="red"))
+    if s.get("error"):
+        parts.append(Text(f"error: {s['error']}", style="bold red"))
+    return Group(*parts)
+
+
+def render_summary(s: dict[str, Any]) -> Group:
+    head = Text()
+    head.append(f"{s.get('job', 'job')}  ", style="bold")
+    head.append(s.get("status", "?"), style="bold green" if s.get("status") == "ok" else "bold red")
+    head.append(f"  {s.get('consistency')}  {s.get('num_servers')} servers, {s.get('num_workers')} workers\n")
+    head.append(f"test accuracy {_num(s.get('test_accuracy'), '.4f')}  test loss {_num(s.get('test_loss'), '.4f')}\n")
+    head.append(f"{s.get('examples')} examples in {s.get('steps')} steps, {s.get('train_s', 0):.1f}s training "
+                f"({s.get('examples_per_s', 0):.0f} ex/s), {s.get('wall_s', 0):.1f}s wall")
+    st = s.get("staleness") or {}
+    if st:
+        head.append(f"\nstaleness mean {st.get('mean', 0):.2f} p50 {st.get('p50')} p90 {st.get('p90')} "
+                    f"p99 {st.get('p99')} max {st.get('max')}")
+    nodes = Table(box=None, pad_edge=False, header_style="bold")
+    for col in ("node", "steps/pushes", "examples/s", "bytes in/out", "cpu"):
+        nodes.add_column(col)
+    for name, w in sorted((s.get("workers") or {}).items()):
+        nodes.add_row(name, str(w.get("steps", "-")), _num(w.get("examples_per_s")),
+                      f"{_bytes(w.get('bytes_received'))}/{_bytes(w.get('bytes_sent'))}", f"{_num(w.get('cpu_s'), '.1f')}s")
+    for name, v in sorted((s.get("servers") or {}).items()):
+        nodes.add_row(name, str(v.get("pushes", "-")), "-", f"{_bytes(v.get('bytes_in'))}/{_bytes(v.get('bytes_out'))}",
+                      f"{_num(v.get('cpu_s'), '.1f')}s")
+    parts: list[Any] = [head, nodes]
+    for f in s.get("failures") or []:
+        parts.append(Text(f"x {f['node']} {f['kind']} at {f['at_s']:.1f}s: {f['reason']}", style="red"))
+    if s.get("error"):
+        parts.append(Text(f"error: {s['error']}", style="bold red"))
+    return Group(*parts)
+
+
+def show(renderable: Group, title: str) -> None:
+    Console().print(Panel(renderable, title=title, expand=False))

@@ -1,0 +1,101 @@
+"""A small HTTP endpoint on a daemon thread: ``/metrics`` on every node, plus the
+dashboard's page and JSON on the coordinator.
+
+Handlers return bytes that were prepared elsewhere (a metrics snapshot, the
+coordinator's last status); they never touch a role's state while the role's
+thread changes it. The endpoint binds 127.0.0.1 unless told otherwise.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import urlsplit
+
+from downpour.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+# A route answers (content type, body); None means 404.
+Route = Callable[[], tuple[str, bytes] | None]
+
+STATIC_DIR = os.path.join(os.path.dirname(__file__), "static")
+_TYPES = {".html": "text/html; charset=utf-8", ".js": "application/javascript; charset=utf-8",
+          ".css": "text/css; charset=utf-8", ".json": "application/json", ".svg": "image/svg+xml"}
+
+
+def static_file(name: str) -> tuple[str, bytes] | None:
+    """A file shipped in ``monitor/static`` (only names that are there: no path tricks)."""
+    if name not in os.listdir(STATIC_DIR):
+        return None
+    with open(os.path.join(STATIC_DIR, name), "rb") as f:
+        body = f.read()
+    return _TYPES.get(os.path.splitext(name)[1], "application/octet-stream"), body
+
+
+def advertised_host(bind_host: str) -> str:
+    """The host others should use to reach an endpoint bound on ``bind_host``."""
+    if bind_host in ("0.0.0.0", "", "::"):
+        return socket.gethostname()
+    return bind_host
+
+
+class HttpEndpoint:
+    """Serves ``routes`` (path -> handler) and ``/static/<file>`` at ``host:port`` (0 = a free port)."""
+
+    def __init__(self, host: str, port: int, routes: dict[str, Route], name: str = "node") -> None:
+        self.routes = dict(routes)
+        endpoint = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802 (the stdlib's name)
+                path = urlsplit(self.path).path
+                try:
+                    if path.startswith("/static/"):
+                        answer = static_file(path[len("/static/"):])
+                    else:
+                        route = endpoint.routes.get(path)
+                        answer = route() if route else None
+                except Exception as err:  # a bug in a handler must not kill the endpoint
+                    log.exception("%s: HTTP %s failed", name, path)
+                    self._answer(500, "text/plain", f"internal error: {err}\n".encode())
+                    return
+                if answer is None:
+                    self._answer(404, "text/plain", f"no such page: {path}\n".encode())
+                else:
+                    self._answer(200, *answer)
+
+            def _answer(self, code: int, ctype: str, body: bytes) -> None:
+                self.send_response(code)
+                self.send_header("Content-Type", ctype)
+                self.send_header("Content-Length", str(len(body)))
+                self.send_header("Cache-Control", "no-store")
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, fmt: str, *args) -> None:
+                log.debug("%s: http %s", name, fmt % args)
+
+        try:
+            self.server = ThreadingHTTPServer((host, port), Handler)
+        except OSError as err:
+            raise ConfigError(f"{name}: cannot serve HTTP on {host}:{port}: {err}") from err
+        self.server.daemon_threads = True
+        self.host = advertised_host(host)
+        self.port = int(self.server.server_address[1])
+        self._thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.5},
+                                        name=f"{name}-http", daemon=True)
+        self._thread.start()
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+        self._thread.join(timeout=2.0)

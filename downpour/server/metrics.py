@@ -1,0 +1,47 @@
+"""A server's Prometheus metrics, read from its counters when scraped."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from downpour.layout import Layout
+from downpour.monitor import Buckets, Families
+
+if TYPE_CHECKING:
+    from downpour.server.service import ParameterServer
+
+# Staleness bucket bounds, in versions (updates applied since the gradient's values were pulled).
+STALENESS_BUCKETS = (0, 1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64, 128)
+HOT_KEYS = 10  # keys exported by traffic, busiest first
+
+
+def server_metrics(server: ParameterServer, layout: Layout) -> Callable[[Families], None]:
+    slices = layout.server_slices(server.rank)
+    names = [layout.describe(s) for s in slices]
+    elem_bytes = 4  # float32 on the wire
+
+    def fill(f: Families) -> None:
+        f.counter("downpour_server_pushes_total", "Gradient pushes received (PUSH and PUSHPULL).", server.counts["push"])
+        f.counter("downpour_server_pulls_total", "Parameter pulls answered (PULL and PUSHPULL).", server.counts["pull"])
+        for op, buckets in server.request_times.items():
+            f.histogram("downpour_server_request_seconds", "Time to handle one request, from decoded to answered.", buckets, op=op.name)
+        f.histogram("downpour_server_apply_seconds", "Time to apply one push (consistency policy and update rule).", server.apply_times)
+        f.counter("downpour_server_apply_seconds_total", "Time spent applying pushes.", server.apply_s)
+        staleness = Buckets(STALENESS_BUCKETS)
+        staleness.observe_counts(dict(server.staleness))
+        f.histogram("downpour_server_staleness", "Staleness of each push, in versions of its keys.", staleness)
+        f.gauge("downpour_server_parameters", "Parameters (elements) this server holds.", server.store.numel)
+        f.gauge("downpour_server_keys", "Keys this server holds.", len(server.store.keys))
+        f.gauge("downpour_server_version", "Highest version of any key (updates applied).", max(server.store.versions, default=0))
+        f.counter("downpour_server_received_bytes_total", "Bytes received (headers and tensor frames).", server.bytes_in)
+        f.counter("downpour_server_sent_bytes_total", "Bytes sent (headers and tensor frames).", server.bytes_out)
+        for reason, n in dict(server.rejected).items():
+            f.counter("downpour_server_rejected_total", "Requests refused or dropped, by reason.", n, reason=reason)
+        full, per_key = server.full_transfers, dict(server.key_transfers)
+        traffic = [((full + per_key.get(i, 0)) * n * elem_bytes, i) for i, n in enumerate(server.store.lengths)]
+        for value, i in sorted(traffic, reverse=True)[:HOT_KEYS]:
+            f.counter("downpour_server_key_traffic_bytes_total", f"Value bytes moved per key, for the {HOT_KEYS} busiest keys.",
+                      value, key=names[i])
+
+    return fill
