@@ -175,6 +175,9 @@ class MonitorConfig(_Frozen):
     # Interface every HTTP endpoint binds. 127.0.0.1 keeps them on this machine; give
     # 0.0.0.0 (or an address) for a Prometheus on another host.
     http_host: str = "127.0.0.1"
+    # Also write the targets to DIR/<run folder name>.json, emptied when the job ends: one
+    # Prometheus file_sd entry (DIR/*.json) then covers every job started with the same DIR.
+    targets_dir: str | None = None
     # Scalars (loss, examples/s, staleness, test accuracy) under RUN_DIR/tensorboard.
     tensorboard: bool = True
     # Seconds between the coordinator's samples of the job: dashboard history, TensorBoard.

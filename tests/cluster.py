@@ -70,9 +70,10 @@ def alive(pid: int) -> bool:
 
 
 def stop_job(proc: subprocess.Popen, timeout_s: float = 30.0) -> None:
-    """Ctrl-C the launcher (it stops every process it started); kill it if it does not end."""
+    """SIGTERM the launcher (like Ctrl-C, it stops every process it started; unlike SIGINT it is
+    not ignored when the tests run in a background shell); kill it if it does not end."""
     if proc.poll() is None:
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(signal.SIGTERM)
         try:
             proc.communicate(timeout=timeout_s)
         except subprocess.TimeoutExpired:

@@ -74,7 +74,7 @@ def test_every_node_serves_its_metrics_and_is_listed_for_prometheus(tmp_path, ti
                 "downpour_worker_sent_bytes_total", "downpour_worker_received_bytes_total"} <= seen[worker]
     for server in ("server-0", "server-1"):
         assert {"downpour_server_pushes_total", "downpour_server_pulls_total", "downpour_server_request_seconds_bucket",
-                "downpour_server_apply_seconds_bucket", "downpour_server_staleness_bucket", "downpour_server_parameters",
+                "downpour_server_apply_seconds_bucket", "downpour_server_staleness_versions_bucket", "downpour_server_parameters",
                 "downpour_server_key_traffic_bytes_total"} <= seen[server]
     assert {"downpour_coordinator_nodes", "downpour_coordinator_heartbeat_age_seconds", "downpour_coordinator_shards_unfinished",
             "downpour_coordinator_failures_total"} <= seen["coordinator"]
@@ -112,8 +112,12 @@ def test_a_frozen_worker_is_named_with_its_shards_and_the_workers_it_holds_up(tm
 def test_a_finished_job_leaves_tensorboard_scalars_and_a_status_screen(tmp_path, tiny_data):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    job = resolve_job(tiny_job(tiny_data, training={"epochs": 6}, monitor={"sample_interval_s": 0.2}))
+    shared = tmp_path / "prometheus"
+    job = resolve_job(tiny_job(tiny_data, training={"epochs": 6}, monitor={"sample_interval_s": 0.2, "targets_dir": str(shared)}))
     result = LocalLauncher(job, str(tmp_path / "run")).run()
+    # The job is over: no Prometheus target is left, in the run folder or the shared folder.
+    assert json.loads((shared / "run.json").read_text()) == []
+    assert json.loads((tmp_path / "run" / "prometheus_targets.json").read_text()) == []
     acc = EventAccumulator(os.path.join(result.run_dir, "tensorboard"))
     acc.Reload()
     tags = set(acc.Tags()["scalars"])

@@ -19,6 +19,7 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
 import time
 from typing import Any
@@ -71,6 +72,7 @@ def cmd_train(args) -> int:
     check_data(job)  # missing data: one line saying how to get it, nothing started
     run_dir = args.run_dir or default_run_dir(job.name)
     launcher = LocalLauncher(job, run_dir)
+    signal.signal(signal.SIGTERM, _terminate)  # stopped like Ctrl-C: every process of the job goes too
     print(f"downpour: {job.name}: {job.cluster.num_servers} servers, {job.cluster.num_workers} workers, "
           f"{job.training.consistency}; run folder {run_dir}", flush=True)
     try:
@@ -85,6 +87,10 @@ def cmd_train(args) -> int:
           f"staleness mean {s['staleness']['mean']:.2f} max {s['staleness']['max']}")
     print(f"summary: {os.path.join(result.run_dir, 'summary.json')}")
     return 0
+
+
+def _terminate(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
 
 
 def _run_with_progress(launcher, job, quiet: bool):

@@ -31,7 +31,8 @@ def coordinator_metrics(snapshot: Callable[[], dict[str, Any] | None]) -> Callab
         f.counter("downpour_coordinator_shards_completed_total", "Data shards trained to completion.", done)
         f.gauge("downpour_coordinator_shards_unfinished", "Data shards handed out or waiting, not yet completed.", shards["unfinished"])
         f.counter("downpour_coordinator_examples_total", "Training examples processed by all workers.", s["examples"])
-        f.gauge("downpour_coordinator_examples_per_second", "The job's examples per second since training began.", s["examples_per_s"])
+        f.gauge("downpour_coordinator_examples_per_second", "The job's examples per second over the last sample interval.",
+                s.get("recent_examples_per_s"))
         f.gauge("downpour_coordinator_loss", "Mean training loss of the live workers.", s["loss"])
         f.gauge("downpour_coordinator_staleness_mean", "Mean staleness of all pushes so far.", s["staleness"]["mean"])
         by_kind: dict[str, int] = {}

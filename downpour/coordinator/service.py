@@ -110,8 +110,9 @@ class Coordinator:
 
     def _sample(self, now: float) -> None:
         status = self.state.status(now)
-        self.snapshot = status
         self.history.sample(status["elapsed_s"], status)
+        status["recent_examples_per_s"] = self.history.series["job"]["examples_per_s"][-1]
+        self.snapshot = status
         self._json["status"] = json.dumps(status).encode()
         self._json["history"] = json.dumps(self.history.to_dict()).encode()
         self._update_targets(status)
@@ -126,24 +127,37 @@ class Coordinator:
             self.tensorboard.add(scalars, status["steps"])
 
     def _update_targets(self, status: dict[str, Any]) -> None:
-        """Prometheus file_sd targets: every node's /metrics, labelled with job, role, rank and node."""
+        """Prometheus file_sd targets: every node's /metrics, labelled with job, role, rank and node.
+        A dead node stays listed (Prometheus then shows it down); a finished one is dropped."""
         targets = []
         if self.endpoint is not None and self.job.monitor.metrics:
             targets.append({"targets": [self.endpoint.address],
                             "labels": {"job": self.job.name, "role": "coordinator", "rank": "0", "node": "coordinator"}})
         for n in status["nodes"]:
-            if n["metrics"] and n["state"] in ("alive", "done"):
+            if n["metrics"] and n["state"] in ("alive", "done", "dead"):
                 targets.append({"targets": [n["metrics"]],
                                 "labels": {"job": self.job.name, "role": n["role"], "rank": str(n["rank"]), "node": n["name"]}})
         if targets == self._targets:
             return
         self._targets = targets
         self._json["targets"] = json.dumps(targets).encode()
-        if self.run_dir:
-            write_json(os.path.join(self.run_dir, "prometheus_targets.json"), targets)
+        for path in self._targets_paths():
+            write_json(path, targets)
+
+    def _targets_paths(self) -> list[str]:
+        """The run folder's targets file, and one in ``monitor.targets_dir`` (shared by many jobs)."""
+        paths = [os.path.join(self.run_dir, "prometheus_targets.json")] if self.run_dir else []
+        shared = self.job.monitor.targets_dir
+        if shared:
+            os.makedirs(shared, exist_ok=True)
+            run = os.path.basename(os.path.normpath(self.run_dir)) if self.run_dir else f"{self.job.name}-{os.getpid()}"
+            paths.append(os.path.join(shared, f"{run}.json"))
+        return paths
 
     def _stop_monitoring(self, summary: dict[str, Any]) -> None:
         self._sample(time.monotonic())
+        for path in self._targets_paths():  # the job is over: nothing left to scrape
+            write_json(path, [])
         if self.tensorboard is not None:
             self.tensorboard.add({"test/accuracy": summary.get("test_accuracy"), "test/loss": summary.get("test_loss"),
                                   "train/examples_per_s_overall": summary.get("examples_per_s")}, int(summary.get("steps") or 0))

@@ -7,6 +7,12 @@ training on 3 workers lost about 1.3 points of test accuracy in a simulation). E
 epoch hands the shards out in its own seeded order, one at a time, to whichever
 worker asks next (so a fast worker takes more). The ledger records who trained
 which shard of which epoch, so that every shard is trained once per epoch.
+
+For checkpoints the ledger can say where the job stood at the moment the servers
+took their snapshot (:meth:`ShardLedger.state_at`): each worker's last push carries
+its data position (epoch, shard, examples of the shard done), so shards it started
+later go back to the queue, and the shard it was in resumes after the examples
+already in the parameters (``skip``).
 """
 
 from __future__ import annotations
@@ -32,6 +38,10 @@ class ShardLedger:
     epoch: int = -1
     assigned: dict[tuple[int, int], str] = field(default_factory=dict)
     completed: dict[tuple[int, int], str] = field(default_factory=dict)
+    # Examples of a shard already trained (a shard resumed from a checkpoint), skipped when handed out.
+    skips: dict[tuple[int, int], int] = field(default_factory=dict)
+    # The shards each worker was handed, in order (to undo those begun after a snapshot).
+    log: dict[str, list[tuple[int, int]]] = field(default_factory=dict)
 
     @property
     def num_shards(self) -> int:
@@ -50,8 +60,9 @@ class ShardLedger:
             self.queue.extend((self.epoch, int(s)) for s in order)
         epoch, shard = self.queue.popleft()
         self.assigned[(epoch, shard)] = node
+        self.log.setdefault(node, []).append((epoch, shard))
         start, stop = self.bounds(shard)
-        return {"epoch": epoch, "shard": shard, "start": start, "stop": stop}
+        return {"epoch": epoch, "shard": shard, "start": start, "stop": stop, "skip": self.skips.get((epoch, shard), 0)}
 
     def done(self, node: str, epoch: int, shard: int) -> bool:
         """Record a finished shard; False if ``node`` was not training it."""
@@ -59,7 +70,48 @@ class ShardLedger:
             return False
         del self.assigned[(epoch, shard)]
         self.completed[(epoch, shard)] = node
+        self.skips.pop((epoch, shard), None)
         return True
+
+    # -- checkpoints ------------------------------------------------------------
+    def state_at(self, positions: dict[str, list[int]]) -> dict:
+        """The ledger as it stood when the servers took a snapshot, as plain data.
+
+        ``positions`` maps a worker to its data position in that snapshot: [epoch, shard,
+        examples of the shard done] of its last push included. The shard a worker was in
+        resumes after those examples (or counts as completed if they were all of it); shards
+        it was handed afterwards were not begun then, nor were those of a worker with no position."""
+        completed = set(self.completed)
+        skips = dict(self.skips)
+        back: dict[tuple[int, int], None] = dict.fromkeys(self.assigned)  # unfinished now: unfinished then
+        for node, handed in self.log.items():
+            pos = positions.get(node)
+            key = (pos[0], pos[1]) if pos is not None else None
+            at = handed.index(key) if key in handed else -1
+            if at >= 0:
+                lo, hi = self.bounds(key[1])
+                if pos[2] >= hi - lo:
+                    completed.add(key)
+                    back.pop(key, None)
+                    skips.pop(key, None)
+                else:
+                    completed.discard(key)
+                    back[key] = None
+                    skips[key] = pos[2]
+            for later in handed[at + 1 :]:  # handed out after the snapshot
+                completed.discard(later)
+                back[later] = None
+        queue = [*back, *(k for k in self.queue if k not in back)]
+        return {"epoch": self.epoch, "completed": sorted([e, s] for e, s in completed),
+                "queue": [[e, s, skips.get((e, s), 0)] for e, s in queue]}
+
+    def restore(self, state: dict) -> None:
+        """Continue from :meth:`state_at`'s plain data (a checkpoint's job state)."""
+        self.epoch = int(state["epoch"])
+        self.completed = {(int(e), int(s)): "checkpoint" for e, s in state["completed"]}
+        self.queue = deque((int(e), int(s)) for e, s, _ in state["queue"])
+        self.skips = {(int(e), int(s)): int(k) for e, s, k in state["queue"] if int(k) > 0}
+        self.assigned, self.log = {}, {}
 
     def summary(self) -> dict:
         per_epoch: dict[int, int] = {}

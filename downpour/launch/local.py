@@ -160,9 +160,21 @@ class LocalLauncher:
             return self._watch(status_rpc, on_status)
         finally:
             self.stop_all()
+            self._clear_targets()
             if status_rpc is not None:
                 status_rpc.close()
             ctx.term()
+
+    def _clear_targets(self) -> None:
+        """No Prometheus target outlives the job (the coordinator may have had no time to say so)."""
+        paths = [os.path.join(self.run_dir, "prometheus_targets.json")]
+        if self.job.monitor.targets_dir:
+            paths.append(os.path.join(self.job.monitor.targets_dir, f"{os.path.basename(os.path.normpath(self.run_dir))}.json"))
+        for path in paths:
+            if os.path.exists(path):
+                with open(path + ".tmp", "w") as f:
+                    f.write("[]\n")
+                os.replace(path + ".tmp", path)
 
     def _watch(self, rpc: RpcClient, on_status) -> RunResult:
         coord = self.procs[0]

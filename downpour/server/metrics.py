@@ -13,7 +13,9 @@ if TYPE_CHECKING:
 
 # Staleness bucket bounds, in versions (updates applied since the gradient's values were pulled).
 STALENESS_BUCKETS = (0, 1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64, 128)
-HOT_KEYS = 10  # keys exported by traffic, busiest first
+MAX_TRAFFIC_KEYS = 256  # keys exported by traffic: all of them up to this many, else the busiest
+# Every refusal a server counts, so each series exists (at 0) before its first increment.
+REJECT_REASONS = ("malformed", "bad_op", "invalid", "uninitialized", "sync_duplicate", "sync_partial", "sync_round")
 
 
 def server_metrics(server: ParameterServer, layout: Layout) -> Callable[[Families], None]:
@@ -27,21 +29,25 @@ def server_metrics(server: ParameterServer, layout: Layout) -> Callable[[Familie
         for op, buckets in server.request_times.items():
             f.histogram("downpour_server_request_seconds", "Time to handle one request, from decoded to answered.", buckets, op=op.name)
         f.histogram("downpour_server_apply_seconds", "Time to apply one push (consistency policy and update rule).", server.apply_times)
-        f.counter("downpour_server_apply_seconds_total", "Time spent applying pushes.", server.apply_s)
         staleness = Buckets(STALENESS_BUCKETS)
         staleness.observe_counts(dict(server.staleness))
-        f.histogram("downpour_server_staleness", "Staleness of each push, in versions of its keys.", staleness)
+        f.histogram("downpour_server_staleness_versions", "Staleness of each push: versions its keys moved on since the pull.",
+                    staleness)
         f.gauge("downpour_server_parameters", "Parameters (elements) this server holds.", server.store.numel)
         f.gauge("downpour_server_keys", "Keys this server holds.", len(server.store.keys))
         f.gauge("downpour_server_version", "Highest version of any key (updates applied).", max(server.store.versions, default=0))
         f.counter("downpour_server_received_bytes_total", "Bytes received (headers and tensor frames).", server.bytes_in)
         f.counter("downpour_server_sent_bytes_total", "Bytes sent (headers and tensor frames).", server.bytes_out)
-        for reason, n in dict(server.rejected).items():
-            f.counter("downpour_server_rejected_total", "Requests refused or dropped, by reason.", n, reason=reason)
+        rejected = dict(server.rejected)
+        for reason in sorted(set(REJECT_REASONS) | set(rejected)):
+            f.counter("downpour_server_rejected_total", "Requests refused or dropped, by reason.", rejected.get(reason, 0), reason=reason)
         full, per_key = server.full_transfers, dict(server.key_transfers)
         traffic = [((full + per_key.get(i, 0)) * n * elem_bytes, i) for i, n in enumerate(server.store.lengths)]
-        for value, i in sorted(traffic, reverse=True)[:HOT_KEYS]:
-            f.counter("downpour_server_key_traffic_bytes_total", f"Value bytes moved per key, for the {HOT_KEYS} busiest keys.",
+        if len(traffic) > MAX_TRAFFIC_KEYS:
+            traffic = sorted(traffic, reverse=True)[:MAX_TRAFFIC_KEYS]
+        for value, i in traffic:
+            f.counter("downpour_server_key_traffic_bytes_total",
+                      f"Value bytes moved per key (every key, or the {MAX_TRAFFIC_KEYS} busiest when there are more).",
                       value, key=names[i])
 
     return fill

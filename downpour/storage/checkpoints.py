@@ -1,0 +1,151 @@
+"""Checkpoints in one fsspec location: ``URL/ckpt-<step>/`` holding one file per server,
+the coordinator's job state, and ``manifest.json``, written last.
+
+A checkpoint exists only once its manifest does, so a half-written one is never
+taken as the latest. The manifest records the SHA-256 and size of every file;
+reading a file verifies both, and :meth:`CheckpointStore.latest` skips (and logs)
+any checkpoint whose files are missing, truncated or altered, so the one before
+it is used. Files hold JSON or safetensors, never pickles.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import posixpath
+from dataclasses import dataclass, field
+from typing import Any
+
+import fsspec
+
+from downpour.errors import DataError
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "manifest.json"
+FORMAT = 1
+
+
+def sha256_hex(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+@dataclass
+class Manifest:
+    name: str  # the checkpoint's folder, ckpt-<step>
+    step: int  # optimizer steps of all workers together when it was taken
+    files: dict[str, dict[str, Any]]  # file name -> {"sha256", "bytes"}
+    job: dict[str, Any] = field(default_factory=dict)  # what the coordinator adds (time, epoch, version ...)
+
+    def to_json(self) -> bytes:
+        return json.dumps({"format": FORMAT, "name": self.name, "step": self.step, "files": self.files, "job": self.job},
+                          indent=1, sort_keys=True).encode()
+
+    @classmethod
+    def from_json(cls, data: bytes, where: str) -> Manifest:
+        try:
+            d = json.loads(data)
+            if d.get("format") != FORMAT:
+                raise ValueError(f"format {d.get('format')!r}, expected {FORMAT}")
+            files = {str(k): {"sha256": str(v["sha256"]), "bytes": int(v["bytes"])} for k, v in d["files"].items()}
+            return cls(str(d["name"]), int(d["step"]), files, dict(d.get("job") or {}))
+        except (ValueError, KeyError, TypeError, AttributeError) as err:
+            raise DataError(f"{where}: not a valid checkpoint manifest: {err}") from None
+
+
+class CheckpointStore:
+    """Checkpoints under ``url``; keeps the newest ``keep`` (older ones are deleted)."""
+
+    def __init__(self, url: str, keep: int = 3) -> None:
+        self.url = url.rstrip("/")
+        try:
+            self.fs, self.root = fsspec.core.url_to_fs(self.url)
+        except (ImportError, ValueError) as err:
+            raise DataError(f"checkpoint storage {url!r}: {err}") from None
+        self.keep = keep
+
+    @staticmethod
+    def name_for(step: int) -> str:
+        return f"ckpt-{step:012d}"
+
+    def _path(self, *parts: str) -> str:
+        return posixpath.join(self.root, *parts)
+
+    def where(self, name: str, file: str | None = None) -> str:
+        """The URL of a checkpoint (or one of its files), for messages."""
+        return "/".join([self.url, name, *([file] if file else [])])
+
+    # -- writing ------------------------------------------------------------
+    def write_file(self, name: str, file: str, data: bytes) -> dict[str, Any]:
+        """Write one file of checkpoint ``name``; returns its manifest entry."""
+        self.fs.makedirs(self._path(name), exist_ok=True)
+        with self.fs.open(self._path(name, file), "wb") as f:
+            f.write(data)
+        return {"sha256": sha256_hex(data), "bytes": len(data)}
+
+    def commit(self, manifest: Manifest) -> None:
+        """Write the manifest (which makes the checkpoint exist), then drop the oldest beyond ``keep``."""
+        with self.fs.open(self._path(manifest.name, MANIFEST), "wb") as f:
+            f.write(manifest.to_json())
+        self.prune()
+
+    def prune(self) -> None:
+        committed = self.names()
+        for name in committed[: max(0, len(committed) - self.keep)]:
+            self.fs.rm(self._path(name), recursive=True)
+        # Folders without a manifest older than the newest committed one are abandoned writes.
+        if committed:
+            for name in self._folders():
+                if name < committed[-1] and name not in committed:
+                    self.fs.rm(self._path(name), recursive=True)
+
+    # -- reading ------------------------------------------------------------
+    def _folders(self) -> list[str]:
+        if not self.fs.exists(self.root):
+            return []
+        found = []
+        for entry in self.fs.ls(self.root, detail=False):
+            base = posixpath.basename(str(entry).rstrip("/"))
+            if base.startswith("ckpt-"):
+                found.append(base)
+        return sorted(found)
+
+    def names(self) -> list[str]:
+        """Checkpoints with a manifest, oldest first."""
+        return [n for n in self._folders() if self.fs.exists(self._path(n, MANIFEST))]
+
+    def manifest(self, name: str) -> Manifest:
+        with self.fs.open(self._path(name, MANIFEST), "rb") as f:
+            return Manifest.from_json(f.read(), self.where(name, MANIFEST))
+
+    def read(self, manifest: Manifest, file: str) -> bytes:
+        """A file of a checkpoint, verified against its manifest entry."""
+        entry = manifest.files.get(file)
+        if entry is None:
+            raise DataError(f"{self.where(manifest.name)}: the manifest lists no file {file!r}")
+        try:
+            with self.fs.open(self._path(manifest.name, file), "rb") as f:
+                data = f.read()
+        except FileNotFoundError:
+            raise DataError(f"{self.where(manifest.name, file)} is missing") from None
+        if len(data) != entry["bytes"]:
+            raise DataError(f"{self.where(manifest.name, file)} holds {len(data)} bytes, the manifest says {entry['bytes']} (truncated?)")
+        if sha256_hex(data) != entry["sha256"]:
+            raise DataError(f"{self.where(manifest.name, file)}: SHA-256 differs from the manifest (corrupt or altered)")
+        return data
+
+    def verify(self, manifest: Manifest) -> None:
+        for file in manifest.files:
+            self.read(manifest, file)
+
+    def latest(self) -> Manifest | None:
+        """The newest checkpoint whose files all verify; broken ones are logged and skipped."""
+        for name in reversed(self.names()):
+            try:
+                manifest = self.manifest(name)
+                self.verify(manifest)
+                return manifest
+            except DataError as err:
+                log.warning("checkpoint %s refused, trying the one before: %s", self.where(name), err)
+        return None
