@@ -189,6 +189,26 @@ class MonitorConfig(_Frozen):
     slow_fraction: float = Field(0.5, gt=0, lt=1)
 
 
+class CheckpointConfig(_Frozen):
+    """Snapshots of the servers' shards and the job's state (see docs/checkpoints.md)."""
+
+    enabled: bool = True
+    # Where: a folder or any fsspec URL (s3://bucket/path, memory://...); default RUN_DIR/checkpoints.
+    url: str | None = None
+    # When: every this many optimizer steps (all workers' together), and/or every this many
+    # seconds of training, and when training ends.
+    every_steps: int | None = Field(None, ge=1)
+    every_s: float | None = Field(60.0, gt=0)
+    at_end: bool = True
+    # Checkpoints kept; older ones are deleted once a newer one is complete.
+    keep: int = Field(3, ge=1)
+    # A checkpoint not complete after this long is abandoned (the previous one stays the latest).
+    timeout_s: float = Field(120.0, gt=0)
+    # Continue a stopped job from the latest checkpoint under this run folder or URL: same step,
+    # same data position, same optimizer state (``downpour train --resume``).
+    resume_from: str | None = None
+
+
 class JobConfig(_Frozen):
     name: str = "job"
 
@@ -206,6 +226,11 @@ class JobConfig(_Frozen):
     training: TrainingConfig = Field(default_factory=TrainingConfig)
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
     monitor: MonitorConfig = Field(default_factory=MonitorConfig)
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    # Warm start: take the parameters (not the optimizer state or data position) of the latest
+    # checkpoint under this run folder or URL. Parameters new in this model are initialised as
+    # usual; one whose shape changed is an error naming it.
+    init_from: str | None = None
 
     def effective_lr(self) -> float:
         """The learning rate the servers use, after the optional linear scaling rule."""

@@ -1,6 +1,6 @@
 """``downpour``: train a job locally, or start one role of a job by hand.
 
-    downpour train JOB.yaml [--run-dir DIR] [--data DIR] [--set key=value ...]
+    downpour train JOB.yaml [--run-dir DIR] [--data DIR] [--set key=value ...] [--resume RUN_DIR|URL]
     downpour coordinator JOB.yaml [--bind tcp://HOST:PORT] [--run-dir DIR]
     downpour server --coordinator HOST:PORT [--host HOST] [--rank N]
     downpour worker --coordinator HOST:PORT [--rank N]
@@ -60,6 +60,8 @@ def _load(args) -> Any:
     overrides = list(args.set or [])
     if getattr(args, "data", None):
         overrides.append(f"data.path={args.data}")
+    if getattr(args, "resume", None):
+        overrides.append(f"checkpoint.resume_from={args.resume}")
     return load_job(args.job, overrides)
 
 
@@ -231,6 +233,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--data", help="folder of MNIST-format IDX files (sets data.path)")
     t.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a job field, e.g. --set epochs=3")
     t.add_argument("--quiet", action="store_true", help="no progress output")
+    t.add_argument("--resume", metavar="RUN_DIR_OR_URL",
+                   help="continue from the latest checkpoint of that run (same step, data position, optimizer state)")
     t.set_defaults(fn=cmd_train)
 
     c = sub.add_parser("coordinator", help="start the coordinator of a hand-started job")
@@ -239,6 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--run-dir")
     c.add_argument("--data")
     c.add_argument("--set", action="append", metavar="KEY=VALUE")
+    c.add_argument("--resume", metavar="RUN_DIR_OR_URL", help="continue from the latest checkpoint there")
     c.set_defaults(fn=cmd_coordinator)
 
     for role, fn in (("server", cmd_server), ("worker", cmd_worker)):
@@ -253,7 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
         r.set_defaults(fn=fn)
 
     n = sub.add_parser("node", help="start the role named by DOWNPOUR_ROLE, configured from DOWNPOUR_* variables")
-    n.set_defaults(fn=cmd_node, job=env("DOWNPOUR_JOB"), bind=env("DOWNPOUR_BIND"), run_dir=None, data=None, set=None,
+    n.set_defaults(fn=cmd_node, job=env("DOWNPOUR_JOB"), bind=env("DOWNPOUR_BIND"), run_dir=None, data=None, set=None, resume=None,
                    coordinator=env("DOWNPOUR_COORDINATOR"), rank=None, host=env("DOWNPOUR_HOST", "127.0.0.1"), ipc_dir=None,
                    metrics_host=env("DOWNPOUR_METRICS_HOST"))
 

@@ -16,10 +16,12 @@ from typing import Any
 import torch
 import zmq
 
-from downpour.config import JobConfig
+from downpour.config import JobConfig, job_to_dict
+from downpour.coordinator.checkpointing import JOB_STATE
 from downpour.coordinator.history import History
 from downpour.coordinator.metrics import coordinator_metrics
-from downpour.coordinator.state import CoordinatorState, Finish, Reply, SaveModel
+from downpour.coordinator.restore import plan_resume, plan_warm_start
+from downpour.coordinator.state import CommitCheckpoint, CoordinatorState, Finish, Reply, SaveModel
 from downpour.data import build_dataset
 from downpour.errors import DownpourError, ProtocolError
 from downpour.layout import Layout, make_layout
@@ -27,6 +29,7 @@ from downpour.models import build_model, param_shapes
 from downpour.monitor import HttpEndpoint, metrics_route, node_labels
 from downpour.monitor.http import static_file
 from downpour.protocol import decode, encode
+from downpour.storage import CheckpointStore, Manifest
 from downpour.transport import Listener, Poller
 
 log = logging.getLogger(__name__)
@@ -63,7 +66,14 @@ class Coordinator:
         self.run_dir = run_dir
         layout = plan_layout(job)
         num_train = len(build_dataset(job.data).train)
-        self.state = CoordinatorState(job, layout, num_train, time.monotonic())
+        cp = job.checkpoint
+        self.checkpoint_url = cp.url or (os.path.abspath(os.path.join(run_dir, "checkpoints")) if run_dir else None)
+        if cp.enabled and self.checkpoint_url is None:
+            log.warning("coordinator: no run folder and no checkpoint.url: this job writes no checkpoints")
+        resume = plan_resume(cp.resume_from, layout) if cp.resume_from else None
+        self.state = CoordinatorState(job, layout, num_train, time.monotonic(), self.checkpoint_url if cp.enabled else None, resume)
+        if job.init_from and resume is None:
+            self.state.restore = plan_warm_start(job.init_from, layout)
         self.ctx = ctx
         self.layout = layout
         self.listener = Listener(ctx, address, job.cluster.max_message_bytes)
@@ -174,7 +184,22 @@ class Coordinator:
                 finish = a
             elif isinstance(a, SaveModel):
                 self._save_model(a)
+            elif isinstance(a, CommitCheckpoint):
+                self._commit_checkpoint(a)
         return finish
+
+    def _commit_checkpoint(self, a: CommitCheckpoint) -> None:
+        """The job state, then the manifest: only a checkpoint with a manifest exists."""
+        store = CheckpointStore(self.checkpoint_url, self.job.checkpoint.keep)
+        state = {**a.job_state, "job": job_to_dict(self.job), "layout": self.layout.to_dict()}
+        try:
+            files = dict(a.files, **{JOB_STATE: store.write_file(a.name, JOB_STATE, json.dumps(state, indent=1).encode())})
+            store.commit(Manifest(a.name, a.step, files, {"version": state["version"], "final": a.final, "time": time.time()}))
+        except Exception as err:  # any fsspec backend's error: this checkpoint is lost, the job goes on
+            self.state.checkpoint_committed(time.monotonic(), False, f"{type(err).__name__}: {err}")
+            return
+        self.state.checkpoint_committed(time.monotonic(), True)
+        log.info("coordinator: checkpoint %s complete (step %d)", store.where(a.name), a.step)
 
     def _save_model(self, action: SaveModel) -> None:
         """Write the trained parameters as a state_dict (``model.pt``, read with

@@ -40,8 +40,10 @@ class ShardLedger:
     completed: dict[tuple[int, int], str] = field(default_factory=dict)
     # Examples of a shard already trained (a shard resumed from a checkpoint), skipped when handed out.
     skips: dict[tuple[int, int], int] = field(default_factory=dict)
-    # The shards each worker was handed, in order (to undo those begun after a snapshot).
+    # The shards each worker was handed, in order (to undo those begun after a snapshot), and
+    # when (a count over all workers), so that undone shards go back in their first order.
     log: dict[str, list[tuple[int, int]]] = field(default_factory=dict)
+    handed_at: dict[tuple[int, int], int] = field(default_factory=dict)
 
     @property
     def num_shards(self) -> int:
@@ -61,6 +63,7 @@ class ShardLedger:
         epoch, shard = self.queue.popleft()
         self.assigned[(epoch, shard)] = node
         self.log.setdefault(node, []).append((epoch, shard))
+        self.handed_at[(epoch, shard)] = len(self.handed_at)
         start, stop = self.bounds(shard)
         return {"epoch": epoch, "shard": shard, "start": start, "stop": stop, "skip": self.skips.get((epoch, shard), 0)}
 
@@ -101,9 +104,21 @@ class ShardLedger:
             for later in handed[at + 1 :]:  # handed out after the snapshot
                 completed.discard(later)
                 back[later] = None
-        queue = [*back, *(k for k in self.queue if k not in back)]
+        first = sorted(back, key=lambda k: self.handed_at.get(k, -1))  # as they were first handed out
+        queue = [*first, *(k for k in self.queue if k not in back)]
         return {"epoch": self.epoch, "completed": sorted([e, s] for e, s in completed),
                 "queue": [[e, s, skips.get((e, s), 0)] for e, s in queue]}
+
+    def earliest(self, node: str, positions: list[list[int]]) -> list[int]:
+        """Of one worker's positions as several servers saw them (async: each server's copy is
+        taken at its own moment), the earliest: what every server's parameters include."""
+        handed = self.log.get(node, [])
+
+        def order(pos: list[int]) -> tuple[int, int]:
+            key = (pos[0], pos[1])
+            return (handed.index(key) if key in handed else -1, pos[2])
+
+        return min(positions, key=order)
 
     def restore(self, state: dict) -> None:
         """Continue from :meth:`state_at`'s plain data (a checkpoint's job state)."""
@@ -111,7 +126,7 @@ class ShardLedger:
         self.completed = {(int(e), int(s)): "checkpoint" for e, s in state["completed"]}
         self.queue = deque((int(e), int(s)) for e, s, _ in state["queue"])
         self.skips = {(int(e), int(s)): int(k) for e, s, k in state["queue"] if int(k) > 0}
-        self.assigned, self.log = {}, {}
+        self.assigned, self.log, self.handed_at = {}, {}, {}
 
     def summary(self) -> dict:
         per_epoch: dict[int, int] = {}

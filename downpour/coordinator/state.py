@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from downpour.config import JobConfig, job_to_dict
+from downpour.coordinator.checkpointing import CheckpointPlan, sync_margin
 from downpour.coordinator.health import Health, describe_affected
 from downpour.coordinator.shards import ShardLedger
 from downpour.layout import Layout
@@ -53,7 +54,18 @@ class SaveModel:
     servers: list[dict[str, Any]]
 
 
-Action = Reply | Finish | SaveModel
+@dataclass
+class CommitCheckpoint:
+    """Every server wrote its file: write the job's state, then the manifest (which commits it)."""
+
+    name: str
+    step: int
+    files: dict[str, dict[str, Any]]  # server file -> {"sha256", "bytes"}
+    job_state: dict[str, Any]
+    final: bool
+
+
+Action = Reply | Finish | SaveModel | CommitCheckpoint
 
 ALIVE, DONE, FINISHED, DEAD = "alive", "done", "finished", "dead"
 
@@ -75,7 +87,11 @@ class Node:
 
 
 class CoordinatorState:
-    def __init__(self, job: JobConfig, layout: Layout, num_train: int, now: float) -> None:
+    def __init__(self, job: JobConfig, layout: Layout, num_train: int, now: float,
+                 checkpoint_url: str | None = None, resume: dict[str, Any] | None = None) -> None:
+        """``checkpoint_url``: where checkpoints go (None: no checkpoints). ``resume``: the job state
+        of the checkpoint to continue from (``job.json``) plus where it is (``restore``: what the
+        servers need to load their shards)."""
         self.job = job
         self.layout = layout
         self.cl = job.cluster
@@ -99,6 +115,15 @@ class CoordinatorState:
         silent_after = min(0.5 * self.cl.heartbeat_timeout_s, max(3 * self.cl.heartbeat_interval_s, 1.0))
         self.health = Health(silent_after, mon.stall_after_s, mon.slow_fraction)
         self.failures: list[dict[str, Any]] = []
+        self.checkpoints = CheckpointPlan(job.checkpoint, checkpoint_url, job.training.consistency == "sync",
+                                          self.cl.num_servers, now)
+        self._versions: tuple[float, int] | None = None  # (time, server version) for the sync margin
+        self.version_rate = 0.0  # server versions (updates) per second, as heartbeats report them
+        self.resume = resume
+        self.restore: dict[str, Any] | None = None  # what servers load at start (resume or warm start)
+        if resume is not None:
+            self.ledger.restore(resume["ledger"])
+            self.restore = resume["restore"]
 
     # -- helpers ------------------------------------------------------------
     def _role(self, role: str, states: tuple[str, ...] = (ALIVE,)) -> list[Node]:
@@ -187,7 +212,7 @@ class CoordinatorState:
         base = {"node": name, "rank": rank, "job": job_to_dict(self.job), "layout": self.layout.to_dict()}
         out: list[Action] = []
         if role == "server":
-            out.append(Reply(ident, msg.reply(base)))
+            out.append(Reply(ident, msg.reply({**base, "restore": self.restore})))
         else:
             self.pending_workers.append((ident, msg, name))
         if len(self._role("server")) == self.cl.num_servers and len(self._role("worker")) == self.cl.num_workers:
@@ -203,7 +228,7 @@ class CoordinatorState:
             node = self.nodes[name]
             node.last_seen = now
             meta = {"node": name, "rank": node.rank, "job": job_to_dict(self.job), "layout": self.layout.to_dict(),
-                    "servers": servers, "initializer": node.rank == 0}
+                    "servers": servers, "initializer": node.rank == 0 and not (self.restore or {}).get("full")}
             out.append(Reply(ident, msg.reply(meta)))
         self.pending_workers = []
         return out + self._membership()
@@ -215,7 +240,11 @@ class CoordinatorState:
         metrics = msg.meta.get("metrics")
         if isinstance(metrics, str) and len(metrics) < 256:
             node.metrics = metrics
-        if self.phase == "failed" or (self.phase == "stopping" and node.role == "server"):
+        if node.role == "server" and node.rank == 0:
+            self._track_version_rate(now, node.progress.get("version"))
+        # Servers stop once the job is over and its last checkpoint is written (or abandoned).
+        stop_server = self.phase == "stopping" and node.role == "server" and self.checkpoints.pending is None
+        if self.phase == "failed" or stop_server:
             self.stop_told.add(node.name)
             reason = self.error if self.phase == "failed" else "job finished"
             return [Reply(ident, msg.reply({"stop": reason}))]
@@ -223,6 +252,68 @@ class CoordinatorState:
             # Repeats the last MEMBERSHIP, so a server that missed it still learns who trains.
             return [Reply(ident, msg.reply({"workers": [n.name for n in self._training_workers()]}))]
         return [Reply(ident, msg.reply({}))]
+
+    def _track_version_rate(self, now: float, version: object) -> None:
+        if not isinstance(version, int):
+            return
+        if self._versions is not None and now - self._versions[0] >= 0.2:
+            self.version_rate = max(0.0, (version - self._versions[1]) / (now - self._versions[0]))
+        if self._versions is None or now - self._versions[0] >= 0.2:
+            self._versions = (now, version)
+
+    # -- checkpoints ----------------------------------------------------------
+    def _job_steps(self) -> int:
+        """Optimizer steps of all workers: a finished worker's exact count, else its last heartbeat's."""
+        return sum(int((n.stats or n.progress).get("steps", 0)) for n in self._role("worker", (ALIVE, DONE, FINISHED, DEAD)))
+
+    def _begin_checkpoint(self, now: float, final: bool = False, retries: int = 0) -> list[Action]:
+        at_version = None
+        if self.checkpoints.sync and not final:
+            known = max((int(n.progress.get("version", 0)) for n in self._role("server")), default=0)
+            at_version = known + sync_margin(self.version_rate, self.cl.heartbeat_interval_s) * 2**retries
+        p = self.checkpoints.begin(now, self._job_steps(), at_version, final)
+        p.retries = retries
+        log.info("coordinator: checkpoint %s at step %d%s", p.name, p.step,
+                 f" (servers copy at version {at_version})" if at_version is not None else "")
+        msg = Message(Op.CHECKPOINT, meta={"name": p.name, "url": self.checkpoints.url, "keep": self.job.checkpoint.keep,
+                                           "at_version": at_version})
+        return [Reply(n.identity, msg) for n in self._role("server")]
+
+    def _checkpoint_report(self, node: Node, data: dict[str, Any], now: float) -> list[Action]:
+        verdict = self.checkpoints.on_report(node.name, data)
+        p = self.checkpoints.pending
+        if verdict == "missed" and p is not None:
+            if p.retries >= 5:
+                self.checkpoints.abandon(now, f"{node.name} kept passing the version asked for")
+                return []
+            log.info("coordinator: %s passed version %s before hearing of checkpoint %s; asking again",
+                     node.name, p.at_version, p.name)
+            return self._begin_checkpoint(now, retries=p.retries + 1)
+        if verdict == "failed":
+            self.checkpoints.abandon(now, f"{node.name}: {data.get('error')}")
+        if verdict != "complete" or p is None:
+            return []
+        positions: dict[str, list[list[int]]] = {}
+        for report in p.reports.values():
+            for worker, pos in (report.get("positions") or {}).items():
+                if isinstance(pos, list) and len(pos) == 3 and all(isinstance(x, int) for x in pos):
+                    positions.setdefault(worker, []).append(pos)
+        state = {
+            "ledger": self.ledger.state_at({w: self.ledger.earliest(w, ps) for w, ps in positions.items()}),
+            "step": p.step,
+            "version": max(int(r.get("version", 0)) for r in p.reports.values()),
+            "examples": sum(int(n.progress.get("examples", 0)) for n in self._role("worker", (ALIVE, DONE, FINISHED, DEAD))),
+            "resumed_from": (self.resume or {}).get("name"),
+        }
+        files = {r["file"]: {"sha256": r["sha256"], "bytes": r["bytes"]} for r in p.reports.values()}
+        return [CommitCheckpoint(p.name, p.step, files, state, p.final)]
+
+    def checkpoint_committed(self, now: float, ok: bool, why: str = "") -> None:
+        """The service wrote (or failed to write) the job state and manifest of the pending checkpoint."""
+        if ok:
+            self.checkpoints.committed_now(now, now - self.checkpoints.pending.asked)
+        else:
+            self.checkpoints.abandon(now, why)
 
     def on_barrier(self, ident: bytes, msg: Message, now: float, node: Node) -> list[Action]:
         name = str(msg.meta.get("name"))
@@ -239,6 +330,7 @@ class CoordinatorState:
                 del self.barriers[name]
                 if name == "init" and self.train_started is None:
                     self.train_started = now
+                    self.checkpoints.last_at = now
         return out
 
     def on_next_shard(self, ident: bytes, msg: Message, now: float, node: Node) -> list[Action]:
@@ -266,6 +358,7 @@ class CoordinatorState:
     def _end_training(self, now: float) -> list[Action]:
         self.train_ended = now
         self.phase = "evaluating"
+        final = self._begin_checkpoint(now, final=True) if self.checkpoints.enabled and self.job.checkpoint.at_end else []
         done = sorted(self.done_waiting.items(), key=lambda kv: self.nodes[kv[0]].rank)
         out: list[Action] = []
         for i, (name, (ident, msg)) in enumerate(done):
@@ -273,7 +366,7 @@ class CoordinatorState:
             if i > 0:
                 self.nodes[name].state = FINISHED
         self.done_waiting = {}
-        return out
+        return out + final
 
     def on_report(self, ident: bytes, msg: Message, now: float, node: Node) -> list[Action]:
         kind, data = msg.meta.get("kind"), msg.meta.get("data")
@@ -289,6 +382,8 @@ class CoordinatorState:
             log.info("coordinator: test accuracy %.4f; stopping servers", float(data.get("test_accuracy", 0.0)))
             # Before any server hears "stop" (that happens in answers to later heartbeats).
             out.append(SaveModel(self._server_addresses()))
+        elif kind == "checkpoint" and node.role == "server":
+            out += self._checkpoint_report(node, data, now)
         elif kind == "server" and node.role == "server":
             node.stats = data
             node.state = FINISHED
@@ -327,6 +422,10 @@ class CoordinatorState:
         if self.phase != "registering":  # workers waiting inside REGISTER send no heartbeats
             training = self.phase == "training" and self.train_started is not None
             self.health.update(list(self.nodes.values()), training, now, self.affected)
+        if self.checkpoints.expired(now):
+            self.checkpoints.abandon(now, f"not complete after {self.job.checkpoint.timeout_s:g}s")
+        if self.phase == "training" and self.train_started is not None and self.checkpoints.due(now, self._job_steps()):
+            return self._begin_checkpoint(now)
         return []
 
     # -- reporting ----------------------------------------------------------
@@ -369,6 +468,7 @@ class CoordinatorState:
             ],
             "alerts": self.health.current(now),
             "failures": list(self.failures),
+            "checkpoints": self.checkpoints.summary(),
         }
 
     def summary(self, now: float) -> dict[str, Any]:
@@ -400,6 +500,8 @@ class CoordinatorState:
             "staleness": _histogram_summary(hist),
             "data_shards": self.ledger.summary(),
             "failures": list(self.failures),
+            "checkpoints": self.checkpoints.summary(),
+            "resumed_from": (self.resume or {}).get("name"),
             "workers": workers,
             "servers": servers,
         }

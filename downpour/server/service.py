@@ -19,7 +19,7 @@ import torch
 import zmq
 
 from downpour.config import JobConfig, parse_job
-from downpour.coordinator.client import CoordinatorClient, Heartbeat
+from downpour.coordinator.client import COORDINATOR, CoordinatorClient, Heartbeat
 from downpour.errors import DownpourError, ProtocolError
 from downpour.layout import Layout
 from downpour.monitor import Buckets, HttpEndpoint, metrics_route, node_labels
@@ -27,7 +27,9 @@ from downpour.protocol import Message, Op, decode, encode
 from downpour.server.consistency import POLICIES, Push
 from downpour.server.metrics import server_metrics
 from downpour.server.optim import make_rule
+from downpour.server.snapshot import OldParams, Snapshotter, restore_store
 from downpour.server.store import ShardStore
+from downpour.storage import CheckpointStore
 from downpour.transport import Listener, Poller, bind_address
 
 log = logging.getLogger(__name__)
@@ -62,6 +64,10 @@ class ParameterServer:
         # requests for every key (the usual case) are one counter, others per key.
         self.full_transfers = 0
         self.key_transfers: Counter[int] = Counter()
+        # Each worker's data position ([epoch, shard, examples of it done]) as of its last push here,
+        # saved with the shard so that a resumed job continues from the same data.
+        self.positions: dict[str, list[int]] = {}
+        self.snapshots = Snapshotter(self.store, rank, job.optimizer.name, name)
 
     def _record_staleness(self, s: int) -> None:
         self.staleness[s] += 1
@@ -102,6 +108,8 @@ class ParameterServer:
             self._send(to, reply)
         if self.timing:
             self.request_times[msg.op].observe(time.perf_counter() - t0)
+        if self.snapshots.armed is not None:
+            self.snapshots.maybe_take(self.positions)
 
     def _reject(self, peer: bytes, msg: Message, code: str, text: str) -> None:
         self._send(peer, msg.error(code, text))
@@ -158,6 +166,9 @@ class ParameterServer:
             raise ProtocolError(f"push version must be a non-negative integer, got {version!r}")
         if not isinstance(weight, (int, float)) or isinstance(weight, bool) or not math.isfinite(weight) or weight <= 0:
             raise ProtocolError(f"push weight must be a positive number, got {weight!r}")
+        pos = msg.meta.get("pos")
+        if isinstance(pos, list) and len(pos) == 3 and all(type(x) is int and x >= 0 for x in pos):
+            self.positions[peer.decode(errors="replace")] = pos
         self.counts["push"] += 1
         if msg.op == Op.PUSHPULL:
             self.counts["pull"] += 1
@@ -176,6 +187,20 @@ class ParameterServer:
     def on_coordinator(self, peer: str, msg: Message) -> None:
         if msg.op == Op.MEMBERSHIP:
             self.set_workers(msg.meta.get("workers"))
+        elif msg.op == Op.CHECKPOINT:
+            self.snapshots.request(msg.meta, self.positions)
+
+    def restore(self, order: dict[str, Any], layout: Layout) -> None:
+        """Load this server's keys from a checkpoint (``--resume``: with optimizer state and versions;
+        ``init_from``: values only). Every file read is checked against the manifest's SHA-256."""
+        store = CheckpointStore(str(order["url"]))
+        manifest = store.manifest(str(order["name"]))
+        old = OldParams(store, manifest, Layout.from_dict(order["layout"]))
+        filled = restore_store(self.store, layout, old, bool(order.get("full")))
+        if order.get("full"):
+            self.positions = {}
+        log.info("%s: %s %d of %d keys from %s", self.name, "restored" if order.get("full") else "warm-started",
+                 filled, len(self.store.keys), store.where(manifest.name))
 
     def set_workers(self, workers: object) -> None:
         """The workers a sync round waits for (from MEMBERSHIP, repeated in heartbeat answers)."""
@@ -230,6 +255,8 @@ class ParameterServer:
             if now >= next_check:  # not per request: a poll of the coordinator costs a system call
                 next_check = now + _COORDINATOR_CHECK_S
                 coord.rpc.pump(0)
+                for report in self.snapshots.finished():  # answers are not awaited: the coordinator counts reports
+                    coord.rpc.request(COORDINATOR, Message(Op.REPORT, meta={"node": coord.node, "kind": "checkpoint", "data": report}))
                 reason = heartbeat.tick(self.progress)
                 if reason is not None:
                     return reason
@@ -255,6 +282,8 @@ def run_server(ctx: zmq.Context, coordinator: str, host: str = "127.0.0.1", rank
         # Updates are elementwise and memory-bound: more intra-op threads only contend with other processes.
         torch.set_num_threads(job.training.torch_threads)
         server = ParameterServer(ctx, job, layout, int(reply["rank"]), listener, reply["node"])
+        if reply.get("restore"):
+            server.restore(reply["restore"], layout)
         coord.rpc.on_push = server.on_coordinator
         coord.rpc.request_timeout_s = job.cluster.request_timeout_s
         log.info("%s: serving %d parameters in %d keys at %s", server.name, server.store.numel, len(server.store.keys), listener.address)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import posixpath
 from dataclasses import dataclass, field
 from typing import Any
@@ -52,6 +53,14 @@ class Manifest:
             return cls(str(d["name"]), int(d["step"]), files, dict(d.get("job") or {}))
         except (ValueError, KeyError, TypeError, AttributeError) as err:
             raise DataError(f"{where}: not a valid checkpoint manifest: {err}") from None
+
+
+def resolve_location(where: str) -> str:
+    """A run folder means its ``checkpoints`` folder; anything else is taken as the store's URL."""
+    if "://" not in where:
+        inner = os.path.join(where, "checkpoints")
+        return os.path.abspath(inner if os.path.isdir(inner) else where)
+    return where
 
 
 class CheckpointStore:

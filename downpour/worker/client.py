@@ -101,12 +101,12 @@ class KVClient:
                               f"got {t.dtype} {tuple(t.shape)} on {t.device}")
 
     def _send(self, op: Op, keys: list[int] | None, data: torch.Tensor | None, out: torch.Tensor | None,
-              weight: float = 1.0, versions: list[int] | None = None) -> Handle:
+              weight: float = 1.0, versions: list[int] | None = None, extra: dict | None = None) -> Handle:
         versions = self.versions if versions is None else versions
         parts = self._all if keys is None else self._plan(keys)
         futures = []
         for part in parts:
-            meta: dict = {"keys": part.keys}
+            meta: dict = {"keys": part.keys, **extra} if extra else {"keys": part.keys}
             tensors = []
             if data is not None:
                 tensors.append(part.gather(data))
@@ -136,12 +136,13 @@ class KVClient:
         return self._send(Op.PUSH, keys, grad, None, weight, versions)
 
     def push_pull(self, grad: torch.Tensor, out: torch.Tensor, keys: list[int] | None = None, weight: float = 1.0,
-                  versions: list[int] | None = None) -> Handle:
+                  versions: list[int] | None = None, position: list[int] | None = None) -> Handle:
         """Push, then receive the values after that update in the same round trip (one message
-        per server each way). Arguments as for :meth:`push`."""
+        per server each way). Arguments as for :meth:`push`; ``position`` ([epoch, shard, examples
+        of the shard done with this gradient]) is kept by the servers for checkpoints."""
         self._check(grad, "grad")
         self._check(out, "out")
-        return self._send(Op.PUSHPULL, keys, grad, out, weight, versions)
+        return self._send(Op.PUSHPULL, keys, grad, out, weight, versions, {"pos": position} if position else None)
 
     def wait(self, handle: Handle, timeout_s: float | None = None) -> None:
         """Block until every server answered (or raise: RemoteError if one refused,

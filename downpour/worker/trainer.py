@@ -82,7 +82,7 @@ class Trainer:
                 break
             self.shard = shard
             n = self.train_shard(shard)
-            if n == shard["stop"] - shard["start"]:  # a shard cut short by training.steps stays unfinished
+            if n == shard["stop"] - shard["start"] - shard.get("skip", 0):  # cut short by training.steps: unfinished
                 shard_done(shard["epoch"], shard["shard"], n)
         self.shard = None
         self._settle()
@@ -94,17 +94,20 @@ class Trainer:
             self._order = (shard["epoch"], example_order(len(self.data.train), t.seed, shard["epoch"]))
         positions = self._order[1][shard["start"] : shard["stop"]]
         rng = np.random.default_rng([t.seed, shard["epoch"], shard["shard"]])
-        x_all, y_all = self.data.train.take(rng.permutation(positions))
+        skip = shard.get("skip", 0)  # examples already trained (a shard resumed from a checkpoint)
+        x_all, y_all = self.data.train.take(rng.permutation(positions)[skip:])
         x_all, y_all = x_all.to(self.flat.device), y_all.to(self.flat.device)
         done = 0
         for b in range(0, len(y_all), t.batch_size):
             if self.finished:
                 break
-            self.step(x_all[b : b + t.batch_size], y_all[b : b + t.batch_size])
-            done += len(y_all[b : b + t.batch_size])
+            n = len(y_all[b : b + t.batch_size])
+            self.step(x_all[b : b + t.batch_size], y_all[b : b + t.batch_size], [shard["epoch"], shard["shard"], skip + done + n])
+            done += n
         return done
 
-    def step(self, x: torch.Tensor, y: torch.Tensor) -> None:
+    def step(self, x: torch.Tensor, y: torch.Tensor, position: list[int] | None = None) -> None:
+        """One step on a batch; ``position`` is where the batch ends in the data (saved by checkpoints)."""
         c0 = time.perf_counter()
         # The versions the model's values have now: the gradient is computed on them, so the
         # servers measure its staleness from here (not from the push+pull settled below).
@@ -118,7 +121,7 @@ class Trainer:
         c1 = time.perf_counter()
         self._settle()
         p0 = time.perf_counter()
-        self.inflight = self.kv.push_pull(grad, self.flat.host, weight=float(len(y)), versions=base)
+        self.inflight = self.kv.push_pull(grad, self.flat.host, weight=float(len(y)), versions=base, position=position)
         self.push_s += time.perf_counter() - p0
         if not self.overlap:
             self._settle()

@@ -1,0 +1,112 @@
+"""When to checkpoint, and whether a checkpoint is complete: pure decisions on the coordinator's clock.
+
+A checkpoint begins with a ``CHECKPOINT`` to every server (at once in async mode; at a common
+future version in sync mode, so that every shard holds the same round). Each server copies
+its shard, writes it in the background and reports the file's SHA-256. When every server
+reported, the coordinator writes the job's state (``job.json``) and then the manifest, which
+makes the checkpoint exist. A checkpoint not complete within ``checkpoint.timeout_s`` is
+abandoned; the previous one stays the latest.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+from downpour.config import CheckpointConfig
+
+log = logging.getLogger(__name__)
+
+JOB_STATE = "job.json"
+
+
+@dataclass
+class Pending:
+    name: str
+    step: int
+    asked: float
+    at_version: int | None
+    final: bool
+    reports: dict[str, dict[str, Any]] = field(default_factory=dict)
+    retries: int = 0
+
+
+class CheckpointPlan:
+    def __init__(self, cfg: CheckpointConfig, url: str | None, sync: bool, num_servers: int, now: float) -> None:
+        self.cfg = cfg
+        self.url = url
+        self.enabled = cfg.enabled and url is not None
+        self.sync = sync
+        self.num_servers = num_servers
+        self.pending: Pending | None = None
+        self.last_at = now
+        self.last_step = 0
+        self.committed: list[dict[str, Any]] = []
+        self.abandoned = 0
+        self._seq = 0
+
+    def due(self, now: float, step: int) -> bool:
+        if not self.enabled or self.pending is not None:
+            return False
+        by_time = self.cfg.every_s is not None and now - self.last_at >= self.cfg.every_s
+        by_steps = self.cfg.every_steps is not None and step - self.last_step >= self.cfg.every_steps
+        return by_time or by_steps
+
+    def begin(self, now: float, step: int, at_version: int | None, final: bool = False) -> Pending:
+        """A new checkpoint (it replaces one still pending, which is abandoned)."""
+        if self.pending is not None:
+            log.info("coordinator: checkpoint %s replaced by a newer one", self.pending.name)
+            self.pending = None
+        self._seq += 1
+        # Named by the step, plus a sequence number: two checkpoints at one step never collide.
+        name = f"ckpt-{step:012d}-{self._seq:04d}"
+        self.pending = Pending(name, step, now, at_version, final)
+        self.last_at, self.last_step = now, step
+        return self.pending
+
+    def on_report(self, server: str, data: dict[str, Any]) -> str:
+        """A server's report: 'complete' (all servers in), 'missed' (sync: it passed at_version),
+        'failed' (it could not write), 'wait', or 'stale' (not the pending checkpoint)."""
+        p = self.pending
+        if p is None or data.get("name") != p.name:
+            return "stale"
+        if data.get("missed"):
+            return "missed"
+        if data.get("error"):
+            return "failed"
+        p.reports[server] = data
+        return "complete" if len(p.reports) == self.num_servers else "wait"
+
+    def expired(self, now: float) -> bool:
+        return self.pending is not None and now - self.pending.asked > self.cfg.timeout_s
+
+    def abandon(self, now: float, why: str) -> None:
+        if self.pending is not None:
+            log.error("coordinator: checkpoint %s abandoned: %s", self.pending.name, why)
+            self.abandoned += 1
+            self.pending = None
+
+    def committed_now(self, now: float, write_s: float) -> None:
+        p = self.pending
+        assert p is not None
+        self.committed.append({"name": p.name, "step": p.step, "write_s": write_s, "final": p.final})
+        self.pending = None
+
+    def summary(self) -> dict[str, Any]:
+        writes = [c["write_s"] for c in self.committed]
+        return {
+            "enabled": self.enabled,
+            "url": self.url,
+            "count": len(self.committed),
+            "last_step": self.committed[-1]["step"] if self.committed else None,
+            "last": self.committed[-1]["name"] if self.committed else None,
+            "mean_write_s": sum(writes) / len(writes) if writes else None,
+            "abandoned": self.abandoned,
+        }
+
+
+def sync_margin(rate_per_s: float, heartbeat_interval_s: float) -> int:
+    """How many rounds ahead a sync checkpoint is placed: far enough that every server hears
+    of it before reaching that version (one heartbeat of lag, twice over), but soon."""
+    return int(rate_per_s * (2 * heartbeat_interval_s + 0.25)) + 5

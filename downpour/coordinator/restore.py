@@ -1,0 +1,72 @@
+"""Reading a checkpoint at the coordinator's start: ``--resume`` (everything) or ``init_from`` (parameters).
+
+The coordinator checks the checkpoint against the job before any node starts (its files'
+SHA-256, its layout against the model's) and hands the servers what they need to load their
+keys. Servers read the shard files themselves, by parameter name and element range, so a job
+may resume on another number of servers.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+from downpour.coordinator.checkpointing import JOB_STATE
+from downpour.errors import ConfigError, DataError
+from downpour.layout import Layout
+from downpour.storage import CheckpointStore, resolve_location
+
+log = logging.getLogger(__name__)
+
+
+def latest_checkpoint(where: str) -> tuple[CheckpointStore, Any, dict[str, Any]]:
+    """The newest complete, verified checkpoint under a run folder or URL, and its job state."""
+    url = resolve_location(where)
+    store = CheckpointStore(url)
+    manifest = store.latest()
+    if manifest is None:
+        raise DataError(f"no complete checkpoint under {url} (a checkpoint exists once its manifest.json is written)")
+    try:
+        state = json.loads(store.read(manifest, JOB_STATE))
+        Layout.from_dict(state["layout"])
+    except (ValueError, KeyError, TypeError) as err:
+        raise DataError(f"{store.where(manifest.name, JOB_STATE)}: not a valid job state: {err}") from None
+    return store, manifest, state
+
+
+def _shapes(layout: Layout) -> dict[str, tuple[int, ...]]:
+    return {p.name: tuple(p.shape) for p in layout.params}
+
+
+def plan_resume(where: str, layout: Layout) -> dict[str, Any]:
+    """What the coordinator continues from: the ledger, the step, and the servers' restore order."""
+    store, manifest, state = latest_checkpoint(where)
+    old = Layout.from_dict(state["layout"])
+    if _shapes(old) != _shapes(layout):
+        raise ConfigError(f"cannot resume from {store.where(manifest.name)}: the model differs from the checkpoint's "
+                          f"({_difference(_shapes(old), _shapes(layout))}); use init_from to warm-start a changed model")
+    log.info("coordinator: resuming from %s (step %d)", store.where(manifest.name), manifest.step)
+    return {"name": store.where(manifest.name), "ledger": state["ledger"], "step": manifest.step,
+            "examples": state.get("examples", 0),
+            "restore": {"url": store.url, "name": manifest.name, "layout": state["layout"], "full": True}}
+
+
+def plan_warm_start(where: str, layout: Layout) -> dict[str, Any]:
+    """The servers' restore order for ``init_from``: parameters only; a changed shape is an error."""
+    store, manifest, state = latest_checkpoint(where)
+    old, new = _shapes(Layout.from_dict(state["layout"])), _shapes(layout)
+    changed = [f"{n}: {list(old[n])} in the checkpoint, {list(new[n])} now" for n in new if n in old and old[n] != new[n]]
+    if changed:
+        raise ConfigError(f"init_from {store.where(manifest.name)}: parameters changed shape: " + "; ".join(changed))
+    fresh = [n for n in new if n not in old]
+    log.info("coordinator: warm start from %s: %d parameters taken%s", store.where(manifest.name), len(new) - len(fresh),
+             f", {len(fresh)} new ones initialised ({', '.join(fresh)})" if fresh else "")
+    return {"url": store.url, "name": manifest.name, "layout": state["layout"], "full": False}
+
+
+def _difference(old: dict[str, tuple[int, ...]], new: dict[str, tuple[int, ...]]) -> str:
+    parts = [f"{n} only in the checkpoint" for n in old if n not in new]
+    parts += [f"{n} new" for n in new if n not in old]
+    parts += [f"{n} {list(old[n])} -> {list(new[n])}" for n in new if n in old and old[n] != new[n]]
+    return "; ".join(parts)

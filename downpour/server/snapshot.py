@@ -1,0 +1,202 @@
+"""A server's part of a checkpoint: its shard copied at one moment, written in the background,
+and read back (by the same server, or by servers of another layout: re-sharding by parameter name).
+
+File format (safetensors: a JSON header, then raw little-endian tensors; never a pickle):
+
+* ``values`` float32 [numel]: the shard's flat values, key after key;
+* ``versions`` int64 [keys], ``keys`` int64 [keys], ``lengths`` int64 [keys];
+* ``state.<name>`` float32 [numel]: the update rule's state (``momentum_buffer``, ``exp_avg`` ...);
+* metadata ``positions`` (JSON: worker -> [epoch, shard, examples done] of its last push included),
+  ``rule``, ``rank``, ``version``.
+
+When the copy is taken: at once (async mode, the end of training), or, in sync mode, right after
+the round that brings the shard to version ``at_version`` is applied. Every server of a sync job
+then holds round ``at_version`` exactly: a worker pushes round v+1 only after every server
+answered round v, so no server can apply v+1 before all applied v.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from downpour.errors import DataError
+from downpour.layout import Layout
+from downpour.server.store import ShardStore
+from downpour.storage import CheckpointStore, Manifest
+
+log = logging.getLogger(__name__)
+
+
+def shard_file(rank: int) -> str:
+    return f"server-{rank}.safetensors"
+
+
+@dataclass
+class Request:
+    name: str
+    url: str
+    keep: int
+    at_version: int | None
+    asked: float
+
+
+class Snapshotter:
+    """Takes the copies a coordinator asks for and writes them on a thread of its own."""
+
+    def __init__(self, store: ShardStore, rank: int, rule_name: str, node: str) -> None:
+        self.store, self.rank, self.rule_name, self.node = store, rank, rule_name, node
+        self.armed: Request | None = None
+        self.reports: queue.Queue[dict[str, Any]] = queue.Queue()
+        self.writes = 0
+
+    def request(self, meta: dict[str, Any], positions: dict[str, list[int]]) -> None:
+        """A CHECKPOINT from the coordinator (replaces any request not yet taken)."""
+        at = meta.get("at_version")
+        req = Request(str(meta.get("name")), str(meta.get("url")), int(meta.get("keep", 3)),
+                      at if isinstance(at, int) else None, time.monotonic())
+        if req.at_version is not None and self.version() > req.at_version:
+            self.reports.put({"name": req.name, "missed": True, "version": self.version()})
+            return
+        self.armed = req
+        self.maybe_take(positions)
+
+    def version(self) -> int:
+        return max(self.store.versions, default=0)
+
+    def maybe_take(self, positions: dict[str, list[int]]) -> None:
+        """Called after every request handled: takes the copy once its moment came."""
+        req = self.armed
+        if req is None or (req.at_version is not None and self.version() < req.at_version):
+            return
+        self.armed = None
+        tensors = {
+            "values": self.store.data.clone(),
+            "versions": torch.tensor(self.store.versions, dtype=torch.int64),
+            "keys": torch.tensor(self.store.keys, dtype=torch.int64),
+            "lengths": torch.tensor(self.store.lengths, dtype=torch.int64),
+        }
+        for k, v in self.store.rule.state().items():
+            tensors[f"state.{k}"] = v.clone()
+        meta = {"positions": json.dumps(positions), "rule": self.rule_name, "rank": str(self.rank), "version": str(self.version())}
+        threading.Thread(target=self._write, args=(req, tensors, meta), name=f"{self.node}-checkpoint", daemon=True).start()
+
+    def _write(self, req: Request, tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> None:
+        t0 = time.monotonic()
+        try:
+            entry = CheckpointStore(req.url, req.keep).write_file(req.name, shard_file(self.rank), st_save(tensors, metadata=meta))
+            self.writes += 1
+            self.reports.put({"name": req.name, "file": shard_file(self.rank), **entry, "version": int(meta["version"]),
+                              "positions": json.loads(meta["positions"]), "write_s": time.monotonic() - t0})
+        except Exception as err:  # storage errors of any fsspec backend: report, never kill the server
+            log.error("%s: checkpoint %s not written: %s", self.node, req.name, err)
+            self.reports.put({"name": req.name, "error": f"{type(err).__name__}: {err}"})
+
+    def finished(self) -> list[dict[str, Any]]:
+        out = []
+        while True:
+            try:
+                out.append(self.reports.get_nowait())
+            except queue.Empty:
+                return out
+
+
+# -- reading ---------------------------------------------------------------------
+def load_shard_file(data: bytes, where: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Parse and check one shard file: dtypes, shapes and sizes agree with each other."""
+    try:
+        tensors = st_load(data)
+        header_len = int.from_bytes(data[:8], "little")  # safetensors: u64 header length, JSON header
+        meta = json.loads(data[8 : 8 + header_len]).get("__metadata__") or {}
+    except (SafetensorError, ValueError) as err:
+        raise DataError(f"{where}: not a readable shard file: {err}") from None
+    for name, dtype in (("values", torch.float32), ("versions", torch.int64), ("keys", torch.int64), ("lengths", torch.int64)):
+        t = tensors.get(name)
+        if t is None or t.dtype != dtype or t.dim() != 1:
+            raise DataError(f"{where}: {name!r} missing or not a 1-d {dtype} tensor")
+    n = tensors["values"].numel()
+    if not (tensors["versions"].numel() == tensors["keys"].numel() == tensors["lengths"].numel()):
+        raise DataError(f"{where}: keys, versions and lengths differ in length")
+    if int(tensors["lengths"].sum()) != n or bool((tensors["lengths"] <= 0).any()):
+        raise DataError(f"{where}: key lengths do not add up to the {n} values")
+    for k, t in tensors.items():
+        if k.startswith("state.") and (t.dtype != torch.float32 or t.shape != (n,)):
+            raise DataError(f"{where}: {k!r} is {t.dtype} {tuple(t.shape)}, expected float32 ({n},)")
+    return tensors, meta
+
+
+class OldParams:
+    """The parameters of a checkpoint, addressable by name: values, rule state and versions."""
+
+    def __init__(self, store: CheckpointStore, manifest: Manifest, layout: Layout) -> None:
+        self.layout = layout
+        self.values = torch.zeros(layout.numel)
+        self.state: dict[str, torch.Tensor] = {}
+        self.key_versions = [0] * len(layout.slices)
+        self.positions: list[dict[str, list[int]]] = []
+        seen = [False] * len(layout.slices)
+        files = sorted(f for f in manifest.files if f.startswith("server-"))
+        for file in files:
+            where = store.where(manifest.name, file)
+            tensors, meta = load_shard_file(store.read(manifest, file), where)
+            self.positions.append(json.loads(meta.get("positions", "{}")))
+            at = 0
+            for key, length, version in zip(tensors["keys"].tolist(), tensors["lengths"].tolist(), tensors["versions"].tolist()):
+                if not 0 <= key < len(layout.slices) or layout.slices[key].length != length:
+                    raise DataError(f"{where}: key {key} of length {length} does not fit the checkpoint's layout")
+                s = layout.slices[key]
+                self.values[s.start : s.stop] = tensors["values"][at : at + length]
+                for name, t in tensors.items():
+                    if name.startswith("state."):
+                        self.state.setdefault(name[6:], torch.zeros(layout.numel))[s.start : s.stop] = t[at : at + length]
+                self.key_versions[key] = version
+                seen[key] = True
+                at += length
+        if not all(seen):
+            missing = [layout.describe(s) for s, ok in zip(layout.slices, seen) if not ok]
+            raise DataError(f"{store.where(manifest.name)}: no server file holds {', '.join(missing[:5])}")
+
+    def param_range(self, name: str) -> tuple[int, int] | None:
+        for p in self.layout.params:
+            if p.name == name:
+                return p.offset, p.offset + p.numel
+        return None
+
+
+def restore_store(store: ShardStore, layout: Layout, old: OldParams, full: bool) -> int:
+    """Fill this server's keys from a checkpoint's parameters, by parameter name and element range.
+
+    ``full`` (resume): also the rule's state and the versions. Otherwise (warm start) only the
+    values; keys of parameters the checkpoint lacks stay uninitialised (a worker INITs them).
+    Returns how many keys were filled."""
+    state = store.rule.state()
+    filled = 0
+    for i, key in enumerate(store.keys):
+        s = layout.slices[key]
+        p = next(p for p in layout.params if p.offset <= s.start < p.offset + p.numel)
+        rng = old.param_range(p.name)
+        if rng is None:
+            continue
+        lo = rng[0] + (s.start - p.offset)
+        dst = slice(store.offsets[i], store.offsets[i + 1])
+        store.data[dst] = old.values[lo : lo + s.length]
+        if full:
+            for name, t in state.items():
+                if name in old.state:
+                    t[dst] = old.state[name][lo : lo + s.length]
+            covering = [k for k, o in enumerate(old.layout.slices) if o.start < lo + s.length and lo < o.stop]
+            store.versions[i] = max((old.key_versions[k] for k in covering), default=0)
+        store.key_initialized[i] = True
+        filled += 1
+    store.initialized = all(store.key_initialized)
+    return filled

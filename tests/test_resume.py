@@ -1,0 +1,97 @@
+"""Checkpoints in real jobs: a stopped job resumes where it was; a new job warm-starts from another's parameters."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+
+import torch
+import yaml
+
+from downpour.api import resolve_job
+from downpour.launch import LocalLauncher
+from tests.cluster import PY, start_job, stop_job
+from tests.conftest import tiny_job
+
+
+def _committed(run_dir: str) -> list[str]:
+    folder = os.path.join(run_dir, "checkpoints")
+    if not os.path.isdir(folder):
+        return []
+    return sorted(n for n in os.listdir(folder) if os.path.exists(os.path.join(folder, n, "manifest.json")))
+
+
+def _stop_after_a_checkpoint(tmp_path, job: dict) -> str:
+    """Start the job, stop it (SIGTERM, like Ctrl-C) once a mid-run checkpoint is complete."""
+    proc, run_dir = start_job(tmp_path, job)
+    try:
+        deadline = time.monotonic() + 120
+        while not _committed(run_dir):
+            assert proc.poll() is None, f"the job ended before its first checkpoint: {proc.stderr.read()}"
+            assert time.monotonic() < deadline, "no checkpoint within 120s"
+            time.sleep(0.05)
+    finally:
+        stop_job(proc)
+    assert not os.path.exists(os.path.join(run_dir, "summary.json")), "stopped before the end"
+    return run_dir
+
+
+def _resume(tmp_path, job: dict, source: str, name: str = "resumed"):
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(job))
+    run_dir = tmp_path / name
+    done = subprocess.run([PY, "-m", "downpour", "train", str(path), "--run-dir", str(run_dir), "--quiet", "--resume", source],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    return json.loads((run_dir / "summary.json").read_text()), run_dir
+
+
+def test_a_stopped_sync_job_resumes_to_the_same_parameters(tmp_path, tiny_data):
+    """Sync mode is deterministic (no dropout): stop mid-run, resume, and land on the same parameters."""
+    job = tiny_job(tiny_data, model={"args": {"hidden": [32], "dropout": 0.0}},
+                   training={"consistency": "sync", "epochs": 12}, checkpoint={"every_steps": 60, "every_s": None})
+    whole = LocalLauncher(resolve_job(job), str(tmp_path / "whole")).run()
+    (tmp_path / "a").mkdir()
+    stopped = _stop_after_a_checkpoint(tmp_path / "a", job)
+    summary, resumed = _resume(tmp_path, job, stopped)
+    state = json.loads(open(os.path.join(stopped, "checkpoints", _committed(stopped)[-1], "job.json")).read())
+    assert 0 < state["step"] and state["ledger"]["queue"], "the run was stopped mid-way"
+    assert summary["resumed_from"].endswith(_committed(stopped)[-1])
+    want = torch.load(os.path.join(whole.run_dir, "model.pt"), weights_only=True)
+    got = torch.load(resumed / "model.pt", weights_only=True)
+    for name, value in want.items():
+        torch.testing.assert_close(got[name], value, rtol=1e-5, atol=1e-5)
+    # Every shard of every epoch was trained to completion once, across the two runs.
+    assert summary["data_shards"]["completed_per_epoch"] == {str(e): 6 for e in range(12)}
+    assert summary["test_accuracy"] == whole.summary["test_accuracy"]
+
+
+def test_a_stopped_async_job_resumes_and_trains_every_shard_once(tmp_path, tiny_data):
+    job = tiny_job(tiny_data, training={"epochs": 40}, checkpoint={"every_s": 0.5})
+    (tmp_path / "a").mkdir()
+    stopped = _stop_after_a_checkpoint(tmp_path / "a", job)
+    summary, resumed = _resume(tmp_path, job, stopped)
+    assert summary["data_shards"]["completed_per_epoch"] == {str(e): 6 for e in range(40)}
+    assert summary["data_shards"]["unfinished"] == 0
+    assert summary["test_accuracy"] > 0.8
+    # The resumed run checkpoints into its own folder, and its last checkpoint is the end of training.
+    last = json.loads(open(os.path.join(resumed, "checkpoints", _committed(str(resumed))[-1], "manifest.json")).read())
+    assert last["job"]["final"] is True
+
+
+def test_a_new_job_warm_starts_from_a_checkpoint_and_initialises_new_parameters(tmp_path, tiny_data):
+    first = LocalLauncher(resolve_job(tiny_job(tiny_data, training={"epochs": 2})), str(tmp_path / "first")).run()
+    # Same model, another learning rate: it starts from the trained parameters.
+    warm = {**tiny_job(tiny_data, training={"steps": 1}, optimizer={"lr": 1e-9, "momentum": 0.0}), "init_from": first.run_dir}
+    s = LocalLauncher(resolve_job(warm), str(tmp_path / "warm")).run().summary
+    assert abs(s["test_accuracy"] - first.summary["test_accuracy"]) < 0.01
+    # A wider hidden layer changes shapes: refused, naming the parameters, before any node starts.
+    wider = {**tiny_job(tiny_data, model={"args": {"hidden": [48]}}), "init_from": first.run_dir}
+    path = tmp_path / "wider.yaml"
+    path.write_text(yaml.safe_dump(wider))
+    done = subprocess.run([PY, "-m", "downpour", "train", str(path), "--run-dir", str(tmp_path / "wider"), "--quiet"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0
+    assert "changed shape" in done.stderr and "1.weight" in done.stderr, done.stderr
