@@ -9,9 +9,12 @@ Runs alternate so each configuration sees the same machine load; the training ra
 training loop only (the end-of-training checkpoint comes after it). Target (issue 3, from
 CheckFreq): every-10s at most 3.5 % slower than none.
 
-Detection: ``--detect`` also runs the job, SIGKILLs worker-1 (then, in a second run, server-0)
-once training runs, and reports the coordinator's ``detected_after_s`` for it (the job then
-ends: automatic recovery is not built yet).
+Detection: ``--detect`` also runs the job and freezes worker-1 (then, in a second run, server-0)
+with SIGSTOP once training runs: the process stays up but goes silent, as a hung or cut-off
+machine does, so only the coordinator's heartbeat watch can notice it. It reports the
+coordinator's ``detected_after_s`` (the job then ends with a clear error: automatic recovery is
+not built yet). A process that exits is noticed at once by ``downpour train`` (it polls its
+children every 50 ms), before any heartbeat is missed.
 
     .venv/bin/python benchmarks/checkpoint_overhead.py --runs 3 --epochs 3 --detect
 """
@@ -43,7 +46,7 @@ CONFIGS = {"none": ["checkpoint.enabled=false"], "every-10s": ["checkpoint.every
 
 
 def detect(job_path: str, common: list[str], victim: str, root: str) -> dict[str, Any]:
-    """Start the job, kill ``victim`` once it trains, return the failure the coordinator recorded."""
+    """Start the job, freeze ``victim`` once it trains, return the failure the coordinator recorded."""
     job = load_job(job_path, common + ["epochs=20"])
     path = os.path.join(root, f"detect-{victim}.yaml")
     with open(path, "w") as f:
@@ -69,7 +72,7 @@ def detect(job_path: str, common: list[str], victim: str, root: str) -> dict[str
         if pid is None:
             return {"error": "the job never trained"}
         killed = time.monotonic()
-        os.kill(pid, signal.SIGKILL)
+        os.kill(pid, signal.SIGSTOP)
         proc.wait(timeout=120)
         summary = json.load(open(os.path.join(run_dir, "summary.json")))
         failure = next(f for f in summary["failures"] if f["node"] == victim)
@@ -120,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {name} | {m:,.0f} [{min(rate):,.0f}–{max(rate):,.0f}] | {m / base:.3f} | {count:.1f} | "
               f"{statistics.fmean(writes) if writes else 0:.3f} | {acc:.4f} |")
     for d in detections:
-        print(f"\nkilled {d.get('victim')}: detected after {d.get('detected_after_s')} s ({d.get('kind')}); "
+        print(f"\nfroze {d.get('victim')}: detected after {d.get('detected_after_s')} s ({d.get('kind')}); "
               f"the job ended {d.get('job_ended_after_s', 0):.1f} s after the kill (no automatic recovery yet)")
     print(f"\n{env['cpus']} CPUs, load at start {env['loadavg_at_start']}")
     if args.json:

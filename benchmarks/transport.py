@@ -59,7 +59,7 @@ from downpour.layout.partition import make_layout  # noqa: E402
 from downpour.models import mlp, param_shapes  # noqa: E402
 from downpour.protocol.rpc import RpcClient  # noqa: E402
 from downpour.server.service import ParameterServer  # noqa: E402
-from downpour.transport import Listener, Poller, new_context  # noqa: E402
+from downpour.transport import Listener, Poller, Security, create_job_keys, new_context  # noqa: E402
 from downpour.transport.zmq_transport import ZERO_COPY_MIN_BYTES  # noqa: E402
 from downpour.worker.client import KVClient  # noqa: E402
 
@@ -107,20 +107,22 @@ def bench_job(num_servers: int):
 
 
 # --------------------------------------------------------------------------- child processes
-def downpour_server_main(rank: int, named_shapes: list, num_servers: int, addr_q: Any, stop: Any) -> None:
-    """A ParameterServer for ``rank`` of the layout, serving until ``stop`` is set (or terminated)."""
-    ctx = listener = None
+def downpour_server_main(rank: int, named_shapes: list, num_servers: int, keys: str | None, addr_q: Any, stop: Any) -> None:
+    """A ParameterServer for ``rank`` of the layout, serving until ``stop`` is set (or terminated);
+    with ``keys`` (a job key folder) its listener is a CURVE server."""
+    ctx = listener = security = None
     try:
         torch.set_num_threads(1)  # as the launcher runs servers (OMP_NUM_THREADS=1)
         ctx = new_context()
         job = bench_job(num_servers)
         layout = make_layout([(n, tuple(s)) for n, s in named_shapes], num_servers, max_slice_bytes=ClusterConfig().max_slice_bytes)
-        listener = Listener(ctx, "tcp://127.0.0.1:*", job.cluster.max_message_bytes)
+        security = Security.load(keys, "server") if keys else None
+        listener = Listener(ctx, "tcp://127.0.0.1:*", job.cluster.max_message_bytes, security)
         server = ParameterServer(ctx, job, layout, rank, listener, f"bench-server-{rank}")
         server.store.initialized = True  # values start at zero; no INIT round trip needed
         poller = Poller()
         poller.register(listener)
-        addr_q.put(("downpour", rank, listener.address))
+        addr_q.put(("downpour-curve" if keys else "downpour", rank, listener.address))
         while not stop.is_set():  # ParameterServer.serve's loop, without the coordinator
             if poller.poll(0.05):
                 for _ in range(256):
@@ -134,6 +136,8 @@ def downpour_server_main(rank: int, named_shapes: list, num_servers: int, addr_q
     finally:
         if listener is not None:
             listener.close()
+        if security is not None:
+            security.close()
         if ctx is not None:
             ctx.destroy(linger=0)
 
@@ -218,9 +222,10 @@ class Children:
 
 # --------------------------------------------------------------------------- clients (this process)
 class DownpourSide:
-    def __init__(self, layout: Layout, addresses: dict[int, str]) -> None:
+    def __init__(self, layout: Layout, addresses: dict[int, str], keys: str | None = None) -> None:
         self.ctx = new_context()
-        self.rpc = RpcClient(self.ctx, "bench-client", request_timeout_s=REQUEST_TIMEOUT_S)
+        self.security = Security.load(keys, "worker") if keys else None
+        self.rpc = RpcClient(self.ctx, "bench-client", request_timeout_s=REQUEST_TIMEOUT_S, security=self.security)
         for rank, addr in addresses.items():
             self.rpc.connect(f"server-{rank}", addr)
         # As an async worker does: a server's keys go out in requests of at most
@@ -240,6 +245,8 @@ class DownpourSide:
 
     def close(self) -> None:
         self.rpc.close()
+        if self.security is not None:
+            self.security.close()
         self.ctx.destroy(linger=0)
 
 
@@ -330,16 +337,21 @@ def run_case(mpctx: Any, case: Case, args: argparse.Namespace) -> dict[str, Any]
     payload = layout.numel * 4
     part_bytes = [4 * sum(s.length for s in layout.slices if s.server == r) for r in range(case.num_servers)]
     children = Children(mpctx)
-    dp = raw = None
+    dp = raw = curve = None
     try:
         shapes = [(n, list(s)) for n, s in case.named_shapes]
         for r in range(case.num_servers):
-            children.start(f"downpour-server-{r}", downpour_server_main, r, shapes, case.num_servers)
+            children.start(f"downpour-server-{r}", downpour_server_main, r, shapes, case.num_servers, None)
             children.start(f"raw-echo-{r}", echo_server_main, r, args.raw_copy_threshold)
-        addr = children.addresses(2 * case.num_servers)
+            if args.keys:
+                children.start(f"downpour-curve-server-{r}", downpour_server_main, r, shapes, case.num_servers, args.keys)
+        addr = children.addresses((3 if args.keys else 2) * case.num_servers)
         dp = DownpourSide(layout, {r: addr[("downpour", r)] for r in range(case.num_servers)})
         raw = RawSide(part_bytes, [addr[("raw", r)] for r in range(case.num_servers)], args.raw_copy_threshold)
         sides = {"downpour": dp, "raw": raw}
+        if args.keys:
+            curve = DownpourSide(layout, {r: addr[("downpour-curve", r)] for r in range(case.num_servers)}, args.keys)
+            sides["curve"] = curve
         results = {name: SideResult() for name in sides}
         for name, side in sides.items():
             results[name].repeats = calibrate(side.round_trip, args.block_s, args.repeats, args.warmup)
@@ -357,9 +369,12 @@ def run_case(mpctx: Any, case: Case, args: argparse.Namespace) -> dict[str, Any]
             "raw": results["raw"].summary(payload),
         }
         out["ratio"] = out["downpour"]["round_trips_per_s"] / out["raw"]["round_trips_per_s"]
+        if curve is not None:
+            out["curve"] = results["curve"].summary(payload)
+            out["curve_ratio"] = out["curve"]["round_trips_per_s"] / out["downpour"]["round_trips_per_s"]
         return out
     finally:
-        for side in (dp, raw):
+        for side in (dp, raw, curve):
             if side is not None:
                 side.close()
         children.close()
@@ -397,8 +412,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--raw-copy-threshold", type=int, default=ZERO_COPY_MIN_BYTES,
                     help=f"pyzmq copy_threshold of the raw sockets (default {ZERO_COPY_MIN_BYTES}, Downpour's own)")
     ap.add_argument("--start-method", choices=["spawn", "fork", "forkserver"], default="spawn")
+    ap.add_argument("--curve", action="store_true",
+                    help="also time Downpour with CURVE (authenticated, encrypted) against Downpour plain, same run")
     ap.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH")
     args = ap.parse_args(argv)
+    args.keys = None
+    if args.curve:
+        import tempfile
+
+        args.keys = create_job_keys(os.path.join(tempfile.mkdtemp(prefix="downpour-bench-keys-"), "keys"))
     if args.repeats is not None and args.repeats < 1:
         ap.error("--repeats must be at least 1")
     if args.trials < 1:
@@ -425,7 +447,10 @@ def main(argv: list[str] | None = None) -> int:
             row = run_case(mpctx, case, args)
             rows.append(row)
             print(f"  {row['label']}: Downpour {row['downpour']['round_trips_per_s']:.1f} rt/s, "
-                  f"raw {row['raw']['round_trips_per_s']:.1f} rt/s, ratio {row['ratio']:.2f}", file=sys.stderr, flush=True)
+                  f"raw {row['raw']['round_trips_per_s']:.1f} rt/s, ratio {row['ratio']:.2f}"
+                  + (f"; CURVE {row['curve']['round_trips_per_s']:.1f} rt/s, CURVE/plain {row['curve_ratio']:.2f}"
+                     if "curve" in row else ""),
+                  file=sys.stderr, flush=True)
     except KeyboardInterrupt:
         print("interrupted; server processes stopped", file=sys.stderr)
         return 130
@@ -436,6 +461,15 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(table(rows))
     print()
+    if args.curve:
+        print("Downpour with CURVE (authenticated, encrypted: the default) against Downpour plain (--insecure):")
+        print()
+        print("| payload (each way) | servers | plain rt/s | CURVE rt/s | CURVE GB/s | CURVE/plain |")
+        print("|---|---:|---:|---:|---:|---:|")
+        for r in rows:
+            print(f"| {r['label']} | {r['servers']} | {r['downpour']['round_trips_per_s']:.1f} | {r['curve']['round_trips_per_s']:.1f} | "
+                  f"{r['curve']['gb_per_s']:.2f} | {r['curve_ratio']:.2f} |")
+        print()
     print(f"{env['cpus']} CPUs, torch {env['torch']}, pyzmq {env['pyzmq']} (libzmq {env['libzmq']}); {total:.1f}s in all")
     if args.json:
         with open(args.json, "w") as f:

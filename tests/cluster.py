@@ -14,7 +14,7 @@ import yaml
 
 from downpour.protocol import Message, Op
 from downpour.protocol.rpc import RpcClient
-from downpour.transport import new_context
+from downpour.transport import Security, new_context
 
 PY = sys.executable
 
@@ -34,15 +34,19 @@ def query_status(run_dir: str, timeout_s: float = 2.0) -> dict | None:
     addr = os.path.join(run_dir, "coordinator.addr")
     if not os.path.exists(addr):
         return None
+    keys = os.path.join(run_dir, "keys")
+    security = Security.load(keys, "client") if os.path.isdir(keys) else None
     ctx = new_context()
-    rpc = RpcClient(ctx, "test-status", request_timeout_s=timeout_s)
+    rpc = RpcClient(ctx, "test-status", request_timeout_s=timeout_s, security=security)
     try:
-        rpc.connect("coordinator", open(addr).read().strip())
+        rpc.connect("coordinator", open(addr).read().strip(), role="coordinator")
         return rpc.call("coordinator", Message(Op.STATUS)).meta
     except Exception:
         return None
     finally:
         rpc.close()
+        if security is not None:
+            security.close()
         ctx.term()
 
 

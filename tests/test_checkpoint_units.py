@@ -401,29 +401,35 @@ def test_a_job_resumed_from_a_snapshot_trains_every_example_exactly_once_per_epo
     assert Counter(trained) == every_example()
 
 
-SKIP_LOST = ("BUG: ShardLedger.state_at takes a shard's skip from self.skips, which done() clears: a shard resumed with "
-             "skip k, handed out again but not begun when the next snapshot was copied (its worker had no position) and "
-             "reported done before that snapshot's state is taken, goes back with skip 0, so its first k examples, "
-             "already in the parameters, are trained twice")
-
-
-@pytest.mark.xfail(strict=True, reason=SKIP_LOST)
-def test_a_resumed_shard_finished_after_a_second_snapshot_goes_back_with_its_skip():
-    """Resume with shard P at skip 2; P is handed out again, but the next snapshot is taken before its
-    worker pushed anything (no position). P is trained to the end and reported done before that
-    snapshot's state is taken: P goes back to the queue, and still only its examples from 2 on are
-    missing from the parameters."""
+def test_a_resumed_shard_finished_after_the_next_snapshot_without_its_worker_position_goes_back_with_its_skip():
+    """Resume with shard P at skip 2. The next snapshot is copied before P's worker pushed anything
+    (no position); P is then trained to the end and reported done before that snapshot's state is
+    taken: P goes back to the queue, and the parameters still hold its examples 0 and 1."""
     ledger = ShardLedger(40, 4, 2, seed=7)
     p = handed(ledger, "w0")
     again = resumed(ledger.state_at({"w0": [*p, 2]}))
     assert again.next("w0")["skip"] == 2
-    assert again.done("w0", *p)  # trained examples 2 and 3 after the snapshot was copied
+    assert again.done("w0", *p)  # examples 2 and 3 trained after the snapshot was copied
     state = again.state_at({})  # w0 had pushed nothing when the servers copied their shards
-    assert [*p, 2] in state["queue"], f"BUG: {[q for q in state['queue'] if tuple(q[:2]) == p]}"
+    assert [*p, 2] in state["queue"]
 
 
-TWICE = [pytest.param(seed, at, marks=pytest.mark.xfail(strict=True, reason=SKIP_LOST)) if (seed, at) == (1, 3) else (seed, at)
-         for seed in range(3) for at in (3, 20, 47)]
+def test_a_resumed_shard_handed_out_after_the_next_snapshot_and_finished_goes_back_with_its_skip():
+    """Resume with shards P (skip 1) and Q (skip 2). w0 trains P and is at example 2 of it when the
+    next snapshot is copied; then it finishes P, takes Q, finishes it, reports both done, and only then
+    is the snapshot's state taken: Q, begun after the snapshot, goes back with the skip it had."""
+    ledger = ShardLedger(40, 4, 2, seed=7)
+    p, q = handed(ledger, "w0"), handed(ledger, "w1")
+    again = resumed(ledger.state_at({"w0": [*p, 1], "w1": [*q, 2]}))
+    assert again.next("w0")["skip"] == 1
+    assert again.done("w0", *p)
+    assert again.next("w0")["skip"] == 2
+    assert again.done("w0", *q)
+    state = again.state_at({"w0": [*p, 2]})
+    assert state["queue"][:2] == [[*p, 2], [*q, 2]]
+
+
+TWICE = [(seed, at) for seed in range(3) for at in (3, 20, 47)]
 
 
 @pytest.mark.parametrize(("seed", "at"), TWICE)
@@ -573,13 +579,13 @@ def test_a_checkpoint_restored_into_the_same_layout_has_the_same_values_momentum
     assert torch.equal(gather(fresh, layout), gather(stores, layout))
 
 
-@pytest.mark.parametrize("num_servers", [1, 3])
-def test_a_checkpoint_restores_into_another_number_of_servers_parameter_by_parameter(url, num_servers):
+@pytest.mark.parametrize(("num_servers", "partitioner"), [(1, "bytes"), (3, "bytes"), (2, "greedy")])
+def test_a_checkpoint_restores_into_another_layout_parameter_by_parameter(url, num_servers, partitioner):
     layout = layout_of(2)
     stores = initialised(layout)
     train(stores, 5)
     store, manifest = checkpoint_of(stores, url)
-    other = layout_of(num_servers)
+    other = make_layout(SHAPES, num_servers, "f32", partitioner, 16)
     old = OldParams(store, manifest, layout)
     fresh = stores_for(other)
     for st in fresh:
@@ -665,6 +671,20 @@ def test_a_request_for_a_version_already_passed_is_reported_missed_and_writes_no
     snap.request({"name": "ckpt-late", "url": url, "keep": 3, "at_version": 3}, {})
     assert snap.finished() == [{"name": "ckpt-late", "missed": True, "version": 4}]
     assert snap.armed is None and not exists(f"{url}/ckpt-late")
+
+
+def test_a_request_for_the_version_the_shard_is_at_is_taken_at_once(url):
+    layout = layout_of(2)
+    [st, _] = initialised(layout)
+    st.apply(st.all, torch.ones(st.numel))
+    want = st.data.clone()
+    snap = Snapshotter(st, 0, "sgd", "server-0")
+    snap.request({"name": "ckpt-now", "url": url, "keep": 3, "at_version": 1}, {})
+    assert snap.armed is None
+    st.apply(st.all, torch.ones(st.numel))
+    [report] = wait_reports([snap])
+    assert report["version"] == 1
+    assert torch.equal(load_shard_file(read_raw(f"{url}/ckpt-now/{report['file']}"), "here")[0]["values"], want)
 
 
 def test_a_request_replaces_one_not_yet_taken(url):
@@ -939,12 +959,17 @@ def test_a_job_state_without_a_layout_is_refused_naming_the_file(url):
         plan_resume(url, mlp_layout([3]))
 
 
+@pytest.mark.parametrize("layout", [{"params": 5}, {"params": [["w", [2], 0, 3]], "slices": [], "num_servers": 1, "dtype": "f32"}],
+                         ids=["not a layout", "a layout that contradicts itself"])
+def test_a_job_state_with_a_malformed_layout_is_refused_naming_the_file(url, layout):
+    commit_checkpoint(CheckpointStore(url), 3, {JOB_STATE: json.dumps({"ledger": {}, "layout": layout}).encode()})
+    with pytest.raises(DataError, match=r"job\.json: not a valid job state"):
+        plan_resume(url, mlp_layout([3]))
+
+
 # -- the coordinator after a resume ------------------------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: CoordinatorState ignores resume['step']: the job's step (_job_steps, the sum of "
-                   "the workers' step counts) restarts at 0 after --resume, so new checkpoints are named ckpt-<steps since "
-                   "the resume>-NNNN and sort before the checkpoint resumed from")
 def test_checkpoints_taken_after_a_resume_sort_after_the_one_resumed_from():
     """Checkpoints are ordered by name, and named by the job's step: a resumed job's step must go on
     from the checkpoint's, or its new checkpoints sort before the old one (latest() keeps returning
@@ -975,4 +1000,4 @@ def test_checkpoints_taken_after_a_resume_sort_after_the_one_resumed_from():
     asked = [a.msg.meta["name"] for a in state.tick(1.5) if isinstance(a, Reply) and a.msg.op == Op.CHECKPOINT]
     assert len(asked) == 2 and state.checkpoints.pending is not None
     assert state.checkpoints.pending.step >= 500 and asked[0] > old, (
-        f"BUG: after resuming from {old}, the next checkpoint is {asked[0]} (step {state.checkpoints.pending.step})")
+        f"after resuming from {old}, the next checkpoint is {asked[0]} (step {state.checkpoints.pending.step})")

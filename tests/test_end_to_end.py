@@ -159,13 +159,16 @@ def test_ctrl_c_stops_every_process(tmp_path, tiny_data):
 
 
 def test_hand_started_roles_form_one_job(tmp_path, tiny_data):
-    """`downpour coordinator|server|worker` by hand, a worker configured by environment variables."""
+    """`downpour keys`, then `downpour coordinator|server|worker` by hand with the job's keys, a worker
+    configured by environment variables."""
     path = tmp_path / "job.yaml"
     path.write_text(yaml.safe_dump(tiny_job(tiny_data, cluster={"num_servers": 1, "num_workers": 2}, training={"steps": 10})))
     run_dir = tmp_path / "run"
+    keys = str(tmp_path / "keys")
+    assert _cli("keys", keys).returncode == 0
     logs = open(tmp_path / "nodes.log", "w")
-    procs = [subprocess.Popen([PY, "-m", "downpour", "coordinator", str(path), "--bind", "tcp://127.0.0.1:*", "--run-dir", str(run_dir)],
-                              stdout=logs, stderr=subprocess.STDOUT)]
+    procs = [subprocess.Popen([PY, "-m", "downpour", "coordinator", str(path), "--bind", "tcp://127.0.0.1:*", "--run-dir", str(run_dir),
+                               "--keys", keys], stdout=logs, stderr=subprocess.STDOUT)]
     try:
         deadline = time.monotonic() + 60
         while not (run_dir / "coordinator.addr").exists():
@@ -173,9 +176,11 @@ def test_hand_started_roles_form_one_job(tmp_path, tiny_data):
             time.sleep(0.1)
         url = (run_dir / "coordinator.addr").read_text().strip()
         host_port = url.removeprefix("tcp://")
-        procs.append(subprocess.Popen([PY, "-m", "downpour", "server", "--coordinator", host_port], stdout=logs, stderr=subprocess.STDOUT))
-        procs.append(subprocess.Popen([PY, "-m", "downpour", "worker", "--coordinator", host_port], stdout=logs, stderr=subprocess.STDOUT))
-        env = dict(os.environ, DOWNPOUR_ROLE="worker", DOWNPOUR_COORDINATOR=host_port)
+        procs.append(subprocess.Popen([PY, "-m", "downpour", "server", "--coordinator", host_port, "--keys", keys],
+                                      stdout=logs, stderr=subprocess.STDOUT))
+        procs.append(subprocess.Popen([PY, "-m", "downpour", "worker", "--coordinator", host_port, "--keys", keys],
+                                      stdout=logs, stderr=subprocess.STDOUT))
+        env = dict(os.environ, DOWNPOUR_ROLE="worker", DOWNPOUR_COORDINATOR=host_port, DOWNPOUR_KEYS=keys)
         procs.append(subprocess.Popen([PY, "-m", "downpour", "node"], env=env, stdout=logs, stderr=subprocess.STDOUT))
         codes = [p.wait(timeout=120) for p in procs]
     finally:

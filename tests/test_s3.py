@@ -6,7 +6,6 @@ sets for itself and for the processes of the job it starts.
 
 from __future__ import annotations
 
-import os
 import socket
 import subprocess
 import sys

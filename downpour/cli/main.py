@@ -5,11 +5,12 @@
     downpour server --coordinator HOST:PORT [--host HOST] [--rank N]
     downpour worker --coordinator HOST:PORT [--rank N]
     downpour status RUN_DIR | HOST:PORT [--json]
+    downpour keys DIR                       (then --keys DIR on every hand-started node)
 
 Hand-started nodes may take their settings from the environment instead, in
 the spirit of ps-lite's DMLC_* variables: DOWNPOUR_ROLE (for ``downpour node``),
 DOWNPOUR_COORDINATOR, DOWNPOUR_RANK, DOWNPOUR_HOST, DOWNPOUR_JOB, DOWNPOUR_BIND,
-DOWNPOUR_METRICS_HOST.
+DOWNPOUR_METRICS_HOST, DOWNPOUR_KEYS, DOWNPOUR_INSECURE=1.
 This module is the only place that reads them.
 """
 
@@ -54,6 +55,22 @@ def _env_int(name: str) -> int | None:
     return int(v)
 
 
+def _security(args, role: str) -> Any:
+    """The node's CURVE keys from --keys DIR (or DOWNPOUR_KEYS); None with --insecure, loudly."""
+    from downpour.transport import Security
+
+    if getattr(args, "insecure", False):
+        print(f"downpour: WARNING: --insecure: this {role} talks without authentication or encryption; "
+              "anyone who can reach its ports can read and rewrite the model. Use it on trusted networks only.",
+              file=sys.stderr, flush=True)
+        return None
+    folder = getattr(args, "keys", None) or os.environ.get("DOWNPOUR_KEYS")
+    if not folder:
+        raise ConfigError(f"the {role} needs the job's keys: --keys DIR (make them with `downpour keys DIR`), "
+                          "or --insecure on a trusted network")
+    return Security.load(folder, role)
+
+
 def _load(args) -> Any:
     from downpour.config import load_job
 
@@ -73,7 +90,10 @@ def cmd_train(args) -> int:
     job = _load(args)
     check_data(job)  # missing data: one line saying how to get it, nothing started
     run_dir = args.run_dir or default_run_dir(job.name)
-    launcher = LocalLauncher(job, run_dir)
+    if args.insecure:
+        print("downpour: WARNING: --insecure: the job's processes talk without authentication or encryption.",
+              file=sys.stderr, flush=True)
+    launcher = LocalLauncher(job, run_dir, insecure=args.insecure)
     signal.signal(signal.SIGTERM, _terminate)  # stopped like Ctrl-C: every process of the job goes too
     print(f"downpour: {job.name}: {job.cluster.num_servers} servers, {job.cluster.num_workers} workers, "
           f"{job.training.consistency}; run folder {run_dir}", flush=True)
@@ -140,8 +160,9 @@ def cmd_coordinator(args) -> int:
         bind = f"tcp://{bind}"
     if args.run_dir:
         os.makedirs(args.run_dir, exist_ok=True)
+    security = _security(args, "coordinator")
     ctx = new_context()
-    coord = Coordinator(ctx, job, bind, args.run_dir)
+    coord = Coordinator(ctx, job, bind, args.run_dir, security)
     print(f"coordinator listening on {coord.address}", file=sys.stderr, flush=True)
     try:
         return coord.serve()
@@ -156,7 +177,7 @@ def cmd_server(args) -> int:
     ctx = new_context()
     try:
         return run_server(ctx, _coordinator_url(args.coordinator), host=args.host, rank=args.rank, ipc_dir=args.ipc_dir,
-                          metrics_host=args.metrics_host)
+                          metrics_host=args.metrics_host, security=_security(args, "server"))
     finally:
         ctx.destroy(linger=0)
 
@@ -167,9 +188,21 @@ def cmd_worker(args) -> int:
 
     ctx = new_context()
     try:
-        return run_worker(ctx, _coordinator_url(args.coordinator), rank=args.rank, metrics_host=args.metrics_host)
+        return run_worker(ctx, _coordinator_url(args.coordinator), rank=args.rank, metrics_host=args.metrics_host,
+                          security=_security(args, "worker"))
     finally:
         ctx.destroy(linger=0)
+
+
+def cmd_keys(args) -> int:
+    from downpour.transport import create_job_keys
+
+    if os.path.exists(args.folder) and os.listdir(args.folder):
+        raise ConfigError(f"{args.folder} is not empty; give a new folder for the job's keys")
+    create_job_keys(args.folder)
+    print(f"keys for the job's roles (coordinator, server, worker, client) are in {args.folder} (0700). Give each node\n"
+          f"the public *.key files and its own role's *.key_secret, and start it with --keys FOLDER.")
+    return 0
 
 
 def cmd_node(args) -> int:
@@ -183,6 +216,8 @@ def cmd_status(args) -> int:
     from downpour.cli.status import render_live, render_summary, show
 
     target, dashboard = args.target, None
+    if os.path.isdir(target) and not args.keys and os.path.isdir(os.path.join(target, "keys")):
+        args.keys = os.path.join(target, "keys")
     if os.path.isdir(target):
         path = os.path.join(target, "summary.json")
         addr_path = os.path.join(target, "coordinator.addr")
@@ -206,10 +241,11 @@ def cmd_status(args) -> int:
     from downpour.protocol.rpc import RpcClient
     from downpour.transport import new_context
 
+    security = None if args.insecure or not (args.keys or os.environ.get("DOWNPOUR_KEYS")) else _security(args, "client")
     ctx = new_context()
-    rpc = RpcClient(ctx, f"status-{os.getpid()}", request_timeout_s=5.0)
+    rpc = RpcClient(ctx, f"status-{os.getpid()}", request_timeout_s=5.0, security=security)
     try:
-        rpc.connect("coordinator", _coordinator_url(target))
+        rpc.connect("coordinator", _coordinator_url(target), role="coordinator")
         status = rpc.call("coordinator", Message(Op.STATUS)).meta
     finally:
         rpc.close()
@@ -233,6 +269,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--data", help="folder of MNIST-format IDX files (sets data.path)")
     t.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a job field, e.g. --set epochs=3")
     t.add_argument("--quiet", action="store_true", help="no progress output")
+    t.add_argument("--insecure", action="store_true",
+                   help="no authentication or encryption between the job's processes (default: CURVE, keys in RUN_DIR/keys)")
     t.add_argument("--resume", metavar="RUN_DIR_OR_URL",
                    help="continue from the latest checkpoint of that run (same step, data position, optimizer state)")
     t.set_defaults(fn=cmd_train)
@@ -244,6 +282,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--data")
     c.add_argument("--set", action="append", metavar="KEY=VALUE")
     c.add_argument("--resume", metavar="RUN_DIR_OR_URL", help="continue from the latest checkpoint there")
+    c.add_argument("--keys", default=env("DOWNPOUR_KEYS"), help="the job's key folder (downpour keys DIR)")
+    c.add_argument("--insecure", action="store_true", help="plain sockets: no authentication, no encryption")
     c.set_defaults(fn=cmd_coordinator)
 
     for role, fn in (("server", cmd_server), ("worker", cmd_worker)):
@@ -252,6 +292,8 @@ def build_parser() -> argparse.ArgumentParser:
         r.add_argument("--rank", type=int, default=_env_int("DOWNPOUR_RANK"), help="preferred rank")
         r.add_argument("--metrics-host", default=env("DOWNPOUR_METRICS_HOST"),
                        help="interface for this node's /metrics (default: the job's monitor.http_host)")
+        r.add_argument("--keys", default=env("DOWNPOUR_KEYS"), help="the job's key folder (downpour keys DIR)")
+        r.add_argument("--insecure", action="store_true", help="plain sockets: no authentication, no encryption")
         if role == "server":
             r.add_argument("--host", default=env("DOWNPOUR_HOST", "127.0.0.1"), help="interface to listen on")
             r.add_argument("--ipc-dir", help="folder for ipc sockets (when the coordinator is ipc://)")
@@ -260,11 +302,18 @@ def build_parser() -> argparse.ArgumentParser:
     n = sub.add_parser("node", help="start the role named by DOWNPOUR_ROLE, configured from DOWNPOUR_* variables")
     n.set_defaults(fn=cmd_node, job=env("DOWNPOUR_JOB"), bind=env("DOWNPOUR_BIND"), run_dir=None, data=None, set=None, resume=None,
                    coordinator=env("DOWNPOUR_COORDINATOR"), rank=None, host=env("DOWNPOUR_HOST", "127.0.0.1"), ipc_dir=None,
-                   metrics_host=env("DOWNPOUR_METRICS_HOST"))
+                   metrics_host=env("DOWNPOUR_METRICS_HOST"), keys=env("DOWNPOUR_KEYS"),
+                   insecure=env("DOWNPOUR_INSECURE", "") == "1")
 
     s = sub.add_parser("status", help="show a running or finished job")
     s.add_argument("target", help="run folder or coordinator HOST:PORT")
     s.add_argument("--json", action="store_true", help="print the raw status (or summary.json) as JSON")
+    s.add_argument("--keys", default=None, help="the job's key folder (default: RUN_DIR/keys, or DOWNPOUR_KEYS)")
+    s.add_argument("--insecure", action="store_true", help="the job runs without keys")
+
+    k = sub.add_parser("keys", help="make a job's keys (CURVE key pairs per role) for hand-started nodes")
+    k.add_argument("folder")
+    k.set_defaults(fn=cmd_keys)
     s.set_defaults(fn=cmd_status)
     return p
 

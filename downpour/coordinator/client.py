@@ -21,6 +21,7 @@ import zmq
 from downpour.errors import TransportError
 from downpour.protocol import Message, Op
 from downpour.protocol.rpc import Future, RpcClient
+from downpour.transport import Security
 
 COORDINATOR = "coordinator"
 
@@ -35,10 +36,12 @@ class CoordinatorClient:
         on_push: Callable[[str, Message], None] | None = None,
         abort: threading.Event | None = None,
         abort_reason: Callable[[], str] = lambda: "aborted",
+        security: Security | None = None,
     ) -> None:
         self.identity = identity
-        self.rpc = RpcClient(ctx, identity, request_timeout_s, on_push=on_push, abort=abort, abort_reason=abort_reason)
-        self.rpc.connect(COORDINATOR, address)
+        self.rpc = RpcClient(ctx, identity, request_timeout_s, on_push=on_push, abort=abort, abort_reason=abort_reason,
+                             security=security)
+        self.rpc.connect(COORDINATOR, address, role="coordinator")
         self.node = identity
 
     def call(self, op: Op, meta: dict[str, Any] | None = None, timeout_s: float | None = None) -> dict[str, Any]:

@@ -30,7 +30,7 @@ def latest_checkpoint(where: str) -> tuple[CheckpointStore, Any, dict[str, Any]]
     try:
         state = json.loads(store.read(manifest, JOB_STATE))
         Layout.from_dict(state["layout"])
-    except (ValueError, KeyError, TypeError) as err:
+    except (ValueError, KeyError, TypeError, ConfigError) as err:
         raise DataError(f"{store.where(manifest.name, JOB_STATE)}: not a valid job state: {err}") from None
     return store, manifest, state
 
@@ -39,10 +39,15 @@ def _shapes(layout: Layout) -> dict[str, tuple[int, ...]]:
     return {p.name: tuple(p.shape) for p in layout.params}
 
 
-def plan_resume(where: str, layout: Layout) -> dict[str, Any]:
-    """What the coordinator continues from: the ledger, the step, and the servers' restore order."""
+def plan_resume(where: str, layout: Layout, optimizer: str | None = None) -> dict[str, Any]:
+    """What the coordinator continues from: the ledger, the step, and the servers' restore order.
+    ``optimizer`` (the job's update rule) must be the checkpoint's: its state is restored."""
     store, manifest, state = latest_checkpoint(where)
     old = Layout.from_dict(state["layout"])
+    old_opt = ((state.get("job") or {}).get("optimizer") or {}).get("name")
+    if optimizer is not None and old_opt is not None and old_opt != optimizer:
+        raise ConfigError(f"cannot resume from {store.where(manifest.name)}: it was trained with optimizer {old_opt!r}, "
+                          f"this job uses {optimizer!r}; use init_from to start a new optimizer from its parameters")
     if _shapes(old) != _shapes(layout):
         raise ConfigError(f"cannot resume from {store.where(manifest.name)}: the model differs from the checkpoint's "
                           f"({_difference(_shapes(old), _shapes(layout))}); use init_from to warm-start a changed model")

@@ -30,7 +30,7 @@ from downpour.monitor import HttpEndpoint, metrics_route, node_labels
 from downpour.monitor.http import static_file
 from downpour.protocol import decode, encode
 from downpour.storage import CheckpointStore, Manifest
-from downpour.transport import Listener, Poller
+from downpour.transport import Listener, Poller, Security
 
 log = logging.getLogger(__name__)
 
@@ -61,8 +61,11 @@ def write_json(path: str, data: Any) -> None:
 
 
 class Coordinator:
-    def __init__(self, ctx: zmq.Context, job: JobConfig, address: str, run_dir: str | None) -> None:
+    def __init__(self, ctx: zmq.Context, job: JobConfig, address: str, run_dir: str | None,
+                 security: Security | None = None) -> None:
+        """``security``: the coordinator's CURVE keys (None: plain sockets, for trusted networks)."""
         self.job = job
+        self.security = security
         self.run_dir = run_dir
         layout = plan_layout(job)
         num_train = len(build_dataset(job.data).train)
@@ -70,13 +73,13 @@ class Coordinator:
         self.checkpoint_url = cp.url or (os.path.abspath(os.path.join(run_dir, "checkpoints")) if run_dir else None)
         if cp.enabled and self.checkpoint_url is None:
             log.warning("coordinator: no run folder and no checkpoint.url: this job writes no checkpoints")
-        resume = plan_resume(cp.resume_from, layout) if cp.resume_from else None
+        resume = plan_resume(cp.resume_from, layout, job.optimizer.name) if cp.resume_from else None
         self.state = CoordinatorState(job, layout, num_train, time.monotonic(), self.checkpoint_url if cp.enabled else None, resume)
         if job.init_from and resume is None:
             self.state.restore = plan_warm_start(job.init_from, layout)
         self.ctx = ctx
         self.layout = layout
-        self.listener = Listener(ctx, address, job.cluster.max_message_bytes)
+        self.listener = Listener(ctx, address, job.cluster.max_message_bytes, security)
         self.address = self.listener.address
         self.rejected = 0
         log.info("coordinator: listening on %s; %d parameters in %d keys over %d servers",
@@ -209,7 +212,7 @@ class Coordinator:
         from downpour.protocol.rpc import RpcClient
         from downpour.worker.client import KVClient
 
-        rpc = RpcClient(self.ctx, f"coordinator-save-{os.getpid()}", self.job.cluster.request_timeout_s)
+        rpc = RpcClient(self.ctx, f"coordinator-save-{os.getpid()}", self.job.cluster.request_timeout_s, security=self.security)
         try:
             for s in action.servers:
                 rpc.connect(s["name"], s["address"])
@@ -244,7 +247,8 @@ class Coordinator:
                         self.rejected += 1
                         log.warning("coordinator: dropped a malformed message: %s", err)
                         continue
-                    finish = self._perform(self.state.handle(peer, msg, time.monotonic())) or finish
+                    role = self.listener.peer_role(frames)
+                    finish = self._perform(self.state.handle(peer, msg, time.monotonic(), role)) or finish
             now = time.monotonic()
             finish = self._perform(self.state.tick(now)) or finish
             if now >= self._next_sample:

@@ -38,8 +38,10 @@ class ShardLedger:
     epoch: int = -1
     assigned: dict[tuple[int, int], str] = field(default_factory=dict)
     completed: dict[tuple[int, int], str] = field(default_factory=dict)
-    # Examples of a shard already trained (a shard resumed from a checkpoint), skipped when handed out.
+    # Examples of a shard already trained (a shard resumed from a checkpoint), skipped when handed out;
+    # base_skip keeps them after the shard is done (a later snapshot may still undo its hand-out).
     skips: dict[tuple[int, int], int] = field(default_factory=dict)
+    base_skip: dict[tuple[int, int], int] = field(default_factory=dict)
     # The shards each worker was handed, in order (to undo those begun after a snapshot), and
     # when (a count over all workers), so that undone shards go back in their first order.
     log: dict[str, list[tuple[int, int]]] = field(default_factory=dict)
@@ -85,7 +87,7 @@ class ShardLedger:
         resumes after those examples (or counts as completed if they were all of it); shards
         it was handed afterwards were not begun then, nor were those of a worker with no position."""
         completed = set(self.completed)
-        skips = dict(self.skips)
+        skips = {**self.base_skip, **self.skips}
         back: dict[tuple[int, int], None] = dict.fromkeys(self.assigned)  # unfinished now: unfinished then
         for node, handed in self.log.items():
             pos = positions.get(node)
@@ -126,6 +128,7 @@ class ShardLedger:
         self.completed = {(int(e), int(s)): "checkpoint" for e, s in state["completed"]}
         self.queue = deque((int(e), int(s)) for e, s, _ in state["queue"])
         self.skips = {(int(e), int(s)): int(k) for e, s, k in state["queue"] if int(k) > 0}
+        self.base_skip = dict(self.skips)
         self.assigned, self.log, self.handed_at = {}, {}, {}
 
     def summary(self) -> dict:

@@ -115,15 +115,19 @@ class CoordinatorState:
         silent_after = min(0.5 * self.cl.heartbeat_timeout_s, max(3 * self.cl.heartbeat_interval_s, 1.0))
         self.health = Health(silent_after, mon.stall_after_s, mon.slow_fraction)
         self.failures: list[dict[str, Any]] = []
+        self.rejected: dict[str, int] = {}  # requests refused, by reason
         self.checkpoints = CheckpointPlan(job.checkpoint, checkpoint_url, job.training.consistency == "sync",
                                           self.cl.num_servers, now)
         self._versions: tuple[float, int] | None = None  # (time, server version) for the sync margin
         self.version_rate = 0.0  # server versions (updates) per second, as heartbeats report them
         self.resume = resume
         self.restore: dict[str, Any] | None = None  # what servers load at start (resume or warm start)
+        # Steps and examples before the checkpoint resumed from: checkpoint names keep growing.
+        self.step_offset = int(resume["step"]) if resume else 0
         if resume is not None:
             self.ledger.restore(resume["ledger"])
             self.restore = resume["restore"]
+            self.checkpoints.last_step = self.step_offset
 
     # -- helpers ------------------------------------------------------------
     def _role(self, role: str, states: tuple[str, ...] = (ALIVE,)) -> list[Node]:
@@ -177,17 +181,28 @@ class CoordinatorState:
         return out
 
     # -- requests -------------------------------------------------------------
-    def handle(self, identity: bytes, msg: Message, now: float) -> list[Action]:
+    def handle(self, identity: bytes, msg: Message, now: float, role: str | None = None) -> list[Action]:
+        """One request. ``role`` is the role of the key that sent it (None without CURVE: not checked);
+        a node may only act as the role its key holds."""
         handler = _HANDLERS.get(msg.op)
         if handler is None:
-            return [Reply(identity, msg.error("bad_op", f"the coordinator does not serve {msg.op.name}"))]
+            return self._refuse(identity, msg, "bad_op", f"the coordinator does not serve {msg.op.name}")
+        if role is not None and msg.op == Op.REGISTER and msg.meta.get("role") != role:
+            return self._refuse(identity, msg, "forbidden", f"a {role} key cannot register as {msg.meta.get('role')!r}")
         if msg.op not in (Op.REGISTER, Op.STATUS):
             node = self.nodes.get(msg.meta.get("node"))  # type: ignore[arg-type]
             if node is None:
-                return [Reply(identity, msg.error("unknown_node", f"node {msg.meta.get('node')!r} is not registered"))]
+                return self._refuse(identity, msg, "unknown_node", f"node {msg.meta.get('node')!r} is not registered")
+            if role is not None and node.role != role:
+                return self._refuse(identity, msg, "forbidden", f"a {role} key cannot act for {node.name}")
             node.last_seen = now
             return handler(self, identity, msg, now, node)
         return handler(self, identity, msg, now, None)
+
+    def _refuse(self, identity: bytes, msg: Message, code: str, text: str) -> list[Action]:
+        self.rejected[code] = self.rejected.get(code, 0) + 1
+        log.warning("coordinator: refused %s from %r: %s", msg.op.name, identity, text)
+        return [Reply(identity, msg.error(code, text))]
 
     def on_register(self, ident: bytes, msg: Message, now: float, _: Node | None) -> list[Action]:
         role, hint = msg.meta.get("role"), msg.meta.get("rank")
@@ -264,7 +279,8 @@ class CoordinatorState:
     # -- checkpoints ----------------------------------------------------------
     def _job_steps(self) -> int:
         """Optimizer steps of all workers: a finished worker's exact count, else its last heartbeat's."""
-        return sum(int((n.stats or n.progress).get("steps", 0)) for n in self._role("worker", (ALIVE, DONE, FINISHED, DEAD)))
+        workers = self._role("worker", (ALIVE, DONE, FINISHED, DEAD))
+        return self.step_offset + sum(int((n.stats or n.progress).get("steps", 0)) for n in workers)
 
     def _begin_checkpoint(self, now: float, final: bool = False, retries: int = 0) -> list[Action]:
         at_version = None
@@ -302,7 +318,8 @@ class CoordinatorState:
             "ledger": self.ledger.state_at({w: self.ledger.earliest(w, ps) for w, ps in positions.items()}),
             "step": p.step,
             "version": max(int(r.get("version", 0)) for r in p.reports.values()),
-            "examples": sum(int(n.progress.get("examples", 0)) for n in self._role("worker", (ALIVE, DONE, FINISHED, DEAD))),
+            "examples": int((self.resume or {}).get("examples", 0))
+            + sum(int(n.progress.get("examples", 0)) for n in self._role("worker", (ALIVE, DONE, FINISHED, DEAD))),
             "resumed_from": (self.resume or {}).get("name"),
         }
         files = {r["file"]: {"sha256": r["sha256"], "bytes": r["bytes"]} for r in p.reports.values()}
@@ -502,6 +519,7 @@ class CoordinatorState:
             "failures": list(self.failures),
             "checkpoints": self.checkpoints.summary(),
             "resumed_from": (self.resume or {}).get("name"),
+            "coordinator_refused": dict(self.rejected),
             "workers": workers,
             "servers": servers,
         }

@@ -28,7 +28,7 @@ from downpour.config import JobConfig, job_to_dict
 from downpour.errors import DownpourError, JobFailed
 from downpour.protocol import Message, Op
 from downpour.protocol.rpc import RpcClient
-from downpour.transport import new_context
+from downpour.transport import Security, create_job_keys, new_context
 
 _STATUS_EVERY_S = 0.25
 _START_TIMEOUT_S = 60.0
@@ -77,7 +77,11 @@ class RunResult:
 
 
 class LocalLauncher:
-    def __init__(self, job: JobConfig, run_dir: str, python: str = sys.executable) -> None:
+    def __init__(self, job: JobConfig, run_dir: str, python: str = sys.executable, insecure: bool = False) -> None:
+        """The job's processes authenticate and encrypt with keys made in ``RUN_DIR/keys``
+        (handed over as that folder's path, never on a command line) unless ``insecure``."""
+        self.insecure = insecure
+        self.keys: str | None = None
         self.job = job
         self.run_dir = os.path.abspath(run_dir)
         self.python = python
@@ -86,6 +90,7 @@ class LocalLauncher:
 
     # -- processes ----------------------------------------------------------
     def _spawn(self, name: str, args: list[str]) -> Proc:
+        args = [*args, "--insecure"] if self.insecure else [*args, "--keys", self.keys or ""]
         log_path = os.path.join(self.run_dir, "logs", f"{name}.log")
         with open(log_path, "ab") as log:
             popen = subprocess.Popen(
@@ -103,6 +108,10 @@ class LocalLauncher:
         job_path = os.path.join(self.run_dir, "config.yaml")
         with open(job_path, "w") as f:
             yaml.safe_dump(job_to_dict(self.job), f, sort_keys=False)
+        if not self.insecure:
+            self.keys = os.path.join(self.run_dir, "keys")
+            if not os.path.isdir(self.keys):
+                create_job_keys(self.keys)
         addr_file = os.path.join(self.run_dir, "coordinator.addr")
         if os.path.exists(addr_file):
             os.remove(addr_file)
@@ -155,8 +164,9 @@ class LocalLauncher:
         status_rpc: RpcClient | None = None
         try:
             address = self.start()
-            status_rpc = RpcClient(ctx, f"launcher-{uuid.uuid4().hex[:6]}", request_timeout_s=2.0)
-            status_rpc.connect("coordinator", address)
+            security = None if self.insecure else Security.load(self.keys, "client")
+            status_rpc = RpcClient(ctx, f"launcher-{uuid.uuid4().hex[:6]}", request_timeout_s=2.0, security=security)
+            status_rpc.connect("coordinator", address, role="coordinator")
             return self._watch(status_rpc, on_status)
         finally:
             self.stop_all()

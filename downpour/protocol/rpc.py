@@ -19,7 +19,7 @@ import zmq
 from downpour.errors import JobFailed, ProtocolError, RemoteError, RequestTimeout
 from downpour.protocol.codec import decode, encode
 from downpour.protocol.messages import REPLY_OPS, Message, Op
-from downpour.transport import Channel, Poller
+from downpour.transport import Channel, Poller, Security
 
 log = logging.getLogger(__name__)
 
@@ -95,10 +95,13 @@ class RpcClient:
         on_push: Callable[[str, Message], None] | None = None,
         abort: threading.Event | None = None,
         abort_reason: Callable[[], str] = lambda: "aborted",
+        security: Security | None = None,
     ) -> None:
         """``abort``: when set (by another thread), every wait ends with :class:`JobFailed`
-        carrying ``abort_reason()`` instead of waiting out its timeout."""
+        carrying ``abort_reason()`` instead of waiting out its timeout. ``security``: the node's
+        CURVE keys (every channel then authenticates and encrypts)."""
         self.ctx = ctx
+        self.security = security
         self._on_push = on_push
         self._held: list[tuple[str, Message]] = []  # unprompted messages that came before on_push was set
         self.abort = abort
@@ -114,10 +117,11 @@ class RpcClient:
         self.bytes_sent = 0  # header and tensor frames, every message (for monitoring)
         self.bytes_received = 0
 
-    def connect(self, peer: str, address: str) -> None:
+    def connect(self, peer: str, address: str, role: str = "server") -> None:
+        """Connect to ``peer`` at ``address``; ``role`` is the peer's (whose public key it must hold)."""
         if peer in self._channels:
             return
-        ch = Channel(self.ctx, address, identity=self.node.encode())
+        ch = Channel(self.ctx, address, identity=self.node.encode(), security=self.security, server_role=role)
         self._channels[peer] = ch
         self._names[ch] = peer
         self._poller.register(ch)

@@ -15,7 +15,8 @@ if TYPE_CHECKING:
 STALENESS_BUCKETS = (0, 1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64, 128)
 MAX_TRAFFIC_KEYS = 256  # keys exported by traffic: all of them up to this many, else the busiest
 # Every refusal a server counts, so each series exists (at 0) before its first increment.
-REJECT_REASONS = ("malformed", "bad_op", "invalid", "uninitialized", "sync_duplicate", "sync_partial", "sync_round")
+REJECT_REASONS = ("malformed", "bad_op", "invalid", "forbidden", "rate_limited", "uninitialized", "sync_duplicate",
+                  "sync_partial", "sync_round")
 
 
 def server_metrics(server: ParameterServer, layout: Layout) -> Callable[[Families], None]:

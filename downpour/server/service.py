@@ -30,7 +30,7 @@ from downpour.server.optim import make_rule
 from downpour.server.snapshot import OldParams, Snapshotter, restore_store
 from downpour.server.store import ShardStore
 from downpour.storage import CheckpointStore
-from downpour.transport import Listener, Poller, bind_address
+from downpour.transport import Listener, Poller, Security, bind_address
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +45,9 @@ class ParameterServer:
         self.job, self.rank, self.name = job, rank, name
         self.listener = listener
         self.store = ShardStore(layout.server_slices(rank), lambda n: make_rule(job.optimizer, job.effective_lr(), n))
+        self.store.max_keys = job.cluster.max_keys_per_request
+        self.max_rate = job.cluster.max_requests_per_s
+        self._windows: dict[bytes, list[float]] = {}  # peer -> [window start, requests in it]
         self.staleness: Counter[int] = Counter()
         self.policy = POLICIES[job.training.consistency](self.store, self._record_staleness)
         self.max_bytes = job.cluster.max_message_bytes
@@ -83,8 +86,22 @@ class ParameterServer:
                 self.key_transfers[i] += times
 
     # -- request handling ------------------------------------------------
+    def _over_rate(self, peer: bytes) -> bool:
+        """More than ``cluster.max_requests_per_s`` requests from ``peer`` in the current second."""
+        now = time.monotonic()
+        w = self._windows.get(peer)
+        if w is None or now - w[0] >= 1.0:
+            if len(self._windows) > 10_000:  # many identities: forget the old windows
+                self._windows.clear()
+            w = self._windows[peer] = [now, 0]
+        w[1] += 1
+        return w[1] > self.max_rate
+
     def handle(self, peer: bytes, frames: list) -> None:
         self.bytes_in += sum(len(f) for f in frames)
+        if self._over_rate(peer):
+            self.rejected["rate_limited"] += 1  # dropped unanswered: answering would cost as much as serving
+            return
         try:
             msg = decode(frames, self.max_bytes)
         except ProtocolError as err:
@@ -97,6 +114,9 @@ class ParameterServer:
         handler = self._HANDLERS.get(msg.op)
         if handler is None:
             self._reject(peer, msg, "bad_op", f"a server does not serve {msg.op.name}")
+            return
+        if self.listener.security is not None and self.listener.peer_role(frames) not in ("worker", "coordinator"):
+            self._reject(peer, msg, "forbidden", f"a {self.listener.peer_role(frames) or 'foreign'} key may not use a server")
             return
         t0 = time.perf_counter()
         try:
@@ -263,19 +283,19 @@ class ParameterServer:
 
 
 def run_server(ctx: zmq.Context, coordinator: str, host: str = "127.0.0.1", rank: int | None = None, ipc_dir: str | None = None,
-               metrics_host: str | None = None) -> int:
+               metrics_host: str | None = None, security: Security | None = None) -> int:
     """Entry point of ``downpour server``: returns the process exit code. ``metrics_host``
     overrides the job's ``monitor.http_host`` for this server's metrics endpoint."""
     import uuid
 
     identity = f"server-{rank if rank is not None else '?'}-{uuid.uuid4().hex[:6]}"
-    coord = CoordinatorClient(ctx, coordinator, identity, request_timeout_s=30.0)
+    coord = CoordinatorClient(ctx, coordinator, identity, request_timeout_s=30.0, security=security)
     server: ParameterServer | None = None
     endpoint: HttpEndpoint | None = None
     try:
         # Bind before registering: the coordinator hands our address to the workers.
         transport = "ipc" if coordinator.startswith("ipc://") else "tcp"
-        listener = Listener(ctx, bind_address(transport, host, ipc_dir, f"server-{rank}-{uuid.uuid4().hex[:6]}"), 1 << 30)
+        listener = Listener(ctx, bind_address(transport, host, ipc_dir, f"server-{rank}-{uuid.uuid4().hex[:6]}"), 1 << 30, security)
         reply = coord.register("server", rank, listener.address, timeout_s=120.0)
         job = parse_job(reply["job"], source="coordinator")
         layout = Layout.from_dict(reply["layout"])

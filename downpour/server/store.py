@@ -18,6 +18,8 @@ _LEND_WAIT_S = 0.05  # longest wait for a zero-copy reply before copying the sha
 
 
 class ShardStore:
+    max_keys = 1 << 16  # keys one request may name (cluster.max_keys_per_request)
+
     def __init__(self, slices: list[KeySlice], rule_factory) -> None:
         self.keys = [s.key for s in slices]
         self.lengths = [s.length for s in slices]
@@ -42,6 +44,8 @@ class ShardStore:
             return self.all
         if not isinstance(keys, list) or not keys:
             raise ProtocolError("keys must be a non-empty list of integers")
+        if len(keys) > self.max_keys:
+            raise ProtocolError(f"{len(keys)} keys in one request; the limit is {self.max_keys}")
         idx = []
         for k in keys:
             i = self.index.get(k) if type(k) is int else None

@@ -47,7 +47,7 @@ class Manifest:
     def from_json(cls, data: bytes, where: str) -> Manifest:
         try:
             d = json.loads(data)
-            if d.get("format") != FORMAT:
+            if type(d.get("format")) is not int or d["format"] != FORMAT:
                 raise ValueError(f"format {d.get('format')!r}, expected {FORMAT}")
             files = {str(k): {"sha256": str(v["sha256"]), "bytes": int(v["bytes"])} for k, v in d["files"].items()}
             return cls(str(d["name"]), int(d["step"]), files, dict(d.get("job") or {}))
@@ -126,7 +126,10 @@ class CheckpointStore:
 
     def manifest(self, name: str) -> Manifest:
         with self.fs.open(self._path(name, MANIFEST), "rb") as f:
-            return Manifest.from_json(f.read(), self.where(name, MANIFEST))
+            manifest = Manifest.from_json(f.read(), self.where(name, MANIFEST))
+        if manifest.name != name:
+            raise DataError(f"{self.where(name, MANIFEST)} names another checkpoint ({manifest.name!r}): moved or altered")
+        return manifest
 
     def read(self, manifest: Manifest, file: str) -> bytes:
         """A file of a checkpoint, verified against its manifest entry."""

@@ -1,5 +1,7 @@
-"""Frames and sockets only: this layer never sees keys, tensors or gradients."""
+"""Frames and sockets only: this layer never sees parameter keys, tensors or gradients
+(the keys of security.py are CURVE keys)."""
 
+from downpour.transport.security import Security, create_job_keys
 from downpour.transport.zmq_transport import Channel, Listener, Poller, bind_address, new_context, send_copies
 
-__all__ = ["Channel", "Listener", "Poller", "bind_address", "new_context", "send_copies"]
+__all__ = ["Channel", "Listener", "Poller", "Security", "bind_address", "create_job_keys", "new_context", "send_copies"]

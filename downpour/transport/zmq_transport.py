@@ -20,6 +20,7 @@ from typing import Any
 import zmq
 
 from downpour.errors import TransportError
+from downpour.transport.security import Security
 
 # Messages queued per socket before sends block (ZeroMQ high-water marks).
 _HWM = 10_000
@@ -52,10 +53,16 @@ def bind_address(transport: str, host: str, ipc_dir: str | None, name: str) -> s
 
 
 class Listener:
-    """A bound ROUTER socket. ``address`` is the concrete address peers connect to."""
+    """A bound ROUTER socket. ``address`` is the concrete address peers connect to.
 
-    def __init__(self, ctx: zmq.Context, address: str, max_message_bytes: int) -> None:
+    With ``security`` it is a CURVE server that admits only the job's keys, and
+    :meth:`peer_role` tells the role whose key sent a message."""
+
+    def __init__(self, ctx: zmq.Context, address: str, max_message_bytes: int, security: Security | None = None) -> None:
+        self.security = security
         self.socket = ctx.socket(zmq.ROUTER)
+        if security is not None:
+            security.serve(self.socket, ctx)
         self.socket.setsockopt(zmq.LINGER, 0)
         self.socket.setsockopt(zmq.SNDHWM, _HWM)
         self.socket.setsockopt(zmq.RCVHWM, _HWM)
@@ -73,6 +80,15 @@ class Listener:
         """One message, without blocking (call after a poll said it is readable)."""
         frames = self.socket.recv_multipart(flags=zmq.NOBLOCK, copy=False)
         return frames[0].bytes, frames[1:]
+
+    def peer_role(self, frames: list[zmq.Frame]) -> str | None:
+        """The role of the key that sent ``frames`` (None without security: anyone may send)."""
+        if self.security is None or not frames:
+            return None
+        try:
+            return self.security.role_of(frames[0].get("User-Id"))
+        except (zmq.ZMQError, AttributeError):
+            return None
 
     def send(self, peer: bytes, frames: Sequence[Any], track: bool = False) -> list[zmq.MessageTracker | None]:
         """Send to ``peer``. With ``track``, returns one entry per frame: a tracker for each
@@ -97,9 +113,13 @@ class Listener:
 class Channel:
     """A DEALER socket connected to one listener."""
 
-    def __init__(self, ctx: zmq.Context, address: str, identity: bytes | None = None) -> None:
+    def __init__(self, ctx: zmq.Context, address: str, identity: bytes | None = None,
+                 security: Security | None = None, server_role: str = "server") -> None:
+        """With ``security``, a CURVE client that checks the listener holds ``server_role``'s key."""
         self.address = address
         self.socket = ctx.socket(zmq.DEALER)
+        if security is not None:
+            security.connect(self.socket, server_role)
         self.socket.setsockopt(zmq.LINGER, 0)
         self.socket.setsockopt(zmq.SNDHWM, _HWM)
         self.socket.setsockopt(zmq.RCVHWM, _HWM)

@@ -27,6 +27,7 @@ from downpour.layout import Layout
 from downpour.models import build_model
 from downpour.monitor import HttpEndpoint, metrics_route, node_labels
 from downpour.protocol.rpc import RpcClient
+from downpour.transport import Security
 from downpour.worker.client import KVClient
 from downpour.worker.flat import FlatModel
 from downpour.worker.metrics import worker_metrics
@@ -41,8 +42,10 @@ _LONG_WAIT_S = 7 * 24 * 3600.0
 
 class HeartbeatThread(threading.Thread):
     def __init__(self, ctx: zmq.Context, address: str, node: str, job: JobConfig,
-                 progress: Callable[[], dict[str, Any]], abort: threading.Event, extra: dict[str, Any] | None = None) -> None:
+                 progress: Callable[[], dict[str, Any]], abort: threading.Event, extra: dict[str, Any] | None = None,
+                 security: Security | None = None) -> None:
         super().__init__(name=f"{node}-heartbeat", daemon=True)
+        self.security = security
         self.ctx, self.address, self.node, self.job = ctx, address, node, job
         self.progress, self.abort, self.extra = progress, abort, extra
         self.reason = "stopped"
@@ -50,7 +53,8 @@ class HeartbeatThread(threading.Thread):
 
     def run(self) -> None:
         cl = self.job.cluster
-        client = CoordinatorClient(self.ctx, self.address, f"{self.node}.hb-{uuid.uuid4().hex[:6]}", cl.request_timeout_s)
+        client = CoordinatorClient(self.ctx, self.address, f"{self.node}.hb-{uuid.uuid4().hex[:6]}", cl.request_timeout_s,
+                                   security=self.security)
         client.node = self.node
         hb = Heartbeat(client, cl.heartbeat_interval_s, cl.heartbeat_timeout_s, extra=self.extra)
         try:
@@ -80,7 +84,7 @@ def device_for(job: JobConfig) -> torch.device:
 
 
 def run_worker(ctx: zmq.Context, coordinator: str, rank: int | None = None, startup_timeout_s: float = 120.0,
-               metrics_host: str | None = None) -> int:
+               metrics_host: str | None = None, security: Security | None = None) -> int:
     """Entry point of ``downpour worker``: returns the process exit code. ``metrics_host``
     overrides the job's ``monitor.http_host`` for this worker's metrics endpoint."""
     abort = threading.Event()
@@ -88,7 +92,7 @@ def run_worker(ctx: zmq.Context, coordinator: str, rank: int | None = None, star
     endpoint: HttpEndpoint | None = None
     reason = lambda: hb.reason if hb else "aborted"  # noqa: E731
     coord = CoordinatorClient(ctx, coordinator, f"worker-{rank if rank is not None else '?'}-{uuid.uuid4().hex[:6]}",
-                              abort=abort, abort_reason=reason)
+                              abort=abort, abort_reason=reason, security=security)
     rpc: RpcClient | None = None
     name = coord.identity
     try:
@@ -105,7 +109,7 @@ def run_worker(ctx: zmq.Context, coordinator: str, rank: int | None = None, star
             route = metrics_route(worker_metrics(lambda: trainer), labels)
             endpoint = HttpEndpoint(metrics_host or job.monitor.http_host, 0, {"/metrics": route}, name)
         hb = HeartbeatThread(ctx, coordinator, name, job, lambda: trainer.progress() if trainer else {}, abort,
-                             extra={"metrics": endpoint.address} if endpoint else None)
+                             extra={"metrics": endpoint.address} if endpoint else None, security=security)
         hb.start()
         torch.set_num_threads(job.training.torch_threads)
         device = device_for(job)
@@ -115,7 +119,8 @@ def run_worker(ctx: zmq.Context, coordinator: str, rank: int | None = None, star
         # read belongs to start-up, not to the first step (where it would stall this worker).
         dataset.train.take(np.zeros(1, dtype=np.int64))
         flat = FlatModel(model, layout, device)
-        rpc = RpcClient(ctx, name, job.cluster.request_timeout_s, job.cluster.max_message_bytes, abort=abort, abort_reason=reason)
+        rpc = RpcClient(ctx, name, job.cluster.request_timeout_s, job.cluster.max_message_bytes, abort=abort, abort_reason=reason,
+                        security=security)
         peers = {}
         for s in reply["servers"]:
             rpc.connect(s["name"], s["address"])
