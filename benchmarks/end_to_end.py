@@ -14,6 +14,8 @@ the same machine load):
   run by :class:`downpour.launch.LocalLauncher`, which starts the processes itself.
 * ``async-overlap``: the same with ``--set overlap=true``.
 * ``sync``: the same with ``--set consistency=sync``.
+* ``async-insecure``: ``async`` without CURVE (``--insecure``), to show what encryption costs.
+* ``async-ipc``: ``async`` over ipc sockets in the run folder (``cluster.transport=ipc``), with CURVE.
 
 A Downpour run reports the coordinator's summary: ``examples_per_s`` and
 ``train_s`` cover the training loop only (from the first INIT to the last worker
@@ -59,7 +61,9 @@ from downpour.models import mlp  # noqa: E402
 
 DEFAULT_JOB = os.path.join(_ROOT, "examples", "mnist.yaml")
 SINGLE = {"single-1t": 1, "single-2t": 2}  # config -> torch threads
-DISTRIBUTED = {"async": [], "async-overlap": ["overlap=true"], "sync": ["consistency=sync"]}  # config -> --set overrides
+DISTRIBUTED = {"async": [], "async-overlap": ["overlap=true"], "sync": ["consistency=sync"],  # config -> --set overrides
+               "async-insecure": [], "async-ipc": ["cluster.transport=ipc"]}
+INSECURE = {"async-insecure"}  # configs run without CURVE (downpour train --insecure)
 CONFIGS = [*SINGLE, *DISTRIBUTED]
 WARMUP_BATCHES = 20  # untimed steps of a throwaway model before a single-process run
 
@@ -157,10 +161,10 @@ def evaluate(model: torch.nn.Module, test: Any, batch_size: int = 1000) -> tuple
 
 
 # --------------------------------------------------------------------------- Downpour
-def run_distributed(job_path: str, overrides: list[str], run_dir: str) -> dict[str, Any]:
+def run_distributed(job_path: str, overrides: list[str], run_dir: str, insecure: bool = False) -> dict[str, Any]:
     job = load_job(job_path, overrides)
     t0 = time.perf_counter()
-    result = LocalLauncher(job, run_dir).run()
+    result = LocalLauncher(job, run_dir, insecure=insecure).run()
     s = result.summary
     return {
         "examples": s.get("examples"),
@@ -281,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
                         r = run_single(job, SINGLE[name], args.steps)
                     else:
                         run_dir = os.path.join(root, f"{name}-{i + 1}")
-                        r = run_distributed(args.job, common + DISTRIBUTED[name], run_dir)
+                        r = run_distributed(args.job, common + DISTRIBUTED[name], run_dir, insecure=name in INSECURE)
                 except DownpourError as err:
                     keep = True  # its logs explain the failure
                     r = {"error": str(err)}

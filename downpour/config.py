@@ -154,8 +154,9 @@ class ClusterConfig(_Frozen):
     startup_timeout_s: float = Field(120.0, gt=0)
     # Largest message accepted, in bytes (header plus tensor frames).
     max_message_bytes: int = Field(1 << 30, gt=0)
-    # Hard limits against hostile or broken peers: keys in one request, and requests per
-    # second from one peer (beyond it a server drops requests and counts them).
+    # Hard limits against hostile or broken peers: keys in one request (a request for exactly
+    # all of a server's keys, in order, is always accepted: that is what a sync push carries),
+    # and requests per second from one peer (beyond it a server drops requests and counts them).
     max_keys_per_request: int = Field(1 << 16, gt=0)
     max_requests_per_s: float = Field(100_000.0, gt=0)
 

@@ -247,7 +247,8 @@ class Coordinator:
                         self.rejected += 1
                         log.warning("coordinator: dropped a malformed message: %s", err)
                         continue
-                    role = self.listener.peer_role(frames)
+                    # Fail closed: with CURVE on, a sender whose key maps to no role may do nothing but STATUS.
+                    role = self.listener.peer_role(frames) or ("unknown" if self.security is not None else None)
                     finish = self._perform(self.state.handle(peer, msg, time.monotonic(), role)) or finish
             now = time.monotonic()
             finish = self._perform(self.state.tick(now)) or finish

@@ -208,17 +208,17 @@ class CoordinatorState:
         role, hint = msg.meta.get("role"), msg.meta.get("rank")
         want = {"server": self.cl.num_servers, "worker": self.cl.num_workers}.get(role)  # type: ignore[arg-type]
         if want is None:
-            return [Reply(ident, msg.error("bad_role", f"role must be server or worker, got {role!r}"))]
+            return self._refuse(ident, msg, "bad_role", f"role must be server or worker, got {role!r}")
         if self.phase != "registering":
-            return [Reply(ident, msg.error("job_running", f"the job is {self.phase}; it takes no new {role}s"))]
+            return self._refuse(ident, msg, "job_running", f"the job is {self.phase}; it takes no new {role}s")
         taken = {n.rank for n in self.nodes.values() if n.role == role}
         free = [r for r in range(want) if r not in taken]
         if not free:
-            return [Reply(ident, msg.error("job_full", f"the job already has {want} {role}s"))]
+            return self._refuse(ident, msg, "job_full", f"the job already has {want} {role}s")
         rank = hint if type(hint) is int and hint in free else free[0]
         address = msg.meta.get("address")
         if role == "server" and not (isinstance(address, str) and address):
-            return [Reply(ident, msg.error("bad_address", "a server must give the address it listens on"))]
+            return self._refuse(ident, msg, "bad_address", "a server must give the address it listens on")
         name = f"{role}-{rank}"
         host, pid = str(msg.meta.get("host", "?")), msg.meta.get("pid")
         self.nodes[name] = Node(name, role, rank, ident, address, host, pid if isinstance(pid, int) else 0, last_seen=now)
