@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{statistics.fmean(writes) if writes else 0:.3f} | {acc:.4f} |")
     for d in detections:
         print(f"\nfroze {d.get('victim')}: detected after {d.get('detected_after_s')} s ({d.get('kind')}); "
-              f"the job ended {d.get('job_ended_after_s', 0):.1f} s after the kill (no automatic recovery yet)")
+              f"the job ended {d.get('job_ended_after_s', 0):.1f} s after it froze (no automatic recovery yet)")
     print(f"\n{env['cpus']} CPUs, load at start {env['loadavg_at_start']}")
     if args.json:
         with open(args.json, "w") as f:

@@ -14,8 +14,9 @@ the same machine load):
   run by :class:`downpour.launch.LocalLauncher`, which starts the processes itself.
 * ``async-overlap``: the same with ``--set overlap=true``.
 * ``sync``: the same with ``--set consistency=sync``.
-* ``async-insecure``: ``async`` without CURVE (``--insecure``), to show what encryption costs.
-* ``async-ipc``: ``async`` over ipc sockets in the run folder (``cluster.transport=ipc``), with CURVE.
+* ``async-tcp-curve``: ``async`` over tcp on 127.0.0.1 with CURVE (``cluster.transport=tcp``), where
+  the default (``auto``) uses ipc sockets in a private folder, which need no keys.
+* ``async-tcp-insecure``: tcp without CURVE (``--insecure``): what encryption costs.
 
 A Downpour run reports the coordinator's summary: ``examples_per_s`` and
 ``train_s`` cover the training loop only (from the first INIT to the last worker
@@ -62,8 +63,8 @@ from downpour.models import mlp  # noqa: E402
 DEFAULT_JOB = os.path.join(_ROOT, "examples", "mnist.yaml")
 SINGLE = {"single-1t": 1, "single-2t": 2}  # config -> torch threads
 DISTRIBUTED = {"async": [], "async-overlap": ["overlap=true"], "sync": ["consistency=sync"],  # config -> --set overrides
-               "async-insecure": [], "async-ipc": ["cluster.transport=ipc"]}
-INSECURE = {"async-insecure"}  # configs run without CURVE (downpour train --insecure)
+               "async-tcp-curve": ["cluster.transport=tcp"], "async-tcp-insecure": ["cluster.transport=tcp"]}
+INSECURE = {"async-tcp-insecure"}  # configs run without CURVE (downpour train --insecure)
 CONFIGS = [*SINGLE, *DISTRIBUTED]
 WARMUP_BATCHES = 20  # untimed steps of a throwaway model before a single-process run
 

@@ -136,9 +136,11 @@ class TrainingConfig(_Frozen):
 class ClusterConfig(_Frozen):
     num_servers: int = Field(2, ge=1)
     num_workers: int = Field(3, ge=1)
-    # tcp binds 127.0.0.1 for local runs (or --host for hand-started nodes);
-    # ipc uses unix sockets in the run folder (one machine only).
-    transport: Literal["tcp", "ipc"] = "tcp"
+    # How `downpour train`'s processes on one machine talk. ipc: unix sockets in RUN_DIR/sock,
+    # a folder only this user can open (0700), so they need no keys. tcp: 127.0.0.1, with
+    # CURVE keys in RUN_DIR/keys unless --insecure. auto (the default) means ipc. Hand-started
+    # nodes use whatever the coordinator's --bind says (tcp, with CURVE keys).
+    transport: Literal["auto", "tcp", "ipc"] = "auto"
     partitioner: str = "bytes"
     # Largest slice of one tensor stored under one key, in bytes. Larger tensors are cut.
     max_slice_bytes: int = Field(2 * 1024 * 1024, gt=0)

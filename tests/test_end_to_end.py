@@ -214,3 +214,14 @@ def test_overlap_ipc_and_the_greedy_partitioner_train_together(tmp_path, tiny_da
     assert s["test_accuracy"] > 0.8
     # With a push+pull in flight during each step, every push is at least one version stale.
     assert s["staleness"]["mean"] >= 1
+
+
+def test_a_local_job_talks_over_ipc_sockets_only_its_user_can_open(tmp_path, tiny_data):
+    """`downpour train`'s default transport: unix sockets in a 0700 folder, which need no keys."""
+    result = run_job(tmp_path, tiny_job(tiny_data, training={"steps": 5}))
+    assert result.summary["status"] == "ok"
+    address = (tmp_path / "run" / "coordinator.addr").read_text().strip()
+    assert address.startswith("ipc://")
+    folder = os.path.dirname(address.removeprefix("ipc://"))
+    assert os.stat(folder).st_mode & 0o777 == 0o700
+    assert not (tmp_path / "run" / "keys").exists()

@@ -129,7 +129,8 @@ class Background:
 
     def start_job(self, data: str) -> None:
         # tests/cluster.py's running_job, with its start here and its wait in the test.
-        job = tiny_job(data, training={"epochs": 1000}, cluster={"num_servers": 1, "num_workers": 1})  # few processes: quick
+        # tcp: a job over ipc sockets (the local default) needs no keys
+        job = tiny_job(data, training={"epochs": 1000}, cluster={"num_servers": 1, "num_workers": 1, "transport": "tcp"})
         (self.base / "job").mkdir()
         self.job = start_job(self.base / "job", job)
 

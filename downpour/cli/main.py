@@ -55,16 +55,30 @@ def _env_int(name: str) -> int | None:
     return int(v)
 
 
-def _security(args, role: str) -> Any:
-    """The node's CURVE keys from --keys DIR (or DOWNPOUR_KEYS); None with --insecure, loudly."""
+def _private_ipc(address: str) -> bool:
+    """An ipc:// address whose socket folder only this user can open (no keys needed there)."""
+    if not address.startswith("ipc://"):
+        return False
+    try:
+        st = os.stat(os.path.dirname(address[len("ipc://"):]) or ".")
+    except OSError:
+        return False
+    return st.st_uid == os.getuid() and not st.st_mode & 0o077
+
+
+def _security(args, role: str, address: str = "") -> Any:
+    """The node's CURVE keys from --keys DIR (or DOWNPOUR_KEYS); None with --insecure (loudly), or
+    without keys when ``address`` is an ipc socket in a folder only this user can open."""
     from downpour.transport import Security
 
+    folder = getattr(args, "keys", None) or os.environ.get("DOWNPOUR_KEYS")
+    if not folder and not getattr(args, "insecure", False) and _private_ipc(address):
+        return None
     if getattr(args, "insecure", False):
         print(f"downpour: WARNING: --insecure: this {role} talks without authentication or encryption; "
               "anyone who can reach its ports can read and rewrite the model. Use it on trusted networks only.",
               file=sys.stderr, flush=True)
         return None
-    folder = getattr(args, "keys", None) or os.environ.get("DOWNPOUR_KEYS")
     if not folder:
         raise ConfigError(f"the {role} needs the job's keys: --keys DIR (make them with `downpour keys DIR`), "
                           "or --insecure on a trusted network")
@@ -160,7 +174,7 @@ def cmd_coordinator(args) -> int:
         bind = f"tcp://{bind}"
     if args.run_dir:
         os.makedirs(args.run_dir, exist_ok=True)
-    security = _security(args, "coordinator")
+    security = _security(args, "coordinator", bind)
     ctx = new_context()
     coord = Coordinator(ctx, job, bind, args.run_dir, security)
     print(f"coordinator listening on {coord.address}", file=sys.stderr, flush=True)
@@ -177,7 +191,7 @@ def cmd_server(args) -> int:
     ctx = new_context()
     try:
         return run_server(ctx, _coordinator_url(args.coordinator), host=args.host, rank=args.rank, ipc_dir=args.ipc_dir,
-                          metrics_host=args.metrics_host, security=_security(args, "server"))
+                          metrics_host=args.metrics_host, security=_security(args, "server", _coordinator_url(args.coordinator)))
     finally:
         ctx.destroy(linger=0)
 
@@ -189,7 +203,7 @@ def cmd_worker(args) -> int:
     ctx = new_context()
     try:
         return run_worker(ctx, _coordinator_url(args.coordinator), rank=args.rank, metrics_host=args.metrics_host,
-                          security=_security(args, "worker"))
+                          security=_security(args, "worker", _coordinator_url(args.coordinator)))
     finally:
         ctx.destroy(linger=0)
 
@@ -241,11 +255,12 @@ def cmd_status(args) -> int:
     from downpour.protocol.rpc import RpcClient
     from downpour.transport import new_context
 
-    security = None if args.insecure or not (args.keys or os.environ.get("DOWNPOUR_KEYS")) else _security(args, "client")
+    url = _coordinator_url(target)
+    security = None if args.insecure or not (args.keys or os.environ.get("DOWNPOUR_KEYS")) else _security(args, "client", url)
     ctx = new_context()
     rpc = RpcClient(ctx, f"status-{os.getpid()}", request_timeout_s=5.0, security=security)
     try:
-        rpc.connect("coordinator", _coordinator_url(target), role="coordinator")
+        rpc.connect("coordinator", url, role="coordinator")
         status = rpc.call("coordinator", Message(Op.STATUS)).meta
     finally:
         rpc.close()

@@ -13,9 +13,11 @@ from __future__ import annotations
 import ctypes
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from collections.abc import Callable
@@ -78,8 +80,12 @@ class RunResult:
 
 class LocalLauncher:
     def __init__(self, job: JobConfig, run_dir: str, python: str = sys.executable, insecure: bool = False) -> None:
-        """The job's processes authenticate and encrypt with keys made in ``RUN_DIR/keys``
-        (handed over as that folder's path, never on a command line) unless ``insecure``."""
+        """Over ipc (``cluster.transport`` auto or ipc) the job's sockets sit in ``RUN_DIR/sock``,
+        a folder only this user can open. Over tcp they authenticate and encrypt with CURVE keys
+        made in ``RUN_DIR/keys`` (handed over as that folder's path, never on a command line),
+        unless ``insecure``."""
+        self.ipc = job.cluster.transport in ("auto", "ipc")
+        self._tmp_sock: str | None = None
         self.insecure = insecure
         self.keys: str | None = None
         self.job = job
@@ -90,7 +96,10 @@ class LocalLauncher:
 
     # -- processes ----------------------------------------------------------
     def _spawn(self, name: str, args: list[str]) -> Proc:
-        args = [*args, "--insecure"] if self.insecure else [*args, "--keys", self.keys or ""]
+        if self.insecure:
+            args = [*args, "--insecure"]
+        elif self.keys:
+            args = [*args, "--keys", self.keys]
         log_path = os.path.join(self.run_dir, "logs", f"{name}.log")
         with open(log_path, "ab") as log:
             popen = subprocess.Popen(
@@ -108,7 +117,7 @@ class LocalLauncher:
         job_path = os.path.join(self.run_dir, "config.yaml")
         with open(job_path, "w") as f:
             yaml.safe_dump(job_to_dict(self.job), f, sort_keys=False)
-        if not self.insecure:
+        if not (self.insecure or self.ipc):
             self.keys = os.path.join(self.run_dir, "keys")
             if not os.path.isdir(self.keys):
                 create_job_keys(self.keys)
@@ -117,9 +126,12 @@ class LocalLauncher:
             os.remove(addr_file)
         cl = self.job.cluster
         ipc_dir = os.path.join(self.run_dir, "sock")
-        bind = f"ipc://{ipc_dir}/coordinator.sock" if cl.transport == "ipc" else "tcp://127.0.0.1:*"
-        if cl.transport == "ipc":
+        if self.ipc and len(ipc_dir) > 70:  # unix socket paths are limited to about 107 bytes
+            ipc_dir = self._tmp_sock = tempfile.mkdtemp(prefix="downpour-sock-")  # 0700, like RUN_DIR/sock
+        bind = f"ipc://{ipc_dir}/coordinator.sock" if self.ipc else "tcp://127.0.0.1:*"
+        if self.ipc:
             os.makedirs(ipc_dir, mode=0o700, exist_ok=True)
+            os.chmod(ipc_dir, 0o700)
         coord = self._spawn("coordinator", ["coordinator", job_path, "--bind", bind, "--run-dir", self.run_dir])
         deadline = time.monotonic() + _START_TIMEOUT_S
         while not os.path.exists(addr_file):
@@ -164,13 +176,15 @@ class LocalLauncher:
         status_rpc: RpcClient | None = None
         try:
             address = self.start()
-            security = None if self.insecure else Security.load(self.keys, "client")
+            security = Security.load(self.keys, "client") if self.keys else None
             status_rpc = RpcClient(ctx, f"launcher-{uuid.uuid4().hex[:6]}", request_timeout_s=2.0, security=security)
             status_rpc.connect("coordinator", address, role="coordinator")
             return self._watch(status_rpc, on_status)
         finally:
             self.stop_all()
             self._clear_targets()
+            if self._tmp_sock:
+                shutil.rmtree(self._tmp_sock, ignore_errors=True)
             if status_rpc is not None:
                 status_rpc.close()
             ctx.term()
