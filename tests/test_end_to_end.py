@@ -218,10 +218,13 @@ def test_overlap_ipc_and_the_greedy_partitioner_train_together(tmp_path, tiny_da
 
 def test_a_local_job_talks_over_ipc_sockets_only_its_user_can_open(tmp_path, tiny_data):
     """`downpour train`'s default transport: unix sockets in a 0700 folder, which need no keys."""
-    result = run_job(tmp_path, tiny_job(tiny_data, training={"steps": 5}))
-    assert result.summary["status"] == "ok"
-    address = (tmp_path / "run" / "coordinator.addr").read_text().strip()
-    assert address.startswith("ipc://")
-    folder = os.path.dirname(address.removeprefix("ipc://"))
-    assert os.stat(folder).st_mode & 0o777 == 0o700
+    seen: list[tuple[str, int]] = []
+
+    def look(status: dict) -> None:  # while the job runs (the folder may be a temporary one)
+        address = (tmp_path / "run" / "coordinator.addr").read_text().strip()
+        seen.append((address, os.stat(os.path.dirname(address.removeprefix("ipc://"))).st_mode & 0o777))
+
+    launcher = LocalLauncher(resolve_job(tiny_job(tiny_data, training={"steps": 20})), str(tmp_path / "run"))
+    assert launcher.run(look).summary["status"] == "ok"
+    assert seen and all(address.startswith("ipc://") and mode == 0o700 for address, mode in seen)
     assert not (tmp_path / "run" / "keys").exists()

@@ -28,6 +28,7 @@ from typing import Any
 from downpour.config import JobConfig, job_to_dict
 from downpour.coordinator.checkpointing import CheckpointPlan, sync_margin
 from downpour.coordinator.health import Health, describe_affected
+from downpour.coordinator.report import ALIVE, DEAD, DONE, FINISHED, job_status, job_summary
 from downpour.coordinator.shards import ShardLedger
 from downpour.layout import Layout
 from downpour.protocol import Message, Op
@@ -67,7 +68,6 @@ class CommitCheckpoint:
 
 Action = Reply | Finish | SaveModel | CommitCheckpoint
 
-ALIVE, DONE, FINISHED, DEAD = "alive", "done", "finished", "dead"
 
 
 @dataclass
@@ -447,106 +447,10 @@ class CoordinatorState:
 
     # -- reporting ----------------------------------------------------------
     def status(self, now: float) -> dict[str, Any]:
-        workers = self._role("worker", (ALIVE, DONE, FINISHED, DEAD))
-        examples = sum(int(n.progress.get("examples", 0)) for n in workers)
-        losses = [float(n.progress["loss"]) for n in workers if n.state in (ALIVE, DONE) and "loss" in n.progress]
-        elapsed = (self.train_ended or now) - self.train_started if self.train_started is not None else 0.0
-        planned = self.num_train * self.job.training.epochs
-        if self.job.training.steps is not None:
-            planned = min(planned, self.job.training.steps * self.job.training.batch_size * self.cl.num_workers)
-        servers = [n.progress for n in self._role("server", (ALIVE, DONE, FINISHED))]
-        pushes = sum(int(p.get("pushes", 0)) for p in servers)
-        return {
-            "job": self.job.name,
-            "phase": self.phase,
-            "error": self.error,
-            "consistency": self.job.training.consistency,
-            "num_servers": self.cl.num_servers,
-            "num_workers": self.cl.num_workers,
-            "elapsed_s": now - self.started,
-            "train_s": elapsed,
-            "examples": examples,
-            "planned_examples": planned,
-            "steps": sum(int(n.progress.get("steps", 0)) for n in workers),
-            "examples_per_s": examples / elapsed if elapsed > 0 else 0.0,
-            "loss": sum(losses) / len(losses) if losses else None,
-            "staleness": {
-                "pushes": pushes,
-                "mean": sum(float(p.get("staleness_mean", 0.0)) * int(p.get("pushes", 0)) for p in servers) / pushes if pushes else 0.0,
-                "max": max((int(p.get("staleness_max", 0)) for p in servers), default=0),
-            },
-            "bytes": {"sent": sum(int(n.progress.get("bytes_sent", 0)) for n in workers),
-                      "received": sum(int(n.progress.get("bytes_received", 0)) for n in workers)},
-            "data_shards": self.ledger.summary(),
-            "nodes": [
-                {"name": n.name, "role": n.role, "rank": n.rank, "state": n.state, "host": n.host, "pid": n.pid,
-                 "heartbeat_age_s": round(now - n.last_seen, 3), "metrics": n.metrics, "progress": n.progress}
-                for n in sorted(self.nodes.values(), key=lambda n: (n.role, n.rank))
-            ],
-            "alerts": self.health.current(now),
-            "failures": list(self.failures),
-            "checkpoints": self.checkpoints.summary(),
-        }
+        return job_status(self, now)
 
     def summary(self, now: float) -> dict[str, Any]:
-        workers = {n.name: n.stats or {} for n in self._role("worker", (ALIVE, DONE, FINISHED, DEAD))}
-        servers = {n.name: n.stats or {} for n in self._role("server", (ALIVE, DONE, FINISHED, DEAD))}
-        hist: dict[int, int] = {}
-        for s in servers.values():
-            for k, v in (s.get("staleness_histogram") or {}).items():
-                hist[int(k)] = hist.get(int(k), 0) + int(v)
-        examples = sum(int(w.get("examples", 0)) for w in workers.values())
-        steps = sum(int(w.get("steps", 0)) for w in workers.values())
-        train_s = (self.train_ended or now) - self.train_started if self.train_started is not None else 0.0
-        ev = self.evaluation or {}
-        return {
-            "status": "ok" if self.error is None else "failed",
-            "error": self.error,
-            "failed_node": self.failed_node,
-            "job": self.job.name,
-            "test_accuracy": ev.get("test_accuracy"),
-            "test_loss": ev.get("test_loss"),
-            "examples": examples,
-            "steps": steps,
-            "wall_s": now - self.started,
-            "train_s": train_s,
-            "examples_per_s": examples / train_s if train_s > 0 else 0.0,
-            "num_servers": self.cl.num_servers,
-            "num_workers": self.cl.num_workers,
-            "consistency": self.job.training.consistency,
-            "staleness": _histogram_summary(hist),
-            "data_shards": self.ledger.summary(),
-            "failures": list(self.failures),
-            "checkpoints": self.checkpoints.summary(),
-            "resumed_from": (self.resume or {}).get("name"),
-            "coordinator_refused": dict(self.rejected),
-            "workers": workers,
-            "servers": servers,
-        }
-
-
-def _histogram_summary(hist: dict[int, int]) -> dict[str, Any]:
-    total = sum(hist.values())
-    if not total:
-        return {"pushes": 0, "mean": 0.0, "p50": 0, "p90": 0, "p99": 0, "max": 0, "histogram": {}}
-
-    def pct(q: float) -> int:
-        seen = 0
-        for k in sorted(hist):
-            seen += hist[k]
-            if seen >= q * total:
-                return k
-        return max(hist)
-
-    return {
-        "pushes": total,
-        "mean": sum(k * v for k, v in hist.items()) / total,
-        "p50": pct(0.5),
-        "p90": pct(0.9),
-        "p99": pct(0.99),
-        "max": max(hist),
-        "histogram": {str(k): hist[k] for k in sorted(hist)},
-    }
+        return job_summary(self, now)
 
 
 _HANDLERS = {
