@@ -109,6 +109,7 @@ def cmd_train(args) -> int:
               file=sys.stderr, flush=True)
     launcher = LocalLauncher(job, run_dir, insecure=args.insecure)
     signal.signal(signal.SIGTERM, _terminate)  # stopped like Ctrl-C: every process of the job goes too
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # Ctrl-C works even if started where SIGINT is ignored
     print(f"downpour: {job.name}: {job.cluster.num_servers} servers, {job.cluster.num_workers} workers, "
           f"{job.training.consistency}; run folder {run_dir}", flush=True)
     try:
