@@ -77,7 +77,7 @@ def test_every_node_serves_its_metrics_and_is_listed_for_prometheus(tmp_path, ti
                 "downpour_server_apply_seconds_bucket", "downpour_server_staleness_versions_bucket", "downpour_server_parameters",
                 "downpour_server_key_traffic_bytes_total"} <= seen[server]
     assert {"downpour_coordinator_nodes", "downpour_coordinator_heartbeat_age_seconds", "downpour_coordinator_shards_unfinished",
-            "downpour_coordinator_failures_total"} <= seen["coordinator"]
+            "downpour_coordinator_failures_total", "downpour_coordinator_checkpoints_total"} <= seen["coordinator"]
 
 
 def test_a_frozen_worker_is_named_with_its_shards_and_the_workers_it_holds_up(tmp_path, tiny_data):

@@ -40,6 +40,14 @@ def coordinator_metrics(snapshot: Callable[[], dict[str, Any] | None]) -> Callab
             by_kind[failure["kind"]] = by_kind.get(failure["kind"], 0) + 1
         for kind in ("dead", "error", "start_timeout"):
             f.counter("downpour_coordinator_failures_total", "Node failures seen, by kind.", by_kind.get(kind, 0), kind=kind)
+        cp = s.get("checkpoints") or {}
+        if cp.get("enabled"):
+            f.counter("downpour_coordinator_checkpoints_total", "Checkpoints completed (manifest written).", cp.get("count", 0))
+            f.counter("downpour_coordinator_checkpoints_abandoned_total", "Checkpoints abandoned (a server failed or timed out).",
+                      cp.get("abandoned", 0))
+            f.gauge("downpour_coordinator_checkpoint_seconds", "Mean time from a checkpoint's request to its manifest.",
+                    cp.get("mean_write_s"))
+            f.gauge("downpour_coordinator_checkpoint_last_step", "Job step of the latest complete checkpoint.", cp.get("last_step"))
         alerts: dict[str, int] = {"silent": 0, "stalled": 0, "slow": 0}
         for a in s["alerts"]:
             alerts[a["kind"]] = alerts.get(a["kind"], 0) + 1
