@@ -3,10 +3,15 @@
 Nodes report cumulative counters (examples, bytes, pushes); the history turns
 them into per-second rates between samples. It keeps the last ``capacity``
 samples (an hour at one a second), for the dashboard's charts.
+
+The coordinator's thread samples; the HTTP thread serialises (only when a dashboard asks):
+both hold the history's lock.
 """
 
 from __future__ import annotations
 
+import json
+import threading
 from typing import Any
 
 # counter in a node's progress -> the rate the history shows
@@ -24,6 +29,7 @@ class History:
         self.t: list[float] = []
         self.series: dict[str, dict[str, list[float | None]]] = {}
         self._last: dict[str, tuple[float, dict[str, Any]]] = {}
+        self.lock = threading.Lock()
 
     def _put(self, node: str, metric: str, value: float | None) -> None:
         values = self.series.setdefault(node, {}).setdefault(metric, [])
@@ -32,6 +38,10 @@ class History:
 
     def sample(self, t: float, status: dict[str, Any]) -> None:
         """Record one sample of a ``STATUS`` answer taken ``t`` seconds into the job."""
+        with self.lock:
+            self._sample(t, status)
+
+    def _sample(self, t: float, status: dict[str, Any]) -> None:
         self.t.append(round(t, 3))
         job_rate = 0.0
         for node in status.get("nodes", []):
@@ -62,3 +72,11 @@ class History:
 
     def to_dict(self) -> dict[str, Any]:
         return {"t": self.t, "series": self.series}
+
+    def to_json(self) -> bytes:
+        with self.lock:
+            return json.dumps(self.to_dict()).encode()
+
+    def latest(self, node: str, metric: str) -> float | None:
+        values = self.series.get(node, {}).get(metric)
+        return values[-1] if values else None

@@ -97,7 +97,7 @@ class Coordinator:
         mon = self.job.monitor
         self.history = History()
         self.snapshot: dict[str, Any] | None = None
-        self._json = {"status": b"{}", "history": b"{}", "targets": b"[]"}
+        self._json = {"status": b"{}", "targets": b"[]"}
         self._targets: list[dict[str, Any]] = []
         self._next_sample = 0.0
         routes: dict[str, Any] = {}
@@ -108,7 +108,7 @@ class Coordinator:
         if mon.dashboard:
             routes["/"] = lambda: static_file("index.html")
             routes["/api/status"] = lambda: ("application/json", self._json["status"])
-            routes["/api/history"] = lambda: ("application/json", self._json["history"])
+            routes["/api/history"] = lambda: ("application/json", self.history.to_json())  # built on request
         self.endpoint = HttpEndpoint(mon.http_host, mon.dashboard_port, routes, "coordinator") if routes else None
         if self.endpoint is not None:
             log.info("coordinator: dashboard at http://%s/ (metrics at /metrics, Prometheus targets at /targets)",
@@ -124,14 +124,13 @@ class Coordinator:
     def _sample(self, now: float) -> None:
         status = self.state.status(now)
         self.history.sample(status["elapsed_s"], status)
-        status["recent_examples_per_s"] = self.history.series["job"]["examples_per_s"][-1]
+        status["recent_examples_per_s"] = self.history.latest("job", "examples_per_s")
         self.snapshot = status
         self._json["status"] = json.dumps(status).encode()
-        self._json["history"] = json.dumps(self.history.to_dict()).encode()
         self._update_targets(status)
         if self.tensorboard is not None and status["phase"] == "training":
             scalars: dict[str, float | None] = {
-                "train/loss": status["loss"], "train/examples_per_s": self.history.series["job"]["examples_per_s"][-1],
+                "train/loss": status["loss"], "train/examples_per_s": status["recent_examples_per_s"],
                 "train/staleness_mean": status["staleness"]["mean"]}
             for n in status["nodes"]:
                 if n["role"] == "worker" and n["state"] == "alive":
