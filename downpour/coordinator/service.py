@@ -28,6 +28,7 @@ from downpour.layout import Layout, make_layout
 from downpour.models import build_model, param_shapes
 from downpour.monitor import HttpEndpoint, metrics_route, node_labels
 from downpour.monitor.http import static_file
+from downpour.monitor.targets import targets_paths, write_targets
 from downpour.protocol import decode, encode
 from downpour.storage import CheckpointStore, Manifest
 from downpour.transport import Listener, Poller, Security
@@ -153,23 +154,14 @@ class Coordinator:
             return
         self._targets = targets
         self._json["targets"] = json.dumps(targets).encode()
-        for path in self._targets_paths():
-            write_json(path, targets)
+        write_targets(self._targets_paths(), targets)
 
     def _targets_paths(self) -> list[str]:
-        """The run folder's targets file, and one in ``monitor.targets_dir`` (shared by many jobs)."""
-        paths = [os.path.join(self.run_dir, "prometheus_targets.json")] if self.run_dir else []
-        shared = self.job.monitor.targets_dir
-        if shared:
-            os.makedirs(shared, exist_ok=True)
-            run = os.path.basename(os.path.normpath(self.run_dir)) if self.run_dir else f"{self.job.name}-{os.getpid()}"
-            paths.append(os.path.join(shared, f"{run}.json"))
-        return paths
+        return targets_paths(self.run_dir, self.job.monitor.targets_dir, f"{self.job.name}-{os.getpid()}")
 
     def _stop_monitoring(self, summary: dict[str, Any]) -> None:
         self._sample(time.monotonic())
-        for path in self._targets_paths():  # the job is over: nothing left to scrape
-            write_json(path, [])
+        write_targets(self._targets_paths(), [])  # the job is over: nothing left to scrape
         if self.tensorboard is not None:
             self.tensorboard.add({"test/accuracy": summary.get("test_accuracy"), "test/loss": summary.get("test_loss"),
                                   "train/examples_per_s_overall": summary.get("examples_per_s")}, int(summary.get("steps") or 0))

@@ -28,6 +28,7 @@ import yaml
 
 from downpour.config import JobConfig, job_to_dict
 from downpour.errors import DownpourError, JobFailed
+from downpour.monitor.targets import targets_paths, write_targets
 from downpour.protocol import Message, Op
 from downpour.protocol.rpc import RpcClient
 from downpour.transport import Security, create_job_keys, new_context
@@ -191,14 +192,7 @@ class LocalLauncher:
 
     def _clear_targets(self) -> None:
         """No Prometheus target outlives the job (the coordinator may have had no time to say so)."""
-        paths = [os.path.join(self.run_dir, "prometheus_targets.json")]
-        if self.job.monitor.targets_dir:
-            paths.append(os.path.join(self.job.monitor.targets_dir, f"{os.path.basename(os.path.normpath(self.run_dir))}.json"))
-        for path in paths:
-            if os.path.exists(path):
-                with open(path + ".tmp", "w") as f:
-                    f.write("[]\n")
-                os.replace(path + ".tmp", path)
+        write_targets(targets_paths(self.run_dir, self.job.monitor.targets_dir, self.job.name), [], only_existing=True)
 
     def _watch(self, rpc: RpcClient, on_status) -> RunResult:
         coord = self.procs[0]

@@ -115,9 +115,11 @@ class ParameterServer:
         if handler is None:
             self._reject(peer, msg, "bad_op", f"a server does not serve {msg.op.name}")
             return
-        if self.listener.security is not None and self.listener.peer_role(frames) not in ("worker", "coordinator"):
-            self._reject(peer, msg, "forbidden", f"a {self.listener.peer_role(frames) or 'foreign'} key may not use a server")
-            return
+        if self.listener.security is not None:
+            role = self.listener.peer_role(frames)
+            if role not in ("worker", "coordinator"):
+                self._reject(peer, msg, "forbidden", f"a {role or 'foreign'} key may not use a server")
+                return
         t0 = time.perf_counter()
         try:
             replies = handler(self, peer, msg)

@@ -22,6 +22,7 @@ import logging
 import queue
 import threading
 import time
+from bisect import bisect_right
 from dataclasses import dataclass
 from typing import Any
 
@@ -140,6 +141,7 @@ class OldParams:
 
     def __init__(self, store: CheckpointStore, manifest: Manifest, layout: Layout) -> None:
         self.layout = layout
+        self._params = {p.name: p for p in layout.params}
         self.values = torch.zeros(layout.numel)
         self.state: dict[str, torch.Tensor] = {}
         self.key_versions = [0] * len(layout.slices)
@@ -167,10 +169,8 @@ class OldParams:
             raise DataError(f"{store.where(manifest.name)}: no server file holds {', '.join(missing[:5])}")
 
     def param_range(self, name: str) -> tuple[int, int] | None:
-        for p in self.layout.params:
-            if p.name == name:
-                return p.offset, p.offset + p.numel
-        return None
+        p = self._params.get(name)
+        return (p.offset, p.offset + p.numel) if p is not None else None
 
 
 def restore_store(store: ShardStore, layout: Layout, old: OldParams, full: bool) -> int:
@@ -180,10 +180,13 @@ def restore_store(store: ShardStore, layout: Layout, old: OldParams, full: bool)
     values; keys of parameters the checkpoint lacks stay uninitialised (a worker INITs them).
     Returns how many keys were filled."""
     state = store.rule.state()
+    starts = [p.offset for p in layout.params]
+    old_order = sorted((o.start, o.key) for o in old.layout.slices)  # keys need not be in element order
+    old_starts = [start for start, _ in old_order]
     filled = 0
     for i, key in enumerate(store.keys):
         s = layout.slices[key]
-        p = next(p for p in layout.params if p.offset <= s.start < p.offset + p.numel)
+        p = layout.params[bisect_right(starts, s.start) - 1]  # the parameter this key is a slice of
         rng = old.param_range(p.name)
         if rng is None:
             continue
@@ -194,7 +197,8 @@ def restore_store(store: ShardStore, layout: Layout, old: OldParams, full: bool)
             for name, t in state.items():
                 if name in old.state:
                     t[dst] = old.state[name][lo : lo + s.length]
-            covering = [k for k, o in enumerate(old.layout.slices) if o.start < lo + s.length and lo < o.stop]
+            first = max(0, bisect_right(old_starts, lo) - 1)
+            covering = [old_order[j][1] for j in range(first, bisect_right(old_starts, lo + s.length - 1))]
             store.versions[i] = max((old.key_versions[k] for k in covering), default=0)
         store.key_initialized[i] = True
         filled += 1

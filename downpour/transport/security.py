@@ -70,14 +70,13 @@ class Security:
             raise ConfigError(f"{secret_path} holds no secret key")
         return cls(role, public, secret, publics)
 
+    def __post_init__(self) -> None:
+        # public key (z85, as the ZAP handler's User-Id and its callback see it) -> role
+        self._roles = {key.decode(): role for role, key in self.publics.items()}
+
     def role_of(self, user_id: str | None) -> str | None:
         """The role of a peer from the User-Id the ZAP handler gave its messages (its public key)."""
-        if not user_id:
-            return None
-        for role, key in self.publics.items():
-            if key.decode() == user_id:
-                return role
-        return None
+        return self._roles.get(user_id) if user_id else None
 
     # -- sockets ------------------------------------------------------------------
     def serve(self, socket: zmq.Socket, ctx: zmq.Context) -> None:
@@ -107,7 +106,7 @@ class Security:
 
     def callback(self, domain: str, key: bytes) -> bool:
         """ZAP: admit a client whose public key is one of the job's."""
-        ok = key in set(self.publics.values())
+        ok = (key.decode() if isinstance(key, bytes) else key) in self._roles
         if not ok:
             self.refused += 1
             log.warning("%s: refused a connection with a key that is not this job's", self.role)
