@@ -113,10 +113,32 @@ class AdamConfig(_Frozen):
 OptimizerConfig = Annotated[SGDConfig | AdagradConfig | AdamConfig, Field(discriminator="name")]
 
 
+class SlowdownConfig(_Frozen):
+    """Simulate a straggler (tests, benchmarks): worker ``rank`` sleeps after each step so that
+    its steps take ``factor`` times as long as its computation does."""
+
+    rank: int = Field(0, ge=0)
+    factor: float = Field(2.0, ge=1)
+
+
 class TrainingConfig(_Frozen):
     # async: a server applies each push when it arrives (Downpour/ASP).
     # sync: a server waits for one gradient from every live worker, averages, applies (BSP).
-    consistency: Literal["async", "sync"] = "async"
+    # ssp: as async, but a worker more than staleness_bound pushes ahead of the slowest live
+    # worker gets its reply (the new values) only once that worker caught up (stale synchronous
+    # parallel, Ho et al. 2013). staleness_bound 0 moves the workers in lockstep.
+    consistency: Literal["async", "sync", "ssp"] = "async"
+    staleness_bound: int = Field(3, ge=0)
+    # async/ssp: scale each push by 1/staleness (its staleness in versions, at least 1), as in
+    # Zhang et al. 2016, "Staleness-aware async-SGD".
+    staleness_lr: bool = False
+    # Delayed updates. accumulate: push once every k micro-batches, the mean of their gradients
+    # (equal to one batch k times larger). local_steps: take H steps locally with the job's
+    # optimizer, then push the change of the parameters, which the servers add (Paddle's geo-SGD;
+    # in sync mode the servers average the changes: local SGD with model averaging).
+    accumulate: int = Field(1, ge=1)
+    local_steps: int = Field(1, ge=1)
+    slowdown: SlowdownConfig | None = None
     epochs: int = Field(1, ge=1)
     # Optional cap on optimizer steps per worker; the run ends at whichever of
     # epochs/steps comes first.
@@ -129,6 +151,12 @@ class TrainingConfig(_Frozen):
     # worker. Off by default: on a CPU-bound 2-core machine it gains no speed and the
     # extra staleness costs accuracy (see benchmarks/RESULTS.md).
     overlap: bool = False
+
+    @model_validator(mode="after")
+    def _delays(self) -> TrainingConfig:
+        if self.accumulate > 1 and self.local_steps > 1:
+            raise ValueError("training.accumulate and training.local_steps cannot both exceed 1")
+        return self
     # Torch intra-op threads per worker process. 1 suits many processes sharing few cores.
     torch_threads: int = Field(1, ge=1)
 
@@ -161,6 +189,9 @@ class ClusterConfig(_Frozen):
     # and requests per second from one peer (beyond it a server drops requests and counts them).
     max_keys_per_request: int = Field(1 << 16, gt=0)
     max_requests_per_s: float = Field(100_000.0, gt=0)
+    # Simulate a slow network (benchmarks): each worker's link to the servers carries at most
+    # this many megabits per second in each direction. None: as fast as the machine goes.
+    link_mbit_s: float | None = Field(None, gt=0)
 
     @model_validator(mode="after")
     def _timeouts(self) -> ClusterConfig:
@@ -194,6 +225,70 @@ class MonitorConfig(_Frozen):
     # A worker slower than this fraction of the other workers' median examples/s, for
     # longer than stall_after_s, is reported as falling behind.
     slow_fraction: float = Field(0.5, gt=0, lt=1)
+    # Worker 0 evaluates the test split after every this many of the shards it trained, and
+    # summary.json keeps the curve (test accuracy against seconds of training) for
+    # time-to-accuracy figures. None: only the final evaluation.
+    eval_every_shards: int | None = Field(None, ge=1)
+
+
+CodecName = Literal["none", "fp16", "bf16", "topk", "randomk", "qsgd", "onebit", "powersgd", "int8"]
+
+
+class DGCConfig(_Frozen):
+    """Deep Gradient Compression around topk/randomk (see downpour/compress/feedback.py)."""
+
+    # Momentum applied on the worker (momentum correction); the servers must then use none.
+    momentum: float = Field(0.9, ge=0, lt=1)
+    # Clip each gradient's L2 norm to this before it is accumulated (None: no clipping).
+    clip_norm: float | None = Field(None, gt=0)
+    # Over the first warmup_steps pushes the density falls exponentially from warmup_start
+    # to the codec's ratio.
+    warmup_steps: int = Field(0, ge=0)
+    warmup_start: float = Field(0.25, gt=0, le=1)
+
+
+class PushCodecConfig(_Frozen):
+    """How gradients (or local-SGD deltas) are encoded on push. Only the fields of the chosen
+    codec matter: ratio (topk, randomk), bits (qsgd), bucket (qsgd, onebit, int8: elements per
+    scale), rank (powersgd), seed (randomk, qsgd, powersgd)."""
+
+    codec: CodecName = "none"
+    ratio: float = Field(0.01, gt=0, le=1)
+    bits: Literal[4, 8] = 8
+    bucket: int = Field(512, ge=1, le=1 << 24)
+    rank: int = Field(2, ge=1, le=64)
+    seed: int = Field(0, ge=0)
+    # Keep what the codec did not send and add it to the next push (needed by topk, randomk,
+    # onebit, powersgd to converge).
+    error_feedback: bool = False
+    dgc: DGCConfig | None = None
+    # Parameters with fewer elements than this (biases, usually) are sent uncompressed.
+    min_numel: int = Field(0, ge=0)
+
+    @model_validator(mode="after")
+    def _dgc(self) -> PushCodecConfig:
+        if self.dgc is not None and self.codec not in ("topk", "randomk"):
+            raise ValueError(f"dgc needs codec topk or randomk, not {self.codec}")
+        return self
+
+
+class GroupCodecConfig(_Frozen):
+    # Parameter names (shell patterns, e.g. "*.bias", "0.*") this group's codec applies to.
+    params: list[str] = Field(min_length=1)
+    push: PushCodecConfig
+
+
+class CompressionConfig(_Frozen):
+    """What travels between workers and servers (see docs/compression.md)."""
+
+    # The default push codec, and per-group overrides (the first group whose pattern matches
+    # a parameter's name decides for it).
+    push: PushCodecConfig = Field(default_factory=PushCodecConfig)
+    groups: list[GroupCodecConfig] = Field(default_factory=list)
+    # Parameters as workers receive them: float32 (none), fp16, or int8 with one scale per
+    # pull_block elements. The servers keep float32 either way; evaluation pulls float32.
+    pull: Literal["none", "fp16", "int8"] = "none"
+    pull_block: int = Field(1024, ge=1, le=1 << 24)
 
 
 class CheckpointConfig(_Frozen):
@@ -234,10 +329,22 @@ class JobConfig(_Frozen):
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
     monitor: MonitorConfig = Field(default_factory=MonitorConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    compression: CompressionConfig = Field(default_factory=CompressionConfig)
     # Warm start: take the parameters (not the optimizer state or data position) of the latest
     # checkpoint under this run folder or URL. Parameters new in this model are initialised as
     # usual; one whose shape changed is an error naming it.
     init_from: str | None = None
+
+    @model_validator(mode="after")
+    def _momentum_once(self) -> JobConfig:
+        codecs = [self.compression.push, *(g.push for g in self.compression.groups)]
+        if any(c.dgc is not None and c.dgc.momentum > 0 for c in codecs) and getattr(self.optimizer, "momentum", 0) > 0:
+            raise ValueError("compression dgc.momentum and optimizer.momentum would both apply momentum: "
+                             "set optimizer.momentum: 0 (DGC applies it on the workers)")
+        if self.training.slowdown is not None and self.training.slowdown.rank >= self.cluster.num_workers:
+            raise ValueError(f"training.slowdown.rank {self.training.slowdown.rank} is not a worker rank "
+                             f"(0..{self.cluster.num_workers - 1})")
+        return self
 
     def effective_lr(self) -> float:
         """The learning rate the servers use, after the optional linear scaling rule."""

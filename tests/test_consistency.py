@@ -8,7 +8,7 @@ import torch
 from downpour.config import SGDConfig
 from downpour.layout import make_layout
 from downpour.protocol import Message, Op
-from downpour.server.consistency import POLICIES, AsyncPolicy, Push, SyncPolicy
+from downpour.server.consistency import POLICIES, AsyncPolicy, Push, SSPPolicy, SyncPolicy
 from downpour.server.optim import make_rule
 from downpour.server.store import ShardStore
 
@@ -44,7 +44,7 @@ def staleness() -> list[int]:
 
 
 def test_policies_are_registered_by_their_config_names():
-    assert POLICIES == {"async": AsyncPolicy, "sync": SyncPolicy}
+    assert POLICIES == {"async": AsyncPolicy, "sync": SyncPolicy, "ssp": SSPPolicy}
 
 
 # -- async ---------------------------------------------------------------------

@@ -87,6 +87,8 @@ def job_summary(self: CoordinatorState, now: float) -> dict[str, Any]:
         "num_workers": self.cl.num_workers,
         "consistency": self.job.training.consistency,
         "staleness": _histogram_summary(hist),
+        "wire": _wire_summary(workers.values()),
+        "accuracy_curve": next((w["curve"] for w in workers.values() if w.get("curve")), []),
         "data_shards": self.ledger.summary(),
         "failures": list(self.failures),
         "checkpoints": self.checkpoints.summary(),
@@ -119,3 +121,18 @@ def _histogram_summary(hist: dict[int, int]) -> dict[str, Any]:
         "max": max(hist),
         "histogram": {str(k): hist[k] for k in sorted(hist)},
     }
+
+
+def _wire_summary(workers) -> dict[str, Any]:
+    """Bytes every worker pushed and pulled, by part, in all and per push (all workers together)."""
+    pushes = sum(int(w.get("pushes", 0)) for w in workers)
+    out: dict[str, Any] = {"pushes": pushes}
+    for direction in ("push", "pull"):
+        parts: dict[str, int] = {"values": 0, "indices": 0, "scales": 0, "headers": 0}
+        for w in workers:
+            for part, n in ((w.get("wire") or {}).get(direction) or {}).items():
+                if part in parts and isinstance(n, int):
+                    parts[part] += n
+        total = sum(parts.values())
+        out[direction] = {**parts, "total": total, "per_push": total / pushes if pushes else 0.0}
+    return out

@@ -37,6 +37,7 @@ DTYPES: dict[str, torch.dtype] = {
     "f64": torch.float64,
     "i64": torch.int64,
     "i32": torch.int32,
+    "i16": torch.int16,
     "i8": torch.int8,
     "u8": torch.uint8,
 }

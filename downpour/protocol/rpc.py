@@ -29,7 +29,7 @@ _ABORT_CHECK_S = 0.2  # how often a waiting future looks at the abort flag
 class Future:
     """The eventual reply to one request."""
 
-    __slots__ = ("_client", "peer", "req_id", "deadline", "_reply", "_op")
+    __slots__ = ("_client", "peer", "req_id", "deadline", "_reply", "_op", "sent", "received", "ready_at")
 
     def __init__(self, client: RpcClient, peer: str, req_id: int, op: Op, deadline: float) -> None:
         self._client = client
@@ -38,6 +38,10 @@ class Future:
         self.deadline = deadline
         self._reply: Message | None = None
         self._op = op
+        # (header bytes, all bytes) of the request and of its reply: for byte accounting.
+        self.sent = (0, 0)
+        self.received = (0, 0)
+        self.ready_at = 0.0  # a simulated slow link delivers the reply no earlier than this
 
     def done(self) -> bool:
         if self._reply is None:
@@ -70,6 +74,9 @@ class Future:
                 self._client._forget(self.req_id)
                 raise JobFailed(f"{self._client.node}: {self._client.abort_reason()}", node=self._client.node)
             self._client.pump(min(left, _ABORT_CHECK_S))
+        wait = self.ready_at - time.monotonic()
+        if wait > 0:  # the reply is still "on the wire" of the simulated link
+            time.sleep(wait)
         reply = self._reply
         if reply.op == Op.ERROR:
             raise RemoteError(
@@ -96,10 +103,16 @@ class RpcClient:
         abort: threading.Event | None = None,
         abort_reason: Callable[[], str] = lambda: "aborted",
         security: Security | None = None,
+        link_bytes_per_s: float | None = None,
     ) -> None:
         """``abort``: when set (by another thread), every wait ends with :class:`JobFailed`
         carrying ``abort_reason()`` instead of waiting out its timeout. ``security``: the node's
-        CURVE keys (every channel then authenticates and encrypts)."""
+        CURVE keys (every channel then authenticates and encrypts). ``link_bytes_per_s``
+        simulates a slow network link (each direction its own): a send returns only after its
+        bytes would have left, a reply is delivered only after its bytes would have arrived."""
+        self.link_bytes_per_s = link_bytes_per_s
+        self._link_out = 0.0  # when the simulated link is free again, each direction
+        self._link_in = 0.0
         self.ctx = ctx
         self.security = security
         self._on_push = on_push
@@ -136,8 +149,14 @@ class RpcClient:
         fut = Future(self, peer, msg.req_id, msg.op, time.monotonic() + (timeout_s or self.request_timeout_s))
         self._pending[msg.req_id] = fut
         frames = encode(msg)
-        self.bytes_sent += sum(len(f) for f in frames)
+        size = sum(len(f) for f in frames)
+        fut.sent = (len(frames[0]), size)
+        self.bytes_sent += size
         self._channels[peer].send(frames)
+        if self.link_bytes_per_s:
+            now = time.monotonic()
+            self._link_out = max(now, self._link_out) + size / self.link_bytes_per_s
+            time.sleep(self._link_out - now)
         return fut
 
     def call(self, peer: str, msg: Message, timeout_s: float | None = None) -> Message:
@@ -154,7 +173,8 @@ class RpcClient:
                 self._dispatch(self._names[ch], frames)
 
     def _dispatch(self, peer: str, frames: list) -> None:
-        self.bytes_received += sum(len(f) for f in frames)
+        size = sum(len(f) for f in frames)
+        self.bytes_received += size
         try:
             msg = decode(frames, self.max_message_bytes)
         except ProtocolError as err:
@@ -163,6 +183,10 @@ class RpcClient:
         if msg.op in REPLY_OPS:
             fut = self._pending.pop(msg.req_id, None)
             if fut is not None:
+                fut.received = (len(frames[0]), size)
+                if self.link_bytes_per_s:
+                    self._link_in = max(time.monotonic(), self._link_in) + size / self.link_bytes_per_s
+                    fut.ready_at = self._link_in
                 fut._resolve(msg)
         elif self._on_push is not None:
             self._on_push(peer, msg)

@@ -1,11 +1,17 @@
 """Consistency policies: when a server applies a push and when it answers.
 
 * :class:`AsyncPolicy` (Downpour/ASP): apply every push on arrival, answer at once.
+  With ``training.staleness_lr`` a push ``s`` versions stale is applied scaled by 1/s.
 * :class:`SyncPolicy` (BSP): a round is the shard's current version. Each live
   worker pushes once per round; when every worker in the membership has pushed,
   the weighted mean of their gradients is applied once and every waiting
   worker is answered with the new values. A worker that leaves (done, dead)
   is dropped from the membership, and a round waiting only for it completes.
+* :class:`SSPPolicy` (stale synchronous parallel): applies as async, but the
+  reply to a worker's push number ``c`` (its clock, sent with the push) waits
+  until ``c - slowest <= staleness_bound``, where ``slowest`` is the lowest
+  clock among the live workers of the membership. The worker waits for that
+  reply before its next step, so no worker runs more than the bound ahead.
 
 A policy returns the replies to send; it never touches sockets.
 """
@@ -17,6 +23,8 @@ from dataclasses import dataclass
 
 import torch
 
+from downpour.compress import Codec, encode_pull
+from downpour.config import TrainingConfig
 from downpour.protocol import Message, Op
 from downpour.server.store import ShardStore
 
@@ -29,6 +37,9 @@ class Push:
     grad: torch.Tensor
     weight: float
     version: int  # the version the worker's values had
+    pull: Codec | None = None  # how the reply's values are encoded (None: float32)
+    delta: bool = False  # ``grad`` is a change to add to the values (local SGD), not a gradient
+    clock: int | None = None  # how many pushes the worker has made, this one included (SSP)
 
     @property
     def wants_values(self) -> bool:
@@ -38,10 +49,19 @@ class Push:
 Reply = tuple[bytes, Message]
 
 
+def values_reply(msg: Message, version: int, values: torch.Tensor, pull: Codec | None) -> Message:
+    """The OK reply carrying ``values``, encoded with ``pull`` when the request asked for it."""
+    if pull is None:
+        return msg.reply({"version": version}, [values])
+    enc, tensors = encode_pull(pull, values)
+    return msg.reply({"version": version, "enc": enc}, tensors)
+
+
 class Policy:
-    def __init__(self, store: ShardStore, record_staleness: Callable[[int], None]) -> None:
+    def __init__(self, store: ShardStore, record_staleness: Callable[[int], None], training: TrainingConfig | None = None) -> None:
         self.store = store
         self.record_staleness = record_staleness
+        self.training = training or TrainingConfig()
 
     def push(self, p: Push) -> list[Reply]:
         raise NotImplementedError
@@ -49,29 +69,79 @@ class Policy:
     def set_workers(self, workers: set[str]) -> list[Reply]:
         return []
 
+    def stats(self) -> dict[str, int]:
+        """Figures this policy adds to the server's stats."""
+        return {}
+
     def _answer(self, p: Push, values: torch.Tensor | None = None) -> Reply:
         version = self.store.version(p.idx)
         if p.wants_values:
             if values is None:  # a view: the send copies it, or lends it under copy-on-write
                 values = self.store.read(p.idx, snapshot=False)
-            return p.peer, p.msg.reply({"version": version}, [values])
+            return p.peer, values_reply(p.msg, version, values, p.pull)
         return p.peer, p.msg.reply({"version": version})
 
 
 class AsyncPolicy(Policy):
     def push(self, p: Push) -> list[Reply]:
-        self.record_staleness(self.store.version(p.idx) - p.version)
-        self.store.apply(p.idx, p.grad)
+        self._apply(p)
         return [self._answer(p)]
+
+    def _apply(self, p: Push) -> None:
+        stale = self.store.version(p.idx) - p.version
+        self.record_staleness(stale)
+        grad = p.grad / stale if self.training.staleness_lr and stale > 1 else p.grad
+        self.store.apply(p.idx, grad, delta=p.delta)
+
+
+class SSPPolicy(AsyncPolicy):
+    def __init__(self, store: ShardStore, record_staleness: Callable[[int], None], training: TrainingConfig | None = None) -> None:
+        super().__init__(store, record_staleness, training)
+        self.bound = self.training.staleness_bound
+        self.workers: set[str] = set()
+        self.clocks: dict[str, int] = {}
+        self.held: list[tuple[str, int, Push]] = []
+        self.max_lead = 0  # the largest lead (in pushes) of a worker over the slowest when answered
+
+    def push(self, p: Push) -> list[Reply]:
+        if p.clock is None:
+            return [(p.peer, p.msg.error("ssp_clock", "ssp mode needs the worker's clock in each push"))]
+        self._apply(p)
+        who = p.peer.decode(errors="replace")
+        self.clocks[who] = max(self.clocks.get(who, 0), p.clock)
+        self.held.append((who, p.clock, p))
+        return self._release()
+
+    def set_workers(self, workers: set[str]) -> list[Reply]:
+        self.workers = set(workers)
+        return self._release()
+
+    def stats(self) -> dict[str, int]:
+        return {"ssp_max_lead": self.max_lead}
+
+    def _release(self) -> list[Reply]:
+        # Before the coordinator named the workers (or for a worker it no longer counts) nothing is held.
+        slowest = min((self.clocks.get(w, 0) for w in self.workers), default=None)
+        out, keep = [], []
+        for who, clock, p in self.held:
+            lead = clock - slowest if slowest is not None and who in self.workers else 0
+            if lead <= self.bound:
+                self.max_lead = max(self.max_lead, lead)
+                out.append(self._answer(p))
+            else:
+                keep.append((who, clock, p))
+        self.held = keep
+        return out
 
 
 class SyncPolicy(Policy):
-    def __init__(self, store: ShardStore, record_staleness: Callable[[int], None]) -> None:
-        super().__init__(store, record_staleness)
+    def __init__(self, store: ShardStore, record_staleness: Callable[[int], None], training: TrainingConfig | None = None) -> None:
+        super().__init__(store, record_staleness, training)
         self.workers: set[str] = set()
         self.waiting: dict[str, Push] = {}
         self.acc: torch.Tensor | None = None
         self.weight = 0.0
+        self.delta = False
         self._all = store.all
 
     def push(self, p: Push) -> list[Reply]:
@@ -88,6 +158,7 @@ class SyncPolicy(Policy):
         else:
             self.acc.add_(p.grad, alpha=p.weight)
         self.weight += p.weight
+        self.delta = p.delta
         self.waiting[who] = p
         self.record_staleness(0)
         return self._maybe_complete()
@@ -101,7 +172,7 @@ class SyncPolicy(Policy):
         if not self.waiting or not self.workers or not self.workers.issubset(self.waiting):
             return []
         assert self.acc is not None
-        self.store.apply(self._all, self.acc.div_(self.weight))
+        self.store.apply(self._all, self.acc.div_(self.weight), delta=self.delta)
         values = self.store.read(self._all) if any(p.wants_values for p in self.waiting.values()) else None
         replies = [self._answer(p, values) for p in self.waiting.values()]
         self.waiting.clear()
@@ -109,4 +180,4 @@ class SyncPolicy(Policy):
         return replies
 
 
-POLICIES: dict[str, type[Policy]] = {"async": AsyncPolicy, "sync": SyncPolicy}
+POLICIES: dict[str, type[Policy]] = {"async": AsyncPolicy, "sync": SyncPolicy, "ssp": SSPPolicy}

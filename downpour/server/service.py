@@ -18,13 +18,14 @@ from typing import Any
 import torch
 import zmq
 
+from downpour.compress import Codec, decode_push, pull_codec
 from downpour.config import JobConfig, parse_job
 from downpour.coordinator.client import COORDINATOR, CoordinatorClient, Heartbeat
 from downpour.errors import DownpourError, ProtocolError
 from downpour.layout import Layout
 from downpour.monitor import Buckets, HttpEndpoint, metrics_route, node_labels
 from downpour.protocol import Message, Op, decode, encode
-from downpour.server.consistency import POLICIES, Push
+from downpour.server.consistency import POLICIES, Push, values_reply
 from downpour.server.metrics import server_metrics
 from downpour.server.optim import make_rule
 from downpour.server.snapshot import OldParams, Snapshotter, restore_store
@@ -49,7 +50,8 @@ class ParameterServer:
         self.max_rate = job.cluster.max_requests_per_s
         self._windows: dict[bytes, list[float]] = {}  # peer -> [window start, requests in it]
         self.staleness: Counter[int] = Counter()
-        self.policy = POLICIES[job.training.consistency](self.store, self._record_staleness)
+        self.policy = POLICIES[job.training.consistency](self.store, self._record_staleness, job.training)
+        self._pull_codecs: dict[tuple, Codec] = {}  # built once per distinct request ``pq``
         self.max_bytes = job.cluster.max_message_bytes
         self.counts: Counter[str] = Counter()
         self.members: set[str] = set()
@@ -147,8 +149,25 @@ class ParameterServer:
             if is_shared and tracker is not None:  # lent, not copied: no change until it is sent
                 self.store.lend(t, tracker)
 
+    def _pull_codec(self, msg: Message) -> Codec | None:
+        pq = msg.meta.get("pq")
+        if pq is None:
+            return None
+        key = tuple(pq) if isinstance(pq, list) and all(isinstance(x, (str, int)) for x in pq) else None
+        codec = self._pull_codecs.get(key) if key is not None else None
+        if codec is None:
+            codec = pull_codec(pq)  # raises ProtocolError for anything malformed
+            if len(self._pull_codecs) < 64:
+                self._pull_codecs[key] = codec
+        return codec
+
     def _values(self, msg: Message) -> tuple[list[int], torch.Tensor]:
         idx = self.store.resolve(msg.meta.get("keys"))
+        enc = msg.meta.get("enc")
+        if enc is not None:  # a compressed push: every decoder validates (lengths, indices, NaN/Inf)
+            if msg.op not in (Op.PUSH, Op.PUSHPULL):
+                raise ProtocolError(f"{msg.op.name} values cannot be compressed")
+            return idx, decode_push(enc, msg.tensors, [self.store.lengths[i] for i in idx])
         if len(msg.tensors) != 1:
             raise ProtocolError(f"{msg.op.name} carries {len(msg.tensors)} tensors, expected 1")
         t = msg.tensors[0]
@@ -175,9 +194,10 @@ class ParameterServer:
         if not self.store.initialized:
             return [(peer, msg.error("uninitialized", "parameters not initialized yet"))]
         idx = self.store.resolve(msg.meta.get("keys"))
+        codec = self._pull_codec(msg)
         self.counts["pull"] += 1
         self._count_transfer(idx, 1)
-        return [(peer, msg.reply({"version": self.store.version(idx)}, [self.store.read(idx, snapshot=False)]))]
+        return [(peer, values_reply(msg, self.store.version(idx), self.store.read(idx, snapshot=False), codec))]
 
     def on_push(self, peer: bytes, msg: Message):
         if not self.store.initialized:
@@ -188,6 +208,12 @@ class ParameterServer:
             raise ProtocolError(f"push version must be a non-negative integer, got {version!r}")
         if not isinstance(weight, (int, float)) or isinstance(weight, bool) or not math.isfinite(weight) or weight <= 0:
             raise ProtocolError(f"push weight must be a positive number, got {weight!r}")
+        clock, delta = msg.meta.get("clock"), msg.meta.get("delta", False)
+        if clock is not None and (type(clock) is not int or clock < 1):
+            raise ProtocolError(f"push clock must be a positive integer, got {clock!r}")
+        if type(delta) is not bool:
+            raise ProtocolError(f"push delta must be true or false, got {delta!r}")
+        codec = self._pull_codec(msg) if msg.op == Op.PUSHPULL else None
         pos = msg.meta.get("pos")
         if isinstance(pos, list) and len(pos) == 3 and all(type(x) is int and x >= 0 for x in pos):
             self.positions[peer.decode(errors="replace")] = pos
@@ -196,7 +222,7 @@ class ParameterServer:
             self.counts["pull"] += 1
         self._count_transfer(idx, 2 if msg.op == Op.PUSHPULL else 1)
         t0 = time.perf_counter()
-        replies = self.policy.push(Push(peer, msg, idx, grad, float(weight), version))
+        replies = self.policy.push(Push(peer, msg, idx, grad, float(weight), version, codec, delta, clock))
         took = time.perf_counter() - t0
         self.apply_s += took
         if self.timing:
@@ -258,6 +284,7 @@ class ParameterServer:
             "bytes_out": self.bytes_out,
             "version": max(self.store.versions, default=0),
             "cpu_s": time.process_time(),
+            **self.policy.stats(),
         }
 
     def serve(self, coord: CoordinatorClient, heartbeat: Heartbeat) -> str:

@@ -133,12 +133,16 @@ class ShardStore:
             return self.data[lo:hi].clone() if snapshot else self.data[lo:hi]
         return torch.cat([self.data[lo:hi] for lo, hi, _, _ in runs])
 
-    def apply(self, idx: list[int], grad: torch.Tensor) -> None:
-        """One optimizer step on the keys, with ``grad`` concatenated in request order."""
+    def apply(self, idx: list[int], grad: torch.Tensor, delta: bool = False) -> None:
+        """One optimizer step on the keys, with ``grad`` concatenated in request order.
+        With ``delta`` the values are added to the keys instead (no optimizer, no state change)."""
         runs = self._runs(idx, by_version=True)
         self._before_change(runs)
         for lo, hi, at, first in runs:
-            self.rule.apply(self.data, grad[at : at + hi - lo], lo, hi, self.versions[first])
+            if delta:
+                self.data[lo:hi].add_(grad[at : at + hi - lo])
+            else:
+                self.rule.apply(self.data, grad[at : at + hi - lo], lo, hi, self.versions[first])
         for i in idx:
             self.versions[i] += 1
 

@@ -13,14 +13,22 @@ Contract:
 * ``out`` of ``pull``/``push_pull`` is written only inside ``wait``.
 * Keys are given in any order; ``None`` means every key.
 * Not thread-safe: use a client from one thread.
+
+With a :class:`~downpour.config.CompressionConfig`, pushes are encoded per key
+(``downpour.compress``) and pulled values arrive in the configured pull codec;
+callers see float32 either way. :attr:`KVClient.wire` counts the bytes of each
+direction by part (values, indices, scales, headers).
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 
 import torch
 
+from downpour.compress import PushCompressor, decode_pull, pull_request
+from downpour.config import CompressionConfig
 from downpour.errors import ConfigError, ProtocolError
 from downpour.layout import KeySlice, Layout
 from downpour.protocol import Message, Op
@@ -58,18 +66,25 @@ class Handle:
 
 
 class KVClient:
-    def __init__(self, rpc: RpcClient, layout: Layout, server_peers: dict[int, str], request_bytes: int | None = None) -> None:
+    def __init__(self, rpc: RpcClient, layout: Layout, server_peers: dict[int, str], request_bytes: int | None = None,
+                 compression: CompressionConfig | None = None) -> None:
         """``server_peers`` maps a server rank to the peer name it is connected under in ``rpc``.
 
         ``request_bytes``: when set, a server's keys go out in several requests of at most this
         many bytes (whole keys), so that the server updates one while the next is on the wire and
         the replies stream back. Leave it None for sync mode, where a push must hold every key
-        of its server."""
+        of its server. ``compression``: how pushes and pulled values are encoded (None: float32)."""
         self.rpc = rpc
         self.layout = layout
         self.peers = server_peers
         self.request_bytes = request_bytes
         self.versions = [0] * len(layout.slices)  # per key: the version last received
+        compressor = PushCompressor(compression, layout) if compression is not None else None
+        self.compressor = compressor if compressor is not None and compressor.active else None
+        self.pq = pull_request(compression) if compression is not None else None
+        self.pushes = 0  # pushes made (the clock an ssp server bounds)
+        # Bytes each way by part: values, indices, scales, headers (pushes and the values received).
+        self.wire: dict[str, Counter[str]] = {"push": Counter(), "pull": Counter()}
         self._all = self._plan(None)
         self._shape = torch.Size([layout.numel])
 
@@ -101,19 +116,35 @@ class KVClient:
                               f"got {t.dtype} {tuple(t.shape)} on {t.device}")
 
     def _send(self, op: Op, keys: list[int] | None, data: torch.Tensor | None, out: torch.Tensor | None,
-              weight: float = 1.0, versions: list[int] | None = None, extra: dict | None = None) -> Handle:
+              weight: float = 1.0, versions: list[int] | None = None, extra: dict | None = None, exact: bool = False) -> Handle:
         versions = self.versions if versions is None else versions
         parts = self._all if keys is None else self._plan(keys)
+        pushing = op in (Op.PUSH, Op.PUSHPULL)
+        if pushing:
+            self.pushes += 1
         futures = []
         for part in parts:
             meta: dict = {"keys": part.keys, **extra} if extra else {"keys": part.keys}
             tensors = []
-            if data is not None:
+            if pushing and self.compressor is not None:
+                meta["enc"], tensors = self.compressor.encode(part.keys, data)
+            elif data is not None:
                 tensors.append(part.gather(data))
-                if op in (Op.PUSH, Op.PUSHPULL):
-                    meta["version"] = max(versions[k] for k in part.keys)
-                    meta["weight"] = weight
-            futures.append((part, self.rpc.request(self.peers[part.server], Message(op, meta=meta, tensors=tensors))))
+                if pushing:
+                    self.wire["push"]["values"] += part.numel * 4
+            if pushing:
+                meta["version"] = max(versions[k] for k in part.keys)
+                meta["weight"] = weight
+                meta["clock"] = self.pushes
+            if out is not None and self.pq is not None and not exact:
+                meta["pq"] = self.pq
+            fut = self.rpc.request(self.peers[part.server], Message(op, meta=meta, tensors=tensors))
+            if pushing:
+                self.wire["push"]["headers"] += fut.sent[0]
+            futures.append((part, fut))
+        if pushing and self.compressor is not None:
+            self.wire["push"].update(self.compressor.bytes)
+            self.compressor.bytes.clear()
         return Handle(futures, out)
 
     def init(self, values: torch.Tensor) -> Handle:
@@ -121,10 +152,11 @@ class KVClient:
         self._check(values, "values")
         return self._send(Op.INIT, None, values, None)
 
-    def pull(self, out: torch.Tensor, keys: list[int] | None = None) -> Handle:
-        """Fetch the keys' current values into ``out`` (a flat vector) when waited on."""
+    def pull(self, out: torch.Tensor, keys: list[int] | None = None, exact: bool = False) -> Handle:
+        """Fetch the keys' current values into ``out`` (a flat vector) when waited on.
+        ``exact``: float32 values even when the job compresses pulls (for evaluation)."""
         self._check(out, "out")
-        return self._send(Op.PULL, keys, None, out)
+        return self._send(Op.PULL, keys, None, out, exact=exact)
 
     def push(self, grad: torch.Tensor, keys: list[int] | None = None, weight: float = 1.0,
              versions: list[int] | None = None) -> Handle:
@@ -136,13 +168,17 @@ class KVClient:
         return self._send(Op.PUSH, keys, grad, None, weight, versions)
 
     def push_pull(self, grad: torch.Tensor, out: torch.Tensor, keys: list[int] | None = None, weight: float = 1.0,
-                  versions: list[int] | None = None, position: list[int] | None = None) -> Handle:
+                  versions: list[int] | None = None, position: list[int] | None = None, delta: bool = False) -> Handle:
         """Push, then receive the values after that update in the same round trip (one message
         per server each way). Arguments as for :meth:`push`; ``position`` ([epoch, shard, examples
-        of the shard done with this gradient]) is kept by the servers for checkpoints."""
+        of the shard done with this gradient]) is kept by the servers for checkpoints. With
+        ``delta`` the servers add ``grad`` to the values instead of taking an optimizer step."""
         self._check(grad, "grad")
         self._check(out, "out")
-        return self._send(Op.PUSHPULL, keys, grad, out, weight, versions, {"pos": position} if position else None)
+        extra: dict = {"pos": position} if position else {}
+        if delta:
+            extra["delta"] = True
+        return self._send(Op.PUSHPULL, keys, grad, out, weight, versions, extra or None)
 
     def wait(self, handle: Handle, timeout_s: float | None = None) -> None:
         """Block until every server answered (or raise: RemoteError if one refused,
@@ -154,7 +190,17 @@ class KVClient:
                 for k in part.keys:
                     self.versions[k] = version
             if handle.out is not None and reply.tensors:
-                values = reply.tensors[0]
+                header, total = fut.received
+                pulled = self.wire["pull"]
+                pulled["headers"] += header
+                if "enc" in reply.meta:
+                    values = decode_pull(reply.meta["enc"], reply.tensors, part.numel)
+                    first = reply.tensors[0].numel() * reply.tensors[0].element_size()
+                    pulled["values"] += first
+                    pulled["scales"] += total - header - first
+                else:
+                    values = reply.tensors[0]
+                    pulled["values"] += total - header
                 if values.numel() != part.numel:
                     raise ProtocolError(f"{fut.peer} returned {values.numel()} values for {part.numel} expected")
                 part.scatter(values, handle.out)

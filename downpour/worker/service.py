@@ -119,14 +119,15 @@ def run_worker(ctx: zmq.Context, coordinator: str, rank: int | None = None, star
         # read belongs to start-up, not to the first step (where it would stall this worker).
         dataset.train.take(np.zeros(1, dtype=np.int64))
         flat = FlatModel(model, layout, device)
+        link = job.cluster.link_mbit_s * 1e6 / 8 if job.cluster.link_mbit_s else None
         rpc = RpcClient(ctx, name, job.cluster.request_timeout_s, job.cluster.max_message_bytes, abort=abort, abort_reason=reason,
-                        security=security)
+                        security=security, link_bytes_per_s=link)
         peers = {}
         for s in reply["servers"]:
             rpc.connect(s["name"], s["address"])
             peers[int(s["rank"])] = s["name"]
-        chunk = job.cluster.max_request_bytes if job.training.consistency == "async" else None
-        kv = KVClient(rpc, layout, peers, request_bytes=chunk)
+        chunk = job.cluster.max_request_bytes if job.training.consistency != "sync" else None
+        kv = KVClient(rpc, layout, peers, request_bytes=chunk, compression=job.compression)
         trainer = Trainer(job, flat, kv, dataset, name, int(reply["rank"]))
 
         if reply.get("initializer"):
@@ -134,13 +135,14 @@ def run_worker(ctx: zmq.Context, coordinator: str, rank: int | None = None, star
         coord.barrier("init", timeout_s=_LONG_WAIT_S)
         kv.wait(kv.pull(flat.host))
         flat.host_to_device()
+        trainer.start()
         log.info("%s: training on %s", name, device)
         trainer.run(coord.next_shard, coord.shard_done)
         stats = trainer.stats()
         log.info("%s: trained %d steps, %d examples, %.0f examples/s", name, stats["steps"], stats["examples"], stats["examples_per_s"])
         end = coord.worker_done(stats, timeout_s=_LONG_WAIT_S)
         if end.get("evaluate"):
-            kv.wait(kv.pull(flat.host))
+            kv.wait(kv.pull(flat.host, exact=True))
             flat.host_to_device()
             result = trainer.evaluate()
             log.info("%s: test accuracy %.4f, test loss %.4f", name, result["test_accuracy"], result["test_loss"])

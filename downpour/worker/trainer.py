@@ -10,6 +10,12 @@ One step (async, ``overlap: true``)::
 so communication hides behind compute at the price of one step of extra
 staleness. Sync mode (or ``overlap: false``) waits for each push+pull before
 the next step, which BSP requires.
+
+Delayed updates push less often: ``accumulate: k`` sums k micro-batches'
+gradients and pushes their mean once (weighted by examples, so it equals one
+batch k times larger); ``local_steps: H`` steps a local copy of the job's
+optimizer H times and pushes the change of the parameters, which the servers
+add (Paddle's geo-SGD). Either way the pull comes with the push.
 """
 
 from __future__ import annotations
@@ -34,11 +40,37 @@ from downpour.worker.flat import FlatModel
 log = logging.getLogger(__name__)
 
 
+_LOCAL_OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
+    "sgd": lambda params, o: torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, dampening=o.dampening,
+                                             nesterov=o.nesterov, weight_decay=o.weight_decay),
+    "adagrad": lambda params, o: torch.optim.Adagrad(params, lr=o.lr, lr_decay=o.lr_decay, weight_decay=o.weight_decay,
+                                                     initial_accumulator_value=o.initial_accumulator_value, eps=o.eps),
+    "adam": lambda params, o: torch.optim.Adam(params, lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay),
+}
+
+
+def local_optimizer(job: JobConfig, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+    """The job's optimizer as a torch optimizer on the worker (local SGD's local steps)."""
+    return _LOCAL_OPTIMIZERS[job.optimizer.name](params, job.optimizer)
+
+
 class Trainer:
     def __init__(self, job: JobConfig, flat: FlatModel, kv: KVClient, dataset: Dataset, name: str, rank: int = 0) -> None:
-        self.job, self.flat, self.kv, self.data, self.name = job, flat, kv, dataset, name
+        self.job, self.flat, self.kv, self.data, self.name, self.rank = job, flat, kv, dataset, name, rank
         t = job.training
-        self.overlap = t.overlap and t.consistency == "async"
+        self.overlap = t.overlap and t.consistency == "async" and t.accumulate == 1 and t.local_steps == 1
+        self.pushes = 0
+        self.pushes_at = 0  # self.steps at the last push
+        self.acc: torch.Tensor | None = None  # accumulate: the weighted sum of gradients so far
+        self.acc_n = 0
+        self.local: torch.optim.Optimizer | None = None  # local_steps: the local optimizer
+        self.base: torch.Tensor | None = None  # local_steps: the values last received
+        if t.local_steps > 1:
+            self.local = local_optimizer(job, flat.params)
+        slow = t.slowdown
+        self.slow_factor = slow.factor if slow is not None and slow.rank == rank else 1.0
+        self.curve: list[list[float]] = []  # [seconds of training, examples, test accuracy] (monitor.eval_every_shards)
+        self._t0 = time.perf_counter()
         self.max_steps = t.steps
         self.steps = 0
         self.examples = 0
@@ -75,7 +107,9 @@ class Trainer:
 
     def run(self, next_shard: Callable[[], dict | None], shard_done: Callable[[int, int, int], None]) -> None:
         """Train shards until the coordinator has none left (or ``training.steps`` is reached)."""
-        t0 = time.perf_counter()
+        t0 = self._t0 = time.perf_counter()
+        every = self.job.monitor.eval_every_shards if self.rank == 0 else None
+        trained = 0
         while not self.finished:
             shard = next_shard()
             if shard is None:
@@ -84,7 +118,15 @@ class Trainer:
             n = self.train_shard(shard)
             if n == shard["stop"] - shard["start"] - shard.get("skip", 0):  # cut short by training.steps: unfinished
                 shard_done(shard["epoch"], shard["shard"], n)
+            trained += 1
+            if every and trained % every == 0:
+                self._settle()
+                if self.local is None:  # the servers' values, not the quantized ones (local SGD: its own)
+                    self.kv.wait(self.kv.pull(self.flat.host, exact=True))
+                    self.flat.host_to_device()
+                self.curve.append([time.perf_counter() - t0, self.examples, self.evaluate()["test_accuracy"]])
         self.shard = None
+        self._flush(None)
         self._settle()
         self.train_s = time.perf_counter() - t0
 
@@ -117,22 +159,50 @@ class Trainer:
         self.flat.zero_grad()
         loss = F.cross_entropy(model(x), y)
         loss.backward()
-        grad = self.flat.grad_vector()
+        t = self.job.training
+        self.steps += 1
+        self.examples += len(y)
+        if self.local is not None:  # local SGD: step here; every H steps push the change
+            self.local.step()
+            ready = self.steps % t.local_steps == 0
+        else:  # the examples-weighted sum of the gradients since the last push
+            grad = self.flat.grad_vector()
+            self.acc = grad.mul_(len(y)) if self.acc is None else self.acc.add_(grad, alpha=len(y))
+            self.acc_n += len(y)
+            ready = self.steps % t.accumulate == 0
         c1 = time.perf_counter()
-        self._settle()
-        p0 = time.perf_counter()
-        self.inflight = self.kv.push_pull(grad, self.flat.host, weight=float(len(y)), versions=base, position=position)
-        self.push_s += time.perf_counter() - p0
-        if not self.overlap:
-            self._settle()
+        if self.slow_factor > 1.0:  # a simulated straggler
+            time.sleep((self.slow_factor - 1.0) * (c1 - c0))
+        if ready:
+            self._flush(position, base)
         self.compute_s += c1 - c0
         if self.step_times is not None:
             self.step_times.observe(time.perf_counter() - c0)
         value = float(loss.item())
         if math.isfinite(value):
             self.loss_ema = value if self.loss_ema is None else 0.98 * self.loss_ema + 0.02 * value
-        self.steps += 1
-        self.examples += len(y)
+
+    def _flush(self, position: list[int] | None, base: list[int] | None = None) -> None:
+        """Push what the steps since the last push produced (if anything) and pull the new values."""
+        if self.local is not None:
+            if self.base is None or self.steps == self.pushes_at:
+                return
+            current = self.flat.flat.detach()
+            grad = (current.cpu() if current.is_cuda else current) - self.base
+            weight, is_delta = float(self.steps - self.pushes_at), True
+        else:
+            if self.acc is None:
+                return
+            grad, weight, is_delta = self.acc.div_(self.acc_n), float(self.acc_n), False
+            self.acc, self.acc_n = None, 0
+        self._settle()
+        p0 = time.perf_counter()
+        self.inflight = self.kv.push_pull(grad, self.flat.host, weight=weight, versions=base, position=position, delta=is_delta)
+        self.pushes += 1
+        self.pushes_at = self.steps
+        self.push_s += time.perf_counter() - p0
+        if not self.overlap:
+            self._settle()
 
     def _settle(self) -> None:
         """Wait for the push+pull in flight; its values then sit in the model."""
@@ -142,7 +212,14 @@ class Trainer:
         self.kv.wait(self.inflight)
         self.inflight = None
         self.flat.host_to_device()
+        if self.local is not None:  # the values the next delta is measured from
+            self.base = self.flat.host.clone()
         self.wait_s += time.perf_counter() - w0
+
+    def start(self) -> None:
+        """After the first pull: local SGD measures its first delta from these values."""
+        if self.local is not None:
+            self.base = self.flat.host.clone()
 
     def evaluate(self, batch_size: int = 1000) -> dict[str, float]:
         """Test loss and accuracy of the model's current values over the whole test split."""
@@ -171,5 +248,8 @@ class Trainer:
             "final_loss": self.loss_ema,
             "bytes_sent": self.kv.rpc.bytes_sent,
             "bytes_received": self.kv.rpc.bytes_received,
+            "pushes": self.pushes,
+            "wire": {d: dict(c) for d, c in self.kv.wire.items()},
+            "curve": self.curve,
             "cpu_s": time.process_time(),
         }
