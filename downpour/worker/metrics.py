@@ -15,7 +15,9 @@ def worker_metrics(trainer: Callable[[], Trainer | None]) -> Callable[[Families]
         t = trainer()
         if t is None:
             return
-        f.counter("downpour_worker_steps_total", "Optimizer steps taken (one push+pull each).", t.steps)
+        f.counter("downpour_worker_steps_total", "Training steps taken (batches computed).", t.steps)
+        f.counter("downpour_worker_pushes_total", "Updates pushed (one per step, or one per training.accumulate "
+                  "or training.local_steps steps).", t.pushes)
         f.counter("downpour_worker_examples_total", "Training examples processed.", t.examples)
         f.gauge("downpour_worker_examples_per_second", "Training examples per second over the last few seconds.", t.rate.rate)
         f.gauge("downpour_worker_loss", "Training loss (moving average over about 50 steps).", t.loss_ema)
@@ -28,5 +30,10 @@ def worker_metrics(trainer: Callable[[], Trainer | None]) -> Callable[[Families]
             f.histogram("downpour_worker_step_seconds", "Wall time of one training step.", t.step_times)
         f.counter("downpour_worker_sent_bytes_total", "Bytes sent to servers (headers and tensor frames).", t.kv.rpc.bytes_sent)
         f.counter("downpour_worker_received_bytes_total", "Bytes received from servers.", t.kv.rpc.bytes_received)
+        doc = ("Bytes of pushes and of pulled values by part: values, indices and scales (what a codec sends), "
+               "headers (message headers).")
+        for direction, parts in t.kv.wire.items():
+            for part in ("values", "indices", "scales", "headers"):
+                f.counter("downpour_worker_wire_bytes_total", doc, parts.get(part, 0), direction=direction, part=part)
 
     return fill
