@@ -10,7 +10,9 @@ against ``none`` in the same invocation, examples/s, test accuracy, and its chan
 against ``none``.
 
 The straggler rows (``*-straggler``) slow worker 0 to half speed
-(``training.slowdown: {rank: 0, factor: 2}``) and compare sync, async and ssp(3).
+(``training.slowdown: {rank: 0, factor: 2}``) and compare sync, async and ssp(3); the
+``*-jitter`` rows slow each step of every worker 4x with probability 1/4 (transient
+stragglers, the case SSP is made for).
 
 ``--link`` adds the slow-link experiment: ``none`` and the best codec found
 (``topk 1% + EF`` with int8 pulls) over a simulated 100 Mbit/s link per worker
@@ -46,6 +48,8 @@ from downpour.launch.local import LocalLauncher  # noqa: E402
 DEFAULT_JOB = os.path.join(_ROOT, "examples", "mnist.yaml")
 EF = ["compression.push.error_feedback=true"]
 STRAGGLER = ["training.slowdown.rank=0", "training.slowdown.factor=2"]
+# Transient stragglers: each step of every worker is 4x slower with probability 1/4.
+JITTER = ["training.slowdown.rank=null", "training.slowdown.factor=4", "training.slowdown.probability=0.25"]
 CONFIGS: dict[str, list[str]] = {  # name -> --set overrides
     "none": [],
     "fp16": ["compression.push.codec=fp16"],
@@ -62,6 +66,9 @@ CONFIGS: dict[str, list[str]] = {  # name -> --set overrides
     "sync-straggler": ["training.consistency=sync", *STRAGGLER],
     "async-straggler": [*STRAGGLER],
     "ssp3-straggler": ["training.consistency=ssp", "training.staleness_bound=3", *STRAGGLER],
+    "sync-jitter": ["training.consistency=sync", *JITTER],
+    "async-jitter": [*JITTER],
+    "ssp3-jitter": ["training.consistency=ssp", "training.staleness_bound=3", *JITTER],
 }
 LINK = {  # the slow-link experiment: name -> overrides (on top of LINK_COMMON)
     "link-none": [],

@@ -114,11 +114,20 @@ OptimizerConfig = Annotated[SGDConfig | AdagradConfig | AdamConfig, Field(discri
 
 
 class SlowdownConfig(_Frozen):
-    """Simulate a straggler (tests, benchmarks): worker ``rank`` sleeps after each step so that
-    its steps take ``factor`` times as long as its computation does."""
+    """Simulate stragglers (tests, benchmarks): worker ``rank`` (every worker if None) sleeps after
+    a step so that the step takes ``factor`` times as long as its computation did; each step is
+    slowed with ``probability`` (1: a persistent straggler; below 1: transient delays, drawn
+    from the job's seed)."""
 
-    rank: int = Field(0, ge=0)
+    rank: int | None = Field(0, ge=0)
     factor: float = Field(2.0, ge=1)
+    probability: float = Field(1.0, gt=0, le=1)
+
+
+class ConsistencyGroupConfig(_Frozen):
+    # Parameter names (shell patterns, e.g. "0.*", "*.bias") this group's consistency applies to.
+    params: list[str] = Field(min_length=1)
+    consistency: Literal["async", "sync", "ssp"]
 
 
 class TrainingConfig(_Frozen):
@@ -129,6 +138,10 @@ class TrainingConfig(_Frozen):
     # parallel, Ho et al. 2013). staleness_bound 0 moves the workers in lockstep.
     consistency: Literal["async", "sync", "ssp"] = "async"
     staleness_bound: int = Field(3, ge=0)
+    # Consistency per parameter group: the first group whose pattern matches a parameter's
+    # name decides for it; others follow ``consistency``. E.g. sync for the dense layers and
+    # async for the embedding tables, as Persia does.
+    consistency_groups: list[ConsistencyGroupConfig] = Field(default_factory=list)
     # async/ssp: scale each push by 1/staleness (its staleness in versions, at least 1), as in
     # Zhang et al. 2016, "Staleness-aware async-SGD".
     staleness_lr: bool = False
@@ -341,7 +354,8 @@ class JobConfig(_Frozen):
         if any(c.dgc is not None and c.dgc.momentum > 0 for c in codecs) and getattr(self.optimizer, "momentum", 0) > 0:
             raise ValueError("compression dgc.momentum and optimizer.momentum would both apply momentum: "
                              "set optimizer.momentum: 0 (DGC applies it on the workers)")
-        if self.training.slowdown is not None and self.training.slowdown.rank >= self.cluster.num_workers:
+        slow = self.training.slowdown
+        if slow is not None and slow.rank is not None and slow.rank >= self.cluster.num_workers:
             raise ValueError(f"training.slowdown.rank {self.training.slowdown.rank} is not a worker rank "
                              f"(0..{self.cluster.num_workers - 1})")
         return self

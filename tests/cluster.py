@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -93,3 +94,19 @@ def running_job(tmp_path, job: dict, steps: int = 1) -> Iterator[tuple[subproces
         yield proc, run_dir, wait_training(run_dir, steps=steps)
     finally:
         stop_job(proc)
+
+
+# Monitoring off: for end-to-end tests that only read summary.json.
+QUIET = {"metrics": False, "dashboard": False, "tensorboard": False}
+
+
+def run_train(tmp_path, job: dict, timeout_s: float = 90.0) -> dict:
+    """`downpour train` on ``job`` to its end (bounded); its summary.json."""
+    proc, run_dir = start_job(tmp_path, job)
+    try:
+        _, err = proc.communicate(timeout=timeout_s)
+    finally:
+        stop_job(proc)
+    assert proc.returncode == 0, err[-3000:]
+    with open(os.path.join(run_dir, "summary.json")) as f:
+        return json.load(f)

@@ -40,6 +40,7 @@ class Push:
     pull: Codec | None = None  # how the reply's values are encoded (None: float32)
     delta: bool = False  # ``grad`` is a change to add to the values (local SGD), not a gradient
     clock: int | None = None  # how many pushes the worker has made, this one included (SSP)
+    key_versions: list[int] | None = None  # per key of the request (consistency per group)
 
     @property
     def wants_values(self) -> bool:
@@ -58,10 +59,19 @@ def values_reply(msg: Message, version: int, values: torch.Tensor, pull: Codec |
 
 
 class Policy:
-    def __init__(self, store: ShardStore, record_staleness: Callable[[int], None], training: TrainingConfig | None = None) -> None:
+    """``keys``: the store indices this policy governs (all of them unless the job sets
+    consistency per parameter group, see ``grouped.py``)."""
+
+    def __init__(self, store: ShardStore, record_staleness: Callable[[int], None], training: TrainingConfig | None = None,
+                 keys: list[int] | None = None) -> None:
         self.store = store
         self.record_staleness = record_staleness
         self.training = training or TrainingConfig()
+        self.keys = store.all if keys is None else keys
+
+    def refuse(self, p: Push) -> Reply | None:
+        """The error reply if ``p`` would be refused (checked before anything is applied)."""
+        return None
 
     def push(self, p: Push) -> list[Reply]:
         raise NotImplementedError
@@ -95,17 +105,24 @@ class AsyncPolicy(Policy):
 
 
 class SSPPolicy(AsyncPolicy):
-    def __init__(self, store: ShardStore, record_staleness: Callable[[int], None], training: TrainingConfig | None = None) -> None:
-        super().__init__(store, record_staleness, training)
+    def __init__(self, store: ShardStore, record_staleness: Callable[[int], None], training: TrainingConfig | None = None,
+                 keys: list[int] | None = None) -> None:
+        super().__init__(store, record_staleness, training, keys)
         self.bound = self.training.staleness_bound
         self.workers: set[str] = set()
         self.clocks: dict[str, int] = {}
         self.held: list[tuple[str, int, Push]] = []
         self.max_lead = 0  # the largest lead (in pushes) of a worker over the slowest when answered
 
-    def push(self, p: Push) -> list[Reply]:
+    def refuse(self, p: Push) -> Reply | None:
         if p.clock is None:
-            return [(p.peer, p.msg.error("ssp_clock", "ssp mode needs the worker's clock in each push"))]
+            return p.peer, p.msg.error("ssp_clock", "ssp mode needs the worker's clock in each push")
+        return None
+
+    def push(self, p: Push) -> list[Reply]:
+        refused = self.refuse(p)
+        if refused is not None:
+            return [refused]
         self._apply(p)
         who = p.peer.decode(errors="replace")
         self.clocks[who] = max(self.clocks.get(who, 0), p.clock)
@@ -135,24 +152,32 @@ class SSPPolicy(AsyncPolicy):
 
 
 class SyncPolicy(Policy):
-    def __init__(self, store: ShardStore, record_staleness: Callable[[int], None], training: TrainingConfig | None = None) -> None:
-        super().__init__(store, record_staleness, training)
+    def __init__(self, store: ShardStore, record_staleness: Callable[[int], None], training: TrainingConfig | None = None,
+                 keys: list[int] | None = None) -> None:
+        super().__init__(store, record_staleness, training, keys)
         self.workers: set[str] = set()
         self.waiting: dict[str, Push] = {}
         self.acc: torch.Tensor | None = None
         self.weight = 0.0
         self.delta = False
-        self._all = store.all
+        self._all = self.keys
 
-    def push(self, p: Push) -> list[Reply]:
-        who = p.peer.decode(errors="replace")
+    def refuse(self, p: Push) -> Reply | None:
         current = self.store.version(self._all)
         if p.idx is not self._all and p.idx != self._all:
-            return [(p.peer, p.msg.error("sync_partial", "sync mode needs every key of the server in each push"))]
+            return p.peer, p.msg.error("sync_partial", "sync mode needs every key of the server in each push")
         if p.version != current:
-            return [(p.peer, p.msg.error("sync_round", f"push for round {p.version}, server is at round {current}"))]
+            return p.peer, p.msg.error("sync_round", f"push for round {p.version}, server is at round {current}")
+        who = p.peer.decode(errors="replace")
         if who in self.waiting:
-            return [(p.peer, p.msg.error("sync_duplicate", f"{who} already pushed for round {current}"))]
+            return p.peer, p.msg.error("sync_duplicate", f"{who} already pushed for round {current}")
+        return None
+
+    def push(self, p: Push) -> list[Reply]:
+        refused = self.refuse(p)
+        if refused is not None:
+            return [refused]
+        who = p.peer.decode(errors="replace")
         if self.acc is None:
             self.acc = p.grad.mul(p.weight)
         else:

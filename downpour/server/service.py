@@ -25,7 +25,8 @@ from downpour.errors import DownpourError, ProtocolError
 from downpour.layout import Layout
 from downpour.monitor import Buckets, HttpEndpoint, metrics_route, node_labels
 from downpour.protocol import Message, Op, decode, encode
-from downpour.server.consistency import POLICIES, Push, values_reply
+from downpour.server.consistency import POLICIES, Policy, Push, values_reply
+from downpour.server.grouped import GroupedPolicy, key_modes
 from downpour.server.metrics import server_metrics
 from downpour.server.optim import make_rule
 from downpour.server.snapshot import OldParams, Snapshotter, restore_store
@@ -50,7 +51,11 @@ class ParameterServer:
         self.max_rate = job.cluster.max_requests_per_s
         self._windows: dict[bytes, list[float]] = {}  # peer -> [window start, requests in it]
         self.staleness: Counter[int] = Counter()
-        self.policy = POLICIES[job.training.consistency](self.store, self._record_staleness, job.training)
+        if job.training.consistency_groups:
+            modes = key_modes(job.training, layout, rank)
+            self.policy: Policy = GroupedPolicy(self.store, self._record_staleness, job.training, modes)
+        else:
+            self.policy = POLICIES[job.training.consistency](self.store, self._record_staleness, job.training)
         self._pull_codecs: dict[tuple, Codec] = {}  # built once per distinct request ``pq``
         self.max_bytes = job.cluster.max_message_bytes
         self.counts: Counter[str] = Counter()
@@ -153,7 +158,8 @@ class ParameterServer:
         pq = msg.meta.get("pq")
         if pq is None:
             return None
-        key = tuple(pq) if isinstance(pq, list) and all(isinstance(x, (str, int)) for x in pq) else None
+        # type() is exact: True == 1 would otherwise share a cache entry with a valid request.
+        key = tuple(pq) if isinstance(pq, list) and all(type(x) is str or type(x) is int for x in pq) else None
         codec = self._pull_codecs.get(key) if key is not None else None
         if codec is None:
             codec = pull_codec(pq)  # raises ProtocolError for anything malformed
@@ -208,12 +214,18 @@ class ParameterServer:
             raise ProtocolError(f"push version must be a non-negative integer, got {version!r}")
         if not isinstance(weight, (int, float)) or isinstance(weight, bool) or not math.isfinite(weight) or weight <= 0:
             raise ProtocolError(f"push weight must be a positive number, got {weight!r}")
-        clock, delta = msg.meta.get("clock"), msg.meta.get("delta", False)
+        clock, delta, kv = msg.meta.get("clock"), msg.meta.get("delta", False), msg.meta.get("kv")
+        if kv is not None and not (isinstance(kv, list) and len(kv) == len(idx) and all(type(v) is int and v >= 0 for v in kv)):
+            raise ProtocolError("push kv must list one non-negative integer version per key")
         if clock is not None and (type(clock) is not int or clock < 1):
             raise ProtocolError(f"push clock must be a positive integer, got {clock!r}")
         if type(delta) is not bool:
             raise ProtocolError(f"push delta must be true or false, got {delta!r}")
         codec = self._pull_codec(msg) if msg.op == Op.PUSHPULL else None
+        push = Push(peer, msg, idx, grad, float(weight), version, codec, delta, clock, kv)
+        refused = self.policy.refuse(push)
+        if refused is not None:  # refused by the policy: not counted, its data position not kept
+            return [refused]
         pos = msg.meta.get("pos")
         if isinstance(pos, list) and len(pos) == 3 and all(type(x) is int and x >= 0 for x in pos):
             self.positions[peer.decode(errors="replace")] = pos
@@ -222,7 +234,7 @@ class ParameterServer:
             self.counts["pull"] += 1
         self._count_transfer(idx, 2 if msg.op == Op.PUSHPULL else 1)
         t0 = time.perf_counter()
-        replies = self.policy.push(Push(peer, msg, idx, grad, float(weight), version, codec, delta, clock))
+        replies = self.policy.push(push)
         took = time.perf_counter() - t0
         self.apply_s += took
         if self.timing:

@@ -67,13 +67,16 @@ class Handle:
 
 class KVClient:
     def __init__(self, rpc: RpcClient, layout: Layout, server_peers: dict[int, str], request_bytes: int | None = None,
-                 compression: CompressionConfig | None = None) -> None:
+                 compression: CompressionConfig | None = None, key_versions: bool = False) -> None:
         """``server_peers`` maps a server rank to the peer name it is connected under in ``rpc``.
 
         ``request_bytes``: when set, a server's keys go out in several requests of at most this
         many bytes (whole keys), so that the server updates one while the next is on the wire and
         the replies stream back. Leave it None for sync mode, where a push must hold every key
-        of its server. ``compression``: how pushes and pulled values are encoded (None: float32)."""
+        of its server. ``compression``: how pushes and pulled values are encoded (None: float32).
+        ``key_versions``: pushes carry each key's version (``meta.kv``), as servers with
+        consistency per parameter group need."""
+        self.key_versions = key_versions
         self.rpc = rpc
         self.layout = layout
         self.peers = server_peers
@@ -134,6 +137,8 @@ class KVClient:
                     self.wire["push"]["values"] += part.numel * 4
             if pushing:
                 meta["version"] = max(versions[k] for k in part.keys)
+                if self.key_versions:
+                    meta["kv"] = [versions[k] for k in part.keys]
                 meta["weight"] = weight
                 meta["clock"] = self.pushes
             if out is not None and self.pq is not None and not exact:
@@ -185,8 +190,11 @@ class KVClient:
         RequestTimeout naming the server that did not answer)."""
         for part, fut in handle.futures:
             reply = fut.result(timeout_s)
-            version = reply.meta.get("version")
-            if type(version) is int:
+            version, kv = reply.meta.get("version"), reply.meta.get("kv")
+            if isinstance(kv, list) and len(kv) == len(part.keys) and all(type(v) is int for v in kv):
+                for k, v in zip(part.keys, kv):
+                    self.versions[k] = v
+            elif type(version) is int:
                 for k in part.keys:
                     self.versions[k] = version
             if handle.out is not None and reply.tensors:

@@ -126,8 +126,11 @@ def run_worker(ctx: zmq.Context, coordinator: str, rank: int | None = None, star
         for s in reply["servers"]:
             rpc.connect(s["name"], s["address"])
             peers[int(s["rank"])] = s["name"]
-        chunk = job.cluster.max_request_bytes if job.training.consistency != "sync" else None
-        kv = KVClient(rpc, layout, peers, request_bytes=chunk, compression=job.compression)
+        t = job.training
+        any_sync = t.consistency == "sync" or any(g.consistency == "sync" for g in t.consistency_groups)
+        chunk = job.cluster.max_request_bytes if not any_sync else None  # a sync push holds all of a server's keys
+        kv = KVClient(rpc, layout, peers, request_bytes=chunk, compression=job.compression,
+                      key_versions=bool(t.consistency_groups))
         trainer = Trainer(job, flat, kv, dataset, name, int(reply["rank"]))
 
         if reply.get("initializer"):

@@ -58,7 +58,8 @@ class Trainer:
     def __init__(self, job: JobConfig, flat: FlatModel, kv: KVClient, dataset: Dataset, name: str, rank: int = 0) -> None:
         self.job, self.flat, self.kv, self.data, self.name, self.rank = job, flat, kv, dataset, name, rank
         t = job.training
-        self.overlap = t.overlap and t.consistency == "async" and t.accumulate == 1 and t.local_steps == 1
+        self.overlap = (t.overlap and t.consistency == "async" and not t.consistency_groups
+                        and t.accumulate == 1 and t.local_steps == 1)
         self.pushes = 0
         self.pushes_at = 0  # self.steps at the last push
         self.acc: torch.Tensor | None = None  # accumulate: the weighted sum of gradients so far
@@ -68,7 +69,9 @@ class Trainer:
         if t.local_steps > 1:
             self.local = local_optimizer(job, flat.params)
         slow = t.slowdown
-        self.slow_factor = slow.factor if slow is not None and slow.rank == rank else 1.0
+        self.slow_factor = slow.factor if slow is not None and slow.rank in (None, rank) else 1.0
+        self.slow_p = slow.probability if slow is not None else 0.0
+        self._slow_rng = np.random.default_rng([t.seed, rank, 7])
         self.curve: list[list[float]] = []  # [seconds of training, examples, test accuracy] (monitor.eval_every_shards)
         self._t0 = time.perf_counter()
         self.max_steps = t.steps
@@ -171,7 +174,7 @@ class Trainer:
             self.acc_n += len(y)
             ready = self.steps % t.accumulate == 0
         c1 = time.perf_counter()
-        if self.slow_factor > 1.0:  # a simulated straggler
+        if self.slow_factor > 1.0 and (self.slow_p >= 1.0 or self._slow_rng.random() < self.slow_p):  # a simulated straggler
             time.sleep((self.slow_factor - 1.0) * (c1 - c0))
         if ready:
             self._flush(position, base)
