@@ -151,6 +151,11 @@ class RandomK(Codec):
         return _scatter("randomk", RandomK._positions(seed, numel, k), values, numel)
 
 
+def _nonzero(scale: torch.Tensor) -> torch.Tensor:
+    """``scale`` with zeros replaced by 1 (an all-zero bucket encodes as zeros either way)."""
+    return torch.where(scale > 0, scale, torch.ones_like(scale))
+
+
 def _bucketed(x: torch.Tensor, size: int) -> torch.Tensor:
     """``x`` zero-padded to whole buckets, as a (buckets, size) matrix."""
     nb = buckets(x.numel(), size)
@@ -178,7 +183,8 @@ class QSGD(Codec):
         n, levels = x.numel(), (1 << (self.bits - 1)) - 1
         m = _bucketed(x, self.bucket)
         scale = m.abs().amax(1)
-        a = m.abs() * (levels / scale.clamp_min(1e-30))[:, None]  # in [0, levels]
+        # |x| / scale lies in [0, 1]; the clamp keeps float rounding from giving level + 1.
+        a = (m.abs() / _nonzero(scale)[:, None]).mul_(levels).clamp_(max=levels)
         q = a.floor()
         q += torch.rand(m.shape, generator=self.gen) < (a - q)  # round up with probability a - floor(a)
         q = (q * m.sign()).reshape(-1)[:n].to(torch.int8)
@@ -203,7 +209,7 @@ class QSGD(Codec):
             levels_u = torch.stack([q & 0xF, q >> 4], 1).reshape(-1)[:numel]
             q = levels_u.to(torch.int8) - 8
         expect(q.numel() == numel, "qsgd", f"{q.numel()} values for {numel} elements")
-        expect(numel == 0 or int(q.abs().max()) <= levels, "qsgd", f"a level exceeds {levels}")
+        expect(numel == 0 or (int(q.min()) >= -levels and int(q.max()) <= levels), "qsgd", f"a level exceeds ±{levels}")
         per = scale.repeat_interleave(size)[:numel] if nb else scale
         return q.float() * per / levels
 
@@ -294,7 +300,7 @@ class Int8(Codec):
     def encode(self, x: torch.Tensor, shape: Shape | None = None) -> Payload:
         m = _bucketed(x, self.bucket)
         scale = m.abs().amax(1) / 127.0
-        q = (m / scale.clamp_min(1e-30)[:, None]).round_().reshape(-1)[: x.numel()].to(torch.int8)
+        q = (m / _nonzero(scale)[:, None]).round_().clamp_(-127, 127).reshape(-1)[: x.numel()].to(torch.int8)
         return Payload({"B": self.bucket}, [q, scale], ["values", "scales"])
 
     @staticmethod
