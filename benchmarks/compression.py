@@ -56,7 +56,7 @@ CONFIGS: dict[str, list[str]] = {  # name -> --set overrides
     "topk-1%-ef": ["compression.push.codec=topk", "compression.push.ratio=0.01", *EF],
     "topk-1%-no-ef": ["compression.push.codec=topk", "compression.push.ratio=0.01"],
     "topk-0.1%-dgc": ["compression.push.codec=topk", "compression.push.ratio=0.001", "compression.push.dgc.momentum=0.9",
-                      "compression.push.dgc.warmup_steps=100", "optimizer.momentum=0"],
+                      "compression.push.dgc.warmup_steps=20", "optimizer.momentum=0"],
     "randomk-1%-ef": ["compression.push.codec=randomk", "compression.push.ratio=0.01", *EF],
     "qsgd-8bit": ["compression.push.codec=qsgd", "compression.push.bits=8"],
     "onebit-ef": ["compression.push.codec=onebit", *EF],
