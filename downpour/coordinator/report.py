@@ -87,7 +87,7 @@ def job_summary(self: CoordinatorState, now: float) -> dict[str, Any]:
         "num_workers": self.cl.num_workers,
         "consistency": self.job.training.consistency,
         "staleness": _histogram_summary(hist),
-        "wire": _wire_summary(workers.values()),
+        "wire": _wire_summary(workers.values(), steps),
         "accuracy_curve": next((w["curve"] for w in workers.values() if w.get("curve")), []),
         "data_shards": self.ledger.summary(),
         "failures": list(self.failures),
@@ -123,8 +123,9 @@ def _histogram_summary(hist: dict[int, int]) -> dict[str, Any]:
     }
 
 
-def _wire_summary(workers) -> dict[str, Any]:
-    """Bytes every worker pushed and pulled, by part, in all and per push (all workers together)."""
+def _wire_summary(workers, steps: int) -> dict[str, Any]:
+    """Bytes every worker pushed and pulled, by part, in all, per push and per training step
+    (all workers together; a push covers several steps with accumulate or local_steps)."""
     pushes = sum(int(w.get("pushes", 0)) for w in workers)
     out: dict[str, Any] = {"pushes": pushes}
     for direction in ("push", "pull"):
@@ -134,5 +135,6 @@ def _wire_summary(workers) -> dict[str, Any]:
                 if part in parts and isinstance(n, int):
                     parts[part] += n
         total = sum(parts.values())
-        out[direction] = {**parts, "total": total, "per_push": total / pushes if pushes else 0.0}
+        out[direction] = {**parts, "total": total, "per_push": total / pushes if pushes else 0.0,
+                          "per_step": total / steps if steps else 0.0}
     return out

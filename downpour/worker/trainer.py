@@ -73,7 +73,6 @@ class Trainer:
         self.slow_p = slow.probability if slow is not None else 0.0
         self._slow_rng = np.random.default_rng([t.seed, rank, 7])
         self.curve: list[list[float]] = []  # [seconds of training, examples, test accuracy] (monitor.eval_every_shards)
-        self._t0 = time.perf_counter()
         self.max_steps = t.steps
         self.steps = 0
         self.examples = 0
@@ -110,7 +109,7 @@ class Trainer:
 
     def run(self, next_shard: Callable[[], dict | None], shard_done: Callable[[int, int, int], None]) -> None:
         """Train shards until the coordinator has none left (or ``training.steps`` is reached)."""
-        t0 = self._t0 = time.perf_counter()
+        t0 = time.perf_counter()
         every = self.job.monitor.eval_every_shards if self.rank == 0 else None
         trained = 0
         while not self.finished:
