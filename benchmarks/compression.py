@@ -15,7 +15,7 @@ The straggler rows (``*-straggler``) slow worker 0 to half speed
 stragglers, the case SSP is made for).
 
 ``--link`` adds the slow-link experiment: ``none`` and the best codec found
-(``topk 1% + EF`` with int8 pulls) over a simulated 100 Mbit/s link per worker
+(``topk 0.1% + DGC`` with int8 pulls) over a simulated 100 Mbit/s link per worker
 (``cluster.link_mbit_s``), worker 0 evaluating the test set every 3 shards; it
 reports the seconds of training until test accuracy first reached 0.83.
 
@@ -57,12 +57,15 @@ CONFIGS: dict[str, list[str]] = {  # name -> --set overrides
     "topk-1%-no-ef": ["compression.push.codec=topk", "compression.push.ratio=0.01"],
     "topk-0.1%-dgc": ["compression.push.codec=topk", "compression.push.ratio=0.001", "compression.push.dgc.momentum=0.9",
                       "compression.push.dgc.warmup_steps=20", "optimizer.momentum=0"],
+    "topk-1%-dgc": ["compression.push.codec=topk", "compression.push.ratio=0.01", "compression.push.dgc.momentum=0.9",
+                    "optimizer.momentum=0"],
     "randomk-1%-ef": ["compression.push.codec=randomk", "compression.push.ratio=0.01", *EF],
     "qsgd-8bit": ["compression.push.codec=qsgd", "compression.push.bits=8"],
-    "onebit-ef": ["compression.push.codec=onebit", *EF],
+    "onebit-ef": ["compression.push.codec=onebit", *EF, "compression.push.min_numel=1000"],
     "powersgd-r2-ef": ["compression.push.codec=powersgd", "compression.push.rank=2", *EF],
     "int8-pull": ["compression.pull=int8"],
     "local-sgd-h4": ["training.local_steps=4"],
+    "local-sgd-h4-sync": ["training.local_steps=4", "training.consistency=sync"],
     "sync-straggler": ["training.consistency=sync", *STRAGGLER],
     "async-straggler": [*STRAGGLER],
     "ssp3-straggler": ["training.consistency=ssp", "training.staleness_bound=3", *STRAGGLER],
@@ -72,7 +75,9 @@ CONFIGS: dict[str, list[str]] = {  # name -> --set overrides
 }
 LINK = {  # the slow-link experiment: name -> overrides (on top of LINK_COMMON)
     "link-none": [],
-    "link-topk-1%-ef+int8-pull": ["compression.push.codec=topk", "compression.push.ratio=0.01", *EF, "compression.pull=int8"],
+    "link-topk-0.1%-dgc+int8-pull": ["compression.push.codec=topk", "compression.push.ratio=0.001",
+                                     "compression.push.dgc.momentum=0.9", "compression.push.dgc.warmup_steps=20",
+                                     "optimizer.momentum=0", "compression.pull=int8"],
 }
 LINK_COMMON = ["cluster.link_mbit_s=100", "monitor.eval_every_shards=3"]
 TARGET_ACCURACY = 0.83

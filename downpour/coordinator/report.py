@@ -88,7 +88,7 @@ def job_summary(self: CoordinatorState, now: float) -> dict[str, Any]:
         "consistency": self.job.training.consistency,
         "staleness": _histogram_summary(hist),
         "wire": _wire_summary(workers.values(), steps),
-        "accuracy_curve": next((w["curve"] for w in workers.values() if w.get("curve")), []),
+        "accuracy_curve": _curve(workers.values(), train_s, examples, ev),
         "data_shards": self.ledger.summary(),
         "failures": list(self.failures),
         "checkpoints": self.checkpoints.summary(),
@@ -121,6 +121,14 @@ def _histogram_summary(hist: dict[int, int]) -> dict[str, Any]:
         "max": max(hist),
         "histogram": {str(k): hist[k] for k in sorted(hist)},
     }
+
+
+def _curve(workers, train_s: float, examples: int, ev: dict[str, Any]) -> list[list[float]]:
+    """Worker 0's accuracy curve (monitor.eval_every_shards), ending with the final evaluation."""
+    curve = next((list(w["curve"]) for w in workers if w.get("curve")), [])
+    if curve and ev.get("test_accuracy") is not None:
+        curve.append([train_s, examples, ev["test_accuracy"]])
+    return curve
 
 
 def _wire_summary(workers, steps: int) -> dict[str, Any]:
