@@ -48,6 +48,7 @@ bench: setup data
 	$(PY) benchmarks/transport.py
 	$(PY) benchmarks/end_to_end.py
 	$(PY) benchmarks/metrics_overhead.py
+	$(PY) benchmarks/compression.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -4,10 +4,10 @@ Every configuration runs the reference job (examples/mnist.yaml: Fashion-MNIST, 
 2 servers, 3 workers, async, seed 0) for ``--epochs`` (3) epochs through
 :class:`downpour.launch.LocalLauncher`, with checkpoints off; configurations
 are interleaved run by run so that each sees the same machine load. The table
-gives, from each run's ``summary.json``: push and pull bytes per push (all of a
-worker's requests for one update, headers included), the push compression ratio
-against ``none`` in the same invocation, examples/s, test accuracy, and its change
-against ``none``.
+gives, from each run's ``summary.json``: push and pull bytes per training step (one
+batch of one worker; headers included; a local-SGD push covers H steps), the push and
+pull compression ratios against ``none`` in the same invocation, examples/s, test
+accuracy, and its change against ``none``.
 
 The straggler rows (``*-straggler``) slow worker 0 to half speed
 (``training.slowdown: {rank: 0, factor: 2}``) and compare sync, async and ssp(3); the
@@ -118,22 +118,32 @@ def spread(values: list[Any], spec: str) -> str:
     if not values:
         return "n/a"
     text = format(statistics.fmean(values), spec)
-    if len(values) > 1 and min(values) != max(values):
+    if len(values) > 1 and format(min(values), spec) != format(max(values), spec):
         text += f" [{format(min(values), spec)}–{format(max(values), spec)}]"
     return text
 
 
+def _per_step(r: dict[str, Any], direction: str) -> float | None:
+    return ((r.get("wire") or {}).get(direction) or {}).get("per_step")
+
+
 def table(runs: dict[str, list[dict[str, Any]]]) -> str:
+    """Bytes per training step (one batch of one worker): a local-SGD or accumulated push covers several."""
     base = runs.get("none", [])
-    base_push, base_acc = mean([r["push_per_push"] for r in base]), mean([r["test_accuracy"] for r in base])
-    lines = ["| config | push B/push | pull B/push | push ratio | examples/s | test accuracy | Δ accuracy (points) |",
-             "|---|---|---|---|---|---|---|"]
+    base_push = mean([_per_step(r, "push") for r in base])
+    base_pull = mean([_per_step(r, "pull") for r in base])
+    base_acc = mean([r["test_accuracy"] for r in base])
+    lines = ["| config | push B/step | pull B/step | push ratio | pull ratio | examples/s | test accuracy | Δ accuracy (points) |",
+             "|---|---|---|---|---|---|---|---|"]
     for name, rs in runs.items():
-        push, acc = mean([r["push_per_push"] for r in rs]), mean([r["test_accuracy"] for r in rs])
+        push, pull = mean([_per_step(r, "push") for r in rs]), mean([_per_step(r, "pull") for r in rs])
+        acc = mean([r["test_accuracy"] for r in rs])
         ratio = f"{base_push / push:.1f}×" if base_push and push else "n/a"
+        pull_ratio = f"{base_pull / pull:.1f}×" if base_pull and pull else "n/a"
         delta = f"{100 * (acc - base_acc):+.2f}" if acc is not None and base_acc is not None else "n/a"
-        lines.append(f"| {name} | {spread([r['push_per_push'] for r in rs], ',.0f')} | {spread([r['pull_per_push'] for r in rs], ',.0f')} "
-                     f"| {ratio} | {spread([r['examples_per_s'] for r in rs], ',.0f')} | {spread([r['test_accuracy'] for r in rs], '.4f')} "
+        lines.append(f"| {name} | {spread([_per_step(r, 'push') for r in rs], ',.0f')} "
+                     f"| {spread([_per_step(r, 'pull') for r in rs], ',.0f')} | {ratio} | {pull_ratio} "
+                     f"| {spread([r['examples_per_s'] for r in rs], ',.0f')} | {spread([r['test_accuracy'] for r in rs], '.4f')} "
                      f"| {delta} |")
     return "\n".join(lines)
 
@@ -156,7 +166,19 @@ def main() -> int:
     ap.add_argument("--link", action="store_true", help="also run the slow-link time-to-accuracy experiment")
     ap.add_argument("--link-epochs", type=int, default=2)
     ap.add_argument("--json", help="write every run's figures here")
+    ap.add_argument("--from-json", help="print the tables of an earlier --json instead of running")
     args = ap.parse_args()
+    if args.from_json:
+        with open(args.from_json) as f:
+            saved = json.load(f)
+        env, runs = saved["environment"], saved["runs"]
+        print(f"{env['time']}, {env['cpus']} CPUs, torch {env['torch']}, {saved['epochs']} epochs\n")
+        print(table({n: rs for n, rs in runs.items() if n in CONFIGS and rs}))
+        link_runs = {n: rs for n, rs in runs.items() if n in LINK and rs}
+        if link_runs:
+            print()
+            print(link_table(link_runs))
+        return 0
     signal.signal(signal.SIGTERM, _interrupt)
     names = [c for c in args.configs.split(",") if c]
     unknown = [c for c in names if c not in CONFIGS]

@@ -191,6 +191,15 @@ class ClusterConfig(_Frozen):
     heartbeat_interval_s: float = Field(0.5, gt=0)
     # A node silent for this long is declared dead.
     heartbeat_timeout_s: float = Field(5.0, gt=0)
+    # What a dead or failed worker costs the job. recover: its unfinished data shards go back
+    # to the queue (the shard it was in resumes after the examples its pushes covered), the
+    # others train on, and a replacement may take its place. fail: the job stops.
+    on_worker_failure: Literal["recover", "fail"] = "recover"
+    # `downpour train` starts a replacement for a worker that died, up to this many times per job.
+    worker_restarts: int = Field(3, ge=0)
+    # Workers that may train at once: extra workers may join a running job (elastic) up to
+    # this many. None: num_workers.
+    max_workers: int | None = Field(None, ge=1)
     # A request with no reply for this long fails with an error naming the peer.
     request_timeout_s: float = Field(30.0, gt=0)
     # How long the coordinator waits for all expected nodes to register.
@@ -210,7 +219,14 @@ class ClusterConfig(_Frozen):
     def _timeouts(self) -> ClusterConfig:
         if self.heartbeat_timeout_s <= self.heartbeat_interval_s:
             raise ValueError("cluster.heartbeat_timeout_s must exceed cluster.heartbeat_interval_s")
+        if self.max_workers is not None and self.max_workers < self.num_workers:
+            raise ValueError(f"cluster.max_workers ({self.max_workers}) is below cluster.num_workers ({self.num_workers})")
         return self
+
+    @property
+    def worker_slots(self) -> int:
+        """Workers that may train at once (max_workers, or num_workers)."""
+        return self.max_workers or self.num_workers
 
 
 class MonitorConfig(_Frozen):

@@ -20,6 +20,8 @@ JOB = parse_job({
                 "startup_timeout_s": 60.0},
 })
 LAYOUT = make_layout(param_shapes(build_model(JOB.model, 0)), 2)
+# The same job where a lost worker stops the job (cluster.on_worker_failure: fail).
+FAIL_JOB = JOB.model_copy(update={"cluster": JOB.cluster.model_copy(update={"on_worker_failure": "fail"})})
 SERVERS = [f"server-{i}" for i in range(2)]
 WORKERS = [f"worker-{i}" for i in range(3)]
 
@@ -31,9 +33,9 @@ def ident(name: str) -> bytes:
 class Sim:
     """A CoordinatorState, a clock, and helpers that speak for the nodes."""
 
-    def __init__(self) -> None:
+    def __init__(self, job=JOB) -> None:
         self.now = 0.0
-        self.state = CoordinatorState(JOB, LAYOUT, NUM_TRAIN, self.now)
+        self.state = CoordinatorState(job, LAYOUT, NUM_TRAIN, self.now)
         self.req = 0
 
     def send(self, who: str, op: Op, **meta) -> list:
@@ -196,14 +198,20 @@ def test_every_shard_of_every_epoch_is_handed_out_exactly_once_then_none():
     sim.start()
     handed = []
     for turn in range(20):
-        shard = ok(one(sim.send(WORKERS[turn % 3], Op.NEXT_SHARD)))["shard"]
+        shard = ok(one(sim.send(WORKERS[turn % 3], Op.NEXT_SHARD), to=WORKERS[turn % 3]))["shard"]
         if shard is None:
             break
-        handed.append((shard["epoch"], shard["shard"]))
+        handed.append((shard["epoch"], shard["shard"], WORKERS[turn % 3]))
         assert (shard["start"], shard["stop"]) == [(0, 4), (4, 8), (8, 10)][shard["shard"]]
-    assert sorted(handed) == [(e, s) for e in range(2) for s in range(3)]
-    assert [e for e, _ in handed] == [0, 0, 0, 1, 1, 1]  # one epoch after the other
-    assert ok(one(sim.send(WORKERS[0], Op.NEXT_SHARD)))["shard"] is None
+    assert sorted((e, s) for e, s, _ in handed) == [(e, s) for e in range(2) for s in range(3)]
+    assert [e for e, _, _ in handed] == [0, 0, 0, 1, 1, 1]  # one epoch after the other
+    # All handed out but not all done: a worker asking now is told to wait (one may come back).
+    waiting = ok(one(sim.send(WORKERS[0], Op.NEXT_SHARD), to=WORKERS[0]))
+    assert waiting["shard"] is None and waiting["wait_s"] > 0
+    for e, s, w in handed:
+        sim.send(w, Op.SHARD_DONE, epoch=e, shard=s, examples=4)
+    final = ok(one(sim.send(WORKERS[0], Op.NEXT_SHARD), to=WORKERS[0]))
+    assert final["shard"] is None and "wait_s" not in final
 
 
 def test_no_shard_is_handed_out_before_training():
@@ -285,7 +293,7 @@ def test_once_every_server_reported_the_job_finishes_with_a_summary():
 
 
 def test_a_node_silent_past_the_heartbeat_timeout_fails_the_job_naming_it():
-    sim = Sim()
+    sim = Sim(FAIL_JOB)
     sim.start()
     sim.now = 3.0
     for name in [*SERVERS, WORKERS[0], WORKERS[2]]:
@@ -312,7 +320,7 @@ def test_a_failed_job_finishes_at_its_deadline_even_if_nodes_never_hear_stop():
 
 
 def test_waiting_requests_are_answered_with_job_failed_when_the_job_fails():
-    sim = Sim()
+    sim = Sim(FAIL_JOB)
     sim.start()
     sim.send(WORKERS[0], Op.BARRIER, name="init")
     out = sim.send(WORKERS[1], Op.REPORT, kind="error", data={"error": "out of memory"})
@@ -343,7 +351,7 @@ def test_a_server_silent_during_registration_fails_the_job():
 
 
 def test_an_error_report_fails_the_job_naming_the_node_and_its_error():
-    sim = Sim()
+    sim = Sim(FAIL_JOB)
     sim.start()
     ok(one(sim.send(WORKERS[2], Op.REPORT, kind="error", data={"error": "CUDA out of memory"})))
     assert sim.state.phase == "failed" and sim.state.failed_node == WORKERS[2]
@@ -352,7 +360,7 @@ def test_an_error_report_fails_the_job_naming_the_node_and_its_error():
 
 
 def test_only_the_first_failure_is_reported():
-    sim = Sim()
+    sim = Sim(FAIL_JOB)
     sim.start()
     sim.send(WORKERS[2], Op.REPORT, kind="error", data={"error": "first"})
     sim.send(WORKERS[1], Op.REPORT, kind="error", data={"error": "second"})

@@ -71,7 +71,8 @@ def test_every_node_serves_its_metrics_and_is_listed_for_prometheus(tmp_path, ti
     for worker in ("worker-0", "worker-1"):
         assert {"downpour_worker_examples_total", "downpour_worker_examples_per_second", "downpour_worker_loss",
                 "downpour_worker_step_phase_seconds_total", "downpour_worker_step_seconds_bucket",
-                "downpour_worker_sent_bytes_total", "downpour_worker_received_bytes_total"} <= seen[worker]
+                "downpour_worker_sent_bytes_total", "downpour_worker_received_bytes_total",
+                "downpour_worker_pushes_total", "downpour_worker_wire_bytes_total"} <= seen[worker]
     for server in ("server-0", "server-1"):
         assert {"downpour_server_pushes_total", "downpour_server_pulls_total", "downpour_server_request_seconds_bucket",
                 "downpour_server_apply_seconds_bucket", "downpour_server_staleness_versions_bucket", "downpour_server_parameters",

@@ -201,10 +201,14 @@ def cmd_worker(args) -> int:
     from downpour.transport import new_context
     from downpour.worker.service import run_worker
 
+    # SIGTERM as Ctrl-C: a worker stopped while it trains leaves the job cleanly (its shards go back).
+    signal.signal(signal.SIGTERM, _terminate)
     ctx = new_context()
     try:
         return run_worker(ctx, _coordinator_url(args.coordinator), rank=args.rank, metrics_host=args.metrics_host,
                           security=_security(args, "worker", _coordinator_url(args.coordinator)))
+    except KeyboardInterrupt:
+        return 130
     finally:
         ctx.destroy(linger=0)
 

@@ -60,9 +60,21 @@ class CoordinatorClient:
         return self.call(Op.BARRIER, {"name": name}, timeout_s)
 
     def next_shard(self) -> dict[str, Any] | None:
-        """The next data shard to train ({epoch, shard, start, stop}), or None when none is left."""
-        reply = self.call(Op.NEXT_SHARD)
-        return reply.get("shard")
+        """The next data shard to train ({epoch, shard, start, stop}), or None when none is left.
+        While other workers still hold shards (one may come back if its worker dies) the
+        coordinator says wait: this asks again until it gets a shard or a final None (a stop of
+        the job ends the wait through the abort flag, as every request does)."""
+        while True:
+            reply = self.call(Op.NEXT_SHARD)
+            wait = reply.get("wait_s")
+            if reply.get("shard") is not None or not isinstance(wait, (int, float)) or wait <= 0:
+                return reply.get("shard")
+            time.sleep(min(float(wait), 1.0))
+
+    def leave(self, position: list[int] | None, stats: dict[str, Any], timeout_s: float) -> None:
+        """Leave the running job cleanly: the coordinator puts this worker's unfinished shards
+        back (the one it was in resumes after ``position``) and keeps ``stats``."""
+        self.call(Op.LEAVE, {"position": position, "stats": stats}, timeout_s)
 
     def shard_done(self, epoch: int, shard: int, examples: int) -> None:
         self.call(Op.SHARD_DONE, {"epoch": epoch, "shard": shard, "examples": examples})

@@ -68,7 +68,8 @@ class Health:
             silent = now - n.last_seen
             if silent >= self.silent_after_s:
                 found[(n.name, "silent")] = (n.last_seen, f"{n.name} sent no heartbeat for {silent:.1f}s")
-        workers = [n for n in live if n.role == "worker" and n.state == "alive"]
+        # A worker waiting for a shard (others hold the last ones) makes no steps on purpose.
+        workers = [n for n in live if n.role == "worker" and n.state == "alive" and not getattr(n, "idle", False)]
         for n in workers:
             steps = int(n.progress.get("steps", 0))
             last = self._steps.get(n.name)

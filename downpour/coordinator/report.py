@@ -61,7 +61,8 @@ def job_status(self: CoordinatorState, now: float) -> dict[str, Any]:
 
 def job_summary(self: CoordinatorState, now: float) -> dict[str, Any]:
     """What summary.json holds at the end of the job."""
-    workers = {n.name: n.stats or {} for n in self._role("worker", (ALIVE, DONE, FINISHED, DEAD))}
+    # A worker that died sent no final stats: its last heartbeat's progress stands in for them.
+    workers = {n.name: n.stats or {**n.progress, "state": n.state} for n in self._role("worker", (ALIVE, DONE, FINISHED, DEAD))}
     servers = {n.name: n.stats or {} for n in self._role("server", (ALIVE, DONE, FINISHED, DEAD))}
     hist: dict[int, int] = {}
     for s in servers.values():

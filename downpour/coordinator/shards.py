@@ -46,6 +46,8 @@ class ShardLedger:
     # when (a count over all workers), so that undone shards go back in their first order.
     log: dict[str, list[tuple[int, int]]] = field(default_factory=dict)
     handed_at: dict[tuple[int, int], int] = field(default_factory=dict)
+    requeued: int = 0  # shards put back because their worker left or died
+    released: set = field(default_factory=set)  # (worker, shard key) put back by release()
 
     @property
     def num_shards(self) -> int:
@@ -78,6 +80,33 @@ class ShardLedger:
         self.skips.pop((epoch, shard), None)
         return True
 
+    def release(self, node: str, position: list[int] | None) -> list[list[int]]:
+        """``node`` left or died: the shards it was handed and had not finished go back to the
+        front of the queue, in the order it got them. The one ``position`` ([epoch, shard,
+        examples done]: its last acknowledged push) names resumes after those examples, or
+        counts as completed if they were all of it. Returns [[epoch, shard, skip], ...] requeued."""
+        mine = sorted((k for k, who in self.assigned.items() if who == node), key=lambda k: self.handed_at.get(k, -1))
+        back: list[tuple[int, int]] = []
+        for key in mine:
+            del self.assigned[key]
+            skip = self.skips.get(key, 0)
+            if position is not None and (position[0], position[1]) == key:
+                skip = max(skip, int(position[2]))
+            lo, hi = self.bounds(key[1])
+            if skip >= hi - lo:  # every example of it reached the servers
+                self.completed[key] = node
+                self.skips.pop(key, None)
+                continue
+            if key in self.log.get(node, []):  # no longer its: a later snapshot must not undo it through this log
+                self.log[node].remove(key)
+            self.released.add((node, key))
+            if skip:
+                self.skips[key] = skip
+            back.append(key)
+        self.queue.extendleft(reversed(back))
+        self.requeued += len(back)
+        return [[e, s, self.skips.get((e, s), 0)] for e, s in back]
+
     # -- checkpoints ------------------------------------------------------------
     def state_at(self, positions: dict[str, list[int]]) -> dict:
         """The ledger as it stood when the servers took a snapshot, as plain data.
@@ -92,8 +121,11 @@ class ShardLedger:
         for node, handed in self.log.items():
             pos = positions.get(node)
             key = (pos[0], pos[1]) if pos is not None else None
-            at = handed.index(key) if key in handed else -1
-            if at >= 0:
+            if (node, key) in self.released:  # its last push was in a shard since put back: the rest was before
+                at, pos = len(handed) - 1, None
+            else:
+                at = handed.index(key) if key in handed else -1
+            if at >= 0 and pos is not None:
                 lo, hi = self.bounds(key[1])
                 if pos[2] >= hi - lo:
                     completed.add(key)
@@ -130,6 +162,7 @@ class ShardLedger:
         self.skips = {(int(e), int(s)): int(k) for e, s, k in state["queue"] if int(k) > 0}
         self.base_skip = dict(self.skips)
         self.assigned, self.log, self.handed_at = {}, {}, {}
+        self.released = set()
 
     def summary(self) -> dict:
         per_epoch: dict[int, int] = {}
@@ -140,4 +173,5 @@ class ShardLedger:
             "shard_size": self.shard_size,
             "completed_per_epoch": {str(e): n for e, n in sorted(per_epoch.items())},
             "unfinished": len(self.assigned) + len(self.queue),
+            "requeued": self.requeued,
         }

@@ -17,6 +17,15 @@ Life of a job::
 Servers are admitted at once; a worker's REGISTER is answered when the whole
 cluster is there (it needs every server's address). Nodes learn that they must
 stop from the answer to their next heartbeat.
+
+A worker that dies, fails or leaves while training (``cluster.on_worker_failure:
+recover``, the default) does not stop the job: the shards it held go back to the
+front of the queue (the one it was in resumes after its last acknowledged push),
+the servers get the new membership, and a worker may register into its free slot
+(a replacement the launcher starts, or any worker started by hand) and is admitted
+at once. A worker that asks for a shard while the queue is empty but others still
+hold shards is told to wait (and leaves the sync/ssp membership meanwhile), so a
+shard put back is always taken up.
 """
 
 from __future__ import annotations
@@ -84,6 +93,8 @@ class Node:
     progress: dict[str, Any] = field(default_factory=dict)
     stats: dict[str, Any] | None = None
     metrics: str | None = None  # HOST:PORT of its Prometheus endpoint, from its heartbeats
+    idle: bool = False  # a worker told to wait for a shard (not in the membership meanwhile)
+    joined_at: float | None = None  # a worker admitted while training ran (a replacement or an elastic join)
 
 
 class CoordinatorState:
@@ -115,6 +126,10 @@ class CoordinatorState:
         silent_after = min(0.5 * self.cl.heartbeat_timeout_s, max(3 * self.cl.heartbeat_interval_s, 1.0))
         self.health = Health(silent_after, mon.stall_after_s, mon.slow_fraction)
         self.failures: list[dict[str, Any]] = []
+        # Worker failures whose work was not taken up again yet: (detected at, failure record).
+        self.recovering: list[tuple[float, dict[str, Any]]] = []
+        self.joiners: list[tuple[bytes, Message]] = []  # workers waiting for a free slot while training runs
+        self.workerless_since: float | None = None  # training with no live worker (waiting for one to join)
         self.rejected: dict[str, int] = {}  # requests refused, by reason
         self.checkpoints = CheckpointPlan(job.checkpoint, checkpoint_url, job.training.consistency == "sync",
                                           self.cl.num_servers, now)
@@ -139,9 +154,13 @@ class CoordinatorState:
     def _server_addresses(self) -> list[dict[str, Any]]:
         return [{"rank": n.rank, "name": n.name, "address": n.address} for n in self._role("server", (ALIVE, DONE))]
 
+    def _members(self) -> list[str]:
+        """The workers a sync round (or an ssp bound) waits for: training, not waiting for a shard."""
+        return [n.name for n in self._training_workers() if not n.idle]
+
     def _membership(self) -> list[Action]:
         """Tell the servers which workers a sync round waits for (sent unprompted)."""
-        workers = [n.name for n in self._training_workers()]
+        workers = self._members()
         msg = Message(Op.MEMBERSHIP, meta={"workers": workers})
         return [Reply(s.identity, msg) for s in self._role("server")]
 
@@ -155,6 +174,47 @@ class CoordinatorState:
             return {"keys": keys if len(keys) <= 8 else [*keys[:8], f"... {len(keys)} keys in all"]}
         shards = sorted(k for k, who in self.ledger.assigned.items() if who == name)
         return {"shards": [f"epoch {e} shard {s}" for e, s in shards]}
+
+    def _lose(self, now: float, node: Node, reason: str, kind: str, detected_after_s: float = 0.0) -> list[Action]:
+        """``node`` died or failed: a worker while training is recovered from (unless the job says
+        fail); anything else stops the job."""
+        if node.role == "worker" and self.phase == "training" and self.cl.on_worker_failure == "recover":
+            return self._worker_lost(now, node, reason, kind, detected_after_s)
+        node.state = DEAD
+        return self._fail(now, node.name, reason, kind, detected_after_s)
+
+    def _worker_lost(self, now: float, node: Node, reason: str, kind: str, detected_after_s: float,
+                     position: object = None, left: bool = False) -> list[Action]:
+        """Put ``node``'s shards back, tell the servers, free its slot for a joiner."""
+        affected = self.affected(node.name)
+        had_finished = node.state == DONE
+        node.state = FINISHED if left else DEAD
+        pos = node.progress.get("position") if position is None else position
+        pos = pos if isinstance(pos, list) and len(pos) == 3 and all(type(x) is int and x >= 0 for x in pos) else None
+        requeued = self.ledger.release(node.name, pos)
+        self.done_waiting.pop(node.name, None)
+        for arrived in self.barriers.values():
+            arrived.pop(node.name, None)
+        if left:
+            log.info("coordinator: %s left the job; %d shard(s) back in the queue", node.name, len(requeued))
+        else:
+            record = {"node": node.name, "kind": kind, "at_s": round(now - self.started, 3),
+                      "detected_after_s": round(detected_after_s, 3), "recovered_after_s": None, "reason": reason,
+                      "affected": affected, "requeued": requeued, "replaced_by": None}
+            self.failures.append(record)
+            if requeued:  # recovered once one of them is handed out again
+                self.recovering.append((now, record))
+            else:  # it held no unfinished shard: nothing to redo
+                record["recovered_after_s"] = 0.0
+            log.warning("coordinator: %s lost (%s); %s; training goes on", node.name, reason,
+                        f"{len(requeued)} shard(s) back in the queue" if requeued else
+                        ("it had finished training" if had_finished else "it held no shard"))
+        out = self._membership() + self._release_barriers(now) + self._admit_joiners(now)
+        if not self._training_workers() and not self.done_waiting:
+            self.workerless_since = now
+        elif not self._training_workers():
+            out += self._end_training(now)
+        return out
 
     def _fail(self, now: float, node: str, reason: str, kind: str = "error", detected_after_s: float = 0.0) -> list[Action]:
         if self.phase in ("failed", "finished"):
@@ -177,7 +237,9 @@ class CoordinatorState:
         for waiting in [*self.barriers.values(), self.done_waiting]:
             for ident, msg in waiting.values():
                 out.append(Reply(ident, msg.error("job_failed", self.error)))
-        self.pending_workers, self.barriers, self.done_waiting = [], {}, {}
+        for ident, msg in self.joiners:
+            out.append(Reply(ident, msg.error("job_failed", self.error)))
+        self.pending_workers, self.barriers, self.done_waiting, self.joiners = [], {}, {}, []
         return out
 
     # -- requests -------------------------------------------------------------
@@ -195,6 +257,8 @@ class CoordinatorState:
                 return self._refuse(identity, msg, "unknown_node", f"node {msg.meta.get('node')!r} is not registered")
             if role is not None and node.role != role:
                 return self._refuse(identity, msg, "forbidden", f"a {role} key cannot act for {node.name}")
+            if node.state == DEAD and msg.op not in (Op.HEARTBEAT, Op.REPORT):
+                return self._refuse(identity, msg, "declared_dead", f"{node.name} was declared dead; its work went to others")
             node.last_seen = now
             return handler(self, identity, msg, now, node)
         return handler(self, identity, msg, now, None)
@@ -209,6 +273,9 @@ class CoordinatorState:
         want = {"server": self.cl.num_servers, "worker": self.cl.num_workers}.get(role)  # type: ignore[arg-type]
         if want is None:
             return self._refuse(ident, msg, "bad_role", f"role must be server or worker, got {role!r}")
+        if self.phase == "training" and role == "worker" and self.cl.on_worker_failure == "recover":
+            self.joiners.append((ident, msg))
+            return self._admit_joiners(now)
         if self.phase != "registering":
             return self._refuse(ident, msg, "job_running", f"the job is {self.phase}; it takes no new {role}s")
         taken = {n.rank for n in self.nodes.values() if n.role == role}
@@ -248,6 +315,39 @@ class CoordinatorState:
         self.pending_workers = []
         return out + self._membership()
 
+    def _admit_joiners(self, now: float) -> list[Action]:
+        """Workers registering while training runs take free slots (ranks without a live worker),
+        up to ``cluster.max_workers``; the rest wait inside REGISTER until a slot frees."""
+        if self.phase != "training":
+            return []
+        out: list[Action] = []
+        while self.joiners:
+            live = {n.rank for n in self.nodes.values() if n.role == "worker" and n.state in (ALIVE, DONE)}
+            free = [r for r in range(self.cl.worker_slots) if r not in live]
+            if not free:
+                break
+            ident, msg = self.joiners.pop(0)
+            hint = msg.meta.get("rank")
+            rank = hint if type(hint) is int and hint in free else free[0]
+            name, gen = f"worker-{rank}", 1
+            while name in self.nodes:
+                gen += 1
+                name = f"worker-{rank}.{gen}"
+            host, pid = str(msg.meta.get("host", "?")), msg.meta.get("pid")
+            node = Node(name, "worker", rank, ident, None, host, pid if isinstance(pid, int) else 0, last_seen=now, joined_at=now)
+            self.nodes[name] = node
+            self.by_identity[ident] = name
+            self.workerless_since = None
+            for f in reversed(self.failures):  # the latest failure of this slot not replaced yet
+                if "replaced_by" in f and f["replaced_by"] is None and self.nodes[f["node"]].rank == rank:
+                    f["replaced_by"] = name
+                    break
+            log.info("coordinator: %s joined the running job (%s, pid %s)", name, host, pid)
+            meta = {"node": name, "rank": rank, "job": job_to_dict(self.job), "layout": self.layout.to_dict(),
+                    "servers": self._server_addresses(), "initializer": False}
+            out.append(Reply(ident, msg.reply(meta)))
+        return out + (self._membership() if out else [])
+
     def on_heartbeat(self, ident: bytes, msg: Message, now: float, node: Node) -> list[Action]:
         progress = msg.meta.get("progress")
         if isinstance(progress, dict):
@@ -257,6 +357,8 @@ class CoordinatorState:
             node.metrics = metrics
         if node.role == "server" and node.rank == 0:
             self._track_version_rate(now, node.progress.get("version"))
+        if node.state == DEAD:  # declared dead, yet alive: its shards went to others, so it must stop
+            return [Reply(ident, msg.reply({"stop": f"{node.name} was declared dead (silent too long); its work went to others"}))]
         # Servers stop once the job is over and its last checkpoint is written (or abandoned).
         stop_server = self.phase == "stopping" and node.role == "server" and self.checkpoints.pending is None
         if self.phase == "failed" or stop_server:
@@ -265,7 +367,7 @@ class CoordinatorState:
             return [Reply(ident, msg.reply({"stop": reason}))]
         if node.role == "server" and self.phase != "registering":
             # Repeats the last MEMBERSHIP, so a server that missed it still learns who trains.
-            return [Reply(ident, msg.reply({"workers": [n.name for n in self._training_workers()]}))]
+            return [Reply(ident, msg.reply({"workers": self._members()}))]
         return [Reply(ident, msg.reply({}))]
 
     def _track_version_rate(self, now: float, version: object) -> None:
@@ -334,6 +436,8 @@ class CoordinatorState:
 
     def on_barrier(self, ident: bytes, msg: Message, now: float, node: Node) -> list[Action]:
         name = str(msg.meta.get("name"))
+        if name == "init" and self.train_started is not None:  # a worker joining a running job
+            return [Reply(ident, msg.reply({}))]
         self.barriers.setdefault(name, {})[node.name] = (ident, msg)
         return self._release_barriers(now)
 
@@ -351,9 +455,39 @@ class CoordinatorState:
         return out
 
     def on_next_shard(self, ident: bytes, msg: Message, now: float, node: Node) -> list[Action]:
-        if self.phase != "training":
+        if self.phase != "training" or node.state != ALIVE:
             return [Reply(ident, msg.reply({"shard": None}))]
-        return [Reply(ident, msg.reply({"shard": self.ledger.next(node.name)}))]
+        shard = self.ledger.next(node.name)
+        out: list[Action] = []
+        if shard is None and self.ledger.assigned and self.cl.on_worker_failure == "recover":
+            # Others still hold shards; one may come back if its worker dies. Meanwhile this
+            # worker pushes nothing, so a sync round (or an ssp bound) must not wait for it.
+            if not node.idle:
+                node.idle = True
+                out += self._membership()
+            return [*out, Reply(ident, msg.reply({"shard": None, "wait_s": min(0.2, self.cl.heartbeat_interval_s)}))]
+        if node.idle:
+            node.idle = False
+            out += self._membership()
+        if shard is not None and self.recovering:
+            key = [shard["epoch"], shard["shard"]]
+            for at, record in list(self.recovering):
+                if any(r[:2] == key for r in record["requeued"]):
+                    record["recovered_after_s"] = round(now - at, 3)
+                    self.recovering.remove((at, record))
+        return [*out, Reply(ident, msg.reply({"shard": shard}))]
+
+    def on_leave(self, ident: bytes, msg: Message, now: float, node: Node) -> list[Action]:
+        """A worker leaves cleanly: its stats are kept and its shards go back to the queue."""
+        if node.role != "worker" or node.state not in (ALIVE, DONE):
+            return [Reply(ident, msg.error("bad_leave", f"{node.name} is not a training worker"))]
+        stats = msg.meta.get("stats")
+        node.stats = stats if isinstance(stats, dict) else None
+        if self.phase != "training":
+            node.state = FINISHED
+            return [Reply(ident, msg.reply({}))]
+        return [Reply(ident, msg.reply({})),
+                *self._worker_lost(now, node, "left", "left", 0.0, position=msg.meta.get("position"), left=True)]
 
     def on_shard_done(self, ident: bytes, msg: Message, now: float, node: Node) -> list[Action]:
         epoch, shard = msg.meta.get("epoch"), msg.meta.get("shard")
@@ -390,8 +524,7 @@ class CoordinatorState:
         data = data if isinstance(data, dict) else {}
         out: list[Action] = [Reply(ident, msg.reply({}))]
         if kind == "error":
-            node.state = DEAD
-            return out + self._fail(now, node.name, str(data.get("error", "failed")), "error")
+            return out + self._lose(now, node, str(data.get("error", "failed")), "error")
         if kind == "eval" and node.role == "worker" and self.phase == "evaluating":
             self.evaluation = data
             node.state = FINISHED
@@ -433,9 +566,10 @@ class CoordinatorState:
             silent = now - node.last_seen
             if silent > self.cl.heartbeat_timeout_s:
                 why = f"no heartbeat for {silent:.1f}s (timeout {self.cl.heartbeat_timeout_s:g}s); declared dead"
-                out = self._fail(now, node.name, why, "dead", silent)
-                node.state = DEAD
-                return out
+                return self._lose(now, node, why, "dead", silent)
+        if self.workerless_since is not None and now - self.workerless_since > self.cl.startup_timeout_s:
+            return self._fail(now, "coordinator", f"every worker was lost and none joined within "
+                              f"{self.cl.startup_timeout_s:g}s (cluster.startup_timeout_s)", "no_workers")
         if self.phase != "registering":  # workers waiting inside REGISTER send no heartbeats
             training = self.phase == "training" and self.train_started is not None
             self.health.update(list(self.nodes.values()), training, now, self.affected)
@@ -461,5 +595,6 @@ _HANDLERS = {
     Op.SHARD_DONE: CoordinatorState.on_shard_done,
     Op.WORKER_DONE: CoordinatorState.on_worker_done,
     Op.REPORT: CoordinatorState.on_report,
+    Op.LEAVE: CoordinatorState.on_leave,
     Op.STATUS: CoordinatorState.on_status,
 }

@@ -2,8 +2,10 @@
 
 The launcher starts the coordinator first (it binds a free port and writes its
 address into the run folder), then the servers and workers pointed at it. It
-polls the coordinator for progress and watches every process: the first one
-to die unexpectedly is reported as the root cause (with the end of its log),
+polls the coordinator for progress and watches every process. A worker that
+dies is replaced (``cluster.worker_restarts`` times per job; the coordinator puts
+its data back, see ``CoordinatorState._worker_lost``); any other process that
+dies unexpectedly is reported as the root cause (with the end of its log),
 and every process started is stopped, on success, failure or Ctrl-C alike.
 Children also die with the launcher (``PR_SET_PDEATHSIG``), so none is orphaned.
 """
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import ctypes
 import json
+import logging
 import os
 import shutil
 import signal
@@ -33,6 +36,8 @@ from downpour.protocol import Message, Op
 from downpour.protocol.rpc import RpcClient
 from downpour.transport import Security, create_job_keys, new_context
 
+log = logging.getLogger(__name__)
+
 _STATUS_EVERY_S = 0.25
 _START_TIMEOUT_S = 60.0
 _EXIT_GRACE_S = 10.0
@@ -50,8 +55,10 @@ class Proc:
     name: str
     popen: subprocess.Popen
     log_path: str
+    args: list[str] = field(default_factory=list)
     exit_code: int | None = None
     exited_at: float | None = None
+    replaced: bool = False  # a worker that died and was replaced (or left for the coordinator to recover from)
 
     def describe_exit(self) -> str:
         rc = self.exit_code
@@ -93,6 +100,7 @@ class LocalLauncher:
         self.run_dir = os.path.abspath(run_dir)
         self.python = python
         self.procs: list[Proc] = []
+        self.restarts = 0  # worker replacements started
         self.env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS=str(job.training.torch_threads))
 
     # -- processes ----------------------------------------------------------
@@ -108,7 +116,7 @@ class LocalLauncher:
                 stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                 env=self.env, start_new_session=True, preexec_fn=_die_with_parent,
             )
-        proc = Proc(name, popen, log_path)
+        proc = Proc(name, popen, log_path, list(args))
         self.procs.append(proc)
         return proc
 
@@ -206,6 +214,7 @@ class LocalLauncher:
             failed = sorted((p for p in self.procs if p.exit_code not in (None, 0)), key=lambda p: p.exited_at or 0)
             if coord.exit_code is not None:
                 return self._finish(failed)
+            failed = [p for p in failed if not (p.replaced or self._recover(p))]
             if failed:
                 first = failed[0]
                 tail = first.log_tail()
@@ -225,6 +234,30 @@ class LocalLauncher:
                     next_status = now + _STATUS_EVERY_S
                     pending = rpc.request("coordinator", Message(Op.STATUS))
             time.sleep(0.05)
+
+    def _recover(self, p: Proc) -> bool:
+        """A worker died: with ``cluster.on_worker_failure: recover`` the coordinator puts its
+        shards back, and (up to ``cluster.worker_restarts`` times per job) a replacement is
+        started, which joins the running job. Returns whether the job goes on."""
+        cl = self.job.cluster
+        if not p.name.startswith("worker-") or cl.on_worker_failure != "recover":
+            return False
+        p.replaced = True
+        if self.restarts >= cl.worker_restarts:
+            log.warning("%s; no restarts left (cluster.worker_restarts=%d): the other workers take over its data",
+                        p.describe_exit(), cl.worker_restarts)
+            return True
+        self.restarts += 1
+        base = p.name.split(".")[0]
+        name = f"{base}.{self.restarts + 1}"
+        log.warning("%s; starting %s in its place (restart %d of %d)", p.describe_exit(), name, self.restarts,
+                    cl.worker_restarts)
+        args = [a for a in p.args if a not in ("--insecure",)]
+        if "--keys" in args:
+            i = args.index("--keys")
+            del args[i : i + 2]
+        self._spawn(name, args)
+        return True
 
     def _finish(self, failed: list[Proc]) -> RunResult:
         # The coordinator is done; the others exit on their own within a heartbeat or two.

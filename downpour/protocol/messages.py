@@ -26,6 +26,7 @@ class Op(IntEnum):
     WORKER_DONE = 6  # meta: node, stats -> OK once every worker is done: evaluator?
     REPORT = 7  # meta: node, test metrics
     STATUS = 8  # -> OK: job status snapshot (launcher, `downpour status`)
+    LEAVE = 9  # meta: node, position, stats: a worker leaves a running job cleanly
     # coordinator -> node (sent unprompted on the node's coordinator socket)
     STOP = 20  # meta: reason
     # coordinator -> server

@@ -110,7 +110,12 @@ class SSPPolicy(AsyncPolicy):
         super().__init__(store, record_staleness, training, keys)
         self.bound = self.training.staleness_bound
         self.workers: set[str] = set()
+        # Clocks are the workers' push counts plus an offset: a worker that joins a running job
+        # (or comes back after waiting for a shard) starts level with the slowest member instead
+        # of holding everyone back until its count catches up.
         self.clocks: dict[str, int] = {}
+        self.raw: dict[str, int] = {}  # each worker's own last push count
+        self.offsets: dict[str, int] = {}
         self.held: list[tuple[str, int, Push]] = []
         self.max_lead = 0  # the largest lead (in pushes) of a worker over the slowest when answered
 
@@ -125,12 +130,22 @@ class SSPPolicy(AsyncPolicy):
             return [refused]
         self._apply(p)
         who = p.peer.decode(errors="replace")
-        self.clocks[who] = max(self.clocks.get(who, 0), p.clock)
-        self.held.append((who, p.clock, p))
+        self.raw[who] = max(self.raw.get(who, 0), p.clock)
+        clock = p.clock + self.offsets.get(who, 0)
+        self.clocks[who] = max(self.clocks.get(who, 0), clock)
+        self.held.append((who, clock, p))
         return self._release()
 
     def set_workers(self, workers: set[str]) -> list[Reply]:
-        self.workers = set(workers)
+        workers = set(workers)
+        if self.workers:  # not the first membership: newcomers start level with the slowest member
+            stay = workers & self.workers
+            level = min((self.clocks.get(w, 0) for w in stay), default=None)
+            for w in workers - self.workers:
+                if level is not None:
+                    self.offsets[w] = max(0, level - self.raw.get(w, 0))
+                    self.clocks[w] = self.raw.get(w, 0) + self.offsets[w]
+        self.workers = workers
         return self._release()
 
     def stats(self) -> dict[str, int]:

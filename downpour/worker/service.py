@@ -140,7 +140,15 @@ def run_worker(ctx: zmq.Context, coordinator: str, rank: int | None = None, star
         flat.host_to_device()
         trainer.start()
         log.info("%s: training on %s", name, device)
-        trainer.run(coord.next_shard, coord.shard_done)
+        try:
+            trainer.run(coord.next_shard, coord.shard_done)
+        except KeyboardInterrupt:  # SIGTERM or Ctrl-C while training: leave cleanly, the job goes on
+            log.info("%s: interrupted; leaving the job (its shards go back to the queue)", name)
+            try:
+                coord.leave(trainer.position, trainer.stats(), timeout_s=2.0)
+            except DownpourError as err:
+                log.info("%s: could not tell the coordinator: %s", name, err)
+            return 0
         stats = trainer.stats()
         log.info("%s: trained %d steps, %d examples, %.0f examples/s", name, stats["steps"], stats["examples"], stats["examples_per_s"])
         end = coord.worker_done(stats, timeout_s=_LONG_WAIT_S)

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from downpour.config import JobConfig
 from downpour.coordinator.shards import example_order
 from downpour.data import Dataset
+from downpour.errors import RemoteError
 from downpour.monitor import Buckets, RateMeter
 from downpour.worker.client import Handle, KVClient
 from downpour.worker.flat import FlatModel
@@ -62,6 +63,11 @@ class Trainer:
                         and t.accumulate == 1 and t.local_steps == 1)
         self.pushes = 0
         self.pushes_at = 0  # self.steps at the last push
+        # [epoch, shard, examples of it done] of the last push the servers acknowledged (the
+        # heartbeat carries it: where the shard resumes if this worker dies), and of the one in flight.
+        self.position: list[int] | None = None
+        self._inflight_position: list[int] | None = None
+        self.dropped = 0  # pushes a sync server refused as being for a past round (after a wait or a join)
         self.acc: torch.Tensor | None = None  # accumulate: the weighted sum of gradients so far
         self.acc_n = 0
         self.local: torch.optim.Optimizer | None = None  # local_steps: the local optimizer
@@ -100,6 +106,8 @@ class Trainer:
             "compute_s": self.compute_s, "push_s": self.push_s, "pull_wait_s": self.wait_s,
             "bytes_sent": self.kv.rpc.bytes_sent, "bytes_received": self.kv.rpc.bytes_received,
         }
+        if self.position is not None:
+            out["position"] = self.position
         shard = self.shard
         if shard is not None:
             out["shard"] = [shard["epoch"], shard["shard"]]
@@ -200,6 +208,7 @@ class Trainer:
         self._settle()
         p0 = time.perf_counter()
         self.inflight = self.kv.push_pull(grad, self.flat.host, weight=weight, versions=base, position=position, delta=is_delta)
+        self._inflight_position = position
         self.pushes += 1
         self.pushes_at = self.steps
         self.push_s += time.perf_counter() - p0
@@ -211,8 +220,19 @@ class Trainer:
         if self.inflight is None:
             return
         w0 = time.perf_counter()
-        self.kv.wait(self.inflight)
+        try:
+            self.kv.wait(self.inflight)
+        except RemoteError as err:
+            if err.code not in ("sync_round", "sync_duplicate"):
+                raise
+            # This worker waited for a shard (or joined) while sync rounds went on: its gradient is for
+            # a past round. Drop it, take the current values, and go on from there.
+            self.dropped += 1
+            log.info("%s: a sync round passed while this worker waited; dropped one push and pulled", self.name)
+            self.kv.wait(self.kv.pull(self.flat.host))
         self.inflight = None
+        if self._inflight_position is not None:
+            self.position = self._inflight_position
         self.flat.host_to_device()
         if self.local is not None:  # the values the next delta is measured from
             self.base = self.flat.host.clone()
@@ -251,6 +271,7 @@ class Trainer:
             "bytes_sent": self.kv.rpc.bytes_sent,
             "bytes_received": self.kv.rpc.bytes_received,
             "pushes": self.pushes,
+            "dropped_pushes": self.dropped,
             "wire": {d: dict(c) for d, c in self.kv.wire.items()},
             "curve": self.curve,
             "cpu_s": time.process_time(),

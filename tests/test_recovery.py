@@ -1,0 +1,277 @@
+"""Worker failure, replacement, elastic join and clean leave: the job trains on and no shard is lost.
+
+The coordinator's decisions are tested as a state machine with a fake clock (Sim from
+test_coordinator_state); the end-to-end tests kill a real worker of a `downpour train` job.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+
+import pytest
+import torch
+
+from downpour.config import SGDConfig, TrainingConfig
+from downpour.coordinator.shards import ShardLedger
+from downpour.layout import make_layout
+from downpour.protocol import Message, Op
+from downpour.server.consistency import Push, SSPPolicy
+from downpour.server.optim import make_rule
+from downpour.server.store import ShardStore
+from tests.cluster import QUIET, start_job, stop_job, wait_training
+from tests.conftest import tiny_job
+from tests.test_coordinator_state import JOB, WORKERS, Sim, error_code, ok, one
+
+ELASTIC_JOB = JOB.model_copy(update={"cluster": JOB.cluster.model_copy(update={"max_workers": 4})})
+
+
+def training(sim: Sim) -> None:
+    sim.start()
+    for w in WORKERS:
+        sim.send(w, Op.BARRIER, name="init")
+
+
+def take(sim: Sim, worker: str) -> dict:
+    return ok(one(sim.send(worker, Op.NEXT_SHARD), to=worker))["shard"]
+
+
+def membership(actions: list) -> list[str] | None:
+    sent = [a.msg.meta["workers"] for a in actions if getattr(a, "msg", None) is not None and a.msg.op == Op.MEMBERSHIP]
+    return sent[-1] if sent else None
+
+
+def lose(sim: Sim, worker: str, at: float) -> list:
+    """Every node but ``worker`` heartbeats until ``at``; then the clock passes its timeout."""
+    for t in (1.0, 3.0, 5.0):
+        if t < at:
+            sim.now = t
+            for name in sim.state.nodes:
+                if name != worker and sim.state.nodes[name].state in ("alive", "done"):
+                    sim.send(name, Op.HEARTBEAT)
+    return sim.tick(at)
+
+
+# -- the coordinator --------------------------------------------------------------------------
+
+
+def test_a_dead_worker_does_not_stop_the_job_and_its_shard_resumes_after_its_last_push():
+    sim = Sim()
+    training(sim)
+    shard = take(sim, WORKERS[1])
+    sim.send(WORKERS[1], Op.HEARTBEAT, progress={"position": [shard["epoch"], shard["shard"], 2]})
+    out = lose(sim, WORKERS[1], 5.5)
+    assert sim.state.phase == "training"
+    assert membership(out) == [WORKERS[0], WORKERS[2]]  # a sync round no longer waits for it
+    [failure] = sim.state.failures
+    assert failure["node"] == WORKERS[1] and failure["kind"] == "dead" and failure["detected_after_s"] > 5.0
+    assert failure["requeued"] == [[shard["epoch"], shard["shard"], 2]] and failure["recovered_after_s"] is None
+    sim.now = 6.0
+    again = take(sim, WORKERS[0])  # the front of the queue: the shard the dead worker held
+    assert (again["epoch"], again["shard"], again["skip"]) == (shard["epoch"], shard["shard"], 2)
+    assert failure["recovered_after_s"] == 0.5
+
+
+def test_a_worker_that_reports_an_error_is_recovered_from_like_a_dead_one():
+    sim = Sim()
+    training(sim)
+    take(sim, WORKERS[2])
+    sim.send(WORKERS[2], Op.REPORT, kind="error", data={"error": "CUDA out of memory"})
+    assert sim.state.phase == "training" and sim.state.failures[0]["reason"] == "CUDA out of memory"
+
+
+def test_a_replacement_takes_the_free_slot_at_once_under_a_new_name_and_skips_the_start():
+    sim = Sim()
+    training(sim)
+    lose(sim, WORKERS[1], 5.5)
+    out = sim.send("replacement", Op.REGISTER, role="worker", rank=1, host="test", pid=7)
+    meta = ok(one(out, to="replacement"))
+    assert meta["rank"] == 1 and meta["node"] == "worker-1.2" and meta["initializer"] is False
+    assert len(meta["servers"]) == 2
+    assert membership(out) == [WORKERS[0], "worker-1.2", WORKERS[2]]
+    assert sim.state.failures[0]["replaced_by"] == "worker-1.2"
+    ok(one(sim.send("worker-1.2", Op.BARRIER, name="init"), to="worker-1.2"))  # training started long ago: at once
+
+
+def test_a_joiner_waits_inside_register_until_a_slot_frees():
+    sim = Sim()
+    training(sim)
+    assert sim.send("early", Op.REGISTER, role="worker", host="test", pid=7) == []
+    out = lose(sim, WORKERS[0], 5.5)
+    assert ok(one(out, to="early"))["rank"] == 0
+
+
+def test_an_elastic_job_admits_workers_beyond_num_workers_up_to_max_workers():
+    sim = Sim(ELASTIC_JOB)
+    training(sim)
+    meta = ok(one(sim.send("extra", Op.REGISTER, role="worker", host="test", pid=7), to="extra"))
+    assert meta["rank"] == 3 and meta["node"] == "worker-3"
+    assert sim.send("one-too-many", Op.REGISTER, role="worker", host="test", pid=8) == []  # waits for a slot
+
+
+def test_a_worker_leaving_cleanly_gives_its_shard_back_and_keeps_its_stats_without_a_failure():
+    sim = Sim()
+    training(sim)
+    shard = take(sim, WORKERS[1])
+    out = sim.send(WORKERS[1], Op.LEAVE, position=[shard["epoch"], shard["shard"], 3], stats={"examples": 3, "steps": 1})
+    ok(one(out, to=WORKERS[1]))
+    assert sim.state.failures == [] and sim.state.nodes[WORKERS[1]].state == "finished"
+    assert membership(out) == [WORKERS[0], WORKERS[2]]
+    again = take(sim, WORKERS[2])
+    assert (again["shard"], again["skip"]) == (shard["shard"], 3)
+
+
+def test_a_worker_declared_dead_that_comes_back_is_told_to_stop_and_refused_work():
+    sim = Sim()
+    training(sim)
+    lose(sim, WORKERS[1], 5.5)
+    assert "declared dead" in ok(one(sim.send(WORKERS[1], Op.HEARTBEAT)))["stop"]
+    assert error_code(one(sim.send(WORKERS[1], Op.NEXT_SHARD))) == "declared_dead"
+
+
+def test_a_worker_waiting_for_a_shard_leaves_the_membership_and_takes_a_shard_that_comes_back():
+    sim = Sim()
+    training(sim)
+    held = [take(sim, w) for w in WORKERS] + [take(sim, WORKERS[0]), take(sim, WORKERS[1]), take(sim, WORKERS[2])]
+    assert all(held)  # 2 epochs of 3 shards, all handed out
+    out = sim.send(WORKERS[0], Op.NEXT_SHARD)
+    assert ok(one(out, to=WORKERS[0]))["wait_s"] > 0
+    assert membership(out) == [WORKERS[1], WORKERS[2]]
+    lose(sim, WORKERS[2], 5.5)
+    got = sim.send(WORKERS[0], Op.NEXT_SHARD)
+    assert ok(one(got, to=WORKERS[0]))["shard"]["shard"] == held[2]["shard"]  # worker-2's first shard
+    assert membership(got) == [WORKERS[0], WORKERS[1]]
+
+
+def test_a_silent_server_still_stops_the_job():
+    sim = Sim()
+    training(sim)
+    take(sim, WORKERS[0])
+    sim.tick(5.5)  # nobody heartbeats: a silent server still stops the job (server recovery is not built)
+    assert sim.state.phase == "failed" and sim.state.failed_node.startswith("server-")
+
+
+def test_a_job_whose_workers_all_died_fails_once_none_joined_within_the_start_timeout():
+    sim = Sim()
+    training(sim)
+    take(sim, WORKERS[0])
+    sim.now = 3.0
+    for name in ("server-0", "server-1"):
+        sim.send(name, Op.HEARTBEAT)
+    for t in (5.5, 5.6, 5.7):  # one node is declared dead per tick
+        sim.tick(t)
+    assert sim.state.phase == "training" and sim.state.workerless_since == 5.7
+    for t in range(8, 70, 3):  # the servers keep beating; no worker comes
+        sim.now = float(t)
+        for name in ("server-0", "server-1"):
+            sim.send(name, Op.HEARTBEAT)
+        sim.tick(float(t))
+    assert sim.state.phase == "failed" and "none joined" in sim.state.error
+
+
+# -- the ledger ---------------------------------------------------------------------------------
+
+
+def test_release_requeues_in_handed_order_with_skips_and_completes_a_shard_fully_pushed():
+    ledger = ShardLedger(num_examples=40, shard_size=10, epochs=1, seed=0)
+    a, b = ledger.next("w1"), ledger.next("w1")
+    c = ledger.next("w2")
+    assert ledger.release("w1", [a["epoch"], a["shard"], 10]) == [[0, b["shard"], 0]]  # a was all pushed: done
+    assert (0, a["shard"]) in ledger.completed
+    assert ledger.next("w2")["shard"] == b["shard"]
+    # w2 also held b again: both go back, in the order w2 got them, c resuming after its 4 examples.
+    assert ledger.release("w2", [c["epoch"], c["shard"], 4]) == [[0, c["shard"], 4], [0, b["shard"], 0]]
+    assert ledger.next("w3")["skip"] == 4
+
+
+def test_a_snapshot_after_a_release_keeps_what_others_completed():
+    ledger = ShardLedger(num_examples=30, shard_size=10, epochs=1, seed=0)
+    first, second = ledger.next("w1"), ledger.next("w1")
+    ledger.done("w1", 0, first["shard"])
+    ledger.release("w1", [0, second["shard"], 5])
+    taken = ledger.next("w2")
+    ledger.done("w2", 0, taken["shard"])
+    state = ledger.state_at({"w1": [0, second["shard"], 5], "w2": [0, taken["shard"], 10]})
+    assert sorted(s for _, s in state["completed"]) == sorted([first["shard"], taken["shard"]])
+
+
+# -- ssp ----------------------------------------------------------------------------------------
+
+
+def test_an_ssp_newcomer_starts_level_with_the_slowest_instead_of_holding_everyone_back():
+    layout = make_layout([("w", (2,))], 1)
+    store = ShardStore(layout.server_slices(0), lambda n: make_rule(SGDConfig(lr=0.1), 0.1, n))
+    store.initialized = True
+    policy = SSPPolicy(store, lambda s: None, TrainingConfig(consistency="ssp", staleness_bound=1))
+    policy.set_workers({"a", "b"})
+
+    def push(who: str, clock: int) -> list:
+        return policy.push(Push(who.encode(), Message(Op.PUSHPULL, clock, {}), [0], torch.zeros(2), 1.0, 0, clock=clock))
+
+    for c in range(1, 11):
+        push("a", c)
+        push("b", c)
+    policy.set_workers({"a", "b", "c"})
+    assert len(push("a", 11)) == 1  # c counts as at clock 10, not 0
+    assert len(push("c", 1)) == 1
+
+
+# -- end to end -----------------------------------------------------------------------------------
+
+
+EPOCHS = 40  # long enough (about 15 s) for a replacement to start and join
+
+
+def _killed_worker_run(tmp_path, tiny_data, consistency: str = "async", sig: int = signal.SIGKILL, **cluster) -> tuple[dict, str]:
+    job = tiny_job(tiny_data, training={"epochs": EPOCHS, "consistency": consistency}, monitor=QUIET, checkpoint={"enabled": False},
+                   cluster={"num_workers": 3, "heartbeat_timeout_s": 2.0, **cluster})
+    job["data"]["shard_size"] = 200  # small shards: several are in flight when the worker dies
+    proc, run_dir = start_job(tmp_path, job)
+    try:
+        status = wait_training(run_dir, steps=5)
+        victim = next(n for n in status["nodes"] if n["name"] == "worker-1")
+        os.kill(victim["pid"], sig)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        stop_job(proc)
+    assert proc.returncode == 0, err[-3000:]
+    with open(os.path.join(run_dir, "summary.json")) as f:
+        return json.load(f), err
+
+
+def _every_shard_once(summary: dict) -> None:
+    shards = summary["data_shards"]
+    assert shards["unfinished"] == 0
+    assert shards["completed_per_epoch"] == {str(e): shards["num_shards"] for e in range(EPOCHS)}
+
+
+@pytest.mark.parametrize("consistency", ["async", "sync"])
+def test_a_killed_worker_is_replaced_and_every_shard_is_trained_exactly_once(tmp_path, tiny_data, consistency):
+    summary, err = _killed_worker_run(tmp_path, tiny_data, consistency)
+    assert summary["status"] == "ok"
+    [failure] = summary["failures"]
+    assert failure["node"] == "worker-1" and failure["kind"] == "dead"
+    assert 2.0 <= failure["detected_after_s"] < 10.0
+    assert failure["replaced_by"] is not None and failure["replaced_by"].startswith("worker-1.")
+    assert "starting worker-1.2 in its place" in err
+    assert summary["workers"][failure["replaced_by"]]["steps"] > 0  # the replacement trained
+    _every_shard_once(summary)
+    assert summary["test_accuracy"] > 0.5
+
+
+def test_without_restarts_the_other_workers_finish_a_killed_workers_data(tmp_path, tiny_data):
+    summary, err = _killed_worker_run(tmp_path, tiny_data, worker_restarts=0)
+    assert summary["status"] == "ok"
+    [failure] = summary["failures"]
+    assert failure["replaced_by"] is None and "no restarts left" in err
+    _every_shard_once(summary)
+
+
+def test_a_worker_told_to_stop_leaves_cleanly_and_its_data_is_finished_by_the_others(tmp_path, tiny_data):
+    summary, err = _killed_worker_run(tmp_path, tiny_data, sig=signal.SIGTERM)
+    assert summary["status"] == "ok" and summary["failures"] == []
+    assert "in its place" not in err  # a clean leave is not replaced
+    assert summary["workers"]["worker-1"]["steps"] > 0  # the stats it left with
+    _every_shard_once(summary)
+
