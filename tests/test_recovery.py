@@ -223,8 +223,9 @@ def test_an_ssp_newcomer_starts_level_with_the_slowest_instead_of_holding_everyo
 EPOCHS = 40  # long enough (about 15 s) for a replacement to start and join
 
 
-def _killed_worker_run(tmp_path, tiny_data, consistency: str = "async", sig: int = signal.SIGKILL, **cluster) -> tuple[dict, str]:
-    job = tiny_job(tiny_data, training={"epochs": EPOCHS, "consistency": consistency}, monitor=QUIET, checkpoint={"enabled": False},
+def _killed_worker_run(tmp_path, tiny_data, consistency: str = "async", sig: int = signal.SIGKILL, epochs: int = EPOCHS,
+                       **cluster) -> tuple[dict, str]:
+    job = tiny_job(tiny_data, training={"epochs": epochs, "consistency": consistency}, monitor=QUIET, checkpoint={"enabled": False},
                    cluster={"num_workers": 3, "heartbeat_timeout_s": 2.0, **cluster})
     job["data"]["shard_size"] = 200  # small shards: several are in flight when the worker dies
     proc, run_dir = start_job(tmp_path, job)
@@ -240,10 +241,10 @@ def _killed_worker_run(tmp_path, tiny_data, consistency: str = "async", sig: int
         return json.load(f), err
 
 
-def _every_shard_once(summary: dict) -> None:
+def _every_shard_once(summary: dict, epochs: int = EPOCHS) -> None:
     shards = summary["data_shards"]
     assert shards["unfinished"] == 0
-    assert shards["completed_per_epoch"] == {str(e): shards["num_shards"] for e in range(EPOCHS)}
+    assert shards["completed_per_epoch"] == {str(e): shards["num_shards"] for e in range(epochs)}
 
 
 @pytest.mark.parametrize("consistency", ["async", "sync"])
@@ -261,17 +262,17 @@ def test_a_killed_worker_is_replaced_and_every_shard_is_trained_exactly_once(tmp
 
 
 def test_without_restarts_the_other_workers_finish_a_killed_workers_data(tmp_path, tiny_data):
-    summary, err = _killed_worker_run(tmp_path, tiny_data, worker_restarts=0)
+    summary, err = _killed_worker_run(tmp_path, tiny_data, epochs=15, worker_restarts=0)
     assert summary["status"] == "ok"
     [failure] = summary["failures"]
     assert failure["replaced_by"] is None and "no restarts left" in err
-    _every_shard_once(summary)
+    _every_shard_once(summary, 15)
 
 
 def test_a_worker_told_to_stop_leaves_cleanly_and_its_data_is_finished_by_the_others(tmp_path, tiny_data):
-    summary, err = _killed_worker_run(tmp_path, tiny_data, sig=signal.SIGTERM)
+    summary, err = _killed_worker_run(tmp_path, tiny_data, sig=signal.SIGTERM, epochs=15)
     assert summary["status"] == "ok" and summary["failures"] == []
     assert "in its place" not in err  # a clean leave is not replaced
     assert summary["workers"]["worker-1"]["steps"] > 0  # the stats it left with
-    _every_shard_once(summary)
+    _every_shard_once(summary, 15)
 
