@@ -1,16 +1,16 @@
 """What a killed worker costs the reference job: detection, recovery, accuracy, repeats.
 
 Each run trains the reference job (examples/mnist.yaml, ``--epochs`` epochs, checkpoints
-off) through :class:`downpour.launch.LocalLauncher` and SIGKILLs worker-1 (or, with
-``--every S``, a random live worker every S seconds) once training has run for ``--after``
-seconds; an undisturbed run of the same job comes first. From each run's ``summary.json``:
+off) through :class:`downpour.launch.LocalLauncher` and SIGKILLs worker-1 ``--after`` seconds
+after it began training (then, with ``--every S``, a random live worker every S seconds);
+an undisturbed run of the same job comes first. From each run's ``summary.json``:
 for every failure, the seconds until it was declared dead (``detected_after_s``) and until
 another worker took up the first shard it gave back (``recovered_after_s``), whether a
 replacement joined, shards put back, and whether every shard of every epoch was completed
 exactly once; plus examples/s and test accuracy against the undisturbed run.
 
     .venv/bin/python benchmarks/recovery.py                          # 1 kill, default timeout (5 s)
-    .venv/bin/python benchmarks/recovery.py --every 4 --epochs 3     # a kill every 4 s
+    .venv/bin/python benchmarks/recovery.py --every 4 --epochs 8     # a kill every 4 s
     .venv/bin/python benchmarks/recovery.py --set cluster.heartbeat_timeout_s=2
 """
 
@@ -42,9 +42,24 @@ def _live_workers(launcher: LocalLauncher) -> list:
     return [p for p in launcher.procs if p.name.startswith("worker-") and p.popen.poll() is None]
 
 
+def _training(launcher: LocalLauncher) -> bool:
+    """worker-1 has begun training (its log says so)."""
+    for p in launcher.procs:
+        if p.name == "worker-1":
+            try:
+                with open(p.log_path, errors="replace") as f:
+                    return "training on" in f.read()
+            except OSError:
+                return False
+    return False
+
+
 def killer(launcher: LocalLauncher, after_s: float, every_s: float | None, kills: list, stop: threading.Event) -> None:
-    """SIGKILL worker-1 ``after_s`` into the run (then a random live worker every ``every_s``)."""
+    """SIGKILL worker-1 ``after_s`` after it began training (then a random live worker every ``every_s``)."""
     rng = random.Random(0)
+    while not _training(launcher):
+        if stop.wait(0.1):
+            return
     if stop.wait(after_s):
         return
     while True:
@@ -85,7 +100,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--job", default=DEFAULT_JOB)
     ap.add_argument("--epochs", type=int, default=2)
-    ap.add_argument("--after", type=float, default=6.0, help="seconds after the start before the first kill")
+    ap.add_argument("--after", type=float, default=3.0, help="seconds of worker-1's training before the first kill")
     ap.add_argument("--every", type=float, default=None, help="then kill a random worker every this many seconds")
     ap.add_argument("--set", action="append", default=[], help="more job overrides (key=value)")
     args = ap.parse_args()

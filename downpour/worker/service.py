@@ -22,7 +22,7 @@ import zmq
 from downpour.config import JobConfig, parse_job
 from downpour.coordinator.client import CoordinatorClient, Heartbeat
 from downpour.data import build_dataset
-from downpour.errors import DownpourError
+from downpour.errors import DownpourError, RemoteError
 from downpour.layout import Layout
 from downpour.models import build_model
 from downpour.monitor import HttpEndpoint, metrics_route, node_labels
@@ -159,6 +159,14 @@ def run_worker(ctx: zmq.Context, coordinator: str, rank: int | None = None, star
             log.info("%s: test accuracy %.4f, test loss %.4f", name, result["test_accuracy"], result["test_loss"])
             coord.report("eval", result)
         return 0
+    except RemoteError as err:
+        if err.code == "job_running" and coord.node == coord.identity:  # came too late to join: not a failure
+            log.warning("%s: %s", name, err)
+            return 0
+        log.error("%s: %s", name, err)
+        if not abort.is_set():
+            _report_error(coord, str(err))
+        return 1
     except DownpourError as err:
         log.error("%s: %s", name, err)
         if not abort.is_set():  # when the coordinator stopped us, it knows why already
