@@ -151,6 +151,14 @@ class RandomK(Codec):
         return _scatter("randomk", RandomK._positions(seed, numel, k), values, numel)
 
 
+def _scales(codec: str, scale: torch.Tensor, numel: int, size: int) -> torch.Tensor:
+    """Check a payload's per-bucket scales (one per bucket of ``size``, finite, >= 0)."""
+    nb = buckets(numel, size)
+    expect(scale.numel() == nb, codec, f"{scale.numel()} scales for {nb} buckets")
+    expect(bool((finite(codec, scale) >= 0).all()), codec, "negative scale")
+    return scale
+
+
 def _nonzero(scale: torch.Tensor) -> torch.Tensor:
     """``scale`` with zeros replaced by 1 (an all-zero bucket encodes as zeros either way)."""
     return torch.where(scale > 0, scale, torch.ones_like(scale))
@@ -202,8 +210,7 @@ class QSGD(Codec):
         size = int_field("qsgd", meta, "B", 1, _MAX_BUCKET)
         q, scale = tensors_of("qsgd", tensors, [torch.int8 if bits == 8 else torch.uint8, torch.float32])
         nb, levels = buckets(numel, size), (1 << (bits - 1)) - 1
-        expect(scale.numel() == nb, "qsgd", f"{scale.numel()} scales for {nb} buckets")
-        expect(bool((finite("qsgd", scale) >= 0).all()), "qsgd", "negative scale")
+        _scales("qsgd", scale, numel, size)
         if bits == 4:
             expect(q.numel() == (numel + 1) // 2, "qsgd", f"{q.numel()} bytes for {numel} 4-bit values")
             levels_u = torch.stack([q & 0xF, q >> 4], 1).reshape(-1)[:numel]
@@ -237,10 +244,8 @@ class OneBit(Codec):
     def decode(meta: dict[str, Any], tensors: list[torch.Tensor], numel: int) -> torch.Tensor:
         size = int_field("onebit", meta, "B", 1, _MAX_BUCKET)
         bits, scale = tensors_of("onebit", tensors, [torch.uint8, torch.float32])
-        nb = buckets(numel, size)
         expect(bits.numel() == (numel + 7) // 8, "onebit", f"{bits.numel()} bytes for {numel} signs")
-        expect(scale.numel() == nb, "onebit", f"{scale.numel()} scales for {nb} buckets")
-        expect(bool((finite("onebit", scale) >= 0).all()), "onebit", "negative scale")
+        _scales("onebit", scale, numel, size)
         signs = torch.from_numpy(np.unpackbits(bits.numpy(), count=numel).astype(np.float32)).mul_(2).sub_(1)
         return signs * scale.repeat_interleave(size)[:numel]
 
@@ -307,8 +312,6 @@ class Int8(Codec):
     def decode(meta: dict[str, Any], tensors: list[torch.Tensor], numel: int) -> torch.Tensor:
         size = int_field("int8", meta, "B", 1, _MAX_BUCKET)
         q, scale = tensors_of("int8", tensors, [torch.int8, torch.float32])
-        nb = buckets(numel, size)
         expect(q.numel() == numel, "int8", f"{q.numel()} values for {numel} elements")
-        expect(scale.numel() == nb, "int8", f"{scale.numel()} scales for {nb} buckets")
-        expect(bool((finite("int8", scale) >= 0).all()), "int8", "negative scale")
+        _scales("int8", scale, numel, size)
         return q.float() * scale.repeat_interleave(size)[:numel]
