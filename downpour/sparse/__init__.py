@@ -1,0 +1,6 @@
+"""Sparse embedding tables (issue 5): the server-side table and its row-wise update rules."""
+
+from downpour.sparse.rules import FTRL, RULES, SGD, Adagrad, Adam, RowRule, make_row_rule
+from downpour.sparse.table import EMPTY, Index, SparseTable
+
+__all__ = ["EMPTY", "FTRL", "RULES", "SGD", "Adagrad", "Adam", "Index", "RowRule", "SparseTable", "make_row_rule"]
