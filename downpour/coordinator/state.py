@@ -94,7 +94,6 @@ class Node:
     stats: dict[str, Any] | None = None
     metrics: str | None = None  # HOST:PORT of its Prometheus endpoint, from its heartbeats
     idle: bool = False  # a worker told to wait for a shard (not in the membership meanwhile)
-    joined_at: float | None = None  # a worker admitted while training ran (a replacement or an elastic join)
 
 
 class CoordinatorState:
@@ -334,7 +333,7 @@ class CoordinatorState:
                 gen += 1
                 name = f"worker-{rank}.{gen}"
             host, pid = str(msg.meta.get("host", "?")), msg.meta.get("pid")
-            node = Node(name, "worker", rank, ident, None, host, pid if isinstance(pid, int) else 0, last_seen=now, joined_at=now)
+            node = Node(name, "worker", rank, ident, None, host, pid if isinstance(pid, int) else 0, last_seen=now)
             self.nodes[name] = node
             self.by_identity[ident] = name
             self.workerless_since = None
