@@ -10,9 +10,10 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 # Programs the monitoring tests drive: a real Prometheus server and headless Chromium.
 TEST_TOOLS := prometheus chromium
 
-.PHONY: demo test setup data tools lint bench clean
+.PHONY: demo ctr test setup data tools lint bench clean
 
-$(VENV)/.installed: requirements.txt requirements-dev.txt pyproject.toml
+# setup.py builds the sparse tables' C kernel (downpour/sparse/_native.c) into the package.
+$(VENV)/.installed: requirements.txt requirements-dev.txt pyproject.toml setup.py downpour/sparse/_native.c
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -r requirements-dev.txt
@@ -38,6 +39,13 @@ tools:
 demo: setup data
 	$(VENV)/bin/downpour train examples/mnist.yaml
 
+# The CTR workload (issue 5): synthetic Criteo-format data (made once), then Wide & Deep on sparse tables.
+CTR_DATA ?= data/criteo
+CTR_ROWS ?= 3000000
+ctr: setup
+	@if [ ! -f $(CTR_DATA)/criteo.json ]; then $(VENV)/bin/downpour datagen criteo --rows $(CTR_ROWS) --out $(CTR_DATA); fi
+	$(VENV)/bin/downpour train examples/ctr.yaml --set data.path=$(CTR_DATA)
+
 test: setup data tools
 	$(PY) -m pytest -q
 
@@ -51,4 +59,4 @@ bench: setup data
 	$(PY) benchmarks/compression.py
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) runs data .pytest_cache

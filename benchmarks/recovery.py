@@ -12,6 +12,11 @@ exactly once; plus examples/s and test accuracy against the undisturbed run.
     .venv/bin/python benchmarks/recovery.py                          # 1 kill, default timeout (5 s)
     .venv/bin/python benchmarks/recovery.py --every 4 --epochs 8     # a kill every 4 s
     .venv/bin/python benchmarks/recovery.py --set cluster.heartbeat_timeout_s=2
+    .venv/bin/python benchmarks/recovery.py --server                 # kill server-1 once instead
+
+With ``--server`` both runs take checkpoints every ``--checkpoint-every`` seconds (a replacement
+server loads the latest one); the killed server's ``recovered_after_s`` is the time from
+detection until its replacement serves, and the updates it applied since that checkpoint are lost.
 """
 
 from __future__ import annotations
@@ -54,13 +59,20 @@ def _training(launcher: LocalLauncher) -> bool:
     return False
 
 
-def killer(launcher: LocalLauncher, after_s: float, every_s: float | None, kills: list, stop: threading.Event) -> None:
-    """SIGKILL worker-1 ``after_s`` after it began training (then a random live worker every ``every_s``)."""
+def killer(launcher: LocalLauncher, after_s: float, every_s: float | None, kills: list, stop: threading.Event,
+           server: bool = False) -> None:
+    """SIGKILL worker-1 (or server-1) ``after_s`` after worker-1 began training (then a random live
+    worker every ``every_s``)."""
     rng = random.Random(0)
     while not _training(launcher):
         if stop.wait(0.1):
             return
     if stop.wait(after_s):
+        return
+    if server:
+        p = next(p for p in launcher.procs if p.name == "server-1")
+        p.popen.send_signal(signal.SIGKILL)
+        kills.append((time.monotonic(), p.name))
         return
     while True:
         live = _live_workers(launcher)
@@ -73,14 +85,15 @@ def killer(launcher: LocalLauncher, after_s: float, every_s: float | None, kills
             return
 
 
-def run(job_path: str, overrides: list[str], run_dir: str, after_s: float | None, every_s: float | None) -> dict[str, Any]:
+def run(job_path: str, overrides: list[str], run_dir: str, after_s: float | None, every_s: float | None,
+        server: bool = False) -> dict[str, Any]:
     job = load_job(job_path, overrides)
     launcher = LocalLauncher(job, run_dir)
     kills: list = []
     stop = threading.Event()
     thread = None
     if after_s is not None:
-        thread = threading.Thread(target=killer, args=(launcher, after_s, every_s, kills, stop), daemon=True)
+        thread = threading.Thread(target=killer, args=(launcher, after_s, every_s, kills, stop, server), daemon=True)
         thread.start()
     try:
         s = launcher.run().summary
@@ -102,14 +115,17 @@ def main() -> int:
     ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--after", type=float, default=3.0, help="seconds of worker-1's training before the first kill")
     ap.add_argument("--every", type=float, default=None, help="then kill a random worker every this many seconds")
+    ap.add_argument("--server", action="store_true", help="kill server-1 once (after --after seconds) instead of workers")
+    ap.add_argument("--checkpoint-every", type=float, default=2.0, help="with --server: seconds between checkpoints")
     ap.add_argument("--set", action="append", default=[], help="more job overrides (key=value)")
     args = ap.parse_args()
     env = environment()
-    overrides = [f"training.epochs={args.epochs}", "checkpoint.enabled=false", "cluster.worker_restarts=100", *args.set]
+    checkpoints = [f"checkpoint.every_s={args.checkpoint_every}"] if args.server else ["checkpoint.enabled=false"]
+    overrides = [f"training.epochs={args.epochs}", *checkpoints, "cluster.worker_restarts=100", *args.set]
     tmp = tempfile.mkdtemp(prefix="downpour-bench-recovery-")
     try:
         base = run(args.job, overrides, os.path.join(tmp, "undisturbed"), None, None)
-        hit = run(args.job, overrides, os.path.join(tmp, "killed"), args.after, args.every)
+        hit = run(args.job, overrides, os.path.join(tmp, "killed"), args.after, args.every, args.server)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     print(f"{env['time']}, {env['cpus']} CPUs, torch {env['torch']}, {args.epochs} epochs, overrides {args.set}\n")
@@ -118,11 +134,11 @@ def main() -> int:
     for name, r in (("undisturbed", base), ("killed", hit)):
         print(f"| {name} | {r['status']} | {r['test_accuracy']:.4f} | {r['examples_per_s']:,.0f} | {len(r['kills'])} "
               f"| {r['requeued']} | {r['every_shard_once']} |")
-    print("\n| failure | detected after (s) | recovered after (s) | shards put back | replaced by |")
-    print("|---|---|---|---|---|")
+    print("\n| failure | detected after (s) | recovered after (s) | shards put back | replaced by | restored from (version at failure) |")
+    print("|---|---|---|---|---|---|")
     for f in hit["failures"]:
         print(f"| {f['node']} ({f['kind']}) | {f['detected_after_s']} | {f['recovered_after_s']} | {len(f.get('requeued') or [])} "
-              f"| {f.get('replaced_by')} |")
+              f"| {f.get('replaced_by')} | {f.get('restored_from', '-')} ({f.get('version_at_failure', '-')}) |")
     return 0
 
 

@@ -1,10 +1,11 @@
 """Pull and push throughput of one sparse table (issue 5's server-side core), in keys/s.
 
-Three implementations side by side in one process, one batch size at a time:
+Implementations side by side in one process, one batch size at a time:
 
-* ``table``: :class:`downpour.sparse.SparseTable`, dim 16, Adagrad, pre-filled with
-  ``--rows`` rows (10M by default) of random 64-bit IDs; each batch is ``n`` distinct IDs
-  drawn from those.
+* ``native`` and ``numpy``: :class:`downpour.sparse.SparseTable`, dim 16, Adagrad, pre-filled
+  with ``--rows`` rows (10M by default) of random 64-bit IDs, timed with its compiled kernels
+  (``_native.c``, one call per batch) and then, on the same table, with its numpy path
+  (``table.native = False``). Each batch is ``n`` distinct IDs drawn from the table's.
 * ``dict``: the plain Python way, ``{id: numpy row}`` plus ``{id: numpy accumulator}``,
   pull = a list comprehension and ``np.stack``, push = a per-key Adagrad step. Filled with
   ``--dict-rows`` rows (1M: its per-key cost barely depends on the size, and 10M Python
@@ -14,10 +15,12 @@ Three implementations side by side in one process, one batch size at a time:
 * ``gather``: ``np.take`` of n random rows of the table's value pool (no index, no
   hashing): the limit of a pull's random memory accesses on this machine.
 
-Memory: the table's bytes per live row (index, values, Adagrad state, bookkeeping), for the
-target of 200 bytes per row.
+Every timed call gets a batch of its own (drawn afresh), so a batch's rows are not still in
+the cache from the call before. The native columns come twice: keys per second of wall time and
+of this process's CPU time (on a busy machine the steadier figure). Memory: the table's bytes per live row (index, values, Adagrad
+state, bookkeeping), for the target of 200 bytes per row.
 
-    .venv/bin/python benchmarks/sparse.py                    # about 2 minutes on an idle 2-core machine
+    .venv/bin/python benchmarks/sparse.py                    # about 3 minutes on an idle 2-core machine
     .venv/bin/python benchmarks/sparse.py --rows 1000000     # quick look
 """
 
@@ -42,15 +45,23 @@ DIM = 16
 LR, EPS = np.float32(0.01), np.float32(1e-10)
 
 
-def timed(fn, repeats: int) -> float:
-    """Median seconds of one call over ``repeats`` calls (after one warm-up call)."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times))
+CPU_S: dict[str, float] = {}  # name -> median CPU seconds per call, beside timed()'s wall seconds
+
+
+def timed(fn, batches: list[tuple], name: str = "") -> float:
+    """Median wall seconds of ``fn(*batch)`` over all batches but the first (a warm-up call); the
+    median CPU seconds of this process (``time.process_time``) go to ``CPU_S[name]`` if named. On a busy
+    machine CPU time is the steadier figure: it leaves out the time other processes held the core."""
+    fn(*batches[0])
+    wall, cpu = [], []
+    for batch in batches[1:]:
+        t0, c0 = time.perf_counter(), time.process_time()
+        fn(*batch)
+        wall.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)
+    if name:
+        CPU_S[name] = float(np.median(cpu))
+    return float(np.median(wall))
 
 
 def main() -> int:
@@ -65,6 +76,9 @@ def main() -> int:
 
     t0 = time.perf_counter()
     table = SparseTable(DIM, Adagrad(lr=0.01), capacity=args.rows)
+    if not table.native:
+        print("the compiled kernels are not built (pip install -e .): the native columns would repeat numpy's", file=sys.stderr)
+        return 1
     keys = np.unique(rng.integers(-(2**62), 2**62, int(args.rows * 1.001)))[: args.rows]
     rng.shuffle(keys)
     for part in np.array_split(keys, max(1, args.rows // 1_000_000)):
@@ -85,29 +99,58 @@ def main() -> int:
             s += g * g
             values[k] -= LR * g / (np.sqrt(s) + EPS)
 
-    rows = []
-    for n in (int(b) for b in args.batches.split(",")):
-        batch = rng.choice(keys, n, replace=False)
-        dbatch = [int(k) for k in rng.choice(dkeys, n, replace=False)]
-        grads = rng.standard_normal((n, DIM)).astype(np.float32)
-        src, dst = np.ones((n, DIM), np.float32), np.empty((n, DIM), np.float32)
-        t_pull = timed(partial(table.pull, batch), args.repeats)
-        t_push = timed(partial(table.push, batch, grads), args.repeats)
-        t_dpull = timed(partial(dict_pull, dbatch), max(2, args.repeats // 2))
-        t_dpush = timed(partial(dict_push, dbatch, grads), max(2, args.repeats // 2))
-        t_copy = timed(partial(np.copyto, dst, src), args.repeats)
-        where = rng.integers(0, len(table), n)
-        t_gather = timed(partial(np.take, table.values, where, 0, dst), args.repeats)
-        rows.append((n, n / t_pull, n / t_push, n / t_dpull, n / t_dpush, n / t_copy, n / t_gather))
+    def on(path_native: bool, op):
+        def call(*a):
+            table.native = path_native
+            return op(*a)
 
-    print(f"{env['time']}, {env['cpus']} CPUs, numpy {np.__version__}; table of {len(table):,} rows (dim {DIM}, Adagrad) "
-          f"filled in {fill_s:.0f}s, {per_row:.0f} bytes/row; dict of {len(values):,} rows\n")
-    print("| unique keys per batch | table pull keys/s | table push keys/s | dict pull keys/s | dict push keys/s "
-          "| memcpy rows/s | random gather rows/s | pull vs dict | push vs dict | pull vs gather |")
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
-    for n, p, q, dp, dq, c, g in rows:
-        print(f"| {n:,} | {p / 1e6:.2f}M | {q / 1e6:.2f}M | {dp / 1e6:.2f}M | {dq / 1e6:.3f}M | {c / 1e6:.0f}M | {g / 1e6:.1f}M "
-              f"| {p / dp:.1f}× | {q / dq:.1f}× | {p / g:.2f} |")
+        return call
+
+    rows, n_rows = [], len(table)
+    for n in (int(b) for b in args.batches.split(",")):
+        grads = rng.standard_normal((n, DIM)).astype(np.float32)
+
+        calls = args.repeats + 1  # each timed call gets its own batch of distinct IDs; the first warms up
+        pulls = [[(rng.choice(keys, n, replace=False),) for _ in range(calls)] for _path in range(2)]
+        pushes = [[(rng.choice(keys, n, replace=False), grads) for _ in range(calls)] for _path in range(2)]
+        dcalls = max(2, args.repeats // 2) + 1
+        dbatches = [[int(k) for k in rng.choice(dkeys, n, replace=False)] for _ in range(dcalls)]
+        src, dst = np.ones((n, DIM), np.float32), np.empty((n, DIM), np.float32)
+        random_rows = [(rng.integers(0, n_rows, n),) for _ in range(calls)]
+        r = {
+            "native pull": timed(on(True, table.pull), pulls[0], "pull"),
+            "native push": timed(on(True, table.push), pushes[0], "push"),
+            "numpy pull": timed(on(False, table.pull), pulls[1]),
+            "numpy push": timed(on(False, table.push), pushes[1]),
+            "dict pull": timed(dict_pull, [(b,) for b in dbatches]),
+            "dict push": timed(dict_push, [(b, grads) for b in dbatches]),
+            "memcpy": timed(np.copyto, [(dst, src)] * calls),
+            "gather": timed(partial(np.take, table.values, axis=0, out=dst), random_rows),
+        }
+        r |= {f"native {k} cpu": v for k, v in CPU_S.items()}
+        rows.append((n, {k: n / v for k, v in r.items()}))
+    table.native = True
+
+    print(
+        f"{env['time']}, {env['cpus']} CPUs, load average at start {env['loadavg_at_start'][0]:.2f}, "
+        f"at end {os.getloadavg()[0]:.2f}, numpy {np.__version__}; "
+        f"table of {len(table):,} rows (dim {DIM}, Adagrad) filled in {fill_s:.0f}s, {per_row:.0f} bytes/row; "
+        f"dict of {len(values):,} rows\n"
+    )
+    print(
+        "| unique keys per batch | native pull | native push | native pull, CPU time | native push, CPU time "
+        "| numpy pull | numpy push | dict pull | dict push "
+        "| native vs dict, pull | native vs dict, push | memcpy rows/s | random gather rows/s |"
+    )
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for n, k in rows:
+        print(
+            f"| {n:,} | {k['native pull'] / 1e6:.2f}M | {k['native push'] / 1e6:.2f}M "
+            f"| {k['native pull cpu'] / 1e6:.2f}M | {k['native push cpu'] / 1e6:.2f}M | {k['numpy pull'] / 1e6:.2f}M "
+            f"| {k['numpy push'] / 1e6:.2f}M | {k['dict pull'] / 1e6:.2f}M | {k['dict push'] / 1e6:.3f}M "
+            f"| {k['native pull'] / k['dict pull']:.0f}× | {k['native push'] / k['dict push']:.0f}× "
+            f"| {k['memcpy'] / 1e6:.0f}M | {k['gather'] / 1e6:.1f}M |"
+        )
     return 0
 
 

@@ -159,6 +159,9 @@ class TrainingConfig(_Frozen):
     batch_size: int = Field(32, ge=1)
     seed: int = 0
     device: Literal["cpu", "cuda"] = "cpu"
+    # The loss: cross_entropy over class logits (labels are class numbers), or
+    # binary_cross_entropy over one logit per example (labels 0/1; evaluation adds AUC).
+    loss: Literal["cross_entropy", "binary_cross_entropy"] = "cross_entropy"
     # Async only: keep one push+pull in flight while the next batch computes, hiding
     # communication behind compute at the price of one more step of staleness per
     # worker. Off by default: on a CPU-bound 2-core machine it gains no speed and the
@@ -197,6 +200,13 @@ class ClusterConfig(_Frozen):
     on_worker_failure: Literal["recover", "fail"] = "recover"
     # `downpour train` starts a replacement for a worker that died, up to this many times per job.
     worker_restarts: int = Field(3, ge=0)
+    # What a dead server costs the job. recover: a replacement (started by `downpour train`, up
+    # to server_restarts times, or by hand with the same --rank) loads the server's keys from the
+    # latest checkpoint, workers reconnect to it and training goes on; the updates that server
+    # applied since that checkpoint are lost (reported). Needs checkpoints: without a committed
+    # one the job stops. fail: the job stops.
+    on_server_failure: Literal["recover", "fail"] = "recover"
+    server_restarts: int = Field(3, ge=0)
     # Workers that may train at once: extra workers may join a running job (elastic) up to
     # this many. None: num_workers.
     max_workers: int | None = Field(None, ge=1)
@@ -210,6 +220,8 @@ class ClusterConfig(_Frozen):
     # all of a server's keys, in order, is always accepted: that is what a sync push carries),
     # and requests per second from one peer (beyond it a server drops requests and counts them).
     max_keys_per_request: int = Field(1 << 16, gt=0)
+    # Feature IDs (pushed and pulled, all tables) in one SPARSE request.
+    max_sparse_ids_per_request: int = Field(1 << 21, gt=0)
     max_requests_per_s: float = Field(100_000.0, gt=0)
     # Simulate a slow network (benchmarks): each worker's link to the servers carries at most
     # this many megabits per second in each direction. None: as fast as the machine goes.
@@ -320,6 +332,84 @@ class CompressionConfig(_Frozen):
     pull_block: int = Field(1024, ge=1, le=1 << 24)
 
 
+class SparseSGDConfig(_Frozen):
+    name: Literal["sgd"]
+    lr: float = Field(0.01, gt=0)
+
+
+class SparseAdagradConfig(_Frozen):
+    name: Literal["adagrad"] = "adagrad"
+    lr: float = Field(0.05, gt=0)
+    eps: float = Field(1e-10, gt=0)
+    initial_accumulator_value: float = Field(0.0, ge=0)
+
+
+class SparseAdamConfig(_Frozen):
+    """Lazy Adam: a row's moments and step advance only when the row is pushed."""
+
+    name: Literal["adam"]
+    lr: float = Field(0.001, gt=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = Field(1e-8, gt=0)
+
+
+class SparseFTRLConfig(_Frozen):
+    """FTRL-Proximal (McMahan et al. 2013); l1 > 0 leaves weights exactly zero."""
+
+    name: Literal["ftrl"]
+    alpha: float = Field(0.05, gt=0)
+    beta: float = Field(1.0, ge=0)
+    l1: float = Field(0.0, ge=0)
+    l2: float = Field(0.0, ge=0)
+
+
+SparseOptimizerConfig = Annotated[SparseSGDConfig | SparseAdagradConfig | SparseAdamConfig | SparseFTRLConfig,
+                                  Field(discriminator="name")]
+
+
+class SparseTableConfig(_Frozen):
+    """How the servers keep one sparse table (see docs/sparse.md)."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_rule(cls, data: Any) -> Any:
+        # An optimizer section without a name means Adagrad, as the default section does.
+        if isinstance(data, dict) and isinstance(data.get("optimizer"), dict) and "name" not in data["optimizer"]:
+            data = {**data, "optimizer": {**data["optimizer"], "name": "adagrad"}}
+        return data
+
+    optimizer: SparseOptimizerConfig = Field(default_factory=SparseAdagradConfig)
+    # New rows start uniform in [-init_scale, init_scale), from a hash of (seed, ID, column).
+    init_scale: float = Field(0.01, ge=0)
+    # Admission: an ID gets a row only at its admit_after-th sighting, and then with probability
+    # admit_probability; until then it reads as zeros and its gradients are dropped.
+    admit_after: int = Field(1, ge=1)
+    admit_probability: float = Field(1.0, gt=0, le=1)
+    # Eviction: rows not pushed for this many of a server's pushes are dropped; each server keeps
+    # at most max_rows rows of the table (the least recently pushed go first). None: no limit.
+    evict_after_steps: int | None = Field(None, ge=1)
+    max_rows: int | None = Field(None, ge=1)
+
+
+class SparseConfig(SparseTableConfig):
+    """Every sparse table's settings; ``tables.<name>`` overrides fields for one table (the fields
+    it leaves out come from this section)."""
+
+    tables: dict[str, SparseTableConfig] = Field(default_factory=dict)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _inherit(cls, data: Any) -> Any:
+        if isinstance(data, dict) and isinstance(data.get("tables"), dict):
+            base = {k: v for k, v in data.items() if k != "tables"}
+            data = {**data, "tables": {name: {**base, **t} if isinstance(t, dict) else t for name, t in data["tables"].items()}}
+        return data
+
+    def table(self, name: str) -> SparseTableConfig:
+        t = self.tables.get(name)
+        return t if t is not None else SparseTableConfig(**{f: getattr(self, f) for f in SparseTableConfig.model_fields})
+
+
 class CheckpointConfig(_Frozen):
     """Snapshots of the servers' shards and the job's state (see docs/checkpoints.md)."""
 
@@ -331,8 +421,12 @@ class CheckpointConfig(_Frozen):
     every_steps: int | None = Field(None, ge=1)
     every_s: float | None = Field(60.0, gt=0)
     at_end: bool = True
-    # Checkpoints kept; older ones are deleted once a newer one is complete.
+    # Checkpoints kept; older ones are deleted once a newer one is complete (except those a kept
+    # checkpoint's sparse deltas build on).
     keep: int = Field(3, ge=1)
+    # Sparse tables are saved incrementally: a full base, then only the rows changed since the
+    # previous checkpoint; every this many checkpoints a new full base starts the chain again.
+    sparse_full_every: int = Field(5, ge=1)
     # A checkpoint not complete after this long is abandoned (the previous one stays the latest).
     timeout_s: float = Field(120.0, gt=0)
     # Continue a stopped job from the latest checkpoint under this run folder or URL: same step,
@@ -359,6 +453,7 @@ class JobConfig(_Frozen):
     monitor: MonitorConfig = Field(default_factory=MonitorConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     compression: CompressionConfig = Field(default_factory=CompressionConfig)
+    sparse: SparseConfig = Field(default_factory=SparseConfig)
     # Warm start: take the parameters (not the optimizer state or data position) of the latest
     # checkpoint under this run folder or URL. Parameters new in this model are initialised as
     # usual; one whose shape changed is an error naming it.

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import time
 
 import pytest
 import torch
@@ -20,9 +21,9 @@ from downpour.protocol import Message, Op
 from downpour.server.consistency import Push, SSPPolicy
 from downpour.server.optim import make_rule
 from downpour.server.store import ShardStore
-from tests.cluster import QUIET, start_job, stop_job, wait_training
+from tests.cluster import QUIET, query_status, start_job, stop_job, wait_training
 from tests.conftest import tiny_job
-from tests.test_coordinator_state import JOB, WORKERS, Sim, error_code, ok, one
+from tests.test_coordinator_state import JOB, SERVERS, WORKERS, Sim, error_code, ok, one, replies
 
 ELASTIC_JOB = JOB.model_copy(update={"cluster": JOB.cluster.model_copy(update={"max_workers": 4})})
 
@@ -148,8 +149,46 @@ def test_a_silent_server_still_stops_the_job():
     sim = Sim()
     training(sim)
     take(sim, WORKERS[0])
-    sim.tick(5.5)  # nobody heartbeats: a silent server still stops the job (server recovery is not built)
+    sim.tick(5.5)  # nobody heartbeats: with no checkpoint to restart it from, a silent server stops the job
     assert sim.state.phase == "failed" and sim.state.failed_node.startswith("server-")
+    assert "no checkpoint committed yet" in sim.state.error
+
+
+def test_a_silent_server_waits_for_a_replacement_that_loads_the_latest_checkpoint():
+    sim = Sim()
+    training(sim)
+    take(sim, WORKERS[0])
+    sim.state.checkpoints.committed.append({"name": "ckpt-000000000010-0001", "step": 10, "write_s": 0.1, "final": False})
+    sim.now = 5.0
+    for w in WORKERS:
+        sim.send(w, Op.HEARTBEAT)
+    sim.send(SERVERS[0], Op.HEARTBEAT)
+    sim.tick(6.5)  # server-1 silent since 0: declared dead, the job goes on
+    assert sim.state.phase == "training"
+    [failure] = sim.state.failures
+    assert failure["node"] == "server-1" and failure["restored_from"] == "ckpt-000000000010-0001"
+    got = sim.send("server-1-new", Op.REGISTER, role="server", rank=None, address="tcp://127.0.0.1:7999", host="test", pid=9)
+    answer, membership_msg = replies(got, to="server-1-new")
+    assert membership_msg.msg.op == Op.MEMBERSHIP  # the sync rounds' members, at once
+    reply = ok(answer)
+    assert reply["rank"] == 1 and reply["restore"]["name"] == "ckpt-000000000010-0001" and reply["restore"]["full"]
+    beat = ok(one(sim.send(WORKERS[1], Op.HEARTBEAT), to=WORKERS[1]))
+    assert {"rank": 1, "name": "server-1", "address": "tcp://127.0.0.1:7999"} in beat["servers"] and beat["servers_gen"] == 1
+    assert failure["recovered_after_s"] is None  # not before the replacement serves (its first heartbeat)
+    sim.now = 7.0
+    sim.send("server-1-new", Op.HEARTBEAT, node="server-1")
+    assert failure["recovered_after_s"] == pytest.approx(0.5)
+    # A server registering for a rank while no rank is free waits (a replacement may start before
+    # the old process is declared dead) and takes the next rank that frees.
+    assert sim.send("server-x", Op.REGISTER, role="server", rank=0, address="tcp://127.0.0.1:7998") == []
+    # One without a rank is not taken for a replacement.
+    assert error_code(one(sim.send("server-y", Op.REGISTER, role="server", address="tcp://127.0.0.1:7997"))) == "job_running"
+    sim.now = 13.0
+    sim.send("server-1-new", Op.HEARTBEAT, node="server-1")
+    for w in WORKERS:
+        sim.send(w, Op.HEARTBEAT)
+    got = sim.tick(13.5)  # server-0 silent since 5.0: its rank goes to the waiting server at once
+    assert ok(replies(got, to="server-x")[0])["rank"] == 0
 
 
 def test_a_job_whose_workers_all_died_fails_once_none_joined_within_the_start_timeout():
@@ -276,3 +315,33 @@ def test_a_worker_told_to_stop_leaves_cleanly_and_its_data_is_finished_by_the_ot
     assert summary["workers"]["worker-1"]["steps"] > 0  # the stats it left with
     _every_shard_once(summary, 15)
 
+
+
+@pytest.mark.parametrize("consistency", ["async", "sync"])
+def test_a_killed_server_is_replaced_from_the_latest_checkpoint_and_training_goes_on(tmp_path, tiny_data, consistency):
+    job = tiny_job(tiny_data, training={"epochs": EPOCHS, "consistency": consistency}, monitor=QUIET,
+                   checkpoint={"enabled": True, "every_steps": 20, "every_s": None, "keep": 2},
+                   cluster={"num_workers": 2, "heartbeat_timeout_s": 2.0})
+    proc, run_dir = start_job(tmp_path, job)
+    try:
+        deadline = time.monotonic() + 90
+        status = wait_training(run_dir, steps=5)
+        while not (status and (status.get("checkpoints") or {}).get("count")) and time.monotonic() < deadline:
+            time.sleep(0.2)
+            status = query_status(run_dir)
+        victim = next(n for n in status["nodes"] if n["name"] == "server-1")
+        os.kill(victim["pid"], signal.SIGKILL)
+        _, err = proc.communicate(timeout=150)
+    finally:
+        stop_job(proc)
+    assert proc.returncode == 0, err[-3000:]
+    with open(os.path.join(run_dir, "summary.json")) as f:
+        summary = json.load(f)
+    assert summary["status"] == "ok"
+    [failure] = summary["failures"]
+    assert failure["node"] == "server-1" and failure["kind"] == "dead"
+    assert failure["restored_from"] is not None and failure["replaced_by"].startswith("server-1")
+    assert 0 < failure["recovered_after_s"] < 60
+    assert "starting server-1.2 in its place" in err
+    _every_shard_once(summary)  # the data ledger is not set back: what the server lost is reported, not retrained
+    assert summary["test_accuracy"] > 0.5

@@ -1,25 +1,44 @@
-"""The sparse table: collision-free rows, seeded initial values, row-wise optimizers, admission, eviction."""
+"""The sparse table: collision-free rows, seeded initial values, row-wise optimizers, admission, eviction,
+read-only peeks, and full and delta snapshots. Every test runs on both paths: the compiled kernels (where
+built) and numpy (tests/test_sparse_native.py compares the two directly)."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
+from safetensors.numpy import load as st_load
+from safetensors.numpy import save as st_save
 
-from downpour.errors import ConfigError, ProtocolError
-from downpour.sparse import EMPTY, FTRL, SGD, Index, SparseTable, make_row_rule
+from downpour.errors import ConfigError, DataError, ProtocolError
+from downpour.sparse import EMPTY, FTRL, SGD, Adagrad, Index, SparseTable, make_row_rule
+from downpour.sparse import table as table_module
 
 DIM = 4
+
+
+@pytest.fixture(autouse=True, params=["native", "numpy"])
+def kernels(request, monkeypatch):
+    """The kernels tables made in the test use: the compiled ones, or None (numpy)."""
+    if request.param == "native" and table_module.NATIVE is None:
+        pytest.skip("the compiled kernels are not built")
+    if request.param == "numpy":
+        monkeypatch.setattr(table_module, "NATIVE", None)
+    return table_module.NATIVE
 
 
 def ids(*values: int) -> np.ndarray:
     return np.array(values, dtype=np.int64)
 
 
+def ones(n: int) -> np.ndarray:
+    return np.ones((n, DIM), dtype=np.float32)
+
+
 def test_distinct_ids_never_share_a_row_even_when_their_low_bits_agree():
     table = SparseTable(DIM, SGD(0.1), capacity=16)
     # IDs equal modulo 2^40 (a table indexing by low bits would put them all in one row), and random ones.
-    keys = np.concatenate([np.arange(1, 2001, dtype=np.int64) << 40, np.random.default_rng(0).integers(-2**62, 2**62, 3000)])
+    keys = np.concatenate([np.arange(1, 2001, dtype=np.int64) << 40, np.random.default_rng(0).integers(-(2**62), 2**62, 3000)])
     keys = np.unique(keys)
     table.pull(keys)
     rows = table.index.get(keys)
@@ -39,11 +58,14 @@ def test_a_row_starts_at_a_seeded_value_that_does_not_depend_on_arrival_order():
     assert not np.array_equal(SparseTable(DIM, SGD(), seed=8).pull(keys), first)
 
 
-@pytest.mark.parametrize("name,torch_opt,kwargs", [
-    ("sgd", torch.optim.SGD, {"lr": 0.1}),
-    ("adagrad", torch.optim.Adagrad, {"lr": 0.1}),
-    ("adam", torch.optim.Adam, {"lr": 0.01}),
-])
+@pytest.mark.parametrize(
+    "name,torch_opt,kwargs",
+    [
+        ("sgd", torch.optim.SGD, {"lr": 0.1}),
+        ("adagrad", torch.optim.Adagrad, {"lr": 0.1}),
+        ("adam", torch.optim.Adam, {"lr": 0.01}),
+    ],
+)
 def test_row_wise_optimizers_match_torch_on_the_rows_pushed(name, torch_opt, kwargs):
     table = SparseTable(DIM, make_row_rule(name, **kwargs), seed=3)
     touched, other = ids(11, 22, 33), ids(44)
@@ -127,11 +149,204 @@ def test_bad_input_is_refused_and_changes_nothing():
         make_row_rule("lamb")
 
 
-def test_the_index_grows_and_keeps_every_key():
-    index = Index(16)
-    keys = np.unique(np.random.default_rng(2).integers(-2**62, 2**62, 10_000))
+def test_the_index_grows_and_keeps_every_key(kernels):
+    index = Index(16, kernels)
+    keys = np.unique(np.random.default_rng(2).integers(-(2**62), 2**62, 10_000))
     for part in np.array_split(keys, 7):
         index.put(part, (part % 1000).astype(np.int32))
     assert len(index) == len(keys)
     np.testing.assert_array_equal(index.get(keys), (keys % 1000).astype(np.int32))
     assert (index.get(ids(12345678901)) == -1).all()
+
+
+# -- peek ---------------------------------------------------------------------------------------------
+def contents(table: SparseTable) -> dict:
+    """What a restore must reproduce, ordered by ID: membership, values, optimizer state, counters."""
+    live = np.flatnonzero(table.row_key[: table.next_row] != EMPTY)
+    rows = live[np.argsort(table.row_key[live])]
+    return {
+        "keys": table.row_key[rows],
+        "values": table.values[rows],
+        **{f"state.{k}": v[rows] for k, v in table.state.items()},
+        "step": table.step,
+        "rows": len(table),
+        "admitted": table.stats.admitted,
+        "evicted": table.stats.evicted,
+    }
+
+
+def assert_same(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for name in a:
+        np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+
+
+def test_peek_reads_what_a_pull_would_without_creating_rows_or_marking_changes():
+    table = SparseTable(DIM, SGD(0.1), seed=2)
+    table.pull(ids(1, 2))
+    table.push(ids(1), ones(1))
+    table.snapshot(full=True)
+    before = contents(table)
+    seen = table.peek(ids(1, 2, 3))
+    assert_same(contents(table), before)
+    delta = table.snapshot(full=False)
+    assert len(delta["keys"]) == 0 and len(delta["evicted"]) == 0
+    np.testing.assert_array_equal(table.pull(ids(1, 2, 3)), seen)  # ID 3 reads as the row its pull creates
+    assert np.abs(seen[2]).max() > 0
+
+
+def test_peek_reads_zeros_where_a_first_sighting_would_not_admit_and_counts_no_sighting():
+    table = SparseTable(DIM, SGD(0.1), admit_after=2)
+    for _ in range(3):
+        assert (table.peek(ids(7)) == 0).all()
+    assert len(table) == 0 and table.stats.pending == 0
+    table.pull(ids(7))
+    assert len(table) == 0  # the first real sighting: the peeks did not count
+    assert (SparseTable(DIM, SGD(0.1), admit_probability=0.5).peek(ids(7)) == 0).all()
+    ftrl = SparseTable(DIM, FTRL())
+    assert (ftrl.peek(ids(7)) == 0).all() and len(ftrl) == 0  # FTRL rows start at zero
+
+
+# -- snapshots ------------------------------------------------------------------------------------------
+def saved(snap: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """A snapshot after a round trip through safetensors (what checkpoints store)."""
+    return st_load(st_save(snap))
+
+
+def churn(table: SparseTable, rng: np.random.Generator, steps: int) -> None:
+    """Pulls and pushes of random IDs from a small universe, so IDs recur, wait for admission and age out."""
+    for _ in range(steps):
+        keys = np.unique(rng.integers(1, 400, 60))
+        table.pull(keys)
+        pushed = keys[rng.random(len(keys)) < 0.6]
+        table.push(pushed, rng.standard_normal((len(pushed), DIM)).astype(np.float32))
+
+
+@pytest.mark.parametrize("rule", ["sgd", "adagrad", "adam", "ftrl"])
+def test_a_full_snapshot_and_its_deltas_restore_the_live_table_exactly(rule):
+    def make() -> SparseTable:
+        return SparseTable(DIM, make_row_rule(rule), seed=4, capacity=16, admit_after=2, evict_after_steps=20, max_rows=150)
+
+    live, rng = make(), np.random.default_rng(0)
+    churn(live, rng, 10)
+    chain = [saved(live.snapshot(full=True))]
+    for _ in range(4):
+        churn(live, rng, 8)
+        chain.append(saved(live.snapshot(full=False)))
+    assert live.stats.evicted > 50 and live.stats.pending > 0
+    assert all(len(d["evicted"]) for d in chain[1:]) and all(0 < len(d["keys"]) < len(live) + 60 for d in chain[1:])
+    restored = make()
+    restored.pull(ids(999))  # whatever it held is replaced
+    restored.restore(chain)
+    assert_same(contents(restored), contents(live))
+    keys = contents(live)["keys"][:30]  # and the two go on alike
+    grads = np.random.default_rng(1).standard_normal((30, DIM)).astype(np.float32)
+    live.push(keys, grads)
+    restored.push(keys, grads)
+    np.testing.assert_array_equal(restored.peek(keys), live.peek(keys))
+
+
+def test_a_delta_holds_the_rows_created_or_pushed_and_the_ids_evicted_since_the_last_snapshot():
+    table = SparseTable(DIM, Adagrad(0.1), max_rows=3)
+    table.pull(ids(1, 2, 3))
+    for k in (1, 2, 3):
+        table.push(ids(k), ones(1))  # last pushed: 1 first, 3 last
+    full = table.snapshot(full=True)
+    assert sorted(full["keys"]) == [1, 2, 3] and len(full["evicted"]) == 0 and full["meta"][1] == 1
+    table.pull(ids(4))
+    table.push(ids(4), ones(1))  # four rows: the least recently pushed, 1, goes
+    table.pull(ids(1))
+    table.push(ids(1), ones(1))  # 1 is back, and 2 goes
+    table.pull(ids(3))  # a read changes nothing
+    delta = table.snapshot(full=False)
+    assert sorted(delta["keys"]) == [1, 4] and delta["evicted"].tolist() == [2] and delta["meta"][1] == 0
+    assert set(delta) == {"meta", "keys", "values", "state.sum", "evicted"}  # admission counts: full snapshots only
+    empty = table.snapshot(full=False)
+    assert len(empty["keys"]) == 0 and len(empty["evicted"]) == 0
+    restored = SparseTable(DIM, Adagrad(0.1), max_rows=3)
+    restored.restore([full, delta, empty])
+    assert_same(contents(restored), contents(table))
+
+
+def test_a_row_created_right_after_a_snapshot_is_in_the_next_delta():
+    table = SparseTable(DIM, SGD(0.1))
+    table.pull(ids(1))
+    table.push(ids(1), ones(1))
+    table.snapshot(full=True)
+    table.pull(ids(2))  # created at the step of the snapshot, and never pushed
+    assert table.snapshot(full=False)["keys"].tolist() == [2]
+
+
+def test_a_full_snapshot_carries_the_admission_counts():
+    table = SparseTable(DIM, SGD(0.1), admit_after=3)
+    table.pull(ids(5, 6))
+    table.pull(ids(5))
+    restored = SparseTable(DIM, SGD(0.1), admit_after=3)
+    restored.restore([saved(table.snapshot(full=True))])
+    restored.pull(ids(5, 6))
+    assert len(restored) == 1 and restored.index.get(ids(5))[0] >= 0  # 5's third sighting admits it; 6 is at two
+
+
+def test_a_delta_before_any_snapshot_is_refused():
+    table = SparseTable(DIM, SGD(0.1))
+    table.pull(ids(1))
+    with pytest.raises(ConfigError, match="earlier snapshot"):
+        table.snapshot(full=False)
+
+
+def _chain() -> tuple[dict, dict, dict]:
+    source = SparseTable(DIM, Adagrad(0.1), seed=1)
+    source.pull(ids(1, 2, 3))
+    full = source.snapshot(full=True)
+    source.push(ids(2), ones(1))
+    first = source.snapshot(full=False)
+    source.push(ids(3), ones(1))
+    return full, first, source.snapshot(full=False)
+
+
+def _with(snap: dict, **changes) -> dict:
+    """A copy of ``snap`` with arrays replaced (or dropped: None); names with dots passed as state_sum etc."""
+    out = dict(snap)
+    for name, value in changes.items():
+        name = name.replace("_", ".", 1) if name.startswith(("state_", "pending_")) else name
+        if value is None:
+            del out[name]
+        else:
+            out[name] = value
+    return out
+
+
+MALFORMED = {
+    "no snapshots": lambda full, d1, d2: [],
+    "one snapshot, not in a list": lambda full, d1, d2: full,
+    "a delta first": lambda full, d1, d2: [d1, d2],
+    "a second full one": lambda full, d1, d2: [full, full],
+    "deltas out of order": lambda full, d1, d2: [full, d2, d1],
+    "rows of another dim": lambda full, d1, d2: [_with(full, values=np.zeros((3, DIM + 1), np.float32))],
+    "meta of another dim": lambda full, d1, d2: [_with(full, meta=full["meta"] * np.array([1, 1, 2, 1, 1]))],
+    "meta of the wrong dtype": lambda full, d1, d2: [_with(full, meta=full["meta"].astype(np.int32))],
+    "optimizer state missing": lambda full, d1, d2: [_with(full, state_sum=None)],
+    "another optimizer's state": lambda full, d1, d2: [_with(full, state_m=np.zeros((3, DIM), np.float32))],
+    "state of the wrong dtype": lambda full, d1, d2: [full, _with(d1, state_sum=d1["state.sum"].astype(np.float64))],
+    "fewer rows than IDs": lambda full, d1, d2: [_with(full, values=full["values"][:2])],
+    "IDs of the wrong dtype": lambda full, d1, d2: [_with(full, keys=full["keys"].astype(np.int32))],
+    "IDs not an array": lambda full, d1, d2: [_with(full, keys=full["keys"].tolist())],
+    "an ID twice": lambda full, d1, d2: [_with(full, keys=ids(1, 1, 2))],
+    "the reserved ID": lambda full, d1, d2: [_with(full, keys=ids(1, 2, EMPTY))],
+    "NaN values": lambda full, d1, d2: [_with(full, values=np.full((3, DIM), np.nan, np.float32))],
+    "evicted IDs of two dims": lambda full, d1, d2: [full, _with(d1, evicted=np.zeros((1, 1), np.int64))],
+    "admission counts missing": lambda full, d1, d2: [_with(full, pending_counts=None)],
+    "admission counts not aligned": lambda full, d1, d2: [_with(full, pending_counts=np.zeros(1, np.int32))],
+}
+
+
+@pytest.mark.parametrize("case", list(MALFORMED))
+def test_a_malformed_snapshot_is_refused_and_changes_nothing(case):
+    table = SparseTable(DIM, Adagrad(0.1), seed=1)
+    table.pull(ids(9))
+    table.push(ids(9), ones(1))
+    before = contents(table)
+    with pytest.raises(DataError, match="sparse table restore"):
+        table.restore(MALFORMED[case](*_chain()))
+    assert_same(contents(table), before)
+    assert table.index.get(ids(9))[0] >= 0 and (table.index.get(ids(1, 2, 3)) == -1).all()

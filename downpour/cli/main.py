@@ -6,6 +6,7 @@
     downpour worker --coordinator HOST:PORT [--rank N]
     downpour status RUN_DIR | HOST:PORT [--json]
     downpour keys DIR                       (then --keys DIR on every hand-started node)
+    downpour datagen criteo --out DIR [--rows N] [--seed S] [--test-fraction F] [--files K]
 
 Hand-started nodes may take their settings from the environment instead, in
 the spirit of ps-lite's DMLC_* variables: DOWNPOUR_ROLE (for ``downpour node``),
@@ -25,6 +26,7 @@ import sys
 import time
 from typing import Any
 
+from downpour.cli.datagen import add_datagen_parser
 from downpour.errors import ConfigError, DownpourError, JobFailed
 
 log = logging.getLogger("downpour")
@@ -119,6 +121,11 @@ def cmd_train(args) -> int:
         return 130
     s = result.summary
     print(f"test accuracy: {s['test_accuracy']:.4f}   test loss: {s['test_loss']:.4f}")
+    if s.get("test_auc") is not None:
+        best = s.get("optimum_auc")
+        print(f"test AUC: {s['test_auc']:.4f}" + (f"   (optimum {best:.4f}: gap {best - s['test_auc']:.4f})" if best is not None else "")
+              + f"   test log loss: {s['test_logloss']:.4f}"
+              + (f" (optimum {s['optimum_logloss']:.4f})" if s.get("optimum_logloss") is not None else ""))
     print(f"{s['examples']} examples in {s['steps']} steps, {s['train_s']:.1f}s training "
           f"({s['examples_per_s']:.0f} examples/s), {s['wall_s']:.1f}s wall; "
           f"staleness mean {s['staleness']['mean']:.2f} max {s['staleness']['max']}")
@@ -335,6 +342,8 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("folder")
     k.set_defaults(fn=cmd_keys)
     s.set_defaults(fn=cmd_status)
+
+    add_datagen_parser(sub)
     return p
 
 

@@ -36,7 +36,8 @@ def latest_checkpoint(where: str) -> tuple[CheckpointStore, Any, dict[str, Any]]
 
 
 def _shapes(layout: Layout) -> dict[str, tuple[int, ...]]:
-    return {p.name: tuple(p.shape) for p in layout.params}
+    """Every dense parameter's shape, and every sparse table as ``table NAME`` of shape (dim,)."""
+    return {**{p.name: tuple(p.shape) for p in layout.params}, **{f"table {t.name}": (t.dim,) for t in layout.tables}}
 
 
 def plan_resume(where: str, layout: Layout, optimizer: str | None = None) -> dict[str, Any]:

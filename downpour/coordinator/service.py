@@ -29,6 +29,7 @@ from downpour.models import build_model, param_shapes
 from downpour.monitor import HttpEndpoint, metrics_route, node_labels
 from downpour.monitor.http import static_file
 from downpour.monitor.targets import targets_paths, write_targets
+from downpour.nn import sparse_tables
 from downpour.protocol import decode, encode
 from downpour.storage import CheckpointStore, Manifest
 from downpour.transport import Listener, Poller, Security
@@ -46,7 +47,7 @@ def plan_layout(job: JobConfig) -> Layout:
     except (RuntimeError, NotImplementedError):  # a factory that cannot run on meta tensors
         model = build_model(job.model, job.training.seed)
     cl = job.cluster
-    return make_layout(param_shapes(model), cl.num_servers, "f32", cl.partitioner, cl.max_slice_bytes)
+    return make_layout(param_shapes(model), cl.num_servers, "f32", cl.partitioner, cl.max_slice_bytes, tables=sparse_tables(model))
 
 
 def write_atomic(path: str, text: str) -> None:
@@ -188,7 +189,8 @@ class Coordinator:
         state = {**a.job_state, "job": job_to_dict(self.job), "layout": self.layout.to_dict()}
         try:
             files = dict(a.files, **{JOB_STATE: store.write_file(a.name, JOB_STATE, json.dumps(state, indent=1).encode())})
-            store.commit(Manifest(a.name, a.step, files, {"version": state["version"], "final": a.final, "time": time.time()}))
+            store.commit(Manifest(a.name, a.step, files, {"version": state["version"], "final": a.final, "time": time.time(),
+                                                          "needs": a.needs}))
         except Exception as err:  # any fsspec backend's error: this checkpoint is lost, the job goes on
             self.state.checkpoint_committed(time.monotonic(), False, f"{type(err).__name__}: {err}")
             return

@@ -73,6 +73,7 @@ class CommitCheckpoint:
     files: dict[str, dict[str, Any]]  # server file -> {"sha256", "bytes"}
     job_state: dict[str, Any]
     final: bool
+    needs: list[str] = field(default_factory=list)  # earlier checkpoints holding the base of its sparse deltas
 
 
 Action = Reply | Finish | SaveModel | CommitCheckpoint
@@ -128,6 +129,14 @@ class CoordinatorState:
         # Worker failures whose work was not taken up again yet: (detected at, failure record).
         self.recovering: list[tuple[float, dict[str, Any]]] = []
         self.joiners: list[tuple[bytes, Message]] = []  # workers waiting for a free slot while training runs
+        # Server ranks whose server died while training and waits for a replacement:
+        # rank -> (detected at, failure record); and how often the servers' addresses changed
+        # (workers' heartbeats carry the addresses once it is above 0).
+        self.server_slots: dict[int, tuple[float, dict[str, Any]]] = {}
+        self.servers_gen = 0
+        # Servers that registered for a rank while training ran and no rank was free (a replacement
+        # started before the old process was declared dead): answered once a rank frees.
+        self.server_joiners: list[tuple[bytes, Message]] = []
         self.workerless_since: float | None = None  # training with no live worker (waiting for one to join)
         self.rejected: dict[str, int] = {}  # requests refused, by reason
         self.checkpoints = CheckpointPlan(job.checkpoint, checkpoint_url, job.training.consistency == "sync",
@@ -179,8 +188,38 @@ class CoordinatorState:
         fail); anything else stops the job."""
         if node.role == "worker" and self.phase == "training" and self.cl.on_worker_failure == "recover":
             return self._worker_lost(now, node, reason, kind, detected_after_s)
+        if node.role == "server" and self.phase == "training" and self.cl.on_server_failure == "recover":
+            if self._restore_point() is not None:
+                return self._server_lost(now, node, reason, kind, detected_after_s)
+            reason += " (no checkpoint committed yet to restart it from)"
         node.state = DEAD
         return self._fail(now, node.name, reason, kind, detected_after_s)
+
+    def _restore_point(self) -> dict[str, Any] | None:
+        """What a replacement server loads: the latest committed checkpoint (or the one this job
+        resumed from, if none was committed since)."""
+        if self.checkpoints.committed:
+            return {"url": self.checkpoints.url, "name": self.checkpoints.committed[-1]["name"],
+                    "layout": self.layout.to_dict(), "full": True}
+        return self.restore if (self.restore or {}).get("full") else None
+
+    def _server_lost(self, now: float, node: Node, reason: str, kind: str, detected_after_s: float) -> list[Action]:
+        """Keep training on the other servers; the server's rank waits for a replacement, which
+        loads the latest checkpoint. What that server applied since then is lost (reported)."""
+        node.state = DEAD
+        point = self._restore_point() or {}
+        record = {"node": node.name, "kind": kind, "at_s": round(now - self.started, 3),
+                  "detected_after_s": round(detected_after_s, 3), "recovered_after_s": None, "reason": reason,
+                  "affected": self.affected(node.name), "restored_from": point.get("name"),
+                  "version_at_failure": node.progress.get("version"), "replaced_by": None}
+        self.failures.append(record)
+        self.server_slots[node.rank] = (now, record)
+        log.warning("coordinator: %s lost (%s); waiting for a replacement to load checkpoint %s; training goes on",
+                    node.name, reason, point.get("name"))
+        if self.server_joiners:  # a replacement registered already, before this one was declared dead
+            ident, msg = self.server_joiners.pop(0)
+            return self._replace_server(ident, msg, now)
+        return []
 
     def _worker_lost(self, now: float, node: Node, reason: str, kind: str, detected_after_s: float,
                      position: object = None, left: bool = False) -> list[Action]:
@@ -275,6 +314,12 @@ class CoordinatorState:
         if self.phase == "training" and role == "worker" and self.cl.on_worker_failure == "recover":
             self.joiners.append((ident, msg))
             return self._admit_joiners(now)
+        if self.phase == "training" and role == "server" and self.cl.on_server_failure == "recover":
+            if self.server_slots:
+                return self._replace_server(ident, msg, now)
+            if type(hint) is int and 0 <= hint < self.cl.num_servers:  # a replacement for that rank, early
+                self.server_joiners.append((ident, msg))
+                return []
         if self.phase != "registering":
             return self._refuse(ident, msg, "job_running", f"the job is {self.phase}; it takes no new {role}s")
         taken = {n.rank for n in self.nodes.values() if n.role == role}
@@ -313,6 +358,27 @@ class CoordinatorState:
             out.append(Reply(ident, msg.reply(meta)))
         self.pending_workers = []
         return out + self._membership()
+
+    def _replace_server(self, ident: bytes, msg: Message, now: float) -> list[Action]:
+        """A server registering while a server's rank waits for a replacement takes that rank and
+        loads the latest checkpoint; workers learn its address from their heartbeats."""
+        hint, address = msg.meta.get("rank"), msg.meta.get("address")
+        if not (isinstance(address, str) and address):
+            return self._refuse(ident, msg, "bad_address", "a server must give the address it listens on")
+        rank = hint if type(hint) is int and hint in self.server_slots else min(self.server_slots)
+        _, record = self.server_slots[rank]
+        name = f"server-{rank}"
+        old = self.nodes.get(name)
+        if old is not None:
+            self.by_identity.pop(old.identity, None)
+        host, pid = str(msg.meta.get("host", "?")), msg.meta.get("pid")
+        self.nodes[name] = Node(name, "server", rank, ident, address, host, pid if isinstance(pid, int) else 0, last_seen=now)
+        self.by_identity[ident] = name
+        self.servers_gen += 1
+        record["replaced_by"] = f"{name} (pid {pid})"
+        log.info("coordinator: %s replaced (pid %s); it loads checkpoint %s", name, pid, (self._restore_point() or {}).get("name"))
+        base = {"node": name, "rank": rank, "job": job_to_dict(self.job), "layout": self.layout.to_dict()}
+        return [Reply(ident, msg.reply({**base, "restore": self._restore_point()}))] + self._membership()
 
     def _admit_joiners(self, now: float) -> list[Action]:
         """Workers registering while training runs take free slots (ranks without a live worker),
@@ -356,6 +422,11 @@ class CoordinatorState:
             node.metrics = metrics
         if node.role == "server" and node.rank == 0:
             self._track_version_rate(now, node.progress.get("version"))
+        slot = self.server_slots.get(node.rank) if node.role == "server" and node.state == ALIVE else None
+        if slot is not None:  # a replacement serves (it heartbeats once it loaded its keys): recovered
+            at, record = self.server_slots.pop(node.rank)
+            record["recovered_after_s"] = round(now - at, 3)
+            log.info("coordinator: %s serves again, %.1fs after its failure was detected", node.name, now - at)
         if node.state == DEAD:  # declared dead, yet alive: its shards went to others, so it must stop
             return [Reply(ident, msg.reply({"stop": f"{node.name} was declared dead (silent too long); its work went to others"}))]
         # Servers stop once the job is over and its last checkpoint is written (or abandoned).
@@ -367,6 +438,8 @@ class CoordinatorState:
         if node.role == "server" and self.phase != "registering":
             # Repeats the last MEMBERSHIP, so a server that missed it still learns who trains.
             return [Reply(ident, msg.reply({"workers": self._members()}))]
+        if node.role == "worker" and self.servers_gen:  # a server was replaced: where the servers are now
+            return [Reply(ident, msg.reply({"servers": self._server_addresses(), "servers_gen": self.servers_gen}))]
         return [Reply(ident, msg.reply({}))]
 
     def _track_version_rate(self, now: float, version: object) -> None:
@@ -392,8 +465,12 @@ class CoordinatorState:
         p.retries = retries
         log.info("coordinator: checkpoint %s at step %d%s", p.name, p.step,
                  f" (servers copy at version {at_version})" if at_version is not None else "")
+        committed = self.checkpoints.committed
+        # Servers with sparse tables write only the rows changed since the last checkpoint when
+        # that one was committed (else a full base): they are told which one was.
         msg = Message(Op.CHECKPOINT, meta={"name": p.name, "url": self.checkpoints.url, "keep": self.job.checkpoint.keep,
-                                           "at_version": at_version})
+                                           "at_version": at_version, "committed": committed[-1]["name"] if committed else None,
+                                           "full_every": self.job.checkpoint.sparse_full_every})
         return [Reply(n.identity, msg) for n in self._role("server")]
 
     def _checkpoint_report(self, node: Node, data: dict[str, Any], now: float) -> list[Action]:
@@ -424,7 +501,12 @@ class CoordinatorState:
             "resumed_from": (self.resume or {}).get("name"),
         }
         files = {r["file"]: {"sha256": r["sha256"], "bytes": r["bytes"]} for r in p.reports.values()}
-        return [CommitCheckpoint(p.name, p.step, files, state, p.final)]
+        for r in p.reports.values():  # a server's sparse tables: their own file
+            extra = r.get("sparse")
+            if isinstance(extra, dict):
+                files[str(extra["file"])] = {"sha256": str(extra["sha256"]), "bytes": int(extra["bytes"])}
+        needs = sorted({str(n) for r in p.reports.values() for n in (r.get("needs") or []) if n != p.name})
+        return [CommitCheckpoint(p.name, p.step, files, state, p.final, needs)]
 
     def checkpoint_committed(self, now: float, ok: bool, why: str = "") -> None:
         """The service wrote (or failed to write) the job state and manifest of the pending checkpoint."""

@@ -101,6 +101,7 @@ class LocalLauncher:
         self.python = python
         self.procs: list[Proc] = []
         self.restarts = 0  # worker replacements started
+        self.server_restarts = 0  # server replacements started
         self.env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS=str(job.training.torch_threads))
 
     # -- processes ----------------------------------------------------------
@@ -240,6 +241,16 @@ class LocalLauncher:
         shards back, and (up to ``cluster.worker_restarts`` times per job) a replacement is
         started, which joins the running job. Returns whether the job goes on."""
         cl = self.job.cluster
+        if p.name.startswith("server-"):  # a replacement loads the latest checkpoint (the coordinator says which)
+            if cl.on_server_failure != "recover" or not self.job.checkpoint.enabled or self.server_restarts >= cl.server_restarts:
+                return False
+            p.replaced = True
+            self.server_restarts += 1
+            name = f"{p.name.split('.')[0]}.{self.server_restarts + 1}"
+            log.warning("%s; starting %s in its place (server restart %d of %d)", p.describe_exit(), name,
+                        self.server_restarts, cl.server_restarts)
+            self._spawn(name, self._respawn_args(p))
+            return True
         if not p.name.startswith("worker-") or cl.on_worker_failure != "recover":
             return False
         p.replaced = True
@@ -252,12 +263,15 @@ class LocalLauncher:
         name = f"{base}.{self.restarts + 1}"
         log.warning("%s; starting %s in its place (restart %d of %d)", p.describe_exit(), name, self.restarts,
                     cl.worker_restarts)
+        self._spawn(name, self._respawn_args(p))
+        return True
+
+    def _respawn_args(self, p: Proc) -> list[str]:
         args = [a for a in p.args if a not in ("--insecure",)]
         if "--keys" in args:
             i = args.index("--keys")
             del args[i : i + 2]
-        self._spawn(name, args)
-        return True
+        return args
 
     def _finish(self, failed: list[Proc]) -> RunResult:
         # The coordinator is done; the others exit on their own within a heartbeat or two.

@@ -18,7 +18,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 from downpour.errors import ConfigError
-from downpour.layout.spec import KeySlice, Layout, ParamSpec
+from downpour.layout.spec import KeySlice, Layout, ParamSpec, TableSpec
 
 Partitioner = Callable[[Sequence[ParamSpec], int, int], list[tuple[int, int, int]]]
 PARTITIONERS: dict[str, Partitioner] = {}
@@ -68,8 +68,10 @@ def make_layout(
     partitioner: str = "bytes",
     max_slice_bytes: int = 4 << 20,
     itemsize: int = 4,
+    tables: Sequence[tuple[str, int]] = (),
 ) -> Layout:
-    """Lay ``named_shapes`` end to end and partition them over ``num_servers``."""
+    """Lay ``named_shapes`` end to end and partition them over ``num_servers``; ``tables``
+    ((name, dim) of each sparse table) are spread over every server by feature ID."""
     fn = PARTITIONERS.get(partitioner)
     if fn is None:
         raise ConfigError(f"cluster.partitioner: unknown {partitioner!r}; known: {sorted(PARTITIONERS)}")
@@ -86,6 +88,6 @@ def make_layout(
         raise ConfigError("the model has no parameters to serve")
     parts = sorted(fn(params, num_servers, max(1, max_slice_bytes // itemsize)), key=lambda t: (t[1]))
     slices = tuple(KeySlice(key, server, start, n) for key, (server, start, n) in enumerate(parts))
-    layout = Layout(tuple(params), slices, num_servers, dtype)
+    layout = Layout(tuple(params), slices, num_servers, dtype, tuple(TableSpec(n, int(d)) for n, d in tables))
     layout.validate()
     return layout

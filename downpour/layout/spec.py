@@ -4,6 +4,10 @@ A model's parameters are laid end to end in one flat vector (in
 ``named_parameters`` order); ``ParamSpec.offset`` is where each starts. A key is a
 contiguous range ``[start, start + length)`` of that flat vector, held by one
 server. Every element belongs to exactly one key (checked by :meth:`Layout.validate`).
+
+Sparse embedding tables (``downpour.nn.SparseEmbedding``) are listed by name and row width;
+every server holds a part of every table, the rows whose feature ID hashes to it
+(:meth:`Layout.sparse_servers`).
 """
 
 from __future__ import annotations
@@ -11,7 +15,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 from downpour.errors import ConfigError
+from downpour.sparse.table import mix
+
+# Salt of the hash that places a feature ID on a server: independent of the hash that places
+# it in a server's index (the same hash would leave each server only its own residue of slots).
+_SERVER_SALT = np.uint64(0x9E3779B97F4A7C15)
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,12 +45,26 @@ class KeySlice:
         return self.start + self.length
 
 
+@dataclass(frozen=True, slots=True)
+class TableSpec:
+    name: str
+    dim: int  # floats per row
+
+
 @dataclass(frozen=True)
 class Layout:
     params: tuple[ParamSpec, ...]
     slices: tuple[KeySlice, ...]  # ordered by key
     num_servers: int
     dtype: str  # wire dtype name of every parameter, e.g. "f32"
+    tables: tuple[TableSpec, ...] = ()  # sparse embedding tables, by name
+
+    def table(self, name: str) -> TableSpec | None:
+        return next((t for t in self.tables if t.name == name), None)
+
+    def sparse_servers(self, keys: np.ndarray) -> np.ndarray:
+        """The server holding each feature ID (int64 array in, int64 array out)."""
+        return (mix(keys.view(np.uint64) ^ _SERVER_SALT) >> np.uint64(33)).astype(np.int64) % self.num_servers
 
     @property
     def numel(self) -> int:
@@ -82,6 +107,9 @@ class Layout:
             raise ConfigError("layout keys must be 0..n-1 in order")
         if any(not 0 <= s.server < self.num_servers for s in self.slices):
             raise ConfigError("layout names a server outside 0..num_servers-1")
+        names = [t.name for t in self.tables]
+        if len(set(names)) != len(names) or any(not n or t.dim < 1 for n, t in zip(names, self.tables)):
+            raise ConfigError(f"layout tables must have distinct names and a positive dim: {self.tables}")
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -89,6 +117,7 @@ class Layout:
             "slices": [[s.key, s.server, s.start, s.length] for s in self.slices],
             "num_servers": self.num_servers,
             "dtype": self.dtype,
+            "tables": [[t.name, t.dim] for t in self.tables],
         }
 
     @classmethod
@@ -99,6 +128,7 @@ class Layout:
                 slices=tuple(KeySlice(int(k), int(srv), int(st), int(ln)) for k, srv, st, ln in d["slices"]),
                 num_servers=int(d["num_servers"]),
                 dtype=str(d["dtype"]),
+                tables=tuple(TableSpec(str(n), int(dim)) for n, dim in d.get("tables", [])),
             )
         except (KeyError, TypeError, ValueError) as err:
             raise ConfigError(f"malformed layout: {err}") from None

@@ -15,6 +15,7 @@ from torch import nn
 from downpour.config import ModelConfig
 from downpour.errors import ConfigError
 from downpour.imports import import_object
+from downpour.nn import SparseEmbedding
 
 BUILTINS: dict[str, Callable[..., nn.Module]] = {}
 
@@ -49,6 +50,46 @@ def mlp(
         width = int(h)
     layers.append(nn.Linear(width, int(num_classes)))
     return nn.Sequential(*layers)
+
+
+class WideDeep(nn.Module):
+    """Wide & Deep (Cheng et al. 2016) for CTR data: ``forward(dense [B, num_dense], ids [B, num_fields])``
+    returns one logit per example.
+
+    * wide: a learned weight per feature ID (sparse table ``wide_table``, dim 1, summed over the
+      fields) plus a linear term of the dense features;
+    * deep: each field's embedding (sparse table ``table``, ``dim`` floats per ID; IDs of all
+      fields share one table, which is collision-free because the IDs carry their field) and
+      the dense features, through an MLP.
+    """
+
+    def __init__(self, num_dense: int = 13, num_fields: int = 26, dim: int = 16, hidden: list[int] | tuple[int, ...] = (256, 128),
+                 dropout: float = 0.0, table: str = "embedding", wide_table: str = "wide") -> None:
+        super().__init__()
+        self.num_dense, self.num_fields = int(num_dense), int(num_fields)
+        self.embedding = SparseEmbedding(table, dim)
+        self.wide = SparseEmbedding(wide_table, 1, mode="sum")
+        self.dense_wide = nn.Linear(self.num_dense, 1)
+        layers: list[nn.Module] = []
+        width = self.num_dense + self.num_fields * int(dim)
+        for h in hidden:
+            layers += [nn.Linear(width, int(h)), nn.ReLU()]
+            if dropout:
+                layers.append(nn.Dropout(dropout))
+            width = int(h)
+        layers.append(nn.Linear(width, 1))
+        self.deep = nn.Sequential(*layers)
+
+    def forward(self, dense: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        emb = self.embedding(ids)  # [B, fields, dim]
+        deep = self.deep(torch.cat([dense, emb.flatten(1)], dim=1))
+        return (deep + self.wide(ids) + self.dense_wide(dense)).squeeze(-1)
+
+
+@register_model("wide_deep")
+def wide_deep(**kwargs) -> nn.Module:
+    """The CTR model of ``examples/ctr.yaml`` (see :class:`WideDeep`)."""
+    return WideDeep(**kwargs)
 
 
 def build_model(cfg: ModelConfig, seed: int) -> nn.Module:

@@ -38,6 +38,9 @@ class Op(IntEnum):
     PULL = 31  # meta: keys -> OK: version, tensors
     PUSH = 32  # meta: keys, version, weight; tensors: gradients -> OK: version
     PUSHPULL = 33  # PUSH, then reply with the values after the update -> OK: version, tensors
+    # meta: tables [[name, n_push, n_pull], ...], peek?; tensors per table: push keys i64 [n_push],
+    # push gradients f32 [n_push, dim], pull keys i64 [n_pull] -> OK: per table rows f32 [n_pull, dim]
+    SPARSE = 34
     # replies
     OK = 50
     ERROR = 51

@@ -73,6 +73,10 @@ class Future:
             if abort is not None and abort.is_set():
                 self._client._forget(self.req_id)
                 raise JobFailed(f"{self._client.node}: {self._client.abort_reason()}", node=self._client.node)
+            if self._client.on_wait is not None:  # e.g. apply a peer's new address (it may answer this future)
+                self._client.on_wait()
+                if self._reply is not None:
+                    break
             self._client.pump(min(left, _ABORT_CHECK_S))
         wait = self.ready_at - time.monotonic()
         if wait > 0:  # the reply is still "on the wire" of the simulated link
@@ -129,6 +133,8 @@ class RpcClient:
         self._next_id = 1
         self.bytes_sent = 0  # header and tensor frames, every message (for monitoring)
         self.bytes_received = 0
+        # Called (on this client's thread) whenever a wait looks at the abort flag, before it polls.
+        self.on_wait: Callable[[], None] | None = None
 
     def connect(self, peer: str, address: str, role: str = "server") -> None:
         """Connect to ``peer`` at ``address``; ``role`` is the peer's (whose public key it must hold)."""
@@ -138,6 +144,21 @@ class RpcClient:
         self._channels[peer] = ch
         self._names[ch] = peer
         self._poller.register(ch)
+
+    def reconnect(self, peer: str, address: str, role: str = "server") -> int:
+        """``peer`` moved to ``address`` (a replacement process): connect there instead, and end
+        every request still waiting on the old one with ERROR ``peer_replaced``. Returns how many."""
+        old = self._channels.pop(peer, None)
+        if old is not None:
+            self._poller.unregister(old)
+            self._names.pop(old, None)
+            old.close()
+        self.connect(peer, address, role)
+        lost = [f for f in self._pending.values() if f.peer == peer]
+        for fut in lost:
+            self._pending.pop(fut.req_id, None)
+            fut._resolve(Message(Op.ERROR, fut.req_id, {"code": "peer_replaced", "error": f"{peer} was replaced by a new process"}))
+        return len(lost)
 
     def peers(self) -> list[str]:
         return list(self._channels)

@@ -16,7 +16,7 @@ STALENESS_BUCKETS = (0, 1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64, 128)
 MAX_TRAFFIC_KEYS = 256  # keys exported by traffic: all of them up to this many, else the busiest
 # Every refusal a server counts, so each series exists (at 0) before its first increment.
 REJECT_REASONS = ("malformed", "bad_op", "invalid", "forbidden", "rate_limited", "uninitialized", "sync_duplicate",
-                  "sync_partial", "sync_round")
+                  "sync_partial", "sync_round", "no_tables")
 
 
 def server_metrics(server: ParameterServer, layout: Layout) -> Callable[[Families], None]:
@@ -42,6 +42,16 @@ def server_metrics(server: ParameterServer, layout: Layout) -> Callable[[Familie
         rejected = dict(server.rejected)
         for reason in sorted(set(REJECT_REASONS) | set(rejected)):
             f.counter("downpour_server_rejected_total", "Requests refused or dropped, by reason.", rejected.get(reason, 0), reason=reason)
+        for name, table in server.sparse.tables.items():
+            f.gauge("downpour_server_sparse_rows", "Rows of a sparse table on this server.", len(table), table=name)
+            f.counter("downpour_server_sparse_admitted_total", "Rows created (IDs admitted) in a sparse table.",
+                      table.stats.admitted, table=name)
+            f.counter("downpour_server_sparse_evicted_total", "Rows evicted from a sparse table.", table.stats.evicted, table=name)
+        if server.sparse:
+            f.counter("downpour_server_sparse_ids_total", "Feature IDs served by SPARSE requests.",
+                      server.sparse.counts["keys_pushed"], direction="push")
+            f.counter("downpour_server_sparse_ids_total", "Feature IDs served by SPARSE requests.",
+                      server.sparse.counts["keys_pulled"], direction="pull")
         full, per_key = server.full_transfers, dict(server.key_transfers)
         traffic = [((full + per_key.get(i, 0)) * n * elem_bytes, i) for i, n in enumerate(server.store.lengths)]
         if len(traffic) > MAX_TRAFFIC_KEYS:

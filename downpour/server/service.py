@@ -30,6 +30,7 @@ from downpour.server.grouped import GroupedPolicy, key_modes
 from downpour.server.metrics import server_metrics
 from downpour.server.optim import make_rule
 from downpour.server.snapshot import OldParams, Snapshotter, restore_store
+from downpour.server.sparse import SparseShard
 from downpour.server.store import ShardStore
 from downpour.storage import CheckpointStore
 from downpour.transport import Listener, Poller, Security, bind_address
@@ -48,6 +49,7 @@ class ParameterServer:
         self.listener = listener
         self.store = ShardStore(layout.server_slices(rank), lambda n: make_rule(job.optimizer, job.effective_lr(), n))
         self.store.max_keys = job.cluster.max_keys_per_request
+        self.sparse = SparseShard(layout, rank, job.sparse, job.training.seed, job.cluster.max_sparse_ids_per_request)
         self.max_rate = job.cluster.max_requests_per_s
         self._windows: dict[bytes, list[float]] = {}  # peer -> [window start, requests in it]
         self.staleness: Counter[int] = Counter()
@@ -77,7 +79,7 @@ class ParameterServer:
         # Each worker's data position ([epoch, shard, examples of it done]) as of its last push here,
         # saved with the shard so that a resumed job continues from the same data.
         self.positions: dict[str, list[int]] = {}
-        self.snapshots = Snapshotter(self.store, rank, job.optimizer.name, name)
+        self.snapshots = Snapshotter(self.store, rank, job.optimizer.name, name, self.sparse)
 
     def _record_staleness(self, s: int) -> None:
         self.staleness[s] += 1
@@ -241,7 +243,16 @@ class ParameterServer:
             self.apply_times.observe(took)
         return replies
 
-    _HANDLERS = {Op.INIT: on_init, Op.PULL: on_pull, Op.PUSH: on_push, Op.PUSHPULL: on_push}
+    def on_sparse(self, peer: bytes, msg: Message):
+        """Update, then read, rows of sparse tables (server/sparse.py validates the whole request first)."""
+        if not self.sparse:
+            return [(peer, msg.error("no_tables", "this job has no sparse tables"))]
+        t0 = time.perf_counter()
+        reply = self.sparse.handle(msg)
+        self.apply_s += time.perf_counter() - t0
+        return [(peer, reply)]
+
+    _HANDLERS = {Op.INIT: on_init, Op.PULL: on_pull, Op.PUSH: on_push, Op.PUSHPULL: on_push, Op.SPARSE: on_sparse}
 
     # -- coordinator messages ---------------------------------------------
     def on_coordinator(self, peer: str, msg: Message) -> None:
@@ -261,6 +272,9 @@ class ParameterServer:
             self.positions = {}
         log.info("%s: %s %d of %d keys from %s", self.name, "restored" if order.get("full") else "warm-started",
                  filled, len(self.store.keys), store.where(manifest.name))
+        if self.sparse:
+            rows = self.sparse.restore(store, manifest, old.layout, bool(order.get("full")))
+            log.info("%s: %d rows of sparse tables from %s", self.name, rows, store.where(manifest.name))
 
     def set_workers(self, workers: object) -> None:
         """The workers a sync round waits for (from MEMBERSHIP, repeated in heartbeat answers)."""
@@ -296,6 +310,7 @@ class ParameterServer:
             "bytes_out": self.bytes_out,
             "version": max(self.store.versions, default=0),
             "cpu_s": time.process_time(),
+            **({"sparse": self.sparse.stats()} if self.sparse else {}),
             **self.policy.stats(),
         }
 

@@ -33,6 +33,7 @@ from safetensors.torch import save as st_save
 
 from downpour.errors import DataError
 from downpour.layout import Layout
+from downpour.server.sparse import SparseShard, sparse_file
 from downpour.server.store import ShardStore
 from downpour.storage import CheckpointStore, Manifest
 
@@ -50,13 +51,16 @@ class Request:
     keep: int
     at_version: int | None
     asked: float
+    committed: str | None = None  # the coordinator's latest committed checkpoint
+    full_every: int = 5  # sparse tables: a full base at least every this many checkpoints
 
 
 class Snapshotter:
     """Takes the copies a coordinator asks for and writes them on a thread of its own."""
 
-    def __init__(self, store: ShardStore, rank: int, rule_name: str, node: str) -> None:
+    def __init__(self, store: ShardStore, rank: int, rule_name: str, node: str, sparse: SparseShard | None = None) -> None:
         self.store, self.rank, self.rule_name, self.node = store, rank, rule_name, node
+        self.sparse = sparse if sparse else None
         self.armed: Request | None = None
         self.reports: queue.Queue[dict[str, Any]] = queue.Queue()
         self.writes = 0
@@ -64,8 +68,10 @@ class Snapshotter:
     def request(self, meta: dict[str, Any], positions: dict[str, list[int]]) -> None:
         """A CHECKPOINT from the coordinator (replaces any request not yet taken)."""
         at = meta.get("at_version")
+        committed, full_every = meta.get("committed"), meta.get("full_every", 5)
         req = Request(str(meta.get("name")), str(meta.get("url")), int(meta.get("keep", 3)),
-                      at if isinstance(at, int) else None, time.monotonic())
+                      at if isinstance(at, int) else None, time.monotonic(),
+                      committed if isinstance(committed, str) else None, full_every if type(full_every) is int and full_every > 0 else 5)
         if req.at_version is not None and self.version() > req.at_version:
             self.reports.put({"name": req.name, "missed": True, "version": self.version()})
             return
@@ -90,15 +96,24 @@ class Snapshotter:
         for k, v in self.store.rule.state().items():
             tensors[f"state.{k}"] = v.clone()
         meta = {"positions": json.dumps(positions), "rule": self.rule_name, "rank": str(self.rank), "version": str(self.version())}
-        threading.Thread(target=self._write, args=(req, tensors, meta), name=f"{self.node}-checkpoint", daemon=True).start()
+        sparse = self.sparse.snapshot(req.name, req.committed, req.full_every) if self.sparse is not None else None
+        threading.Thread(target=self._write, args=(req, tensors, meta, sparse), name=f"{self.node}-checkpoint", daemon=True).start()
 
-    def _write(self, req: Request, tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> None:
+    def _write(self, req: Request, tensors: dict[str, torch.Tensor], meta: dict[str, str], sparse) -> None:
         t0 = time.monotonic()
         try:
-            entry = CheckpointStore(req.url, req.keep).write_file(req.name, shard_file(self.rank), st_save(tensors, metadata=meta))
+            store = CheckpointStore(req.url, req.keep)
+            entry = store.write_file(req.name, shard_file(self.rank), st_save(tensors, metadata=meta))
+            extra: dict[str, Any] = {}
+            if sparse is not None:  # this server's rows of the sparse tables (a base, or a delta on `needs`)
+                arrays, sparse_meta, needs = sparse
+                file = sparse_file(self.rank)
+                written = store.write_file(req.name, file, st_save(arrays, metadata=sparse_meta))
+                self.sparse.written[req.name] = written["sha256"]  # a later delta names it
+                extra = {"sparse": {"file": file, **written}, "needs": needs}
             self.writes += 1
             self.reports.put({"name": req.name, "file": shard_file(self.rank), **entry, "version": int(meta["version"]),
-                              "positions": json.loads(meta["positions"]), "write_s": time.monotonic() - t0})
+                              "positions": json.loads(meta["positions"]), "write_s": time.monotonic() - t0, **extra})
         except Exception as err:  # storage errors of any fsspec backend: report, never kill the server
             log.error("%s: checkpoint %s not written: %s", self.node, req.name, err)
             self.reports.put({"name": req.name, "error": f"{type(err).__name__}: {err}"})

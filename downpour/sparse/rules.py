@@ -3,6 +3,10 @@
 Each rule keeps its state as arrays with one entry (or row) per table row and updates
 the pushed rows with whole-array numpy operations. The formulas are torch.optim's
 (SGD, Adagrad, Adam) and McMahan et al. 2013's FTRL-Proximal, per touched row.
+
+A rule may also name a compiled kernel (``push_<name>`` in ``_native.c``) that does the same
+arithmetic in the same float32 order, fused with the table's index probe; the table uses it when
+the extension is built. A rule that names none (``kernel`` returns None) stays on numpy.
 """
 
 from __future__ import annotations
@@ -27,6 +31,11 @@ class RowRule:
     def apply(self, values: np.ndarray, state: dict[str, np.ndarray], rows: np.ndarray, grads: np.ndarray) -> None:
         raise NotImplementedError
 
+    def kernel(self, state: dict[str, np.ndarray]) -> tuple[str, tuple] | None:
+        """The compiled kernel's name and the arguments that follow the common ones (state arrays,
+        then hyperparameters), or None to stay on numpy."""
+        return None
+
 
 class SGD(RowRule):
     def __init__(self, lr: float = 0.01) -> None:
@@ -34,6 +43,9 @@ class SGD(RowRule):
 
     def apply(self, values, state, rows, grads) -> None:
         values[rows] -= self.lr * grads
+
+    def kernel(self, state):
+        return "sgd", (float(self.lr),)
 
 
 class Adagrad(RowRule):
@@ -50,6 +62,9 @@ class Adagrad(RowRule):
         acc = state["sum"][rows] + grads * grads
         state["sum"][rows] = acc
         values[rows] -= self.lr * grads / (np.sqrt(acc) + self.eps)
+
+    def kernel(self, state):
+        return "adagrad", (state["sum"], float(self.lr), float(self.eps))
 
 
 class Adam(RowRule):
@@ -71,6 +86,9 @@ class Adam(RowRule):
         bc2 = (1 - self.b2 ** t.astype(np.float64)).astype(f32)[:, None]
         values[rows] -= (f32(self.lr) / bc1) * m / (np.sqrt(v) / np.sqrt(bc2) + self.eps)
 
+    def kernel(self, state):
+        return "adam", (state["m"], state["v"], state["t"], self.lr, self.b1, self.b2, float(self.eps))
+
 
 class FTRL(RowRule):
     """FTRL-Proximal per coordinate: with l1 > 0, weights whose |z| stays below l1 are exactly zero."""
@@ -91,6 +109,9 @@ class FTRL(RowRule):
         state["z"][rows], state["n"][rows] = z, n_new
         shrunk = np.sign(z) * self.l1 - z
         values[rows] = np.where(np.abs(z) <= self.l1, f32(0), shrunk / ((self.beta + np.sqrt(n_new)) / self.alpha + self.l2))
+
+    def kernel(self, state):
+        return "ftrl", (state["z"], state["n"], float(self.alpha), float(self.beta), float(self.l1), float(self.l2))
 
 
 RULES = {"sgd": SGD, "adagrad": Adagrad, "adam": Adam, "ftrl": FTRL}

@@ -100,9 +100,19 @@ class CheckpointStore:
         self.prune()
 
     def prune(self) -> None:
+        """Delete the oldest checkpoints beyond ``keep``, except those a kept one still needs (the
+        base and deltas of its sparse tables, listed in its manifest's ``job.needs``)."""
         committed = self.names()
+        kept = committed[max(0, len(committed) - self.keep) :]
+        needed: set[str] = set()
+        for name in kept:
+            try:
+                needed.update(str(n) for n in self.manifest(name).job.get("needs") or [])
+            except (DataError, OSError) as err:  # a broken manifest protects nothing
+                log.warning("checkpoint %s: %s", self.where(name), err)
         for name in committed[: max(0, len(committed) - self.keep)]:
-            self.fs.rm(self._path(name), recursive=True)
+            if name not in needed:
+                self.fs.rm(self._path(name), recursive=True)
         # Folders without a manifest older than the newest committed one are abandoned writes.
         if committed:
             for name in self._folders():

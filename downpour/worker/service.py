@@ -26,11 +26,13 @@ from downpour.errors import DownpourError, RemoteError
 from downpour.layout import Layout
 from downpour.models import build_model
 from downpour.monitor import HttpEndpoint, metrics_route, node_labels
+from downpour.nn import attach
 from downpour.protocol.rpc import RpcClient
 from downpour.transport import Security
 from downpour.worker.client import KVClient
 from downpour.worker.flat import FlatModel
 from downpour.worker.metrics import worker_metrics
+from downpour.worker.sparse import SparseClient
 from downpour.worker.trainer import Trainer
 
 log = logging.getLogger(__name__)
@@ -43,8 +45,9 @@ _LONG_WAIT_S = 7 * 24 * 3600.0
 class HeartbeatThread(threading.Thread):
     def __init__(self, ctx: zmq.Context, address: str, node: str, job: JobConfig,
                  progress: Callable[[], dict[str, Any]], abort: threading.Event, extra: dict[str, Any] | None = None,
-                 security: Security | None = None) -> None:
+                 security: Security | None = None, on_reply: Callable[[dict[str, Any]], None] | None = None) -> None:
         super().__init__(name=f"{node}-heartbeat", daemon=True)
+        self.on_reply = on_reply
         self.security = security
         self.ctx, self.address, self.node, self.job = ctx, address, node, job
         self.progress, self.abort, self.extra = progress, abort, extra
@@ -56,7 +59,7 @@ class HeartbeatThread(threading.Thread):
         client = CoordinatorClient(self.ctx, self.address, f"{self.node}.hb-{uuid.uuid4().hex[:6]}", cl.request_timeout_s,
                                    security=self.security)
         client.node = self.node
-        hb = Heartbeat(client, cl.heartbeat_interval_s, cl.heartbeat_timeout_s, extra=self.extra)
+        hb = Heartbeat(client, cl.heartbeat_interval_s, cl.heartbeat_timeout_s, extra=self.extra, on_reply=self.on_reply)
         try:
             while not self._halt.wait(min(0.1, cl.heartbeat_interval_s / 4)):
                 try:
@@ -73,6 +76,37 @@ class HeartbeatThread(threading.Thread):
     def stop(self) -> None:
         self._halt.set()
         self.join(timeout=5.0)
+
+
+class ServerMap:
+    """Where each server listens. The heartbeat thread hands in what the coordinator says after a
+    server was replaced (:meth:`offer`); the main thread applies it whenever it waits on a request
+    (:meth:`apply`, as ``RpcClient.on_wait``): it reconnects to the new process, and requests
+    still waiting on the old one end with ``peer_replaced``."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.rpc: RpcClient | None = None
+        self.addresses: dict[str, str] = {}
+        self.gen = 0
+        self._offered: tuple[int, list] | None = None
+
+    def offer(self, meta: dict[str, Any]) -> None:
+        gen, servers = meta.get("servers_gen"), meta.get("servers")
+        if type(gen) is int and gen > self.gen and isinstance(servers, list):
+            self._offered = (gen, servers)  # one reference assignment: safe across threads
+
+    def apply(self) -> None:
+        offered = self._offered
+        if offered is None or offered[0] <= self.gen or self.rpc is None:
+            return
+        self.gen = offered[0]
+        for s in offered[1]:
+            name, address = (s.get("name"), s.get("address")) if isinstance(s, dict) else (None, None)
+            if name in self.addresses and isinstance(address, str) and address != self.addresses[name]:
+                self.addresses[name] = address
+                lost = self.rpc.reconnect(name, address)
+                log.warning("%s: %s moved to %s (a replacement); %d request(s) to the old one dropped", self.name, name, address, lost)
 
 
 def device_for(job: JobConfig) -> torch.device:
@@ -108,8 +142,10 @@ def run_worker(ctx: zmq.Context, coordinator: str, rank: int | None = None, star
             labels = node_labels(job.name, "worker", reply["rank"], name)
             route = metrics_route(worker_metrics(lambda: trainer), labels)
             endpoint = HttpEndpoint(metrics_host or job.monitor.http_host, 0, {"/metrics": route}, name)
+        servers = ServerMap(name)
         hb = HeartbeatThread(ctx, coordinator, name, job, lambda: trainer.progress() if trainer else {}, abort,
-                             extra={"metrics": endpoint.address} if endpoint else None, security=security)
+                             extra={"metrics": endpoint.address} if endpoint else None, security=security,
+                             on_reply=servers.offer)
         hb.start()
         torch.set_num_threads(job.training.torch_threads)
         device = device_for(job)
@@ -126,12 +162,19 @@ def run_worker(ctx: zmq.Context, coordinator: str, rank: int | None = None, star
         for s in reply["servers"]:
             rpc.connect(s["name"], s["address"])
             peers[int(s["rank"])] = s["name"]
+            servers.addresses[s["name"]] = s["address"]
+        servers.rpc = rpc
+        rpc.on_wait = servers.apply
         t = job.training
         any_sync = t.consistency == "sync" or any(g.consistency == "sync" for g in t.consistency_groups)
         chunk = job.cluster.max_request_bytes if not any_sync else None  # a sync push holds all of a server's keys
         kv = KVClient(rpc, layout, peers, request_bytes=chunk, compression=job.compression,
                       key_versions=bool(t.consistency_groups))
-        trainer = Trainer(job, flat, kv, dataset, name, int(reply["rank"]))
+        sparse = None
+        if layout.tables:  # the model's SparseEmbedding rows come from the servers' tables
+            sparse = SparseClient(rpc, layout, peers, kv.wire)
+            attach(model, sparse)
+        trainer = Trainer(job, flat, kv, dataset, name, int(reply["rank"]), sparse)
 
         if reply.get("initializer"):
             kv.wait(kv.init(flat.host))

@@ -33,10 +33,12 @@ import torch.nn.functional as F
 from downpour.config import JobConfig
 from downpour.coordinator.shards import example_order
 from downpour.data import Dataset
-from downpour.errors import RemoteError
+from downpour.data.scoring import log_loss, roc_auc
+from downpour.errors import RemoteError, RequestTimeout
 from downpour.monitor import Buckets, RateMeter
 from downpour.worker.client import Handle, KVClient
 from downpour.worker.flat import FlatModel
+from downpour.worker.sparse import SparseClient
 
 log = logging.getLogger(__name__)
 
@@ -55,9 +57,35 @@ def local_optimizer(job: JobConfig, params: list[torch.nn.Parameter]) -> torch.o
     return _LOCAL_OPTIMIZERS[job.optimizer.name](params, job.optimizer)
 
 
+# A batch's inputs: one tensor, or a tuple of tensors (e.g. CTR data: dense features and feature IDs).
+Inputs = torch.Tensor | tuple[torch.Tensor, ...]
+
+
+def _rows(x: Inputs, lo: int, hi: int) -> Inputs:
+    return x[lo:hi] if isinstance(x, torch.Tensor) else tuple(t[lo:hi] for t in x)
+
+
+def _to(x: Inputs, device: torch.device) -> Inputs:
+    return x.to(device) if isinstance(x, torch.Tensor) else tuple(t.to(device) for t in x)
+
+
+def _forward(model: torch.nn.Module, x: Inputs) -> torch.Tensor:
+    return model(x) if isinstance(x, torch.Tensor) else model(*x)
+
+
+def batch_loss(kind: str, out: torch.Tensor, y: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """``training.loss`` of a batch: cross entropy over class logits, or binary cross entropy
+    over one logit per example."""
+    if kind == "binary_cross_entropy":
+        return F.binary_cross_entropy_with_logits(out.reshape(-1), y.to(out.dtype).reshape(-1), reduction=reduction)
+    return F.cross_entropy(out, y, reduction=reduction)
+
+
 class Trainer:
-    def __init__(self, job: JobConfig, flat: FlatModel, kv: KVClient, dataset: Dataset, name: str, rank: int = 0) -> None:
+    def __init__(self, job: JobConfig, flat: FlatModel, kv: KVClient, dataset: Dataset, name: str, rank: int = 0,
+                 sparse: SparseClient | None = None) -> None:
         self.job, self.flat, self.kv, self.data, self.name, self.rank = job, flat, kv, dataset, name, rank
+        self.sparse = sparse  # the model's SparseEmbedding rows (None: a dense model)
         t = job.training
         self.overlap = (t.overlap and t.consistency == "async" and not t.consistency_groups
                         and t.accumulate == 1 and t.local_steps == 1)
@@ -131,6 +159,8 @@ class Trainer:
             trained += 1
             if every and trained % every == 0:
                 self._settle()
+                if self.sparse is not None:
+                    self.sparse.flush()
                 if self.local is None:  # the servers' values, not the quantized ones (local SGD: its own)
                     self.kv.wait(self.kv.pull(self.flat.host, exact=True))
                     self.flat.host_to_device()
@@ -138,6 +168,8 @@ class Trainer:
         self.shard = None
         self._flush(None)
         self._settle()
+        if self.sparse is not None:
+            self.sparse.flush()
         self.train_s = time.perf_counter() - t0
 
     def train_shard(self, shard: dict) -> int:
@@ -148,17 +180,17 @@ class Trainer:
         rng = np.random.default_rng([t.seed, shard["epoch"], shard["shard"]])
         skip = shard.get("skip", 0)  # examples already trained (a shard resumed from a checkpoint)
         x_all, y_all = self.data.train.take(rng.permutation(positions)[skip:])
-        x_all, y_all = x_all.to(self.flat.device), y_all.to(self.flat.device)
+        x_all, y_all = _to(x_all, self.flat.device), y_all.to(self.flat.device)
         done = 0
         for b in range(0, len(y_all), t.batch_size):
             if self.finished:
                 break
             n = len(y_all[b : b + t.batch_size])
-            self.step(x_all[b : b + t.batch_size], y_all[b : b + t.batch_size], [shard["epoch"], shard["shard"], skip + done + n])
+            self.step(_rows(x_all, b, b + t.batch_size), y_all[b : b + t.batch_size], [shard["epoch"], shard["shard"], skip + done + n])
             done += n
         return done
 
-    def step(self, x: torch.Tensor, y: torch.Tensor, position: list[int] | None = None) -> None:
+    def step(self, x: Inputs, y: torch.Tensor, position: list[int] | None = None) -> None:
         """One step on a batch; ``position`` is where the batch ends in the data (saved by checkpoints)."""
         c0 = time.perf_counter()
         # The versions the model's values have now: the gradient is computed on them, so the
@@ -167,9 +199,11 @@ class Trainer:
         model = self.flat.model
         model.train()
         self.flat.zero_grad()
-        loss = F.cross_entropy(model(x), y)
-        loss.backward()
         t = self.job.training
+        loss = batch_loss(t.loss, _forward(model, x), y)
+        loss.backward()
+        if self.sparse is not None:  # the rows' gradients go with the next batch's pull
+            self.sparse.after_backward()
         self.steps += 1
         self.examples += len(y)
         if self.local is not None:  # local SGD: step here; every H steps push the change
@@ -223,13 +257,19 @@ class Trainer:
         try:
             self.kv.wait(self.inflight)
         except RemoteError as err:
-            if err.code not in ("sync_round", "sync_duplicate"):
+            if err.code not in ("sync_round", "sync_duplicate", "peer_replaced"):
                 raise
             # This worker waited for a shard (or joined) while sync rounds went on: its gradient is for
-            # a past round. Drop it, take the current values, and go on from there.
+            # a past round. Or a server was replaced (it restored a checkpoint) while the push was in
+            # flight. Drop the push, take the current values, and go on from there.
             self.dropped += 1
-            log.info("%s: a sync round passed while this worker waited; dropped one push and pulled", self.name)
-            self.kv.wait(self.kv.pull(self.flat.host))
+            log.info("%s: %s; dropped one push and pulled", self.name,
+                     "a server was replaced" if err.code == "peer_replaced" else "a sync round passed while this worker waited")
+            self._pull_all()
+        except RequestTimeout as err:  # a server died: its replacement's address comes with a heartbeat
+            log.warning("%s: %s; pulling again", self.name, err)
+            self.dropped += 1
+            self._pull_all()
         self.inflight = None
         if self._inflight_position is not None:
             self.position = self._inflight_position
@@ -238,25 +278,56 @@ class Trainer:
             self.base = self.flat.host.clone()
         self.wait_s += time.perf_counter() - w0
 
+    def _pull_all(self, attempts: int = 5) -> None:
+        """Pull every value, riding out a server being replaced (its old process times out or
+        its requests end with ``peer_replaced`` once the new one's address is known)."""
+        for attempt in range(attempts):
+            try:
+                self.kv.wait(self.kv.pull(self.flat.host))
+                return
+            except (RequestTimeout, RemoteError) as err:
+                if attempt == attempts - 1 or (isinstance(err, RemoteError) and err.code != "peer_replaced"):
+                    raise
+                log.info("%s: pull failed (%s); again", self.name, err)
+
     def start(self) -> None:
         """After the first pull: local SGD measures its first delta from these values."""
         if self.local is not None:
             self.base = self.flat.host.clone()
 
-    def evaluate(self, batch_size: int = 1000) -> dict[str, float]:
-        """Test loss and accuracy of the model's current values over the whole test split."""
+    def evaluate(self, batch_size: int = 1000) -> dict[str, Any]:
+        """Test loss and accuracy of the model's current values over the whole test split; with
+        binary cross entropy also AUC and log loss (and the data's best achievable ones, if known)."""
         model = self.flat.model
         model.eval()
         test = self.data.test
+        kind = self.job.training.loss
         total_loss, correct, n = 0.0, 0, len(test)
+        labels, scores = [], []
         with torch.no_grad():
             for b in range(0, n, batch_size):
                 x, y = test.take(np.arange(b, min(n, b + batch_size)))
-                x, y = x.to(self.flat.device), y.to(self.flat.device)
-                logits = model(x)
-                total_loss += float(F.cross_entropy(logits, y, reduction="sum"))
-                correct += int((logits.argmax(1) == y).sum())
-        return {"test_accuracy": correct / n if n else 0.0, "test_loss": total_loss / n if n else 0.0, "test_examples": n}
+                x, y = _to(x, self.flat.device), y.to(self.flat.device)
+                out = _forward(model, x)
+                total_loss += float(batch_loss(kind, out, y, reduction="sum"))
+                if kind == "binary_cross_entropy":
+                    p = torch.sigmoid(out.reshape(-1)).cpu()
+                    labels.append(y.reshape(-1).cpu().numpy())
+                    scores.append(p.numpy())
+                    correct += int(((p > 0.5).to(y.dtype) == y.reshape(-1).cpu()).sum())
+                else:
+                    correct += int((out.argmax(1) == y).sum())
+        result: dict[str, Any] = {"test_accuracy": correct / n if n else 0.0, "test_loss": total_loss / n if n else 0.0,
+                                  "test_examples": n}
+        if kind == "binary_cross_entropy" and n:
+            y_all, p_all = np.concatenate(labels), np.concatenate(scores)
+            result["test_auc"] = roc_auc(y_all, p_all)
+            result["test_logloss"] = log_loss(y_all, p_all)
+            optimum = getattr(self.data, "optimum", None)
+            if optimum:
+                result["optimum_auc"] = optimum.get("test_auc")
+                result["optimum_logloss"] = optimum.get("test_logloss")
+        return result
 
     def stats(self) -> dict[str, Any]:
         return {
@@ -274,5 +345,6 @@ class Trainer:
             "dropped_pushes": self.dropped,
             "wire": {d: dict(c) for d, c in self.kv.wire.items()},
             "curve": self.curve,
+            **({"sparse": self.sparse.stats()} if self.sparse is not None else {}),
             "cpu_s": time.process_time(),
         }

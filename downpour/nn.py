@@ -1,0 +1,136 @@
+"""Layers whose parameters live in the parameter servers' sparse tables.
+
+:class:`SparseEmbedding` is an ``nn.Module`` like ``nn.Embedding`` (and, with ``mode``,
+``nn.EmbeddingBag``) whose rows are not a ``Parameter`` of the model: they sit in a table
+spread over the servers, keyed by 64-bit feature IDs, and only the rows a batch touches
+travel. In ``forward`` the batch's IDs are made unique, their rows fetched once from the
+module's :class:`RowSource`, and the output built from them; autograd then sums the
+gradients of repeated IDs into one row each (the row tensor is the leaf), and the source
+pushes those rows' gradients after ``backward``.
+
+A worker attaches its client to every such module of the model (:func:`attach`);
+:class:`LocalTables` is an in-process source for using a model outside a job (tests, notebooks).
+"""
+
+from __future__ import annotations
+
+from typing import Literal, Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from downpour.errors import ConfigError, DownpourError
+
+
+class RowSource(Protocol):
+    def rows(self, table: str, keys: torch.Tensor, dim: int, train: bool) -> torch.Tensor:
+        """Rows of ``keys`` (unique int64 IDs), float32 [len(keys), dim]. With ``train`` the
+        result is a leaf that requires grad, and the source pushes its gradient after backward."""
+        ...
+
+
+class SparseEmbedding(nn.Module):
+    """Rows of table ``table`` (``dim`` floats each) for int64 feature IDs of any shape.
+
+    ``mode=None``: output shape ``ids.shape + (dim,)`` (``nn.Embedding``). ``mode="sum"`` or
+    ``"mean"``: ``ids`` is [batch, bag] and each bag is pooled to one row (``nn.EmbeddingBag``),
+    optionally weighted by ``per_sample_weights`` (sum mode).
+    """
+
+    def __init__(self, table: str, dim: int, mode: Literal["sum", "mean"] | None = None) -> None:
+        super().__init__()
+        if not isinstance(table, str) or not table or int(dim) < 1 or mode not in (None, "sum", "mean"):
+            raise ConfigError(f"SparseEmbedding: bad table {table!r}, dim {dim!r} or mode {mode!r}")
+        self.table, self.dim, self.mode = table, int(dim), mode
+        self.source: RowSource | None = None
+
+    def extra_repr(self) -> str:
+        return f"table={self.table!r}, dim={self.dim}" + (f", mode={self.mode!r}" if self.mode else "")
+
+    def forward(self, ids: torch.Tensor, per_sample_weights: torch.Tensor | None = None) -> torch.Tensor:
+        if self.source is None:
+            raise DownpourError(f"SparseEmbedding {self.table!r} has no row source: run it in a Downpour job, "
+                                "or attach(model, LocalTables(...))")
+        if ids.dtype != torch.int64:
+            raise ConfigError(f"SparseEmbedding {self.table!r} takes int64 feature IDs, got {ids.dtype}")
+        uniq, inverse = torch.unique(ids.reshape(-1).cpu(), return_inverse=True)
+        rows = self.source.rows(self.table, uniq, self.dim, self.training and torch.is_grad_enabled())
+        rows = rows.to(ids.device)
+        inverse = inverse.to(ids.device)
+        if self.mode is None:
+            return F.embedding(inverse.view(ids.shape), rows)
+        if ids.dim() != 2:
+            raise ConfigError(f"SparseEmbedding {self.table!r} mode={self.mode}: ids must be [batch, bag], got {tuple(ids.shape)}")
+        return F.embedding_bag(inverse.view(ids.shape), rows, mode=self.mode, per_sample_weights=per_sample_weights)
+
+
+def sparse_modules(model: nn.Module) -> list[SparseEmbedding]:
+    return [m for m in model.modules() if isinstance(m, SparseEmbedding)]
+
+
+def sparse_tables(model: nn.Module) -> list[tuple[str, int]]:
+    """(name, dim) of every table the model's SparseEmbedding modules use, in first-use order.
+    Two modules may share a table only with the same dim."""
+    seen: dict[str, int] = {}
+    for m in sparse_modules(model):
+        if seen.setdefault(m.table, m.dim) != m.dim:
+            raise ConfigError(f"table {m.table!r} is used with dim {seen[m.table]} and dim {m.dim}")
+    return list(seen.items())
+
+
+def attach(model: nn.Module, source: RowSource | None) -> None:
+    """Make every SparseEmbedding of ``model`` read its rows from ``source``."""
+    for m in sparse_modules(model):
+        m.source = source
+
+
+class LocalTables:
+    """An in-process row source: one :class:`downpour.sparse.SparseTable` per table, each updated
+    by its own row rule when :meth:`step` is called after ``backward`` (for use outside a job)."""
+
+    def __init__(self, make_table) -> None:
+        """``make_table(name, dim)`` returns the SparseTable for a table (called on first use)."""
+        self.make_table = make_table
+        self.tables: dict[str, object] = {}
+        self.pending: list[tuple[str, torch.Tensor, torch.Tensor]] = []
+
+    def _table(self, name: str, dim: int):
+        t = self.tables.get(name)
+        if t is None:
+            t = self.tables[name] = self.make_table(name, dim)
+        return t
+
+    def rows(self, table: str, keys: torch.Tensor, dim: int, train: bool) -> torch.Tensor:
+        t = self._table(table, dim)
+        k = keys.numpy()
+        out = torch.from_numpy(t.pull(k) if train else t.peek(k))
+        if train:
+            out.requires_grad_(True)
+            self.pending.append((table, keys, out))
+        return out
+
+    def step(self) -> None:
+        """Apply the gradients of the rows fetched since the last step (after ``backward``)."""
+        for table, keys, rows in merge_row_grads(self.pending):
+            self.tables[table].push(keys.numpy(), rows.numpy())
+        self.pending = []
+
+
+def merge_row_grads(fetched: list[tuple[str, torch.Tensor, torch.Tensor]]) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
+    """(table, unique keys, summed gradient rows) per table from the rows fetched for one batch
+    (a table read by several modules, or several times, gets one entry). Rows without a
+    gradient (not used by the loss) are left out."""
+    by_table: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+    for table, keys, rows in fetched:
+        if rows.grad is not None:
+            by_table.setdefault(table, []).append((keys, rows.grad))
+    out = []
+    for table, parts in by_table.items():
+        if len(parts) == 1:
+            keys, grad = parts[0]
+        else:
+            keys, inverse = torch.unique(torch.cat([k for k, _ in parts]), return_inverse=True)
+            grad = torch.zeros(len(keys), parts[0][1].shape[1]).index_add_(0, inverse, torch.cat([g for _, g in parts]))
+        out.append((table, keys, grad.contiguous()))
+    return out
