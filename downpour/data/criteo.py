@@ -48,7 +48,7 @@ MISSING = 1 << 32
 META_FILE = "criteo.json"  # written by the generator: counts, optimum, parameters
 TRUTH_FILE = "test-truth.npy"  # the generator's true click probability of every test row
 CACHE_VERSION = 1  # bump when the cached arrays change meaning
-BLOCK_BYTES = 1 << 20  # parse this much text at a time: its temporaries (~30x) stay small and in cache
+BLOCK_BYTES = 256 << 10  # parse this much text at a time: its temporaries (~30x) stay in the CPU cache (1 MiB was 2x slower)
 
 _TAB, _NL = 9, 10
 Buffer = bytes | mmap.mmap  # a file's text, read or memory-mapped
@@ -137,19 +137,18 @@ def _parse_block(buf: np.ndarray, name: str, first_line: int, out: Parsed, at: i
         _field_count_error(buf, name, first_line)
     ends = sep.reshape(n, NUM_FIELDS)  # each field's separator
     lens = (np.diff(sep, prepend=-1) - 1).reshape(n, NUM_FIELDS)
-    starts = ends - lens
     padded = np.concatenate([np.zeros(_PAD, dtype=np.uint8), buf])
 
     bad = np.zeros((n, NUM_FIELDS), dtype=bool)
-    label = buf[starts[:, 0]] - np.uint8(ord("0"))  # the label's one char (the separator if empty)
+    label = buf[ends[:, 0] - lens[:, 0]] - np.uint8(ord("0"))  # the label's one char (the separator if empty)
     bad[:, 0] = (lens[:, 0] != 1) | (label > 1)
     ints = slice(1, 1 + NUM_INT)
-    dense, bad[:, ints] = _parse_ints(padded, buf[starts[:, ints]], ends[:, ints], lens[:, ints])
+    dense, bad[:, ints] = _parse_ints(padded, buf[ends[:, ints] - lens[:, ints]], ends[:, ints], lens[:, ints])
     cats = slice(1 + NUM_INT, NUM_FIELDS)
     values, bad[:, cats] = _parse_hex(padded, ends[:, cats], lens[:, cats])
     if bad.any():
         row, field = np.argwhere(bad)[0]
-        text = bytes(buf[starts[row, field] : ends[row, field]]).decode("utf-8", "replace")
+        text = bytes(buf[ends[row, field] - lens[row, field] : ends[row, field]]).decode("utf-8", "replace")
         want = {0: "0 or 1"}.get(field, "an integer" if field <= NUM_INT else "up to 8 hex digits")
         raise DataError(f"{name}:{first_line + row + 1}: field {field + 1} ({FIELD_NAMES[field]}) is {text!r}, expected {want}")
     rows = slice(at, at + n)
@@ -208,13 +207,14 @@ def _parse_ints(padded: np.ndarray, first: np.ndarray, ends: np.ndarray, lens: n
         x = ((x * np.uint64(100)) + (x >> np.uint64(16))) & np.uint64(0x0000FFFF0000FFFF)
         x = ((x * np.uint64(10000)) + (x >> np.uint64(32))) & np.uint64(0xFFFFFFFF)
     if nwords == 1:
-        value = x.astype(np.float64)
+        value = x.astype(np.float32)
     else:
         value = x[..., 0].astype(np.float64)
         for w in range(1, nwords):
             value = value * 1e8 + x[..., w]
+        value = value.astype(np.float32)
     value[neg] = 0.0  # log1p(max(x, 0))
-    return np.log1p(value).astype(np.float32), bad | invalid
+    return np.log1p(value), bad | invalid
 
 
 def _parse_hex(padded: np.ndarray, ends: np.ndarray, lens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
