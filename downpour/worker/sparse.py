@@ -96,13 +96,13 @@ class SparseClient:
         order = np.argsort(srv, kind="stable")
         return order, np.concatenate([[0], np.cumsum(np.bincount(srv, minlength=self.num_servers))])
 
-    def _send(self, server: int, table: str, dim: int, pull: np.ndarray, peek: bool):
-        """One SPARSE request: this server's waiting pushes (every table) and the pull of ``table``.
-        Returns the future and the index of the pulled rows among the reply's tensors."""
+    def _send(self, server: int, table: str | None, dim: int, pull: np.ndarray, peek: bool):
+        """One SPARSE request: this server's waiting pushes (every table) and the pull of ``table``
+        (None: pushes only). Returns the future and the index of the pulled rows among the reply's tensors."""
         pushes = self.pending.pop(server, {}) if not peek else {}
         spec, tensors = [], []
         names = list(pushes)
-        if table not in pushes:
+        if table is not None and table not in pushes:
             names.append(table)
         at = 0
         for i, name in enumerate(names):
@@ -138,18 +138,7 @@ class SparseClient:
 
     def flush(self) -> None:
         """Push every waiting gradient now (one request per server) and wait for the answers."""
-        futures = []
-        for s in sorted(self.pending):
-            pushes = self.pending.pop(s)
-            spec, tensors = [], []
-            for name, (keys, grads) in pushes.items():
-                spec.append([name, len(keys), 0])
-                tensors += [torch.from_numpy(keys), torch.from_numpy(grads), torch.zeros(0, dtype=torch.int64)]
-                self.wire["push"]["indices"] += keys.nbytes
-                self.wire["push"]["values"] += grads.nbytes
-                self.ids_pushed += len(keys)
-            self.requests += 1
-            futures.append(self.rpc.request(self.peers[s], Message(Op.SPARSE, meta={"tables": spec}, tensors=tensors)))
+        futures = [self._send(server, None, 0, np.zeros(0, np.int64), False)[0] for server in sorted(self.pending)]
         w0 = time.perf_counter()
         for fut in futures:
             fut.result()
