@@ -13,10 +13,18 @@ exactly once; plus examples/s and test accuracy against the undisturbed run.
     .venv/bin/python benchmarks/recovery.py --every 4 --epochs 8     # a kill every 4 s
     .venv/bin/python benchmarks/recovery.py --set cluster.heartbeat_timeout_s=2
     .venv/bin/python benchmarks/recovery.py --server                 # kill server-1 once instead
+    .venv/bin/python benchmarks/recovery.py --chaos --epochs 4       # workers, a server and the coordinator
 
 With ``--server`` both runs take checkpoints every ``--checkpoint-every`` seconds (a replacement
 server loads the latest one); the killed server's ``recovered_after_s`` is the time from
 detection until its replacement serves, and the updates it applied since that checkpoint are lost.
+
+``--chaos`` (issue 3's chaos test on the reference job): from ``--after`` seconds on, every
+``--every`` seconds (default 3) one kill, in the order worker, server-1, worker, coordinator,
+then a random worker each time until the job ends; checkpoints as with ``--server``. The
+coordinator's ``detected_after_s`` runs from its last saved state to the launcher noticing the
+death, its ``recovered_after_s`` from then until the new coordinator answered a node (and
+``reconnected_after_s``, in the summary, until every live node was heard from again).
 """
 
 from __future__ import annotations
@@ -59,8 +67,30 @@ def _training(launcher: LocalLauncher) -> bool:
     return False
 
 
+def _kill(p, kills: list) -> None:
+    p.popen.send_signal(signal.SIGKILL)
+    kills.append((time.monotonic(), p.name))
+
+
+def chaos(launcher: LocalLauncher, every_s: float, kills: list, stop: threading.Event, rng: random.Random) -> None:
+    """Worker, server-1, worker, coordinator, then workers: one kill every ``every_s``."""
+    plan = ["worker", "server", "worker", "coordinator"]
+    while True:
+        kind = plan.pop(0) if plan else "worker"
+        if kind == "coordinator":
+            _kill(launcher.coordinator, kills)
+        elif kind == "server":
+            _kill(next(p for p in launcher.procs if p.name.startswith("server-1") and p.popen.poll() is None), kills)
+        else:
+            live = _live_workers(launcher)
+            if len(live) > 1:
+                _kill(rng.choice(live), kills)
+        if stop.wait(every_s):
+            return
+
+
 def killer(launcher: LocalLauncher, after_s: float, every_s: float | None, kills: list, stop: threading.Event,
-           server: bool = False) -> None:
+           server: bool = False, chaotic: bool = False) -> None:
     """SIGKILL worker-1 (or server-1) ``after_s`` after worker-1 began training (then a random live
     worker every ``every_s``)."""
     rng = random.Random(0)
@@ -69,6 +99,8 @@ def killer(launcher: LocalLauncher, after_s: float, every_s: float | None, kills
             return
     if stop.wait(after_s):
         return
+    if chaotic:
+        return chaos(launcher, every_s or 3.0, kills, stop, rng)
     if server:
         p = next(p for p in launcher.procs if p.name == "server-1")
         p.popen.send_signal(signal.SIGKILL)
@@ -86,14 +118,14 @@ def killer(launcher: LocalLauncher, after_s: float, every_s: float | None, kills
 
 
 def run(job_path: str, overrides: list[str], run_dir: str, after_s: float | None, every_s: float | None,
-        server: bool = False) -> dict[str, Any]:
+        server: bool = False, chaotic: bool = False) -> dict[str, Any]:
     job = load_job(job_path, overrides)
     launcher = LocalLauncher(job, run_dir)
     kills: list = []
     stop = threading.Event()
     thread = None
     if after_s is not None:
-        thread = threading.Thread(target=killer, args=(launcher, after_s, every_s, kills, stop, server), daemon=True)
+        thread = threading.Thread(target=killer, args=(launcher, after_s, every_s, kills, stop, server, chaotic), daemon=True)
         thread.start()
     try:
         s = launcher.run().summary
@@ -116,16 +148,18 @@ def main() -> int:
     ap.add_argument("--after", type=float, default=3.0, help="seconds of worker-1's training before the first kill")
     ap.add_argument("--every", type=float, default=None, help="then kill a random worker every this many seconds")
     ap.add_argument("--server", action="store_true", help="kill server-1 once (after --after seconds) instead of workers")
-    ap.add_argument("--checkpoint-every", type=float, default=2.0, help="with --server: seconds between checkpoints")
+    ap.add_argument("--chaos", action="store_true", help="kill workers, server-1 and the coordinator (see above)")
+    ap.add_argument("--checkpoint-every", type=float, default=2.0, help="with --server/--chaos: seconds between checkpoints")
     ap.add_argument("--set", action="append", default=[], help="more job overrides (key=value)")
     args = ap.parse_args()
     env = environment()
-    checkpoints = [f"checkpoint.every_s={args.checkpoint_every}"] if args.server else ["checkpoint.enabled=false"]
+    ckpt = args.server or args.chaos
+    checkpoints = [f"checkpoint.every_s={args.checkpoint_every}"] if ckpt else ["checkpoint.enabled=false"]
     overrides = [f"training.epochs={args.epochs}", *checkpoints, "cluster.worker_restarts=100", *args.set]
     tmp = tempfile.mkdtemp(prefix="downpour-bench-recovery-")
     try:
         base = run(args.job, overrides, os.path.join(tmp, "undisturbed"), None, None)
-        hit = run(args.job, overrides, os.path.join(tmp, "killed"), args.after, args.every, args.server)
+        hit = run(args.job, overrides, os.path.join(tmp, "killed"), args.after, args.every, args.server, args.chaos)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     print(f"{env['time']}, {env['cpus']} CPUs, torch {env['torch']}, {args.epochs} epochs, overrides {args.set}\n")

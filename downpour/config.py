@@ -207,6 +207,12 @@ class ClusterConfig(_Frozen):
     # one the job stops. fail: the job stops.
     on_server_failure: Literal["recover", "fail"] = "recover"
     server_restarts: int = Field(3, ge=0)
+    # A coordinator keeps its state in RUN_DIR/coordinator.db; `downpour train` restarts a dead one
+    # (up to coordinator_restarts times) on the same address, and it picks up the running job.
+    # Servers and workers keep training meanwhile, repeat the requests that got no answer, and
+    # stop only once the coordinator has not answered for coordinator_timeout_s.
+    coordinator_restarts: int = Field(3, ge=0)
+    coordinator_timeout_s: float = Field(30.0, gt=0)
     # Workers that may train at once: extra workers may join a running job (elastic) up to
     # this many. None: num_workers.
     max_workers: int | None = Field(None, ge=1)
@@ -231,6 +237,8 @@ class ClusterConfig(_Frozen):
     def _timeouts(self) -> ClusterConfig:
         if self.heartbeat_timeout_s <= self.heartbeat_interval_s:
             raise ValueError("cluster.heartbeat_timeout_s must exceed cluster.heartbeat_interval_s")
+        if self.coordinator_timeout_s < self.heartbeat_timeout_s:
+            raise ValueError("cluster.coordinator_timeout_s must be at least cluster.heartbeat_timeout_s")
         if self.max_workers is not None and self.max_workers < self.num_workers:
             raise ValueError(f"cluster.max_workers ({self.max_workers}) is below cluster.num_workers ({self.num_workers})")
         return self

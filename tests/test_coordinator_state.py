@@ -197,15 +197,25 @@ def test_every_shard_of_every_epoch_is_handed_out_exactly_once_then_none():
     sim = Sim()
     sim.start()
     handed = []
+    holds: dict[str, dict] = {}
     for turn in range(20):
-        shard = ok(one(sim.send(WORKERS[turn % 3], Op.NEXT_SHARD), to=WORKERS[turn % 3]))["shard"]
-        if shard is None:
-            break
-        handed.append((shard["epoch"], shard["shard"], WORKERS[turn % 3]))
+        w = WORKERS[turn % 3]
+        if w in holds and turn < 6:  # a worker asks for its next shard once it finished the last one
+            done = holds.pop(w)
+            ok(one(sim.send(w, Op.SHARD_DONE, epoch=done["epoch"], shard=done["shard"], examples=1)))
+        shard = ok(one(sim.send(w, Op.NEXT_SHARD), to=w))["shard"]
+        if turn >= 6:  # asking again while it holds one (its answer was lost): the same shard
+            assert shard == holds[w]
+            continue
+        handed.append((shard["epoch"], shard["shard"], w))
+        holds[w] = shard
         assert (shard["start"], shard["stop"]) == [(0, 4), (4, 8), (8, 10)][shard["shard"]]
     assert sorted((e, s) for e, s, _ in handed) == [(e, s) for e in range(2) for s in range(3)]
     assert [e for e, _, _ in handed] == [0, 0, 0, 1, 1, 1]  # one epoch after the other
     # All handed out but not all done: a worker asking now is told to wait (one may come back).
+    done = holds.pop(WORKERS[0])
+    ok(one(sim.send(WORKERS[0], Op.SHARD_DONE, epoch=done["epoch"], shard=done["shard"], examples=1)))
+    assert ok(one(sim.send(WORKERS[0], Op.SHARD_DONE, epoch=done["epoch"], shard=done["shard"], examples=1))) == {}  # a repeat
     waiting = ok(one(sim.send(WORKERS[0], Op.NEXT_SHARD), to=WORKERS[0]))
     assert waiting["shard"] is None and waiting["wait_s"] > 0
     for e, s, w in handed:
@@ -220,14 +230,17 @@ def test_no_shard_is_handed_out_before_training():
     assert ok(one(sim.send(SERVERS[0], Op.NEXT_SHARD)))["shard"] is None
 
 
-def test_shard_done_is_accepted_once_and_only_from_the_worker_that_was_assigned_it():
+def test_shard_done_is_accepted_only_from_the_worker_that_was_assigned_it_and_a_repeat_changes_nothing():
     sim = Sim()
     sim.start()
     shard = ok(one(sim.send(WORKERS[0], Op.NEXT_SHARD)))["shard"]
     where = {"epoch": shard["epoch"], "shard": shard["shard"], "examples": 4}
     assert error_code(one(sim.send(WORKERS[1], Op.SHARD_DONE, **where))) == "bad_shard"
     ok(one(sim.send(WORKERS[0], Op.SHARD_DONE, **where)))
-    assert error_code(one(sim.send(WORKERS[0], Op.SHARD_DONE, **where))) == "bad_shard"
+    before = sim.state.ledger.to_dict()
+    ok(one(sim.send(WORKERS[0], Op.SHARD_DONE, **where)))  # its answer was lost, so it asks again
+    assert sim.state.ledger.to_dict() == before
+    assert error_code(one(sim.send(WORKERS[1], Op.SHARD_DONE, **where))) == "bad_shard"
 
 
 @pytest.mark.parametrize("where", [{"epoch": 0, "shard": 2}, {"epoch": 5, "shard": 0}, {"epoch": "0", "shard": 0}, {}], ids=repr)

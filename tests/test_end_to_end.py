@@ -127,10 +127,11 @@ def _start_long_job(tmp_path, tiny_data, **cluster):
     return start_job(tmp_path, tiny_job(tiny_data, training={"epochs": 1000}, cluster=cluster))
 
 
-# A killed worker or server stops the job only where the job says so (recovery: tests/test_recovery.py).
+# A killed node stops the job only where the job says so (recovery: tests/test_recovery.py and
+# tests/test_coordinator_restart.py).
 @pytest.mark.parametrize("victim", ["worker-1", "server-0", "coordinator"])
 def test_a_killed_node_stops_the_job_with_a_clear_error(tmp_path, tiny_data, victim):
-    proc, run_dir = _start_long_job(tmp_path, tiny_data, on_worker_failure="fail", on_server_failure="fail")
+    proc, run_dir = _start_long_job(tmp_path, tiny_data, on_worker_failure="fail", on_server_failure="fail", coordinator_restarts=0)
     try:
         status = wait_training(run_dir)
         pids = {n["name"]: n["pid"] for n in status["nodes"]}

@@ -134,14 +134,17 @@ def test_a_worker_declared_dead_that_comes_back_is_told_to_stop_and_refused_work
 def test_a_worker_waiting_for_a_shard_leaves_the_membership_and_takes_a_shard_that_comes_back():
     sim = Sim()
     training(sim)
-    held = [take(sim, w) for w in WORKERS] + [take(sim, WORKERS[0]), take(sim, WORKERS[1]), take(sim, WORKERS[2])]
-    assert all(held)  # 2 epochs of 3 shards, all handed out
+    held = []
+    for w in [*WORKERS, *WORKERS]:  # 2 epochs of 3 shards, all handed out; each finishes its first
+        held.append(take(sim, w))
+        if len(held) <= 3 or w == WORKERS[0]:
+            ok(one(sim.send(w, Op.SHARD_DONE, epoch=held[-1]["epoch"], shard=held[-1]["shard"], examples=1)))
     out = sim.send(WORKERS[0], Op.NEXT_SHARD)
     assert ok(one(out, to=WORKERS[0]))["wait_s"] > 0
     assert membership(out) == [WORKERS[1], WORKERS[2]]
     lose(sim, WORKERS[2], 5.5)
     got = sim.send(WORKERS[0], Op.NEXT_SHARD)
-    assert ok(one(got, to=WORKERS[0]))["shard"]["shard"] == held[2]["shard"]  # worker-2's first shard
+    assert ok(one(got, to=WORKERS[0]))["shard"] == held[5]  # the shard worker-2 held
     assert membership(got) == [WORKERS[0], WORKERS[1]]
 
 
@@ -345,3 +348,44 @@ def test_a_killed_server_is_replaced_from_the_latest_checkpoint_and_training_goe
     assert "starting server-1.2 in its place" in err
     _every_shard_once(summary)  # the data ledger is not set back: what the server lost is reported, not retrained
     assert summary["test_accuracy"] > 0.5
+
+
+def test_an_evaluator_that_dies_is_replaced_by_the_next_worker_to_join_which_evaluates():
+    sim = Sim()
+    sim.train()
+    evaluator = sim.state.evaluator
+    assert evaluator == WORKERS[0]
+    for t in (1.0, 3.0, 5.0):  # the servers heartbeat; the evaluator went silent
+        sim.now = t
+        for s in SERVERS:
+            sim.send(s, Op.HEARTBEAT)
+    sim.tick(5.5)
+    assert sim.state.phase == "evaluating" and sim.state.nodes[evaluator].state == "dead"
+    [failure] = sim.state.failures
+    assert failure["node"] == evaluator and failure["recovered_after_s"] is None
+    sim.now = 6.0
+    joined = ok(one(sim.register("worker-0.2", "worker", 0), to="worker-0.2"))
+    assert joined["node"] == "worker-0.2" and failure["replaced_by"] == "worker-0.2" and failure["recovered_after_s"] == 0.5
+    assert ok(one(sim.send("worker-0.2", Op.NEXT_SHARD)))["shard"] is None  # training is over: nothing to train
+    assert ok(one(sim.send("worker-0.2", Op.WORKER_DONE, stats={})))["evaluate"] is True
+    sim.send("worker-0.2", Op.REPORT, kind="eval", data={"test_accuracy": 0.9})
+    assert sim.state.phase == "stopping"
+    # Only one evaluator: a second joiner is refused.
+    assert error_code(one(sim.register("worker-1.2", "worker", 1))) == "job_running"
+
+
+def test_a_worker_joining_while_a_server_waits_for_its_replacement_is_admitted_once_it_registered():
+    sim = Sim()
+    training(sim)
+    sim.state.checkpoints.committed.append({"name": "ckpt-1", "step": 1, "write_s": 0.1, "final": False})
+    for t in (1.0, 3.0, 5.0):  # server-1 and worker-0 are silent
+        sim.now = t
+        for who in [SERVERS[0], *WORKERS[1:]]:
+            sim.send(who, Op.HEARTBEAT)
+    sim.tick(5.5)
+    sim.tick(5.6)
+    assert sim.state.nodes[WORKERS[0]].state == "dead" and sim.state.server_slots
+    assert replies(sim.register("worker-0.2", "worker", 0), to="worker-0.2") == []  # no address for server-1 yet
+    out = sim.send("server-1.2", Op.REGISTER, role="server", rank=1, address="tcp://127.0.0.1:7001", host="t", pid=9)
+    joined = ok(one(out, to="worker-0.2"))
+    assert {s["name"]: s["address"] for s in joined["servers"]}["server-1"] == "tcp://127.0.0.1:7001"

@@ -1,7 +1,7 @@
 """``downpour``: train a job locally, or start one role of a job by hand.
 
     downpour train JOB.yaml [--run-dir DIR] [--data DIR] [--set key=value ...] [--resume RUN_DIR|URL]
-    downpour coordinator JOB.yaml [--bind tcp://HOST:PORT] [--run-dir DIR]
+    downpour coordinator JOB.yaml [--bind tcp://HOST:PORT] [--run-dir DIR] [--recover]
     downpour server --coordinator HOST:PORT [--host HOST] [--rank N]
     downpour worker --coordinator HOST:PORT [--rank N]
     downpour status RUN_DIR | HOST:PORT [--json]
@@ -184,7 +184,7 @@ def cmd_coordinator(args) -> int:
         os.makedirs(args.run_dir, exist_ok=True)
     security = _security(args, "coordinator", bind)
     ctx = new_context()
-    coord = Coordinator(ctx, job, bind, args.run_dir, security)
+    coord = Coordinator(ctx, job, bind, args.run_dir, security, recover=args.recover, lost_at=args.lost_at)
     print(f"coordinator listening on {coord.address}", file=sys.stderr, flush=True)
     try:
         return coord.serve()
@@ -309,6 +309,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--data")
     c.add_argument("--set", action="append", metavar="KEY=VALUE")
     c.add_argument("--resume", metavar="RUN_DIR_OR_URL", help="continue from the latest checkpoint there")
+    c.add_argument("--recover", action="store_true",
+                   help="take over the running job a crashed coordinator saved in --run-dir (bind its address again)")
+    c.add_argument("--lost-at", type=float, help=argparse.SUPPRESS)  # when the launcher found it dead (time.time())
     c.add_argument("--keys", default=env("DOWNPOUR_KEYS"), help="the job's key folder (downpour keys DIR)")
     c.add_argument("--insecure", action="store_true", help="plain sockets: no authentication, no encryption")
     c.set_defaults(fn=cmd_coordinator)
@@ -328,7 +331,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     n = sub.add_parser("node", help="start the role named by DOWNPOUR_ROLE, configured from DOWNPOUR_* variables")
     n.set_defaults(fn=cmd_node, job=env("DOWNPOUR_JOB"), bind=env("DOWNPOUR_BIND"), run_dir=None, data=None, set=None, resume=None,
-                   coordinator=env("DOWNPOUR_COORDINATOR"), rank=None, host=env("DOWNPOUR_HOST", "127.0.0.1"), ipc_dir=None,
+                   recover=False, lost_at=None, coordinator=env("DOWNPOUR_COORDINATOR"), rank=None,
+                   host=env("DOWNPOUR_HOST", "127.0.0.1"), ipc_dir=None,
                    metrics_host=env("DOWNPOUR_METRICS_HOST"), keys=env("DOWNPOUR_KEYS"),
                    insecure=env("DOWNPOUR_INSECURE", "") == "1")
 

@@ -5,6 +5,13 @@
 when it returns; all of them time out with an error naming the coordinator.
 :class:`Heartbeat` is driven by the caller's loop (or a thread of its own) and
 never blocks.
+
+A coordinator may die and be restarted on the same address (it picks up the job
+from its saved state, see :mod:`downpour.coordinator.persist`); what the old
+process had not answered is lost. So a request that gets no answer within a
+short attempt is sent again, until its own time limit; the coordinator takes a
+repeat as the same request (the same shard, the same registration, one place
+in a barrier).
 """
 
 from __future__ import annotations
@@ -18,12 +25,13 @@ from typing import Any
 
 import zmq
 
-from downpour.errors import TransportError
+from downpour.errors import RequestTimeout, TransportError
 from downpour.protocol import Message, Op
 from downpour.protocol.rpc import Future, RpcClient
 from downpour.transport import Security
 
 COORDINATOR = "coordinator"
+_ATTEMPT_S = 5.0  # an unanswered request to the coordinator is sent again after this long
 
 
 class CoordinatorClient:
@@ -37,15 +45,34 @@ class CoordinatorClient:
         abort: threading.Event | None = None,
         abort_reason: Callable[[], str] = lambda: "aborted",
         security: Security | None = None,
+        attempt_s: float = _ATTEMPT_S,
     ) -> None:
+        """``request_timeout_s``: how long a request may go unanswered (its attempts together),
+        unless the call gives its own limit; ``attempt_s``: after how long it is sent again."""
         self.identity = identity
+        self.attempt_s = attempt_s
         self.rpc = RpcClient(ctx, identity, request_timeout_s, on_push=on_push, abort=abort, abort_reason=abort_reason,
                              security=security)
         self.rpc.connect(COORDINATOR, address, role="coordinator")
         self.node = identity
 
+    def configure(self, request_timeout_s: float, attempt_s: float) -> None:
+        """The job's limits, once it is known (``cluster.coordinator_timeout_s``, ``heartbeat_timeout_s``)."""
+        self.rpc.request_timeout_s, self.attempt_s = request_timeout_s, attempt_s
+
     def call(self, op: Op, meta: dict[str, Any] | None = None, timeout_s: float | None = None) -> dict[str, Any]:
-        return self.rpc.call(COORDINATOR, Message(op, meta=dict(meta or {}, node=self.node)), timeout_s).meta
+        """Send ``op`` and return the answer; sent again every ``attempt_s`` without one, for
+        ``timeout_s`` (default: the client's request timeout) in all."""
+        limit = self.rpc.request_timeout_s if timeout_s is None else timeout_s
+        deadline = time.monotonic() + limit
+        while True:
+            attempt = min(self.attempt_s, max(0.0, deadline - time.monotonic()))
+            try:
+                return self.rpc.call(COORDINATOR, Message(op, meta=dict(meta or {}, node=self.node)), attempt).meta
+            except RequestTimeout:
+                if time.monotonic() >= deadline:
+                    raise RequestTimeout(f"{op.name} to the coordinator got no reply within {limit:g}s "
+                                         "(is the coordinator alive?)", peer=COORDINATOR) from None
 
     def register(self, role: str, rank: int | None, address: str | None, timeout_s: float) -> dict[str, Any]:
         """Join the job. Returns once the coordinator admitted this node (for a worker: once
@@ -96,7 +123,9 @@ class Heartbeat:
 
     ``tick()`` returns the coordinator's stop reason once it asked the node to
     stop, else None; it raises :class:`TransportError` when the coordinator has
-    not answered for ``timeout_s`` (the node should then exit).
+    not answered for ``timeout_s`` (the node should then exit). A heartbeat
+    unanswered for a couple of intervals is given up and the next one goes out
+    at once, so a restarted coordinator hears from every node within moments.
     """
 
     def __init__(self, client: CoordinatorClient, interval_s: float, timeout_s: float,
@@ -108,6 +137,7 @@ class Heartbeat:
         self.on_reply = on_reply
         self.interval_s = interval_s
         self.timeout_s = timeout_s
+        self.attempt_s = min(timeout_s, max(2 * interval_s, 2.0))
         self._fut: Future | None = None
         self._last_ok = time.monotonic()
         self._next = 0.0
@@ -123,12 +153,14 @@ class Heartbeat:
                 self.on_reply(meta)
             if meta.get("stop"):
                 return str(meta["stop"])
+        elif self._fut is not None and self._fut.expired():  # lost (the coordinator may have restarted)
+            self._fut, self._next = None, now
         if now - self._last_ok > self.timeout_s:
             raise TransportError(f"{self.client.node}: coordinator silent for {now - self._last_ok:.1f}s; giving up")
         if self._fut is None and now >= self._next:
             self._next = now + self.interval_s
             meta = {**self.extra, "node": self.client.node, "progress": progress() if progress else {}}
             msg = Message(Op.HEARTBEAT, meta=meta)
-            self._fut = self.client.rpc.request(COORDINATOR, msg, timeout_s=self.timeout_s)
+            self._fut = self.client.rpc.request(COORDINATOR, msg, timeout_s=self.attempt_s)
         return None
 

@@ -30,6 +30,7 @@ def job_status(self: CoordinatorState, now: float) -> dict[str, Any]:
         "job": self.job.name,
         "phase": self.phase,
         "error": self.error,
+        "coordinator": {"pid": self.pid, "restarts": self.restarts},
         "consistency": self.job.training.consistency,
         "num_servers": self.cl.num_servers,
         "num_workers": self.cl.num_workers,

@@ -20,23 +20,27 @@ from downpour.config import JobConfig, job_to_dict
 from downpour.coordinator.checkpointing import JOB_STATE
 from downpour.coordinator.history import History
 from downpour.coordinator.metrics import coordinator_metrics
+from downpour.coordinator.persist import adopt_state, export_state, open_store
 from downpour.coordinator.restore import plan_resume, plan_warm_start
 from downpour.coordinator.state import CommitCheckpoint, CoordinatorState, Finish, Reply, SaveModel
 from downpour.data import build_dataset
-from downpour.errors import DownpourError, ProtocolError
+from downpour.errors import ConfigError, DownpourError, ProtocolError
 from downpour.layout import Layout, make_layout
 from downpour.models import build_model, param_shapes
 from downpour.monitor import HttpEndpoint, metrics_route, node_labels
 from downpour.monitor.http import static_file
 from downpour.monitor.targets import targets_paths, write_targets
 from downpour.nn import sparse_tables
-from downpour.protocol import decode, encode
+from downpour.protocol import Op, decode, encode
 from downpour.storage import CheckpointStore, Manifest
 from downpour.transport import Listener, Poller, Security
 
 log = logging.getLogger(__name__)
 
 _TICK_S = 0.05
+_SAVE_EVERY_S = 1.0  # the nodes' progress reaches the state file at least this often
+# Requests that change nothing worth keeping (progress is saved once a second anyway).
+_NOT_SAVED = (Op.HEARTBEAT, Op.STATUS)
 
 
 def plan_layout(job: JobConfig) -> Layout:
@@ -64,8 +68,12 @@ def write_json(path: str, data: Any) -> None:
 
 class Coordinator:
     def __init__(self, ctx: zmq.Context, job: JobConfig, address: str, run_dir: str | None,
-                 security: Security | None = None) -> None:
-        """``security``: the coordinator's CURVE keys (None: plain sockets, for trusted networks)."""
+                 security: Security | None = None, recover: bool = False, lost_at: float | None = None) -> None:
+        """``security``: the coordinator's CURVE keys (None: plain sockets, for trusted networks).
+        With a run folder the state is saved there (``coordinator.db``); ``recover`` continues the
+        job a coordinator saved there (it crashed; found dead at ``lost_at``, wall clock)."""
+        if recover and not run_dir:
+            raise ConfigError("--recover needs --run-dir: the folder where the crashed coordinator saved its state")
         self.job = job
         self.security = security
         self.run_dir = run_dir
@@ -75,10 +83,17 @@ class Coordinator:
         self.checkpoint_url = cp.url or (os.path.abspath(os.path.join(run_dir, "checkpoints")) if run_dir else None)
         if cp.enabled and self.checkpoint_url is None:
             log.warning("coordinator: no run folder and no checkpoint.url: this job writes no checkpoints")
-        resume = plan_resume(cp.resume_from, layout, job.optimizer.name) if cp.resume_from else None
+        resume = plan_resume(cp.resume_from, layout, job.optimizer.name) if cp.resume_from and not recover else None
         self.state = CoordinatorState(job, layout, num_train, time.monotonic(), self.checkpoint_url if cp.enabled else None, resume)
-        if job.init_from and resume is None:
+        self.state.pid = os.getpid()
+        self.store = None
+        if run_dir:
+            self.store, saved = open_store(run_dir, recover)
+            if saved is not None:
+                adopt_state(self.state, saved, time.monotonic(), lost_at)
+        if job.init_from and resume is None and not recover:
             self.state.restore = plan_warm_start(job.init_from, layout)
+        self._next_save = 0.0
         self.ctx = ctx
         self.layout = layout
         self.listener = Listener(ctx, address, job.cluster.max_message_bytes, security)
@@ -170,6 +185,12 @@ class Coordinator:
         if self.endpoint is not None:
             self.endpoint.close()
 
+    def _save(self, now: float) -> None:
+        """The state to disk (the parts that changed), before any answer that depends on it leaves."""
+        self._next_save = now + _SAVE_EVERY_S
+        if self.store is not None:
+            self.store.save(export_state(self.state, now))
+
     def _perform(self, actions: list) -> Finish | None:
         finish = None
         for a in actions:
@@ -181,6 +202,7 @@ class Coordinator:
                 self._save_model(a)
             elif isinstance(a, CommitCheckpoint):
                 self._commit_checkpoint(a)
+                self._next_save = 0.0  # that it was committed: saved on the next turn
         return finish
 
     def _commit_checkpoint(self, a: CommitCheckpoint) -> None:
@@ -228,6 +250,8 @@ class Coordinator:
         poller.register(self.listener)
         finish = None
         while finish is None:
+            actions: list = []
+            changed = False
             if poller.poll(_TICK_S):
                 while True:
                     try:
@@ -242,9 +266,13 @@ class Coordinator:
                         continue
                     # Fail closed: with CURVE on, a sender whose key maps to no role may do nothing but STATUS.
                     role = self.listener.peer_role(frames) or ("unknown" if self.security is not None else None)
-                    finish = self._perform(self.state.handle(peer, msg, time.monotonic(), role)) or finish
+                    actions += self.state.handle(peer, msg, time.monotonic(), role)
+                    changed = changed or msg.op not in _NOT_SAVED
             now = time.monotonic()
-            finish = self._perform(self.state.tick(now)) or finish
+            ticked = self.state.tick(now)
+            if changed or ticked or now >= self._next_save:
+                self._save(now)
+            finish = self._perform(actions + ticked) or finish
             if now >= self._next_sample:
                 self._next_sample = now + self.job.monitor.sample_interval_s
                 self._sample(now)
@@ -267,4 +295,6 @@ class Coordinator:
                     pass
         self._stop_monitoring(summary)
         self.listener.close()
+        if self.store is not None:
+            self.store.close()
         return finish.code

@@ -68,11 +68,22 @@ class ShardLedger:
         self.assigned[(epoch, shard)] = node
         self.log.setdefault(node, []).append((epoch, shard))
         self.handed_at[(epoch, shard)] = len(self.handed_at)
+        return self._describe(epoch, shard)
+
+    def held(self, node: str) -> dict | None:
+        """The unfinished shard ``node`` was handed last, described as :meth:`next` does (None: none)."""
+        mine = [k for k, who in self.assigned.items() if who == node]
+        return self._describe(*max(mine, key=lambda k: self.handed_at.get(k, -1))) if mine else None
+
+    def _describe(self, epoch: int, shard: int) -> dict:
         start, stop = self.bounds(shard)
         return {"epoch": epoch, "shard": shard, "start": start, "stop": stop, "skip": self.skips.get((epoch, shard), 0)}
 
     def done(self, node: str, epoch: int, shard: int) -> bool:
-        """Record a finished shard; False if ``node`` was not training it."""
+        """Record a finished shard; False if ``node`` was not training it. Saying so twice is
+        harmless (a repeated request whose answer was lost)."""
+        if self.completed.get((epoch, shard)) == node and (epoch, shard) not in self.assigned:
+            return True
         if self.assigned.get((epoch, shard)) != node:
             return False
         del self.assigned[(epoch, shard)]
@@ -163,6 +174,30 @@ class ShardLedger:
         self.base_skip = dict(self.skips)
         self.assigned, self.log, self.handed_at = {}, {}, {}
         self.released = set()
+
+    # -- the coordinator's own state (it survives a restart of the coordinator) -------------------
+    def to_dict(self) -> dict:
+        """Everything, as plain data (unlike :meth:`state_at`, which is what a checkpoint keeps)."""
+        def keyed(d: dict) -> list:
+            return [[e, s, v] for (e, s), v in d.items()]
+
+        return {"epoch": self.epoch, "queue": [list(k) for k in self.queue], "assigned": keyed(self.assigned),
+                "completed": keyed(self.completed), "skips": keyed(self.skips), "base_skip": keyed(self.base_skip),
+                "log": {n: [list(k) for k in ks] for n, ks in self.log.items()}, "handed_at": keyed(self.handed_at),
+                "requeued": self.requeued, "released": [[n, e, s] for n, (e, s) in self.released]}
+
+    def load_dict(self, d: dict) -> None:
+        """The inverse of :meth:`to_dict` (for the same job: same examples, shard size, epochs)."""
+        def keyed(rows: list, cast=int) -> dict:
+            return {(int(e), int(s)): cast(v) for e, s, v in rows}
+
+        self.epoch = int(d["epoch"])
+        self.queue = deque((int(e), int(s)) for e, s in d["queue"])
+        self.assigned, self.completed = keyed(d["assigned"], str), keyed(d["completed"], str)
+        self.skips, self.base_skip, self.handed_at = keyed(d["skips"]), keyed(d["base_skip"]), keyed(d["handed_at"])
+        self.log = {str(n): [(int(e), int(s)) for e, s in ks] for n, ks in d["log"].items()}
+        self.requeued = int(d["requeued"])
+        self.released = {(str(n), (int(e), int(s))) for n, e, s in d["released"]}
 
     def summary(self) -> dict:
         per_epoch: dict[int, int] = {}

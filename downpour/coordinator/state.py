@@ -147,6 +147,12 @@ class CoordinatorState:
         self.restore: dict[str, Any] | None = None  # what servers load at start (resume or warm start)
         # Steps and examples before the checkpoint resumed from: checkpoint names keep growing.
         self.step_offset = int(resume["step"]) if resume else 0
+        self.evaluator: str | None = None  # the worker told to evaluate
+        # Coordinator restarts (see persist.adopt_state), and after one: the nodes not heard from
+        # again yet, since when, and the failure record that waits for them.
+        self.restarts = 0
+        self.pid: int | None = None  # the coordinator process's (set by the service; shown in STATUS)
+        self.reconnecting: tuple[set[str], float, dict[str, Any]] | None = None
         if resume is not None:
             self.ledger.restore(resume["ledger"])
             self.restore = resume["restore"]
@@ -188,6 +194,8 @@ class CoordinatorState:
         fail); anything else stops the job."""
         if node.role == "worker" and self.phase == "training" and self.cl.on_worker_failure == "recover":
             return self._worker_lost(now, node, reason, kind, detected_after_s)
+        if node.role == "worker" and self.phase == "evaluating" and self.cl.on_worker_failure == "recover":
+            return self._evaluator_lost(now, node, reason, kind, detected_after_s)
         if node.role == "server" and self.phase == "training" and self.cl.on_server_failure == "recover":
             if self._restore_point() is not None:
                 return self._server_lost(now, node, reason, kind, detected_after_s)
@@ -220,6 +228,19 @@ class CoordinatorState:
             ident, msg = self.server_joiners.pop(0)
             return self._replace_server(ident, msg, now)
         return []
+
+    def _evaluator_lost(self, now: float, node: Node, reason: str, kind: str, detected_after_s: float) -> list[Action]:
+        """The worker evaluating the trained model died: the next worker to register (a
+        replacement) evaluates instead; none within ``cluster.startup_timeout_s`` ends the job."""
+        node.state = DEAD
+        self.failures.append({"node": node.name, "kind": kind, "at_s": round(now - self.started, 3),
+                              "detected_after_s": round(detected_after_s, 3), "recovered_after_s": None, "reason": reason,
+                              "affected": {"evaluation": ["the test-set evaluation of the trained model"]}, "replaced_by": None})
+        self.recovering.append((now, self.failures[-1]))
+        self.evaluator = None
+        self.workerless_since = now
+        log.warning("coordinator: %s lost while evaluating (%s); the next worker to join evaluates", node.name, reason)
+        return self._admit_joiners(now)
 
     def _worker_lost(self, now: float, node: Node, reason: str, kind: str, detected_after_s: float,
                      position: object = None, left: bool = False) -> list[Action]:
@@ -298,8 +319,27 @@ class CoordinatorState:
             if node.state == DEAD and msg.op not in (Op.HEARTBEAT, Op.REPORT):
                 return self._refuse(identity, msg, "declared_dead", f"{node.name} was declared dead; its work went to others")
             node.last_seen = now
+            if self.reconnecting is not None:
+                self._reconnected(now, node.name)
             return handler(self, identity, msg, now, node)
         return handler(self, identity, msg, now, None)
+
+    def _reconnected(self, now: float, name: str | None) -> None:
+        """After a coordinator restart: ``name`` was heard from (None: only look whether anyone is
+        still awaited). The coordinator's failure counts as recovered when the first node gets an
+        answer, and as reconnected once every node alive at the restart was heard from (or was
+        declared dead)."""
+        waiting, since, record = self.reconnecting
+        if name is not None and record["recovered_after_s"] is None:  # serving again: the first node got through
+            record["recovered_after_s"] = round(now - since, 3)
+        waiting.discard(name)
+        waiting.intersection_update(n.name for n in self.nodes.values() if n.state in (ALIVE, DONE))
+        if not waiting:
+            record["reconnected_after_s"] = round(now - since, 3)
+            if record["recovered_after_s"] is None:
+                record["recovered_after_s"] = record["reconnected_after_s"]
+            self.reconnecting = None
+            log.info("coordinator: every node reconnected, %.1fs after the coordinator's failure was detected", now - since)
 
     def _refuse(self, identity: bytes, msg: Message, code: str, text: str) -> list[Action]:
         self.rejected[code] = self.rejected.get(code, 0) + 1
@@ -308,10 +348,13 @@ class CoordinatorState:
 
     def on_register(self, ident: bytes, msg: Message, now: float, _: Node | None) -> list[Action]:
         role, hint = msg.meta.get("role"), msg.meta.get("rank")
+        again = self._register_again(ident, msg, now)
+        if again is not None:
+            return again
         want = {"server": self.cl.num_servers, "worker": self.cl.num_workers}.get(role)  # type: ignore[arg-type]
         if want is None:
             return self._refuse(ident, msg, "bad_role", f"role must be server or worker, got {role!r}")
-        if self.phase == "training" and role == "worker" and self.cl.on_worker_failure == "recover":
+        if role == "worker" and self.cl.on_worker_failure == "recover" and self._joinable():
             self.joiners.append((ident, msg))
             return self._admit_joiners(now)
         if self.phase == "training" and role == "server" and self.cl.on_server_failure == "recover":
@@ -344,6 +387,36 @@ class CoordinatorState:
         if len(self._role("server")) == self.cl.num_servers and len(self._role("worker")) == self.cl.num_workers:
             out += self._start(now)
         return out
+
+    def _register_again(self, ident: bytes, msg: Message, now: float) -> list[Action] | None:
+        """A REGISTER from a node that registered already (its answer was lost, or it went to a
+        coordinator that was restarted since): the same answer, or a place in the same queue.
+        None: not a repeat."""
+        for queue in (self.joiners, self.server_joiners):
+            for i, (who, _) in enumerate(queue):
+                if who == ident:
+                    queue[i] = (ident, msg)
+                    return []
+        for i, (who, _, name) in enumerate(self.pending_workers):
+            if who == ident:
+                self.pending_workers[i] = (ident, msg, name)
+                return []
+        node = self.nodes.get(self.by_identity.get(ident, ""))
+        if node is None or node.state not in (ALIVE, DONE) or node.role != msg.meta.get("role"):
+            return None
+        node.last_seen = now
+        if self.reconnecting is not None:
+            self._reconnected(now, node.name)
+        if node.role == "worker" and self.phase == "registering":  # it waits for the others again
+            self.pending_workers.append((ident, msg, node.name))
+            return []
+        meta = {"node": node.name, "rank": node.rank, "job": job_to_dict(self.job), "layout": self.layout.to_dict()}
+        if node.role == "server":  # it has loaded nothing yet: what a server registering now loads
+            meta["restore"] = self.restore if self.phase == "registering" else self._restore_point()
+        else:
+            meta.update(servers=self._server_addresses(), initializer=node.rank == 0 and not (self.restore or {}).get("full")
+                        and self.train_started is None)
+        return [Reply(ident, msg.reply(meta))]
 
     def _start(self, now: float) -> list[Action]:
         self.phase = "training"
@@ -378,15 +451,16 @@ class CoordinatorState:
         record["replaced_by"] = f"{name} (pid {pid})"
         log.info("coordinator: %s replaced (pid %s); it loads checkpoint %s", name, pid, (self._restore_point() or {}).get("name"))
         base = {"node": name, "rank": rank, "job": job_to_dict(self.job), "layout": self.layout.to_dict()}
-        return [Reply(ident, msg.reply({**base, "restore": self._restore_point()}))] + self._membership()
+        return [Reply(ident, msg.reply({**base, "restore": self._restore_point()}))] + self._membership() + self._admit_joiners(now)
 
     def _admit_joiners(self, now: float) -> list[Action]:
         """Workers registering while training runs take free slots (ranks without a live worker),
-        up to ``cluster.max_workers``; the rest wait inside REGISTER until a slot frees."""
-        if self.phase != "training":
-            return []
+        up to ``cluster.max_workers``; the rest wait inside REGISTER until a slot frees (and
+        every server's rank has a live server again)."""
+        if not self._joinable() or len(self._role("server")) < self.cl.num_servers:
+            return []  # (a server's rank waits for its replacement: a joiner needs every server's address)
         out: list[Action] = []
-        while self.joiners:
+        while self.joiners and self._joinable():
             live = {n.rank for n in self.nodes.values() if n.role == "worker" and n.state in (ALIVE, DONE)}
             free = [r for r in range(self.cl.worker_slots) if r not in live]
             if not free:
@@ -407,11 +481,22 @@ class CoordinatorState:
                 if "replaced_by" in f and f["replaced_by"] is None and self.nodes[f["node"]].rank == rank:
                     f["replaced_by"] = name
                     break
-            log.info("coordinator: %s joined the running job (%s, pid %s)", name, host, pid)
+            if self.phase == "evaluating":  # it takes over the evaluation of a worker that died
+                self.evaluator = name
+                for at, record in list(self.recovering):
+                    if "evaluation" in record["affected"]:
+                        record["recovered_after_s"] = round(now - at, 3)
+                        self.recovering.remove((at, record))
+            log.info("coordinator: %s joined the running job (%s, pid %s)%s", name, host, pid,
+                     " to evaluate the trained model" if self.phase == "evaluating" else "")
             meta = {"node": name, "rank": rank, "job": job_to_dict(self.job), "layout": self.layout.to_dict(),
                     "servers": self._server_addresses(), "initializer": False}
             out.append(Reply(ident, msg.reply(meta)))
         return out + (self._membership() if out else [])
+
+    def _joinable(self) -> bool:
+        """A worker may join now: while training, or to evaluate when the evaluator died."""
+        return self.phase == "training" or (self.phase == "evaluating" and self.evaluator is None)
 
     def on_heartbeat(self, ident: bytes, msg: Message, now: float, node: Node) -> list[Action]:
         progress = msg.meta.get("progress")
@@ -538,7 +623,9 @@ class CoordinatorState:
     def on_next_shard(self, ident: bytes, msg: Message, now: float, node: Node) -> list[Action]:
         if self.phase != "training" or node.state != ALIVE:
             return [Reply(ident, msg.reply({"shard": None}))]
-        shard = self.ledger.next(node.name)
+        # A worker trains one shard at a time: one it holds is handed out again (its request was
+        # repeated: the answer was lost, or the coordinator restarted in between).
+        shard = self.ledger.held(node.name) or self.ledger.next(node.name)
         out: list[Action] = []
         if shard is None and self.ledger.assigned and self.cl.on_worker_failure == "recover":
             # Others still hold shards; one may come back if its worker dies. Meanwhile this
@@ -553,7 +640,7 @@ class CoordinatorState:
         if shard is not None and self.recovering:
             key = [shard["epoch"], shard["shard"]]
             for at, record in list(self.recovering):
-                if any(r[:2] == key for r in record["requeued"]):
+                if any(r[:2] == key for r in record.get("requeued", [])):
                     record["recovered_after_s"] = round(now - at, 3)
                     self.recovering.remove((at, record))
         return [*out, Reply(ident, msg.reply({"shard": shard}))]
@@ -577,6 +664,11 @@ class CoordinatorState:
         return [Reply(ident, msg.reply({}))]
 
     def on_worker_done(self, ident: bytes, msg: Message, now: float, node: Node) -> list[Action]:
+        if self.phase in ("evaluating", "stopping"):  # a repeat whose answer was lost: the same answer
+            return [Reply(ident, msg.reply({"evaluate": node.name == self.evaluator and self.phase == "evaluating"}))]
+        if node.state == DONE and node.name in self.done_waiting:  # a repeat: it waits on
+            self.done_waiting[node.name] = (ident, msg)
+            return []
         stats = msg.meta.get("stats")
         node.stats = stats if isinstance(stats, dict) else {}
         node.state = DONE
@@ -595,7 +687,9 @@ class CoordinatorState:
         out: list[Action] = []
         for i, (name, (ident, msg)) in enumerate(done):
             out.append(Reply(ident, msg.reply({"evaluate": i == 0})))
-            if i > 0:
+            if i == 0:
+                self.evaluator = name
+            else:
                 self.nodes[name].state = FINISHED
         self.done_waiting = {}
         return out + final
@@ -605,6 +699,8 @@ class CoordinatorState:
         data = data if isinstance(data, dict) else {}
         out: list[Action] = [Reply(ident, msg.reply({}))]
         if kind == "error":
+            if node.state == DEAD:  # a repeat, or one that was declared dead already
+                return out
             return out + self._lose(now, node, str(data.get("error", "failed")), "error")
         if kind == "eval" and node.role == "worker" and self.phase == "evaluating":
             self.evaluation = data
@@ -651,6 +747,8 @@ class CoordinatorState:
         if self.workerless_since is not None and now - self.workerless_since > self.cl.startup_timeout_s:
             return self._fail(now, "coordinator", f"every worker was lost and none joined within "
                               f"{self.cl.startup_timeout_s:g}s (cluster.startup_timeout_s)", "no_workers")
+        if self.reconnecting is not None:
+            self._reconnected(now, None)
         if self.phase != "registering":  # workers waiting inside REGISTER send no heartbeats
             training = self.phase == "training" and self.train_started is not None
             self.health.update(list(self.nodes.values()), training, now, self.affected)

@@ -4,7 +4,9 @@ The launcher starts the coordinator first (it binds a free port and writes its
 address into the run folder), then the servers and workers pointed at it. It
 polls the coordinator for progress and watches every process. A worker that
 dies is replaced (``cluster.worker_restarts`` times per job; the coordinator puts
-its data back, see ``CoordinatorState._worker_lost``); any other process that
+its data back, see ``CoordinatorState._worker_lost``), so is a server (it loads
+the latest checkpoint) and the coordinator (on the same address; it picks up
+the job from the state it saved in the run folder); any other process that
 dies unexpectedly is reported as the root cause (with the end of its log),
 and every process started is stopped, on success, failure or Ctrl-C alike.
 Children also die with the launcher (``PR_SET_PDEATHSIG``), so none is orphaned.
@@ -102,6 +104,9 @@ class LocalLauncher:
         self.procs: list[Proc] = []
         self.restarts = 0  # worker replacements started
         self.server_restarts = 0  # server replacements started
+        self.coordinator_restarts = 0
+        self.coordinator: Proc | None = None
+        self.address: str | None = None
         self.env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS=str(job.training.torch_threads))
 
     # -- processes ----------------------------------------------------------
@@ -142,7 +147,7 @@ class LocalLauncher:
         if self.ipc:
             os.makedirs(ipc_dir, mode=0o700, exist_ok=True)
             os.chmod(ipc_dir, 0o700)
-        coord = self._spawn("coordinator", ["coordinator", job_path, "--bind", bind, "--run-dir", self.run_dir])
+        coord = self.coordinator = self._spawn("coordinator", ["coordinator", job_path, "--bind", bind, "--run-dir", self.run_dir])
         deadline = time.monotonic() + _START_TIMEOUT_S
         while not os.path.exists(addr_file):
             if coord.popen.poll() is not None:
@@ -152,7 +157,7 @@ class LocalLauncher:
                 raise JobFailed(f"the coordinator did not start within {_START_TIMEOUT_S:g}s; see {coord.log_path}", node="coordinator")
             time.sleep(0.05)
         with open(addr_file) as f:
-            address = f.read().strip()
+            address = self.address = f.read().strip()
         for r in range(cl.num_servers):
             self._spawn(f"server-{r}", ["server", "--coordinator", address, "--rank", str(r), "--host", "127.0.0.1", "--ipc-dir", ipc_dir])
         for r in range(cl.num_workers):
@@ -204,7 +209,6 @@ class LocalLauncher:
         write_targets(targets_paths(self.run_dir, self.job.monitor.targets_dir, self.job.name), [], only_existing=True)
 
     def _watch(self, rpc: RpcClient, on_status) -> RunResult:
-        coord = self.procs[0]
         pending = None
         next_status = 0.0
         while True:
@@ -213,7 +217,8 @@ class LocalLauncher:
                 if p.exit_code is None and p.popen.poll() is not None:
                     p.exit_code, p.exited_at = p.popen.returncode, now
             failed = sorted((p for p in self.procs if p.exit_code not in (None, 0)), key=lambda p: p.exited_at or 0)
-            if coord.exit_code is not None:
+            coord = self.coordinator
+            if coord.exit_code is not None and not self._restart_coordinator(coord):
                 return self._finish(failed)
             failed = [p for p in failed if not (p.replaced or self._recover(p))]
             if failed:
@@ -266,11 +271,33 @@ class LocalLauncher:
         self._spawn(name, self._respawn_args(p))
         return True
 
+    def _restart_coordinator(self, p: Proc) -> bool:
+        """The coordinator died before the job ended (no summary written): start another on the
+        same address with ``--recover`` (it continues from ``RUN_DIR/coordinator.db``; the nodes
+        reconnect by themselves), up to ``cluster.coordinator_restarts`` times. Returns whether
+        one was started."""
+        from downpour.coordinator.persist import STATE_FILE
+
+        cl = self.job.cluster
+        if (p.exit_code == 0 or os.path.exists(os.path.join(self.run_dir, "summary.json"))
+                or not os.path.exists(os.path.join(self.run_dir, STATE_FILE)) or self.coordinator_restarts >= cl.coordinator_restarts):
+            return False
+        p.replaced = True
+        self.coordinator_restarts += 1
+        args = self._respawn_args(p)
+        args[args.index("--bind") + 1] = self.address
+        name = f"coordinator.{self.coordinator_restarts + 1}"
+        log.warning("%s; starting %s on %s to continue the job (coordinator restart %d of %d)", p.describe_exit(), name,
+                    self.address, self.coordinator_restarts, cl.coordinator_restarts)
+        self.coordinator = self._spawn(name, [*args, "--recover", "--lost-at", repr(time.time())])
+        return True
+
     def _respawn_args(self, p: Proc) -> list[str]:
-        args = [a for a in p.args if a not in ("--insecure",)]
-        if "--keys" in args:
-            i = args.index("--keys")
-            del args[i : i + 2]
+        args = [a for a in p.args if a not in ("--insecure", "--recover")]
+        for flag in ("--keys", "--lost-at"):
+            if flag in args:
+                i = args.index(flag)
+                del args[i : i + 2]
         return args
 
     def _finish(self, failed: list[Proc]) -> RunResult:
@@ -288,7 +315,7 @@ class LocalLauncher:
             with open(summary_path) as f:
                 summary = json.load(f)
         except (OSError, ValueError):
-            coord = self.procs[0]
+            coord = self.coordinator
             tail = coord.log_tail()
             raise JobFailed(f"{coord.describe_exit()} before writing the job's summary; stopping the job."
                             + (f"\n--- end of {coord.log_path} ---\n{tail}" if tail else ""), node="coordinator") from None

@@ -361,12 +361,12 @@ def run_server(ctx: zmq.Context, coordinator: str, host: str = "127.0.0.1", rank
         if reply.get("restore"):
             server.restore(reply["restore"], layout)
         coord.rpc.on_push = server.on_coordinator
-        coord.rpc.request_timeout_s = job.cluster.request_timeout_s
+        coord.configure(job.cluster.coordinator_timeout_s, job.cluster.heartbeat_timeout_s)
         log.info("%s: serving %d parameters in %d keys at %s", server.name, server.store.numel, len(server.store.keys), listener.address)
         if job.monitor.metrics:
             route = metrics_route(server_metrics(server, layout), node_labels(job.name, "server", server.rank, server.name))
             endpoint = HttpEndpoint(metrics_host or job.monitor.http_host, 0, {"/metrics": route}, server.name)
-        hb = Heartbeat(coord, job.cluster.heartbeat_interval_s, job.cluster.heartbeat_timeout_s,
+        hb = Heartbeat(coord, job.cluster.heartbeat_interval_s, job.cluster.coordinator_timeout_s,
                        on_reply=lambda meta: server.set_workers(meta.get("workers")),
                        extra={"metrics": endpoint.address} if endpoint else None)
         reason = server.serve(coord, hb)

@@ -59,7 +59,7 @@ class HeartbeatThread(threading.Thread):
         client = CoordinatorClient(self.ctx, self.address, f"{self.node}.hb-{uuid.uuid4().hex[:6]}", cl.request_timeout_s,
                                    security=self.security)
         client.node = self.node
-        hb = Heartbeat(client, cl.heartbeat_interval_s, cl.heartbeat_timeout_s, extra=self.extra, on_reply=self.on_reply)
+        hb = Heartbeat(client, cl.heartbeat_interval_s, cl.coordinator_timeout_s, extra=self.extra, on_reply=self.on_reply)
         try:
             while not self._halt.wait(min(0.1, cl.heartbeat_interval_s / 4)):
                 try:
@@ -134,7 +134,7 @@ def run_worker(ctx: zmq.Context, coordinator: str, rank: int | None = None, star
         name = reply["node"]
         job = parse_job(reply["job"], source="coordinator")
         layout = Layout.from_dict(reply["layout"])
-        coord.rpc.request_timeout_s = job.cluster.request_timeout_s
+        coord.configure(job.cluster.coordinator_timeout_s, job.cluster.heartbeat_timeout_s)
         # Heartbeats start at once: the coordinator watches this worker from now on, and
         # building the model and reading the data can take seconds on a busy machine.
         trainer: Trainer | None = None
@@ -179,7 +179,7 @@ def run_worker(ctx: zmq.Context, coordinator: str, rank: int | None = None, star
         if reply.get("initializer"):
             kv.wait(kv.init(flat.host))
         coord.barrier("init", timeout_s=_LONG_WAIT_S)
-        kv.wait(kv.pull(flat.host))
+        trainer.pull_all()
         flat.host_to_device()
         trainer.start()
         log.info("%s: training on %s", name, device)
@@ -196,7 +196,7 @@ def run_worker(ctx: zmq.Context, coordinator: str, rank: int | None = None, star
         log.info("%s: trained %d steps, %d examples, %.0f examples/s", name, stats["steps"], stats["examples"], stats["examples_per_s"])
         end = coord.worker_done(stats, timeout_s=_LONG_WAIT_S)
         if end.get("evaluate"):
-            kv.wait(kv.pull(flat.host, exact=True))
+            trainer.pull_all(exact=True)
             flat.host_to_device()
             result = trainer.evaluate()
             log.info("%s: test accuracy %.4f, test loss %.4f", name, result["test_accuracy"], result["test_loss"])

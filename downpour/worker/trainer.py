@@ -265,11 +265,11 @@ class Trainer:
             self.dropped += 1
             log.info("%s: %s; dropped one push and pulled", self.name,
                      "a server was replaced" if err.code == "peer_replaced" else "a sync round passed while this worker waited")
-            self._pull_all()
+            self.pull_all()
         except RequestTimeout as err:  # a server died: its replacement's address comes with a heartbeat
             log.warning("%s: %s; pulling again", self.name, err)
             self.dropped += 1
-            self._pull_all()
+            self.pull_all()
         self.inflight = None
         if self._inflight_position is not None:
             self.position = self._inflight_position
@@ -278,12 +278,12 @@ class Trainer:
             self.base = self.flat.host.clone()
         self.wait_s += time.perf_counter() - w0
 
-    def _pull_all(self, attempts: int = 5) -> None:
+    def pull_all(self, attempts: int = 5, exact: bool = False) -> None:
         """Pull every value, riding out a server being replaced (its old process times out or
         its requests end with ``peer_replaced`` once the new one's address is known)."""
         for attempt in range(attempts):
             try:
-                self.kv.wait(self.kv.pull(self.flat.host))
+                self.kv.wait(self.kv.pull(self.flat.host, exact=exact))
                 return
             except (RequestTimeout, RemoteError) as err:
                 if attempt == attempts - 1 or (isinstance(err, RemoteError) and err.code != "peer_replaced"):

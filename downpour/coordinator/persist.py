@@ -1,0 +1,181 @@
+"""The coordinator's state on disk, so that a restarted coordinator picks up the running job.
+
+:class:`StateStore` keeps the state in SQLite (``RUN_DIR/coordinator.db``, WAL mode): one row per
+part (job, nodes, data-shard ledger, failures, checkpoints), each a JSON document, rewritten only
+when it changed. The service saves before it sends the answers that depend on a change (a shard
+handed out is on disk before the worker hears of it), and once a second for the nodes' progress.
+A SIGKILLed coordinator loses nothing it answered; SQLite's WAL makes each save all or nothing.
+
+:func:`export_state` and :func:`adopt_state` turn a :class:`CoordinatorState` into those parts and
+back. Requests that were waiting inside the old process (a barrier, WORKER_DONE, REGISTER) are not
+kept: the nodes send them again (:class:`~downpour.coordinator.client.CoordinatorClient` repeats a
+request that got no answer), and every handler takes a repeat as the same request. A checkpoint
+that was being written is abandoned. Times are kept relative to the job's start, and the time the
+coordinator was down counts as time that passed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sqlite3
+import time
+from typing import TYPE_CHECKING, Any
+
+from downpour.config import job_to_dict
+from downpour.coordinator.report import ALIVE, DONE
+from downpour.errors import ConfigError
+
+if TYPE_CHECKING:
+    from downpour.coordinator.state import CoordinatorState
+
+log = logging.getLogger(__name__)
+
+STATE_FILE = "coordinator.db"
+_VERSION = 1
+
+
+class StateStore:
+    """Parts of the coordinator's state, each a JSON text, in one SQLite file."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.db = sqlite3.connect(path, isolation_level=None, timeout=5.0, check_same_thread=False)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=NORMAL")  # safe against a killed process; a power cut may lose the last save
+        self.db.execute("CREATE TABLE IF NOT EXISTS state (part TEXT PRIMARY KEY, value TEXT NOT NULL)")
+        self._saved: dict[str, str] = {}
+        self.saves = 0
+
+    def save(self, parts: dict[str, Any]) -> int:
+        """Write the parts that changed since the last save, in one transaction; returns how many."""
+        texts = {k: json.dumps(v, separators=(",", ":"), sort_keys=True) for k, v in parts.items()}
+        changed = {k: t for k, t in texts.items() if self._saved.get(k) != t}
+        if not changed:
+            return 0
+        with self.db:  # one transaction: all of it or none
+            self.db.execute("BEGIN")
+            self.db.executemany("INSERT OR REPLACE INTO state (part, value) VALUES (?, ?)", list(changed.items()))
+        self._saved.update(changed)
+        self.saves += 1
+        return len(changed)
+
+    def load(self) -> dict[str, Any]:
+        """Every part saved (empty when nothing was)."""
+        return {k: json.loads(v) for k, v in self.db.execute("SELECT part, value FROM state")}
+
+    def close(self) -> None:
+        self.db.close()
+
+
+def open_store(run_dir: str, recover: bool) -> tuple[StateStore, dict[str, Any] | None]:
+    """The run folder's state store, and (``recover``) the state a coordinator saved there. A new
+    job in a folder that holds an old job's state starts it afresh."""
+    path = os.path.join(run_dir, STATE_FILE)
+    if not recover:
+        for suffix in ("", "-wal", "-shm"):
+            if os.path.exists(path + suffix):
+                os.remove(path + suffix)
+        return StateStore(path), None
+    if not os.path.exists(path):
+        raise ConfigError(f"--recover: {path} does not exist (no coordinator of this run saved its state)")
+    store = StateStore(path)
+    parts = store.load()
+    if "job" not in parts:
+        raise ConfigError(f"--recover: {path} holds no saved job state")
+    return store, parts
+
+
+def _rel(t: float | None, base: float) -> float | None:
+    return None if t is None else t - base
+
+
+def _abs(t: float | None, base: float) -> float | None:
+    return None if t is None else base + float(t)
+
+
+def export_state(self: CoordinatorState, now: float) -> dict[str, Any]:
+    """The state as plain data, in parts (see :class:`StateStore`)."""
+    base = self.started
+    index = {id(f): i for i, f in enumerate(self.failures)}
+    cp = self.checkpoints
+    return {
+        "job": {
+            "version": _VERSION, "config": job_to_dict(self.job), "wall": time.time(), "elapsed": now - base,
+            "phase": self.phase, "error": self.error, "failed_node": self.failed_node,
+            "train_started": _rel(self.train_started, base), "train_ended": _rel(self.train_ended, base),
+            "workerless_since": _rel(self.workerless_since, base), "step_offset": self.step_offset,
+            "resume": self.resume, "restore": self.restore, "evaluation": self.evaluation, "evaluator": self.evaluator,
+            "servers_gen": self.servers_gen, "rejected": self.rejected, "version_rate": self.version_rate,
+            "restarts": self.restarts,
+        },
+        "nodes": [
+            {"name": n.name, "role": n.role, "rank": n.rank, "identity": n.identity.hex(), "address": n.address,
+             "host": n.host, "pid": n.pid, "state": n.state, "progress": n.progress, "stats": n.stats,
+             "metrics": n.metrics, "idle": n.idle}
+            for n in self.nodes.values()
+        ],
+        "ledger": self.ledger.to_dict(),
+        "failures": {
+            "records": self.failures,
+            "recovering": [[_rel(at, base), index[id(r)]] for at, r in self.recovering if id(r) in index],
+            "server_slots": [[rank, _rel(at, base), index[id(r)]] for rank, (at, r) in self.server_slots.items() if id(r) in index],
+        },
+        "checkpoints": {"committed": cp.committed, "abandoned": cp.abandoned, "seq": cp._seq, "last_step": cp.last_step,
+                        "last_at": _rel(cp.last_at, base), "pending": cp.pending.name if cp.pending else None},
+    }
+
+
+def adopt_state(self: CoordinatorState, parts: dict[str, Any], now: float, lost_at: float | None = None) -> None:
+    """Continue from ``parts`` (:func:`export_state`'s, saved by a coordinator of the same job).
+    ``lost_at``: when (wall clock) the old coordinator was found dead, for the failure record."""
+    from downpour.coordinator.state import Node
+
+    j = parts["job"]
+    if j.get("version") != _VERSION:
+        raise ConfigError(f"the saved coordinator state is version {j.get('version')}, this coordinator reads {_VERSION}")
+    if json.dumps(j["config"], sort_keys=True) != json.dumps(job_to_dict(self.job), sort_keys=True):
+        raise ConfigError("the saved coordinator state belongs to another job (its config differs): "
+                          "recover with the job file the run started with")
+    down_s = max(0.0, time.time() - float(j["wall"]))
+    base = self.started = now - float(j["elapsed"]) - down_s  # the time it was down passed for the job too
+    self.phase, self.error, self.failed_node = j["phase"], j["error"], j["failed_node"]
+    self.train_started, self.train_ended = _abs(j["train_started"], base), _abs(j["train_ended"], base)
+    self.workerless_since = _abs(j["workerless_since"], base)
+    self.step_offset = int(j["step_offset"])
+    self.resume, self.restore, self.evaluation, self.evaluator = j["resume"], j["restore"], j["evaluation"], j["evaluator"]
+    self.servers_gen, self.rejected, self.version_rate = int(j["servers_gen"]), dict(j["rejected"]), float(j["version_rate"])
+    self.restarts = int(j["restarts"]) + 1
+    self.nodes, self.by_identity = {}, {}
+    for d in parts["nodes"]:
+        ident = bytes.fromhex(d["identity"])
+        node = Node(d["name"], d["role"], int(d["rank"]), ident, d["address"], d["host"], int(d["pid"]), state=d["state"],
+                    last_seen=now, progress=d["progress"], stats=d["stats"], metrics=d["metrics"], idle=bool(d["idle"]))
+        self.nodes[node.name] = node
+        self.by_identity[ident] = node.name
+    self.ledger.load_dict(parts["ledger"])
+    f = parts["failures"]
+    self.failures = list(f["records"])
+    self.recovering = [(base + float(at), self.failures[i]) for at, i in f["recovering"]]
+    self.server_slots = {int(rank): (base + float(at), self.failures[i]) for rank, at, i in f["server_slots"]}
+    c, cp = parts["checkpoints"], self.checkpoints
+    cp.committed, cp.abandoned, cp._seq, cp.last_step = list(c["committed"]), int(c["abandoned"]), int(c["seq"]), int(c["last_step"])
+    cp.last_at = base + float(c["last_at"])
+    if c["pending"]:  # its servers' reports went to the old process
+        cp.abandoned += 1
+        log.warning("coordinator: checkpoint %s was being written when the coordinator stopped; abandoned", c["pending"])
+    if self.phase == "failed":  # it was stopping the job already: finish that
+        self.stop_deadline = now + 3 * self.cl.heartbeat_interval_s + 1.0
+    # The coordinator's own failure: found dead (by the launcher) at lost_at; recovered when the first
+    # node gets an answer, reconnected once every node that was alive has been heard from again.
+    detected = None if lost_at is None else now - max(0.0, time.time() - lost_at)
+    record = {"node": "coordinator", "kind": "dead", "at_s": round(float(j["elapsed"]), 3),
+              "detected_after_s": None if lost_at is None else round(max(0.0, lost_at - float(j["wall"])), 3),
+              "recovered_after_s": None, "reconnected_after_s": None, "affected": {}, "down_s": round(down_s, 3),
+              "reason": f"coordinator restarted (restart {self.restarts}); its state was saved {down_s:.1f}s before"}
+    self.failures.append(record)
+    awaited = {n.name for n in self.nodes.values() if n.state in (ALIVE, DONE)}
+    self.reconnecting = (awaited, detected if detected is not None else now, record)
+    log.warning("coordinator: recovered the job from %s (phase %s, %d nodes, %d shards done); waiting for the nodes to reconnect",
+                STATE_FILE, self.phase, len(self.nodes), len(self.ledger.completed))

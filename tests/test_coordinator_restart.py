@@ -1,0 +1,260 @@
+"""A coordinator that dies is restarted and picks up the running job from its saved state.
+
+The state machine is tested with a fake clock (Sim): its state goes through the SQLite store
+into a fresh CoordinatorState, the nodes repeat what the old one had not answered, and the job
+ends with every shard trained once. The end-to-end tests SIGKILL the coordinator of a real
+`downpour train` job (and, in the chaos test, workers and a server too).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import time
+
+import pytest
+
+from downpour.coordinator.persist import STATE_FILE, StateStore, adopt_state, export_state, open_store
+from downpour.coordinator.state import CoordinatorState
+from downpour.errors import ConfigError
+from downpour.protocol import Op
+from tests.cluster import QUIET, query_status, start_job, stop_job, wait_training
+from tests.conftest import tiny_job
+from tests.test_coordinator_state import JOB, LAYOUT, NUM_TRAIN, SERVERS, WORKERS, Sim, error_code, ident, ok, one, replies
+
+
+def restarted(sim: Sim, tmp_path, at: float) -> Sim:
+    """The coordinator dies and another takes over from the state the first one saved."""
+    store = StateStore(str(tmp_path / STATE_FILE))
+    store.save(export_state(sim.state, sim.now))
+    store.close()
+    again = Sim()
+    again.now = at
+    again.state = CoordinatorState(JOB, LAYOUT, NUM_TRAIN, at)
+    store, parts = open_store(str(tmp_path), recover=True)
+    adopt_state(again.state, parts, at, lost_at=time.time())
+    store.close()
+    again.req = sim.req
+    return again
+
+
+def shard_of(actions: list, who: str) -> dict | None:
+    return ok(one(actions, to=who))["shard"]
+
+
+def test_a_restarted_coordinator_continues_the_job_and_every_shard_is_trained_once(tmp_path):
+    sim = Sim()
+    sim.start()
+    for w in WORKERS:
+        sim.send(w, Op.BARRIER, name="init")
+    first = shard_of(sim.send(WORKERS[0], Op.NEXT_SHARD), WORKERS[0])
+    sim.send(WORKERS[0], Op.SHARD_DONE, epoch=first["epoch"], shard=first["shard"], examples=4)
+    held = shard_of(sim.send(WORKERS[1], Op.NEXT_SHARD), WORKERS[1])
+    sim.send(WORKERS[2], Op.HEARTBEAT, progress={"steps": 7, "examples": 224})
+    before = sim.state.ledger.to_dict()
+
+    sim = restarted(sim, tmp_path, at=2.0)
+    st = sim.state
+    assert st.phase == "training" and st.restarts == 1 and st.ledger.to_dict() == before
+    assert {n.name: n.state for n in st.nodes.values()} == {**dict.fromkeys(SERVERS + WORKERS, "alive")}
+    assert st.nodes[WORKERS[2]].progress["steps"] == 7
+    # The worker whose NEXT_SHARD answer was lost asks again: the same shard, not a second one.
+    assert shard_of(sim.send(WORKERS[1], Op.NEXT_SHARD), WORKERS[1]) == held
+    [failure] = st.failures
+    assert failure["node"] == "coordinator"
+    assert failure["recovered_after_s"] is not None  # worker-1 got an answer: it serves again
+    assert failure["reconnected_after_s"] is None and failure["detected_after_s"] is not None
+    for who in SERVERS + [WORKERS[0], WORKERS[2]]:
+        sim.send(who, Op.HEARTBEAT)
+    assert failure["reconnected_after_s"] is not None
+
+    # Train the rest; workers finish their shard before asking for the next.
+    holds = {WORKERS[1]: held}
+    while True:
+        progressed = False
+        for w in WORKERS:
+            if w in holds:
+                s = holds.pop(w)
+                ok(one(sim.send(w, Op.SHARD_DONE, epoch=s["epoch"], shard=s["shard"], examples=4)))
+            s = ok(one(sim.send(w, Op.NEXT_SHARD), to=w))["shard"]
+            if s is not None:
+                holds[w], progressed = s, True
+        if not progressed and not holds:
+            break
+    assert st.ledger.summary()["completed_per_epoch"] == {"0": 3, "1": 3} and st.ledger.summary()["unfinished"] == 0
+
+
+def test_requests_the_old_coordinator_held_are_repeated_and_answered_once(tmp_path):
+    sim = Sim()
+    sim.start()
+    sim.send(WORKERS[0], Op.BARRIER, name="init")  # waiting inside the old coordinator
+    sim = restarted(sim, tmp_path, at=1.0)
+    for w in WORKERS:  # worker-0 repeats its BARRIER; the others arrive
+        out = sim.send(w, Op.BARRIER, name="init")
+    assert sorted(r.to for r in replies(out)) == sorted(ident(w) for w in WORKERS)
+    assert sim.state.train_started is not None
+    # Two workers report they are done; the coordinator dies; they repeat; the third finishes.
+    for w in WORKERS[:2]:
+        sim.send(w, Op.WORKER_DONE, stats={"steps": 1})
+    sim = restarted(sim, tmp_path, at=2.0)
+    for w in WORKERS[:2]:  # they wait on
+        assert replies(sim.send(w, Op.WORKER_DONE, stats={"steps": 1}), to=w) == []
+    out = sim.send(WORKERS[2], Op.WORKER_DONE, stats={"steps": 1})
+    answers = {r.to.decode()[3:]: r.msg.meta["evaluate"] for r in replies(out) if r.msg.op == Op.OK and "evaluate" in r.msg.meta}
+    assert sorted(answers) == sorted(WORKERS) and sum(answers.values()) == 1
+    evaluator = next(w for w, e in answers.items() if e)
+    # The evaluator's answer was lost: it asks again and is still the one to evaluate.
+    again = ok(one(sim.send(evaluator, Op.WORKER_DONE, stats={"steps": 1})))
+    assert again["evaluate"] is True
+    other = next(w for w in WORKERS if w != evaluator)
+    assert ok(one(sim.send(other, Op.WORKER_DONE, stats={"steps": 1})))["evaluate"] is False
+
+
+def test_a_register_repeated_after_a_restart_gets_the_same_rank_and_waits_for_the_job_to_start(tmp_path):
+    sim = Sim()
+    for i, s in enumerate(SERVERS):
+        sim.register(s, "server", i)
+    sim.register(WORKERS[0], "worker", 0)
+    sim = restarted(sim, tmp_path, at=1.0)
+    assert sim.state.phase == "registering"
+    assert sim.register(WORKERS[0], "worker", 0) == []  # the same node, waiting again
+    assert len(sim.state.nodes) == len(SERVERS) + 1
+    sim.register(WORKERS[1], "worker", 1)
+    out = sim.register(WORKERS[2], "worker", 2)
+    started = {r.to.decode()[3:]: r.msg.meta["rank"] for r in replies(out) if r.msg.op == Op.OK and "rank" in r.msg.meta}
+    assert started == {w: i for i, w in enumerate(WORKERS)}
+    # A server that repeats REGISTER once the job runs gets its old answer, not a second rank.
+    meta = ok(one(sim.register(SERVERS[1], "server", 1)))
+    assert meta["node"] == "server-1" and meta["rank"] == 1
+
+
+def test_the_state_store_writes_only_what_changed_and_refuses_another_jobs_state(tmp_path):
+    sim = Sim()
+    sim.start()
+    store = StateStore(str(tmp_path / STATE_FILE))
+    assert store.save(export_state(sim.state, 0.0)) == 5
+    sim.send(WORKERS[0], Op.NEXT_SHARD)
+    assert store.save(export_state(sim.state, 0.0)) == 2  # the ledger, and the job part's clock
+    store.close()
+    other = JOB.model_copy(update={"training": JOB.training.model_copy(update={"epochs": 9})})
+    _, parts = open_store(str(tmp_path), recover=True)
+    with pytest.raises(ConfigError, match="another job"):
+        adopt_state(CoordinatorState(other, LAYOUT, NUM_TRAIN, 0.0), parts, 0.0)
+    with pytest.raises(ConfigError, match="does not exist"):
+        open_store(str(tmp_path / "elsewhere"), recover=True)
+    open_store(str(tmp_path), recover=False)  # a new job in this folder starts afresh
+    assert not os.path.exists(str(tmp_path / STATE_FILE)) or StateStore(str(tmp_path / STATE_FILE)).load() == {}
+
+
+def test_a_node_that_died_while_the_coordinator_was_down_is_declared_dead_after_the_restart(tmp_path):
+    sim = Sim()
+    sim.start()
+    for w in WORKERS:
+        sim.send(w, Op.BARRIER, name="init")
+    held = shard_of(sim.send(WORKERS[2], Op.NEXT_SHARD), WORKERS[2])
+    sim = restarted(sim, tmp_path, at=1.0)
+    for t in (2.0, 4.0, 6.0):  # everyone but worker-2 heartbeats
+        sim.now = t
+        for who in SERVERS + WORKERS[:2]:
+            sim.send(who, Op.HEARTBEAT)
+    sim.tick(6.5)
+    sim.tick(6.6)  # the next turn: nobody else is awaited, so the coordinator counts as recovered
+    assert sim.state.nodes[WORKERS[2]].state == "dead"
+    coordinator, worker = sim.state.failures
+    assert coordinator["node"] == "coordinator" and coordinator["reconnected_after_s"] is not None
+    assert worker["node"] == WORKERS[2] and worker["requeued"] == [[held["epoch"], held["shard"], 0]]
+    assert error_code(one(sim.send(WORKERS[2], Op.NEXT_SHARD))) == "declared_dead"
+
+
+# -- end to end -----------------------------------------------------------------------------------
+
+
+def _summary(run_dir: str) -> dict:
+    with open(os.path.join(run_dir, "summary.json")) as f:
+        return json.load(f)
+
+
+def _every_shard_once(summary: dict, epochs: int) -> None:
+    shards = summary["data_shards"]
+    assert shards["unfinished"] == 0
+    assert shards["completed_per_epoch"] == {str(e): shards["num_shards"] for e in range(epochs)}
+
+
+def test_a_killed_coordinator_is_restarted_and_the_job_finishes_with_every_shard_once(tmp_path, tiny_data):
+    epochs = 30
+    job = tiny_job(tiny_data, training={"epochs": epochs}, monitor=QUIET, checkpoint={"enabled": False},
+                   cluster={"num_workers": 2, "heartbeat_timeout_s": 2.0})
+    job["data"]["shard_size"] = 200
+    proc, run_dir = start_job(tmp_path, job)
+    try:
+        status = wait_training(run_dir, steps=5)
+        os.kill(status["coordinator"]["pid"], signal.SIGKILL)
+        _, err = proc.communicate(timeout=150)
+    finally:
+        stop_job(proc)
+    assert proc.returncode == 0, err[-3000:]
+    summary = _summary(run_dir)
+    assert summary["status"] == "ok"
+    [failure] = summary["failures"]
+    assert failure["node"] == "coordinator" and failure["kind"] == "dead"
+    assert 0 <= failure["detected_after_s"] < 5 and 0 < failure["recovered_after_s"] < 30
+    assert "starting coordinator.2" in err
+    _every_shard_once(summary, epochs)
+    assert summary["test_accuracy"] > 0.5
+
+
+def test_chaos_workers_a_server_and_the_coordinator_killed_during_one_run(tmp_path, tiny_data):
+    """SIGKILL a random worker every few seconds, one server once and the coordinator once: the run
+    finishes, every shard is trained exactly once per epoch, and each failure is reported with its
+    detection and recovery time. (The accuracy against an undisturbed run with the same seed is
+    measured on the reference job by ``benchmarks/recovery.py --chaos``.)"""
+    epochs = 150  # about 40 s undisturbed on 2 cores: time for five kills and their recoveries
+    job = tiny_job(tiny_data, training={"epochs": epochs}, monitor=QUIET,
+                   checkpoint={"enabled": True, "every_steps": 20, "every_s": None, "keep": 2},
+                   cluster={"num_workers": 3, "heartbeat_timeout_s": 2.0, "worker_restarts": 10})
+    job["data"]["shard_size"] = 200
+    rng = random.Random(0)
+    proc, run_dir = start_job(tmp_path, job)
+    killed: list[str] = []
+    try:
+        wait_training(run_dir, steps=5)
+        plan = ["worker", "server", "worker", "coordinator", "worker"]
+        deadline = time.monotonic() + 120
+        while plan and time.monotonic() < deadline and proc.poll() is None:
+            status = query_status(run_dir)
+            if not status or status["phase"] != "training":
+                time.sleep(0.2)
+                continue
+            kind = plan[0]
+            if kind == "server" and not (status.get("checkpoints") or {}).get("count"):
+                time.sleep(0.2)  # a server is recovered from a committed checkpoint
+                continue
+            if kind == "coordinator":
+                pid, name = status["coordinator"]["pid"], "coordinator"
+            else:
+                live = [n for n in status["nodes"] if n["role"] == kind and n["state"] == "alive"
+                        and (kind != "worker" or n["progress"].get("steps", 0) > 0)]
+                if not live:
+                    time.sleep(0.2)
+                    continue
+                victim = rng.choice(live)
+                pid, name = victim["pid"], victim["name"]
+            os.kill(pid, signal.SIGKILL)
+            killed.append(name)
+            plan.pop(0)
+            time.sleep(2.0)
+        _, err = proc.communicate(timeout=240)
+    finally:
+        stop_job(proc)
+    assert proc.returncode == 0, err[-3000:]
+    assert len(killed) == 5, f"the job ended before all kills: {killed}"
+    summary = _summary(run_dir)
+    assert summary["status"] == "ok"
+    failed = [f["node"] for f in summary["failures"]]
+    assert sorted(n.split(".")[0] for n in failed) == sorted(k.split(".")[0] for k in killed), (failed, killed)
+    for f in summary["failures"]:
+        assert f["detected_after_s"] is not None and f["recovered_after_s"] is not None, f
+    _every_shard_once(summary, epochs)
+    assert summary["test_accuracy"] > 0.5
