@@ -31,11 +31,12 @@ with SIGSTOP once training runs: the process stays up but goes silent, as a hung
 machine does, so only the coordinator's heartbeat watch can notice it. It reports the
 coordinator's ``detected_after_s``. By default a lost worker or server is replaced and the job goes
 on (``benchmarks/recovery.py`` measures that); these runs set ``cluster.on_worker_failure=fail``
-and ``cluster.on_server_failure=fail`` so that the detection ends the job with an error naming
-the node. A process that exits is noticed at once by ``downpour train`` (it polls its children
+and ``cluster.on_server_failure=fail`` so that the detection ends the job (the coordinator's
+status and summary name the node; ``downpour train`` may name a worker the coordinator stopped
+instead, as it exits first). A process that exits is noticed at once by ``downpour train`` (it polls its children
 every 50 ms), before any heartbeat is missed.
 
-    .venv/bin/python benchmarks/checkpoint_overhead.py --runs 5 --epochs 5 --configs none,every-10s
+    .venv/bin/python benchmarks/checkpoint_overhead.py --runs 6 --epochs 6 --configs none,every-10s
     .venv/bin/python benchmarks/checkpoint_overhead.py --runs 3 --epochs 3 --detect
 """
 
@@ -225,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--configs", default=",".join(CONFIGS))
-    ap.add_argument("--detect", action="store_true", help="also measure detection of a killed worker and server")
+    ap.add_argument("--detect", action="store_true", help="also measure detection of a frozen worker and server (each run ends the job)")
     ap.add_argument("--json", metavar="PATH")
     args = ap.parse_args(argv)
     configs = [c for c in args.configs.split(",") if c]

@@ -147,6 +147,19 @@ def test_a_killed_node_stops_the_job_with_a_clear_error(tmp_path, tiny_data, vic
     assert not any(alive(p) for p in pids.values()), "every process of the job is stopped"
 
 
+def test_a_frozen_worker_is_named_as_the_cause_not_the_workers_the_coordinator_stopped(tmp_path, tiny_data):
+    proc, run_dir = _start_long_job(tmp_path, tiny_data, on_worker_failure="fail")
+    try:
+        status = wait_training(run_dir)
+        frozen = next(n["pid"] for n in status["nodes"] if n["name"] == "worker-1")
+        os.kill(frozen, signal.SIGSTOP)  # up but silent, like a hung machine
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 1
+    assert "job failed: worker-1: no heartbeat" in err, err[-2000:]
+
+
 def test_ctrl_c_stops_every_process(tmp_path, tiny_data):
     proc, run_dir = _start_long_job(tmp_path, tiny_data)
     try:

@@ -242,7 +242,9 @@ def test_a_ctr_job_checkpoints_its_tables_incrementally_and_a_resume_gets_them_b
     job = _ctr_job(epochs=1)
     job["checkpoint"] = {"enabled": True, "every_steps": 10, "every_s": None, "keep": 2, "sparse_full_every": 3}
     first = LocalLauncher(resolve_job(job), str(tmp_path / "run")).run().summary
-    assert first["status"] == "ok" and first["checkpoints"]["count"] >= 3
+    # At least a base and a delta (how many more depends on the machine's speed: a checkpoint is not
+    # begun while one is being written).
+    assert first["status"] == "ok" and first["checkpoints"]["count"] >= 2
     from downpour.storage import CheckpointStore
 
     store = CheckpointStore(str(tmp_path / "run" / "checkpoints"), keep=2)

@@ -223,6 +223,8 @@ class LocalLauncher:
             failed = [p for p in failed if not (p.replaced or self._recover(p))]
             if failed:
                 first = failed[0]
+                if first.exit_code > 0 and self._coordinator_ends(coord):  # its verdict names the root cause
+                    return self._finish(failed)
                 tail = first.log_tail()
                 raise JobFailed(f"{first.describe_exit()}; stopping the job.\n"
                                 f"--- end of {first.log_path} ---\n{tail}" if tail else f"{first.describe_exit()}; stopping the job.",
@@ -270,6 +272,17 @@ class LocalLauncher:
                     cl.worker_restarts)
         self._spawn(name, self._respawn_args(p))
         return True
+
+    def _coordinator_ends(self, coord: Proc) -> bool:
+        """A node exited with an error: often because the coordinator stopped it after another
+        node failed (the coordinator then ends the job moments later, naming that node). Wait a
+        little for the coordinator to end; returns whether it did."""
+        try:
+            coord.popen.wait(timeout=3 * self.job.cluster.heartbeat_interval_s + 3.0)
+        except subprocess.TimeoutExpired:
+            return False
+        coord.exit_code, coord.exited_at = coord.popen.returncode, time.monotonic()
+        return os.path.exists(os.path.join(self.run_dir, "summary.json"))
 
     def _restart_coordinator(self, p: Proc) -> bool:
         """The coordinator died before the job ended (no summary written): start another on the
