@@ -72,10 +72,12 @@ def _kill(p, kills: list) -> None:
     kills.append((time.monotonic(), p.name))
 
 
-def chaos(launcher: LocalLauncher, every_s: float, kills: list, stop: threading.Event, rng: random.Random) -> None:
-    """Worker, server-1, worker, coordinator, then workers: one kill every ``every_s``."""
+def chaos(launcher: LocalLauncher, every_s: float, kills: list, stop: threading.Event, rng: random.Random,
+          phase: dict) -> None:
+    """Worker, server-1, worker, coordinator, then workers: one kill every ``every_s``, while the
+    job trains (``phase``: the coordinator's, as the launcher's status polls see it)."""
     plan = ["worker", "server", "worker", "coordinator"]
-    while True:
+    while phase.get("phase") == "training":
         kind = plan.pop(0) if plan else "worker"
         if kind == "coordinator":
             _kill(launcher.coordinator, kills)
@@ -90,7 +92,7 @@ def chaos(launcher: LocalLauncher, every_s: float, kills: list, stop: threading.
 
 
 def killer(launcher: LocalLauncher, after_s: float, every_s: float | None, kills: list, stop: threading.Event,
-           server: bool = False, chaotic: bool = False) -> None:
+           server: bool = False, chaotic: bool = False, phase: dict | None = None) -> None:
     """SIGKILL worker-1 (or server-1) ``after_s`` after worker-1 began training (then a random live
     worker every ``every_s``)."""
     rng = random.Random(0)
@@ -100,7 +102,7 @@ def killer(launcher: LocalLauncher, after_s: float, every_s: float | None, kills
     if stop.wait(after_s):
         return
     if chaotic:
-        return chaos(launcher, every_s or 3.0, kills, stop, rng)
+        return chaos(launcher, every_s or 3.0, kills, stop, rng, phase if phase is not None else {})
     if server:
         p = next(p for p in launcher.procs if p.name == "server-1")
         p.popen.send_signal(signal.SIGKILL)
@@ -124,11 +126,12 @@ def run(job_path: str, overrides: list[str], run_dir: str, after_s: float | None
     kills: list = []
     stop = threading.Event()
     thread = None
+    phase: dict = {}
     if after_s is not None:
-        thread = threading.Thread(target=killer, args=(launcher, after_s, every_s, kills, stop, server, chaotic), daemon=True)
+        thread = threading.Thread(target=killer, args=(launcher, after_s, every_s, kills, stop, server, chaotic, phase), daemon=True)
         thread.start()
     try:
-        s = launcher.run().summary
+        s = launcher.run(on_status=lambda st: phase.update(phase=st.get("phase"))).summary
     finally:
         stop.set()
         if thread is not None:

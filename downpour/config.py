@@ -207,6 +207,11 @@ class ClusterConfig(_Frozen):
     # one the job stops. fail: the job stops.
     on_server_failure: Literal["recover", "fail"] = "recover"
     server_restarts: int = Field(3, ge=0)
+    # A dead server's rank that has no replacement this long after the death was detected (its
+    # machine is gone, or `downpour train` has no server_restarts left) moves onto the surviving
+    # server that holds the fewest bytes: that process loads the rank's keys from the latest
+    # checkpoint and serves them beside its own.
+    server_replace_timeout_s: float = Field(30.0, gt=0)
     # A coordinator keeps its state in RUN_DIR/coordinator.db; `downpour train` restarts a dead one
     # (up to coordinator_restarts times) on the same address, and it picks up the running job.
     # Servers and workers keep training meanwhile, repeat the requests that got no answer, and

@@ -368,10 +368,12 @@ def test_an_evaluator_that_dies_is_replaced_by_the_next_worker_to_join_which_eva
     assert joined["node"] == "worker-0.2" and failure["replaced_by"] == "worker-0.2" and failure["recovered_after_s"] == 0.5
     assert ok(one(sim.send("worker-0.2", Op.NEXT_SHARD)))["shard"] is None  # training is over: nothing to train
     assert ok(one(sim.send("worker-0.2", Op.WORKER_DONE, stats={})))["evaluate"] is True
-    sim.send("worker-0.2", Op.REPORT, kind="eval", data={"test_accuracy": 0.9})
+    # Only one evaluator: another joiner waits (in case this one dies too) ...
+    assert sim.register("worker-1.2", "worker", 1) == []
+    out = sim.send("worker-0.2", Op.REPORT, kind="eval", data={"test_accuracy": 0.9})
     assert sim.state.phase == "stopping"
-    # Only one evaluator: a second joiner is refused.
-    assert error_code(one(sim.register("worker-1.2", "worker", 1))) == "job_running"
+    assert error_code(one(out, to="worker-1.2")) == "job_running"  # ... and is turned away once the job is over
+    assert error_code(one(sim.register("worker-2.2", "worker", 2))) == "job_running"
 
 
 def test_a_worker_joining_while_a_server_waits_for_its_replacement_is_admitted_once_it_registered():
@@ -389,3 +391,58 @@ def test_a_worker_joining_while_a_server_waits_for_its_replacement_is_admitted_o
     out = sim.send("server-1.2", Op.REGISTER, role="server", rank=1, address="tcp://127.0.0.1:7001", host="t", pid=9)
     joined = ok(one(out, to="worker-0.2"))
     assert {s["name"]: s["address"] for s in joined["servers"]}["server-1"] == "tcp://127.0.0.1:7001"
+
+
+def test_a_rank_without_a_replacement_moves_onto_the_survivor_with_the_fewest_bytes():
+    job = JOB.model_copy(update={"cluster": JOB.cluster.model_copy(update={"server_replace_timeout_s": 10.0})})
+    sim = Sim(job)
+    training(sim)
+    sim.state.checkpoints.committed.append({"name": "ckpt-1", "step": 1, "write_s": 0.1, "final": False})
+    lose(sim, SERVERS[1], 5.5)
+    assert 1 in sim.state.server_slots
+    sim.now = 10.0
+    assert "host_ranks" not in ok(one(sim.send(SERVERS[0], Op.HEARTBEAT)))  # still waiting for a replacement
+    for t in (12.0, 14.0, 15.9):
+        sim.now = t
+        for who in [SERVERS[0], *WORKERS]:
+            sim.send(who, Op.HEARTBEAT)
+    sim.tick(16.0)
+    assert sim.state.hosting == {1: SERVERS[0]}
+    sim.now = 16.1
+    assert ok(one(sim.send(SERVERS[0], Op.HEARTBEAT)))["host_ranks"] == [1]
+    out = sim.send("server-1-hosted", Op.REGISTER, role="server", rank=1, address="tcp://127.0.0.1:7101", host="test",
+                   pid=123, hosted_by=SERVERS[0])
+    [meta] = [r.msg.meta for r in replies(out, to="server-1-hosted") if r.msg.op == Op.OK]
+    assert meta["node"] == "server-1" and meta["restore"]["name"] == "ckpt-1"
+    [failure] = sim.state.failures
+    assert failure["resharded_onto"] == SERVERS[0] and sim.state.hosting == {}
+    assert "host_ranks" not in ok(one(sim.send(SERVERS[0], Op.HEARTBEAT)))
+
+
+def test_a_killed_server_without_restarts_left_moves_onto_the_surviving_server(tmp_path, tiny_data):
+    job = tiny_job(tiny_data, training={"epochs": EPOCHS}, monitor=QUIET,
+                   checkpoint={"enabled": True, "every_steps": 20, "every_s": None, "keep": 2},
+                   cluster={"num_workers": 2, "heartbeat_timeout_s": 2.0, "server_restarts": 0, "server_replace_timeout_s": 1.0})
+    proc, run_dir = start_job(tmp_path, job)
+    try:
+        deadline = time.monotonic() + 90
+        status = wait_training(run_dir, steps=5)
+        while not (status and (status.get("checkpoints") or {}).get("count")) and time.monotonic() < deadline:
+            time.sleep(0.2)
+            status = query_status(run_dir)
+        victim = next(n for n in status["nodes"] if n["name"] == "server-1")
+        survivor = next(n for n in status["nodes"] if n["name"] == "server-0")
+        os.kill(victim["pid"], signal.SIGKILL)
+        _, err = proc.communicate(timeout=150)
+    finally:
+        stop_job(proc)
+    assert proc.returncode == 0, err[-3000:]
+    with open(os.path.join(run_dir, "summary.json")) as f:
+        summary = json.load(f)
+    assert summary["status"] == "ok"
+    [failure] = summary["failures"]
+    assert failure["node"] == "server-1" and failure["resharded_onto"] == "server-0"
+    assert failure["replaced_by"] == f"server-1 (pid {survivor['pid']})"  # the survivor's process serves it
+    assert "no server restarts left" in err and failure["recovered_after_s"] is not None
+    _every_shard_once(summary)
+    assert summary["test_accuracy"] > 0.5

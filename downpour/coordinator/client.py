@@ -74,10 +74,13 @@ class CoordinatorClient:
                     raise RequestTimeout(f"{op.name} to the coordinator got no reply within {limit:g}s "
                                          "(is the coordinator alive?)", peer=COORDINATOR) from None
 
-    def register(self, role: str, rank: int | None, address: str | None, timeout_s: float) -> dict[str, Any]:
+    def register(self, role: str, rank: int | None, address: str | None, timeout_s: float,
+                 hosted_by: str | None = None) -> dict[str, Any]:
         """Join the job. Returns once the coordinator admitted this node (for a worker: once
-        every server and worker of the job registered): node name, rank, job, layout, servers."""
-        meta = {"role": role, "rank": rank, "address": address, "host": socket.gethostname(), "pid": os.getpid()}
+        every server and worker of the job registered): node name, rank, job, layout, servers.
+        ``hosted_by``: the server whose process this one runs in (it took over a lost rank)."""
+        meta = {"role": role, "rank": rank, "address": address, "host": socket.gethostname(), "pid": os.getpid(),
+                "hosted_by": hosted_by}
         reply = self.call(Op.REGISTER, meta, timeout_s)
         self.node = reply["node"]
         return reply

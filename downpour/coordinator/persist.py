@@ -107,7 +107,7 @@ def export_state(self: CoordinatorState, now: float) -> dict[str, Any]:
             "train_started": _rel(self.train_started, base), "train_ended": _rel(self.train_ended, base),
             "workerless_since": _rel(self.workerless_since, base), "step_offset": self.step_offset,
             "resume": self.resume, "restore": self.restore, "evaluation": self.evaluation, "evaluator": self.evaluator,
-            "servers_gen": self.servers_gen, "rejected": self.rejected, "version_rate": self.version_rate,
+            "servers_gen": self.servers_gen, "hosting": self.hosting, "rejected": self.rejected, "version_rate": self.version_rate,
             "restarts": self.restarts,
         },
         "nodes": [
@@ -146,6 +146,7 @@ def adopt_state(self: CoordinatorState, parts: dict[str, Any], now: float, lost_
     self.step_offset = int(j["step_offset"])
     self.resume, self.restore, self.evaluation, self.evaluator = j["resume"], j["restore"], j["evaluation"], j["evaluator"]
     self.servers_gen, self.rejected, self.version_rate = int(j["servers_gen"]), dict(j["rejected"]), float(j["version_rate"])
+    self.hosting = {int(r): str(n) for r, n in j["hosting"].items()}
     self.restarts = int(j["restarts"]) + 1
     self.nodes, self.by_identity = {}, {}
     for d in parts["nodes"]:

@@ -133,6 +133,9 @@ class CoordinatorState:
         # rank -> (detected at, failure record); and how often the servers' addresses changed
         # (workers' heartbeats carry the addresses once it is above 0).
         self.server_slots: dict[int, tuple[float, dict[str, Any]]] = {}
+        # Ranks without a replacement after cluster.server_replace_timeout_s, and the surviving
+        # server asked to take each over (it hears so in its heartbeat answers).
+        self.hosting: dict[int, str] = {}
         self.servers_gen = 0
         # Servers that registered for a rank while training ran and no rank was free (a replacement
         # started before the old process was declared dead): answered once a rank frees.
@@ -354,7 +357,8 @@ class CoordinatorState:
         want = {"server": self.cl.num_servers, "worker": self.cl.num_workers}.get(role)  # type: ignore[arg-type]
         if want is None:
             return self._refuse(ident, msg, "bad_role", f"role must be server or worker, got {role!r}")
-        if role == "worker" and self.cl.on_worker_failure == "recover" and self._joinable():
+        if role == "worker" and self.cl.on_worker_failure == "recover" and self.phase in ("training", "evaluating"):
+            # It waits for a free slot (or, once training is over, in case the evaluator dies).
             self.joiners.append((ident, msg))
             return self._admit_joiners(now)
         if self.phase == "training" and role == "server" and self.cl.on_server_failure == "recover":
@@ -440,6 +444,10 @@ class CoordinatorState:
             return self._refuse(ident, msg, "bad_address", "a server must give the address it listens on")
         rank = hint if type(hint) is int and hint in self.server_slots else min(self.server_slots)
         _, record = self.server_slots[rank]
+        self.hosting.pop(rank, None)
+        host_of = msg.meta.get("hosted_by")
+        if isinstance(host_of, str) and host_of in self.nodes:  # a survivor took the rank over
+            record["resharded_onto"] = host_of
         name = f"server-{rank}"
         old = self.nodes.get(name)
         if old is not None:
@@ -494,6 +502,29 @@ class CoordinatorState:
             out.append(Reply(ident, msg.reply(meta)))
         return out + (self._membership() if out else [])
 
+    def _move_lost_ranks(self, now: float) -> None:
+        """Ranks without a replacement for ``cluster.server_replace_timeout_s`` go to the surviving
+        server process that holds the fewest bytes (it loads them from the latest checkpoint)."""
+        for rank, (at, record) in sorted(self.server_slots.items()):
+            host = self.nodes.get(self.hosting.get(rank, ""))
+            if host is not None and host.state == ALIVE:
+                continue  # asked already; it is loading them
+            if now - at < self.cl.server_replace_timeout_s:
+                continue
+            load: dict[tuple[str, int], int] = {}  # bytes per surviving process (one may serve several ranks)
+            first: dict[tuple[str, int], Node] = {}
+            for n in self._role("server"):
+                if n.rank not in self.server_slots:
+                    proc = (n.host, n.pid)
+                    load[proc] = load.get(proc, 0) + self.layout.server_numel(n.rank)
+                    first.setdefault(proc, n)
+            if not load:
+                return
+            proc = min(load, key=lambda p: (load[p], first[p].rank))
+            self.hosting[rank] = first[proc].name
+            log.warning("coordinator: no replacement for server-%d after %.0fs; %s takes over its keys from checkpoint %s",
+                        rank, now - at, first[proc].name, record.get("restored_from"))
+
     def _joinable(self) -> bool:
         """A worker may join now: while training, or to evaluate when the evaluator died."""
         return self.phase == "training" or (self.phase == "evaluating" and self.evaluator is None)
@@ -521,8 +552,10 @@ class CoordinatorState:
             reason = self.error if self.phase == "failed" else "job finished"
             return [Reply(ident, msg.reply({"stop": reason}))]
         if node.role == "server" and self.phase != "registering":
-            # Repeats the last MEMBERSHIP, so a server that missed it still learns who trains.
-            return [Reply(ident, msg.reply({"workers": self._members()}))]
+            # Repeats the last MEMBERSHIP, so a server that missed it still learns who trains;
+            # and asks a survivor to take over the ranks left without a replacement.
+            hosts = sorted(r for r, who in self.hosting.items() if who == node.name and r in self.server_slots)
+            return [Reply(ident, msg.reply({"workers": self._members(), **({"host_ranks": hosts} if hosts else {})}))]
         if node.role == "worker" and self.servers_gen:  # a server was replaced: where the servers are now
             return [Reply(ident, msg.reply({"servers": self._server_addresses(), "servers_gen": self.servers_gen}))]
         return [Reply(ident, msg.reply({}))]
@@ -707,6 +740,9 @@ class CoordinatorState:
             node.state = FINISHED
             self.phase = "stopping"
             log.info("coordinator: test accuracy %.4f; stopping servers", float(data.get("test_accuracy", 0.0)))
+            for who, asked in self.joiners:  # workers that waited in case the evaluator died
+                out.append(Reply(who, asked.error("job_running", "the job is over; it takes no new workers")))
+            self.joiners = []
             # Before any server hears "stop" (that happens in answers to later heartbeats).
             out.append(SaveModel(self._server_addresses()))
         elif kind == "checkpoint" and node.role == "server":
@@ -752,6 +788,8 @@ class CoordinatorState:
         if self.phase != "registering":  # workers waiting inside REGISTER send no heartbeats
             training = self.phase == "training" and self.train_started is not None
             self.health.update(list(self.nodes.values()), training, now, self.affected)
+        if self.phase == "training" and self.server_slots:
+            self._move_lost_ranks(now)
         if self.checkpoints.expired(now):
             self.checkpoints.abandon(now, f"not complete after {self.job.checkpoint.timeout_s:g}s")
         if self.phase == "training" and self.train_started is not None and self.checkpoints.due(now, self._job_steps()):

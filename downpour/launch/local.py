@@ -249,9 +249,14 @@ class LocalLauncher:
         started, which joins the running job. Returns whether the job goes on."""
         cl = self.job.cluster
         if p.name.startswith("server-"):  # a replacement loads the latest checkpoint (the coordinator says which)
-            if cl.on_server_failure != "recover" or not self.job.checkpoint.enabled or self.server_restarts >= cl.server_restarts:
+            if cl.on_server_failure != "recover" or not self.job.checkpoint.enabled:
                 return False
             p.replaced = True
+            if self.server_restarts >= cl.server_restarts:
+                log.warning("%s; no server restarts left (cluster.server_restarts=%d): a surviving server takes over its "
+                            "keys after cluster.server_replace_timeout_s=%gs", p.describe_exit(), cl.server_restarts,
+                            cl.server_replace_timeout_s)
+                return True
             self.server_restarts += 1
             name = f"{p.name.split('.')[0]}.{self.server_restarts + 1}"
             log.warning("%s; starting %s in its place (server restart %d of %d)", p.describe_exit(), name,

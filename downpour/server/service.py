@@ -5,12 +5,18 @@ listener, decodes each request, validates it fully *before* touching the
 shard, and answers. A bad request gets an ERROR reply (or, if even its header
 is unreadable, is dropped) and is counted under ``rejected``; it never changes
 a parameter and never stops the loop.
+
+A server process may also take over a rank whose server died and got no
+replacement (the coordinator asks, in a heartbeat answer): it then runs that
+rank as a second server, on a thread of its own, loaded from the latest
+checkpoint (:class:`HostedRanks`).
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import threading
 import time
 from collections import Counter
 from typing import Any
@@ -338,10 +344,38 @@ class ParameterServer:
                     return reason
 
 
+class HostedRanks:
+    """Ranks of dead servers this process took over, each a whole server (:func:`run_server`) on
+    a thread of its own: it registers for the rank, loads it from the latest checkpoint, serves
+    and heartbeats like any replacement. Its request loop shares the process's cores and GIL
+    with the first server's."""
+
+    def __init__(self, start: dict[str, Any]) -> None:
+        self.start = start  # run_server's arguments, but rank
+        self.threads: dict[int, threading.Thread] = {}
+
+    def offer(self, ranks: object) -> None:
+        for rank in ranks if isinstance(ranks, list) else []:
+            if type(rank) is int and rank not in self.threads:
+                log.warning("%s: taking over server-%d's keys (its server died and got no replacement)",
+                            self.start["hosted_by"], rank)
+                t = threading.Thread(target=run_server, kwargs={**self.start, "rank": rank}, daemon=True,
+                                     name=f"server-{rank}-hosted")
+                self.threads[rank] = t
+                t.start()
+
+    def join(self, timeout_s: float) -> None:
+        """Wait for the hosted servers to finish (they stop when the job does, like this one)."""
+        deadline = time.monotonic() + timeout_s
+        for t in self.threads.values():
+            t.join(max(0.0, deadline - time.monotonic()))
+
+
 def run_server(ctx: zmq.Context, coordinator: str, host: str = "127.0.0.1", rank: int | None = None, ipc_dir: str | None = None,
-               metrics_host: str | None = None, security: Security | None = None) -> int:
+               metrics_host: str | None = None, security: Security | None = None, hosted_by: str | None = None) -> int:
     """Entry point of ``downpour server``: returns the process exit code. ``metrics_host``
-    overrides the job's ``monitor.http_host`` for this server's metrics endpoint."""
+    overrides the job's ``monitor.http_host`` for this server's metrics endpoint. ``hosted_by``:
+    the server whose process runs this one (it took over a lost rank; see :class:`HostedRanks`)."""
     import uuid
 
     identity = f"server-{rank if rank is not None else '?'}-{uuid.uuid4().hex[:6]}"
@@ -352,7 +386,7 @@ def run_server(ctx: zmq.Context, coordinator: str, host: str = "127.0.0.1", rank
         # Bind before registering: the coordinator hands our address to the workers.
         transport = "ipc" if coordinator.startswith("ipc://") else "tcp"
         listener = Listener(ctx, bind_address(transport, host, ipc_dir, f"server-{rank}-{uuid.uuid4().hex[:6]}"), 1 << 30, security)
-        reply = coord.register("server", rank, listener.address, timeout_s=120.0)
+        reply = coord.register("server", rank, listener.address, timeout_s=120.0, hosted_by=hosted_by)
         job = parse_job(reply["job"], source="coordinator")
         layout = Layout.from_dict(reply["layout"])
         # Updates are elementwise and memory-bound: more intra-op threads only contend with other processes.
@@ -366,12 +400,19 @@ def run_server(ctx: zmq.Context, coordinator: str, host: str = "127.0.0.1", rank
         if job.monitor.metrics:
             route = metrics_route(server_metrics(server, layout), node_labels(job.name, "server", server.rank, server.name))
             endpoint = HttpEndpoint(metrics_host or job.monitor.http_host, 0, {"/metrics": route}, server.name)
-        hb = Heartbeat(coord, job.cluster.heartbeat_interval_s, job.cluster.coordinator_timeout_s,
-                       on_reply=lambda meta: server.set_workers(meta.get("workers")),
+        hosted = HostedRanks({"ctx": ctx, "coordinator": coordinator, "host": host, "ipc_dir": ipc_dir,
+                              "metrics_host": metrics_host, "security": security, "hosted_by": server.name})
+
+        def on_reply(meta: dict[str, Any]) -> None:
+            server.set_workers(meta.get("workers"))
+            hosted.offer(meta.get("host_ranks"))
+
+        hb = Heartbeat(coord, job.cluster.heartbeat_interval_s, job.cluster.coordinator_timeout_s, on_reply=on_reply,
                        extra={"metrics": endpoint.address} if endpoint else None)
         reason = server.serve(coord, hb)
         log.info("%s: stopping: %s", server.name, reason)
         coord.report("server", server.stats())
+        hosted.join(timeout_s=3 * job.cluster.heartbeat_interval_s + 5.0)
         return 0
     except DownpourError as err:
         log.error("%s: %s", server.name if server else identity, err)
