@@ -7,9 +7,10 @@ Implementations side by side in one process, one batch size at a time:
   (``_native.c``, one call per batch) and then, on the same table, with its numpy path
   (``table.native = False``). Each batch is ``n`` distinct IDs drawn from the table's.
 * ``dict``: the plain Python way, ``{id: numpy row}`` plus ``{id: numpy accumulator}``,
-  pull = a list comprehension and ``np.stack``, push = a per-key Adagrad step. Filled with
-  ``--dict-rows`` rows (1M: its per-key cost barely depends on the size, and 10M Python
-  objects take minutes to build).
+  pull = a list comprehension and ``np.stack``, push = a per-key Adagrad step. Holds as many
+  rows as the table (``--dict-rows``, default ``--rows``): its per-key cost grows with its size
+  (on this machine a 5M-row dict pulled 30 % slower than a 1M-row one), so a smaller dict would
+  flatter it. 10M rows take about 15 s and some 5 GB to build.
 * ``memcpy``: copying the same number of bytes (n rows of 16 float32) between two
   contiguous arrays: the physical limit of moving a pull's bytes.
 * ``gather``: ``np.take`` of n random rows of the table's value pool (no index, no
@@ -67,7 +68,7 @@ def timed(fn, batches: list[tuple], name: str = "") -> float:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rows", type=int, default=10_000_000)
-    ap.add_argument("--dict-rows", type=int, default=1_000_000)
+    ap.add_argument("--dict-rows", type=int, default=None, help="rows of the dict baseline (default: --rows)")
     ap.add_argument("--batches", default="4096,16384,65536")
     ap.add_argument("--repeats", type=int, default=7)
     args = ap.parse_args()
@@ -86,7 +87,38 @@ def main() -> int:
     fill_s = time.perf_counter() - t0
     per_row = table.bytes_per_row()
 
-    dkeys = keys[: args.dict_rows]
+    def on(path_native: bool, op):
+        def call(*a):
+            table.native = path_native
+            return op(*a)
+
+        return call
+
+    # The table first, for every batch size; the dict is built only afterwards, so that building
+    # its ~5 GB of small objects does not disturb the table's timings.
+    sizes = [int(b) for b in args.batches.split(",")]
+    rows: dict[int, dict[str, float]] = {}
+    n_rows = len(table)
+    for n in sizes:
+        grads = rng.standard_normal((n, DIM)).astype(np.float32)
+        calls = args.repeats + 1  # each timed call gets its own batch of distinct IDs; the first warms up
+        pulls = [[(rng.choice(keys, n, replace=False),) for _ in range(calls)] for _path in range(2)]
+        pushes = [[(rng.choice(keys, n, replace=False), grads) for _ in range(calls)] for _path in range(2)]
+        src, dst = np.ones((n, DIM), np.float32), np.empty((n, DIM), np.float32)
+        random_rows = [(rng.integers(0, n_rows, n),) for _ in range(calls)]
+        r = {
+            "native pull": timed(on(True, table.pull), pulls[0], "pull"),
+            "native push": timed(on(True, table.push), pushes[0], "push"),
+            "numpy pull": timed(on(False, table.pull), pulls[1]),
+            "numpy push": timed(on(False, table.push), pushes[1]),
+            "memcpy": timed(np.copyto, [(dst, src)] * calls),
+            "gather": timed(partial(np.take, table.values, axis=0, out=dst), random_rows),
+        }
+        r |= {f"native {k} cpu": v for k, v in CPU_S.items()}
+        rows[n] = {k: n / v for k, v in r.items()}
+    table.native = True
+
+    dkeys = keys[: args.dict_rows or args.rows]
     values = {int(k): table.values[i].copy() for i, k in enumerate(dkeys)}
     sums = {int(k): np.zeros(DIM, np.float32) for k in dkeys}
 
@@ -99,36 +131,11 @@ def main() -> int:
             s += g * g
             values[k] -= LR * g / (np.sqrt(s) + EPS)
 
-    def on(path_native: bool, op):
-        def call(*a):
-            table.native = path_native
-            return op(*a)
-
-        return call
-
-    rows, n_rows = [], len(table)
-    for n in (int(b) for b in args.batches.split(",")):
+    for n in sizes:
         grads = rng.standard_normal((n, DIM)).astype(np.float32)
-
-        calls = args.repeats + 1  # each timed call gets its own batch of distinct IDs; the first warms up
-        pulls = [[(rng.choice(keys, n, replace=False),) for _ in range(calls)] for _path in range(2)]
-        pushes = [[(rng.choice(keys, n, replace=False), grads) for _ in range(calls)] for _path in range(2)]
-        dcalls = max(2, args.repeats // 2) + 1
-        dbatches = [[int(k) for k in rng.choice(dkeys, n, replace=False)] for _ in range(dcalls)]
-        src, dst = np.ones((n, DIM), np.float32), np.empty((n, DIM), np.float32)
-        random_rows = [(rng.integers(0, n_rows, n),) for _ in range(calls)]
-        r = {
-            "native pull": timed(on(True, table.pull), pulls[0], "pull"),
-            "native push": timed(on(True, table.push), pushes[0], "push"),
-            "numpy pull": timed(on(False, table.pull), pulls[1]),
-            "numpy push": timed(on(False, table.push), pushes[1]),
-            "dict pull": timed(dict_pull, [(b,) for b in dbatches]),
-            "dict push": timed(dict_push, [(b, grads) for b in dbatches]),
-            "memcpy": timed(np.copyto, [(dst, src)] * calls),
-            "gather": timed(partial(np.take, table.values, axis=0, out=dst), random_rows),
-        }
-        r |= {f"native {k} cpu": v for k, v in CPU_S.items()}
-        rows.append((n, {k: n / v for k, v in r.items()}))
+        dbatches = [[int(k) for k in rng.choice(dkeys, n, replace=False)] for _ in range(max(2, args.repeats // 2) + 1)]
+        rows[n]["dict pull"] = n / timed(dict_pull, [(b,) for b in dbatches])
+        rows[n]["dict push"] = n / timed(dict_push, [(b, grads) for b in dbatches])
     table.native = True
 
     print(
@@ -143,7 +150,7 @@ def main() -> int:
         "| native vs dict, pull | native vs dict, push | memcpy rows/s | random gather rows/s |"
     )
     print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
-    for n, k in rows:
+    for n, k in rows.items():
         print(
             f"| {n:,} | {k['native pull'] / 1e6:.2f}M | {k['native push'] / 1e6:.2f}M "
             f"| {k['native pull cpu'] / 1e6:.2f}M | {k['native push cpu'] / 1e6:.2f}M | {k['numpy pull'] / 1e6:.2f}M "
