@@ -182,9 +182,10 @@ def _every_shard_once(summary: dict, epochs: int) -> None:
     assert shards["completed_per_epoch"] == {str(e): shards["num_shards"] for e in range(epochs)}
 
 
-def test_a_killed_coordinator_is_restarted_and_the_job_finishes_with_every_shard_once(tmp_path, tiny_data):
+@pytest.mark.parametrize("consistency", ["async", "sync"])
+def test_a_killed_coordinator_is_restarted_and_the_job_finishes_with_every_shard_once(tmp_path, tiny_data, consistency):
     epochs = 30
-    job = tiny_job(tiny_data, training={"epochs": epochs}, monitor=QUIET, checkpoint={"enabled": False},
+    job = tiny_job(tiny_data, training={"epochs": epochs, "consistency": consistency}, monitor=QUIET, checkpoint={"enabled": False},
                    cluster={"num_workers": 2, "heartbeat_timeout_s": 2.0})
     job["data"]["shard_size"] = 200
     proc, run_dir = start_job(tmp_path, job)
