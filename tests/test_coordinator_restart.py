@@ -40,15 +40,21 @@ def restarted(sim: Sim, tmp_path, at: float) -> Sim:
     return again
 
 
+def training() -> Sim:
+    """A job whose nodes all registered and passed the init barrier."""
+    sim = Sim()
+    sim.start()
+    for w in WORKERS:
+        sim.send(w, Op.BARRIER, name="init")
+    return sim
+
+
 def shard_of(actions: list, who: str) -> dict | None:
     return ok(one(actions, to=who))["shard"]
 
 
 def test_a_restarted_coordinator_continues_the_job_and_every_shard_is_trained_once(tmp_path):
-    sim = Sim()
-    sim.start()
-    for w in WORKERS:
-        sim.send(w, Op.BARRIER, name="init")
+    sim = training()
     first = shard_of(sim.send(WORKERS[0], Op.NEXT_SHARD), WORKERS[0])
     sim.send(WORKERS[0], Op.SHARD_DONE, epoch=first["epoch"], shard=first["shard"], examples=4)
     held = shard_of(sim.send(WORKERS[1], Op.NEXT_SHARD), WORKERS[1])
@@ -149,10 +155,7 @@ def test_the_state_store_writes_only_what_changed_and_refuses_another_jobs_state
 
 
 def test_a_node_that_died_while_the_coordinator_was_down_is_declared_dead_after_the_restart(tmp_path):
-    sim = Sim()
-    sim.start()
-    for w in WORKERS:
-        sim.send(w, Op.BARRIER, name="init")
+    sim = training()
     held = shard_of(sim.send(WORKERS[2], Op.NEXT_SHARD), WORKERS[2])
     sim = restarted(sim, tmp_path, at=1.0)
     for t in (2.0, 4.0, 6.0):  # everyone but worker-2 heartbeats

@@ -320,11 +320,12 @@ def test_a_worker_told_to_stop_leaves_cleanly_and_its_data_is_finished_by_the_ot
 
 
 
-@pytest.mark.parametrize("consistency", ["async", "sync"])
-def test_a_killed_server_is_replaced_from_the_latest_checkpoint_and_training_goes_on(tmp_path, tiny_data, consistency):
+def _killed_server_run(tmp_path, tiny_data, consistency: str = "async", **cluster) -> tuple[dict, str, dict]:
+    """SIGKILL server-1 once a checkpoint is committed; returns the summary, the launcher's
+    stderr and the status seen just before the kill."""
     job = tiny_job(tiny_data, training={"epochs": EPOCHS, "consistency": consistency}, monitor=QUIET,
                    checkpoint={"enabled": True, "every_steps": 20, "every_s": None, "keep": 2},
-                   cluster={"num_workers": 2, "heartbeat_timeout_s": 2.0})
+                   cluster={"num_workers": 2, "heartbeat_timeout_s": 2.0, **cluster})
     proc, run_dir = start_job(tmp_path, job)
     try:
         deadline = time.monotonic() + 90
@@ -341,6 +342,12 @@ def test_a_killed_server_is_replaced_from_the_latest_checkpoint_and_training_goe
     with open(os.path.join(run_dir, "summary.json")) as f:
         summary = json.load(f)
     assert summary["status"] == "ok"
+    return summary, err, status
+
+
+@pytest.mark.parametrize("consistency", ["async", "sync"])
+def test_a_killed_server_is_replaced_from_the_latest_checkpoint_and_training_goes_on(tmp_path, tiny_data, consistency):
+    summary, err, _ = _killed_server_run(tmp_path, tiny_data, consistency)
     [failure] = summary["failures"]
     assert failure["node"] == "server-1" and failure["kind"] == "dead"
     assert failure["restored_from"] is not None and failure["replaced_by"].startswith("server-1")
@@ -420,26 +427,8 @@ def test_a_rank_without_a_replacement_moves_onto_the_survivor_with_the_fewest_by
 
 
 def test_a_killed_server_without_restarts_left_moves_onto_the_surviving_server(tmp_path, tiny_data):
-    job = tiny_job(tiny_data, training={"epochs": EPOCHS}, monitor=QUIET,
-                   checkpoint={"enabled": True, "every_steps": 20, "every_s": None, "keep": 2},
-                   cluster={"num_workers": 2, "heartbeat_timeout_s": 2.0, "server_restarts": 0, "server_replace_timeout_s": 1.0})
-    proc, run_dir = start_job(tmp_path, job)
-    try:
-        deadline = time.monotonic() + 90
-        status = wait_training(run_dir, steps=5)
-        while not (status and (status.get("checkpoints") or {}).get("count")) and time.monotonic() < deadline:
-            time.sleep(0.2)
-            status = query_status(run_dir)
-        victim = next(n for n in status["nodes"] if n["name"] == "server-1")
-        survivor = next(n for n in status["nodes"] if n["name"] == "server-0")
-        os.kill(victim["pid"], signal.SIGKILL)
-        _, err = proc.communicate(timeout=150)
-    finally:
-        stop_job(proc)
-    assert proc.returncode == 0, err[-3000:]
-    with open(os.path.join(run_dir, "summary.json")) as f:
-        summary = json.load(f)
-    assert summary["status"] == "ok"
+    summary, err, status = _killed_server_run(tmp_path, tiny_data, server_restarts=0, server_replace_timeout_s=1.0)
+    survivor = next(n for n in status["nodes"] if n["name"] == "server-0")
     [failure] = summary["failures"]
     assert failure["node"] == "server-1" and failure["resharded_onto"] == "server-0"
     assert failure["replaced_by"] == f"server-1 (pid {survivor['pid']})"  # the survivor's process serves it
