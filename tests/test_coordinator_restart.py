@@ -171,6 +171,48 @@ def test_a_node_that_died_while_the_coordinator_was_down_is_declared_dead_after_
     assert error_code(one(sim.send(WORKERS[2], Op.NEXT_SHARD))) == "declared_dead"
 
 
+def test_a_request_without_an_answer_is_sent_again_until_its_time_limit():
+    """What a node does while its coordinator restarts: the first NEXT_SHARD is lost (the old
+    process took it with it), the repeat is answered; with nobody answering, the call fails once
+    its own limit is over, naming the coordinator."""
+    import threading
+
+    from downpour.coordinator.client import CoordinatorClient
+    from downpour.errors import RequestTimeout
+    from downpour.protocol import decode, encode
+    from downpour.transport import Listener, Poller, new_context
+
+    ctx = new_context()
+    listener = Listener(ctx, "tcp://127.0.0.1:*", 1 << 20)
+    client = CoordinatorClient(ctx, listener.address, "worker-0", request_timeout_s=30.0, attempt_s=0.3)
+    seen: list[int] = []
+
+    def coordinator() -> None:  # drops the first request, answers the second
+        poller = Poller()
+        poller.register(listener)
+        while len(seen) < 2 and poller.poll(5.0):
+            peer, frames = listener.recv()
+            msg = decode(frames)
+            seen.append(msg.req_id)
+            if len(seen) == 2:
+                listener.send(peer, encode(msg.reply({"shard": None})))
+
+    thread = threading.Thread(target=coordinator)
+    thread.start()
+    try:
+        assert client.call(Op.NEXT_SHARD) == {"shard": None}
+        thread.join(5.0)
+        assert len(seen) == 2 and seen[0] != seen[1]  # sent twice, each a request of its own
+        t0 = time.monotonic()
+        with pytest.raises(RequestTimeout, match="coordinator got no reply within 1s"):
+            client.call(Op.NEXT_SHARD, timeout_s=1.0)  # nobody answers now
+        assert 0.9 <= time.monotonic() - t0 < 3.0
+    finally:
+        client.close()
+        listener.close()
+        ctx.term()
+
+
 # -- end to end -----------------------------------------------------------------------------------
 
 

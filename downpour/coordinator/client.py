@@ -65,14 +65,13 @@ class CoordinatorClient:
         ``timeout_s`` (default: the client's request timeout) in all."""
         limit = self.rpc.request_timeout_s if timeout_s is None else timeout_s
         deadline = time.monotonic() + limit
-        while True:
-            attempt = min(self.attempt_s, max(0.0, deadline - time.monotonic()))
+        while (left := deadline - time.monotonic()) > 0:
             try:
-                return self.rpc.call(COORDINATOR, Message(op, meta=dict(meta or {}, node=self.node)), attempt).meta
+                return self.rpc.call(COORDINATOR, Message(op, meta=dict(meta or {}, node=self.node)), min(self.attempt_s, left)).meta
             except RequestTimeout:
-                if time.monotonic() >= deadline:
-                    raise RequestTimeout(f"{op.name} to the coordinator got no reply within {limit:g}s "
-                                         "(is the coordinator alive?)", peer=COORDINATOR) from None
+                pass
+        raise RequestTimeout(f"{op.name} to the coordinator got no reply within {limit:g}s (is the coordinator alive?)",
+                             peer=COORDINATOR)
 
     def register(self, role: str, rank: int | None, address: str | None, timeout_s: float,
                  hosted_by: str | None = None) -> dict[str, Any]:
