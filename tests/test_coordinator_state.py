@@ -237,9 +237,9 @@ def test_shard_done_is_accepted_only_from_the_worker_that_was_assigned_it_and_a_
     where = {"epoch": shard["epoch"], "shard": shard["shard"], "examples": 4}
     assert error_code(one(sim.send(WORKERS[1], Op.SHARD_DONE, **where))) == "bad_shard"
     ok(one(sim.send(WORKERS[0], Op.SHARD_DONE, **where)))
-    before = sim.state.ledger.to_dict()
+    before = (dict(sim.state.ledger.assigned), dict(sim.state.ledger.completed), len(sim.state.ledger.journal))
     ok(one(sim.send(WORKERS[0], Op.SHARD_DONE, **where)))  # its answer was lost, so it asks again
-    assert sim.state.ledger.to_dict() == before
+    assert (sim.state.ledger.assigned, sim.state.ledger.completed, len(sim.state.ledger.journal)) == before
     assert error_code(one(sim.send(WORKERS[1], Op.SHARD_DONE, **where))) == "bad_shard"
 
 

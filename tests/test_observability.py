@@ -85,6 +85,8 @@ def test_a_frozen_worker_is_named_with_its_shards_and_the_workers_it_holds_up(tm
     """Sync mode: freeze one worker (SIGSTOP). It goes silent; the other one stalls waiting for the round."""
     job = tiny_job(tiny_data, training={"epochs": 1000, "consistency": "sync"}, cluster={"heartbeat_timeout_s": 30.0},
                    monitor={"stall_after_s": 2.0, "sample_interval_s": 0.2})
+    # Long shards (38 steps): the freeze is unlikely to fall between two shards, where the worker holds none.
+    job["data"]["shard_size"] = 1200
     with running_job(tmp_path, job, steps=3) as (_, run_dir, status):
         pid = {n["name"]: n["pid"] for n in status["nodes"]}["worker-1"]
         os.kill(pid, signal.SIGSTOP)

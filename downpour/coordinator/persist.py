@@ -1,8 +1,9 @@
 """The coordinator's state on disk, so that a restarted coordinator picks up the running job.
 
 :class:`StateStore` keeps the state in SQLite (``RUN_DIR/coordinator.db``, WAL mode): one row per
-part (job, nodes, data-shard ledger, failures, checkpoints), each a JSON document, rewritten only
-when it changed. The service saves before it sends the answers that depend on a change (a shard
+part (job, nodes, failures, checkpoints), each a JSON document rewritten only when it changed, and
+the data-shard ledger as its journal (one row per change, appended: a save costs what changed, not
+the job's history). The service saves before it sends the answers that depend on a change (a shard
 handed out is on disk before the worker hears of it), and once a second for the nodes' progress.
 A SIGKILLed coordinator loses nothing it answered; SQLite's WAL makes each save all or nothing.
 
@@ -25,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 from downpour.config import job_to_dict
 from downpour.coordinator.report import ALIVE, DONE
+from downpour.coordinator.shards import ShardLedger
 from downpour.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -45,25 +47,33 @@ class StateStore:
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=NORMAL")  # safe against a killed process; a power cut may lose the last save
         self.db.execute("CREATE TABLE IF NOT EXISTS state (part TEXT PRIMARY KEY, value TEXT NOT NULL)")
+        self.db.execute("CREATE TABLE IF NOT EXISTS journal (seq INTEGER PRIMARY KEY, event TEXT NOT NULL)")
         self._saved: dict[str, str] = {}
+        self.journal_saved = int(self.db.execute("SELECT COUNT(*) FROM journal").fetchone()[0])
         self.saves = 0
 
-    def save(self, parts: dict[str, Any]) -> int:
-        """Write the parts that changed since the last save, in one transaction; returns how many."""
+    def save(self, parts: dict[str, Any], journal: list | None = None) -> int:
+        """Write the parts that changed since the last save and the events of ``journal`` (the
+        whole list; what was saved before is skipped), in one transaction; returns how many rows."""
         texts = {k: json.dumps(v, separators=(",", ":"), sort_keys=True) for k, v in parts.items()}
         changed = {k: t for k, t in texts.items() if self._saved.get(k) != t}
-        if not changed:
+        events = [(json.dumps(e, separators=(",", ":")),) for e in (journal or [])[self.journal_saved :]]
+        if not changed and not events:
             return 0
         with self.db:  # one transaction: all of it or none
             self.db.execute("BEGIN")
             self.db.executemany("INSERT OR REPLACE INTO state (part, value) VALUES (?, ?)", list(changed.items()))
+            self.db.executemany("INSERT INTO journal (event) VALUES (?)", events)
         self._saved.update(changed)
+        self.journal_saved += len(events)
         self.saves += 1
-        return len(changed)
+        return len(changed) + len(events)
 
     def load(self) -> dict[str, Any]:
-        """Every part saved (empty when nothing was)."""
-        return {k: json.loads(v) for k, v in self.db.execute("SELECT part, value FROM state")}
+        """Every part saved (empty when nothing was), and the journal under ``journal``."""
+        parts = {k: json.loads(v) for k, v in self.db.execute("SELECT part, value FROM state")}
+        parts["journal"] = [json.loads(e) for (e,) in self.db.execute("SELECT event FROM journal ORDER BY seq")]
+        return parts
 
     def close(self) -> None:
         self.db.close()
@@ -96,7 +106,8 @@ def _abs(t: float | None, base: float) -> float | None:
 
 
 def export_state(self: CoordinatorState, now: float) -> dict[str, Any]:
-    """The state as plain data, in parts (see :class:`StateStore`)."""
+    """The state as plain data, in parts (see :class:`StateStore`); the ledger is its journal
+    (``self.ledger.journal``), saved beside them."""
     base = self.started
     index = {id(f): i for i, f in enumerate(self.failures)}
     cp = self.checkpoints
@@ -116,7 +127,6 @@ def export_state(self: CoordinatorState, now: float) -> dict[str, Any]:
              "metrics": n.metrics, "idle": n.idle}
             for n in self.nodes.values()
         ],
-        "ledger": self.ledger.to_dict(),
         "failures": {
             "records": self.failures,
             "recovering": [[_rel(at, base), index[id(r)]] for at, r in self.recovering if id(r) in index],
@@ -155,7 +165,9 @@ def adopt_state(self: CoordinatorState, parts: dict[str, Any], now: float, lost_
                     last_seen=now, progress=d["progress"], stats=d["stats"], metrics=d["metrics"], idle=bool(d["idle"]))
         self.nodes[node.name] = node
         self.by_identity[ident] = node.name
-    self.ledger.load_dict(parts["ledger"])
+    t = self.job.training
+    self.ledger = ShardLedger(self.num_train, self.job.data.shard_size, t.epochs, t.seed)
+    self.ledger.replay(parts["journal"])
     f = parts["failures"]
     self.failures = list(f["records"])
     self.recovering = [(base + float(at), self.failures[i]) for at, i in f["recovering"]]

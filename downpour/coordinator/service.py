@@ -189,7 +189,7 @@ class Coordinator:
         """The state to disk (the parts that changed), before any answer that depends on it leaves."""
         self._next_save = now + _SAVE_EVERY_S
         if self.store is not None:
-            self.store.save(export_state(self.state, now))
+            self.store.save(export_state(self.state, now), self.state.ledger.journal)
 
     def _perform(self, actions: list) -> Finish | None:
         finish = None

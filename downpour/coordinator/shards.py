@@ -48,6 +48,10 @@ class ShardLedger:
     handed_at: dict[tuple[int, int], int] = field(default_factory=dict)
     requeued: int = 0  # shards put back because their worker left or died
     released: set = field(default_factory=set)  # (worker, shard key) put back by release()
+    # Every call that changed the ledger, in order, as plain data: replaying it (:meth:`replay`)
+    # rebuilds the ledger exactly. The coordinator appends it to its state file as it grows, so a
+    # save costs what changed, not the whole history.
+    journal: list = field(default_factory=list)
 
     @property
     def num_shards(self) -> int:
@@ -58,6 +62,7 @@ class ShardLedger:
 
     def next(self, node: str) -> dict | None:
         """The next shard for ``node`` ({epoch, shard, start, stop}), or None when all are handed out."""
+        self.journal.append(["next", node])
         while not self.queue:
             if self.epoch + 1 >= self.epochs:
                 return None
@@ -86,6 +91,7 @@ class ShardLedger:
             return True
         if self.assigned.get((epoch, shard)) != node:
             return False
+        self.journal.append(["done", node, epoch, shard])
         del self.assigned[(epoch, shard)]
         self.completed[(epoch, shard)] = node
         self.skips.pop((epoch, shard), None)
@@ -96,6 +102,7 @@ class ShardLedger:
         front of the queue, in the order it got them. The one ``position`` ([epoch, shard,
         examples done]: its last acknowledged push) names resumes after those examples, or
         counts as completed if they were all of it. Returns [[epoch, shard, skip], ...] requeued."""
+        self.journal.append(["release", node, position])
         mine = sorted((k for k, who in self.assigned.items() if who == node), key=lambda k: self.handed_at.get(k, -1))
         back: list[tuple[int, int]] = []
         for key in mine:
@@ -167,6 +174,7 @@ class ShardLedger:
 
     def restore(self, state: dict) -> None:
         """Continue from :meth:`state_at`'s plain data (a checkpoint's job state)."""
+        self.journal.append(["restore", state])
         self.epoch = int(state["epoch"])
         self.completed = {(int(e), int(s)): "checkpoint" for e, s in state["completed"]}
         self.queue = deque((int(e), int(s)) for e, s, _ in state["queue"])
@@ -176,28 +184,21 @@ class ShardLedger:
         self.released = set()
 
     # -- the coordinator's own state (it survives a restart of the coordinator) -------------------
-    def to_dict(self) -> dict:
-        """Everything, as plain data (unlike :meth:`state_at`, which is what a checkpoint keeps)."""
-        def keyed(d: dict) -> list:
-            return [[e, s, v] for (e, s), v in d.items()]
-
-        return {"epoch": self.epoch, "queue": [list(k) for k in self.queue], "assigned": keyed(self.assigned),
-                "completed": keyed(self.completed), "skips": keyed(self.skips), "base_skip": keyed(self.base_skip),
-                "log": {n: [list(k) for k in ks] for n, ks in self.log.items()}, "handed_at": keyed(self.handed_at),
-                "requeued": self.requeued, "released": [[n, e, s] for n, (e, s) in self.released]}
-
-    def load_dict(self, d: dict) -> None:
-        """The inverse of :meth:`to_dict` (for the same job: same examples, shard size, epochs)."""
-        def keyed(rows: list, cast=int) -> dict:
-            return {(int(e), int(s)): cast(v) for e, s, v in rows}
-
-        self.epoch = int(d["epoch"])
-        self.queue = deque((int(e), int(s)) for e, s in d["queue"])
-        self.assigned, self.completed = keyed(d["assigned"], str), keyed(d["completed"], str)
-        self.skips, self.base_skip, self.handed_at = keyed(d["skips"]), keyed(d["base_skip"]), keyed(d["handed_at"])
-        self.log = {str(n): [(int(e), int(s)) for e, s in ks] for n, ks in d["log"].items()}
-        self.requeued = int(d["requeued"])
-        self.released = {(str(n), (int(e), int(s))) for n, e, s in d["released"]}
+    def replay(self, journal: list) -> None:
+        """Apply a :attr:`journal` (another ledger's, from the same start): the same calls in the
+        same order give the same ledger, its queue, hand-out order and skips included."""
+        for event in journal:
+            kind, args = event[0], event[1:]
+            if kind == "next":
+                self.next(*args)
+            elif kind == "done":
+                self.done(*args)
+            elif kind == "release":
+                self.release(*args)
+            elif kind == "restore":
+                self.restore(*args)
+            else:
+                raise ValueError(f"unknown ledger event {kind!r}")
 
     def summary(self) -> dict:
         per_epoch: dict[int, int] = {}
