@@ -250,8 +250,6 @@ class Coordinator:
         poller.register(self.listener)
         finish = None
         while finish is None:
-            actions: list = []
-            changed = False
             if poller.poll(_TICK_S):
                 while True:
                     try:
@@ -266,13 +264,17 @@ class Coordinator:
                         continue
                     # Fail closed: with CURVE on, a sender whose key maps to no role may do nothing but STATUS.
                     role = self.listener.peer_role(frames) or ("unknown" if self.security is not None else None)
-                    actions += self.state.handle(peer, msg, time.monotonic(), role)
-                    changed = changed or msg.op not in _NOT_SAVED
+                    actions = self.state.handle(peer, msg, time.monotonic(), role)
+                    if msg.op not in _NOT_SAVED:
+                        self._save(time.monotonic())
+                    # Each request's actions before the next request is handled: an action may
+                    # change the state a later request depends on (a checkpoint's commit).
+                    finish = self._perform(actions) or finish
             now = time.monotonic()
             ticked = self.state.tick(now)
-            if changed or ticked or now >= self._next_save:
+            if ticked or now >= self._next_save:
                 self._save(now)
-            finish = self._perform(actions + ticked) or finish
+            finish = self._perform(ticked) or finish
             if now >= self._next_sample:
                 self._next_sample = now + self.job.monitor.sample_interval_s
                 self._sample(now)
