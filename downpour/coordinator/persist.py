@@ -50,7 +50,6 @@ class StateStore:
         self.db.execute("CREATE TABLE IF NOT EXISTS journal (seq INTEGER PRIMARY KEY, event TEXT NOT NULL)")
         self._saved: dict[str, str] = {}
         self.journal_saved = int(self.db.execute("SELECT COUNT(*) FROM journal").fetchone()[0])
-        self.saves = 0
 
     def save(self, parts: dict[str, Any], journal: list | None = None) -> int:
         """Write the parts that changed since the last save and the events of ``journal`` (the
@@ -66,7 +65,6 @@ class StateStore:
             self.db.executemany("INSERT INTO journal (event) VALUES (?)", events)
         self._saved.update(changed)
         self.journal_saved += len(events)
-        self.saves += 1
         return len(changed) + len(events)
 
     def load(self) -> dict[str, Any]:
