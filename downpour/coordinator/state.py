@@ -382,7 +382,7 @@ class CoordinatorState:
         self.nodes[name] = Node(name, role, rank, ident, address, host, pid if isinstance(pid, int) else 0, last_seen=now)
         self.by_identity[ident] = name
         log.info("coordinator: %s registered (%s, pid %s)", name, msg.meta.get("host"), msg.meta.get("pid"))
-        base = {"node": name, "rank": rank, "job": job_to_dict(self.job), "layout": self.layout.to_dict()}
+        base = self._admitted(name, rank)
         out: list[Action] = []
         if role == "server":
             out.append(Reply(ident, msg.reply({**base, "restore": self.restore})))
@@ -391,6 +391,10 @@ class CoordinatorState:
         if len(self._role("server")) == self.cl.num_servers and len(self._role("worker")) == self.cl.num_workers:
             out += self._start(now)
         return out
+
+    def _admitted(self, name: str, rank: int) -> dict[str, Any]:
+        """What every answer to an admitted REGISTER holds: the node's name and rank, the job, the layout."""
+        return {"node": name, "rank": rank, "job": job_to_dict(self.job), "layout": self.layout.to_dict()}
 
     def _register_again(self, ident: bytes, msg: Message, now: float) -> list[Action] | None:
         """A REGISTER from a node that registered already (its answer was lost, or it went to a
@@ -414,7 +418,7 @@ class CoordinatorState:
         if node.role == "worker" and self.phase == "registering":  # it waits for the others again
             self.pending_workers.append((ident, msg, node.name))
             return []
-        meta = {"node": node.name, "rank": node.rank, "job": job_to_dict(self.job), "layout": self.layout.to_dict()}
+        meta = self._admitted(node.name, node.rank)
         if node.role == "server":  # it has loaded nothing yet: what a server registering now loads
             meta["restore"] = self.restore if self.phase == "registering" else self._restore_point()
         else:
@@ -430,7 +434,7 @@ class CoordinatorState:
         for ident, msg, name in self.pending_workers:
             node = self.nodes[name]
             node.last_seen = now
-            meta = {"node": name, "rank": node.rank, "job": job_to_dict(self.job), "layout": self.layout.to_dict(),
+            meta = {**self._admitted(name, node.rank),
                     "servers": servers, "initializer": node.rank == 0 and not (self.restore or {}).get("full")}
             out.append(Reply(ident, msg.reply(meta)))
         self.pending_workers = []
@@ -458,7 +462,7 @@ class CoordinatorState:
         self.servers_gen += 1
         record["replaced_by"] = f"{name} (pid {pid})"
         log.info("coordinator: %s replaced (pid %s); it loads checkpoint %s", name, pid, (self._restore_point() or {}).get("name"))
-        base = {"node": name, "rank": rank, "job": job_to_dict(self.job), "layout": self.layout.to_dict()}
+        base = self._admitted(name, rank)
         return [Reply(ident, msg.reply({**base, "restore": self._restore_point()}))] + self._membership() + self._admit_joiners(now)
 
     def _admit_joiners(self, now: float) -> list[Action]:
@@ -497,7 +501,7 @@ class CoordinatorState:
                         self.recovering.remove((at, record))
             log.info("coordinator: %s joined the running job (%s, pid %s)%s", name, host, pid,
                      " to evaluate the trained model" if self.phase == "evaluating" else "")
-            meta = {"node": name, "rank": rank, "job": job_to_dict(self.job), "layout": self.layout.to_dict(),
+            meta = {**self._admitted(name, rank),
                     "servers": self._server_addresses(), "initializer": False}
             out.append(Reply(ident, msg.reply(meta)))
         return out + (self._membership() if out else [])
