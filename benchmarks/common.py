@@ -12,6 +12,19 @@ import torch
 import zmq
 
 
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo), or platform.processor() where there is none: the
+    development VMs change hosts, and a figure is only comparable on the same CPU."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
 def environment() -> dict[str, Any]:
     return {
         "python": platform.python_version(),
@@ -20,6 +33,7 @@ def environment() -> dict[str, Any]:
         "libzmq": zmq.zmq_version(),
         "cpus": os.cpu_count(),
         "machine": platform.machine(),
+        "cpu_model": cpu_model(),
         "loadavg_at_start": os.getloadavg(),
         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "argv": sys.argv,

@@ -315,7 +315,7 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(table(agg, args.runs > 1))
     print()
-    print(f"{env['cpus']} CPUs, torch {env['torch']}; {total:.0f}s in all")
+    print(f"{env['cpus']} CPUs ({env['cpu_model']}), torch {env['torch']}; {total:.0f}s in all")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"benchmark": "end_to_end", "environment": env, "total_s": total, "job": args.job,

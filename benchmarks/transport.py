@@ -21,11 +21,17 @@ over 2 servers, split as the job's layout splits it: what one training step move
 Sizes use binary units: 1MB = 1 MiB = 2^20 bytes (Downpour lends frames of at
 least 1 MiB to ZeroMQ without copying and copies smaller ones).
 
+With ``--curve`` a third side runs Downpour with CURVE keys (the tcp default) against
+the same server code without them. Each timed block also reads the machine's busy CPU
+time from /proc/stat, so the CURVE table gives the CPU cost of a round trip with and
+without encryption and the ceiling it sets: CURVE's rate if every core were busy.
+
 This is a benchmark, not a test: on a small, shared machine the absolute numbers
 are noisy; compare the ratios measured in one run.
 
     .venv/bin/python benchmarks/transport.py                       # 1MB,16MB,100MB + reference
     .venv/bin/python benchmarks/transport.py --sizes 1MB --repeats 50 --json out.json
+    .venv/bin/python benchmarks/transport.py --curve --trials 5         # + CURVE against plain
 """
 
 from __future__ import annotations
@@ -283,10 +289,23 @@ class RawSide:
 
 
 # --------------------------------------------------------------------------- timing
+def machine_busy_s() -> float | None:
+    """CPU seconds every core of this machine has spent busy since boot (/proc/stat: all but idle
+    and iowait), or None where there is no /proc/stat. Whole machine: the server processes, this
+    process, their ZeroMQ I/O threads and the kernel's TCP work, and anything else running."""
+    try:
+        with open("/proc/stat") as f:
+            ticks = [int(v) for v in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    return (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")
+
+
 @dataclass
 class SideResult:
     repeats: int = 0
     trial_s: list[float] = field(default_factory=list)
+    trial_cpu_s: list[float] = field(default_factory=list)  # machine-wide busy CPU seconds per block
 
     def rates(self) -> list[float]:
         return [self.repeats / s for s in self.trial_s]
@@ -294,13 +313,17 @@ class SideResult:
     def summary(self, payload: int) -> dict[str, Any]:
         rates = self.rates()
         rt = statistics.median(rates)
-        return {
+        out = {
             "repeats_per_trial": self.repeats,
             "trial_round_trips_per_s": rates,
             "round_trips_per_s": rt,
             "ms_per_round_trip": 1e3 / rt,
             "gb_per_s": 2 * payload * rt / 1e9,  # P out + P back
         }
+        if self.trial_cpu_s:
+            out["cpu_ms_per_round_trip"] = statistics.median(1e3 * c / self.repeats for c in self.trial_cpu_s)
+            out["cores_busy"] = statistics.median(c / s for c, s in zip(self.trial_cpu_s, self.trial_s))
+        return out
 
 
 def calibrate(fn: Callable[[], None], block_s: float, repeats: int | None, warmup: int) -> int:
@@ -318,11 +341,16 @@ def calibrate(fn: Callable[[], None], block_s: float, repeats: int | None, warmu
     return max(3, min(100_000, int(block_s / per)))
 
 
-def time_block(fn: Callable[[], None], n: int) -> float:
+def time_block(fn: Callable[[], None], n: int, result: SideResult) -> None:
+    """``n`` round trips; their wall time (and the machine's busy CPU time, where known) go to ``result``."""
+    cpu0 = machine_busy_s()
     t0 = time.perf_counter()
     for _ in range(n):
         fn()
-    return time.perf_counter() - t0
+    result.trial_s.append(time.perf_counter() - t0)
+    cpu1 = machine_busy_s()
+    if cpu0 is not None and cpu1 is not None:
+        result.trial_cpu_s.append(cpu1 - cpu0)
 
 
 @dataclass
@@ -358,7 +386,7 @@ def run_case(mpctx: Any, case: Case, args: argparse.Namespace) -> dict[str, Any]
             side.check()
         for _ in range(args.trials):  # alternate the sides so that both see the same machine load
             for name, side in sides.items():
-                results[name].trial_s.append(time_block(side.round_trip, results[name].repeats))
+                time_block(side.round_trip, results[name].repeats, results[name])
         out = {
             "label": case.label,
             "payload_bytes": payload,
@@ -372,6 +400,10 @@ def run_case(mpctx: Any, case: Case, args: argparse.Namespace) -> dict[str, Any]
         if curve is not None:
             out["curve"] = results["curve"].summary(payload)
             out["curve_ratio"] = out["curve"]["round_trips_per_s"] / out["downpour"]["round_trips_per_s"]
+            if "cpu_ms_per_round_trip" in out["curve"]:
+                # The most CURVE could do here: every core busy at the CPU cost per round trip measured.
+                cores = len(os.sched_getaffinity(0))
+                out["curve_ceiling_ratio"] = cores * 1e3 / out["curve"]["cpu_ms_per_round_trip"] / out["downpour"]["round_trips_per_s"]
         return out
     finally:
         for side in (dp, raw, curve):
@@ -464,13 +496,22 @@ def main(argv: list[str] | None = None) -> int:
     if args.curve:
         print("Downpour with CURVE (authenticated, encrypted: the default) against Downpour plain (--insecure):")
         print()
-        print("| payload (each way) | servers | plain rt/s | CURVE rt/s | CURVE GB/s | CURVE/plain |")
-        print("|---|---:|---:|---:|---:|---:|")
+        print("| payload (each way) | servers | plain rt/s | CURVE rt/s | CURVE GB/s | CURVE/plain "
+              "| CPU ms/rt plain, CURVE | cores busy plain, CURVE | CURVE/plain, every core busy |")
+        print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
         for r in rows:
-            print(f"| {r['label']} | {r['servers']} | {r['downpour']['round_trips_per_s']:.1f} | {r['curve']['round_trips_per_s']:.1f} | "
-                  f"{r['curve']['gb_per_s']:.2f} | {r['curve_ratio']:.2f} |")
+            p, c = r["downpour"], r["curve"]
+            cpu = (f"{p['cpu_ms_per_round_trip']:.2f}, {c['cpu_ms_per_round_trip']:.2f} | {p['cores_busy']:.2f}, {c['cores_busy']:.2f} | "
+                   f"{r['curve_ceiling_ratio']:.2f}" if "curve_ceiling_ratio" in r else "n/a | n/a | n/a")
+            print(f"| {r['label']} | {r['servers']} | {p['round_trips_per_s']:.1f} | {c['round_trips_per_s']:.1f} | "
+                  f"{c['gb_per_s']:.2f} | {r['curve_ratio']:.2f} | {cpu} |")
         print()
-    print(f"{env['cpus']} CPUs, torch {env['torch']}, pyzmq {env['pyzmq']} (libzmq {env['libzmq']}); {total:.1f}s in all")
+        print("CPU ms/rt: the whole machine's busy CPU time (/proc/stat) per round trip, both processes,")
+        print("their ZeroMQ I/O threads and the kernel together. The last column is the ceiling that CPU cost")
+        print("sets: CURVE's rate if every core were busy, over plain's measured rate.")
+        print()
+    print(f"{env['cpus']} CPUs ({env['cpu_model']}), torch {env['torch']}, "
+          f"pyzmq {env['pyzmq']} (libzmq {env['libzmq']}); {total:.1f}s in all")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"benchmark": "transport", "environment": env, "total_s": total,

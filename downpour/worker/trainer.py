@@ -96,7 +96,8 @@ class Trainer:
         self.position: list[int] | None = None
         self._inflight_position: list[int] | None = None
         self.dropped = 0  # pushes a sync server refused as being for a past round (after a wait or a join)
-        self.acc: torch.Tensor | None = None  # accumulate: the weighted sum of gradients so far
+        # The examples-weighted mean of the gradients since the last push, over acc_n examples.
+        self.acc: torch.Tensor | None = None
         self.acc_n = 0
         self.local: torch.optim.Optimizer | None = None  # local_steps: the local optimizer
         self.base: torch.Tensor | None = None  # local_steps: the values last received
@@ -209,10 +210,13 @@ class Trainer:
         if self.local is not None:  # local SGD: step here; every H steps push the change
             self.local.step()
             ready = self.steps % t.local_steps == 0
-        else:  # the examples-weighted sum of the gradients since the last push
+        else:
             grad = self.flat.grad_vector()
-            self.acc = grad.mul_(len(y)) if self.acc is None else self.acc.add_(grad, alpha=len(y))
             self.acc_n += len(y)
+            if self.acc is None:  # one batch's mean, as it is: no pass over the vector
+                self.acc = grad
+            else:  # running mean: acc += (grad - acc) * n / N
+                self.acc.add_(grad.sub_(self.acc), alpha=len(y) / self.acc_n)
             ready = self.steps % t.accumulate == 0
         c1 = time.perf_counter()
         if self.slow_factor > 1.0 and (self.slow_p >= 1.0 or self._slow_rng.random() < self.slow_p):  # a simulated straggler
@@ -237,7 +241,7 @@ class Trainer:
         else:
             if self.acc is None:
                 return
-            grad, weight, is_delta = self.acc.div_(self.acc_n), float(self.acc_n), False
+            grad, weight, is_delta = self.acc, float(self.acc_n), False
             self.acc, self.acc_n = None, 0
         self._settle()
         p0 = time.perf_counter()
