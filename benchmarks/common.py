@@ -25,6 +25,18 @@ def cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
+def machine_busy_s() -> float | None:
+    """CPU seconds every core of this machine has spent busy since boot (/proc/stat: all but idle
+    and iowait), or None where there is no /proc/stat. Whole machine: every process and thread,
+    the kernel's work for them, and anything else running."""
+    try:
+        with open("/proc/stat") as f:
+            ticks = [int(v) for v in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    return (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")
+
+
 def environment() -> dict[str, Any]:
     return {
         "python": platform.python_version(),

@@ -58,7 +58,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import zmq  # noqa: E402
 
-from benchmarks.common import environment  # noqa: E402
+from benchmarks.common import environment, machine_busy_s  # noqa: E402
 from downpour.config import ClusterConfig, parse_job  # noqa: E402
 from downpour.layout import Layout  # noqa: E402
 from downpour.layout.partition import make_layout  # noqa: E402
@@ -289,18 +289,6 @@ class RawSide:
 
 
 # --------------------------------------------------------------------------- timing
-def machine_busy_s() -> float | None:
-    """CPU seconds every core of this machine has spent busy since boot (/proc/stat: all but idle
-    and iowait), or None where there is no /proc/stat. Whole machine: the server processes, this
-    process, their ZeroMQ I/O threads and the kernel's TCP work, and anything else running."""
-    try:
-        with open("/proc/stat") as f:
-            ticks = [int(v) for v in f.readline().split()[1:]]
-    except (OSError, ValueError):
-        return None
-    return (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")
-
-
 @dataclass
 class SideResult:
     repeats: int = 0
