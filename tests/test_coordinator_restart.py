@@ -16,6 +16,7 @@ import time
 
 import pytest
 
+from downpour.coordinator.client import ATTEMPT_S
 from downpour.coordinator.persist import STATE_FILE, StateStore, adopt_state, export_state, open_store
 from downpour.coordinator.state import CoordinatorState
 from downpour.errors import ConfigError
@@ -147,9 +148,13 @@ def test_the_state_store_writes_only_what_changed_and_refuses_another_jobs_state
     sim.start()
     store = StateStore(str(tmp_path / STATE_FILE))
     assert store.save(export_state(sim.state, 0.0), sim.state.ledger.journal) == 4  # job, nodes, failures, checkpoints
-    sim.send(WORKERS[0], Op.NEXT_SHARD)
-    assert store.save(export_state(sim.state, 0.0), sim.state.ledger.journal) == 2  # the job part's clock, one ledger event
+    sim.send(WORKERS[0], Op.NEXT_SHARD)  # its first request: the nodes part notes that it was heard from
+    assert store.save(export_state(sim.state, 0.0), sim.state.ledger.journal) == 3  # the job part's clock, nodes, one ledger event
     assert store.save(export_state(sim.state, 0.0), sim.state.ledger.journal) == 1  # only the clock: the event is saved
+    sim.send(WORKERS[1], Op.HEARTBEAT)
+    store.save(export_state(sim.state, 0.0), sim.state.ledger.journal)
+    sim.send(WORKERS[0], Op.SHARD_DONE, epoch=0, shard=sim.state.ledger.log[WORKERS[0]][0][1], examples=4)
+    assert store.save(export_state(sim.state, 0.0), sim.state.ledger.journal) == 2  # the clock, one ledger event
     store.close()
     other = JOB.model_copy(update={"training": JOB.training.model_copy(update={"epochs": 9})})
     _, parts = open_store(str(tmp_path), recover=True)
@@ -176,6 +181,50 @@ def test_a_node_that_died_while_the_coordinator_was_down_is_declared_dead_after_
     assert coordinator["node"] == "coordinator" and coordinator["reconnected_after_s"] is not None
     assert worker["node"] == WORKERS[2] and worker["requeued"] == [[held["epoch"], held["shard"], 0]]
     assert error_code(one(sim.send(WORKERS[2], Op.NEXT_SHARD))) == "declared_dead"
+
+
+def test_a_node_admitted_just_before_the_coordinator_died_has_time_to_repeat_its_register(tmp_path):
+    """The old coordinator admitted a replacement worker and saved that, but died before the answer
+    left: the worker sends no heartbeat until it repeats REGISTER (after ``ATTEMPT_S``). The
+    restarted coordinator waits that long before declaring it dead, and answers the repeat with the
+    same name. (Seen in CI: such a worker was reported as a second failure.)"""
+    sim = training()
+    sim.now = 3.0
+    for who in SERVERS + [WORKERS[0], WORKERS[2]]:
+        sim.send(who, Op.HEARTBEAT)
+    sim.tick(5.5)
+    assert sim.state.nodes[WORKERS[1]].state == "dead"
+    assert ok(one(sim.register("joiner", "worker", 1), to="joiner"))["node"] == "worker-1.2"  # the answer is lost
+    sim = restarted(sim, tmp_path, at=6.0)
+    timeout = JOB.cluster.heartbeat_timeout_s
+    for t in (7.0, 9.0, 11.0, 6.0 + timeout + ATTEMPT_S - 0.5):
+        sim.now = t
+        for who in SERVERS + [WORKERS[0], WORKERS[2]]:
+            sim.send(who, Op.HEARTBEAT)
+        sim.tick(t)
+    assert sim.state.nodes["worker-1.2"].state == "alive"  # silent past the heartbeat timeout, not dead
+    meta = ok(one(sim.register("joiner", "worker", 1)))  # its repeat
+    assert meta["node"] == "worker-1.2" and meta["rank"] == 1
+    assert "stop" not in ok(one(sim.send("joiner", Op.HEARTBEAT, node="worker-1.2")))
+    assert [f["node"] for f in sim.state.failures] == [WORKERS[1], "coordinator"]
+
+    # The job's start, saved, but no worker got its answer: two repeat theirs, one never comes back
+    # and is declared dead once that time is up too.
+    sim = Sim()
+    sim.start()
+    sim = restarted(sim, tmp_path, at=1.0)
+    for t in (2.0, 4.0, 1.0 + timeout + 0.5, 8.0, 1.0 + timeout + ATTEMPT_S + 0.5):
+        sim.now = t
+        for who in SERVERS:
+            sim.send(who, Op.HEARTBEAT)
+        if t == 4.0:
+            for who in WORKERS[:2]:
+                assert ok(one(sim.register(who, "worker", None)))["node"] == who
+        for who in WORKERS[:2] if t > 4.0 else []:
+            sim.send(who, Op.HEARTBEAT)
+        sim.tick(t)
+        assert sim.state.nodes[WORKERS[2]].state == ("dead" if t > 1.0 + timeout + ATTEMPT_S else "alive")
+    assert [f["node"] for f in sim.state.failures] == ["coordinator", WORKERS[2]]
 
 
 def test_a_request_without_an_answer_is_sent_again_until_its_time_limit():

@@ -31,7 +31,7 @@ from downpour.protocol.rpc import Future, RpcClient
 from downpour.transport import Security
 
 COORDINATOR = "coordinator"
-_ATTEMPT_S = 5.0  # an unanswered request to the coordinator is sent again after this long
+ATTEMPT_S = 5.0  # an unanswered request to the coordinator is sent again after this long (REGISTER: always)
 
 
 class CoordinatorClient:
@@ -45,7 +45,7 @@ class CoordinatorClient:
         abort: threading.Event | None = None,
         abort_reason: Callable[[], str] = lambda: "aborted",
         security: Security | None = None,
-        attempt_s: float = _ATTEMPT_S,
+        attempt_s: float = ATTEMPT_S,
     ) -> None:
         """``request_timeout_s``: how long a request may go unanswered (its attempts together),
         unless the call gives its own limit; ``attempt_s``: after how long it is sent again."""

@@ -122,7 +122,7 @@ def export_state(self: CoordinatorState, now: float) -> dict[str, Any]:
         "nodes": [
             {"name": n.name, "role": n.role, "rank": n.rank, "identity": n.identity.hex(), "address": n.address,
              "host": n.host, "pid": n.pid, "state": n.state, "progress": n.progress, "stats": n.stats,
-             "metrics": n.metrics, "idle": n.idle}
+             "metrics": n.metrics, "idle": n.idle, "heard": n.heard}
             for n in self.nodes.values()
         ],
         "failures": {
@@ -160,7 +160,8 @@ def adopt_state(self: CoordinatorState, parts: dict[str, Any], now: float, lost_
     for d in parts["nodes"]:
         ident = bytes.fromhex(d["identity"])
         node = Node(d["name"], d["role"], int(d["rank"]), ident, d["address"], d["host"], int(d["pid"]), state=d["state"],
-                    last_seen=now, progress=d["progress"], stats=d["stats"], metrics=d["metrics"], idle=bool(d["idle"]))
+                    last_seen=now, progress=d["progress"], stats=d["stats"], metrics=d["metrics"], idle=bool(d["idle"]),
+                    heard=bool(d.get("heard", True)))
         self.nodes[node.name] = node
         self.by_identity[ident] = node.name
     t = self.job.training

@@ -248,6 +248,9 @@ class Coordinator:
         """Run until the job finishes or fails; returns the exit code (0 on success)."""
         poller = Poller()
         poller.register(self.listener)
+        started = time.monotonic()
+        for node in self.state.nodes.values():  # (restored ones) silent since this process serves, not since it loaded them
+            node.last_seen = max(node.last_seen, started)
         finish = None
         while finish is None:
             if poller.poll(_TICK_S):

@@ -36,6 +36,7 @@ from typing import Any
 
 from downpour.config import JobConfig, job_to_dict
 from downpour.coordinator.checkpointing import CheckpointPlan, sync_margin
+from downpour.coordinator.client import ATTEMPT_S
 from downpour.coordinator.health import Health, describe_affected
 from downpour.coordinator.report import ALIVE, DEAD, DONE, FINISHED, job_status, job_summary
 from downpour.coordinator.shards import ShardLedger
@@ -95,6 +96,10 @@ class Node:
     stats: dict[str, Any] | None = None
     metrics: str | None = None  # HOST:PORT of its Prometheus endpoint, from its heartbeats
     idle: bool = False  # a worker told to wait for a shard (not in the membership meanwhile)
+    # It sent a request after its admission, so it has its REGISTER answer. Until then the answer
+    # may have been lost with a coordinator that died right after admitting it (and saving that):
+    # the node repeats its REGISTER only after ``client.ATTEMPT_S``, sending no heartbeat meanwhile.
+    heard: bool = False
 
 
 class CoordinatorState:
@@ -321,7 +326,7 @@ class CoordinatorState:
                 return self._refuse(identity, msg, "forbidden", f"a {role} key cannot act for {node.name}")
             if node.state == DEAD and msg.op not in (Op.HEARTBEAT, Op.REPORT):
                 return self._refuse(identity, msg, "declared_dead", f"{node.name} was declared dead; its work went to others")
-            node.last_seen = now
+            node.last_seen, node.heard = now, True
             if self.reconnecting is not None:
                 self._reconnected(now, node.name)
             return handler(self, identity, msg, now, node)
@@ -781,8 +786,11 @@ class CoordinatorState:
             watched = [n for n in self.nodes.values() if n.state in (ALIVE, DONE)]
         for node in watched:
             silent = now - node.last_seen
-            if silent > self.cl.heartbeat_timeout_s:
-                why = f"no heartbeat for {silent:.1f}s (timeout {self.cl.heartbeat_timeout_s:g}s); declared dead"
+            # After a restart, a node not heard from since its admission may be waiting for a
+            # REGISTER answer the old process never sent (see Node.heard): time to repeat it.
+            limit = self.cl.heartbeat_timeout_s + (ATTEMPT_S if self.restarts and not node.heard else 0.0)
+            if silent > limit:
+                why = f"no heartbeat for {silent:.1f}s (timeout {limit:g}s); declared dead"
                 return self._lose(now, node, why, "dead", silent)
         if self.workerless_since is not None and now - self.workerless_since > self.cl.startup_timeout_s:
             return self._fail(now, "coordinator", f"every worker was lost and none joined within "
