@@ -12,6 +12,8 @@ the same machine load):
   after a few untimed steps of a throwaway model (thread pool, allocator).
 * ``async``: the job as written (examples/mnist.yaml: 2 servers, 3 workers, async),
   run by :class:`downpour.launch.LocalLauncher`, which starts the processes itself.
+* ``async-socket``: ``async`` with ``cluster.shared_memory=false``: every value through the ipc
+  sockets, none through shared-memory slots (what the slots save).
 * ``async-overlap``: the same with ``--set overlap=true``.
 * ``sync``: the same with ``--set consistency=sync``.
 * ``async-tcp-curve``: ``async`` over tcp on 127.0.0.1 with CURVE (``cluster.transport=tcp``), where
@@ -62,7 +64,8 @@ from downpour.models import mlp  # noqa: E402
 
 DEFAULT_JOB = os.path.join(_ROOT, "examples", "mnist.yaml")
 SINGLE = {"single-1t": 1, "single-2t": 2}  # config -> torch threads
-DISTRIBUTED = {"async": [], "async-overlap": ["overlap=true"], "sync": ["consistency=sync"],  # config -> --set overrides
+DISTRIBUTED = {"async": [], "async-socket": ["cluster.shared_memory=false"], "async-overlap": ["overlap=true"],  # config -> --set overrides
+               "sync": ["consistency=sync"],
                "async-tcp-curve": ["cluster.transport=tcp"], "async-tcp-insecure": ["cluster.transport=tcp"]}
 INSECURE = {"async-tcp-insecure"}  # configs run without CURVE (downpour train --insecure)
 CONFIGS = [*SINGLE, *DISTRIBUTED]

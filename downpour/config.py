@@ -185,6 +185,9 @@ class ClusterConfig(_Frozen):
     # CURVE keys in RUN_DIR/keys unless --insecure. auto (the default) means ipc. Hand-started
     # nodes use whatever the coordinator's --bind says (tcp, with CURVE keys).
     transport: Literal["auto", "tcp", "ipc"] = "auto"
+    # With ipc, a worker and a server pass the values of pushes and pulls through shared memory
+    # (a file per request slot in the socket folder); only the headers go through the socket.
+    shared_memory: bool = True
     partitioner: str = "bytes"
     # Largest slice of one tensor stored under one key, in bytes. Larger tensors are cut.
     max_slice_bytes: int = Field(2 * 1024 * 1024, gt=0)

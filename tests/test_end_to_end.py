@@ -85,12 +85,17 @@ def _reference_params(job_dict: dict, data: str, steps: int) -> torch.Tensor:
     return {n: p.detach() for n, p in model.named_parameters()}
 
 
-def test_one_sync_worker_matches_torch_optim(tmp_path, tiny_data):
+@pytest.mark.parametrize("shared_memory", [True, False], ids=["shm", "socket"])
+def test_one_sync_worker_matches_torch_optim(tmp_path, tiny_data, shared_memory):
     steps = 40
     job = tiny_job(tiny_data, training={"consistency": "sync", "steps": steps},
-                   optimizer={"nesterov": True, "weight_decay": 1e-3}, cluster={"num_workers": 1})
+                   optimizer={"nesterov": True, "weight_decay": 1e-3},
+                   cluster={"num_workers": 1, "transport": "ipc", "shared_memory": shared_memory})
     s = run_job(tmp_path, job).summary
     assert s["steps"] == steps
+    # The INIT, the first pull and every push+pull (one request per server each) went through
+    # shared memory, or none did.
+    assert s["workers"]["worker-0"]["shm_requests"] == ((steps + 2) * 2 if shared_memory else 0)
     # 40 steps of 32 cover 3 shards of 400 and part of a fourth, which stays unfinished.
     assert s["data_shards"]["completed_per_epoch"] == {"0": 3} and s["data_shards"]["unfinished"] >= 1
     got = torch.load(tmp_path / "run" / "model.pt", weights_only=True)
@@ -240,6 +245,11 @@ def test_a_local_job_talks_over_ipc_sockets_only_its_user_can_open(tmp_path, tin
         seen.append((address, os.stat(os.path.dirname(address.removeprefix("ipc://"))).st_mode & 0o777))
 
     launcher = LocalLauncher(resolve_job(tiny_job(tiny_data, training={"steps": 20})), str(tmp_path / "run"))
-    assert launcher.run(look).summary["status"] == "ok"
+    summary = launcher.run(look).summary
+    assert summary["status"] == "ok"
     assert seen and all(address.startswith("ipc://") and mode == 0o700 for address, mode in seen)
     assert not (tmp_path / "run" / "keys").exists()
+    # The values went through shared-memory slots beside the sockets, and no slot outlives the job.
+    assert all(w["shm_requests"] > 20 for w in summary["workers"].values())
+    folder = os.path.dirname(seen[0][0].removeprefix("ipc://"))
+    assert not os.path.exists(folder) or not [f for f in os.listdir(folder) if f.startswith("shm-")]

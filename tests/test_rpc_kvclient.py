@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 import socket
+import tempfile
 import threading
 import time
 
@@ -29,9 +32,9 @@ def job(lr: float = 0.1, momentum: float = 0.0):
 class ServerThread(threading.Thread):
     """One ParameterServer whose sockets are created, used and closed inside this thread."""
 
-    def __init__(self, ctx: zmq.Context, job, layout: Layout, rank: int) -> None:
+    def __init__(self, ctx: zmq.Context, job, layout: Layout, rank: int, bind: str = "tcp://127.0.0.1:*") -> None:
         super().__init__(name=f"server-{rank}", daemon=True)
-        self.ctx, self.job, self.layout, self.rank = ctx, job, layout, rank
+        self.ctx, self.job, self.layout, self.rank, self.bind = ctx, job, layout, rank, bind
         self.ready = threading.Event()
         self.halt = threading.Event()
         self.address: str | None = None
@@ -40,7 +43,7 @@ class ServerThread(threading.Thread):
     def run(self) -> None:
         listener = None
         try:
-            listener = Listener(self.ctx, "tcp://127.0.0.1:*", 1 << 30)
+            listener = Listener(self.ctx, self.bind, 1 << 30)
             server = ParameterServer(self.ctx, self.job, self.layout, self.rank, listener, self.name)
             poller = Poller()
             poller.register(listener)
@@ -69,30 +72,47 @@ def ctx():
     context.destroy(linger=0)  # every socket was already closed by its owner; this only guards against a hang
 
 
-@pytest.fixture
-def cluster(ctx):
-    """``start(layout, job) -> KVClient`` against ``layout.num_servers`` servers named server-0, server-1, ..."""
+@pytest.fixture(params=["socket", "shm"])
+def cluster(ctx, request):
+    """``start(layout, job) -> KVClient`` against ``layout.num_servers`` servers named server-0, server-1, ...
+    Each test runs twice: values through the TCP socket, and through shared memory beside ipc sockets."""
     threads: list[ServerThread] = []
     clients: list[RpcClient] = []
+    kvs: list[KVClient] = []
+    folder = tempfile.mkdtemp(prefix="dp-kv-") if request.param == "shm" else None  # short: ipc paths are limited
 
     def start(layout: Layout, server_job=None, request_timeout_s: float = WAIT_S, request_bytes: int | None = None) -> KVClient:
         rpc = RpcClient(ctx, "worker-0", request_timeout_s)
         clients.append(rpc)
+        kv = KVClient(rpc, layout, {rank: f"server-{rank}" for rank in range(layout.num_servers)}, request_bytes=request_bytes)
+        kvs.append(kv)
         for rank in range(layout.num_servers):
-            t = ServerThread(ctx, server_job or job(), layout, rank)
+            bind = f"ipc://{folder}/server-{rank}.sock" if folder else "tcp://127.0.0.1:*"
+            t = ServerThread(ctx, server_job or job(), layout, rank, bind)
             threads.append(t)
             t.start()
             assert t.ready.wait(WAIT_S) and t.address, f"server {rank} did not start: {t.error!r}"
             rpc.connect(f"server-{rank}", t.address)
-        return KVClient(rpc, layout, {rank: f"server-{rank}" for rank in range(layout.num_servers)}, request_bytes=request_bytes)
+            assert kv.moved(f"server-{rank}", t.address) == (folder is not None)
+        return kv
 
     yield start
-    for rpc in clients:
-        rpc.close()
-    for t in threads:
-        t.halt.set()
-    for t in threads:
-        t.join(WAIT_S)
+    try:
+        if folder is not None:  # shared memory was used, and every slot file goes with its client
+            assert all(kv.shm_requests > 0 for kv in kvs if kv.wire["push"] or kv.wire["pull"])
+        for kv in kvs:
+            kv.close()
+        if folder is not None:
+            assert not [f for f in os.listdir(folder) if f.startswith("shm-")]
+    finally:
+        for rpc in clients:
+            rpc.close()
+        for t in threads:
+            t.halt.set()
+        for t in threads:
+            t.join(WAIT_S)
+        if folder is not None:
+            shutil.rmtree(folder, ignore_errors=True)
     assert not any(t.is_alive() for t in threads), "a server thread did not stop"
     errors = [t.error for t in threads if t.error is not None]
     assert not errors, errors

@@ -36,7 +36,7 @@ from downpour.errors import DownpourError, JobFailed
 from downpour.monitor.targets import targets_paths, write_targets
 from downpour.protocol import Message, Op
 from downpour.protocol.rpc import RpcClient
-from downpour.transport import Security, create_job_keys, new_context
+from downpour.transport import Security, create_job_keys, new_context, remove_slots
 
 log = logging.getLogger(__name__)
 
@@ -200,6 +200,8 @@ class LocalLauncher:
             self._clear_targets()
             if self._tmp_sock:
                 shutil.rmtree(self._tmp_sock, ignore_errors=True)
+            elif self.ipc:
+                remove_slots(os.path.join(self.run_dir, "sock"))  # shared-memory slots of workers that were killed
             if status_rpc is not None:
                 status_rpc.close()
             ctx.term()

@@ -27,7 +27,7 @@ import zmq
 from downpour.compress import Codec, decode_push, pull_codec
 from downpour.config import JobConfig, parse_job
 from downpour.coordinator.client import COORDINATOR, CoordinatorClient, Heartbeat
-from downpour.errors import DownpourError, ProtocolError
+from downpour.errors import DownpourError, ProtocolError, TransportError
 from downpour.layout import Layout
 from downpour.monitor import Buckets, HttpEndpoint, metrics_route, node_labels
 from downpour.protocol import Message, Op, decode, encode
@@ -39,7 +39,7 @@ from downpour.server.snapshot import OldParams, Snapshotter, restore_store
 from downpour.server.sparse import SparseShard
 from downpour.server.store import ShardStore
 from downpour.storage import CheckpointStore
-from downpour.transport import Listener, Poller, Security, bind_address
+from downpour.transport import Listener, Poller, Security, SlotMaps, bind_address, slot_folder
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +86,11 @@ class ParameterServer:
         # saved with the shard so that a resumed job continues from the same data.
         self.positions: dict[str, list[int]] = {}
         self.snapshots = Snapshotter(self.store, rank, job.optimizer.name, name, self.sparse)
+        # Requesters on this machine (an ipc listener) may pass values through shared memory
+        # (transport/shm.py): the slots they name, and where each request's reply values go.
+        folder = slot_folder(listener.address) if job.cluster.shared_memory else None
+        self.slots = SlotMaps(folder) if folder else None
+        self._slot_out: dict[tuple[bytes, int], torch.Tensor] = {}
 
     def _record_staleness(self, s: int) -> None:
         self.staleness[s] += 1
@@ -130,6 +135,12 @@ class ParameterServer:
         if handler is None:
             self._reject(peer, msg, "bad_op", f"a server does not serve {msg.op.name}")
             return
+        if "shm" in msg.meta:
+            try:
+                self._from_slot(peer, msg)
+            except ProtocolError as err:
+                self._reject(peer, msg, "invalid", str(err))
+                return
         if self.listener.security is not None:
             role = self.listener.peer_role(frames)
             if role not in ("worker", "coordinator"):
@@ -148,12 +159,44 @@ class ParameterServer:
         if self.snapshots.armed is not None:
             self.snapshots.maybe_take(self.positions)
 
+    def _from_slot(self, peer: bytes, msg: Message) -> None:
+        """A request whose values are in a shared-memory slot (``meta.shm``: [name, numel]): they
+        become the request's tensor, and the reply's values go back into the slot."""
+        if self.slots is None:
+            raise ProtocolError("this server takes no shared memory (it does not listen on an ipc socket)")
+        shm = msg.meta["shm"]
+        if msg.op not in (Op.INIT, Op.PULL, Op.PUSH, Op.PUSHPULL) or msg.tensors or "enc" in msg.meta:
+            raise ProtocolError(f"{msg.op.name} with tensors, compression or of this kind cannot use shared memory")
+        if not (isinstance(shm, list) and len(shm) == 2 and type(shm[1]) is int and shm[1] > 0):
+            raise ProtocolError(f"meta.shm must be [slot name, number of values], got {shm!r}")
+        try:
+            buffer = self.slots.map(shm[0])
+        except TransportError as err:
+            raise ProtocolError(str(err)) from None
+        if shm[1] * 4 > len(buffer):
+            raise ProtocolError(f"shared-memory slot {shm[0]} holds {len(buffer) // 4} values, not {shm[1]}")
+        values = torch.frombuffer(buffer, dtype=torch.float32, count=shm[1])
+        if msg.op != Op.PULL:
+            msg.tensors = [values]
+            self.bytes_in += shm[1] * 4
+        if msg.op in (Op.PULL, Op.PUSHPULL):
+            if len(self._slot_out) > 10_000:  # requests never answered (a worker that left): forget them
+                self._slot_out.clear()
+            self._slot_out[(peer, msg.req_id)] = values
+
     def _reject(self, peer: bytes, msg: Message, code: str, text: str) -> None:
         self._send(peer, msg.error(code, text))
 
     def _send(self, peer: bytes, msg: Message) -> None:
         if msg.op == Op.ERROR:  # every refusal is counted by its code
             self.rejected[str(msg.meta.get("code"))] += 1
+        if self._slot_out:
+            into = self._slot_out.pop((peer, msg.req_id), None)
+            if (into is not None and msg.op == Op.OK and len(msg.tensors) == 1 and "enc" not in msg.meta
+                    and msg.tensors[0].dtype == torch.float32 and msg.tensors[0].numel() == into.numel()):
+                into.copy_(msg.tensors[0])
+                msg = Message(Op.OK, msg.req_id, {**msg.meta, "shm": True})
+                self.bytes_out += into.numel() * 4
         frames = encode(msg)
         self.bytes_out += sum(len(f) for f in frames)
         shared = [self.store.shares_memory(t) for t in msg.tensors]

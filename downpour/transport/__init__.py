@@ -2,6 +2,8 @@
 (the keys of security.py are CURVE keys)."""
 
 from downpour.transport.security import Security, create_job_keys
+from downpour.transport.shm import Slot, SlotMaps, remove_slots, slot_folder
 from downpour.transport.zmq_transport import Channel, Listener, Poller, bind_address, new_context, send_copies
 
-__all__ = ["Channel", "Listener", "Poller", "Security", "bind_address", "create_job_keys", "new_context", "send_copies"]
+__all__ = ["Channel", "Listener", "Poller", "Security", "Slot", "SlotMaps", "bind_address", "create_job_keys", "new_context",
+           "remove_slots", "send_copies", "slot_folder"]

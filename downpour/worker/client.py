@@ -14,6 +14,11 @@ Contract:
 * Keys are given in any order; ``None`` means every key.
 * Not thread-safe: use a client from one thread.
 
+When a server listens on an ``ipc://`` socket (processes on one machine), the values
+go through shared memory instead (:mod:`downpour.transport.shm`): the request names a
+slot holding them, and the server writes its reply's values into that slot. Only
+the headers pass through the socket. (Not with compression: its frames are small.)
+
 With a :class:`~downpour.config.CompressionConfig`, pushes are encoded per key
 (``downpour.compress``) and pulled values arrive in the configured pull codec;
 callers see float32 either way. :attr:`KVClient.wire` counts the bytes of each
@@ -22,6 +27,7 @@ direction by part (values, indices, scales, headers).
 
 from __future__ import annotations
 
+import logging
 from collections import Counter
 from dataclasses import dataclass
 
@@ -29,10 +35,13 @@ import torch
 
 from downpour.compress import PushCompressor, decode_pull, pull_request
 from downpour.config import CompressionConfig
-from downpour.errors import ConfigError, ProtocolError
+from downpour.errors import ConfigError, DownpourError, ProtocolError, RemoteError
 from downpour.layout import KeySlice, Layout
 from downpour.protocol import Message, Op
 from downpour.protocol.rpc import Future, RpcClient
+from downpour.transport import Slot, slot_folder
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -54,20 +63,75 @@ class _Part:
             out[lo:hi].copy_(values[at : at + hi - lo])
             at += hi - lo
 
+    def gather_into(self, flat: torch.Tensor, into: torch.Tensor) -> None:
+        at = 0
+        for lo, hi in self.ranges:
+            into[at : at + hi - lo].copy_(flat[lo:hi])
+            at += hi - lo
+
+
+class _Slots:
+    """The shared-memory slots of the requests to one server (see :mod:`downpour.transport.shm`).
+    A slot is reused once its request was answered; one whose request went unanswered is dropped."""
+
+    LIMIT = 8  # slots in use at once; more requests in flight go through the socket
+
+    def __init__(self, folder: str, owner: str) -> None:
+        self.folder, self.owner = folder, owner
+        self.free: list[_Slot] = []
+        self.used = 0
+        self.closed = False
+
+    def take(self, numel: int) -> _Slot | None:
+        """A free slot of at least ``numel`` float32 values (None: all in use). Raises OSError or
+        TransportError if no file can be made."""
+        for i, item in enumerate(self.free):
+            if item.values.numel() >= numel:
+                self.used += 1
+                return self.free.pop(i)
+        if self.used + len(self.free) >= self.LIMIT:
+            if not self.free:
+                return None
+            self.free.pop(0).slot.close()  # too small: make room for a larger one
+        slot = Slot(self.folder, self.owner, numel * 4)
+        self.used += 1
+        return _Slot(self, slot, torch.frombuffer(slot.buffer, dtype=torch.float32))
+
+    def done(self, item: _Slot, reuse: bool) -> None:
+        """``item``'s request ended; ``reuse``: it was answered, so the server is done with it."""
+        self.used -= 1
+        if reuse and not self.closed:
+            self.free.append(item)
+        else:
+            item.slot.close()
+
+    def close(self) -> None:
+        self.closed = True
+        for item in self.free:
+            item.slot.close()
+        self.free = []
+
+
+@dataclass
+class _Slot:
+    pool: _Slots
+    slot: Slot
+    values: torch.Tensor  # float32 over the whole slot
+
 
 class Handle:
     """What :meth:`KVClient.wait` needs to finish one call."""
 
     __slots__ = ("futures", "out")
 
-    def __init__(self, futures: list[tuple[_Part, Future]], out: torch.Tensor | None) -> None:
+    def __init__(self, futures: list[tuple[_Part, Future, _Slot | None]], out: torch.Tensor | None) -> None:
         self.futures = futures
         self.out = out
 
 
 class KVClient:
     def __init__(self, rpc: RpcClient, layout: Layout, server_peers: dict[int, str], request_bytes: int | None = None,
-                 compression: CompressionConfig | None = None, key_versions: bool = False) -> None:
+                 compression: CompressionConfig | None = None, key_versions: bool = False, shared_memory: bool = True) -> None:
         """``server_peers`` maps a server rank to the peer name it is connected under in ``rpc``.
 
         ``request_bytes``: when set, a server's keys go out in several requests of at most this
@@ -75,8 +139,10 @@ class KVClient:
         the replies stream back. Leave it None for sync mode, where a push must hold every key
         of its server. ``compression``: how pushes and pulled values are encoded (None: float32).
         ``key_versions``: pushes carry each key's version (``meta.kv``), as servers with
-        consistency per parameter group need."""
+        consistency per parameter group need. ``shared_memory``: values to servers listening on
+        ipc sockets go through shared memory (see :meth:`moved`)."""
         self.key_versions = key_versions
+        self.shared_memory = shared_memory
         self.rpc = rpc
         self.layout = layout
         self.peers = server_peers
@@ -90,6 +156,29 @@ class KVClient:
         self.wire: dict[str, Counter[str]] = {"push": Counter(), "pull": Counter()}
         self._all = self._plan(None)
         self._shape = torch.Size([layout.numel])
+        self._slots: dict[int, _Slots] = {}  # by server rank: where values go through shared memory
+        self.shm_requests = 0  # requests whose values went through shared memory
+
+    def moved(self, peer: str, address: str) -> bool:
+        """Server ``peer`` listens at ``address`` (now, or since it was replaced). With
+        ``shared_memory`` and an ipc address its values go through shared memory. Returns
+        whether they will."""
+        rank = next((r for r, p in self.peers.items() if p == peer), None)
+        if rank is None:
+            return False
+        old = self._slots.pop(rank, None)
+        if old is not None:  # requests still using its slots drop them when they end
+            old.close()
+        folder = slot_folder(address) if self.shared_memory else None
+        if folder is not None and self.compressor is None and self.pq is None:
+            self._slots[rank] = _Slots(folder, f"{self.rpc.node}-s{rank}")
+        return rank in self._slots
+
+    def close(self) -> None:
+        """Remove this client's shared-memory slots."""
+        for slots in self._slots.values():
+            slots.close()
+        self._slots.clear()
 
     def _plan(self, keys: list[int] | None) -> list[_Part]:
         slices: list[KeySlice] = list(self.layout.slices) if keys is None else [self._slice(k) for k in sorted(keys)]
@@ -129,12 +218,18 @@ class KVClient:
         for part in parts:
             meta: dict = {"keys": part.keys, **extra} if extra else {"keys": part.keys}
             tensors = []
-            if pushing and self.compressor is not None:
+            slot = self._take_slot(part) if (data is not None or out is not None) and self._slots else None
+            if slot is not None:
+                if data is not None:
+                    part.gather_into(data, slot.values)
+                meta["shm"] = [slot.slot.name, part.numel]
+                self.shm_requests += 1
+            elif pushing and self.compressor is not None:
                 meta["enc"], tensors = self.compressor.encode(part.keys, data)
             elif data is not None:
                 tensors.append(part.gather(data))
-                if pushing:
-                    self.wire["push"]["values"] += part.numel * 4
+            if pushing and self.compressor is None:
+                self.wire["push"]["values"] += part.numel * 4
             if pushing:
                 meta["version"] = max(versions[k] for k in part.keys)
                 if self.key_versions:
@@ -146,11 +241,24 @@ class KVClient:
             fut = self.rpc.request(self.peers[part.server], Message(op, meta=meta, tensors=tensors))
             if pushing:
                 self.wire["push"]["headers"] += fut.sent[0]
-            futures.append((part, fut))
+            futures.append((part, fut, slot))
         if pushing and self.compressor is not None:
             self.wire["push"].update(self.compressor.bytes)
             self.compressor.bytes.clear()
         return Handle(futures, out)
+
+    def _take_slot(self, part: _Part) -> _Slot | None:
+        slots = self._slots.get(part.server)
+        if slots is None:
+            return None
+        try:
+            return slots.take(part.numel)
+        except (OSError, DownpourError) as err:  # e.g. the folder is gone or full: the socket carries them
+            log.warning("%s: no shared memory for %s (%s); its values go through the socket",
+                        self.rpc.node, self.peers[part.server], err)
+            del self._slots[part.server]
+            slots.close()
+            return None
 
     def init(self, values: torch.Tensor) -> Handle:
         """Offer initial values for every key. The first INIT a server gets wins; later ones are ignored."""
@@ -188,28 +296,54 @@ class KVClient:
     def wait(self, handle: Handle, timeout_s: float | None = None) -> None:
         """Block until every server answered (or raise: RemoteError if one refused,
         RequestTimeout naming the server that did not answer)."""
-        for part, fut in handle.futures:
-            reply = fut.result(timeout_s)
-            version, kv = reply.meta.get("version"), reply.meta.get("kv")
-            if isinstance(kv, list) and len(kv) == len(part.keys) and all(type(v) is int for v in kv):
-                for k, v in zip(part.keys, kv):
-                    self.versions[k] = v
-            elif type(version) is int:
-                for k in part.keys:
-                    self.versions[k] = version
-            if handle.out is not None and reply.tensors:
-                header, total = fut.received
-                pulled = self.wire["pull"]
-                pulled["headers"] += header
-                if "enc" in reply.meta:
-                    values = decode_pull(reply.meta["enc"], reply.tensors, part.numel)
-                    first = reply.tensors[0].numel() * reply.tensors[0].element_size()
-                    pulled["values"] += first
-                    pulled["scales"] += total - header - first
-                else:
-                    values = reply.tensors[0]
-                    pulled["values"] += total - header
-                if values.numel() != part.numel:
-                    raise ProtocolError(f"{fut.peer} returned {values.numel()} values for {part.numel} expected")
-                part.scatter(values, handle.out)
-        handle.futures = []
+        try:
+            while handle.futures:
+                part, fut, slot = handle.futures[0]
+                try:
+                    reply = fut.result(timeout_s)
+                except RemoteError as err:  # answered: the server is done with the slot (unless it was replaced)
+                    handle.futures.pop(0)
+                    if slot is not None:
+                        slot.pool.done(slot, err.code != "peer_replaced")
+                    raise
+                handle.futures.pop(0)
+                try:
+                    self._received(part, fut, reply, handle.out, slot)
+                finally:
+                    if slot is not None:
+                        slot.pool.done(slot, True)
+        except DownpourError:  # the requests not waited for may still be answered: their slots are not reused
+            for _, _, slot in handle.futures:
+                if slot is not None:
+                    slot.pool.done(slot, False)
+            handle.futures = []
+            raise
+
+    def _received(self, part: _Part, fut: Future, reply: Message, out: torch.Tensor | None, slot: _Slot | None) -> None:
+        version, kv = reply.meta.get("version"), reply.meta.get("kv")
+        if isinstance(kv, list) and len(kv) == len(part.keys) and all(type(v) is int for v in kv):
+            for k, v in zip(part.keys, kv):
+                self.versions[k] = v
+        elif type(version) is int:
+            for k in part.keys:
+                self.versions[k] = version
+        if out is not None and slot is not None and reply.meta.get("shm") is True:
+            pulled = self.wire["pull"]
+            pulled["headers"] += fut.received[0]
+            pulled["values"] += part.numel * 4
+            part.scatter(slot.values[: part.numel], out)
+        elif out is not None and reply.tensors:
+            header, total = fut.received
+            pulled = self.wire["pull"]
+            pulled["headers"] += header
+            if "enc" in reply.meta:
+                values = decode_pull(reply.meta["enc"], reply.tensors, part.numel)
+                first = reply.tensors[0].numel() * reply.tensors[0].element_size()
+                pulled["values"] += first
+                pulled["scales"] += total - header - first
+            else:
+                values = reply.tensors[0]
+                pulled["values"] += total - header
+            if values.numel() != part.numel:
+                raise ProtocolError(f"{fut.peer} returned {values.numel()} values for {part.numel} expected")
+            part.scatter(values, out)

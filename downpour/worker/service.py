@@ -87,6 +87,7 @@ class ServerMap:
     def __init__(self, name: str) -> None:
         self.name = name
         self.rpc: RpcClient | None = None
+        self.kv: KVClient | None = None
         self.addresses: dict[str, str] = {}
         self.gen = 0
         self._offered: tuple[int, list] | None = None
@@ -106,6 +107,8 @@ class ServerMap:
             if name in self.addresses and isinstance(address, str) and address != self.addresses[name]:
                 self.addresses[name] = address
                 lost = self.rpc.reconnect(name, address)
+                if self.kv is not None:
+                    self.kv.moved(name, address)
                 log.warning("%s: %s moved to %s (a replacement); %d request(s) to the old one dropped", self.name, name, address, lost)
 
 
@@ -128,6 +131,7 @@ def run_worker(ctx: zmq.Context, coordinator: str, rank: int | None = None, star
     coord = CoordinatorClient(ctx, coordinator, f"worker-{rank if rank is not None else '?'}-{uuid.uuid4().hex[:6]}",
                               abort=abort, abort_reason=reason, security=security)
     rpc: RpcClient | None = None
+    kv: KVClient | None = None
     name = coord.identity
     try:
         reply = coord.register("worker", rank, None, timeout_s=startup_timeout_s)
@@ -169,7 +173,10 @@ def run_worker(ctx: zmq.Context, coordinator: str, rank: int | None = None, star
         any_sync = t.consistency == "sync" or any(g.consistency == "sync" for g in t.consistency_groups)
         chunk = job.cluster.max_request_bytes if not any_sync else None  # a sync push holds all of a server's keys
         kv = KVClient(rpc, layout, peers, request_bytes=chunk, compression=job.compression,
-                      key_versions=bool(t.consistency_groups))
+                      key_versions=bool(t.consistency_groups), shared_memory=job.cluster.shared_memory)
+        for s in reply["servers"]:
+            kv.moved(s["name"], s["address"])
+        servers.kv = kv
         sparse = None
         if layout.tables:  # the model's SparseEmbedding rows come from the servers' tables
             sparse = SparseClient(rpc, layout, peers, kv.wire)
@@ -224,6 +231,8 @@ def run_worker(ctx: zmq.Context, coordinator: str, rank: int | None = None, star
             hb.stop()
         if endpoint is not None:
             endpoint.close()
+        if kv is not None:
+            kv.close()
         if rpc is not None:
             rpc.close()
         coord.close()

@@ -348,6 +348,7 @@ class Trainer:
             "pushes": self.pushes,
             "dropped_pushes": self.dropped,
             "wire": {d: dict(c) for d, c in self.kv.wire.items()},
+            "shm_requests": self.kv.shm_requests,
             "curve": self.curve,
             **({"sparse": self.sparse.stats()} if self.sparse is not None else {}),
             "cpu_s": time.process_time(),

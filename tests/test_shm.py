@@ -1,0 +1,194 @@
+"""Shared-memory slots beside ipc sockets (transport/shm.py): what a listener maps, what a
+server refuses, and what a client does with the slot of a request that got no answer.
+(The KVClient tests of tests/test_rpc_kvclient.py run through slots as well as sockets.)"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+
+import pytest
+import torch
+import zmq
+
+from downpour.config import parse_job
+from downpour.errors import RequestTimeout, TransportError
+from downpour.layout import make_layout
+from downpour.protocol import Message, Op, decode, encode
+from downpour.protocol.rpc import RpcClient
+from downpour.server.service import ParameterServer
+from downpour.transport import Channel, Listener, Poller, Slot, SlotMaps, slot_folder
+from downpour.worker.client import KVClient
+
+WAIT_S = 5.0
+LAYOUT = make_layout([("w", (4, 3)), ("b", (4,))], 1)
+NUMEL = LAYOUT.numel
+INIT = torch.linspace(-1.0, 1.0, NUMEL)
+KEYS = [s.key for s in LAYOUT.server_slices(0)]
+
+
+@pytest.fixture
+def folder():
+    path = tempfile.mkdtemp(prefix="dp-shm-")  # short: ipc paths are limited to about 100 characters
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def ctx():
+    context = zmq.Context()
+    yield context
+    context.destroy(linger=0)
+
+
+def test_slot_folder_is_the_ipc_sockets_folder_and_none_for_tcp():
+    assert slot_folder("ipc:///run/job/sock/server-0.sock") == "/run/job/sock"
+    assert slot_folder("tcp://127.0.0.1:5555") is None
+
+
+def test_what_a_requester_writes_in_a_slot_the_listener_reads_and_the_other_way(folder):
+    slot = Slot(folder, "worker-0/../x", 64)
+    assert os.path.dirname(slot.path) == folder and "/" not in slot.name  # the owner cannot steer the path
+    assert oct(os.stat(slot.path).st_mode & 0o777) == "0o600"
+    mine = torch.frombuffer(slot.buffer, dtype=torch.float32)
+    mine.copy_(torch.arange(16.0))
+    theirs = torch.frombuffer(SlotMaps(folder).map(slot.name), dtype=torch.float32)
+    assert torch.equal(theirs, torch.arange(16.0))
+    theirs.mul_(2)
+    assert torch.equal(mine, torch.arange(16.0) * 2)
+    slot.close()
+    assert not os.path.exists(slot.path)
+
+
+def test_a_listener_maps_only_regular_files_of_its_own_folder(folder, tmp_path):
+    maps = SlotMaps(folder)
+    outside = tmp_path / "shm-secret"
+    outside.write_bytes(b"\0" * 64)
+    os.symlink(outside, os.path.join(folder, "shm-link"))
+    os.mkdir(os.path.join(folder, "shm-dir"))
+    os.mkfifo(os.path.join(folder, "shm-fifo"))
+    open(os.path.join(folder, "shm-empty"), "wb").close()
+    for name, why in [("../shm-secret", "bad shared-memory slot name"), (f"{outside}", "bad shared-memory slot name"),
+                      ("secret", "bad shared-memory slot name"), (7, "bad shared-memory slot name"),
+                      ("shm-" + "a" * 300, "bad shared-memory slot name"), ("shm-missing", "cannot open"),
+                      ("shm-link", "cannot open"), ("shm-dir", "Is a directory"), ("shm-fifo", "not a regular file"),
+                      ("shm-empty", "holds 0 bytes")]:
+        with pytest.raises(TransportError, match=why):
+            maps.map(name)
+
+
+def test_a_listener_keeps_a_bounded_number_of_slots_mapped(folder):
+    maps = SlotMaps(folder)
+    slots = [Slot(folder, "w", 8) for _ in range(70)]
+    for s in slots:
+        maps.map(s.name)
+    assert len(maps._maps) == 64 and slots[0].name not in maps._maps and slots[-1].name in maps._maps
+    for s in slots:
+        s.close()
+
+
+class OneServer:
+    """A ParameterServer on an ipc (or tcp) listener and a raw DEALER, driven from the test's thread."""
+
+    def __init__(self, ctx: zmq.Context, bind: str, shared_memory: bool = True) -> None:
+        job = parse_job({"model": {"name": "mlp"}, "optimizer": {"name": "sgd", "lr": 0.5},
+                         "cluster": {"num_servers": 1, "shared_memory": shared_memory}, "monitor": {"metrics": False}})
+        self.listener = Listener(ctx, bind, 1 << 20)
+        self.server = ParameterServer(ctx, job, LAYOUT, 0, self.listener, "server-0")
+        self.channel = Channel(ctx, self.listener.address, identity=b"w")
+        self.poller = Poller()
+        self.poller.register(self.listener)
+        self.replies = Poller()
+        self.replies.register(self.channel)
+        self.req = 0
+
+    def ask(self, op: Op, meta: dict, tensors: list | None = None) -> Message:
+        self.req += 1
+        self.channel.send(encode(Message(op, self.req, dict(meta, keys=KEYS), tensors or [])))
+        assert self.poller.poll(WAIT_S), "the request did not arrive"
+        peer, frames = self.listener.recv()
+        self.server.handle(peer, frames)
+        assert self.replies.poll(WAIT_S), "no reply"
+        return decode(self.channel.recv(), 1 << 20)
+
+    def values(self) -> torch.Tensor:
+        return self.server.store.data.clone()
+
+    def close(self) -> None:
+        self.channel.close()
+        self.listener.close()
+
+
+def test_bad_slot_requests_are_refused_and_change_nothing(ctx, folder, tmp_path):
+    s = OneServer(ctx, f"ipc://{folder}/server-0.sock")
+    try:
+        assert s.ask(Op.INIT, {}, [INIT.clone()]).op == Op.OK
+        slot = Slot(folder, "w", NUMEL * 4)
+        grad = torch.frombuffer(slot.buffer, dtype=torch.float32)
+        grad.fill_(1.0)
+        small = Slot(folder, "w", 8)
+        outside = tmp_path / "shm-x"
+        outside.write_bytes(b"\0" * NUMEL * 4)
+        os.symlink(outside, os.path.join(folder, "shm-elsewhere"))
+        push = {"version": 0, "weight": 1.0}
+        cases = [
+            ({**push, "shm": ["../shm-x", NUMEL]}, [], "bad shared-memory slot name"),
+            ({**push, "shm": ["shm-elsewhere", NUMEL]}, [], "cannot open"),
+            ({**push, "shm": ["shm-nobody", NUMEL]}, [], "cannot open"),
+            ({**push, "shm": [small.name, NUMEL]}, [], "holds 2 values"),
+            ({**push, "shm": [slot.name, 0]}, [], "meta.shm must be"),
+            ({**push, "shm": [slot.name, True]}, [], "meta.shm must be"),
+            ({**push, "shm": slot.name}, [], "meta.shm must be"),
+            ({**push, "shm": [slot.name, NUMEL]}, [torch.ones(NUMEL)], "cannot use shared memory"),
+            ({**push, "shm": [slot.name, NUMEL - 1]}, [], f"the keys need {NUMEL}"),
+        ]
+        before = s.values()
+        for meta, tensors, why in cases:
+            reply = s.ask(Op.PUSHPULL, meta, tensors)
+            assert reply.op == Op.ERROR and why in reply.meta["error"], (meta, reply.meta)
+            assert torch.equal(s.values(), before)
+        grad[3] = float("nan")
+        reply = s.ask(Op.PUSHPULL, {**push, "shm": [slot.name, NUMEL]})
+        assert reply.op == Op.ERROR and "NaN" in reply.meta["error"] and torch.equal(s.values(), before)
+        # A good one: the update is applied and the new values come back in the slot, not in a frame.
+        grad.fill_(1.0)
+        reply = s.ask(Op.PUSHPULL, {**push, "shm": [slot.name, NUMEL]})
+        assert reply.op == Op.OK and reply.meta["shm"] is True and reply.tensors == []
+        assert torch.equal(grad, INIT - 0.5) and torch.equal(s.values(), INIT - 0.5)
+        slot.close()
+        small.close()
+    finally:
+        s.close()
+
+
+def test_a_server_that_listens_on_tcp_or_was_told_not_to_refuses_shared_memory(ctx, folder):
+    slot = Slot(folder, "w", NUMEL * 4)
+    for server in (OneServer(ctx, "tcp://127.0.0.1:*"), OneServer(ctx, f"ipc://{folder}/s.sock", shared_memory=False)):
+        try:
+            assert server.ask(Op.INIT, {}, [INIT.clone()]).op == Op.OK
+            reply = server.ask(Op.PULL, {"shm": [slot.name, NUMEL]})
+            assert reply.op == Op.ERROR and "takes no shared memory" in reply.meta["error"]
+        finally:
+            server.close()
+    slot.close()
+
+
+def test_the_slot_of_a_request_that_got_no_answer_is_never_reused(ctx, folder):
+    rpc = RpcClient(ctx, "worker-0", request_timeout_s=0.3)
+    try:
+        address = f"ipc://{folder}/nobody.sock"
+        rpc.connect("server-0", address)
+        kv = KVClient(rpc, LAYOUT, {0: "server-0"})
+        assert kv.moved("server-0", address)
+        for _ in range(2):
+            with pytest.raises(RequestTimeout, match="server-0"):
+                kv.wait(kv.pull(torch.empty(NUMEL)))
+            # (an answer may still come and write into it): the file is gone, nothing is kept for reuse
+            assert [f for f in os.listdir(folder) if f.startswith("shm-")] == []
+            pool = kv._slots[0]
+            assert pool.used == 0 and pool.free == []
+        assert kv.shm_requests == 2
+        kv.close()
+    finally:
+        rpc.close()
