@@ -238,7 +238,12 @@ class KVClient:
                 meta["clock"] = self.pushes
             if out is not None and self.pq is not None and not exact:
                 meta["pq"] = self.pq
-            fut = self.rpc.request(self.peers[part.server], Message(op, meta=meta, tensors=tensors))
+            try:
+                fut = self.rpc.request(self.peers[part.server], Message(op, meta=meta, tensors=tensors))
+            except BaseException:
+                if slot is not None:
+                    slot.pool.done(slot, False)
+                raise
             if pushing:
                 self.wire["push"]["headers"] += fut.sent[0]
             futures.append((part, fut, slot))
