@@ -135,16 +135,16 @@ class ParameterServer:
         if handler is None:
             self._reject(peer, msg, "bad_op", f"a server does not serve {msg.op.name}")
             return
+        if self.listener.security is not None:
+            role = self.listener.peer_role(frames)
+            if role not in ("worker", "coordinator"):
+                self._reject(peer, msg, "forbidden", f"a {role or 'foreign'} key may not use a server")
+                return
         if "shm" in msg.meta:
             try:
                 self._from_slot(peer, msg)
             except ProtocolError as err:
                 self._reject(peer, msg, "invalid", str(err))
-                return
-        if self.listener.security is not None:
-            role = self.listener.peer_role(frames)
-            if role not in ("worker", "coordinator"):
-                self._reject(peer, msg, "forbidden", f"a {role or 'foreign'} key may not use a server")
                 return
         t0 = time.perf_counter()
         try:
