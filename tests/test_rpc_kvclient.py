@@ -93,7 +93,7 @@ def cluster(ctx, request):
             t.start()
             assert t.ready.wait(WAIT_S) and t.address, f"server {rank} did not start: {t.error!r}"
             rpc.connect(f"server-{rank}", t.address)
-            assert kv.moved(f"server-{rank}", t.address) == (folder is not None)
+            assert kv.set_address(f"server-{rank}", t.address) == (folder is not None)
         return kv
 
     yield start

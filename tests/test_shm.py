@@ -180,7 +180,7 @@ def test_the_slot_of_a_request_that_got_no_answer_is_never_reused(ctx, folder):
         address = f"ipc://{folder}/nobody.sock"
         rpc.connect("server-0", address)
         kv = KVClient(rpc, LAYOUT, {0: "server-0"})
-        assert kv.moved("server-0", address)
+        assert kv.set_address("server-0", address)
         for _ in range(2):
             with pytest.raises(RequestTimeout, match="server-0"):
                 kv.wait(kv.pull(torch.empty(NUMEL)))

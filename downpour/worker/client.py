@@ -140,7 +140,7 @@ class KVClient:
         of its server. ``compression``: how pushes and pulled values are encoded (None: float32).
         ``key_versions``: pushes carry each key's version (``meta.kv``), as servers with
         consistency per parameter group need. ``shared_memory``: values to servers listening on
-        ipc sockets go through shared memory (see :meth:`moved`)."""
+        ipc sockets go through shared memory (see :meth:`set_address`)."""
         self.key_versions = key_versions
         self.shared_memory = shared_memory
         self.rpc = rpc
@@ -159,7 +159,7 @@ class KVClient:
         self._slots: dict[int, _Slots] = {}  # by server rank: where values go through shared memory
         self.shm_requests = 0  # requests whose values went through shared memory
 
-    def moved(self, peer: str, address: str) -> bool:
+    def set_address(self, peer: str, address: str) -> bool:
         """Server ``peer`` listens at ``address`` (now, or since it was replaced). With
         ``shared_memory`` and an ipc address its values go through shared memory. Returns
         whether they will."""

@@ -108,7 +108,7 @@ class ServerMap:
                 self.addresses[name] = address
                 lost = self.rpc.reconnect(name, address)
                 if self.kv is not None:
-                    self.kv.moved(name, address)
+                    self.kv.set_address(name, address)
                 log.warning("%s: %s moved to %s (a replacement); %d request(s) to the old one dropped", self.name, name, address, lost)
 
 
@@ -175,7 +175,7 @@ def run_worker(ctx: zmq.Context, coordinator: str, rank: int | None = None, star
         kv = KVClient(rpc, layout, peers, request_bytes=chunk, compression=job.compression,
                       key_versions=bool(t.consistency_groups), shared_memory=job.cluster.shared_memory)
         for s in reply["servers"]:
-            kv.moved(s["name"], s["address"])
+            kv.set_address(s["name"], s["address"])
         servers.kv = kv
         sparse = None
         if layout.tables:  # the model's SparseEmbedding rows come from the servers' tables
