@@ -69,7 +69,6 @@ class Slot:
         safe = re.sub(r"[^A-Za-z0-9._-]", "_", owner)[:80]
         self.name = f"shm-{safe}-{uuid.uuid4().hex[:12]}"
         self.path = os.path.join(folder, self.name)
-        self.nbytes = nbytes
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
         try:
             os.posix_fallocate(fd, 0, nbytes)  # a full disk fails here, not later as a bus error in a write
