@@ -1,6 +1,6 @@
 # Two commands do all set-up on a fresh machine:
 #   make demo   set up, then run the reference MNIST job (2 servers, 3 workers) locally
-#   make test   set up, then run the whole test suite
+#   make test   set up, then run the whole test suite (make test-fast: the tests that start no process, < 2 min)
 PYTHON ?= python3.11
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -10,7 +10,7 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 # Programs the monitoring tests drive: a real Prometheus server and headless Chromium.
 TEST_TOOLS := prometheus chromium
 
-.PHONY: demo ctr test setup data tools lint bench clean
+.PHONY: demo ctr test test-fast setup data tools lint bench clean
 
 # setup.py builds the sparse tables' C kernel (downpour/sparse/_native.c) into the package.
 $(VENV)/.installed: requirements.txt requirements-dev.txt pyproject.toml setup.py downpour/sparse/_native.c
@@ -48,6 +48,10 @@ ctr: setup
 
 test: setup data tools
 	$(PY) -m pytest -q
+
+# The fast tier: every test that starts no process (tests marked `slow` start whole jobs; tests/conftest.py).
+test-fast: setup data tools
+	$(PY) -m pytest -q -m "not slow"
 
 lint: setup
 	$(VENV)/bin/ruff check downpour tests benchmarks

@@ -75,15 +75,19 @@ def alive(pid: int) -> bool:
 
 
 def stop_job(proc: subprocess.Popen, timeout_s: float = 30.0) -> None:
-    """SIGTERM the launcher (like Ctrl-C, it stops every process it started; unlike SIGINT it is
-    not ignored when the tests run in a background shell); kill it if it does not end."""
-    if proc.poll() is None:
+    """Stop the launcher at once, as a second Ctrl-C does: the first SIGTERM asks for a graceful
+    stop, one handled after it stops every process. SIGTERM is repeated (a signal arriving before
+    the previous one was handled would merge with it) until the launcher ends; killed if it does not."""
+    deadline = time.monotonic() + timeout_s
+    while proc.poll() is None and time.monotonic() < deadline:
         proc.send_signal(signal.SIGTERM)
         try:
-            proc.communicate(timeout=timeout_s)
+            proc.wait(timeout=0.1)
         except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.communicate()
+            pass
+    if proc.poll() is None:
+        proc.kill()
+    proc.communicate()
 
 
 @contextlib.contextmanager

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import gzip
+import inspect
 import os
+import re
 import struct
 
 import numpy as np
@@ -62,3 +64,30 @@ def tiny_job(data: str, **sections) -> dict:
     for section, values in sections.items():
         job[section] = {**job.get(section, {}), **values}
     return job
+
+
+# -- the fast tier -------------------------------------------------------------------------------
+# `make test-fast` runs `pytest -m "not slow"`. A test that starts processes (a whole job, a role
+# by hand, a tool) is slow: it is marked so explicitly, and, as a safety net, any test whose code,
+# or the code of the module's helpers it calls (at any depth), starts one is marked too.
+_STARTS_PROCESSES = re.compile(r"\b(start_job|running_job|LocalLauncher|subprocess\.|Popen|downpour\.train\(|\.run\(\))")
+
+
+def _starts_processes(fn, module, seen: set) -> bool:
+    if not inspect.isfunction(fn) or fn in seen:
+        return False
+    seen.add(fn)
+    try:
+        if _STARTS_PROCESSES.search(inspect.getsource(fn)):
+            return True
+    except (OSError, TypeError):
+        return False
+    names = set(fn.__code__.co_names) | {c for k in fn.__code__.co_consts if inspect.iscode(k) for c in k.co_names}
+    return any(_starts_processes(getattr(module, n, None), module, seen) for n in names)
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    for item in items:
+        fn = getattr(item, "function", None)
+        if item.get_closest_marker("slow") is None and fn is not None and _starts_processes(fn, item.module, set()):
+            item.add_marker(pytest.mark.slow)

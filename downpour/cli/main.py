@@ -110,8 +110,18 @@ def cmd_train(args) -> int:
         print("downpour: WARNING: --insecure: the job's processes talk without authentication or encryption.",
               file=sys.stderr, flush=True)
     launcher = LocalLauncher(job, run_dir, insecure=args.insecure)
-    signal.signal(signal.SIGTERM, _terminate)  # stopped like Ctrl-C: every process of the job goes too
-    signal.signal(signal.SIGINT, signal.default_int_handler)  # Ctrl-C works even if started where SIGINT is ignored
+
+    def graceful(signum: int, frame: Any) -> None:
+        """The first Ctrl-C or SIGTERM stops the job without losing work: workers leave after their
+        current step, a final checkpoint is committed, every process stops. The second stops at once."""
+        signal.signal(signal.SIGTERM, _at_once)
+        signal.signal(signal.SIGINT, _at_once)
+        print(f"\ndownpour: {signal.Signals(signum).name}: stopping gracefully (final checkpoint, then every process "
+              f"stops; resume with --resume {run_dir}). Ctrl-C again stops at once.", file=sys.stderr, flush=True)
+        launcher.request_stop()
+
+    signal.signal(signal.SIGTERM, graceful)
+    signal.signal(signal.SIGINT, graceful)  # also where started with SIGINT ignored
     print(f"downpour: {job.name}: {job.cluster.num_servers} servers, {job.cluster.num_workers} workers, "
           f"{job.training.consistency}; run folder {run_dir}", flush=True)
     try:
@@ -120,6 +130,13 @@ def cmd_train(args) -> int:
         print("downpour: interrupted; every process of the job was stopped", file=sys.stderr)
         return 130
     s = result.summary
+    if s.get("status") == "stopped":
+        last = (s.get("checkpoints") or {}).get("last")
+        print(f"downpour: stopped gracefully after {s['examples']} examples in {s['steps']} steps; "
+              + (f"checkpoint {last} committed: " if last else "no checkpoint was committed: ")
+              + f"continue with --resume {result.run_dir}")
+        print(f"summary: {os.path.join(result.run_dir, 'summary.json')}")
+        return 0
     print(f"test accuracy: {s['test_accuracy']:.4f}   test loss: {s['test_loss']:.4f}")
     if s.get("test_auc") is not None:
         best = s.get("optimum_auc")
@@ -134,6 +151,14 @@ def cmd_train(args) -> int:
 
 
 def _terminate(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
+def _at_once(signum: int, frame: Any) -> None:
+    """Stop now: every process of the job is stopped (bounded waits); further signals are ignored
+    meanwhile, so that the clean-up itself is not cut short."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     raise KeyboardInterrupt
 
 
@@ -186,8 +211,18 @@ def cmd_coordinator(args) -> int:
     ctx = new_context()
     coord = Coordinator(ctx, job, bind, args.run_dir, security, recover=args.recover, lost_at=args.lost_at)
     print(f"coordinator listening on {coord.address}", file=sys.stderr, flush=True)
+
+    def graceful(signum: int, frame: Any) -> None:  # the first SIGTERM: stop without losing work; the second: at once
+        signal.signal(signal.SIGTERM, _terminate)
+        print("coordinator: SIGTERM: stopping gracefully (final checkpoint); a second SIGTERM stops at once",
+              file=sys.stderr, flush=True)
+        coord.request_stop()
+
+    signal.signal(signal.SIGTERM, graceful)
     try:
         return coord.serve()
+    except KeyboardInterrupt:
+        return 130
     finally:
         ctx.destroy(linger=0)
 

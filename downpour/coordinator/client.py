@@ -88,17 +88,21 @@ class CoordinatorClient:
         """Returns when every live worker reached barrier ``name``."""
         return self.call(Op.BARRIER, {"name": name}, timeout_s)
 
-    def next_shard(self) -> dict[str, Any] | None:
+    def next_shard(self, leave: threading.Event | None = None) -> dict[str, Any] | None:
         """The next data shard to train ({epoch, shard, start, stop}), or None when none is left.
         While other workers still hold shards (one may come back if its worker dies) the
         coordinator says wait: this asks again until it gets a shard or a final None (a stop of
-        the job ends the wait through the abort flag, as every request does)."""
+        the job ends the wait through the abort flag, as every request does). ``leave``: an event
+        that ends the wait with None (the coordinator asked this worker to leave: a graceful stop)."""
         while True:
             reply = self.call(Op.NEXT_SHARD)
             wait = reply.get("wait_s")
             if reply.get("shard") is not None or not isinstance(wait, (int, float)) or wait <= 0:
                 return reply.get("shard")
-            time.sleep(min(float(wait), 1.0))
+            if leave is not None and leave.wait(min(float(wait), 1.0)):
+                return None
+            if leave is None:
+                time.sleep(min(float(wait), 1.0))
 
     def leave(self, position: list[int] | None, stats: dict[str, Any], timeout_s: float) -> None:
         """Leave the running job cleanly: the coordinator puts this worker's unfinished shards

@@ -117,7 +117,8 @@ def export_state(self: CoordinatorState, now: float) -> dict[str, Any]:
             "workerless_since": _rel(self.workerless_since, base), "step_offset": self.step_offset,
             "resume": self.resume, "restore": self.restore, "evaluation": self.evaluation, "evaluator": self.evaluator,
             "servers_gen": self.servers_gen, "hosting": self.hosting, "rejected": self.rejected, "version_rate": self.version_rate,
-            "restarts": self.restarts,
+            "restarts": self.restarts, "stop_requested": _rel(self.stop_requested, base), "final_asked": self.final_asked,
+            "leave_at": self.leave_at,
         },
         "nodes": [
             {"name": n.name, "role": n.role, "rank": n.rank, "identity": n.identity.hex(), "address": n.address,
@@ -156,6 +157,9 @@ def adopt_state(self: CoordinatorState, parts: dict[str, Any], now: float, lost_
     self.servers_gen, self.rejected, self.version_rate = int(j["servers_gen"]), dict(j["rejected"]), float(j["version_rate"])
     self.hosting = {int(r): str(n) for r, n in j["hosting"].items()}
     self.restarts = int(j["restarts"]) + 1
+    self.stop_requested = _abs(j.get("stop_requested"), base)
+    self.final_asked = bool(j.get("final_asked", False))
+    self.leave_at = j.get("leave_at")
     self.nodes, self.by_identity = {}, {}
     for d in parts["nodes"]:
         ident = bytes.fromhex(d["identity"])

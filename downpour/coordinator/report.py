@@ -60,6 +60,10 @@ def job_status(self: CoordinatorState, now: float) -> dict[str, Any]:
     }
 
 
+def _stopped_early(self: CoordinatorState) -> bool:
+    return self.stop_requested is not None and not self.ledger.complete()
+
+
 def job_summary(self: CoordinatorState, now: float) -> dict[str, Any]:
     """What summary.json holds at the end of the job."""
     # A worker that died sent no final stats: its last heartbeat's progress stands in for them.
@@ -74,7 +78,8 @@ def job_summary(self: CoordinatorState, now: float) -> dict[str, Any]:
     train_s = (self.train_ended or now) - self.train_started if self.train_started is not None else 0.0
     ev = self.evaluation or {}
     return {
-        "status": "ok" if self.error is None else "failed",
+        # stopped: a graceful stop ended training early (its final checkpoint resumes it)
+        "status": "failed" if self.error is not None else "stopped" if _stopped_early(self) else "ok",
         "error": self.error,
         "failed_node": self.failed_node,
         "job": self.job.name,

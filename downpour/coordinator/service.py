@@ -94,6 +94,7 @@ class Coordinator:
         if job.init_from and resume is None and not recover:
             self.state.restore = plan_warm_start(job.init_from, layout)
         self._next_save = 0.0
+        self._stop_asked = False  # request_stop() was called (SIGTERM); the serve loop passes it on
         self.ctx = ctx
         self.layout = layout
         self.listener = Listener(ctx, address, job.cluster.max_message_bytes, security)
@@ -244,6 +245,11 @@ class Coordinator:
         finally:
             rpc.close()
 
+    def request_stop(self) -> None:
+        """Stop the job gracefully (see :meth:`CoordinatorState.request_stop`). Safe to call from a
+        signal handler or another thread: the serve loop acts on it within one tick."""
+        self._stop_asked = True
+
     def serve(self) -> int:
         """Run until the job finishes or fails; returns the exit code (0 on success)."""
         poller = Poller()
@@ -274,6 +280,11 @@ class Coordinator:
                     # change the state a later request depends on (a checkpoint's commit).
                     finish = self._perform(actions) or finish
             now = time.monotonic()
+            if self._stop_asked:
+                self._stop_asked = False
+                asked = self.state.request_stop(now)
+                self._save(now)
+                finish = self._perform(asked) or finish
             ticked = self.state.tick(now)
             if ticked or now >= self._next_save:
                 self._save(now)

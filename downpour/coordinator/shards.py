@@ -200,6 +200,10 @@ class ShardLedger:
             else:
                 raise ValueError(f"unknown ledger event {kind!r}")
 
+    def complete(self) -> bool:
+        """Every shard of every epoch was trained (none handed out, queued or still to come)."""
+        return not self.assigned and not self.queue and self.epoch + 1 >= self.epochs
+
     def summary(self) -> dict:
         per_epoch: dict[int, int] = {}
         for epoch, _ in self.completed:

@@ -127,6 +127,11 @@ class CoordinatorState:
         self.failed_node: str | None = None
         self.stop_deadline: float | None = None
         self.stop_told: set[str] = set()
+        # A graceful stop was asked for (the coordinator got SIGTERM): workers leave at their next
+        # step, a final checkpoint is committed, then the job ends with status "stopped".
+        self.stop_requested: float | None = None
+        self.final_asked = False  # that stop's final checkpoint was asked of the servers
+        self.leave_at: int | None = None  # sync: the round after which every worker leaves (the same for all)
         mon = job.monitor
         silent_after = min(0.5 * self.cl.heartbeat_timeout_s, max(3 * self.cl.heartbeat_interval_s, 1.0))
         self.health = Health(silent_after, mon.stall_after_s, mon.slow_fraction)
@@ -565,6 +570,9 @@ class CoordinatorState:
             # and asks a survivor to take over the ranks left without a replacement.
             hosts = sorted(r for r, who in self.hosting.items() if who == node.name and r in self.server_slots)
             return [Reply(ident, msg.reply({"workers": self._members(), **({"host_ranks": hosts} if hosts else {})}))]
+        if node.role == "worker" and self.stop_requested is not None and node.state == ALIVE:
+            order = {"leave": "the job is stopping gracefully (final checkpoint)", "leave_at": self.leave_at}
+            return [Reply(ident, msg.reply(order))]
         if node.role == "worker" and self.servers_gen:  # a server was replaced: where the servers are now
             return [Reply(ident, msg.reply({"servers": self._server_addresses(), "servers_gen": self.servers_gen}))]
         return [Reply(ident, msg.reply({}))]
@@ -767,6 +775,46 @@ class CoordinatorState:
     def on_status(self, ident: bytes, msg: Message, now: float, _: Node | None) -> list[Action]:
         return [Reply(ident, msg.reply(self.status(now)))]
 
+    # -- graceful stop ------------------------------------------------------
+    def request_stop(self, now: float) -> list[Action]:
+        """Stop the job without losing work (the coordinator got SIGTERM; ``downpour train`` sends it
+        on the first Ctrl-C or SIGTERM). Training workers are told to leave after their current step
+        (in heartbeat answers): each settles its last push and LEAVEs with its exact data position,
+        so its shard goes back to the queue. Once none trains, a final checkpoint is committed, the
+        trained parameters are saved, the servers stop, and the summary says ``status: stopped``.
+        ``--resume`` then continues from that checkpoint and trains every example once. A job still
+        registering fails at once (nothing to keep); one already evaluating simply finishes."""
+        if self.stop_requested is not None or self.phase not in ("registering", "training"):
+            return []
+        self.stop_requested = now
+        if self.checkpoints.sync:  # every worker leaves after the same round, placed as a sync checkpoint is
+            known = max((int(n.progress.get("version", 0)) for n in self._role("server")), default=0)
+            self.leave_at = known + sync_margin(self.version_rate, self.cl.heartbeat_interval_s)
+        log.warning("coordinator: graceful stop requested: workers leave after %s, then a final checkpoint",
+                    "their current step" if self.leave_at is None else f"round {self.leave_at}")
+        if self.phase == "registering":
+            return self._fail(now, "coordinator", "stopped (SIGTERM) before training began", "stopped")
+        return []
+
+    def _stop_step(self, now: float) -> list[Action]:
+        """The next step of a graceful stop, once no worker trains any more."""
+        if self._training_workers():
+            return []
+        p = self.checkpoints.pending
+        if self.checkpoints.enabled and not self.final_asked:
+            self.final_asked = True
+            self.train_ended = now
+            if p is not None:  # a periodic one (sync: at a version no push will reach now): the final one replaces it
+                self.checkpoints.abandon(now, "superseded by the final checkpoint of a graceful stop")
+            return self._begin_checkpoint(now, final=True)
+        if p is not None:
+            return []  # the final checkpoint is being written
+        self.train_ended = self.train_ended or now
+        self.phase = "stopping"  # servers hear "stop" in their next heartbeat answer, after the model is saved
+        log.info("coordinator: graceful stop: %s; stopping servers",
+                 f"checkpoint {self.checkpoints.committed[-1]['name']} committed" if self.checkpoints.committed else "no checkpoint")
+        return [SaveModel(self._server_addresses())]
+
     # -- time -------------------------------------------------------------
     def tick(self, now: float) -> list[Action]:
         if self.phase == "failed":
@@ -792,6 +840,8 @@ class CoordinatorState:
             if silent > limit:
                 why = f"no heartbeat for {silent:.1f}s (timeout {limit:g}s); declared dead"
                 return self._lose(now, node, why, "dead", silent)
+        if self.stop_requested is not None and self.phase == "training":
+            return self._stop_step(now)
         if self.workerless_since is not None and now - self.workerless_since > self.cl.startup_timeout_s:
             return self._fail(now, "coordinator", f"every worker was lost and none joined within "
                               f"{self.cl.startup_timeout_s:g}s (cluster.startup_timeout_s)", "no_workers")

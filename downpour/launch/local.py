@@ -106,6 +106,8 @@ class LocalLauncher:
         self.server_restarts = 0  # server replacements started
         self.coordinator_restarts = 0
         self.coordinator: Proc | None = None
+        self.stopping = False  # request_stop() was called: a graceful stop is under way
+        self._stop_sent: Proc | None = None  # the coordinator process told so (a restarted one is told again)
         self.address: str | None = None
         self.env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS=str(job.training.torch_threads))
 
@@ -164,12 +166,19 @@ class LocalLauncher:
             self._spawn(f"worker-{r}", ["worker", "--coordinator", address, "--rank", str(r)])
         return address
 
+    def request_stop(self) -> None:
+        """Stop the job gracefully: the coordinator (SIGTERM) has the workers leave after their
+        current step, commits a final checkpoint and stops every node; :meth:`run` then returns
+        a summary with ``status: stopped``. Safe to call from a signal handler."""
+        self.stopping = True  # _watch passes it on to the coordinator (once it runs)
+
     def stop_all(self, grace_s: float = 3.0) -> None:
-        """Stop every process still running: SIGTERM, then SIGKILL after ``grace_s``."""
+        """Stop every process still running at once: SIGTERM (SIGINT for the coordinator, whose
+        SIGTERM means a graceful stop), then SIGKILL after ``grace_s``."""
         live = [p for p in self.procs if p.popen.poll() is None]
         for p in live:
             try:
-                p.popen.terminate()
+                p.popen.send_signal(signal.SIGINT if p is self.coordinator else signal.SIGTERM)
             except ProcessLookupError:
                 pass
         deadline = time.monotonic() + grace_s
@@ -220,6 +229,9 @@ class LocalLauncher:
                     p.exit_code, p.exited_at = p.popen.returncode, now
             failed = sorted((p for p in self.procs if p.exit_code not in (None, 0)), key=lambda p: p.exited_at or 0)
             coord = self.coordinator
+            if self.stopping and self._stop_sent is not coord and coord.popen.poll() is None:
+                coord.popen.send_signal(signal.SIGTERM)
+                self._stop_sent = coord
             if coord.exit_code is not None and not self._restart_coordinator(coord):
                 return self._finish(failed)
             failed = [p for p in failed if not (p.replaced or self._recover(p))]
@@ -340,7 +352,7 @@ class LocalLauncher:
             raise JobFailed(f"{coord.describe_exit()} before writing the job's summary; stopping the job."
                             + (f"\n--- end of {coord.log_path} ---\n{tail}" if tail else ""), node="coordinator") from None
         codes = {p.name: p.exit_code for p in self.procs}
-        if summary.get("status") != "ok":
+        if summary.get("status") not in ("ok", "stopped"):
             node = summary.get("failed_node") or (failed[0].name if failed else "coordinator")
             culprit = next((p for p in self.procs if p.name == node), None)
             tail = culprit.log_tail() if culprit else ""

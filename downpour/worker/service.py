@@ -33,7 +33,7 @@ from downpour.worker.client import KVClient
 from downpour.worker.flat import FlatModel
 from downpour.worker.metrics import worker_metrics
 from downpour.worker.sparse import SparseClient
-from downpour.worker.trainer import Trainer
+from downpour.worker.trainer import LeaveOrder, Trainer
 
 log = logging.getLogger(__name__)
 
@@ -147,9 +147,16 @@ def run_worker(ctx: zmq.Context, coordinator: str, rank: int | None = None, star
             route = metrics_route(worker_metrics(lambda: trainer), labels)
             endpoint = HttpEndpoint(metrics_host or job.monitor.http_host, 0, {"/metrics": route}, name)
         servers = ServerMap(name)
+        leave = LeaveOrder()  # the coordinator asked this worker to leave (a graceful stop of the job)
+
+        def on_reply(meta: dict[str, Any]) -> None:
+            servers.offer(meta)
+            if meta.get("leave") and not leave.event.is_set():
+                leave.set(meta.get("leave_at"))
+
         hb = HeartbeatThread(ctx, coordinator, name, job, lambda: trainer.progress() if trainer else {}, abort,
                              extra={"metrics": endpoint.address} if endpoint else None, security=security,
-                             on_reply=servers.offer)
+                             on_reply=on_reply)
         hb.start()
         torch.set_num_threads(job.training.torch_threads)
         device = device_for(job)
@@ -182,6 +189,7 @@ def run_worker(ctx: zmq.Context, coordinator: str, rank: int | None = None, star
             sparse = SparseClient(rpc, layout, peers, kv.wire)
             attach(model, sparse)
         trainer = Trainer(job, flat, kv, dataset, name, int(reply["rank"]), sparse)
+        trainer.leave = leave
 
         if reply.get("initializer"):
             kv.wait(kv.init(flat.host))
@@ -191,14 +199,13 @@ def run_worker(ctx: zmq.Context, coordinator: str, rank: int | None = None, star
         trainer.start()
         log.info("%s: training on %s", name, device)
         try:
-            trainer.run(coord.next_shard, coord.shard_done)
+            trainer.run(lambda: coord.next_shard(leave.event), coord.shard_done)
         except KeyboardInterrupt:  # SIGTERM or Ctrl-C while training: leave cleanly, the job goes on
             log.info("%s: interrupted; leaving the job (its shards go back to the queue)", name)
-            try:
-                coord.leave(trainer.position, trainer.stats(), timeout_s=2.0)
-            except DownpourError as err:
-                log.info("%s: could not tell the coordinator: %s", name, err)
-            return 0
+            return _leave(coord, trainer, 2.0)
+        if trainer.left:  # the job stops gracefully: the last push is settled, so the position is exact
+            log.info("%s: the job is stopping; leaving at data position %s", name, trainer.position)
+            return _leave(coord, trainer, job.cluster.request_timeout_s)
         stats = trainer.stats()
         log.info("%s: trained %d steps, %d examples, %.0f examples/s", name, stats["steps"], stats["examples"], stats["examples_per_s"])
         end = coord.worker_done(stats, timeout_s=_LONG_WAIT_S)
@@ -236,6 +243,16 @@ def run_worker(ctx: zmq.Context, coordinator: str, rank: int | None = None, star
         if rpc is not None:
             rpc.close()
         coord.close()
+
+
+def _leave(coord: CoordinatorClient, trainer: Trainer, timeout_s: float) -> int:
+    """Leave the running job cleanly: the coordinator puts this worker's unfinished shard back,
+    to resume after its last acknowledged push."""
+    try:
+        coord.leave(trainer.position, trainer.stats(), timeout_s=timeout_s)
+    except DownpourError as err:
+        log.info("%s: could not tell the coordinator: %s", coord.node, err)
+    return 0
 
 
 def _report_error(coord: CoordinatorClient, text: str) -> None:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -81,6 +82,25 @@ def batch_loss(kind: str, out: torch.Tensor, y: torch.Tensor, reduction: str = "
     return F.cross_entropy(out, y, reduction=reduction)
 
 
+class LeaveOrder:
+    """The coordinator asked this worker to leave: a graceful stop of the job. Set from the heartbeat
+    thread, read by the training loop before each step. ``at_version`` (sync jobs): leave once the
+    values held are of that round, so that every worker stops after the same round."""
+
+    def __init__(self) -> None:
+        self.event = threading.Event()
+        self.at_version: int | None = None
+
+    def set(self, at_version: object) -> None:
+        self.at_version = at_version if type(at_version) is int and at_version >= 0 else None
+        self.event.set()
+
+    def due(self, versions: list[int]) -> bool:
+        if not self.event.is_set():
+            return False
+        return self.at_version is None or min(versions, default=0) >= self.at_version
+
+
 class Trainer:
     def __init__(self, job: JobConfig, flat: FlatModel, kv: KVClient, dataset: Dataset, name: str, rank: int = 0,
                  sparse: SparseClient | None = None) -> None:
@@ -109,6 +129,10 @@ class Trainer:
         self._slow_rng = np.random.default_rng([t.seed, rank, 7])
         self.curve: list[list[float]] = []  # [seconds of training, examples, test accuracy] (monitor.eval_every_shards)
         self.max_steps = t.steps
+        # The coordinator may ask this worker to leave (a graceful stop of the job): training then
+        # ends after a step, with its push settled, so the position it leaves at is exact.
+        self.leave = LeaveOrder()
+        self.left = False  # training ended because of that order
         self.steps = 0
         self.examples = 0
         self.loss_ema: float | None = None
@@ -150,8 +174,12 @@ class Trainer:
         every = self.job.monitor.eval_every_shards if self.rank == 0 else None
         trained = 0
         while not self.finished:
+            if self.leave.due(self.kv.versions):
+                self.left = True
+                break
             shard = next_shard()
             if shard is None:
+                self.left = self.leave.event.is_set()  # the wait for a shard ended by the order to leave
                 break
             self.shard = shard
             n = self.train_shard(shard)
@@ -185,6 +213,9 @@ class Trainer:
         done = 0
         for b in range(0, len(y_all), t.batch_size):
             if self.finished:
+                break
+            if self.leave.due(self.kv.versions):
+                self.left = True
                 break
             n = len(y_all[b : b + t.batch_size])
             self.step(_rows(x_all, b, b + t.batch_size), y_all[b : b + t.batch_size], [shard["epoch"], shard["shard"], skip + done + n])

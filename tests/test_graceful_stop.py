@@ -1,0 +1,190 @@
+"""A graceful stop: the first SIGTERM or Ctrl-C commits a final checkpoint, then every process stops;
+`--resume` continues from it and loses nothing (the second signal stops at once:
+tests/test_end_to_end.py)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+
+import pytest
+import torch
+import yaml
+
+from downpour.api import resolve_job
+from downpour.coordinator.state import CommitCheckpoint, CoordinatorState, Finish, Reply, SaveModel
+from downpour.launch import LocalLauncher
+from downpour.protocol import Message, Op
+from tests.cluster import PY, alive, start_job, wait_training
+from tests.conftest import tiny_job
+from tests.test_coordinator_state import JOB, LAYOUT, NUM_TRAIN, SERVERS, WORKERS, Sim, ident, one
+
+
+class CheckpointSim(Sim):
+    """The state machine with checkpoints on (nothing is written: the service would do that)."""
+
+    def __init__(self, job=JOB) -> None:
+        super().__init__(job)
+        self.state = CoordinatorState(job, LAYOUT, NUM_TRAIN, self.now, checkpoint_url="memory://graceful")
+
+    def heartbeat(self, who: str, **progress) -> dict:
+        return one(self.send(who, Op.HEARTBEAT, progress=progress)).msg.meta
+
+
+def test_a_graceful_stop_has_the_workers_leave_then_commits_a_final_checkpoint_then_stops():
+    sim = CheckpointSim()
+    sim.start()
+    for w in WORKERS:
+        sim.send(w, Op.BARRIER, name="init")
+    held = {w: one(sim.send(w, Op.NEXT_SHARD)).msg.meta["shard"] for w in WORKERS[:2]}
+    assert "leave" not in sim.heartbeat(WORKERS[0], steps=3)
+
+    assert sim.state.request_stop(1.0) == []
+    assert sim.state.request_stop(1.1) == []  # asked twice: once
+    for w in WORKERS:  # every training worker is told to leave, in its heartbeat answer (async: at once)
+        order = sim.heartbeat(w, steps=3)
+        assert order["leave"] and order["leave_at"] is None
+    assert sim.tick(1.2) == []  # workers still train: no checkpoint yet
+    # Each worker leaves with its exact position; its shard goes back to the queue.
+    sim.send(WORKERS[0], Op.LEAVE, position=[held[WORKERS[0]]["epoch"], held[WORKERS[0]]["shard"], 3], stats={"steps": 3})
+    sim.send(WORKERS[1], Op.LEAVE, position=None, stats={"steps": 0})
+    assert sim.tick(1.3) == []
+    sim.send(WORKERS[2], Op.LEAVE, position=None, stats={"steps": 0})
+
+    asked = sim.tick(1.4)  # nobody trains: the final checkpoint
+    assert sorted(a.to for a in asked if isinstance(a, Reply) and a.msg.op == Op.CHECKPOINT) == sorted(ident(s) for s in SERVERS)
+    name = asked[0].msg.meta["name"]
+    assert asked[0].msg.meta["at_version"] is None
+    assert sim.tick(1.5) == []  # waiting for the servers' files
+    commits = []
+    for s in SERVERS:
+        report = {"name": name, "file": f"{s}.safetensors", "sha256": "0" * 64, "bytes": 1, "version": 7,
+                  "positions": {WORKERS[0]: [held[WORKERS[0]]["epoch"], held[WORKERS[0]]["shard"], 3]}}
+        commits += [a for a in sim.send(s, Op.REPORT, kind="checkpoint", data=report) if isinstance(a, CommitCheckpoint)]
+    assert len(commits) == 1 and commits[0].final
+    # The shard worker-0 was in resumes after its 3 examples; nothing was completed.
+    queue = commits[0].job_state["ledger"]["queue"]
+    assert [held[WORKERS[0]]["epoch"], held[WORKERS[0]]["shard"], 3] in queue
+    assert [held[WORKERS[1]]["epoch"], held[WORKERS[1]]["shard"], 0] in queue
+    sim.state.checkpoint_committed(1.6, True)
+
+    saved = sim.tick(1.7)
+    assert [type(a) for a in saved] == [SaveModel] and sim.state.phase == "stopping"
+    for s in SERVERS:  # servers stop once the model is saved (their next heartbeat)
+        assert sim.heartbeat(s).get("stop")
+    out = []
+    for s in SERVERS:
+        out += sim.send(s, Op.REPORT, kind="server", data={"pushes": 1})
+    finish = [a for a in out if isinstance(a, Finish)]
+    assert len(finish) == 1 and finish[0].code == 0
+    summary = finish[0].summary
+    assert summary["status"] == "stopped" and summary["error"] is None
+    assert summary["checkpoints"]["last"] == name
+
+
+def test_a_sync_job_stops_every_worker_after_the_same_round():
+    job = JOB.model_copy(update={"training": JOB.training.model_copy(update={"consistency": "sync"})})
+    sim = CheckpointSim(job)
+    sim.start()
+    sim.heartbeat(SERVERS[0], version=40)
+    sim.state.request_stop(1.0)
+    orders = [sim.heartbeat(w) for w in WORKERS]
+    assert len({o["leave_at"] for o in orders}) == 1 and orders[0]["leave_at"] > 40
+
+
+def test_a_stop_before_training_began_ends_the_job_at_once():
+    sim = CheckpointSim()
+    sim.register(SERVERS[0], "server", 0)
+    sim.state.request_stop(1.0)
+    assert sim.state.phase == "failed" and "before training began" in sim.state.error
+
+
+def test_a_stop_after_training_ended_lets_the_job_finish_normally():
+    sim = CheckpointSim()
+    sim.train()
+    assert sim.state.request_stop(1.0) == [] and sim.state.stop_requested is None
+
+
+def test_workers_that_left_are_not_asked_to_leave_again_and_others_keep_heartbeating():
+    sim = CheckpointSim()
+    sim.start()
+    sim.state.request_stop(1.0)
+    sim.send(WORKERS[0], Op.LEAVE, position=None, stats={})
+    assert "leave" not in sim.heartbeat(SERVERS[0])
+    assert sim.heartbeat(WORKERS[1])["leave"]
+
+
+# -- end to end -----------------------------------------------------------------------------------
+
+
+def _committed(run_dir) -> list[str]:
+    folder = os.path.join(run_dir, "checkpoints")
+    return sorted(n for n in os.listdir(folder) if os.path.exists(os.path.join(folder, n, "manifest.json")))
+
+
+def _stop_gracefully(tmp_path, job: dict, steps: int = 20) -> tuple[str, dict, str]:
+    """Start `downpour train`, SIGTERM it once every worker trained ``steps`` steps; returns the run
+    folder, its summary and the launcher's stderr. Every process of the job must be gone."""
+    proc, run_dir = start_job(tmp_path, job)
+    try:
+        pids = [n["pid"] for n in wait_training(run_dir, steps=steps)["nodes"]]
+        proc.send_signal(15)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, err[-3000:]
+    assert "stopping gracefully" in err and "--resume" in out, (out, err)
+    deadline = time.monotonic() + 10
+    while any(alive(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not any(alive(p) for p in pids)
+    summary = json.loads(open(os.path.join(run_dir, "summary.json")).read())
+    return run_dir, summary, err
+
+
+def _resume(tmp_path, job: dict, source: str) -> tuple[dict, str]:
+    path = tmp_path / "resumed.yaml"
+    path.write_text(yaml.safe_dump(job))
+    run_dir = tmp_path / "resumed"
+    done = subprocess.run([PY, "-m", "downpour", "train", str(path), "--run-dir", str(run_dir), "--quiet", "--resume", source],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads((run_dir / "summary.json").read_text()), str(run_dir)
+
+
+@pytest.mark.slow
+def test_a_gracefully_stopped_async_job_resumes_and_trains_every_shard_exactly_once(tmp_path, tiny_data):
+    # Checkpoints far apart: what the resume continues from is the stop's own final checkpoint.
+    job = tiny_job(tiny_data, training={"epochs": 30}, checkpoint={"every_s": 3600})
+    (tmp_path / "a").mkdir()
+    stopped, summary, _ = _stop_gracefully(tmp_path / "a", job)
+    assert summary["status"] == "stopped" and summary["data_shards"]["unfinished"] > 0
+    last = _committed(stopped)[-1]
+    manifest = json.loads(open(os.path.join(stopped, "checkpoints", last, "manifest.json")).read())
+    assert manifest["job"]["final"] is True and summary["checkpoints"]["last"] == last
+    assert os.path.exists(os.path.join(stopped, "model.pt"))
+    resumed, _ = _resume(tmp_path, job, stopped)
+    assert resumed["resumed_from"].endswith(last)
+    # Every shard of every epoch trained to completion exactly once over the two runs, and every example.
+    assert resumed["data_shards"]["completed_per_epoch"] == {str(e): 6 for e in range(30)}
+    assert resumed["data_shards"]["unfinished"] == 0
+    assert summary["examples"] + resumed["examples"] == 30 * 2400
+
+
+@pytest.mark.slow
+def test_a_gracefully_stopped_sync_job_resumes_to_the_parameters_of_an_uninterrupted_run(tmp_path, tiny_data):
+    """Sync training is deterministic (no dropout): every worker leaves after the same round, so
+    the stopped-and-resumed job lands on the uninterrupted run's parameters."""
+    job = tiny_job(tiny_data, training={"consistency": "sync", "epochs": 12}, checkpoint={"every_s": 3600})
+    whole = LocalLauncher(resolve_job(job), str(tmp_path / "whole")).run()
+    (tmp_path / "a").mkdir()
+    stopped, summary, _ = _stop_gracefully(tmp_path / "a", job)
+    assert summary["status"] == "stopped"
+    resumed, resumed_dir = _resume(tmp_path, job, stopped)
+    want = torch.load(os.path.join(whole.run_dir, "model.pt"), weights_only=True)
+    got = torch.load(os.path.join(resumed_dir, "model.pt"), weights_only=True)
+    for name, value in want.items():
+        torch.testing.assert_close(got[name], value, rtol=1e-5, atol=1e-5)
+    assert resumed["data_shards"]["completed_per_epoch"] == {str(e): 6 for e in range(12)}
