@@ -39,7 +39,7 @@ tools:
 demo: setup data
 	$(VENV)/bin/downpour train examples/mnist.yaml
 
-# The CTR workload (issue 5): synthetic Criteo-format data (made once), then Wide & Deep on sparse tables.
+# The CTR workload: synthetic Criteo-format data (made once), then Wide & Deep on sparse tables.
 CTR_DATA ?= data/criteo
 CTR_ROWS ?= 3000000
 ctr: setup

@@ -1,4 +1,4 @@
-"""Sparse embedding tables (issue 5): the server-side table, its row-wise update rules, and the
+"""Sparse embedding tables: the server-side table, its row-wise update rules, and the
 optional compiled kernels (``_native.c``) that the table runs when they are built."""
 
 from downpour.sparse.rules import FTRL, RULES, SGD, Adagrad, Adam, RowRule, make_row_rule
