@@ -1,0 +1,122 @@
+"""Stream sources: Redis Streams (a real redis-server) and a tailed file, behind one interface."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from downpour.errors import ConfigError, DataError
+from downpour.stream import open_source, parse_events
+from downpour.stream.redis_source import pack_id, unpack_id
+from tests.redis_server import RedisServer, needs_redis, redis_server  # noqa: F401
+
+ROW = "\t".join(["1", *["3"] * 13, *["0a1b2c3d"] * 26])
+
+
+def _event(i: int, label: int = 1) -> dict[str, str]:
+    obj = {"label": label, "I1": i, "C1": format(i, "x"), "ts": 1.5}
+    return {"json": json.dumps(obj)}
+
+
+def test_an_offset_is_a_packed_stream_id_and_back():
+    assert unpack_id(pack_id("1700000000123-7")) == "1700000000123-7"
+    assert pack_id("5-0") < pack_id("5-1") < pack_id("6-0")
+    with pytest.raises(DataError, match="does not fit"):
+        pack_id(f"1-{1 << 20}")
+
+
+def test_a_spec_reads_the_url_query_and_args_override_it():
+    src = open_source("redis://127.0.0.1:1/0?stream=clicks&partitions=3", {"partitions": 2})
+    assert (src.spec.name, src.spec.partitions, src.spec.url) == ("clicks", 2, "redis://127.0.0.1:1/0")
+    with pytest.raises(ConfigError, match="partitions"):
+        open_source("redis://127.0.0.1:1/0?partitions=0")
+    with pytest.raises(ConfigError, match="no stream source for kafka"):
+        open_source("kafka://x:1")
+
+
+def test_malformed_events_are_counted_and_skipped_and_good_ones_parse():
+    from downpour.stream.api import RawEvent
+
+    raws = [RawEvent(1, {"tsv": ROW}), RawEvent(2, {"tsv": "1\t2"}), RawEvent(3, {"json": "{not json"}),
+            RawEvent(4, _event(4)), RawEvent(5, {"json": json.dumps({"label": 1, "I1": "x"})}), RawEvent(6, {"other": "1"}),
+            RawEvent(7, {"tsv": ROW.replace("0a1b2c3d", "zz", 1)}), RawEvent(8, {"eos": "1"}), RawEvent(9, {"tsv": ROW})]
+    b = parse_events(raws, "t", 0)
+    assert b.offsets.tolist() == [1, 4] and b.malformed == 5 and b.eos and b.last_offset == 8
+    assert b.dense.shape == (2, 13) and b.ids.shape == (2, 26) and b.y.tolist() == [1.0, 1.0]
+    assert b.ts[1] == 1.5 and len(b.reasons) == 5 and "t@7" in " ".join(b.reasons)
+    # the JSON event's C1 (hex "4") is field 0's ID 4, its missing C2 is field 1's "missing" ID
+    assert int(b.ids[1, 0]) == 4 and int(b.ids[1, 1]) == (1 << 33) + (1 << 32)
+
+
+def test_a_tailed_file_returns_whole_lines_and_resumes_after_an_offset(tmp_path):
+    path = tmp_path / "events.jsonl"
+    src = open_source(str(path))
+    with pytest.raises(DataError, match="does not exist"):
+        src.check()
+    path.write_text(json.dumps(json.loads(_event(0)["json"])) + "\n" + ROW + "\n" + ROW[:10])  # a half-written line
+    src.check()
+    r = src.open(0, 0, "w")
+    got = r.read(10, 0.1)
+    assert len(got) == 2 and "json" in got[0].fields and "tsv" in got[1].fields
+    assert r.read(10, 0.05) == []  # the third line has no newline yet
+    with open(path, "a") as f:
+        f.write(ROW[10:] + "\n")
+    third = r.read(10, 0.5)
+    assert len(third) == 1 and third[0].fields["tsv"] == ROW and third[0].offset == path.stat().st_size
+    again = src.open(0, got[0].offset, "w").read(10, 0.1)  # resume after the first event
+    assert [e.offset for e in again] == [got[1].offset, third[0].offset]
+
+
+@needs_redis
+@pytest.mark.slow
+def test_redis_partitions_read_in_order_resume_after_an_offset_and_ack_up_to_it(redis_server):  # noqa: F811
+    src = open_source(redis_server.url + "?stream=ev&partitions=2")
+    with pytest.raises(DataError, match="does not exist"):
+        src.check()
+    src.create()
+    src.check()
+    offs = [src.append(i % 2, _event(i)) for i in range(10)]
+    r0 = src.open(0, 0, "w0")
+    got = r0.read(3, 0.5) + r0.read(100, 0.5)
+    assert [e.offset for e in got] == offs[0::2]
+    assert r0.read(10, 0.05) == []
+    # a new reader (a replacement worker) resuming after the second event gets the rest only
+    r0b = src.open(0, offs[2], "w0b")
+    assert [e.offset for e in r0b.read(100, 0.5)] == offs[4::2]
+    assert r0b.ack(offs[6]) >= 2
+    pending = src.client.xpending(src.key(0), "downpour")["pending"]
+    assert pending == 1  # only the last event (offs[8]) is not acknowledged
+    assert [e.offset for e in src.open(1, 0, "w1").read(100, 0.5)] == offs[1::2]
+
+
+@needs_redis
+@pytest.mark.slow
+def test_a_redis_restart_mid_read_is_waited_for_and_nothing_is_read_twice(tmp_path):
+    server = RedisServer(str(tmp_path)).start()
+    try:
+        src = open_source(server.url + "?stream=ev")
+        src.create()
+        offs = [src.append(0, _event(i)) for i in range(5)]
+        r = src.open(0, 0, "w")
+        assert [e.offset for e in r.read(3, 0.5)] == offs[:3]
+        server.stop()
+        assert r.read(10, 0.1) == []  # down: waits, returns nothing, does not raise
+        server.start()
+        offs.append(src.append(0, _event(5)))
+        got = []
+        for _ in range(50):
+            got += r.read(10, 0.1)
+            if len(got) >= 3:
+                break
+        assert [e.offset for e in got] == offs[3:]
+    finally:
+        server.stop()
+
+
+def test_redis_unreachable_at_start_is_a_clear_error():
+    from tests.redis_server import free_port
+
+    src = open_source(f"redis://127.0.0.1:{free_port()}/0")
+    with pytest.raises(DataError, match="unreachable"):
+        src.check()
