@@ -25,6 +25,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from downpour.errors import ConfigError
 
+# A stream's partition is one data shard this long: more than any offset (downpour/stream/api.py).
+STREAM_SPAN = 1 << 58
+
 
 class _Frozen(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -53,13 +56,21 @@ class DataConfig(_Frozen):
     name: str | None = "idx"
     factory: str | None = None
     path: str = "/usr/share/datasets/fashion-mnist"
+    # A live stream (name: stream): redis://HOST:PORT/DB?stream=NAME&partitions=P, or a growing file.
+    url: str | None = None
     args: dict[str, Any] = Field(default_factory=dict)
     # Examples per data shard. The coordinator hands shards to workers one at a time;
     # smaller shards balance load better, larger ones cost fewer coordinator round trips.
+    # A stream's shard is one partition (set here, whatever the job file says).
     shard_size: int = Field(2048, gt=0)
 
     @model_validator(mode="after")
     def _one_source(self) -> DataConfig:
+        if self.name == "stream" and self.factory is None:
+            if not self.url:
+                raise ValueError("data.url: a stream needs a URL (redis://HOST:PORT/DB?stream=NAME&partitions=P, or a file)")
+            object.__setattr__(self, "path", self.url)
+            object.__setattr__(self, "shard_size", STREAM_SPAN)
         if self.factory is not None:
             object.__setattr__(self, "name", None)
         if self.name is None and self.factory is None:

@@ -31,7 +31,13 @@ def add_datagen_parser(sub) -> None:
     d = sub.add_parser("datagen", help="write synthetic training data (with its known optimum)")
     gens = d.add_subparsers(dest="generator", required=True)
     c = gens.add_parser("criteo", help="click logs in the Criteo display-ads format, from a known logistic model")
-    c.add_argument("--out", required=True, help="folder or fsspec URL to write to")
+    c.add_argument("--out", help="folder or fsspec URL to write to")
+    c.add_argument(
+        "--stream", help="instead of files: append events to this stream (redis://HOST:PORT/DB?stream=NAME&partitions=P or a file)")
+    c.add_argument("--rate", type=float, default=0.0, help="--stream: events per second (default 0: as fast as possible)")
+    c.add_argument("--events", type=_count, default=100_000, help="--stream: events to append (default 100000)")
+    c.add_argument("--drift-every", type=_count, help="--stream: the hidden model changes every this many events (concept drift)")
+    c.add_argument("--end-marker", action="store_true", help="--stream: end every partition with an end marker (the job stops there)")
     c.add_argument("--rows", type=_count, help="rows in all, train and test: 3000000, 3_000_000 or 3e6 (default 3e6)")
     c.add_argument("--seed", type=int, help="the rows and the hidden model depend only on the seed and --rows (default 0)")
     c.add_argument("--test-fraction", type=float, help="share of the rows in the test split (default 0.1)")
@@ -41,6 +47,11 @@ def add_datagen_parser(sub) -> None:
 
 
 def cmd_datagen_criteo(args) -> int:
+    if args.stream:
+        return _to_stream(args)
+    if not args.out:
+        print("downpour datagen criteo: give --out (files) or --stream (events)")
+        return 2
     from downpour.data.criteo_gen import CriteoSpec, generate
 
     given = {"rows": args.rows, "seed": args.seed, "test_fraction": args.test_fraction, "files": args.files, "ctr": args.ctr}
@@ -54,4 +65,22 @@ def cmd_datagen_criteo(args) -> int:
     )
     if opt is not None:
         print(f"optimum on the test split: AUC {opt['test_auc']:.4f}, log loss {opt['test_logloss']:.4f} (criteo.json)")
+    return 0
+
+
+def _to_stream(args) -> int:
+    from downpour.errors import DownpourError
+    from downpour.stream import open_source
+    from downpour.stream.generator import stream_events
+
+    try:
+        source = open_source(args.stream)
+        if hasattr(source, "create"):
+            source.create()
+        got = stream_events(source, args.events, args.rate, args.seed or 0, args.drift_every, args.end_marker)
+    except DownpourError as err:
+        print(f"downpour datagen criteo: {err}")
+        return 2
+    print(f"appended {got['events']:,} events to {args.stream} in {got['seconds']:.1f}s "
+          f"({got['events'] / max(got['seconds'], 1e-9):,.0f}/s; {got['phases']} phase(s) of the hidden model)")
     return 0

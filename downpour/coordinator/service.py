@@ -33,6 +33,8 @@ from downpour.monitor.targets import targets_paths, write_targets
 from downpour.nn import sparse_tables
 from downpour.protocol import Op, decode, encode
 from downpour.storage import CheckpointStore, Manifest
+from downpour.stream.offsets import Acknowledger, partition_offsets
+from downpour.stream.prequential import online_summary
 from downpour.transport import Listener, Poller, Security
 
 log = logging.getLogger(__name__)
@@ -78,7 +80,10 @@ class Coordinator:
         self.security = security
         self.run_dir = run_dir
         layout = plan_layout(job)
-        num_train = len(build_dataset(job.data).train)
+        dataset = build_dataset(job.data)
+        num_train = len(dataset.train)
+        # A stream: each checkpoint's partition offsets go into its manifest, then are acknowledged.
+        self.stream = Acknowledger(dataset.source) if getattr(dataset, "source", None) is not None else None
         cp = job.checkpoint
         self.checkpoint_url = cp.url or (os.path.abspath(os.path.join(run_dir, "checkpoints")) if run_dir else None)
         if cp.enabled and self.checkpoint_url is None:
@@ -212,8 +217,11 @@ class Coordinator:
         state = {**a.job_state, "job": job_to_dict(self.job), "layout": self.layout.to_dict()}
         try:
             files = dict(a.files, **{JOB_STATE: store.write_file(a.name, JOB_STATE, json.dumps(state, indent=1).encode())})
+            offsets = partition_offsets(state["ledger"], self.stream.source.spec.partitions) if self.stream else None
             store.commit(Manifest(a.name, a.step, files, {"version": state["version"], "final": a.final, "time": time.time(),
-                                                          "needs": a.needs}))
+                                                          "needs": a.needs, **({"stream": offsets} if offsets else {})}))
+            if offsets:
+                self.stream.committed(offsets)
         except Exception as err:  # any fsspec backend's error: this checkpoint is lost, the job goes on
             self.state.checkpoint_committed(time.monotonic(), False, f"{type(err).__name__}: {err}")
             return
@@ -293,6 +301,9 @@ class Coordinator:
                 self._next_sample = now + self.job.monitor.sample_interval_s
                 self._sample(now)
         summary = dict(finish.summary, coordinator_rejected=self.rejected)
+        if self.stream is not None:  # the last checkpoint's offsets acknowledged; the stream's figures
+            self.stream.drain(timeout_s=5.0)
+            summary["online"] = online_summary(summary.get("workers") or {}, self.stream.acked)
         if self.run_dir:
             write_json(os.path.join(self.run_dir, "summary.json"), summary)
         if finish.code == 0:

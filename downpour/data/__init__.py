@@ -4,6 +4,7 @@ from downpour.data.criteo import CriteoDataset, CriteoSplit, load_criteo_dataset
 from downpour.data.dataset import ArrayDataset, Dataset, Split, build_dataset
 from downpour.data.idx import load_idx_dataset, read_idx
 from downpour.data.scoring import log_loss, roc_auc
+from downpour.data.stream import StreamDataset
 
 __all__ = [
     "ArrayDataset",
@@ -11,6 +12,7 @@ __all__ = [
     "CriteoSplit",
     "Dataset",
     "Split",
+    "StreamDataset",
     "build_dataset",
     "load_criteo_dataset",
     "load_idx_dataset",

@@ -147,6 +147,9 @@ class CriteoSpec:
     interaction: float = 0.2  # γ: spread of the interaction term in logit units
     interaction_fields: tuple[int, int] = (5, 13)  # categorical fields (0-based) that interact
     interaction_dim: int = 4
+    # The IDs' hex values come from this seed when set (else from ``seed``): a stream with concept
+    # drift keeps its IDs and changes their hidden weights by changing ``seed`` only.
+    id_seed: int | None = None
 
     def __post_init__(self) -> None:
         checks = {
@@ -323,7 +326,7 @@ def _draw(spec: CriteoSpec, rng: np.random.Generator, n: int) -> tuple[np.ndarra
         r[in_tail] = rng.integers(TAIL_START, 1 << 32, int(in_tail.sum()))
         r[cat_missing[:, f]] = MISSING_RANK
         ranks[:, f] = r
-        values[:, f] = np.where(cat_missing[:, f], 0, hex_value(seed, f, r))
+        values[:, f] = np.where(cat_missing[:, f], 0, hex_value(seed if spec.id_seed is None else spec.id_seed, f, r))
         logit += cat_weight(spec, f, r)
     if spec.interaction > 0:
         a, b = spec.interaction_fields

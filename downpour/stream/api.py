@@ -1,7 +1,7 @@
 """The contract every stream source meets, and the registry that opens one from a URL.
 
 A stream has ``partitions`` partitions, each an ordered, append-only sequence of events.
-An event's *offset* is a non-negative integer below 2**62, increasing along its partition;
+An event's *offset* is a non-negative integer below 2**58, increasing along its partition;
 "resume after offset o" is all a checkpoint needs to know to continue exactly there
 (0: from the partition's first event). What an offset means is the source's business:
 a packed Redis stream ID, a byte position in a file.
@@ -20,7 +20,7 @@ from urllib.parse import parse_qs, urlsplit
 
 from downpour.errors import ConfigError
 
-MAX_OFFSET = 1 << 62  # offsets fit a signed 64-bit integer with room to spare
+MAX_OFFSET = 1 << 58  # offsets stay below a stream shard's span (config.STREAM_SPAN); P · 2**58 fits int64
 
 
 @dataclass(frozen=True)
@@ -53,8 +53,8 @@ class StreamSpec:
             partitions = int(merged.get("partitions", 1))
         except (TypeError, ValueError):
             raise ConfigError(f"stream partitions: {merged.get('partitions')!r} is not a whole number") from None
-        if not 1 <= partitions <= 4096:
-            raise ConfigError(f"stream partitions: {partitions} is not between 1 and 4096")
+        if not 1 <= partitions <= 16:
+            raise ConfigError(f"stream partitions: {partitions} is not between 1 and 16")
         name = str(merged.get("stream", "events"))
         if not name or any(c.isspace() for c in name):
             raise ConfigError(f"stream name: {name!r} is empty or has spaces")

@@ -129,7 +129,6 @@ def parse_events(events: list[RawEvent], where: str, after: int) -> EventBatch:
                     reasons.append(str(err))
         rows, offsets, times = [rows[i] for i in keep], [offsets[i] for i in keep], [times[i] for i in keep]
         d = parse_bytes(("\n".join(rows) + "\n").encode(), where) if rows else None
-    n = len(rows)
     if d is not None:
         missing = (d.missing[:, None] & _BITS) != 0
         ids = d.values.astype(np.int64)

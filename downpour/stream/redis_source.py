@@ -1,7 +1,7 @@
 """Redis Streams as a source: partition p is the stream ``NAME:p``; a consumer group records
 what is acknowledged (durable) so that ``XINFO GROUPS`` shows each partition's backlog.
 
-Offsets are stream IDs ``ms-seq`` packed into one integer, ``ms << 20 | seq``: resuming after
+Offsets are stream IDs ``ms-seq`` packed into one integer, ``ms << 16 | seq``: resuming after
 an offset is ``XGROUP SETID`` to its ID, then ``XREADGROUP >``. The reader also keeps its own
 cursor and drops anything at or before it, so a redis-server restarted from an older
 persisted state (``appendfsync everysec`` can lose the last second of group state) never
@@ -19,14 +19,14 @@ from downpour.stream.api import MAX_OFFSET, RawEvent, StreamSpec, register_sourc
 
 log = logging.getLogger(__name__)
 
-_SEQ_BITS = 20
+_SEQ_BITS = 16  # IDs within one millisecond: at most 65,536 (ms fits 42 bits until 2109)
 
 
 def pack_id(stream_id: str) -> int:
     ms, _, seq = stream_id.partition("-")
     m, s = int(ms), int(seq or 0)
     if s >= 1 << _SEQ_BITS or (m << _SEQ_BITS | s) >= MAX_OFFSET:
-        raise DataError(f"stream ID {stream_id} does not fit an offset (sequence ≥ 2**20 within one millisecond)")
+        raise DataError(f"stream ID {stream_id} does not fit an offset (sequence ≥ 2**16 within one millisecond, or a time past 2109)")
     return m << _SEQ_BITS | s
 
 
@@ -99,6 +99,8 @@ class RedisReader:
                 if not pending:
                     return n
                 n += r.xack(self.key, group, *[p["message_id"] for p in pending])
+                if len(pending) < 10_000:
+                    return n
         except (_redis().ConnectionError, _redis().TimeoutError) as err:
             log.warning("%s: could not acknowledge %s up to %s (%s); the next checkpoint will", self.consumer, self.key,
                         unpack_id(upto), err)
@@ -140,6 +142,12 @@ class RedisSource:
             except _redis().ResponseError as err:
                 if "BUSYGROUP" not in str(err):
                     raise DataError(f"{self.where}: {err}") from None
+
+    def open_acker(self, partition: int) -> RedisReader:
+        """A reader used only to acknowledge (it leaves the group's position alone)."""
+        r = RedisReader.__new__(RedisReader)
+        r.source, r.partition, r.consumer, r.key, r.after, r._down_since = self, partition, "acker", self.key(partition), 0, None
+        return r
 
     def open(self, partition: int, after: int, consumer: str) -> RedisReader:
         return RedisReader(self, partition, after, consumer)

@@ -42,9 +42,11 @@ class SparseClient:
         self.wait_s = 0.0  # waiting for SPARSE answers
         self.ids_pulled = 0
         self.ids_pushed = 0
+        self.sent: list = []  # push-only requests sent by send_pending, not yet answered
 
     # -- RowSource -----------------------------------------------------------------------------
     def rows(self, table: str, keys: torch.Tensor, dim: int, train: bool) -> torch.Tensor:
+        self._settle_sent()
         if not train and self.pending:  # a read-only pull must not carry pushes: send them first
             self.flush()
         k = np.ascontiguousarray(keys.numpy(), dtype=np.int64)
@@ -136,8 +138,25 @@ class SparseClient:
                 waiting[table] = (k[idx], g[idx]) if old is None else _sum_rows(old[0], old[1], k[idx], g[idx])
         self.fetched = []
 
+    def send_pending(self) -> None:
+        """Send every waiting gradient now (one push-only request per server) without waiting;
+        the answers are collected before the next request that needs them."""
+        self.sent += [self._send(server, None, 0, np.zeros(0, np.int64), False)[0] for server in sorted(self.pending)]
+
+    def _settle_sent(self) -> None:
+        sent, self.sent = self.sent, []
+        w0 = time.perf_counter()
+        for fut in sent:
+            try:
+                fut.result()
+            except (RemoteError, RequestTimeout) as err:  # a replaced server: lost with it, as any push since its checkpoint
+                if isinstance(err, RemoteError) and err.code != "peer_replaced":
+                    raise
+        self.wait_s += time.perf_counter() - w0
+
     def flush(self) -> None:
         """Push every waiting gradient now (one request per server) and wait for the answers."""
+        self._settle_sent()
         futures = [self._send(server, None, 0, np.zeros(0, np.int64), False)[0] for server in sorted(self.pending)]
         w0 = time.perf_counter()
         for fut in futures:

@@ -39,6 +39,7 @@ from downpour.errors import RemoteError, RequestTimeout
 from downpour.monitor import Buckets, RateMeter
 from downpour.worker.client import Handle, KVClient
 from downpour.worker.flat import FlatModel
+from downpour.worker.online import OnlineLoop
 from downpour.worker.sparse import SparseClient
 
 log = logging.getLogger(__name__)
@@ -146,6 +147,9 @@ class Trainer:
         self.step_times: Buckets | None = Buckets() if job.monitor.metrics else None
         self.rate = RateMeter()
         self._order: tuple[int, np.ndarray] | None = None  # (epoch, that epoch's example order)
+        self.last_output: torch.Tensor | None = None  # the last batch's model output (scored before its update)
+        # A live stream (data.name: stream): shards are partitions, read event by event.
+        self.online = OnlineLoop(self, dataset, name) if getattr(dataset, "source", None) is not None else None
         torch.manual_seed(t.seed * 1000 + 17 + rank)  # dropout masks: reproducible, distinct per worker
 
     @property
@@ -202,6 +206,8 @@ class Trainer:
         self.train_s = time.perf_counter() - t0
 
     def train_shard(self, shard: dict) -> int:
+        if self.online is not None:
+            return self.online.train(shard)
         t = self.job.training
         if self._order is None or self._order[0] != shard["epoch"]:
             self._order = (shard["epoch"], example_order(len(self.data.train), t.seed, shard["epoch"]))
@@ -232,10 +238,14 @@ class Trainer:
         model.train()
         self.flat.zero_grad()
         t = self.job.training
-        loss = batch_loss(t.loss, _forward(model, x), y)
+        out = _forward(model, x)
+        self.last_output = out.detach()
+        loss = batch_loss(t.loss, out, y)
         loss.backward()
         if self.sparse is not None:  # the rows' gradients go with the next batch's pull
             self.sparse.after_backward()
+            if self.online is not None:  # ... or now, ahead of the dense push that carries the data position
+                self.sparse.send_pending()
         self.steps += 1
         self.examples += len(y)
         if self.local is not None:  # local SGD: step here; every H steps push the change
@@ -382,5 +392,6 @@ class Trainer:
             "shm_requests": self.kv.shm_requests,
             "curve": self.curve,
             **({"sparse": self.sparse.stats()} if self.sparse is not None else {}),
+            **({"online": self.online.stats()} if self.online is not None else {}),
             "cpu_s": time.process_time(),
         }
