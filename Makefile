@@ -7,8 +7,8 @@ PY := $(VENV)/bin/python
 DATA := /usr/share/datasets/fashion-mnist
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-# Programs the monitoring tests drive: a real Prometheus server and headless Chromium.
-TEST_TOOLS := prometheus chromium
+# Programs the tests drive: a real Prometheus server and headless Chromium (monitoring), redis-server (streams).
+TEST_TOOLS := prometheus chromium redis-server
 
 .PHONY: demo ctr test test-fast setup data tools lint bench clean
 
@@ -31,7 +31,7 @@ data:
 tools:
 	@missing=""; for t in $(TEST_TOOLS); do command -v $$t >/dev/null || missing="$$missing $$t"; done; \
 	if [ -n "$$missing" ]; then \
-		echo "installing$$missing (Debian packages) for the monitoring tests"; \
+		echo "installing$$missing (Debian packages) for the monitoring and stream tests"; \
 		($(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends $$missing) \
 			|| echo "WARNING: could not install$$missing: the tests that need them will be SKIPPED"; \
 	fi
