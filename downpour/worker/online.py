@@ -56,6 +56,9 @@ class OnlineLoop:
         trained = 0
         try:
             while not t.finished:
+                if t.leave.due(t.kv.versions):  # a graceful stop: leave at the settled position
+                    t.left = True
+                    break
                 if self._out_of_time():
                     t.max_steps = t.steps  # finished: the worker reports and the job ends
                     break
