@@ -7,6 +7,7 @@
     downpour status RUN_DIR | HOST:PORT [--json]
     downpour keys DIR                       (then --keys DIR on every hand-started node)
     downpour datagen criteo --out DIR [--rows N] [--seed S] [--test-fraction F] [--files K]
+    downpour scheduler | submit JOB.yaml | jobs | cancel ID | logs ID    (many jobs: see cli/scheduler.py)
 
 Hand-started nodes may take their settings from the environment instead, in
 the spirit of ps-lite's DMLC_* variables: DOWNPOUR_ROLE (for ``downpour node``),
@@ -27,6 +28,7 @@ import time
 from typing import Any
 
 from downpour.cli.datagen import add_datagen_parser
+from downpour.cli.scheduler import add_scheduler_parsers
 from downpour.errors import ConfigError, DownpourError, JobFailed
 
 log = logging.getLogger("downpour")
@@ -383,6 +385,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=cmd_status)
 
     add_datagen_parser(sub)
+    add_scheduler_parsers(sub)
     return p
 
 

@@ -1,0 +1,200 @@
+"""Scheduling policies: in which order queued jobs start, and whom a job may preempt.
+
+A policy only *ranks*; :func:`downpour.scheduler.decide.decide` places gangs and picks victims.
+Each policy is a small class registered by name (:func:`make_policy`):
+
+* ``fifo``: submission order; strict (nothing overtakes a job that does not fit) unless ``backfill``.
+* ``priority``: strict priority with aging: a job's effective priority is its priority plus
+  ``aging_per_s`` for every second since it was submitted, so a job submitted ``Δ = (P_max -
+  P_min + margin) / aging_per_s`` seconds before another always ranks first; a job preempts only
+  jobs whose effective priority is lower by more than ``margin``. No backfilling: while the
+  first job cannot be placed, nothing after it starts (a wide job is never overtaken forever).
+* ``drf``: weighted fair share across queues, then users within a queue, by Dominant Resource
+  Fairness: the next job is the oldest one of the user of least weighted dominant share in the
+  queue of least weighted dominant share. A job may preempt another queue's (or, in its own
+  queue, another user's) job only if, after the swap, its side's share would still not exceed
+  the victim's side's: a preemption always narrows the gap, so two sides never take turns.
+* ``las``: least attained service, Tiresias-style (Gu et al., NSDI 2019): attained service is
+  tasks x seconds run; ``thresholds`` cut it into discrete queues; a lower queue goes first, FIFO
+  within a queue; a job preempts jobs in higher queues. With ``promote_factor`` set, a job that has
+  waited that many times its last run is moved back to the first queue (Tiresias' starvation guard).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from downpour.errors import ConfigError
+from downpour.scheduler.drf import dominant_shares
+from downpour.scheduler.model import Job
+from downpour.scheduler.resources import Resources
+
+
+class Policy:
+    name = ""
+    preemptive = False
+    backfill = True   # may a job start while one ranked before it cannot be placed?
+
+    def order(self, queued: Sequence[Job], holding: Sequence[Job], capacity: Resources, now: float) -> list[Job]:
+        """Queued jobs, first to start first."""
+        raise NotImplementedError
+
+    def context(self, holding: Sequence[Job], capacity: Resources, now: float) -> Any:
+        """What ``may_preempt`` and ``victim_key`` need to know about the jobs holding resources,
+        computed once per change of them (DRF: the shares)."""
+        return None
+
+    def may_preempt(self, job: Job, victim: Job, ctx: Any, now: float) -> bool:
+        """Whether ``job`` (queued) may take ``victim``'s (running) resources."""
+        return False
+
+    def victim_key(self, victim: Job, ctx: Any, now: float) -> tuple:
+        """Victims are taken in ascending order of this key (the least deserving first)."""
+        return (-(victim.started_s or 0.0),)
+
+    def describe(self, job: Job, now: float) -> str:
+        """What this policy ranks the job by, for ``downpour jobs``."""
+        return ""
+
+
+class Fifo(Policy):
+    name = "fifo"
+
+    def __init__(self, backfill: bool = False) -> None:
+        self.backfill = bool(backfill)
+
+    def order(self, queued, holding, capacity, now):
+        return sorted(queued, key=lambda j: (j.submitted_s, j.id))
+
+
+class PriorityAging(Policy):
+    name = "priority"
+    backfill = False
+
+    def __init__(self, aging_per_s: float = 1 / 600, margin: float = 1.0, preempt: bool = True) -> None:
+        if aging_per_s < 0 or margin < 0:
+            raise ConfigError(f"priority policy: aging_per_s ({aging_per_s}) and margin ({margin}) must be >= 0")
+        self.aging_per_s, self.margin, self.preemptive = float(aging_per_s), float(margin), bool(preempt)
+
+    def effective(self, job: Job, now: float) -> float:
+        return job.priority + self.aging_per_s * max(0.0, now - job.submitted_s)
+
+    def order(self, queued, holding, capacity, now):
+        return sorted(queued, key=lambda j: (-self.effective(j, now), j.submitted_s, j.id))
+
+    def may_preempt(self, job, victim, ctx, now):
+        return self.effective(job, now) > self.effective(victim, now) + self.margin
+
+    def victim_key(self, victim, ctx, now):
+        return (self.effective(victim, now), -(victim.started_s or 0.0))
+
+    def describe(self, job, now):
+        return f"priority {self.effective(job, now):.2f}"
+
+
+class DominantResourceFairness(Policy):
+    name = "drf"
+
+    def __init__(self, weights: Mapping[str, float] | None = None, preempt: bool = True) -> None:
+        self.weights = dict(weights or {})
+        bad = {k: w for k, w in self.weights.items() if not w > 0}
+        if bad:
+            raise ConfigError(f"drf policy: weights must be > 0, got {bad}")
+        self.preemptive = bool(preempt)
+
+    def _shares(self, holding, capacity, level):
+        return dominant_shares(((j.entity(level), j.demand) for j in holding), capacity, self.weights)
+
+    def order(self, queued, holding, capacity, now):
+        # Progressive filling over whole jobs: give the next job to the least-served queue, then user,
+        # as if each job ranked so far had started.
+        queues, users = self._shares(holding, capacity, "queue"), self._shares(holding, capacity, "user")
+        waiting: dict[str, list[Job]] = {}
+        for j in sorted(queued, key=lambda j: (j.submitted_s, j.id)):
+            waiting.setdefault(j.entity("user"), []).append(j)
+        out = []
+        while waiting:
+            def key(user: str) -> tuple:
+                head = waiting[user][0]
+                return (queues.get(head.queue, 0.0), users.get(user, 0.0), head.submitted_s, head.id)
+
+            user = min(waiting, key=key)
+            job = waiting[user].pop(0)
+            if not waiting[user]:
+                del waiting[user]
+            out.append(job)
+            share = job.demand.dominant_share(capacity)
+            queues[job.queue] = queues.get(job.queue, 0.0) + share / self.weights.get(job.queue, 1.0)
+            users[user] = users.get(user, 0.0) + share / self.weights.get(user, 1.0)
+        return out
+
+    def _sides(self, job, victim):
+        return "queue" if job.queue != victim.queue else "user" if job.user != victim.user else None
+
+    def context(self, holding, capacity, now):
+        return {"queue": self._shares(holding, capacity, "queue"), "user": self._shares(holding, capacity, "user"),
+                "capacity": capacity}
+
+    def may_preempt(self, job, victim, ctx, now):
+        level = self._sides(job, victim)
+        if level is None:
+            return False
+        shares, capacity = ctx[level], ctx["capacity"]
+        mine, theirs = job.entity(level), victim.entity(level)
+        w_mine, w_theirs = self.weights.get(mine, 1.0), self.weights.get(theirs, 1.0)
+        after_mine = shares.get(mine, 0.0) + job.demand.dominant_share(capacity) / w_mine
+        after_theirs = shares.get(theirs, 0.0) - victim.demand.dominant_share(capacity) / w_theirs
+        return after_mine <= after_theirs + 1e-12
+
+    def victim_key(self, victim, ctx, now):
+        users, queues = ctx["user"], ctx["queue"]
+        return (-queues.get(victim.queue, 0.0), -users.get(victim.entity("user"), 0.0), -(victim.started_s or 0.0))
+
+
+class LeastAttainedService(Policy):
+    name = "las"
+
+    def __init__(self, thresholds: Sequence[float] = (600.0, 3600.0), promote_factor: float | None = None,
+                 preempt: bool = True) -> None:
+        thresholds = [float(t) for t in thresholds]
+        if any(t <= 0 for t in thresholds) or thresholds != sorted(thresholds):
+            raise ConfigError(f"las policy: thresholds must be positive and increasing, got {thresholds}")
+        if promote_factor is not None and promote_factor <= 0:
+            raise ConfigError(f"las policy: promote_factor must be > 0, got {promote_factor}")
+        self.thresholds, self.promote_factor, self.preemptive = thresholds, promote_factor, bool(preempt)
+
+    def level(self, job: Job, now: float) -> int:
+        """The job's discrete queue: 0 until its attained service reaches thresholds[0], and so on."""
+        if self.promote_factor is not None and job.extra.get("last_run_s"):
+            waited = now - job.extra.get("queued_since_s", now)
+            if waited >= self.promote_factor * job.extra["last_run_s"]:
+                return 0
+        attained = job.attained_at(now)
+        return sum(1 for t in self.thresholds if attained >= t)
+
+    def order(self, queued, holding, capacity, now):
+        return sorted(queued, key=lambda j: (self.level(j, now), j.submitted_s, j.id))
+
+    def may_preempt(self, job, victim, ctx, now):
+        return self.level(victim, now) > self.level(job, now)
+
+    def victim_key(self, victim, ctx, now):
+        return (-self.level(victim, now), -victim.attained_at(now))
+
+    def describe(self, job, now):
+        return f"queue {self.level(job, now)}, {job.attained_at(now):.0f} task-s"
+
+
+POLICIES: dict[str, type[Policy]] = {p.name: p for p in (Fifo, PriorityAging, DominantResourceFairness, LeastAttainedService)}
+
+
+def make_policy(name: str, **options) -> Policy:
+    """The policy registered as ``name``, built with ``options``; unknown names and options say what exists."""
+    cls = POLICIES.get(name)
+    if cls is None:
+        raise ConfigError(f"unknown scheduling policy {name!r}; known: {', '.join(sorted(POLICIES))}")
+    try:
+        return cls(**options)
+    except TypeError as err:
+        raise ConfigError(f"{name} policy: {err}") from None

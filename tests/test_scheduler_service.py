@@ -1,0 +1,229 @@
+"""The scheduler service with fake processes and a fake clock: submission checks, cancels, preemption
+bookkeeping, restarts with back-off, a restarted scheduler, and the HTTP API through its client."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import uvicorn
+import yaml
+
+from downpour.errors import ConfigError, DataError
+from downpour.scheduler import Phase, Resources
+from downpour.scheduler.runner import Exit, run_folder
+from downpour.scheduler.service import Scheduler, SchedulerSettings, UnknownJob
+from tests.conftest import tiny_job
+
+
+class FakeRunner:
+    """Processes that run until the test ends them (``finish``/``crash``) or a signal arrives."""
+
+    def __init__(self, root: str) -> None:
+        self.root = root
+        self.procs: dict[int, dict] = {}
+        self.next_pid = 1000
+        self.signals: list[tuple[int, int]] = []
+
+    def start(self, job_id, attempt, cwd=None):
+        self.next_pid += 1
+        run_dir = run_folder(self.root, job_id, attempt)
+        self.procs[self.next_pid] = {"job": job_id, "alive": True, "exit": None, "run_dir": run_dir}
+        return self.next_pid, run_dir, run_folder(self.root, job_id, attempt - 1) if attempt else None
+
+    def alive(self, pid, run_dir):
+        p = self.procs.get(pid)
+        return bool(p and p["alive"] and p["run_dir"] == run_dir)
+
+    def find(self, run_dir):
+        return next((pid for pid, p in self.procs.items() if p["alive"] and p["run_dir"] == run_dir), None)
+
+    def exit(self, pid, run_dir):
+        return self.procs[pid]["exit"] if pid in self.procs else Exit(None, None)
+
+    def signal(self, pid, run_dir, sig=15):
+        self.signals.append((pid, sig))
+        return self.alive(pid, run_dir)
+
+    def end(self, job, how):
+        p = self.procs[job.pid]
+        p["alive"] = False
+        p["exit"] = {"finish": Exit(0, {"steps": 10}), "stopped": Exit(0, {"stopped": True}), "crash": Exit(1, None)}[how]
+
+
+class Clock:
+    def __init__(self):
+        self.t = 1000.0
+
+    def __call__(self):
+        return self.t
+
+
+@pytest.fixture
+def make(tmp_path, tiny_data):
+    made = []
+
+    def build(policy="fifo", cpus=4, root=None, runner=None, clock=None, **kw):
+        root = root or str(tmp_path / "sched")
+        runner = runner or FakeRunner(root)
+        clock = clock or Clock()
+        s = Scheduler(SchedulerSettings(root=root, nodes={"here": Resources(cpus=cpus, memory_mb=8192)}, policy=policy, **kw),
+                      clock=clock, runner=runner)
+        made.append(s)
+        return s, runner, clock
+
+    yield build
+    for s in made:
+        s.store.close()
+
+
+def job_yaml(data, servers=1, workers=1, **sections):
+    return yaml.safe_dump(tiny_job(data, cluster={"num_servers": servers, "num_workers": workers}, **sections))
+
+
+def test_a_bad_job_is_refused_naming_the_field_and_nothing_is_stored(make, tiny_data):
+    s, _, _ = make()
+    bad = yaml.safe_load(job_yaml(tiny_data))
+    bad["training"]["batch_size"] = 0
+    with pytest.raises(ConfigError, match="training.batch_size"):
+        s.submit(yaml.safe_dump(bad))
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        s.submit("model: [unclosed")
+    with pytest.raises(ConfigError, match="user"):
+        s.submit(job_yaml(tiny_data), user="a b")
+    with pytest.raises(ConfigError, match="too little cpus"):
+        s.submit(job_yaml(tiny_data, servers=2, workers=3))  # 5 tasks, 4 slots: never queued forever
+    missing = yaml.safe_load(job_yaml(tiny_data))
+    missing["data"]["path"] = "/nonexistent/folder"
+    with pytest.raises(DataError, match="nonexistent"):
+        s.submit(yaml.safe_dump(missing))
+    assert s.jobs == {} and s.store.load() == []
+
+
+def test_unknown_job_ids_are_named(make, tiny_data):
+    s, _, _ = make()
+    s.submit(job_yaml(tiny_data))
+    with pytest.raises(UnknownJob, match="no job 7 .latest job IDs: 1"):
+        s.cancel(7)
+    with pytest.raises(UnknownJob):
+        s.logs(7)
+
+
+def test_jobs_start_in_policy_order_and_finish(make, tiny_data):
+    s, runner, clock = make(cpus=2)
+    a = s.submit(job_yaml(tiny_data))
+    b = s.submit(job_yaml(tiny_data))
+    s.step()
+    assert (a.phase, b.phase) == (Phase.RUNNING, Phase.QUEUED)
+    clock.t += 10
+    runner.end(a, "finish")
+    s.step()
+    assert a.phase is Phase.DONE and b.phase is Phase.RUNNING and a.attained == 2 * 10
+
+
+def test_a_preempted_job_resumes_from_its_checkpoint_and_a_cancel_during_the_stop_wins(make, tiny_data):
+    s, runner, clock = make(policy="las", cpus=2, policy_options={"thresholds": [20.0]})
+    long = s.submit(job_yaml(tiny_data))
+    s.step()
+    clock.t += 30  # 60 task-s: past the threshold
+    short = s.submit(job_yaml(tiny_data))
+    s.step()
+    assert long.phase is Phase.STOPPING and long.preemptions == 1 and runner.signals == [(long.pid, 15)]
+    runner.end(long, "stopped")
+    s.step()
+    assert long.phase is Phase.QUEUED and long.attempt == 1 and short.phase is Phase.RUNNING
+    runner.end(short, "finish")
+    s.step()
+    assert long.phase is Phase.RUNNING and long.extra["resumed_from"] == run_folder(s.settings.root, long.id, 0)
+    # Preempted again, and cancelled while it stops: it ends cancelled, not queued.
+    clock.t += 30
+    third = s.submit(job_yaml(tiny_data))
+    s.step()
+    assert long.phase is Phase.STOPPING
+    s.cancel(long.id)
+    runner.end(long, "stopped")
+    s.step()
+    assert long.phase is Phase.CANCELLED and third.phase is Phase.RUNNING
+    with pytest.raises(ConfigError, match="already cancelled"):
+        s.cancel(long.id)
+
+
+def test_a_failing_job_is_restarted_with_back_off_then_failed(make, tiny_data):
+    s, runner, clock = make(cpus=2, max_restarts=2, backoff_s=10.0)
+    job = s.submit(job_yaml(tiny_data))
+    s.step()
+    for k, delay in enumerate((10.0, 20.0)):
+        runner.end(job, "crash")
+        s.step()
+        assert job.phase is Phase.QUEUED and job.restarts == k + 1 and job.not_before_s == clock.t + delay
+        clock.t += delay - 1
+        s.step()
+        assert job.phase is Phase.QUEUED  # still backing off
+        clock.t += 1
+        s.step()
+        assert job.phase is Phase.RUNNING and job.attempt == k + 1
+    runner.end(job, "crash")
+    s.step()
+    assert job.phase is Phase.FAILED and "after 2 restarts" in job.message
+
+
+def test_a_restarted_scheduler_loses_no_job_and_adopts_the_running_ones(make, tiny_data, tmp_path):
+    s, runner, clock = make(cpus=2)
+    ids = [s.submit(job_yaml(tiny_data)).id for _ in range(3)]
+    s.step()
+    running = s.jobs[ids[0]]
+    s.store.close()  # killed: nothing more is written
+    s2, _, _ = make(cpus=2, root=s.settings.root, runner=runner, clock=clock)
+    assert sorted(s2.jobs) == ids and s2.jobs[ids[0]].phase is Phase.RUNNING and s2.jobs[ids[0]].pid == running.pid
+    runner.end(running, "finish")  # ends while no scheduler watches... or under the new one
+    s2.step()
+    assert s2.jobs[ids[0]].phase is Phase.DONE and s2.jobs[ids[1]].phase is Phase.RUNNING
+    # A job whose process died while the scheduler was down is restarted, not forgotten.
+    runner.end(s2.jobs[ids[1]], "crash")
+    s2.store.close()
+    s3, _, _ = make(cpus=2, root=s.settings.root, runner=runner, clock=clock)
+    assert s3.jobs[ids[1]].phase is Phase.QUEUED and s3.jobs[ids[1]].restarts == 1
+    assert s3.jobs[ids[2]].phase is Phase.QUEUED
+
+
+def test_the_http_api_and_metrics(make, tiny_data):
+    from downpour.scheduler.client import SchedulerClient
+    from downpour.scheduler.http import build_app
+
+    s, runner, clock = make(cpus=2)
+    config = uvicorn.Config(build_app(s), host="127.0.0.1", port=0, log_level="warning", lifespan="off")
+    server = uvicorn.Server(config)
+    import socket
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    try:
+        client = SchedulerClient(f"http://127.0.0.1:{sock.getsockname()[1]}", timeout_s=10)
+        import time
+
+        deadline = time.monotonic() + 20
+        while not server.started and time.monotonic() < deadline:
+            time.sleep(0.05)
+        a = client.submit(job_yaml=job_yaml(tiny_data), user="ann", queue="research", priority=2)
+        b = client.submit(job_yaml=job_yaml(tiny_data), user="bob")
+        s.step()
+        jobs = client.jobs()
+        assert [j["id"] for j in jobs] == [a["id"], b["id"]] and jobs[0]["phase"] == "running" and jobs[1]["position"] == 1
+        with pytest.raises(ConfigError, match="no job 99"):
+            client.job(99)
+        bad = yaml.safe_load(job_yaml(tiny_data))
+        bad["cluster"]["num_workers"] = "many"
+        with pytest.raises(ConfigError, match="cluster.num_workers"):
+            client.submit(job_yaml=yaml.safe_dump(bad))
+        with pytest.raises(ConfigError, match="priority"):
+            client.submit(job_yaml=job_yaml(tiny_data), priority="high")
+        text = client.metrics()
+        assert 'downpour_scheduler_queue_length{queue="default",user="bob"} 1.0' in text
+        assert 'downpour_scheduler_dominant_share{queue="research",user="ann"} 1.0' in text
+        assert client.cancel(b["id"])["phase"] == "cancelled"
+        assert client.cluster()["capacity"]["cpus"] == 2
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
