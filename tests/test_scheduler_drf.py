@@ -34,7 +34,7 @@ def _tasks_from(alloc_resources, demand):
     return min((alloc_resources[r] / demand[r] for r in range(len(demand)) if demand[r] > 0), default=math.inf)
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=150, deadline=None)
 @given(instances(weighted=True))
 def test_allocation_is_feasible_and_pareto_efficient(inst):
     cap, demands, weights, caps = inst
@@ -46,7 +46,7 @@ def test_allocation_is_feasible_and_pareto_efficient(inst):
         assert x[i] >= caps[i] * (1 - EPS) or any(d[r] > 0 for r in full)
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=150, deadline=None)
 @given(instances(weighted=True))
 def test_sharing_incentive(inst):
     """Each user gets at least what its weighted slice of every resource would run (or all it asked)."""
@@ -57,7 +57,7 @@ def test_sharing_incentive(inst):
         assert x[i] >= min(caps[i], _tasks_from(slice_, d)) * (1 - EPS)
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=150, deadline=None)
 @given(instances(weighted=True))
 def test_envy_freeness(inst):
     """No user would run more tasks with another's allocation (scaled to its own weight)."""
@@ -70,7 +70,7 @@ def test_envy_freeness(inst):
                 assert min(caps[i], _tasks_from(bundle, di)) <= x[i] * (1 + EPS) + EPS
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=150, deadline=None)
 @given(instances(weighted=True), st.data())
 def test_strategy_proofness(inst, data):
     """Declaring another demand vector (or cap) never gets a user more tasks of its true demand."""

@@ -15,7 +15,7 @@ gangs = st.lists(st.builds(Resources, cpus=st.integers(1, 4), gpus=st.integers(0
                  min_size=1, max_size=6)
 
 
-@settings(max_examples=400, deadline=None)
+@settings(max_examples=200, deadline=None)
 @given(gangs, clusters)
 def test_a_gang_is_placed_whole_within_every_node_or_not_at_all(tasks, free):
     where = place_gang(tasks, free)
@@ -81,7 +81,7 @@ def priority_traces(draw):
     return jobs
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=80, deadline=None)
 @given(priority_traces())
 def test_priority_with_aging_never_lets_a_much_later_job_overtake(trace):
     """No starvation: a job submitted more than Δ = (P_max - P_min + margin) / aging after J neither
