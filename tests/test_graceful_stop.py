@@ -16,7 +16,7 @@ import yaml
 from downpour.api import resolve_job
 from downpour.coordinator.state import CommitCheckpoint, CoordinatorState, Finish, Reply, SaveModel
 from downpour.launch import LocalLauncher
-from downpour.protocol import Message, Op
+from downpour.protocol import Op
 from tests.cluster import PY, alive, start_job, wait_training
 from tests.conftest import tiny_job
 from tests.test_coordinator_state import JOB, LAYOUT, NUM_TRAIN, SERVERS, WORKERS, Sim, ident, one
