@@ -248,6 +248,8 @@ class ClusterConfig(_Frozen):
     # Feature IDs (pushed and pulled, all tables) in one SPARSE request.
     max_sparse_ids_per_request: int = Field(1 << 21, gt=0)
     max_requests_per_s: float = Field(100_000.0, gt=0)
+    # The coordinator's limit per connection (nodes send a few requests per heartbeat interval).
+    coordinator_max_requests_per_s: float = Field(2_000.0, gt=0)
     # Simulate a slow network (benchmarks): each worker's link to the servers carries at most
     # this many megabits per second in each direction. None: as fast as the machine goes.
     link_mbit_s: float | None = Field(None, gt=0)

@@ -31,13 +31,16 @@ NUMEL = LAYOUT.server_numel(0)
 INIT = torch.linspace(-1.0, 1.0, NUMEL)
 
 
-def live_job(**cluster: Any):
+def live_job(sections: dict[str, Any] | None = None, **cluster: Any):
+    """The live server's job; ``sections`` adds job sections (``compression``, ``training``)."""
+    sections = dict(sections or {})
     return parse_job({
         "model": {"name": "mlp", "args": {"input_shape": [3], "hidden": [4], "num_classes": 2}},
         "optimizer": {"name": "sgd", "lr": LR},
-        "training": {"consistency": "async"},
+        "training": {"consistency": "async", **sections.pop("training", {})},
         "cluster": {"num_servers": 1, **cluster},
         "monitor": {"metrics": False},
+        **sections,
     })
 
 
@@ -45,10 +48,10 @@ class LiveServer:
     """``ParameterServer.handle`` for every message of a CURVE listener, in a thread of its own
     (which creates, uses and closes the listener). ``call(fn)`` runs ``fn(server)`` in that thread."""
 
-    def __init__(self, keys: str | None, **cluster: Any) -> None:
+    def __init__(self, keys: str | None, sections: dict[str, Any] | None = None, **cluster: Any) -> None:
         self.ctx = zmq.Context(io_threads=1)
         self.security = Security.load(keys, "server") if keys else None
-        self.job = live_job(**cluster)
+        self.job = live_job(sections, **cluster)
         self.server: ParameterServer | None = None
         self.address: str | None = None
         self.error: BaseException | None = None

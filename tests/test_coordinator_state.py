@@ -243,11 +243,12 @@ def test_shard_done_is_accepted_only_from_the_worker_that_was_assigned_it_and_a_
     assert error_code(one(sim.send(WORKERS[1], Op.SHARD_DONE, **where))) == "bad_shard"
 
 
-@pytest.mark.parametrize("where", [{"epoch": 0, "shard": 2}, {"epoch": 5, "shard": 0}, {"epoch": "0", "shard": 0}, {}], ids=repr)
-def test_shard_done_for_a_shard_never_assigned_is_an_error(where):
+@pytest.mark.parametrize(("where", "code"), [({"epoch": 0, "shard": 2}, "bad_shard"), ({"epoch": 5, "shard": 0}, "bad_shard"),
+                                           ({"epoch": "0", "shard": 0}, "invalid"), ({}, "invalid")], ids=repr)
+def test_shard_done_for_a_shard_never_assigned_is_an_error(where, code):
     sim = Sim()
     sim.start()
-    assert error_code(one(sim.send(WORKERS[0], Op.SHARD_DONE, **where))) == "bad_shard"
+    assert error_code(one(sim.send(WORKERS[0], Op.SHARD_DONE, **where))) == code
 
 
 def test_worker_done_answers_nobody_until_every_worker_is_done_then_exactly_one_evaluates():

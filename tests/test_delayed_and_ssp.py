@@ -444,9 +444,13 @@ def test_a_slow_link_delays_sends_and_replies_by_their_size():
 # -- compressed pushes and pulls on a live server ------------------------------------------------------
 
 
+# What the live server's job configures: pushes may use topk, pulls int8 in blocks of 4.
+COMPRESSED = {"compression": {"push": {"codec": "topk", "ratio": 0.5}, "pull": "int8", "pull_block": 4}}
+
+
 @pytest.fixture
 def live():
-    server = LiveServer(None)
+    server = LiveServer(None, COMPRESSED)
     ctx = zmq.Context(io_threads=1)
     client = RawClient(ctx, server.address)
     try:
@@ -547,7 +551,7 @@ def test_a_bool_pq_bucket_is_refused_even_after_a_valid_pq_was_cached(live):
     server, client = live
     reply = client.request(Op.PULL, {"keys": KEYS, "pq": ["int8", True]})
     assert reply is not None and reply.op == Op.ERROR  # refused on its own
-    assert client.request(Op.PULL, {"keys": KEYS, "pq": ["int8", 1]}).op == Op.OK
+    assert client.request(Op.PULL, {"keys": KEYS, "pq": ["int8", 4]}).op == Op.OK
     reply = client.request(Op.PULL, {"keys": KEYS, "pq": ["int8", True]})
     assert reply is not None and reply.op == Op.ERROR, "the same bad pq is accepted from the cache"
 

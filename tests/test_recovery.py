@@ -92,7 +92,8 @@ def test_a_replacement_takes_the_free_slot_at_once_under_a_new_name_and_skips_th
     assert len(meta["servers"]) == 2
     assert membership(out) == [WORKERS[0], "worker-1.2", WORKERS[2]]
     assert sim.state.failures[0]["replaced_by"] == "worker-1.2"
-    ok(one(sim.send("worker-1.2", Op.BARRIER, name="init"), to="worker-1.2"))  # training started long ago: at once
+    # Training started long ago: at once (from the connection it registered on, as every request of it).
+    ok(one(sim.send("replacement", Op.BARRIER, name="init", node="worker-1.2"), to="replacement"))
 
 
 def test_a_joiner_waits_inside_register_until_a_slot_frees():

@@ -137,9 +137,9 @@ def test_bad_slot_requests_are_refused_and_change_nothing(ctx, folder, tmp_path)
             ({**push, "shm": ["shm-elsewhere", NUMEL]}, [], "cannot open"),
             ({**push, "shm": ["shm-nobody", NUMEL]}, [], "cannot open"),
             ({**push, "shm": [small.name, NUMEL]}, [], "holds 2 values"),
-            ({**push, "shm": [slot.name, 0]}, [], "meta.shm must be"),
-            ({**push, "shm": [slot.name, True]}, [], "meta.shm must be"),
-            ({**push, "shm": slot.name}, [], "meta.shm must be"),
+            ({**push, "shm": [slot.name, 0]}, [], "meta.shm"),
+            ({**push, "shm": [slot.name, True]}, [], "meta.shm"),
+            ({**push, "shm": slot.name}, [], "meta.shm"),
             ({**push, "shm": [slot.name, NUMEL]}, [torch.ones(NUMEL)], "cannot use shared memory"),
             ({**push, "shm": [slot.name, NUMEL - 1]}, [], f"the keys need {NUMEL}"),
         ]

@@ -159,6 +159,14 @@ def _scales(codec: str, scale: torch.Tensor, numel: int, size: int) -> torch.Ten
     return scale
 
 
+def _per_element(scale: torch.Tensor, size: int, numel: int) -> torch.Tensor:
+    """Each bucket's scale repeated over its elements: ``numel`` values. At most ``2·numel`` are
+    allocated whatever ``size`` says (a bucket larger than the key is one bucket of ``numel``)."""
+    if scale.numel() <= 1:
+        return scale.expand(numel) if scale.numel() else torch.zeros(numel)
+    return scale.repeat_interleave(size)[:numel]
+
+
 def _nonzero(scale: torch.Tensor) -> torch.Tensor:
     """``scale`` with zeros replaced by 1 (an all-zero bucket encodes as zeros either way)."""
     return torch.where(scale > 0, scale, torch.ones_like(scale))
@@ -206,10 +214,10 @@ class QSGD(Codec):
     @staticmethod
     def decode(meta: dict[str, Any], tensors: list[torch.Tensor], numel: int) -> torch.Tensor:
         bits = meta.get("b")
-        expect(bits in (4, 8), "qsgd", f"bits must be 4 or 8, got {bits!r}")
+        expect(type(bits) is int and bits in (4, 8), "qsgd", f"bits must be the integer 4 or 8, got {bits!r}")
         size = int_field("qsgd", meta, "B", 1, _MAX_BUCKET)
         q, scale = tensors_of("qsgd", tensors, [torch.int8 if bits == 8 else torch.uint8, torch.float32])
-        nb, levels = buckets(numel, size), (1 << (bits - 1)) - 1
+        levels = (1 << (bits - 1)) - 1
         _scales("qsgd", scale, numel, size)
         if bits == 4:
             expect(q.numel() == (numel + 1) // 2, "qsgd", f"{q.numel()} bytes for {numel} 4-bit values")
@@ -217,8 +225,7 @@ class QSGD(Codec):
             q = levels_u.to(torch.int8) - 8
         expect(q.numel() == numel, "qsgd", f"{q.numel()} values for {numel} elements")
         expect(numel == 0 or (int(q.min()) >= -levels and int(q.max()) <= levels), "qsgd", f"a level exceeds ±{levels}")
-        per = scale.repeat_interleave(size)[:numel] if nb else scale
-        return q.float() * per / levels
+        return q.float() * _per_element(scale, size, numel) / levels
 
 
 @register
@@ -247,7 +254,7 @@ class OneBit(Codec):
         expect(bits.numel() == (numel + 7) // 8, "onebit", f"{bits.numel()} bytes for {numel} signs")
         _scales("onebit", scale, numel, size)
         signs = torch.from_numpy(np.unpackbits(bits.numpy(), count=numel).astype(np.float32)).mul_(2).sub_(1)
-        return signs * scale.repeat_interleave(size)[:numel]
+        return signs * _per_element(scale, size, numel)
 
 
 @register
@@ -285,6 +292,8 @@ class PowerSGD(Codec):
         p, q = tensors
         expect(p.dtype == torch.float32 and q.dtype == torch.float32, "powersgd", "P and Q must be float32")
         rows = buckets(pad + numel, cols)
+        # The product is rows x cols: at most what the key's own matrix rows hold (a budget per key).
+        expect(rows * cols <= 2 * numel + (1 << 20), "powersgd", f"a {rows}x{cols} matrix is too large for {numel} elements")
         expect(p.shape[0] == rows and q.shape[0] == cols and p.shape[1] == q.shape[1] and 1 <= p.shape[1] <= 64,
                "powersgd", f"P {tuple(p.shape)} and Q {tuple(q.shape)} do not fit a {rows}x{cols} matrix")
         finite("powersgd", p)
@@ -314,4 +323,4 @@ class Int8(Codec):
         q, scale = tensors_of("int8", tensors, [torch.int8, torch.float32])
         expect(q.numel() == numel, "int8", f"{q.numel()} values for {numel} elements")
         _scales("int8", scale, numel, size)
-        return q.float() * scale.repeat_interleave(size)[:numel]
+        return q.float() * _per_element(scale, size, numel)

@@ -20,6 +20,7 @@ import os
 import socket
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from typing import Any
 
@@ -31,6 +32,12 @@ from downpour.protocol.rpc import Future, RpcClient
 from downpour.transport import Security
 
 COORDINATOR = "coordinator"
+
+
+def connection_id(role: str, rank: int | None) -> str:
+    """The routing id a node registers with: the coordinator takes the node's requests only from
+    it (and from it + ``.hb``, the heartbeat connection), so it holds 128 random bits."""
+    return f"{role}-{rank if rank is not None else '?'}-{uuid.uuid4().hex}"
 ATTEMPT_S = 5.0  # an unanswered request to the coordinator is sent again after this long (REGISTER: always)
 
 

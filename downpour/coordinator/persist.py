@@ -25,9 +25,11 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from downpour.config import job_to_dict
-from downpour.coordinator.report import ALIVE, DONE
+from downpour.coordinator.report import ALIVE, DEAD, DONE, FINISHED
 from downpour.coordinator.shards import ShardLedger
 from downpour.errors import ConfigError
+from downpour.protocol.ops import EVAL, NAME, PROGRESS, SERVER_STATS, STATS, valid
+from downpour.protocol.schema import Bool, Int, Opt, Record, SchemaError, Str
 
 if TYPE_CHECKING:
     from downpour.coordinator.state import CoordinatorState
@@ -36,6 +38,12 @@ log = logging.getLogger(__name__)
 
 STATE_FILE = "coordinator.db"
 _VERSION = 1
+# A saved node's own fields (its progress and stats are checked with the schemas of the messages
+# that carry them: a node whose progress is malformed gets {}).
+_NODE = Record({"name": NAME, "role": Str(16, choices=("server", "worker")), "rank": Int(0, 1 << 20),
+                "identity": Str(1024, pattern=r"[0-9a-f]*"), "address": Opt(Str(512)), "host": Str(256), "pid": Int(0, 1 << 40),
+                "state": Str(16, choices=(ALIVE, DONE, FINISHED, DEAD)), "metrics": Opt(Str(255)), "idle": Bool(),
+                "heard": Bool()}, required=("name", "role", "rank", "identity", "host", "pid", "state"), rest=None)
 
 
 class StateStore:
@@ -161,10 +169,24 @@ def adopt_state(self: CoordinatorState, parts: dict[str, Any], now: float, lost_
     self.final_asked = bool(j.get("final_asked", False))
     self.leave_at = j.get("leave_at")
     self.nodes, self.by_identity = {}, {}
+    if not valid(EVAL, self.evaluation or {}):
+        log.warning("coordinator: the saved evaluation is malformed; dropped")
+        self.evaluation = None
     for d in parts["nodes"]:
+        try:
+            _NODE.check({k: v for k, v in d.items() if k not in ("progress", "stats")}, "saved node")
+        except SchemaError as err:
+            raise ConfigError(f"--recover: {STATE_FILE} is corrupt: {err}") from None
         ident = bytes.fromhex(d["identity"])
+        progress, stats = d["progress"] or {}, d["stats"]
+        if not valid(PROGRESS, progress):  # saved by an older coordinator that stored it unchecked
+            log.warning("coordinator: %s's saved progress is malformed; it is replaced at its next heartbeat", d["name"])
+            progress = {}
+        if stats is not None and not valid(SERVER_STATS if d["role"] == "server" else STATS, stats):
+            log.warning("coordinator: %s's saved stats are malformed; dropped", d["name"])
+            stats = None
         node = Node(d["name"], d["role"], int(d["rank"]), ident, d["address"], d["host"], int(d["pid"]), state=d["state"],
-                    last_seen=now, progress=d["progress"], stats=d["stats"], metrics=d["metrics"], idle=bool(d["idle"]),
+                    last_seen=now, progress=progress, stats=stats, metrics=d["metrics"], idle=bool(d["idle"]),
                     heard=bool(d.get("heard", True)))
         self.nodes[node.name] = node
         self.by_identity[ident] = node.name

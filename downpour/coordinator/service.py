@@ -32,6 +32,8 @@ from downpour.monitor.http import static_file
 from downpour.monitor.targets import targets_paths, write_targets
 from downpour.nn import sparse_tables
 from downpour.protocol import Op, decode, encode
+from downpour.protocol.ops import Code
+from downpour.protocol.throttle import RateLimit
 from downpour.storage import CheckpointStore, Manifest
 from downpour.stream.offsets import Acknowledger, partition_offsets
 from downpour.stream.prequential import online_summary
@@ -43,6 +45,7 @@ _TICK_S = 0.05
 _SAVE_EVERY_S = 1.0  # the nodes' progress reaches the state file at least this often
 # Requests that change nothing worth keeping (progress is saved once a second anyway).
 _NOT_SAVED = (Op.HEARTBEAT, Op.STATUS)
+_BURST = 256  # requests handled before the clock is looked at again
 
 
 def plan_layout(job: JobConfig) -> Layout:
@@ -104,7 +107,8 @@ class Coordinator:
         self.layout = layout
         self.listener = Listener(ctx, address, job.cluster.max_message_bytes, security)
         self.address = self.listener.address
-        self.rejected = 0
+        self.rejected: dict[str, int] = {}  # messages refused before the state machine saw them, by reason
+        self.limit = RateLimit(job.cluster.coordinator_max_requests_per_s)
         log.info("coordinator: listening on %s; %d parameters in %d keys over %d servers",
                  self.address, layout.numel, len(layout.slices), layout.num_servers)
         if run_dir:
@@ -197,6 +201,49 @@ class Coordinator:
         if self.store is not None:
             self.store.save(export_state(self.state, now), self.state.ledger.journal)
 
+    def _serve_requests(self, poller: Poller, timeout_s: float, finished: bool = False) -> Finish | None:
+        """Handle every request that arrives within ``timeout_s``. Each is decoded within the job's
+        size limits, rate-limited per connection, checked against the sender key's role and
+        handled; a handler that fails answers ERROR ``internal`` (counted, logged once per peer per
+        interval) and the coordinator goes on. ``finished``: the job is over, only replies go out."""
+        finish = None
+        if not poller.poll(timeout_s):
+            return None
+        for _ in range(_BURST):
+            try:
+                peer, frames = self.listener.recv()
+            except zmq.Again:
+                break
+            if self.limit.over(peer):
+                self.rejected[Code.RATE_LIMITED] = self.rejected.get(Code.RATE_LIMITED, 0) + 1
+                continue  # dropped unanswered: an answer would cost as much
+            try:
+                msg = decode(frames, self.job.cluster.max_message_bytes)
+            except ProtocolError as err:
+                self.rejected[Code.MALFORMED] = self.rejected.get(Code.MALFORMED, 0) + 1
+                if self.state.refusal_log.first(peer):
+                    log.warning("coordinator: dropped a malformed message from %r: %s", peer, err)
+                continue
+            # Fail closed: with CURVE on, a sender whose key maps to no role may do nothing but STATUS.
+            role = self.listener.peer_role(frames) or ("unknown" if self.security is not None else None)
+            try:
+                actions = self.state.handle(peer, msg, time.monotonic(), role)
+            except Exception as err:  # a bug, not the sender's fault: answer, count, keep serving
+                self.rejected[Code.INTERNAL] = self.rejected.get(Code.INTERNAL, 0) + 1
+                if self.state.refusal_log.first(peer):
+                    log.exception("coordinator: %s from %r failed: %s", msg.op.name, peer, err)
+                actions = [Reply(peer, msg.error(Code.INTERNAL, f"the coordinator failed to handle {msg.op.name}"))]
+            if finished:
+                self._perform([a for a in actions if isinstance(a, Reply)])
+                continue
+            refused = all(isinstance(a, Reply) and a.msg.op == Op.ERROR for a in actions)
+            if msg.op not in _NOT_SAVED and not refused:  # (a refusal changes nothing worth a write)
+                self._save(time.monotonic())
+            # Each request's actions before the next request is handled: an action may
+            # change the state a later request depends on (a checkpoint's commit).
+            finish = self._perform(actions) or finish
+        return finish
+
     def _perform(self, actions: list) -> Finish | None:
         finish = None
         for a in actions:
@@ -267,26 +314,7 @@ class Coordinator:
             node.last_seen = max(node.last_seen, started)
         finish = None
         while finish is None:
-            if poller.poll(_TICK_S):
-                while True:
-                    try:
-                        peer, frames = self.listener.recv()
-                    except zmq.Again:
-                        break
-                    try:
-                        msg = decode(frames, self.job.cluster.max_message_bytes)
-                    except ProtocolError as err:
-                        self.rejected += 1
-                        log.warning("coordinator: dropped a malformed message: %s", err)
-                        continue
-                    # Fail closed: with CURVE on, a sender whose key maps to no role may do nothing but STATUS.
-                    role = self.listener.peer_role(frames) or ("unknown" if self.security is not None else None)
-                    actions = self.state.handle(peer, msg, time.monotonic(), role)
-                    if msg.op not in _NOT_SAVED:
-                        self._save(time.monotonic())
-                    # Each request's actions before the next request is handled: an action may
-                    # change the state a later request depends on (a checkpoint's commit).
-                    finish = self._perform(actions) or finish
+            finish = self._serve_requests(poller, _TICK_S)
             now = time.monotonic()
             if self._stop_asked:
                 self._stop_asked = False
@@ -300,7 +328,11 @@ class Coordinator:
             if now >= self._next_sample:
                 self._next_sample = now + self.job.monitor.sample_interval_s
                 self._sample(now)
-        summary = dict(finish.summary, coordinator_rejected=self.rejected)
+        summary = dict(finish.summary)
+        refused = dict(summary.get("coordinator_refused") or {})
+        for code, n in self.rejected.items():  # what never reached the state machine, with what it refused
+            refused[str(code)] = refused.get(str(code), 0) + n
+        summary["coordinator_refused"] = refused
         if self.stream is not None:  # the last checkpoint's offsets acknowledged; the stream's figures
             self.stream.drain(timeout_s=5.0)
             summary["online"] = online_summary(summary.get("workers") or {}, self.stream.acked)
@@ -310,16 +342,11 @@ class Coordinator:
             log.info("coordinator: job finished: test accuracy %s", summary.get("test_accuracy"))
         else:
             log.error("coordinator: job failed: %s", summary.get("error"))
-        # Answer status queries a moment longer, so a launcher polling us sees the end.
+        # Answer status queries a moment longer, so a launcher polling us sees the end: the same
+        # checks as before (roles, limits), but only replies are sent and nothing is saved.
         end = time.monotonic() + 0.5
-        while time.monotonic() < end:
-            if poller.poll(0.05):
-                try:
-                    peer, frames = self.listener.recv()
-                    msg = decode(frames)
-                    self._perform([a for a in self.state.handle(peer, msg, time.monotonic()) if isinstance(a, Reply)])
-                except (zmq.Again, ProtocolError):
-                    pass
+        while (left := end - time.monotonic()) > 0:
+            self._serve_requests(poller, min(0.05, left), finished=True)
         self._stop_monitoring(summary)
         self.listener.close()
         if self.store is not None:

@@ -42,6 +42,9 @@ from downpour.coordinator.report import ALIVE, DEAD, DONE, FINISHED, job_status,
 from downpour.coordinator.shards import ShardLedger
 from downpour.layout import Layout
 from downpour.protocol import Message, Op
+from downpour.protocol.ops import Code, report_data, validate
+from downpour.protocol.schema import SchemaError
+from downpour.protocol.throttle import LogOnce
 
 log = logging.getLogger(__name__)
 
@@ -152,6 +155,7 @@ class CoordinatorState:
         self.server_joiners: list[tuple[bytes, Message]] = []
         self.workerless_since: float | None = None  # training with no live worker (waiting for one to join)
         self.rejected: dict[str, int] = {}  # requests refused, by reason
+        self.refusal_log = LogOnce()  # a refused peer's first refusal per interval is logged
         self.checkpoints = CheckpointPlan(job.checkpoint, checkpoint_url, job.training.consistency == "sync",
                                           self.cl.num_servers, now)
         self._versions: tuple[float, int] | None = None  # (time, server version) for the sync margin
@@ -320,17 +324,25 @@ class CoordinatorState:
         a node may only act as the role its key holds."""
         handler = _HANDLERS.get(msg.op)
         if handler is None:
-            return self._refuse(identity, msg, "bad_op", f"the coordinator does not serve {msg.op.name}")
+            return self._refuse(identity, msg, Code.BAD_OP, f"the coordinator does not serve {msg.op.name}")
+        try:  # every field's type and range before anything reads it
+            validate(msg.op, msg.meta)
+            if msg.op == Op.REPORT:
+                report_data(msg.meta["kind"], msg.meta.get("data"))
+        except SchemaError as err:
+            return self._refuse(identity, msg, Code.INVALID, str(err))
         if role is not None and msg.op == Op.REGISTER and msg.meta.get("role") != role:
-            return self._refuse(identity, msg, "forbidden", f"a {role} key cannot register as {msg.meta.get('role')!r}")
+            return self._refuse(identity, msg, Code.FORBIDDEN, f"a {role} key cannot register as {msg.meta.get('role')!r}")
         if msg.op not in (Op.REGISTER, Op.STATUS):
-            node = self.nodes.get(msg.meta.get("node"))  # type: ignore[arg-type]
+            node = self.nodes.get(msg.meta["node"])
             if node is None:
-                return self._refuse(identity, msg, "unknown_node", f"node {msg.meta.get('node')!r} is not registered")
+                return self._refuse(identity, msg, Code.UNKNOWN_NODE, f"node {msg.meta.get('node')!r} is not registered")
             if role is not None and node.role != role:
-                return self._refuse(identity, msg, "forbidden", f"a {role} key cannot act for {node.name}")
+                return self._refuse(identity, msg, Code.FORBIDDEN, f"a {role} key cannot act for {node.name}")
+            if not _same_connection(node.identity, identity):
+                return self._refuse(identity, msg, Code.FORBIDDEN, f"{node.name} registered on another connection")
             if node.state == DEAD and msg.op not in (Op.HEARTBEAT, Op.REPORT):
-                return self._refuse(identity, msg, "declared_dead", f"{node.name} was declared dead; its work went to others")
+                return self._refuse(identity, msg, Code.DECLARED_DEAD, f"{node.name} was declared dead; its work went to others")
             node.last_seen, node.heard = now, True
             if self.reconnecting is not None:
                 self._reconnected(now, node.name)
@@ -354,9 +366,10 @@ class CoordinatorState:
             self.reconnecting = None
             log.info("coordinator: every node reconnected, %.1fs after the coordinator's failure was detected", now - since)
 
-    def _refuse(self, identity: bytes, msg: Message, code: str, text: str) -> list[Action]:
-        self.rejected[code] = self.rejected.get(code, 0) + 1
-        log.warning("coordinator: refused %s from %r: %s", msg.op.name, identity, text)
+    def _refuse(self, identity: bytes, msg: Message, code: Code, text: str) -> list[Action]:
+        self.rejected[str(code)] = self.rejected.get(str(code), 0) + 1
+        if self.refusal_log.first(identity):
+            log.warning("coordinator: refused %s from %r: %s", msg.op.name, identity, text)
         return [Reply(identity, msg.error(code, text))]
 
     def on_register(self, ident: bytes, msg: Message, now: float, _: Node | None) -> list[Action]:
@@ -752,6 +765,8 @@ class CoordinatorState:
             if node.state == DEAD:  # a repeat, or one that was declared dead already
                 return out
             return out + self._lose(now, node, str(data.get("error", "failed")), "error")
+        if kind == "eval" and node.name != self.evaluator:
+            return self._refuse(ident, msg, Code.FORBIDDEN, f"{node.name} was not asked to evaluate")
         if kind == "eval" and node.role == "worker" and self.phase == "evaluating":
             self.evaluation = data
             node.state = FINISHED
@@ -864,6 +879,13 @@ class CoordinatorState:
 
     def summary(self, now: float) -> dict[str, Any]:
         return job_summary(self, now)
+
+
+def _same_connection(registered: bytes, identity: bytes) -> bool:
+    """A node's requests come from the connection it registered on, or from its heartbeat
+    connection (routing id: the registered one + ``.hb``). Routing ids hold 128 random bits
+    (:func:`downpour.coordinator.client.connection_id`), so another peer cannot guess them."""
+    return identity == registered or identity == registered + b".hb"
 
 
 _HANDLERS = {

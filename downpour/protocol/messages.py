@@ -60,4 +60,4 @@ class Message:
         return Message(Op.OK, self.req_id, meta or {}, tensors or [])
 
     def error(self, code: str, text: str) -> Message:
-        return Message(Op.ERROR, self.req_id, {"code": code, "error": text})
+        return Message(Op.ERROR, self.req_id, {"code": str(code), "error": text})

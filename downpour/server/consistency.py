@@ -184,6 +184,8 @@ class SyncPolicy(Policy):
         if p.version != current:
             return p.peer, p.msg.error("sync_round", f"push for round {p.version}, server is at round {current}")
         who = p.peer.decode(errors="replace")
+        if self.workers and who not in self.workers:  # (a worker back from waiting for a shard: it pulls and goes on)
+            return p.peer, p.msg.error("not_member", f"{who} is not in this round's membership")
         if who in self.waiting:
             return p.peer, p.msg.error("sync_duplicate", f"{who} already pushed for round {current}")
         return None

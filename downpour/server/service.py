@@ -25,12 +25,16 @@ import torch
 import zmq
 
 from downpour.compress import Codec, decode_push, pull_codec
+from downpour.compress.plan import pull_request
 from downpour.config import JobConfig, parse_job
-from downpour.coordinator.client import COORDINATOR, CoordinatorClient, Heartbeat
+from downpour.coordinator.client import COORDINATOR, CoordinatorClient, Heartbeat, connection_id
 from downpour.errors import DownpourError, ProtocolError, TransportError
 from downpour.layout import Layout
 from downpour.monitor import Buckets, HttpEndpoint, metrics_route, node_labels
 from downpour.protocol import Message, Op, decode, encode
+from downpour.protocol.ops import MAX_GRADIENT, Code, validate
+from downpour.protocol.schema import SchemaError
+from downpour.protocol.throttle import LogOnce, RateLimit
 from downpour.server.consistency import POLICIES, Policy, Push, values_reply
 from downpour.server.grouped import GroupedPolicy, key_modes
 from downpour.server.metrics import server_metrics
@@ -47,6 +51,16 @@ _POLL_S = 0.05  # longest idle wait between heartbeat/coordinator checks
 _COORDINATOR_CHECK_S = 0.005  # how often a busy server looks for coordinator messages (MEMBERSHIP, stop)
 
 
+def bounded(what: str, t: torch.Tensor) -> torch.Tensor:
+    """``t`` if every value is finite and at most :data:`MAX_GRADIENT` in magnitude (so no update
+    rule turns it into Inf); ProtocolError otherwise. One pass (min and max), no copy."""
+    if t.numel():
+        lo, hi = torch.aminmax(t)
+        if not (-MAX_GRADIENT <= float(lo) and float(hi) <= MAX_GRADIENT):  # (NaN fails both)
+            raise ProtocolError(f"{what} values contain NaN or Inf, or exceed {MAX_GRADIENT:g} in magnitude")
+    return t
+
+
 class ParameterServer:
     """One shard of the job's parameters behind a listener."""
 
@@ -56,8 +70,13 @@ class ParameterServer:
         self.store = ShardStore(layout.server_slices(rank), lambda n: make_rule(job.optimizer, job.effective_lr(), n))
         self.store.max_keys = job.cluster.max_keys_per_request
         self.sparse = SparseShard(layout, rank, job.sparse, job.training.seed, job.cluster.max_sparse_ids_per_request)
-        self.max_rate = job.cluster.max_requests_per_s
-        self._windows: dict[bytes, list[float]] = {}  # peer -> [window start, requests in it]
+        self.limit = RateLimit(job.cluster.max_requests_per_s)
+        self.refusal_log = LogOnce()
+        # What the job configured: the push codecs, the pull precision, local-SGD deltas.
+        comp = job.compression
+        self.push_codecs = {"none", comp.push.codec, *(g.push.codec for g in comp.groups)}
+        self.pull_request = pull_request(comp)
+        self.deltas = job.training.local_steps > 1
         self.staleness: Counter[int] = Counter()
         if job.training.consistency_groups:
             modes = key_modes(job.training, layout, rank)
@@ -106,51 +125,58 @@ class ParameterServer:
                 self.key_transfers[i] += times
 
     # -- request handling ------------------------------------------------
-    def _over_rate(self, peer: bytes) -> bool:
-        """More than ``cluster.max_requests_per_s`` requests from ``peer`` in the current second."""
-        now = time.monotonic()
-        w = self._windows.get(peer)
-        if w is None or now - w[0] >= 1.0:
-            if len(self._windows) > 10_000:  # many identities: forget the old windows
-                self._windows.clear()
-            w = self._windows[peer] = [now, 0]
-        w[1] += 1
-        return w[1] > self.max_rate
-
     def handle(self, peer: bytes, frames: list) -> None:
+        """One request: refused (answered ERROR with a :class:`Code`, counted) unless it passes every
+        check; a handler that fails anyway answers ERROR ``internal`` and the loop goes on."""
         self.bytes_in += sum(len(f) for f in frames)
-        if self._over_rate(peer):
-            self.rejected["rate_limited"] += 1  # dropped unanswered: answering would cost as much as serving
+        if self.limit.over(peer):
+            self.rejected[Code.RATE_LIMITED] += 1  # dropped unanswered: answering would cost as much as serving
             return
         try:
             msg = decode(frames, self.max_bytes)
         except ProtocolError as err:
             log.debug("%s: malformed message from %r: %s", self.name, peer, err)
             if err.req_id is not None:
-                self._send(peer, Message(Op.ERROR, err.req_id, {"code": "malformed", "error": str(err)}))
+                self._send(peer, Message(Op.ERROR, err.req_id, {"code": Code.MALFORMED, "error": str(err)}))
             else:
-                self.rejected["malformed"] += 1  # nobody to answer: dropped and counted
+                self.rejected[Code.MALFORMED] += 1  # nobody to answer: dropped and counted
             return
+        try:
+            self._handle(peer, frames, msg)
+        except Exception as err:  # a bug, not the sender's fault: nothing was applied (checks come first)
+            if self.refusal_log.first(peer):
+                log.exception("%s: %s from %r failed: %s", self.name, msg.op.name, peer, err)
+            self._reject(peer, msg, Code.INTERNAL, f"{self.name} failed to handle {msg.op.name}")
+
+    def _handle(self, peer: bytes, frames: list, msg: Message) -> None:
         handler = self._HANDLERS.get(msg.op)
         if handler is None:
-            self._reject(peer, msg, "bad_op", f"a server does not serve {msg.op.name}")
+            self._reject(peer, msg, Code.BAD_OP, f"a server does not serve {msg.op.name}")
             return
         if self.listener.security is not None:
             role = self.listener.peer_role(frames)
             if role not in ("worker", "coordinator"):
-                self._reject(peer, msg, "forbidden", f"a {role or 'foreign'} key may not use a server")
+                self._reject(peer, msg, Code.FORBIDDEN, f"a {role or 'foreign'} key may not use a server")
                 return
+            if role == "coordinator" and msg.op not in (Op.PULL, Op.SPARSE):
+                self._reject(peer, msg, Code.FORBIDDEN, f"the coordinator's key may only read, not {msg.op.name}")
+                return
+        try:
+            validate(msg.op, msg.meta)
+        except SchemaError as err:
+            self._reject(peer, msg, Code.INVALID, str(err))
+            return
         if "shm" in msg.meta:
             try:
                 self._from_slot(peer, msg)
             except ProtocolError as err:
-                self._reject(peer, msg, "invalid", str(err))
+                self._reject(peer, msg, Code.INVALID, str(err))
                 return
         t0 = time.perf_counter()
         try:
             replies = handler(self, peer, msg)
         except ProtocolError as err:
-            self._reject(peer, msg, "invalid", str(err))
+            self._reject(peer, msg, Code.INVALID, str(err))
             return
         for to, reply in replies:
             self._send(to, reply)
@@ -209,6 +235,8 @@ class ParameterServer:
         pq = msg.meta.get("pq")
         if pq is None:
             return None
+        if pq != self.pull_request:
+            raise ProtocolError(f"pq {pq!r:.60} is not this job's pull precision ({self.pull_request})")
         # type() is exact: True == 1 would otherwise share a cache entry with a valid request.
         key = tuple(pq) if isinstance(pq, list) and all(type(x) is str or type(x) is int for x in pq) else None
         codec = self._pull_codecs.get(key) if key is not None else None
@@ -224,7 +252,10 @@ class ParameterServer:
         if enc is not None:  # a compressed push: every decoder validates (lengths, indices, NaN/Inf)
             if msg.op not in (Op.PUSH, Op.PUSHPULL):
                 raise ProtocolError(f"{msg.op.name} values cannot be compressed")
-            return idx, decode_push(enc, msg.tensors, [self.store.lengths[i] for i in idx])
+            for entry in enc:  # (the schema made each entry [codec, meta, tensors])
+                if entry[0] not in self.push_codecs:
+                    raise ProtocolError(f"codec {entry[0]!r} is not one this job pushes with ({sorted(self.push_codecs)})")
+            return idx, bounded(msg.op.name, decode_push(enc, msg.tensors, [self.store.lengths[i] for i in idx]))
         if len(msg.tensors) != 1:
             raise ProtocolError(f"{msg.op.name} carries {len(msg.tensors)} tensors, expected 1")
         t = msg.tensors[0]
@@ -233,11 +264,7 @@ class ParameterServer:
         want = self.store.size_of(idx)
         if t.numel() != want:
             raise ProtocolError(f"{msg.op.name} values hold {t.numel()} elements, the keys need {want}")
-        # One reduction instead of an elementwise test: NaN and Inf propagate into the sum
-        # (a sum that overflows rejects a gradient far too large to apply anyway).
-        if not math.isfinite(float(t.sum())):
-            raise ProtocolError(f"{msg.op.name} values contain NaN or Inf")
-        return idx, t
+        return idx, bounded(msg.op.name, t)
 
     def on_init(self, peer: bytes, msg: Message):
         """Initial values for some keys; the first INIT of each key wins (later ones are ignored)."""
@@ -272,6 +299,8 @@ class ParameterServer:
             raise ProtocolError(f"push clock must be a positive integer, got {clock!r}")
         if type(delta) is not bool:
             raise ProtocolError(f"push delta must be true or false, got {delta!r}")
+        if delta and not self.deltas:
+            raise ProtocolError("delta pushes are for local SGD (training.local_steps > 1); this job takes gradients")
         codec = self._pull_codec(msg) if msg.op == Op.PUSHPULL else None
         push = Push(peer, msg, idx, grad, float(weight), version, codec, delta, clock, kv)
         refused = self.policy.refuse(push)
@@ -421,7 +450,7 @@ def run_server(ctx: zmq.Context, coordinator: str, host: str = "127.0.0.1", rank
     the server whose process runs this one (it took over a lost rank; see :class:`HostedRanks`)."""
     import uuid
 
-    identity = f"server-{rank if rank is not None else '?'}-{uuid.uuid4().hex[:6]}"
+    identity = connection_id("server", rank)
     coord = CoordinatorClient(ctx, coordinator, identity, request_timeout_s=30.0, security=security)
     server: ParameterServer | None = None
     endpoint: HttpEndpoint | None = None

@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 import threading
 import traceback
-import uuid
 from collections.abc import Callable
 from typing import Any
 
@@ -20,7 +19,7 @@ import torch
 import zmq
 
 from downpour.config import JobConfig, parse_job
-from downpour.coordinator.client import CoordinatorClient, Heartbeat
+from downpour.coordinator.client import CoordinatorClient, Heartbeat, connection_id
 from downpour.data import build_dataset
 from downpour.errors import DownpourError, RemoteError
 from downpour.layout import Layout
@@ -45,8 +44,12 @@ _LONG_WAIT_S = 7 * 24 * 3600.0
 class HeartbeatThread(threading.Thread):
     def __init__(self, ctx: zmq.Context, address: str, node: str, job: JobConfig,
                  progress: Callable[[], dict[str, Any]], abort: threading.Event, extra: dict[str, Any] | None = None,
-                 security: Security | None = None, on_reply: Callable[[dict[str, Any]], None] | None = None) -> None:
+                 security: Security | None = None, on_reply: Callable[[dict[str, Any]], None] | None = None,
+                 identity: str | None = None) -> None:
+        """``identity``: the routing id the node registered with (the coordinator takes heartbeats
+        for ``node`` only from that id + ``.hb``)."""
         super().__init__(name=f"{node}-heartbeat", daemon=True)
+        self.identity = identity or node
         self.on_reply = on_reply
         self.security = security
         self.ctx, self.address, self.node, self.job = ctx, address, node, job
@@ -56,7 +59,7 @@ class HeartbeatThread(threading.Thread):
 
     def run(self) -> None:
         cl = self.job.cluster
-        client = CoordinatorClient(self.ctx, self.address, f"{self.node}.hb-{uuid.uuid4().hex[:6]}", cl.request_timeout_s,
+        client = CoordinatorClient(self.ctx, self.address, f"{self.identity}.hb", cl.request_timeout_s,
                                    security=self.security)
         client.node = self.node
         hb = Heartbeat(client, cl.heartbeat_interval_s, cl.coordinator_timeout_s, extra=self.extra, on_reply=self.on_reply)
@@ -128,7 +131,7 @@ def run_worker(ctx: zmq.Context, coordinator: str, rank: int | None = None, star
     hb: HeartbeatThread | None = None
     endpoint: HttpEndpoint | None = None
     reason = lambda: hb.reason if hb else "aborted"  # noqa: E731
-    coord = CoordinatorClient(ctx, coordinator, f"worker-{rank if rank is not None else '?'}-{uuid.uuid4().hex[:6]}",
+    coord = CoordinatorClient(ctx, coordinator, connection_id("worker", rank),
                               abort=abort, abort_reason=reason, security=security)
     rpc: RpcClient | None = None
     kv: KVClient | None = None
@@ -156,7 +159,7 @@ def run_worker(ctx: zmq.Context, coordinator: str, rank: int | None = None, star
 
         hb = HeartbeatThread(ctx, coordinator, name, job, lambda: trainer.progress() if trainer else {}, abort,
                              extra={"metrics": endpoint.address} if endpoint else None, security=security,
-                             on_reply=on_reply)
+                             on_reply=on_reply, identity=coord.identity)
         hb.start()
         torch.set_num_threads(job.training.torch_threads)
         device = device_for(job)

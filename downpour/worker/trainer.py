@@ -302,7 +302,7 @@ class Trainer:
         try:
             self.kv.wait(self.inflight)
         except RemoteError as err:
-            if err.code not in ("sync_round", "sync_duplicate", "peer_replaced"):
+            if err.code not in ("sync_round", "sync_duplicate", "peer_replaced", "not_member"):
                 raise
             # This worker waited for a shard (or joined) while sync rounds went on: its gradient is for
             # a past round. Or a server was replaced (it restored a checkpoint) while the push was in

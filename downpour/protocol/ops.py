@@ -1,0 +1,170 @@
+"""The schema of every request's meta, per op, and the error codes of refusals.
+
+Each node validates a request's meta against :data:`REQUESTS` (:func:`validate`) before any
+handler reads it, so a handler sees exact types, bounded sizes and finite numbers. What a
+field's value means for the job (a key this server holds, a codec the job configured) is
+checked by the handler, still before anything changes. The same node schemas check the
+coordinator's saved state when it is loaded (:data:`PROGRESS`, :data:`STATS`).
+
+Fields not listed are tolerated (bounded plain data, never read), so that a newer node may add
+one; a listed field of the wrong type is refused with :attr:`Code.INVALID` naming it.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import Any
+
+from downpour.protocol.messages import Op
+from downpour.protocol.schema import (
+    F32_MAX,
+    Bool,
+    Dict,
+    Int,
+    List,
+    Num,
+    Plain,
+    Record,
+    Schema,
+    SchemaError,
+    Str,
+    Tuple,
+)
+
+
+class Code(StrEnum):
+    """Why a request was refused (an ERROR reply's ``code``; the refusal counters' keys)."""
+
+    MALFORMED = "malformed"  # the frames are not a message
+    INVALID = "invalid"  # a field's type, range or meaning is wrong
+    INTERNAL = "internal"  # the handler failed; nothing was changed
+    BAD_OP = "bad_op"
+    FORBIDDEN = "forbidden"  # the sender's key or connection may not do this
+    NOT_MEMBER = "not_member"  # a push from a worker outside the job's current membership
+    RATE_LIMITED = "rate_limited"
+    UNKNOWN_NODE = "unknown_node"
+    DECLARED_DEAD = "declared_dead"
+    BAD_ROLE = "bad_role"
+    BAD_ADDRESS = "bad_address"
+    BAD_LEAVE = "bad_leave"
+    BAD_SHARD = "bad_shard"
+    JOB_RUNNING = "job_running"
+    JOB_FULL = "job_full"
+    JOB_FAILED = "job_failed"
+    UNINITIALIZED = "uninitialized"
+    NO_TABLES = "no_tables"
+    PEER_REPLACED = "peer_replaced"
+    SYNC_ROUND = "sync_round"
+    SYNC_DUPLICATE = "sync_duplicate"
+    SYNC_PARTIAL = "sync_partial"
+    SSP_CLOCK = "ssp_clock"
+
+
+# -- shared field schemas (one definition of each check) -------------------------------------------
+NAME = Str(64)  # a node's name (worker-0, server-1.2)
+COUNT = Int(0)  # a non-negative counter
+SECONDS = Num(0.0, 1e12)
+POSITION = List(Int(0), length=3)  # [epoch, shard, examples of the shard done]
+REST = Plain(max_depth=3, max_items=512, max_str=256)  # fields a newer node may add: bounded, never read
+# A gradient's (or delta's) largest magnitude a server applies: with |g| at most this, weights
+# at most F32_MAX / this and the job's learning rates, no update rule reaches Inf.
+MAX_GRADIENT = 1e15
+WEIGHT = Num(0.0, 1e12, lo_open=True)  # a push's weight (examples it covers), finite as float32
+
+PROGRESS = Record({
+    # workers
+    "steps": COUNT, "examples": COUNT, "examples_per_s": SECONDS, "compute_s": SECONDS, "push_s": SECONDS,
+    "pull_wait_s": SECONDS, "bytes_sent": COUNT, "bytes_received": COUNT, "position": POSITION,
+    "shard": List(Int(0), length=2), "loss": Num(f32=True),
+    # servers
+    "pushes": COUNT, "pulls": COUNT, "bytes_in": COUNT, "bytes_out": COUNT, "staleness_mean": Num(0.0, 1e18),
+    "staleness_max": COUNT, "rejected": COUNT, "apply_s": SECONDS, "version": COUNT,
+}, rest=REST)
+
+STATS = Record({
+    "steps": COUNT, "examples": COUNT, "pushes": COUNT, "dropped_pushes": COUNT, "train_s": SECONDS,
+    "compute_s": SECONDS, "push_s": SECONDS, "wait_s": SECONDS, "examples_per_s": SECONDS,
+    "final_loss": Num(f32=True), "bytes_sent": COUNT, "bytes_received": COUNT,
+    "wire": Dict(Str(16), Dict(Str(16), COUNT, 16), 4),
+    "curve": List(List(Num(), length=3), 100_000),
+    "state": Str(16),
+}, rest=Plain(max_depth=4, max_items=4096, max_str=1024))
+
+SERVER_STATS = Record({
+    "staleness_histogram": Dict(Str(20, pattern=r"[0-9]+"), COUNT, 100_000),
+}, rest=Plain(max_depth=4, max_items=4096, max_str=1024))
+
+EVAL = Record({
+    "test_accuracy": Num(0.0, 1.0), "test_loss": Num(f32=True), "test_examples": COUNT,
+    "test_auc": Num(0.0, 1.0), "test_logloss": Num(f32=True), "optimum_auc": Num(0.0, 1.0),
+    "optimum_logloss": Num(f32=True),
+}, rest=REST)
+
+SHA256 = Str(64, pattern=r"[0-9a-f]{64}")
+FILE = Str(128, pattern=r"[A-Za-z0-9][A-Za-z0-9._-]*")  # a file inside a checkpoint folder: no path
+CHECKPOINT_NAME = Str(128, pattern=r"[A-Za-z0-9][A-Za-z0-9._-]*")
+CHECKPOINT_REPORT = Record({
+    "name": CHECKPOINT_NAME, "file": FILE, "sha256": SHA256, "bytes": COUNT, "version": COUNT,
+    "positions": Dict(NAME, POSITION, 1 << 16), "write_s": SECONDS, "missed": Bool(), "error": Str(4096),
+    "sparse": Record({"file": FILE, "sha256": SHA256, "bytes": COUNT}, required=("file", "sha256", "bytes")),
+    "needs": List(CHECKPOINT_NAME, 1 << 16),
+}, required=("name",), rest=REST)
+
+REPORTS: dict[str, Schema] = {
+    "eval": EVAL,
+    "error": Record({"error": Str(4096)}, rest=REST),
+    "checkpoint": CHECKPOINT_REPORT,
+    "server": SERVER_STATS,
+}
+
+_NODE = {"node": NAME}
+_PULL_CODEC = Tuple(Str(16), Int(1, 1 << 24))  # [codec, bucket]: the server takes only the job's compression.pull
+_SHM = Tuple(Str(128), Int(1, 1 << 40))  # [slot name, values]
+KEYS = List(Int(0, (1 << 31) - 1), 1 << 24)  # the server's limit (cluster.max_keys_per_request) applies after
+
+REQUESTS: dict[Op, Record] = {
+    Op.REGISTER: Record({**_NODE, "role": Str(16), "rank": Int(0, 1 << 20), "address": Str(512), "host": Str(256),
+                         "pid": Int(0, 1 << 40), "hosted_by": NAME}, required=("role",), rest=REST),
+    Op.HEARTBEAT: Record({**_NODE, "progress": PROGRESS, "metrics": Str(255)}, required=("node",), rest=REST),
+    Op.BARRIER: Record({**_NODE, "name": Str(64)}, required=("node", "name"), rest=REST),
+    Op.NEXT_SHARD: Record(_NODE, required=("node",), rest=REST),
+    Op.SHARD_DONE: Record({**_NODE, "epoch": COUNT, "shard": COUNT, "examples": COUNT},
+                          required=("node", "epoch", "shard"), rest=REST),
+    Op.WORKER_DONE: Record({**_NODE, "stats": STATS}, required=("node",), rest=REST),
+    Op.REPORT: Record({**_NODE, "kind": Str(16, choices=tuple(REPORTS)), "data": Plain(max_depth=6, max_items=1 << 18)},
+                      required=("node", "kind"), rest=REST),
+    Op.STATUS: Record(_NODE, rest=REST),
+    Op.LEAVE: Record({**_NODE, "position": POSITION, "stats": STATS}, required=("node",), rest=REST),
+    Op.INIT: Record({"keys": KEYS, "shm": _SHM}, required=("keys",), rest=REST),
+    Op.PULL: Record({"keys": KEYS, "pq": _PULL_CODEC, "shm": _SHM}, required=("keys",), rest=REST),
+    Op.PUSH: Record({"keys": KEYS, "version": COUNT, "weight": WEIGHT, "clock": Int(1), "delta": Bool(),
+                     "kv": List(COUNT, 1 << 24), "pos": POSITION, "pq": _PULL_CODEC, "shm": _SHM,
+                     "enc": List(Tuple(Str(16), Dict(Str(8), Plain(max_depth=0, max_str=16), 16), Int(0, 64)), 1 << 24)},
+                    required=("keys", "version"), rest=REST),
+    Op.SPARSE: Record({"tables": List(Tuple(Str(128), COUNT, COUNT), 1024),
+                       "peek": Bool()}, required=("tables",), rest=REST),
+}
+REQUESTS[Op.PUSHPULL] = REQUESTS[Op.PUSH]
+
+
+def validate(op: Op, meta: Any) -> None:
+    """Check a request's meta against its op's schema; :class:`SchemaError` names the field."""
+    schema = REQUESTS.get(op)
+    if schema is not None:
+        schema.check(meta, "meta")
+
+
+def report_data(kind: str, data: Any) -> None:
+    """Check a REPORT's data against its kind's schema."""
+    REPORTS[kind].check(data if data is not None else {}, f"meta.data ({kind})")
+
+
+def valid(schema: Schema, value: Any) -> bool:
+    try:
+        schema.check(value, "value")
+        return True
+    except SchemaError:
+        return False
+
+
+__all__ = ["Code", "F32_MAX", "MAX_GRADIENT", "PROGRESS", "REQUESTS", "STATS", "validate", "report_data", "valid"]
