@@ -256,3 +256,30 @@ def test_a_client_key_only_reads_status(coordinator):
     for op, meta in ((Op.REGISTER, {"role": "worker"}), (Op.HEARTBEAT, {"node": "worker-0"})):
         reply = _exchange(coord, c, encode(Message(op, 1, meta)), False)
         assert reply is not None and reply.op == Op.ERROR and reply.meta["code"] in ("forbidden", "unknown_node")
+
+
+# -- HTTP: idle connections time out, and only so many are served at once ---------------------------------
+
+
+def test_an_idle_http_connection_is_closed_and_connections_are_capped(monkeypatch):
+    import socket
+
+    from downpour.monitor import http
+
+    monkeypatch.setattr(http, "SOCKET_TIMEOUT_S", 0.5)
+    monkeypatch.setattr(http, "MAX_CONNECTIONS", 2)
+    endpoint = http.HttpEndpoint("127.0.0.1", 0, {"/x": lambda: ("text/plain", b"ok")}, "test")
+    idle = [socket.create_connection(("127.0.0.1", endpoint.port), timeout=5.0) for _ in range(3)]
+    try:
+        assert idle[2].recv(1) == b""  # the third is closed at once: two are served at a time
+        for s in idle[:2]:
+            start = time.monotonic()
+            assert s.recv(1) == b""  # closed by the server after its timeout (slowloris), not held forever
+            assert time.monotonic() - start < 4.0
+        with socket.create_connection(("127.0.0.1", endpoint.port), timeout=5.0) as s:
+            s.sendall(b"GET /x HTTP/1.0\r\n\r\n")
+            assert s.recv(1 << 16).endswith(b"ok")  # the slots are free again
+    finally:
+        for s in idle:
+            s.close()
+        endpoint.close()

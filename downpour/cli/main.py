@@ -208,7 +208,7 @@ def cmd_coordinator(args) -> int:
     if "://" not in bind:
         bind = f"tcp://{bind}"
     if args.run_dir:
-        os.makedirs(args.run_dir, exist_ok=True)
+        os.makedirs(args.run_dir, mode=0o700, exist_ok=True)
     security = _security(args, "coordinator", bind)
     ctx = new_context()
     coord = Coordinator(ctx, job, bind, args.run_dir, security, recover=args.recover, lost_at=args.lost_at)

@@ -51,6 +51,7 @@ class StateStore:
 
     def __init__(self, path: str) -> None:
         self.path = path
+        os.close(os.open(path, os.O_CREAT | os.O_RDWR, 0o600))  # the job's state: the user's only
         self.db = sqlite3.connect(path, isolation_level=None, timeout=5.0, check_same_thread=False)
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=NORMAL")  # safe against a killed process; a power cut may lose the last save

@@ -321,7 +321,15 @@ class CoordinatorState:
     # -- requests -------------------------------------------------------------
     def handle(self, identity: bytes, msg: Message, now: float, role: str | None = None) -> list[Action]:
         """One request. ``role`` is the role of the key that sent it (None without CURVE: not checked);
-        a node may only act as the role its key holds."""
+        a node may only act as the role its key holds. Every ERROR answer to it is counted by code."""
+        actions = self._handle(identity, msg, now, role)
+        for a in actions:
+            if isinstance(a, Reply) and a.msg.op == Op.ERROR and a.to == identity and a.msg.req_id == msg.req_id:
+                code = str(a.msg.meta.get("code"))
+                self.rejected[code] = self.rejected.get(code, 0) + 1
+        return actions
+
+    def _handle(self, identity: bytes, msg: Message, now: float, role: str | None) -> list[Action]:
         handler = _HANDLERS.get(msg.op)
         if handler is None:
             return self._refuse(identity, msg, Code.BAD_OP, f"the coordinator does not serve {msg.op.name}")
@@ -367,7 +375,6 @@ class CoordinatorState:
             log.info("coordinator: every node reconnected, %.1fs after the coordinator's failure was detected", now - since)
 
     def _refuse(self, identity: bytes, msg: Message, code: Code, text: str) -> list[Action]:
-        self.rejected[str(code)] = self.rejected.get(str(code), 0) + 1
         if self.refusal_log.first(identity):
             log.warning("coordinator: refused %s from %r: %s", msg.op.name, identity, text)
         return [Reply(identity, msg.error(code, text))]

@@ -130,6 +130,7 @@ class LocalLauncher:
 
     def start(self) -> str:
         """Start every process; returns the coordinator's address."""
+        os.makedirs(self.run_dir, mode=0o700, exist_ok=True)  # logs, state and keys: the user's only
         os.makedirs(os.path.join(self.run_dir, "logs"), exist_ok=True)
         job_path = os.path.join(self.run_dir, "config.yaml")
         with open(job_path, "w") as f:

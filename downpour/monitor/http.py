@@ -44,6 +44,38 @@ def advertised_host(bind_host: str) -> str:
     return bind_host
 
 
+SOCKET_TIMEOUT_S = 10.0  # a connection that sends nothing for this long is closed
+MAX_CONNECTIONS = 32  # connections served at once; more are closed at once (each holds a thread)
+
+
+class _CappedServer(ThreadingHTTPServer):
+    """A thread per connection, at most :data:`MAX_CONNECTIONS` at once."""
+
+    daemon_threads = True
+
+    def __init__(self, *args, **kwargs) -> None:
+        self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
+        self.refused = 0
+        super().__init__(*args, **kwargs)
+
+    def process_request(self, request, client_address) -> None:
+        if not self._slots.acquire(blocking=False):
+            self.refused += 1
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request, client_address) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+
 class HttpEndpoint:
     """Serves ``routes`` (path -> handler) and ``/static/<file>`` at ``host:port`` (0 = a free port)."""
 
@@ -52,6 +84,8 @@ class HttpEndpoint:
         endpoint = self
 
         class Handler(BaseHTTPRequestHandler):
+            timeout = SOCKET_TIMEOUT_S  # an idle or slow client (slowloris) loses its connection
+
             def do_GET(self) -> None:  # noqa: N802 (the stdlib's name)
                 path = urlsplit(self.path).path
                 try:
@@ -81,7 +115,7 @@ class HttpEndpoint:
                 log.debug("%s: http %s", name, fmt % args)
 
         try:
-            self.server = ThreadingHTTPServer((host, port), Handler)
+            self.server = _CappedServer((host, port), Handler)
         except OSError as err:
             raise ConfigError(f"{name}: cannot serve HTTP on {host}:{port}: {err}") from err
         self.server.daemon_threads = True

@@ -18,6 +18,7 @@ from typing import Any
 from downpour.protocol.messages import Op
 from downpour.protocol.schema import (
     F32_MAX,
+    SAFE_NAME,
     Bool,
     Dict,
     Int,
@@ -101,8 +102,8 @@ EVAL = Record({
 }, rest=REST)
 
 SHA256 = Str(64, pattern=r"[0-9a-f]{64}")
-FILE = Str(128, pattern=r"[A-Za-z0-9][A-Za-z0-9._-]*")  # a file inside a checkpoint folder: no path
-CHECKPOINT_NAME = Str(128, pattern=r"[A-Za-z0-9][A-Za-z0-9._-]*")
+FILE = Str(128, pattern=SAFE_NAME)  # a file inside a checkpoint folder: no path
+CHECKPOINT_NAME = Str(128, pattern=SAFE_NAME)
 CHECKPOINT_REPORT = Record({
     "name": CHECKPOINT_NAME, "file": FILE, "sha256": SHA256, "bytes": COUNT, "version": COUNT,
     "positions": Dict(NAME, POSITION, 1 << 16), "write_s": SECONDS, "missed": Bool(), "error": Str(4096),

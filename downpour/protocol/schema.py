@@ -33,6 +33,8 @@ from typing import Any
 from downpour.errors import ProtocolError
 
 F32_MAX = 3.4028234663852886e38  # the largest finite float32
+# A file or folder name that cannot leave its folder: no separators, no leading dot.
+SAFE_NAME = r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}"
 I64_MAX = (1 << 63) - 1
 
 

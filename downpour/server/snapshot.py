@@ -157,12 +157,17 @@ class OldParams:
     def __init__(self, store: CheckpointStore, manifest: Manifest, layout: Layout) -> None:
         self.layout = layout
         self._params = {p.name: p for p in layout.params}
+        files = sorted(f for f in manifest.files if f.startswith("server-"))
+        # The layout comes from the checkpoint's job.json: its size may not exceed what the server
+        # files hold (4 bytes per value), so an altered layout cannot size a huge allocation.
+        held = sum(int(manifest.files[f]["bytes"]) for f in files) // 4
+        if layout.numel > held:
+            raise DataError(f"{store.where(manifest.name)}: the layout has {layout.numel} values, its files hold at most {held}")
         self.values = torch.zeros(layout.numel)
         self.state: dict[str, torch.Tensor] = {}
         self.key_versions = [0] * len(layout.slices)
         self.positions: list[dict[str, list[int]]] = []
         seen = [False] * len(layout.slices)
-        files = sorted(f for f in manifest.files if f.startswith("server-"))
         for file in files:
             where = store.where(manifest.name, file)
             tensors, meta = load_shard_file(store.read(manifest, file), where)
@@ -182,6 +187,9 @@ class OldParams:
         if not all(seen):
             missing = [layout.describe(s) for s, ok in zip(layout.slices, seen) if not ok]
             raise DataError(f"{store.where(manifest.name)}: no server file holds {', '.join(missing[:5])}")
+        for what, t in [("values", self.values), *self.state.items()]:
+            if not bool(torch.isfinite(t).all()):
+                raise DataError(f"{store.where(manifest.name)}: the checkpoint's {what} hold NaN or Inf")
 
     def param_range(self, name: str) -> tuple[int, int] | None:
         p = self._params.get(name)

@@ -15,16 +15,20 @@ import json
 import logging
 import os
 import posixpath
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
 import fsspec
 
 from downpour.errors import DataError
+from downpour.protocol.schema import SAFE_NAME
 
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
+MAX_MANIFEST_BYTES = 64 << 20
+_SAFE = re.compile(SAFE_NAME)
 FORMAT = 1
 
 
@@ -50,6 +54,9 @@ class Manifest:
             if type(d.get("format")) is not int or d["format"] != FORMAT:
                 raise ValueError(f"format {d.get('format')!r}, expected {FORMAT}")
             files = {str(k): {"sha256": str(v["sha256"]), "bytes": int(v["bytes"])} for k, v in d["files"].items()}
+            for name in [str(d["name"]), *files]:  # joined to paths: nothing that leaves the folder
+                if not _SAFE.fullmatch(name):
+                    raise ValueError(f"name {name!r:.80} is not a plain file name ({_SAFE.pattern})")
             return cls(str(d["name"]), int(d["step"]), files, dict(d.get("job") or {}))
         except (ValueError, KeyError, TypeError, AttributeError) as err:
             raise DataError(f"{where}: not a valid checkpoint manifest: {err}") from None
@@ -135,8 +142,11 @@ class CheckpointStore:
         return [n for n in self._folders() if self.fs.exists(self._path(n, MANIFEST))]
 
     def manifest(self, name: str) -> Manifest:
+        if not _SAFE.fullmatch(name):
+            raise DataError(f"checkpoint name {name!r:.80} is not a plain folder name")
+        self._size_at_most(self._path(name, MANIFEST), MAX_MANIFEST_BYTES, self.where(name, MANIFEST))
         with self.fs.open(self._path(name, MANIFEST), "rb") as f:
-            manifest = Manifest.from_json(f.read(), self.where(name, MANIFEST))
+            manifest = Manifest.from_json(f.read(MAX_MANIFEST_BYTES + 1), self.where(name, MANIFEST))
         if manifest.name != name:
             raise DataError(f"{self.where(name, MANIFEST)} names another checkpoint ({manifest.name!r}): moved or altered")
         return manifest
@@ -147,8 +157,10 @@ class CheckpointStore:
         if entry is None:
             raise DataError(f"{self.where(manifest.name)}: the manifest lists no file {file!r}")
         try:
+            # The size before the read: a file larger than the manifest says is never read into memory.
+            self._size_at_most(self._path(manifest.name, file), entry["bytes"], self.where(manifest.name, file))
             with self.fs.open(self._path(manifest.name, file), "rb") as f:
-                data = f.read()
+                data = f.read(entry["bytes"] + 1)
         except FileNotFoundError:
             raise DataError(f"{self.where(manifest.name, file)} is missing") from None
         if len(data) != entry["bytes"]:
@@ -156,6 +168,11 @@ class CheckpointStore:
         if sha256_hex(data) != entry["sha256"]:
             raise DataError(f"{self.where(manifest.name, file)}: SHA-256 differs from the manifest (corrupt or altered)")
         return data
+
+    def _size_at_most(self, path: str, limit: int, where: str) -> None:
+        size = self.fs.size(path)
+        if size is not None and size > limit:
+            raise DataError(f"{where} holds {size} bytes, more than the {limit} expected (altered?)")
 
     def verify(self, manifest: Manifest) -> None:
         for file in manifest.files:
