@@ -283,3 +283,55 @@ def test_an_idle_http_connection_is_closed_and_connections_are_capped(monkeypatc
         for s in idle:
             s.close()
         endpoint.close()
+
+
+# -- --insecure workers import only what a local job file names -------------------------------------------
+
+
+def test_job_factories_finds_every_factory_a_job_names(tiny_data):
+    from downpour.worker.service import job_factories
+
+    job = parse_job(tiny_job(tiny_data, model={"name": None, "factory": "tests.api_factories:small_model", "args": {}}))
+    assert job_factories(job) == {"tests.api_factories:small_model"}
+    assert job_factories(parse_job(tiny_job(tiny_data))) == set()
+
+
+@pytest.mark.parametrize("trusted", [set(), {"tests.api_factories:small_model"}], ids=["untrusted", "trusted"])
+def test_an_insecure_worker_refuses_a_factory_no_local_job_file_names(tiny_data, trusted, monkeypatch):
+    import threading
+
+    import downpour.worker.service as service
+    from downpour.transport import Poller
+    from downpour.worker.service import run_worker
+
+    imported = []
+    monkeypatch.setattr(service, "build_model", lambda cfg, seed: imported.append(cfg.factory) or (_ for _ in ()).throw(
+        RuntimeError("stop here: the factory would be imported now")))
+    ctx = zmq.Context(io_threads=1)
+    job = parse_job(tiny_job(tiny_data, model={"name": None, "factory": "tests.api_factories:small_model", "args": {}}, checkpoint={"enabled": False},
+                             monitor={"metrics": False, "dashboard": False}, cluster={"num_servers": 1, "num_workers": 1}))
+    coord = Coordinator(ctx, job, "tcp://127.0.0.1:*", None, None)
+    server = RawClient(ctx, coord.address)
+    halt = threading.Event()
+
+    def serve() -> None:
+        poller = Poller()
+        poller.register(coord.listener)
+        while not halt.is_set():
+            coord._serve_requests(poller, 0.02)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        server.send(encode(Message(Op.REGISTER, 1, {"role": "server", "rank": 0, "address": "tcp://127.0.0.1:9"})))
+        code = run_worker(ctx, coord.address, rank=0, startup_timeout_s=20.0, trusted_factories=trusted)
+        assert code == 1
+        assert imported == ([] if not trusted else ["tests.api_factories:small_model"])
+        if not trusted:
+            assert "names tests.api_factories:small_model" in str(coord.state.failures or coord.state.error or "")
+    finally:
+        halt.set()
+        thread.join(5.0)
+        server.close()
+        coord.listener.close()
+        ctx.destroy(linger=0)

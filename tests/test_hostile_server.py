@@ -195,3 +195,27 @@ def test_encode_of_a_push_is_unchanged_by_the_schemas():
                            "pq": ["int8", 1024], "shm": ["slot-1", NUMEL], "delta": True,
                            "enc": [["qsgd", {"b": 8, "B": 512}, 2]]})
     assert encode(Message(Op.PUSH, 1, {"keys": KEYS, "version": 0}))
+
+
+def test_a_listener_takes_the_jobs_frame_limit_after_binding():
+    from downpour.transport import Listener
+
+    ctx = zmq.Context(io_threads=1)
+    listener = Listener(ctx, "tcp://127.0.0.1:*", 1 << 30)
+    try:
+        address = listener.address
+        listener.limit(1000)
+        assert listener.address == address and listener.socket.getsockopt(zmq.MAXMSGSIZE) == 1000
+        client = RawClient(ctx, address)
+        client.send([b"x" * 10_000])  # over the limit: the connection is cut, nothing arrives
+        client.send([b"y"])
+        assert not listener.socket.poll(500)
+        client.close()
+        client = RawClient(ctx, address)
+        client.send([b"ok" * 100])
+        assert listener.socket.poll(5000)
+        assert listener.recv()[1][0].bytes == b"ok" * 100
+        client.close()
+    finally:
+        listener.close()
+        ctx.term()

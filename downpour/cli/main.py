@@ -242,15 +242,20 @@ def cmd_server(args) -> int:
 
 
 def cmd_worker(args) -> int:
+    from downpour.config import load_job
     from downpour.transport import new_context
-    from downpour.worker.service import run_worker
+    from downpour.worker.service import job_factories, run_worker
 
     # SIGTERM as Ctrl-C: a worker stopped while it trains leaves the job cleanly (its shards go back).
     signal.signal(signal.SIGTERM, _terminate)
     ctx = new_context()
     try:
+        security = _security(args, "worker", _coordinator_url(args.coordinator))
+        # --insecure: whoever answers on the coordinator's address sends the job; the worker imports
+        # only built-in names, or the factories a job file on its own command line names.
+        trusted = job_factories(load_job(args.job)) if args.insecure and getattr(args, "job", None) else set()
         return run_worker(ctx, _coordinator_url(args.coordinator), rank=args.rank, metrics_host=args.metrics_host,
-                          security=_security(args, "worker", _coordinator_url(args.coordinator)))
+                          security=security, trusted_factories=trusted if args.insecure else None)
     except KeyboardInterrupt:
         return 130
     finally:
@@ -361,6 +366,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="interface for this node's /metrics (default: the job's monitor.http_host)")
         r.add_argument("--keys", default=env("DOWNPOUR_KEYS"), help="the job's key folder (downpour keys DIR)")
         r.add_argument("--insecure", action="store_true", help="plain sockets: no authentication, no encryption")
+        if role == "worker":
+            r.add_argument("--job", default=None, help="with --insecure: a local job file; the worker imports only "
+                           "the model/data factories it names (else only built-in names)")
         if role == "server":
             r.add_argument("--host", default=env("DOWNPOUR_HOST", "127.0.0.1"), help="interface to listen on")
             r.add_argument("--ipc-dir", help="folder for ipc sockets (when the coordinator is ipc://)")

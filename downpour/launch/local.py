@@ -164,7 +164,9 @@ class LocalLauncher:
         for r in range(cl.num_servers):
             self._spawn(f"server-{r}", ["server", "--coordinator", address, "--rank", str(r), "--host", "127.0.0.1", "--ipc-dir", ipc_dir])
         for r in range(cl.num_workers):
-            self._spawn(f"worker-{r}", ["worker", "--coordinator", address, "--rank", str(r)])
+            # Without keys a worker imports only the factories of a job file of its own (the one written here).
+            trusted = ["--job", job_path] if self.insecure else []
+            self._spawn(f"worker-{r}", ["worker", "--coordinator", address, "--rank", str(r), *trusted])
         return address
 
     def request_stop(self) -> None:

@@ -461,6 +461,8 @@ def run_server(ctx: zmq.Context, coordinator: str, host: str = "127.0.0.1", rank
         reply = coord.register("server", rank, listener.address, timeout_s=120.0, hosted_by=hosted_by)
         job = parse_job(reply["job"], source="coordinator")
         layout = Layout.from_dict(reply["layout"])
+        if job.cluster.max_message_bytes < 1 << 30:  # the job's frame limit on every connection from now on
+            listener.limit(job.cluster.max_message_bytes)
         # Updates are elementwise and memory-bound: more intra-op threads only contend with other processes.
         torch.set_num_threads(job.training.torch_threads)
         server = ParameterServer(ctx, job, layout, int(reply["rank"]), listener, reply["node"])

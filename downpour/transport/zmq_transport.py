@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import os
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -24,6 +25,9 @@ from downpour.transport.security import Security
 
 # Messages queued per socket before sends block (ZeroMQ high-water marks).
 _HWM = 10_000
+# Messages a listener queues per connection before ZeroMQ stops reading that connection: a peer
+# sending faster than the node serves waits (TCP back-pressure) instead of filling its memory.
+_LISTENER_RCVHWM = 1_000
 # Frames below this size are copied into ZeroMQ's buffer rather than lent to it.
 # Lending costs a round trip through pyzmq's garbage-collector thread per frame,
 # which for a few hundred kB costs more CPU than one memcpy (measured: see
@@ -65,7 +69,7 @@ class Listener:
             security.serve(self.socket, ctx)
         self.socket.setsockopt(zmq.LINGER, 0)
         self.socket.setsockopt(zmq.SNDHWM, _HWM)
-        self.socket.setsockopt(zmq.RCVHWM, _HWM)
+        self.socket.setsockopt(zmq.RCVHWM, _LISTENER_RCVHWM)
         self.socket.setsockopt(zmq.MAXMSGSIZE, max_message_bytes)  # per frame; larger peers are cut off
         self.socket.setsockopt(zmq.ROUTER_MANDATORY, 0)  # replies to vanished peers are dropped
         self.socket.copy_threshold = ZERO_COPY_MIN_BYTES
@@ -75,6 +79,22 @@ class Listener:
             self.socket.close()
             raise TransportError(f"cannot bind {address}: {err}") from None
         self.address = self.socket.getsockopt_string(zmq.LAST_ENDPOINT)
+
+    def limit(self, max_message_bytes: int, timeout_s: float = 5.0) -> None:
+        """Cut off peers that send a frame above ``max_message_bytes`` from now on (a server learns
+        the job's limit after it bound its address): the same address is bound again with it, so
+        every connection made since has it (a peer connecting meanwhile is refused and retries)."""
+        self.socket.unbind(self.address)
+        self.socket.setsockopt(zmq.MAXMSGSIZE, max_message_bytes)
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:  # the old listener closes in ZeroMQ's I/O thread: the address may still be busy
+                self.socket.bind(self.address)
+                return
+            except zmq.ZMQError as err:
+                if time.monotonic() > deadline:
+                    raise TransportError(f"cannot bind {self.address} again: {err}") from None
+                time.sleep(0.01)
 
     def recv(self) -> tuple[bytes, list[zmq.Frame]]:
         """One message, without blocking (call after a poll said it is readable)."""

@@ -18,10 +18,10 @@ import numpy as np
 import torch
 import zmq
 
-from downpour.config import JobConfig, parse_job
+from downpour.config import JobConfig, job_to_dict, parse_job
 from downpour.coordinator.client import CoordinatorClient, Heartbeat, connection_id
 from downpour.data import build_dataset
-from downpour.errors import DownpourError, RemoteError
+from downpour.errors import ConfigError, DownpourError, RemoteError
 from downpour.layout import Layout
 from downpour.models import build_model
 from downpour.monitor import HttpEndpoint, metrics_route, node_labels
@@ -123,10 +123,32 @@ def device_for(job: JobConfig) -> torch.device:
     return torch.device("cpu")
 
 
+def job_factories(job: JobConfig) -> set[str]:
+    """Every ``factory`` import string a job names (model, data, and any section that has one)."""
+    found: set[str] = set()
+
+    def walk(v: Any) -> None:
+        if isinstance(v, dict):
+            for k, x in v.items():
+                if k.endswith("factory") and isinstance(x, str):
+                    found.add(x)
+                else:
+                    walk(x)
+        elif isinstance(v, list):
+            for x in v:
+                walk(x)
+
+    walk(job_to_dict(job))
+    return found
+
+
 def run_worker(ctx: zmq.Context, coordinator: str, rank: int | None = None, startup_timeout_s: float = 120.0,
-               metrics_host: str | None = None, security: Security | None = None) -> int:
+               metrics_host: str | None = None, security: Security | None = None,
+               trusted_factories: set[str] | None = None) -> int:
     """Entry point of ``downpour worker``: returns the process exit code. ``metrics_host``
-    overrides the job's ``monitor.http_host`` for this worker's metrics endpoint."""
+    overrides the job's ``monitor.http_host`` for this worker's metrics endpoint.
+    ``trusted_factories`` (unauthenticated workers): the only factories the job from the
+    coordinator may name; any other is refused before anything is imported."""
     abort = threading.Event()
     hb: HeartbeatThread | None = None
     endpoint: HttpEndpoint | None = None
@@ -140,6 +162,11 @@ def run_worker(ctx: zmq.Context, coordinator: str, rank: int | None = None, star
         reply = coord.register("worker", rank, None, timeout_s=startup_timeout_s)
         name = reply["node"]
         job = parse_job(reply["job"], source="coordinator")
+        if trusted_factories is not None:
+            foreign = sorted(job_factories(job) - trusted_factories)
+            if foreign:
+                raise ConfigError(f"{name}: the coordinator's job names {', '.join(foreign)}, which no job file given "
+                                  "with --job names: an unauthenticated coordinator may not make this worker import code")
         layout = Layout.from_dict(reply["layout"])
         coord.configure(job.cluster.coordinator_timeout_s, job.cluster.heartbeat_timeout_s)
         # Heartbeats start at once: the coordinator watches this worker from now on, and
