@@ -308,7 +308,8 @@ def test_an_insecure_worker_refuses_a_factory_no_local_job_file_names(tiny_data,
     monkeypatch.setattr(service, "build_model", lambda cfg, seed: imported.append(cfg.factory) or (_ for _ in ()).throw(
         RuntimeError("stop here: the factory would be imported now")))
     ctx = zmq.Context(io_threads=1)
-    job = parse_job(tiny_job(tiny_data, model={"name": None, "factory": "tests.api_factories:small_model", "args": {}}, checkpoint={"enabled": False},
+    job = parse_job(tiny_job(tiny_data, model={"name": None, "factory": "tests.api_factories:small_model", "args": {}},
+                             checkpoint={"enabled": False},
                              monitor={"metrics": False, "dashboard": False}, cluster={"num_servers": 1, "num_workers": 1}))
     coord = Coordinator(ctx, job, "tcp://127.0.0.1:*", None, None)
     server = RawClient(ctx, coord.address)
