@@ -67,6 +67,8 @@ COUNT = Int(0)  # a non-negative counter
 SECONDS = Num(0.0, 1e12)
 POSITION = List(Int(0), length=3)  # [epoch, shard, examples of the shard done]
 REST = Plain(max_depth=3, max_items=512, max_str=256)  # fields a newer node may add: bounded, never read
+# A node's free-form figures (stats): kept in summary.json, never read as numbers; NaN allowed.
+FIGURES = Plain(max_depth=8, max_items=1 << 20, max_str=4096, finite=False)
 # A gradient's (or delta's) largest magnitude a server applies: with |g| at most this, weights
 # at most F32_MAX / this and the job's learning rates, no update rule reaches Inf.
 MAX_GRADIENT = 1e15
@@ -87,13 +89,16 @@ STATS = Record({
     "compute_s": SECONDS, "push_s": SECONDS, "wait_s": SECONDS, "examples_per_s": SECONDS,
     "final_loss": Num(f32=True), "bytes_sent": COUNT, "bytes_received": COUNT,
     "wire": Dict(Str(16), Dict(Str(16), COUNT, 16), 4),
-    "curve": List(List(Num(), length=3), 100_000),
+    "curve": List(List(Num(), length=3), 1 << 20),
     "state": Str(16),
-}, rest=Plain(max_depth=4, max_items=4096, max_str=1024))
+    # online learning (a stream): what the coordinator's summary adds up
+    "online": Record({"events": COUNT, "malformed": COUNT,
+                      "prequential": Record({"events": COUNT, "auc": Num(), "logloss": Num()}, rest=FIGURES)}, rest=FIGURES),
+}, rest=FIGURES)
 
 SERVER_STATS = Record({
-    "staleness_histogram": Dict(Str(20, pattern=r"[0-9]+"), COUNT, 100_000),
-}, rest=Plain(max_depth=4, max_items=4096, max_str=1024))
+    "staleness_histogram": Dict(Str(20, pattern=r"[0-9]+"), COUNT, 1 << 20),
+}, rest=FIGURES)
 
 EVAL = Record({
     "test_accuracy": Num(0.0, 1.0), "test_loss": Num(f32=True), "test_examples": COUNT,

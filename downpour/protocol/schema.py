@@ -246,12 +246,13 @@ class Dict(Schema):
 
 class Plain(Schema):
     """Any plain value within bounds: nesting ``max_depth``, ``max_items`` scalars in all, strings of
-    at most ``max_str`` characters, finite numbers, str-keyed mappings."""
+    at most ``max_str`` characters, finite numbers (unless ``finite`` is False: free-form figures
+    such as a loss may be NaN), str-keyed mappings."""
 
-    __slots__ = ("max_depth", "max_items", "max_str")
+    __slots__ = ("max_depth", "max_items", "max_str", "finite")
 
-    def __init__(self, max_depth: int = 4, max_items: int = 4096, max_str: int = 4096) -> None:
-        self.max_depth, self.max_items, self.max_str = max_depth, max_items, max_str
+    def __init__(self, max_depth: int = 4, max_items: int = 4096, max_str: int = 4096, finite: bool = True) -> None:
+        self.max_depth, self.max_items, self.max_str, self.finite = max_depth, max_items, max_str, finite
 
     def check(self, v: Any, path: str) -> None:
         budget = [self.max_items]
@@ -265,7 +266,7 @@ class Plain(Schema):
         if v is None or t is bool or t is int and -I64_MAX - 1 <= v <= I64_MAX:
             return
         if t is float:
-            if not math.isfinite(v):
+            if self.finite and not math.isfinite(v):
                 self.fail(v, path, "a finite number")
             return
         if t is str:
