@@ -202,20 +202,20 @@ def test_a_listener_takes_the_jobs_frame_limit_after_binding():
 
     ctx = zmq.Context(io_threads=1)
     listener = Listener(ctx, "tcp://127.0.0.1:*", 1 << 30)
+    clients = []
     try:
         address = listener.address
         listener.limit(1000)
         assert listener.address == address and listener.socket.getsockopt(zmq.MAXMSGSIZE) == 1000
-        client = RawClient(ctx, address)
-        client.send([b"x" * 10_000])  # over the limit: the connection is cut, nothing arrives
-        client.send([b"y"])
+        clients.append(RawClient(ctx, address))
+        clients[-1].send([b"x" * 10_000])  # over the limit: the connection is cut, nothing arrives
         assert not listener.socket.poll(500)
-        client.close()
-        client = RawClient(ctx, address)
-        client.send([b"ok" * 100])
+        clients.append(RawClient(ctx, address))
+        clients[-1].send([b"ok" * 100])
         assert listener.socket.poll(5000)
         assert listener.recv()[1][0].bytes == b"ok" * 100
-        client.close()
     finally:
+        for c in clients:
+            c.close()
         listener.close()
-        ctx.term()
+        ctx.destroy(linger=0)
