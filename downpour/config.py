@@ -445,6 +445,9 @@ class CheckpointConfig(_Frozen):
     enabled: bool = True
     # Where: a folder or any fsspec URL (s3://bucket/path, memory://...); default RUN_DIR/checkpoints.
     url: str | None = None
+    # The url is a folder every host of the job mounts at the same path (NFS, a shared volume): a
+    # local path is then accepted with servers on other hosts (otherwise they are refused).
+    shared: bool = False
     # When: every this many optimizer steps (all workers' together), and/or every this many
     # seconds of training, and when training ends.
     every_steps: int | None = Field(None, ge=1)

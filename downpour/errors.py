@@ -33,6 +33,10 @@ class RequestTimeout(TransportError):
         self.peer = peer
 
 
+class AddressError(TransportError):
+    """A node would listen on, or advertise, an address its peers cannot use (named in the message, with the fix)."""
+
+
 class ProtocolError(DownpourError):
     """A message is malformed, oversized, of an unknown type, or has a bad tensor.
 

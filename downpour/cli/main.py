@@ -1,9 +1,10 @@
 """``downpour``: train a job locally, or start one role of a job by hand.
 
     downpour train JOB.yaml [--run-dir DIR] [--data DIR] [--set key=value ...] [--resume RUN_DIR|URL]
-    downpour coordinator JOB.yaml [--bind tcp://HOST:PORT] [--run-dir DIR] [--recover]
-    downpour server --coordinator HOST:PORT [--host HOST] [--rank N]
-    downpour worker --coordinator HOST:PORT [--rank N]
+    downpour coordinator JOB.yaml [--bind tcp://HOST:PORT | --port P] [--advertise HOST] [--run-dir DIR] [--recover]
+    downpour server --coordinator HOST:PORT [--host HOST] [--port P] [--advertise HOST] [--rank N]
+    downpour worker --coordinator HOST:PORT [--advertise HOST] [--rank N]
+    downpour node                           (everything from DOWNPOUR_* variables or TF_CONFIG: cli/node.py)
     downpour status RUN_DIR | HOST:PORT [--json]
     downpour keys DIR                       (then --keys DIR on every hand-started node)
     downpour datagen criteo --out DIR [--rows N] [--seed S] [--test-fraction F] [--files K]
@@ -11,9 +12,9 @@
 
 Hand-started nodes may take their settings from the environment instead, in
 the spirit of ps-lite's DMLC_* variables: DOWNPOUR_ROLE (for ``downpour node``),
-DOWNPOUR_COORDINATOR, DOWNPOUR_RANK, DOWNPOUR_HOST, DOWNPOUR_JOB, DOWNPOUR_BIND,
-DOWNPOUR_METRICS_HOST, DOWNPOUR_KEYS, DOWNPOUR_INSECURE=1.
-This module is the only place that reads them.
+DOWNPOUR_COORDINATOR, DOWNPOUR_RANK, DOWNPOUR_HOST, DOWNPOUR_PORT, DOWNPOUR_ADVERTISE, DOWNPOUR_JOB,
+DOWNPOUR_BIND, DOWNPOUR_RUN_DIR, DOWNPOUR_RECOVER=1, DOWNPOUR_METRICS_HOST, DOWNPOUR_KEYS,
+DOWNPOUR_INSECURE=1, or TF_CONFIG. cli/ is the only place that reads them.
 """
 
 from __future__ import annotations
@@ -204,14 +205,15 @@ def cmd_coordinator(args) -> int:
     from downpour.transport import new_context
 
     job = _load(args)
-    bind = args.bind or os.environ.get("DOWNPOUR_BIND") or "tcp://127.0.0.1:7070"
+    bind = args.bind or os.environ.get("DOWNPOUR_BIND") or f"tcp://127.0.0.1:{args.port or 7070}"
     if "://" not in bind:
         bind = f"tcp://{bind}"
+    _check_advertise(args, "coordinator", None)
     if args.run_dir:
         os.makedirs(args.run_dir, mode=0o700, exist_ok=True)
     security = _security(args, "coordinator", bind)
     ctx = new_context()
-    coord = Coordinator(ctx, job, bind, args.run_dir, security, recover=args.recover, lost_at=args.lost_at)
+    coord = Coordinator(ctx, job, bind, args.run_dir, security, recover=args.recover, lost_at=args.lost_at, advertise=args.advertise)
     print(f"coordinator listening on {coord.address}", file=sys.stderr, flush=True)
 
     def graceful(signum: int, frame: Any) -> None:  # the first SIGTERM: stop without losing work; the second: at once
@@ -233,10 +235,12 @@ def cmd_server(args) -> int:
     from downpour.server.service import run_server
     from downpour.transport import new_context
 
+    _check_advertise(args, "server", _coordinator_url(args.coordinator))
     ctx = new_context()
     try:
         return run_server(ctx, _coordinator_url(args.coordinator), host=args.host, rank=args.rank, ipc_dir=args.ipc_dir,
-                          metrics_host=args.metrics_host, security=_security(args, "server", _coordinator_url(args.coordinator)))
+                          metrics_host=args.metrics_host, security=_security(args, "server", _coordinator_url(args.coordinator)),
+                          advertise=args.advertise, port=args.port)
     finally:
         ctx.destroy(linger=0)
 
@@ -248,6 +252,7 @@ def cmd_worker(args) -> int:
 
     # SIGTERM as Ctrl-C: a worker stopped while it trains leaves the job cleanly (its shards go back).
     signal.signal(signal.SIGTERM, _terminate)
+    _check_advertise(args, "worker", _coordinator_url(args.coordinator))
     ctx = new_context()
     try:
         security = _security(args, "worker", _coordinator_url(args.coordinator))
@@ -255,7 +260,7 @@ def cmd_worker(args) -> int:
         # only built-in names, or the factories a job file on its own command line names.
         trusted = job_factories(load_job(args.job)) if args.insecure and getattr(args, "job", None) else set()
         return run_worker(ctx, _coordinator_url(args.coordinator), rank=args.rank, metrics_host=args.metrics_host,
-                          security=security, trusted_factories=trusted if args.insecure else None)
+                          security=security, trusted_factories=trusted if args.insecure else None, advertise=args.advertise)
     except KeyboardInterrupt:
         return 130
     finally:
@@ -273,11 +278,44 @@ def cmd_keys(args) -> int:
     return 0
 
 
+def _check_advertise(args, role: str, coordinator: str | None) -> None:
+    """A wildcard --advertise (or a loopback one with a remote coordinator) stops the node before it starts."""
+    from downpour.transport import advertised
+
+    if getattr(args, "advertise", None):
+        advertised("tcp://0.0.0.0:1", coordinator, args.advertise, role)
+
+
 def cmd_node(args) -> int:
-    role = os.environ.get("DOWNPOUR_ROLE", "")
-    if role not in ("coordinator", "server", "worker"):
-        raise ConfigError(f"DOWNPOUR_ROLE must be coordinator, server or worker, got {role!r}")
-    return {"coordinator": cmd_coordinator, "server": cmd_server, "worker": cmd_worker}[role](args)
+    """One role from DOWNPOUR_* variables or TF_CONFIG alone (see cli/node.py)."""
+    import subprocess
+
+    from downpour.cli.node import node_settings
+
+    s = node_settings(os.environ)
+    args.job, args.bind, args.run_dir, args.recover, args.set = s.job, s.bind, s.run_dir, s.recover, list(s.overrides)
+    args.coordinator, args.rank, args.host, args.port, args.advertise = s.coordinator, s.rank, s.host, s.port, s.advertise
+    args.metrics_host, args.keys, args.insecure = s.metrics_host, s.keys, s.insecure
+    if s.run_dir and s.role == "coordinator":
+        os.makedirs(s.run_dir, exist_ok=True)
+    if not s.also_coordinator:
+        return {"coordinator": cmd_coordinator, "server": cmd_server, "worker": cmd_worker}[s.role](args)
+    # TF1 style (no chief in TF_CONFIG): worker 0 runs the coordinator beside itself, which ends with it.
+    cmd = [sys.executable, "-m", "downpour", "coordinator", s.job, "--bind", s.bind]
+    for o in s.overrides:
+        cmd += ["--set", o]
+    cmd += [*(["--advertise", s.advertise] if s.advertise else []), *(["--run-dir", s.run_dir] if s.run_dir else []),
+            *(["--recover"] if s.recover else []), *(["--insecure"] if s.insecure else ["--keys", s.keys] if s.keys else [])]
+    env = {k: v for k, v in os.environ.items() if k != "TF_CONFIG"}
+    coordinator = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL)
+    try:
+        code = cmd_worker(args)
+        coordinator.wait(timeout=120.0)
+        return code or (coordinator.returncode or 0)
+    finally:
+        if coordinator.poll() is None:
+            coordinator.terminate()
+            coordinator.wait(timeout=10.0)
 
 
 def cmd_status(args) -> int:
@@ -347,6 +385,9 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("coordinator", help="start the coordinator of a hand-started job")
     c.add_argument("job", nargs="?" if env("DOWNPOUR_JOB") else None, default=env("DOWNPOUR_JOB"))
     c.add_argument("--bind", help="address to listen on, e.g. tcp://0.0.0.0:7070 (default 127.0.0.1:7070)")
+    c.add_argument("--port", type=int, default=_env_int("DOWNPOUR_PORT"), help="port of the default bind, 127.0.0.1:PORT")
+    c.add_argument("--advertise", default=env("DOWNPOUR_ADVERTISE"),
+                   help="host name or address the other hosts reach this coordinator at (default: from --bind)")
     c.add_argument("--run-dir")
     c.add_argument("--data")
     c.add_argument("--set", action="append", metavar="KEY=VALUE")
@@ -366,20 +407,20 @@ def build_parser() -> argparse.ArgumentParser:
                        help="interface for this node's /metrics (default: the job's monitor.http_host)")
         r.add_argument("--keys", default=env("DOWNPOUR_KEYS"), help="the job's key folder (downpour keys DIR)")
         r.add_argument("--insecure", action="store_true", help="plain sockets: no authentication, no encryption")
+        r.add_argument("--advertise", default=env("DOWNPOUR_ADVERTISE"),
+                       help="host name or address peers reach this node at (default: with --host 0.0.0.0, the address of "
+                            "the interface that routes to the coordinator)")
         if role == "worker":
             r.add_argument("--job", default=None, help="with --insecure: a local job file; the worker imports only "
                            "the model/data factories it names (else only built-in names)")
         if role == "server":
             r.add_argument("--host", default=env("DOWNPOUR_HOST", "127.0.0.1"), help="interface to listen on")
+            r.add_argument("--port", type=int, default=_env_int("DOWNPOUR_PORT"), help="fixed port (default: a free one)")
             r.add_argument("--ipc-dir", help="folder for ipc sockets (when the coordinator is ipc://)")
         r.set_defaults(fn=fn)
 
-    n = sub.add_parser("node", help="start the role named by DOWNPOUR_ROLE, configured from DOWNPOUR_* variables")
-    n.set_defaults(fn=cmd_node, job=env("DOWNPOUR_JOB"), bind=env("DOWNPOUR_BIND"), run_dir=None, data=None, set=None, resume=None,
-                   recover=False, lost_at=None, coordinator=env("DOWNPOUR_COORDINATOR"), rank=None,
-                   host=env("DOWNPOUR_HOST", "127.0.0.1"), ipc_dir=None,
-                   metrics_host=env("DOWNPOUR_METRICS_HOST"), keys=env("DOWNPOUR_KEYS"),
-                   insecure=env("DOWNPOUR_INSECURE", "") == "1")
+    n = sub.add_parser("node", help="start the role named by DOWNPOUR_ROLE (or TF_CONFIG), configured from the environment")
+    n.set_defaults(fn=cmd_node, data=None, resume=None, lost_at=None, ipc_dir=None)
 
     s = sub.add_parser("status", help="show a running or finished job")
     s.add_argument("target", help="run folder or coordinator HOST:PORT")
@@ -401,8 +442,6 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _setup_logging(args.log_level)
     try:
-        if args.command == "node":
-            args.rank = _env_int("DOWNPOUR_RANK")
         return int(args.fn(args) or 0)
     except JobFailed as err:
         print(f"downpour: job failed: {err}", file=sys.stderr)

@@ -37,7 +37,7 @@ from downpour.protocol.throttle import RateLimit
 from downpour.storage import CheckpointStore, Manifest
 from downpour.stream.offsets import Acknowledger, partition_offsets
 from downpour.stream.prequential import online_summary
-from downpour.transport import Listener, Poller, Security
+from downpour.transport import Listener, Poller, Security, advertised, is_local
 
 log = logging.getLogger(__name__)
 
@@ -73,8 +73,10 @@ def write_json(path: str, data: Any) -> None:
 
 class Coordinator:
     def __init__(self, ctx: zmq.Context, job: JobConfig, address: str, run_dir: str | None,
-                 security: Security | None = None, recover: bool = False, lost_at: float | None = None) -> None:
+                 security: Security | None = None, recover: bool = False, lost_at: float | None = None,
+                 advertise: str | None = None) -> None:
         """``security``: the coordinator's CURVE keys (None: plain sockets, for trusted networks).
+        ``advertise``: the host written into ``coordinator.addr`` (default: see :func:`advertised`).
         With a run folder the state is saved there (``coordinator.db``); ``recover`` continues the
         job a coordinator saved there (it crashed; found dead at ``lost_at``, wall clock)."""
         if recover and not run_dir:
@@ -106,7 +108,9 @@ class Coordinator:
         self.ctx = ctx
         self.layout = layout
         self.listener = Listener(ctx, address, job.cluster.max_message_bytes, security)
-        self.address = self.listener.address
+        self.address = advertised(self.listener.address, None, advertise, "coordinator")
+        self.advertise = advertise
+        self.state.is_local = is_local
         self.rejected: dict[str, int] = {}  # messages refused before the state machine saw them, by reason
         self.limit = RateLimit(job.cluster.coordinator_max_requests_per_s)
         log.info("coordinator: listening on %s; %d parameters in %d keys over %d servers",
@@ -141,7 +145,8 @@ class Coordinator:
             log.info("coordinator: dashboard at http://%s/ (metrics at /metrics, Prometheus targets at /targets)",
                      self.endpoint.address)
             if self.run_dir:
-                write_atomic(os.path.join(self.run_dir, "dashboard.url"), f"http://{self.endpoint.address}/\n")
+                url = advertised(self.endpoint.address, None, self.advertise, "dashboard", True)
+                write_atomic(os.path.join(self.run_dir, "dashboard.url"), f"http://{url}/\n")
         self.tensorboard = None
         if mon.tensorboard and self.run_dir:
             from downpour.monitor.tensorboard import ScalarLog
@@ -170,7 +175,7 @@ class Coordinator:
         A dead node stays listed (Prometheus then shows it down); a finished one is dropped."""
         targets = []
         if self.endpoint is not None and self.job.monitor.metrics:
-            targets.append({"targets": [self.endpoint.address],
+            targets.append({"targets": [advertised(self.endpoint.address, None, self.advertise, "metrics", True)],
                             "labels": {"job": self.job.name, "role": "coordinator", "rank": "0", "node": "coordinator"}})
         for n in status["nodes"]:
             if n["metrics"] and n["state"] in ("alive", "done", "dead"):
@@ -265,8 +270,10 @@ class Coordinator:
         try:
             files = dict(a.files, **{JOB_STATE: store.write_file(a.name, JOB_STATE, json.dumps(state, indent=1).encode())})
             offsets = partition_offsets(state["ledger"], self.stream.source.spec.partitions) if self.stream else None
-            store.commit(Manifest(a.name, a.step, files, {"version": state["version"], "final": a.final, "time": time.time(),
-                                                          "needs": a.needs, **({"stream": offsets} if offsets else {})}))
+            manifest = Manifest(a.name, a.step, files, {"version": state["version"], "final": a.final, "time": time.time(),
+                                                        "needs": a.needs, **({"stream": offsets} if offsets else {})})
+            store.verify(manifest)  # every server's file is where the coordinator reads, whole (size, SHA-256), or no checkpoint
+            store.commit(manifest)
             if offsets:
                 self.stream.committed(offsets)
         except Exception as err:  # any fsspec backend's error: this checkpoint is lost, the job goes on

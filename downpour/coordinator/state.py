@@ -31,6 +31,7 @@ shard put back is always taken up.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,6 +39,7 @@ from downpour.config import JobConfig, job_to_dict
 from downpour.coordinator.checkpointing import CheckpointPlan, sync_margin
 from downpour.coordinator.client import ATTEMPT_S
 from downpour.coordinator.health import Health, describe_affected
+from downpour.coordinator.reach import address_problem
 from downpour.coordinator.report import ALIVE, DEAD, DONE, FINISHED, job_status, job_summary
 from downpour.coordinator.shards import ShardLedger
 from downpour.layout import Layout
@@ -170,6 +172,7 @@ class CoordinatorState:
         self.restarts = 0
         self.pid: int | None = None  # the coordinator process's (set by the service; shown in STATUS)
         self.reconnecting: tuple[set[str], float, dict[str, Any]] | None = None
+        self.is_local: Callable[[str], bool] = lambda host: True  # whether a host is the coordinator's (set by the service)
         if resume is not None:
             self.ledger.restore(resume["ledger"])
             self.restore = resume["restore"]
@@ -407,6 +410,8 @@ class CoordinatorState:
         address = msg.meta.get("address")
         if role == "server" and not (isinstance(address, str) and address):
             return self._refuse(ident, msg, "bad_address", "a server must give the address it listens on")
+        if role == "server" and (problem := self._address_problem(address)):
+            return self._refuse(ident, msg, "bad_address", problem)
         name = f"{role}-{rank}"
         host, pid = str(msg.meta.get("host", "?")), msg.meta.get("pid")
         self.nodes[name] = Node(name, role, rank, ident, address, host, pid if isinstance(pid, int) else 0, last_seen=now)
@@ -421,6 +426,10 @@ class CoordinatorState:
         if len(self._role("server")) == self.cl.num_servers and len(self._role("worker")) == self.cl.num_workers:
             out += self._start(now)
         return out
+
+    def _address_problem(self, address: str) -> str | None:
+        cp = self.checkpoints
+        return address_problem(address, cp.url if cp.enabled else None, self.job.checkpoint.shared, self.is_local)
 
     def _admitted(self, name: str, rank: int) -> dict[str, Any]:
         """What every answer to an admitted REGISTER holds: the node's name and rank, the job, the layout."""
@@ -476,6 +485,8 @@ class CoordinatorState:
         hint, address = msg.meta.get("rank"), msg.meta.get("address")
         if not (isinstance(address, str) and address):
             return self._refuse(ident, msg, "bad_address", "a server must give the address it listens on")
+        if problem := self._address_problem(address):
+            return self._refuse(ident, msg, "bad_address", problem)
         rank = hint if type(hint) is int and hint in self.server_slots else min(self.server_slots)
         _, record = self.server_slots[rank]
         self.hosting.pop(rank, None)

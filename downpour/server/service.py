@@ -43,7 +43,7 @@ from downpour.server.snapshot import OldParams, Snapshotter, restore_store
 from downpour.server.sparse import SparseShard
 from downpour.server.store import ShardStore
 from downpour.storage import CheckpointStore
-from downpour.transport import Listener, Poller, Security, SlotMaps, bind_address, slot_folder
+from downpour.transport import Listener, Poller, Security, SlotMaps, advertised, bind_address, slot_folder
 
 log = logging.getLogger(__name__)
 
@@ -444,10 +444,13 @@ class HostedRanks:
 
 
 def run_server(ctx: zmq.Context, coordinator: str, host: str = "127.0.0.1", rank: int | None = None, ipc_dir: str | None = None,
-               metrics_host: str | None = None, security: Security | None = None, hosted_by: str | None = None) -> int:
+               metrics_host: str | None = None, security: Security | None = None, hosted_by: str | None = None,
+               advertise: str | None = None, port: int | None = None) -> int:
     """Entry point of ``downpour server``: returns the process exit code. ``metrics_host``
     overrides the job's ``monitor.http_host`` for this server's metrics endpoint. ``hosted_by``:
-    the server whose process runs this one (it took over a lost rank; see :class:`HostedRanks`)."""
+    the server whose process runs this one (it took over a lost rank; see :class:`HostedRanks`).
+    It listens on ``host:port`` (``port`` None: a free one) and tells peers the address
+    :func:`~downpour.transport.advertised` picks (``advertise``: this host name or address instead)."""
     import uuid
 
     identity = connection_id("server", rank)
@@ -457,7 +460,8 @@ def run_server(ctx: zmq.Context, coordinator: str, host: str = "127.0.0.1", rank
     try:
         # Bind before registering: the coordinator hands our address to the workers.
         transport = "ipc" if coordinator.startswith("ipc://") else "tcp"
-        listener = Listener(ctx, bind_address(transport, host, ipc_dir, f"server-{rank}-{uuid.uuid4().hex[:6]}"), 1 << 30, security)
+        listener = Listener(ctx, bind_address(transport, host, ipc_dir, f"server-{rank}-{uuid.uuid4().hex[:6]}", port), 1 << 30, security)
+        listener.address = advertised(listener.address, coordinator, advertise, f"server (rank {rank})")
         reply = coord.register("server", rank, listener.address, timeout_s=120.0, hosted_by=hosted_by)
         job = parse_job(reply["job"], source="coordinator")
         layout = Layout.from_dict(reply["layout"])
@@ -474,7 +478,7 @@ def run_server(ctx: zmq.Context, coordinator: str, host: str = "127.0.0.1", rank
         if job.monitor.metrics:
             route = metrics_route(server_metrics(server, layout), node_labels(job.name, "server", server.rank, server.name))
             endpoint = HttpEndpoint(metrics_host or job.monitor.http_host, 0, {"/metrics": route}, server.name)
-        hosted = HostedRanks({"ctx": ctx, "coordinator": coordinator, "host": host, "ipc_dir": ipc_dir,
+        hosted = HostedRanks({"ctx": ctx, "coordinator": coordinator, "host": host, "ipc_dir": ipc_dir, "advertise": advertise,
                               "metrics_host": metrics_host, "security": security, "hosted_by": server.name})
 
         def on_reply(meta: dict[str, Any]) -> None:
@@ -482,7 +486,7 @@ def run_server(ctx: zmq.Context, coordinator: str, host: str = "127.0.0.1", rank
             hosted.offer(meta.get("host_ranks"))
 
         hb = Heartbeat(coord, job.cluster.heartbeat_interval_s, job.cluster.coordinator_timeout_s, on_reply=on_reply,
-                       extra={"metrics": endpoint.address} if endpoint else None)
+                       extra={"metrics": advertised(endpoint.address, coordinator, advertise, "metrics", True)} if endpoint else None)
         reason = server.serve(coord, hb)
         log.info("%s: stopping: %s", server.name, reason)
         coord.report("server", server.stats())

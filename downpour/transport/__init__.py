@@ -1,9 +1,10 @@
 """Frames and sockets only: this layer never sees parameter keys, tensors or gradients
 (the keys of security.py are CURVE keys)."""
 
+from downpour.transport.addresses import advertised, is_local, split_url
 from downpour.transport.security import Security, create_job_keys
 from downpour.transport.shm import Slot, SlotMaps, remove_slots, slot_folder
 from downpour.transport.zmq_transport import Channel, Listener, Poller, bind_address, new_context, send_copies
 
-__all__ = ["Channel", "Listener", "Poller", "Security", "Slot", "SlotMaps", "bind_address", "create_job_keys", "new_context",
-           "remove_slots", "send_copies", "slot_folder"]
+__all__ = ["Channel", "Listener", "Poller", "Security", "Slot", "SlotMaps", "advertised", "bind_address", "create_job_keys",
+           "is_local", "new_context", "remove_slots", "send_copies", "slot_folder", "split_url"]

@@ -46,14 +46,15 @@ def new_context() -> zmq.Context:
     return zmq.Context(io_threads=1)
 
 
-def bind_address(transport: str, host: str, ipc_dir: str | None, name: str) -> str:
-    """The address a node binds: ``tcp://host:*`` (a free port) or an ipc path in ``ipc_dir``."""
+def bind_address(transport: str, host: str, ipc_dir: str | None, name: str, port: int | None = None) -> str:
+    """The address a node binds: ``tcp://host:port`` (``port`` None or 0: a free one) or an ipc path in ``ipc_dir``."""
     if transport == "ipc":
         if not ipc_dir:
             raise TransportError("ipc transport needs a socket folder (the run folder)")
         os.makedirs(ipc_dir, mode=0o700, exist_ok=True)
         return f"ipc://{os.path.join(ipc_dir, name)}.sock"
-    return f"tcp://{host}:*"
+    host = f"[{host}]" if ":" in host else host
+    return f"tcp://{host}:{port or '*'}"
 
 
 class Listener:

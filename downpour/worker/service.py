@@ -27,7 +27,7 @@ from downpour.models import build_model
 from downpour.monitor import HttpEndpoint, metrics_route, node_labels
 from downpour.nn import attach
 from downpour.protocol.rpc import RpcClient
-from downpour.transport import Security
+from downpour.transport import Security, advertised
 from downpour.worker.client import KVClient
 from downpour.worker.flat import FlatModel
 from downpour.worker.metrics import worker_metrics
@@ -144,9 +144,10 @@ def job_factories(job: JobConfig) -> set[str]:
 
 def run_worker(ctx: zmq.Context, coordinator: str, rank: int | None = None, startup_timeout_s: float = 120.0,
                metrics_host: str | None = None, security: Security | None = None,
-               trusted_factories: set[str] | None = None) -> int:
+               trusted_factories: set[str] | None = None, advertise: str | None = None) -> int:
     """Entry point of ``downpour worker``: returns the process exit code. ``metrics_host``
-    overrides the job's ``monitor.http_host`` for this worker's metrics endpoint.
+    overrides the job's ``monitor.http_host`` for this worker's metrics endpoint (advertised
+    as ``advertise`` when given: see :func:`~downpour.transport.advertised`).
     ``trusted_factories`` (unauthenticated workers): the only factories the job from the
     coordinator may name; any other is refused before anything is imported."""
     abort = threading.Event()
@@ -185,8 +186,8 @@ def run_worker(ctx: zmq.Context, coordinator: str, rank: int | None = None, star
                 leave.set(meta.get("leave_at"))
 
         hb = HeartbeatThread(ctx, coordinator, name, job, lambda: trainer.progress() if trainer else {}, abort,
-                             extra={"metrics": endpoint.address} if endpoint else None, security=security,
-                             on_reply=on_reply, identity=coord.identity)
+                             extra={"metrics": advertised(endpoint.address, coordinator, advertise, "metrics", True)} if endpoint else None,
+                             security=security, on_reply=on_reply, identity=coord.identity)
         hb.start()
         torch.set_num_threads(job.training.torch_threads)
         device = device_for(job)
