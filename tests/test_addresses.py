@@ -70,9 +70,9 @@ def test_a_local_checkpoint_folder_refuses_a_server_on_another_host():
 
 
 def test_the_coordinator_refuses_such_a_server_at_registration():
-    from tests.test_coordinator_state import JOB, LAYOUT, error_code, one
     from downpour.coordinator.state import CoordinatorState
     from downpour.protocol import Message, Op
+    from tests.test_coordinator_state import JOB, LAYOUT, error_code, one
 
     state = CoordinatorState(JOB, LAYOUT, 10, 0.0, "/runs/a/checkpoints")
     state.is_local = lambda host: host == "127.0.0.1"
