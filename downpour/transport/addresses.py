@@ -122,11 +122,31 @@ def advertised(bound: str, coordinator: str | None, advertise: str | None = None
 
 
 def _hostname_address() -> str:
-    """This host's address by its name (a host without a default route, nor a coordinator to route to)."""
+    """This host's address for a host without a default route (nor a coordinator to route to): the
+    address its name resolves to unless that is loopback, else its first non-loopback interface's."""
     try:
-        return socket.gethostbyname(socket.gethostname())
-    except OSError as err:
-        raise AddressError(f"cannot tell which address of this host to advertise ({err}); give --advertise HOST") from None
+        by_name = socket.gethostbyname(socket.gethostname())
+    except OSError:
+        by_name = "127.0.0.1"
+    if not is_loopback(by_name):
+        return by_name
+    return next((a for a in interface_addresses() if not is_loopback(a)), by_name)
+
+
+def interface_addresses() -> list[str]:
+    """The IPv4 address of each interface of this host (Linux: SIOCGIFADDR), in interface order."""
+    import fcntl
+    import struct
+
+    found = []
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        for _, name in socket.if_nameindex():
+            try:
+                raw = fcntl.ioctl(s.fileno(), 0x8915, struct.pack("256s", name.encode()[:15]))  # SIOCGIFADDR
+            except OSError:
+                continue  # no IPv4 address
+            found.append(socket.inet_ntoa(raw[20:24]))
+    return found
 
 
 def _bracket(host: str) -> str:
