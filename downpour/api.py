@@ -69,15 +69,19 @@ def train(
     dataset_fn: Callable | str | None = None,
     config: JobConfig | dict[str, Any] | str | Path | None = None,
     run_dir: str | None = None,
+    launcher: str | None = None,
+    address: str | None = None,
 ) -> dict[str, Any]:
     """Train a job on local processes (coordinator, servers, workers) and return its summary.
+    ``launcher``: "local" or "ray" (default: the config's ``launcher``); ``address``: with ray,
+    the cluster (``auto`` or HOST:PORT; default: the config's ``ray.address``).
 
     Blocks until the job ends. Raises :class:`ConfigError` for a bad config,
     :class:`DataError` when the data is missing (nothing is started then), and
     :class:`JobFailed` naming the first node that failed.
     """
-    from downpour.launch import LocalLauncher
+    from downpour.launch import make_launcher
 
     job = resolve_job(config, model_fn, dataset_fn)
     check_data(job)
-    return LocalLauncher(job, run_dir or default_run_dir(job.name)).run().summary
+    return make_launcher(job, run_dir or default_run_dir(job.name), launcher, address=address).run().summary

@@ -466,6 +466,30 @@ class CheckpointConfig(_Frozen):
     resume_from: str | None = None
 
 
+class RayResources(_Frozen):
+    """What one process of a role asks Ray for (its bundle in the job's placement group)."""
+
+    num_cpus: float = Field(1.0, ge=0)
+    num_gpus: float = Field(0.0, ge=0)
+    memory_mb: int | None = Field(None, ge=1)  # Ray's memory resource; None: none asked
+    resources: dict[str, float] = Field(default_factory=dict)  # custom resources, e.g. {"trainer": 1}
+
+
+class RayConfig(_Frozen):
+    """The Ray launcher (``launcher: ray``; docs/multi-host.md)."""
+
+    # The cluster: "auto" (the one this machine belongs to), HOST:PORT or ray://HOST:PORT; None:
+    # a Ray instance started for this job on this machine.
+    address: str | None = None
+    # How the servers' and workers' bundles are spread over the nodes (one placement group per job).
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_SPREAD"] = "PACK"
+    coordinator: RayResources = Field(default_factory=lambda: RayResources(num_cpus=0.5))
+    server: RayResources = Field(default_factory=RayResources)
+    worker: RayResources = Field(default_factory=RayResources)
+    # The placement group must be ready within this long, or the job fails naming what is missing.
+    start_timeout_s: float = Field(60.0, gt=0)
+
+
 class JobConfig(_Frozen):
     name: str = "job"
 
@@ -490,6 +514,9 @@ class JobConfig(_Frozen):
     # checkpoint under this run folder or URL. Parameters new in this model are initialised as
     # usual; one whose shape changed is an error naming it.
     init_from: str | None = None
+    # What starts the job's processes: "local" (this machine) or "ray" (a Ray cluster, see ray below).
+    launcher: str = "local"
+    ray: RayConfig = Field(default_factory=RayConfig)
 
     @model_validator(mode="after")
     def _momentum_once(self) -> JobConfig:

@@ -1,6 +1,7 @@
 """``downpour``: train a job locally, or start one role of a job by hand.
 
     downpour train JOB.yaml [--run-dir DIR] [--data DIR] [--set key=value ...] [--resume RUN_DIR|URL]
+                            [--launcher local|ray [--address auto|HOST:PORT]]
     downpour coordinator JOB.yaml [--bind tcp://HOST:PORT | --port P] [--advertise HOST] [--run-dir DIR] [--recover]
     downpour server --coordinator HOST:PORT [--host HOST] [--port P] [--advertise HOST] [--rank N]
     downpour worker --coordinator HOST:PORT [--advertise HOST] [--rank N]
@@ -104,7 +105,7 @@ def _load(args) -> Any:
 # -- train ------------------------------------------------------------------
 def cmd_train(args) -> int:
     from downpour.api import check_data, default_run_dir
-    from downpour.launch import LocalLauncher
+    from downpour.launch import make_launcher
 
     job = _load(args)
     check_data(job)  # missing data: one line saying how to get it, nothing started
@@ -112,7 +113,7 @@ def cmd_train(args) -> int:
     if args.insecure:
         print("downpour: WARNING: --insecure: the job's processes talk without authentication or encryption.",
               file=sys.stderr, flush=True)
-    launcher = LocalLauncher(job, run_dir, insecure=args.insecure)
+    launcher = make_launcher(job, run_dir, args.launcher, insecure=args.insecure, address=args.address)
 
     def graceful(signum: int, frame: Any) -> None:
         """The first Ctrl-C or SIGTERM stops the job without losing work: workers leave after their
@@ -378,6 +379,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--quiet", action="store_true", help="no progress output")
     t.add_argument("--insecure", action="store_true",
                    help="no authentication or encryption between the job's processes (default: CURVE, keys in RUN_DIR/keys)")
+    t.add_argument("--launcher", help="what starts the processes: local (this machine) or ray (default: the job's launcher)")
+    t.add_argument("--address", help="with --launcher ray: the Ray cluster, auto or HOST:PORT (default: the job's ray.address)")
     t.add_argument("--resume", metavar="RUN_DIR_OR_URL",
                    help="continue from the latest checkpoint of that run (same step, data position, optimizer state)")
     t.set_defaults(fn=cmd_train)

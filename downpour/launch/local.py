@@ -109,6 +109,7 @@ class LocalLauncher:
         self.stopping = False  # request_stop() was called: a graceful stop is under way
         self._stop_sent: Proc | None = None  # the coordinator process told so (a restarted one is told again)
         self.address: str | None = None
+        self.bind_host = "127.0.0.1"  # over tcp, the interface the coordinator and servers listen on
         self.env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS=str(job.training.torch_threads))
 
     # -- processes ----------------------------------------------------------
@@ -146,7 +147,7 @@ class LocalLauncher:
         ipc_dir = os.path.join(self.run_dir, "sock")
         if self.ipc and len(ipc_dir) > 70:  # unix socket paths are limited to about 107 bytes
             ipc_dir = self._tmp_sock = tempfile.mkdtemp(prefix="downpour-sock-")  # 0700, like RUN_DIR/sock
-        bind = f"ipc://{ipc_dir}/coordinator.sock" if self.ipc else "tcp://127.0.0.1:*"
+        bind = f"ipc://{ipc_dir}/coordinator.sock" if self.ipc else f"tcp://{self.bind_host}:*"
         if self.ipc:
             os.makedirs(ipc_dir, mode=0o700, exist_ok=True)
             os.chmod(ipc_dir, 0o700)
@@ -162,7 +163,8 @@ class LocalLauncher:
         with open(addr_file) as f:
             address = self.address = f.read().strip()
         for r in range(cl.num_servers):
-            self._spawn(f"server-{r}", ["server", "--coordinator", address, "--rank", str(r), "--host", "127.0.0.1", "--ipc-dir", ipc_dir])
+            self._spawn(f"server-{r}", ["server", "--coordinator", address, "--rank", str(r), "--host", self.bind_host,
+                                        "--ipc-dir", ipc_dir])
         for r in range(cl.num_workers):
             # Without keys a worker imports only the factories of a job file of its own (the one written here).
             trusted = ["--job", job_path] if self.insecure else []
