@@ -129,3 +129,58 @@ def test_a_manifest_whose_files_verify_is_committed(coordinator):
     coordinator._commit_checkpoint(CommitCheckpoint(name, 10, files, {"version": 1}, False))
     assert results == [True] and store.names() == [name]
     assert json.loads(store.manifest(name).to_json())["files"].keys() >= {"server-0.safetensors", "job.json"}
+
+
+# -- bad input across hosts: a clear error in bounded time ------------------------------------------
+
+def _closed_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_a_coordinator_that_does_not_answer_is_named_with_its_address_within_the_limit():
+    import time
+
+    from downpour.coordinator.client import CoordinatorClient
+    from downpour.errors import RequestTimeout
+    from downpour.transport import new_context
+
+    ctx = new_context()
+    url = f"tcp://127.0.0.1:{_closed_port()}"
+    client = CoordinatorClient(ctx, url, "worker-x", attempt_s=0.5)
+    started = time.monotonic()
+    try:
+        with pytest.raises(RequestTimeout, match=rf"REGISTER to the coordinator got no reply within 1.5s .*listening at {url}"):
+            client.register("worker", None, None, timeout_s=1.5)
+    finally:
+        client.close()
+        ctx.term()
+    assert time.monotonic() - started < 5
+
+
+def test_keys_of_another_job_get_no_answer_and_the_error_says_to_check_the_keys(tmp_path):
+    import time
+
+    from downpour.coordinator.client import CoordinatorClient
+    from downpour.errors import RequestTimeout
+    from downpour.transport import Listener, Security, create_job_keys, new_context
+
+    ours, theirs = create_job_keys(str(tmp_path / "a")), create_job_keys(str(tmp_path / "b"))
+    ctx = new_context()
+    server_keys, client_keys = Security.load(ours, "coordinator"), Security.load(theirs, "worker")
+    listener = Listener(ctx, "tcp://127.0.0.1:*", 1 << 20, server_keys)
+    client = CoordinatorClient(ctx, listener.address, "worker-x", security=client_keys, attempt_s=0.5)
+    started = time.monotonic()
+    try:
+        with pytest.raises(RequestTimeout, match="do this node's keys belong to the job"):
+            client.register("worker", None, None, timeout_s=1.5)
+        assert time.monotonic() - started < 5
+    finally:
+        client.close()
+        listener.close()
+        server_keys.close()
+        client_keys.close()
+        ctx.term()

@@ -62,6 +62,7 @@ class CoordinatorClient:
                              security=security)
         self.rpc.connect(COORDINATOR, address, role="coordinator")
         self.node = identity
+        self.address, self.secured = address, security is not None
 
     def configure(self, request_timeout_s: float, attempt_s: float) -> None:
         """The job's limits, once it is known (``cluster.coordinator_timeout_s``, ``heartbeat_timeout_s``)."""
@@ -77,8 +78,9 @@ class CoordinatorClient:
                 return self.rpc.call(COORDINATOR, Message(op, meta=dict(meta or {}, node=self.node)), min(self.attempt_s, left)).meta
             except RequestTimeout:
                 pass
-        raise RequestTimeout(f"{op.name} to the coordinator got no reply within {limit:g}s (is the coordinator alive?)",
-                             peer=COORDINATOR)
+        keys = "; do this node's keys belong to the job? CURVE drops a handshake with other keys silently" if self.secured else ""
+        raise RequestTimeout(f"{op.name} to the coordinator got no reply within {limit:g}s (is the coordinator alive and "
+                             f"listening at {self.address}{keys}?)", peer=COORDINATOR)
 
     def register(self, role: str, rank: int | None, address: str | None, timeout_s: float,
                  hosted_by: str | None = None) -> dict[str, Any]:

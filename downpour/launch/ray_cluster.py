@@ -137,6 +137,7 @@ class RayProcess:
             with open(self.log_path, "a") as f:
                 f.write(text)
         self.returncode = code
+        ray.kill(self.actor)  # its bundle's resources are free for a replacement
 
     def wait(self, timeout: float | None = None) -> int:
         done, _ = ray.wait([self._exit], timeout=timeout)

@@ -1,0 +1,152 @@
+"""The Ray launcher: on a real multi-node Ray cluster started on this machine (ray.cluster_utils),
+nodes told apart by custom resources; everything binds 127.0.0.1."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+
+import pytest
+
+from downpour.config import parse_job
+from downpour.errors import ConfigError, JobFailed
+from downpour.launch import launcher_names, make_launcher
+from tests.cluster import query_status
+from tests.conftest import tiny_job
+
+QUIET = {"dashboard": False, "metrics": False}
+
+
+def test_an_unknown_launcher_names_the_known_ones(tiny_data):
+    job = parse_job(tiny_job(tiny_data))
+    with pytest.raises(ConfigError, match="launcher 'slurm' is unknown; launchers: local, ray"):
+        make_launcher(job, "/tmp/x", "slurm")
+    with pytest.raises(ConfigError, match="--address names a Ray cluster"):
+        make_launcher(job, "/tmp/x", "local", address="auto")
+    assert launcher_names() == ["local", "ray"]
+
+
+def test_the_job_file_chooses_the_launcher_and_its_placement(tiny_data):
+    job = parse_job({**tiny_job(tiny_data), "launcher": "ray",
+                     "ray": {"placement_strategy": "SPREAD", "worker": {"num_cpus": 2, "resources": {"trainer": 1}}}})
+    assert job.launcher == "ray" and job.ray.placement_strategy == "SPREAD" and job.ray.worker.resources == {"trainer": 1}
+    with pytest.raises(ConfigError, match="placement_strategy"):
+        parse_job({**tiny_job(tiny_data), "ray": {"placement_strategy": "RANDOM"}})
+
+
+def test_missing_resources_are_named_with_what_is_asked_and_what_exists():
+    ray_cluster = pytest.importorskip("downpour.launch.ray_cluster")
+    bundles = [{"CPU": 1.0, "ps": 1.0}] * 2 + [{"CPU": 1.0, "GPU": 1.0}] * 3
+    missing = ray_cluster.missing_resources(bundles, {"CPU": 4.0, "ps": 2.0}, "STRICT_SPREAD", 3)
+    assert missing == ["CPU: the job asks for 5, the cluster has 4", "GPU: the job asks for 3, the cluster has 0",
+                       "nodes: STRICT_SPREAD puts each of the 5 servers and workers on its own node, the cluster has 3"]
+    assert ray_cluster.missing_resources(bundles[:2], {"CPU": 4.0, "ps": 2.0}, "PACK", 1) == []
+
+
+# -- on a real Ray cluster ------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def ray_nodes():
+    """A head node (the driver's, where the coordinator runs) and two more: one offering the
+    resource "ps", one "trainer". Small: 2 cores are shared by everything."""
+    ray = pytest.importorskip("ray", reason="the ray extra is not installed (pip install 'downpour[ray]')")
+    from ray.cluster_utils import Cluster
+
+    small = {"node_ip_address": "127.0.0.1", "object_store_memory": 80 * 2**20, "include_dashboard": False}
+    t0 = time.monotonic()
+    cluster = Cluster(initialize_head=True, head_node_args={**small, "num_cpus": 1, "resources": {"head": 1}})
+    try:
+        ps = cluster.add_node(**small, num_cpus=2, resources={"ps": 2})
+        trainer = cluster.add_node(**small, num_cpus=3, resources={"trainer": 3})
+        cluster.connect()
+        cluster.wait_for_nodes()
+        started_s = time.monotonic() - t0
+        yield {"head": cluster.head_node.node_id, "ps": ps.node_id, "trainer": trainer.node_id, "started_s": started_s}
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+
+
+def _ray_job(tiny_data, **sections) -> dict:
+    job = tiny_job(tiny_data, monitor=QUIET, **sections)
+    job["launcher"] = "ray"
+    job["ray"] = {"placement_strategy": "PACK", "server": {"num_cpus": 0.5, "resources": {"ps": 1}},
+                  "worker": {"num_cpus": 1, "resources": {"trainer": 1}}, "start_timeout_s": 60}
+    return job
+
+
+@pytest.mark.slow
+def test_a_job_on_ray_places_servers_and_workers_on_the_nodes_that_offer_their_resources(tmp_path, tiny_data, ray_nodes):
+    job = parse_job(_ray_job(tiny_data, training={"epochs": 2}))
+    result = make_launcher(job, str(tmp_path / "run")).run()
+    s = result.summary
+    assert s["status"] == "ok" and s["test_accuracy"] > 0.8
+    placement = json.loads((tmp_path / "run" / "placement.json").read_text())
+    where = {name: p["node_id"] for name, p in placement["processes"].items()}
+    assert where == {"coordinator": ray_nodes["head"], "server-0": ray_nodes["ps"], "server-1": ray_nodes["ps"],
+                     "worker-0": ray_nodes["trainer"], "worker-1": ray_nodes["trainer"]}
+    for name in where:  # the same run folder as a local job
+        assert (tmp_path / "run" / "logs" / f"{name}.log").stat().st_size > 0
+    assert (tmp_path / "run" / "model.pt").exists() and (tmp_path / "run" / "summary.json").exists()
+
+
+@pytest.mark.slow
+def test_on_ray_a_killed_worker_and_a_killed_server_are_replaced_and_every_shard_is_trained_once(tmp_path, tiny_data, ray_nodes):
+    epochs = 30
+    spec = _ray_job(tiny_data, training={"epochs": epochs},
+                    checkpoint={"enabled": True, "every_steps": 20, "every_s": None, "keep": 2},
+                    cluster={"num_workers": 2, "heartbeat_timeout_s": 3.0})
+    spec["data"]["shard_size"] = 200
+    run_dir = str(tmp_path / "run")
+    launcher = make_launcher(parse_job(spec), run_dir)
+    out: dict = {}
+    thread = threading.Thread(target=lambda: out.update(result=_catch(launcher.run)), daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 180
+        status = None
+        while time.monotonic() < deadline and not (status and (status.get("checkpoints") or {}).get("count")):
+            time.sleep(0.5)
+            status = query_status(run_dir)
+        assert status, "the job never committed a checkpoint"
+        pids = {n["name"]: n["pid"] for n in status["nodes"]}
+        os.kill(pids["worker-1"], signal.SIGKILL)
+        os.kill(pids["server-1"], signal.SIGKILL)
+        thread.join(timeout=300)
+    finally:
+        if thread.is_alive():
+            launcher.stop_all()
+            thread.join(timeout=30)
+    result = out["result"]
+    assert not isinstance(result, BaseException), result
+    s = result.summary
+    assert s["status"] == "ok"
+    assert {f["node"] for f in s["failures"]} == {"worker-1", "server-1"}
+    shards = s["data_shards"]
+    assert shards["unfinished"] == 0 and shards["completed_per_epoch"] == {str(e): shards["num_shards"] for e in range(epochs)}
+    placement = json.loads((tmp_path / "run" / "placement.json").read_text())["processes"]
+    assert placement["server-1.2"]["node_id"] == ray_nodes["ps"] and placement["worker-1.2"]["node_id"] == ray_nodes["trainer"]
+
+
+def _catch(fn):
+    try:
+        return fn()
+    except BaseException as err:  # noqa: BLE001 - handed to the test's thread
+        return err
+
+
+@pytest.mark.slow
+def test_a_cluster_without_the_resources_the_job_asks_for_fails_at_once_naming_them(tmp_path, tiny_data, ray_nodes):
+    spec = _ray_job(tiny_data)
+    spec["ray"]["worker"] = {"num_cpus": 1, "resources": {"gpu_box": 1}}
+    started = time.monotonic()
+    with pytest.raises(JobFailed, match=r"lacks the job's resources: gpu_box: the job asks for 2, the cluster has 0"):
+        make_launcher(parse_job(spec), str(tmp_path / "run")).run()
+    spec["ray"]["worker"] = {"num_cpus": 1, "resources": {"trainer": 1}}
+    spec["ray"]["placement_strategy"] = "STRICT_SPREAD"
+    with pytest.raises(JobFailed, match=r"STRICT_SPREAD puts each of the 4 servers and workers on its own node, the cluster has 3"):
+        make_launcher(parse_job(spec), str(tmp_path / "run2")).run()
+    assert time.monotonic() - started < 60
