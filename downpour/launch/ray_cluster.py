@@ -113,10 +113,17 @@ class RoleHost:
 class RayProcess:
     """The parts of ``subprocess.Popen`` the launcher uses, for a process a :class:`RoleHost` runs."""
 
-    def __init__(self, actor: Any, log_path: str) -> None:
+    def __init__(self, actor: Any, log_path: str, name: str, start_timeout_s: float) -> None:
         self.actor = actor
         self.log_path = log_path
-        self.where = ray.get(actor.where.remote())
+        try:
+            self.where = ray.get(actor.where.remote(), timeout=start_timeout_s)
+        except ray.exceptions.GetTimeoutError:
+            ray.kill(actor)
+            raise JobFailed(f"Ray did not start {name} within ray.start_timeout_s={start_timeout_s:g}s "
+                            "(its bundle's resources are still taken, or its node is gone)", node=name) from None
+        except ray.exceptions.RayError as err:
+            raise JobFailed(f"Ray could not start {name}: {err}", node=name) from None
         self.pid = int(self.where["pid"])
         self._exit = actor.wait.remote()
         self.returncode: int | None = None
@@ -250,7 +257,7 @@ class RayLauncher(LocalLauncher):
         if res.resources:
             options["resources"] = dict(res.resources)
         actor = ray.remote(RoleHost).options(**options).remote(args, log_path, env, self._keys_for(role))
-        popen = RayProcess(actor, log_path)
+        popen = RayProcess(actor, log_path, name, cfg.start_timeout_s)
         proc = Proc(name, popen, log_path, [a for a in args if a != "--insecure"])  # type: ignore[arg-type]
         self.procs.append(proc)
         self.placement[name] = {"role": role, **popen.where}
@@ -263,7 +270,10 @@ class RayLauncher(LocalLauncher):
         os.replace(path + ".tmp", path)
 
     def stop_all(self, grace_s: float = 3.0) -> None:
-        super().stop_all(grace_s)
+        try:
+            super().stop_all(grace_s)
+        except subprocess.TimeoutExpired:  # a signal not delivered in time: killing the actors ends their processes too
+            pass
         for p in self.procs:
             try:
                 ray.kill(p.popen.actor)  # type: ignore[attr-defined]
