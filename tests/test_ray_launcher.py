@@ -1,5 +1,7 @@
 """The Ray launcher: on a real multi-node Ray cluster started on this machine (ray.cluster_utils),
-nodes told apart by custom resources; everything binds 127.0.0.1."""
+nodes told apart by custom resources. The nodes' address is 127.0.0.2, a loopback address Ray takes
+as it is (it replaces 127.0.0.1 in a cluster address by the machine's own IP), so Ray and the job
+bind loopback only."""
 
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ from tests.cluster import query_status
 from tests.conftest import tiny_job
 
 QUIET = {"dashboard": False, "metrics": False}
+NODE_IP = "127.0.0.2"
 
 
 def test_an_unknown_launcher_names_the_known_ones(tiny_data):
@@ -55,13 +58,13 @@ def ray_nodes():
     ray = pytest.importorskip("ray", reason="the ray extra is not installed (pip install 'downpour[ray]')")
     from ray.cluster_utils import Cluster
 
-    small = {"node_ip_address": "127.0.0.1", "object_store_memory": 80 * 2**20, "include_dashboard": False}
+    small = {"node_ip_address": NODE_IP, "object_store_memory": 80 * 2**20, "include_dashboard": False}
     t0 = time.monotonic()
     cluster = Cluster(initialize_head=True, head_node_args={**small, "num_cpus": 1, "resources": {"head": 1}})
     try:
         ps = cluster.add_node(**small, num_cpus=2, resources={"ps": 2})
         trainer = cluster.add_node(**small, num_cpus=3, resources={"trainer": 3})
-        cluster.connect()
+        ray.init(address=cluster.address, _node_ip_address=NODE_IP, log_to_driver=False)
         cluster.wait_for_nodes()
         started_s = time.monotonic() - t0
         yield {"head": cluster.head_node.node_id, "ps": ps.node_id, "trainer": trainer.node_id, "started_s": started_s}
@@ -91,6 +94,7 @@ def test_a_job_on_ray_places_servers_and_workers_on_the_nodes_that_offer_their_r
     for name in where:  # the same run folder as a local job
         assert (tmp_path / "run" / "logs" / f"{name}.log").stat().st_size > 0
     assert (tmp_path / "run" / "model.pt").exists() and (tmp_path / "run" / "summary.json").exists()
+    assert (tmp_path / "run" / "coordinator.addr").read_text().startswith(f"tcp://{NODE_IP}:")  # each listens on its node's address
 
 
 @pytest.mark.slow

@@ -227,10 +227,10 @@ class RayLauncher(LocalLauncher):
     # -- LocalLauncher's hooks ------------------------------------------------
     def start(self) -> str:
         self._connect()
-        self.bind_host = NODE_IP  # each process listens on its own node's address (RoleHost fills it in)
-        address = super().start()
-        self._write_placement()
-        return address
+        # Each process listens on its own node's address (RoleHost fills it in); with a Ray of its
+        # own on this machine, the job stays on loopback.
+        self.bind_host = "127.0.0.1" if self.started_ray and self.ray_address is None else NODE_IP
+        return super().start()
 
     def _spawn(self, name: str, args: list[str]) -> Proc:
         role = args[0]
@@ -261,6 +261,7 @@ class RayLauncher(LocalLauncher):
         proc = Proc(name, popen, log_path, [a for a in args if a != "--insecure"])  # type: ignore[arg-type]
         self.procs.append(proc)
         self.placement[name] = {"role": role, **popen.where}
+        self._write_placement()  # replacements too
         return proc
 
     def _write_placement(self) -> None:
