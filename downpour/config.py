@@ -453,6 +453,9 @@ class CheckpointConfig(_Frozen):
     every_steps: int | None = Field(None, ge=1)
     every_s: float | None = Field(60.0, gt=0)
     at_end: bool = True
+    # One right after the servers are initialized (step 0): a server lost before the first periodic
+    # checkpoint is then replaced from it instead of ending the job (off: such a loss ends the job).
+    at_start: bool = True
     # Checkpoints kept; older ones are deleted once a newer one is complete (except those a kept
     # checkpoint's sparse deltas build on).
     keep: int = Field(3, ge=1)

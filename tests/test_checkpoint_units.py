@@ -755,7 +755,19 @@ def test_a_malformed_shard_file_is_refused_naming_where_and_what(data, message):
 
 
 def plan(now: float = 0.0, url: str | None = "memory://plan", num_servers: int = 2, **cfg) -> CheckpointPlan:
+    """A plan of periodic checkpoints (the one at step 0 only where a test asks for it)."""
+    cfg.setdefault("at_start", False)
     return CheckpointPlan(CheckpointConfig(**cfg), url, sync=False, num_servers=num_servers, now=now)
+
+
+def test_the_first_checkpoint_is_due_as_soon_as_training_starts_then_periodic_ones():
+    p = plan(now=10.0, every_s=60.0, at_start=True)
+    assert p.due(10.0, 0)  # step 0, before any period passed
+    p.begin(10.0, 0, None)
+    complete(p, 11.0)
+    assert not p.due(69.9, 5) and p.due(70.0, 5)
+    assert not plan(at_start=True, enabled=False).due(0.0, 0)
+    assert not plan(at_start=True, url=None).due(0.0, 0)
 
 
 def report(name: str, **extra) -> dict:

@@ -16,6 +16,7 @@ import torch
 
 from downpour.config import SGDConfig, TrainingConfig
 from downpour.coordinator.shards import ShardLedger
+from downpour.coordinator.state import CoordinatorState
 from downpour.layout import make_layout
 from downpour.protocol import Message, Op
 from downpour.server.consistency import Push, SSPPolicy
@@ -23,7 +24,7 @@ from downpour.server.optim import make_rule
 from downpour.server.store import ShardStore
 from tests.cluster import QUIET, query_status, start_job, stop_job, wait_training
 from tests.conftest import tiny_job
-from tests.test_coordinator_state import JOB, SERVERS, WORKERS, Sim, error_code, ok, one, replies
+from tests.test_coordinator_state import JOB, LAYOUT, NUM_TRAIN, SERVERS, WORKERS, Sim, error_code, ok, one, replies
 
 ELASTIC_JOB = JOB.model_copy(update={"cluster": JOB.cluster.model_copy(update={"max_workers": 4})})
 
@@ -156,6 +157,30 @@ def test_a_silent_server_still_stops_the_job():
     sim.tick(5.5)  # nobody heartbeats: with no checkpoint to restart it from, a silent server stops the job
     assert sim.state.phase == "failed" and sim.state.failed_node.startswith("server-")
     assert "no checkpoint committed yet" in sim.state.error
+
+
+def test_with_default_settings_a_server_lost_before_the_first_periodic_checkpoint_is_replaced_from_step_0():
+    sim = Sim()
+    sim.state = CoordinatorState(JOB, LAYOUT, NUM_TRAIN, 0.0, checkpoint_url="memory://step0")
+    training(sim)
+    asked = [a for a in sim.tick(0.1) if a.msg.op == Op.CHECKPOINT]  # checkpoint.at_start: due at once
+    assert len(asked) == len(SERVERS) and asked[0].msg.meta["name"].startswith("ckpt-000000000000-")
+    name = asked[0].msg.meta["name"]
+    for s in SERVERS:
+        report = {"name": name, "file": f"{s}.safetensors", "sha256": "0" * 64, "bytes": 1, "version": 0}
+        sim.send(s, Op.REPORT, kind="checkpoint", data=report)
+    sim.state.checkpoint_committed(0.2, True)
+    sim.now = 3.0
+    sim.send(SERVERS[1], Op.HEARTBEAT, progress={"version": 37})
+    sim.now = 8.0
+    for w in WORKERS:
+        sim.send(w, Op.HEARTBEAT)
+    sim.send(SERVERS[0], Op.HEARTBEAT)
+    sim.tick(8.5)  # server-1 silent since 3: declared dead; the job goes on, well within checkpoint.every_s
+    assert sim.state.phase == "training"
+    [failure] = sim.state.failures
+    assert failure["node"] == "server-1" and failure["restored_from"] == name
+    assert failure["rolled_back_versions"] == 37  # what it applied since step 0, reported
 
 
 def test_a_silent_server_waits_for_a_replacement_that_loads_the_latest_checkpoint():
@@ -355,6 +380,35 @@ def test_a_killed_server_is_replaced_from_the_latest_checkpoint_and_training_goe
     assert 0 < failure["recovered_after_s"] < 60
     assert "starting server-1.2 in its place" in err
     _every_shard_once(summary)  # the data ledger is not set back: what the server lost is reported, not retrained
+    assert summary["test_accuracy"] > 0.5
+
+
+@pytest.mark.slow
+def test_with_default_checkpoint_settings_a_worker_then_a_server_killed_early_do_not_end_the_job(tmp_path, tiny_data):
+    """A new user's first failure: the defaults (one checkpoint per minute) and a server killed in the
+    job's first seconds. The checkpoint taken at step 0 is its restore point."""
+    job = tiny_job(tiny_data, training={"epochs": EPOCHS}, monitor=QUIET, cluster={"num_workers": 3, "heartbeat_timeout_s": 2.0})
+    job.pop("checkpoint", None)
+    proc, run_dir = start_job(tmp_path, job)
+    try:
+        status = wait_training(run_dir, steps=5)
+        pids = {n["name"]: n["pid"] for n in status["nodes"]}
+        os.kill(pids["worker-1"], signal.SIGKILL)
+        deadline = time.monotonic() + 60
+        while not (status and status["checkpoints"]["count"]) and time.monotonic() < deadline:
+            time.sleep(0.1)
+            status = query_status(run_dir)
+        os.kill(pids["server-0"], signal.SIGKILL)
+        _, err = proc.communicate(timeout=150)
+    finally:
+        stop_job(proc)
+    assert proc.returncode == 0, err[-3000:]
+    summary = json.loads(open(os.path.join(run_dir, "summary.json")).read())
+    assert summary["status"] == "ok"
+    server = next(f for f in summary["failures"] if f["node"] == "server-0")
+    assert server["restored_from"].startswith("ckpt-000000000000-")  # the step-0 checkpoint
+    assert isinstance(server["rolled_back_versions"], int) and server["rolled_back_versions"] >= 0
+    _every_shard_once(summary)
     assert summary["test_accuracy"] > 0.5
 
 

@@ -30,6 +30,7 @@ class Pending:
     final: bool
     reports: dict[str, dict[str, Any]] = field(default_factory=dict)
     retries: int = 0
+    versions: dict[str, int] = field(default_factory=dict)  # server rank -> its version in the checkpoint
 
 
 class CheckpointPlan:
@@ -45,10 +46,15 @@ class CheckpointPlan:
         self.committed: list[dict[str, Any]] = []
         self.abandoned = 0
         self._seq = 0
+        # checkpoint.at_start: the first checkpoint is due as soon as training starts (a resumed job
+        # has its restore point already: the coordinator turns this off).
+        self.start_due = self.enabled and cfg.at_start
 
     def due(self, now: float, step: int) -> bool:
         if not self.enabled or self.pending is not None:
             return False
+        if self.start_due:
+            return True
         by_time = self.cfg.every_s is not None and now - self.last_at >= self.cfg.every_s
         by_steps = self.cfg.every_steps is not None and step - self.last_step >= self.cfg.every_steps
         return by_time or by_steps
@@ -59,6 +65,7 @@ class CheckpointPlan:
             log.info("coordinator: checkpoint %s replaced by a newer one", self.pending.name)
             self.pending = None
         self._seq += 1
+        self.start_due = False
         # Named by the step, plus a sequence number: two checkpoints at one step never collide.
         name = f"ckpt-{step:012d}-{self._seq:04d}"
         self.pending = Pending(name, step, now, at_version, final)
@@ -90,7 +97,7 @@ class CheckpointPlan:
     def committed_now(self, now: float, write_s: float) -> None:
         p = self.pending
         assert p is not None
-        self.committed.append({"name": p.name, "step": p.step, "write_s": write_s, "final": p.final})
+        self.committed.append({"name": p.name, "step": p.step, "write_s": write_s, "final": p.final, "versions": p.versions})
         self.pending = None
 
     def summary(self) -> dict[str, Any]:

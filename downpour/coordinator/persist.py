@@ -201,6 +201,7 @@ def adopt_state(self: CoordinatorState, parts: dict[str, Any], now: float, lost_
     c, cp = parts["checkpoints"], self.checkpoints
     cp.committed, cp.abandoned, cp._seq, cp.last_step = list(c["committed"]), int(c["abandoned"]), int(c["seq"]), int(c["last_step"])
     cp.last_at = base + float(c["last_at"])
+    cp.start_due = cp.start_due and cp._seq == 0 and self.resume is None
     if c["pending"]:  # its servers' reports went to the old process
         cp.abandoned += 1
         log.warning("coordinator: checkpoint %s was being written when the coordinator stopped; abandoned", c["pending"])

@@ -160,6 +160,8 @@ class CoordinatorState:
         self.refusal_log = LogOnce()  # a refused peer's first refusal per interval is logged
         self.checkpoints = CheckpointPlan(job.checkpoint, checkpoint_url, job.training.consistency == "sync",
                                           self.cl.num_servers, now)
+        if resume is not None:  # the checkpoint resumed from is the restore point until a new one is committed
+            self.checkpoints.start_due = False
         self._versions: tuple[float, int] | None = None  # (time, server version) for the sync margin
         self.version_rate = 0.0  # server versions (updates) per second, as heartbeats report them
         self.resume = resume
@@ -239,7 +241,8 @@ class CoordinatorState:
         record = {"node": node.name, "kind": kind, "at_s": round(now - self.started, 3),
                   "detected_after_s": round(detected_after_s, 3), "recovered_after_s": None, "reason": reason,
                   "affected": self.affected(node.name), "restored_from": point.get("name"),
-                  "version_at_failure": node.progress.get("version"), "replaced_by": None}
+                  "version_at_failure": node.progress.get("version"), "replaced_by": None,
+                  "rolled_back_versions": self._rolled_back(node)}
         self.failures.append(record)
         self.server_slots[node.rank] = (now, record)
         log.warning("coordinator: %s lost (%s); waiting for a replacement to load checkpoint %s; training goes on",
@@ -248,6 +251,13 @@ class CoordinatorState:
             ident, msg = self.server_joiners.pop(0)
             return self._replace_server(ident, msg, now)
         return []
+
+    def _rolled_back(self, node: Node) -> int | None:
+        """Updates of ``node``'s rank that its replacement will not have: its version when last heard
+        from, less its version in the checkpoint it is restored from (None: unknown)."""
+        at = node.progress.get("version")
+        saved = (self.checkpoints.committed[-1].get("versions") or {}).get(str(node.rank)) if self.checkpoints.committed else None
+        return max(0, at - saved) if type(at) is int and type(saved) is int else None
 
     def _evaluator_lost(self, now: float, node: Node, reason: str, kind: str, detected_after_s: float) -> list[Action]:
         """The worker evaluating the trained model died: the next worker to register (a
@@ -666,6 +676,7 @@ class CoordinatorState:
             + sum(int(n.progress.get("examples", 0)) for n in self._role("worker", (ALIVE, DONE, FINISHED, DEAD))),
             "resumed_from": (self.resume or {}).get("name"),
         }
+        p.versions = {str(self.nodes[n].rank): int(r.get("version", 0)) for n, r in p.reports.items() if n in self.nodes}
         files = {r["file"]: {"sha256": r["sha256"], "bytes": r["bytes"]} for r in p.reports.values()}
         for r in p.reports.values():  # a server's sparse tables: their own file
             extra = r.get("sparse")
