@@ -28,6 +28,7 @@ from downpour.config import JobConfig, apply_overrides, job_to_dict, load_job, p
 from downpour.data import build_dataset
 from downpour.errors import ConfigError
 from downpour.imports import object_path
+from downpour.server.scaling import check_hyperparameters
 
 
 def default_run_dir(name: str) -> str:
@@ -35,8 +36,9 @@ def default_run_dir(name: str) -> str:
 
 
 def check_data(job: JobConfig) -> None:
-    """Fail early, before any process starts, when the job's data cannot be found."""
-    build_dataset(job.data)
+    """Fail early, before any process starts, when the job's data cannot be found, or when its
+    optimizer settings do not fit the job's length (warm-up, schedule)."""
+    check_hyperparameters(job, len(build_dataset(job.data).train))
 
 
 def resolve_job(

@@ -24,6 +24,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from downpour.errors import ConfigError
+from downpour.imports import object_path
 
 # A stream's partition is one data shard this long: more than any offset (downpour/stream/api.py).
 STREAM_SPAN = 1 << 58
@@ -78,15 +79,105 @@ class DataConfig(_Frozen):
         return self
 
 
-class SGDConfig(_Frozen):
+class StepSchedule(_Frozen):
+    """lr × gamma ** (step // step_size), as torch's StepLR."""
+
+    name: Literal["step"]
+    step_size: int = Field(gt=0)
+    gamma: float = Field(0.1, gt=0)
+
+
+class MultiStepSchedule(_Frozen):
+    """lr × gamma ** (milestones passed), as torch's MultiStepLR."""
+
+    name: Literal["multistep"]
+    milestones: list[int] = Field(min_length=1)
+    gamma: float = Field(0.1, gt=0)
+
+
+class ExponentialSchedule(_Frozen):
+    """lr × gamma ** step, as torch's ExponentialLR."""
+
+    name: Literal["exponential"]
+    gamma: float = Field(gt=0)
+
+
+class CosineSchedule(_Frozen):
+    """From lr down to eta_min over t_max steps along a half cosine, as torch's CosineAnnealingLR."""
+
+    name: Literal["cosine"]
+    t_max: int = Field(gt=0)
+    eta_min: float = Field(0.0, ge=0)
+
+
+class LambdaSchedule(_Frozen):
+    """lr × function(step), as torch's LambdaLR: an import path "pkg.mod:fn" (the Python API also
+    takes the module-level function itself)."""
+
+    name: Literal["lambda"]
+    function: str
+
+    @model_validator(mode="before")
+    @classmethod
+    def _path(cls, data: Any) -> Any:
+        if isinstance(data, dict) and callable(data.get("function")):
+            data = {**data, "function": object_path(data["function"], "optimizer.schedule.function")}
+        return data
+
+
+class TorchSchedule(_Frozen):
+    """Any torch.optim.lr_scheduler-style class: a name in torch.optim.lr_scheduler (e.g.
+    OneCycleLR, CosineAnnealingWarmRestarts) or an import path "pkg.mod:Class", built with ``args``
+    on a one-parameter optimizer holding the job's lr and stepped once per job step."""
+
+    name: Literal["torch"]
+    scheduler: str
+    args: dict[str, Any] = Field(default_factory=dict)
+
+
+ScheduleConfig = Annotated[StepSchedule | MultiStepSchedule | ExponentialSchedule | CosineSchedule | LambdaSchedule
+                           | TorchSchedule, Field(discriminator="name")]
+
+
+class ScalingOptions(_Frozen):
+    """How ``optimizer.scaling: auto`` turns the one-worker hyperparameters into the ones a
+    cluster uses (docs/scaling.md). A job step is one update a worker pushes: one optimizer step of
+    the same job on one worker."""
+
+    # Sync: a round averages the gradients of n workers (a global batch n times larger), and the
+    # learning rate grows with it: linear (× n, Goyal et al. 2017), sqrt (× √n), or none.
+    # auto: linear for SGD, sqrt for the adaptive rules (Adagrad, Adam).
+    sync_lr: Literal["auto", "linear", "sqrt", "none"] = "auto"
+    # Sync: over the first warmup_steps job steps the factor rises linearly from 1 to its full
+    # value (gradual warm-up). None: 5% of the job's planned steps. 0: no warm-up.
+    warmup_steps: int | None = Field(None, ge=0)
+    # Async and ssp: momentum: the explicit momentum shrinks as the measured staleness grows, so
+    # that explicit plus implicit momentum ("asynchrony begets momentum", Mitliagkas et al. 2016)
+    # stays at the job's momentum, and the learning rate keeps the size of a step; none.
+    # auto: momentum for SGD with momentum, none for the rest.
+    async_rule: Literal["auto", "momentum", "none"] = "auto"
+    # Pushes the running mean of staleness (which the async rule follows) averages over.
+    staleness_window: int = Field(200, ge=1)
+
+
+class _Hyperparameters(_Frozen):
+    # The lr, momentum and schedule are those of one worker; with scaling auto the servers adapt
+    # them to the workers that train (see ScalingOptions). none: exactly as written.
+    scaling: Literal["auto", "none"] = "auto"
+    scaling_options: ScalingOptions = Field(default_factory=ScalingOptions)
+    # A learning-rate schedule over job steps, applied by the servers. None: a constant lr.
+    schedule: ScheduleConfig | None = None
+
+
+class SGDConfig(_Hyperparameters):
     name: Literal["sgd"] = "sgd"
     lr: float = Field(0.01, gt=0)
     momentum: float = Field(0.0, ge=0)
     dampening: float = Field(0.0, ge=0)
     nesterov: bool = False
     weight_decay: float = Field(0.0, ge=0)
-    # Linear scaling rule (Goyal et al. 2017): multiply lr by the number of workers.
-    # Meant for sync mode, where one update averages num_workers batches.
+    # Linear scaling rule by hand: multiply lr by num_workers, whatever the mode and the live
+    # workers (needs scaling: none; scaling: auto does this for sync rounds, with warm-up).
     scale_lr_with_workers: bool = False
 
     @model_validator(mode="after")
@@ -96,7 +187,7 @@ class SGDConfig(_Frozen):
         return self
 
 
-class AdagradConfig(_Frozen):
+class AdagradConfig(_Hyperparameters):
     name: Literal["adagrad"]
     lr: float = Field(0.01, gt=0)
     lr_decay: float = Field(0.0, ge=0)
@@ -106,7 +197,7 @@ class AdagradConfig(_Frozen):
     scale_lr_with_workers: bool = False
 
 
-class AdamConfig(_Frozen):
+class AdamConfig(_Hyperparameters):
     name: Literal["adam"]
     lr: float = Field(0.001, gt=0)
     betas: tuple[float, float] = (0.9, 0.999)
@@ -532,6 +623,44 @@ class JobConfig(_Frozen):
             raise ValueError(f"training.slowdown.rank {self.training.slowdown.rank} is not a worker rank "
                              f"(0..{self.cluster.num_workers - 1})")
         return self
+
+    @model_validator(mode="after")
+    def _scaling(self) -> JobConfig:
+        opt, t = self.optimizer, self.training
+        o, f = opt.scaling_options, "optimizer.scaling_options"
+        if opt.scaling == "none":
+            if o != ScalingOptions():
+                raise ValueError(f"{f} is set but optimizer.scaling is none: set optimizer.scaling: auto to use it")
+            return self
+        if opt.scale_lr_with_workers:
+            raise ValueError("optimizer.scale_lr_with_workers scales by hand: it needs optimizer.scaling: none "
+                             "(auto scales sync rounds by the live workers itself)")
+        if t.staleness_lr:
+            raise ValueError("training.staleness_lr compensates staleness by hand: it needs optimizer.scaling: none "
+                             "(auto compensates the measured staleness itself)")
+        if t.local_steps > 1 and (o.sync_lr not in ("auto", "none") or o.async_rule == "momentum"):
+            raise ValueError(f"{f}: training.local_steps pushes changes of the parameters, which no update rule "
+                             "applies, so there is nothing to scale; leave sync_lr and async_rule at auto")
+        if o.async_rule == "momentum" and getattr(opt, "momentum", 0) <= 0:
+            raise ValueError(f"{f}.async_rule: momentum needs an update rule with momentum; optimizer "
+                             f"{opt.name} has {'momentum 0' if opt.name == 'sgd' else 'none'}")
+        modes = {t.consistency, *(g.consistency for g in t.consistency_groups)}
+        if o.warmup_steps and "sync" not in modes:
+            raise ValueError(f"{f}.warmup_steps: warm-up applies to sync rounds, and this job has none "
+                             f"(training.consistency: {t.consistency})")
+        if o.warmup_steps and t.steps is not None and o.warmup_steps > t.steps * self.cluster.num_workers:
+            raise ValueError(f"{f}.warmup_steps ({o.warmup_steps}) is longer than the job "
+                             f"({t.steps * self.cluster.num_workers} job steps: training.steps × cluster.num_workers)")
+        return self
+
+    def planned_steps(self, num_train: int) -> int:
+        """Job steps (updates a worker pushes, all workers together: the unit of schedules and
+        warm-up) this job plans to take over ``num_train`` training examples; 0 for a stream (no end)."""
+        t = self.training
+        if num_train >= STREAM_SPAN:
+            return 0
+        total = -(-num_train // (t.batch_size * t.accumulate)) * t.epochs
+        return min(total, t.steps * self.cluster.num_workers) if t.steps is not None else total
 
     def effective_lr(self) -> float:
         """The learning rate the servers use, after the optional linear scaling rule."""

@@ -55,7 +55,7 @@ def test_a_job_is_frozen():
 
 @pytest.mark.parametrize(("scale", "lr"), [(False, 0.01), (True, 0.03)])
 def test_the_effective_lr_follows_the_linear_scaling_rule_only_when_asked(scale, lr):
-    job = load_job(EXAMPLE, [f"optimizer.scale_lr_with_workers={str(scale).lower()}"])
+    job = load_job(EXAMPLE, [f"optimizer.scale_lr_with_workers={str(scale).lower()}", "optimizer.scaling=none"])
     assert job.effective_lr() == pytest.approx(lr)
 
 

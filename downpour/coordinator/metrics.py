@@ -35,6 +35,9 @@ def coordinator_metrics(snapshot: Callable[[], dict[str, Any] | None]) -> Callab
                 s.get("recent_examples_per_s"))
         f.gauge("downpour_coordinator_loss", "Mean training loss of the live workers.", s["loss"])
         f.gauge("downpour_coordinator_staleness_mean", "Mean staleness of all pushes so far.", s["staleness"]["mean"])
+        opt = s.get("optimizer") or {}
+        f.gauge("downpour_coordinator_effective_lr", "Learning rate the servers apply now (schedule and scaling).", opt.get("lr"))
+        f.gauge("downpour_coordinator_effective_momentum", "Explicit momentum the servers apply now.", opt.get("momentum"))
         by_kind: dict[str, int] = {}
         for failure in s["failures"]:
             by_kind[failure["kind"]] = by_kind.get(failure["kind"], 0) + 1

@@ -46,6 +46,7 @@ def job_status(self: CoordinatorState, now: float) -> dict[str, Any]:
             "mean": sum(float(p.get("staleness_mean", 0.0)) * int(p.get("pushes", 0)) for p in servers) / pushes if pushes else 0.0,
             "max": max((int(p.get("staleness_max", 0)) for p in servers), default=0),
         },
+        "optimizer": _effective(servers),
         "bytes": {"sent": sum(int(n.progress.get("bytes_sent", 0)) for n in workers),
                   "received": sum(int(n.progress.get("bytes_received", 0)) for n in workers)},
         "data_shards": self.ledger.summary(),
@@ -96,6 +97,7 @@ def job_summary(self: CoordinatorState, now: float) -> dict[str, Any]:
         "num_workers": self.cl.num_workers,
         "consistency": self.job.training.consistency,
         "staleness": _histogram_summary(hist),
+        "optimizer": _optimizer_summary(self.job, servers.values()),
         "wire": _wire_summary(workers.values(), steps),
         "accuracy_curve": _curve(workers.values(), train_s, examples, ev),
         "data_shards": self.ledger.summary(),
@@ -106,6 +108,22 @@ def job_summary(self: CoordinatorState, now: float) -> dict[str, Any]:
         "workers": workers,
         "servers": servers,
     }
+
+
+def _effective(servers: list[dict[str, Any]]) -> dict[str, float]:
+    """The effective lr and momentum now, as the first server that reported them uses them."""
+    return next((dict(p["optimizer"]) for p in servers if isinstance(p.get("optimizer"), dict)), {})
+
+
+def _optimizer_summary(job, servers) -> dict[str, Any]:
+    """The job's stated (one-worker) hyperparameters, and what the servers made of them over time
+    (server/scaling.py): the resolved scaling and the first server's trace of effective values
+    ([job step, lr, explicit momentum, total momentum, recent mean staleness])."""
+    opt = job.optimizer
+    stated = {"name": opt.name, "lr": opt.lr, "momentum": getattr(opt, "momentum", None), "scaling": opt.scaling,
+              "schedule": opt.schedule.model_dump(mode="json") if opt.schedule is not None else None}
+    effective = next((s["optimizer"] for s in servers if isinstance(s.get("optimizer"), dict)), None)
+    return {"stated": stated, "effective": effective}
 
 
 def _histogram_summary(hist: dict[int, int]) -> dict[str, Any]:

@@ -34,6 +34,7 @@ from downpour.nn import sparse_tables
 from downpour.protocol import Op, decode, encode
 from downpour.protocol.ops import Code
 from downpour.protocol.throttle import RateLimit
+from downpour.server.scaling import check_hyperparameters
 from downpour.storage import CheckpointStore, Manifest
 from downpour.stream.offsets import Acknowledger, partition_offsets
 from downpour.stream.prequential import online_summary
@@ -87,6 +88,7 @@ class Coordinator:
         layout = plan_layout(job)
         dataset = build_dataset(job.data)
         num_train = len(dataset.train)
+        check_hyperparameters(job, num_train)  # warm-up and schedule against the job's length
         # A stream: each checkpoint's partition offsets go into its manifest, then are acknowledged.
         self.stream = Acknowledger(dataset.source) if getattr(dataset, "source", None) is not None else None
         cp = job.checkpoint
@@ -163,7 +165,8 @@ class Coordinator:
         if self.tensorboard is not None and status["phase"] == "training":
             scalars: dict[str, float | None] = {
                 "train/loss": status["loss"], "train/examples_per_s": status["recent_examples_per_s"],
-                "train/staleness_mean": status["staleness"]["mean"]}
+                "train/staleness_mean": status["staleness"]["mean"],
+                **{f"optimizer/{k}": v for k, v in status["optimizer"].items() if k != "job_step"}}
             for n in status["nodes"]:
                 if n["role"] == "worker" and n["state"] == "alive":
                     scalars[f"{n['name']}/loss"] = n["progress"].get("loss")

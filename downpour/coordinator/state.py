@@ -443,7 +443,8 @@ class CoordinatorState:
 
     def _admitted(self, name: str, rank: int) -> dict[str, Any]:
         """What every answer to an admitted REGISTER holds: the node's name and rank, the job, the layout."""
-        return {"node": name, "rank": rank, "job": job_to_dict(self.job), "layout": self.layout.to_dict()}
+        return {"node": name, "rank": rank, "job": job_to_dict(self.job), "layout": self.layout.to_dict(),
+                "job_steps": self.job.planned_steps(self.num_train)}  # the clock of lr schedules and warm-up
 
     def _register_again(self, ident: bytes, msg: Message, now: float) -> list[Action] | None:
         """A REGISTER from a node that registered already (its answer was lost, or it went to a

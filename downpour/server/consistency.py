@@ -214,7 +214,7 @@ class SyncPolicy(Policy):
         if not self.waiting or not self.workers or not self.workers.issubset(self.waiting):
             return []
         assert self.acc is not None
-        self.store.apply(self._all, self.acc.div_(self.weight), delta=self.delta)
+        self.store.apply(self._all, self.acc.div_(self.weight), delta=self.delta, pushes=len(self.waiting))
         values = self.store.read(self._all) if any(p.wants_values for p in self.waiting.values()) else None
         replies = [self._answer(p, values) for p in self.waiting.values()]
         self.waiting.clear()

@@ -34,6 +34,13 @@ def server_metrics(server: ParameterServer, layout: Layout) -> Callable[[Familie
         staleness.observe_counts(dict(server.staleness))
         f.histogram("downpour_server_staleness_versions", "Staleness of each push: versions its keys moved on since the pull.",
                     staleness)
+        eff = server.hyper.progress()
+        f.gauge("downpour_server_effective_lr", "Learning rate of the latest update (schedule and scaling).", eff["lr"])
+        f.gauge("downpour_server_effective_momentum", "Explicit momentum of the latest update.", eff["momentum"])
+        f.gauge("downpour_server_effective_momentum_total", "Explicit plus implicit (staleness) momentum.", eff["momentum_total"])
+        f.gauge("downpour_server_staleness_recent", "Running mean of recent pushes' staleness (what scaling follows).",
+                eff["staleness_recent"])
+        f.gauge("downpour_server_job_step", "Job step of the latest update (the clock of schedules).", eff["job_step"])
         f.gauge("downpour_server_parameters", "Parameters (elements) this server holds.", server.store.numel)
         f.gauge("downpour_server_keys", "Keys this server holds.", len(server.store.keys))
         f.gauge("downpour_server_version", "Highest version of any key (updates applied).", max(server.store.versions, default=0))

@@ -58,6 +58,7 @@ class SGD(UpdateRule):
     def __init__(self, cfg: SGDConfig, lr: float, numel: int) -> None:
         super().__init__(cfg, lr, numel)
         self.buf = torch.zeros(numel) if cfg.momentum else None
+        self.momentum = cfg.momentum  # the effective momentum (server/scaling.py may lower it under staleness)
 
     def apply(self, param, grad, lo, hi, step):
         c = self.cfg
@@ -69,10 +70,10 @@ class SGD(UpdateRule):
             if step == 0:
                 buf.copy_(grad)
             elif c.dampening == 0:
-                torch.add(grad, buf, alpha=c.momentum, out=buf)  # one kernel for buf = momentum * buf + grad
+                torch.add(grad, buf, alpha=self.momentum, out=buf)  # one kernel for buf = momentum * buf + grad
             else:
-                buf.mul_(c.momentum).add_(grad, alpha=1 - c.dampening)
-            grad = grad.add(buf, alpha=c.momentum) if c.nesterov else buf
+                buf.mul_(self.momentum).add_(grad, alpha=1 - c.dampening)
+            grad = grad.add(buf, alpha=self.momentum) if c.nesterov else buf
         p.add_(grad, alpha=-self.lr)
 
     def state(self):

@@ -39,6 +39,7 @@ from downpour.server.consistency import POLICIES, Policy, Push, values_reply
 from downpour.server.grouped import GroupedPolicy, key_modes
 from downpour.server.metrics import server_metrics
 from downpour.server.optim import make_rule
+from downpour.server.scaling import Hyperparams
 from downpour.server.snapshot import OldParams, Snapshotter, restore_store
 from downpour.server.sparse import SparseShard
 from downpour.server.store import ShardStore
@@ -64,10 +65,13 @@ def bounded(what: str, t: torch.Tensor) -> torch.Tensor:
 class ParameterServer:
     """One shard of the job's parameters behind a listener."""
 
-    def __init__(self, ctx: zmq.Context, job: JobConfig, layout: Layout, rank: int, listener: Listener, name: str) -> None:
+    def __init__(self, ctx: zmq.Context, job: JobConfig, layout: Layout, rank: int, listener: Listener, name: str,
+                 planned_steps: int | None = None) -> None:
         self.job, self.rank, self.name = job, rank, name
         self.listener = listener
         self.store = ShardStore(layout.server_slices(rank), lambda n: make_rule(job.optimizer, job.effective_lr(), n))
+        # The lr and momentum of each update: schedule and scaling (``planned_steps``: the job's length in job steps).
+        self.hyper = self.store.hyper = Hyperparams(job, planned_steps)
         self.store.max_keys = job.cluster.max_keys_per_request
         self.sparse = SparseShard(layout, rank, job.sparse, job.training.seed, job.cluster.max_sparse_ids_per_request)
         self.limit = RateLimit(job.cluster.max_requests_per_s)
@@ -114,6 +118,7 @@ class ParameterServer:
     def _record_staleness(self, s: int) -> None:
         self.staleness[s] += 1
         self.staleness_sum += s
+        self.hyper.observe(s)
         if s > self.staleness_max:
             self.staleness_max = s
 
@@ -360,6 +365,7 @@ class ParameterServer:
             return
         if set(workers) != self.members:
             self.members = set(workers)
+            self.hyper.set_workers(len(self.members))
             for to, reply in self.policy.set_workers(self.members):
                 self._send(to, reply)
 
@@ -369,7 +375,7 @@ class ParameterServer:
         return {"pushes": pushes, "pulls": self.counts["pull"], "bytes_in": self.bytes_in, "bytes_out": self.bytes_out,
                 "staleness_mean": self.staleness_sum / pushes if pushes else 0.0, "staleness_max": self.staleness_max,
                 "rejected": sum(self.rejected.values()), "apply_s": self.apply_s,
-                "version": max(self.store.versions, default=0)}
+                "version": max(self.store.versions, default=0), "optimizer": self.hyper.progress()}
 
     def stats(self) -> dict[str, Any]:
         total = sum(self.staleness.values())
@@ -388,6 +394,7 @@ class ParameterServer:
             "bytes_out": self.bytes_out,
             "version": max(self.store.versions, default=0),
             "cpu_s": time.process_time(),
+            "optimizer": self.hyper.report(),
             **({"sparse": self.sparse.stats()} if self.sparse else {}),
             **self.policy.stats(),
         }
@@ -469,7 +476,9 @@ def run_server(ctx: zmq.Context, coordinator: str, host: str = "127.0.0.1", rank
             listener.limit(job.cluster.max_message_bytes)
         # Updates are elementwise and memory-bound: more intra-op threads only contend with other processes.
         torch.set_num_threads(job.training.torch_threads)
-        server = ParameterServer(ctx, job, layout, int(reply["rank"]), listener, reply["node"])
+        planned = reply.get("job_steps")
+        server = ParameterServer(ctx, job, layout, int(reply["rank"]), listener, reply["node"],
+                                 planned if type(planned) is int and planned > 0 else None)
         if reply.get("restore"):
             server.restore(reply["restore"], layout)
         coord.rpc.on_push = server.on_coordinator

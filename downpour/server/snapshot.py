@@ -5,6 +5,8 @@ File format (safetensors: a JSON header, then raw little-endian tensors; never a
 
 * ``values`` float32 [numel]: the shard's flat values, key after key;
 * ``versions`` int64 [keys], ``keys`` int64 [keys], ``lengths`` int64 [keys];
+* ``steps`` int64 [keys]: each key's job steps, the clock of lr schedules (older files lack it:
+  their versions stand in);
 * ``state.<name>`` float32 [numel]: the update rule's state (``momentum_buffer``, ``exp_avg`` ...);
 * metadata ``positions`` (JSON: worker -> [epoch, shard, examples done] of its last push included),
   ``rule``, ``rank``, ``version``.
@@ -92,6 +94,7 @@ class Snapshotter:
             "versions": torch.tensor(self.store.versions, dtype=torch.int64),
             "keys": torch.tensor(self.store.keys, dtype=torch.int64),
             "lengths": torch.tensor(self.store.lengths, dtype=torch.int64),
+            "steps": torch.tensor(self.store.steps, dtype=torch.int64),
         }
         for k, v in self.store.rule.state().items():
             tensors[f"state.{k}"] = v.clone()
@@ -143,6 +146,9 @@ def load_shard_file(data: bytes, where: str) -> tuple[dict[str, torch.Tensor], d
     n = tensors["values"].numel()
     if not (tensors["versions"].numel() == tensors["keys"].numel() == tensors["lengths"].numel()):
         raise DataError(f"{where}: keys, versions and lengths differ in length")
+    steps = tensors.get("steps")
+    if steps is not None and (steps.dtype != torch.int64 or steps.shape != tensors["versions"].shape):
+        raise DataError(f"{where}: 'steps' is {steps.dtype} {tuple(steps.shape)}, expected int64 like 'versions'")
     if int(tensors["lengths"].sum()) != n or bool((tensors["lengths"] <= 0).any()):
         raise DataError(f"{where}: key lengths do not add up to the {n} values")
     for k, t in tensors.items():
@@ -166,6 +172,7 @@ class OldParams:
         self.values = torch.zeros(layout.numel)
         self.state: dict[str, torch.Tensor] = {}
         self.key_versions = [0] * len(layout.slices)
+        self.key_steps = [0] * len(layout.slices)
         self.positions: list[dict[str, list[int]]] = []
         seen = [False] * len(layout.slices)
         for file in files:
@@ -173,7 +180,9 @@ class OldParams:
             tensors, meta = load_shard_file(store.read(manifest, file), where)
             self.positions.append(json.loads(meta.get("positions", "{}")))
             at = 0
-            for key, length, version in zip(tensors["keys"].tolist(), tensors["lengths"].tolist(), tensors["versions"].tolist()):
+            steps = tensors.get("steps", tensors["versions"]).tolist()
+            for key, length, version, step in zip(tensors["keys"].tolist(), tensors["lengths"].tolist(),
+                                                  tensors["versions"].tolist(), steps):
                 if not 0 <= key < len(layout.slices) or layout.slices[key].length != length:
                     raise DataError(f"{where}: key {key} of length {length} does not fit the checkpoint's layout")
                 s = layout.slices[key]
@@ -182,6 +191,7 @@ class OldParams:
                     if name.startswith("state."):
                         self.state.setdefault(name[6:], torch.zeros(layout.numel))[s.start : s.stop] = t[at : at + length]
                 self.key_versions[key] = version
+                self.key_steps[key] = step
                 seen[key] = True
                 at += length
         if not all(seen):
@@ -223,6 +233,7 @@ def restore_store(store: ShardStore, layout: Layout, old: OldParams, full: bool)
             first = max(0, bisect_right(old_starts, lo) - 1)
             covering = [old_order[j][1] for j in range(first, bisect_right(old_starts, lo + s.length - 1))]
             store.versions[i] = max((old.key_versions[k] for k in covering), default=0)
+            store.steps[i] = max((old.key_steps[k] for k in covering), default=0)
         store.key_initialized[i] = True
         filled += 1
     store.initialized = all(store.key_initialized)

@@ -13,6 +13,7 @@ import torch
 from downpour.errors import ProtocolError
 from downpour.layout import KeySlice
 from downpour.server.optim import UpdateRule
+from downpour.server.scaling import Hyperparams
 
 _LEND_WAIT_S = 0.05  # longest wait for a zero-copy reply before copying the shard instead
 
@@ -30,6 +31,11 @@ class ShardStore:
         self.numel = self.offsets[-1]
         self.data = torch.zeros(self.numel)
         self.versions = [0] * len(self.keys)
+        # Job steps per key: updates workers pushed to it (a sync round of n counts n), the clock
+        # of schedules and scaling. ``hyper`` (server/scaling.py) sets the rule's lr and momentum
+        # for each update; None leaves the rule's own.
+        self.steps = [0] * len(self.keys)
+        self.hyper: Hyperparams | None = None
         self.rule: UpdateRule = rule_factory(self.numel)
         self.key_initialized = [False] * len(self.keys)
         self.initialized = False  # every key has its initial value
@@ -133,18 +139,22 @@ class ShardStore:
             return self.data[lo:hi].clone() if snapshot else self.data[lo:hi]
         return torch.cat([self.data[lo:hi] for lo, hi, _, _ in runs])
 
-    def apply(self, idx: list[int], grad: torch.Tensor, delta: bool = False) -> None:
-        """One optimizer step on the keys, with ``grad`` concatenated in request order.
-        With ``delta`` the values are added to the keys instead (no optimizer, no state change)."""
+    def apply(self, idx: list[int], grad: torch.Tensor, delta: bool = False, pushes: int = 1) -> None:
+        """One optimizer step on the keys, with ``grad`` concatenated in request order (the mean
+        of ``pushes`` workers' gradients in a sync round). With ``delta`` the values are added to
+        the keys instead (no optimizer, no state change)."""
         runs = self._runs(idx, by_version=True)
         self._before_change(runs)
         for lo, hi, at, first in runs:
             if delta:
                 self.data[lo:hi].add_(grad[at : at + hi - lo])
             else:
+                if self.hyper is not None:
+                    self.hyper.set_rule(self.rule, self.steps[first], pushes)
                 self.rule.apply(self.data, grad[at : at + hi - lo], lo, hi, self.versions[first])
         for i in idx:
             self.versions[i] += 1
+            self.steps[i] += pushes
 
     def shares_memory(self, t: torch.Tensor) -> bool:
         return t.untyped_storage().data_ptr() == self.data.untyped_storage().data_ptr()

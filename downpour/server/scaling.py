@@ -1,0 +1,197 @@
+"""Effective hyperparameters: the lr and momentum a server's update rule uses at each update.
+
+    lr(t)       = optimizer.lr × schedule(t) × sync_factor(n, t) × async_lr_factor(s)
+    momentum(t) = async_momentum(s)  (optimizer.momentum when nothing is stale)
+
+``t`` is the job step of the keys updated (updates workers pushed to them, all workers
+together: one optimizer step of the same job on one worker), ``n`` the number of gradients a
+sync round averaged (the live workers: it follows joins, leaves and deaths), ``s`` the running
+mean of the staleness the server measures. With ``optimizer.scaling: none`` only the schedule
+applies, so the update rule sees exactly the job's lr and momentum (today's behaviour).
+
+**Sync** (a round averages n gradients: one batch n times larger). The linear scaling rule
+(Goyal et al. 2017) multiplies the lr by n, sqrt by √n; over the first ``warmup_steps`` job steps
+the factor rises linearly from 1 to its full value.
+
+**Async and ssp** ("asynchrony begets momentum", Mitliagkas et al. 2016). A push s versions
+stale acts like momentum: with geometrically distributed staleness of mean s the expected update
+follows momentum SGD whose momentum μ_i has mean delay μ_i/(1-μ_i) = s. Explicit momentum μ_e
+adds its own delay, μ_e/(1-μ_e). The rule keeps the total delay at the job's target μ
+(D = μ/(1-μ)) and the gain of a step (lr/(1-μ)) at the one-worker value:
+
+    s < D:  μ_e = (D - s) / (D - s + 1),  lr × (1 + D) / (1 + D - s)
+    s ≥ D:  μ_e = 0,                      lr × (1 + D)² / (1 + s)   (staleness-aware lr beyond)
+
+At s = 0 nothing changes; the total momentum reported is (D_e + s) / (D_e + s + 1). It is closed
+loop: s is re-measured on every push (a running mean over ``staleness_window`` pushes), so more
+workers, stragglers or ``overlap`` move it. Adaptive rules (Adagrad, Adam) normalise their steps
+by the gradients' own scale; they get the sync factor (sqrt by default) and no async rule.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from downpour.config import JobConfig
+from downpour.errors import ConfigError
+from downpour.server.schedule import check_schedule, make_schedule
+
+WARMUP_FRACTION = 0.05  # default warm-up: this share of the job's planned steps
+TRACE_POINTS = 200  # effective values kept for the summary over a job
+UNBOUNDED_CHECK_STEPS = 100_000  # job steps a stream job's schedule is checked over
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What ``scaling: auto`` resolved to for one job (shown in summary.json)."""
+
+    sync_lr: str  # linear | sqrt | none
+    warmup_steps: int
+    async_rule: str  # momentum | none
+    staleness_window: int
+
+
+def resolve(job: JobConfig, planned_steps: int | None) -> Plan:
+    """The scaling ``job`` asks for, with every ``auto`` decided (``planned_steps``: the job's
+    length in job steps, for the default warm-up; None when unknown)."""
+    opt, t = job.optimizer, job.training
+    o = opt.scaling_options
+    if opt.scaling == "none" or t.local_steps > 1:  # local SGD pushes changes that no rule applies
+        return Plan("none", 0, "none", o.staleness_window)
+    sync_lr = o.sync_lr if o.sync_lr != "auto" else ("linear" if opt.name == "sgd" else "sqrt")
+    momentum = getattr(opt, "momentum", 0.0)
+    async_rule = o.async_rule if o.async_rule != "auto" else ("momentum" if opt.name == "sgd" and momentum > 0 else "none")
+    if o.warmup_steps is not None:
+        warmup = o.warmup_steps
+    else:
+        warmup = round(WARMUP_FRACTION * planned_steps) if planned_steps else 0
+    return Plan(sync_lr, warmup, async_rule, o.staleness_window)
+
+
+def check_hyperparameters(job: JobConfig, num_train: int) -> None:
+    """Checks that need the job's length (known once the data is): a warm-up longer than the job,
+    a schedule that yields something other than a finite factor ≥ 0 over the job's steps."""
+    planned = job.planned_steps(num_train)
+    if planned:  # a stream has no planned length: its schedule is checked over its first steps
+        check_scaling(job, planned)
+    check_schedule(job.optimizer.schedule, job.effective_lr(), planned or UNBOUNDED_CHECK_STEPS)
+
+
+def check_scaling(job: JobConfig, planned_steps: int) -> None:
+    o = job.optimizer.scaling_options
+    if job.optimizer.scaling == "auto" and o.warmup_steps and o.warmup_steps > planned_steps:
+        raise ConfigError(f"optimizer.scaling_options.warmup_steps ({o.warmup_steps}) is longer than the job "
+                          f"({planned_steps} job steps: its examples × epochs / (training.batch_size × "
+                          "training.accumulate))")
+
+
+def sync_factor(rule: str, n: int, step: int, warmup_steps: int) -> float:
+    """The lr factor of a sync round that averaged ``n`` gradients, at job ``step``."""
+    if rule == "none" or n <= 1:
+        return 1.0
+    full = float(n) if rule == "linear" else math.sqrt(n)
+    if step < warmup_steps:
+        return 1.0 + (full - 1.0) * step / warmup_steps
+    return full
+
+
+def async_compensation(momentum: float, staleness: float) -> tuple[float, float]:
+    """(explicit momentum, lr factor) that keep the job's ``momentum`` in total under a mean
+    ``staleness`` (module docstring)."""
+    if staleness <= 0 or momentum <= 0:
+        return momentum, 1.0
+    target = momentum / (1.0 - momentum)  # D: the mean delay momentum adds, in steps
+    if staleness < target:
+        d = target - staleness
+        return d / (d + 1.0), (1.0 + target) / (1.0 + d)
+    return 0.0, (1.0 + target) ** 2 / (1.0 + staleness)
+
+
+def total_momentum(explicit: float, staleness: float) -> float:
+    """Explicit and implicit momentum together: the momentum whose delay is the sum of theirs."""
+    d = explicit / (1.0 - explicit) + max(staleness, 0.0)
+    return d / (d + 1.0)
+
+
+class RunningMean:
+    """Mean of the last ~``window`` values: the plain mean until ``window`` values were seen,
+    then an exponential average with weight 1/window (no list of values kept)."""
+
+    def __init__(self, window: int) -> None:
+        self.window, self.n, self.value = window, 0, 0.0
+
+    def add(self, x: float) -> None:
+        self.n += 1
+        self.value += (x - self.value) / min(self.n, self.window)
+
+
+class Hyperparams:
+    """One server's effective hyperparameters (pure: no clock, no sockets). The store asks
+    :meth:`set_rule` before each update; the policy's staleness records feed :meth:`observe`."""
+
+    def __init__(self, job: JobConfig, planned_steps: int | None = None) -> None:
+        opt = job.optimizer
+        self.base_lr = job.effective_lr()
+        self.momentum = getattr(opt, "momentum", None)
+        self.plan = resolve(job, planned_steps)
+        self.schedule = make_schedule(opt.schedule, self.base_lr)
+        self.scheduled = opt.schedule is not None
+        self.staleness = RunningMean(self.plan.staleness_window)
+        self.workers = job.cluster.num_workers  # live workers (MEMBERSHIP); shown beside the values
+        self.lr, self.explicit = self.base_lr, self.momentum  # the last values handed to the rule
+        self.step = 0
+        self.every = max(1, (planned_steps or 0) // TRACE_POINTS)
+        self.trace: list[list[float]] = []  # [job step, lr, explicit momentum, total momentum, staleness]
+        self._next_trace = 0
+
+    def observe(self, staleness: int) -> None:
+        """A push ``staleness`` versions stale was applied (async, ssp)."""
+        self.staleness.add(staleness)
+
+    def set_workers(self, n: int) -> None:
+        self.workers = n
+
+    def at(self, step: int, pushes: int = 1) -> tuple[float, float | None]:
+        """(lr, momentum) for an update at job ``step`` averaging ``pushes`` gradients."""
+        lr, momentum = self.base_lr, self.momentum
+        if self.scheduled:
+            f = float(self.schedule.factor(step))
+            if not (math.isfinite(f) and f >= 0):
+                raise ConfigError(f"optimizer.schedule: lr factor {f} at job step {step}; it must be a finite number of at least 0")
+            lr = lr * f
+        p = self.plan
+        if pushes > 1 and p.sync_lr != "none":
+            lr = lr * sync_factor(p.sync_lr, pushes, step, p.warmup_steps)
+        if p.async_rule == "momentum" and momentum and self.staleness.value > 0:
+            momentum, factor = async_compensation(momentum, self.staleness.value)
+            lr = lr * factor
+        return lr, momentum
+
+    def set_rule(self, rule: Any, step: int, pushes: int = 1) -> None:
+        """Give ``rule`` the lr (and momentum, where it has one) for this update."""
+        self.lr, self.explicit = self.at(step, pushes)
+        rule.lr = self.lr
+        if self.explicit is not None and hasattr(rule, "momentum"):
+            rule.momentum = self.explicit
+        self.step = step
+        if step >= self._next_trace and len(self.trace) < 4 * TRACE_POINTS:
+            self._next_trace = step + self.every
+            self.trace.append(self.current_row())
+
+    def current_row(self) -> list[float]:
+        s = self.staleness.value
+        total = total_momentum(self.explicit, s) if self.explicit is not None and self.plan.async_rule != "none" else self.explicit
+        return [self.step, self.lr, self.explicit if self.explicit is not None else 0.0,
+                total if total is not None else 0.0, s]
+
+    def progress(self) -> dict[str, float]:
+        """The current effective values (heartbeat, /metrics)."""
+        step, lr, explicit, total, s = self.current_row()
+        return {"lr": lr, "momentum": explicit, "momentum_total": total, "staleness_recent": s, "job_step": step}
+
+    def report(self) -> dict[str, Any]:
+        """For summary.json: what was resolved, and the effective values over the job."""
+        return {"base_lr": self.base_lr, "momentum": self.momentum, "plan": asdict(self.plan),
+                "final": self.progress(), "trace": [*self.trace, self.current_row()]}
