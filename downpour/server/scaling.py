@@ -13,19 +13,23 @@ applies, so the update rule sees exactly the job's lr and momentum (today's beha
 (Goyal et al. 2017) multiplies the lr by n, sqrt by √n; over the first ``warmup_steps`` job steps
 the factor rises linearly from 1 to its full value.
 
-**Async and ssp** ("asynchrony begets momentum", Mitliagkas et al. 2016). A push s versions
-stale acts like momentum: with geometrically distributed staleness of mean s the expected update
-follows momentum SGD whose momentum μ_i has mean delay μ_i/(1-μ_i) = s. Explicit momentum μ_e
-adds its own delay, μ_e/(1-μ_e). The rule keeps the total delay at the job's target μ
-(D = μ/(1-μ)) and the gain of a step (lr/(1-μ)) at the one-worker value:
+**Async and ssp** ("asynchrony begets momentum", Mitliagkas et al. 2016). With pushes s versions
+stale on average (geometrically distributed), asynchronous SGD with lr η behaves in expectation
+like momentum SGD with implicit momentum μ_i = s / (1 + s) and lr η / (1 + s). Explicit momentum μ_e
+composes with it as 1 - μ_total = (1 - μ_e)(1 - μ_i), so the rule keeps μ_total at the job's μ:
 
-    s < D:  μ_e = (D - s) / (D - s + 1),  lr × (1 + D) / (1 + D - s)
-    s ≥ D:  μ_e = 0,                      lr × (1 + D)² / (1 + s)   (staleness-aware lr beyond)
+    μ_e = max(0, 1 - (1 - μ)(1 + s))
+    lr  × (1 - μ_e) / ((1 - μ) sqrt(1 + s))
 
-At s = 0 nothing changes; the total momentum reported is (D_e + s) / (D_e + s + 1). It is closed
-loop: s is re-measured on every push (a running mean over ``staleness_window`` pushes), so more
-workers, stragglers or ``overlap`` move it. Adaptive rules (Adagrad, Adam) normalise their steps
-by the gradients' own scale; they get the sync factor (sqrt by default) and no async rule.
+so that a step's gain, lr / (1 - μ_e), is the job's, lr / (1 - μ), over sqrt(1 + s): for s below
+μ / (1 - μ) that is lr × sqrt(1 + s), giving back the square root of the 1 / (1 + s) the implicit
+momentum took; beyond, where no explicit momentum is left, a staleness-aware lr (the square
+root of Zhang et al.'s 1 / s). Giving back all of it (lr × (1 + s)) keeps a step's size but is
+unstable under delay; none of it leaves training slow (benchmarks/RESULTS.md). At s = 0 nothing changes. It is
+closed loop: s is re-measured on every push (a running mean over ``staleness_window`` pushes),
+so more workers, stragglers or ``overlap`` move it. Adaptive rules (Adagrad, Adam) normalise
+their steps by the gradients' own scale; they get the sync factor (sqrt by default) and no
+async rule.
 """
 
 from __future__ import annotations
@@ -102,17 +106,16 @@ def async_compensation(momentum: float, staleness: float) -> tuple[float, float]
     ``staleness`` (module docstring)."""
     if staleness <= 0 or momentum <= 0:
         return momentum, 1.0
-    target = momentum / (1.0 - momentum)  # D: the mean delay momentum adds, in steps
-    if staleness < target:
-        d = target - staleness
-        return d / (d + 1.0), (1.0 + target) / (1.0 + d)
-    return 0.0, (1.0 + target) ** 2 / (1.0 + staleness)
+    # 1 - total = (1 - explicit)(1 - implicit), implicit = s / (1 + s): the explicit momentum left.
+    explicit = max(0.0, 1.0 - (1.0 - momentum) * (1.0 + staleness))
+    # A step's gain lr / (1 - explicit) is the job's, lr / (1 - momentum), over sqrt(1 + s).
+    return explicit, (1.0 - explicit) / ((1.0 - momentum) * math.sqrt(1.0 + staleness))
 
 
 def total_momentum(explicit: float, staleness: float) -> float:
-    """Explicit and implicit momentum together: the momentum whose delay is the sum of theirs."""
-    d = explicit / (1.0 - explicit) + max(staleness, 0.0)
-    return d / (d + 1.0)
+    """Explicit and implicit momentum together: 1 - total = (1 - explicit)(1 - implicit), with
+    implicit = s / (1 + s) for a mean staleness s."""
+    return 1.0 - (1.0 - explicit) / (1.0 + max(staleness, 0.0))
 
 
 class RunningMean:
