@@ -151,9 +151,9 @@ class ScalingOptions(_Frozen):
     # Sync: over the first warmup_steps job steps the factor rises linearly from 1 to its full
     # value (gradual warm-up). None: 5% of the job's planned steps. 0: no warm-up.
     warmup_steps: int | None = Field(None, ge=0)
-    # Async and ssp: momentum: the explicit momentum shrinks as the measured staleness grows, so
+    # Async and ssp: momentum: the explicit momentum shrinks as the measured staleness s grows, so
     # that explicit plus implicit momentum ("asynchrony begets momentum", Mitliagkas et al. 2016)
-    # stays at the job's momentum, and the learning rate keeps the size of a step; none.
+    # stays at the job's momentum, and a step's size is the job's over sqrt(1 + s); none.
     # auto: momentum for SGD with momentum, none for the rest.
     async_rule: Literal["auto", "momentum", "none"] = "auto"
     # Pushes the running mean of staleness (which the async rule follows) averages over.
