@@ -584,6 +584,18 @@ class RayConfig(_Frozen):
     start_timeout_s: float = Field(60.0, gt=0)
 
 
+class ExportConfig(_Frozen):
+    """Exports for serving (docs/online.md): each committed checkpoint is written to ``url`` as
+    a version, a full snapshot first and every ``full_every`` versions, deltas between (the
+    changed sparse rows and dense slices of ``slice_size`` elements). The export interval is
+    the checkpoint interval (``checkpoint.every_s``)."""
+
+    url: str | None = None  # a folder or fsspec URL; None: no export
+    precision: Literal["float32", "float16", "int8"] = "float32"
+    full_every: int = Field(20, ge=1)
+    slice_size: int = Field(256, ge=1)
+
+
 class JobConfig(_Frozen):
     name: str = "job"
 
@@ -604,6 +616,7 @@ class JobConfig(_Frozen):
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     compression: CompressionConfig = Field(default_factory=CompressionConfig)
     sparse: SparseConfig = Field(default_factory=SparseConfig)
+    export: ExportConfig = Field(default_factory=ExportConfig)
     # Warm start: take the parameters (not the optimizer state or data position) of the latest
     # checkpoint under this run folder or URL. Parameters new in this model are initialised as
     # usual; one whose shape changed is an error naming it.

@@ -31,6 +31,7 @@ from typing import Any
 
 from downpour.cli.datagen import add_datagen_parser
 from downpour.cli.scheduler import add_scheduler_parsers
+from downpour.cli.serve import add_serve_parser
 from downpour.errors import ConfigError, DownpourError, JobFailed
 
 log = logging.getLogger("downpour")
@@ -438,6 +439,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_datagen_parser(sub)
     add_scheduler_parsers(sub)
+    add_serve_parser(sub)
     return p
 
 

@@ -91,6 +91,12 @@ class Coordinator:
         check_hyperparameters(job, num_train)  # warm-up and schedule against the job's length
         # A stream: each checkpoint's partition offsets go into its manifest, then are acknowledged.
         self.stream = Acknowledger(dataset.source) if getattr(dataset, "source", None) is not None else None
+        self.exports = None  # each committed checkpoint, exported for serving (export.url)
+        if job.export.url and self.checkpoint_url:
+            from downpour.serving.export import Exporter, ExportThread
+
+            ex = job.export
+            self.exports = ExportThread(Exporter(ex.url, ex.precision, ex.full_every, ex.slice_size, job.data.url), self.checkpoint_url)
         cp = job.checkpoint
         self.checkpoint_url = cp.url or (os.path.abspath(os.path.join(run_dir, "checkpoints")) if run_dir else None)
         if cp.enabled and self.checkpoint_url is None:
@@ -279,6 +285,8 @@ class Coordinator:
             store.commit(manifest)
             if offsets:
                 self.stream.committed(offsets)
+            if self.exports is not None:
+                self.exports.committed(a.name)
         except Exception as err:  # any fsspec backend's error: this checkpoint is lost, the job goes on
             self.state.checkpoint_committed(time.monotonic(), False, f"{type(err).__name__}: {err}")
             return
@@ -343,6 +351,8 @@ class Coordinator:
         for code, n in self.rejected.items():  # what never reached the state machine, with what it refused
             refused[str(code)] = refused.get(str(code), 0) + n
         summary["coordinator_refused"] = refused
+        if self.exports is not None:  # the last checkpoint exported
+            self.exports.drain(timeout_s=60.0)
         if self.stream is not None:  # the last checkpoint's offsets acknowledged; the stream's figures
             self.stream.drain(timeout_s=5.0)
             summary["online"] = online_summary(summary.get("workers") or {}, self.stream.acked)
