@@ -109,7 +109,7 @@ def test_a_corrupt_or_partial_delta_is_refused_and_serving_stays_on_the_last_goo
     s3 = fake_state(3, base=s2, touch=20, name="ckpt-3")
     ex.export(s3)  # version 3: the next snapshot (full_every 2)
     assert f.poll() and f.state.version == 3 and f.state.manifest["kind"] == "snapshot"
-    for name, (k, v) in s3.tables.items():
+    for name, (_k, v) in s3.tables.items():
         assert np.array_equal(f.state.tables[name][1], v.astype(np.float16).astype(np.float32))
 
 
