@@ -91,16 +91,16 @@ class Coordinator:
         check_hyperparameters(job, num_train)  # warm-up and schedule against the job's length
         # A stream: each checkpoint's partition offsets go into its manifest, then are acknowledged.
         self.stream = Acknowledger(dataset.source) if getattr(dataset, "source", None) is not None else None
+        cp = job.checkpoint
+        self.checkpoint_url = cp.url or (os.path.abspath(os.path.join(run_dir, "checkpoints")) if run_dir else None)
+        if cp.enabled and self.checkpoint_url is None:
+            log.warning("coordinator: no run folder and no checkpoint.url: this job writes no checkpoints")
         self.exports = None  # each committed checkpoint, exported for serving (export.url)
         if job.export.url and self.checkpoint_url:
             from downpour.serving.export import Exporter, ExportThread
 
             ex = job.export
             self.exports = ExportThread(Exporter(ex.url, ex.precision, ex.full_every, ex.slice_size, job.data.url), self.checkpoint_url)
-        cp = job.checkpoint
-        self.checkpoint_url = cp.url or (os.path.abspath(os.path.join(run_dir, "checkpoints")) if run_dir else None)
-        if cp.enabled and self.checkpoint_url is None:
-            log.warning("coordinator: no run folder and no checkpoint.url: this job writes no checkpoints")
         resume = plan_resume(cp.resume_from, layout, job.optimizer.name) if cp.resume_from and not recover else None
         self.state = CoordinatorState(job, layout, num_train, time.monotonic(), self.checkpoint_url if cp.enabled else None, resume)
         self.state.pid = os.getpid()
