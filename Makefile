@@ -10,7 +10,7 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 # Programs the tests drive: a real Prometheus server and headless Chromium (monitoring), redis-server (streams).
 TEST_TOOLS := prometheus chromium redis-server
 
-.PHONY: demo ctr test test-fast setup data tools lint bench clean
+.PHONY: demo ctr online test test-fast setup data tools lint bench clean
 
 # setup.py builds the sparse tables' C kernel (downpour/sparse/_native.c) into the package.
 $(VENV)/.installed: requirements.txt requirements-dev.txt pyproject.toml setup.py downpour/sparse/_native.c
@@ -45,6 +45,10 @@ CTR_ROWS ?= 3000000
 ctr: setup
 	@if [ ! -f $(CTR_DATA)/criteo.json ]; then $(VENV)/bin/downpour datagen criteo --rows $(CTR_ROWS) --out $(CTR_DATA); fi
 	$(VENV)/bin/downpour train examples/ctr.yaml --set data.path=$(CTR_DATA)
+
+# Online learning (docs/online.md): stream -> training -> export -> serving, for ONLINE_S seconds.
+online: setup tools
+	ONLINE_S=$${ONLINE_S:-60} examples/online-demo.sh
 
 test: setup data tools
 	$(PY) -m pytest -q

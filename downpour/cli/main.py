@@ -142,7 +142,13 @@ def cmd_train(args) -> int:
               + f"continue with --resume {result.run_dir}")
         print(f"summary: {os.path.join(result.run_dir, 'summary.json')}")
         return 0
-    print(f"test accuracy: {s['test_accuracy']:.4f}   test loss: {s['test_loss']:.4f}")
+    online = s.get("online")
+    if online:  # a stream: no test split; its events were scored before they were trained on
+        auc, ll = online.get("prequential_auc"), online.get("prequential_logloss")
+        print(f"stream: {online['events']} events trained, {online['malformed']} malformed skipped; prequential AUC "
+              f"{'n/a' if auc is None else f'{auc:.4f}'}, log loss {'n/a' if ll is None else f'{ll:.4f}'}")
+    else:
+        print(f"test accuracy: {s['test_accuracy']:.4f}   test loss: {s['test_loss']:.4f}")
     if s.get("test_auc") is not None:
         best = s.get("optimum_auc")
         print(f"test AUC: {s['test_auc']:.4f}" + (f"   (optimum {best:.4f}: gap {best - s['test_auc']:.4f})" if best is not None else "")
