@@ -2,7 +2,7 @@
 model, and serving latency (docs/online.md).
 
     .venv/bin/python benchmarks/online.py                 # all three parts, about 3 minutes on 2 cores
-    .venv/bin/python benchmarks/online.py --part serve    # one part: throughput | freshness | serve
+    .venv/bin/python benchmarks/online.py --part serve    # one part: throughput | freshness | serve | drift
 
 * throughput: the same R rows trained once from files (``data.name: criteo``) and once from a
   Redis stream filled beforehand (a backlog, ended by end markers); same model (Wide & Deep,
@@ -14,6 +14,9 @@ model, and serving latency (docs/online.md).
   from its timestamp until the first version including it arrived (events spread evenly in time).
 * serve: ``downpour serve`` (a process) on that export; /predict with batch 1 and 256: latency
   p50/p99 of sequential requests, and requests/s with 4 client threads.
+* drift: a stream whose hidden model changes every D events, trained online with an export
+  per checkpoint; each event scored by the newest version not yet including it (the served
+  model's prequential score) and by the version frozen after the first phase: AUC of both.
 """
 
 from __future__ import annotations
@@ -179,9 +182,82 @@ def serve(export: str, tmp: str) -> dict:
         proc.wait(timeout=10)
 
 
+def drift(events: int, every: int, tmp: str) -> dict:
+    """A drifting stream (the hidden model changes every ``every`` events) trained online with an
+    export after each checkpoint; then every event is scored by the newest exported version that
+    does not include it yet (the served model's prequential score) and by the version frozen at
+    the end of the first phase. AUC of both over the events after the first phase."""
+    import torch
+
+    from downpour.data.scoring import roc_auc
+    from downpour.serving.export import list_versions
+    from downpour.serving.model import Follower, _apply
+    from downpour.stream.api import RawEvent
+    from downpour.stream.events import parse_events
+    from downpour.stream.redis_source import pack_id
+
+    redis = RedisServer(tmp).start()
+    export = os.path.join(tmp, "export")
+    try:
+        url = redis.url + "?stream=clicks&partitions=2"
+        src = open_source(url)
+        src.create()
+        stream_events(src, events, 0.0, seed=0, drift_every=every, end_marker=True)
+        job = _job({"name": "stream", "url": url}, checkpoint={"every_s": 1.0, "keep": 3},
+                   export={"url": export, "full_every": 100000})
+        summary = LocalLauncher(resolve_job(job), os.path.join(tmp, "drift")).run().summary
+        parts = []  # per partition: offsets, dense, ids, y, global index
+        for p in range(2):
+            entries = [e for e in src.client.xrange(src.key(p), "-", "+") if "eos" not in e[1]]
+            b = parse_events([RawEvent(pack_id(i), f) for i, f in entries], "drift", 0)
+            parts.append((b.offsets, b.dense, b.ids, b.y.numpy(), np.arange(len(b.offsets)) * 2 + p))
+    finally:
+        redis.stop()
+    f = Follower(export)
+    versions = list_versions(f.fs, f.root)
+    scores_online = [np.full(len(pt[0]), np.nan) for pt in parts]
+    scores_frozen = [np.full(len(pt[0]), np.nan) for pt in parts]
+    state, frozen = None, None
+    for i, v in enumerate(versions):
+        manifest, data = f._read(v)
+        state = _apply(state if manifest["kind"] == "delta" else None, manifest, data, f"v{v}")
+        nxt = f._read(versions[i + 1])[0]["stream"] if i + 1 < len(versions) else None
+        for p, (offs, dense, ids, _y, _g) in enumerate(parts):
+            lo = int(np.searchsorted(offs, _off(manifest["stream"][str(p)]), side="right"))
+            hi = len(offs) if nxt is None else int(np.searchsorted(offs, _off(nxt[str(p)]), side="right"))
+            if hi > lo:
+                with torch.no_grad():
+                    scores_online[p][lo:hi] = torch.sigmoid(state.model(dense[lo:hi], ids[lo:hi]).reshape(-1)).numpy()
+        included = [int(np.searchsorted(pt[0], _off(manifest["stream"][str(p)]), side="right")) for p, pt in enumerate(parts)]
+        if max((int(pt[4][n - 1]) for pt, n in zip(parts, included) if n), default=-1) < every:
+            frozen = state  # so far trained on the first phase only: the last such version is the frozen one
+    for p, (_o, dense, ids, _y, gidx) in enumerate(parts):
+        later = gidx >= every
+        with torch.no_grad():
+            scores_frozen[p][later] = torch.sigmoid(frozen.model(dense[later], ids[later]).reshape(-1)).numpy()
+    y = np.concatenate([pt[3] for pt in parts])
+    g = np.concatenate([pt[4] for pt in parts])
+    on, fr = np.concatenate(scores_online), np.concatenate(scores_frozen)
+    out = {"events": events, "drift_every": every, "versions": len(versions), "frozen_version": frozen.version,
+           "trained_events": summary["online"]["events"], "prequential_auc_workers": summary["online"]["prequential_auc"]}
+    for k in range(1, events // every):
+        sel = (g >= k * every) & (g < (k + 1) * every) & ~np.isnan(on)
+        out[f"phase_{k}"] = {"online_auc": roc_auc(y[sel], on[sel]), "frozen_auc": roc_auc(y[sel], fr[sel]), "events": int(sel.sum())}
+    sel = (g >= every) & ~np.isnan(on)
+    out["after_first_phase"] = {"online_auc": roc_auc(y[sel], on[sel]), "frozen_auc": roc_auc(y[sel], fr[sel]),
+                                "margin": roc_auc(y[sel], on[sel]) - roc_auc(y[sel], fr[sel])}
+    return out
+
+
+def _off(value) -> int:
+    return (1 << 58) - 1 if value == "end" else int(value)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--part", choices=["all", "throughput", "freshness", "serve"], default="all")
+    ap.add_argument("--part", choices=["all", "throughput", "freshness", "serve", "drift"], default="all")
+    ap.add_argument("--drift-events", type=int, default=240_000, help="drift: events in all")
+    ap.add_argument("--drift-every", type=int, default=80_000, help="drift: the hidden model changes every this many events")
     ap.add_argument("--rows", type=int, default=300_000, help="throughput: rows trained each way")
     ap.add_argument("--rate", type=float, default=2000.0, help="freshness: events per second")
     ap.add_argument("--seconds", type=float, default=30.0, help="freshness: seconds of training")
@@ -199,6 +275,10 @@ def main() -> int:
         if args.part in ("all", "serve") and "export" in res.get("freshness", {}):
             res["serve"] = serve(res["freshness"]["export"], tmp)
             print(json.dumps(res["serve"], indent=1), flush=True)
+        if args.part in ("all", "drift"):
+            os.makedirs(os.path.join(tmp, "d"))
+            res["drift"] = drift(args.drift_events, args.drift_every, os.path.join(tmp, "d"))
+            print(json.dumps(res["drift"], indent=1), flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(res, f, indent=1)
