@@ -20,7 +20,7 @@ _RATES = {
     "server": {"pushes": "pushes_per_s", "pulls": "pulls_per_s", "bytes_in": "bytes_in_per_s", "bytes_out": "bytes_out_per_s"},
 }
 # values shown as they are
-_LEVELS = {"worker": ("loss",), "server": ("staleness_mean",)}
+_LEVELS = {"worker": ("loss", "prequential_auc"), "server": ("staleness_mean",)}
 
 
 class History:

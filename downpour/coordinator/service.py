@@ -177,6 +177,8 @@ class Coordinator:
                 if n["role"] == "worker" and n["state"] == "alive":
                     scalars[f"{n['name']}/loss"] = n["progress"].get("loss")
                     scalars[f"{n['name']}/examples_per_s"] = n["progress"].get("examples_per_s")
+                    if "prequential_auc" in n["progress"]:  # a stream: the last window's AUC, scored before training
+                        scalars[f"{n['name']}/prequential_auc"] = n["progress"]["prequential_auc"]
             self.tensorboard.add(scalars, status["steps"])
 
     def _update_targets(self, status: dict[str, Any]) -> None:

@@ -97,6 +97,14 @@ class OnlineLoop:
             self._logged_at = now
             log.warning("%s: %d malformed event(s) skipped so far; e.g. %s", self.name, self.malformed, "; ".join(batch.reasons[:2]))
 
+    def progress(self) -> dict[str, Any]:
+        """What the heartbeat carries (read from the heartbeat thread: plain numbers only)."""
+        out: dict[str, Any] = {"events": self.events, "malformed": self.malformed}
+        curve = self.prequential.curve
+        if curve and curve[-1][2] == curve[-1][2]:  # the last window's AUC (not NaN)
+            out["prequential_auc"] = curve[-1][2]
+        return out
+
     def stats(self) -> dict[str, Any]:
         lag = np.asarray(self.freshness_lag_s) if self.freshness_lag_s else None
         return {"events": self.events, "malformed": self.malformed, "batches": self.batches, "partitions": self.partitions,

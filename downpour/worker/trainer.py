@@ -170,6 +170,8 @@ class Trainer:
             out["shard"] = [shard["epoch"], shard["shard"]]
         if self.loss_ema is not None:
             out["loss"] = self.loss_ema
+        if self.online is not None:
+            out.update(self.online.progress())
         return out
 
     def run(self, next_shard: Callable[[], dict | None], shard_done: Callable[[int, int, int], None]) -> None:

@@ -113,7 +113,9 @@
   function activity(n) {
     const p = obj(n.progress);
     if (n.role === "worker") {
-      return `${fmtSI(p.examples_per_s)} ex/s · loss ${fmtLoss(p.loss)} · ${fmtInt(p.steps)} steps`;
+      // a stream: the prequential AUC of the last window (events scored before they were trained on)
+      const auc = num(p.prequential_auc) ? ` · prequential AUC ${fmtFixed(p.prequential_auc, 4)}` : "";
+      return `${fmtSI(p.examples_per_s)} ex/s · loss ${fmtLoss(p.loss)} · ${fmtInt(p.steps)} steps${auc}`;
     }
     if (n.role === "server") {
       const rate = lastValue(n.name, "pushes_per_s");
