@@ -120,3 +120,17 @@ def test_redis_unreachable_at_start_is_a_clear_error():
     src = open_source(f"redis://127.0.0.1:{free_port()}/0")
     with pytest.raises(DataError, match="unreachable"):
         src.check()
+
+
+def test_a_stream_job_refuses_to_start_when_redis_is_unreachable_naming_the_url():
+    from downpour.api import check_data
+    from downpour.config import parse_job
+    from tests.redis_server import free_port
+
+    url = f"redis://127.0.0.1:{free_port()}/0?stream=clicks&partitions=2"
+    job = parse_job({"model": {"name": "wide_deep"}, "data": {"name": "stream", "url": url}})
+    assert job.data.shard_size == 1 << 58 and job.data.path == url
+    with pytest.raises(DataError, match=r"redis at redis://127\.0\.0\.1:\d+/0 is unreachable"):
+        check_data(job)
+    with pytest.raises(Exception, match="data.url: a stream needs a URL"):
+        parse_job({"model": {"name": "wide_deep"}, "data": {"name": "stream"}})
