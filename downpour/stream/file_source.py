@@ -95,7 +95,7 @@ class FileSource:
         return FileReader(self.part(partition), partition, after)
 
     def append(self, partition: int, fields: dict[str, str]) -> int:
-        line = fields.get("json") or fields.get("tsv") or ""
+        line = '{"eos": 1}' if "eos" in fields else fields.get("json") or fields.get("tsv") or ""
         with open(self.part(partition), "ab") as f:
             f.write(line.encode() + b"\n")
             return f.tell()
