@@ -60,7 +60,7 @@ def _job(data: dict, **over) -> dict:
 
 def throughput(rows: int, tmp: str) -> dict:
     data = os.path.join(tmp, "criteo")
-    generate(CriteoSpec(rows=rows + 2, seed=0, test_fraction=1 / (rows + 2), files=2), data)
+    generate(CriteoSpec(rows=rows + rows // 20, seed=0, test_fraction=(rows // 20) / (rows + rows // 20), files=2), data)
     offline = LocalLauncher(resolve_job(_job({"name": "criteo", "path": data})), os.path.join(tmp, "offline")).run().summary
     redis = RedisServer(tmp).start()
     try:
