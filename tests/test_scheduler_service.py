@@ -48,7 +48,10 @@ class FakeRunner:
     def end(self, job, how):
         p = self.procs[job.pid]
         p["alive"] = False
-        p["exit"] = {"finish": Exit(0, {"steps": 10}), "stopped": Exit(0, {"stopped": True}), "crash": Exit(1, None)}[how]
+        p["exit"] = {"finish": Exit(0, {"status": "ok", "error": None}), "stopped": Exit(0, {"status": "stopped", "error": None}),
+                     "crash": Exit(1, None),  # killed before it wrote a summary
+                     # a failure seen by a scheduler that adopted the process: no exit code, the summary says it
+                     "failed": Exit(None, {"status": "failed", "error": "worker-0 died"})}[how]
 
 
 class Clock:
@@ -167,6 +170,15 @@ def test_a_failing_job_is_restarted_with_back_off_then_failed(make, tiny_data):
     assert job.phase is Phase.FAILED and "after 2 restarts" in job.message
 
 
+def test_a_job_stopped_by_hand_goes_back_to_the_queue_without_counting_as_a_failure(make, tiny_data):
+    s, runner, clock = make(cpus=2)
+    job = s.submit(job_yaml(tiny_data))
+    s.step()
+    runner.end(job, "stopped")  # someone sent its downpour train SIGTERM: it committed a checkpoint and stopped
+    s.step()
+    assert job.phase is Phase.RUNNING and job.attempt == 1 and job.restarts == 0
+
+
 def test_a_restarted_scheduler_loses_no_job_and_adopts_the_running_ones(make, tiny_data, tmp_path):
     s, runner, clock = make(cpus=2)
     ids = [s.submit(job_yaml(tiny_data)).id for _ in range(3)]
@@ -178,8 +190,8 @@ def test_a_restarted_scheduler_loses_no_job_and_adopts_the_running_ones(make, ti
     runner.end(running, "finish")  # ends while no scheduler watches... or under the new one
     s2.step()
     assert s2.jobs[ids[0]].phase is Phase.DONE and s2.jobs[ids[1]].phase is Phase.RUNNING
-    # A job whose process died while the scheduler was down is restarted, not forgotten.
-    runner.end(s2.jobs[ids[1]], "crash")
+    # A job whose process failed while the scheduler was down is restarted, not forgotten.
+    runner.end(s2.jobs[ids[1]], "failed")
     s2.store.close()
     s3, _, _ = make(cpus=2, root=s.settings.root, runner=runner, clock=clock)
     assert s3.jobs[ids[1]].phase is Phase.QUEUED and s3.jobs[ids[1]].restarts == 1

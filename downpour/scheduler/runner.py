@@ -35,12 +35,14 @@ class Exit:
 
     @property
     def stopped(self) -> bool:
-        s = self.summary or {}
-        return bool(s.get("stopped")) or s.get("status") == "stopped" or s.get("outcome") == "stopped"
+        """It stopped early on request (the graceful stop: a final checkpoint was committed)."""
+        return (self.summary or {}).get("status") == "stopped"
 
     @property
     def completed(self) -> bool:
-        return self.summary is not None and not self.stopped and self.code in (0, None)
+        """It trained to the end: summary.json says ``ok`` (and the exit code, when known, is 0)."""
+        return self.summary is not None and self.summary.get("status", "ok") == "ok" and self.summary.get("error") is None \
+            and self.code in (0, None)
 
 
 def job_folder(root: str, job_id: int) -> str:

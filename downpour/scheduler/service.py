@@ -187,6 +187,7 @@ class Scheduler:
     def _stop(self, job: Job, why: str) -> None:
         job.phase, job.message = Phase.STOPPING, why
         job.extra["stop_sent_s"], job.extra["stop_signals"] = self.clock(), 1
+        self.store.save(job)  # saved before the signal: a restarted scheduler knows the stop was asked
         if job.pid is not None:
             self.runner.signal(job.pid, job.run_dir, signal.SIGTERM)
 
@@ -218,7 +219,7 @@ class Scheduler:
             job.phase, job.finished_s, job.message = Phase.DONE, now, "finished"
         elif job.cancel_requested:
             job.phase, job.finished_s, job.message = Phase.CANCELLED, now, "cancelled"
-        elif job.phase is Phase.STOPPING:  # preempted: continues from its checkpoint when resources allow
+        elif job.phase is Phase.STOPPING or ended.stopped:  # preempted (or stopped by hand): resumes from its checkpoint
             job.phase, job.attempt = Phase.QUEUED, job.attempt + 1
         elif job.restarts < self.settings.max_restarts:
             job.restarts += 1

@@ -1,0 +1,175 @@
+"""The scheduler with real jobs: a preempted job resumes from its checkpoint and loses nothing, and
+`downpour scheduler` killed and restarted loses no job and adopts the running ones."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+
+import pytest
+import torch
+import yaml
+
+from downpour.api import resolve_job
+from downpour.launch import LocalLauncher
+from downpour.scheduler import Phase, Resources
+from downpour.scheduler.service import Scheduler, SchedulerSettings
+from tests.cluster import PY, QUIET, wait_training
+from tests.conftest import tiny_job
+
+
+def _drive(s: Scheduler, done, timeout_s: float) -> None:
+    """Tick the scheduler until ``done()`` (bounded)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        s.step()
+        if done():
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"not done in {timeout_s} s: {[(j.id, j.phase.value, j.message) for j in s.jobs.values()]}")
+
+
+def _kill_jobs(pids) -> None:
+    for pid in pids:
+        try:
+            os.killpg(pid, signal.SIGKILL)  # each job runs in its own session: its group is its processes
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
+def _summary(run_dir: str) -> dict:
+    with open(os.path.join(run_dir, "summary.json")) as f:
+        return json.load(f)
+
+
+def _preempted(tmp_path, tiny_data, job: dict) -> tuple:
+    """Run ``job`` under the scheduler, preempt it for a more important job once it trains, let
+    both finish; returns (the job, its first summary, its final summary)."""
+    s = Scheduler(SchedulerSettings(root=str(tmp_path / "sched"), nodes={"here": Resources(cpus=4, memory_mb=8192)},
+                                    policy="priority", policy_options={"aging_per_s": 0.0}, tick_s=0.2))
+    try:
+        a = s.submit(yaml.safe_dump(job))
+        _drive(s, lambda: a.phase is Phase.RUNNING, 30)
+        wait_training(a.run_dir, steps=20)
+        urgent = s.submit(yaml.safe_dump(tiny_job(tiny_data, training={"epochs": 1}, monitor=QUIET)), priority=5)
+        _drive(s, lambda: a.phase is not Phase.RUNNING, 10)
+        assert a.phase is Phase.STOPPING and a.preemptions == 1
+        _drive(s, lambda: urgent.phase is Phase.RUNNING, 120)
+        first = _summary(os.path.join(s.settings.root, "jobs", str(a.id), "run-0"))
+        _drive(s, lambda: a.phase.finished and urgent.phase.finished, 300)
+        assert (a.phase, urgent.phase) == (Phase.DONE, Phase.DONE), a.message
+        assert a.attempt == 1 and a.extra["resumed_from"].endswith("run-0")
+        return a, first, _summary(a.run_dir)
+    finally:
+        _kill_jobs(j.pid for j in s.jobs.values() if j.pid)
+        s.store.close()
+
+
+@pytest.mark.slow
+def test_a_preempted_sync_job_ends_with_the_parameters_of_an_uninterrupted_run(tmp_path, tiny_data):
+    job = tiny_job(tiny_data, training={"consistency": "sync", "epochs": 12}, checkpoint={"every_s": 3600}, monitor=QUIET)
+    whole = LocalLauncher(resolve_job(job), str(tmp_path / "whole")).run()
+    a, first, last = _preempted(tmp_path, tiny_data, job)
+    assert first["status"] == "stopped"
+    want = torch.load(os.path.join(whole.run_dir, "model.pt"), weights_only=True)
+    got = torch.load(os.path.join(a.run_dir, "model.pt"), weights_only=True)
+    for name, value in want.items():
+        torch.testing.assert_close(got[name], value, rtol=1e-5, atol=1e-5)
+    assert last["data_shards"]["completed_per_epoch"] == {str(e): 6 for e in range(12)}
+
+
+@pytest.mark.slow
+def test_a_preempted_async_job_trains_every_shard_exactly_once_per_epoch(tmp_path, tiny_data):
+    job = tiny_job(tiny_data, training={"epochs": 30}, checkpoint={"every_s": 3600}, monitor=QUIET)
+    a, first, last = _preempted(tmp_path, tiny_data, job)
+    assert first["status"] == "stopped" and first["data_shards"]["unfinished"] > 0
+    assert last["data_shards"]["completed_per_epoch"] == {str(e): 6 for e in range(30)}
+    assert last["data_shards"]["unfinished"] == 0
+    assert first["examples"] + last["examples"] == 30 * 2400
+
+
+def _cli(*args, timeout_s: float = 60.0) -> subprocess.CompletedProcess:
+    return subprocess.run([PY, "-m", "downpour", *args], capture_output=True, text=True, timeout=timeout_s)
+
+
+def _start_scheduler(folder: str) -> subprocess.Popen:
+    if os.path.exists(os.path.join(folder, "scheduler.url")):
+        os.remove(os.path.join(folder, "scheduler.url"))
+    proc = subprocess.Popen([PY, "-m", "downpour", "scheduler", "--dir", folder, "--port", "0", "--cpus", "4",
+                             "--memory-mb", "8192", "--policy", "fifo", "--tick-s", "0.2"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 60
+    while not os.path.exists(os.path.join(folder, "scheduler.url")):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read() if proc.poll() is not None else "slow start"
+        time.sleep(0.1)
+    return proc
+
+
+def _jobs(folder: str) -> dict[int, dict]:
+    out = _cli("jobs", "--json", "--dir", folder)
+    assert out.returncode == 0, out.stderr
+    return {j["id"]: j for j in json.loads(out.stdout)}
+
+
+def _wait_jobs(folder: str, done, timeout_s: float) -> dict[int, dict]:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        jobs = _jobs(folder)
+        if done(jobs):
+            return jobs
+        time.sleep(0.5)
+    raise AssertionError(f"not done in {timeout_s} s: {jobs}")
+
+
+@pytest.mark.slow
+def test_a_killed_and_restarted_scheduler_loses_no_job_and_adopts_the_running_one(tmp_path, tiny_data):
+    folder = str(tmp_path / "sched")
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(tiny_job(tiny_data, training={"epochs": 3}, monitor=QUIET)))
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(tiny_job(tiny_data, training={"batch_size": -1})))
+    sched = _start_scheduler(folder)
+    pids: list[int] = []
+    try:
+        for k in range(3):
+            out = _cli("submit", str(path), "--dir", folder, "--user", f"u{k}")
+            assert out.returncode == 0 and f"job {k + 1} " in out.stdout, out.stderr
+        refused = _cli("submit", str(bad), "--dir", folder)
+        assert refused.returncode == 2 and "training.batch_size" in refused.stderr
+        big = _cli("submit", str(path), "--dir", folder, "--set", "cluster.num_workers=9")
+        assert big.returncode == 2 and "too little cpus" in big.stderr
+        unknown = _cli("cancel", "99", "--dir", folder)
+        assert unknown.returncode == 2 and "no job 99" in unknown.stderr
+        jobs = _wait_jobs(folder, lambda js: js[1]["phase"] == "running" and js[1]["pid"], 60)
+        pid = jobs[1]["pid"]
+        pids.append(pid)
+        wait_training(jobs[1]["run_dir"], steps=5)
+        sched.kill()  # SIGKILL: no chance to clean up
+        sched.wait(timeout=10)
+        os.kill(pid, 0)  # the job lives on without its scheduler
+        sched = _start_scheduler(folder)
+        jobs = _jobs(folder)
+        assert sorted(jobs) == [1, 2, 3] and jobs[1]["phase"] == "running" and jobs[1]["pid"] == pid
+        assert jobs[2]["phase"] == jobs[3]["phase"] == "queued"
+        deadline = time.monotonic() + 300
+        while True:  # every job to its end; the pid of each that starts is noted, to be killed if the test fails
+            jobs = _jobs(folder)
+            pids += [j["pid"] for j in jobs.values() if j["pid"] and j["pid"] not in pids]
+            if all(j["phase"] in ("done", "failed", "cancelled") for j in jobs.values()):
+                break
+            assert time.monotonic() < deadline, jobs
+            time.sleep(0.5)
+        assert [jobs[k]["phase"] for k in (1, 2, 3)] == ["done"] * 3, jobs
+        assert jobs[1]["first_started_s"] < jobs[2]["first_started_s"] < jobs[3]["first_started_s"]
+        assert all(jobs[k]["restarts"] == 0 for k in (1, 2, 3))
+        logs = _cli("logs", "1", "--dir", folder)
+        assert logs.returncode == 0 and "test accuracy" in logs.stdout
+        table = _cli("jobs", "--dir", folder)
+        assert table.returncode == 0 and "done" in table.stdout
+    finally:
+        sched.kill()
+        sched.communicate()
+        _kill_jobs(pids)
