@@ -127,22 +127,17 @@ def _wait_jobs(folder: str, done, timeout_s: float) -> dict[int, dict]:
 @pytest.mark.slow
 def test_a_killed_and_restarted_scheduler_loses_no_job_and_adopts_the_running_one(tmp_path, tiny_data):
     folder = str(tmp_path / "sched")
-    path = tmp_path / "job.yaml"
-    path.write_text(yaml.safe_dump(tiny_job(tiny_data, training={"epochs": 3}, monitor=QUIET)))
+    long, short = tmp_path / "long.yaml", tmp_path / "short.yaml"
+    long.write_text(yaml.safe_dump(tiny_job(tiny_data, training={"epochs": 40}, monitor=QUIET)))
+    short.write_text(yaml.safe_dump(tiny_job(tiny_data, training={"epochs": 2}, monitor=QUIET)))
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump(tiny_job(tiny_data, training={"batch_size": -1})))
     sched = _start_scheduler(folder)
     pids: list[int] = []
     try:
-        for k in range(3):
+        for k, path in enumerate((long, short, short)):
             out = _cli("submit", str(path), "--dir", folder, "--user", f"u{k}")
             assert out.returncode == 0 and f"job {k + 1} " in out.stdout, out.stderr
-        refused = _cli("submit", str(bad), "--dir", folder)
-        assert refused.returncode == 2 and "training.batch_size" in refused.stderr
-        big = _cli("submit", str(path), "--dir", folder, "--set", "cluster.num_workers=9")
-        assert big.returncode == 2 and "too little cpus" in big.stderr
-        unknown = _cli("cancel", "99", "--dir", folder)
-        assert unknown.returncode == 2 and "no job 99" in unknown.stderr
         jobs = _wait_jobs(folder, lambda js: js[1]["phase"] == "running" and js[1]["pid"], 60)
         pid = jobs[1]["pid"]
         pids.append(pid)
@@ -152,8 +147,15 @@ def test_a_killed_and_restarted_scheduler_loses_no_job_and_adopts_the_running_on
         os.kill(pid, 0)  # the job lives on without its scheduler
         sched = _start_scheduler(folder)
         jobs = _jobs(folder)
-        assert sorted(jobs) == [1, 2, 3] and jobs[1]["phase"] == "running" and jobs[1]["pid"] == pid
+        assert sorted(jobs) == [1, 2, 3] and jobs[1]["phase"] == "running" and jobs[1]["pid"] == pid, jobs
         assert jobs[2]["phase"] == jobs[3]["phase"] == "queued"
+        # Bad requests change nothing.
+        refused = _cli("submit", str(bad), "--dir", folder)
+        assert refused.returncode == 2 and "training.batch_size" in refused.stderr
+        big = _cli("submit", str(short), "--dir", folder, "--set", "cluster.num_workers=9")
+        assert big.returncode == 2 and "too little cpus" in big.stderr
+        unknown = _cli("cancel", "99", "--dir", folder)
+        assert unknown.returncode == 2 and "no job 99" in unknown.stderr
         deadline = time.monotonic() + 300
         while True:  # every job to its end; the pid of each that starts is noted, to be killed if the test fails
             jobs = _jobs(folder)
