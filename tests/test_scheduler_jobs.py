@@ -1,5 +1,4 @@
-"""The scheduler with real jobs: a preempted job resumes from its checkpoint and loses nothing, and
-`downpour scheduler` killed and restarted loses no job and adopts the running ones."""
+"""The scheduler with real jobs: a preempted job resumes from its checkpoint and loses nothing."""
 
 from __future__ import annotations
 
@@ -122,56 +121,3 @@ def _wait_jobs(folder: str, done, timeout_s: float) -> dict[int, dict]:
             return jobs
         time.sleep(0.5)
     raise AssertionError(f"not done in {timeout_s} s: {jobs}")
-
-
-@pytest.mark.slow
-def test_a_killed_and_restarted_scheduler_loses_no_job_and_adopts_the_running_one(tmp_path, tiny_data):
-    folder = str(tmp_path / "sched")
-    long, short = tmp_path / "long.yaml", tmp_path / "short.yaml"
-    long.write_text(yaml.safe_dump(tiny_job(tiny_data, training={"epochs": 40}, monitor=QUIET)))
-    short.write_text(yaml.safe_dump(tiny_job(tiny_data, training={"epochs": 2}, monitor=QUIET)))
-    bad = tmp_path / "bad.yaml"
-    bad.write_text(yaml.safe_dump(tiny_job(tiny_data, training={"batch_size": -1})))
-    sched = _start_scheduler(folder)
-    pids: list[int] = []
-    try:
-        for k, path in enumerate((long, short, short)):
-            out = _cli("submit", str(path), "--dir", folder, "--user", f"u{k}")
-            assert out.returncode == 0 and f"job {k + 1} " in out.stdout, out.stderr
-        jobs = _wait_jobs(folder, lambda js: js[1]["phase"] == "running" and js[1]["pid"], 60)
-        pid = jobs[1]["pid"]
-        pids.append(pid)
-        wait_training(jobs[1]["run_dir"], steps=5)
-        sched.kill()  # SIGKILL: no chance to clean up
-        sched.wait(timeout=10)
-        os.kill(pid, 0)  # the job lives on without its scheduler
-        sched = _start_scheduler(folder)
-        jobs = _jobs(folder)
-        assert sorted(jobs) == [1, 2, 3] and jobs[1]["phase"] == "running" and jobs[1]["pid"] == pid, jobs
-        assert jobs[2]["phase"] == jobs[3]["phase"] == "queued"
-        # Bad requests change nothing.
-        refused = _cli("submit", str(bad), "--dir", folder)
-        assert refused.returncode == 2 and "training.batch_size" in refused.stderr
-        big = _cli("submit", str(short), "--dir", folder, "--set", "cluster.num_workers=9")
-        assert big.returncode == 2 and "too little cpus" in big.stderr
-        unknown = _cli("cancel", "99", "--dir", folder)
-        assert unknown.returncode == 2 and "no job 99" in unknown.stderr
-        deadline = time.monotonic() + 300
-        while True:  # every job to its end; the pid of each that starts is noted, to be killed if the test fails
-            jobs = _jobs(folder)
-            pids += [j["pid"] for j in jobs.values() if j["pid"] and j["pid"] not in pids]
-            if all(j["phase"] in ("done", "failed", "cancelled") for j in jobs.values()):
-                break
-            assert time.monotonic() < deadline, jobs
-            time.sleep(0.5)
-        assert [jobs[k]["phase"] for k in (1, 2, 3)] == ["done"] * 3, jobs
-        assert jobs[1]["first_started_s"] < jobs[2]["first_started_s"] < jobs[3]["first_started_s"]
-        assert all(jobs[k]["restarts"] == 0 for k in (1, 2, 3))
-        logs = _cli("logs", "1", "--dir", folder)
-        assert logs.returncode == 0 and "test accuracy" in logs.stdout
-        table = _cli("jobs", "--dir", folder)
-        assert table.returncode == 0 and "done" in table.stdout
-    finally:
-        sched.kill()
-        sched.communicate()
-        _kill_jobs(pids)

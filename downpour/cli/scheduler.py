@@ -71,6 +71,7 @@ def cmd_scheduler(args) -> int:
         sock.bind((args.host, args.port))
     except OSError as err:
         raise ConfigError(f"--host/--port: cannot listen on {args.host}:{args.port}: {err}") from None
+    sock.listen(128)  # connections made as soon as scheduler.url exists wait in the backlog, not refused
     url = f"http://{args.host}:{sock.getsockname()[1]}"
     with open(os.path.join(root, "scheduler.url"), "w") as f:
         f.write(url + "\n")
