@@ -1,6 +1,6 @@
 """About ten small real jobs through `downpour scheduler`, under two policies, beside the simulator.
 
-    .venv/bin/python benchmarks/scheduler_real.py [--policies fifo las] [--long-steps 3000] [--short-steps 300] [--json OUT]
+    .venv/bin/python benchmarks/scheduler_real.py [--policies fifo las] [--long-steps 10000] [--short-steps 300] [--json OUT]
 
 Two long jobs are submitted first, then eight short ones, one every --gap-s seconds, to a scheduler
 of 4 CPU slots (each job: 1 server + 1 worker, the reference MLP on Fashion-MNIST, async, capped at
@@ -81,7 +81,7 @@ def run_policy(policy: str, plan: list[tuple[float, str, int]], folder: str) -> 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--policies", nargs="+", default=["fifo", "las"])
-    p.add_argument("--long-steps", type=int, default=3000)
+    p.add_argument("--long-steps", type=int, default=10000)
     p.add_argument("--short-steps", type=int, default=300)
     p.add_argument("--gap-s", type=float, default=2.0)
     p.add_argument("--json")
