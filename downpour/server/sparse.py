@@ -12,6 +12,7 @@ layers may be sync, embeddings are async).
 from __future__ import annotations
 
 import json
+import logging
 import math
 from collections import Counter
 from typing import Any
@@ -26,7 +27,10 @@ from downpour.errors import DataError, ProtocolError
 from downpour.layout import Layout
 from downpour.protocol import Message
 from downpour.sparse import SparseTable, make_row_rule
+from downpour.sparse.index import KERNEL
 from downpour.storage import CheckpointStore, Manifest
+
+log = logging.getLogger(__name__)
 
 
 def sparse_file(rank: int) -> str:
@@ -54,6 +58,8 @@ class SparseShard:
         # base first, then deltas), and the SHA-256 of each file once written.
         self.chain: list[str] = []
         self.written: dict[str, str] = {}
+        if self.tables and KERNEL != "compiled":
+            log.warning("server-%d: sparse tables run the SLOW numpy path: %s", rank, KERNEL)
 
     def __bool__(self) -> bool:
         return bool(self.tables)
@@ -114,7 +120,7 @@ class SparseShard:
         return msg.reply({}, out)
 
     def stats(self) -> dict[str, Any]:
-        return {"requests": self.counts["requests"], "keys_pushed": self.counts["keys_pushed"],
+        return {"kernel": KERNEL, "requests": self.counts["requests"], "keys_pushed": self.counts["keys_pushed"],
                 "keys_pulled": self.counts["keys_pulled"],
                 "tables": {name: {"rows": len(t), "admitted": t.stats.admitted, "evicted": t.stats.evicted,
                                   "pending": t.stats.pending, "bytes_per_row": round(t.bytes_per_row(), 1)}

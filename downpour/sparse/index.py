@@ -16,18 +16,21 @@ EMPTY = np.iinfo(np.int64).min  # marks a free index slot; the one ID that canno
 _M1, _M2 = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
 
 
-def _load_native() -> ModuleType | None:
-    """The compiled kernels, or None where the extension was not built or DOWNPOUR_SPARSE_NATIVE=0."""
+def _load_native() -> tuple[ModuleType | None, str]:
+    """The compiled kernels (None where the extension was not built or DOWNPOUR_SPARSE_NATIVE=0), and
+    which path sparse tables take, in words (see :data:`KERNEL`)."""
     if os.environ.get("DOWNPOUR_SPARSE_NATIVE", "1") == "0":
-        return None
+        return None, "numpy (DOWNPOUR_SPARSE_NATIVE=0)"
     try:
         from downpour.sparse import _native
-    except ImportError:
-        return None
-    return _native
+    except ImportError as err:
+        return None, f"numpy (the C kernel is not built: {err}; install a C compiler and reinstall for the fast path)"
+    return _native, "compiled"
 
 
-NATIVE = _load_native()  # decided once, at import: the process-wide switch for debugging and comparisons
+# Decided once, at import: the process-wide switch for debugging and comparisons. KERNEL is
+# "compiled" or says why the numpy fallback runs; servers log it and summary.json reports it.
+NATIVE, KERNEL = _load_native()
 
 
 def mix(x: np.ndarray) -> np.ndarray:
