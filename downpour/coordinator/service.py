@@ -157,9 +157,9 @@ class Coordinator:
                 write_atomic(os.path.join(self.run_dir, "dashboard.url"), f"http://{url}/\n")
         self.tensorboard = None
         if mon.tensorboard and self.run_dir:
-            from downpour.monitor.tensorboard import ScalarLog
+            from downpour.monitor.tensorboard import open_scalar_log
 
-            self.tensorboard = ScalarLog(os.path.join(self.run_dir, "tensorboard"))
+            self.tensorboard = open_scalar_log(os.path.join(self.run_dir, "tensorboard"))
 
     def _sample(self, now: float) -> None:
         status = self.state.status(now)
@@ -311,6 +311,7 @@ class Coordinator:
             flat = torch.empty(self.layout.numel)
             kv.wait(kv.pull(flat))
             state = {p.name: flat[p.offset : p.offset + p.numel].view(p.shape).clone() for p in self.layout.params}
+            state.update(action.buffers or {})  # BatchNorm statistics and other buffers, merged from the workers
             path = os.path.join(self.run_dir, "model.pt")
             torch.save(state, path + ".tmp")
             os.replace(path + ".tmp", path)
@@ -355,6 +356,7 @@ class Coordinator:
         summary["coordinator_refused"] = refused
         if self.exports is not None:  # the last checkpoint exported
             self.exports.drain(timeout_s=60.0)
+        summary["sparse_kernel"] = _sparse_kernel(summary)
         if self.stream is not None:  # the last checkpoint's offsets acknowledged; the stream's figures
             self.stream.drain(timeout_s=5.0)
             summary["online"] = online_summary(summary.get("workers") or {}, self.stream.acked)
@@ -374,3 +376,13 @@ class Coordinator:
         if self.store is not None:
             self.store.close()
         return finish.code
+
+
+def _sparse_kernel(summary: dict[str, Any]) -> str:
+    """Which path the sparse tables took: "compiled", or why numpy (the servers' word, else this process's)."""
+    from downpour.sparse.index import KERNEL
+
+    said = [s["sparse"]["kernel"] for s in (summary.get("servers") or {}).values()
+            if isinstance(s, dict) and isinstance(s.get("sparse"), dict) and "kernel" in s["sparse"]]
+    slow = [k for k in said if k != "compiled"]
+    return slow[0] if slow else (said[0] if said else KERNEL)
