@@ -3,7 +3,7 @@
 Public surface: :func:`train`, :class:`KVClient`, the configs and the errors.
 """
 
-from downpour.api import resolve_job, train
+from downpour.api import TrainResult, resolve_job, train
 from downpour.config import ClusterConfig, DataConfig, JobConfig, ModelConfig, TrainingConfig, load_job
 from downpour.errors import (
     ConfigError,
@@ -22,5 +22,5 @@ __version__ = "0.1.0"
 __all__ = [
     "ClusterConfig", "ConfigError", "DataConfig", "DataError", "DownpourError", "JobConfig", "JobFailed",
     "KVClient", "ModelConfig", "ProtocolError", "RemoteError", "RequestTimeout", "TrainingConfig",
-    "TransportError", "load_job", "resolve_job", "train",
+    "TrainResult", "TransportError", "load_job", "resolve_job", "train",
 ]

@@ -8,7 +8,9 @@
     def dataset_fn():
         return downpour.data.load_idx_dataset("/usr/share/datasets/fashion-mnist")
 
-    summary = downpour.train(model_fn, dataset_fn, {"training": {"epochs": 1}})
+    result = downpour.train(model_fn, dataset_fn, {"training": {"epochs": 1}})
+    result.summary["test_accuracy"], result.run_dir, result.model_path
+    model = result.load_model()          # the trained torch.nn.Module (strict load of model.pt)
 
 ``model_fn`` and ``dataset_fn`` run inside every worker process, so they must be
 importable there: module-level functions (of a module or of the script being
@@ -20,7 +22,8 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,8 +39,12 @@ def default_run_dir(name: str) -> str:
 
 
 def check_data(job: JobConfig) -> None:
-    """Fail early, before any process starts, when the job's data cannot be found, or when its
-    optimizer settings do not fit the job's length (warm-up, schedule)."""
+    """Fail early, before any process starts, when the job's data cannot be found, an import path it
+    names (loss, metrics, collate function, update rule) does not resolve, or its optimizer settings
+    do not fit the job's length (warm-up, schedule)."""
+    from downpour.extensions import check_extensions
+
+    check_extensions(job)
     check_hyperparameters(job, len(build_dataset(job.data).train))
 
 
@@ -66,6 +73,42 @@ def resolve_job(
     return parse_job(apply_overrides(raw, overrides or []), source="downpour.train")
 
 
+@dataclass(frozen=True)
+class TrainResult(Mapping):
+    """What :func:`train` returns: the job's summary, its run folder and the trained model.
+
+    It reads as the summary mapping too (``result["test_accuracy"]``), as ``train`` returned
+    the summary itself before."""
+
+    summary: dict[str, Any]
+    run_dir: str
+    job: JobConfig
+
+    @property
+    def model_path(self) -> str:
+        """The trained parameters and buffers (a state_dict; ``torch.load(path, weights_only=True)``)."""
+        return os.path.join(self.run_dir, "model.pt")
+
+    def load_model(self, device: str = "cpu"):
+        """The job's model (built by its factory) with the trained state loaded strictly."""
+        import torch
+
+        from downpour.models import build_model
+
+        model = build_model(self.job.model, self.job.training.seed)
+        model.load_state_dict(torch.load(self.model_path, map_location=device, weights_only=True), strict=True)
+        return model.to(device).eval()
+
+    def __getitem__(self, key: str) -> Any:
+        return self.summary[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.summary)
+
+    def __len__(self) -> int:
+        return len(self.summary)
+
+
 def train(
     model_fn: Callable | str | None = None,
     dataset_fn: Callable | str | None = None,
@@ -73,17 +116,18 @@ def train(
     run_dir: str | None = None,
     launcher: str | None = None,
     address: str | None = None,
-) -> dict[str, Any]:
-    """Train a job on local processes (coordinator, servers, workers) and return its summary.
+) -> TrainResult:
+    """Train a job on local processes (coordinator, servers, workers) and return its result.
     ``launcher``: "local" or "ray" (default: the config's ``launcher``); ``address``: with ray,
     the cluster (``auto`` or HOST:PORT; default: the config's ``ray.address``).
 
-    Blocks until the job ends. Raises :class:`ConfigError` for a bad config,
-    :class:`DataError` when the data is missing (nothing is started then), and
-    :class:`JobFailed` naming the first node that failed.
+    Blocks until the job ends. Raises :class:`ConfigError` for a bad config or an import path
+    that does not resolve, :class:`DataError` when the data is missing (nothing is started
+    then), and :class:`JobFailed` naming the first node that failed.
     """
     from downpour.launch import make_launcher
 
     job = resolve_job(config, model_fn, dataset_fn)
     check_data(job)
-    return make_launcher(job, run_dir or default_run_dir(job.name), launcher, address=address).run().summary
+    run = make_launcher(job, run_dir or default_run_dir(job.name), launcher, address=address).run()
+    return TrainResult(run.summary, run.run_dir, job)

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, model_validator
 
 from downpour.errors import ConfigError
 from downpour.imports import object_path
@@ -49,10 +49,28 @@ class ModelConfig(_Frozen):
         return self
 
 
+class LoaderConfig(_Frozen):
+    """How a worker reads a ``torch.utils.data.Dataset`` (``torch.utils.data.DataLoader``'s options;
+    Downpour's own splits ignore them). The sampler is always the shard's indices."""
+
+    # Loader worker processes per Downpour worker (0: read in the training process).
+    num_workers: int = Field(0, ge=0)
+    # "pkg.mod:fn" building a batch from a list of examples; it must return (inputs, target).
+    collate_fn: str | None = None
+    # Batches each loader process reads ahead (only with num_workers > 0).
+    prefetch_factor: int | None = Field(None, ge=1)
+    # Page-locked host batches, for faster and asynchronous copies to a GPU (on by default there).
+    pin_memory: bool = False
+    # fork, spawn or forkserver (None: torch's default); spawn needs an importable dataset.
+    multiprocessing_context: Literal["fork", "spawn", "forkserver"] | None = None
+
+
 class DataConfig(_Frozen):
     """Training data. ``name: idx`` reads MNIST-format IDX files (gzipped or not) from
     ``path``; ``factory: "pkg.mod:fn"`` calls a user function that returns a
-    :class:`downpour.data.Dataset`."""
+    :class:`downpour.data.Dataset` whose splits are Downpour splits or any
+    ``torch.utils.data.Dataset``, a ``(train, test)`` pair, a ``{"train": ..., "test": ...}``
+    mapping, or one torch Dataset (training only: no evaluation)."""
 
     name: str | None = "idx"
     factory: str | None = None
@@ -63,7 +81,11 @@ class DataConfig(_Frozen):
     # Examples per data shard. The coordinator hands shards to workers one at a time;
     # smaller shards balance load better, larger ones cost fewer coordinator round trips.
     # A stream's shard is one partition (set here, whatever the job file says).
-    shard_size: int = Field(2048, gt=0)
+    # None (the default) adapts to the data: an epoch gets at least 4 shards per worker slot
+    # (shards of at most 2,048 examples, and at least one batch), so small data is still mixed
+    # across workers; a number given here wins.
+    shard_size: int | None = Field(None, gt=0)
+    loader: LoaderConfig = Field(default_factory=LoaderConfig)
 
     @model_validator(mode="after")
     def _one_source(self) -> DataConfig:
@@ -212,7 +234,44 @@ class AdamConfig(_Hyperparameters):
         return self
 
 
-OptimizerConfig = Annotated[SGDConfig | AdagradConfig | AdamConfig, Field(discriminator="name")]
+class AdamWConfig(AdamConfig):
+    """Adam with decoupled weight decay (Loshchilov & Hutter), as ``torch.optim.AdamW``."""
+
+    name: Literal["adamw"]  # type: ignore[assignment]
+    weight_decay: float = Field(0.01, ge=0)
+
+
+class RegisteredRuleConfig(_Frozen):
+    """Any update rule registered with ``downpour.server.optim.register_rule``, by its name.
+    ``module`` is imported first (on every server too), so that its ``register_rule`` runs;
+    ``args`` reach the rule as ``cfg.args``."""
+
+    name: str
+    module: str | None = None
+    lr: float = Field(0.01, gt=0)
+    args: dict[str, Any] = Field(default_factory=dict)
+    scale_lr_with_workers: bool = False
+
+    @model_validator(mode="after")
+    def _registered(self) -> RegisteredRuleConfig:
+        from downpour.server.optim import check_rule  # the rules' registry (imported only for such a name)
+
+        try:
+            check_rule(self)
+        except ConfigError as err:
+            raise ValueError(str(err)) from None
+        return self
+
+
+def _optimizer_kind(v: Any) -> str:
+    name = v.get("name", "sgd") if isinstance(v, dict) else getattr(v, "name", "sgd")
+    return name if name in ("sgd", "adagrad", "adam", "adamw") else "registered"
+
+
+OptimizerConfig = Annotated[
+    Annotated[SGDConfig, Tag("sgd")] | Annotated[AdagradConfig, Tag("adagrad")] | Annotated[AdamConfig, Tag("adam")]
+    | Annotated[AdamWConfig, Tag("adamw")] | Annotated[RegisteredRuleConfig, Tag("registered")],
+    Discriminator(_optimizer_kind)]
 
 
 class SlowdownConfig(_Frozen):
@@ -260,10 +319,30 @@ class TrainingConfig(_Frozen):
     steps: int | None = Field(None, ge=1)
     batch_size: int = Field(32, ge=1)
     seed: int = 0
-    device: Literal["cpu", "cuda"] = "cpu"
-    # The loss: cross_entropy over class logits (labels are class numbers), or
-    # binary_cross_entropy over one logit per example (labels 0/1; evaluation adds AUC).
-    loss: Literal["cross_entropy", "binary_cross_entropy"] = "cross_entropy"
+    # Where a worker computes: cpu; cuda (worker i of a machine takes GPU i modulo the GPUs it
+    # sees: cuda:LOCAL_RANK); cuda:N (every worker on GPU N); or a list, one device per worker rank.
+    device: str | list[str] = "cpu"
+    # The loss: cross_entropy over class logits (labels are class numbers), binary_cross_entropy
+    # over one logit per example (labels 0/1; evaluation adds AUC), or "pkg.mod:fn", called as
+    # fn(output, target) and returning the batch's mean loss as a scalar tensor.
+    loss: str = "cross_entropy"
+    # Metrics computed at evaluation, name -> "pkg.mod:fn": fn(outputs, targets) over the whole
+    # test split (outputs and targets concatenated, on the CPU) returns a number; summary.json
+    # lists them under test_metrics.
+    metrics: dict[str, str] = Field(default_factory=dict)
+    # Gradient clipping on the worker, before the push (of each micro-batch's gradient): the
+    # total L2 norm to at most clip_grad_norm, and/or each element to [-clip_grad_value, clip_grad_value].
+    clip_grad_norm: float | None = Field(None, gt=0)
+    clip_grad_value: float | None = Field(None, gt=0)
+    # Mixed precision: forward and loss under torch.autocast in bf16 or fp16 (fp16 with a
+    # dynamic loss scale). Parameters and the servers' master copy stay as they are (float32).
+    autocast: Literal["none", "bf16", "fp16"] = "none"
+    # Buffers (BatchNorm running statistics...): "average" (the examples-weighted mean over the
+    # workers at the end of training) or "evaluator" (those of the worker that evaluates); the
+    # result is what evaluation uses and what model.pt holds. buffer_policies overrides it per
+    # buffer name (shell patterns, the first match wins).
+    buffers: Literal["average", "evaluator"] = "average"
+    buffer_policies: dict[str, Literal["average", "evaluator"]] = Field(default_factory=dict)
     # Async only: keep one push+pull in flight while the next batch computes, hiding
     # communication behind compute at the price of one more step of staleness per
     # worker. Off by default: on a CPU-bound 2-core machine it gains no speed and the
@@ -274,6 +353,12 @@ class TrainingConfig(_Frozen):
     def _delays(self) -> TrainingConfig:
         if self.accumulate > 1 and self.local_steps > 1:
             raise ValueError("training.accumulate and training.local_steps cannot both exceed 1")
+        for d in [self.device] if isinstance(self.device, str) else self.device:
+            if not (d in ("cpu", "cuda") or (d.startswith("cuda:") and d[5:].isdigit())):
+                raise ValueError(f"training.device: {d!r} is not cpu, cuda or cuda:N")
+        if self.loss not in ("cross_entropy", "binary_cross_entropy") and ":" not in self.loss:
+            raise ValueError(f"training.loss: {self.loss!r} is neither cross_entropy, binary_cross_entropy "
+                             "nor an import path 'pkg.mod:fn'")
         return self
     # Torch intra-op threads per worker process. 1 suits many processes sharing few cores.
     torch_threads: int = Field(1, ge=1)

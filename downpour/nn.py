@@ -34,35 +34,92 @@ class SparseEmbedding(nn.Module):
     """Rows of table ``table`` (``dim`` floats each) for int64 feature IDs of any shape.
 
     ``mode=None``: output shape ``ids.shape + (dim,)`` (``nn.Embedding``). ``mode="sum"`` or
-    ``"mean"``: ``ids`` is [batch, bag] and each bag is pooled to one row (``nn.EmbeddingBag``),
-    optionally weighted by ``per_sample_weights`` (sum mode).
+    ``"mean"``: bags of IDs pooled to one row each (``nn.EmbeddingBag``): ``ids`` is [batch, bag],
+    or, with ``offsets``, one flat list of IDs whose bag ``i`` starts at ``offsets[i]`` (jagged
+    multi-hot features), optionally weighted by ``per_sample_weights`` (sum mode).
+
+    ``padding_idx``: the ID that means "no feature". It reads as zeros, never gets a row on the
+    servers and trains nothing; in a bag it is left out (as ``nn.EmbeddingBag``'s ``padding_idx``:
+    a mean is over the other IDs, an all-padding bag is zeros).
     """
 
-    def __init__(self, table: str, dim: int, mode: Literal["sum", "mean"] | None = None) -> None:
+    def __init__(self, table: str, dim: int, mode: Literal["sum", "mean"] | None = None, padding_idx: int | None = None) -> None:
         super().__init__()
         if not isinstance(table, str) or not table or int(dim) < 1 or mode not in (None, "sum", "mean"):
             raise ConfigError(f"SparseEmbedding: bad table {table!r}, dim {dim!r} or mode {mode!r}")
-        self.table, self.dim, self.mode = table, int(dim), mode
+        if padding_idx is not None and not isinstance(padding_idx, int):
+            raise ConfigError(f"SparseEmbedding {table!r}: padding_idx must be an int ID, got {padding_idx!r}")
+        self.table, self.dim, self.mode, self.padding_idx = table, int(dim), mode, padding_idx
         self.source: RowSource | None = None
 
     def extra_repr(self) -> str:
-        return f"table={self.table!r}, dim={self.dim}" + (f", mode={self.mode!r}" if self.mode else "")
+        return (f"table={self.table!r}, dim={self.dim}" + (f", mode={self.mode!r}" if self.mode else "")
+                + (f", padding_idx={self.padding_idx}" if self.padding_idx is not None else ""))
 
-    def forward(self, ids: torch.Tensor, per_sample_weights: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, ids: torch.Tensor, offsets: torch.Tensor | None = None,
+                per_sample_weights: torch.Tensor | None = None) -> torch.Tensor:
         if self.source is None:
             raise DownpourError(f"SparseEmbedding {self.table!r} has no row source: run it in a Downpour job, "
                                 "or attach(model, LocalTables(...))")
         if ids.dtype != torch.int64:
             raise ConfigError(f"SparseEmbedding {self.table!r} takes int64 feature IDs, got {ids.dtype}")
-        uniq, inverse = torch.unique(ids.reshape(-1).cpu(), return_inverse=True)
-        rows = self.source.rows(self.table, uniq, self.dim, self.training and torch.is_grad_enabled())
+        if offsets is not None and (self.mode is None or ids.dim() != 1):
+            raise ConfigError(f"SparseEmbedding {self.table!r}: offsets need mode sum or mean and 1-D ids, "
+                              f"got mode={self.mode} and ids of shape {tuple(ids.shape)}")
+        flat = ids.reshape(-1).cpu()
+        pad = None
+        if self.padding_idx is not None:
+            pad = flat == self.padding_idx
+            flat = flat.masked_fill(pad, 0) if pad.any() else flat
+        uniq, inverse = torch.unique(flat[~pad] if pad is not None else flat, return_inverse=True)
+        train = self.training and torch.is_grad_enabled()
+        rows = self.source.rows(self.table, uniq, self.dim, train) if len(uniq) else torch.zeros(0, self.dim)
         rows = rows.to(ids.device)
-        inverse = inverse.to(ids.device)
+        padding = None
+        if pad is not None:  # padding IDs point at one extra row of zeros that is no table row
+            index = torch.full(flat.shape, len(uniq), dtype=torch.int64)
+            index[~pad] = inverse
+            inverse, padding = index, len(uniq)
+            rows = torch.cat([rows, rows.new_zeros(1, self.dim)])
+        inverse = inverse.to(ids.device).view(ids.shape)
         if self.mode is None:
-            return F.embedding(inverse.view(ids.shape), rows)
-        if ids.dim() != 2:
-            raise ConfigError(f"SparseEmbedding {self.table!r} mode={self.mode}: ids must be [batch, bag], got {tuple(ids.shape)}")
-        return F.embedding_bag(inverse.view(ids.shape), rows, mode=self.mode, per_sample_weights=per_sample_weights)
+            return F.embedding(inverse, rows, padding_idx=padding)
+        if offsets is None and ids.dim() != 2:
+            raise ConfigError(f"SparseEmbedding {self.table!r} mode={self.mode}: ids must be [batch, bag] (or 1-D with "
+                              f"offsets), got {tuple(ids.shape)}")
+        return F.embedding_bag(inverse, rows, offsets, mode=self.mode, per_sample_weights=per_sample_weights,
+                               padding_idx=padding)
+
+
+class TableEmbedding(nn.Module):
+    """A sparse table frozen into plain PyTorch, for inference outside Downpour (see downpour/export.py).
+
+    ``ids`` (sorted int64 feature IDs, a buffer) and ``weight`` (their rows) come from an export;
+    ``forward`` takes the arguments of :class:`SparseEmbedding` and gives what it gave for every ID
+    the table has a row for; ``padding_idx`` reads as zeros and, in a bag, is left out. An ID with
+    no row reads as zeros (Downpour's own evaluation reads such an ID as the seeded initial row a
+    first sighting would create, values within ``sparse.init_scale``). Only torch is needed to run it.
+    """
+
+    def __init__(self, num_rows: int, dim: int, mode: Literal["sum", "mean"] | None = None, padding_idx: int | None = None) -> None:
+        super().__init__()
+        self.dim, self.mode, self.padding_idx = int(dim), mode, padding_idx
+        self.register_buffer("ids", torch.zeros(num_rows, dtype=torch.int64))
+        self.weight = nn.Parameter(torch.zeros(num_rows, dim))
+
+    def forward(self, ids: torch.Tensor, offsets: torch.Tensor | None = None,
+                per_sample_weights: torch.Tensor | None = None) -> torch.Tensor:
+        n = len(self.ids)
+        pos = torch.searchsorted(self.ids, ids).clamp(max=max(n - 1, 0))
+        found = (self.ids[pos] == ids) if n else torch.zeros_like(ids, dtype=torch.bool)
+        index = torch.where(found, pos, torch.full_like(pos, n))  # row n: zeros (no row for this ID)
+        if self.padding_idx is not None:
+            index = index.masked_fill(ids == self.padding_idx, n + 1)  # row n + 1: padding
+        weight = torch.cat([self.weight, self.weight.new_zeros(2, self.dim)])
+        if self.mode is None:
+            return F.embedding(index, weight, padding_idx=n + 1 if self.padding_idx is not None else None)
+        return F.embedding_bag(index, weight, offsets, mode=self.mode, per_sample_weights=per_sample_weights,
+                               padding_idx=n + 1 if self.padding_idx is not None else None)
 
 
 def sparse_modules(model: nn.Module) -> list[SparseEmbedding]:

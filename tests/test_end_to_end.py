@@ -16,7 +16,7 @@ import torch.nn.functional as F
 import yaml
 
 from downpour.api import resolve_job
-from downpour.coordinator.shards import ShardLedger, example_order
+from downpour.coordinator.shards import ShardLedger, example_order, shard_size_for
 from downpour.data import load_idx_dataset
 from downpour.launch import LocalLauncher
 from downpour.models import build_model
@@ -68,7 +68,8 @@ def _reference_params(job_dict: dict, data: str, steps: int) -> torch.Tensor:
     opt = torch.optim.SGD(model.parameters(), lr=job.optimizer.lr, momentum=job.optimizer.momentum,
                           nesterov=job.optimizer.nesterov, weight_decay=job.optimizer.weight_decay)
     ds = load_idx_dataset(data)
-    ledger = ShardLedger(len(ds.train), job.data.shard_size, t.epochs, t.seed)
+    ledger = ShardLedger(len(ds.train), shard_size_for(job.data.shard_size, len(ds.train), job.cluster.worker_slots, t.batch_size),
+                         t.epochs, t.seed)
     done = 0
     while done < steps:
         shard = ledger.next("w")
@@ -227,10 +228,13 @@ def test_the_python_api_trains_module_level_factories(tmp_path, tiny_data):
     config = tiny_job(tiny_data, training={"steps": 15})
     config["model"] = {"args": {"width": 8}}
     config["data"] = {"args": {"path": tiny_data}, "shard_size": 400}
-    summary = downpour.train(small_model, idx_dataset, config, run_dir=str(tmp_path / "run"))
-    assert summary["status"] == "ok" and summary["steps"] == 30
-    state = torch.load(tmp_path / "run" / "model.pt", weights_only=True)
+    result = downpour.train(small_model, idx_dataset, config, run_dir=str(tmp_path / "run"))
+    assert result["status"] == "ok" and result["steps"] == 30  # still reads as the summary
+    assert result.summary["status"] == "ok" and result.run_dir == str(tmp_path / "run")
+    state = torch.load(result.model_path, weights_only=True)
     assert state["1.weight"].shape == (8, 784)
+    model = result.load_model()
+    assert torch.equal(model[1].weight, state["1.weight"]) and not model.training
 
 
 def test_overlap_ipc_and_the_greedy_partitioner_train_together(tmp_path, tiny_data):

@@ -148,7 +148,9 @@ def cmd_train(args) -> int:
         print(f"stream: {online['events']} events trained, {online['malformed']} malformed skipped; prequential AUC "
               f"{'n/a' if auc is None else f'{auc:.4f}'}, log loss {'n/a' if ll is None else f'{ll:.4f}'}")
     else:
-        print(f"test accuracy: {s['test_accuracy']:.4f}   test loss: {s['test_loss']:.4f}")
+        fmt = lambda v: "n/a" if v is None else f"{v:.4f}"  # noqa: E731  (no test split, or a loss with no accuracy)
+        print(f"test accuracy: {fmt(s['test_accuracy'])}   test loss: {fmt(s['test_loss'])}"
+              + "".join(f"   {k}: {fmt(v)}" for k, v in (s.get("test_metrics") or {}).items()))
     if s.get("test_auc") is not None:
         best = s.get("optimum_auc")
         print(f"test AUC: {s['test_auc']:.4f}" + (f"   (optimum {best:.4f}: gap {best - s['test_auc']:.4f})" if best is not None else "")
@@ -263,12 +265,14 @@ def cmd_worker(args) -> int:
     _check_advertise(args, "worker", _coordinator_url(args.coordinator))
     ctx = new_context()
     try:
+        local = os.environ.get("LOCAL_RANK", "")  # the worker's place on its machine (torchrun's name): its GPU
         security = _security(args, "worker", _coordinator_url(args.coordinator))
         # --insecure: whoever answers on the coordinator's address sends the job; the worker imports
         # only built-in names, or the factories a job file on its own command line names.
         trusted = job_factories(load_job(args.job)) if args.insecure and getattr(args, "job", None) else set()
         return run_worker(ctx, _coordinator_url(args.coordinator), rank=args.rank, metrics_host=args.metrics_host,
-                          security=security, trusted_factories=trusted if args.insecure else None, advertise=args.advertise)
+                          security=security, trusted_factories=trusted if args.insecure else None, advertise=args.advertise,
+                          local_rank=int(local) if local.isdigit() else None)
     except KeyboardInterrupt:
         return 130
     finally:

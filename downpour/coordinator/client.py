@@ -71,11 +71,17 @@ class CoordinatorClient:
     def call(self, op: Op, meta: dict[str, Any] | None = None, timeout_s: float | None = None) -> dict[str, Any]:
         """Send ``op`` and return the answer; sent again every ``attempt_s`` without one, for
         ``timeout_s`` (default: the client's request timeout) in all."""
+        return self.call_message(op, meta, timeout_s).meta
+
+    def call_message(self, op: Op, meta: dict[str, Any] | None = None, timeout_s: float | None = None,
+                     tensors: list | None = None) -> Message:
+        """:meth:`call` with tensor frames, returning the whole answer (its tensors too)."""
         limit = self.rpc.request_timeout_s if timeout_s is None else timeout_s
         deadline = time.monotonic() + limit
         while (left := deadline - time.monotonic()) > 0:
             try:
-                return self.rpc.call(COORDINATOR, Message(op, meta=dict(meta or {}, node=self.node)), min(self.attempt_s, left)).meta
+                return self.rpc.call(COORDINATOR, Message(op, meta=dict(meta or {}, node=self.node), tensors=list(tensors or [])),
+                                     min(self.attempt_s, left))
             except RequestTimeout:
                 pass
         keys = "; do this node's keys belong to the job? CURVE drops a handshake with other keys silently" if self.secured else ""
@@ -121,9 +127,13 @@ class CoordinatorClient:
     def shard_done(self, epoch: int, shard: int, examples: int) -> None:
         self.call(Op.SHARD_DONE, {"epoch": epoch, "shard": shard, "examples": examples})
 
-    def worker_done(self, stats: dict[str, Any], timeout_s: float) -> dict[str, Any]:
-        """Returns once every worker finished training; ``evaluate`` says whether this one evaluates."""
-        return self.call(Op.WORKER_DONE, {"stats": stats}, timeout_s)
+    def worker_done(self, stats: dict[str, Any], timeout_s: float,
+                    buffers: tuple[list[str], list] | None = None) -> Message:
+        """Returns once every worker finished training; ``evaluate`` (meta) says whether this one
+        evaluates. ``buffers``: the model's buffers as (names, tensors), sent as frames; the
+        evaluator's answer carries the merged ones the same way (meta ``buffers``: their names)."""
+        names, tensors = buffers or ([], [])
+        return self.call_message(Op.WORKER_DONE, {"stats": stats, **({"buffers": names} if names else {})}, timeout_s, tensors)
 
     def report(self, kind: str, data: dict[str, Any], timeout_s: float | None = None) -> None:
         """Hand the coordinator a result (``eval``, ``server`` stats) or this node's fatal ``error``."""

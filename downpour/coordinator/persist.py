@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 from downpour.config import job_to_dict
 from downpour.coordinator.report import ALIVE, DEAD, DONE, FINISHED
-from downpour.coordinator.shards import ShardLedger
+from downpour.coordinator.shards import ShardLedger, shard_size_for
 from downpour.errors import ConfigError
 from downpour.protocol.ops import EVAL, NAME, PROGRESS, SERVER_STATS, STATS, valid
 from downpour.protocol.schema import Bool, Int, Opt, Record, SchemaError, Str
@@ -192,7 +192,8 @@ def adopt_state(self: CoordinatorState, parts: dict[str, Any], now: float, lost_
         self.nodes[node.name] = node
         self.by_identity[ident] = node.name
     t = self.job.training
-    self.ledger = ShardLedger(self.num_train, self.job.data.shard_size, t.epochs, t.seed)
+    size = shard_size_for(self.job.data.shard_size, self.num_train, self.job.cluster.worker_slots, t.batch_size)
+    self.ledger = ShardLedger(self.num_train, size, t.epochs, t.seed)
     self.ledger.replay(parts["journal"])
     f = parts["failures"]
     self.failures = list(f["records"])

@@ -88,6 +88,7 @@ def job_summary(self: CoordinatorState, now: float) -> dict[str, Any]:
         "test_loss": ev.get("test_loss"),
         # Binary (CTR) jobs: AUC and log loss, beside the best the data allow when it is known.
         **{k: ev[k] for k in ("test_auc", "test_logloss", "optimum_auc", "optimum_logloss") if k in ev},
+        "test_metrics": ev.get("metrics") or {},  # training.metrics, by name
         "examples": examples,
         "steps": steps,
         "wall_s": now - self.started,

@@ -35,14 +35,18 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+
 from downpour.config import JobConfig, job_to_dict
 from downpour.coordinator.checkpointing import CheckpointPlan, sync_margin
 from downpour.coordinator.client import ATTEMPT_S
 from downpour.coordinator.health import Health, describe_affected
 from downpour.coordinator.reach import address_problem
 from downpour.coordinator.report import ALIVE, DEAD, DONE, FINISHED, job_status, job_summary
-from downpour.coordinator.shards import ShardLedger
+from downpour.coordinator.shards import ShardLedger, shard_size_for
+from downpour.errors import ProtocolError
 from downpour.layout import Layout
+from downpour.models import buffers as bufs
 from downpour.protocol import Message, Op
 from downpour.protocol.ops import Code, report_data, validate
 from downpour.protocol.schema import SchemaError
@@ -68,6 +72,7 @@ class SaveModel:
     """Pull the final parameters from the servers (still serving) and save them."""
 
     servers: list[dict[str, Any]]
+    buffers: dict[str, torch.Tensor] | None = None  # the model's merged buffers (models/buffers.py), saved beside the parameters
 
 
 @dataclass
@@ -125,7 +130,8 @@ class CoordinatorState:
         self.pending_workers: list[tuple[bytes, Message, str]] = []
         self.barriers: dict[str, dict[str, tuple[bytes, Message]]] = {}
         self.done_waiting: dict[str, tuple[bytes, Message]] = {}
-        self.ledger = ShardLedger(num_train, job.data.shard_size, job.training.epochs, job.training.seed)
+        self.ledger = ShardLedger(num_train, shard_size_for(job.data.shard_size, num_train, job.cluster.worker_slots,
+                                                            job.training.batch_size), job.training.epochs, job.training.seed)
         self.num_train = num_train
         self.evaluation: dict[str, Any] | None = None
         self.error: str | None = None
@@ -169,6 +175,9 @@ class CoordinatorState:
         # Steps and examples before the checkpoint resumed from: checkpoint names keep growing.
         self.step_offset = int(resume["step"]) if resume else 0
         self.evaluator: str | None = None  # the worker told to evaluate
+        # Buffers each worker sent with WORKER_DONE: (examples, buffers); then their merge (models/buffers.py).
+        self.worker_buffers: dict[str, tuple[float, dict[str, torch.Tensor]]] = {}
+        self.final_buffers: dict[str, torch.Tensor] | None = None
         # Coordinator restarts (see persist.adopt_state), and after one: the nodes not heard from
         # again yet, since when, and the failure record that waits for them.
         self.restarts = 0
@@ -676,6 +685,7 @@ class CoordinatorState:
             "examples": int((self.resume or {}).get("examples", 0))
             + sum(int(n.progress.get("examples", 0)) for n in self._role("worker", (ALIVE, DONE, FINISHED, DEAD))),
             "resumed_from": (self.resume or {}).get("name"),
+            **({"buffers": bufs.to_json(self.final_buffers)} if self.final_buffers else {}),
         }
         p.versions = {str(self.nodes[n].rank): int(r.get("version", 0)) for n, r in p.reports.items() if n in self.nodes}
         files = {r["file"]: {"sha256": r["sha256"], "bytes": r["bytes"]} for r in p.reports.values()}
@@ -758,12 +768,19 @@ class CoordinatorState:
 
     def on_worker_done(self, ident: bytes, msg: Message, now: float, node: Node) -> list[Action]:
         if self.phase in ("evaluating", "stopping"):  # a repeat whose answer was lost: the same answer
-            return [Reply(ident, msg.reply({"evaluate": node.name == self.evaluator and self.phase == "evaluating"}))]
+            return [Reply(ident, self._done_answer(msg, node.name == self.evaluator and self.phase == "evaluating"))]
         if node.state == DONE and node.name in self.done_waiting:  # a repeat: it waits on
             self.done_waiting[node.name] = (ident, msg)
             return []
         stats = msg.meta.get("stats")
-        node.stats = stats if isinstance(stats, dict) else {}
+        node.stats = dict(stats) if isinstance(stats, dict) else {}
+        if msg.tensors:
+            try:
+                examples = node.stats.get("examples", 0)
+                self.worker_buffers[node.name] = (float(examples) if isinstance(examples, (int, float)) else 0.0,
+                                                  bufs.unpack(msg.meta.get("buffers"), msg.tensors))
+            except ProtocolError as err:
+                log.warning("coordinator: %s sent unreadable buffers (%s); left out", node.name, err)
         node.state = DONE
         self.done_waiting[node.name] = (ident, msg)
         log.info("coordinator: %s finished training", node.name)
@@ -778,14 +795,29 @@ class CoordinatorState:
         final = self._begin_checkpoint(now, final=True) if self.checkpoints.enabled and self.job.checkpoint.at_end else []
         done = sorted(self.done_waiting.items(), key=lambda kv: self.nodes[kv[0]].rank)
         out: list[Action] = []
+        if done:
+            self._merge_buffers(done[0][0])
         for i, (name, (ident, msg)) in enumerate(done):
-            out.append(Reply(ident, msg.reply({"evaluate": i == 0})))
+            out.append(Reply(ident, self._done_answer(msg, i == 0)))
             if i == 0:
                 self.evaluator = name
             else:
                 self.nodes[name].state = FINISHED
         self.done_waiting = {}
         return out + final
+
+    def _done_answer(self, msg: Message, evaluate: bool) -> Message:
+        """WORKER_DONE's answer: whether to evaluate, and then with which buffers (as frames)."""
+        if not (evaluate and self.final_buffers):
+            return msg.reply({"evaluate": evaluate})
+        names, tensors = bufs.pack(self.final_buffers)
+        return msg.reply({"evaluate": True, "buffers": names}, tensors)
+
+    def _merge_buffers(self, evaluator: str) -> None:
+        """The model's buffers by their policies (models/buffers.py), from what the workers sent."""
+        reports = list(self.worker_buffers.values())
+        mine = self.worker_buffers.get(evaluator, (0.0, None))[1]
+        self.final_buffers = bufs.merge(reports, mine, self.job.training) or None
 
     def on_report(self, ident: bytes, msg: Message, now: float, node: Node) -> list[Action]:
         kind, data = msg.meta.get("kind"), msg.meta.get("data")
@@ -801,12 +833,12 @@ class CoordinatorState:
             self.evaluation = data
             node.state = FINISHED
             self.phase = "stopping"
-            log.info("coordinator: test accuracy %.4f; stopping servers", float(data.get("test_accuracy", 0.0)))
+            log.info("coordinator: test accuracy %s; stopping servers", data.get("test_accuracy"))
             for who, asked in self.joiners:  # workers that waited in case the evaluator died
                 out.append(Reply(who, asked.error("job_running", "the job is over; it takes no new workers")))
             self.joiners = []
             # Before any server hears "stop" (that happens in answers to later heartbeats).
-            out.append(SaveModel(self._server_addresses()))
+            out.append(SaveModel(self._server_addresses(), self.final_buffers))
         elif kind == "checkpoint" and node.role == "server":
             out += self._checkpoint_report(node, data, now)
         elif kind == "server" and node.role == "server":

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -28,8 +28,11 @@ class Split(Protocol):
 
 @dataclass
 class Dataset:
-    train: Split
-    test: Split
+    """A job's data. Each split is a :class:`Split` or any map-style ``torch.utils.data.Dataset``
+    (the test split may also be an ``IterableDataset``, or None: no evaluation)."""
+
+    train: Any
+    test: Any = None
 
 
 class ArrayDataset:
@@ -65,16 +68,38 @@ def register_dataset(name: str):
 
 
 def build_dataset(cfg: DataConfig) -> Dataset:
-    """The dataset a job names: a built-in (``data.name``) or a user factory (``data.factory``)."""
+    """The dataset a job names: a built-in (``data.name``) or a user factory (``data.factory``).
+
+    A factory may return a :class:`Dataset` (its splits Downpour splits or torch Datasets), a
+    ``(train, test)`` pair, a ``{"train": ..., "test": ...}`` mapping, or a single torch Dataset
+    (training only). Anything else is a :class:`DataError` naming the factory."""
+    from downpour.data.loader import check_split
     from downpour.imports import import_object
 
     if cfg.factory is not None:
         fn = import_object(cfg.factory, "data.factory")
-        ds = fn(**cfg.args)
-        if not (hasattr(ds, "train") and hasattr(ds, "test")):
-            raise DataError(f"data.factory {cfg.factory} returned {type(ds).__name__}, not a Dataset with train/test splits")
+        ds = as_dataset(fn(**cfg.args), f"data.factory {cfg.factory}")
+        check_split(ds.train, "train", f"data.factory {cfg.factory}", training=True)
+        if ds.test is not None:
+            check_split(ds.test, "test", f"data.factory {cfg.factory}", training=False)
         return ds
     fn = BUILTINS.get(cfg.name or "")
     if fn is None:
         raise ConfigError(f"data.name: unknown dataset {cfg.name!r}; known: {sorted(BUILTINS)}")
     return fn(cfg.path, **cfg.args)
+
+
+def as_dataset(obj: object, where: str) -> Dataset:
+    """What a data factory returned, as a :class:`Dataset` (see :func:`build_dataset`)."""
+    from torch.utils.data import Dataset as TorchDataset
+
+    if isinstance(obj, dict) and "train" in obj:
+        return Dataset(obj["train"], obj.get("test"))
+    if isinstance(obj, tuple) and len(obj) == 2:
+        return Dataset(obj[0], obj[1])
+    if isinstance(obj, TorchDataset):
+        return Dataset(obj, None)
+    if hasattr(obj, "train") and hasattr(obj, "test"):
+        return obj  # type: ignore[return-value]
+    raise DataError(f"{where} returned {type(obj).__name__}, not a Dataset with train/test splits, a (train, test) pair, "
+                    "a {'train': ..., 'test': ...} mapping or a torch.utils.data.Dataset")

@@ -116,7 +116,7 @@ def param_shapes(model: nn.Module) -> list[tuple[str, tuple[int, ...]]]:
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        if p.dtype != torch.float32:
-            raise ConfigError(f"parameter {name} is {p.dtype}; Downpour serves float32 parameters")
+        if not p.dtype.is_floating_point:
+            raise ConfigError(f"parameter {name} is {p.dtype}; Downpour trains floating-point parameters")
         out.append((name, tuple(p.shape)))
     return out

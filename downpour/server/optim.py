@@ -46,11 +46,25 @@ def register_rule(name: str) -> Callable[[type[UpdateRule]], type[UpdateRule]]:
     return deco
 
 
-def make_rule(cfg, lr: float, numel: int) -> UpdateRule:
+def check_rule(cfg) -> type[UpdateRule]:
+    """The rule class ``cfg.name`` names, after importing ``cfg.module`` (a registered rule's home)."""
+    module = getattr(cfg, "module", None)
+    if module:
+        import importlib
+
+        try:
+            importlib.import_module(module)
+        except ImportError as err:
+            raise ConfigError(f"optimizer.module: cannot import {module!r}: {err}") from None
     cls = RULES.get(cfg.name)
     if cls is None:
-        raise ConfigError(f"optimizer.name: unknown {cfg.name!r}; known: {sorted(RULES)}")
-    return cls(cfg, lr, numel)
+        raise ConfigError(f"optimizer.name: unknown {cfg.name!r}; known: {sorted(RULES)}"
+                          + ("" if module else " (give optimizer.module: the module that registers it)"))
+    return cls
+
+
+def make_rule(cfg, lr: float, numel: int) -> UpdateRule:
+    return check_rule(cfg)(cfg, lr, numel)
 
 
 @register_rule("sgd")
@@ -123,3 +137,20 @@ class Adam(UpdateRule):
 
     def state(self):
         return {"exp_avg": self.m, "exp_avg_sq": self.v}
+
+
+@register_rule("adamw")
+class AdamW(Adam):
+    """Adam with decoupled weight decay: the parameters shrink by lr * weight_decay before the Adam step."""
+
+    def apply(self, param, grad, lo, hi, step):
+        c = self.cfg
+        if c.weight_decay:
+            param[lo:hi].mul_(1 - self.lr * c.weight_decay)
+        b1, b2 = c.betas
+        m, v = self.m[lo:hi], self.v[lo:hi]
+        m.lerp_(grad, 1 - b1)
+        v.mul_(b2).addcmul_(grad, grad, value=1 - b2)
+        t = step + 1
+        denom = (v.sqrt() / math.sqrt(1 - b2**t)).add_(c.eps)
+        param[lo:hi].addcdiv_(m, denom, value=-self.lr / (1 - b1**t))

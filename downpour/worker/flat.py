@@ -4,6 +4,11 @@ Pulled values land straight in the model's memory (one copy per server reply),
 and the gradient goes out as one flat vector, so a training step moves each
 byte once. On a GPU the flat vector lives on the device and a CPU mirror is
 what the client reads and writes.
+
+Parameters that are not float32 (a bf16 or fp16 model, say) cannot be views of the float32
+vector: each keeps its own dtype and storage, is refreshed from the vector whenever new values
+arrive (:meth:`host_to_device`), and its gradient goes out converted to float32. The servers'
+master copy stays float32 either way.
 """
 
 from __future__ import annotations
@@ -26,10 +31,14 @@ class FlatModel:
         self.device = device
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.flat = torch.empty(layout.numel, device=device)
+        self.cast: list[tuple[nn.Parameter, torch.Tensor]] = []  # (a non-float32 parameter, its slice of flat)
         for p, spec in zip(self.params, layout.params):
             view = self.flat[spec.offset : spec.offset + spec.numel]
             view.copy_(p.data.reshape(-1))
-            p.data = view.view(spec.shape)
+            if p.dtype == torch.float32:
+                p.data = view.view(spec.shape)
+            else:
+                self.cast.append((p, view))
         on_cpu = device.type == "cpu"
         self.host = self.flat if on_cpu else torch.empty(layout.numel, pin_memory=torch.cuda.is_available())
         if not on_cpu:
@@ -37,7 +46,8 @@ class FlatModel:
 
     def grad_vector(self) -> torch.Tensor:
         """The gradients as one new flat CPU tensor (safe to send while the next step runs)."""
-        grads = [p.grad.reshape(-1) if p.grad is not None else torch.zeros(p.numel(), device=self.device) for p in self.params]
+        grads = [p.grad.reshape(-1).float() if p.grad is not None else torch.zeros(p.numel(), device=self.device)
+                 for p in self.params]
         return torch.cat(grads).cpu()
 
     def zero_grad(self) -> None:
@@ -48,3 +58,5 @@ class FlatModel:
         """After values were written into ``host``: make the model see them."""
         if self.host is not self.flat:
             self.flat.copy_(self.host, non_blocking=True)
+        for p, view in self.cast:
+            p.data.copy_(view.view(p.shape))

@@ -14,7 +14,6 @@ import traceback
 from collections.abc import Callable
 from typing import Any
 
-import numpy as np
 import torch
 import zmq
 
@@ -23,6 +22,7 @@ from downpour.coordinator.client import CoordinatorClient, Heartbeat, connection
 from downpour.data import build_dataset
 from downpour.errors import ConfigError, DownpourError, RemoteError
 from downpour.layout import Layout
+from downpour.models import buffers as bufs
 from downpour.models import build_model
 from downpour.monitor import HttpEndpoint, metrics_route, node_labels
 from downpour.nn import attach
@@ -115,16 +115,28 @@ class ServerMap:
                 log.warning("%s: %s moved to %s (a replacement); %d request(s) to the old one dropped", self.name, name, address, lost)
 
 
-def device_for(job: JobConfig) -> torch.device:
-    if job.training.device == "cuda" and torch.cuda.is_available():
-        return torch.device("cuda")
-    if job.training.device == "cuda":
-        log.warning("device: cuda asked for, but no GPU is visible; computing on the CPU")
-    return torch.device("cpu")
+def device_for(job: JobConfig, rank: int, local_rank: int | None = None) -> torch.device:
+    """The worker's device: ``training.device`` cpu; cuda (GPU ``local_rank`` modulo the GPUs visible,
+    ``local_rank`` being the worker's place among this machine's workers, its rank by default);
+    cuda:N; or a list naming one device per worker rank."""
+    want = job.training.device
+    if isinstance(want, list):
+        want = want[rank % len(want)]
+    if want == "cpu":
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        log.warning("device: %s asked for, but no GPU is visible; computing on the CPU", want)
+        return torch.device("cpu")
+    index = int(want[5:]) if want.startswith("cuda:") else (rank if local_rank is None else local_rank) % torch.cuda.device_count()
+    if index >= torch.cuda.device_count():
+        raise ConfigError(f"training.device: {want} but this machine has {torch.cuda.device_count()} GPU(s)")
+    torch.cuda.set_device(index)
+    return torch.device("cuda", index)
 
 
 def job_factories(job: JobConfig) -> set[str]:
-    """Every ``factory`` import string a job names (model, data, and any section that has one)."""
+    """Every import string a job names: each ``factory`` (model, data, and any section that has one),
+    the loss, metrics and collate function, and a registered update rule's module."""
     found: set[str] = set()
 
     def walk(v: Any) -> None:
@@ -139,17 +151,29 @@ def job_factories(job: JobConfig) -> set[str]:
                 walk(x)
 
     walk(job_to_dict(job))
+    # The other user code a job names by import path (downpour/extensions.py): imported on workers too.
+    t = job.training
+    found.update(t.metrics.values())
+    if ":" in t.loss:
+        found.add(t.loss)
+    if job.data.loader.collate_fn:
+        found.add(job.data.loader.collate_fn)
+    module = getattr(job.optimizer, "module", None)
+    if module:
+        found.add(module)
     return found
 
 
 def run_worker(ctx: zmq.Context, coordinator: str, rank: int | None = None, startup_timeout_s: float = 120.0,
                metrics_host: str | None = None, security: Security | None = None,
-               trusted_factories: set[str] | None = None, advertise: str | None = None) -> int:
+               trusted_factories: set[str] | None = None, advertise: str | None = None,
+               local_rank: int | None = None) -> int:
     """Entry point of ``downpour worker``: returns the process exit code. ``metrics_host``
     overrides the job's ``monitor.http_host`` for this worker's metrics endpoint (advertised
     as ``advertise`` when given: see :func:`~downpour.transport.advertised`).
     ``trusted_factories`` (unauthenticated workers): the only factories the job from the
-    coordinator may name; any other is refused before anything is imported."""
+    coordinator may name; any other is refused before anything is imported. ``local_rank``
+    (the worker's place among its machine's workers, e.g. from LOCAL_RANK) picks its GPU."""
     abort = threading.Event()
     hb: HeartbeatThread | None = None
     endpoint: HttpEndpoint | None = None
@@ -190,12 +214,9 @@ def run_worker(ctx: zmq.Context, coordinator: str, rank: int | None = None, star
                              security=security, on_reply=on_reply, identity=coord.identity)
         hb.start()
         torch.set_num_threads(job.training.torch_threads)
-        device = device_for(job)
+        device = device_for(job, int(reply["rank"]), local_rank)
         model = build_model(job.model, job.training.seed)
         dataset = build_dataset(job.data)
-        # Touch the data before training starts: a split may read its files lazily, and that
-        # read belongs to start-up, not to the first step (where it would stall this worker).
-        dataset.train.take(np.zeros(1, dtype=np.int64))
         flat = FlatModel(model, layout, device)
         link = job.cluster.link_mbit_s * 1e6 / 8 if job.cluster.link_mbit_s else None
         rpc = RpcClient(ctx, name, job.cluster.request_timeout_s, job.cluster.max_message_bytes, abort=abort, abort_reason=reason,
@@ -221,6 +242,9 @@ def run_worker(ctx: zmq.Context, coordinator: str, rank: int | None = None, star
             attach(model, sparse)
         trainer = Trainer(job, flat, kv, dataset, name, int(reply["rank"]), sparse)
         trainer.leave = leave
+        # Touch the data before training starts: a split may read its files lazily, and that
+        # read belongs to start-up, not to the first step (where it would stall this worker).
+        trainer.batches.touch()
 
         if reply.get("initializer"):
             kv.wait(kv.init(flat.host))
@@ -239,13 +263,18 @@ def run_worker(ctx: zmq.Context, coordinator: str, rank: int | None = None, star
             return _leave(coord, trainer, job.cluster.request_timeout_s)
         stats = trainer.stats()
         log.info("%s: trained %d steps, %d examples, %.0f examples/s", name, stats["steps"], stats["examples"], stats["examples_per_s"])
-        end = coord.worker_done(stats, timeout_s=_LONG_WAIT_S)
+        # The model's buffers (BatchNorm statistics...) go along: the coordinator merges them.
+        answer = coord.worker_done(stats, timeout_s=_LONG_WAIT_S,
+                                   buffers=bufs.pack(bufs.model_buffers(model, {p.name for p in layout.params})))
+        end = answer.meta
         if end.get("evaluate"):
             trainer.pull_all(exact=True)
             flat.host_to_device()
+            if end.get("buffers"):  # evaluate with the buffers model.pt will hold
+                model.load_state_dict(bufs.unpack(end["buffers"], answer.tensors), strict=False)
             result = trainer.evaluate()
-            log.info("%s: test accuracy %.4f, test loss %.4f", name, result["test_accuracy"], result["test_loss"])
-            coord.report("eval", result)
+            log.info("%s: test accuracy %s, test loss %s", name, result["test_accuracy"], result["test_loss"])
+            coord.report("eval", {k: v for k, v in result.items() if v is not None})  # None: no such figure
         return 0
     except RemoteError as err:
         if err.code == "job_running" and coord.node == coord.identity:  # came too late to join: not a failure

@@ -29,23 +29,26 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from downpour.config import JobConfig
 from downpour.coordinator.shards import example_order
 from downpour.data import Dataset
+from downpour.data.loader import Batches, split_len
 from downpour.data.scoring import log_loss, roc_auc
-from downpour.errors import RemoteError, RequestTimeout
+from downpour.errors import ConfigError, RemoteError, RequestTimeout
+from downpour.extensions import checked_loss, metric_value, resolve_loss, resolve_metrics
 from downpour.monitor import Buckets, RateMeter
 from downpour.worker.client import Handle, KVClient
 from downpour.worker.flat import FlatModel
 from downpour.worker.online import OnlineLoop
+from downpour.worker.precision import Precision
 from downpour.worker.sparse import SparseClient
 
 log = logging.getLogger(__name__)
 
 
 _LOCAL_OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
+    "adamw": lambda params, o: torch.optim.AdamW(params, lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay),
     "sgd": lambda params, o: torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, dampening=o.dampening,
                                              nesterov=o.nesterov, weight_decay=o.weight_decay),
     "adagrad": lambda params, o: torch.optim.Adagrad(params, lr=o.lr, lr_decay=o.lr_decay, weight_decay=o.weight_decay,
@@ -56,31 +59,26 @@ _LOCAL_OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
 
 def local_optimizer(job: JobConfig, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
     """The job's optimizer as a torch optimizer on the worker (local SGD's local steps)."""
-    return _LOCAL_OPTIMIZERS[job.optimizer.name](params, job.optimizer)
+    make = _LOCAL_OPTIMIZERS.get(job.optimizer.name)
+    if make is None:
+        raise ConfigError(f"training.local_steps > 1 runs the optimizer on the workers too, which knows no torch "
+                          f"equivalent of the registered rule {job.optimizer.name!r}")
+    return make(params, job.optimizer)
 
 
 # A batch's inputs: one tensor, or a tuple of tensors (e.g. CTR data: dense features and feature IDs).
 Inputs = torch.Tensor | tuple[torch.Tensor, ...]
 
 
-def _rows(x: Inputs, lo: int, hi: int) -> Inputs:
-    return x[lo:hi] if isinstance(x, torch.Tensor) else tuple(t[lo:hi] for t in x)
-
-
 def _to(x: Inputs, device: torch.device) -> Inputs:
-    return x.to(device) if isinstance(x, torch.Tensor) else tuple(t.to(device) for t in x)
+    """To ``device``; asynchronous where the source is pinned (the copy overlaps what runs next)."""
+    if isinstance(x, torch.Tensor):
+        return x.to(device, non_blocking=x.is_pinned()) if x.device != device else x
+    return tuple(_to(t, device) for t in x)  # type: ignore[misc]
 
 
 def _forward(model: torch.nn.Module, x: Inputs) -> torch.Tensor:
     return model(x) if isinstance(x, torch.Tensor) else model(*x)
-
-
-def batch_loss(kind: str, out: torch.Tensor, y: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
-    """``training.loss`` of a batch: cross entropy over class logits, or binary cross entropy
-    over one logit per example."""
-    if kind == "binary_cross_entropy":
-        return F.binary_cross_entropy_with_logits(out.reshape(-1), y.to(out.dtype).reshape(-1), reduction=reduction)
-    return F.cross_entropy(out, y, reduction=reduction)
 
 
 class LeaveOrder:
@@ -123,6 +121,9 @@ class Trainer:
         self.local: torch.optim.Optimizer | None = None  # local_steps: the local optimizer
         self.base: torch.Tensor | None = None  # local_steps: the values last received
         if t.local_steps > 1:
+            if flat.cast:
+                raise ConfigError("training.local_steps > 1 needs float32 parameters (the local steps update the "
+                                  f"model's own tensors); {len(flat.cast)} are not")
             self.local = local_optimizer(job, flat.params)
         slow = t.slowdown
         self.slow_factor = slow.factor if slow is not None and slow.rank in (None, rank) else 1.0
@@ -150,6 +151,15 @@ class Trainer:
         self.last_output: torch.Tensor | None = None  # the last batch's model output (scored before its update)
         # A live stream (data.name: stream): shards are partitions, read event by event.
         self.online = OnlineLoop(self, dataset, name) if getattr(dataset, "source", None) is not None else None
+        self.loss_fn = resolve_loss(t.loss)
+        self.metrics = resolve_metrics(t.metrics)
+        pin = flat.device.type == "cuda"
+        self.batches = Batches(dataset.train, t.batch_size, job.data.loader, pin, "data (train split)") if dataset is not None else None
+        self._test_batches: Batches | None = None
+        self.precision = Precision(t.autocast, flat.device)
+        if t.autocast == "fp16" and sparse is not None:
+            raise ConfigError("training.autocast: fp16 scales the loss, which the sparse tables' row gradients would "
+                              "carry to the servers; use bf16 with SparseEmbedding")
         torch.manual_seed(t.seed * 1000 + 17 + rank)  # dropout masks: reproducible, distinct per worker
 
     @property
@@ -216,17 +226,16 @@ class Trainer:
         positions = self._order[1][shard["start"] : shard["stop"]]
         rng = np.random.default_rng([t.seed, shard["epoch"], shard["shard"]])
         skip = shard.get("skip", 0)  # examples already trained (a shard resumed from a checkpoint)
-        x_all, y_all = self.data.train.take(rng.permutation(positions)[skip:])
-        x_all, y_all = _to(x_all, self.flat.device), y_all.to(self.flat.device)
         done = 0
-        for b in range(0, len(y_all), t.batch_size):
+        device = self.flat.device
+        for x, y in self.batches(rng.permutation(positions)[skip:]):
             if self.finished:
                 break
             if self.leave.due(self.kv.versions):
                 self.left = True
                 break
-            n = len(y_all[b : b + t.batch_size])
-            self.step(_rows(x_all, b, b + t.batch_size), y_all[b : b + t.batch_size], [shard["epoch"], shard["shard"], skip + done + n])
+            n = len(y)
+            self.step(_to(x, device), _to(y, device), [shard["epoch"], shard["shard"], skip + done + n])
             done += n
         return done
 
@@ -240,10 +249,17 @@ class Trainer:
         model.train()
         self.flat.zero_grad()
         t = self.job.training
-        out = _forward(model, x)
-        self.last_output = out.detach()
-        loss = batch_loss(t.loss, out, y)
-        loss.backward()
+        with self.precision.autocast():
+            out = _forward(model, x)
+            loss = checked_loss(t.loss, self.loss_fn(out, y))
+        self.last_output = out.detach()  # scored before its update (online learning's prequential metrics)
+        self.precision.backward(loss)
+        if not self.precision.unscale(self.flat.params):  # fp16 overflow: this batch is skipped, the scale halves
+            self.flat.zero_grad()
+        if t.clip_grad_value is not None:
+            torch.nn.utils.clip_grad_value_(self.flat.params, t.clip_grad_value)
+        if t.clip_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(self.flat.params, t.clip_grad_norm)
         if self.sparse is not None:  # the rows' gradients go with the next batch's pull
             self.sparse.after_backward()
             if self.online is not None:  # ... or now, ahead of the dense push that carries the data position
@@ -344,36 +360,51 @@ class Trainer:
 
     def evaluate(self, batch_size: int = 1000) -> dict[str, Any]:
         """Test loss and accuracy of the model's current values over the whole test split; with
-        binary cross entropy also AUC and log loss (and the data's best achievable ones, if known)."""
+        binary cross entropy also AUC and log loss (and the data's best achievable ones, if known);
+        the job's metrics (``training.metrics``) under ``metrics``. No test split: no figures."""
         model = self.flat.model
         model.eval()
         test = self.data.test
-        kind = self.job.training.loss
-        total_loss, correct, n = 0.0, 0, len(test)
-        labels, scores = [], []
+        if test is None:
+            return {"test_accuracy": None, "test_loss": None, "test_examples": 0}
+        t = self.job.training
+        kind = t.loss
+        if self._test_batches is None:
+            self._test_batches = Batches(test, batch_size, self.job.data.loader, self.flat.device.type == "cuda",
+                                         "data (test split)")
+        total_loss, correct, n, countable = 0.0, 0, 0, True
+        outs, targets = [], []
+        keep = kind == "binary_cross_entropy" or bool(self.metrics)
+        size = split_len(test)
         with torch.no_grad():
-            for b in range(0, n, batch_size):
-                x, y = test.take(np.arange(b, min(n, b + batch_size)))
-                x, y = _to(x, self.flat.device), y.to(self.flat.device)
-                out = _forward(model, x)
-                total_loss += float(batch_loss(kind, out, y, reduction="sum"))
+            for x, y in self._test_batches(np.arange(size) if size >= 0 else None):
+                x, y = _to(x, self.flat.device), _to(y, self.flat.device)
+                with self.precision.autocast():
+                    out = _forward(model, x)
+                    total_loss += float(checked_loss(kind, self.loss_fn(out, y))) * len(y)
+                n += len(y)
                 if kind == "binary_cross_entropy":
-                    p = torch.sigmoid(out.reshape(-1)).cpu()
-                    labels.append(y.reshape(-1).cpu().numpy())
-                    scores.append(p.numpy())
-                    correct += int(((p > 0.5).to(y.dtype) == y.reshape(-1).cpu()).sum())
-                else:
+                    correct += int(((torch.sigmoid(out.float().reshape(-1)) > 0.5).to(y.dtype) == y.reshape(-1)).sum())
+                elif out.dim() == 2 and y.dim() == 1 and not y.is_floating_point():
                     correct += int((out.argmax(1) == y).sum())
-        result: dict[str, Any] = {"test_accuracy": correct / n if n else 0.0, "test_loss": total_loss / n if n else 0.0,
-                                  "test_examples": n}
+                else:
+                    countable = False  # a custom loss over other targets: no accuracy
+                if keep:
+                    outs.append(out.float().cpu())
+                    targets.append(y.cpu())
+        result: dict[str, Any] = {"test_accuracy": correct / n if n and countable else None,
+                                  "test_loss": total_loss / n if n else None, "test_examples": n}
         if kind == "binary_cross_entropy" and n:
-            y_all, p_all = np.concatenate(labels), np.concatenate(scores)
+            y_all, p_all = torch.cat(targets).reshape(-1).numpy(), torch.sigmoid(torch.cat(outs).reshape(-1)).numpy()
             result["test_auc"] = roc_auc(y_all, p_all)
             result["test_logloss"] = log_loss(y_all, p_all)
             optimum = getattr(self.data, "optimum", None)
             if optimum:
                 result["optimum_auc"] = optimum.get("test_auc")
                 result["optimum_logloss"] = optimum.get("test_logloss")
+        if self.metrics and n:
+            out_all, y_all_t = torch.cat(outs), torch.cat(targets)
+            result["metrics"] = {name: metric_value(name, t.metrics[name], fn(out_all, y_all_t)) for name, fn in self.metrics.items()}
         return result
 
     def stats(self) -> dict[str, Any]:

@@ -1,0 +1,71 @@
+"""Module-level user code for the bring-your-own-PyTorch tests (workers import it by name)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import Dataset, IterableDataset
+
+from tests.conftest import make_images
+
+
+class Images(Dataset):
+    """uint8 28x28 images and labels; an example is (image [1, 28, 28] uint8, label int)."""
+
+    def __init__(self, n: int, seed: int) -> None:
+        x, y = make_images(n, seed)
+        self.x, self.y = torch.from_numpy(x), torch.from_numpy(y.astype("int64"))
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def __getitem__(self, i: int):
+        return self.x[i].unsqueeze(0), int(self.y[i])
+
+
+def image_splits(train: int = 1200, test: int = 300):
+    return Images(train, 1), Images(test, 2)
+
+
+def only_train(n: int = 600):
+    return Images(n, 1)
+
+
+class Stream(IterableDataset):
+    def __iter__(self):
+        return iter([])
+
+
+def stream_data():
+    return Stream(), Stream()
+
+
+def not_a_dataset():
+    return [1, 2, 3]
+
+
+def collate_scaled(batch):
+    """A custom collate: stack, scale pixels to [0, 1], labels to int64."""
+    x = torch.stack([b[0] for b in batch]).float().div_(255.0)
+    y = torch.tensor([b[1] for b in batch], dtype=torch.int64)
+    return x, y
+
+
+def bn_cnn(width: int = 8) -> nn.Module:
+    """A small CNN with BatchNorm and dropout (buffers: running mean/var, num_batches_tracked)."""
+    return nn.Sequential(
+        nn.Conv2d(1, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU(), nn.MaxPool2d(4),
+        nn.Flatten(), nn.Dropout(0.2), nn.Linear(width * 49, 10))
+
+
+def smoothed_ce(out, y):
+    return F.cross_entropy(out, y, label_smoothing=0.05)
+
+
+def per_example_loss(out, y):
+    return F.cross_entropy(out, y, reduction="none")
+
+
+def top2_accuracy(outputs, targets):
+    return (outputs.topk(2, dim=1).indices == targets[:, None]).any(1).float().mean()

@@ -1,0 +1,165 @@
+"""Bring your own PyTorch: torch Datasets through a DataLoader, custom loss and metrics, clipping,
+AdamW, buffers in model.pt, non-float32 parameters and autocast."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from downpour.api import check_data, resolve_job
+from downpour.config import parse_job
+from downpour.coordinator.shards import shard_size_for
+from downpour.data import build_dataset
+from downpour.data.loader import Batches
+from downpour.errors import ConfigError, DataError
+from tests.byo_factories import bn_cnn, collate_scaled, image_splits
+from tests.conftest import FAST_CLUSTER
+
+QUIET = {"metrics": False, "dashboard": False, "tensorboard": False}
+
+
+def byo_job(**sections) -> dict:
+    job = {
+        "name": "byo",
+        "model": {"factory": "tests.byo_factories:bn_cnn"},
+        "data": {"factory": "tests.byo_factories:image_splits",
+                 "loader": {"num_workers": 2, "collate_fn": "tests.byo_factories:collate_scaled", "prefetch_factor": 2}},
+        "optimizer": {"name": "adamw", "lr": 0.003, "weight_decay": 0.01},
+        "training": {"consistency": "sync", "epochs": 2, "batch_size": 32, "seed": 0, "loss": "tests.byo_factories:smoothed_ce",
+                     "metrics": {"top2": "tests.byo_factories:top2_accuracy"}, "clip_grad_norm": 5.0},
+        "cluster": {"num_servers": 1, "num_workers": 2, **FAST_CLUSTER},
+        "monitor": QUIET,
+        "checkpoint": {"enabled": False},
+    }
+    for section, values in sections.items():
+        job[section] = {**job.get(section, {}), **values}
+    return job
+
+
+def test_a_factory_of_torch_datasets_is_accepted_in_every_shape():
+    for factory in ("tests.byo_factories:image_splits", "tests.byo_factories:only_train"):
+        ds = build_dataset(parse_job(byo_job(data={"factory": factory})).data)
+        assert len(ds.train) > 0
+    assert build_dataset(parse_job(byo_job(data={"factory": "tests.byo_factories:only_train"})).data).test is None
+
+
+def test_a_factory_returning_the_wrong_type_names_itself():
+    with pytest.raises(DataError, match="data.factory tests.byo_factories:not_a_dataset returned list"):
+        build_dataset(parse_job(byo_job(data={"factory": "tests.byo_factories:not_a_dataset"})).data)
+
+
+def test_an_iterable_training_set_is_refused_because_exactly_once_could_not_hold():
+    with pytest.raises(DataError, match="IterableDataset.*exactly-once"):
+        build_dataset(parse_job(byo_job(data={"factory": "tests.byo_factories:stream_data"})).data)
+
+
+@pytest.mark.parametrize("field,value,needle", [
+    ("loss", "tests.byo_factories:no_such_loss", "training.loss"),
+    ("loss", "mse", "training.loss"),
+    ("metrics", {"f1": "nowhere.at_all:f1"}, "training.metrics.f1"),
+])
+def test_a_bad_import_path_is_refused_before_anything_starts(field, value, needle):
+    with pytest.raises(ConfigError, match=needle):
+        check_data(resolve_job(byo_job(training={field: value})))
+
+
+def test_a_bad_collate_path_is_refused_before_anything_starts():
+    with pytest.raises(ConfigError, match="data.loader.collate_fn"):
+        check_data(resolve_job(byo_job(data={"loader": {"collate_fn": "tests.byo_factories:nope"}})))
+
+
+def test_the_loader_draws_exactly_the_shards_indices_in_order_with_two_loader_processes():
+    train, _ = image_splits(200, 50)
+    job = parse_job(byo_job())
+    batches = Batches(train, 32, job.data.loader)
+    order = torch.randperm(200).numpy()[:70]
+    got = list(batches(order))
+    assert [len(y) for _, y in got] == [32, 32, 6]
+    assert torch.equal(torch.cat([y for _, y in got]), train.y[order])
+    assert torch.allclose(got[0][0], collate_scaled([train[int(i)] for i in order[:32]])[0])
+    again = torch.cat([y for _, y in batches(order[::-1].copy())])  # the next shard: same loader, new indices
+    assert torch.equal(again, train.y[order[::-1].copy()])
+
+
+def test_the_default_shard_size_gives_every_worker_several_shards_and_an_explicit_one_wins():
+    assert shard_size_for(None, 1400, 2, 32) == 175  # 8 shards: 4 per worker
+    assert shard_size_for(None, 60000, 3, 32) == 2048
+    assert shard_size_for(None, 50, 4, 32) == 32  # never less than a batch
+    assert shard_size_for(500, 1400, 2, 32) == 500
+
+
+def test_adamw_on_the_servers_matches_torch_optim_adamw():
+    from downpour.config import AdamWConfig
+    from downpour.server.optim import make_rule
+
+    torch.manual_seed(0)
+    cfg = AdamWConfig(name="adamw", lr=0.01, weight_decay=0.1, betas=(0.8, 0.99), eps=1e-7)
+    p0 = torch.randn(1000)
+    ours = p0.clone()
+    ref = torch.nn.Parameter(p0.clone())
+    opt = torch.optim.AdamW([ref], lr=0.01, weight_decay=0.1, betas=(0.8, 0.99), eps=1e-7)
+    rule = make_rule(cfg, cfg.lr, 1000)
+    for step in range(50):
+        g = torch.randn(1000)
+        rule.apply(ours, g, 0, 1000, step)
+        ref.grad = g.clone()
+        opt.step()
+    assert torch.allclose(ours, ref.detach(), atol=1e-6, rtol=0)
+
+
+def test_a_registered_rule_is_selectable_by_name_with_its_module():
+    job = parse_job({**byo_job(), "optimizer": {"name": "signsgd", "module": "tests.byo_rules", "lr": 0.1, "args": {"scale": 2.0}}})
+    from downpour.server.optim import make_rule
+
+    rule = make_rule(job.optimizer, 0.1, 3)
+    p = torch.zeros(3)
+    rule.apply(p, torch.tensor([1.0, -2.0, 0.0]), 0, 3, 0)
+    assert torch.equal(p, torch.tensor([-0.2, 0.2, 0.0]))
+    with pytest.raises(ConfigError, match="unknown 'nosuchrule'"):
+        parse_job({**byo_job(), "optimizer": {"name": "nosuchrule", "lr": 0.1}})
+
+
+def test_a_bf16_model_trains_through_a_float32_flat_vector():
+    from downpour.layout import Layout  # noqa: F401
+    from downpour.models import param_shapes
+
+    model = bn_cnn().to(torch.bfloat16)
+    assert all(p.dtype == torch.bfloat16 for p in model.parameters())
+    assert param_shapes(model)  # accepted: the servers keep float32 masters
+
+
+def test_a_loss_that_is_not_a_scalar_is_a_clear_error():
+    from downpour.extensions import checked_loss
+
+    out, y = torch.randn(4, 10), torch.tensor([1, 2, 3, 4])
+    from tests.byo_factories import per_example_loss, smoothed_ce
+
+    assert checked_loss("tests.byo_factories:smoothed_ce", smoothed_ce(out, y)).dim() == 0
+    with pytest.raises(ConfigError, match=r"training.loss 'tests.byo_factories:per_example_loss' must return a scalar.*\(4,\)"):
+        checked_loss("tests.byo_factories:per_example_loss", per_example_loss(out, y))
+
+
+def _evaluate(model, test, batch_size=1000):
+    model.eval()
+    xs = collate_scaled([test[i] for i in range(len(test))])
+    with torch.no_grad():
+        out = torch.cat([model(xs[0][b : b + batch_size]) for b in range(0, len(test), batch_size)])
+    return float((out.argmax(1) == xs[1]).float().mean())
+
+
+@pytest.mark.slow
+def test_a_batchnorm_dropout_model_through_a_dataloader_loads_strictly_from_model_pt_and_evaluates_as_reported(tmp_path):
+    from downpour.launch import LocalLauncher
+
+    result = LocalLauncher(resolve_job(byo_job()), str(tmp_path / "run")).run()
+    s = result.summary
+    assert s["status"] == "ok", s.get("error")
+    assert s["test_accuracy"] > 0.6 and 0.0 < s["test_metrics"]["top2"] <= 1.0
+    assert s["test_metrics"]["top2"] >= s["test_accuracy"]
+    state = torch.load(tmp_path / "run" / "model.pt", weights_only=True)
+    model = bn_cnn()
+    model.load_state_dict(state, strict=True)
+    bn = model[1]
+    assert bn.num_batches_tracked > 0 and not torch.equal(bn.running_var, torch.ones_like(bn.running_var))
+    _, test = image_splits()
+    assert _evaluate(model, test) == pytest.approx(s["test_accuracy"], abs=1e-9)
