@@ -44,16 +44,16 @@ def _tensors(split, n: int | None = None) -> TensorDataset:
     return TensorDataset(x.reshape(-1, 1, 28, 28), y)
 
 
-def small_fashion(train: int = TRAIN):
+def small_fashion(train: int = TRAIN, path: str = DATA):
     """The first ``train`` training images and the whole test set, as torch TensorDatasets."""
-    ds = load_idx_dataset(DATA)
+    ds = load_idx_dataset(path)
     return _tensors(ds.train, train), _tensors(ds.test)
 
 
-def single_process(seed: int, epochs: int, batch: int, lr: float, momentum: float) -> float:
+def single_process(seed: int, epochs: int, batch: int, lr: float, momentum: float, path: str = DATA) -> float:
     torch.manual_seed(seed)
     model = small_cnn()
-    train, test = small_fashion()
+    train, test = small_fashion(path=path)
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
     loader = DataLoader(train, batch_size=batch, shuffle=True, generator=torch.Generator().manual_seed(seed))
     for _ in range(epochs):
@@ -68,12 +68,13 @@ def single_process(seed: int, epochs: int, batch: int, lr: float, momentum: floa
         return float((model(x).argmax(1) == y).float().mean())
 
 
-def downpour_run(seed: int, epochs: int, batch: int, lr: float, momentum: float, shard_size: int | None) -> dict:
+def downpour_run(seed: int, epochs: int, batch: int, lr: float, momentum: float, shard_size: int | None,
+                 path: str = DATA) -> dict:
     import downpour
 
     config = {
         "name": "small-data",
-        "data": {"shard_size": shard_size},
+        "data": {"shard_size": shard_size, "args": {"path": path}},
         "optimizer": {"name": "sgd", "lr": lr, "momentum": momentum},
         "training": {"consistency": "sync", "epochs": epochs, "batch_size": batch, "seed": seed},
         "cluster": {"num_servers": 1, "num_workers": 2},
@@ -94,11 +95,12 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=0.05)
     ap.add_argument("--momentum", type=float, default=0.9)
     ap.add_argument("--set-shard", type=int, default=None, help="an explicit data.shard_size (default: adaptive)")
+    ap.add_argument("--data", default=DATA, help="a Fashion-MNIST IDX folder")
     args = ap.parse_args()
     rows = []
     for seed in args.seeds:
-        ref = single_process(seed, args.epochs, 64, args.lr, args.momentum)
-        ours = downpour_run(seed, args.epochs, 32, args.lr, args.momentum, args.set_shard)
+        ref = single_process(seed, args.epochs, 64, args.lr, args.momentum, args.data)
+        ours = downpour_run(seed, args.epochs, 32, args.lr, args.momentum, args.set_shard, args.data)
         row = {"seed": seed, "single_process": ref, "downpour": ours["test_accuracy"], "gap_points": 100 * (ref - ours["test_accuracy"]),
                "shard_size": args.set_shard or "adaptive", "shards": ours["shards_per_epoch"]}
         rows.append(row)
