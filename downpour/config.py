@@ -254,12 +254,17 @@ class RegisteredRuleConfig(_Frozen):
 
     @model_validator(mode="after")
     def _registered(self) -> RegisteredRuleConfig:
-        from downpour.server.optim import check_rule  # the rules' registry (imported only for such a name)
+        # Without a module the name must be registered already (a built-in, or imported by the caller).
+        # A module is not imported here: parsing a job never runs its code (a job may come from the
+        # network); it is imported before the job starts (downpour.extensions.check_extensions) and
+        # on each server.
+        if self.module is None:
+            from downpour.server.optim import check_rule  # the rules' registry
 
-        try:
-            check_rule(self)
-        except ConfigError as err:
-            raise ValueError(str(err)) from None
+            try:
+                check_rule(self)
+            except ConfigError as err:
+                raise ValueError(str(err)) from None
         return self
 
 

@@ -163,3 +163,19 @@ def test_a_batchnorm_dropout_model_through_a_dataloader_loads_strictly_from_mode
     assert bn.num_batches_tracked > 0 and not torch.equal(bn.running_var, torch.ones_like(bn.running_var))
     _, test = image_splits()
     assert _evaluate(model, test) == pytest.approx(s["test_accuracy"], abs=1e-9)
+
+
+def test_buffers_merge_by_policy_and_their_names_pass_the_worker_done_schema():
+    from downpour.models.buffers import merge, pack, unpack
+    from downpour.protocol import Op
+    from downpour.protocol.ops import validate
+
+    t = parse_job(byo_job(training={"buffers": "average", "buffer_policies": {"*.num_batches_tracked": "evaluator"}})).training
+    a = {"1.running_mean": torch.tensor([0.0, 2.0]), "1.num_batches_tracked": torch.tensor(7)}
+    b = {"1.running_mean": torch.tensor([3.0, 2.0]), "1.num_batches_tracked": torch.tensor(9)}
+    merged = merge([(100.0, a), (200.0, b)], a, t)
+    assert torch.allclose(merged["1.running_mean"], torch.tensor([2.0, 2.0]))  # examples-weighted
+    assert int(merged["1.num_batches_tracked"]) == 7  # the evaluator's, by its pattern
+    names, tensors = pack(merged)
+    assert unpack(names, tensors).keys() == merged.keys()
+    validate(Op.WORKER_DONE, {"node": "worker-0", "stats": {"steps": 3}, "buffers": [f"m.{i}.running_var" for i in range(3000)]})

@@ -136,7 +136,8 @@ REQUESTS: dict[Op, Record] = {
     Op.NEXT_SHARD: Record(_NODE, required=("node",), rest=REST),
     Op.SHARD_DONE: Record({**_NODE, "epoch": COUNT, "shard": COUNT, "examples": COUNT},
                           required=("node", "epoch", "shard"), rest=REST),
-    Op.WORKER_DONE: Record({**_NODE, "stats": STATS}, required=("node",), rest=REST),
+    # buffers: the names of the model's buffers its tensor frames hold, in order (models/buffers.py).
+    Op.WORKER_DONE: Record({**_NODE, "stats": STATS, "buffers": List(Str(1024), 1 << 16)}, required=("node",), rest=REST),
     Op.REPORT: Record({**_NODE, "kind": Str(16, choices=tuple(REPORTS)), "data": Plain(max_depth=6, max_items=1 << 18)},
                       required=("node", "kind"), rest=REST),
     Op.STATUS: Record(_NODE, rest=REST),
