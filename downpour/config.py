@@ -241,7 +241,7 @@ class AdamWConfig(AdamConfig):
     weight_decay: float = Field(0.01, ge=0)
 
 
-class RegisteredRuleConfig(_Frozen):
+class RegisteredRuleConfig(_Hyperparameters):
     """Any update rule registered with ``downpour.server.optim.register_rule``, by its name.
     ``module`` is imported first (on every server too), so that its ``register_rule`` runs;
     ``args`` reach the rule as ``cfg.args``."""
