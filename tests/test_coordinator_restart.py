@@ -76,12 +76,12 @@ def test_a_restarted_coordinator_continues_the_job_and_every_shard_is_trained_on
     # The worker whose NEXT_SHARD answer was lost asks again: the same shard, not a second one.
     assert shard_of(sim.send(WORKERS[1], Op.NEXT_SHARD), WORKERS[1]) == held
     [failure] = st.failures
-    assert failure["node"] == "coordinator"
-    assert failure["recovered_after_s"] is not None  # worker-1 got an answer: it serves again
-    assert failure["reconnected_after_s"] is None and failure["detected_after_s"] is not None
+    assert failure.node == "coordinator"
+    assert failure.recovered_after_s is not None  # worker-1 got an answer: it serves again
+    assert failure.reconnected_after_s is None and failure.detected_after_s is not None
     for who in SERVERS + [WORKERS[0], WORKERS[2]]:
         sim.send(who, Op.HEARTBEAT)
-    assert failure["reconnected_after_s"] is not None
+    assert failure.reconnected_after_s is not None
 
     # Train the rest; workers finish their shard before asking for the next.
     holds = {WORKERS[1]: held}
@@ -178,8 +178,8 @@ def test_a_node_that_died_while_the_coordinator_was_down_is_declared_dead_after_
     sim.tick(6.6)  # the next turn: nobody else is awaited, so the coordinator counts as recovered
     assert sim.state.nodes[WORKERS[2]].state == "dead"
     coordinator, worker = sim.state.failures
-    assert coordinator["node"] == "coordinator" and coordinator["reconnected_after_s"] is not None
-    assert worker["node"] == WORKERS[2] and worker["requeued"] == [[held["epoch"], held["shard"], 0]]
+    assert coordinator.node == "coordinator" and coordinator.reconnected_after_s is not None
+    assert worker.node == WORKERS[2] and worker.requeued == [[held["epoch"], held["shard"], 0]]
     assert error_code(one(sim.send(WORKERS[2], Op.NEXT_SHARD))) == "declared_dead"
 
 
@@ -206,7 +206,7 @@ def test_a_node_admitted_just_before_the_coordinator_died_has_time_to_repeat_its
     meta = ok(one(sim.register("joiner", "worker", 1)))  # its repeat
     assert meta["node"] == "worker-1.2" and meta["rank"] == 1
     assert "stop" not in ok(one(sim.send("joiner", Op.HEARTBEAT, node="worker-1.2")))
-    assert [f["node"] for f in sim.state.failures] == [WORKERS[1], "coordinator"]
+    assert [f.node for f in sim.state.failures] == [WORKERS[1], "coordinator"]
 
     # The job's start, saved, but no worker got its answer: two repeat theirs, one never comes back
     # and is declared dead once that time is up too.
@@ -224,7 +224,7 @@ def test_a_node_admitted_just_before_the_coordinator_died_has_time_to_repeat_its
             sim.send(who, Op.HEARTBEAT)
         sim.tick(t)
         assert sim.state.nodes[WORKERS[2]].state == ("dead" if t > 1.0 + timeout + ATTEMPT_S else "alive")
-    assert [f["node"] for f in sim.state.failures] == ["coordinator", WORKERS[2]]
+    assert [f.node for f in sim.state.failures] == ["coordinator", WORKERS[2]]
 
 
 def test_a_request_without_an_answer_is_sent_again_until_its_time_limit():

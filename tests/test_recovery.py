@@ -67,12 +67,12 @@ def test_a_dead_worker_does_not_stop_the_job_and_its_shard_resumes_after_its_las
     assert sim.state.phase == "training"
     assert membership(out) == [WORKERS[0], WORKERS[2]]  # a sync round no longer waits for it
     [failure] = sim.state.failures
-    assert failure["node"] == WORKERS[1] and failure["kind"] == "dead" and failure["detected_after_s"] > 5.0
-    assert failure["requeued"] == [[shard["epoch"], shard["shard"], 2]] and failure["recovered_after_s"] is None
+    assert failure.node == WORKERS[1] and failure.kind == "dead" and failure.detected_after_s > 5.0
+    assert failure.requeued == [[shard["epoch"], shard["shard"], 2]] and failure.recovered_after_s is None
     sim.now = 6.0
     again = take(sim, WORKERS[0])  # the front of the queue: the shard the dead worker held
     assert (again["epoch"], again["shard"], again["skip"]) == (shard["epoch"], shard["shard"], 2)
-    assert failure["recovered_after_s"] == 0.5
+    assert failure.recovered_after_s == 0.5
 
 
 def test_a_worker_that_reports_an_error_is_recovered_from_like_a_dead_one():
@@ -80,7 +80,7 @@ def test_a_worker_that_reports_an_error_is_recovered_from_like_a_dead_one():
     training(sim)
     take(sim, WORKERS[2])
     sim.send(WORKERS[2], Op.REPORT, kind="error", data={"error": "CUDA out of memory"})
-    assert sim.state.phase == "training" and sim.state.failures[0]["reason"] == "CUDA out of memory"
+    assert sim.state.phase == "training" and sim.state.failures[0].reason == "CUDA out of memory"
 
 
 def test_a_replacement_takes_the_free_slot_at_once_under_a_new_name_and_skips_the_start():
@@ -92,7 +92,7 @@ def test_a_replacement_takes_the_free_slot_at_once_under_a_new_name_and_skips_th
     assert meta["rank"] == 1 and meta["node"] == "worker-1.2" and meta["initializer"] is False
     assert len(meta["servers"]) == 2
     assert membership(out) == [WORKERS[0], "worker-1.2", WORKERS[2]]
-    assert sim.state.failures[0]["replaced_by"] == "worker-1.2"
+    assert sim.state.failures[0].replaced_by == "worker-1.2"
     # Training started long ago: at once (from the connection it registered on, as every request of it).
     ok(one(sim.send("replacement", Op.BARRIER, name="init", node="worker-1.2"), to="replacement"))
 
@@ -179,8 +179,8 @@ def test_with_default_settings_a_server_lost_before_the_first_periodic_checkpoin
     sim.tick(8.5)  # server-1 silent since 3: declared dead; the job goes on, well within checkpoint.every_s
     assert sim.state.phase == "training"
     [failure] = sim.state.failures
-    assert failure["node"] == "server-1" and failure["restored_from"] == name
-    assert failure["rolled_back_versions"] == 37  # what it applied since step 0, reported
+    assert failure.node == "server-1" and failure.restored_from == name
+    assert failure.rolled_back_versions == 37  # what it applied since step 0, reported
 
 
 def test_a_silent_server_waits_for_a_replacement_that_loads_the_latest_checkpoint():
@@ -195,7 +195,7 @@ def test_a_silent_server_waits_for_a_replacement_that_loads_the_latest_checkpoin
     sim.tick(6.5)  # server-1 silent since 0: declared dead, the job goes on
     assert sim.state.phase == "training"
     [failure] = sim.state.failures
-    assert failure["node"] == "server-1" and failure["restored_from"] == "ckpt-000000000010-0001"
+    assert failure.node == "server-1" and failure.restored_from == "ckpt-000000000010-0001"
     got = sim.send("server-1-new", Op.REGISTER, role="server", rank=None, address="tcp://127.0.0.1:7999", host="test", pid=9)
     answer, membership_msg = replies(got, to="server-1-new")
     assert membership_msg.msg.op == Op.MEMBERSHIP  # the sync rounds' members, at once
@@ -203,10 +203,10 @@ def test_a_silent_server_waits_for_a_replacement_that_loads_the_latest_checkpoin
     assert reply["rank"] == 1 and reply["restore"]["name"] == "ckpt-000000000010-0001" and reply["restore"]["full"]
     beat = ok(one(sim.send(WORKERS[1], Op.HEARTBEAT), to=WORKERS[1]))
     assert {"rank": 1, "name": "server-1", "address": "tcp://127.0.0.1:7999"} in beat["servers"] and beat["servers_gen"] == 1
-    assert failure["recovered_after_s"] is None  # not before the replacement serves (its first heartbeat)
+    assert failure.recovered_after_s is None  # not before the replacement serves (its first heartbeat)
     sim.now = 7.0
     sim.send("server-1-new", Op.HEARTBEAT, node="server-1")
-    assert failure["recovered_after_s"] == pytest.approx(0.5)
+    assert failure.recovered_after_s == pytest.approx(0.5)
     # A server registering for a rank while no rank is free waits (a replacement may start before
     # the old process is declared dead) and takes the next rank that frees.
     assert sim.send("server-x", Op.REGISTER, role="server", rank=0, address="tcp://127.0.0.1:7998") == []
@@ -424,10 +424,10 @@ def test_an_evaluator_that_dies_is_replaced_by_the_next_worker_to_join_which_eva
     sim.tick(5.5)
     assert sim.state.phase == "evaluating" and sim.state.nodes[evaluator].state == "dead"
     [failure] = sim.state.failures
-    assert failure["node"] == evaluator and failure["recovered_after_s"] is None
+    assert failure.node == evaluator and failure.recovered_after_s is None
     sim.now = 6.0
     joined = ok(one(sim.register("worker-0.2", "worker", 0), to="worker-0.2"))
-    assert joined["node"] == "worker-0.2" and failure["replaced_by"] == "worker-0.2" and failure["recovered_after_s"] == 0.5
+    assert joined["node"] == "worker-0.2" and failure.replaced_by == "worker-0.2" and failure.recovered_after_s == 0.5
     assert ok(one(sim.send("worker-0.2", Op.NEXT_SHARD)))["shard"] is None  # training is over: nothing to train
     assert ok(one(sim.send("worker-0.2", Op.WORKER_DONE, stats={})))["evaluate"] is True
     # Only one evaluator: another joiner waits (in case this one dies too) ...
@@ -477,7 +477,7 @@ def test_a_rank_without_a_replacement_moves_onto_the_survivor_with_the_fewest_by
     [meta] = [r.msg.meta for r in replies(out, to="server-1-hosted") if r.msg.op == Op.OK]
     assert meta["node"] == "server-1" and meta["restore"]["name"] == "ckpt-1"
     [failure] = sim.state.failures
-    assert failure["resharded_onto"] == SERVERS[0] and sim.state.hosting == {}
+    assert failure.resharded_onto == SERVERS[0] and sim.state.hosting == {}
     assert "host_ranks" not in ok(one(sim.send(SERVERS[0], Op.HEARTBEAT)))
 
 

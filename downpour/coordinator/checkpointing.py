@@ -100,6 +100,22 @@ class CheckpointPlan:
         self.committed.append({"name": p.name, "step": p.step, "write_s": write_s, "final": p.final, "versions": p.versions})
         self.pending = None
 
+    def export(self, base: float) -> dict[str, Any]:
+        """What a restarted coordinator needs (times relative to ``base``, the job's start)."""
+        return {"committed": self.committed, "abandoned": self.abandoned, "seq": self._seq, "last_step": self.last_step,
+                "last_at": self.last_at - base, "pending": self.pending.name if self.pending else None}
+
+    def adopt(self, saved: dict[str, Any], base: float, resumed: bool) -> None:
+        """Continue from :meth:`export`'s ``saved``. A checkpoint that was being written is
+        abandoned (its servers' reports went to the old process)."""
+        self.committed, self.abandoned = list(saved["committed"]), int(saved["abandoned"])
+        self._seq, self.last_step = int(saved["seq"]), int(saved["last_step"])
+        self.last_at = base + float(saved["last_at"])
+        self.start_due = self.start_due and self._seq == 0 and not resumed
+        if saved["pending"]:
+            self.abandoned += 1
+            log.warning("coordinator: checkpoint %s was being written when the coordinator stopped; abandoned", saved["pending"])
+
     def summary(self) -> dict[str, Any]:
         writes = [c["write_s"] for c in self.committed]
         return {

@@ -28,6 +28,7 @@ import zmq
 
 from downpour.errors import RequestTimeout, TransportError
 from downpour.protocol import Message, Op
+from downpour.protocol.ops import ATTEMPT_S
 from downpour.protocol.rpc import Future, RpcClient
 from downpour.transport import Security
 
@@ -38,7 +39,6 @@ def connection_id(role: str, rank: int | None) -> str:
     """The routing id a node registers with: the coordinator takes the node's requests only from
     it (and from it + ``.hb``, the heartbeat connection), so it holds 128 random bits."""
     return f"{role}-{rank if rank is not None else '?'}-{uuid.uuid4().hex}"
-ATTEMPT_S = 5.0  # an unanswered request to the coordinator is sent again after this long (REGISTER: always)
 
 
 class CoordinatorClient:

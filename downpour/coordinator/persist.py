@@ -8,7 +8,9 @@ handed out is on disk before the worker hears of it), and once a second for the 
 A SIGKILLed coordinator loses nothing it answered; SQLite's WAL makes each save all or nothing.
 
 :func:`export_state` and :func:`adopt_state` turn a :class:`CoordinatorState` into those parts and
-back. Requests that were waiting inside the old process (a barrier, WORKER_DONE, REGISTER) are not
+back, field by field of :class:`~downpour.coordinator.model.JobState` (a field marked ``TRANSIENT`` is
+not saved; one marked ``TIME`` is saved relative to the job's start), so a new field is saved without
+a change here. Requests that were waiting inside the old process (a barrier, WORKER_DONE, REGISTER) are not
 kept: the nodes send them again (:class:`~downpour.coordinator.client.CoordinatorClient` repeats a
 request that got no answer), and every handler takes a repeat as the same request. A checkpoint
 that was being written is abandoned. Times are kept relative to the job's start, and the time the
@@ -22,10 +24,13 @@ import logging
 import os
 import sqlite3
 import time
-from typing import TYPE_CHECKING, Any
+from dataclasses import MISSING, Field, asdict, fields
+from enum import Enum
+from types import UnionType
+from typing import TYPE_CHECKING, Any, Union, get_args, get_origin, get_type_hints
 
 from downpour.config import job_to_dict
-from downpour.coordinator.report import ALIVE, DEAD, DONE, FINISHED
+from downpour.coordinator.model import ALIVE, DONE, FailureRecord, JobState, Node, NodeState, Phase
 from downpour.coordinator.shards import ShardLedger, shard_size_for
 from downpour.errors import ConfigError
 from downpour.protocol.ops import EVAL, NAME, PROGRESS, SERVER_STATS, STATS, valid
@@ -37,12 +42,12 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 STATE_FILE = "coordinator.db"
-_VERSION = 1
+_VERSION = 2  # 2: every saved field of JobState, failures as FailureRecord fields
 # A saved node's own fields (its progress and stats are checked with the schemas of the messages
 # that carry them: a node whose progress is malformed gets {}).
 _NODE = Record({"name": NAME, "role": Str(16, choices=("server", "worker")), "rank": Int(0, 1 << 20),
                 "identity": Str(1024, pattern=r"[0-9a-f]*"), "address": Opt(Str(512)), "host": Str(256), "pid": Int(0, 1 << 40),
-                "state": Str(16, choices=(ALIVE, DONE, FINISHED, DEAD)), "metrics": Opt(Str(255)), "idle": Bool(),
+                "state": Str(16, choices=tuple(s.value for s in NodeState)), "metrics": Opt(Str(255)), "idle": Bool(),
                 "heard": Bool()}, required=("name", "role", "rank", "identity", "host", "pid", "state"), rest=None)
 
 
@@ -104,6 +109,49 @@ def open_store(run_dir: str, recover: bool) -> tuple[StateStore, dict[str, Any] 
     return store, parts
 
 
+def _saved(cls: type) -> list[Field]:
+    return [f for f in fields(cls) if not f.metadata.get("transient")]
+
+
+def _default(f: Field) -> Any:
+    """A field's default, for a part saved before the field existed."""
+    if f.default is not MISSING:
+        return f.default
+    return f.default_factory() if f.default_factory is not MISSING else None
+
+
+# JobState's fields saved in parts of their own (every other one goes into the "job" part).
+_NODES, _FAILURES = ("nodes",), ("failures", "recovering", "server_slots")
+
+
+def _encode(value: Any) -> Any:
+    """A field's value as JSON (enums are strings already; dicts with int keys get string keys)."""
+    if isinstance(value, bytes):
+        return value.hex()
+    if isinstance(value, Enum):
+        return value.value
+    return value
+
+
+def _decode(tp: Any, value: Any) -> Any:
+    """``value`` (JSON) as the field's declared type ``tp``: enums, bytes, int keys, numbers."""
+    if value is None:
+        return None
+    if get_origin(tp) in (Union, UnionType):
+        args = [a for a in get_args(tp) if a is not type(None)]
+        return _decode(args[0], value) if len(args) == 1 else value
+    if isinstance(tp, type) and issubclass(tp, Enum):
+        return tp(value)
+    if tp is bytes:
+        return bytes.fromhex(value)
+    if tp in (int, float):
+        return tp(value)
+    if get_origin(tp) is dict:
+        kt, vt = get_args(tp)
+        return {_decode(kt, k): _decode(vt, v) for k, v in value.items()}
+    return value
+
+
 def _rel(t: float | None, base: float) -> float | None:
     return None if t is None else t - base
 
@@ -113,43 +161,31 @@ def _abs(t: float | None, base: float) -> float | None:
 
 
 def export_state(self: CoordinatorState, now: float) -> dict[str, Any]:
-    """The state as plain data, in parts (see :class:`StateStore`); the ledger is its journal
-    (``self.ledger.journal``), saved beside them."""
+    """The state as plain data, in parts (see :class:`StateStore`): every saved field of
+    :class:`JobState` (times relative to the job's start), the checkpoint plan's own export; the
+    ledger is its journal (``self.ledger.journal``), saved beside them."""
     base = self.started
-    index = {id(f): i for i, f in enumerate(self.failures)}
-    cp = self.checkpoints
+    job: dict[str, Any] = {"version": _VERSION, "config": job_to_dict(self.job), "wall": time.time(), "elapsed": now - base}
+    for f in _saved(JobState):
+        if f.name not in _NODES + _FAILURES:
+            value = getattr(self, f.name)
+            job[f.name] = _rel(value, base) if f.metadata.get("time") else _encode(value)
+    index = {id(r): i for i, r in enumerate(self.failures)}
     return {
-        "job": {
-            "version": _VERSION, "config": job_to_dict(self.job), "wall": time.time(), "elapsed": now - base,
-            "phase": self.phase, "error": self.error, "failed_node": self.failed_node,
-            "train_started": _rel(self.train_started, base), "train_ended": _rel(self.train_ended, base),
-            "workerless_since": _rel(self.workerless_since, base), "step_offset": self.step_offset,
-            "resume": self.resume, "restore": self.restore, "evaluation": self.evaluation, "evaluator": self.evaluator,
-            "servers_gen": self.servers_gen, "hosting": self.hosting, "rejected": self.rejected, "version_rate": self.version_rate,
-            "restarts": self.restarts, "stop_requested": _rel(self.stop_requested, base), "final_asked": self.final_asked,
-            "leave_at": self.leave_at,
-        },
-        "nodes": [
-            {"name": n.name, "role": n.role, "rank": n.rank, "identity": n.identity.hex(), "address": n.address,
-             "host": n.host, "pid": n.pid, "state": n.state, "progress": n.progress, "stats": n.stats,
-             "metrics": n.metrics, "idle": n.idle, "heard": n.heard}
-            for n in self.nodes.values()
-        ],
+        "job": job,
+        "nodes": [{f.name: _encode(getattr(n, f.name)) for f in _saved(Node)} for n in self.nodes.values()],
         "failures": {
-            "records": self.failures,
+            "records": [asdict(r) for r in self.failures],
             "recovering": [[_rel(at, base), index[id(r)]] for at, r in self.recovering if id(r) in index],
             "server_slots": [[rank, _rel(at, base), index[id(r)]] for rank, (at, r) in self.server_slots.items() if id(r) in index],
         },
-        "checkpoints": {"committed": cp.committed, "abandoned": cp.abandoned, "seq": cp._seq, "last_step": cp.last_step,
-                        "last_at": _rel(cp.last_at, base), "pending": cp.pending.name if cp.pending else None},
+        "checkpoints": self.checkpoints.export(base),
     }
 
 
 def adopt_state(self: CoordinatorState, parts: dict[str, Any], now: float, lost_at: float | None = None) -> None:
     """Continue from ``parts`` (:func:`export_state`'s, saved by a coordinator of the same job).
     ``lost_at``: when (wall clock) the old coordinator was found dead, for the failure record."""
-    from downpour.coordinator.state import Node
-
     j = parts["job"]
     if j.get("version") != _VERSION:
         raise ConfigError(f"the saved coordinator state is version {j.get('version')}, this coordinator reads {_VERSION}")
@@ -158,65 +194,63 @@ def adopt_state(self: CoordinatorState, parts: dict[str, Any], now: float, lost_
                           "recover with the job file the run started with")
     down_s = max(0.0, time.time() - float(j["wall"]))
     base = self.started = now - float(j["elapsed"]) - down_s  # the time it was down passed for the job too
-    self.phase, self.error, self.failed_node = j["phase"], j["error"], j["failed_node"]
-    self.train_started, self.train_ended = _abs(j["train_started"], base), _abs(j["train_ended"], base)
-    self.workerless_since = _abs(j["workerless_since"], base)
-    self.step_offset = int(j["step_offset"])
-    self.resume, self.restore, self.evaluation, self.evaluator = j["resume"], j["restore"], j["evaluation"], j["evaluator"]
-    self.servers_gen, self.rejected, self.version_rate = int(j["servers_gen"]), dict(j["rejected"]), float(j["version_rate"])
-    self.hosting = {int(r): str(n) for r, n in j["hosting"].items()}
-    self.restarts = int(j["restarts"]) + 1
-    self.stop_requested = _abs(j.get("stop_requested"), base)
-    self.final_asked = bool(j.get("final_asked", False))
-    self.leave_at = j.get("leave_at")
-    self.nodes, self.by_identity = {}, {}
+    hints = get_type_hints(JobState)
+    try:
+        for f in _saved(JobState):
+            if f.name not in _NODES + _FAILURES:
+                value = j.get(f.name, _default(f))
+                setattr(self, f.name, _abs(value, base) if f.metadata.get("time") else _decode(hints[f.name], value))
+        records = [FailureRecord(**r) for r in parts["failures"]["records"]]
+    except (TypeError, ValueError, AttributeError) as err:
+        raise ConfigError(f"--recover: {STATE_FILE} is corrupt: {err}") from None
+    self.restarts += 1
     if not valid(EVAL, self.evaluation or {}):
         log.warning("coordinator: the saved evaluation is malformed; dropped")
         self.evaluation = None
+    self.nodes, self.by_identity = {}, {}
     for d in parts["nodes"]:
-        try:
-            _NODE.check({k: v for k, v in d.items() if k not in ("progress", "stats")}, "saved node")
-        except SchemaError as err:
-            raise ConfigError(f"--recover: {STATE_FILE} is corrupt: {err}") from None
-        ident = bytes.fromhex(d["identity"])
-        progress, stats = d["progress"] or {}, d["stats"]
-        if not valid(PROGRESS, progress):  # saved by an older coordinator that stored it unchecked
-            log.warning("coordinator: %s's saved progress is malformed; it is replaced at its next heartbeat", d["name"])
-            progress = {}
-        if stats is not None and not valid(SERVER_STATS if d["role"] == "server" else STATS, stats):
-            log.warning("coordinator: %s's saved stats are malformed; dropped", d["name"])
-            stats = None
-        node = Node(d["name"], d["role"], int(d["rank"]), ident, d["address"], d["host"], int(d["pid"]), state=d["state"],
-                    last_seen=now, progress=progress, stats=stats, metrics=d["metrics"], idle=bool(d["idle"]),
-                    heard=bool(d.get("heard", True)))
+        node = _adopt_node(d, now)
         self.nodes[node.name] = node
-        self.by_identity[ident] = node.name
+        self.by_identity[node.identity] = node.name
     t = self.job.training
     size = shard_size_for(self.job.data.shard_size, self.num_train, self.job.cluster.worker_slots, t.batch_size)
     self.ledger = ShardLedger(self.num_train, size, t.epochs, t.seed)
     self.ledger.replay(parts["journal"])
     f = parts["failures"]
-    self.failures = list(f["records"])
-    self.recovering = [(base + float(at), self.failures[i]) for at, i in f["recovering"]]
-    self.server_slots = {int(rank): (base + float(at), self.failures[i]) for rank, at, i in f["server_slots"]}
-    c, cp = parts["checkpoints"], self.checkpoints
-    cp.committed, cp.abandoned, cp._seq, cp.last_step = list(c["committed"]), int(c["abandoned"]), int(c["seq"]), int(c["last_step"])
-    cp.last_at = base + float(c["last_at"])
-    cp.start_due = cp.start_due and cp._seq == 0 and self.resume is None
-    if c["pending"]:  # its servers' reports went to the old process
-        cp.abandoned += 1
-        log.warning("coordinator: checkpoint %s was being written when the coordinator stopped; abandoned", c["pending"])
-    if self.phase == "failed":  # it was stopping the job already: finish that
+    self.failures = records
+    self.recovering = [(base + float(at), records[i]) for at, i in f["recovering"]]
+    self.server_slots = {int(rank): (base + float(at), records[i]) for rank, at, i in f["server_slots"]}
+    self.checkpoints.adopt(parts["checkpoints"], base, resumed=self.resume is not None)
+    if self.phase == Phase.FAILED:  # it was stopping the job already: finish that
         self.stop_deadline = now + 3 * self.cl.heartbeat_interval_s + 1.0
     # The coordinator's own failure: found dead (by the launcher) at lost_at; recovered when the first
     # node gets an answer, reconnected once every node that was alive has been heard from again.
     detected = None if lost_at is None else now - max(0.0, time.time() - lost_at)
-    record = {"node": "coordinator", "kind": "dead", "at_s": round(float(j["elapsed"]), 3),
-              "detected_after_s": None if lost_at is None else round(max(0.0, lost_at - float(j["wall"])), 3),
-              "recovered_after_s": None, "reconnected_after_s": None, "affected": {}, "down_s": round(down_s, 3),
-              "reason": f"coordinator restarted (restart {self.restarts}); its state was saved {down_s:.1f}s before"}
+    record = FailureRecord("coordinator", "dead", round(float(j["elapsed"]), 3),
+                           f"coordinator restarted (restart {self.restarts}); its state was saved {down_s:.1f}s before",
+                           scope="coordinator", down_s=round(down_s, 3),
+                           detected_after_s=None if lost_at is None else round(max(0.0, lost_at - float(j["wall"])), 3))
     self.failures.append(record)
     awaited = {n.name for n in self.nodes.values() if n.state in (ALIVE, DONE)}
     self.reconnecting = (awaited, detected if detected is not None else now, record)
     log.warning("coordinator: recovered the job from %s (phase %s, %d nodes, %d shards done); waiting for the nodes to reconnect",
                 STATE_FILE, self.phase, len(self.nodes), len(self.ledger.completed))
+
+
+def _adopt_node(d: dict[str, Any], now: float) -> Node:
+    """A saved node, checked (its progress and stats with the schemas of the messages that carry them)."""
+    try:
+        _NODE.check({k: v for k, v in d.items() if k not in ("progress", "stats")}, "saved node")
+    except SchemaError as err:
+        raise ConfigError(f"--recover: {STATE_FILE} is corrupt: {err}") from None
+    hints = get_type_hints(Node)
+    values = {f.name: _decode(hints[f.name], d.get(f.name, _default(f))) for f in _saved(Node)}
+    values["progress"] = values["progress"] or {}
+    if not valid(PROGRESS, values["progress"]):  # saved by an older coordinator that stored it unchecked
+        log.warning("coordinator: %s's saved progress is malformed; it is replaced at its next heartbeat", d["name"])
+        values["progress"] = {}
+    stats = values["stats"]
+    if stats is not None and not valid(SERVER_STATS if d["role"] == "server" else STATS, stats):
+        log.warning("coordinator: %s's saved stats are malformed; dropped", d["name"])
+        values["stats"] = None
+    return Node(**values, last_seen=now)

@@ -11,20 +11,19 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from downpour.coordinator.state import CoordinatorState
 
-# Node states (the state machine's; defined here so that both modules share them).
-ALIVE, DONE, FINISHED, DEAD = "alive", "done", "finished", "dead"
+from downpour.coordinator.model import ALIVE, DEAD, DONE, FINISHED
 
 
 def job_status(self: CoordinatorState, now: float) -> dict[str, Any]:
     """The job as it stands (STATUS: the launcher's progress, `downpour status`, the dashboard)."""
-    workers = self._role("worker", (ALIVE, DONE, FINISHED, DEAD))
+    workers = self.nodes_of("worker", (ALIVE, DONE, FINISHED, DEAD))
     examples = sum(int(n.progress.get("examples", 0)) for n in workers)
     losses = [float(n.progress["loss"]) for n in workers if n.state in (ALIVE, DONE) and "loss" in n.progress]
     elapsed = (self.train_ended or now) - self.train_started if self.train_started is not None else 0.0
     planned = self.num_train * self.job.training.epochs
     if self.job.training.steps is not None:
         planned = min(planned, self.job.training.steps * self.job.training.batch_size * self.cl.num_workers)
-    servers = [n.progress for n in self._role("server", (ALIVE, DONE, FINISHED))]
+    servers = [n.progress for n in self.nodes_of("server", (ALIVE, DONE, FINISHED))]
     pushes = sum(int(p.get("pushes", 0)) for p in servers)
     return {
         "job": self.job.name,
@@ -56,7 +55,7 @@ def job_status(self: CoordinatorState, now: float) -> dict[str, Any]:
             for n in sorted(self.nodes.values(), key=lambda n: (n.role, n.rank))
         ],
         "alerts": self.health.current(now),
-        "failures": list(self.failures),
+        "failures": [f.to_dict() for f in self.failures],
         "checkpoints": self.checkpoints.summary(),
     }
 
@@ -68,8 +67,8 @@ def _stopped_early(self: CoordinatorState) -> bool:
 def job_summary(self: CoordinatorState, now: float) -> dict[str, Any]:
     """What summary.json holds at the end of the job."""
     # A worker that died sent no final stats: its last heartbeat's progress stands in for them.
-    workers = {n.name: n.stats or {**n.progress, "state": n.state} for n in self._role("worker", (ALIVE, DONE, FINISHED, DEAD))}
-    servers = {n.name: n.stats or {} for n in self._role("server", (ALIVE, DONE, FINISHED, DEAD))}
+    workers = {n.name: n.stats or {**n.progress, "state": n.state} for n in self.nodes_of("worker", (ALIVE, DONE, FINISHED, DEAD))}
+    servers = {n.name: n.stats or {} for n in self.nodes_of("server", (ALIVE, DONE, FINISHED, DEAD))}
     hist: dict[int, int] = {}
     for s in servers.values():
         for k, v in (s.get("staleness_histogram") or {}).items():
@@ -102,7 +101,7 @@ def job_summary(self: CoordinatorState, now: float) -> dict[str, Any]:
         "wire": _wire_summary(workers.values(), steps),
         "accuracy_curve": _curve(workers.values(), train_s, examples, ev),
         "data_shards": self.ledger.summary(),
-        "failures": list(self.failures),
+        "failures": [f.to_dict() for f in self.failures],
         "checkpoints": self.checkpoints.summary(),
         "resumed_from": (self.resume or {}).get("name"),
         "coordinator_refused": dict(self.rejected),

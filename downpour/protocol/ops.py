@@ -32,6 +32,10 @@ from downpour.protocol.schema import (
     Tuple,
 )
 
+# An unanswered request to the coordinator is sent again after this long (REGISTER: always), so a
+# restarted coordinator hears every request the old one had not answered (coordinator/client.py).
+ATTEMPT_S = 5.0
+
 
 class Code(StrEnum):
     """Why a request was refused (an ERROR reply's ``code``; the refusal counters' keys)."""

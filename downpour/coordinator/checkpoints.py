@@ -1,0 +1,133 @@
+"""Decisions about checkpoints and the graceful stop: when to ask the servers for a checkpoint, what
+a complete one commits (the job's state: ledger, step, examples), and the steps of a stop that
+keeps every trained example (workers leave, a final checkpoint, the model saved, servers stop).
+When checkpoints are due and whether one is complete is :class:`~downpour.coordinator.checkpointing.CheckpointPlan`'s.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+from downpour.coordinator import failures
+from downpour.coordinator.actions import Action, CommitCheckpoint, Reply, SaveModel
+from downpour.coordinator.checkpointing import sync_margin
+from downpour.coordinator.model import ALIVE, DEAD, DONE, FINISHED, Node, Phase
+from downpour.models import buffers as bufs
+from downpour.protocol import Message, Op
+
+if TYPE_CHECKING:
+    from downpour.coordinator.state import CoordinatorState
+
+log = logging.getLogger(__name__)
+
+
+def job_steps(st: CoordinatorState) -> int:
+    """Optimizer steps of all workers: a finished worker's exact count, else its last heartbeat's."""
+    workers = st.nodes_of("worker", (ALIVE, DONE, FINISHED, DEAD))
+    return st.step_offset + sum(int((n.stats or n.progress).get("steps", 0)) for n in workers)
+
+
+def begin(st: CoordinatorState, now: float, final: bool = False, retries: int = 0) -> list[Action]:
+    at_version = None
+    if st.checkpoints.sync and not final:
+        known = max((int(n.progress.get("version", 0)) for n in st.nodes_of("server")), default=0)
+        at_version = known + sync_margin(st.version_rate, st.cl.heartbeat_interval_s) * 2**retries
+    p = st.checkpoints.begin(now, job_steps(st), at_version, final)
+    p.retries = retries
+    log.info("coordinator: checkpoint %s at step %d%s", p.name, p.step,
+             f" (servers copy at version {at_version})" if at_version is not None else "")
+    committed = st.checkpoints.committed
+    # Servers with sparse tables write only the rows changed since the last checkpoint when
+    # that one was committed (else a full base): they are told which one was.
+    msg = Message(Op.CHECKPOINT, meta={"name": p.name, "url": st.checkpoints.url, "keep": st.job.checkpoint.keep,
+                                       "at_version": at_version, "committed": committed[-1]["name"] if committed else None,
+                                       "full_every": st.job.checkpoint.sparse_full_every})
+    return [Reply(n.identity, msg) for n in st.nodes_of("server")]
+
+
+def server_report(st: CoordinatorState, node: Node, data: dict[str, Any], now: float) -> list[Action]:
+    verdict = st.checkpoints.on_report(node.name, data)
+    p = st.checkpoints.pending
+    if verdict == "missed" and p is not None:
+        if p.retries >= 5:
+            st.checkpoints.abandon(now, f"{node.name} kept passing the version asked for")
+            return []
+        log.info("coordinator: %s passed version %s before hearing of checkpoint %s; asking again",
+                 node.name, p.at_version, p.name)
+        return begin(st, now, retries=p.retries + 1)
+    if verdict == "failed":
+        st.checkpoints.abandon(now, f"{node.name}: {data.get('error')}")
+    if verdict != "complete" or p is None:
+        return []
+    positions: dict[str, list[list[int]]] = {}
+    for rep in p.reports.values():
+        for worker, pos in (rep.get("positions") or {}).items():
+            if isinstance(pos, list) and len(pos) == 3 and all(isinstance(x, int) for x in pos):
+                positions.setdefault(worker, []).append(pos)
+    state = {
+        "ledger": st.ledger.state_at({w: st.ledger.earliest(w, ps) for w, ps in positions.items()}),
+        "step": p.step,
+        "version": max(int(r.get("version", 0)) for r in p.reports.values()),
+        "examples": int((st.resume or {}).get("examples", 0))
+        + sum(int(n.progress.get("examples", 0)) for n in st.nodes_of("worker", (ALIVE, DONE, FINISHED, DEAD))),
+        "resumed_from": (st.resume or {}).get("name"),
+        **({"buffers": bufs.to_json(st.final_buffers)} if st.final_buffers else {}),
+    }
+    p.versions = {str(st.nodes[n].rank): int(r.get("version", 0)) for n, r in p.reports.items() if n in st.nodes}
+    files = {r["file"]: {"sha256": r["sha256"], "bytes": r["bytes"]} for r in p.reports.values()}
+    for r in p.reports.values():  # a server's sparse tables: their own file
+        extra = r.get("sparse")
+        if isinstance(extra, dict):
+            files[str(extra["file"])] = {"sha256": str(extra["sha256"]), "bytes": int(extra["bytes"])}
+    needs = sorted({str(n) for r in p.reports.values() for n in (r.get("needs") or []) if n != p.name})
+    return [CommitCheckpoint(p.name, p.step, files, state, p.final, needs)]
+
+
+def committed(st: CoordinatorState, now: float, ok: bool, why: str = "") -> None:
+    """The service wrote (or failed to write) the job state and manifest of the pending checkpoint."""
+    if ok:
+        st.checkpoints.committed_now(now, now - st.checkpoints.pending.asked)
+    else:
+        st.checkpoints.abandon(now, why)
+
+
+def request_stop(st: CoordinatorState, now: float) -> list[Action]:
+    """Stop the job without losing work (the coordinator got SIGTERM; ``downpour train`` sends it
+    on the first Ctrl-C or SIGTERM). Training workers are told to leave after their current step
+    (in heartbeat answers): each settles its last push and LEAVEs with its exact data position,
+    so its shard goes back to the queue. Once none trains, a final checkpoint is committed, the
+    trained parameters are saved, the servers stop, and the summary says ``status: stopped``.
+    ``--resume`` then continues from that checkpoint and trains every example once. A job still
+    registering fails at once (nothing to keep); one already evaluating simply finishes."""
+    if st.stop_requested is not None or st.phase not in (Phase.REGISTERING, Phase.TRAINING):
+        return []
+    st.stop_requested = now
+    if st.checkpoints.sync:  # every worker leaves after the same round, placed as a sync checkpoint is
+        known = max((int(n.progress.get("version", 0)) for n in st.nodes_of("server")), default=0)
+        st.leave_at = known + sync_margin(st.version_rate, st.cl.heartbeat_interval_s)
+    log.warning("coordinator: graceful stop requested: workers leave after %s, then a final checkpoint",
+                "their current step" if st.leave_at is None else f"round {st.leave_at}")
+    if st.phase == Phase.REGISTERING:
+        return failures.fail(st, now, "coordinator", "stopped (SIGTERM) before training began", "stopped")
+    return []
+
+
+def stop_step(st: CoordinatorState, now: float) -> list[Action]:
+    """The next step of a graceful stop, once no worker trains any more."""
+    if st.training_workers():
+        return []
+    p = st.checkpoints.pending
+    if st.checkpoints.enabled and not st.final_asked:
+        st.final_asked = True
+        st.train_ended = now
+        if p is not None:  # a periodic one (sync: at a version no push will reach now): the final one replaces it
+            st.checkpoints.abandon(now, "superseded by the final checkpoint of a graceful stop")
+        return begin(st, now, final=True)
+    if p is not None:
+        return []  # the final checkpoint is being written
+    st.train_ended = st.train_ended or now
+    st.phase = Phase.STOPPING  # servers hear "stop" in their next heartbeat answer, after the model is saved
+    log.info("coordinator: graceful stop: %s; stopping servers",
+             f"checkpoint {st.checkpoints.committed[-1]['name']} committed" if st.checkpoints.committed else "no checkpoint")
+    return [SaveModel(st.server_addresses())]

@@ -1,0 +1,81 @@
+"""Decisions about server ranks whose server was lost: what a replacement loads, who replaces it,
+and which survivor takes a rank over when no replacement comes (``cluster.server_replace_timeout_s``).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+from downpour.coordinator import membership
+from downpour.coordinator.actions import Action, Reply
+from downpour.coordinator.model import ALIVE, Node
+from downpour.protocol import Message
+from downpour.protocol.ops import Code
+
+if TYPE_CHECKING:
+    from downpour.coordinator.state import CoordinatorState
+
+log = logging.getLogger(__name__)
+
+
+def restore_point(st: CoordinatorState) -> dict[str, Any] | None:
+    """What a replacement server loads: the latest committed checkpoint (or the one this job
+    resumed from, if none was committed since)."""
+    if st.checkpoints.committed:
+        return {"url": st.checkpoints.url, "name": st.checkpoints.committed[-1]["name"],
+                "layout": st.layout.to_dict(), "full": True}
+    return st.restore if (st.restore or {}).get("full") else None
+
+
+def replace_server(st: CoordinatorState, ident: bytes, msg: Message, now: float) -> list[Action]:
+    """A server registering while a server's rank waits for a replacement takes that rank and
+    loads the latest checkpoint; workers learn its address from their heartbeats."""
+    hint, address = msg.meta.get("rank"), msg.meta.get("address")
+    if not (isinstance(address, str) and address):
+        return st.refuse(ident, msg, Code.BAD_ADDRESS, "a server must give the address it listens on")
+    if problem := membership.address_problem(st, address):
+        return st.refuse(ident, msg, Code.BAD_ADDRESS, problem)
+    rank = hint if type(hint) is int and hint in st.server_slots else min(st.server_slots)
+    _, record = st.server_slots[rank]
+    st.hosting.pop(rank, None)
+    host_of = msg.meta.get("hosted_by")
+    if isinstance(host_of, str) and host_of in st.nodes:  # a survivor took the rank over
+        record.resharded_onto = host_of
+    name = f"server-{rank}"
+    old = st.nodes.get(name)
+    if old is not None:
+        st.by_identity.pop(old.identity, None)
+    host, pid = str(msg.meta.get("host", "?")), msg.meta.get("pid")
+    st.nodes[name] = Node(name, "server", rank, ident, address, host, pid if isinstance(pid, int) else 0, last_seen=now)
+    st.by_identity[ident] = name
+    st.servers_gen += 1
+    record.replaced_by = f"{name} (pid {pid})"
+    log.info("coordinator: %s replaced (pid %s); it loads checkpoint %s", name, pid, (restore_point(st) or {}).get("name"))
+    base = membership.admitted(st, name, rank)
+    answer = Reply(ident, msg.reply({**base, "restore": restore_point(st)}))
+    return [answer, *membership.tell_servers(st), *membership.admit_joiners(st, now)]
+
+
+def move_lost_ranks(st: CoordinatorState, now: float) -> None:
+    """Ranks without a replacement for ``cluster.server_replace_timeout_s`` go to the surviving
+    server process that holds the fewest bytes (it loads them from the latest checkpoint)."""
+    for rank, (at, record) in sorted(st.server_slots.items()):
+        host = st.nodes.get(st.hosting.get(rank, ""))
+        if host is not None and host.state == ALIVE:
+            continue  # asked already; it is loading them
+        if now - at < st.cl.server_replace_timeout_s:
+            continue
+        load: dict[tuple[str, int], int] = {}  # bytes per surviving process (one may serve several ranks)
+        first: dict[tuple[str, int], Node] = {}
+        for n in st.nodes_of("server"):
+            if n.rank not in st.server_slots:
+                proc = (n.host, n.pid)
+                load[proc] = load.get(proc, 0) + st.layout.server_numel(n.rank)
+                first.setdefault(proc, n)
+        if not load:
+            return
+        proc = min(load, key=lambda p: (load[p], first[p].rank))
+        st.hosting[rank] = first[proc].name
+        log.warning("coordinator: no replacement for server-%d after %.0fs; %s takes over its keys from checkpoint %s",
+                    rank, now - at, first[proc].name, record.restored_from)

@@ -1,0 +1,356 @@
+"""Decisions about who is in the job: registration and admission, joiners taking free slots,
+barriers, heartbeats, data shards handed out one at a time, workers leaving or finishing, and the
+end of training (the evaluator chosen, the workers' buffers merged).
+
+Functions of the coordinator's state (:class:`~downpour.coordinator.state.CoordinatorState`) that
+change it and return the actions to perform; ``register`` … ``worker_done`` answer one request each.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+from downpour.config import job_to_dict
+from downpour.coordinator import checkpoints, failures, hosting
+from downpour.coordinator.actions import Action, Reply
+from downpour.coordinator.model import ALIVE, DEAD, DONE, FINISHED, Node, Phase
+from downpour.coordinator.reach import address_problem as _address_problem
+from downpour.errors import ProtocolError
+from downpour.models import buffers as bufs
+from downpour.protocol import Message, Op
+from downpour.protocol.ops import Code
+
+if TYPE_CHECKING:
+    from downpour.coordinator.state import CoordinatorState
+
+log = logging.getLogger(__name__)
+
+# Failures whose slot a newcomer takes (replaced_by names it).
+_REPLACEABLE = ("worker", "server", "evaluator")
+
+
+def tell_servers(st: CoordinatorState) -> list[Action]:
+    """Tell the servers which workers a sync round waits for (sent unprompted)."""
+    workers = st.members()
+    msg = Message(Op.MEMBERSHIP, meta={"workers": workers})
+    return [Reply(s.identity, msg) for s in st.nodes_of("server")]
+
+
+def register(st: CoordinatorState, ident: bytes, msg: Message, now: float, _: Node | None) -> list[Action]:
+    role, hint = msg.meta.get("role"), msg.meta.get("rank")
+    again = register_again(st, ident, msg, now)
+    if again is not None:
+        return again
+    want = {"server": st.cl.num_servers, "worker": st.cl.num_workers}.get(role)  # type: ignore[arg-type]
+    if want is None:
+        return st.refuse(ident, msg, Code.BAD_ROLE, f"role must be server or worker, got {role!r}")
+    if role == "worker" and st.cl.on_worker_failure == "recover" and st.phase in (Phase.TRAINING, Phase.EVALUATING):
+        # It waits for a free slot (or, once training is over, in case the evaluator dies).
+        st.joiners.append((ident, msg))
+        return admit_joiners(st, now)
+    if st.phase == Phase.TRAINING and role == "server" and st.cl.on_server_failure == "recover":
+        if st.server_slots:
+            return hosting.replace_server(st, ident, msg, now)
+        if type(hint) is int and 0 <= hint < st.cl.num_servers:  # a replacement for that rank, early
+            st.server_joiners.append((ident, msg))
+            return []
+    if st.phase != Phase.REGISTERING:
+        return st.refuse(ident, msg, Code.JOB_RUNNING, f"the job is {st.phase}; it takes no new {role}s")
+    taken = {n.rank for n in st.nodes.values() if n.role == role}
+    free = [r for r in range(want) if r not in taken]
+    if not free:
+        return st.refuse(ident, msg, Code.JOB_FULL, f"the job already has {want} {role}s")
+    rank = hint if type(hint) is int and hint in free else free[0]
+    address = msg.meta.get("address")
+    if role == "server" and not (isinstance(address, str) and address):
+        return st.refuse(ident, msg, Code.BAD_ADDRESS, "a server must give the address it listens on")
+    if role == "server" and (problem := address_problem(st, address)):
+        return st.refuse(ident, msg, Code.BAD_ADDRESS, problem)
+    name = f"{role}-{rank}"
+    host, pid = str(msg.meta.get("host", "?")), msg.meta.get("pid")
+    st.nodes[name] = Node(name, role, rank, ident, address, host, pid if isinstance(pid, int) else 0, last_seen=now)
+    st.by_identity[ident] = name
+    log.info("coordinator: %s registered (%s, pid %s)", name, msg.meta.get("host"), msg.meta.get("pid"))
+    base = admitted(st, name, rank)
+    out: list[Action] = []
+    if role == "server":
+        out.append(Reply(ident, msg.reply({**base, "restore": st.restore})))
+    else:
+        st.pending_workers.append((ident, msg, name))
+    if len(st.nodes_of("server")) == st.cl.num_servers and len(st.nodes_of("worker")) == st.cl.num_workers:
+        out += start(st, now)
+    return out
+
+
+def address_problem(st: CoordinatorState, address: str) -> str | None:
+    cp = st.checkpoints
+    return _address_problem(address, cp.url if cp.enabled else None, st.job.checkpoint.shared, st.is_local)
+
+
+def admitted(st: CoordinatorState, name: str, rank: int) -> dict[str, Any]:
+    """What every answer to an admitted REGISTER holds: the node's name and rank, the job, the layout."""
+    return {"node": name, "rank": rank, "job": job_to_dict(st.job), "layout": st.layout.to_dict(),
+            "job_steps": st.job.planned_steps(st.num_train)}  # the clock of lr schedules and warm-up
+
+
+def register_again(st: CoordinatorState, ident: bytes, msg: Message, now: float) -> list[Action] | None:
+    """A REGISTER from a node that registered already (its answer was lost, or it went to a
+    coordinator that was restarted since): the same answer, or a place in the same queue.
+    None: not a repeat."""
+    for queue in (st.joiners, st.server_joiners):
+        for i, (who, _) in enumerate(queue):
+            if who == ident:
+                queue[i] = (ident, msg)
+                return []
+    for i, (who, _, name) in enumerate(st.pending_workers):
+        if who == ident:
+            st.pending_workers[i] = (ident, msg, name)
+            return []
+    node = st.nodes.get(st.by_identity.get(ident, ""))
+    if node is None or node.state not in (ALIVE, DONE) or node.role != msg.meta.get("role"):
+        return None
+    node.last_seen = now
+    if st.reconnecting is not None:
+        failures.reconnected(st, now, node.name)
+    if node.role == "worker" and st.phase == Phase.REGISTERING:  # it waits for the others again
+        st.pending_workers.append((ident, msg, node.name))
+        return []
+    meta = admitted(st, node.name, node.rank)
+    if node.role == "server":  # it has loaded nothing yet: what a server registering now loads
+        meta["restore"] = st.restore if st.phase == Phase.REGISTERING else hosting.restore_point(st)
+    else:
+        meta.update(servers=st.server_addresses(), initializer=node.rank == 0 and not (st.restore or {}).get("full")
+                    and st.train_started is None)
+    return [Reply(ident, msg.reply(meta))]
+
+
+def start(st: CoordinatorState, now: float) -> list[Action]:
+    st.phase = Phase.TRAINING
+    log.info("coordinator: all %d servers and %d workers registered; training", st.cl.num_servers, st.cl.num_workers)
+    servers = st.server_addresses()
+    out: list[Action] = []
+    for ident, msg, name in st.pending_workers:
+        node = st.nodes[name]
+        node.last_seen = now
+        meta = {**admitted(st, name, node.rank),
+                "servers": servers, "initializer": node.rank == 0 and not (st.restore or {}).get("full")}
+        out.append(Reply(ident, msg.reply(meta)))
+    st.pending_workers = []
+    return out + tell_servers(st)
+
+
+def admit_joiners(st: CoordinatorState, now: float) -> list[Action]:
+    """Workers registering while training runs take free slots (ranks without a live worker),
+    up to ``cluster.max_workers``; the rest wait inside REGISTER until a slot frees (and
+    every server's rank has a live server again)."""
+    if not joinable(st) or len(st.nodes_of("server")) < st.cl.num_servers:
+        return []  # (a server's rank waits for its replacement: a joiner needs every server's address)
+    out: list[Action] = []
+    while st.joiners and joinable(st):
+        live = {n.rank for n in st.nodes.values() if n.role == "worker" and n.state in (ALIVE, DONE)}
+        free = [r for r in range(st.cl.worker_slots) if r not in live]
+        if not free:
+            break
+        ident, msg = st.joiners.pop(0)
+        hint = msg.meta.get("rank")
+        rank = hint if type(hint) is int and hint in free else free[0]
+        name, gen = f"worker-{rank}", 1
+        while name in st.nodes:
+            gen += 1
+            name = f"worker-{rank}.{gen}"
+        host, pid = str(msg.meta.get("host", "?")), msg.meta.get("pid")
+        node = Node(name, "worker", rank, ident, None, host, pid if isinstance(pid, int) else 0, last_seen=now)
+        st.nodes[name] = node
+        st.by_identity[ident] = name
+        st.workerless_since = None
+        for f in reversed(st.failures):  # the latest failure of this slot not replaced yet
+            if f.scope in _REPLACEABLE and f.replaced_by is None and st.nodes[f.node].rank == rank:
+                f.replaced_by = name
+                break
+        if st.phase == Phase.EVALUATING:  # it takes over the evaluation of a worker that died
+            st.evaluator = name
+            for at, record in list(st.recovering):
+                if "evaluation" in record.affected:
+                    record.recovered_after_s = round(now - at, 3)
+                    st.recovering.remove((at, record))
+        log.info("coordinator: %s joined the running job (%s, pid %s)%s", name, host, pid,
+                 " to evaluate the trained model" if st.phase == Phase.EVALUATING else "")
+        meta = {**admitted(st, name, rank),
+                "servers": st.server_addresses(), "initializer": False}
+        out.append(Reply(ident, msg.reply(meta)))
+    return out + (tell_servers(st) if out else [])
+
+
+def joinable(st: CoordinatorState) -> bool:
+    """A worker may join now: while training, or to evaluate when the evaluator died."""
+    return st.phase == Phase.TRAINING or (st.phase == Phase.EVALUATING and st.evaluator is None)
+
+
+def heartbeat(st: CoordinatorState, ident: bytes, msg: Message, now: float, node: Node) -> list[Action]:
+    progress = msg.meta.get("progress")
+    if isinstance(progress, dict):
+        node.progress = progress
+    metrics = msg.meta.get("metrics")
+    if isinstance(metrics, str) and len(metrics) < 256:
+        node.metrics = metrics
+    if node.role == "server" and node.rank == 0:
+        track_version_rate(st, now, node.progress.get("version"))
+    slot = st.server_slots.get(node.rank) if node.role == "server" and node.state == ALIVE else None
+    if slot is not None:  # a replacement serves (it heartbeats once it loaded its keys): recovered
+        at, record = st.server_slots.pop(node.rank)
+        record.recovered_after_s = round(now - at, 3)
+        log.info("coordinator: %s serves again, %.1fs after its failure was detected", node.name, now - at)
+    if node.state == DEAD:  # declared dead, yet alive: its shards went to others, so it must stop
+        return [Reply(ident, msg.reply({"stop": f"{node.name} was declared dead (silent too long); its work went to others"}))]
+    # Servers stop once the job is over and its last checkpoint is written (or abandoned).
+    stop_server = st.phase == Phase.STOPPING and node.role == "server" and st.checkpoints.pending is None
+    if st.phase == Phase.FAILED or stop_server:
+        st.stop_told.add(node.name)
+        reason = st.error if st.phase == Phase.FAILED else "job finished"
+        return [Reply(ident, msg.reply({"stop": reason}))]
+    if node.role == "server" and st.phase != Phase.REGISTERING:
+        # Repeats the last MEMBERSHIP, so a server that missed it still learns who trains;
+        # and asks a survivor to take over the ranks left without a replacement.
+        hosts = sorted(r for r, who in st.hosting.items() if who == node.name and r in st.server_slots)
+        return [Reply(ident, msg.reply({"workers": st.members(), **({"host_ranks": hosts} if hosts else {})}))]
+    if node.role == "worker" and st.stop_requested is not None and node.state == ALIVE:
+        order = {"leave": "the job is stopping gracefully (final checkpoint)", "leave_at": st.leave_at}
+        return [Reply(ident, msg.reply(order))]
+    if node.role == "worker" and st.servers_gen:  # a server was replaced: where the servers are now
+        return [Reply(ident, msg.reply({"servers": st.server_addresses(), "servers_gen": st.servers_gen}))]
+    return [Reply(ident, msg.reply({}))]
+
+
+def track_version_rate(st: CoordinatorState, now: float, version: object) -> None:
+    if not isinstance(version, int):
+        return
+    if st.version_sample is not None and now - st.version_sample[0] >= 0.2:
+        st.version_rate = max(0.0, (version - st.version_sample[1]) / (now - st.version_sample[0]))
+    if st.version_sample is None or now - st.version_sample[0] >= 0.2:
+        st.version_sample = (now, version)
+
+
+def barrier(st: CoordinatorState, ident: bytes, msg: Message, now: float, node: Node) -> list[Action]:
+    name = str(msg.meta.get("name"))
+    if name == "init" and st.train_started is not None:  # a worker joining a running job
+        return [Reply(ident, msg.reply({}))]
+    st.barriers.setdefault(name, {})[node.name] = (ident, msg)
+    return release_barriers(st, now)
+
+
+def release_barriers(st: CoordinatorState, now: float) -> list[Action]:
+    out: list[Action] = []
+    live = {n.name for n in st.training_workers()}
+    for name, arrived in list(st.barriers.items()):
+        if live.issubset(arrived):
+            for ident, msg in arrived.values():
+                out.append(Reply(ident, msg.reply({})))
+            del st.barriers[name]
+            if name == "init" and st.train_started is None:
+                st.train_started = now
+                st.checkpoints.last_at = now
+    return out
+
+
+def next_shard(st: CoordinatorState, ident: bytes, msg: Message, now: float, node: Node) -> list[Action]:
+    if st.phase != Phase.TRAINING or node.state != ALIVE:
+        return [Reply(ident, msg.reply({"shard": None}))]
+    # A worker trains one shard at a time: one it holds is handed out again (its request was
+    # repeated: the answer was lost, or the coordinator restarted in between).
+    shard = st.ledger.held(node.name) or st.ledger.next(node.name)
+    out: list[Action] = []
+    if shard is None and st.ledger.assigned and st.cl.on_worker_failure == "recover":
+        # Others still hold shards; one may come back if its worker dies. Meanwhile this
+        # worker pushes nothing, so a sync round (or an ssp bound) must not wait for it.
+        if not node.idle:
+            node.idle = True
+            out += tell_servers(st)
+        return [*out, Reply(ident, msg.reply({"shard": None, "wait_s": min(0.2, st.cl.heartbeat_interval_s)}))]
+    if node.idle:
+        node.idle = False
+        out += tell_servers(st)
+    if shard is not None and st.recovering:
+        key = [shard["epoch"], shard["shard"]]
+        for at, record in list(st.recovering):
+            if any(r[:2] == key for r in record.requeued):
+                record.recovered_after_s = round(now - at, 3)
+                st.recovering.remove((at, record))
+    return [*out, Reply(ident, msg.reply({"shard": shard}))]
+
+
+def leave(st: CoordinatorState, ident: bytes, msg: Message, now: float, node: Node) -> list[Action]:
+    """A worker leaves cleanly: its stats are kept and its shards go back to the queue."""
+    if node.role != "worker" or node.state not in (ALIVE, DONE):
+        return [Reply(ident, msg.error(Code.BAD_LEAVE, f"{node.name} is not a training worker"))]
+    stats = msg.meta.get("stats")
+    node.stats = stats if isinstance(stats, dict) else None
+    if st.phase != Phase.TRAINING:
+        node.state = FINISHED
+        return [Reply(ident, msg.reply({}))]
+    return [Reply(ident, msg.reply({})),
+            *failures.worker_lost(st, now, node, "left", "left", 0.0, position=msg.meta.get("position"), left=True)]
+
+
+def shard_done(st: CoordinatorState, ident: bytes, msg: Message, now: float, node: Node) -> list[Action]:
+    epoch, shard = msg.meta.get("epoch"), msg.meta.get("shard")
+    if not (isinstance(epoch, int) and isinstance(shard, int)) or not st.ledger.done(node.name, epoch, shard):
+        return [Reply(ident, msg.error(Code.BAD_SHARD, f"{node.name} was not assigned shard {shard} of epoch {epoch}"))]
+    return [Reply(ident, msg.reply({}))]
+
+
+def worker_done(st: CoordinatorState, ident: bytes, msg: Message, now: float, node: Node) -> list[Action]:
+    if st.phase in (Phase.EVALUATING, Phase.STOPPING):  # a repeat whose answer was lost: the same answer
+        return [Reply(ident, done_answer(st, msg, node.name == st.evaluator and st.phase == Phase.EVALUATING))]
+    if node.state == DONE and node.name in st.done_waiting:  # a repeat: it waits on
+        st.done_waiting[node.name] = (ident, msg)
+        return []
+    stats = msg.meta.get("stats")
+    node.stats = dict(stats) if isinstance(stats, dict) else {}
+    if msg.tensors:
+        try:
+            examples = node.stats.get("examples", 0)
+            st.worker_buffers[node.name] = (float(examples) if isinstance(examples, (int, float)) else 0.0,
+                                              bufs.unpack(msg.meta.get("buffers"), msg.tensors))
+        except ProtocolError as err:
+            log.warning("coordinator: %s sent unreadable buffers (%s); left out", node.name, err)
+    node.state = DONE
+    st.done_waiting[node.name] = (ident, msg)
+    log.info("coordinator: %s finished training", node.name)
+    out = tell_servers(st) + release_barriers(st, now)
+    if not st.training_workers():
+        out += end_training(st, now)
+    return out
+
+
+def end_training(st: CoordinatorState, now: float) -> list[Action]:
+    st.train_ended = now
+    st.phase = Phase.EVALUATING
+    final = checkpoints.begin(st, now, final=True) if st.checkpoints.enabled and st.job.checkpoint.at_end else []
+    done = sorted(st.done_waiting.items(), key=lambda kv: st.nodes[kv[0]].rank)
+    out: list[Action] = []
+    if done:
+        merge_buffers(st, done[0][0])
+    for i, (name, (ident, msg)) in enumerate(done):
+        out.append(Reply(ident, done_answer(st, msg, i == 0)))
+        if i == 0:
+            st.evaluator = name
+        else:
+            st.nodes[name].state = FINISHED
+    st.done_waiting = {}
+    return out + final
+
+
+def done_answer(st: CoordinatorState, msg: Message, evaluate: bool) -> Message:
+    """WORKER_DONE's answer: whether to evaluate, and then with which buffers (as frames)."""
+    if not (evaluate and st.final_buffers):
+        return msg.reply({"evaluate": evaluate})
+    names, tensors = bufs.pack(st.final_buffers)
+    return msg.reply({"evaluate": True, "buffers": names}, tensors)
+
+
+def merge_buffers(st: CoordinatorState, evaluator: str) -> None:
+    """The model's buffers by their policies (models/buffers.py), from what the workers sent."""
+    reports = list(st.worker_buffers.values())
+    mine = st.worker_buffers.get(evaluator, (0.0, None))[1]
+    st.final_buffers = bufs.merge(reports, mine, st.job.training) or None
