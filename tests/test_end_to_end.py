@@ -16,8 +16,9 @@ import torch.nn.functional as F
 import yaml
 
 from downpour.api import resolve_job
-from downpour.coordinator.shards import ShardLedger, example_order, shard_size_for
+from downpour.coordinator.shards import ShardLedger, shard_size_for
 from downpour.data import load_idx_dataset
+from downpour.data.order import example_order
 from downpour.launch import LocalLauncher
 from downpour.models import build_model
 from tests.cluster import alive, start_job, wait_training

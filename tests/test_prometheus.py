@@ -176,3 +176,73 @@ def _read(path: str) -> str:
             return f.read()
     except OSError as err:
         return f"({err})"
+
+
+# -- the Grafana dashboard (docs/grafana-dashboard.json) -------------------------------------------
+
+DASHBOARD = os.path.join(os.path.dirname(__file__), "..", "docs", "grafana-dashboard.json")
+# Grafana's $__rate_interval is at least four scrape intervals (1 s here) plus one; 5 s as in `problems`.
+RATE_INTERVAL = "5s"
+
+
+def dashboard_queries(path: str = DASHBOARD) -> list[tuple[str, str]]:
+    """(panel title, PromQL expression) of every target of every panel, rows' panels included."""
+    with open(path) as f:
+        board = json.load(f)
+    out = []
+
+    def panels(items: list) -> None:
+        for p in items:
+            panels(p.get("panels") or [])
+            for t in p.get("targets") or []:
+                if t.get("expr"):
+                    out.append((p.get("title", "?"), t["expr"]))
+
+    panels(board.get("panels") or [])
+    return out
+
+
+def as_query(expr: str, job: str) -> str:
+    """A dashboard expression with the dashboard's variables filled in as Grafana would for one job."""
+    return expr.replace("$__rate_interval", RATE_INTERVAL).replace("$job", job)
+
+
+def test_the_dashboard_reads_every_expression_it_knows_about():
+    """The parser sees every target (a check on the test, not on Prometheus)."""
+    queries = dashboard_queries()
+    assert len(queries) >= 30 and all("$job" in q for _, q in queries)
+    left = [q for _, q in queries if "$" in as_query(q, "x")]
+    assert left == [], f"a dashboard variable the test does not fill in: {left}"
+
+
+def test_every_grafana_dashboard_expression_returns_data_for_a_live_job(tmp_path, tiny_data):
+    """Every PromQL expression of docs/grafana-dashboard.json, evaluated by a real Prometheus that
+    scrapes a running job, returns at least one series (a panel that would stay empty fails)."""
+    queries = dashboard_queries()
+    job = tiny_job(tiny_data, training={"epochs": 1000}, monitor={"sample_interval_s": 0.25})
+    with running_job(tmp_path, job) as (proc, run_dir, status):
+        targets_file = os.path.join(run_dir, "prometheus_targets.json")
+        config = prometheus_config(targets_file, "http://127.0.0.1:9/unused")
+        config["scrape_configs"] = config["scrape_configs"][:1]  # file_sd only: one series per node
+        prom = Prometheus(tmp_path / "prometheus", config)
+        try:
+            prom.wait_ready(READY_TIMEOUT_S)
+            deadline = time.monotonic() + SCRAPED_TIMEOUT_S
+            empty = [q for _, q in queries]
+            while empty and time.monotonic() < deadline:
+                assert proc.poll() is None, f"the job ended early (code {proc.returncode})"
+                assert prom.proc.poll() is None, f"prometheus exited with code {prom.proc.returncode}:\n{prom.log_tail()}"
+                empty = [q for q in empty if not _returns_data(prom, as_query(q, JOB_NAME))]
+                if empty:
+                    time.sleep(0.5)
+            titles = {q: t for t, q in queries}
+            assert not empty, (f"after {SCRAPED_TIMEOUT_S:.0f}s these dashboard panels still get no data:\n  "
+                               + "\n  ".join(f"{titles[q]}: {q}" for q in empty) + f"\nprometheus log:\n{prom.log_tail()}")
+        finally:
+            prom.stop()
+
+
+def _returns_data(prom: Prometheus, expr: str) -> bool:
+    answer = json.loads(prom._get("/api/v1/query", query=expr))
+    assert answer["status"] == "success", f"{expr}: {answer}"  # a syntax error fails at once
+    return len(answer["data"]["result"]) > 0

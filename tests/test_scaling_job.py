@@ -9,8 +9,9 @@ import torch
 import torch.nn.functional as F
 
 from downpour.api import resolve_job
-from downpour.coordinator.shards import ShardLedger, example_order
+from downpour.coordinator.shards import ShardLedger
 from downpour.data import load_idx_dataset
+from downpour.data.order import example_order
 from downpour.errors import ConfigError
 from downpour.launch import LocalLauncher
 from downpour.models import build_model

@@ -24,13 +24,11 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
-import zmq
-
 from downpour.errors import RequestTimeout, TransportError
 from downpour.protocol import Message, Op
 from downpour.protocol.ops import ATTEMPT_S
 from downpour.protocol.rpc import Future, RpcClient
-from downpour.transport import Security
+from downpour.transport import Context, Security
 
 COORDINATOR = "coordinator"
 
@@ -44,7 +42,7 @@ def connection_id(role: str, rank: int | None) -> str:
 class CoordinatorClient:
     def __init__(
         self,
-        ctx: zmq.Context,
+        ctx: Context,
         address: str,
         identity: str,
         request_timeout_s: float = 30.0,

@@ -14,7 +14,6 @@ import time
 from typing import Any
 
 import torch
-import zmq
 
 from downpour.config import JobConfig, job_to_dict
 from downpour.coordinator.checkpointing import JOB_STATE
@@ -22,6 +21,7 @@ from downpour.coordinator.history import History
 from downpour.coordinator.metrics import coordinator_metrics
 from downpour.coordinator.persist import adopt_state, export_state, open_store
 from downpour.coordinator.restore import plan_resume, plan_warm_start
+from downpour.coordinator.saving import pull_parameters, write_model
 from downpour.coordinator.state import CommitCheckpoint, CoordinatorState, Finish, Reply, SaveModel
 from downpour.data import build_dataset
 from downpour.errors import ConfigError, DownpourError, ProtocolError
@@ -33,12 +33,13 @@ from downpour.monitor.targets import targets_paths, write_targets
 from downpour.nn import sparse_tables
 from downpour.protocol import Op, decode, encode
 from downpour.protocol.ops import Code
+from downpour.protocol.rpc import RpcClient
 from downpour.protocol.throttle import RateLimit
 from downpour.server.scaling import check_hyperparameters
 from downpour.storage import CheckpointStore, Manifest
 from downpour.stream.offsets import Acknowledger, partition_offsets
 from downpour.stream.prequential import online_summary
-from downpour.transport import Listener, Poller, Security, advertised, is_local
+from downpour.transport import Context, Listener, Poller, Security, WouldBlock, advertised, is_local
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +74,7 @@ def write_json(path: str, data: Any) -> None:
 
 
 class Coordinator:
-    def __init__(self, ctx: zmq.Context, job: JobConfig, address: str, run_dir: str | None,
+    def __init__(self, ctx: Context, job: JobConfig, address: str, run_dir: str | None,
                  security: Security | None = None, recover: bool = False, lost_at: float | None = None,
                  advertise: str | None = None) -> None:
         """``security``: the coordinator's CURVE keys (None: plain sockets, for trusted networks).
@@ -228,7 +229,7 @@ class Coordinator:
         for _ in range(_BURST):
             try:
                 peer, frames = self.listener.recv()
-            except zmq.Again:
+            except WouldBlock:
                 break
             if self.limit.over(peer):
                 self.rejected[Code.RATE_LIMITED] = self.rejected.get(Code.RATE_LIMITED, 0) + 1
@@ -300,21 +301,14 @@ class Coordinator:
         ``torch.load(path, weights_only=True)``) into the run folder."""
         if not self.run_dir:
             return
-        from downpour.protocol.rpc import RpcClient
-        from downpour.worker.client import KVClient
-
         rpc = RpcClient(self.ctx, f"coordinator-save-{os.getpid()}", self.job.cluster.request_timeout_s, security=self.security)
         try:
             for s in action.servers:
                 rpc.connect(s["name"], s["address"])
-            kv = KVClient(rpc, self.layout, {int(s["rank"]): s["name"] for s in action.servers})
-            flat = torch.empty(self.layout.numel)
-            kv.wait(kv.pull(flat))
-            state = {p.name: flat[p.offset : p.offset + p.numel].view(p.shape).clone() for p in self.layout.params}
-            state.update(action.buffers or {})  # BatchNorm statistics and other buffers, merged from the workers
+            servers = {int(s["rank"]): s["name"] for s in action.servers}
+            flat = pull_parameters(rpc, self.layout, servers, self.job.cluster.max_request_bytes)
             path = os.path.join(self.run_dir, "model.pt")
-            torch.save(state, path + ".tmp")
-            os.replace(path + ".tmp", path)
+            write_model(path, self.layout, flat, action.buffers)
             log.info("coordinator: saved the trained parameters to %s", path)
         except DownpourError as err:
             log.error("coordinator: could not save the trained parameters: %s", err)

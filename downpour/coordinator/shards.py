@@ -22,12 +22,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-
-def example_order(num_examples: int, seed: int, epoch: int) -> np.ndarray:
-    """The seeded permutation that an epoch's shards index into (identical on every node)."""
-    return np.random.default_rng([seed, 0x5A4D, epoch]).permutation(num_examples)
-
-
 # The adaptive shard size (``data.shard_size: null``): at least this many shards per worker slot
 # each epoch, and no shard larger than MAX_AUTO_SHARD examples.
 SHARDS_PER_WORKER = 4

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from downpour.errors import ConfigError
-from downpour.sparse.table import mix
+from downpour.hashing import mix
 
 # Salt of the hash that places a feature ID on a server: independent of the hash that places
 # it in a server's index (the same hash would leave each server only its own residue of slots).

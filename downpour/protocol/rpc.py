@@ -14,12 +14,10 @@ import threading
 import time
 from collections.abc import Callable
 
-import zmq
-
 from downpour.errors import JobFailed, ProtocolError, RemoteError, RequestTimeout
 from downpour.protocol.codec import decode, encode
 from downpour.protocol.messages import REPLY_OPS, Message, Op
-from downpour.transport import Channel, Poller, Security
+from downpour.transport import Channel, Context, Poller, Security, WouldBlock
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +97,7 @@ class RpcClient:
 
     def __init__(
         self,
-        ctx: zmq.Context,
+        ctx: Context,
         node: str,
         request_timeout_s: float,
         max_message_bytes: int = 1 << 30,
@@ -189,7 +187,7 @@ class RpcClient:
             while True:
                 try:
                     frames = ch.recv()
-                except zmq.Again:
+                except WouldBlock:
                     break
                 self._dispatch(self._names[ch], frames)
 

@@ -22,7 +22,6 @@ from collections import Counter
 from typing import Any
 
 import torch
-import zmq
 
 from downpour.compress import Codec, decode_push, pull_codec
 from downpour.compress.plan import pull_request
@@ -44,7 +43,7 @@ from downpour.server.snapshot import OldParams, Snapshotter, restore_store
 from downpour.server.sparse import SparseShard
 from downpour.server.store import ShardStore
 from downpour.storage import CheckpointStore
-from downpour.transport import Listener, Poller, Security, SlotMaps, advertised, bind_address, slot_folder
+from downpour.transport import Context, Listener, Poller, Security, SlotMaps, WouldBlock, advertised, bind_address, slot_folder
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +64,7 @@ def bounded(what: str, t: torch.Tensor) -> torch.Tensor:
 class ParameterServer:
     """One shard of the job's parameters behind a listener."""
 
-    def __init__(self, ctx: zmq.Context, job: JobConfig, layout: Layout, rank: int, listener: Listener, name: str,
+    def __init__(self, ctx: Context, job: JobConfig, layout: Layout, rank: int, listener: Listener, name: str,
                  planned_steps: int | None = None) -> None:
         self.job, self.rank, self.name = job, rank, name
         self.listener = listener
@@ -409,7 +408,7 @@ class ParameterServer:
                 for _ in range(256):  # bounded burst, then look at the coordinator again
                     try:
                         peer, frames = self.listener.recv()
-                    except zmq.Again:
+                    except WouldBlock:
                         break
                     self.handle(peer, frames)
             now = time.monotonic()
@@ -450,7 +449,7 @@ class HostedRanks:
             t.join(max(0.0, deadline - time.monotonic()))
 
 
-def run_server(ctx: zmq.Context, coordinator: str, host: str = "127.0.0.1", rank: int | None = None, ipc_dir: str | None = None,
+def run_server(ctx: Context, coordinator: str, host: str = "127.0.0.1", rank: int | None = None, ipc_dir: str | None = None,
                metrics_host: str | None = None, security: Security | None = None, hosted_by: str | None = None,
                advertise: str | None = None, port: int | None = None) -> int:
     """Entry point of ``downpour server``: returns the process exit code. ``metrics_host``

@@ -27,11 +27,11 @@ from safetensors.numpy import load as st_load
 
 from downpour.config import ModelConfig
 from downpour.errors import DataError
+from downpour.hashing import mix
 from downpour.models import build_model
 from downpour.nn import attach
 from downpour.serving.export import MANIFEST, MODEL_FILE, list_versions, version_dir
 from downpour.serving.precision import decode
-from downpour.sparse.table import mix
 from downpour.storage.checkpoints import sha256_hex
 
 log = logging.getLogger(__name__)

@@ -12,8 +12,9 @@ from types import ModuleType
 
 import numpy as np
 
+from downpour.hashing import mix
+
 EMPTY = np.iinfo(np.int64).min  # marks a free index slot; the one ID that cannot be stored
-_M1, _M2 = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
 
 
 def _load_native() -> tuple[ModuleType | None, str]:
@@ -31,18 +32,6 @@ def _load_native() -> tuple[ModuleType | None, str]:
 # Decided once, at import: the process-wide switch for debugging and comparisons. KERNEL is
 # "compiled" or says why the numpy fallback runs; servers log it and summary.json reports it.
 NATIVE, KERNEL = _load_native()
-
-
-def mix(x: np.ndarray) -> np.ndarray:
-    """splitmix64's finaliser: a well-spread 64-bit hash of each element (uint64 in, uint64 out)."""
-    with np.errstate(over="ignore"):
-        z = x.astype(np.uint64, copy=True)
-        z ^= z >> np.uint64(30)
-        z *= _M1
-        z ^= z >> np.uint64(27)
-        z *= _M2
-        z ^= z >> np.uint64(31)
-    return z
 
 
 class Index:

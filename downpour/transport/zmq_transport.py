@@ -34,6 +34,10 @@ _LISTENER_RCVHWM = 1_000
 # benchmarks/RESULTS.md); large frames are lent, never copied.
 ZERO_COPY_MIN_BYTES = 1 << 20
 
+# The transport's types, under the transport's names: the layers above name these, never zmq's.
+Context = zmq.Context  # one per process: every socket of a node is made from it (new_context)
+WouldBlock = zmq.Again  # recv() found no message waiting (poll first, or stop reading a burst)
+
 
 def send_copies(nbytes: int) -> bool:
     """Whether a frame of ``nbytes`` is copied during ``send`` (so its memory may change right

@@ -15,7 +15,6 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-import zmq
 
 from downpour.config import JobConfig, job_to_dict, parse_job
 from downpour.coordinator.client import CoordinatorClient, Heartbeat, connection_id
@@ -27,7 +26,7 @@ from downpour.models import build_model
 from downpour.monitor import HttpEndpoint, metrics_route, node_labels
 from downpour.nn import attach
 from downpour.protocol.rpc import RpcClient
-from downpour.transport import Security, advertised
+from downpour.transport import Context, Security, advertised
 from downpour.worker.client import KVClient
 from downpour.worker.flat import FlatModel
 from downpour.worker.metrics import worker_metrics
@@ -42,7 +41,7 @@ _LONG_WAIT_S = 7 * 24 * 3600.0
 
 
 class HeartbeatThread(threading.Thread):
-    def __init__(self, ctx: zmq.Context, address: str, node: str, job: JobConfig,
+    def __init__(self, ctx: Context, address: str, node: str, job: JobConfig,
                  progress: Callable[[], dict[str, Any]], abort: threading.Event, extra: dict[str, Any] | None = None,
                  security: Security | None = None, on_reply: Callable[[dict[str, Any]], None] | None = None,
                  identity: str | None = None) -> None:
@@ -164,7 +163,7 @@ def job_factories(job: JobConfig) -> set[str]:
     return found
 
 
-def run_worker(ctx: zmq.Context, coordinator: str, rank: int | None = None, startup_timeout_s: float = 120.0,
+def run_worker(ctx: Context, coordinator: str, rank: int | None = None, startup_timeout_s: float = 120.0,
                metrics_host: str | None = None, security: Security | None = None,
                trusted_factories: set[str] | None = None, advertise: str | None = None,
                local_rank: int | None = None) -> int:

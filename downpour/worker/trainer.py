@@ -31,9 +31,9 @@ import numpy as np
 import torch
 
 from downpour.config import JobConfig
-from downpour.coordinator.shards import example_order
 from downpour.data import Dataset
 from downpour.data.loader import Batches, split_len
+from downpour.data.order import example_order
 from downpour.data.scoring import log_loss, roc_auc
 from downpour.errors import ConfigError, RemoteError, RequestTimeout
 from downpour.extensions import checked_loss, metric_value, resolve_loss, resolve_metrics
