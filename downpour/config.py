@@ -407,6 +407,17 @@ class ClusterConfig(_Frozen):
     # server that holds the fewest bytes: that process loads the rank's keys from the latest
     # checkpoint and serves them beside its own.
     server_replace_timeout_s: float = Field(30.0, gt=0)
+    # Backups of each server rank, each kept by another server process (docs/fault-tolerance.md):
+    # the primary forwards every request that changes its shard, in order, and when it dies the
+    # coordinator promotes a backup at once (no checkpoint rollback); workers replay the pushes
+    # it had not answered, and the promoted primary applies each exactly once. At most
+    # num_servers - 1. 0: none (a dead server is restored from the latest checkpoint).
+    replicas: int = Field(0, ge=0)
+    # sync: a push is answered only once every caught-up backup holds it (nothing acknowledged
+    # is lost). async: answered at once while the backups lag by at most replication_max_lag
+    # forwarded requests (a failover may lose up to that many acknowledged pushes).
+    replication: Literal["sync", "async"] = "sync"
+    replication_max_lag: int = Field(64, ge=1)
     # A coordinator keeps its state in RUN_DIR/coordinator.db; `downpour train` restarts a dead one
     # (up to coordinator_restarts times) on the same address, and it picks up the running job.
     # Servers and workers keep training meanwhile, repeat the requests that got no answer, and
@@ -443,6 +454,9 @@ class ClusterConfig(_Frozen):
             raise ValueError("cluster.coordinator_timeout_s must be at least cluster.heartbeat_timeout_s")
         if self.max_workers is not None and self.max_workers < self.num_workers:
             raise ValueError(f"cluster.max_workers ({self.max_workers}) is below cluster.num_workers ({self.num_workers})")
+        if self.replicas > self.num_servers - 1:
+            raise ValueError(f"cluster.replicas: {self.replicas} backups of each server rank need at least "
+                             f"{self.replicas + 1} server processes (cluster.num_servers is {self.num_servers})")
         return self
 
     @property
@@ -721,6 +735,10 @@ class JobConfig(_Frozen):
         if any(c.dgc is not None and c.dgc.momentum > 0 for c in codecs) and getattr(self.optimizer, "momentum", 0) > 0:
             raise ValueError("compression dgc.momentum and optimizer.momentum would both apply momentum: "
                              "set optimizer.momentum: 0 (DGC applies it on the workers)")
+        t = self.training
+        if self.cluster.replicas and (t.consistency == "ssp" or t.consistency_groups):
+            raise ValueError("cluster.replicas: replication supports training.consistency async and sync (without "
+                             "consistency_groups); this job uses " + ("consistency_groups" if t.consistency_groups else "ssp"))
         slow = self.training.slowdown
         if slow is not None and slow.rank is not None and slow.rank >= self.cluster.num_workers:
             raise ValueError(f"training.slowdown.rank {self.training.slowdown.rank} is not a worker rank "

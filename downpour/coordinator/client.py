@@ -87,12 +87,13 @@ class CoordinatorClient:
                              f"listening at {self.address}{keys}?)", peer=COORDINATOR)
 
     def register(self, role: str, rank: int | None, address: str | None, timeout_s: float,
-                 hosted_by: str | None = None) -> dict[str, Any]:
+                 hosted_by: str | None = None, promoted: bool = False) -> dict[str, Any]:
         """Join the job. Returns once the coordinator admitted this node (for a worker: once
         every server and worker of the job registered): node name, rank, job, layout, servers.
-        ``hosted_by``: the server whose process this one runs in (it took over a lost rank)."""
+        ``hosted_by``: the server whose process this one runs in (it took over a lost rank);
+        ``promoted``: it is that rank's backup, promoted (it loads no checkpoint)."""
         meta = {"role": role, "rank": rank, "address": address, "host": socket.gethostname(), "pid": os.getpid(),
-                "hosted_by": hosted_by}
+                "hosted_by": hosted_by, **({"promoted": True} if promoted else {})}
         reply = self.call(Op.REGISTER, meta, timeout_s)
         self.node = reply["node"]
         return reply

@@ -41,6 +41,15 @@ class Op(IntEnum):
     # meta: tables [[name, n_push, n_pull], ...], peek?; tensors per table: push keys i64 [n_push],
     # push gradients f32 [n_push, dim], pull keys i64 [n_pull] -> OK: per table rows f32 [n_pull, dim]
     SPARSE = 34
+    # server <-> server: replication (server/replica.py). A backup's HELLO (meta: rank, node) asks
+    # the primary of ``rank`` for its state; the primary answers with REPLICA_STATE (meta: rank,
+    # seq, info; one u8 tensor: the state as safetensors), then sends every request that changes
+    # its shard as REPLICATE (meta: rank, seq, peer, op, m = the request's meta; its tensors), in
+    # order; the backup acknowledges with REPLICA_ACK (meta: rank, seq: the last one it holds).
+    REPLICA_HELLO = 35
+    REPLICATE = 36
+    REPLICA_STATE = 37
+    REPLICA_ACK = 38
     # replies
     OK = 50
     ERROR = 51

@@ -63,6 +63,10 @@ class Code(StrEnum):
     SYNC_DUPLICATE = "sync_duplicate"
     SYNC_PARTIAL = "sync_partial"
     SSP_CLOCK = "ssp_clock"
+    # replication: a message from a primary or a backup that does not fit the stream
+    REPLICA_ORDER = "replica_order"  # a sequence number out of order (a gap)
+    REPLICA_DUPLICATE = "replica_duplicate"  # a sequence number already held
+    REPLICA_RANK = "replica_rank"  # state or updates for another rank than this link's
 
 
 # -- shared field schemas (one definition of each check) -------------------------------------------
@@ -130,6 +134,9 @@ REPORTS: dict[str, Schema] = {
 _NODE = {"node": NAME}
 _PULL_CODEC = Tuple(Str(16), Int(1, 1 << 24))  # [codec, bucket]: the server takes only the job's compression.pull
 _SHM = Tuple(Str(128), Int(1, 1 << 40))  # [slot name, values]
+# A worker's count of its requests that change this server's state (pushes; SPARSE): a replay after
+# a failover repeats it, so the promoted primary applies each exactly once.
+SEQ = Int(1)
 KEYS = List(Int(0, (1 << 31) - 1), 1 << 24)  # the server's limit (cluster.max_keys_per_request) applies after
 
 REQUESTS: dict[Op, Record] = {
@@ -149,13 +156,23 @@ REQUESTS: dict[Op, Record] = {
     Op.INIT: Record({"keys": KEYS, "shm": _SHM}, required=("keys",), rest=REST),
     Op.PULL: Record({"keys": KEYS, "pq": _PULL_CODEC, "shm": _SHM}, required=("keys",), rest=REST),
     Op.PUSH: Record({"keys": KEYS, "version": COUNT, "weight": WEIGHT, "clock": Int(1), "delta": Bool(),
-                     "kv": List(COUNT, 1 << 24), "pos": POSITION, "pq": _PULL_CODEC, "shm": _SHM,
+                     "kv": List(COUNT, 1 << 24), "pos": POSITION, "seq": SEQ, "pq": _PULL_CODEC, "shm": _SHM,
                      "enc": List(Tuple(Str(16), Dict(Str(8), Plain(max_depth=0, max_str=16), 16), Int(0, 64)), 1 << 24)},
                     required=("keys", "version"), rest=REST),
     Op.SPARSE: Record({"tables": List(Tuple(Str(128), COUNT, COUNT), 1024),
-                       "peek": Bool()}, required=("tables",), rest=REST),
+                       "peek": Bool(), "seq": SEQ}, required=("tables",), rest=REST),
 }
 REQUESTS[Op.PUSHPULL] = REQUESTS[Op.PUSH]
+REQUESTS[Op.REPLICA_HELLO] = Record({"rank": Int(0, 1 << 20), **_NODE}, required=("rank", "node"), rest=REST)
+REQUESTS[Op.REPLICA_ACK] = Record({"rank": Int(0, 1 << 20), "seq": COUNT, **_NODE}, required=("rank", "seq", "node"), rest=REST)
+# A primary's stream, checked by the backup (it replays the forwarded request ``m`` through the
+# same validation as a worker's request).
+REPLICA_STREAM = {
+    Op.REPLICATE: Record({"rank": Int(0, 1 << 20), "seq": Int(1), "peer": Str(128), "op": Int(0, 255),
+                          "m": Plain(max_depth=4, max_items=1 << 24, max_str=256)}, required=("rank", "seq", "peer", "op", "m")),
+    Op.REPLICA_STATE: Record({"rank": Int(0, 1 << 20), "seq": COUNT, "info": Plain(max_depth=4, max_items=1 << 20, max_str=4096)},
+                             required=("rank", "seq", "info")),
+}
 
 
 def validate(op: Op, meta: Any) -> None:

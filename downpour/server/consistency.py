@@ -209,6 +209,16 @@ class SyncPolicy(Policy):
         self.workers = set(workers)
         return self._maybe_complete()
 
+    def rebind(self, p: Push) -> bool:
+        """``p`` repeats a push waiting in this round (a worker's replay after a failover): its
+        answer goes to ``p``'s request when the round completes. False: it waits for nothing here."""
+        who = p.peer.decode(errors="replace")
+        old = self.waiting.get(who)
+        if old is None:
+            return False
+        old.peer, old.msg, old.pull = p.peer, p.msg, p.pull
+        return True
+
     def _maybe_complete(self) -> list[Reply]:
         # No membership yet means the coordinator has not said who trains: keep waiting.
         if not self.waiting or not self.workers or not self.workers.issubset(self.waiting):

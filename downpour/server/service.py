@@ -38,6 +38,7 @@ from downpour.server.consistency import POLICIES, Policy, Push, values_reply
 from downpour.server.grouped import GroupedPolicy, key_modes
 from downpour.server.metrics import server_metrics
 from downpour.server.optim import make_rule
+from downpour.server.replica import BackupHost, NullListener, PrimaryLink, changes_state, server_state
 from downpour.server.scaling import Hyperparams
 from downpour.server.snapshot import OldParams, Snapshotter, restore_store
 from downpour.server.sparse import SparseShard
@@ -113,6 +114,25 @@ class ParameterServer:
         folder = slot_folder(listener.address) if job.cluster.shared_memory else None
         self.slots = SlotMaps(folder) if folder else None
         self._slot_out: dict[tuple[bytes, int], torch.Tensor] = {}
+        # Replication (server/replica.py): the stream to this rank's backups (None: a backup's
+        # own server, or a job without replicas), and the last push sequence number applied per
+        # worker ("NAME" dense, "NAME/sparse"), so that a push replayed after a failover applies once.
+        self.replicas: PrimaryLink | None = None
+        self.applied: dict[str, int] = {}
+        self.backup_host: BackupHost | None = None  # the backups this process keeps (for heartbeats)
+
+    def adopt(self, listener: Listener, name: str) -> None:
+        """A promoted backup starts serving under ``name`` behind ``listener``."""
+        self.listener, self.name = listener, name
+        self.snapshots.node = name
+        folder = slot_folder(listener.address) if self.job.cluster.shared_memory else None
+        self.slots = SlotMaps(folder) if folder else None
+        self.limit = RateLimit(self.job.cluster.max_requests_per_s)
+
+    def replicate(self) -> None:
+        """Become a primary that keeps backups (they say hello on this server's listener)."""
+        self.replicas = PrimaryLink(self.rank, self.job.cluster, lambda peer, frames: self.listener.send(peer, frames),
+                                    lambda: server_state(self))
 
     def _record_staleness(self, s: int) -> None:
         self.staleness[s] += 1
@@ -159,7 +179,9 @@ class ParameterServer:
             return
         if self.listener.security is not None:
             role = self.listener.peer_role(frames)
-            if role not in ("worker", "coordinator"):
+            if role == "server" and msg.op in (Op.REPLICA_HELLO, Op.REPLICA_ACK):
+                pass  # another server's backup of this rank
+            elif role not in ("worker", "coordinator"):
                 self._reject(peer, msg, Code.FORBIDDEN, f"a {role or 'foreign'} key may not use a server")
                 return
             if role == "coordinator" and msg.op not in (Op.PULL, Op.SPARSE):
@@ -182,6 +204,8 @@ class ParameterServer:
         except ProtocolError as err:
             self._reject(peer, msg, Code.INVALID, str(err))
             return
+        if self.replicas is not None and changes_state(msg):  # backups get it before anyone hears of it
+            replies = self.replicas.release(self.replicas.forward(peer, msg), replies)
         for to, reply in replies:
             self._send(to, reply)
         if self.timing:
@@ -307,9 +331,14 @@ class ParameterServer:
             raise ProtocolError("delta pushes are for local SGD (training.local_steps > 1); this job takes gradients")
         codec = self._pull_codec(msg) if msg.op == Op.PUSHPULL else None
         push = Push(peer, msg, idx, grad, float(weight), version, codec, delta, clock, kv)
+        who, seq = peer.decode(errors="replace"), msg.meta.get("seq")
+        if seq is not None and seq <= self.applied.get(who, 0):  # a replay of a push applied already
+            return self._replayed(push)
         refused = self.policy.refuse(push)
         if refused is not None:  # refused by the policy: not counted, its data position not kept
             return [refused]
+        if seq is not None:
+            self.applied[who] = seq
         pos = msg.meta.get("pos")
         if isinstance(pos, list) and len(pos) == 3 and all(type(x) is int and x >= 0 for x in pos):
             self.positions[peer.decode(errors="replace")] = pos
@@ -325,16 +354,46 @@ class ParameterServer:
             self.apply_times.observe(took)
         return replies
 
+    def _replayed(self, p: Push):
+        """A push sent again after a failover that this server applied already: answered with the
+        current values (or, when it waits in a sync round, once that round completes), not applied."""
+        self.counts["replayed"] += 1
+        rebind = getattr(self.policy, "rebind", None)
+        if rebind is not None and rebind(p):
+            return []
+        return [self.policy._answer(p)]
+
     def on_sparse(self, peer: bytes, msg: Message):
         """Update, then read, rows of sparse tables (server/sparse.py validates the whole request first)."""
         if not self.sparse:
             return [(peer, msg.error("no_tables", "this job has no sparse tables"))]
         t0 = time.perf_counter()
-        reply = self.sparse.handle(msg)
+        who, seq = peer.decode(errors="replace") + "/sparse", msg.meta.get("seq")
+        replay = seq is not None and seq <= self.applied.get(who, 0)  # applied already: read only
+        reply = self.sparse.handle(msg, replay=replay)
+        if replay:
+            self.counts["replayed"] += 1
+        elif seq is not None:
+            self.applied[who] = seq
         self.apply_s += time.perf_counter() - t0
         return [(peer, reply)]
 
-    _HANDLERS = {Op.INIT: on_init, Op.PULL: on_pull, Op.PUSH: on_push, Op.PUSHPULL: on_push, Op.SPARSE: on_sparse}
+    def on_replica_hello(self, peer: bytes, msg: Message):
+        if self.replicas is None:
+            return [(peer, msg.error(Code.BAD_OP, f"{self.name} keeps no backups"))]
+        if msg.meta["rank"] != self.rank:
+            return [(peer, msg.error(Code.REPLICA_RANK, f"{self.name} is the primary of rank {self.rank}, not {msg.meta['rank']}"))]
+        self.replicas.hello(peer, msg.meta["node"])
+        return []
+
+    def on_replica_ack(self, peer: bytes, msg: Message):
+        if self.replicas is None or msg.meta["rank"] != self.rank:
+            self.rejected[Code.REPLICA_RANK] += 1
+            return []
+        return self.replicas.ack(peer, msg.meta["node"], msg.meta["seq"])
+
+    _HANDLERS = {Op.INIT: on_init, Op.PULL: on_pull, Op.PUSH: on_push, Op.PUSHPULL: on_push, Op.SPARSE: on_sparse,
+                 Op.REPLICA_HELLO: on_replica_hello, Op.REPLICA_ACK: on_replica_ack}
 
     # -- coordinator messages ---------------------------------------------
     def on_coordinator(self, peer: str, msg: Message) -> None:
@@ -365,7 +424,10 @@ class ParameterServer:
         if set(workers) != self.members:
             self.members = set(workers)
             self.hyper.set_workers(len(self.members))
-            for to, reply in self.policy.set_workers(self.members):
+            replies = self.policy.set_workers(self.members)
+            if self.replicas is not None:
+                replies = self.replicas.release(self.replicas.forward_membership(sorted(self.members)), replies)
+            for to, reply in replies:
                 self._send(to, reply)
 
     def progress(self) -> dict[str, Any]:
@@ -374,7 +436,9 @@ class ParameterServer:
         return {"pushes": pushes, "pulls": self.counts["pull"], "bytes_in": self.bytes_in, "bytes_out": self.bytes_out,
                 "staleness_mean": self.staleness_sum / pushes if pushes else 0.0, "staleness_max": self.staleness_max,
                 "rejected": sum(self.rejected.values()), "apply_s": self.apply_s,
-                "version": max(self.store.versions, default=0), "optimizer": self.hyper.progress()}
+                "version": max(self.store.versions, default=0), "optimizer": self.hyper.progress(),
+                **({"replication": self.replicas.stats()} if self.replicas is not None else {}),
+                **({"backups": self.backup_host.report()} if self.backup_host is not None else {})}
 
     def stats(self) -> dict[str, Any]:
         total = sum(self.staleness.values())
@@ -396,6 +460,7 @@ class ParameterServer:
             "optimizer": self.hyper.report(),
             **({"sparse": self.sparse.stats()} if self.sparse else {}),
             **self.policy.stats(),
+            **({"replication": {**self.replicas.stats(), "replayed": self.counts["replayed"]}} if self.replicas is not None else {}),
         }
 
     def serve(self, coord: CoordinatorClient, heartbeat: Heartbeat) -> str:
@@ -417,6 +482,9 @@ class ParameterServer:
                 coord.rpc.pump(0)
                 for report in self.snapshots.finished():  # answers are not awaited: the coordinator counts reports
                     coord.rpc.request(COORDINATOR, Message(Op.REPORT, meta={"node": coord.node, "kind": "checkpoint", "data": report}))
+                if self.replicas is not None:  # a backup that keeps replies waiting too long is dropped
+                    for to, reply in self.replicas.tick():
+                        self._send(to, reply)
                 reason = heartbeat.tick(self.progress)
                 if reason is not None:
                     return reason
@@ -435,9 +503,14 @@ class HostedRanks:
     def offer(self, ranks: object) -> None:
         for rank in ranks if isinstance(ranks, list) else []:
             if type(rank) is int and rank not in self.threads:
-                log.warning("%s: taking over server-%d's keys (its server died and got no replacement)",
-                            self.start["hosted_by"], rank)
-                t = threading.Thread(target=run_server, kwargs={**self.start, "rank": rank}, daemon=True,
+                backups = self.start.get("backups")
+                promote = backups.take(rank) if backups is not None else None
+                if promote is not None:
+                    log.warning("%s: promoting its backup of server-%d (its primary died)", self.start["hosted_by"], rank)
+                else:
+                    log.warning("%s: taking over server-%d's keys (its server died and got no replacement)",
+                                self.start["hosted_by"], rank)
+                t = threading.Thread(target=run_server, kwargs={**self.start, "rank": rank, "promote": promote}, daemon=True,
                                      name=f"server-{rank}-hosted")
                 self.threads[rank] = t
                 t.start()
@@ -451,12 +524,15 @@ class HostedRanks:
 
 def run_server(ctx: Context, coordinator: str, host: str = "127.0.0.1", rank: int | None = None, ipc_dir: str | None = None,
                metrics_host: str | None = None, security: Security | None = None, hosted_by: str | None = None,
-               advertise: str | None = None, port: int | None = None) -> int:
+               advertise: str | None = None, port: int | None = None, backups: BackupHost | None = None,
+               promote: ParameterServer | None = None) -> int:
     """Entry point of ``downpour server``: returns the process exit code. ``metrics_host``
     overrides the job's ``monitor.http_host`` for this server's metrics endpoint. ``hosted_by``:
     the server whose process runs this one (it took over a lost rank; see :class:`HostedRanks`).
     It listens on ``host:port`` (``port`` None: a free one) and tells peers the address
-    :func:`~downpour.transport.advertised` picks (``advertise``: this host name or address instead)."""
+    :func:`~downpour.transport.advertised` picks (``advertise``: this host name or address instead).
+    ``backups``: the backups this process keeps (a hosted rank shares its process's);
+    ``promote``: a backup's server that takes over its rank (it loads nothing)."""
     import uuid
 
     identity = connection_id("server", rank)
@@ -468,7 +544,7 @@ def run_server(ctx: Context, coordinator: str, host: str = "127.0.0.1", rank: in
         transport = "ipc" if coordinator.startswith("ipc://") else "tcp"
         listener = Listener(ctx, bind_address(transport, host, ipc_dir, f"server-{rank}-{uuid.uuid4().hex[:6]}", port), 1 << 30, security)
         listener.address = advertised(listener.address, coordinator, advertise, f"server (rank {rank})")
-        reply = coord.register("server", rank, listener.address, timeout_s=120.0, hosted_by=hosted_by)
+        reply = coord.register("server", rank, listener.address, timeout_s=120.0, hosted_by=hosted_by, promoted=promote is not None)
         job = parse_job(reply["job"], source="coordinator")
         layout = Layout.from_dict(reply["layout"])
         if job.cluster.max_message_bytes < 1 << 30:  # the job's frame limit on every connection from now on
@@ -476,10 +552,21 @@ def run_server(ctx: Context, coordinator: str, host: str = "127.0.0.1", rank: in
         # Updates are elementwise and memory-bound: more intra-op threads only contend with other processes.
         torch.set_num_threads(job.training.torch_threads)
         planned = reply.get("job_steps")
-        server = ParameterServer(ctx, job, layout, int(reply["rank"]), listener, reply["node"],
-                                 planned if type(planned) is int and planned > 0 else None)
-        if reply.get("restore"):
-            server.restore(reply["restore"], layout)
+        if promote is not None and promote.rank == int(reply["rank"]):  # it holds the rank's state already
+            server = promote
+            server.adopt(listener, reply["node"])
+        else:
+            server = ParameterServer(ctx, job, layout, int(reply["rank"]), listener, reply["node"],
+                                     planned if type(planned) is int and planned > 0 else None)
+            if reply.get("restore"):
+                server.restore(reply["restore"], layout)
+        if job.cluster.replicas:
+            server.replicate()
+            if backups is None:
+                steps = planned if type(planned) is int and planned > 0 else None
+                backups = BackupHost(ctx, job, layout, server.name, security, lambda r, name: ParameterServer(
+                    ctx, job, layout, r, NullListener(), name, steps))  # type: ignore[arg-type]
+            server.backup_host = backups
         coord.rpc.on_push = server.on_coordinator
         coord.configure(job.cluster.coordinator_timeout_s, job.cluster.heartbeat_timeout_s)
         log.info("%s: serving %d parameters in %d keys at %s", server.name, server.store.numel, len(server.store.keys), listener.address)
@@ -487,10 +574,13 @@ def run_server(ctx: Context, coordinator: str, host: str = "127.0.0.1", rank: in
             route = metrics_route(server_metrics(server, layout), node_labels(job.name, "server", server.rank, server.name))
             endpoint = HttpEndpoint(metrics_host or job.monitor.http_host, 0, {"/metrics": route}, server.name)
         hosted = HostedRanks({"ctx": ctx, "coordinator": coordinator, "host": host, "ipc_dir": ipc_dir, "advertise": advertise,
-                              "metrics_host": metrics_host, "security": security, "hosted_by": server.name})
+                              "metrics_host": metrics_host, "security": security, "hosted_by": server.name,
+                              "backups": backups})
 
         def on_reply(meta: dict[str, Any]) -> None:
             server.set_workers(meta.get("workers"))
+            if backups is not None:
+                backups.offer(meta)
             hosted.offer(meta.get("host_ranks"))
 
         hb = Heartbeat(coord, job.cluster.heartbeat_interval_s, job.cluster.coordinator_timeout_s, on_reply=on_reply,
@@ -499,6 +589,8 @@ def run_server(ctx: Context, coordinator: str, host: str = "127.0.0.1", rank: in
         log.info("%s: stopping: %s", server.name, reason)
         coord.report("server", server.stats())
         hosted.join(timeout_s=3 * job.cluster.heartbeat_interval_s + 5.0)
+        if backups is not None and hosted_by is None:
+            backups.close()
         return 0
     except DownpourError as err:
         log.error("%s: %s", server.name if server else identity, err)

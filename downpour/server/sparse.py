@@ -74,8 +74,10 @@ class SparseShard:
             raise ProtocolError(f"{what} repeats an ID (sum the gradients of one ID before pushing)")
         return keys
 
-    def handle(self, msg: Message) -> Message:
-        """Validate the whole request, then push, then pull; the reply holds the pulled rows."""
+    def handle(self, msg: Message, replay: bool = False) -> Message:
+        """Validate the whole request, then push, then pull; the reply holds the pulled rows.
+        ``replay``: the request was applied already (a worker sent it again after a failover):
+        nothing is pushed and the rows are read without creating any (a peek)."""
         spec, peek = msg.meta.get("tables"), msg.meta.get("peek", False)
         if not isinstance(spec, list) or not spec or type(peek) is not bool:
             raise ProtocolError("SPARSE needs tables: a non-empty list of [name, n_push, n_pull] (and peek: true/false)")
@@ -110,10 +112,10 @@ class SparseShard:
             raise ProtocolError(f"{total} IDs in one request; the limit is {self.max_keys}")
         out = []
         for table, pk, g, qk in work:
-            if len(pk):
+            if len(pk) and not replay:
                 table.push(pk, g)
                 self.counts["keys_pushed"] += len(pk)
-            rows = (table.peek(qk) if peek else table.pull(qk)) if len(qk) else np.zeros((0, table.dim), np.float32)
+            rows = (table.peek(qk) if peek or replay else table.pull(qk)) if len(qk) else np.zeros((0, table.dim), np.float32)
             self.counts["keys_pulled"] += len(qk)
             out.append(torch.from_numpy(rows))
         self.counts["requests"] += 1

@@ -120,18 +120,23 @@ class _Slot:
 
 
 class Handle:
-    """What :meth:`KVClient.wait` needs to finish one call."""
+    """What :meth:`KVClient.wait` needs to finish one call: per request its part, future and slot,
+    and (for a push) its message and data, to send again after a failover."""
 
-    __slots__ = ("futures", "out")
+    __slots__ = ("futures", "out", "sent", "data")
 
-    def __init__(self, futures: list[tuple[_Part, Future, _Slot | None]], out: torch.Tensor | None) -> None:
+    def __init__(self, futures: list[tuple[_Part, Future, _Slot | None]], out: torch.Tensor | None,
+                 sent: dict[int, Message] | None = None, data: torch.Tensor | None = None) -> None:
         self.futures = futures
         self.out = out
+        self.sent = sent or {}  # id(future) -> the push request it carries (replay)
+        self.data = data
 
 
 class KVClient:
     def __init__(self, rpc: RpcClient, layout: Layout, server_peers: dict[int, str], request_bytes: int | None = None,
-                 compression: CompressionConfig | None = None, key_versions: bool = False, shared_memory: bool = True) -> None:
+                 compression: CompressionConfig | None = None, key_versions: bool = False, shared_memory: bool = True,
+                 replay: bool = False) -> None:
         """``server_peers`` maps a server rank to the peer name it is connected under in ``rpc``.
 
         ``request_bytes``: when set, a server's keys go out in several requests of at most this
@@ -140,7 +145,10 @@ class KVClient:
         of its server. ``compression``: how pushes and pulled values are encoded (None: float32).
         ``key_versions``: pushes carry each key's version (``meta.kv``), as servers with
         consistency per parameter group need. ``shared_memory``: values to servers listening on
-        ipc sockets go through shared memory (see :meth:`set_address`)."""
+        ipc sockets go through shared memory (see :meth:`set_address`). ``replay``: the servers keep
+        backups, so a push whose server was replaced (``peer_replaced``: a backup took over) is
+        sent again with the same sequence number (``meta.seq``, counted per server), and the new
+        primary applies it unless it holds it already."""
         self.key_versions = key_versions
         self.shared_memory = shared_memory
         self.rpc = rpc
@@ -158,6 +166,9 @@ class KVClient:
         self._shape = torch.Size([layout.numel])
         self._slots: dict[int, _Slots] = {}  # by server rank: where values go through shared memory
         self.shm_requests = 0  # requests whose values went through shared memory
+        self.replay = replay
+        self.seq: dict[int, int] = {}  # by server rank: pushes sent to it (meta.seq)
+        self.replayed = 0  # pushes sent again after a failover
 
     def set_address(self, peer: str, address: str) -> bool:
         """Server ``peer`` listens at ``address`` (now, or since it was replaced). With
@@ -215,6 +226,7 @@ class KVClient:
         if pushing:
             self.pushes += 1
         futures = []
+        sent: dict[int, Message] = {}
         for part in parts:
             meta: dict = {"keys": part.keys, **extra} if extra else {"keys": part.keys}
             tensors = []
@@ -236,6 +248,7 @@ class KVClient:
                     meta["kv"] = [versions[k] for k in part.keys]
                 meta["weight"] = weight
                 meta["clock"] = self.pushes
+                self.seq[part.server] = meta["seq"] = self.seq.get(part.server, 0) + 1
             if out is not None and self.pq is not None and not exact:
                 meta["pq"] = self.pq
             try:
@@ -246,11 +259,13 @@ class KVClient:
                 raise
             if pushing:
                 self.wire["push"]["headers"] += fut.sent[0]
+                if self.replay:
+                    sent[id(fut)] = Message(op, meta=meta, tensors=tensors)
             futures.append((part, fut, slot))
         if pushing and self.compressor is not None:
             self.wire["push"].update(self.compressor.bytes)
             self.compressor.bytes.clear()
-        return Handle(futures, out)
+        return Handle(futures, out, sent, data if sent else None)
 
     def _take_slot(self, part: _Part) -> _Slot | None:
         slots = self._slots.get(part.server)
@@ -310,7 +325,11 @@ class KVClient:
                     handle.futures.pop(0)
                     if slot is not None:
                         slot.pool.done(slot, err.code != "peer_replaced")
-                    raise
+                    again = handle.sent.pop(id(fut), None) if err.code == "peer_replaced" else None
+                    if again is None:
+                        raise
+                    handle.futures.insert(0, (part, self._resend(part, again, handle.data), None))
+                    continue
                 handle.futures.pop(0)
                 try:
                     self._received(part, fut, reply, handle.out, slot)
@@ -323,6 +342,17 @@ class KVClient:
                     slot.pool.done(slot, False)
             handle.futures = []
             raise
+
+    def _resend(self, part: _Part, msg: Message, data: torch.Tensor | None) -> Future:
+        """Send a push again, as it was (same ``seq``), to its server's new process; values that
+        went through shared memory go in a frame this time."""
+        meta = {k: v for k, v in msg.meta.items() if k != "shm"}
+        tensors = msg.tensors if "shm" not in msg.meta or data is None else [part.gather(data)]
+        again = Message(msg.op, meta=meta, tensors=tensors)
+        fut = self.rpc.request(self.peers[part.server], again)
+        self.replayed += 1
+        log.info("%s: sent push %d to %s again (its primary was replaced)", self.rpc.node, meta.get("seq", 0), fut.peer)
+        return fut
 
     def _received(self, part: _Part, fut: Future, reply: Message, out: torch.Tensor | None, slot: _Slot | None) -> None:
         version, kv = reply.meta.get("version"), reply.meta.get("kv")

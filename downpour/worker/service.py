@@ -231,13 +231,14 @@ def run_worker(ctx: Context, coordinator: str, rank: int | None = None, startup_
         any_sync = t.consistency == "sync" or any(g.consistency == "sync" for g in t.consistency_groups)
         chunk = job.cluster.max_request_bytes if not any_sync else None  # a sync push holds all of a server's keys
         kv = KVClient(rpc, layout, peers, request_bytes=chunk, compression=job.compression,
-                      key_versions=bool(t.consistency_groups), shared_memory=job.cluster.shared_memory)
+                      key_versions=bool(t.consistency_groups), shared_memory=job.cluster.shared_memory,
+                      replay=job.cluster.replicas > 0)
         for s in reply["servers"]:
             kv.set_address(s["name"], s["address"])
         servers.kv = kv
         sparse = None
         if layout.tables:  # the model's SparseEmbedding rows come from the servers' tables
-            sparse = SparseClient(rpc, layout, peers, kv.wire)
+            sparse = SparseClient(rpc, layout, peers, kv.wire, replay=job.cluster.replicas > 0)
             attach(model, sparse)
         trainer = Trainer(job, flat, kv, dataset, name, int(reply["rank"]), sparse)
         trainer.leave = leave

@@ -31,8 +31,16 @@ _HEADER = 64  # rough bytes of a request header per table, for the wire counters
 
 
 class SparseClient:
-    def __init__(self, rpc: RpcClient, layout: Layout, server_peers: dict[int, str], wire: dict[str, Counter[str]] | None = None) -> None:
+    def __init__(self, rpc: RpcClient, layout: Layout, server_peers: dict[int, str], wire: dict[str, Counter[str]] | None = None,
+                 replay: bool = False) -> None:
+        """``replay``: the servers keep backups; a request whose server was replaced meanwhile (a
+        backup took over) is sent again as it was, pushes included, and the new primary applies
+        its pushes unless it holds them already (``meta.seq``, counted per server)."""
         self.rpc, self.layout, self.peers = rpc, layout, server_peers
+        self.replay = replay
+        self.seq: dict[int, int] = {}
+        self._unanswered: dict[int, tuple[int, Message]] = {}  # request id -> (server, request), for replay
+        self.replayed = 0
         self.num_servers = layout.num_servers
         # server -> table -> (unique IDs, summed gradients) waiting to be pushed
         self.pending: dict[int, dict[str, tuple[np.ndarray, np.ndarray]]] = {}
@@ -81,11 +89,14 @@ class SparseClient:
         for attempt in range(attempts):
             w0 = time.perf_counter()
             try:
-                return fut.result(), at
+                reply = fut.result()
+                self._unanswered.pop(fut.req_id, None)
+                return reply, at
             except (RemoteError, RequestTimeout) as err:
                 if attempt == attempts - 1 or (isinstance(err, RemoteError) and err.code != "peer_replaced"):
                     raise
-                fut, at = self._send(server, table, dim, pull, peek)
+                again = self._again(fut, err)
+                fut, at = (again, at) if again is not None else self._send(server, table, dim, pull, peek)
             finally:
                 self.wait_s += time.perf_counter() - w0
         raise AssertionError("unreachable")
@@ -119,9 +130,26 @@ class SparseClient:
             self.wire["pull"]["indices"] += q.nbytes
             self.ids_pushed += len(keys)
         self.wire["push"]["headers"] += _HEADER * len(spec)
-        meta = {"tables": spec, "peek": True} if peek else {"tables": spec}
+        meta: dict = {"tables": spec, "peek": True} if peek else {"tables": spec}
+        if not peek:
+            self.seq[server] = meta["seq"] = self.seq.get(server, 0) + 1
         self.requests += 1
-        return self.rpc.request(self.peers[server], Message(Op.SPARSE, meta=meta, tensors=tensors)), at
+        fut = self.rpc.request(self.peers[server], Message(Op.SPARSE, meta=meta, tensors=tensors))
+        if self.replay and not peek:
+            self._unanswered[fut.req_id] = (server, Message(Op.SPARSE, meta=meta, tensors=tensors))
+        return fut, at
+
+    def _again(self, fut, err: Exception):
+        """After ``peer_replaced``: the same request (same ``seq``) to the server's new process
+        (None: not kept for replay; the caller sends a new pull)."""
+        kept = self._unanswered.pop(fut.req_id, None)
+        if kept is None or not (isinstance(err, RemoteError) and err.code == "peer_replaced"):
+            return None
+        server, msg = kept
+        self.replayed += 1
+        again = self.rpc.request(self.peers[server], Message(Op.SPARSE, meta=msg.meta, tensors=msg.tensors))
+        self._unanswered[again.req_id] = (server, msg)
+        return again
 
     # -- after backward -----------------------------------------------------------------------
     def after_backward(self) -> None:
@@ -147,21 +175,25 @@ class SparseClient:
         sent, self.sent = self.sent, []
         w0 = time.perf_counter()
         for fut in sent:
-            try:
-                fut.result()
-            except (RemoteError, RequestTimeout) as err:  # a replaced server: lost with it, as any push since its checkpoint
-                if isinstance(err, RemoteError) and err.code != "peer_replaced":
-                    raise
+            for _ in range(5):
+                try:
+                    fut.result()
+                    break
+                except (RemoteError, RequestTimeout) as err:  # a replaced server: lost with it, as any push since its checkpoint
+                    if isinstance(err, RemoteError) and err.code != "peer_replaced":
+                        raise
+                    fut = self._again(fut, err)  # (unless a backup took over: then sent again)
+                    if fut is None:
+                        break
+            if fut is not None:
+                self._unanswered.pop(fut.req_id, None)
         self.wait_s += time.perf_counter() - w0
 
     def flush(self) -> None:
         """Push every waiting gradient now (one request per server) and wait for the answers."""
         self._settle_sent()
-        futures = [self._send(server, None, 0, np.zeros(0, np.int64), False)[0] for server in sorted(self.pending)]
-        w0 = time.perf_counter()
-        for fut in futures:
-            fut.result()
-        self.wait_s += time.perf_counter() - w0
+        self.sent = [self._send(server, None, 0, np.zeros(0, np.int64), False)[0] for server in sorted(self.pending)]
+        self._settle_sent()
 
     def stats(self) -> dict[str, float]:
         return {"requests": self.requests, "ids_pulled": self.ids_pulled, "ids_pushed": self.ids_pushed, "wait_s": self.wait_s}
