@@ -407,11 +407,11 @@ class ClusterConfig(_Frozen):
     # server that holds the fewest bytes: that process loads the rank's keys from the latest
     # checkpoint and serves them beside its own.
     server_replace_timeout_s: float = Field(30.0, gt=0)
-    # Backups of each server rank, each kept by another server process (docs/fault-tolerance.md):
-    # the primary forwards every request that changes its shard, in order, and when it dies the
-    # coordinator promotes a backup at once (no checkpoint rollback); workers replay the pushes
-    # it had not answered, and the promoted primary applies each exactly once. At most
-    # num_servers - 1. 0: none (a dead server is restored from the latest checkpoint).
+    # Backups of each server rank, each kept by another server process (server/replica.py): the
+    # primary forwards every request that changes its shard, in order; a backup that joins gets
+    # the state, then the stream; workers replay unanswered pushes to a replaced server, which
+    # applies each once. NOT YET WIRED: the coordinator does not assign backups or promote one
+    # on a primary's death yet, so leave it 0 (a dead server is restored from a checkpoint).
     replicas: int = Field(0, ge=0)
     # sync: a push is answered only once every caught-up backup holds it (nothing acknowledged
     # is lost). async: answered at once while the backups lag by at most replication_max_lag

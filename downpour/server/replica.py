@@ -35,7 +35,6 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
-import zmq
 from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
@@ -46,7 +45,7 @@ from downpour.layout import Layout
 from downpour.protocol import Message, Op, decode, encode
 from downpour.protocol.ops import REPLICA_STREAM, Code
 from downpour.protocol.schema import SchemaError
-from downpour.transport import Channel, Poller, Security
+from downpour.transport import Channel, Context, Poller, Security, WouldBlock
 
 if TYPE_CHECKING:
     from downpour.server.service import ParameterServer
@@ -374,7 +373,7 @@ class Backup:
         load_state(self.server, tensors, info)
 
     # -- the thread -------------------------------------------------------------------------------
-    def start(self, ctx: zmq.Context, security: Security | None) -> None:
+    def start(self, ctx: Context, security: Security | None) -> None:
         self._thread = threading.Thread(target=self._run, args=(ctx, security), daemon=True, name=f"backup-{self.rank}")
         self._thread.start()
 
@@ -388,7 +387,7 @@ class Backup:
     def running(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
 
-    def _run(self, ctx: zmq.Context, security: Security | None) -> None:
+    def _run(self, ctx: Context, security: Security | None) -> None:
         ch = Channel(ctx, self.primary, identity=f"backup-{self.rank}-{self.node}".encode(), security=security)
         poller = Poller()
         poller.register(ch)
@@ -403,7 +402,7 @@ class Backup:
                     for _ in range(256):
                         try:
                             frames = ch.recv()
-                        except zmq.Again:
+                        except WouldBlock:
                             break
                         try:
                             msg = decode(frames, max_bytes)
@@ -437,7 +436,7 @@ class BackupHost:
     ``backups`` [{rank, address}], ``replica_gen``). Thread-safe: every server thread of the
     process (its own, hosted ranks) hands in its heartbeat answers."""
 
-    def __init__(self, ctx: zmq.Context, job: JobConfig, layout: Layout, node: str, security: Security | None,
+    def __init__(self, ctx: Context, job: JobConfig, layout: Layout, node: str, security: Security | None,
                  make_server: Callable[[int, str], ParameterServer]) -> None:
         self.ctx, self.job, self.layout, self.node, self.security = ctx, job, layout, node, security
         self.make_server = make_server
