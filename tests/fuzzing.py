@@ -17,6 +17,7 @@ import math
 import random
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -183,9 +184,13 @@ def mutate(rng: random.Random, msg: Message, fields: list[str], req_id: int) -> 
 SERVER_FIELDS = ["keys", "version", "weight", "clock", "delta", "kv", "pos", "pq", "enc", "shm", "tables", "peek"]
 
 
-def fuzz_server(keys: str, messages: int, seed: int = 0, batch: int = 64, time_limit_s: float | None = None) -> Tally:
+Progress = Callable[[Tally], None]
+
+
+def fuzz_server(keys: str, messages: int, seed: int = 0, batch: int = 64, time_limit_s: float | None = None,
+                progress: Progress | None = None) -> Tally:
     """Fuzz a live CURVE server (worker key) with ``messages`` messages; raises AssertionError on a
-    broken invariant."""
+    broken invariant. ``progress`` (if given) sees the tally after every checked batch."""
     rng = random.Random(seed)
     tally = Tally()
     live = LiveServer(keys, SERVER_SECTIONS)
@@ -233,6 +238,9 @@ def fuzz_server(keys: str, messages: int, seed: int = 0, batch: int = 64, time_l
             counted = sum(live.rejected().values()) - counted0
             assert counted == tally.refused + tally.unanswered, (counted, tally)
             tally.counted = counted
+            if progress is not None:
+                tally.seconds = time.monotonic() - t0
+                progress(tally)
     finally:
         tally.seconds = time.monotonic() - t0
         client.close()
@@ -271,9 +279,10 @@ def coordinator_template(rng: random.Random, node: str) -> Message:
 
 
 def fuzz_coordinator(keys: str, job, messages: int, seed: int = 0, batch: int = 64,
-                     time_limit_s: float | None = None) -> Tally:
+                     time_limit_s: float | None = None, progress: Progress | None = None) -> Tally:
     """Fuzz a live coordinator of ``job`` (two workers, one server, registered by the fuzzer) with a
-    worker key, on the connection worker-0 registered on (so requests reach the handlers)."""
+    worker key, on the connection worker-0 registered on (so requests reach the handlers).
+    ``progress`` (if given) sees the tally after every checked batch."""
     from downpour.coordinator.service import Coordinator
     from downpour.coordinator.state import CoordinatorState
 
@@ -345,6 +354,9 @@ def fuzz_coordinator(keys: str, job, messages: int, seed: int = 0, batch: int = 
             tally.counted += counted
             coord.state.status(time.monotonic())  # the status (dashboard, `downpour status`) still works
             coord.state.summary(time.monotonic())
+            if progress is not None:
+                tally.seconds = time.monotonic() - t0
+                progress(tally)
     finally:
         tally.seconds = time.monotonic() - t0
         for c in (server, worker, other):
