@@ -165,9 +165,12 @@ class RawClient:
     """A DEALER connected to a listener: a CURVE client of the job's ``server_role`` key with ``security``,
     a plain socket without."""
 
-    def __init__(self, ctx: zmq.Context, address: str, security: Security | None = None, server_role: str = "server") -> None:
+    def __init__(self, ctx: zmq.Context, address: str, security: Security | None = None, server_role: str = "server",
+                 identity: bytes | None = None) -> None:
         self.socket = ctx.socket(zmq.DEALER)
         self.socket.setsockopt(zmq.LINGER, 0)
+        if identity is not None:  # the routing id (a node's name towards servers)
+            self.socket.setsockopt(zmq.IDENTITY, identity)
         if security is not None:
             security.connect(self.socket, server_role)
         self.socket.connect(address)

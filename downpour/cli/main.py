@@ -75,7 +75,8 @@ def _private_ipc(address: str) -> bool:
 
 def _security(args, role: str, address: str = "") -> Any:
     """The node's CURVE keys from --keys DIR (or DOWNPOUR_KEYS); None with --insecure (loudly), or
-    without keys when ``address`` is an ipc socket in a folder only this user can open."""
+    without keys when ``address`` is an ipc socket in a folder only this user can open. A worker
+    whose folder holds per-worker keys takes its own (the one there, or its --rank's)."""
     from downpour.transport import Security
 
     folder = getattr(args, "keys", None) or os.environ.get("DOWNPOUR_KEYS")
@@ -89,7 +90,7 @@ def _security(args, role: str, address: str = "") -> Any:
     if not folder:
         raise ConfigError(f"the {role} needs the job's keys: --keys DIR (make them with `downpour keys DIR`), "
                           "or --insecure on a trusted network")
-    return Security.load(folder, role)
+    return Security.load(folder, role, getattr(args, "rank", None) if role == "worker" else None)
 
 
 def _load(args) -> Any:
@@ -270,7 +271,8 @@ def cmd_worker(args) -> int:
         # --insecure: whoever answers on the coordinator's address sends the job; the worker imports
         # only built-in names, or the factories a job file on its own command line names.
         trusted = job_factories(load_job(args.job)) if args.insecure and getattr(args, "job", None) else set()
-        return run_worker(ctx, _coordinator_url(args.coordinator), rank=args.rank, metrics_host=args.metrics_host,
+        rank = args.rank if args.rank is not None or security is None else security.rank  # its own key's rank
+        return run_worker(ctx, _coordinator_url(args.coordinator), rank=rank, metrics_host=args.metrics_host,
                           security=security, trusted_factories=trusted if args.insecure else None, advertise=args.advertise,
                           local_rank=int(local) if local.isdigit() else None)
     except KeyboardInterrupt:
@@ -284,9 +286,10 @@ def cmd_keys(args) -> int:
 
     if os.path.exists(args.folder) and os.listdir(args.folder):
         raise ConfigError(f"{args.folder} is not empty; give a new folder for the job's keys")
-    create_job_keys(args.folder)
-    print(f"keys for the job's roles (coordinator, server, worker, client) are in {args.folder} (0700). Give each node\n"
-          f"the public *.key files and its own role's *.key_secret, and start it with --keys FOLDER.")
+    create_job_keys(args.folder, args.workers)
+    own = f"worker-0 .. worker-{args.workers - 1}" if args.workers else "worker (shared by every worker)"
+    print(f"keys for the job's roles (coordinator, server, {own}, client) are in {args.folder} (0700). Give each\n"
+          f"node the public *.key files and its own *.key_secret, and start it with --keys FOLDER.")
     return 0
 
 
@@ -444,6 +447,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     k = sub.add_parser("keys", help="make a job's keys (CURVE key pairs per role) for hand-started nodes")
     k.add_argument("folder")
+    k.add_argument("--workers", type=int, default=0, metavar="N",
+                   help="one key per worker rank (worker-0 .. worker-N-1), each bound to its rank, instead of one "
+                        "worker key shared by every worker")
     k.set_defaults(fn=cmd_keys)
     s.set_defaults(fn=cmd_status)
 

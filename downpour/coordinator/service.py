@@ -18,6 +18,7 @@ import torch
 from downpour.config import JobConfig, job_to_dict
 from downpour.coordinator.checkpointing import JOB_STATE
 from downpour.coordinator.history import History
+from downpour.coordinator.keys import key_refusal
 from downpour.coordinator.metrics import coordinator_metrics
 from downpour.coordinator.persist import adopt_state, export_state, open_store
 from downpour.coordinator.restore import plan_resume, plan_warm_start
@@ -220,9 +221,10 @@ class Coordinator:
 
     def _serve_requests(self, poller: Poller, timeout_s: float, finished: bool = False) -> Finish | None:
         """Handle every request that arrives within ``timeout_s``. Each is decoded within the job's
-        size limits, rate-limited per connection, checked against the sender key's role and
-        handled; a handler that fails answers ERROR ``internal`` (counted, logged once per peer per
-        interval) and the coordinator goes on. ``finished``: the job is over, only replies go out."""
+        size limits, rate-limited per connection (per key for a worker's own key), checked
+        against the sender key's role (and a worker's own key against its rank) and handled; a
+        handler that fails answers ERROR ``internal`` (counted, logged once per peer per interval)
+        and the coordinator goes on. ``finished``: the job is over, only replies go out."""
         finish = None
         if not poller.poll(timeout_s):
             return None
@@ -231,7 +233,8 @@ class Coordinator:
                 peer, frames = self.listener.recv()
             except WouldBlock:
                 break
-            if self.limit.over(peer):
+            bound = self.listener.peer_rank(frames)  # a worker's own key: one rate window per key
+            if self.limit.over(peer if bound is None else b"key:worker-%d" % bound):
                 self.rejected[Code.RATE_LIMITED] = self.rejected.get(Code.RATE_LIMITED, 0) + 1
                 continue  # dropped unanswered: an answer would cost as much
             try:
@@ -244,7 +247,14 @@ class Coordinator:
             # Fail closed: with CURVE on, a sender whose key maps to no role may do nothing but STATUS.
             role = self.listener.peer_role(frames) or ("unknown" if self.security is not None else None)
             try:
-                actions = self.state.handle(peer, msg, time.monotonic(), role)
+                why = key_refusal(self.state, bound, peer, msg) if bound is not None else None
+                if why is not None:
+                    self.rejected[Code.FORBIDDEN] = self.rejected.get(Code.FORBIDDEN, 0) + 1
+                    if self.state.refusal_log.first(peer):
+                        log.warning("coordinator: refused %s from %r: %s", msg.op.name, peer, why)
+                    actions = [Reply(peer, msg.error(Code.FORBIDDEN, why))]
+                else:
+                    actions = self.state.handle(peer, msg, time.monotonic(), role)
             except Exception as err:  # a bug, not the sender's fault: answer, count, keep serving
                 self.rejected[Code.INTERNAL] = self.rejected.get(Code.INTERNAL, 0) + 1
                 if self.state.refusal_log.first(peer):

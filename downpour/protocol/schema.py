@@ -283,3 +283,14 @@ class Plain(Schema):
                 if type(k) is not str or len(k) > 64:
                     self.fail(k, f"{path} key", "a string of at most 64 characters")
                 self._walk(x, f"{path}.{k}", depth + 1, budget)
+
+
+def drop_none(v: Any) -> Any:
+    """``v`` with every None-valued field of its mappings removed, at any depth. A :class:`Record`
+    takes a field set to None as absent; what a node keeps of a checked mapping goes through this
+    first, so that code reading ``d.get("steps", 0)`` never meets the None."""
+    if type(v) is dict:
+        return {k: drop_none(x) for k, x in v.items() if x is not None}
+    if type(v) is list:
+        return [drop_none(x) for x in v]
+    return v

@@ -44,7 +44,7 @@ from downpour.server.snapshot import OldParams, Snapshotter, restore_store
 from downpour.server.sparse import SparseShard
 from downpour.server.store import ShardStore
 from downpour.storage import CheckpointStore
-from downpour.transport import Context, Listener, Poller, Security, SlotMaps, WouldBlock, advertised, bind_address, slot_folder
+from downpour.transport import Context, Listener, Poller, Security, SlotMaps, WouldBlock, advertised, bind_address, bound_name, slot_folder
 
 log = logging.getLogger(__name__)
 
@@ -153,7 +153,8 @@ class ParameterServer:
         """One request: refused (answered ERROR with a :class:`Code`, counted) unless it passes every
         check; a handler that fails anyway answers ERROR ``internal`` and the loop goes on."""
         self.bytes_in += sum(len(f) for f in frames)
-        if self.limit.over(peer):
+        bound = self.listener.peer_rank(frames)  # a worker's own key: one rate window per key, whatever its connections
+        if self.limit.over(peer if bound is None else b"key:worker-%d" % bound):
             self.rejected[Code.RATE_LIMITED] += 1  # dropped unanswered: answering would cost as much as serving
             return
         try:
@@ -186,6 +187,10 @@ class ParameterServer:
                 return
             if role == "coordinator" and msg.op not in (Op.PULL, Op.SPARSE):
                 self._reject(peer, msg, Code.FORBIDDEN, f"the coordinator's key may only read, not {msg.op.name}")
+                return
+            bound = self.listener.peer_rank(frames)
+            if bound is not None and not bound_name(bound, peer.decode(errors="replace")):
+                self._reject(peer, msg, Code.FORBIDDEN, f"worker-{bound}'s key cannot act as {peer.decode(errors='replace')!r:.40}")
                 return
         try:
             validate(msg.op, msg.meta)
@@ -330,6 +335,9 @@ class ParameterServer:
         if delta and not self.deltas:
             raise ProtocolError("delta pushes are for local SGD (training.local_steps > 1); this job takes gradients")
         codec = self._pull_codec(msg) if msg.op == Op.PUSHPULL else None
+        who = peer.decode(errors="replace")
+        if self.members and who not in self.members:  # (a worker back from waiting for a shard: it pulls and goes on)
+            return [(peer, msg.error(Code.NOT_MEMBER, f"{who!r:.40} is not in the job's current membership"))]
         push = Push(peer, msg, idx, grad, float(weight), version, codec, delta, clock, kv)
         who, seq = peer.decode(errors="replace"), msg.meta.get("seq")
         if seq is not None and seq <= self.applied.get(who, 0):  # a replay of a push applied already

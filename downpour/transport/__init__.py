@@ -2,9 +2,9 @@
 (the keys of security.py are CURVE keys)."""
 
 from downpour.transport.addresses import advertised, is_local, split_url
-from downpour.transport.security import Security, create_job_keys
+from downpour.transport.security import Security, bound_name, create_job_keys
 from downpour.transport.shm import Slot, SlotMaps, remove_slots, slot_folder
 from downpour.transport.zmq_transport import Channel, Context, Listener, Poller, WouldBlock, bind_address, new_context, send_copies
 
-__all__ = ["Channel", "Context", "Listener", "Poller", "Security", "Slot", "SlotMaps", "advertised", "bind_address", "create_job_keys",
-           "is_local", "new_context", "remove_slots", "send_copies", "slot_folder", "split_url", "WouldBlock"]
+__all__ = ["Channel", "Context", "Listener", "Poller", "Security", "Slot", "SlotMaps", "advertised", "bind_address", "bound_name",
+           "create_job_keys", "is_local", "new_context", "remove_slots", "send_copies", "slot_folder", "split_url", "WouldBlock"]

@@ -115,6 +115,15 @@ class Listener:
         except (zmq.ZMQError, AttributeError):
             return None
 
+    def peer_rank(self, frames: list[zmq.Frame]) -> int | None:
+        """The worker rank the key that sent ``frames`` is bound to (a per-worker key), else None."""
+        if self.security is None or not frames:
+            return None
+        try:
+            return self.security.rank_of(frames[0].get("User-Id"))
+        except (zmq.ZMQError, AttributeError):
+            return None
+
     def send(self, peer: bytes, frames: Sequence[Any], track: bool = False) -> list[zmq.MessageTracker | None]:
         """Send to ``peer``. With ``track``, returns one entry per frame: a tracker for each
         frame lent to ZeroMQ (not copied, see :func:`send_copies`), whose memory must not
