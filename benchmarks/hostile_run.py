@@ -4,6 +4,7 @@ undisturbed, in the same invocation.
 
     .venv/bin/python benchmarks/hostile_run.py                  # reference job, 1 epoch, tcp + CURVE
     .venv/bin/python benchmarks/hostile_run.py --steps 300 --json hostile.json   # shorter
+    .venv/bin/python benchmarks/hostile_run.py --runs 3 --json hostile.json      # mean and spread of 3 pairs
 
 The hostile peer starts once training runs. It uses the job's own worker key (RUN_DIR/keys), sends
 structure-aware mutations of valid requests (tests/fuzzing.py) to each server (pushes, pulls,
@@ -21,6 +22,7 @@ import json
 import os
 import random
 import re
+import statistics
 import sys
 import tempfile
 import threading
@@ -150,28 +152,42 @@ def run(job_path: str, overrides: list[str], run_dir: str, hostile: bool, seed: 
             "peer_sent": dict(peer[0].sent) if peer else {}, "peer_answers": dict(peer[0].answers) if peer else {}}
 
 
+def _spread(values: list[float]) -> str:
+    mean = statistics.fmean(values)
+    sd = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{mean:.4f} (sd {sd:.4f}, {min(values):.4f}-{max(values):.4f}, n={len(values)})"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--job", default=DEFAULT_JOB)
     ap.add_argument("--steps", type=int, default=None, help="cap training.steps (default: the job's epochs)")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--json")
+    ap.add_argument("--seed", type=int, default=0, help="the hostile peer's first seed (run i uses seed + i)")
+    ap.add_argument("--runs", type=int, default=1, help="pairs of runs (undisturbed, hostile), interleaved")
+    ap.add_argument("--json", help="written after every run (a stopped invocation keeps the runs it finished)")
     args = ap.parse_args()
     overrides = [f"training.steps={args.steps}"] if args.steps else []
-    results = []
+    results: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as tmp:
-        for hostile in (False, True):
-            r = run(args.job, overrides, os.path.join(tmp, "hostile" if hostile else "calm"), hostile, args.seed)
-            results.append(r)
-            print(json.dumps(r, indent=1, sort_keys=True), flush=True)
-    calm, bad = results
-    if calm["test_accuracy"] is not None and bad["test_accuracy"] is not None:
-        diff = 100 * (bad["test_accuracy"] - calm["test_accuracy"])
-        print(f"test accuracy undisturbed {calm['test_accuracy']:.4f}, under hostile input {bad['test_accuracy']:.4f}: "
-              f"{diff:+.2f} points (target: within 0.5); examples/s {calm['examples_per_s']:.0f} vs {bad['examples_per_s']:.0f}")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"environment": environment(), "args": vars(args), "results": results}, f, indent=2)
+        for i in range(args.runs):
+            for hostile in (False, True):
+                name = f"{'hostile' if hostile else 'calm'}-{i}"
+                r = run(args.job, overrides, os.path.join(tmp, name), hostile, args.seed + i)
+                r["pair"] = i
+                results.append(r)
+                print(json.dumps(r, sort_keys=True), flush=True)
+                if args.json:
+                    with open(args.json, "w") as f:
+                        json.dump({"environment": environment(), "args": vars(args), "results": results}, f, indent=2)
+    calm = [r["test_accuracy"] for r in results if not r["hostile"] and r["test_accuracy"] is not None]
+    bad = [r["test_accuracy"] for r in results if r["hostile"] and r["test_accuracy"] is not None]
+    if calm and bad:
+        diff = 100 * (statistics.fmean(bad) - statistics.fmean(calm))
+        print(f"test accuracy undisturbed {_spread(calm)}; under hostile input {_spread(bad)}: "
+              f"{diff:+.2f} points between the means (target: within 0.5)")
+        rates = [(r["hostile"], r["examples_per_s"]) for r in results if r["examples_per_s"]]
+        print(f"examples/s undisturbed {statistics.fmean(x for h, x in rates if not h):.0f}, "
+              f"hostile {statistics.fmean(x for h, x in rates if h):.0f}")
 
 
 if __name__ == "__main__":
