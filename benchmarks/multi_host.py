@@ -21,6 +21,7 @@ the final accuracy.
 
     sudo .venv/bin/python benchmarks/multi_host.py launchers --runs 3 --json launchers.json
     sudo .venv/bin/python benchmarks/multi_host.py two-hosts --rates 1000,100 --epochs 2 --json two.json
+    sudo .venv/bin/python benchmarks/multi_host.py two-hosts --rates 100 --configs plain --json slow-plain.json
 """
 
 from __future__ import annotations
@@ -146,9 +147,13 @@ def two_hosts(args) -> dict[str, Any]:
     rates = [float(r) for r in args.rates.split(",")]
     runs: dict[str, list[dict[str, Any]]] = {}
     folder = tempfile.mkdtemp(prefix="dp-two-hosts-")
+    configs = args.configs.split(",") if args.configs else list(COMPRESSION)
+    if unknown := [c for c in configs if c not in COMPRESSION]:
+        raise SystemExit(f"unknown --configs {unknown}: choose from {', '.join(COMPRESSION)}")
     for i in range(args.runs):
         for rate in rates:
-            for name, overrides in COMPRESSION.items():
+            for name in configs:
+                overrides = COMPRESSION[name]
                 job = job_to_dict(load_job(args.job, [*(args.set or []), *overrides, f"epochs={args.epochs}",
                                                       "monitor.eval_every_shards=3", "monitor.dashboard=false",
                                                       "checkpoint.enabled=false"]))
@@ -157,6 +162,9 @@ def two_hosts(args) -> dict[str, Any]:
                 runs.setdefault(f"{rate:g} Mbit/s|{name}", []).append(r)
                 log(f"run {i + 1} {rate:g} Mbit/s {name}: {r['examples_per_s']:,.0f} examples/s, to {TARGET}: "
                     f"{r['seconds_to_target']} s, final {r['test_accuracy']:.4f} ({time.perf_counter() - t0:.0f}s)")
+                if args.json:  # what is done so far, should a time limit stop the invocation
+                    with open(args.json, "w") as f:
+                        json.dump({"environment": environment(), "runs": runs, "partial": True}, f, indent=1)
     lines = [f"| link | config | examples/s | s of training to {TARGET} | final accuracy |", "|---|---|---|---|---|"]
     for key, rs in runs.items():
         rate, name = key.split("|")
@@ -173,6 +181,7 @@ def main() -> int:
     ap.add_argument("--runs", type=int, default=1)
     ap.add_argument("--rates", default="1000,100", help="two-hosts: link rates in Mbit/s")
     ap.add_argument("--epochs", type=int, default=2, help="two-hosts: epochs per run")
+    ap.add_argument("--configs", help=f"two-hosts: which of {', '.join(COMPRESSION)} (default: all)")
     ap.add_argument("--json")
     args = ap.parse_args()
     env = environment()

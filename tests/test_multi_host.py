@@ -260,3 +260,43 @@ def test_five_processes_started_from_tf_config_alone_form_the_job(tmp_path, tiny
     assert s["status"] == "ok" and s["test_accuracy"] > 0.8
     assert sorted(s["workers"]) == ["worker-0", "worker-1", "worker-2"] and sorted(s["servers"]) == ["server-0", "server-1"]
     assert f"tcp://{a}:2223" in nodes.log("ps-1")
+
+
+def _own_key_folder(keys: str, rank: int, into) -> str:
+    """What worker ``rank``'s machine is given: the public files and its own secret only."""
+    into.mkdir(mode=0o700)
+    for f in os.listdir(keys):
+        if f.endswith(".key") or f == f"worker-{rank}.key_secret":
+            (into / f).write_bytes(open(os.path.join(keys, f), "rb").read())
+            os.chmod(into / f, 0o600)
+    return str(into)
+
+
+@needs_netns
+def test_per_worker_keys_across_hosts_a_second_holder_of_a_key_is_refused(tmp_path, tiny_data, hosts):
+    """`downpour keys --workers 2`: each worker on host B holds only its own key (no --rank); a process
+    on host C holding worker-0's key is refused while worker-0 is registered, and the job trains."""
+    a, _, _ = hosts.add("a"), hosts.add("b"), hosts.add("c")
+    job = _job_file(tmp_path, tiny_job(tiny_data, monitor=QUIET, cluster={"num_servers": 1, "num_workers": 2}))
+    keys, run_dir = str(tmp_path / "keys"), str(tmp_path / "run")
+    assert subprocess.run([PY, "-m", "downpour", "keys", keys, "--workers", "2"], capture_output=True, timeout=60).returncode == 0
+    own = [_own_key_folder(keys, r, tmp_path / f"worker-{r}-keys") for r in range(2)]
+    nodes = Nodes(hosts, tmp_path)
+    try:
+        nodes.start("coordinator", "a", "coordinator", job, "--bind", "tcp://0.0.0.0:7070", "--run-dir", run_dir, "--keys", keys)
+        nodes.start("server-0", "a", "server", "--coordinator", f"{a}:7070", "--host", "0.0.0.0", "--keys", keys)
+        nodes.start("worker-0", "b", "worker", "--coordinator", f"{a}:7070", "--keys", own[0])
+        deadline = time.monotonic() + 120
+        while "worker-0 registered" not in nodes.log("coordinator") and time.monotonic() < deadline:
+            time.sleep(0.2)
+        nodes.start("intruder", "c", "worker", "--coordinator", f"{a}:7070", "--keys", own[0])
+        intruder = nodes.wait(["intruder"], 90)["intruder"]
+        nodes.start("worker-1", "b", "worker", "--coordinator", f"{a}:7070", "--keys", own[1])
+        codes = nodes.wait(["coordinator", "server-0", "worker-0", "worker-1"], 240)
+    finally:
+        nodes.close()
+    assert intruder not in (0, None) and "worker-0 is registered on another connection" in nodes.log("intruder"), nodes.tails()
+    assert set(codes.values()) == {0}, nodes.tails()
+    s = _summary(run_dir)
+    assert s["status"] == "ok" and s["test_accuracy"] > 0.8 and sorted(s["workers"]) == ["worker-0", "worker-1"]
+    assert s["coordinator_refused"].get("forbidden", 0) >= 1
