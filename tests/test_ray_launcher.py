@@ -154,3 +154,22 @@ def test_a_cluster_without_the_resources_the_job_asks_for_fails_at_once_naming_t
     with pytest.raises(JobFailed, match=r"STRICT_SPREAD puts each of the 4 servers and workers on its own node, the cluster has 3"):
         make_launcher(parse_job(spec), str(tmp_path / "run2")).run()
     assert time.monotonic() - started < 60
+
+
+@pytest.mark.slow
+def test_an_insecure_job_on_ray_hands_each_worker_the_job_file_itself_not_a_path_on_the_drivers_machine(tmp_path, tiny_data,
+                                                                                                          ray_nodes):
+    """--insecure across Ray nodes: no keys anywhere, and each worker's trusted job file (the only
+    factories it may import) is written on its own node, so a node without the driver's disk runs it."""
+    job = parse_job(_ray_job(tiny_data))
+    run_dir = tmp_path / "run"
+    result = make_launcher(job, str(run_dir), insecure=True).run()
+    assert result.summary["status"] == "ok" and result.summary["test_accuracy"] > 0.7
+    assert not (run_dir / "keys").exists()
+    placement = json.loads((run_dir / "placement.json").read_text())["processes"]
+    for name in ("worker-0", "worker-1"):
+        p = placement[name]
+        assert p["node_id"] == ray_nodes["trainer"] and "--insecure" in p["args"] and "--keys" not in p["args"]
+        shipped = p["args"][p["args"].index("--job") + 1]
+        assert not shipped.startswith(str(run_dir)) and "downpour-ray-" in shipped, p["args"]
+    assert "--keys" not in placement["server-0"]["args"]

@@ -13,7 +13,7 @@ take it in), the same summary. Nothing but the start of processes goes through R
 and gradients travel on Downpour's own sockets (tcp with CURVE keys, handed to each actor as the
 files its role needs), never through Ray's object store. Each process's log is written on its
 node and copied into ``RUN_DIR/logs`` when it exits where the run folder is not visible.
-``RUN_DIR/placement.json`` says where each process ran (Ray node id and address, pid).
+``RUN_DIR/placement.json`` says where each process ran (Ray node id and address, pid, the arguments it was started with).
 """
 
 from __future__ import annotations
@@ -73,7 +73,10 @@ def missing_resources(bundles: list[dict[str, float]], total: dict[str, float], 
 class RoleHost:
     """A Ray actor that runs one ``downpour`` process on its node and reports how it ends."""
 
-    def __init__(self, args: list[str], log_path: str, env: dict[str, str], keys: dict[str, bytes] | None) -> None:
+    def __init__(self, args: list[str], log_path: str, env: dict[str, str], keys: dict[str, bytes] | None,
+                 job_file: bytes | None = None) -> None:
+        """``keys``: the key files this process needs (name -> bytes); ``job_file``: the bytes of the
+        file its ``--job`` names (an insecure worker's trusted job), which may be on another machine."""
         from downpour.launch.local import _die_with_parent
 
         self.node = {"node_id": ray.get_runtime_context().get_node_id(), "node_ip": ray.util.get_node_ip_address()}
@@ -87,6 +90,13 @@ class RoleHost:
                 with open(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600), "wb") as f:
                     f.write(data)
             args = [*args, "--keys", folder]
+        if job_file is not None and "--job" in args:  # the launcher's path need not exist on this node
+            path = os.path.join(self.private, "job.yaml")
+            with open(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600), "wb") as f:
+                f.write(job_file)
+            i = args.index("--job")
+            args = [*args[: i + 1], path, *args[i + 2 :]]
+        self.args = args
         self.shared_log = os.path.isdir(os.path.dirname(log_path))
         self.log_path = log_path if self.shared_log else os.path.join(self.private, os.path.basename(log_path))
         with open(self.log_path, "ab") as out:
@@ -95,7 +105,7 @@ class RoleHost:
                                           preexec_fn=_die_with_parent)
 
     def where(self) -> dict[str, Any]:
-        return {**self.node, "pid": self.popen.pid}
+        return {**self.node, "pid": self.popen.pid, "args": self.args}
 
     def wait(self) -> tuple[int, str | None]:
         """The exit code once the process ends, and its log when the run folder is not on this node."""
@@ -256,7 +266,11 @@ class RayLauncher(LocalLauncher):
             options["memory"] = float(res.memory_mb) * 2**20
         if res.resources:
             options["resources"] = dict(res.resources)
-        actor = ray.remote(RoleHost).options(**options).remote(args, log_path, env, self._keys_for(role))
+        job_file = None
+        if "--job" in args:  # an insecure worker's trusted job file: its bytes travel, not its path
+            with open(args[args.index("--job") + 1], "rb") as f:
+                job_file = f.read()
+        actor = ray.remote(RoleHost).options(**options).remote(args, log_path, env, self._keys_for(role), job_file)
         popen = RayProcess(actor, log_path, name, cfg.start_timeout_s)
         proc = Proc(name, popen, log_path, [a for a in args if a != "--insecure"])  # type: ignore[arg-type]
         self.procs.append(proc)
