@@ -92,6 +92,9 @@ def launchers(args) -> dict[str, Any]:
                 runs[name].append(r)
                 log(f"run {i + 1} {name}: {r['examples_per_s']:,.0f} examples/s, accuracy {r['test_accuracy']:.4f}, "
                     f"wall {r['launcher_wall_s']:.1f}s" + (f", Ray ready in {r['ray_start_s']:.1f}s" if r["ray_start_s"] else ""))
+                if args.json:  # what is done so far, should a time limit stop the invocation
+                    with open(args.json, "w") as f:
+                        json.dump({"environment": environment(), "runs": runs, "partial": True}, f, indent=1)
     base = {n: statistics.mean(r["examples_per_s"] for r in rs) for n, rs in runs.items()}
     lines = ["| launcher | examples/s | vs local | vs local-tcp | test accuracy | launcher wall s | Ray start s |",
              "|---|---|---|---|---|---|---|"]
