@@ -30,6 +30,7 @@ from downpour.protocol.schema import (
     SchemaError,
     Str,
     Tuple,
+    drop_none,
 )
 
 # An unanswered request to the coordinator is sent again after this long (REGISTER: always), so a
@@ -175,11 +176,20 @@ REPLICA_STREAM = {
 }
 
 
+# The mappings of a request a node keeps (a worker's progress and stats, a report's data): a field
+# set to None there is absent (a Record's rule), so it is dropped before anyone reads the mapping.
+_KEPT = {Op.HEARTBEAT: ("progress",), Op.LEAVE: ("stats",), Op.WORKER_DONE: ("stats",), Op.REPORT: ("data",)}
+
+
 def validate(op: Op, meta: Any) -> None:
-    """Check a request's meta against its op's schema; :class:`SchemaError` names the field."""
+    """Check a request's meta against its op's schema; :class:`SchemaError` names the field. The
+    mappings a node keeps lose their None-valued fields (``meta`` is changed in place)."""
     schema = REQUESTS.get(op)
     if schema is not None:
         schema.check(meta, "meta")
+        for name in _KEPT.get(op, ()):
+            if type(meta.get(name)) is dict:
+                meta[name] = drop_none(meta[name])
 
 
 def report_data(kind: str, data: Any) -> None:
