@@ -82,3 +82,21 @@ def test_connection_ids_hold_128_random_bits():
     assert len(ids) == 1000
     for i in list(ids)[:10]:
         assert i.startswith("worker-0-") and len(i.split("-")[-1]) == 32 and int(i.split("-")[-1], 16) >= 0
+
+
+def test_pushes_of_ever_older_versions_keep_the_staleness_histogram_bounded():
+    """The long fuzzing run slowed down as every push of version 0 added a staleness value."""
+    server = LiveServer(None)
+    try:
+        def record(s):
+            for v in range(100_000):
+                s._record_staleness(v)
+            return s.stats()
+
+        stats = server.call(record)
+        hist = {int(k): v for k, v in stats["staleness_histogram"].items()}
+        assert len(hist) <= 1024 + 7 and sum(hist.values()) == 100_000
+        assert hist[1023] == 1 and hist[1024] == 1024 and hist[65536] == 100_000 - 65536
+        assert abs(stats["staleness_mean"] - 49_999.5) < 1e-6
+    finally:
+        server.close()

@@ -135,7 +135,9 @@ class ParameterServer:
                                     lambda: server_state(self))
 
     def _record_staleness(self, s: int) -> None:
-        self.staleness[s] += 1
+        # Exact up to 1023, then one bucket per power of two (keyed by its lower bound): a peer
+        # pushing ever older versions cannot grow the histogram (and every stats()) without bound.
+        self.staleness[s if s < 1024 else 1 << (s.bit_length() - 1)] += 1
         self.staleness_sum += s
         self.hyper.observe(s)
         if s > self.staleness_max:
@@ -450,7 +452,7 @@ class ParameterServer:
 
     def stats(self) -> dict[str, Any]:
         total = sum(self.staleness.values())
-        mean = sum(k * v for k, v in self.staleness.items()) / total if total else 0.0
+        mean = self.staleness_sum / total if total else 0.0
         return {
             "rank": self.rank,
             "numel": self.store.numel,
