@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from downpour.coordinator.report import ALIVE, DONE
+from downpour.coordinator.model import ALIVE, DONE
 from downpour.protocol import Message, Op
 from downpour.transport import bound_name
 
