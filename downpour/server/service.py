@@ -155,7 +155,8 @@ class ParameterServer:
         """One request: refused (answered ERROR with a :class:`Code`, counted) unless it passes every
         check; a handler that fails anyway answers ERROR ``internal`` and the loop goes on."""
         self.bytes_in += sum(len(f) for f in frames)
-        bound = self.listener.peer_rank(frames)  # a worker's own key: one rate window per key, whatever its connections
+        # A worker's own key: one rate window per key, whatever its connections.
+        bound = self.listener.peer_rank(frames) if self.listener.security is not None else None
         if self.limit.over(peer if bound is None else b"key:worker-%d" % bound):
             self.rejected[Code.RATE_LIMITED] += 1  # dropped unanswered: answering would cost as much as serving
             return
