@@ -177,7 +177,11 @@ def test_a_gracefully_stopped_async_job_resumes_and_trains_every_shard_exactly_o
 def test_a_gracefully_stopped_sync_job_resumes_to_the_parameters_of_an_uninterrupted_run(tmp_path, tiny_data):
     """Sync training is deterministic (no dropout): every worker leaves after the same round, so
     the stopped-and-resumed job lands on the uninterrupted run's parameters."""
-    job = tiny_job(tiny_data, training={"consistency": "sync", "epochs": 12}, checkpoint={"every_s": 3600})
+    # Long enough that the stop lands mid-job on a fast machine too: the round workers leave after
+    # is placed about (2 heartbeats + 0.25 s) of training ahead.
+    epochs = 40
+    job = tiny_job(tiny_data, training={"consistency": "sync", "epochs": epochs}, checkpoint={"every_s": 3600},
+                   cluster={"heartbeat_interval_s": 0.1})
     whole = LocalLauncher(resolve_job(job), str(tmp_path / "whole")).run()
     (tmp_path / "a").mkdir()
     stopped, summary, _ = _stop_gracefully(tmp_path / "a", job)
@@ -187,4 +191,4 @@ def test_a_gracefully_stopped_sync_job_resumes_to_the_parameters_of_an_uninterru
     got = torch.load(os.path.join(resumed_dir, "model.pt"), weights_only=True)
     for name, value in want.items():
         torch.testing.assert_close(got[name], value, rtol=1e-5, atol=1e-5)
-    assert resumed["data_shards"]["completed_per_epoch"] == {str(e): 6 for e in range(12)}
+    assert resumed["data_shards"]["completed_per_epoch"] == {str(e): 6 for e in range(epochs)}

@@ -69,7 +69,9 @@ def _preempted(tmp_path, tiny_data, job: dict) -> tuple:
 
 @pytest.mark.slow
 def test_a_preempted_sync_job_ends_with_the_parameters_of_an_uninterrupted_run(tmp_path, tiny_data):
-    job = tiny_job(tiny_data, training={"consistency": "sync", "epochs": 12}, checkpoint={"every_s": 3600}, monitor=QUIET)
+    epochs = 40  # long enough that the preemption lands mid-job on a fast machine too
+    job = tiny_job(tiny_data, training={"consistency": "sync", "epochs": epochs}, checkpoint={"every_s": 3600}, monitor=QUIET,
+                   cluster={"heartbeat_interval_s": 0.1})
     whole = LocalLauncher(resolve_job(job), str(tmp_path / "whole")).run()
     a, first, last = _preempted(tmp_path, tiny_data, job)
     assert first["status"] == "stopped"
@@ -77,7 +79,7 @@ def test_a_preempted_sync_job_ends_with_the_parameters_of_an_uninterrupted_run(t
     got = torch.load(os.path.join(a.run_dir, "model.pt"), weights_only=True)
     for name, value in want.items():
         torch.testing.assert_close(got[name], value, rtol=1e-5, atol=1e-5)
-    assert last["data_shards"]["completed_per_epoch"] == {str(e): 6 for e in range(12)}
+    assert last["data_shards"]["completed_per_epoch"] == {str(e): 6 for e in range(epochs)}
 
 
 @pytest.mark.slow

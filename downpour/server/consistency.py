@@ -172,8 +172,6 @@ class SyncPolicy(Policy):
         super().__init__(store, record_staleness, training, keys)
         self.workers: set[str] = set()
         self.waiting: dict[str, Push] = {}
-        self.acc: torch.Tensor | None = None
-        self.weight = 0.0
         self.delta = False
         self._all = self.keys
 
@@ -195,13 +193,8 @@ class SyncPolicy(Policy):
         if refused is not None:
             return [refused]
         who = p.peer.decode(errors="replace")
-        if self.acc is None:
-            self.acc = p.grad.mul(p.weight)
-        else:
-            self.acc.add_(p.grad, alpha=p.weight)
-        self.weight += p.weight
         self.delta = p.delta
-        self.waiting[who] = p
+        self.waiting[who] = p  # summed when the round completes, in rank order (see _mean)
         self.record_staleness(0)
         return self._maybe_complete()
 
@@ -216,20 +209,35 @@ class SyncPolicy(Policy):
         old = self.waiting.get(who)
         if old is None:
             return False
-        old.peer, old.msg, old.pull = p.peer, p.msg, p.pull
+        old.peer, old.msg, old.pull, old.grad = p.peer, p.msg, p.pull, p.grad
         return True
+
+    def _mean(self) -> torch.Tensor:
+        """The weighted mean of the round's pushes, summed in the workers' rank order: float
+        addition is not associative, so summing in arrival order would make a sync job's parameters
+        depend on timing (a stopped-and-resumed job would not land on an uninterrupted run's)."""
+        pushes = [self.waiting[w] for w in sorted(self.waiting, key=_rank_order)]
+        acc = pushes[0].grad.mul(pushes[0].weight)
+        for p in pushes[1:]:
+            acc.add_(p.grad, alpha=p.weight)
+        return acc.div_(sum(p.weight for p in pushes))
 
     def _maybe_complete(self) -> list[Reply]:
         # No membership yet means the coordinator has not said who trains: keep waiting.
         if not self.waiting or not self.workers or not self.workers.issubset(self.waiting):
             return []
-        assert self.acc is not None
-        self.store.apply(self._all, self.acc.div_(self.weight), delta=self.delta, pushes=len(self.waiting))
+        self.store.apply(self._all, self._mean(), delta=self.delta, pushes=len(self.waiting))
         values = self.store.read(self._all) if any(p.wants_values for p in self.waiting.values()) else None
         replies = [self._answer(p, values) for p in self.waiting.values()]
         self.waiting.clear()
-        self.acc, self.weight = None, 0.0
         return replies
+
+
+def _rank_order(who: str) -> tuple[int, str]:
+    """Sort key of a routing id ``worker-R`` or ``worker-R.G``: the rank, then the name."""
+    head = who.partition(".")[0]
+    rank = head.rpartition("-")[2]
+    return (int(rank) if rank.isdigit() else 1 << 30, who)
 
 
 POLICIES: dict[str, type[Policy]] = {"async": AsyncPolicy, "sync": SyncPolicy, "ssp": SSPPolicy}
