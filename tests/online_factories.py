@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from downpour.data.criteo import FIELD_STRIDE, format_lines
+from downpour.data.criteo_format import FIELD_STRIDE, format_lines
 from downpour.data.criteo_gen import CriteoSpec, generate_rows, solve_bias
 from downpour.models import WideDeep
 from downpour.nn import SparseEmbedding

@@ -18,9 +18,9 @@ import torch
 
 from downpour.cli.main import main
 from downpour.config import DataConfig
-from downpour.data import build_dataset, load_criteo_dataset, log_loss, parse_bytes, roc_auc
-from downpour.data import criteo as criteo_mod
-from downpour.data.criteo import FIELD_STRIDE, MISSING, NUM_CAT, NUM_FIELDS, NUM_INT, ParseCache, format_lines
+from downpour.data import build_dataset, criteo_format, load_criteo_dataset, log_loss, parse_bytes, roc_auc
+from downpour.data.criteo import ParseCache
+from downpour.data.criteo_format import FIELD_STRIDE, MISSING, NUM_CAT, NUM_FIELDS, NUM_INT, format_lines
 from downpour.data.criteo_gen import CAT_FIELDS, INT_FIELDS, CriteoSpec, generate, generate_rows, solve_bias
 from downpour.errors import ConfigError, DataError
 
@@ -262,7 +262,7 @@ def test_a_bad_line_is_a_data_error_naming_file_and_line(tmp_path, bad, match):
 
 
 def test_line_numbers_count_across_parse_blocks(monkeypatch):
-    monkeypatch.setattr(criteo_mod, "BLOCK_BYTES", 1000)  # a few lines per block
+    monkeypatch.setattr(criteo_format, "BLOCK_BYTES", 1000)  # a few lines per block
     text = line() * 50 + line(label="x") + line() * 5
     with pytest.raises(DataError, match=r"^f\.tsv:51: field 1"):
         parse_bytes(text.encode(), "f.tsv")

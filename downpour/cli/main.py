@@ -21,7 +21,6 @@ DOWNPOUR_INSECURE=1, or TF_CONFIG. cli/ is the only place that reads them.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import signal
@@ -29,9 +28,11 @@ import sys
 import time
 from typing import Any
 
+from downpour.cli.common import check_advertise, coordinator_url, env_int, node_security
 from downpour.cli.datagen import add_datagen_parser
 from downpour.cli.scheduler import add_scheduler_parsers
 from downpour.cli.serve import add_serve_parser
+from downpour.cli.status import cmd_status
 from downpour.errors import ConfigError, DownpourError, JobFailed
 
 log = logging.getLogger("downpour")
@@ -40,57 +41,6 @@ log = logging.getLogger("downpour")
 def _setup_logging(level: str = "INFO") -> None:
     logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO),
                         format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
-
-
-def _coordinator_url(text: str | None) -> str:
-    if not text:
-        raise ConfigError("--coordinator HOST:PORT is required (or set DOWNPOUR_COORDINATOR)")
-    if "://" in text:
-        return text
-    host, sep, port = text.rpartition(":")
-    if not sep or not port.isdigit():
-        raise ConfigError(f"--coordinator: expected HOST:PORT, got {text!r}")
-    return f"tcp://{host}:{port}"
-
-
-def _env_int(name: str) -> int | None:
-    v = os.environ.get(name)
-    if v is None or v == "":
-        return None
-    if not v.lstrip("-").isdigit():
-        raise ConfigError(f"{name} must be an integer, got {v!r}")
-    return int(v)
-
-
-def _private_ipc(address: str) -> bool:
-    """An ipc:// address whose socket folder only this user can open (no keys needed there)."""
-    if not address.startswith("ipc://"):
-        return False
-    try:
-        st = os.stat(os.path.dirname(address[len("ipc://"):]) or ".")
-    except OSError:
-        return False
-    return st.st_uid == os.getuid() and not st.st_mode & 0o077
-
-
-def _security(args, role: str, address: str = "") -> Any:
-    """The node's CURVE keys from --keys DIR (or DOWNPOUR_KEYS); None with --insecure (loudly), or
-    without keys when ``address`` is an ipc socket in a folder only this user can open. A worker
-    whose folder holds per-worker keys takes its own (the one there, or its --rank's)."""
-    from downpour.transport import Security
-
-    folder = getattr(args, "keys", None) or os.environ.get("DOWNPOUR_KEYS")
-    if not folder and not getattr(args, "insecure", False) and _private_ipc(address):
-        return None
-    if getattr(args, "insecure", False):
-        print(f"downpour: WARNING: --insecure: this {role} talks without authentication or encryption; "
-              "anyone who can reach its ports can read and rewrite the model. Use it on trusted networks only.",
-              file=sys.stderr, flush=True)
-        return None
-    if not folder:
-        raise ConfigError(f"the {role} needs the job's keys: --keys DIR (make them with `downpour keys DIR`), "
-                          "or --insecure on a trusted network")
-    return Security.load(folder, role, getattr(args, "rank", None) if role == "worker" else None)
 
 
 def _load(args) -> Any:
@@ -219,10 +169,10 @@ def cmd_coordinator(args) -> int:
     bind = args.bind or os.environ.get("DOWNPOUR_BIND") or f"tcp://127.0.0.1:{args.port or 7070}"
     if "://" not in bind:
         bind = f"tcp://{bind}"
-    _check_advertise(args, "coordinator", None)
+    check_advertise(args, "coordinator", None)
     if args.run_dir:
         os.makedirs(args.run_dir, mode=0o700, exist_ok=True)
-    security = _security(args, "coordinator", bind)
+    security = node_security(args, "coordinator", bind)
     ctx = new_context()
     coord = Coordinator(ctx, job, bind, args.run_dir, security, recover=args.recover, lost_at=args.lost_at, advertise=args.advertise)
     print(f"coordinator listening on {coord.address}", file=sys.stderr, flush=True)
@@ -246,11 +196,11 @@ def cmd_server(args) -> int:
     from downpour.server.service import run_server
     from downpour.transport import new_context
 
-    _check_advertise(args, "server", _coordinator_url(args.coordinator))
+    check_advertise(args, "server", coordinator_url(args.coordinator))
     ctx = new_context()
     try:
-        return run_server(ctx, _coordinator_url(args.coordinator), host=args.host, rank=args.rank, ipc_dir=args.ipc_dir,
-                          metrics_host=args.metrics_host, security=_security(args, "server", _coordinator_url(args.coordinator)),
+        return run_server(ctx, coordinator_url(args.coordinator), host=args.host, rank=args.rank, ipc_dir=args.ipc_dir,
+                          metrics_host=args.metrics_host, security=node_security(args, "server", coordinator_url(args.coordinator)),
                           advertise=args.advertise, port=args.port)
     finally:
         ctx.destroy(linger=0)
@@ -263,16 +213,16 @@ def cmd_worker(args) -> int:
 
     # SIGTERM as Ctrl-C: a worker stopped while it trains leaves the job cleanly (its shards go back).
     signal.signal(signal.SIGTERM, _terminate)
-    _check_advertise(args, "worker", _coordinator_url(args.coordinator))
+    check_advertise(args, "worker", coordinator_url(args.coordinator))
     ctx = new_context()
     try:
         local = os.environ.get("LOCAL_RANK", "")  # the worker's place on its machine (torchrun's name): its GPU
-        security = _security(args, "worker", _coordinator_url(args.coordinator))
+        security = node_security(args, "worker", coordinator_url(args.coordinator))
         # --insecure: whoever answers on the coordinator's address sends the job; the worker imports
         # only built-in names, or the factories a job file on its own command line names.
         trusted = job_factories(load_job(args.job)) if args.insecure and getattr(args, "job", None) else set()
         rank = args.rank if args.rank is not None or security is None else security.rank  # its own key's rank
-        return run_worker(ctx, _coordinator_url(args.coordinator), rank=rank, metrics_host=args.metrics_host,
+        return run_worker(ctx, coordinator_url(args.coordinator), rank=rank, metrics_host=args.metrics_host,
                           security=security, trusted_factories=trusted if args.insecure else None, advertise=args.advertise,
                           local_rank=int(local) if local.isdigit() else None)
     except KeyboardInterrupt:
@@ -291,14 +241,6 @@ def cmd_keys(args) -> int:
     print(f"keys for the job's roles (coordinator, server, {own}, client) are in {args.folder} (0700). Give each\n"
           f"node the public *.key files and its own *.key_secret, and start it with --keys FOLDER.")
     return 0
-
-
-def _check_advertise(args, role: str, coordinator: str | None) -> None:
-    """A wildcard --advertise (or a loopback one with a remote coordinator) stops the node before it starts."""
-    from downpour.transport import advertised
-
-    if getattr(args, "advertise", None):
-        advertised("tcp://0.0.0.0:1", coordinator, args.advertise, role)
 
 
 def cmd_node(args) -> int:
@@ -333,52 +275,6 @@ def cmd_node(args) -> int:
             coordinator.wait(timeout=10.0)
 
 
-def cmd_status(args) -> int:
-    from downpour.cli.status import render_live, render_summary, show
-
-    target, dashboard = args.target, None
-    if os.path.isdir(target) and not args.keys and os.path.isdir(os.path.join(target, "keys")):
-        args.keys = os.path.join(target, "keys")
-    if os.path.isdir(target):
-        path = os.path.join(target, "summary.json")
-        addr_path = os.path.join(target, "coordinator.addr")
-        url_path = os.path.join(target, "dashboard.url")
-        if os.path.exists(path):
-            with open(path) as f:
-                summary = json.load(f)
-            if args.json:
-                print(json.dumps(summary, indent=2))
-            else:
-                show(render_summary(summary), f"downpour status: {target} (finished)")
-            return 0
-        if not os.path.exists(addr_path):
-            raise ConfigError(f"{target} holds neither summary.json nor coordinator.addr")
-        with open(addr_path) as f:
-            target = f.read().strip()
-        if os.path.exists(url_path):
-            with open(url_path) as f:
-                dashboard = f.read().strip()
-    from downpour.protocol import Message, Op
-    from downpour.protocol.rpc import RpcClient
-    from downpour.transport import new_context
-
-    url = _coordinator_url(target)
-    security = None if args.insecure or not (args.keys or os.environ.get("DOWNPOUR_KEYS")) else _security(args, "client", url)
-    ctx = new_context()
-    rpc = RpcClient(ctx, f"status-{os.getpid()}", request_timeout_s=5.0, security=security)
-    try:
-        rpc.connect("coordinator", url, role="coordinator")
-        status = rpc.call("coordinator", Message(Op.STATUS)).meta
-    finally:
-        rpc.close()
-        ctx.destroy(linger=0)
-    if args.json:
-        print(json.dumps(status, indent=2))
-    else:
-        show(render_live(status, dashboard), f"downpour status: {target}")
-    return 0
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="downpour", description="Downpour parameter-server training")
     p.add_argument("--log-level", default="INFO")
@@ -402,7 +298,7 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("coordinator", help="start the coordinator of a hand-started job")
     c.add_argument("job", nargs="?" if env("DOWNPOUR_JOB") else None, default=env("DOWNPOUR_JOB"))
     c.add_argument("--bind", help="address to listen on, e.g. tcp://0.0.0.0:7070 (default 127.0.0.1:7070)")
-    c.add_argument("--port", type=int, default=_env_int("DOWNPOUR_PORT"), help="port of the default bind, 127.0.0.1:PORT")
+    c.add_argument("--port", type=int, default=env_int("DOWNPOUR_PORT"), help="port of the default bind, 127.0.0.1:PORT")
     c.add_argument("--advertise", default=env("DOWNPOUR_ADVERTISE"),
                    help="host name or address the other hosts reach this coordinator at (default: from --bind)")
     c.add_argument("--run-dir")
@@ -419,7 +315,7 @@ def build_parser() -> argparse.ArgumentParser:
     for role, fn in (("server", cmd_server), ("worker", cmd_worker)):
         r = sub.add_parser(role, help=f"start one {role} of a job")
         r.add_argument("--coordinator", default=env("DOWNPOUR_COORDINATOR"), help="coordinator HOST:PORT")
-        r.add_argument("--rank", type=int, default=_env_int("DOWNPOUR_RANK"), help="preferred rank")
+        r.add_argument("--rank", type=int, default=env_int("DOWNPOUR_RANK"), help="preferred rank")
         r.add_argument("--metrics-host", default=env("DOWNPOUR_METRICS_HOST"),
                        help="interface for this node's /metrics (default: the job's monitor.http_host)")
         r.add_argument("--keys", default=env("DOWNPOUR_KEYS"), help="the job's key folder (downpour keys DIR)")
@@ -432,7 +328,7 @@ def build_parser() -> argparse.ArgumentParser:
                            "the model/data factories it names (else only built-in names)")
         if role == "server":
             r.add_argument("--host", default=env("DOWNPOUR_HOST", "127.0.0.1"), help="interface to listen on")
-            r.add_argument("--port", type=int, default=_env_int("DOWNPOUR_PORT"), help="fixed port (default: a free one)")
+            r.add_argument("--port", type=int, default=env_int("DOWNPOUR_PORT"), help="fixed port (default: a free one)")
             r.add_argument("--ipc-dir", help="folder for ipc sockets (when the coordinator is ipc://)")
         r.set_defaults(fn=fn)
 

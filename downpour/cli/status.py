@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import json
+import os
 import time
 from typing import Any
 
@@ -10,6 +12,9 @@ from rich.console import Console, Group
 from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
+
+from downpour.cli.common import coordinator_url, node_security
+from downpour.errors import ConfigError
 
 _STATE_STYLE = {"alive": "green", "done": "cyan", "finished": "dim", "dead": "bold red"}
 
@@ -111,3 +116,48 @@ def render_summary(s: dict[str, Any]) -> Group:
 
 def show(renderable: Group, title: str) -> None:
     Console().print(Panel(renderable, title=title, expand=False))
+
+
+def cmd_status(args) -> int:
+    """``downpour status TARGET``: the summary of a finished run folder, else the live STATUS of its coordinator."""
+    target, dashboard = args.target, None
+    if os.path.isdir(target) and not args.keys and os.path.isdir(os.path.join(target, "keys")):
+        args.keys = os.path.join(target, "keys")
+    if os.path.isdir(target):
+        path = os.path.join(target, "summary.json")
+        addr_path = os.path.join(target, "coordinator.addr")
+        url_path = os.path.join(target, "dashboard.url")
+        if os.path.exists(path):
+            with open(path) as f:
+                summary = json.load(f)
+            if args.json:
+                print(json.dumps(summary, indent=2))
+            else:
+                show(render_summary(summary), f"downpour status: {target} (finished)")
+            return 0
+        if not os.path.exists(addr_path):
+            raise ConfigError(f"{target} holds neither summary.json nor coordinator.addr")
+        with open(addr_path) as f:
+            target = f.read().strip()
+        if os.path.exists(url_path):
+            with open(url_path) as f:
+                dashboard = f.read().strip()
+    from downpour.protocol import Message, Op
+    from downpour.protocol.rpc import RpcClient
+    from downpour.transport import new_context
+
+    url = coordinator_url(target)
+    security = None if args.insecure or not (args.keys or os.environ.get("DOWNPOUR_KEYS")) else node_security(args, "client", url)
+    ctx = new_context()
+    rpc = RpcClient(ctx, f"status-{os.getpid()}", request_timeout_s=5.0, security=security)
+    try:
+        rpc.connect("coordinator", url, role="coordinator")
+        status = rpc.call("coordinator", Message(Op.STATUS)).meta
+    finally:
+        rpc.close()
+        ctx.destroy(linger=0)
+    if args.json:
+        print(json.dumps(status, indent=2))
+    else:
+        show(render_live(status, dashboard), f"downpour status: {target}")
+    return 0

@@ -1,7 +1,7 @@
 """Synthetic click logs in the Criteo display-ads format, drawn from a known model.
 
 Each row is a label, 13 integer features and 26 categorical features (the format:
-:mod:`downpour.data.criteo`). Rows are independent draws:
+:mod:`downpour.data.criteo_format`). Rows are independent draws:
 
 * categorical field *f* is missing at the field's rate; otherwise, with probability
   ``tail``, its ID comes from a flat tail of ~4·10⁹ values (practically always new:
@@ -26,6 +26,10 @@ seed and the row count only (not on the number of files). The bias is solved on 
 pilot sample for the click rate ``ctr``. The test rows' true probabilities are written
 too, and the best AUC and log loss any model can reach on that test set: the truth
 scored against the sampled labels.
+
+Why one module over 400 lines: it is one generative model, read top to bottom (the spec with
+its documented defaults, the hidden weights, the draw, then the files). Every stage reads the
+same spec and hash streams, and the tests check them together against the truth they write.
 """
 
 from __future__ import annotations
@@ -43,7 +47,8 @@ from typing import NamedTuple
 import fsspec
 import numpy as np
 
-from downpour.data.criteo import META_FILE, NUM_CAT, NUM_INT, TRUTH_FILE, format_lines
+from downpour.data.criteo import META_FILE, TRUTH_FILE
+from downpour.data.criteo_format import NUM_CAT, NUM_INT, format_lines
 from downpour.data.scoring import log_loss, roc_auc
 from downpour.errors import ConfigError
 

@@ -24,6 +24,11 @@ Each server holds its rows of every table of a job (``downpour/server/sparse.py`
 * **Snapshots** for incremental checkpoints: after a first snapshot the table tracks the
   rows created or pushed and the IDs evicted since the last one, so ``snapshot(full=False)``
   returns only those; ``restore`` applies a full snapshot and then deltas.
+
+Why one module over 400 lines: it is one data structure. Pull, push, admission, eviction and
+snapshots all read and write the same index and row pool (the index itself and the row-wise
+rules are in ``index.py`` and ``rules.py`` already); split further, each part would reach into
+the others' arrays.
 """
 
 from __future__ import annotations

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from downpour.data.criteo import _BITS, FIELD_NAMES, FIELD_STRIDE, MISSING, NUM_CAT, parse_bytes
+from downpour.data.criteo_format import FIELD_BITS, FIELD_NAMES, FIELD_STRIDE, MISSING, NUM_CAT, parse_bytes
 from downpour.errors import DataError
 from downpour.stream.api import RawEvent
 
@@ -130,7 +130,7 @@ def parse_events(events: list[RawEvent], where: str, after: int) -> EventBatch:
         rows, offsets, times = [rows[i] for i in keep], [offsets[i] for i in keep], [times[i] for i in keep]
         d = parse_bytes(("\n".join(rows) + "\n").encode(), where) if rows else None
     if d is not None:
-        missing = (d.missing[:, None] & _BITS) != 0
+        missing = (d.missing[:, None] & FIELD_BITS) != 0
         ids = d.values.astype(np.int64)
         ids += np.arange(NUM_CAT, dtype=np.int64) * FIELD_STRIDE
         ids[missing] += MISSING

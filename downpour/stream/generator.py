@@ -14,7 +14,7 @@ import logging
 import time
 from collections.abc import Callable
 
-from downpour.data.criteo import format_lines
+from downpour.data.criteo_format import format_lines
 from downpour.data.criteo_gen import CriteoSpec, generate_rows, solve_bias
 
 log = logging.getLogger(__name__)
