@@ -12,10 +12,10 @@ rank as a second server, on a thread of its own, loaded from the latest
 checkpoint (:class:`HostedRanks`).
 
 Why one module over 400 lines: the request handlers share one object's state (the store, the
-consistency rounds, the sequence numbers of applied pushes, the counters) on one thread, and ``run_server`` is the
-process around it. What stands apart already lives beside it: update rules (``optim.py``),
-consistency (``consistency.py``), sparse tables (``sparse.py``), snapshots (``snapshot.py``),
-replication (``replica.py``), metrics (``metrics.py``).
+consistency rounds, the sequence numbers of applied pushes, the counters) on one thread, and
+``run_server`` is the process around it. What stands apart already lives beside it: update
+rules (``optim.py``), consistency (``consistency.py``), sparse tables (``sparse.py``),
+snapshots (``snapshot.py``), replication (``replica.py``), metrics (``metrics.py``).
 """
 
 from __future__ import annotations
