@@ -56,6 +56,8 @@ def _every_field_changed(state: CoordinatorState) -> None:
     """Give every saved field of JobState a value unlike its default (so a field persist.py forgot shows)."""
     record = FailureRecord("worker-1", "dead", 2.0, "silent", scope="worker", requeued=[[0, 1, 2]])
     server = FailureRecord("server-1", "dead", 3.0, "silent", scope="server", restored_from="ckpt-1", version_at_failure=7)
+    promoted = FailureRecord("server-0", "dead", 4.0, "silent", scope="server", rolled_back_versions=0, promoted_to="server-1",
+                             promoted_after_s=0.25, failover_s=0.5, rereplicated_after_s=1.5)
     values = {
         "phase": Phase.EVALUATING, "train_started": 10.0, "train_ended": 20.0, "error": "e", "failed_node": "n",
         "stop_requested": 15.0, "final_asked": True, "leave_at": 9, "workerless_since": 12.0, "step_offset": 4,
@@ -64,7 +66,8 @@ def _every_field_changed(state: CoordinatorState) -> None:
         "servers_gen": 2, "hosting": {1: "server-0"}, "rejected": {"invalid": 3}, "version_rate": 12.5, "restarts": 1,
         "nodes": {"worker-0": Node("worker-0", "worker", 0, b"\x01\x02", None, "h", 11, NodeState.DONE,
                                    progress={"steps": 3}, metrics="127.0.0.1:9", idle=True, heard=True)},
-        "failures": [record, server], "recovering": [(11.0, record)], "server_slots": {1: (13.0, server)},
+        "failures": [record, server, promoted], "recovering": [(11.0, record)], "server_slots": {1: (13.0, server)},
+        "replica_plan": {0: ["h/12"], 1: ["h/11"]}, "replica_addresses": {0: "tcp://h:1", 1: "tcp://h:2"}, "replica_gen": 5,
     }
     names = {f.name for f in dataclasses.fields(JobState) if not f.metadata.get("transient")}
     assert set(values) == names, f"a new JobState field needs a value here: {names ^ set(values)}"
@@ -93,7 +96,7 @@ def test_every_field_of_the_job_state_survives_a_restart(tmp_path):
         else:
             assert got == want and type(got) is type(want), f.name
     assert again.restarts == 2  # this restart counted
-    assert again.failures[:2] == state.failures and again.failures[2].scope == "coordinator"
+    assert again.failures[:3] == state.failures and again.failures[3].scope == "coordinator"
     assert again.recovering[0][1] is again.failures[0] and again.server_slots[1][1] is again.failures[1]
     assert again.recovering[0][0] == pytest.approx(11.0 + shift)
     assert again.by_identity == {b"\x01\x02": "worker-0"}

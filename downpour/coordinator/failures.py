@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING
 
-from downpour.coordinator import hosting, membership
+from downpour.coordinator import hosting, membership, replication
 from downpour.coordinator.actions import Action, Reply
 from downpour.coordinator.health import describe_affected
 from downpour.coordinator.model import ALIVE, DEAD, DONE, FINISHED, FailureRecord, Node, Phase
@@ -45,6 +45,10 @@ def lose(st: CoordinatorState, now: float, node: Node, reason: str, kind: str, d
     if node.role == "worker" and st.phase == Phase.EVALUATING and st.cl.on_worker_failure == "recover":
         return evaluator_lost(st, now, node, reason, kind, detected_after_s)
     if node.role == "server" and st.phase == Phase.TRAINING and st.cl.on_server_failure == "recover":
+        if st.cl.replicas:  # a backup takes over, losing nothing
+            promoted = replication.primary_lost(st, now, node, reason, kind, detected_after_s, affected(st, node.name))
+            if promoted is not None:
+                return promoted
         if hosting.restore_point(st) is not None:
             return server_lost(st, now, node, reason, kind, detected_after_s)
         reason += " (no checkpoint committed yet to restart it from)"
@@ -63,6 +67,7 @@ def server_lost(st: CoordinatorState, now: float, node: Node, reason: str, kind:
                            rolled_back_versions=rolled_back(st, node))
     st.failures.append(record)
     st.server_slots[node.rank] = (now, record)
+    replication.replan(st)  # (the backups its process kept move elsewhere)
     log.warning("coordinator: %s lost (%s); waiting for a replacement to load checkpoint %s; training goes on",
                 node.name, reason, point.get("name"))
     if st.server_joiners:  # a replacement registered already, before this one was declared dead

@@ -7,7 +7,7 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Any
 
-from downpour.coordinator import membership
+from downpour.coordinator import membership, replication
 from downpour.coordinator.actions import Action, Reply
 from downpour.coordinator.model import ALIVE, Node
 from downpour.protocol import Message
@@ -28,6 +28,21 @@ def restore_point(st: CoordinatorState) -> dict[str, Any] | None:
     return st.restore if (st.restore or {}).get("full") else None
 
 
+def open_slots(st: CoordinatorState, msg: Message) -> list[int]:
+    """The ranks waiting for a server that the one registering with ``msg`` may take: not one a
+    replacement registered for already, nor one whose backup is being promoted (unless it is that
+    backup's process: ``hosted_by`` the server told to promote it)."""
+    out = []
+    for rank, (_, record) in sorted(st.server_slots.items()):
+        node = st.nodes.get(f"server-{rank}")
+        if node is not None and node.state == ALIVE:
+            continue
+        if record.promoted_to is not None and msg.meta.get("hosted_by") != st.hosting.get(rank, record.promoted_to):
+            continue
+        out.append(rank)
+    return out
+
+
 def replace_server(st: CoordinatorState, ident: bytes, msg: Message, now: float) -> list[Action]:
     """A server registering while a server's rank waits for a replacement takes that rank and
     loads the latest checkpoint; workers learn its address from their heartbeats."""
@@ -36,7 +51,8 @@ def replace_server(st: CoordinatorState, ident: bytes, msg: Message, now: float)
         return st.refuse(ident, msg, Code.BAD_ADDRESS, "a server must give the address it listens on")
     if problem := membership.address_problem(st, address):
         return st.refuse(ident, msg, Code.BAD_ADDRESS, problem)
-    rank = hint if type(hint) is int and hint in st.server_slots else min(st.server_slots)
+    slots = open_slots(st, msg)
+    rank = hint if type(hint) is int and hint in slots else min(slots)
     _, record = st.server_slots[rank]
     st.hosting.pop(rank, None)
     host_of = msg.meta.get("hosted_by")
@@ -51,7 +67,17 @@ def replace_server(st: CoordinatorState, ident: bytes, msg: Message, now: float)
     st.by_identity[ident] = name
     st.servers_gen += 1
     record.replaced_by = f"{name} (pid {pid})"
-    log.info("coordinator: %s replaced (pid %s); it loads checkpoint %s", name, pid, (restore_point(st) or {}).get("name"))
+    if msg.meta.get("promoted") is True and record.promoted_to is not None:
+        replication.promoted(st, now, rank, record)
+        log.info("coordinator: %s's backup promoted (pid %s); it serves the rank's state as its primary had it", name, pid)
+    else:
+        if record.promoted_to is not None:  # the backup was not caught up after all: a checkpoint it is
+            log.warning("coordinator: %s's backup in %s could not be promoted; it loads checkpoint %s instead",
+                        name, record.promoted_to, (restore_point(st) or {}).get("name"))
+            record.promoted_to, record.rolled_back_versions = None, None
+            record.restored_from = (restore_point(st) or {}).get("name")
+        replication.replan(st)
+        log.info("coordinator: %s replaced (pid %s); it loads checkpoint %s", name, pid, (restore_point(st) or {}).get("name"))
     base = membership.admitted(st, name, rank)
     answer = Reply(ident, msg.reply({**base, "restore": restore_point(st)}))
     return [answer, *membership.tell_servers(st), *membership.admit_joiners(st, now)]
@@ -63,7 +89,10 @@ def move_lost_ranks(st: CoordinatorState, now: float) -> None:
     for rank, (at, record) in sorted(st.server_slots.items()):
         host = st.nodes.get(st.hosting.get(rank, ""))
         if host is not None and host.state == ALIVE:
-            continue  # asked already; it is loading them
+            continue  # asked already; it is loading them (or promoting its backup of the rank)
+        served = st.nodes.get(f"server-{rank}")
+        if served is not None and served.state == ALIVE:
+            continue  # its replacement registered; it serves once its keys are loaded
         if now - at < st.cl.server_replace_timeout_s:
             continue
         load: dict[tuple[str, int], int] = {}  # bytes per surviving process (one may serve several ranks)

@@ -12,7 +12,7 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 from downpour.config import job_to_dict
-from downpour.coordinator import checkpoints, failures, hosting
+from downpour.coordinator import checkpoints, failures, hosting, replication
 from downpour.coordinator.actions import Action, Reply
 from downpour.coordinator.model import ALIVE, DEAD, DONE, FINISHED, Node, Phase
 from downpour.coordinator.reach import address_problem as _address_problem
@@ -50,7 +50,7 @@ def register(st: CoordinatorState, ident: bytes, msg: Message, now: float, _: No
         st.joiners.append((ident, msg))
         return admit_joiners(st, now)
     if st.phase == Phase.TRAINING and role == "server" and st.cl.on_server_failure == "recover":
-        if st.server_slots:
+        if hosting.open_slots(st, msg):
             return hosting.replace_server(st, ident, msg, now)
         if type(hint) is int and 0 <= hint < st.cl.num_servers:  # a replacement for that rank, early
             st.server_joiners.append((ident, msg))
@@ -137,6 +137,7 @@ def start(st: CoordinatorState, now: float) -> list[Action]:
                 "servers": servers, "initializer": node.rank == 0 and not (st.restore or {}).get("full")}
         out.append(Reply(ident, msg.reply(meta)))
     st.pending_workers = []
+    replication.replan(st)  # each rank's backups (the servers learn theirs in heartbeat answers)
     return out + tell_servers(st)
 
 
@@ -201,6 +202,9 @@ def heartbeat(st: CoordinatorState, ident: bytes, msg: Message, now: float, node
         at, record = st.server_slots.pop(node.rank)
         record.recovered_after_s = round(now - at, 3)
         log.info("coordinator: %s serves again, %.1fs after its failure was detected", node.name, now - at)
+        replication.replan(st)
+    if node.role == "server" and node.state == ALIVE:
+        replication.heard(st, now, node)
     if node.state == DEAD:  # declared dead, yet alive: its shards went to others, so it must stop
         return [Reply(ident, msg.reply({"stop": f"{node.name} was declared dead (silent too long); its work went to others"}))]
     # Servers stop once the job is over and its last checkpoint is written (or abandoned).
@@ -212,8 +216,9 @@ def heartbeat(st: CoordinatorState, ident: bytes, msg: Message, now: float, node
     if node.role == "server" and st.phase != Phase.REGISTERING:
         # Repeats the last MEMBERSHIP, so a server that missed it still learns who trains;
         # and asks a survivor to take over the ranks left without a replacement.
-        hosts = sorted(r for r, who in st.hosting.items() if who == node.name and r in st.server_slots)
-        return [Reply(ident, msg.reply({"workers": st.members(), **({"host_ranks": hosts} if hosts else {})}))]
+        hosts = replication.promotions(st, node)
+        return [Reply(ident, msg.reply({"workers": st.members(), **({"host_ranks": hosts} if hosts else {}),
+                                        **replication.assignment(st, node)}))]
     if node.role == "worker" and st.stop_requested is not None and node.state == ALIVE:
         order = {"leave": "the job is stopping gracefully (final checkpoint)", "leave_at": st.leave_at}
         return [Reply(ident, msg.reply(order))]

@@ -83,6 +83,7 @@ _COMMON = ("node", "kind", "at_s", "detected_after_s", "recovered_after_s", "rea
 _SHOWN = {
     "worker": ("requeued", "replaced_by"),
     "server": ("restored_from", "version_at_failure", "replaced_by", "rolled_back_versions"),
+    # (a server rank failed over to a backup shows promoted_to, promoted_after_s, failover_s, rereplicated_after_s)
     "evaluator": ("replaced_by",),
     "job": (),
     "coordinator": ("reconnected_after_s", "down_s"),
@@ -110,6 +111,13 @@ class FailureRecord:
     version_at_failure: int | None = None  # server: its version when last heard from
     rolled_back_versions: int | None = None  # server: updates its replacement will not have
     resharded_onto: str | None = None  # server: the survivor that took its rank over
+    # server, with replicas: the process whose backup of the rank was promoted (named by a server
+    # node of it), detection -> the promoted primary registered, detection -> its first request
+    # served, and the promotion -> every backup of the rank caught up again (seconds).
+    promoted_to: str | None = None
+    promoted_after_s: float | None = None
+    failover_s: float | None = None
+    rereplicated_after_s: float | None = None
     reconnected_after_s: float | None = None  # coordinator: every node heard from again
     down_s: float | None = None  # coordinator: between its last save and the restart
 
@@ -121,6 +129,9 @@ class FailureRecord:
         out = {k: getattr(self, k) for k in (*_COMMON, *_SHOWN[self.scope])}
         if self.resharded_onto is not None:
             out["resharded_onto"] = self.resharded_onto
+        if self.promoted_to is not None:
+            out.update(promoted_to=self.promoted_to, promoted_after_s=self.promoted_after_s,
+                       failover_s=self.failover_s, rereplicated_after_s=self.rereplicated_after_s)
         return out
 
 
@@ -164,6 +175,12 @@ class JobState:
     recovering: list[tuple[float, FailureRecord]] = field(default_factory=list)
     # Server ranks whose server died while training and waits for a replacement: rank -> (detected at, record).
     server_slots: dict[int, tuple[float, FailureRecord]] = field(default_factory=dict)
+    # Replication (coordinator/replication.py): the server processes ("HOST/PID") that keep a
+    # backup of each rank, and a number raised whenever that plan or a primary's address changes
+    # (servers' heartbeat answers carry both).
+    replica_plan: dict[int, list[str]] = field(default_factory=dict)
+    replica_addresses: dict[int, str] = field(default_factory=dict)
+    replica_gen: int = 0
 
     # -- queries --------------------------------------------------------------
     def nodes_of(self, role: str, states: tuple[NodeState, ...] = (ALIVE,)) -> list[Node]:

@@ -50,7 +50,7 @@ def job_status(self: CoordinatorState, now: float) -> dict[str, Any]:
                   "received": sum(int(n.progress.get("bytes_received", 0)) for n in workers)},
         "data_shards": self.ledger.summary(),
         "nodes": [
-            {"name": n.name, "role": n.role, "rank": n.rank, "state": n.state, "host": n.host, "pid": n.pid,
+            {"name": n.name, "role": n.role, "rank": n.rank, "state": n.state, "host": n.host, "pid": n.pid, "address": n.address,
              "heartbeat_age_s": round(now - n.last_seen, 3), "metrics": n.metrics, "progress": n.progress}
             for n in sorted(self.nodes.values(), key=lambda n: (n.role, n.rank))
         ],

@@ -268,9 +268,12 @@ class LocalLauncher:
         started, which joins the running job. Returns whether the job goes on."""
         cl = self.job.cluster
         if p.name.startswith("server-"):  # a replacement loads the latest checkpoint (the coordinator says which)
-            if cl.on_server_failure != "recover" or not self.job.checkpoint.enabled:
+            if cl.on_server_failure != "recover" or not (self.job.checkpoint.enabled or cl.replicas):
                 return False
             p.replaced = True
+            if cl.replicas:  # the coordinator promotes a backup of each rank it served, on the other processes
+                log.warning("%s; its ranks fail over to their backups (cluster.replicas=%d)", p.describe_exit(), cl.replicas)
+                return True
             if self.server_restarts >= cl.server_restarts:
                 log.warning("%s; no server restarts left (cluster.server_restarts=%d): a surviving server takes over its "
                             "keys after cluster.server_replace_timeout_s=%gs", p.describe_exit(), cl.server_restarts,

@@ -33,6 +33,7 @@ class Op(IntEnum):
     MEMBERSHIP = 21  # meta: workers (ids whose gradients a sync round waits for)
     SERVER_STATS = 22  # -> OK: stats
     CHECKPOINT = 23  # meta: name, url, at_version (None: now) -> the server REPORTs kind "checkpoint"
+    PROMOTE = 24  # meta: ranks (the ranks this server's process takes over: its backups of them, promoted)
     # worker -> server
     INIT = 30  # meta: keys; tensors: values  (first INIT wins)
     PULL = 31  # meta: keys -> OK: version, tensors

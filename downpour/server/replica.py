@@ -230,6 +230,7 @@ def server_state(server: ParameterServer) -> tuple[dict[str, torch.Tensor], dict
                         "delta": p.delta, "meta": {k: v for k, v in p.msg.meta.items() if k not in ("shm", "pq")}})
     hyper = server.hyper.staleness
     info = {"positions": server.positions, "applied": server.applied, "members": sorted(server.members),
+            "counts": {k: server.counts[k] for k in ("push", "pull", "replayed")},
             "staleness": [hyper.n, hyper.value], "waiting": waiting}
     return tensors, info
 
@@ -265,6 +266,10 @@ def load_state(server: ParameterServer, tensors: dict[str, torch.Tensor], info: 
         server.sparse.tables[name].restore([snap])
     server.positions = {str(k): list(v) for k, v in info.get("positions", {}).items()}
     server.applied = {str(k): int(v) for k, v in info.get("applied", {}).items()}
+    counts = info.get("counts")
+    for k, v in (counts if isinstance(counts, dict) else {}).items():  # what the rank's primaries applied before it joined
+        if k in ("push", "pull", "replayed") and type(v) is int and v >= 0:
+            server.counts[k] = v
     server.set_workers(list(info.get("members", [])))
     n, value = info.get("staleness", [0, 0.0])
     server.hyper.staleness.n, server.hyper.staleness.value = int(n), float(value)
@@ -333,6 +338,7 @@ class Backup:
             except (ProtocolError, SafetensorError, ValueError, KeyError, RuntimeError) as err:
                 return self._refuse(Code.INVALID, f"state not installed: {err}")
             st.seq, st.ready = meta["seq"], True
+            self.server.applied_seq = st.seq
             return True
         seq = meta["seq"]
         if not st.ready:
@@ -343,7 +349,7 @@ class Backup:
             st.ready = False  # a gap: what follows cannot be applied; ask for the state again
             return self._refuse(Code.REPLICA_ORDER, f"seq {seq} after {st.seq}")
         self._apply(meta, msg.tensors)
-        st.seq = seq
+        st.seq = self.server.applied_seq = seq
         st.applied += 1
         return True
 

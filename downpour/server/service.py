@@ -56,6 +56,7 @@ log = logging.getLogger(__name__)
 
 _POLL_S = 0.05  # longest idle wait between heartbeat/coordinator checks
 _COORDINATOR_CHECK_S = 0.005  # how often a busy server looks for coordinator messages (MEMBERSHIP, stop)
+_WORKER_OPS = frozenset({Op.INIT, Op.PULL, Op.PUSH, Op.PUSHPULL, Op.SPARSE})
 
 
 def bounded(what: str, t: torch.Tensor) -> torch.Tensor:
@@ -126,10 +127,15 @@ class ParameterServer:
         self.replicas: PrimaryLink | None = None
         self.applied: dict[str, int] = {}
         self.backup_host: BackupHost | None = None  # the backups this process keeps (for heartbeats)
+        self.applied_seq = 0  # a backup's server: the last seq of its primary's stream it applied
+        # A promoted backup: when it started serving, and how long until its first worker request.
+        self.promoted_at: float | None = None
+        self.first_request_s: float | None = None
 
     def adopt(self, listener: Listener, name: str) -> None:
         """A promoted backup starts serving under ``name`` behind ``listener``."""
         self.listener, self.name = listener, name
+        self.promoted_at = time.monotonic()
         self.snapshots.node = name
         folder = slot_folder(listener.address) if self.job.cluster.shared_memory else None
         self.slots = SlotMaps(folder) if folder else None
@@ -212,6 +218,9 @@ class ParameterServer:
             except ProtocolError as err:
                 self._reject(peer, msg, Code.INVALID, str(err))
                 return
+        if self.promoted_at is not None and self.first_request_s is None and msg.op in _WORKER_OPS:
+            self.first_request_s = time.monotonic() - self.promoted_at
+            log.info("%s: first request as the promoted primary, %.3fs after taking over", self.name, self.first_request_s)
         t0 = time.perf_counter()
         try:
             replies = handler(self, peer, msg)
@@ -454,8 +463,15 @@ class ParameterServer:
                 "staleness_mean": self.staleness_sum / pushes if pushes else 0.0, "staleness_max": self.staleness_max,
                 "rejected": sum(self.rejected.values()), "apply_s": self.apply_s,
                 "version": max(self.store.versions, default=0), "optimizer": self.hyper.progress(),
-                **({"replication": self.replicas.stats()} if self.replicas is not None else {}),
+                **({"replication": self._replication()} if self.replicas is not None else {}),
                 **({"backups": self.backup_host.report()} if self.backup_host is not None else {})}
+
+    def _replication(self) -> dict[str, Any]:
+        assert self.replicas is not None
+        out = self.replicas.stats()
+        if self.first_request_s is not None:
+            out["first_request_s"] = round(self.first_request_s, 4)
+        return out
 
     def stats(self) -> dict[str, Any]:
         total = sum(self.staleness.values())
@@ -477,7 +493,7 @@ class ParameterServer:
             "optimizer": self.hyper.report(),
             **({"sparse": self.sparse.stats()} if self.sparse else {}),
             **self.policy.stats(),
-            **({"replication": {**self.replicas.stats(), "replayed": self.counts["replayed"]}} if self.replicas is not None else {}),
+            **({"replication": {**self._replication(), "replayed": self.counts["replayed"]}} if self.replicas is not None else {}),
         }
 
     def serve(self, coord: CoordinatorClient, heartbeat: Heartbeat) -> str:
@@ -553,6 +569,7 @@ def run_server(ctx: Context, coordinator: str, host: str = "127.0.0.1", rank: in
     import uuid
 
     identity = connection_id("server", rank)
+    promoted_seq = promote.applied_seq if promote is not None else 0
     coord = CoordinatorClient(ctx, coordinator, identity, request_timeout_s=30.0, security=security)
     server: ParameterServer | None = None
     endpoint: HttpEndpoint | None = None
@@ -572,6 +589,7 @@ def run_server(ctx: Context, coordinator: str, host: str = "127.0.0.1", rank: in
         if promote is not None and promote.rank == int(reply["rank"]):  # it holds the rank's state already
             server = promote
             server.adopt(listener, reply["node"])
+            log.warning("%s: promoted: serving its backup's state (seq %d) as the primary", server.name, promoted_seq)
         else:
             server = ParameterServer(ctx, job, layout, int(reply["rank"]), listener, reply["node"],
                                      planned if type(planned) is int and planned > 0 else None)
@@ -584,7 +602,6 @@ def run_server(ctx: Context, coordinator: str, host: str = "127.0.0.1", rank: in
                 backups = BackupHost(ctx, job, layout, server.name, security, lambda r, name: ParameterServer(
                     ctx, job, layout, r, NullListener(), name, steps))  # type: ignore[arg-type]
             server.backup_host = backups
-        coord.rpc.on_push = server.on_coordinator
         coord.configure(job.cluster.coordinator_timeout_s, job.cluster.heartbeat_timeout_s)
         log.info("%s: serving %d parameters in %d keys at %s", server.name, server.store.numel, len(server.store.keys), listener.address)
         if job.monitor.metrics:
@@ -593,6 +610,13 @@ def run_server(ctx: Context, coordinator: str, host: str = "127.0.0.1", rank: in
         hosted = HostedRanks({"ctx": ctx, "coordinator": coordinator, "host": host, "ipc_dir": ipc_dir, "advertise": advertise,
                               "metrics_host": metrics_host, "security": security, "hosted_by": server.name,
                               "backups": backups})
+
+        def on_push(peer: str, msg: Message) -> None:  # unprompted orders of the coordinator
+            server.on_coordinator(peer, msg)
+            if msg.op == Op.PROMOTE:
+                hosted.offer(msg.meta.get("ranks"))
+
+        coord.rpc.on_push = on_push
 
         def on_reply(meta: dict[str, Any]) -> None:
             server.set_workers(meta.get("workers"))

@@ -1,0 +1,139 @@
+"""Replicated servers in real jobs (`downpour train` on 127.0.0.1): primaries SIGKILLed again and
+again (a promoted one among them, once its backup was rebuilt) lose no acknowledged update, train
+every data shard once per epoch, and a sync job's final parameters equal an undisturbed run's."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+
+import pytest
+import torch
+
+from tests.cluster import QUIET, query_status, start_job, stop_job, wait_training
+from tests.conftest import tiny_job
+from tests.test_recovery import _every_shard_once
+
+pytestmark = pytest.mark.slow
+
+
+def _primary(status: dict, rank: int) -> dict:
+    return next(n for n in status["nodes"] if n["role"] == "server" and n["rank"] == rank and n["state"] == "alive")
+
+
+def wait_failures(run_dir: str, count: int, timeout_s: float = 60.0) -> None:
+    """Wait until the coordinator recorded ``count`` failures."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        st = query_status(run_dir)
+        if st and len(st.get("failures", [])) >= count:
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"the coordinator never saw failure {count}")
+
+
+def wait_replicated(run_dir: str, rank: int, timeout_s: float = 60.0) -> dict:
+    """Wait until ``rank``'s current primary reports a caught-up backup, and the process keeping
+    that backup reports it ready behind that primary (what the coordinator promotes from)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        st = query_status(run_dir)
+        if st and st["phase"] == "training" and not any(f.get("recovered_after_s") is None for f in st.get("failures", [])):
+            try:
+                primary = _primary(st, rank)
+            except StopIteration:
+                primary = None
+            caught = (primary or {}).get("progress", {}).get("replication", {}).get("backups") or []
+            keepers = [n for n in st["nodes"] if n["name"] in caught and n["state"] == "alive"]
+            if primary and keepers and any((n["progress"].get("backups") or {}).get(str(rank), [False])[0] and
+                                           n["progress"]["backups"][str(rank)][2] == primary["address"] for n in keepers):
+                return st
+        time.sleep(0.2)
+    raise AssertionError(f"server rank {rank} never had a caught-up backup (status: {st and st.get('failures')})")
+
+
+def _summary(proc, run_dir: str) -> dict:
+    _, err = proc.communicate(timeout=240)
+    assert proc.returncode == 0, err[-3000:]
+    with open(os.path.join(run_dir, "summary.json")) as f:
+        return json.load(f)
+
+
+def _no_update_lost(summary: dict, ranks: int) -> None:
+    """Every push a worker was answered is in each rank's final state exactly once: the pushes each
+    rank's server applied (counted through every state transfer and promotion; a replayed push is
+    not applied again) equal the pushes the workers made, none of which was dropped."""
+    workers = summary["workers"].values()
+    assert all(w["dropped_pushes"] == 0 for w in workers)
+    acknowledged = sum(w["pushes"] for w in workers)
+    for rank in range(ranks):
+        assert summary["servers"][f"server-{rank}"]["pushes"] == acknowledged, rank
+
+
+def test_primaries_killed_again_and_again_lose_no_update(tmp_path, tiny_data):
+    """Rank 1's primary is killed three times: the original, then the backup promoted in its place
+    (after its own backup was rebuilt), then the next one. Four server processes, one backup each."""
+    job = tiny_job(tiny_data, training={"epochs": 40}, monitor=QUIET,
+                   cluster={"num_servers": 4, "num_workers": 2, "replicas": 1, "replication": "sync",
+                            "heartbeat_timeout_s": 1.5})
+    proc, run_dir = start_job(tmp_path, job)
+    killed = []
+    try:
+        wait_training(run_dir, steps=3)
+        for _ in range(3):
+            st = wait_replicated(run_dir, 1)
+            victim = _primary(st, 1)
+            assert victim["pid"] not in killed
+            os.kill(victim["pid"], signal.SIGKILL)
+            killed.append(victim["pid"])
+            wait_failures(run_dir, len(killed))
+        summary = _summary(proc, run_dir)
+    finally:
+        stop_job(proc)
+    assert summary["status"] == "ok"
+    failovers = [f for f in summary["failures"] if f.get("promoted_to")]
+    assert len(failovers) >= 3 and all(f["rolled_back_versions"] == 0 and f["restored_from"] is None for f in failovers)
+    rank1 = [f for f in failovers if f["node"] == "server-1"]
+    assert len(rank1) == 3 and all(f["recovered_after_s"] is not None and f["failover_s"] is not None for f in rank1)
+    assert all(f["rereplicated_after_s"] is not None for f in rank1[:2])  # (waited for before the next kill)
+    _no_update_lost(summary, 4)
+    _every_shard_once(summary, 40)
+    assert summary["test_accuracy"] > 0.5
+
+
+def _final(run_dir: str) -> dict[str, torch.Tensor]:
+    return torch.load(os.path.join(run_dir, "model.pt"), weights_only=True)
+
+
+def test_in_sync_mode_a_primary_killed_mid_job_changes_no_parameter(tmp_path, tiny_data):
+    """``replication: sync`` and sync training: the promoted backup holds every push answered, the
+    workers replay the rest, each applied once; the parameters end as an undisturbed run's."""
+    def job(folder):
+        return tiny_job(tiny_data, training={"epochs": 6, "consistency": "sync"}, monitor=QUIET,
+                        cluster={"num_servers": 3, "num_workers": 1, "replicas": 1, "replication": "sync",
+                                 "heartbeat_timeout_s": 1.5})
+
+    (tmp_path / "calm").mkdir()
+    proc, calm_dir = start_job(tmp_path / "calm", job(tmp_path / "calm"))
+    try:
+        calm = _summary(proc, calm_dir)
+    finally:
+        stop_job(proc)
+    (tmp_path / "killed").mkdir()
+    proc, run_dir = start_job(tmp_path / "killed", job(tmp_path / "killed"))
+    try:
+        wait_training(run_dir, steps=3)
+        st = wait_replicated(run_dir, 0)
+        os.kill(_primary(st, 0)["pid"], signal.SIGKILL)
+        summary = _summary(proc, run_dir)
+    finally:
+        stop_job(proc)
+    [failure] = summary["failures"]
+    assert failure["promoted_to"] is not None and failure["rolled_back_versions"] == 0
+    _no_update_lost(summary, 3)
+    assert calm["failures"] == [] and _no_update_lost(calm, 3) is None
+    want, got = _final(calm_dir), _final(run_dir)
+    for name, value in want.items():
+        torch.testing.assert_close(got[name], value, rtol=1e-5, atol=1e-5)
