@@ -412,11 +412,13 @@ class ClusterConfig(_Frozen):
     # server that holds the fewest bytes: that process loads the rank's keys from the latest
     # checkpoint and serves them beside its own.
     server_replace_timeout_s: float = Field(30.0, gt=0)
-    # Backups of each server rank, each kept by another server process (server/replica.py): the
-    # primary forwards every request that changes its shard, in order; a backup that joins gets
-    # the state, then the stream; workers replay unanswered pushes to a replaced server, which
-    # applies each once. NOT YET WIRED: the coordinator does not assign backups or promote one
-    # on a primary's death yet, so leave it 0 (a dead server is restored from a checkpoint).
+    # Backups of each server rank, each kept by another server process (server/replica.py,
+    # placed by coordinator/replication.py, on other hosts first): the primary forwards every
+    # request that changes its shard, in order; a backup that joins gets the state, then the
+    # stream. When a primary dies the coordinator promotes its most advanced caught-up backup (no
+    # checkpoint is loaded, nothing is rolled back), workers replay their unanswered pushes to it
+    # (each applied once), and a new backup is built while it serves. `downpour train` starts no
+    # replacement process for a dead server then. docs/checkpoints.md, "Replicated servers".
     replicas: int = Field(0, ge=0)
     # sync: a push is answered only once every caught-up backup holds it (nothing acknowledged
     # is lost). async: answered at once while the backups lag by at most replication_max_lag
