@@ -15,6 +15,7 @@ import torch
 import zmq
 
 from downpour.config import parse_job
+from downpour.coordinator.persist import export_state
 from downpour.coordinator.service import Coordinator
 from downpour.protocol import Message, Op, encode
 from downpour.protocol.ops import REQUESTS, Code
@@ -220,16 +221,25 @@ def _exchange(coord, client: RawClient, frames: list, finished: bool, timeout_s:
     return None
 
 
+def _saved_state(coord) -> dict:
+    """Everything the coordinator would save of its state (times relative to the job's start)."""
+    parts = export_state(coord.state, coord.state.started)
+    parts["job"].pop("wall")
+    return parts
+
+
 @pytest.mark.parametrize("finished", [False, True], ids=["serving", "after the job finished"])
 def test_the_request_loop_checks_roles_and_sizes_also_after_the_job_finished(coordinator, finished):
     coord, client = coordinator
     worker = client("worker")
+    before = _saved_state(coord)
     forged = encode(Message(Op.REGISTER, 1, {"role": "server", "address": "tcp://x:1", "node": "w"}))
     reply = _exchange(coord, worker, forged, finished)
     assert reply is not None and reply.meta["code"] == "forbidden"
     big = encode(Message(Op.STATUS, 2, {}, [torch.zeros(750), torch.zeros(750)]))  # frames within, message over
     assert _exchange(coord, worker, big, finished, timeout_s=1.0) is None  # over cluster.max_message_bytes
     assert coord.rejected.get("malformed") == 1
+    assert _saved_state(coord) == before  # refused: no node registered, nothing else changed
     status = _exchange(coord, client("client"), encode(Message(Op.STATUS, 3)), finished)
     assert status is not None and status.op == Op.OK
 
