@@ -1,5 +1,6 @@
-"""A ParameterServer behind a real CURVE listener on 127.0.0.1, served by a background thread,
-and raw DEALER clients to talk to it (for tests/test_security.py and its atheris harness).
+"""The tests' one in-process server harness: a ParameterServer behind a real listener (CURVE or
+plain, tcp on 127.0.0.1 or ipc), served by a background thread, and raw DEALER clients to talk
+to it (tests/test_security.py and its atheris harness, the hostile-peer tests, KVClient's tests).
 
 Every wait here is bounded; every socket is closed with linger 0; the server's ZAP
 authenticator is stopped and its context terminated when the server is closed.
@@ -17,7 +18,7 @@ import torch
 import zmq
 
 from downpour.config import parse_job
-from downpour.layout import make_layout
+from downpour.layout import Layout, make_layout
 from downpour.protocol import Message, Op, decode, encode
 from downpour.server.service import ParameterServer
 from downpour.transport import Listener, Security
@@ -48,10 +49,14 @@ class LiveServer:
     """``ParameterServer.handle`` for every message of a CURVE listener, in a thread of its own
     (which creates, uses and closes the listener). ``call(fn)`` runs ``fn(server)`` in that thread."""
 
-    def __init__(self, keys: str | None, sections: dict[str, Any] | None = None, **cluster: Any) -> None:
+    def __init__(self, keys: str | None, sections: dict[str, Any] | None = None, *, job: Any = None, layout: Layout = LAYOUT,
+                 rank: int = 0, bind: str = "tcp://127.0.0.1:*", max_bytes: int = 1 << 20, **cluster: Any) -> None:
+        """``job``: the server's job instead of :func:`live_job` (``sections``, ``cluster``); ``layout`` and
+        ``rank``: which shard it holds (server-RANK); ``bind``: its listener's address (tcp or ipc)."""
         self.ctx = zmq.Context(io_threads=1)
         self.security = Security.load(keys, "server") if keys else None
-        self.job = live_job(sections, **cluster)
+        self.job = job if job is not None else live_job(sections, **cluster)
+        self.layout, self.rank, self.bind, self.max_bytes = layout, rank, bind, max_bytes
         self.server: ParameterServer | None = None
         self.address: str | None = None
         self.error: BaseException | None = None
@@ -71,8 +76,8 @@ class LiveServer:
         wake = self.ctx.socket(zmq.PAIR)  # call() pokes it so that calls run at once, not at the next poll timeout
         try:
             wake.bind(self._wake_address)
-            listener = Listener(self.ctx, "tcp://127.0.0.1:*", 1 << 20, self.security)
-            self.server = ParameterServer(self.ctx, self.job, LAYOUT, 0, listener, "server-0")
+            listener = Listener(self.ctx, self.bind, self.max_bytes, self.security)
+            self.server = ParameterServer(self.ctx, self.job, self.layout, self.rank, listener, f"server-{self.rank}")
             poller = zmq.Poller()
             poller.register(listener.socket, zmq.POLLIN)
             poller.register(wake, zmq.POLLIN)

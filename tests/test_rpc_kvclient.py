@@ -1,4 +1,5 @@
-"""KVClient over RpcClient against real parameter servers serving on 127.0.0.1 in background threads."""
+"""KVClient over RpcClient against real parameter servers serving on 127.0.0.1 in background threads
+(tests/live_server.py)."""
 
 from __future__ import annotations
 
@@ -17,9 +18,8 @@ from downpour.config import parse_job
 from downpour.errors import ConfigError, RemoteError, RequestTimeout
 from downpour.layout import Layout, make_layout
 from downpour.protocol.rpc import RpcClient
-from downpour.server.service import ParameterServer
-from downpour.transport import Listener, Poller
 from downpour.worker.client import KVClient
+from tests.live_server import LiveServer
 
 SHAPES = [("w", (6, 5)), ("b", (6,)), ("v", (4, 3))]  # 48 elements
 WAIT_S = 5.0  # every wait in this file is bounded by this
@@ -27,42 +27,6 @@ WAIT_S = 5.0  # every wait in this file is bounded by this
 
 def job(lr: float = 0.1, momentum: float = 0.0):
     return parse_job({"model": {"name": "mlp"}, "optimizer": {"name": "sgd", "lr": lr, "momentum": momentum}})
-
-
-class ServerThread(threading.Thread):
-    """One ParameterServer whose sockets are created, used and closed inside this thread."""
-
-    def __init__(self, ctx: zmq.Context, job, layout: Layout, rank: int, bind: str = "tcp://127.0.0.1:*") -> None:
-        super().__init__(name=f"server-{rank}", daemon=True)
-        self.ctx, self.job, self.layout, self.rank, self.bind = ctx, job, layout, rank, bind
-        self.ready = threading.Event()
-        self.halt = threading.Event()
-        self.address: str | None = None
-        self.error: BaseException | None = None
-
-    def run(self) -> None:
-        listener = None
-        try:
-            listener = Listener(self.ctx, self.bind, 1 << 30)
-            server = ParameterServer(self.ctx, self.job, self.layout, self.rank, listener, self.name)
-            poller = Poller()
-            poller.register(listener)
-            self.address = listener.address
-            self.ready.set()
-            while not self.halt.is_set():
-                if poller.poll(0.02):
-                    while True:
-                        try:
-                            peer, frames = listener.recv()
-                        except zmq.Again:
-                            break
-                        server.handle(peer, frames)
-        except BaseException as err:  # reported by the fixture's teardown
-            self.error = err
-        finally:
-            if listener is not None:
-                listener.close()
-            self.ready.set()
 
 
 @pytest.fixture
@@ -75,8 +39,9 @@ def ctx():
 @pytest.fixture(params=["socket", "shm"])
 def cluster(ctx, request):
     """``start(layout, job) -> KVClient`` against ``layout.num_servers`` servers named server-0, server-1, ...
+    (tests/live_server.py, each in a thread of its own; ``cluster.servers``: the last start's).
     Each test runs twice: values through the TCP socket, and through shared memory beside ipc sockets."""
-    threads: list[ServerThread] = []
+    servers: list[LiveServer] = []
     clients: list[RpcClient] = []
     kvs: list[KVClient] = []
     folder = tempfile.mkdtemp(prefix="dp-kv-") if request.param == "shm" else None  # short: ipc paths are limited
@@ -86,14 +51,14 @@ def cluster(ctx, request):
         clients.append(rpc)
         kv = KVClient(rpc, layout, {rank: f"server-{rank}" for rank in range(layout.num_servers)}, request_bytes=request_bytes)
         kvs.append(kv)
+        start.servers = []
         for rank in range(layout.num_servers):
             bind = f"ipc://{folder}/server-{rank}.sock" if folder else "tcp://127.0.0.1:*"
-            t = ServerThread(ctx, server_job or job(), layout, rank, bind)
-            threads.append(t)
-            t.start()
-            assert t.ready.wait(WAIT_S) and t.address, f"server {rank} did not start: {t.error!r}"
-            rpc.connect(f"server-{rank}", t.address)
-            assert kv.set_address(f"server-{rank}", t.address) == (folder is not None)
+            srv = LiveServer(None, job=server_job or job(), layout=layout, rank=rank, bind=bind, max_bytes=1 << 30)
+            servers.append(srv)
+            start.servers.append(srv)
+            rpc.connect(f"server-{rank}", srv.address)
+            assert kv.set_address(f"server-{rank}", srv.address) == (folder is not None)
         return kv
 
     yield start
@@ -107,14 +72,14 @@ def cluster(ctx, request):
     finally:
         for rpc in clients:
             rpc.close()
-        for t in threads:
-            t.halt.set()
-        for t in threads:
-            t.join(WAIT_S)
+        errors = []
+        for srv in servers:
+            try:
+                srv.close()  # raises if its thread failed or did not stop
+            except RuntimeError as err:
+                errors.append(err)
         if folder is not None:
             shutil.rmtree(folder, ignore_errors=True)
-    assert not any(t.is_alive() for t in threads), "a server thread did not stop"
-    errors = [t.error for t in threads if t.error is not None]
     assert not errors, errors
 
 
@@ -198,9 +163,27 @@ def test_several_steps_with_momentum_match_torch_sgd(cluster):
 def test_requests_to_both_servers_may_be_in_flight_at_once(cluster):
     kv = cluster(BYTES, job(lr=1.0))
     values = ready(kv)
+    # Each server holds the first push it gets until the other server has one too: were the
+    # client to wait for one server's answer before asking the other, neither push would return.
+    both = threading.Barrier(2, timeout=WAIT_S)
+    held: list[int] = []
+
+    def gate(srv: LiveServer):
+        handle = srv.server.handle
+
+        def first_waits(peer, frames):
+            if srv.rank not in held:
+                held.append(srv.rank)
+                both.wait()
+            handle(peer, frames)
+        return first_waits
+
+    for srv in cluster.servers:
+        srv.call(lambda s, srv=srv: setattr(s, "handle", gate(srv)))
     handles = [kv.push(torch.ones(BYTES.numel)) for _ in range(3)]
     for h in handles:
         kv.wait(h, WAIT_S)
+    assert sorted(held) == [0, 1] and not both.broken
     out = torch.empty(BYTES.numel)
     kv.wait(kv.pull(out), WAIT_S)
     torch.testing.assert_close(out, values - 3.0)
