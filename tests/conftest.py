@@ -7,7 +7,9 @@ import inspect
 import os
 import re
 import struct
+import uuid
 
+import fsspec
 import numpy as np
 import pytest
 
@@ -91,3 +93,23 @@ def pytest_collection_modifyitems(config, items) -> None:
         fn = getattr(item, "function", None)
         if item.get_closest_marker("slow") is None and fn is not None and _starts_processes(fn, item.module, set()):
             item.add_marker(pytest.mark.slow)
+
+
+# -- checkpoint locations (tests/checkpoint_helpers.py) ----------------------------------------
+
+
+@pytest.fixture
+def url():
+    """A fresh memory:// location (the memory filesystem is one per process), emptied afterwards."""
+    where = f"memory://t-{uuid.uuid4().hex}"
+    yield where
+    fs, root = fsspec.core.url_to_fs(where)
+    if fs.exists(root):
+        fs.rm(root, recursive=True)
+
+
+@pytest.fixture(params=["memory", "local"])
+def location(request, url, tmp_path) -> str:
+    """The same tests on a memory:// URL and on a local folder."""
+    return url if request.param == "memory" else str(tmp_path / "checkpoints")
+

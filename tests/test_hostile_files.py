@@ -15,7 +15,7 @@ from downpour.errors import DataError
 from downpour.layout import Layout
 from downpour.server.snapshot import OldParams
 from downpour.storage import CheckpointStore, Manifest
-from tests.test_checkpoint_units import checkpoint_of, commit_checkpoint, initialised, layout_of, overwrite, read_raw
+from tests.checkpoint_helpers import checkpoint_of, commit_checkpoint, initialised, layout_of, overwrite, read_raw
 
 
 @pytest.mark.parametrize("name", ["../../etc/passwd", "/abs", "a/b", ".hidden", "x" * 200, ""])
