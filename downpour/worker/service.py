@@ -173,136 +173,180 @@ def run_worker(ctx: Context, coordinator: str, rank: int | None = None, startup_
     ``trusted_factories`` (unauthenticated workers): the only factories the job from the
     coordinator may name; any other is refused before anything is imported. ``local_rank``
     (the worker's place among its machine's workers, e.g. from LOCAL_RANK) picks its GPU."""
-    abort = threading.Event()
-    hb: HeartbeatThread | None = None
-    endpoint: HttpEndpoint | None = None
-    reason = lambda: hb.reason if hb else "aborted"  # noqa: E731
-    coord = CoordinatorClient(ctx, coordinator, connection_id("worker", rank),
-                              abort=abort, abort_reason=reason, security=security)
-    rpc: RpcClient | None = None
-    kv: KVClient | None = None
-    name = coord.identity
+    w = WorkerProcess(ctx, coordinator, rank, security)
     try:
-        reply = coord.register("worker", rank, None, timeout_s=startup_timeout_s)
-        name = reply["node"]
-        job = parse_job(reply["job"], source="coordinator")
+        w.join(startup_timeout_s, trusted_factories, metrics_host, advertise)
+        w.build(local_rank)
+        left = w.train()
+        if left is not None:
+            return left
+        w.report()
+        return 0
+    except RemoteError as err:
+        if err.code == "job_running" and w.coord.node == w.coord.identity:  # came too late to join: not a failure
+            log.warning("%s: %s", w.name, err)
+            return 0
+        log.error("%s: %s", w.name, err)
+        if not w.abort.is_set():
+            _report_error(w.coord, str(err))
+        return 1
+    except DownpourError as err:
+        log.error("%s: %s", w.name, err)
+        if not w.abort.is_set():  # when the coordinator stopped us, it knows why already
+            _report_error(w.coord, str(err))
+        return 1
+    except Exception as err:  # a bug or a user-code failure: tell the coordinator the root cause
+        log.error("%s: %s\n%s", w.name, err, traceback.format_exc())
+        _report_error(w.coord, f"{type(err).__name__}: {err}")
+        return 1
+    finally:
+        w.close()
+
+
+class WorkerProcess:
+    """One worker's life, in the order :func:`run_worker` calls it: :meth:`join` (register, check
+    the job, start heartbeats and metrics), :meth:`build` (model, data, connections to the
+    servers, the trainer), :meth:`train` (initialise, then train until the shards run out or the
+    job stops), :meth:`report` (statistics and buffers to the coordinator, then the evaluation
+    it asks for); :meth:`close` releases whatever was opened, at any point."""
+
+    def __init__(self, ctx: Context, coordinator: str, rank: int | None, security: Security | None) -> None:
+        self.ctx, self.coordinator, self.rank, self.security = ctx, coordinator, rank, security
+        self.abort = threading.Event()
+        self.hb: HeartbeatThread | None = None
+        self.endpoint: HttpEndpoint | None = None
+        self.coord = CoordinatorClient(ctx, coordinator, connection_id("worker", rank),
+                                       abort=self.abort, abort_reason=self._reason, security=security)
+        self.rpc: RpcClient | None = None
+        self.kv: KVClient | None = None
+        self.trainer: Trainer | None = None
+        self.name = self.coord.identity
+        self.servers = ServerMap(self.name)
+        self.leave = LeaveOrder()  # the coordinator asked this worker to leave (a graceful stop of the job)
+
+    def _reason(self) -> str:
+        return self.hb.reason if self.hb else "aborted"
+
+    def join(self, startup_timeout_s: float, trusted_factories: set[str] | None, metrics_host: str | None,
+             advertise: str | None) -> None:
+        coord = self.coord
+        reply = coord.register("worker", self.rank, None, timeout_s=startup_timeout_s)
+        self.reply, self.name = reply, reply["node"]
+        self.servers.name = self.name
+        self.job = job = parse_job(reply["job"], source="coordinator")
         if trusted_factories is not None:
             foreign = sorted(job_factories(job) - trusted_factories)
             if foreign:
-                raise ConfigError(f"{name}: the coordinator's job names {', '.join(foreign)}, which no job file given "
+                raise ConfigError(f"{self.name}: the coordinator's job names {', '.join(foreign)}, which no job file given "
                                   "with --job names: an unauthenticated coordinator may not make this worker import code")
-        layout = Layout.from_dict(reply["layout"])
+        self.layout = Layout.from_dict(reply["layout"])
         coord.configure(job.cluster.coordinator_timeout_s, job.cluster.heartbeat_timeout_s)
         # Heartbeats start at once: the coordinator watches this worker from now on, and
         # building the model and reading the data can take seconds on a busy machine.
-        trainer: Trainer | None = None
         if job.monitor.metrics:
-            labels = node_labels(job.name, "worker", reply["rank"], name)
-            route = metrics_route(worker_metrics(lambda: trainer), labels)
-            endpoint = HttpEndpoint(metrics_host or job.monitor.http_host, 0, {"/metrics": route}, name)
-        servers = ServerMap(name)
-        leave = LeaveOrder()  # the coordinator asked this worker to leave (a graceful stop of the job)
+            labels = node_labels(job.name, "worker", reply["rank"], self.name)
+            route = metrics_route(worker_metrics(lambda: self.trainer), labels)
+            self.endpoint = HttpEndpoint(metrics_host or job.monitor.http_host, 0, {"/metrics": route}, self.name)
+        extra = {"metrics": advertised(self.endpoint.address, self.coordinator, advertise, "metrics", True)} if self.endpoint else None
+        self.hb = HeartbeatThread(self.ctx, self.coordinator, self.name, job,
+                                  lambda: self.trainer.progress() if self.trainer else {}, self.abort, extra=extra,
+                                  security=self.security, on_reply=self._on_reply, identity=coord.identity)
+        self.hb.start()
 
-        def on_reply(meta: dict[str, Any]) -> None:
-            servers.offer(meta)
-            if meta.get("leave") and not leave.event.is_set():
-                leave.set(meta.get("leave_at"))
+    def _on_reply(self, meta: dict[str, Any]) -> None:
+        self.servers.offer(meta)
+        if meta.get("leave") and not self.leave.event.is_set():
+            self.leave.set(meta.get("leave_at"))
 
-        hb = HeartbeatThread(ctx, coordinator, name, job, lambda: trainer.progress() if trainer else {}, abort,
-                             extra={"metrics": advertised(endpoint.address, coordinator, advertise, "metrics", True)} if endpoint else None,
-                             security=security, on_reply=on_reply, identity=coord.identity)
-        hb.start()
+    def build(self, local_rank: int | None) -> None:
+        job, layout, reply, name = self.job, self.layout, self.reply, self.name
         torch.set_num_threads(job.training.torch_threads)
-        device = device_for(job, int(reply["rank"]), local_rank)
-        model = build_model(job.model, job.training.seed)
+        self.device = device_for(job, int(reply["rank"]), local_rank)
+        self.model = model = build_model(job.model, job.training.seed)
         dataset = build_dataset(job.data)
-        flat = FlatModel(model, layout, device)
+        self.flat = flat = FlatModel(model, layout, self.device)
         link = job.cluster.link_mbit_s * 1e6 / 8 if job.cluster.link_mbit_s else None
-        rpc = RpcClient(ctx, name, job.cluster.request_timeout_s, job.cluster.max_message_bytes, abort=abort, abort_reason=reason,
-                        security=security, link_bytes_per_s=link)
+        self.rpc = rpc = RpcClient(self.ctx, name, job.cluster.request_timeout_s, job.cluster.max_message_bytes, abort=self.abort,
+                                   abort_reason=self._reason, security=self.security, link_bytes_per_s=link)
         peers = {}
         for s in reply["servers"]:
             rpc.connect(s["name"], s["address"])
             peers[int(s["rank"])] = s["name"]
-            servers.addresses[s["name"]] = s["address"]
-        servers.rpc = rpc
-        rpc.on_wait = servers.apply
+            self.servers.addresses[s["name"]] = s["address"]
+        self.servers.rpc = rpc
+        rpc.on_wait = self.servers.apply
         t = job.training
         any_sync = t.consistency == "sync" or any(g.consistency == "sync" for g in t.consistency_groups)
         chunk = job.cluster.max_request_bytes if not any_sync else None  # a sync push holds all of a server's keys
-        kv = KVClient(rpc, layout, peers, request_bytes=chunk, compression=job.compression,
-                      key_versions=bool(t.consistency_groups), shared_memory=job.cluster.shared_memory,
-                      replay=job.cluster.replicas > 0)
+        self.kv = kv = KVClient(rpc, layout, peers, request_bytes=chunk, compression=job.compression,
+                                key_versions=bool(t.consistency_groups), shared_memory=job.cluster.shared_memory,
+                                replay=job.cluster.replicas > 0)
         for s in reply["servers"]:
             kv.set_address(s["name"], s["address"])
-        servers.kv = kv
+        self.servers.kv = kv
         sparse = None
         if layout.tables:  # the model's SparseEmbedding rows come from the servers' tables
             sparse = SparseClient(rpc, layout, peers, kv.wire, replay=job.cluster.replicas > 0)
             attach(model, sparse)
         trainer = Trainer(job, flat, kv, dataset, name, int(reply["rank"]), sparse)
-        trainer.leave = leave
+        trainer.leave = self.leave
         # Touch the data before training starts: a split may read its files lazily, and that
         # read belongs to start-up, not to the first step (where it would stall this worker).
         trainer.batches.touch()
+        self.trainer = trainer
 
-        if reply.get("initializer"):
+    def train(self) -> int | None:
+        """Initialise the parameters (the initializer worker), wait for every worker, pull, train.
+        Returns the exit code when this worker left the running job, None when training ended."""
+        coord, kv, flat, trainer, name = self.coord, self.kv, self.flat, self.trainer, self.name
+        assert kv is not None and trainer is not None
+        if self.reply.get("initializer"):
             kv.wait(kv.init(flat.host))
         coord.barrier("init", timeout_s=_LONG_WAIT_S)
         trainer.pull_all()
         flat.host_to_device()
         trainer.start()
-        log.info("%s: training on %s", name, device)
+        log.info("%s: training on %s", name, self.device)
         try:
-            trainer.run(lambda: coord.next_shard(leave.event), coord.shard_done)
+            trainer.run(lambda: coord.next_shard(self.leave.event), coord.shard_done)
         except KeyboardInterrupt:  # SIGTERM or Ctrl-C while training: leave cleanly, the job goes on
             log.info("%s: interrupted; leaving the job (its shards go back to the queue)", name)
             return _leave(coord, trainer, 2.0)
         if trainer.left:  # the job stops gracefully: the last push is settled, so the position is exact
             log.info("%s: the job is stopping; leaving at data position %s", name, trainer.position)
-            return _leave(coord, trainer, job.cluster.request_timeout_s)
+            return _leave(coord, trainer, self.job.cluster.request_timeout_s)
+        return None
+
+    def report(self) -> None:
+        """This worker's statistics and the model's buffers to the coordinator; then, when it asks,
+        the evaluation on the final parameters."""
+        coord, trainer, model, name = self.coord, self.trainer, self.model, self.name
+        assert trainer is not None
         stats = trainer.stats()
         log.info("%s: trained %d steps, %d examples, %.0f examples/s", name, stats["steps"], stats["examples"], stats["examples_per_s"])
         # The model's buffers (BatchNorm statistics...) go along: the coordinator merges them.
         answer = coord.worker_done(stats, timeout_s=_LONG_WAIT_S,
-                                   buffers=bufs.pack(bufs.model_buffers(model, {p.name for p in layout.params})))
+                                   buffers=bufs.pack(bufs.model_buffers(model, {p.name for p in self.layout.params})))
         end = answer.meta
         if end.get("evaluate"):
             trainer.pull_all(exact=True)
-            flat.host_to_device()
+            self.flat.host_to_device()
             if end.get("buffers"):  # evaluate with the buffers model.pt will hold
                 model.load_state_dict(bufs.unpack(end["buffers"], answer.tensors), strict=False)
             result = trainer.evaluate()
             log.info("%s: test accuracy %s, test loss %s", name, result["test_accuracy"], result["test_loss"])
             coord.report("eval", {k: v for k, v in result.items() if v is not None})  # None: no such figure
-        return 0
-    except RemoteError as err:
-        if err.code == "job_running" and coord.node == coord.identity:  # came too late to join: not a failure
-            log.warning("%s: %s", name, err)
-            return 0
-        log.error("%s: %s", name, err)
-        if not abort.is_set():
-            _report_error(coord, str(err))
-        return 1
-    except DownpourError as err:
-        log.error("%s: %s", name, err)
-        if not abort.is_set():  # when the coordinator stopped us, it knows why already
-            _report_error(coord, str(err))
-        return 1
-    except Exception as err:  # a bug or a user-code failure: tell the coordinator the root cause
-        log.error("%s: %s\n%s", name, err, traceback.format_exc())
-        _report_error(coord, f"{type(err).__name__}: {err}")
-        return 1
-    finally:
-        if hb is not None:
-            hb.stop()
-        if endpoint is not None:
-            endpoint.close()
-        if kv is not None:
-            kv.close()
-        if rpc is not None:
-            rpc.close()
-        coord.close()
+
+    def close(self) -> None:
+        if self.hb is not None:
+            self.hb.stop()
+        if self.endpoint is not None:
+            self.endpoint.close()
+        if self.kv is not None:
+            self.kv.close()
+        if self.rpc is not None:
+            self.rpc.close()
+        self.coord.close()
 
 
 def _leave(coord: CoordinatorClient, trainer: Trainer, timeout_s: float) -> int:
