@@ -7,7 +7,7 @@ frozen node takes to be detected.
 * ``every-1s``: ``checkpoint.every_s=1``.
 
 Runs alternate so each configuration sees the same machine load; the training rate covers the
-training loop only (the end-of-training checkpoint comes after it). Target (issue 3, from
+training loop only (the end-of-training checkpoint comes after it). Target (from
 CheckFreq): every-10s at most 3.5 % slower than none.
 
 Examples/s on a shared machine varies from run to run by more than that target, so each run also

@@ -1,4 +1,4 @@
-"""The CTR workload end to end (issue 5): test AUC against the generator's optimum, and examples/s.
+"""The CTR workload end to end: test AUC against the generator's optimum, and examples/s.
 
 Generates Criteo-format data with ``downpour datagen criteo`` (once per row count and seed, kept
 under ``--data``), then runs ``examples/ctr.yaml`` (Wide & Deep, dim-16 embeddings in sparse

@@ -9,7 +9,7 @@
 
 Runs alternate (off, on, off, on, ...) so both see the same machine load. The table gives the
 mean examples/s of each, the ratio of the means, and the median of the per-pair ratios
-(on_i / off_i), which is steadier on a noisy host. Target (issue 6): on >= 0.98 x off.
+(on_i / off_i), which is steadier on a noisy host. Target: on >= 0.98 x off.
 
     .venv/bin/python benchmarks/metrics_overhead.py --runs 5
     .venv/bin/python benchmarks/metrics_overhead.py --runs 2 --steps 300      # quick check only

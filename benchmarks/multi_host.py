@@ -14,7 +14,7 @@ Ray the seconds from ``ray.init`` to the placement group being ready, and the la
 ``two-hosts``: needs root. Host A (a namespace) runs the coordinator and 2 servers
 (``--host 0.0.0.0``, CURVE keys, one per worker), host B the 3 workers, joined by a veth pair through a bridge;
 each host's outgoing traffic is limited with tc ``tbf`` to the link's rate (this kernel has no
-``netem``, so no added delay: the 0.2 ms the issue asks for is not applied; a namespace pair's own
+``netem``, so no added delay: a 0.2 ms delay is not applied; a namespace pair's own
 round trip is about 0.05 ms). Each configuration is run at each rate: examples/s, seconds of
 training until the test accuracy first reaches 83% (worker 0 evaluates every 3 of its shards), and
 the final accuracy.

@@ -19,7 +19,7 @@ With ``--server`` both runs take checkpoints every ``--checkpoint-every`` second
 server loads the latest one); the killed server's ``recovered_after_s`` is the time from
 detection until its replacement serves, and the updates it applied since that checkpoint are lost.
 
-``--chaos`` (issue 3's chaos test on the reference job): from ``--after`` seconds on, every
+``--chaos`` (a chaos test on the reference job): from ``--after`` seconds on, every
 ``--every`` seconds (default 3) one kill, in the order worker, server-1, worker, coordinator,
 then a random worker each time until the job ends; checkpoints as with ``--server``. The
 coordinator's ``detected_after_s`` runs from its last saved state to the launcher noticing the

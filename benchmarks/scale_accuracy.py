@@ -5,7 +5,7 @@ SGD lr 0.01 momentum 0.9, batch 32, 1 epoch: ``examples/mnist.yaml``) runs throu
 launcher at equal examples; single-process PyTorch runs the same model, optimizer and data in
 the same invocation, once per seed. With ``--job ctr`` the CTR job (``examples/ctr.yaml``,
 Wide & Deep, Adagrad, on generated Criteo-format data) runs instead and AUC is compared across
-worker counts. Servers per worker count follow the issue's grid (1×1, 2×3, 2×6, 4×8, 4×16).
+worker counts. Servers per worker count follow a fixed grid (1×1, 2×3, 2×6, 4×8, 4×16).
 
 Every run is appended to ``--out`` (JSON lines) as it finishes, so an interrupted grid keeps what
 it measured; ``--report`` prints the table of a results file without running anything.
@@ -36,7 +36,7 @@ from benchmarks.end_to_end import run_single  # noqa: E402
 from downpour.config import load_job  # noqa: E402
 from downpour.launch import LocalLauncher  # noqa: E402
 
-SERVERS = {1: 1, 2: 1, 3: 2, 4: 2, 6: 2, 8: 4, 12: 4, 16: 4}  # workers -> servers (the grid)
+SERVERS = {1: 1, 2: 1, 3: 2, 4: 2, 6: 2, 8: 4, 12: 4, 16: 4}  # workers -> servers
 QUIET = ["checkpoint.enabled=false", "monitor.tensorboard=false", "monitor.dashboard=false", "monitor.metrics=false"]
 
 

@@ -1,4 +1,4 @@
-"""Pull and push throughput of one sparse table (issue 5's server-side core), in keys/s.
+"""Pull and push throughput of one sparse table (the servers' core of CTR training), in keys/s.
 
 Implementations side by side in one process, one batch size at a time:
 

@@ -1,4 +1,4 @@
-"""Issue 7: CURVE keys per role, role checks, limits against hostile peers, and a fuzz of a live secure server.
+"""Security: CURVE keys per role, role checks, limits against hostile peers, and a fuzz of a live secure server.
 
 Servers here are real: a ParameterServer behind a CURVE listener on 127.0.0.1, answered by a thread of
 its own (tests/live_server.py), reached through real sockets. Every wait is bounded; every socket is

@@ -284,11 +284,12 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="run a whole job on this machine (coordinator, servers, workers)")
     t.add_argument("job", help="job file (YAML)")
     t.add_argument("--run-dir", help="run folder (default: runs/NAME-TIMESTAMP)")
-    t.add_argument("--data", help="folder of MNIST-format IDX files (sets data.path)")
+    t.add_argument("--data", help="the job's data: a folder or fsspec URL, read by the job's data source (sets data.path)")
     t.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a job field, e.g. --set epochs=3")
     t.add_argument("--quiet", action="store_true", help="no progress output")
     t.add_argument("--insecure", action="store_true",
-                   help="no authentication or encryption between the job's processes (default: CURVE, keys in RUN_DIR/keys)")
+                   help="no authentication or encryption between the job's processes (default: ipc sockets in a "
+                        "folder only you can open; over tcp or Ray, CURVE with keys in RUN_DIR/keys)")
     t.add_argument("--launcher", help="what starts the processes: local (this machine) or ray (default: the job's launcher)")
     t.add_argument("--address", help="with --launcher ray: the Ray cluster, auto or HOST:PORT (default: the job's ray.address)")
     t.add_argument("--resume", metavar="RUN_DIR_OR_URL",

@@ -1,8 +1,11 @@
 """The dataset contract every data source meets.
 
 A :class:`Dataset` has a ``train`` and a ``test`` :class:`Split`. A split knows
-its length and returns any set of examples as tensors (``x`` float32, ``y``
-int64), so a worker touches only the examples of the shards it is assigned.
+its length and returns any set of examples as tensors, so a worker touches only
+the examples of the shards it is assigned. ``x`` is float32 (or a tuple of tensors,
+such as the Criteo reader's dense features and int64 IDs); ``y`` is what the job's
+loss takes: int64 class indices for ``cross_entropy`` (IDX files), float32 0/1 for
+``binary_cross_entropy`` (Criteo click labels).
 """
 
 from __future__ import annotations
