@@ -130,6 +130,9 @@ def test_a_backup_that_joins_late_gets_the_state_then_follows_the_stream_bit_for
         p.ack()
     same_state(p.primary, p.backup.server)
     assert p.primary.replicas.lag() == 0 and p.primary.replicas.stats()["backups"] == ["server-1"]
+    # What the rank applied is counted across the state transfer (a promoted backup reports the rank's whole history).
+    assert p.backup.server.counts["push"] == p.primary.counts["push"] == 8
+    assert p.backup.server.sparse.counts["keys_pushed"] == p.primary.sparse.counts["keys_pushed"] > 0
 
 
 def test_sync_replication_answers_a_push_only_once_the_backup_acknowledged_it(pair):

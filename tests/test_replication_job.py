@@ -103,6 +103,36 @@ def test_primaries_killed_again_and_again_lose_no_update(tmp_path, tiny_data):
     assert summary["test_accuracy"] > 0.5
 
 
+def test_the_ctr_job_loses_no_update_of_its_tables_when_primaries_are_killed(tmp_path):
+    """The CTR job (sparse tables with Adagrad rows): rank 1's primary killed twice, the second
+    time the promoted one. Every row update a worker pushed is applied once, as is every dense push."""
+    from tests.test_sparse_job import _ctr_job
+
+    job = _ctr_job(epochs=25)
+    job["cluster"].update(num_servers=3, replicas=1, replication="sync", heartbeat_timeout_s=1.5)
+    job["monitor"] = QUIET
+    proc, run_dir = start_job(tmp_path, job)
+    killed = []
+    try:
+        wait_training(run_dir, steps=3)
+        for _ in range(2):
+            victim = _primary(wait_replicated(run_dir, 1), 1)
+            os.kill(victim["pid"], signal.SIGKILL)
+            killed.append(victim["pid"])
+            wait_failures(run_dir, len(killed))
+        summary = _summary(proc, run_dir)
+    finally:
+        stop_job(proc)
+    assert summary["status"] == "ok"
+    assert len([f for f in summary["failures"] if f.get("promoted_to") and f["node"] == "server-1"]) == 2
+    _no_update_lost(summary, 3)
+    pushed = sum(w["sparse"]["ids_pushed"] for w in summary["workers"].values())
+    applied = sum(v["sparse"]["keys_pushed"] for v in summary["servers"].values())
+    assert applied == pushed > 0
+    _every_shard_once(summary, 25)
+    assert summary["test_auc"] > 0.7
+
+
 def _final(run_dir: str) -> dict[str, torch.Tensor]:
     return torch.load(os.path.join(run_dir, "model.pt"), weights_only=True)
 

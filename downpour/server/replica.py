@@ -231,6 +231,7 @@ def server_state(server: ParameterServer) -> tuple[dict[str, torch.Tensor], dict
     hyper = server.hyper.staleness
     info = {"positions": server.positions, "applied": server.applied, "members": sorted(server.members),
             "counts": {k: server.counts[k] for k in ("push", "pull", "replayed")},
+            "sparse_counts": dict(server.sparse.counts) if server.sparse else {},
             "staleness": [hyper.n, hyper.value], "waiting": waiting}
     return tensors, info
 
@@ -270,6 +271,10 @@ def load_state(server: ParameterServer, tensors: dict[str, torch.Tensor], info: 
     for k, v in (counts if isinstance(counts, dict) else {}).items():  # what the rank's primaries applied before it joined
         if k in ("push", "pull", "replayed") and type(v) is int and v >= 0:
             server.counts[k] = v
+    sparse_counts = info.get("sparse_counts")
+    for k, v in (sparse_counts if isinstance(sparse_counts, dict) and server.sparse else {}).items():
+        if k in ("requests", "keys_pushed", "keys_pulled") and type(v) is int and v >= 0:
+            server.sparse.counts[k] = v
     server.set_workers(list(info.get("members", [])))
     n, value = info.get("staleness", [0, 0.0])
     server.hyper.staleness.n, server.hyper.staleness.value = int(n), float(value)
