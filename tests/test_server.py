@@ -286,3 +286,51 @@ def test_a_sync_server_answers_a_round_once_the_coordinator_names_its_members(ma
     [(to, reply)] = h.sent[start:]
     assert to == b"worker-0" and reply.req_id == 1 and reply.meta == {"version": 1}
     torch.testing.assert_close(reply.tensors[0], INIT - LR)
+
+
+# -- stream partitions: each server applies each event once -----------------------------------------
+
+
+def _stream_push(h: Harness, start: int, end: int, value: float = 1.0, partition: int = 3) -> Message:
+    return h.call(Op.PUSH, {"keys": KEYS, "version": 0, "pos": [0, partition, end], "from": start}, [grad(value)])
+
+
+def test_a_stream_push_applies_once_skips_what_the_server_holds_and_refuses_a_gap(ready):
+    assert _stream_push(ready, 0, 10).op == Op.OK  # (0, 10]: applied, the mark is 10
+    assert _stream_push(ready, 10, 25).op == Op.OK
+    after = ready.pull()
+    torch.testing.assert_close(after, INIT - 2 * LR)
+    # read again from 0 and cut at the mark: (0, 10] and (10, 25] are answered, not applied
+    assert _stream_push(ready, 0, 10).op == Op.OK and _stream_push(ready, 10, 25).op == Op.OK
+    assert torch.equal(ready.pull(), after) and ready.server.counts["stream_skipped"] == 2
+    # a push that starts after the mark: the events (25, 30] are not here; refused, nothing changes
+    reply = _stream_push(ready, 30, 40)
+    assert is_error(reply, "stream_gap") and "up to offset 25" in reply.meta["error"]
+    assert torch.equal(ready.pull(), after)
+    # another partition has its own mark; MARKS says where each stands
+    assert _stream_push(ready, 0, 7, partition=4).op == Op.OK
+    marks = ready.call(Op.MARKS, {"shard": [0, 3]})
+    assert marks.op == Op.OK and marks.meta == {"marks": {str(KEYS[0]): 25}, "floor": 0}
+    assert ready.call(Op.MARKS, {"shard": [0, 4]}).meta["marks"] == {str(KEYS[0]): 7}
+    # a push whose range is empty or reversed is refused as invalid
+    now = ready.pull()
+    assert is_error(_stream_push(ready, 40, 40), "invalid") and torch.equal(ready.pull(), now)
+
+
+def test_stream_marks_are_saved_with_the_shard(ready, tmp_path):
+    import json as _json
+
+    from safetensors.torch import load as st_load
+
+    assert _stream_push(ready, 0, 10).op == Op.OK
+    ready.server.on_coordinator("coordinator", Message(Op.CHECKPOINT, 0, {"name": "ckpt-1", "url": str(tmp_path), "keep": 3}))
+    import time as _time
+
+    deadline = _time.monotonic() + 10
+    while not (tmp_path / "ckpt-1" / "server-0.safetensors").exists() and _time.monotonic() < deadline:
+        _time.sleep(0.05)
+    _time.sleep(0.2)
+    data = (tmp_path / "ckpt-1" / "server-0.safetensors").read_bytes()
+    st_load(data)
+    header = _json.loads(data[8 : 8 + int.from_bytes(data[:8], "little")])
+    assert _json.loads(header["__metadata__"]["marks"]) == {f"0:3:{KEYS[0]}": 10}

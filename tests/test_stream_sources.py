@@ -114,6 +114,26 @@ def test_a_redis_restart_mid_read_is_waited_for_and_nothing_is_read_twice(tmp_pa
         server.stop()
 
 
+def test_a_reader_opened_while_redis_is_down_waits_and_reads_after_its_offset_once_it_is_back(tmp_path):
+    server = RedisServer(str(tmp_path)).start()
+    try:
+        src = open_source(server.url + "?stream=ev")
+        src.create()
+        offs = [src.append(0, _event(i)) for i in range(4)]
+        server.stop()
+        r = src.open(0, offs[1], "w")  # (a worker rewinding while redis restarts): no error
+        assert r.read(10, 0.1) == []
+        server.start()
+        got = []
+        for _ in range(50):
+            got += r.read(10, 0.1)
+            if len(got) >= 2:
+                break
+        assert [e.offset for e in got] == offs[2:]
+    finally:
+        server.stop()
+
+
 def test_redis_unreachable_at_start_is_a_clear_error():
     from tests.redis_server import free_port
 

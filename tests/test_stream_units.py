@@ -33,7 +33,24 @@ def test_prequential_scores_keep_a_curve_per_window_and_totals():
                            "w1": {"online": {"events": 100, "malformed": 1, "prequential": {"events": 100, "auc": 0.5, "logloss": 1.0}}},
                            "w2": {"steps": 3}}, acked=7)
     assert both["events"] == 400 and both["malformed"] == 3 and both["acknowledged"] == 7
-    assert abs(both["prequential_auc"] - (300 * s["auc"] + 100 * 0.5) / 400) < 1e-12
+    assert abs(both["prequential_auc_workers"] - (300 * s["auc"] + 100 * 0.5) / 400) < 1e-12
+    assert both["prequential_events"] == 300 and abs(both["prequential_auc"] - s["auc"]) < 0.01  # pooled from the bins
+
+
+def test_the_pooled_prequential_auc_is_the_auc_of_every_score_a_dead_workers_last_heartbeat_included():
+    from downpour.data.scoring import roc_auc
+
+    rng = np.random.default_rng(1)
+    y = (rng.random(40_000) < 0.25).astype(np.float32)
+    p = 1 / (1 + np.exp(-(rng.normal(size=40_000) + 0.9 * y - 1.3)))
+    a, b = Prequential(), Prequential()
+    a.add(y[:25_000], p[:25_000])
+    b.add(y[25_000:], p[25_000:])
+    dead = {"steps": 9, "events": 15_000, "malformed": 0, "prequential_counts": b.counts.tolist(), "state": "dead"}
+    out = online_summary({"w0": {"online": {"events": 25_000, "malformed": 0, "prequential": a.summary()}}, "w1": dead}, 0)
+    assert out["events"] == 40_000 and out["prequential_events"] == 40_000
+    assert abs(out["prequential_auc"] - roc_auc(y, p)) < 1e-4  # 1,024 bins: ties within a bin count half
+    assert out["prequential_auc_workers"] == a.summary()["auc"]  # the exact mean has the survivor only
 
 
 class _FakeReader:

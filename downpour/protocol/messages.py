@@ -51,6 +51,9 @@ class Op(IntEnum):
     REPLICATE = 36
     REPLICA_STATE = 37
     REPLICA_ACK = 38
+    # worker -> server: where this server stands in a stream partition (meta: shard [epoch, shard])
+    # -> OK: marks {tag: offset}, floor. A tag is a dense push's first key, or "s" for sparse pushes.
+    MARKS = 39
     # replies
     OK = 50
     ERROR = 51

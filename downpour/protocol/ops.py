@@ -68,6 +68,9 @@ class Code(StrEnum):
     REPLICA_ORDER = "replica_order"  # a sequence number out of order (a gap)
     REPLICA_DUPLICATE = "replica_duplicate"  # a sequence number already held
     REPLICA_RANK = "replica_rank"  # state or updates for another rank than this link's
+    # a stream batch's push that starts after the last offset this server applied of its partition
+    # (a server restored from a checkpoint, or a push lost with a dead peer): the worker rewinds
+    STREAM_GAP = "stream_gap"
 
 
 # -- shared field schemas (one definition of each check) -------------------------------------------
@@ -88,6 +91,8 @@ PROGRESS = Record({
     "steps": COUNT, "examples": COUNT, "examples_per_s": SECONDS, "compute_s": SECONDS, "push_s": SECONDS,
     "pull_wait_s": SECONDS, "bytes_sent": COUNT, "bytes_received": COUNT, "position": POSITION,
     "shard": List(Int(0), length=2), "loss": Num(f32=True),
+    # online learning: prequential score counts per bin, [non-clicks, clicks] (stream/prequential.py)
+    "prequential_counts": List(List(COUNT, 1024), length=2),
     # servers
     "pushes": COUNT, "pulls": COUNT, "bytes_in": COUNT, "bytes_out": COUNT, "staleness_mean": Num(0.0, 1e18),
     "staleness_max": COUNT, "rejected": COUNT, "apply_s": SECONDS, "version": COUNT,
@@ -157,11 +162,12 @@ REQUESTS: dict[Op, Record] = {
     Op.INIT: Record({"keys": KEYS, "shm": _SHM}, required=("keys",), rest=REST),
     Op.PULL: Record({"keys": KEYS, "pq": _PULL_CODEC, "shm": _SHM}, required=("keys",), rest=REST),
     Op.PUSH: Record({"keys": KEYS, "version": COUNT, "weight": WEIGHT, "clock": Int(1), "delta": Bool(),
-                     "kv": List(COUNT, 1 << 24), "pos": POSITION, "seq": SEQ, "pq": _PULL_CODEC, "shm": _SHM,
+                     "kv": List(COUNT, 1 << 24), "pos": POSITION, "from": COUNT, "seq": SEQ, "pq": _PULL_CODEC, "shm": _SHM,
                      "enc": List(Tuple(Str(16), Dict(Str(8), Plain(max_depth=0, max_str=16), 16), Int(0, 64)), 1 << 24)},
                     required=("keys", "version"), rest=REST),
     Op.SPARSE: Record({"tables": List(Tuple(Str(128), COUNT, COUNT), 1024),
-                       "peek": Bool(), "seq": SEQ}, required=("tables",), rest=REST),
+                       "peek": Bool(), "seq": SEQ, "pos": POSITION, "from": COUNT}, required=("tables",), rest=REST),
+    Op.MARKS: Record({"shard": List(COUNT, length=2)}, required=("shard",), rest=REST),
 }
 REQUESTS[Op.PUSHPULL] = REQUESTS[Op.PUSH]
 REQUESTS[Op.REPLICA_HELLO] = Record({"rank": Int(0, 1 << 20), **_NODE}, required=("rank", "node"), rest=REST)

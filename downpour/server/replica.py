@@ -232,6 +232,7 @@ def server_state(server: ParameterServer) -> tuple[dict[str, torch.Tensor], dict
     info = {"positions": server.positions, "applied": server.applied, "members": sorted(server.members),
             "counts": {k: server.counts[k] for k in ("push", "pull", "replayed")},
             "sparse_counts": dict(server.sparse.counts) if server.sparse else {},
+            "marks": server.marks, "mark_floor": server.mark_floor,
             "staleness": [hyper.n, hyper.value], "waiting": waiting}
     return tensors, info
 
@@ -275,6 +276,8 @@ def load_state(server: ParameterServer, tensors: dict[str, torch.Tensor], info: 
     for k, v in (sparse_counts if isinstance(sparse_counts, dict) and server.sparse else {}).items():
         if k in ("requests", "keys_pushed", "keys_pulled") and type(v) is int and v >= 0:
             server.sparse.counts[k] = v
+    server.marks = {str(k): int(v) for k, v in info.get("marks", {}).items()}
+    server.mark_floor = {str(k): int(v) for k, v in info.get("mark_floor", {}).items()}
     server.set_workers(list(info.get("members", [])))
     n, value = info.get("staleness", [0, 0.0])
     server.hyper.staleness.n, server.hyper.staleness.value = int(n), float(value)

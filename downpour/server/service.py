@@ -115,7 +115,17 @@ class ParameterServer:
         # Each worker's data position ([epoch, shard, examples of it done]) as of its last push here,
         # saved with the shard so that a resumed job continues from the same data.
         self.positions: dict[str, list[int]] = {}
+        # Stream partitions (online learning): per "epoch:shard:TAG", the offset the last push of
+        # that partition applied here ended at (TAG: a dense push's first key, or "s" for sparse
+        # rows), saved with the shard. A stream push carries the offsets it covers, (from, pos[2]]:
+        # it is applied when it starts at or before the mark and ends after it, answered without
+        # being applied when it ends at or before it (its events are in this shard already), and
+        # refused (stream_gap) when it starts after it. ``mark_floor``: the mark of tags not held
+        # ("epoch:shard" -> offset; set when restored from a checkpoint of another layout).
+        self.marks: dict[str, int] = {}
+        self.mark_floor: dict[str, int] = {}
         self.snapshots = Snapshotter(self.store, rank, job.optimizer.name, name, self.sparse)
+        self.snapshots.marks = lambda: self.marks
         # Requesters on this machine (an ipc listener) may pass values through shared memory
         # (transport/shm.py): the slots they name, and where each request's reply values go.
         folder = slot_folder(listener.address) if job.cluster.shared_memory else None
@@ -360,12 +370,21 @@ class ParameterServer:
         who, seq = peer.decode(errors="replace"), msg.meta.get("seq")
         if seq is not None and seq <= self.applied.get(who, 0):  # a replay of a push applied already
             return self._replayed(push)
+        mark, verdict = self._stream_mark(msg, str(msg.meta["keys"][0]) if msg.meta["keys"] else "")
+        if verdict == "gap":
+            return [(peer, msg.error(Code.STREAM_GAP, self._gap_text(msg, mark)))]
+        pos = msg.meta.get("pos")
+        if verdict == "skip":  # its events are in this shard already: answered, not applied
+            self.counts["stream_skipped"] += 1
+            self.positions[who] = pos
+            return self._replayed(push)
         refused = self.policy.refuse(push)
         if refused is not None:  # refused by the policy: not counted, its data position not kept
             return [refused]
         if seq is not None:
             self.applied[who] = seq
-        pos = msg.meta.get("pos")
+        if mark is not None:
+            self.marks[mark] = pos[2]
         if isinstance(pos, list) and len(pos) == 3 and all(type(x) is int and x >= 0 for x in pos):
             self.positions[peer.decode(errors="replace")] = pos
         self.counts["push"] += 1
@@ -379,6 +398,35 @@ class ParameterServer:
         if self.timing:
             self.apply_times.observe(took)
         return replies
+
+    def _stream_mark(self, msg: Message, tag: str) -> tuple[str | None, str]:
+        """Of a push: the mark it is checked against ("epoch:shard:TAG"; None: not a stream
+        batch's push) and the verdict: "apply", "skip" (every event of it is here already) or
+        "gap" (events before it are not)."""
+        pos, start = msg.meta.get("pos"), msg.meta.get("from")
+        if pos is None or start is None:
+            return None, "apply"
+        if start >= pos[2]:
+            raise ProtocolError(f"a stream push covers offsets (from, pos[2]]: from {start} is not before {pos[2]}")
+        name = f"{pos[0]}:{pos[1]}:{tag}"
+        mark = self.marks.get(name, self.mark_floor.get(f"{pos[0]}:{pos[1]}", 0))
+        if pos[2] <= mark:
+            return name, "skip"
+        return name, "gap" if start > mark else "apply"
+
+    def _gap_text(self, msg: Message, mark: str | None) -> str:
+        self.counts["stream_gap"] += 1
+        pos = msg.meta["pos"]
+        held = self.marks.get(mark or "", self.mark_floor.get(f"{pos[0]}:{pos[1]}", 0))
+        return (f"{self.name} holds partition {pos[1]} up to offset {held}; this push starts after {msg.meta['from']} "
+                "(ask MARKS and resume there)")
+
+    def on_marks(self, peer: bytes, msg: Message):
+        """Where this server stands in one stream partition: each tag's mark, and the floor."""
+        epoch, shard = msg.meta["shard"]
+        prefix = f"{epoch}:{shard}:"
+        held = {k[len(prefix):]: v for k, v in self.marks.items() if k.startswith(prefix)}
+        return [(peer, msg.reply({"marks": held, "floor": self.mark_floor.get(f"{epoch}:{shard}", 0)}))]
 
     def _replayed(self, p: Push):
         """A push sent again after a failover that this server applied already: answered with the
@@ -396,11 +444,18 @@ class ParameterServer:
         t0 = time.perf_counter()
         who, seq = peer.decode(errors="replace") + "/sparse", msg.meta.get("seq")
         replay = seq is not None and seq <= self.applied.get(who, 0)  # applied already: read only
-        reply = self.sparse.handle(msg, replay=replay)
+        mark, verdict = self._stream_mark(msg, "s") if not replay else (None, "apply")
+        if verdict == "gap":
+            return [(peer, msg.error(Code.STREAM_GAP, self._gap_text(msg, mark)))]
+        if verdict == "skip":
+            self.counts["stream_skipped"] += 1
+        reply = self.sparse.handle(msg, replay=replay or verdict == "skip")
         if replay:
             self.counts["replayed"] += 1
         elif seq is not None:
             self.applied[who] = seq
+        if mark is not None and verdict == "apply" and reply.op == Op.OK:
+            self.marks[mark] = msg.meta["pos"][2]
         self.apply_s += time.perf_counter() - t0
         return [(peer, reply)]
 
@@ -419,7 +474,7 @@ class ParameterServer:
         return self.replicas.ack(peer, msg.meta["node"], msg.meta["seq"])
 
     _HANDLERS = {Op.INIT: on_init, Op.PULL: on_pull, Op.PUSH: on_push, Op.PUSHPULL: on_push, Op.SPARSE: on_sparse,
-                 Op.REPLICA_HELLO: on_replica_hello, Op.REPLICA_ACK: on_replica_ack}
+                 Op.MARKS: on_marks, Op.REPLICA_HELLO: on_replica_hello, Op.REPLICA_ACK: on_replica_ack}
 
     # -- coordinator messages ---------------------------------------------
     def on_coordinator(self, peer: str, msg: Message) -> None:
@@ -437,6 +492,7 @@ class ParameterServer:
         filled = restore_store(self.store, layout, old, bool(order.get("full")))
         if order.get("full"):
             self.positions = {}
+            self.marks, self.mark_floor = old.marks_for(self.rank, layout.num_servers)
         log.info("%s: %s %d of %d keys from %s", self.name, "restored" if order.get("full") else "warm-started",
                  filled, len(self.store.keys), store.where(manifest.name))
         if self.sparse:

@@ -9,6 +9,7 @@ File format (safetensors: a JSON header, then raw little-endian tensors; never a
   their versions stand in);
 * ``state.<name>`` float32 [numel]: the update rule's state (``momentum_buffer``, ``exp_avg`` ...);
 * metadata ``positions`` (JSON: worker -> [epoch, shard, examples done] of its last push included),
+  ``marks`` (JSON: stream partition marks, "epoch:shard:TAG" -> offset; see ParameterServer.marks),
   ``rule``, ``rank``, ``version``.
 
 When the copy is taken: at once (async mode, the end of training), or, in sync mode, right after
@@ -25,6 +26,7 @@ import queue
 import threading
 import time
 from bisect import bisect_right
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -66,6 +68,7 @@ class Snapshotter:
         self.armed: Request | None = None
         self.reports: queue.Queue[dict[str, Any]] = queue.Queue()
         self.writes = 0
+        self.marks: Callable[[], dict[str, int]] = dict  # the server's stream marks (saved with the shard)
 
     def request(self, meta: dict[str, Any], positions: dict[str, list[int]]) -> None:
         """A CHECKPOINT from the coordinator (replaces any request not yet taken)."""
@@ -98,7 +101,8 @@ class Snapshotter:
         }
         for k, v in self.store.rule.state().items():
             tensors[f"state.{k}"] = v.clone()
-        meta = {"positions": json.dumps(positions), "rule": self.rule_name, "rank": str(self.rank), "version": str(self.version())}
+        meta = {"positions": json.dumps(positions), "rule": self.rule_name, "rank": str(self.rank), "version": str(self.version()),
+                "marks": json.dumps(self.marks())}
         sparse = self.sparse.snapshot(req.name, req.committed, req.full_every) if self.sparse is not None else None
         threading.Thread(target=self._write, args=(req, tensors, meta, sparse), name=f"{self.node}-checkpoint", daemon=True).start()
 
@@ -174,11 +178,13 @@ class OldParams:
         self.key_versions = [0] * len(layout.slices)
         self.key_steps = [0] * len(layout.slices)
         self.positions: list[dict[str, list[int]]] = []
+        self.marks: dict[int, dict[str, int]] = {}  # by server rank: its stream marks
         seen = [False] * len(layout.slices)
         for file in files:
             where = store.where(manifest.name, file)
             tensors, meta = load_shard_file(store.read(manifest, file), where)
             self.positions.append(json.loads(meta.get("positions", "{}")))
+            self.marks[int(file[len("server-") :].split(".")[0])] = _marks(meta.get("marks", "{}"), where)
             at = 0
             steps = tensors.get("steps", tensors["versions"]).tolist()
             for key, length, version, step in zip(tensors["keys"].tolist(), tensors["lengths"].tolist(),
@@ -201,9 +207,37 @@ class OldParams:
             if not bool(torch.isfinite(t).all()):
                 raise DataError(f"{store.where(manifest.name)}: the checkpoint's {what} hold NaN or Inf")
 
+    def marks_for(self, rank: int, num_servers: int) -> tuple[dict[str, int], dict[str, int]]:
+        """The stream marks a server of ``rank`` continues from, and the floor of tags it does
+        not hold: its own rank's marks when the checkpoint had as many servers; otherwise (its keys
+        and rows come from several old servers) no marks and, per partition, the lowest mark any
+        old server held as the floor (events after it may then be applied twice to some keys)."""
+        if num_servers == self.layout.num_servers and rank in self.marks:
+            return dict(self.marks[rank]), {}
+        floor: dict[str, int] = {}
+        for held in self.marks.values():
+            for tag, offset in held.items():
+                part = tag.rsplit(":", 1)[0]
+                floor[part] = min(floor.get(part, offset), offset)
+        if floor:
+            log.warning("stream marks: a checkpoint of %d servers restored on %d; each partition resumes at the lowest "
+                        "mark, so some events after it may be applied twice", self.layout.num_servers, num_servers)
+        return {}, floor
+
     def param_range(self, name: str) -> tuple[int, int] | None:
         p = self._params.get(name)
         return (p.offset, p.offset + p.numel) if p is not None else None
+
+
+def _marks(text: str, where: str) -> dict[str, int]:
+    try:
+        marks = json.loads(text)
+    except ValueError:
+        marks = None
+    if not isinstance(marks, dict) or not all(isinstance(k, str) and k.count(":") == 2 and type(v) is int and v >= 0
+                                              for k, v in marks.items()):
+        raise DataError(f"{where}: its stream marks are not a mapping of 'epoch:shard:tag' to offsets")
+    return marks
 
 
 def restore_store(store: ShardStore, layout: Layout, old: OldParams, full: bool) -> int:

@@ -177,8 +177,12 @@ class Exporter:
                        for t in state.layout.tables},
             "dense": {name: len(flat) for name, flat in state.dense.items()},
         }
-        with self.fs.open(posixpath.join(folder, MANIFEST), "wb") as f:  # last: the version exists from now on
+        # Last, and whole: written under another name and renamed, so that a follower polling
+        # meanwhile finds no manifest (later) rather than a partial one (which it would refuse).
+        part = posixpath.join(folder, MANIFEST + ".part")
+        with self.fs.open(part, "wb") as f:
             f.write(json.dumps(manifest, indent=1, sort_keys=True).encode())
+        self.fs.mv(part, posixpath.join(folder, MANIFEST))  # the version exists from now on
         self.version, self.prev = version, state
         self.since_full = 0 if full else self.since_full + 1
         self.last_bytes, self.last_rows = len(data), rows

@@ -4,6 +4,10 @@ trained on, so the scores are an honest test set that keeps coming.
 :class:`Prequential` keeps every (label, score) pair of a worker (two float32 per event,
 8 MB per million events) and, every ``window`` events, the AUC and log loss of the last
 window: the curve over time. The totals are over everything seen.
+
+It also counts the scores of clicks and non-clicks in :data:`BINS` equal bins of [0, 1]: two
+short lists that travel in every heartbeat, so that the job's prequential AUC pools every
+worker's events (:func:`hist_auc`), a worker that died included (up to its last heartbeat).
 """
 
 from __future__ import annotations
@@ -27,6 +31,20 @@ def _scores(y: np.ndarray, p: np.ndarray) -> tuple[float | None, float | None]:
     return auc, log_loss(y, p)
 
 
+BINS = 1024  # score bins of the pooled AUC: ties within a bin count half (width 1/1024 of probability)
+
+
+def hist_auc(counts) -> float | None:
+    """AUC from per-bin counts [[non-clicks per bin], [clicks per bin]] (ascending scores); None
+    with one class only."""
+    neg, pos = (np.asarray(c, dtype=np.float64) for c in counts)
+    n_neg, n_pos = neg.sum(), pos.sum()
+    if not n_neg or not n_pos:
+        return None
+    below = np.cumsum(neg) - neg  # non-clicks scored in lower bins
+    return float((pos * (below + 0.5 * neg)).sum() / (n_neg * n_pos))
+
+
 class Prequential:
     def __init__(self, window: int = 10_000, clock=time.monotonic) -> None:
         self.window, self.clock = window, clock
@@ -36,6 +54,7 @@ class Prequential:
         self.n = 0
         self.curve: list[list[float]] = []  # [seconds, events, window AUC, window log loss]
         self._since = 0
+        self.counts = np.zeros((2, BINS), dtype=np.int64)  # [non-clicks, clicks] per score bin
 
     def add(self, labels: np.ndarray, probs: np.ndarray) -> None:
         """Scores of events not yet trained on (probabilities of a click)."""
@@ -45,6 +64,10 @@ class Prequential:
         self._p.append(p)
         self.n += len(y)
         self._since += len(y)
+        b = np.clip((p * BINS).astype(np.int64), 0, BINS - 1)
+        click = y > 0.5
+        self.counts[0] += np.bincount(b[~click], minlength=BINS)
+        self.counts[1] += np.bincount(b[click], minlength=BINS)
         if self._since >= self.window:
             self._since = 0
             yy, pp = self.arrays(self.window)
@@ -61,26 +84,40 @@ class Prequential:
     def summary(self) -> dict:
         y, p = self.arrays()
         auc, ll = _scores(y, p)
-        return {"events": self.n, "auc": auc, "logloss": ll, "curve": self.curve}
+        return {"events": self.n, "auc": auc, "logloss": ll, "curve": self.curve, "counts": self.counts.tolist()}
 
 
 def online_summary(workers: dict, acked: int) -> dict:
-    """The job's stream figures from its workers' stats: events, malformed events, and the
-    prequential AUC and log loss as the events-weighted mean of the workers' own (each worker
-    scores the partitions it trained; the exact pooled figures are in each worker's stats)."""
+    """The job's stream figures from its workers' stats (a worker that died: its last heartbeat's
+    progress): events, malformed events, the prequential AUC pooled over every worker's scores
+    (from the binned counts: ``prequential_auc``) and the events-weighted mean of the workers' own
+    exact AUC and log loss (``prequential_auc_workers``, ``prequential_logloss``; a worker that died
+    has none)."""
     events = malformed = 0
     auc_w = ll_w = n_auc = n_ll = 0.0
+    counts = np.zeros((2, BINS), dtype=np.int64)
     for stats in workers.values():
-        o = (stats or {}).get("online") if isinstance(stats, dict) else None
+        if not isinstance(stats, dict):
+            continue
+        o = stats.get("online")
+        if not o and "prequential_counts" in stats:  # a worker that died: its last heartbeat
+            o = {"events": stats.get("events", 0), "malformed": stats.get("malformed", 0),
+                 "prequential": {"counts": stats["prequential_counts"]}}
         if not o:
             continue
         events += int(o.get("events", 0))
         malformed += int(o.get("malformed", 0))
         pq = o.get("prequential") or {}
+        c = np.asarray(pq.get("counts") or np.zeros((2, BINS)), dtype=np.int64)
+        if c.shape == counts.shape:
+            counts += c
         n = float(pq.get("events") or 0)
         if pq.get("auc") is not None:
             auc_w, n_auc = auc_w + n * pq["auc"], n_auc + n
         if pq.get("logloss") is not None:
             ll_w, n_ll = ll_w + n * pq["logloss"], n_ll + n
+    mean = auc_w / n_auc if n_auc else None
+    pooled = hist_auc(counts) if counts.any() else None
     return {"events": events, "malformed": malformed, "acknowledged": acked,
-            "prequential_auc": auc_w / n_auc if n_auc else None, "prequential_logloss": ll_w / n_ll if n_ll else None}
+            "prequential_auc": pooled if pooled is not None else mean, "prequential_auc_workers": mean,
+            "prequential_events": int(counts.sum()), "prequential_logloss": ll_w / n_ll if n_ll else None}

@@ -48,7 +48,12 @@ class RedisReader:
         self.key = source.key(partition)
         self.after = after
         self._down_since: float | None = None
-        self._group_at(after)
+        redis = _redis()
+        try:
+            self._group_at(after)
+        except (redis.ConnectionError, redis.TimeoutError) as err:  # (BusyLoadingError too): the first read waits
+            self._down_since = time.monotonic()
+            log.warning("%s: %s unreachable (%s); waiting for it", consumer, source.where, err)
 
     def _group_at(self, offset: int) -> None:
         r, group = self.source.client, self.source.spec.group

@@ -301,17 +301,38 @@ class KVClient:
         return self._send(Op.PUSH, keys, grad, None, weight, versions)
 
     def push_pull(self, grad: torch.Tensor, out: torch.Tensor, keys: list[int] | None = None, weight: float = 1.0,
-                  versions: list[int] | None = None, position: list[int] | None = None, delta: bool = False) -> Handle:
+                  versions: list[int] | None = None, position: list[int] | None = None, delta: bool = False,
+                  start: int | None = None) -> Handle:
         """Push, then receive the values after that update in the same round trip (one message
         per server each way). Arguments as for :meth:`push`; ``position`` ([epoch, shard, examples
         of the shard done with this gradient]) is kept by the servers for checkpoints. With
-        ``delta`` the servers add ``grad`` to the values instead of taking an optimizer step."""
+        ``delta`` the servers add ``grad`` to the values instead of taking an optimizer step.
+        ``start``: a stream batch's push covers offsets (start, position[2]] of partition
+        position[1]; each server applies it once (see :meth:`stream_marks`)."""
         self._check(grad, "grad")
         self._check(out, "out")
         extra: dict = {"pos": position} if position else {}
+        if position and start is not None:
+            extra["from"] = start
         if delta:
             extra["delta"] = True
         return self._send(Op.PUSHPULL, keys, grad, out, weight, versions, extra or None)
+
+    def stream_marks(self, shard: list[int], sparse: bool) -> list[int]:
+        """Where every server stands in a stream partition (``shard``: [epoch, partition]): the
+        offset after which each of its dense requests (by first key) and, with ``sparse``, its
+        sparse rows continue. The lowest is where the partition resumes; every other one is a
+        point a batch must end at, so that each server applies each event once."""
+        futures = {rank: self.rpc.request(peer, Message(Op.MARKS, meta={"shard": list(shard)})) for rank, peer in self.peers.items()}
+        out: list[int] = []
+        for rank, fut in futures.items():
+            meta = fut.result().meta
+            held, floor = meta.get("marks"), meta.get("floor", 0)
+            if not isinstance(held, dict) or type(floor) is not int or not all(type(v) is int and v >= 0 for v in held.values()):
+                raise ProtocolError(f"{fut.peer} answered MARKS with {meta!r:.200}")
+            tags = [str(p.keys[0]) for p in self._all if p.server == rank] + (["s"] if sparse else [])
+            out += [int(held.get(t, floor)) for t in tags]
+        return out
 
     def wait(self, handle: Handle, timeout_s: float | None = None) -> None:
         """Block until every server answered (or raise: RemoteError if one refused,

@@ -51,6 +51,7 @@ class SparseClient:
         self.ids_pulled = 0
         self.ids_pushed = 0
         self.sent: list = []  # push-only requests sent by send_pending, not yet answered
+        self.gaps = 0  # stream pushes a server refused as starting after its mark (the worker rewinds)
 
     # -- RowSource -----------------------------------------------------------------------------
     def rows(self, table: str, keys: torch.Tensor, dim: int, train: bool) -> torch.Tensor:
@@ -109,14 +110,18 @@ class SparseClient:
         order = np.argsort(srv, kind="stable")
         return order, np.concatenate([[0], np.cumsum(np.bincount(srv, minlength=self.num_servers))])
 
-    def _send(self, server: int, table: str | None, dim: int, pull: np.ndarray, peek: bool):
+    def _send(self, server: int, table: str | None, dim: int, pull: np.ndarray, peek: bool, stream: dict | None = None):
         """One SPARSE request: this server's waiting pushes (every table) and the pull of ``table``
-        (None: pushes only). Returns the future and the index of the pulled rows among the reply's tensors."""
+        (None: pushes only). Returns the future and the index of the pulled rows among the reply's tensors.
+        ``stream``: the stream batch the pushes are of ({"pos", "from"}; sent even with no rows)."""
         pushes = self.pending.pop(server, {}) if not peek else {}
         spec, tensors = [], []
         names = list(pushes)
         if table is not None and table not in pushes:
             names.append(table)
+        if not names and stream is not None:  # no rows for this server: the request still moves its mark
+            first = self.layout.tables[0]
+            names, table, dim, pull = [first.name], first.name, first.dim, np.zeros(0, np.int64)
         at = 0
         for i, name in enumerate(names):
             keys, grads = pushes[name] if name in pushes else (np.zeros(0, np.int64), np.zeros((0, dim), np.float32))
@@ -131,6 +136,8 @@ class SparseClient:
             self.ids_pushed += len(keys)
         self.wire["push"]["headers"] += _HEADER * len(spec)
         meta: dict = {"tables": spec, "peek": True} if peek else {"tables": spec}
+        if stream is not None:
+            meta.update(stream)
         if not peek:
             self.seq[server] = meta["seq"] = self.seq.get(server, 0) + 1
         self.requests += 1
@@ -166,9 +173,15 @@ class SparseClient:
                 waiting[table] = (k[idx], g[idx]) if old is None else _sum_rows(old[0], old[1], k[idx], g[idx])
         self.fetched = []
 
-    def send_pending(self) -> None:
+    def send_pending(self, position: list[int] | None = None, start: int | None = None) -> None:
         """Send every waiting gradient now (one push-only request per server) without waiting;
-        the answers are collected before the next request that needs them."""
+        the answers are collected before the next request that needs them. With a stream batch's
+        ``position`` and ``start`` (its offsets (start, position[2]]), every server gets one, rows
+        or not, and applies it once (servers answer a gap with ``stream_gap``: :attr:`gaps`)."""
+        if position is not None and start is not None:
+            stream = {"pos": position, "from": start}
+            self.sent += [self._send(s, None, 0, np.zeros(0, np.int64), False, stream)[0] for s in range(self.num_servers)]
+            return
         self.sent += [self._send(server, None, 0, np.zeros(0, np.int64), False)[0] for server in sorted(self.pending)]
 
     def _settle_sent(self) -> None:
@@ -180,6 +193,11 @@ class SparseClient:
                     fut.result()
                     break
                 except (RemoteError, RequestTimeout) as err:  # a replaced server: lost with it, as any push since its checkpoint
+                    if isinstance(err, RemoteError) and err.code == "stream_gap":  # not applied: the stream rewinds
+                        self.gaps += 1
+                        self._unanswered.pop(fut.req_id, None)
+                        fut = None
+                        break
                     if isinstance(err, RemoteError) and err.code != "peer_replaced":
                         raise
                     fut = self._again(fut, err)  # (unless a backup took over: then sent again)

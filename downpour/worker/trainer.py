@@ -114,6 +114,8 @@ class Trainer:
         # heartbeat carries it: where the shard resumes if this worker dies), and of the one in flight.
         self.position: list[int] | None = None
         self._inflight_position: list[int] | None = None
+        self._stream_from: int | None = None  # a stream push: the offset before its first event
+        self.stream_gaps = 0  # stream pushes a server refused (stream_gap): the partition rewinds
         self.dropped = 0  # pushes a sync server refused as being for a past round (after a wait or a join)
         # The examples-weighted mean of the gradients since the last push, over acc_n examples.
         self.acc: torch.Tensor | None = None
@@ -239,8 +241,11 @@ class Trainer:
             done += n
         return done
 
-    def step(self, x: Inputs, y: torch.Tensor, position: list[int] | None = None) -> None:
-        """One step on a batch; ``position`` is where the batch ends in the data (saved by checkpoints)."""
+    def step(self, x: Inputs, y: torch.Tensor, position: list[int] | None = None, start: int | None = None) -> None:
+        """One step on a batch; ``position`` is where the batch ends in the data (saved by checkpoints).
+        ``start``: a stream batch's offset before its first event (its pushes cover (start, position[2]])."""
+        if start is not None and self._stream_from is None:
+            self._stream_from = start  # the first batch of the next push
         c0 = time.perf_counter()
         # The versions the model's values have now: the gradient is computed on them, so the
         # servers measure its staleness from here (not from the push+pull settled below).
@@ -263,7 +268,7 @@ class Trainer:
         if self.sparse is not None:  # the rows' gradients go with the next batch's pull
             self.sparse.after_backward()
             if self.online is not None:  # ... or now, ahead of the dense push that carries the data position
-                self.sparse.send_pending()
+                self.sparse.send_pending(position, start)
         self.steps += 1
         self.examples += len(y)
         if self.local is not None:  # local SGD: step here; every H steps push the change
@@ -304,7 +309,9 @@ class Trainer:
             self.acc, self.acc_n = None, 0
         self._settle()
         p0 = time.perf_counter()
-        self.inflight = self.kv.push_pull(grad, self.flat.host, weight=weight, versions=base, position=position, delta=is_delta)
+        self.inflight = self.kv.push_pull(grad, self.flat.host, weight=weight, versions=base, position=position, delta=is_delta,
+                                          start=self._stream_from if position is not None else None)
+        self._stream_from = None
         self._inflight_position = position
         self.pushes += 1
         self.pushes_at = self.steps
@@ -320,8 +327,10 @@ class Trainer:
         try:
             self.kv.wait(self.inflight)
         except RemoteError as err:
-            if err.code not in ("sync_round", "sync_duplicate", "peer_replaced", "not_member"):
+            if err.code not in ("sync_round", "sync_duplicate", "peer_replaced", "not_member", "stream_gap"):
                 raise
+            if err.code == "stream_gap":  # a server lacks events before this push: the stream loop rewinds
+                self.stream_gaps += 1
             # This worker waited for a shard (or joined) while sync rounds went on: its gradient is for
             # a past round. Or a server was replaced (it restored a checkpoint) while the push was in
             # flight. Drop the push, take the current values, and go on from there.
