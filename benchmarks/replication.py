@@ -61,13 +61,13 @@ def lost_updates(s: dict[str, Any]) -> int:
     return dropped + sum(abs(v["pushes"] - made) for v in s["servers"].values())
 
 
-def throughput(path: str, overrides: list[str], k: int, tmp: str) -> dict[str, Any]:
-    job = _job(path, [*overrides, f"cluster.replicas={k}", "cluster.replication=sync", "checkpoint.enabled=false"])
+def throughput(path: str, overrides: list[str], k: int, tmp: str, mode: str = "sync") -> dict[str, Any]:
+    job = _job(path, [*overrides, f"cluster.replicas={k}", f"cluster.replication={mode}", "checkpoint.enabled=false"])
     run_dir = tempfile.mkdtemp(dir=tmp)
     s = LocalLauncher(job, run_dir).run().summary
     shutil.rmtree(run_dir, ignore_errors=True)
     rep = [v.get("replication") or {} for v in s["servers"].values()]
-    return {"k": k, "examples_per_s": s["examples_per_s"], "train_s": s["train_s"], "status": s["status"],
+    return {"k": k, "replication": mode, "examples_per_s": s["examples_per_s"], "train_s": s["train_s"], "status": s["status"],
             "accuracy": s.get("test_accuracy", s.get("test_auc")), "replicated_mb": sum(r.get("bytes", 0) for r in rep) / 1e6,
             "lost": lost_updates(s)}
 
@@ -88,7 +88,9 @@ def _ready(st: dict[str, Any], rank: int) -> dict | None:
     return None
 
 
-def failover(hidden: int, overrides: list[str], tmp: str, after_s: float) -> dict[str, Any]:
+def failover(hidden: int, overrides: list[str], tmp: str, after_s: float, kills: int = 1) -> dict[str, Any]:
+    """One run with one backup per rank; rank 1's primary SIGKILLed ``kills`` times (each once it has a
+    caught-up backup again, the first ``after_s`` into training; kills = 0: undisturbed)."""
     job = _job(REFERENCE, [*overrides, f"model.args.hidden=[{hidden}]", "cluster.replicas=1", "cluster.replication=sync",
                            "checkpoint.enabled=false"])
     run_dir = tempfile.mkdtemp(dir=tmp)
@@ -101,17 +103,19 @@ def failover(hidden: int, overrides: list[str], tmp: str, after_s: float) -> dic
 
     def killer() -> None:
         started = None
-        while not killed:
+        while len(killed) < kills:
             st = dict(status)
             if st.get("phase") in ("finished", "failed", "stopping", "evaluating"):
                 return
             if st.get("phase") == "training" and started is None:
                 started = time.monotonic()
-            primary = _ready(st, 1) if started is not None and time.monotonic() - started >= after_s else None
-            if primary is not None:
+            recovering = any(f.get("recovered_after_s") is None or f.get("rereplicated_after_s") is None
+                             for f in st.get("failures", []))
+            primary = (_ready(st, 1) if started is not None and time.monotonic() - started >= after_s
+                       and len(st.get("failures", [])) >= len(killed) and not recovering else None)
+            if primary is not None and primary["pid"] not in killed:
                 os.kill(primary["pid"], signal.SIGKILL)
                 killed.append(primary["pid"])
-                return
             time.sleep(0.1)
 
     t = threading.Thread(target=killer, daemon=True)
@@ -121,7 +125,9 @@ def failover(hidden: int, overrides: list[str], tmp: str, after_s: float) -> dic
     shutil.rmtree(run_dir, ignore_errors=True)
     f = next((f for f in s["failures"] if f.get("promoted_to")), {})
     rep = (s["servers"].get("server-1") or {}).get("replication") or {}
-    return {"hidden": hidden, "killed": bool(killed), "status": s["status"], "detected_s": f.get("detected_after_s"),
+    return {"hidden": hidden, "planned": kills, "killed": len(killed),
+            "failovers": len([f for f in s["failures"] if f.get("promoted_to")]), "status": s["status"],
+            "detected_s": f.get("detected_after_s"),
             "promoted_s": f.get("promoted_after_s"), "failover_s": f.get("failover_s"),
             "rereplicated_s": f.get("rereplicated_after_s"),
             "state_mb": rep.get("transfer_bytes", 0) / max(1, rep.get("transfers", 1)) / 1e6,
@@ -133,11 +139,14 @@ def main() -> int:
     ap.add_argument("--throughput", action="store_true")
     ap.add_argument("--failover", action="store_true")
     ap.add_argument("--rounds", type=int, default=2)
-    ap.add_argument("--ks", default="0,1,2")
+    ap.add_argument("--ks", default="0,1,2", help="--throughput: backups per rank; 1a: one, replication async")
     ap.add_argument("--epochs", type=int, default=1)
     ap.add_argument("--ctr", type=int, default=0, help="also the CTR job, on this many generated rows")
     ap.add_argument("--hidden", default="128,1024,4096", help="--failover: hidden layer sizes, one run each")
     ap.add_argument("--after", type=float, default=2.0, help="--failover: seconds of training before the kill")
+    ap.add_argument("--accuracy", type=int, default=0, help="N pairs: an undisturbed run, then one whose rank 1 primary "
+                    "is killed --kills times (the reference job, one backup per rank)")
+    ap.add_argument("--kills", type=int, default=2)
     ap.add_argument("--set", action="append", default=[], help="more job overrides (key=value)")
     ap.add_argument("--json", help="write the results here")
     args = ap.parse_args()
@@ -157,18 +166,19 @@ def main() -> int:
             rows = []
             for r in range(args.rounds):
                 for name, path, overrides in jobs:
-                    for k in (int(x) for x in args.ks.split(",")):
-                        row = {"job": name, "round": r, **throughput(path, overrides, k, tmp)}
+                    for k in args.ks.split(","):
+                        row = {"job": name, "round": r, "config": k,
+                               **throughput(path, overrides, int(k.rstrip("a")), tmp, "async" if k.endswith("a") else "sync")}
                         rows.append(row)
                         print(json.dumps(row), flush=True)
             out["throughput"] = rows
             print(f"\n{env['time']}, {env['cpus']} CPUs ({env['cpu_model']}), torch {env['torch']}, {args.rounds} rounds\n")
-            print("| job | k | examples/s per round | mean | vs k=0 | replicated MB (mean) | lost updates |")
+            print("| job | k (a: replication async) | examples/s per round | mean | vs the first | replicated MB (mean) | lost updates |")
             print("|---|---|---|---|---|---|---|")
             for name, _, _ in jobs:
                 base = None
-                for k in (int(x) for x in args.ks.split(",")):
-                    mine = [x for x in rows if x["job"] == name and x["k"] == k]
+                for k in args.ks.split(","):
+                    mine = [x for x in rows if x["job"] == name and x["config"] == k]
                     mean = sum(x["examples_per_s"] for x in mine) / len(mine)
                     base = mean if base is None else base
                     each = ", ".join(f"{x['examples_per_s']:,.0f}" for x in mine)
@@ -189,6 +199,25 @@ def main() -> int:
             for x in rows:
                 print(f"| {x['hidden']} | {x['state_mb']:.2f} | {x['detected_s']} | {x['promoted_s']} | {x['failover_s']} "
                       f"| {x['rereplicated_s']} | {x['lost']} | {x['accuracy']} |")
+        if args.accuracy:
+            rows = []
+            for i in range(args.accuracy):
+                for kills in (0, args.kills):
+                    row = {"pair": i, **failover(128, [f"training.epochs={args.epochs}", "cluster.num_servers=3", *args.set],
+                                                 tmp, args.after, kills)}
+                    rows.append(row)
+                    print(json.dumps(row), flush=True)
+            out["accuracy"] = rows
+            print(f"\n{env['time']}, {env['cpus']} CPUs, torch {env['torch']}, {args.epochs} epochs, overrides {args.set}\n")
+            print("| pair | undisturbed accuracy | killed accuracy | difference (points) | failovers | lost updates |")
+            print("|---|---|---|---|---|---|")
+            diffs = []
+            for i in range(args.accuracy):
+                calm, hit = (next(x for x in rows if x["pair"] == i and x["planned"] == k) for k in (0, args.kills))
+                diffs.append(100 * (hit["accuracy"] - calm["accuracy"]))
+                print(f"| {i} | {calm['accuracy']:.4f} | {hit['accuracy']:.4f} | {diffs[-1]:+.2f} "
+                      f"| {hit['failovers']} of {hit['killed']} kills | {hit['lost']} |")
+            print(f"\nmean difference {sum(diffs) / len(diffs):+.2f} points over {len(diffs)} pairs")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     if args.json:

@@ -149,6 +149,12 @@ def test_sync_replication_answers_a_push_only_once_the_backup_acknowledged_it(pa
     p.ack()
     [reply] = p.take(W0)
     assert reply.op == Op.OK and reply.req_id == rid
+    # The coordinator's plan no longer has that backup (its process died): it is dropped at once
+    # and the held answer goes, instead of waiting for the backup to time out.
+    rid = p.push(2.0, seq=2)
+    assert p.take(W0) == [] and p.primary.replicas.keep(["server-1"]) == []  # still planned: still held
+    [(to, held)] = p.primary.replicas.keep(["server-2"])
+    assert to == W0 and held.req_id == rid and p.primary.replicas.stats()["dropped"] == 1
 
 
 def test_async_replication_answers_at_once_while_the_lag_is_within_its_bound(pair):

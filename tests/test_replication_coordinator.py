@@ -112,12 +112,16 @@ def test_a_dead_primary_is_replaced_by_its_caught_up_backup_without_a_checkpoint
     assert c.state.replica_plan[1] == ["h/102"]  # its backups stay as they were until the promoted one registers
     # The backup's server registers for the rank, from server-2's process: no checkpoint to load.
     c.now = 7.2
-    answer = ok(replies(c.send("server-1.p", Op.REGISTER, role="server", rank=1, address="tcp://127.0.0.1:7102", host="h",
-                           pid=102, hosted_by="server-2", promoted=True), to="server-1.p")[0])
+    registered = c.send("server-1.p", Op.REGISTER, role="server", rank=1, address="tcp://127.0.0.1:7102", host="h",
+                        pid=102, hosted_by="server-2", promoted=True)
+    answer = ok(replies(registered, to="server-1.p")[0])
     assert answer["rank"] == 1 and answer["restore"] is None
     assert record.promoted_after_s == 0.2 and record.replaced_by == "server-1 (pid 102)"
     assert c.state.replica_plan == {0: ["h/102"], 1: ["h/100"], 2: ["h/100"]}  # nothing on the dead process
     assert c.state.replica_addresses[1] == "tcp://127.0.0.1:7102"
+    told = [r for r in replies(registered) if r.msg.op == Op.PROMOTE]  # the workers, at once, on their heartbeat connection
+    assert sorted(r.to for r in told) == [ident("worker-0") + b".hb", ident("worker-1") + b".hb"]
+    assert told[0].msg.meta["servers_gen"] == c.state.servers_gen
     worker = c.heartbeat("worker-0")
     assert {"rank": 1, "name": "server-1", "address": "tcp://127.0.0.1:7102"} in worker["servers"]
     # Its first heartbeat: serving (recovered); its first request and its new backup complete the record.
@@ -182,3 +186,25 @@ def test_the_plan_and_a_pending_promotion_survive_a_coordinator_restart(tmp_path
     assert again.replica_plan == c.state.replica_plan and again.replica_gen == c.state.replica_gen
     assert again.replica_addresses == c.state.replica_addresses and again.hosting == {1: "server-2"}
     assert again.failures[0].promoted_to == "server-2" and 1 in again.server_slots
+
+
+def test_with_replicas_a_server_whose_process_exited_is_declared_dead_at_once_but_only_once_seen_running():
+    c = Cluster()
+    c.caught_up()
+    running = {100: True, 101: True, 102: True}
+    c.state.pid_alive = lambda pid: running.get(pid)
+    c.now = 0.5
+    assert c.state.tick(0.5) == []  # every server process seen running
+    running[101] = False
+    out = c.state.tick(0.6)
+    assert c.state.nodes["server-1"].state == "dead" and [r.msg.op for r in replies(out)] == [Op.PROMOTE]
+    assert "exited" in c.state.failures[0].reason
+    # A process never seen running (another pid namespace, a pid this machine does not have) is
+    # left to the heartbeat timeout.
+    other = Cluster()
+    other.state.pid_alive = lambda pid: False
+    assert other.state.tick(0.5) == [] and all(n.state == "alive" for n in other.state.nodes.values())
+    without = Cluster(replicas=0)  # without replicas, the heartbeat timeout as before
+    without.state.pid_alive = lambda pid: pid != 101
+    without.state.tick(0.5)
+    assert without.state.tick(0.6) == [] and without.state.nodes["server-1"].state == "alive"

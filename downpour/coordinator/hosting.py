@@ -67,7 +67,8 @@ def replace_server(st: CoordinatorState, ident: bytes, msg: Message, now: float)
     st.by_identity[ident] = name
     st.servers_gen += 1
     record.replaced_by = f"{name} (pid {pid})"
-    if msg.meta.get("promoted") is True and record.promoted_to is not None:
+    promoted = msg.meta.get("promoted") is True and record.promoted_to is not None
+    if promoted:
         replication.promoted(st, now, rank, record)
         log.info("coordinator: %s's backup promoted (pid %s); it serves the rank's state as its primary had it", name, pid)
     else:
@@ -80,7 +81,10 @@ def replace_server(st: CoordinatorState, ident: bytes, msg: Message, now: float)
         log.info("coordinator: %s replaced (pid %s); it loads checkpoint %s", name, pid, (restore_point(st) or {}).get("name"))
     base = membership.admitted(st, name, rank)
     answer = Reply(ident, msg.reply({**base, "restore": restore_point(st)}))
-    return [answer, *membership.tell_servers(st), *membership.admit_joiners(st, now)]
+    out = [answer, *membership.tell_servers(st), *membership.admit_joiners(st, now)]
+    if promoted:  # workers learn at once where the rank is served now (their heartbeat answers repeat it)
+        out += replication.tell_workers(st)
+    return out
 
 
 def move_lost_ranks(st: CoordinatorState, now: float) -> None:

@@ -31,7 +31,7 @@ from collections import Counter
 from typing import TYPE_CHECKING, Any
 
 from downpour.coordinator.actions import Action, Reply
-from downpour.coordinator.model import DEAD, FailureRecord, Node, Phase
+from downpour.coordinator.model import ALIVE, DEAD, DONE, FailureRecord, Node, Phase
 from downpour.protocol import Message, Op
 
 if TYPE_CHECKING:
@@ -102,7 +102,11 @@ def assignment(st: CoordinatorState, node: Node) -> dict[str, Any]:
     me = process_of(node)
     keep = [{"rank": r, "address": st.replica_addresses[r]} for r, procs in sorted(st.replica_plan.items())
             if me in procs and r in st.replica_addresses]
-    return {"backups": keep, "replica_gen": st.replica_gen}
+    # The processes that keep this node's rank (by their servers' names): a primary drops any other
+    # backup at once (one of a dead process would otherwise hold its answers until it times out).
+    procs = live_processes(st)
+    keepers = sorted(n.name for p in st.replica_plan.get(node.rank, []) for n in procs.get(p, []))
+    return {"backups": keep, "replica_gen": st.replica_gen, "keepers": keepers}
 
 
 def _backup_report(node: Node, rank: int) -> tuple[bool, int, str] | None:
@@ -165,6 +169,12 @@ def promotions(st: CoordinatorState, node: Node) -> list[int]:
     return sorted(r for r, who in st.hosting.items() if who == node.name and r in st.server_slots)
 
 
+def tell_workers(st: CoordinatorState) -> list[Action]:
+    """Where the servers are now, sent unprompted to each worker's heartbeat connection."""
+    meta = {"servers": st.server_addresses(), "servers_gen": st.servers_gen}
+    return [Reply(w.identity + b".hb", Message(Op.PROMOTE, meta=meta)) for w in st.nodes_of("worker", (ALIVE, DONE))]
+
+
 def promoted(st: CoordinatorState, now: float, rank: int, record: FailureRecord) -> None:
     """The promoted backup of ``rank`` registered as its primary."""
     at, _ = st.server_slots.get(rank, (now, record))
@@ -188,3 +198,27 @@ def heard(st: CoordinatorState, now: float, node: Node) -> None:
     want = len(st.replica_plan.get(node.rank, []))
     if record.rereplicated_after_s is None and want and len(caught_up(node)) >= want:
         record.rereplicated_after_s = round(now - st.started - record.at_s - record.promoted_after_s, 3)
+
+
+def exited(st: CoordinatorState, watched: list[Node]) -> list[Node]:
+    """Server nodes (with replicas) of this machine whose process exited: declared dead without
+    waiting for the heartbeat timeout, since a failover is then what stands between the workers
+    and their next answer. Only a process once seen running counts (a node in another process
+    namespace that happens to name a pid of this one is never judged by it): a live node is never
+    declared dead because of this check, a pid reused by another process only delays detection
+    to the heartbeat timeout."""
+    if not st.cl.replicas or st.phase != Phase.TRAINING:
+        return []
+    out = []
+    for n in watched:
+        local = st.local_hosts.get(n.host)
+        if local is None:  # (a name lookup: once per host)
+            local = st.local_hosts[n.host] = st.is_local(n.host)
+        if n.role != "server" or not local:
+            continue
+        alive = st.pid_alive(n.pid)
+        if alive:
+            st.pid_seen.add((n.name, n.pid))
+        elif alive is False and (n.name, n.pid) in st.pid_seen:
+            out.append(n)
+    return out

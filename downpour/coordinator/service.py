@@ -121,6 +121,7 @@ class Coordinator:
         self.address = advertised(self.listener.address, None, advertise, "coordinator")
         self.advertise = advertise
         self.state.is_local = is_local
+        self.state.pid_alive = pid_alive
         self.rejected: dict[str, int] = {}  # messages refused before the state machine saw them, by reason
         self.limit = RateLimit(job.cluster.coordinator_max_requests_per_s)
         log.info("coordinator: listening on %s; %d parameters in %d keys over %d servers",
@@ -390,3 +391,20 @@ def _sparse_kernel(summary: dict[str, Any]) -> str:
             if isinstance(s, dict) and isinstance(s.get("sparse"), dict) and "kernel" in s["sparse"]]
     slow = [k for k in said if k != "compiled"]
     return slow[0] if slow else (said[0] if said else KERNEL)
+
+
+def pid_alive(pid: int) -> bool | None:
+    """Whether process ``pid`` of this machine runs (a zombie has exited); None: cannot tell."""
+    if pid <= 0:
+        return None
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return None  # another user's process: not one of ours, and not ours to judge
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True

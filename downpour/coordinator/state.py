@@ -41,7 +41,7 @@ from typing import Any
 import torch
 
 from downpour.config import JobConfig
-from downpour.coordinator import checkpoints, failures, hosting, membership
+from downpour.coordinator import checkpoints, failures, hosting, membership, replication
 from downpour.coordinator.actions import Action, CommitCheckpoint, Finish, Reply, SaveModel
 from downpour.coordinator.checkpointing import CheckpointPlan
 from downpour.coordinator.health import Health
@@ -102,6 +102,12 @@ class CoordinatorState(JobState):
         # the failure record that waits for them.
         self.reconnecting: tuple[set[str], float, FailureRecord] | None = None
         self.is_local: Callable[[str], bool] = lambda host: True  # whether a host is the coordinator's (set by the service)
+        # Whether a process of this machine is running (None: cannot tell; set by the service), and the
+        # server nodes whose process was seen running: with replicas, one whose process exited is
+        # declared dead at once (coordinator/replication.py: exited).
+        self.pid_alive: Callable[[int], bool | None] = lambda pid: None
+        self.pid_seen: set[tuple[str, int]] = set()
+        self.local_hosts: dict[str, bool] = {}
         if resume is not None:  # the checkpoint resumed from is the restore point until a new one is committed
             self.checkpoints.start_due = False
             self.ledger.restore(resume["ledger"])
@@ -212,6 +218,9 @@ class CoordinatorState(JobState):
             watched = self.nodes_of("server")  # workers wait inside REGISTER, without heartbeats
         else:
             watched = [n for n in self.nodes.values() if n.state in (ALIVE, DONE)]
+        for node in replication.exited(self, watched):
+            why = f"its process (pid {node.pid}) exited; declared dead"
+            return failures.lose(self, now, node, why, "dead", now - node.last_seen)
         for node in watched:
             silent = now - node.last_seen
             # After a restart, a node not heard from since its admission may be waiting for a

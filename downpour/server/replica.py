@@ -188,6 +188,16 @@ class PrimaryLink:
         self.max_seen_lag = max(self.max_seen_lag, self.lag())
         return self._drain()
 
+    def keep(self, nodes: list[str]) -> list[Reply]:
+        """The coordinator's plan: only backups kept by ``nodes`` (server names of their processes)
+        follow this primary; any other is dropped now. Returns replies that may go now."""
+        for peer, f in list(self.followers.items()):
+            if f.node not in nodes:
+                log.info("server-%d: backup %s is no longer planned (its process died or it moved); dropped", self.rank, f.node)
+                del self.followers[peer]
+                self.counts["dropped"] += 1
+        return self._drain()
+
     def tick(self) -> list[Reply]:
         """Drop caught-up backups that kept replies waiting for ``timeout_s`` (dead, or hung)."""
         if not self.held or self.clock() - self.held[0].since < self.timeout_s:

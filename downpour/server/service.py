@@ -676,6 +676,10 @@ def run_server(ctx: Context, coordinator: str, host: str = "127.0.0.1", rank: in
 
         def on_reply(meta: dict[str, Any]) -> None:
             server.set_workers(meta.get("workers"))
+            keepers = meta.get("keepers")
+            if server.replicas is not None and isinstance(keepers, list) and all(isinstance(k, str) for k in keepers):
+                for to, answer in server.replicas.keep(keepers):
+                    server._send(to, answer)
             if backups is not None:
                 backups.offer(meta)
             hosted.offer(meta.get("host_ranks"))

@@ -25,6 +25,7 @@ from downpour.models import buffers as bufs
 from downpour.models import build_model
 from downpour.monitor import HttpEndpoint, metrics_route, node_labels
 from downpour.nn import attach
+from downpour.protocol import Message, Op
 from downpour.protocol.rpc import RpcClient
 from downpour.transport import Context, Security, advertised
 from downpour.worker.client import KVClient
@@ -62,9 +63,11 @@ class HeartbeatThread(threading.Thread):
                                    security=self.security)
         client.node = self.node
         hb = Heartbeat(client, cl.heartbeat_interval_s, cl.coordinator_timeout_s, extra=self.extra, on_reply=self.on_reply)
+        client.rpc.on_push = self._pushed
         try:
             while not self._halt.wait(min(0.1, cl.heartbeat_interval_s / 4)):
                 try:
+                    client.rpc.pump(0.0)  # (an unprompted PROMOTE need not wait for the next heartbeat)
                     reason = hb.tick(self.progress)
                 except DownpourError as err:
                     reason = str(err)
@@ -74,6 +77,12 @@ class HeartbeatThread(threading.Thread):
                     return
         finally:
             client.close()
+
+    def _pushed(self, peer: str, msg: Message) -> None:
+        """The coordinator's unprompted PROMOTE: a backup took over a server rank (meta: servers,
+        servers_gen, as in heartbeat answers)."""
+        if msg.op == Op.PROMOTE and self.on_reply is not None:
+            self.on_reply({k: msg.meta.get(k) for k in ("servers", "servers_gen")})
 
     def stop(self) -> None:
         self._halt.set()
