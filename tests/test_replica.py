@@ -262,3 +262,20 @@ def test_a_backup_host_starts_and_stops_backups_as_the_coordinator_assigns_them(
     finally:
         del Backup.start
         host.close()
+
+
+def test_a_primary_exports_its_replication_as_prometheus_metrics(pair):
+    from downpour.monitor import metrics_route, node_labels
+    from downpour.server.metrics import server_metrics
+
+    p = pair()
+    p.request(Op.INIT, {"keys": KEYS}, [torch.zeros(NUMEL)])
+    p.hello()
+    p.stream()
+    p.ack()
+    p.push(1.0, seq=1)  # held until the backup acknowledges it: lag 1
+    _, body = metrics_route(server_metrics(p.primary, LAYOUT), node_labels("j", "server", 0, "server-0"))()
+    text = body.decode() if isinstance(body, bytes) else body
+    assert 'downpour_server_replication_lag{' in text and 'downpour_server_replication_backups{' in text
+    lag = next(line for line in text.splitlines() if line.startswith("downpour_server_replication_lag{"))
+    assert lag.endswith(" 1") or lag.endswith(" 1.0")

@@ -59,6 +59,20 @@ def server_metrics(server: ParameterServer, layout: Layout) -> Callable[[Familie
                       server.sparse.counts["keys_pushed"], direction="push")
             f.counter("downpour_server_sparse_ids_total", "Feature IDs served by SPARSE requests.",
                       server.sparse.counts["keys_pulled"], direction="pull")
+        if server.replicas is not None:  # this server is a primary that keeps backups (cluster.replicas)
+            rep = server.replicas.stats()
+            f.gauge("downpour_server_replication_lag", "Forwarded changes the slowest caught-up backup does not hold yet.", rep["lag"])
+            f.gauge("downpour_server_replication_max_lag", "Largest replication lag seen.", rep["max_lag"])
+            f.gauge("downpour_server_replication_backups", "Backups of this rank caught up.", len(rep["backups"]))
+            f.counter("downpour_server_replication_sent_bytes_total", "Bytes of changes forwarded to backups.", rep.get("bytes", 0))
+            f.counter("downpour_server_replication_transfers_total", "Whole-state transfers to joining backups.",
+                      rep.get("transfers", 0))
+            f.counter("downpour_server_replication_transfer_bytes_total", "Bytes of whole-state transfers.",
+                      rep.get("transfer_bytes", 0))
+            f.counter("downpour_server_replication_dropped_total", "Backups dropped (silent, or no longer planned).",
+                      rep.get("dropped", 0))
+            f.counter("downpour_server_replayed_pushes_total", "Pushes sent again after a failover, answered without "
+                      "applying them again.", server.counts["replayed"])
         full, per_key = server.full_transfers, dict(server.key_transfers)
         traffic = [((full + per_key.get(i, 0)) * n * elem_bytes, i) for i, n in enumerate(server.store.lengths)]
         if len(traffic) > MAX_TRAFFIC_KEYS:
