@@ -15,7 +15,8 @@ Delayed updates push less often: ``accumulate: k`` sums k micro-batches'
 gradients and pushes their mean once (weighted by examples, so it equals one
 batch k times larger); ``local_steps: H`` steps a local copy of the job's
 optimizer H times and pushes the change of the parameters, which the servers
-add (Paddle's geo-SGD). Either way the pull comes with the push.
+add (Paddle's geo-SGD). Either way the pull comes with the push. The schedule
+is a small strategy of its own (:mod:`downpour.worker.schedule`).
 """
 
 from __future__ import annotations
@@ -42,28 +43,10 @@ from downpour.worker.client import Handle, KVClient
 from downpour.worker.flat import FlatModel
 from downpour.worker.online import OnlineLoop
 from downpour.worker.precision import Precision
+from downpour.worker.schedule import push_schedule
 from downpour.worker.sparse import SparseClient
 
 log = logging.getLogger(__name__)
-
-
-_LOCAL_OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
-    "adamw": lambda params, o: torch.optim.AdamW(params, lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay),
-    "sgd": lambda params, o: torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, dampening=o.dampening,
-                                             nesterov=o.nesterov, weight_decay=o.weight_decay),
-    "adagrad": lambda params, o: torch.optim.Adagrad(params, lr=o.lr, lr_decay=o.lr_decay, weight_decay=o.weight_decay,
-                                                     initial_accumulator_value=o.initial_accumulator_value, eps=o.eps),
-    "adam": lambda params, o: torch.optim.Adam(params, lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay),
-}
-
-
-def local_optimizer(job: JobConfig, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
-    """The job's optimizer as a torch optimizer on the worker (local SGD's local steps)."""
-    make = _LOCAL_OPTIMIZERS.get(job.optimizer.name)
-    if make is None:
-        raise ConfigError(f"training.local_steps > 1 runs the optimizer on the workers too, which knows no torch "
-                          f"equivalent of the registered rule {job.optimizer.name!r}")
-    return make(params, job.optimizer)
 
 
 # A batch's inputs: one tensor, or a tuple of tensors (e.g. CTR data: dense features and feature IDs).
@@ -117,16 +100,7 @@ class Trainer:
         self._stream_from: int | None = None  # a stream push: the offset before its first event
         self.stream_gaps = 0  # stream pushes a server refused (stream_gap): the partition rewinds
         self.dropped = 0  # pushes a sync server refused as being for a past round (after a wait or a join)
-        # The examples-weighted mean of the gradients since the last push, over acc_n examples.
-        self.acc: torch.Tensor | None = None
-        self.acc_n = 0
-        self.local: torch.optim.Optimizer | None = None  # local_steps: the local optimizer
-        self.base: torch.Tensor | None = None  # local_steps: the values last received
-        if t.local_steps > 1:
-            if flat.cast:
-                raise ConfigError("training.local_steps > 1 needs float32 parameters (the local steps update the "
-                                  f"model's own tensors); {len(flat.cast)} are not")
-            self.local = local_optimizer(job, flat.params)
+        self.schedule = push_schedule(job, flat)  # when to push, and what (worker/schedule.py)
         slow = t.slowdown
         self.slow_factor = slow.factor if slow is not None and slow.rank in (None, rank) else 1.0
         self.slow_p = slow.probability if slow is not None else 0.0
@@ -208,7 +182,7 @@ class Trainer:
                 self._settle()
                 if self.sparse is not None:
                     self.sparse.flush()
-                if self.local is None:  # the servers' values, not the quantized ones (local SGD: its own)
+                if not self.schedule.own_values:  # the servers' values, not the quantized ones (local SGD: its own)
                     self.kv.wait(self.kv.pull(self.flat.host, exact=True))
                     self.flat.host_to_device()
                 self.curve.append([time.perf_counter() - t0, self.examples, self.evaluate()["test_accuracy"]])
@@ -271,17 +245,7 @@ class Trainer:
                 self.sparse.send_pending(position, start)
         self.steps += 1
         self.examples += len(y)
-        if self.local is not None:  # local SGD: step here; every H steps push the change
-            self.local.step()
-            ready = self.steps % t.local_steps == 0
-        else:
-            grad = self.flat.grad_vector()
-            self.acc_n += len(y)
-            if self.acc is None:  # one batch's mean, as it is: no pass over the vector
-                self.acc = grad
-            else:  # running mean: acc += (grad - acc) * n / N
-                self.acc.add_(grad.sub_(self.acc), alpha=len(y) / self.acc_n)
-            ready = self.steps % t.accumulate == 0
+        ready = self.schedule.after_backward(len(y), self.steps)
         c1 = time.perf_counter()
         if self.slow_factor > 1.0 and (self.slow_p >= 1.0 or self._slow_rng.random() < self.slow_p):  # a simulated straggler
             time.sleep((self.slow_factor - 1.0) * (c1 - c0))
@@ -296,17 +260,10 @@ class Trainer:
 
     def _flush(self, position: list[int] | None, base: list[int] | None = None) -> None:
         """Push what the steps since the last push produced (if anything) and pull the new values."""
-        if self.local is not None:
-            if self.base is None or self.steps == self.pushes_at:
-                return
-            current = self.flat.flat.detach()
-            grad = (current.cpu() if current.is_cuda else current) - self.base
-            weight, is_delta = float(self.steps - self.pushes_at), True
-        else:
-            if self.acc is None:
-                return
-            grad, weight, is_delta = self.acc, float(self.acc_n), False
-            self.acc, self.acc_n = None, 0
+        owed = self.schedule.take(self.steps, self.pushes_at)
+        if owed is None:
+            return
+        grad, weight, is_delta = owed
         self._settle()
         p0 = time.perf_counter()
         self.inflight = self.kv.push_pull(grad, self.flat.host, weight=weight, versions=base, position=position, delta=is_delta,
@@ -346,8 +303,7 @@ class Trainer:
         if self._inflight_position is not None:
             self.position = self._inflight_position
         self.flat.host_to_device()
-        if self.local is not None:  # the values the next delta is measured from
-            self.base = self.flat.host.clone()
+        self.schedule.received(self.flat.host)
         self.wait_s += time.perf_counter() - w0
 
     def pull_all(self, attempts: int = 5, exact: bool = False) -> None:
@@ -364,8 +320,7 @@ class Trainer:
 
     def start(self) -> None:
         """After the first pull: local SGD measures its first delta from these values."""
-        if self.local is not None:
-            self.base = self.flat.host.clone()
+        self.schedule.received(self.flat.host)
 
     def evaluate(self, batch_size: int = 1000) -> dict[str, Any]:
         """Test loss and accuracy of the model's current values over the whole test split; with
