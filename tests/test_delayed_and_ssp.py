@@ -270,7 +270,7 @@ class RecordingKV:
         self.rpc = SimpleNamespace(bytes_sent=0, bytes_received=0)
         self.wire = {"push": {}, "pull": {}}
 
-    def push_pull(self, grad, out, keys=None, weight=1.0, versions=None, position=None, delta=False):
+    def push_pull(self, grad, out, keys=None, weight=1.0, versions=None, position=None, delta=False, start=None):
         self.pushes.append({"grad": grad.clone(), "weight": weight, "delta": delta, "versions": versions})
         return object()
 
