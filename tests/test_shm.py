@@ -15,11 +15,11 @@ import zmq
 from downpour.config import parse_job
 from downpour.errors import RequestTimeout, TransportError
 from downpour.layout import make_layout
-from downpour.protocol import Message, Op, decode, encode
+from downpour.protocol import Message, Op
 from downpour.protocol.rpc import RpcClient
-from downpour.server.service import ParameterServer
-from downpour.transport import Channel, Listener, Poller, Slot, SlotMaps, slot_folder
+from downpour.transport import Slot, SlotMaps, slot_folder
 from downpour.worker.client import KVClient
+from tests.live_server import LiveServer, RawClient
 
 WAIT_S = 5.0
 LAYOUT = make_layout([("w", (4, 3)), ("b", (4,))], 1)
@@ -89,35 +89,25 @@ def test_a_listener_keeps_a_bounded_number_of_slots_mapped(folder):
 
 
 class OneServer:
-    """A ParameterServer on an ipc (or tcp) listener and a raw DEALER, driven from the test's thread."""
+    """A live server (tests/live_server.py) on an ipc (or tcp) listener, and a raw DEALER named ``w``."""
 
     def __init__(self, ctx: zmq.Context, bind: str, shared_memory: bool = True) -> None:
         job = parse_job({"model": {"name": "mlp"}, "optimizer": {"name": "sgd", "lr": 0.5},
                          "cluster": {"num_servers": 1, "shared_memory": shared_memory}, "monitor": {"metrics": False}})
-        self.listener = Listener(ctx, bind, 1 << 20)
-        self.server = ParameterServer(ctx, job, LAYOUT, 0, self.listener, "server-0")
-        self.channel = Channel(ctx, self.listener.address, identity=b"w")
-        self.poller = Poller()
-        self.poller.register(self.listener)
-        self.replies = Poller()
-        self.replies.register(self.channel)
-        self.req = 0
+        self.live = LiveServer(None, job=job, layout=LAYOUT, bind=bind)
+        self.client = RawClient(ctx, self.live.address, identity=b"w")
 
     def ask(self, op: Op, meta: dict, tensors: list | None = None) -> Message:
-        self.req += 1
-        self.channel.send(encode(Message(op, self.req, dict(meta, keys=KEYS), tensors or [])))
-        assert self.poller.poll(WAIT_S), "the request did not arrive"
-        peer, frames = self.listener.recv()
-        self.server.handle(peer, frames)
-        assert self.replies.poll(WAIT_S), "no reply"
-        return decode(self.channel.recv(), 1 << 20)
+        reply = self.client.request(op, dict(meta, keys=KEYS), tensors, timeout_s=WAIT_S)
+        assert reply is not None, "no reply"
+        return reply
 
     def values(self) -> torch.Tensor:
-        return self.server.store.data.clone()
+        return self.live.values()
 
     def close(self) -> None:
-        self.channel.close()
-        self.listener.close()
+        self.client.close()
+        self.live.close()
 
 
 def test_bad_slot_requests_are_refused_and_change_nothing(ctx, folder, tmp_path):
