@@ -7,7 +7,7 @@ model, and serving latency (docs/online.md).
 * throughput: the same R rows trained once from files (``data.name: criteo``) and once from a
   Redis stream filled beforehand (a backlog, ended by end markers); same model (Wide & Deep,
   dim 16), 2 servers, 2 async workers, batch 512; examples/s over the training loop of each.
-  The stream job checkpoints every second (its offsets), the file job not at all.
+  The stream job checkpoints every second (its offsets; ``--checkpoint-s``), the file job not at all.
 * freshness: events at RATE/s into the stream, the job exporting after each checkpoint
   (every second); a follower (what ``downpour serve`` runs) polls every 0.1 s and records when
   each version arrived and the newest event time it includes; an event's freshness is the time
@@ -58,7 +58,7 @@ def _job(data: dict, **over) -> dict:
     return job
 
 
-def throughput(rows: int, tmp: str) -> dict:
+def throughput(rows: int, tmp: str, checkpoint_s: float = 1.0) -> dict:
     data = os.path.join(tmp, "criteo")
     generate(CriteoSpec(rows=rows + rows // 20, seed=0, test_fraction=(rows // 20) / (rows + rows // 20), files=2), data)
     offline = LocalLauncher(resolve_job(_job({"name": "criteo", "path": data})), os.path.join(tmp, "offline")).run().summary
@@ -68,11 +68,12 @@ def throughput(rows: int, tmp: str) -> dict:
         src = open_source(url)
         src.create()
         stream_events(src, rows, end_marker=True)
-        online = LocalLauncher(resolve_job(_job({"name": "stream", "url": url}, checkpoint={"every_s": 1})),
+        online = LocalLauncher(resolve_job(_job({"name": "stream", "url": url}, checkpoint={"every_s": checkpoint_s})),
                                os.path.join(tmp, "online")).run().summary
     finally:
         redis.stop()
-    return {"rows": rows, "offline_examples_per_s": offline["examples_per_s"], "offline_train_s": offline["train_s"],
+    return {"rows": rows, "stream_checkpoint_s": checkpoint_s,
+            "offline_examples_per_s": offline["examples_per_s"], "offline_train_s": offline["train_s"],
             "stream_events_per_s": online["examples_per_s"], "stream_train_s": online["train_s"],
             "stream_events": online["online"]["events"], "ratio": online["examples_per_s"] / offline["examples_per_s"],
             "prequential_auc": online["online"]["prequential_auc"]}
@@ -259,6 +260,7 @@ def main() -> int:
     ap.add_argument("--drift-events", type=int, default=240_000, help="drift: events in all")
     ap.add_argument("--drift-every", type=int, default=80_000, help="drift: the hidden model changes every this many events")
     ap.add_argument("--rows", type=int, default=300_000, help="throughput: rows trained each way")
+    ap.add_argument("--checkpoint-s", type=float, default=1.0, help="throughput: the stream job's checkpoint interval")
     ap.add_argument("--rate", type=float, default=2000.0, help="freshness: events per second")
     ap.add_argument("--seconds", type=float, default=30.0, help="freshness: seconds of training")
     ap.add_argument("--json", help="write the results here")
@@ -266,7 +268,7 @@ def main() -> int:
     res: dict = {"environment": environment()}
     with tempfile.TemporaryDirectory(prefix="online-bench-") as tmp:
         if args.part in ("all", "throughput"):
-            res["throughput"] = throughput(args.rows, os.path.join(tmp, "t"))
+            res["throughput"] = throughput(args.rows, os.path.join(tmp, "t"), args.checkpoint_s)
             print(json.dumps(res["throughput"], indent=1), flush=True)
         if args.part in ("all", "freshness", "serve"):
             os.makedirs(os.path.join(tmp, "f"))
