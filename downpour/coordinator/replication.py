@@ -153,8 +153,9 @@ def primary_lost(st: CoordinatorState, now: float, node: Node, reason: str, kind
     node.state = DEAD
     record = FailureRecord(node.name, kind, round(now - st.started, 3), reason, scope="server",
                            detected_after_s=round(detected_after_s, 3), affected=affected,
-                           version_at_failure=node.progress.get("version"), rolled_back_versions=0,
-                           promoted_to=host.name)
+                           version_at_failure=node.progress.get("version"),
+                           # sync: nothing answered is missing; async: up to replication_max_lag (unknown)
+                           rolled_back_versions=0 if st.cl.replication == "sync" else None, promoted_to=host.name)
     st.failures.append(record)
     st.server_slots[node.rank] = (now, record)
     st.hosting[node.rank] = host.name
