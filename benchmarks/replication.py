@@ -53,12 +53,31 @@ def _job(path: str, overrides: list[str]):
         return resolve_job(apply_overrides(yaml.safe_load(f), overrides))
 
 
-def lost_updates(s: dict[str, Any]) -> int:
-    """Pushes the workers made that some rank's final server did not apply exactly once (the sum
-    over ranks of |applied - made|), plus pushes the workers dropped."""
+def requests_per_push(job) -> dict[int, int]:
+    """Push requests one worker push sends each server rank: its keys go in requests of at most
+    ``cluster.max_request_bytes`` in async mode (whole keys; worker/client.py), in one in sync mode."""
+    from downpour.coordinator.service import plan_layout
+
+    layout = plan_layout(job)
+    limit = job.cluster.max_request_bytes // 4 if job.training.consistency != "sync" else None
+    out: dict[int, int] = {}
+    for rank in range(job.cluster.num_servers):
+        n, size = 0, 0
+        for s in layout.server_slices(rank):
+            if n == 0 or (limit is not None and size + s.length > limit):
+                n, size = n + 1, 0
+            size += s.length
+        out[rank] = n
+    return out
+
+
+def lost_updates(s: dict[str, Any], job) -> int:
+    """Push requests the workers made that some rank's final server did not apply exactly once
+    (the sum over ranks of |applied - made|), plus pushes the workers dropped."""
     made = sum(w["pushes"] for w in s["workers"].values())
     dropped = sum(w.get("dropped_pushes", 0) for w in s["workers"].values())
-    return dropped + sum(abs(v["pushes"] - made) for v in s["servers"].values())
+    per = requests_per_push(job)
+    return dropped + sum(abs(s["servers"][f"server-{r}"]["pushes"] - made * n) for r, n in per.items())
 
 
 def throughput(path: str, overrides: list[str], k: int, tmp: str, mode: str = "sync") -> dict[str, Any]:
@@ -69,7 +88,7 @@ def throughput(path: str, overrides: list[str], k: int, tmp: str, mode: str = "s
     rep = [v.get("replication") or {} for v in s["servers"].values()]
     return {"k": k, "replication": mode, "examples_per_s": s["examples_per_s"], "train_s": s["train_s"], "status": s["status"],
             "accuracy": s.get("test_accuracy", s.get("test_auc")), "replicated_mb": sum(r.get("bytes", 0) for r in rep) / 1e6,
-            "lost": lost_updates(s)}
+            "lost": lost_updates(s, job)}
 
 
 def _ready(st: dict[str, Any], rank: int) -> dict | None:
@@ -110,7 +129,7 @@ def failover(hidden: int, overrides: list[str], tmp: str, after_s: float, kills:
             if st.get("phase") == "training" and started is None:
                 started = time.monotonic()
             recovering = any(f.get("recovered_after_s") is None or f.get("rereplicated_after_s") is None
-                             for f in st.get("failures", []))
+                             or f.get("failover_s") is None for f in st.get("failures", []))
             primary = (_ready(st, 1) if started is not None and time.monotonic() - started >= after_s
                        and len(st.get("failures", [])) >= len(killed) and not recovering else None)
             if primary is not None and primary["pid"] not in killed:
@@ -131,7 +150,7 @@ def failover(hidden: int, overrides: list[str], tmp: str, after_s: float, kills:
             "promoted_s": f.get("promoted_after_s"), "failover_s": f.get("failover_s"),
             "rereplicated_s": f.get("rereplicated_after_s"),
             "state_mb": rep.get("transfer_bytes", 0) / max(1, rep.get("transfers", 1)) / 1e6,
-            "lost": lost_updates(s), "accuracy": s.get("test_accuracy")}
+            "lost": lost_updates(s, job), "accuracy": s.get("test_accuracy")}
 
 
 def main() -> int:

@@ -422,7 +422,7 @@ class ClusterConfig(_Frozen):
     # Default 0, by measurement: on a 2-core machine shared by every process one backup per rank
     # cost 23-57% of the reference job's examples/s and 33-54% of the CTR job's (each backup
     # repeats its primary's updates on the same cores); a server lost without replicas is
-    # survivable from the step-0 checkpoint on (benchmarks/RESULTS.md §15).
+    # survivable from the step-0 checkpoint on (benchmarks/RESULTS.md, "Replicated servers").
     replicas: int = Field(0, ge=0)
     # sync: a push is answered only once every caught-up backup holds it (nothing acknowledged
     # is lost). async: answered at once while the backups lag by at most replication_max_lag
