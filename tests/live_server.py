@@ -24,6 +24,7 @@ from downpour.server.service import ParameterServer
 from downpour.transport import Listener, Security
 
 WAIT_S = 5.0  # the longest any wait in these tests may take
+START_S = 30.0  # starting the server thread (a loaded CI machine is slow to import and bind)
 LR = 0.1
 # 16 elements in four 4-element keys, all on the one server.
 LAYOUT = make_layout([("w", (4, 3)), ("b", (4,))], 1, max_slice_bytes=16)
@@ -67,7 +68,7 @@ class LiveServer:
         self._halt = threading.Event()
         self.thread = threading.Thread(target=self._run, name="live-server", daemon=True)
         self.thread.start()
-        if not self._ready.wait(WAIT_S) or self.address is None:
+        if not self._ready.wait(START_S) or self.address is None:
             self.close()
             raise RuntimeError(f"the live server did not start: {self.error!r}")
 

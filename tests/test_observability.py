@@ -98,14 +98,17 @@ def test_a_frozen_worker_is_named_with_its_shards_and_the_workers_it_holds_up(tm
 
             alerts = _wait(diagnosed, 30, "worker-1 silent and worker-0 stalled")
             shown = subprocess.run([PY, "-m", "downpour", "status", run_dir], capture_output=True, text=True, timeout=30)
-            dashboard = json.loads(_get(open(os.path.join(run_dir, "dashboard.url")).read().strip() + "api/status"))
+            url = open(os.path.join(run_dir, "dashboard.url")).read().strip() + "api/status"
+            # The dashboard serves its own sample (every sample_interval_s): wait for one with both alerts.
+            dashboard = _wait(lambda: (d := json.loads(_get(url))) and {a["node"] for a in d["alerts"]} >= {"worker-0", "worker-1"} and d,
+                              30, "the dashboard to show both alerts")
         finally:
             os.kill(pid, signal.SIGCONT)
         silent = alerts[("worker-1", "silent")]
         assert silent["affected"]["shards"] and silent["affected"]["shards"][0].startswith("epoch ")
         assert alerts[("worker-0", "stalled")]["since_s"] >= 2.0
         assert "worker-1 silent since" in shown.stdout and "worker-0 stalled since" in shown.stdout, shown.stdout
-        assert {a["node"] for a in dashboard["alerts"]} >= {"worker-0", "worker-1"}
+        assert {a["node"] for a in dashboard["alerts"]} >= {"worker-0", "worker-1"}  # (as _wait required)
         log = open(os.path.join(run_dir, "logs", "coordinator.log")).read()
         assert "worker-1 sent no heartbeat" in log and "training epoch" in log
         # Once it runs again, both alerts clear.
