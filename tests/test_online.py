@@ -187,7 +187,8 @@ class _Producer:
 
 
 def _chaos_job(url: str, init_from: str) -> dict:
-    cluster = {**FAST_CLUSTER, "num_servers": 2, "num_workers": 2, "heartbeat_timeout_s": 5.0, "worker_restarts": 3,
+    # (a server loading the warm start's 450,000 sparse rows sends no heartbeat meanwhile: 5.5 s on a loaded machine)
+    cluster = {**FAST_CLUSTER, "num_servers": 2, "num_workers": 2, "heartbeat_timeout_s": 8.0, "worker_restarts": 3,
                "server_restarts": 3, "coordinator_restarts": 3}
     return stream_job(url, cluster=cluster, checkpoint={"every_s": 1, "keep": 3}, init_from=init_from)
 
@@ -249,11 +250,8 @@ def _run_stream(tmp_path, name: str, redis, lines: list[bytes], rate: float, cha
         stop_job(proc)
     assert proc.returncode == 0, err[-3000:]
     (folder / "stderr.txt").write_text(err)
-    # every event acknowledged in the consumer group once the final checkpoint made it durable (an end
-    # marker read in a batch of its own is in no push, so no checkpoint covers it: it may stay pending)
-    for p in range(2):
-        pending = src.client.xpending_range(src.key(p), "downpour", min="-", max="+", count=100)
-        assert all("eos" in src.client.xrange(src.key(p), e["message_id"], e["message_id"])[0][1] for e in pending), pending
+    # every event acknowledged in the consumer group once the final checkpoint made it durable
+    assert [src.client.xpending(src.key(p), "downpour")["pending"] for p in range(2)] == [0, 0]
     with open(os.path.join(run_dir, "summary.json")) as f:
         return json.load(f), done, run_dir
 
@@ -265,7 +263,7 @@ def test_every_event_is_applied_once_while_a_worker_a_server_and_the_coordinator
     ``count`` table: each event's row gains 1 per update), every event is acknowledged, and the
     prequential AUC is that of an undisturbed run over the same events within 0.01.
 
-    The target is 0.005; measured: +0.0040 and +0.0069 in two runs, while two undisturbed runs
+    The target is 0.005; measured: +0.0040 to +0.0069 in four runs, while two undisturbed runs
     differed by 0.0050 from each other (the chaos run scores higher: the partition whose worker
     died waits for its replacement, then its events are scored by a model that has meanwhile
     learned more from the other partition). So 0.005 is within one run's noise here, and the
@@ -274,7 +272,7 @@ def test_every_event_is_applied_once_while_a_worker_a_server_and_the_coordinator
     Both runs start from one model trained on W earlier events of the same distribution (a
     warm start, as a model put online is): from scratch, the prequential AUC of the first tens of
     thousands of events measures the learning curve, which any pause of one partition reorders."""
-    n, warm, rate = 60_000, 100_000, 2000.0
+    n, warm, rate = 80_000, 100_000, 2000.0
     lines = serial_rows(n + warm)  # rows n.. train the warm start (their serials are theirs)
     src = open_source(redis_server.url + "?stream=warm&partitions=2")
     src.create()

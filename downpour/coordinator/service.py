@@ -297,8 +297,10 @@ class Coordinator:
                                                         "needs": a.needs, **({"stream": offsets} if offsets else {})})
             store.verify(manifest)  # every server's file is where the coordinator reads, whole (size, SHA-256), or no checkpoint
             store.commit(manifest)
-            if offsets:
-                self.stream.committed(offsets)
+            if offsets:  # the end of a job that read every partition to its end marker: all of it (an end
+                # marker read in a batch of its own is in no push's position, so in no offset)
+                done = a.final and self.state.ledger.complete()
+                self.stream.committed({p: "end" for p in offsets} if done else offsets)
             if self.exports is not None:
                 self.exports.committed(a.name)
         except Exception as err:  # any fsspec backend's error: this checkpoint is lost, the job goes on
