@@ -13,7 +13,7 @@ it measured; ``--report`` prints the table of a results file without running any
     .venv/bin/python benchmarks/scale_accuracy.py --workers 8 --modes async --seeds 0            # one cheap cell
     .venv/bin/python benchmarks/scale_accuracy.py --workers 1,3,6,8,16 --modes async,sync,ssp --seeds 0,1,2
     .venv/bin/python benchmarks/scale_accuracy.py --job ctr --rows 300000 --workers 3,8 --modes async --seeds 0
-    .venv/bin/python benchmarks/scale_accuracy.py --report results.jsonl
+    .venv/bin/python benchmarks/scale_accuracy.py --report results.jsonl [more.jsonl ...]
 """
 
 from __future__ import annotations
@@ -102,30 +102,41 @@ def run_grid(args: argparse.Namespace) -> None:
                             f"final {r['effective_final']} ({time.perf_counter() - t0:.0f}s)")
 
 
-def report(path: str) -> str:
-    rows = [json.loads(line) for line in open(path) if line.strip()]
+def _mean_sd(vals: list[float]) -> str:
+    if not vals:
+        return "n/a"
+    return f"{statistics.mean(vals):.4f} ± {statistics.stdev(vals):.4f}" if len(vals) > 1 else f"{vals[0]:.4f}"
+
+
+def report(*paths: str) -> str:
+    """The table of one or more results files: per cell the mean ± sd over seeds, the gap of the
+    mean to single-process PyTorch's mean, and the gap's range over the seeds that have both."""
+    rows = [json.loads(line) for path in paths for line in open(path) if line.strip()]
     rows = [r for r in rows if "config" in r]
     metric = "test_auc" if any(r.get("job") == "ctr" for r in rows) else "test_accuracy"
-    single = [r[metric] for r in rows if r["config"] == "single"]
-    ref = statistics.mean(single) if single else None
+    single = {r["seed"]: r[metric] for r in rows if r["config"] == "single"}
+    ref = statistics.mean(single.values()) if single else None
     cells: dict[tuple, list[dict[str, Any]]] = {}
     for r in rows:
         if r["config"] == "downpour":
             cells.setdefault((r["mode"], r["workers"], r["scaling"]), []).append(r)
     lines = []
     if single:
-        lines.append(f"single-process PyTorch: {metric} {ref:.4f} (mean of {len(single)} seeds: "
-                     f"{', '.join(f'{v:.4f}' for v in single)})\n")
-    lines += [f"| mode | workers | scaling | seeds | {metric} (mean) | vs single | per seed | examples/s | staleness |",
-              "|---|---|---|---|---|---|---|---|---|"]
+        lines.append(f"single-process PyTorch: {metric} {_mean_sd(list(single.values()))} (seeds "
+                     f"{', '.join(f'{k}: {v:.4f}' for k, v in sorted(single.items()))})\n")
+    lines += [f"| mode | workers | scaling | seeds | {metric} (mean ± sd) | vs single (mean) | vs single, per seed | "
+              "per seed | examples/s | staleness |",
+              "|---|---:|---|---:|---:|---:|---|---|---:|---:|"]
     for (mode, workers, scaling), rs in sorted(cells.items()):
+        rs = sorted(rs, key=lambda r: r["seed"])
         vals = [r[metric] for r in rs if r.get(metric) is not None]
-        mean = statistics.mean(vals) if vals else float("nan")
-        gap = f"{mean - ref:+.4f}" if ref is not None else "n/a"
+        gap = f"{statistics.mean(vals) - ref:+.4f}" if ref is not None and vals else "n/a"
+        paired = [r[metric] - single[r["seed"]] for r in rs if r.get(metric) is not None and r["seed"] in single]
+        spread = f"{min(paired):+.4f} … {max(paired):+.4f}" if paired else "n/a"
         eps = statistics.mean(r["examples_per_s"] for r in rs)
         stale = statistics.mean(r["staleness_mean"] for r in rs)
-        lines.append(f"| {mode} | {workers} | {scaling} | {len(rs)} | {mean:.4f} | {gap} | "
-                     f"{', '.join(f'{v:.4f}' for v in vals)} | {eps:.0f} | {stale:.2f} |")
+        lines.append(f"| {mode} | {workers} | {scaling} | {len(rs)} | {_mean_sd(vals)} | {gap} | {spread} | "
+                     f"{', '.join(f'{v:.4f}' for v in vals)} | {eps:,.0f} | {stale:.2f} |")
     return "\n".join(lines)
 
 
@@ -141,10 +152,10 @@ def main() -> int:
     ap.add_argument("--data", default=os.path.join(_ROOT, "data"), help="CTR: folder for generated data")
     ap.add_argument("--set", action="append", default=[], help="job overrides for every Downpour run")
     ap.add_argument("--out", default="scale_accuracy.jsonl", help="results, appended as JSON lines")
-    ap.add_argument("--report", metavar="FILE", help="print the table of a results file and exit")
+    ap.add_argument("--report", metavar="FILE", nargs="+", help="print the table of results files and exit")
     args = ap.parse_args()
     if args.report:
-        print(report(args.report))
+        print(report(*args.report))
         return 0
     run_grid(args)
     print(report(args.out))

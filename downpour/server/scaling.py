@@ -25,7 +25,14 @@ so that a step's gain, lr / (1 - μ_e), is the job's, lr / (1 - μ), over sqrt(1
 μ / (1 - μ) that is lr × sqrt(1 + s), giving back the square root of the 1 / (1 + s) the implicit
 momentum took; beyond, where no explicit momentum is left, a staleness-aware lr (the square
 root of Zhang et al.'s 1 / s). Giving back all of it (lr × (1 + s)) keeps a step's size but is
-unstable under delay; none of it leaves training slow (benchmarks/RESULTS.md). At s = 0 nothing changes. It is
+unstable under delay; none of it leaves training slow (benchmarks/RESULTS.md). Why not all of it:
+the implicit-momentum model holds for geometrically distributed staleness, but a cluster of
+similar workers makes nearly every push about n - 1 versions stale, and a fixed delay τ
+destabilises long before the momentum it is equivalent to in expectation (gradient descent with
+delay τ on curvature λ is stable only for lr·λ < 2 sin(π / (2(2τ + 1))) ≈ π / (2τ + 1)). What the
+square root gives up shows with many workers: at 16 async workers on the reference job a step's
+gain is a quarter of the job's, which alone costs about 2 points at 1 epoch, and the delay about
+as much again (benchmarks/RESULTS.md). At s = 0 nothing changes. It is
 closed loop: s is re-measured on every push (a running mean over ``staleness_window`` pushes),
 so more workers, stragglers or ``overlap`` move it. Adaptive rules (Adagrad, Adam) normalise
 their steps by the gradients' own scale; they get the sync factor (sqrt by default) and no
