@@ -101,7 +101,7 @@ def _ready(st: dict[str, Any], rank: int) -> dict | None:
         return None
     caught = (primary["progress"].get("replication") or {}).get("backups") or []
     for n in nodes:
-        entry = (n["progress"].get("backups") or {}).get(str(rank)) if n["name"] in caught else None
+        entry = (n["progress"].get("backups") or {}).get(str(rank)) if f"{n['name']}/{n['pid']}" in caught else None
         if entry and entry[0] and entry[2] == primary.get("address"):
             return primary
     return None

@@ -57,7 +57,7 @@ class Cluster:
         plan = self.state.replica_plan
         for s in SERVERS:
             rank = int(s.split("-")[1])
-            backups = [f"server-{int(p.split('/')[1]) - 100}" for p in plan[rank]]
+            backups = [f"server-{int(p.split('/')[1]) - 100}/{p.split('/')[1]}" for p in plan[rank]]
             kept = {str(r): [True, seq, self.state.replica_addresses[r]] for r, procs in plan.items() if f"h/{100 + rank}" in procs}
             self.heartbeat(s, version=seq, replication={"seq": seq, "backups": backups}, backups=kept)
 
@@ -74,7 +74,8 @@ class Cluster:
                     if n.startswith("server"):
                         rank = int(n.split("-")[1])
                         procs = self.state.replica_plan.get(rank, [])
-                        self.heartbeat(n, replication={"backups": [f"server-{int(p.split('/')[1]) - 100}" for p in procs]},
+                        self.heartbeat(n, replication={"backups": [f"server-{int(p.split('/')[1]) - 100}/{p.split('/')[1]}"
+                                                                   for p in procs]},
                                        backups={str(r): [True, 40, self.state.replica_addresses[r]]
                                                 for r, ps in self.state.replica_plan.items() if f"h/{100 + rank}" in ps})
                     else:
@@ -89,6 +90,7 @@ def test_each_rank_gets_its_backups_on_the_next_processes_and_servers_learn_thei
     assert c.state.replica_plan == {0: ["h/101"], 1: ["h/102"], 2: ["h/100"]}
     answer = c.heartbeat("server-1")
     assert answer["backups"] == [{"rank": 0, "address": "tcp://127.0.0.1:7000"}] and answer["replica_gen"] == 1
+    assert answer["keepers"] == ["server-2/102"]  # who keeps server-1's own rank: backups name themselves NAME/PID
     two = Cluster(replicas=2)
     plan = two.state.replica_plan  # every other process, each keeping two backups
     assert {r: sorted(p) for r, p in plan.items()} == {0: ["h/101", "h/102"], 1: ["h/100", "h/102"], 2: ["h/100", "h/101"]}
@@ -127,7 +129,7 @@ def test_a_dead_primary_is_replaced_by_its_caught_up_backup_without_a_checkpoint
     # Its first heartbeat: serving (recovered); its first request and its new backup complete the record.
     c.now = 7.5
     c.state.handle(ident("server-1.p"), Message(Op.HEARTBEAT, 99, {"node": "server-1", "progress": {
-        "replication": {"backups": ["server-0"], "first_request_s": 0.05}}}), c.now)
+        "replication": {"backups": ["server-0/100"], "first_request_s": 0.05}}}), c.now)
     assert record.recovered_after_s == 0.5 and record.failover_s == 0.25 and record.rereplicated_after_s == 0.3
     assert "host_ranks" not in c.heartbeat("server-2")
 
@@ -208,3 +210,15 @@ def test_with_replicas_a_server_whose_process_exited_is_declared_dead_at_once_bu
     without.state.pid_alive = lambda pid: pid != 101
     without.state.tick(0.5)
     assert without.state.tick(0.6) == [] and without.state.nodes["server-1"].state == "alive"
+
+
+def test_a_backup_of_a_dead_process_is_not_kept_by_a_later_server_of_the_same_name():
+    """The promoted server of rank 1 is named server-1 again, in another process: the backup that
+    the dead server-1's process kept for rank 0 is no longer among rank 0's keepers."""
+    c = Cluster()
+    c.caught_up()
+    c.silent("server-1", 7.0)
+    c.send("server-1.p", Op.REGISTER, role="server", rank=1, address="tcp://127.0.0.1:7102", host="h", pid=102,
+           hosted_by="server-2", promoted=True)
+    keepers = c.heartbeat("server-0")["keepers"]
+    assert "server-1/101" not in keepers and keepers == ["server-1/102", "server-2/102"]

@@ -49,7 +49,7 @@ def wait_replicated(run_dir: str, rank: int, timeout_s: float = 60.0) -> dict:
             except StopIteration:
                 primary = None
             caught = (primary or {}).get("progress", {}).get("replication", {}).get("backups") or []
-            keepers = [n for n in st["nodes"] if n["name"] in caught and n["state"] == "alive"]
+            keepers = [n for n in st["nodes"] if f"{n['name']}/{n['pid']}" in caught and n["state"] == "alive"]
             if primary and keepers and any((n["progress"].get("backups") or {}).get(str(rank), [False])[0] and
                                            n["progress"]["backups"][str(rank)][2] == primary["address"] for n in keepers):
                 return st
@@ -144,7 +144,7 @@ def test_in_sync_mode_a_primary_killed_mid_job_changes_no_parameter(tmp_path, ti
     """``replication: sync`` and sync training: the promoted backup holds every push answered, the
     workers replay the rest, each applied once; the parameters end as an undisturbed run's."""
     def job(folder):
-        return tiny_job(tiny_data, training={"epochs": 6, "consistency": "sync"}, monitor=QUIET,
+        return tiny_job(tiny_data, training={"epochs": 12, "consistency": "sync"}, monitor=QUIET,
                         cluster={"num_servers": 3, "num_workers": 1, "replicas": 1, "replication": "sync",
                                  "heartbeat_timeout_s": 1.5})
 

@@ -102,10 +102,10 @@ def assignment(st: CoordinatorState, node: Node) -> dict[str, Any]:
     me = process_of(node)
     keep = [{"rank": r, "address": st.replica_addresses[r]} for r, procs in sorted(st.replica_plan.items())
             if me in procs and r in st.replica_addresses]
-    # The processes that keep this node's rank (by their servers' names): a primary drops any other
+    # The processes that keep this node's rank (backup_name of each of their servers): a primary drops any other
     # backup at once (one of a dead process would otherwise hold its answers until it times out).
     procs = live_processes(st)
-    keepers = sorted(n.name for p in st.replica_plan.get(node.rank, []) for n in procs.get(p, []))
+    keepers = sorted(backup_name(n) for p in st.replica_plan.get(node.rank, []) for n in procs.get(p, []))
     return {"backups": keep, "replica_gen": st.replica_gen, "keepers": keepers}
 
 
@@ -119,8 +119,14 @@ def _backup_report(node: Node, rank: int) -> tuple[bool, int, str] | None:
     return None
 
 
+def backup_name(node: Node) -> str:
+    """How the backups in ``node``'s process name themselves to primaries: the name of the server
+    that started the process and its pid (a node name alone is reused by a rank's next server)."""
+    return f"{node.name}/{node.pid}"
+
+
 def caught_up(node: Node) -> list[str]:
-    """The backups (named by a server node of their process) that ``node``, a primary, reported caught up."""
+    """The backups (:func:`backup_name`) that ``node``, a primary, reported caught up."""
     rep = node.progress.get("replication")
     names = rep.get("backups") if isinstance(rep, dict) else None
     return [n for n in names if isinstance(n, str)] if isinstance(names, list) else []
@@ -132,7 +138,7 @@ def best_backup(st: CoordinatorState, dead: Node) -> tuple[Node, int] | None:
     confirmed = set(caught_up(dead))
     best: tuple[Node, int] | None = None
     for proc, nodes in sorted(live_processes(st).items()):
-        if proc == process_of(dead) or not confirmed.intersection(n.name for n in nodes):
+        if proc == process_of(dead) or not confirmed.intersection(backup_name(n) for n in nodes):
             continue
         for n in nodes:
             rep = _backup_report(n, dead.rank)

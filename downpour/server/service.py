@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import threading
 import time
 from collections import Counter
@@ -655,7 +656,8 @@ def run_server(ctx: Context, coordinator: str, host: str = "127.0.0.1", rank: in
             server.replicate()
             if backups is None:
                 steps = planned if type(planned) is int and planned > 0 else None
-                backups = BackupHost(ctx, job, layout, server.name, security, lambda r, name: ParameterServer(
+                # Named "NAME/PID" for its primaries: unique, where a replacement reuses the node name.
+                backups = BackupHost(ctx, job, layout, f"{server.name}/{os.getpid()}", security, lambda r, name: ParameterServer(
                     ctx, job, layout, r, NullListener(), name, steps))  # type: ignore[arg-type]
             server.backup_host = backups
         coord.configure(job.cluster.coordinator_timeout_s, job.cluster.heartbeat_timeout_s)
