@@ -3,6 +3,10 @@
 The service owns the sockets and the run folder; every decision is made by
 :class:`CoordinatorState`. It writes ``summary.json`` (and its own address, so
 a launcher can find it) into the run folder.
+
+Why a module of about 400 lines: it is the coordinator's whole executor (the serve loop, the
+actions it performs, monitoring and the run folder); the decisions it carries out live in the
+small modules beside it.
 """
 
 from __future__ import annotations

@@ -21,6 +21,10 @@ primary's listener. It takes only the next ``seq``: a duplicate, a gap, or a mes
 rank is refused and counted (``refused``), and changes nothing; after a gap it asks for the
 state again. A backup has no listener of its own: it cannot serve a worker before it is
 promoted (:meth:`BackupHost.take`, then ``run_server(promote=...)``).
+
+Why one module over 400 lines: the primary's link, the backup and the host that holds backups
+speak one wire protocol to each other (REPLICATE, REPLICA_STATE, acknowledgements); keeping the
+three sides together keeps that protocol readable in one place.
 """
 
 from __future__ import annotations

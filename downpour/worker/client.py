@@ -23,6 +23,9 @@ With a :class:`~downpour.config.CompressionConfig`, pushes are encoded per key
 (``downpour.compress``) and pulled values arrive in the configured pull codec;
 callers see float32 either way. :attr:`KVClient.wire` counts the bytes of each
 direction by part (values, indices, scales, headers).
+
+Why a module of about 400 lines: one class, the push/pull API, with the handle it returns;
+the encodings and shared memory it uses live in ``compress`` and ``transport``.
 """
 
 from __future__ import annotations
