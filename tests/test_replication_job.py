@@ -23,6 +23,17 @@ def _primary(status: dict, rank: int) -> dict:
     return next(n for n in status["nodes"] if n["role"] == "server" and n["rank"] == rank and n["state"] == "alive")
 
 
+def _kill_primaries(run_dir, rank: int, times: int, killed: list) -> None:
+    """SIGKILL ``rank``'s primary ``times`` times, each once it has a caught-up backup (so the
+    later victims are promoted primaries), waiting for each failure to be seen; pids go to ``killed``."""
+    for _ in range(times):
+        victim = _primary(wait_replicated(run_dir, rank), rank)
+        assert victim["pid"] not in killed
+        os.kill(victim["pid"], signal.SIGKILL)
+        killed.append(victim["pid"])
+        wait_failures(run_dir, len(killed))
+
+
 def wait_failures(run_dir: str, count: int, timeout_s: float = 60.0) -> None:
     """Wait until the coordinator recorded ``count`` failures."""
     deadline = time.monotonic() + timeout_s
@@ -85,13 +96,7 @@ def test_primaries_killed_again_and_again_lose_no_update(tmp_path, tiny_data):
     killed = []
     try:
         wait_training(run_dir, steps=3)
-        for _ in range(3):
-            st = wait_replicated(run_dir, 1)
-            victim = _primary(st, 1)
-            assert victim["pid"] not in killed
-            os.kill(victim["pid"], signal.SIGKILL)
-            killed.append(victim["pid"])
-            wait_failures(run_dir, len(killed))
+        _kill_primaries(run_dir, 1, 3, killed)
         summary = _summary(proc, run_dir)
     finally:
         stop_job(proc)
@@ -118,11 +123,7 @@ def test_the_ctr_job_loses_no_update_of_its_tables_when_primaries_are_killed(tmp
     killed = []
     try:
         wait_training(run_dir, steps=3)
-        for _ in range(2):
-            victim = _primary(wait_replicated(run_dir, 1), 1)
-            os.kill(victim["pid"], signal.SIGKILL)
-            killed.append(victim["pid"])
-            wait_failures(run_dir, len(killed))
+        _kill_primaries(run_dir, 1, 2, killed)
         summary = _summary(proc, run_dir)
     finally:
         stop_job(proc)
@@ -144,7 +145,8 @@ def test_in_sync_mode_a_primary_killed_mid_job_changes_no_parameter(tmp_path, ti
     """``replication: sync`` and sync training: the promoted backup holds every push answered, the
     workers replay the rest, each applied once; the parameters end as an undisturbed run's."""
     def job(folder):
-        return tiny_job(tiny_data, training={"epochs": 12, "consistency": "sync"}, monitor=QUIET,
+        # Long enough that a backup catches up and the kill lands mid-job on a quiet machine too.
+        return tiny_job(tiny_data, training={"epochs": 40, "consistency": "sync"}, monitor=QUIET,
                         cluster={"num_servers": 3, "num_workers": 1, "replicas": 1, "replication": "sync",
                                  "heartbeat_timeout_s": 1.5})
 
