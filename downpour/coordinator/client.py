@@ -16,6 +16,7 @@ in a barrier).
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import threading
@@ -31,6 +32,7 @@ from downpour.protocol.rpc import Future, RpcClient
 from downpour.transport import Context, Security
 
 COORDINATOR = "coordinator"
+log = logging.getLogger(__name__)
 
 
 def connection_id(role: str, rank: int | None) -> str:
@@ -165,6 +167,7 @@ class Heartbeat:
         self._fut: Future | None = None
         self._last_ok = time.monotonic()
         self._next = 0.0
+        self.sent = 0  # heartbeats sent
 
     def tick(self, progress: Callable[[], dict[str, Any]] | None = None) -> str | None:
         """``progress`` is called only when a heartbeat goes out (so it may cost a little)."""
@@ -186,5 +189,61 @@ class Heartbeat:
             meta = {**self.extra, "node": self.client.node, "progress": progress() if progress else {}}
             msg = Message(Op.HEARTBEAT, meta=meta)
             self._fut = self.client.rpc.request(COORDINATOR, msg, timeout_s=self.attempt_s)
+            self.sent += 1
         return None
 
+
+
+class RestoringHeartbeat:
+    """Heartbeats marked ``restoring`` from a thread of its own while a server loads its state
+    before serving (a checkpoint of a few hundred thousand rows takes seconds on a loaded machine,
+    longer than ``cluster.heartbeat_timeout_s``): the coordinator keeps the node alive, not serving.
+
+    Use as a context manager around the restore. It sends on a connection of its own (the routing
+    id the node registered with + ``.hb``; a zmq socket stays on one thread) every ``interval_s``
+    and gives up after ``limit_s`` (``cluster.startup_timeout_s``): a restore hung in a live
+    process then goes silent and is declared dead, as the coordinator declares a node that
+    heartbeats restoring for that long. ``reason``: the coordinator's stop order, if it gave one
+    (the serve loop hears it again in its first heartbeat answer)."""
+
+    def __init__(self, ctx: Context, address: str, identity: str, node: str, interval_s: float, limit_s: float,
+                 security: Security | None = None) -> None:
+        self.ctx, self.address, self.identity, self.node, self.security = ctx, address, identity, node, security
+        self.interval_s, self.limit_s = interval_s, limit_s
+        self.reason: str | None = None
+        self.heartbeat: Heartbeat | None = None
+        self._halt = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"{node}-restoring-heartbeat", daemon=True)
+
+    def __enter__(self) -> RestoringHeartbeat:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._halt.set()
+        self._thread.join(timeout=5.0 + self.interval_s)
+
+    @property
+    def running(self) -> bool:
+        """Whether heartbeats still go out (False once stopped, given up or told to stop)."""
+        return self._thread.is_alive()
+
+    def _run(self) -> None:
+        client = CoordinatorClient(self.ctx, self.address, f"{self.identity}.hb", security=self.security)
+        client.node = self.node
+        self.heartbeat = Heartbeat(client, self.interval_s, self.limit_s, extra={"restoring": True})
+        give_up = time.monotonic() + self.limit_s
+        try:
+            while time.monotonic() < give_up:
+                reason = self.heartbeat.tick()
+                if reason is not None:
+                    self.reason = reason
+                    return
+                if self._halt.wait(min(0.1, self.interval_s / 4)):
+                    return
+            log.warning("%s: still restoring after %gs (cluster.startup_timeout_s): no more heartbeats; "
+                        "the coordinator declares it dead", self.node, self.limit_s)
+        except (TransportError, RequestTimeout):  # the coordinator is silent: the serve loop finds out
+            pass
+        finally:
+            client.close()

@@ -189,6 +189,11 @@ def joinable(st: CoordinatorState) -> bool:
 
 
 def heartbeat(st: CoordinatorState, ident: bytes, msg: Message, now: float, node: Node) -> list[Action]:
+    if msg.meta.get("restoring") is True:
+        return restoring(st, ident, msg, now, node)
+    if node.restoring_since is not None:
+        log.info("coordinator: %s restored its checkpoint in %.1fs; serving", node.name, now - node.restoring_since)
+        node.restoring_since = None
     progress = msg.meta.get("progress")
     if isinstance(progress, dict):
         node.progress = progress
@@ -224,6 +229,25 @@ def heartbeat(st: CoordinatorState, ident: bytes, msg: Message, now: float, node
         return [Reply(ident, msg.reply(order))]
     if node.role == "worker" and st.servers_gen:  # a server was replaced: where the servers are now
         return [Reply(ident, msg.reply({"servers": st.server_addresses(), "servers_gen": st.servers_gen}))]
+    return [Reply(ident, msg.reply({}))]
+
+
+def restoring(st: CoordinatorState, ident: bytes, msg: Message, now: float, node: Node) -> list[Action]:
+    """A server's heartbeat while it loads its checkpoint (that takes seconds for a large one on a
+    loaded machine, longer than ``cluster.heartbeat_timeout_s``). It only keeps the node alive (its
+    ``last_seen`` was refreshed with the request): it is not serving yet, so nothing else is read
+    from it (no progress, no recovery of its rank, no part in the backup plan). One restoring for
+    longer than ``cluster.startup_timeout_s`` is declared dead (:meth:`CoordinatorState.tick`)."""
+    if node.role != "server":
+        return [Reply(ident, msg.error(Code.INVALID, f"meta.restoring: {node.name} is not a server; only servers restore"))]
+    if node.state == DEAD:
+        return [Reply(ident, msg.reply({"stop": f"{node.name} was declared dead; its work went to others"}))]
+    if st.phase == Phase.FAILED:
+        st.stop_told.add(node.name)
+        return [Reply(ident, msg.reply({"stop": st.error}))]
+    if node.restoring_since is None:
+        node.restoring_since = now
+        log.info("coordinator: %s is restoring its checkpoint (alive, not serving yet)", node.name)
     return [Reply(ident, msg.reply({}))]
 
 

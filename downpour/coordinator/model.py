@@ -76,6 +76,10 @@ class Node:
     # may have been lost with a coordinator that died right after admitting it (and saving that):
     # the node repeats its REGISTER only after ``protocol.ops.ATTEMPT_S``, sending no heartbeat meanwhile.
     heard: bool = False
+    # A server loading its checkpoint heartbeats marked ``restoring``: since when (coordinator clock;
+    # None: serving, or never restored). Kept alive meanwhile, but not serving; declared dead once it
+    # restores for longer than cluster.startup_timeout_s (coordinator/membership.py: restoring).
+    restoring_since: float | None = field(default=None, metadata=TRANSIENT)
 
 
 # Which fields each scope of failure shows in summary.json and STATUS (after the common ones).

@@ -51,7 +51,8 @@ def job_status(self: CoordinatorState, now: float) -> dict[str, Any]:
         "data_shards": self.ledger.summary(),
         "nodes": [
             {"name": n.name, "role": n.role, "rank": n.rank, "state": n.state, "host": n.host, "pid": n.pid, "address": n.address,
-             "heartbeat_age_s": round(now - n.last_seen, 3), "metrics": n.metrics, "progress": n.progress}
+             "heartbeat_age_s": round(now - n.last_seen, 3), "metrics": n.metrics, "progress": n.progress,
+             **({"restoring_s": round(now - n.restoring_since, 3)} if n.restoring_since is not None else {})}
             for n in sorted(self.nodes.values(), key=lambda n: (n.role, n.rank))
         ],
         "alerts": self.health.current(now),

@@ -226,9 +226,16 @@ class CoordinatorState(JobState):
             # After a restart, a node not heard from since its admission may be waiting for a
             # REGISTER answer the old process never sent (see Node.heard): time to repeat it.
             limit = self.cl.heartbeat_timeout_s + (ATTEMPT_S if self.restarts and not node.heard else 0.0)
+            since = node.restoring_since
+            restoring = "" if since is None else f" while restoring its checkpoint (for {now - since:.1f}s)"
             if silent > limit:
-                why = f"no heartbeat for {silent:.1f}s (timeout {limit:g}s); declared dead"
+                why = f"no heartbeat for {silent:.1f}s (timeout {limit:g}s){restoring}; declared dead"
                 return failures.lose(self, now, node, why, "dead", silent)
+            # A restore hung in a live process heartbeats (marked restoring) but never serves.
+            if since is not None and now - since > self.cl.startup_timeout_s:
+                why = (f"still restoring its checkpoint after {now - since:.1f}s "
+                       f"(cluster.startup_timeout_s {self.cl.startup_timeout_s:g}s); declared dead")
+                return failures.lose(self, now, node, why, "dead", now - since)
         if self.stop_requested is not None and self.phase == Phase.TRAINING:
             return checkpoints.stop_step(self, now)
         if self.workerless_since is not None and now - self.workerless_since > self.cl.startup_timeout_s:

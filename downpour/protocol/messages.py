@@ -19,7 +19,7 @@ import torch
 class Op(IntEnum):
     # node -> coordinator
     REGISTER = 1  # meta: role, address (servers), host, pid -> OK: rank, node, job, layout
-    HEARTBEAT = 2  # meta: node, progress -> OK: stop?
+    HEARTBEAT = 2  # meta: node, progress, restoring? -> OK: stop?
     BARRIER = 3  # meta: node, name -> OK once every live participant arrived
     NEXT_SHARD = 4  # meta: node -> OK: shard (or none left)
     SHARD_DONE = 5  # meta: node, epoch, shard, examples

@@ -148,7 +148,8 @@ KEYS = List(Int(0, (1 << 31) - 1), 1 << 24)  # the server's limit (cluster.max_k
 REQUESTS: dict[Op, Record] = {
     Op.REGISTER: Record({**_NODE, "role": Str(16), "rank": Int(0, 1 << 20), "address": Str(512), "host": Str(256),
                          "pid": Int(0, 1 << 40), "hosted_by": NAME}, required=("role",), rest=REST),
-    Op.HEARTBEAT: Record({**_NODE, "progress": PROGRESS, "metrics": Str(255)}, required=("node",), rest=REST),
+    # restoring: a server still loading its checkpoint (alive, not serving yet; coordinator/membership.py).
+    Op.HEARTBEAT: Record({**_NODE, "progress": PROGRESS, "metrics": Str(255), "restoring": Bool()}, required=("node",), rest=REST),
     Op.BARRIER: Record({**_NODE, "name": Str(64)}, required=("node", "name"), rest=REST),
     Op.NEXT_SHARD: Record(_NODE, required=("node",), rest=REST),
     Op.SHARD_DONE: Record({**_NODE, "epoch": COUNT, "shard": COUNT, "examples": COUNT},

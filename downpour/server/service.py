@@ -33,7 +33,7 @@ import torch
 from downpour.compress import Codec, decode_push, pull_codec
 from downpour.compress.plan import pull_request
 from downpour.config import JobConfig, parse_job
-from downpour.coordinator.client import COORDINATOR, CoordinatorClient, Heartbeat, connection_id
+from downpour.coordinator.client import COORDINATOR, CoordinatorClient, Heartbeat, RestoringHeartbeat, connection_id
 from downpour.errors import DownpourError, ProtocolError, TransportError
 from downpour.layout import Layout
 from downpour.monitor import Buckets, HttpEndpoint, metrics_route, node_labels
@@ -647,11 +647,15 @@ def run_server(ctx: Context, coordinator: str, host: str = "127.0.0.1", rank: in
             server = promote
             server.adopt(listener, reply["node"])
             log.warning("%s: promoted: serving its backup's state (seq %d) as the primary", server.name, promoted_seq)
+        elif reply.get("restore"):  # heartbeats marked restoring meanwhile: a large restore outlasts the heartbeat timeout
+            with RestoringHeartbeat(ctx, coordinator, identity, reply["node"], job.cluster.heartbeat_interval_s,
+                                    job.cluster.startup_timeout_s, security):
+                server = ParameterServer(ctx, job, layout, int(reply["rank"]), listener, reply["node"],
+                                         planned if type(planned) is int and planned > 0 else None)
+                server.restore(reply["restore"], layout)
         else:
             server = ParameterServer(ctx, job, layout, int(reply["rank"]), listener, reply["node"],
                                      planned if type(planned) is int and planned > 0 else None)
-            if reply.get("restore"):
-                server.restore(reply["restore"], layout)
         if job.cluster.replicas:
             server.replicate()
             if backups is None:
