@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import json
 import os
-import signal
-import subprocess
 import time
 
 import pytest
@@ -16,8 +13,9 @@ from downpour.api import resolve_job
 from downpour.launch import LocalLauncher
 from downpour.scheduler import Phase, Resources
 from downpour.scheduler.service import Scheduler, SchedulerSettings
-from tests.cluster import PY, QUIET, wait_training
+from tests.cluster import QUIET, wait_training
 from tests.conftest import tiny_job
+from tests.scheduler_helpers import kill_jobs, summary
 
 
 def _drive(s: Scheduler, done, timeout_s: float) -> None:
@@ -29,19 +27,6 @@ def _drive(s: Scheduler, done, timeout_s: float) -> None:
             return
         time.sleep(0.2)
     raise AssertionError(f"not done in {timeout_s} s: {[(j.id, j.phase.value, j.message) for j in s.jobs.values()]}")
-
-
-def _kill_jobs(pids) -> None:
-    for pid in pids:
-        try:
-            os.killpg(pid, signal.SIGKILL)  # each job runs in its own session: its group is its processes
-        except (ProcessLookupError, PermissionError):
-            pass
-
-
-def _summary(run_dir: str) -> dict:
-    with open(os.path.join(run_dir, "summary.json")) as f:
-        return json.load(f)
 
 
 def _preempted(tmp_path, tiny_data, job: dict) -> tuple:
@@ -57,13 +42,13 @@ def _preempted(tmp_path, tiny_data, job: dict) -> tuple:
         _drive(s, lambda: a.phase is not Phase.RUNNING, 10)
         assert a.phase is Phase.STOPPING and a.preemptions == 1
         _drive(s, lambda: urgent.phase is Phase.RUNNING, 120)
-        first = _summary(os.path.join(s.settings.root, "jobs", str(a.id), "run-0"))
+        first = summary(os.path.join(s.settings.root, "jobs", str(a.id), "run-0"))
         _drive(s, lambda: a.phase.finished and urgent.phase.finished, 300)
         assert (a.phase, urgent.phase) == (Phase.DONE, Phase.DONE), a.message
         assert a.attempt == 1 and a.extra["resumed_from"].endswith("run-0")
-        return a, first, _summary(a.run_dir)
+        return a, first, summary(a.run_dir)
     finally:
-        _kill_jobs(j.pid for j in s.jobs.values() if j.pid)
+        kill_jobs(j.pid for j in s.jobs.values() if j.pid)
         s.store.close()
 
 
@@ -91,35 +76,3 @@ def test_a_preempted_async_job_trains_every_shard_exactly_once_per_epoch(tmp_pat
     assert last["data_shards"]["unfinished"] == 0
     assert first["examples"] + last["examples"] == 30 * 2400
 
-
-def _cli(*args, timeout_s: float = 60.0) -> subprocess.CompletedProcess:
-    return subprocess.run([PY, "-m", "downpour", *args], capture_output=True, text=True, timeout=timeout_s)
-
-
-def _start_scheduler(folder: str) -> subprocess.Popen:
-    if os.path.exists(os.path.join(folder, "scheduler.url")):
-        os.remove(os.path.join(folder, "scheduler.url"))
-    proc = subprocess.Popen([PY, "-m", "downpour", "scheduler", "--dir", folder, "--port", "0", "--cpus", "4",
-                             "--memory-mb", "8192", "--policy", "fifo", "--tick-s", "0.2"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline = time.monotonic() + 60
-    while not os.path.exists(os.path.join(folder, "scheduler.url")):
-        assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read() if proc.poll() is not None else "slow start"
-        time.sleep(0.1)
-    return proc
-
-
-def _jobs(folder: str) -> dict[int, dict]:
-    out = _cli("jobs", "--json", "--dir", folder)
-    assert out.returncode == 0, out.stderr
-    return {j["id"]: j for j in json.loads(out.stdout)}
-
-
-def _wait_jobs(folder: str, done, timeout_s: float) -> dict[int, dict]:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        jobs = _jobs(folder)
-        if done(jobs):
-            return jobs
-        time.sleep(0.5)
-    raise AssertionError(f"not done in {timeout_s} s: {jobs}")
