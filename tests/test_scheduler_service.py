@@ -4,6 +4,7 @@ bookkeeping, restarts with back-off, a restarted scheduler, and the HTTP API thr
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 import uvicorn
@@ -52,6 +53,16 @@ class FakeRunner:
                      "crash": Exit(1, None),  # killed before it wrote a summary
                      # a failure seen by a scheduler that adopted the process: no exit code, the summary says it
                      "failed": Exit(None, {"status": "failed", "error": "worker-0 died"})}[how]
+
+
+
+class GracefulRunner(FakeRunner):
+    """A SIGTERM asks for a stop; the process ends as a graceful stop does (a final checkpoint, then
+    exit 0 with status "stopped") only when the test calls :meth:`release`, from any thread."""
+
+    def release(self, pid):
+        self.procs[pid]["exit"] = Exit(0, {"status": "stopped", "error": None})
+        self.procs[pid]["alive"] = False
 
 
 class Clock:
@@ -213,8 +224,6 @@ def test_the_http_api_and_metrics(make, tiny_data):
     thread.start()
     try:
         client = SchedulerClient(f"http://127.0.0.1:{sock.getsockname()[1]}", timeout_s=10)
-        import time
-
         deadline = time.monotonic() + 20
         while not server.started and time.monotonic() < deadline:
             time.sleep(0.05)
@@ -239,3 +248,64 @@ def test_the_http_api_and_metrics(make, tiny_data):
     finally:
         server.should_exit = True
         thread.join(timeout=10)
+
+
+def _wait_for(done, timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not done():
+        assert time.monotonic() < deadline, f"not done in {timeout_s} s"
+        time.sleep(0.002)
+
+
+def test_cancels_racing_the_end_of_a_preemption_from_other_threads_lose_no_job(make, tiny_data, tmp_path, caplog):
+    """The scheduler ticks in its own thread (as `downpour scheduler` does); each round a new job
+    preempts the running one, and while that one stops, three threads cancel it at the moment its
+    stop completes. Whichever wins, it ends cancelled, is never started again, and the job that
+    preempted it runs; every job is in the store as it is in memory."""
+    root = str(tmp_path / "sched")
+    runner = GracefulRunner(root)
+    s, _, clock = make(policy="las", cpus=2, root=root, runner=runner, policy_options={"thresholds": [20.0]}, tick_s=0.001)
+    stop = threading.Event()
+    loop = threading.Thread(target=s.run, args=(stop,), daemon=True)
+    loop.start()
+    answers: list[str] = []
+    try:
+        prev = s.submit(job_yaml(tiny_data))
+        _wait_for(lambda: prev.phase is Phase.RUNNING and prev.pid is not None)
+        for _ in range(10):
+            clock.t += 30  # 60 task-s: past the threshold, so the next job preempts it
+            pid = prev.pid
+            nxt = s.submit(job_yaml(tiny_data))
+            _wait_for(lambda a=prev: a.phase is Phase.STOPPING)
+            go = threading.Barrier(4, timeout=10)
+
+            def cancel(job_id=prev.id, go=go):
+                go.wait()
+                try:
+                    s.cancel(job_id)
+                    answers.append("cancelled")
+                except ConfigError as err:
+                    answers.append("already" if "already cancelled" in str(err) else f"unexpected: {err}")
+
+            def stopped(pid=pid, go=go):
+                go.wait()
+                runner.release(pid)
+
+            threads = [threading.Thread(target=cancel) for _ in range(3)] + [threading.Thread(target=stopped)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(timeout=10)
+            _wait_for(lambda a=prev, b=nxt: a.phase is Phase.CANCELLED and b.phase is Phase.RUNNING and b.pid is not None)
+            assert [p["job"] for p in runner.procs.values()].count(prev.id) == 1  # never started again
+            prev = nxt
+    finally:
+        stop.set()
+        loop.join(timeout=10)
+    assert not loop.is_alive()
+    assert set(answers) <= {"cancelled", "already"} and "cancelled" in answers, answers
+    assert [j.phase for j in sorted(s.jobs.values(), key=lambda j: j.id)] == [Phase.CANCELLED] * 10 + [Phase.RUNNING]
+    assert {j.id: (j.phase, j.attempt) for j in s.store.load()} == {j.id: (j.phase, j.attempt) for j in s.jobs.values()}
+    assert [p["job"] for p in runner.procs.values() if p["alive"]] == [prev.id]
+    assert s.free()["here"].cpus == 0
+    assert not [r for r in caplog.records if r.levelname == "ERROR"], caplog.text
