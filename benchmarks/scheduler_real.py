@@ -1,6 +1,6 @@
 """About ten small real jobs through `downpour scheduler`, under two policies, beside the simulator.
 
-    .venv/bin/python benchmarks/scheduler_real.py [--policies fifo las] [--long-steps 10000] [--short-steps 300] [--json OUT]
+    .venv/bin/python benchmarks/scheduler_real.py [--policies fifo las las:120] [--long-steps 10000] [--short-steps 300] [--json OUT]
 
 Two long jobs are submitted first, then eight short ones, one every --gap-s seconds, to a scheduler
 of 4 CPU slots (each job: 1 server + 1 worker, the reference MLP on Fashion-MNIST, async, capped at
@@ -9,7 +9,9 @@ submits on that schedule through the HTTP API, waits for every job, and records 
 completion time. Then it replays the same arrivals in the simulator (downpour/scheduler/sim.py),
 with each job's running time measured in the first policy's run (no preemption there under fifo)
 and the stop/resume costs measured too, and prints mean JCT per policy, real and simulated, so
-the two orderings can be compared. Run it under the machine's CPU lock; it starts real processes.
+the two orderings can be compared. A policy is a name, or ``las:T1,T2`` for least attained
+service with thresholds T1, T2 task-seconds (plain ``las`` here: 30). Run it under the machine's
+CPU lock; it starts real processes.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -25,20 +28,30 @@ import time
 
 import yaml
 
+from downpour.errors import ConfigError
 from downpour.scheduler.client import SchedulerClient
 from downpour.scheduler.policies import make_policy
 from downpour.scheduler.resources import Resources
-from downpour.scheduler.sim import TraceJob, simulate
+from downpour.scheduler.sim import TraceJob, quantile, simulate
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 JOB = os.path.join(HERE, "..", "examples", "mnist.yaml")
 OPTIONS = {"las": ["thresholds=[30]"], "fifo": [], "priority": ["aging_per_s=0.01"], "drf": []}
 
 
-def start_scheduler(folder: str, policy: str) -> tuple[subprocess.Popen, SchedulerClient]:
+def policy_options(spec: str) -> tuple[str, list[str]]:
+    """``las:120`` -> ("las", ["thresholds=[120]"]); a plain name -> its OPTIONS."""
+    name, _, thresholds = spec.partition(":")
+    if thresholds:
+        return name, [f"thresholds=[{thresholds}]"]
+    return name, OPTIONS.get(name, [])
+
+
+def start_scheduler(folder: str, spec: str) -> tuple[subprocess.Popen, SchedulerClient]:
+    policy, options = policy_options(spec)
     args = [sys.executable, "-m", "downpour", "scheduler", "--dir", folder, "--port", "0", "--cpus", "4",
             "--memory-mb", "8192", "--policy", policy, "--tick-s", "0.25", "--min-run-s", "3"]
-    for opt in OPTIONS.get(policy, []):
+    for opt in options:
         args += ["--policy-option", opt]
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=open(os.path.join(folder, "scheduler.err"), "w"))
     deadline = time.monotonic() + 60
@@ -74,8 +87,26 @@ def run_policy(policy: str, plan: list[tuple[float, str, int]], folder: str) -> 
                 raise SystemExit(f"{policy}: jobs not done in 900 s")
             time.sleep(0.5)
     finally:
+        _stop_jobs(client)  # jobs run in their own sessions: an interrupted run must not leave them behind
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def _stop_jobs(client: SchedulerClient, timeout_s: float = 120.0) -> None:
+    """Cancel every job not yet ended and wait (up to ``timeout_s``) until they have."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        live = [j for j in client.jobs() if j["phase"] not in ("done", "failed", "cancelled")]
+        if not live:
+            return
+        for j in live:
+            if not j.get("cancel_requested"):
+                try:
+                    client.cancel(j["id"])
+                except ConfigError:  # it ended meanwhile
+                    pass
+        time.sleep(0.5)
+    print("some jobs did not stop: see the run folders", file=sys.stderr)
 
 
 def main() -> int:
@@ -86,10 +117,11 @@ def main() -> int:
     p.add_argument("--gap-s", type=float, default=2.0)
     p.add_argument("--json")
     args = p.parse_args()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit("stopped by SIGTERM"))  # so `timeout` runs the clean-up
     plan = [(0.0, "long0", args.long_steps), (0.5, "long1", args.long_steps)]
     plan += [(2.0 + k * args.gap_s, f"short{k}", args.short_steps) for k in range(8)]
     root = tempfile.mkdtemp(prefix="sched-real-")
-    real = {pol: run_policy(pol, plan, os.path.join(root, pol)) for pol in args.policies}
+    real = {pol: run_policy(pol, plan, os.path.join(root, pol.replace(":", "-").replace(",", "-"))) for pol in args.policies}
     first = real[args.policies[0]]
     t_sub = min(j["submitted_s"] for j in first)
     runs = {j["name"]: j["finished_s"] - j["first_started_s"] for j in first}
@@ -98,16 +130,19 @@ def main() -> int:
     trace = [TraceJob(j["id"], j["submitted_s"] - t_sub, runs[j["name"]], (Resources(cpus=1), Resources(cpus=1)), user=j["name"])
              for j in first]
     out = {"plan": plan, "real": real, "sim": {}}
-    print("| policy | real mean JCT (s) | real p95 JCT (s) | preemptions | simulated mean JCT (s) |")
-    print("|---|---|---|---|---|")
+    print("| policy | real mean JCT (s) | real p95 JCT (s) | real makespan (s) | preemptions | "
+          "simulated mean JCT (s) | simulated makespan (s) |")
+    print("|---|---|---|---|---|---|---|")
     for pol in args.policies:
-        opts = {k: yaml.safe_load(v) for k, v in (o.split("=", 1) for o in OPTIONS.get(pol, []))}
-        sim = simulate(trace, {"here": Resources(cpus=4)}, make_policy(pol, **opts), stop_s=5.0, resume_s=5.0, tick_s=1.0,
+        name, options = policy_options(pol)
+        opts = {k: yaml.safe_load(v) for k, v in (o.split("=", 1) for o in options)}
+        sim = simulate(trace, {"here": Resources(cpus=4)}, make_policy(name, **opts), stop_s=5.0, resume_s=5.0, tick_s=1.0,
                        min_run_s=3.0).report()
         jct = sorted(j["jct_s"] for j in real[pol])
+        makespan = max(j["finished_s"] for j in real[pol]) - min(j["submitted_s"] for j in real[pol])
         out["sim"][pol] = sim
-        print(f"| {pol} | {statistics.mean(jct):.1f} | {jct[max(0, int(0.95 * len(jct)) - 1)]:.1f} | "
-              f"{sum(j['preemptions'] for j in real[pol])} | {sim['mean_jct_s']:.1f} |")
+        print(f"| {pol} | {statistics.mean(jct):.1f} | {quantile(jct, 0.95):.1f} | {makespan:.1f} | "
+              f"{sum(j['preemptions'] for j in real[pol])} | {sim['mean_jct_s']:.1f} | {sim['makespan_s']:.1f} |")
     for pol in args.policies:
         print(pol, "real first starts:", [j["name"] for j in sorted(real[pol], key=lambda j: j["first_started_s"])], file=sys.stderr)
     if args.json:

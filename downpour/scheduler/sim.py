@@ -86,7 +86,7 @@ class SimResult:
         jct = sorted(self.jct())
         first = min(j.submitted_s for j in self.jobs)
         makespan = max(j.finished_s for j in self.jobs) - first
-        return {"jobs": len(jct), "mean_jct_s": sum(jct) / len(jct), "p95_jct_s": _quantile(jct, 0.95),
+        return {"jobs": len(jct), "mean_jct_s": sum(jct) / len(jct), "p95_jct_s": quantile(jct, 0.95),
                 "makespan_s": makespan, "utilization": self.busy_cpu_s / (self.capacity.cpus * makespan),
                 "jain_fairness": jain(self.user_progress().values()),
                 "preemptions": sum(j.preemptions for j in self.jobs)}
@@ -106,7 +106,7 @@ def jain(values) -> float:
     return (sum(xs) ** 2) / (len(xs) * sq) if sq > 0 else 1.0
 
 
-def _quantile(sorted_values: list[float], q: float) -> float:
+def quantile(sorted_values: list[float], q: float) -> float:
     k = min(len(sorted_values) - 1, max(0, math.ceil(q * len(sorted_values)) - 1))
     return sorted_values[k]
 
