@@ -1,0 +1,419 @@
+"""Calibrate the scaling model (``benchmarks/scale_model.py``) on this machine, check it against real
+jobs on every topology from 1×1 to S×W, and print its predictions at scale.
+
+    .venv/bin/python benchmarks/scale_measure.py                          # calibrate, check 1..4 × 1..8, predict
+    .venv/bin/python benchmarks/scale_measure.py --servers 2 --workers 3  # a quick look: 1..2 × 1..3
+    .venv/bin/python benchmarks/scale_measure.py --json scale.json
+
+Where each figure of :class:`~benchmarks.scale_model.Costs` comes from (all measured in this run):
+
+* ``compute_s`` of a model: forward+backward of one batch in this process, ``torch.set_num_threads(1)``,
+  the median of ``--compute-steps`` steps after warm-up (no optimizer step: the servers apply it).
+* ``apply_s_per_param``: SGD with momentum (``buf.mul_(m).add_(g); p.add_(buf, alpha=-lr)``) over a
+  1M-float tensor in this process, per parameter.
+* ``latency_s``: half a round trip of a 64-byte message between two processes over an ipc socket
+  (raw pyzmq PAIR sockets).
+* The request costs, from the reference job itself (``examples/mnist.yaml`` through the local
+  launcher, ipc sockets and shared memory as by default). A role's CPU per step is the difference
+  of its processes' CPU (``cpu_s`` in summary.json) between a run capped at ``--steps-long`` and one
+  at ``--steps-short`` steps in all, over the difference in steps: start-up and evaluation cancel.
+  Three jobs: A = 1 server × 1 worker, B = 2 × 1, C = 1 × 1 with a 1024-wide hidden layer (814k
+  parameters instead of 102k). Per extra request (B − A): ``worker_msg_s`` and ``server_msg_s``.
+  Per extra byte (C − A, less the compute and update-rule difference): ``worker_byte_s`` and
+  ``server_byte_s``. What is left of A's worker CPU is ``worker_step_s`` of the reference model,
+  used for the other dense models too.
+* The CTR model (``examples/ctr.yaml``'s Wide & Deep): job D = 1 × 1 on generated Criteo data. Its
+  forward+backward is the single-process hashed-table model of ``benchmarks/ctr.py``; the rows per
+  step are the servers' pulled and pushed keys over the steps; what is left of D's server CPU after
+  the request, byte and dense update costs is ``server_row_s``, and of its worker CPU,
+  ``worker_step_s``.
+
+The check then runs the reference job on every topology (servers 1..S × workers 1..W) the same way
+(two step caps), and prints measured against predicted examples/s (the longer run's extra examples
+over its extra training time, so that start-up skew cancels) and CPU per example per role, for the
+``--cores`` of this machine. A and B are calibration points: their worker CPU per example agrees by
+construction, the servers' nearly (least squares), their examples/s is predicted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import asdict
+from typing import Any
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if _ROOT not in sys.path:
+    sys.path.insert(0, _ROOT)
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+import zmq  # noqa: E402
+
+from benchmarks.common import environment  # noqa: E402
+from benchmarks.scale_model import Costs, Topology, Workload, at_scale, predict  # noqa: E402
+from downpour.config import load_job  # noqa: E402
+from downpour.launch import LocalLauncher  # noqa: E402
+from downpour.models import mlp  # noqa: E402
+
+MNIST_JOB = os.path.join(_ROOT, "examples", "mnist.yaml")
+CTR_JOB = os.path.join(_ROOT, "examples", "ctr.yaml")
+BIG_HIDDEN = 1024  # job C's hidden width: 814k parameters, 8x the reference model's bytes
+DENSE_100M_HIDDEN = [9600, 9600]  # 784 -> 9600 -> 9600 -> 10: 99.8M parameters
+QUIET = ["checkpoint.enabled=false", "epochs=3"]  # epochs: enough data that the step cap ends every run
+
+
+def log(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt  # SIGTERM: unwind through LocalLauncher's clean-up
+
+
+# --------------------------------------------------------------------------- in-process costs
+def compute_step_s(model: torch.nn.Module, x: torch.Tensor | tuple, y: torch.Tensor, loss: str, steps: int) -> float:
+    """Median seconds of forward+backward of one batch, on one thread."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        times = []
+        for i in range(steps + 3):
+            t0 = time.perf_counter()
+            model.zero_grad(set_to_none=True)
+            out = model(*x) if isinstance(x, tuple) else model(x)
+            (F.cross_entropy(out, y) if loss == "ce" else F.binary_cross_entropy_with_logits(out, y)).backward()
+            if i >= 3:
+                times.append(time.perf_counter() - t0)
+    finally:
+        torch.set_num_threads(old)
+    return statistics.median(times)
+
+
+def mlp_compute_s(hidden: list[int], batch: int, steps: int) -> tuple[float, int]:
+    model = mlp(hidden=hidden)
+    x, y = torch.rand(batch, 28, 28), torch.randint(0, 10, (batch,))
+    return compute_step_s(model, x, y, "ce", steps), sum(p.numel() for p in model.parameters())
+
+
+def apply_s_per_param(n: int = 1 << 20, repeats: int = 50) -> float:
+    p, g, buf = torch.zeros(n), torch.full((n,), 1e-3), torch.zeros(n)
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            buf.mul_(0.9).add_(g)
+            p.add_(buf, alpha=-0.01)
+            times.append(time.perf_counter() - t0)
+    finally:
+        torch.set_num_threads(old)
+    return statistics.median(times) / n
+
+
+def _echo(address: str) -> None:
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.PAIR)
+    sock.connect(address)
+    try:
+        while True:
+            msg = sock.recv()
+            if msg == b"stop":
+                break
+            sock.send(msg)
+    finally:
+        sock.close(linger=0)
+        ctx.term()
+
+
+def ipc_latency_s(round_trips: int = 2000) -> float:
+    """Half the median round trip of 64 bytes between two processes over an ipc socket."""
+    import multiprocessing as mp
+
+    folder = tempfile.mkdtemp(prefix="scale-ipc-")
+    address = f"ipc://{folder}/echo"
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.PAIR)
+    sock.setsockopt(zmq.RCVTIMEO, 10_000)
+    sock.bind(address)
+    proc = mp.get_context("spawn").Process(target=_echo, args=(address,), daemon=True)
+    proc.start()
+    try:
+        payload = bytes(64)
+        times = []
+        for _ in range(round_trips):
+            t0 = time.perf_counter()
+            sock.send(payload)
+            sock.recv()
+            times.append(time.perf_counter() - t0)
+        sock.send(b"stop")
+    finally:
+        proc.join(timeout=5)
+        if proc.is_alive():
+            proc.kill()
+            proc.join(timeout=5)
+        sock.close(linger=0)
+        ctx.term()
+        os.rmdir(folder) if not os.listdir(folder) else None
+    return statistics.median(times[100:]) / 2
+
+
+# --------------------------------------------------------------------------- job runs
+def run_job(path: str, overrides: list[str]) -> dict[str, Any]:
+    job = load_job(path, overrides)
+    with tempfile.TemporaryDirectory(prefix="scale-") as run_dir:
+        s = LocalLauncher(job, run_dir).run().summary
+    if s.get("status") != "ok":
+        raise RuntimeError(f"{path} {overrides}: {s.get('status')}: {s.get('error')}")
+    servers = s["servers"].values()
+    return {
+        "examples": s["examples"],
+        "steps": s["steps"],
+        "examples_per_s": s["examples_per_s"],
+        "train_s": s["train_s"],
+        "worker_cpu_s": sum(w["cpu_s"] for w in s["workers"].values()),
+        "server_cpu_s": sum(v["cpu_s"] for v in servers),
+        # a PUSHPULL counts as a push and a pull; a SPARSE request (both tables, push and pull) as one request
+        "requests": sum((v["pushes"] + v["pulls"]) / 2 + (v.get("sparse") or {}).get("requests", 0) for v in servers),
+        "rows": sum((v.get("sparse") or {}).get("keys_pushed", 0) + (v.get("sparse") or {}).get("keys_pulled", 0) for v in servers),
+    }
+
+
+def measure(path: str, servers: int, workers: int, total_short: int, total_long: int, extra: list[str] = ()) -> dict[str, Any]:
+    """Per-role CPU per step and examples/s of the extra steps of the longer of two runs (two step caps)."""
+    cl = [f"cluster.num_servers={servers}", f"cluster.num_workers={workers}", *QUIET, *extra]
+    short = run_job(path, [*cl, f"steps={max(1, total_short // workers)}"])
+    long = run_job(path, [*cl, f"steps={max(2, total_long // workers)}"])
+    d = {k: long[k] - short[k] for k in ("examples", "steps", "worker_cpu_s", "server_cpu_s", "requests", "rows", "train_s")}
+    if d["steps"] <= 0:
+        raise RuntimeError(f"{servers}x{workers}: the longer run took no more steps than the shorter one")
+    return {
+        "servers": servers,
+        "workers": workers,
+        # the rate of the extra steps: start-up skew between the workers cancels as the CPU's start-up does
+        "examples_per_s": d["examples"] / d["train_s"],
+        "batch": d["examples"] / d["steps"],
+        "worker_cpu_per_step_s": d["worker_cpu_s"] / d["steps"],
+        "server_cpu_per_step_s": d["server_cpu_s"] / d["steps"],
+        "requests_per_step": d["requests"] / d["steps"],
+        "rows_per_step": d["rows"] / d["steps"] / 2,
+        "short": short,
+        "long": long,
+    }
+
+
+# --------------------------------------------------------------------------- calibration
+def calibrate(args: argparse.Namespace) -> dict[str, Any]:
+    log("calibrating: in-process compute and update rule, ipc latency ...")
+    ref_c, ref_p = mlp_compute_s([128], 32, args.compute_steps)
+    big_c, big_p = mlp_compute_s([BIG_HIDDEN], 32, args.compute_steps)
+    apply = apply_s_per_param()
+    lat = ipc_latency_s()
+    log(
+        f"  reference MLP {ref_p:,} params: {ref_c * 1e3:.3f} ms/step; {BIG_HIDDEN}-wide {big_p:,}: {big_c * 1e3:.3f} ms; "
+        f"apply {apply * 1e9:.2f} ns/param; ipc latency {lat * 1e6:.1f} us"
+    )
+    log("calibrating: jobs A (1x1), B (2x1), C (1x1, wide) ...")
+    a = measure(MNIST_JOB, 1, 1, args.steps_short, args.steps_long)
+    b = measure(MNIST_JOB, 2, 1, args.steps_short, args.steps_long)
+    c = measure(MNIST_JOB, 1, 1, args.steps_short, args.steps_long, [f"model.args.hidden=[{BIG_HIDDEN}]"])
+    ra, rb, rc = a["requests_per_step"], b["requests_per_step"], c["requests_per_step"]
+    bytes_a, bytes_c = 4 * ref_p, 4 * big_p
+    # Worker: three unknowns (other CPU per step, per request, per byte), three jobs: solved exactly.
+    # Servers: two unknowns (per request, per byte; the update rule is measured apart), three jobs: least squares.
+    wk = np.array([[1.0, ra, 2 * bytes_a], [1.0, rb, 2 * bytes_a], [1.0, rc, 2 * bytes_c]])
+    wy = np.array([a["worker_cpu_per_step_s"] - ref_c, b["worker_cpu_per_step_s"] - ref_c, c["worker_cpu_per_step_s"] - big_c])
+    worker_step, worker_msg, worker_byte = np.linalg.solve(wk, wy)
+    sk = np.array([[ra, 2 * bytes_a], [rb, 2 * bytes_a], [rc, 2 * bytes_c]])
+    sy = np.array(
+        [a["server_cpu_per_step_s"] - apply * ref_p, b["server_cpu_per_step_s"] - apply * ref_p, c["server_cpu_per_step_s"] - apply * big_p]
+    )
+    (server_msg, server_byte), *_ = np.linalg.lstsq(sk, sy, rcond=None)
+    costs = Costs(
+        worker_msg_s=float(worker_msg),
+        worker_byte_s=float(worker_byte),
+        server_msg_s=float(server_msg),
+        server_byte_s=float(server_byte),
+        apply_s_per_param=apply,
+        latency_s=lat,
+    )
+    worker_step = float(worker_step)
+    ref = Workload("reference MLP (784-128-10, batch 32)", ref_p, 32, ref_c, worker_step)
+    c100_c, c100_p = mlp_compute_s(DENSE_100M_HIDDEN, 32, 3)
+    dense100 = Workload(f"dense MLP 784-{'-'.join(map(str, DENSE_100M_HIDDEN))}-10 (batch 32)", c100_p, 32, c100_c, worker_step)
+    log(f"  100M model {c100_p:,} params: {c100_c * 1e3:.1f} ms/step")
+    out = {
+        "costs": asdict(costs),
+        "workloads": {"reference": asdict(ref), "dense100m": asdict(dense100)},
+        "jobs": {"A": a, "B": b, "C": c},
+        "compute": {"reference": ref_c, "wide": big_c, "dense100m": c100_c},
+        "requests_per_step": [ra, rb, rc],
+    }
+    if args.ctr:
+        ctr, out["jobs"]["D"] = calibrate_ctr(args, costs)
+        out["workloads"]["ctr"] = asdict(ctr)
+    return out
+
+
+def calibrate_ctr(args: argparse.Namespace, costs: Costs) -> tuple[Workload, dict[str, Any]]:
+    from benchmarks.ctr import HashedWideDeep
+    from downpour.data.criteo import load_criteo_dataset
+    from downpour.data.criteo_gen import CriteoSpec, generate
+
+    data = os.path.join(args.data, f"criteo-{args.ctr_rows}-0")
+    if not os.path.exists(os.path.join(data, "criteo.json")):
+        generate(CriteoSpec(rows=args.ctr_rows, seed=0), data)
+    job = load_job(CTR_JOB, [f"data.path={data}"])
+    margs = job.model.args
+    ds = load_criteo_dataset(data)
+    (dense, ids), y = ds.train.take(np.arange(job.training.batch_size))
+    model = HashedWideDeep(20, **margs)
+    compute = compute_step_s(model, (dense, ids), y, "bce", args.compute_steps)
+    params = sum(p.numel() for n, p in model.named_parameters() if not n.startswith(("embedding", "wide.")))
+    log("calibrating: job D (CTR, 1x1) ...")
+    d = measure(CTR_JOB, 1, 1, args.ctr_steps // 4, args.ctr_steps, [f"data.path={data}"])
+    rows, req = d["rows_per_step"], d["requests_per_step"]  # table rows: an ID counts once per table
+    row_bytes = round(4 * (int(margs.get("dim", 16)) + 1) / 2 + 8)  # the mean of an embedding and a wide row, and the ID
+    nbytes = 4 * params + rows * row_bytes
+    server_row = (
+        d["server_cpu_per_step_s"] - req * costs.server_msg_s - 2 * nbytes * costs.server_byte_s - params * costs.apply_s_per_param
+    ) / rows
+    worker_step = d["worker_cpu_per_step_s"] - compute - req * costs.worker_msg_s - 2 * nbytes * costs.worker_byte_s
+    log(f"  CTR dense {params:,} params, {rows:,.0f} rows/step, {req:.1f} requests/step: forward+backward {compute * 1e3:.2f} ms")
+    w = Workload(
+        f"CTR Wide & Deep (dim {margs.get('dim')}, batch {job.training.batch_size})",
+        params,
+        job.training.batch_size,
+        compute,
+        worker_step,
+        rows,
+        row_bytes,
+        server_row,
+        requests_per_server=req,
+    )
+    return w, d
+
+
+# --------------------------------------------------------------------------- check and predictions
+def check(args: argparse.Namespace, costs: Costs, ref: Workload) -> list[dict[str, Any]]:
+    rows = []
+    for s in range(1, args.servers + 1):
+        for w in range(1, args.workers + 1):
+            m = measure(MNIST_JOB, s, w, args.steps_short, args.steps_long)
+            p = predict(costs, ref, Topology(s, w, cores=args.cores))
+            row = {
+                "servers": s,
+                "workers": w,
+                "measured": m,
+                "predicted": {
+                    "examples_per_s": p.examples_per_s,
+                    "bottleneck": p.bottleneck,
+                    "bounds": p.bounds,
+                    "worker_cpu_per_example_s": p.worker_cpu_per_step_s / ref.batch,
+                    "server_cpu_per_example_s": p.server_cpu_per_step_s / ref.batch,
+                },
+            }
+            rows.append(row)
+            log(f"  {s}x{w}: {m['examples_per_s']:,.0f} examples/s measured, {p.examples_per_s:,.0f} predicted ({p.bottleneck})")
+    return rows
+
+
+def _pct(measured: float, predicted: float) -> str:
+    return f"{100 * (predicted - measured) / measured:+.0f}%"
+
+
+def check_table(rows: list[dict[str, Any]]) -> str:
+    lines = [
+        "| S×W | examples/s measured | predicted | error | bound | worker CPU µs/example measured / predicted | "
+        "server CPU µs/example measured / predicted | all CPU µs/example measured / predicted | error |",
+        "|---|---:|---:|---:|---|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        m, p = r["measured"], r["predicted"]
+        mw, ms = m["worker_cpu_per_step_s"] / m["batch"] * 1e6, m["server_cpu_per_step_s"] / m["batch"] * 1e6
+        pw, ps = p["worker_cpu_per_example_s"] * 1e6, p["server_cpu_per_example_s"] * 1e6
+        lines.append(
+            f"| {r['servers']}×{r['workers']} | {m['examples_per_s']:,.0f} | {p['examples_per_s']:,.0f} | "
+            f"{_pct(m['examples_per_s'], p['examples_per_s'])} | {p['bottleneck']} | {mw:.1f} / {pw:.1f} | {ms:.1f} / {ps:.1f} | "
+            f"{mw + ms:.1f} / {pw + ps:.1f} | {_pct(mw + ms, pw + ps)} |"
+        )
+    return "\n".join(lines)
+
+
+def scale_table(costs: Costs, workloads: list[Workload], servers: int, workers: int, gbits: list[float], latency_s: float) -> str:
+    lines = [
+        "| model | params | network | examples/s | bottleneck | steps/s each bound allows (all workers) |",
+        "|---|---:|---|---:|---|---|",
+    ]
+    for work in workloads:
+        for g in gbits:
+            p = predict(at_scale(costs, g, latency_s), work, Topology(servers, workers))
+            bounds = ", ".join(f"{k} {v:,.0f}" for k, v in p.bounds.items())
+            lines.append(f"| {work.name} | {work.params:,} | {g:g} Gbit/s | {p.examples_per_s:,.0f} | {p.bottleneck} | {bounds} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--servers", type=int, default=4, help="check topologies 1..SERVERS servers (default 4)")
+    ap.add_argument("--workers", type=int, default=8, help="... × 1..WORKERS workers (default 8)")
+    ap.add_argument("--cores", type=float, default=float(os.cpu_count() or 1), help="cores of this machine (default: all)")
+    ap.add_argument("--steps-short", type=int, default=200, help="steps (all workers) of the shorter run (default 200)")
+    ap.add_argument("--steps-long", type=int, default=1600, help="steps (all workers) of the longer run (default 1600)")
+    ap.add_argument("--compute-steps", type=int, default=200, help="forward+backward steps timed in process (default 200)")
+    ap.add_argument("--ctr", action=argparse.BooleanOptionalAction, default=True, help="calibrate the CTR model too (default on)")
+    ap.add_argument("--ctr-rows", type=int, default=300_000, help="rows of the generated Criteo data for job D")
+    ap.add_argument("--ctr-steps", type=int, default=400, help="steps of job D's longer run (the shorter: a quarter)")
+    ap.add_argument("--data", default=os.path.join(_ROOT, "data"), help="folder for generated data")
+    ap.add_argument("--at-scale", default="20x100", help="SxW of the predictions at scale (default 20x100)")
+    ap.add_argument("--gbits", default="10,25", help="link speeds of the predictions at scale, Gbit/s (default 10,25)")
+    ap.add_argument("--net-latency-us", type=float, default=50.0, help="one-way network latency at scale, µs (default 50: assumed)")
+    ap.add_argument("--no-check", dest="check", action="store_false", help="calibrate and predict only")
+    ap.add_argument("--json", help="write everything here")
+    args = ap.parse_args(argv)
+    signal.signal(signal.SIGTERM, _interrupt)
+    torch.manual_seed(0)
+    t0 = time.perf_counter()
+    cal = calibrate(args)
+    costs = Costs(**cal["costs"])
+    works = {k: Workload(**v) for k, v in cal["workloads"].items()}
+    print(
+        "costs:",
+        ", ".join(
+            f"{k} {v * 1e9:.2f} ns" if "byte" in k or "param" in k else f"{k} {v * 1e6:.1f} µs"
+            for k, v in cal["costs"].items()
+            if v is not None
+        ),
+    )
+    for w in works.values():
+        print(
+            f"workload {w.name}: {w.params:,} params, forward+backward {w.compute_s * 1e3:.3f} ms, other worker CPU "
+            f"{w.worker_step_s * 1e3:.3f} ms/step"
+            + (f", {w.sparse_rows:,.0f} rows/step at {w.server_row_s * 1e9:.0f} ns each on the servers" if w.sparse_rows else "")
+        )
+    rows = check(args, costs, works["reference"]) if args.check else []
+    if rows:
+        print(f"\ncheck on this machine ({args.cores:g} cores), reference job, async:\n")
+        print(check_table(rows))
+    s, w = (int(v) for v in args.at_scale.split("x"))
+    gbits = [float(g) for g in args.gbits.split(",")]
+    print(f"\npredicted at {s} servers × {w} workers, one host per process, {args.net_latency_us:g} µs one-way latency:\n")
+    print(scale_table(costs, list(works.values()), s, w, gbits, args.net_latency_us * 1e-6))
+    total = time.perf_counter() - t0
+    print(f"\n{total:.0f}s in all; {environment()['cpu_model']}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"environment": environment(), "calibration": cal, "check": rows, "total_s": total}, f, indent=1, default=str)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,79 @@
+"""The scaling model's arithmetic (benchmarks/scale_model.py), on made-up costs: no timing here."""
+
+import math
+from dataclasses import replace
+
+import pytest
+
+from benchmarks.scale_model import Costs, Topology, Workload, at_scale, predict, step_bytes
+
+US, NS = 1e-6, 1e-9
+COSTS = Costs(
+    worker_msg_s=100 * US, worker_byte_s=1 * NS, server_msg_s=50 * US, server_byte_s=0.5 * NS, apply_s_per_param=1 * NS, latency_s=25 * US
+)
+REF = Workload("ref", params=100_000, batch=32, compute_s=300 * US, worker_step_s=200 * US)
+
+
+def test_one_step_costs_add_up_per_request_per_byte_and_per_parameter():
+    p = predict(COSTS, REF, Topology(2, 3, cores=2))
+    nbytes = 400_000  # 4 bytes a parameter, each way
+    assert step_bytes(REF) == nbytes
+    assert p.requests_per_server == 1
+    assert p.worker_cpu_per_step_s == pytest.approx(300 * US + 200 * US + 2 * 100 * US + 2 * nbytes * NS)
+    assert p.server_cpu_per_step_s == pytest.approx(2 * 50 * US + 2 * nbytes * 0.5 * NS + 100_000 * NS)
+    assert p.cpu_per_example_s(32)["worker"] == pytest.approx(p.worker_cpu_per_step_s / 32)
+
+
+def test_on_one_host_the_whole_demand_shares_the_cores_once_there_are_enough_workers():
+    p = predict(COSTS, REF, Topology(2, 8, cores=2))
+    demand = p.worker_cpu_per_step_s + p.server_cpu_per_step_s
+    assert p.bottleneck == "cpu"
+    assert p.bounds["cpu"] == pytest.approx(2 / demand)
+    assert p.examples_per_s == pytest.approx(32 * 2 / demand)
+
+
+def test_one_worker_is_a_serial_chain_of_its_step_one_servers_share_and_two_latencies():
+    p = predict(COSTS, REF, Topology(1, 1, cores=2))
+    chain = p.worker_cpu_per_step_s + p.server_cpu_per_step_s + 2 * 25 * US
+    assert p.bottleneck.startswith("worker")
+    assert p.examples_per_s == pytest.approx(32 / chain)
+    # Twice the workers, twice the chain bound.
+    assert predict(COSTS, REF, Topology(1, 2, cores=None)).bounds["worker"] == pytest.approx(2 / chain)
+
+
+def test_a_share_larger_than_a_request_is_split_into_requests():
+    big = Workload("big", params=10_000_000, batch=32, compute_s=0.1)
+    p = predict(COSTS, big, Topology(4, 1, max_request_bytes=2 << 20))
+    per_server = 4 * 10_000_000 / 4
+    assert p.requests_per_server == math.ceil(per_server / (2 << 20))
+    assert p.worker_cpu_per_step_s == pytest.approx(0.1 + 4 * p.requests_per_server * 100 * US + 2 * 4e7 * NS)
+
+
+def test_at_scale_a_slow_link_bounds_a_large_model_by_its_servers_links():
+    big = Workload("big", params=100_000_000, batch=32, compute_s=0.01)
+    cheap_servers = replace(COSTS, server_byte_s=0.0, apply_s_per_param=0.0)
+    costs = at_scale(cheap_servers, gbit_s=10, latency_s=50 * US)
+    assert costs.bandwidth_Bps == 1.25e9 and costs.latency_s == 50 * US
+    p = predict(costs, big, Topology(20, 100))
+    assert p.bottleneck == "network"
+    assert p.bounds["network"] == pytest.approx(1.25e9 * 20 / 4e8)
+    # The worker's own link is in its chain: two transfers of the whole model per step.
+    assert p.bounds["worker"] < 100 / (2 * 4e8 / 1.25e9)
+    faster = predict(at_scale(cheap_servers, 25, 50 * US), big, Topology(20, 100))
+    assert faster.examples_per_s > p.examples_per_s
+
+
+def test_sparse_rows_add_bytes_and_server_work_and_several_requests_per_server():
+    ctr = Workload(
+        "ctr", params=100_000, batch=512, compute_s=4e-3, sparse_rows=8000, row_bytes=42, server_row_s=500 * NS, requests_per_server=3
+    )
+    p = predict(COSTS, ctr, Topology(2, 3, cores=2))
+    nbytes = 400_000 + 8000 * 42
+    assert step_bytes(ctr) == nbytes
+    assert p.requests_per_server == 3
+    assert p.server_cpu_per_step_s == pytest.approx(2 * 3 * 50 * US + 2 * nbytes * 0.5 * NS + 100_000 * NS + 8000 * 500 * NS)
+
+
+def test_a_topology_without_servers_or_workers_is_refused():
+    with pytest.raises(ValueError, match="at least one server and one worker"):
+        predict(COSTS, REF, Topology(0, 1))
