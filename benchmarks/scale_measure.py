@@ -308,22 +308,22 @@ def check(args: argparse.Namespace, costs: Costs, ref: Workload) -> list[dict[st
     for s in range(1, args.servers + 1):
         for w in range(1, args.workers + 1):
             m = measure(MNIST_JOB, s, w, args.steps_short, args.steps_long)
-            p = predict(costs, ref, Topology(s, w, cores=args.cores))
-            row = {
-                "servers": s,
-                "workers": w,
-                "measured": m,
-                "predicted": {
-                    "examples_per_s": p.examples_per_s,
-                    "bottleneck": p.bottleneck,
-                    "bounds": p.bounds,
-                    "worker_cpu_per_example_s": p.worker_cpu_per_step_s / ref.batch,
-                    "server_cpu_per_example_s": p.server_cpu_per_step_s / ref.batch,
-                },
-            }
-            rows.append(row)
-            log(f"  {s}x{w}: {m['examples_per_s']:,.0f} examples/s measured, {p.examples_per_s:,.0f} predicted ({p.bottleneck})")
+            p = _predicted(costs, ref, s, w, args.cores)
+            rows.append({"servers": s, "workers": w, "measured": m, "predicted": p})
+            log(f"  {s}x{w}: {m['examples_per_s']:,.0f} examples/s measured, {p['examples_per_s']:,.0f} predicted ({p['bottleneck']})")
     return rows
+
+
+def _predicted(costs: Costs, ref: Workload, servers: int, workers: int, cores: float) -> dict[str, Any]:
+    p = predict(costs, ref, Topology(servers, workers, cores=cores))
+    per_example = p.cpu_per_example_s(ref.batch)
+    return {
+        "examples_per_s": p.examples_per_s,
+        "bottleneck": p.bottleneck,
+        "bounds": p.bounds,
+        "worker_cpu_per_example_s": per_example["worker"],
+        "server_cpu_per_example_s": per_example["server"],
+    }
 
 
 def _pct(measured: float, predicted: float) -> str:
@@ -378,11 +378,35 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--net-latency-us", type=float, default=50.0, help="one-way network latency at scale, µs (default 50: assumed)")
     ap.add_argument("--no-check", dest="check", action="store_false", help="calibrate and predict only")
     ap.add_argument("--json", help="write everything here")
+    ap.add_argument(
+        "--from-json",
+        metavar="PATH",
+        help="measure nothing: take the calibration and the check's measurements from "
+        "an earlier --json, and print the tables again (with --cost, what other costs would predict)",
+    )
+    ap.add_argument(
+        "--cost",
+        action="append",
+        default=[],
+        metavar="NAME=SECONDS",
+        help="replace one of the calibrated costs (a Costs field) before predicting, e.g. server_msg_s=150e-6",
+    )
     args = ap.parse_args(argv)
     signal.signal(signal.SIGTERM, _interrupt)
     torch.manual_seed(0)
     t0 = time.perf_counter()
-    cal = calibrate(args)
+    saved = None
+    if args.from_json:
+        with open(args.from_json) as f:
+            saved = json.load(f)
+        cal = saved["calibration"]
+    else:
+        cal = calibrate(args)
+    for item in args.cost:
+        name, _, value = item.partition("=")
+        if name not in cal["costs"]:
+            ap.error(f"--cost: unknown cost {name!r}; known: {', '.join(cal['costs'])}")
+        cal["costs"][name] = float(value)
     costs = Costs(**cal["costs"])
     works = {k: Workload(**v) for k, v in cal["workloads"].items()}
     print(
@@ -399,7 +423,10 @@ def main(argv: list[str] | None = None) -> int:
             f"{w.worker_step_s * 1e3:.3f} ms/step"
             + (f", {w.sparse_rows:,.0f} rows/step at {w.server_row_s * 1e9:.0f} ns each on the servers" if w.sparse_rows else "")
         )
-    rows = check(args, costs, works["reference"]) if args.check else []
+    if saved is not None:
+        rows = [{**r, "predicted": _predicted(costs, works["reference"], r["servers"], r["workers"], args.cores)} for r in saved["check"]]
+    else:
+        rows = check(args, costs, works["reference"]) if args.check else []
     if rows:
         print(f"\ncheck on this machine ({args.cores:g} cores), reference job, async:\n")
         print(check_table(rows))
