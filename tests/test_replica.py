@@ -279,3 +279,25 @@ def test_a_primary_exports_its_replication_as_prometheus_metrics(pair):
     assert 'downpour_server_replication_lag{' in text and 'downpour_server_replication_backups{' in text
     lag = next(line for line in text.splitlines() if line.startswith("downpour_server_replication_lag{"))
     assert lag.endswith(" 1") or lag.endswith(" 1.0")
+
+
+def test_a_backup_whose_thread_stopped_on_an_error_is_started_again_a_bounded_number_of_times():
+    from downpour.server import replica
+
+    made: list[int] = []
+    host = BackupHost(zmq.Context.instance(), job(), LAYOUT, "server-1", None,
+                      lambda r, name: made.append(r) or ParameterServer(None, job(), LAYOUT, r, NullListener(), name))  # type: ignore[arg-type]
+    Backup.start = lambda self, ctx, security: None  # type: ignore[method-assign]
+    try:
+        host.offer({"replica_gen": 1, "backups": [{"rank": 0, "address": "inproc://a"}]})
+        host.offer({"replica_gen": 1, "backups": [{"rank": 0, "address": "inproc://a"}]})  # not started, no error: kept
+        assert made == [0]
+        for i in range(replica._RESTARTS + 2):  # its thread fails again and again (no thread here: error set by hand)
+            host.backups[0].error = "RuntimeError: boom"
+            host.offer({"replica_gen": 1, "backups": [{"rank": 0, "address": "inproc://a"}]})
+        assert made == [0] * (1 + replica._RESTARTS) and host.restarts[0] == replica._RESTARTS
+        assert host.stats()["0"]["restarts"] == replica._RESTARTS and host.stats()["0"]["error"] == "RuntimeError: boom"
+        assert host.report()["0"][0] is False  # reported not ready: the coordinator does not promote it
+    finally:
+        del Backup.start
+        host.close()

@@ -222,3 +222,29 @@ def test_a_backup_of_a_dead_process_is_not_kept_by_a_later_server_of_the_same_na
            hosted_by="server-2", promoted=True)
     keepers = c.heartbeat("server-0")["keepers"]
     assert "server-1/101" not in keepers and keepers == ["server-1/102", "server-2/102"]
+
+
+def test_a_dead_process_loses_the_backups_it_kept_and_ranks_short_of_backups_are_reported():
+    from downpour.coordinator.metrics import coordinator_metrics
+    from downpour.monitor.metrics import Families
+
+    c = Cluster(replicas=2)
+    c.caught_up()
+    rep = c.state.status(c.now)["replication"]
+    assert rep == {"replicas": 2, "planned": {"0": 2, "1": 2, "2": 2}, "caught_up": {"0": 2, "1": 2, "2": 2}, "short": []}
+    c.silent("server-1", 7.0)  # its process kept backups of ranks 0 and 2
+    [record] = c.state.failures
+    assert record.backups_lost == [0, 2] and record.to_dict()["backups_lost"] == [0, 2]
+    # Two processes left: every rank can have one backup only (rank 1 keeps its two until its promotion).
+    status = c.state.status(c.now)
+    assert status["replication"]["planned"] == {"0": 1, "1": 2, "2": 1} and status["replication"]["short"] == [0, 2]
+    assert c.state.summary(c.now)["replication"]["short"] == [0, 2]
+    fams = Families({})
+    coordinator_metrics(lambda: status)(fams)
+    [short] = [f for f in fams.families() if f.name == "downpour_coordinator_ranks_short_of_backups"]
+    assert short.samples[0].value == 2
+
+
+def test_without_replicas_no_replication_is_reported():
+    c = Cluster(replicas=0)
+    assert "replication" not in c.state.status(c.now) and "replication" not in c.state.summary(c.now)

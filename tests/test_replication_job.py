@@ -106,6 +106,10 @@ def test_primaries_killed_again_and_again_lose_no_update(tmp_path, tiny_data):
     rank1 = [f for f in failovers if f["node"] == "server-1"]
     assert len(rank1) == 3 and all(f["recovered_after_s"] is not None and f["failover_s"] is not None for f in rank1), rank1
     assert all(f["rereplicated_after_s"] is not None for f in rank1[:2])  # (waited for before the next kill)
+    # Each victim's process kept another rank's backup too: reported lost; one process is left at
+    # the end, so every rank is short of its backup (and says so).
+    assert any(f.get("backups_lost") for f in failovers)
+    assert summary["replication"]["replicas"] == 1 and summary["replication"]["short"] == [0, 1, 2, 3]
     _no_update_lost(summary, 4)
     _every_shard_once(summary, 40)
     assert summary["test_accuracy"] > 0.5

@@ -64,7 +64,7 @@ def server_lost(st: CoordinatorState, now: float, node: Node, reason: str, kind:
     record = FailureRecord(node.name, kind, round(now - st.started, 3), reason, scope="server",
                            detected_after_s=round(detected_after_s, 3), affected=affected(st, node.name),
                            restored_from=point.get("name"), version_at_failure=node.progress.get("version"),
-                           rolled_back_versions=rolled_back(st, node))
+                           rolled_back_versions=rolled_back(st, node), backups_lost=replication.kept_by(st, node))
     st.failures.append(record)
     st.server_slots[node.rank] = (now, record)
     replication.replan(st)  # (the backups its process kept move elsewhere)

@@ -51,6 +51,15 @@ def coordinator_metrics(snapshot: Callable[[], dict[str, Any] | None]) -> Callab
             f.gauge("downpour_coordinator_checkpoint_seconds", "Mean time from a checkpoint's request to its manifest.",
                     cp.get("mean_write_s"))
             f.gauge("downpour_coordinator_checkpoint_last_step", "Job step of the latest complete checkpoint.", cp.get("last_step"))
+        rep = s.get("replication")
+        if rep:  # cluster.replicas: a rank short of backups (too few server processes left) shows here
+            for rank, n in rep["planned"].items():
+                f.gauge("downpour_coordinator_backups_planned", "Backups planned for each server rank.", n, rank=rank)
+            for rank, n in rep["caught_up"].items():
+                f.gauge("downpour_coordinator_backups_caught_up", "Backups each rank's primary last reported caught up.",
+                        n, rank=rank)
+            f.gauge("downpour_coordinator_ranks_short_of_backups", "Server ranks with fewer backups planned than "
+                    "cluster.replicas.", len(rep["short"]))
         alerts: dict[str, int] = {"silent": 0, "stalled": 0, "slow": 0}
         for a in s["alerts"]:
             alerts[a["kind"]] = alerts.get(a["kind"], 0) + 1

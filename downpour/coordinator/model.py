@@ -122,6 +122,9 @@ class FailureRecord:
     promoted_after_s: float | None = None
     failover_s: float | None = None
     rereplicated_after_s: float | None = None
+    # server, with replicas: the other ranks whose backup its process kept (placed elsewhere now,
+    # when a live process is left for them; summary.json's ``replication`` says how many each has).
+    backups_lost: list[int] = field(default_factory=list)
     reconnected_after_s: float | None = None  # coordinator: every node heard from again
     down_s: float | None = None  # coordinator: between its last save and the restart
 
@@ -136,6 +139,8 @@ class FailureRecord:
         if self.promoted_to is not None:
             out.update(promoted_to=self.promoted_to, promoted_after_s=self.promoted_after_s,
                        failover_s=self.failover_s, rereplicated_after_s=self.rereplicated_after_s)
+        if self.backups_lost:
+            out["backups_lost"] = self.backups_lost
         return out
 
 

@@ -147,6 +147,24 @@ def best_backup(st: CoordinatorState, dead: Node) -> tuple[Node, int] | None:
     return best
 
 
+def kept_by(st: CoordinatorState, node: Node) -> list[int]:
+    """The ranks other than ``node``'s whose planned backups include ``node``'s process."""
+    me = process_of(node)
+    return sorted(r for r, procs in st.replica_plan.items() if me in procs and r != node.rank)
+
+
+def summary(st: CoordinatorState) -> dict[str, Any]:
+    """Backups per rank as planned now (STATUS, summary.json, /metrics): ``planned`` per rank,
+    ``caught_up`` as the rank's live primary last reported, and ``short``: the ranks planned with
+    fewer than ``cluster.replicas`` (too few live server processes left; `downpour train` starts no
+    new server process when replicas are set)."""
+    primaries = {n.rank: n for n in st.nodes_of("server")}
+    planned = {r: len(st.replica_plan.get(r, [])) for r in range(st.cl.num_servers)}
+    return {"replicas": st.cl.replicas, "planned": {str(r): n for r, n in planned.items()},
+            "caught_up": {str(r): len(caught_up(n)) for r, n in sorted(primaries.items())},
+            "short": [r for r, n in planned.items() if n < st.cl.replicas] if st.replica_gen else []}
+
+
 def primary_lost(st: CoordinatorState, now: float, node: Node, reason: str, kind: str,
                  detected_after_s: float, affected: dict[str, list[str]]) -> list[Action] | None:
     """A primary died while training: promote its most advanced caught-up backup (None: there is
@@ -161,11 +179,15 @@ def primary_lost(st: CoordinatorState, now: float, node: Node, reason: str, kind
                            detected_after_s=round(detected_after_s, 3), affected=affected,
                            version_at_failure=node.progress.get("version"),
                            # sync: nothing answered is missing; async: up to replication_max_lag (unknown)
-                           rolled_back_versions=0 if st.cl.replication == "sync" else None, promoted_to=host.name)
+                           rolled_back_versions=0 if st.cl.replication == "sync" else None, promoted_to=host.name,
+                           backups_lost=kept_by(st, node))
     st.failures.append(record)
     st.server_slots[node.rank] = (now, record)
     st.hosting[node.rank] = host.name
     replan(st)
+    short = summary(st)["short"]
+    if short:
+        log.warning("coordinator: ranks %s now have fewer than %d backups (too few server processes left)", short, st.cl.replicas)
     log.warning("coordinator: %s lost (%s); promoting its backup in %s's process (seq %d); training goes on",
                 node.name, reason, host.name, seq)
     return [Reply(host.identity, Message(Op.PROMOTE, meta={"ranks": promotions(st, host)}))]

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from downpour.coordinator.state import CoordinatorState
 
+from downpour.coordinator import replication
 from downpour.coordinator.model import ALIVE, DEAD, DONE, FINISHED
 
 
@@ -57,6 +58,7 @@ def job_status(self: CoordinatorState, now: float) -> dict[str, Any]:
         ],
         "alerts": self.health.current(now),
         "failures": [f.to_dict() for f in self.failures],
+        **({"replication": replication.summary(self)} if self.cl.replicas else {}),
         "checkpoints": self.checkpoints.summary(),
     }
 
@@ -103,6 +105,7 @@ def job_summary(self: CoordinatorState, now: float) -> dict[str, Any]:
         "accuracy_curve": _curve(workers.values(), train_s, examples, ev),
         "data_shards": self.ledger.summary(),
         "failures": [f.to_dict() for f in self.failures],
+        **({"replication": replication.summary(self)} if self.cl.replicas else {}),
         "checkpoints": self.checkpoints.summary(),
         "resumed_from": (self.resume or {}).get("name"),
         "coordinator_refused": dict(self.rejected),

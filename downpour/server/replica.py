@@ -60,6 +60,7 @@ log = logging.getLogger(__name__)
 REPLICATED = frozenset({Op.INIT, Op.PUSH, Op.PUSHPULL, Op.SPARSE})
 _IDLE_ACK_S = 0.5  # a backup with nothing to acknowledge says it is there this often
 _HELLO_AGAIN_S = 5.0  # a backup whose state has not come asks again after this long
+_RESTARTS = 3  # a backup whose thread stops on an error is started again this often per rank, then left stopped
 
 Reply = tuple[bytes, Message]
 
@@ -469,9 +470,12 @@ class BackupHost:
         self.ctx, self.job, self.layout, self.node, self.security = ctx, job, layout, node, security
         self.make_server = make_server
         self.backups: dict[int, Backup] = {}
+        self.wanted: dict[int, str] = {}  # rank -> its primary's address, as the latest plan says
         self.gen = -1
         self.lock = threading.Lock()
         self.promoted = 0
+        self.restarts: Counter[int] = Counter()  # backups started again after their thread stopped on an error
+        self.failed: dict[int, int] = {}  # rank -> the plan (gen) under which its backup could not be made
 
     def offer(self, meta: dict[str, Any]) -> None:
         gen, want = meta.get("replica_gen"), meta.get("backups")
@@ -482,23 +486,31 @@ class BackupHost:
             if isinstance(entry, dict) and type(entry.get("rank")) is int and isinstance(entry.get("address"), str):
                 wanted[entry["rank"]] = entry["address"]
         with self.lock:
-            if gen <= self.gen:
-                return
-            self.gen = gen
-            for rank, b in list(self.backups.items()):
-                if wanted.get(rank) != b.primary:
-                    b.stop()
-                    del self.backups[rank]
-            for rank, address in wanted.items():
-                if rank not in self.backups:
-                    try:
-                        b = Backup(self.make_server(rank, f"backup-{rank}@{self.node}"), address, self.node)
-                    except DownpourError as err:
-                        log.error("%s: cannot keep a backup of server-%d: %s", self.node, rank, err)
-                        continue
-                    b.start(self.ctx, self.security)
-                    self.backups[rank] = b
-                    log.info("%s: keeping a backup of server-%d (primary at %s)", self.node, rank, address)
+            if gen > self.gen:
+                self.gen, self.wanted = gen, wanted
+                for rank, b in list(self.backups.items()):
+                    if wanted.get(rank) != b.primary:
+                        b.stop()
+                        del self.backups[rank]
+            for rank, address in self.wanted.items():
+                old = self.backups.get(rank)
+                if old is not None:
+                    if old.running or old.error is None or self.restarts[rank] >= _RESTARTS:
+                        continue  # (one that failed that often stays stopped: its primary reports it missing)
+                    self.restarts[rank] += 1  # its thread stopped on an error: a new backup, from a state transfer
+                    log.warning("%s: backup of server-%d stopped (%s); starting it again (%d of %d)",
+                                self.node, rank, old.error, self.restarts[rank], _RESTARTS)
+                elif self.failed.get(rank) == self.gen:
+                    continue
+                try:
+                    b = Backup(self.make_server(rank, f"backup-{rank}@{self.node}"), address, self.node)
+                except DownpourError as err:
+                    log.error("%s: cannot keep a backup of server-%d: %s", self.node, rank, err)
+                    self.failed[rank] = self.gen  # (tried again under the next plan, not at every heartbeat answer)
+                    continue
+                b.start(self.ctx, self.security)
+                self.backups[rank] = b
+                log.info("%s: keeping a backup of server-%d (primary at %s)", self.node, rank, address)
 
     def take(self, rank: int) -> ParameterServer | None:
         """Promotion: the backup of ``rank`` stops following and its server is returned (None:
@@ -522,7 +534,8 @@ class BackupHost:
     def stats(self) -> dict[str, Any]:
         with self.lock:
             return {str(r): {"seq": b.status.seq, "ready": b.status.ready, "applied": b.status.applied,
-                             "refused": dict(b.status.refused), "primary": b.primary} for r, b in self.backups.items()}
+                             "refused": dict(b.status.refused), "primary": b.primary, "restarts": self.restarts[r],
+                             **({"error": b.error} if b.error else {})} for r, b in self.backups.items()}
 
     def close(self) -> None:
         with self.lock:
