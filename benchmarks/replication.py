@@ -15,9 +15,15 @@ transfer that built it; one run per ``--hidden`` size (the shard grows with the 
 Every run also checks that no update was lost: each rank's applied pushes against the pushes
 the workers made.
 
+``--accuracy N``: N pairs of runs, each an undisturbed one and one whose rank 1 primary is killed
+``--kills`` times (the second time the promoted primary, once its new backup caught up), one backup
+per rank: the reference job's test accuracy, or with ``--accuracy-job ctr`` the CTR job's test AUC
+and logloss; differences in points (x 100), mean ± sd.
+
     flock /work/.cpu.lock .venv/bin/python benchmarks/replication.py --throughput --rounds 2
     flock /work/.cpu.lock .venv/bin/python benchmarks/replication.py --throughput --ctr 200000 --rounds 2
     flock /work/.cpu.lock .venv/bin/python benchmarks/replication.py --failover --hidden 128,1024,4096
+    flock /work/.cpu.lock .venv/bin/python benchmarks/replication.py --accuracy 3 --kills 2 --epochs 2 --accuracy-job ctr
 """
 
 from __future__ import annotations
@@ -107,11 +113,13 @@ def _ready(st: dict[str, Any], rank: int) -> dict | None:
     return None
 
 
-def failover(hidden: int, overrides: list[str], tmp: str, after_s: float, kills: int = 1) -> dict[str, Any]:
-    """One run with one backup per rank; rank 1's primary SIGKILLed ``kills`` times (each once it has a
-    caught-up backup again, the first ``after_s`` into training; kills = 0: undisturbed)."""
-    job = _job(REFERENCE, [*overrides, f"model.args.hidden=[{hidden}]", "cluster.replicas=1", "cluster.replication=sync",
-                           "checkpoint.enabled=false"])
+def failover(hidden: int | None, overrides: list[str], tmp: str, after_s: float, kills: int = 1,
+             path: str = REFERENCE) -> dict[str, Any]:
+    """One run of ``path`` (hidden layer ``hidden`` wide; None: the job's) with one backup per rank;
+    rank 1's primary SIGKILLed ``kills`` times (each once it has a caught-up backup again, the first
+    ``after_s`` into training; kills = 0: undisturbed)."""
+    width = [f"model.args.hidden=[{hidden}]"] if hidden is not None else []
+    job = _job(path, [*overrides, *width, "cluster.replicas=1", "cluster.replication=sync", "checkpoint.enabled=false"])
     run_dir = tempfile.mkdtemp(dir=tmp)
     status: dict[str, Any] = {}
     killed: list[int] = []
@@ -150,7 +158,58 @@ def failover(hidden: int, overrides: list[str], tmp: str, after_s: float, kills:
             "promoted_s": f.get("promoted_after_s"), "failover_s": f.get("failover_s"),
             "rereplicated_s": f.get("rereplicated_after_s"),
             "state_mb": rep.get("transfer_bytes", 0) / max(1, rep.get("transfers", 1)) / 1e6,
-            "lost": lost_updates(s, job), "accuracy": s.get("test_accuracy")}
+            "lost": lost_updates(s, job), "accuracy": s.get("test_accuracy"),
+            "auc": s.get("test_auc"), "logloss": s.get("test_logloss")}
+
+
+def _ctr_data(rows: int) -> str:
+    """The CTR job's data: ``rows`` generated rows (seed 0), made once under data/."""
+    from downpour.data.criteo_gen import CriteoSpec, generate
+
+    data = os.path.join(_ROOT, "data", f"criteo-{rows}-0")
+    if not os.path.exists(os.path.join(data, "criteo.json")):
+        generate(CriteoSpec(rows=rows, seed=0), data)
+    return data
+
+
+def _mean_sd(xs: list[float]) -> str:
+    import statistics
+
+    return f"{statistics.mean(xs):+.2f} ± {statistics.stdev(xs) if len(xs) > 1 else 0.0:.2f}"
+
+
+def accuracy_pairs(args: argparse.Namespace, tmp: str, env: dict[str, Any]) -> list[dict[str, Any]]:
+    """``args.accuracy`` pairs, each an undisturbed run and one whose rank 1 primary is killed
+    ``args.kills`` times (one backup per rank, 3 servers): the reference job's test accuracy, or
+    with ``--accuracy-job ctr`` the CTR job's test AUC and logloss, in points (x 100)."""
+    ctr = args.accuracy_job == "ctr"
+    path, hidden = (CTR, None) if ctr else (REFERENCE, 128)
+    overrides = [f"training.epochs={args.epochs}", "cluster.num_servers=3", *args.set]
+    if ctr:
+        overrides.insert(0, f"data.path={_ctr_data(args.ctr or 200_000)}")
+    rows = []
+    for i in range(args.accuracy):
+        for kills in (0, args.kills):
+            row = {"job": args.accuracy_job, "pair": i, **failover(hidden, overrides, tmp, args.after, kills, path)}
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    print(f"\n{env['time']}, {env['cpus']} CPUs, torch {env['torch']}, {args.accuracy_job} job, {args.epochs} epochs, "
+          f"overrides {args.set}\n")
+    metrics = ["auc", "logloss"] if ctr else ["accuracy"]
+    print("| pair | " + " | ".join(f"undisturbed {m} | killed {m} | difference (points)" for m in metrics)
+          + " | failovers | lost updates |")
+    print("|---|" + "---|---|---|" * len(metrics) + "---|---|")
+    diffs: dict[str, list[float]] = {m: [] for m in metrics}
+    for i in range(args.accuracy):
+        calm, hit = (next(x for x in rows if x["pair"] == i and x["planned"] == k) for k in (0, args.kills))
+        cells = []
+        for m in metrics:
+            diffs[m].append(100 * (hit[m] - calm[m]))
+            cells.append(f"{calm[m]:.4f} | {hit[m]:.4f} | {diffs[m][-1]:+.2f}")
+        print(f"| {i} | " + " | ".join(cells) + f" | {hit['failovers']} of {hit['killed']} kills | {hit['lost']} |")
+    for m in metrics:
+        print(f"\n{m}: difference {_mean_sd(diffs[m])} points (mean ± sd) over {len(diffs[m])} pairs")
+    return rows
 
 
 def main() -> int:
@@ -165,6 +224,8 @@ def main() -> int:
     ap.add_argument("--after", type=float, default=2.0, help="--failover: seconds of training before the kill")
     ap.add_argument("--accuracy", type=int, default=0, help="N pairs: an undisturbed run, then one whose rank 1 primary "
                     "is killed --kills times (the reference job, one backup per rank)")
+    ap.add_argument("--accuracy-job", choices=["reference", "ctr"], default="reference",
+                    help="--accuracy: the reference job, or the CTR job (on --ctr ROWS generated rows, 200,000 by default)")
     ap.add_argument("--kills", type=int, default=2)
     ap.add_argument("--set", action="append", default=[], help="more job overrides (key=value)")
     ap.add_argument("--json", help="write the results here")
@@ -176,12 +237,8 @@ def main() -> int:
         if args.throughput:
             jobs = [("reference", REFERENCE, [f"training.epochs={args.epochs}", "cluster.num_servers=3", *args.set])]
             if args.ctr:
-                from downpour.data.criteo_gen import CriteoSpec, generate
-
-                data = os.path.join(_ROOT, "data", f"criteo-{args.ctr}-0")
-                if not os.path.exists(os.path.join(data, "criteo.json")):
-                    generate(CriteoSpec(rows=args.ctr, seed=0), data)
-                jobs.append(("ctr", CTR, [f"data.path={data}", f"training.epochs={args.epochs}", "cluster.num_servers=3", *args.set]))
+                jobs.append(("ctr", CTR, [f"data.path={_ctr_data(args.ctr)}", f"training.epochs={args.epochs}",
+                                          "cluster.num_servers=3", *args.set]))
             rows = []
             for r in range(args.rounds):
                 for name, path, overrides in jobs:
@@ -219,24 +276,7 @@ def main() -> int:
                 print(f"| {x['hidden']} | {x['state_mb']:.2f} | {x['detected_s']} | {x['promoted_s']} | {x['failover_s']} "
                       f"| {x['rereplicated_s']} | {x['lost']} | {x['accuracy']} |")
         if args.accuracy:
-            rows = []
-            for i in range(args.accuracy):
-                for kills in (0, args.kills):
-                    row = {"pair": i, **failover(128, [f"training.epochs={args.epochs}", "cluster.num_servers=3", *args.set],
-                                                 tmp, args.after, kills)}
-                    rows.append(row)
-                    print(json.dumps(row), flush=True)
-            out["accuracy"] = rows
-            print(f"\n{env['time']}, {env['cpus']} CPUs, torch {env['torch']}, {args.epochs} epochs, overrides {args.set}\n")
-            print("| pair | undisturbed accuracy | killed accuracy | difference (points) | failovers | lost updates |")
-            print("|---|---|---|---|---|---|")
-            diffs = []
-            for i in range(args.accuracy):
-                calm, hit = (next(x for x in rows if x["pair"] == i and x["planned"] == k) for k in (0, args.kills))
-                diffs.append(100 * (hit["accuracy"] - calm["accuracy"]))
-                print(f"| {i} | {calm['accuracy']:.4f} | {hit['accuracy']:.4f} | {diffs[-1]:+.2f} "
-                      f"| {hit['failovers']} of {hit['killed']} kills | {hit['lost']} |")
-            print(f"\nmean difference {sum(diffs) / len(diffs):+.2f} points over {len(diffs)} pairs")
+            out["accuracy"] = accuracy_pairs(args, tmp, env)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     if args.json:
