@@ -60,7 +60,7 @@ def run(run_dir: str, epochs: int, kill: bool, worker_after_s: float, server_aft
                     os.kill(pid, signal.SIGKILL)
                     killed.append(plan[0][0])
                     started, plan = time.monotonic(), plan[1:]
-            time.sleep(0.05)
+            time.sleep(0.1)
         _, err = proc.communicate(timeout=max(1.0, deadline - time.monotonic()))
     finally:
         if proc.poll() is None:
