@@ -206,8 +206,8 @@ def test_a_server_whose_restore_outlasts_the_heartbeat_timeout_is_not_declared_d
             cluster={
                 "num_servers": 1,
                 "num_workers": 1,
-                "heartbeat_interval_s": 0.1,
-                "heartbeat_timeout_s": 0.5,
+                "heartbeat_interval_s": 0.2,
+                "heartbeat_timeout_s": 1.5,
                 "coordinator_timeout_s": 5.0,
                 "startup_timeout_s": 30.0,
             },
@@ -216,9 +216,9 @@ def test_a_server_whose_restore_outlasts_the_heartbeat_timeout_is_not_declared_d
     restored = threading.Event()
     seen: list[float | None] = []
 
-    def slow_restore(self, order, layout) -> None:  # 2 s: four times the heartbeat timeout
+    def slow_restore(self, order, layout) -> None:  # 4.5 s: three times the heartbeat timeout
         assert order == {"fake": True}
-        time.sleep(2.0)
+        time.sleep(4.5)
         seen.append(coord.state.nodes[SERVERS[0]].restoring_since)  # (read across threads: a test's glance)
         restored.set()
 
