@@ -100,7 +100,8 @@ def main() -> int:
         shutil.rmtree(tmp, ignore_errors=True)
     print(f"\n{env['time']}, {env['cpus']} CPUs ({env['cpu_model']}), torch {env['torch']}, "
           f"`downpour train examples/mnist.yaml --set epochs={args.epochs}`\n")
-    print("| pair | undisturbed | killed | difference (points) | killed run: status | failures (detected after s; restored from; versions rolled back) |")
+    print("| pair | undisturbed | killed | difference (points) | killed run: status "
+          "| failures (detected after s; restored from; versions rolled back) |")
     print("|---|---|---|---|---|---|")
     diffs = []
     for i in range(args.runs):

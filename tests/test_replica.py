@@ -292,7 +292,7 @@ def test_a_backup_whose_thread_stopped_on_an_error_is_started_again_a_bounded_nu
         host.offer({"replica_gen": 1, "backups": [{"rank": 0, "address": "inproc://a"}]})
         host.offer({"replica_gen": 1, "backups": [{"rank": 0, "address": "inproc://a"}]})  # not started, no error: kept
         assert made == [0]
-        for i in range(replica._RESTARTS + 2):  # its thread fails again and again (no thread here: error set by hand)
+        for _ in range(replica._RESTARTS + 2):  # its thread fails again and again (no thread here: error set by hand)
             host.backups[0].error = "RuntimeError: boom"
             host.offer({"replica_gen": 1, "backups": [{"rank": 0, "address": "inproc://a"}]})
         assert made == [0] * (1 + replica._RESTARTS) and host.restarts[0] == replica._RESTARTS
