@@ -92,6 +92,30 @@ def test_redis_partitions_read_in_order_resume_after_an_offset_and_ack_up_to_it(
 
 @needs_redis
 @pytest.mark.slow
+def test_acknowledging_runs_in_redis_in_bounded_calls_and_survives_a_flushed_script_cache(redis_server, monkeypatch):  # noqa: F811
+    import downpour.stream.redis_source as rs
+
+    monkeypatch.setattr(rs, "_ACK_CHUNK", 3)
+    monkeypatch.setattr(rs, "_ACK_CHUNKS_PER_CALL", 2)  # 6 per script call: 20 events take 4 calls
+    src = open_source(redis_server.url + "?stream=acks")
+    src.create()
+    offs = [src.append(0, _event(i)) for i in range(25)]
+    got = src.open(0, 0, "w").read(100, 0.5)
+    assert len(got) == 25
+    calls = []
+    real = src.ack_script
+    monkeypatch.setattr(src, "ack_script", lambda **kw: calls.append(1) or real(**kw))
+    assert src.open_acker(0).ack(offs[19]) == 20
+    assert len(calls) == 4
+    assert src.client.xpending(src.key(0), "downpour")["pending"] == 5
+    src.client.script_flush()  # as after a restart: the script is loaded again
+    assert src.open_acker(0).ack(offs[-1]) == 5
+    assert src.client.xpending(src.key(0), "downpour")["pending"] == 0
+    assert src.open_acker(0).ack(offs[-1]) == 0  # nothing left: acknowledging again is a no-op
+
+
+@needs_redis
+@pytest.mark.slow
 def test_a_redis_restart_mid_read_is_waited_for_and_nothing_is_read_twice(tmp_path):
     server = RedisServer(str(tmp_path)).start()
     try:

@@ -103,3 +103,92 @@ def test_a_file_source_counts_a_bad_json_line_and_reads_on():
     assert len(b) == 1 and b.malformed == 2 and b.eos
     assert json.loads(raws[0].fields["json"])["I1"] == 2
     os.unlink(f.name)
+
+
+class _ListReader:
+    """A partition reader over a list; records how far ahead it was read."""
+
+    def __init__(self, n: int, fail_after: int | None = None) -> None:
+        from downpour.stream.api import RawEvent
+
+        self.partition, self.pos, self.closed, self.fail_after = 0, 0, False, fail_after
+        self.events = [RawEvent(i + 1, {"i": str(i)}) for i in range(n)]
+
+    def read(self, max_events, timeout_s):
+        import time
+
+        from downpour.errors import DataError
+
+        if self.fail_after is not None and self.pos >= self.fail_after:
+            raise DataError("the stream was deleted")
+        out = self.events[self.pos:self.pos + max_events]
+        self.pos += len(out)
+        if not out:
+            time.sleep(timeout_s)
+        return out
+
+    def ack(self, upto):
+        return 0
+
+    def close(self):
+        self.closed = True
+
+
+def test_a_prefetching_reader_returns_every_event_once_in_order_and_reads_a_bounded_way_ahead():
+    import time
+
+    from downpour.stream.prefetch import PrefetchReader
+
+    inner = _ListReader(100)
+    r = PrefetchReader(inner, chunk=8, wait_s=0.01, depth=2)
+    first = r.read(5, 2.0)
+    deadline = time.monotonic() + 5
+    while inner.pos < 5 + 16 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.05)
+    assert inner.pos <= 5 + 16 + 8  # never more than depth chunks buffered (one more read in flight)
+    got = first
+    while len(got) < 100:
+        more = r.read(7, 2.0)
+        assert more, "a prefetching reader returned nothing while events were left"
+        assert len(more) <= 7
+        got += more
+    assert [e.offset for e in got] == list(range(1, 101))
+    assert r.read(10, 0.05) == []  # the end: waits at most its timeout
+    r.close()
+    assert inner.closed and not r._thread.is_alive()
+
+
+def test_a_prefetching_reader_raises_its_inner_readers_error_after_the_events_read_before_it():
+    import pytest
+
+    from downpour.errors import DataError
+    from downpour.stream.prefetch import PrefetchReader
+
+    r = PrefetchReader(_ListReader(10, fail_after=10), chunk=4, wait_s=0.01)
+    got = []
+    with pytest.raises(DataError, match="deleted"):
+        for _ in range(10):
+            got += r.read(4, 2.0)
+    assert [e.offset for e in got] == list(range(1, 11))
+    r.close()
+
+
+def test_closing_a_prefetching_reader_drops_what_it_read_ahead_and_a_new_one_reads_it_again(tmp_path):
+    from downpour.stream.prefetch import PrefetchReader
+
+    path = tmp_path / "events.jsonl"
+    path.write_text("".join(json.dumps({"label": i % 2, "dense": [i], "sparse": [str(i)]}) + "\n" for i in range(30)))
+    src = open_source(str(path))
+    r = PrefetchReader(src.open(0, 0, "w"), chunk=8, wait_s=0.01)
+    head = r.read(3, 2.0)
+    r.close()
+    again = PrefetchReader(src.open(0, head[-1].offset, "w"), chunk=8, wait_s=0.01)
+    rest = []
+    while len(rest) < 27:
+        more = again.read(100, 2.0)
+        assert more
+        rest += more
+    again.close()
+    offsets = [e.offset for e in head + rest]
+    assert offsets == sorted(set(offsets)) and len(offsets) == 30

@@ -21,6 +21,24 @@ log = logging.getLogger(__name__)
 
 _SEQ_BITS = 16  # IDs within one millisecond: at most 65,536 (ms fits 42 bits until 2109)
 
+# Acknowledging up to an ID: XPENDING lists pending IDs in order, XACK takes them, in chunks
+# (Lua's unpack has a stack limit) and a bounded number of chunks per call (a script blocks
+# redis-server while it runs). Returns {acknowledged, 1 if a full call's worth was found}.
+_ACK_LUA = """
+local n = 0
+for _ = 1, tonumber(ARGV[4]) do
+  local pending = redis.call('XPENDING', KEYS[1], ARGV[1], '-', ARGV[2], tonumber(ARGV[3]))
+  if #pending == 0 then return {n, 0} end
+  local ids = {}
+  for i, entry in ipairs(pending) do ids[i] = entry[1] end
+  n = n + redis.call('XACK', KEYS[1], ARGV[1], unpack(ids))
+  if #pending < tonumber(ARGV[3]) then return {n, 0} end
+end
+return {n, 1}
+"""
+_ACK_CHUNK = 1_000
+_ACK_CHUNKS_PER_CALL = 10
+
 
 def pack_id(stream_id: str) -> int:
     ms, _, seq = stream_id.partition("-")
@@ -97,14 +115,16 @@ class RedisReader:
         return out
 
     def ack(self, upto: int) -> int:
-        r, group, n = self.source.client, self.source.spec.group, 0
+        """Acknowledge the group's pending entries up to ``upto``. The listing and the XACK run
+        inside redis-server (a script), a bounded number per call, so the IDs never travel to
+        this process to be decoded and sent back."""
+        n = 0
         try:
             while True:
-                pending = r.xpending_range(self.key, group, min="-", max=unpack_id(upto), count=10_000)
-                if not pending:
-                    return n
-                n += r.xack(self.key, group, *[p["message_id"] for p in pending])
-                if len(pending) < 10_000:
+                done, more = self.source.ack_script(keys=[self.key], args=[self.source.spec.group, unpack_id(upto),
+                                                                            _ACK_CHUNK, _ACK_CHUNKS_PER_CALL])
+                n += int(done)
+                if not int(more):
                     return n
         except (_redis().ConnectionError, _redis().TimeoutError) as err:
             log.warning("%s: could not acknowledge %s up to %s (%s); the next checkpoint will", self.consumer, self.key,
@@ -122,6 +142,7 @@ class RedisSource:
         self.spec = spec
         self.where = spec.url
         self.client = redis.Redis.from_url(spec.url, decode_responses=True, socket_timeout=5.0, socket_connect_timeout=2.0)
+        self.ack_script = self.client.register_script(_ACK_LUA)  # EVALSHA, loaded again after a restart
 
     def key(self, partition: int) -> str:
         return f"{self.spec.name}:{partition}"

@@ -21,6 +21,7 @@ import torch
 
 from downpour.errors import RemoteError, RequestTimeout
 from downpour.stream import parse_events
+from downpour.stream.prefetch import PrefetchReader
 from downpour.stream.prequential import Prequential
 
 log = logging.getLogger(__name__)
@@ -64,7 +65,7 @@ class OnlineLoop:
         part, epoch = int(shard["shard"]), int(shard["epoch"])
         self.partitions.append(part)
         after, cuts = self._resume_point(epoch, part, int(shard.get("skip", 0)))
-        reader = self.source.open(part, after, self.name)
+        reader = self._open(part, after)
         where = f"{self.source.spec.url}#{part}"
         log.info("%s: training partition %d after offset %d%s", self.name, part, after,
                  f" (batches cut at {len(cuts)} server marks ahead)" if cuts else "")
@@ -88,7 +89,7 @@ class OnlineLoop:
                     gaps = self._gaps()
                     after, cuts = self._resume_point(epoch, part, after)
                     reader.close()
-                    reader = self.source.open(part, after, self.name)
+                    reader = self._open(part, after)
                     pushed, held = after, []
                     self.rewinds += 1
                     log.warning("%s: a server lacked events of partition %d; reading it again after offset %d", self.name,
@@ -134,6 +135,11 @@ class OnlineLoop:
         finally:
             reader.close()
         return trained
+
+    def _open(self, part: int, after: int) -> PrefetchReader:
+        """A reader of ``part`` after ``after`` that reads the next batch's events while this
+        one trains (a rewind closes it, dropping what it read ahead, and opens another)."""
+        return PrefetchReader(self.source.open(part, after, self.name), self.job_batch, self.data.wait_s)
 
     def _gaps(self) -> int:
         t = self.trainer
