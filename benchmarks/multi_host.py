@@ -4,9 +4,11 @@
 ``launchers``: the reference job (examples/mnist.yaml) started by
 
 * ``local``: :class:`LocalLauncher` as ``downpour train`` runs it (ipc sockets + shared memory);
-* ``local-tcp``: the same over tcp with CURVE, the transport the Ray launcher uses;
+* ``local-tcp``: the same over tcp with CURVE, the transport a job across machines needs;
 * ``ray``: the Ray launcher with a Ray instance started for each run on this machine (what
-  ``--launcher ray`` without an address does), so Ray's start-up is measured every run.
+  ``--launcher ray`` without an address does), so Ray's start-up is measured every run; every
+  Ray node is then this machine, so the job talks over unix sockets and shared memory;
+* ``ray-tcp``: the same over tcp with CURVE (what a job on a Ray cluster of several machines uses).
 
 interleaved run by run. Reported: the coordinator's examples/s (training loop only), and for
 Ray the seconds from ``ray.init`` to the placement group being ready, and the launcher's wall time.
@@ -48,7 +50,8 @@ from downpour.launch import make_launcher  # noqa: E402
 
 DEFAULT_JOB = os.path.join(_ROOT, "examples", "mnist.yaml")
 TARGET = 0.83
-LAUNCHERS = {"local": ("local", []), "local-tcp": ("local", ["cluster.transport=tcp"]), "ray": ("ray", [])}
+LAUNCHERS = {"local": ("local", []), "local-tcp": ("local", ["cluster.transport=tcp"]), "ray": ("ray", []),
+             "ray-tcp": ("ray", ["cluster.transport=tcp"])}
 COMPRESSION = {
     "plain": [],
     "topk-0.1%-dgc+int8-pull": ["compression.push.codec=topk", "compression.push.ratio=0.001", "compression.push.dgc.momentum=0.9",
@@ -84,10 +87,11 @@ def run_launcher(name: str, job_path: str, overrides: list[str], folder: str) ->
 
 
 def launchers(args) -> dict[str, Any]:
-    runs: dict[str, list[dict[str, Any]]] = {n: [] for n in LAUNCHERS}
+    names = args.launchers or list(LAUNCHERS)
+    runs: dict[str, list[dict[str, Any]]] = {n: [] for n in names}
     with tempfile.TemporaryDirectory(prefix="dp-launchers-") as folder:
         for i in range(args.runs):
-            for name in LAUNCHERS:
+            for name in names:
                 r = run_launcher(name, args.job, args.set or [], folder)
                 runs[name].append(r)
                 log(f"run {i + 1} {name}: {r['examples_per_s']:,.0f} examples/s, accuracy {r['test_accuracy']:.4f}, "
@@ -99,8 +103,9 @@ def launchers(args) -> dict[str, Any]:
     lines = ["| launcher | examples/s | vs local | vs local-tcp | test accuracy | launcher wall s | Ray start s |",
              "|---|---|---|---|---|---|---|"]
     for n, rs in runs.items():
-        lines.append(f"| {n} | {spread([r['examples_per_s'] for r in rs], ',.0f')} | {base[n] / base['local']:.2f}× "
-                     f"| {base[n] / base['local-tcp']:.2f}× | {spread([r['test_accuracy'] for r in rs], '.4f')} "
+        vs = {b: f"{base[n] / base[b]:.2f}×" if b in base else "n/a" for b in ("local", "local-tcp")}
+        lines.append(f"| {n} | {spread([r['examples_per_s'] for r in rs], ',.0f')} | {vs['local']} "
+                     f"| {vs['local-tcp']} | {spread([r['test_accuracy'] for r in rs], '.4f')} "
                      f"| {spread([r['launcher_wall_s'] for r in rs], '.1f')} | {spread([r['ray_start_s'] for r in rs], '.1f')} |")
     return {"runs": runs, "table": "\n".join(lines)}
 
@@ -183,6 +188,7 @@ def main() -> int:
     ap.add_argument("--job", default=DEFAULT_JOB)
     ap.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a job field")
     ap.add_argument("--runs", type=int, default=1)
+    ap.add_argument("--launchers", nargs="+", choices=list(LAUNCHERS), help="launchers: which (default: all)")
     ap.add_argument("--rates", default="1000,100", help="two-hosts: link rates in Mbit/s")
     ap.add_argument("--epochs", type=int, default=2, help="two-hosts: epochs per run")
     ap.add_argument("--configs", help=f"two-hosts: which of {', '.join(COMPRESSION)} (default: all)")

@@ -49,6 +49,32 @@ def test_missing_resources_are_named_with_what_is_asked_and_what_exists():
     assert ray_cluster.missing_resources(bundles[:2], {"CPU": 4.0, "ps": 2.0}, "PACK", 1) == []
 
 
+def test_ray_jobs_use_unix_sockets_only_where_every_ray_node_is_this_machine(tiny_data, monkeypatch, tmp_path):
+    ray_cluster = pytest.importorskip("downpour.launch.ray_cluster")
+    ray = ray_cluster.ray
+    nodes = []
+    monkeypatch.setattr(ray, "nodes", lambda: nodes)
+    monkeypatch.setattr(ray.util, "get_node_ip_address", lambda: "10.0.0.1")
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+
+    def one_machine(transport: str, address: str | None, *ips: str) -> bool:
+        nodes[:] = [{"Alive": True, "NodeManagerAddress": ip} for ip in ips] + [{"Alive": False, "NodeManagerAddress": "10.9.9.9"}]
+        job = parse_job({**tiny_job(tiny_data), "cluster": {"num_servers": 1, "num_workers": 1, "transport": transport}})
+        launcher = ray_cluster.RayLauncher(job, str(tmp_path / "run"), address=address)
+        launcher.started_ray = True
+        return launcher._one_machine()
+
+    assert one_machine("auto", None, "10.0.0.1", "10.0.0.1")  # a Ray of its own, all here (dead nodes do not count)
+    assert not one_machine("auto", None, "10.0.0.1", "10.0.0.2")  # a node elsewhere
+    assert not one_machine("auto", "auto", "10.0.0.1")  # someone's cluster: nodes may join later, elsewhere
+    assert not one_machine("tcp", None, "10.0.0.1")
+    assert one_machine("ipc", "auto", "10.0.0.1")  # asked for, and possible
+    with pytest.raises(JobFailed, match=r"ipc needs every process on this machine \(10.0.0.1\).*nodes at 10.0.0.2, 10.0.0.3"):
+        one_machine("ipc", "auto", "10.0.0.1", "10.0.0.3", "10.0.0.2")
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.2:6379")
+    assert not one_machine("auto", None, "10.0.0.1")
+
+
 # -- on a real Ray cluster ------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -95,6 +121,19 @@ def test_a_job_on_ray_places_servers_and_workers_on_the_nodes_that_offer_their_r
         assert (tmp_path / "run" / "logs" / f"{name}.log").stat().st_size > 0
     assert (tmp_path / "run" / "model.pt").exists() and (tmp_path / "run" / "summary.json").exists()
     assert (tmp_path / "run" / "coordinator.addr").read_text().startswith(f"tcp://{NODE_IP}:")  # each listens on its node's address
+
+
+@pytest.mark.slow
+def test_a_job_on_ray_nodes_of_one_machine_can_talk_over_unix_sockets_and_shared_memory(tmp_path, tiny_data, ray_nodes):
+    job = parse_job(_ray_job(tiny_data, training={"epochs": 2}, cluster={"transport": "ipc"}))
+    s = make_launcher(job, str(tmp_path / "run")).run().summary
+    assert s["status"] == "ok" and s["test_accuracy"] > 0.8
+    assert (tmp_path / "run" / "coordinator.addr").read_text().startswith("ipc://")
+    assert not (tmp_path / "run" / "keys").exists()  # unix sockets in a 0700 folder need no keys
+    placement = json.loads((tmp_path / "run" / "placement.json").read_text())["processes"]
+    assert {p["node_id"] for n, p in placement.items() if n.startswith("worker")} == {ray_nodes["trainer"]}
+    assert {p["node_id"] for n, p in placement.items() if n.startswith("server")} == {ray_nodes["ps"]}
+    assert all(w["shm_requests"] > 0 for w in s["workers"].values())  # values went through shared memory
 
 
 @pytest.mark.slow

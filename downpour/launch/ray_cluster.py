@@ -10,8 +10,10 @@ The coordinator's actor is pinned to the node this launcher runs on, so the run 
 Everything else is :class:`LocalLauncher`: the same watching, the same recovery (a process that
 dies is replaced by a new actor in the dead one's bundle, and the coordinator's recovery paths
 take it in), the same summary. Nothing but the start of processes goes through Ray: parameters
-and gradients travel on Downpour's own sockets (tcp with CURVE keys, handed to each actor as the
-files its role needs), never through Ray's object store. Each process's log is written on its
+and gradients travel on Downpour's own sockets, never through Ray's object store: tcp with CURVE
+keys (handed to each actor as the files its role needs) where the job may span machines, and the
+local launcher's unix sockets and shared memory where every Ray node is this machine (see
+:meth:`RayLauncher._one_machine`). Each process's log is written on its
 node and copied into ``RUN_DIR/logs`` when it exits where the run folder is not visible.
 ``RUN_DIR/placement.json`` says where each process ran (Ray node id and address, pid, the arguments it was started with).
 """
@@ -181,7 +183,7 @@ class RayLauncher(LocalLauncher):
         if ray is None:
             raise ConfigError("launcher ray needs Ray: pip install 'downpour[ray]'")
         super().__init__(job, run_dir, insecure=insecure)
-        self.ipc = False  # processes may be on other machines: tcp (with CURVE keys unless insecure)
+        self.ipc = False  # decided once Ray is reached (_one_machine): tcp unless every node is this machine
         self.ray_address = address if address is not None else job.ray.address
         self.group = None
         self.started_ray = False
@@ -220,6 +222,27 @@ class RayLauncher(LocalLauncher):
         self.start_s = time.monotonic() - t0
         log.info("ray: placement group ready in %.2fs (%s)", self.start_s, cfg.placement_strategy)
 
+    def _one_machine(self) -> bool:
+        """Whether the job's processes talk over unix sockets and shared memory, as a local job's
+        do, rather than tcp with CURVE keys.
+
+        ``cluster.transport: tcp`` always means tcp. ``auto`` means ipc only for a Ray this launcher
+        started itself (no ``--address``, no ``RAY_ADDRESS``) whose every node has this machine's
+        address: nothing can then run elsewhere. ``ipc`` asks for it on any cluster and is refused,
+        naming the other nodes, when a node has another address."""
+        transport = self.job.cluster.transport
+        if transport == "tcp":
+            return False
+        here = ray.util.get_node_ip_address()
+        elsewhere = sorted({str(n.get("NodeManagerAddress")) for n in ray.nodes() if n.get("Alive")} - {here})
+        if transport == "ipc":
+            if elsewhere:
+                raise JobFailed(f"cluster.transport: ipc needs every process on this machine ({here}), but the Ray cluster "
+                                f"has nodes at {', '.join(elsewhere)}; use tcp or auto", node="launcher")
+            return True
+        own = self.started_ray and self.ray_address is None and not os.environ.get("RAY_ADDRESS")
+        return own and not elsewhere
+
     def _bundles(self) -> list[dict[str, float]]:
         cl, cfg = self.job.cluster, self.job.ray
         return [bundle(cfg.server)] * cl.num_servers + [bundle(cfg.worker)] * cl.num_workers
@@ -237,14 +260,17 @@ class RayLauncher(LocalLauncher):
     # -- LocalLauncher's hooks ------------------------------------------------
     def start(self) -> str:
         self._connect()
-        # Each process listens on its own node's address (RoleHost fills it in); with a Ray of its
-        # own on this machine, the job stays on loopback.
+        self.ipc = self._one_machine()
+        log.info("ray: the job's processes talk over %s", "unix sockets and shared memory (every Ray node is this machine)"
+                 if self.ipc else "tcp")
+        # Over tcp each process listens on its own node's address (RoleHost fills it in); with a
+        # Ray of its own on this machine, the job stays on loopback.
         self.bind_host = "127.0.0.1" if self.started_ray and self.ray_address is None else NODE_IP
         return super().start()
 
     def _spawn(self, name: str, args: list[str]) -> Proc:
         role = args[0]
-        if "--ipc-dir" in args:  # (tcp only: the folder is not used)
+        if "--ipc-dir" in args and not self.ipc:  # (tcp: the folder is not used)
             i = args.index("--ipc-dir")
             args = args[:i] + args[i + 2 :]
         if self.insecure:
