@@ -52,6 +52,7 @@ from downpour.data.criteo import load_criteo_dataset  # noqa: E402
 from downpour.data.criteo_gen import CriteoSpec, generate  # noqa: E402
 from downpour.data.scoring import log_loss, roc_auc  # noqa: E402
 from downpour.launch import LocalLauncher  # noqa: E402
+from downpour.models import deep_tower  # noqa: E402
 
 HASH_MULT = -7046029254386353131  # 0x9E3779B97F4A7C15 as a signed int64: Fibonacci hashing
 warnings.filterwarnings("ignore", message="Sparse invariant checks")  # torch.optim.Adagrad on sparse grads, once per run
@@ -81,15 +82,7 @@ class HashedWideDeep(nn.Module):
             self.embedding.weight.uniform_(-init_scale, init_scale)
             self.wide.weight.uniform_(-init_scale, init_scale)
         self.dense_wide = nn.Linear(num_dense, 1)
-        layers: list[nn.Module] = []
-        width = num_dense + num_fields * dim
-        for h in hidden:
-            layers += [nn.Linear(width, int(h)), nn.ReLU()]
-            if dropout:
-                layers.append(nn.Dropout(dropout))
-            width = int(h)
-        layers.append(nn.Linear(width, 1))
-        self.deep = nn.Sequential(*layers)
+        self.deep = deep_tower(num_dense + num_fields * dim, hidden, dropout)  # the job's own tower
 
     def forward(self, dense: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         rows = ((ids * HASH_MULT) >> self.shift) & self.mask  # int64 wraps; the mask drops the sign bits

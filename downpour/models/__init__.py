@@ -52,6 +52,18 @@ def mlp(
     return nn.Sequential(*layers)
 
 
+def deep_tower(width: int, hidden, dropout: float) -> nn.Sequential:
+    """Wide & Deep's deep part: Linear + ReLU (+ Dropout) per hidden width, then one logit."""
+    layers: list[nn.Module] = []
+    for h in hidden:
+        layers += [nn.Linear(width, int(h)), nn.ReLU()]
+        if dropout:
+            layers.append(nn.Dropout(dropout))
+        width = int(h)
+    layers.append(nn.Linear(width, 1))
+    return nn.Sequential(*layers)
+
+
 class WideDeep(nn.Module):
     """Wide & Deep (Cheng et al. 2016) for CTR data: ``forward(dense [B, num_dense], ids [B, num_fields])``
     returns one logit per example.
@@ -70,15 +82,7 @@ class WideDeep(nn.Module):
         self.embedding = SparseEmbedding(table, dim)
         self.wide = SparseEmbedding(wide_table, 1, mode="sum")
         self.dense_wide = nn.Linear(self.num_dense, 1)
-        layers: list[nn.Module] = []
-        width = self.num_dense + self.num_fields * int(dim)
-        for h in hidden:
-            layers += [nn.Linear(width, int(h)), nn.ReLU()]
-            if dropout:
-                layers.append(nn.Dropout(dropout))
-            width = int(h)
-        layers.append(nn.Linear(width, 1))
-        self.deep = nn.Sequential(*layers)
+        self.deep = deep_tower(self.num_dense + self.num_fields * int(dim), hidden, dropout)
 
     def forward(self, dense: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         emb = self.embedding(ids)  # [B, fields, dim]
