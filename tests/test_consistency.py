@@ -173,3 +173,24 @@ def test_without_a_membership_a_round_never_completes(staleness):
     assert policy.push(push("w1", grad(1.0))) == []
     assert versions(store) == [0, 0]
     assert len(policy.set_workers({"w0", "w1"})) == 2  # once the coordinator names the members, it does
+
+
+def test_a_graceful_stop_ends_the_sync_rounds_so_none_completes_without_the_worker_that_left(staleness):
+    """A worker that heard of the stop late pushes a round the others left before: completing it
+    with its gradient alone (the coordinator drops those that left from the membership) would
+    train differently from an uninterrupted run. Frozen, its push is refused, not applied."""
+    store = new_store()
+    policy = SyncPolicy(store, staleness.append)
+    policy.set_workers({"w0", "w1"})
+    assert policy.push(push("w1", grad(1.0))) == []  # w0 left after the previous round
+    assert error_code(policy.freeze()) == "stopping"
+    assert policy.waiting == {}
+    assert policy.set_workers({"w1"}) == []
+    assert error_code(policy.push(push("w1", grad(1.0)))) == "stopping"
+    assert versions(store) == [0, 0]
+    torch.testing.assert_close(store.read(ALL), torch.arange(8.0))
+
+
+def test_freezing_the_rounds_does_nothing_to_async_and_ssp(staleness):
+    for cls in (AsyncPolicy, SSPPolicy):
+        assert cls(new_store(), staleness.append).freeze() == []

@@ -15,7 +15,8 @@ import zmq
 from downpour.compress import decode_pull, decode_push
 from downpour.compress.codecs import TopK
 from downpour.config import SGDConfig, TrainingConfig, parse_job
-from downpour.errors import ConfigError
+from downpour.data.dataset import ArrayDataset, Dataset
+from downpour.errors import ConfigError, RemoteError
 from downpour.layout import make_layout
 from downpour.models import build_model, param_shapes
 from downpour.protocol import Message, Op, decode, encode
@@ -587,3 +588,42 @@ def test_a_compressed_job_pushes_and_pulls_far_fewer_bytes(tmp_path, tiny_data):
     # Every push is paired with a pull; the first pull at start-up adds one more per worker.
     assert dense / 4.2 <= pull["per_push"] <= dense / 3.5, pull
     assert pull["values"] == numel * (wire["pushes"] + 2), pull  # one int8 per parameter per pull
+
+
+class StoppingKV(RecordingKV):
+    """A client whose servers refuse push number ``refuse_at`` (1-based) with ``stopping``: a
+    graceful stop ended the sync rounds (SyncPolicy.freeze) while that push waited."""
+
+    def __init__(self, keys: int, refuse_at: int) -> None:
+        super().__init__(keys)
+        self.refuse_at = refuse_at
+
+    def wait(self, handle, timeout_s=None) -> None:
+        if len(self.pushes) == self.refuse_at and handle is self.last:
+            raise RemoteError("the job is stopping: no more sync rounds", "server-0", "stopping")
+
+    def push_pull(self, grad, out, keys=None, weight=1.0, versions=None, position=None, delta=False, start=None):
+        super().push_pull(grad, out, keys, weight, versions, position, delta, start)
+        self.last = object()
+        return self.last
+
+
+def test_a_push_refused_because_the_sync_rounds_ended_is_not_counted_and_the_worker_leaves_before_it():
+    """Its batch was not applied: the shard must resume before it (the position the worker leaves
+    with), and a shard whose last batch it was is not reported done."""
+    job = parse_job({"model": MODEL, "optimizer": {"name": "sgd", "lr": 0.1}, "data": {"shard_size": 24},
+                     "training": {"batch_size": 8, "consistency": "sync"}, "cluster": {"num_servers": 1, "num_workers": 1},
+                     "monitor": {"metrics": False}})
+    model = build_model(job.model, job.training.seed)
+    layout = make_layout(param_shapes(model), 1)
+    kv = StoppingKV(len(layout.slices), refuse_at=3)
+    g = torch.Generator().manual_seed(5)
+    data = Dataset(ArrayDataset(torch.randn(24, 6, generator=g).numpy(), torch.randint(0, 3, (24,), generator=g).numpy()))
+    trainer = Trainer(job, FlatModel(model, layout, torch.device("cpu")), kv, data, "worker-0")
+    shards = iter([{"epoch": 0, "shard": 0, "start": 0, "stop": 24}, {"epoch": 0, "shard": 1, "start": 0, "stop": 24}])
+    done: list = []
+    trainer.run(lambda: next(shards, None), lambda *a: done.append(a))
+    assert len(kv.pushes) == 3 and trainer.halted and trainer.left
+    assert trainer.position == [0, 0, 16]  # after the second batch: the last push applied
+    assert done == []  # the third batch ended shard 0, but was not applied: the shard is not done
+    assert trainer.steps == 2 and trainer.examples == 16

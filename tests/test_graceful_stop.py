@@ -19,7 +19,7 @@ from downpour.launch import LocalLauncher
 from downpour.protocol import Op
 from tests.cluster import PY, alive, start_job, wait_training
 from tests.conftest import tiny_job
-from tests.test_coordinator_state import JOB, LAYOUT, NUM_TRAIN, SERVERS, WORKERS, Sim, ident, one
+from tests.test_coordinator_state import JOB, LAYOUT, NUM_TRAIN, SERVERS, WORKERS, Sim, ident, one, replies
 
 
 class CheckpointSim(Sim):
@@ -92,6 +92,27 @@ def test_a_sync_job_stops_every_worker_after_the_same_round():
     sim.state.request_stop(1.0)
     orders = [sim.heartbeat(w) for w in WORKERS]
     assert len({o["leave_at"] for o in orders}) == 1 and orders[0]["leave_at"] > 40
+
+
+@pytest.mark.parametrize("consistency", ["sync", "async"])
+def test_in_a_sync_stop_the_servers_hear_that_a_worker_leaving_ends_the_rounds(consistency):
+    """A worker may hear of the stop after the round every worker leaves after; the others, gone
+    there, must not leave it training alone in rounds an uninterrupted run never had: the servers
+    learn with the smaller membership (and in heartbeat answers) that the rounds end (``stopping``:
+    SyncPolicy.freeze). Before the stop, and in async jobs, nothing changes."""
+    job = JOB.model_copy(update={"training": JOB.training.model_copy(update={"consistency": consistency})})
+    sim = CheckpointSim(job)
+    sim.start()
+    for w in WORKERS:
+        sim.send(w, Op.BARRIER, name="init")
+    assert "stopping" not in sim.heartbeat(SERVERS[0])
+    sim.heartbeat(SERVERS[0], version=40)
+    sim.state.request_stop(1.0)
+    out = sim.send(WORKERS[0], Op.LEAVE, position=None, stats={})
+    told = [r.msg.meta for r in replies(out) if r.msg.op == Op.MEMBERSHIP]
+    assert len(told) == len(SERVERS) and all(m["workers"] == WORKERS[1:] for m in told)
+    assert all(m.get("stopping", False) is (consistency == "sync") for m in told)
+    assert sim.heartbeat(SERVERS[1]).get("stopping", False) is (consistency == "sync")
 
 
 def test_a_stop_before_training_began_ends_the_job_at_once():

@@ -32,9 +32,19 @@ _REPLACEABLE = ("worker", "server", "evaluator")
 
 def tell_servers(st: CoordinatorState) -> list[Action]:
     """Tell the servers which workers a sync round waits for (sent unprompted)."""
-    workers = st.members()
-    msg = Message(Op.MEMBERSHIP, meta={"workers": workers})
+    msg = Message(Op.MEMBERSHIP, meta=membership_meta(st))
     return [Reply(s.identity, msg) for s in st.nodes_of("server")]
+
+
+def membership_meta(st: CoordinatorState) -> dict[str, Any]:
+    """What servers hear of the membership: the workers a sync round waits for, and during a
+    graceful stop of a sync job ``stopping``: a worker leaving then ends the sync rounds
+    (``Policy.freeze``), so none completes without it and the final checkpoint holds the
+    parameters of the round every worker left after."""
+    meta: dict[str, Any] = {"workers": st.members()}
+    if st.stop_requested is not None and st.leave_at is not None:
+        meta["stopping"] = True
+    return meta
 
 
 def register(st: CoordinatorState, ident: bytes, msg: Message, now: float, _: Node | None) -> list[Action]:
@@ -222,7 +232,7 @@ def heartbeat(st: CoordinatorState, ident: bytes, msg: Message, now: float, node
         # Repeats the last MEMBERSHIP, so a server that missed it still learns who trains;
         # and asks a survivor to take over the ranks left without a replacement.
         hosts = replication.promotions(st, node)
-        return [Reply(ident, msg.reply({"workers": st.members(), **({"host_ranks": hosts} if hosts else {}),
+        return [Reply(ident, msg.reply({**membership_meta(st), **({"host_ranks": hosts} if hosts else {}),
                                         **replication.assignment(st, node)}))]
     if node.role == "worker" and st.stop_requested is not None and node.state == ALIVE:
         order = {"leave": "the job is stopping gracefully (final checkpoint)", "leave_at": st.leave_at}

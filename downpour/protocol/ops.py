@@ -64,6 +64,7 @@ class Code(StrEnum):
     SYNC_DUPLICATE = "sync_duplicate"
     SYNC_PARTIAL = "sync_partial"
     SSP_CLOCK = "ssp_clock"
+    STOPPING = "stopping"  # a sync push after a graceful stop ended the rounds (a worker left): not applied
     # replication: a message from a primary or a backup that does not fit the stream
     REPLICA_ORDER = "replica_order"  # a sequence number out of order (a gap)
     REPLICA_DUPLICATE = "replica_duplicate"  # a sequence number already held

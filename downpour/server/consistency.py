@@ -7,6 +7,8 @@
   the weighted mean of their gradients is applied once and every waiting
   worker is answered with the new values. A worker that leaves (done, dead)
   is dropped from the membership, and a round waiting only for it completes.
+  Except in a graceful stop (:meth:`Policy.freeze`): a worker leaving then
+  ends the rounds, so none completes without it (see there).
 * :class:`SSPPolicy` (stale synchronous parallel): applies as async, but the
   reply to a worker's push number ``c`` (its clock, sent with the push) waits
   until ``c - slowest <= staleness_bound``, where ``slowest`` is the lowest
@@ -26,6 +28,7 @@ import torch
 from downpour.compress import Codec, encode_pull
 from downpour.config import TrainingConfig
 from downpour.protocol import Message, Op
+from downpour.protocol.ops import Code
 from downpour.server.store import ShardStore
 
 
@@ -77,6 +80,11 @@ class Policy:
         raise NotImplementedError
 
     def set_workers(self, workers: set[str]) -> list[Reply]:
+        return []
+
+    def freeze(self) -> list[Reply]:
+        """A graceful stop of a sync job: a worker left (for good, with its data position), so no
+        round completes any more (sync: refusals for the pushes waiting, see SyncPolicy)."""
         return []
 
     def stats(self) -> dict[str, int]:
@@ -174,8 +182,11 @@ class SyncPolicy(Policy):
         self.waiting: dict[str, Push] = {}
         self.delta = False
         self._all = self.keys
+        self.frozen = False  # a graceful stop: no round completes any more (freeze)
 
     def refuse(self, p: Push) -> Reply | None:
+        if self.frozen:
+            return p.peer, p.msg.error(Code.STOPPING, "the job is stopping: no more sync rounds")
         current = self.store.version(self._all)
         if p.idx is not self._all and p.idx != self._all:
             return p.peer, p.msg.error("sync_partial", "sync mode needs every key of the server in each push")
@@ -202,6 +213,19 @@ class SyncPolicy(Policy):
         self.workers = set(workers)
         return self._maybe_complete()
 
+    def freeze(self) -> list[Reply]:
+        """The job stops gracefully and a worker left after its last round: a round it did not push
+        to can never complete with every worker, and completing it with fewer (the weighted mean
+        of the others, at another lr) would train differently from an uninterrupted run. That
+        happens when a worker hears of the stop after the round every worker was told to leave
+        after: the others, having left there, would leave it training alone until it hears. So
+        the waiting pushes are refused (``stopping``: not applied, their workers leave at their
+        last applied push) and so is every push from now on."""
+        self.frozen = True
+        replies = [(p.peer, p.msg.error(Code.STOPPING, "the job is stopping: no more sync rounds")) for p in self.waiting.values()]
+        self.waiting.clear()
+        return replies
+
     def rebind(self, p: Push) -> bool:
         """``p`` repeats a push waiting in this round (a worker's replay after a failover): its
         answer goes to ``p``'s request when the round completes. False: it waits for nothing here."""
@@ -224,7 +248,7 @@ class SyncPolicy(Policy):
 
     def _maybe_complete(self) -> list[Reply]:
         # No membership yet means the coordinator has not said who trains: keep waiting.
-        if not self.waiting or not self.workers or not self.workers.issubset(self.waiting):
+        if self.frozen or not self.waiting or not self.workers or not self.workers.issubset(self.waiting):
             return []
         self.store.apply(self._all, self._mean(), delta=self.delta, pushes=len(self.waiting))
         values = self.store.read(self._all) if any(p.wants_values for p in self.waiting.values()) else None

@@ -110,6 +110,12 @@ class GroupedPolicy(Policy):
             out += self._collect(policy.set_workers(workers))
         return out
 
+    def freeze(self) -> list[Reply]:
+        out: list[Reply] = []
+        for policy in self.policies.values():
+            out += self._collect(policy.freeze())
+        return out
+
     def stats(self) -> dict[str, int]:
         out: dict[str, int] = {}
         for policy in self.policies.values():

@@ -480,7 +480,7 @@ class ParameterServer:
     # -- coordinator messages ---------------------------------------------
     def on_coordinator(self, peer: str, msg: Message) -> None:
         if msg.op == Op.MEMBERSHIP:
-            self.set_workers(msg.meta.get("workers"))
+            self.set_workers(msg.meta.get("workers"), msg.meta.get("stopping", False))
         elif msg.op == Op.CHECKPOINT:
             self.snapshots.request(msg.meta, self.positions)
 
@@ -500,14 +500,17 @@ class ParameterServer:
             rows = self.sparse.restore(store, manifest, old.layout, bool(order.get("full")))
             log.info("%s: %d rows of sparse tables from %s", self.name, rows, store.where(manifest.name))
 
-    def set_workers(self, workers: object) -> None:
-        """The workers a sync round waits for (from MEMBERSHIP, repeated in heartbeat answers)."""
+    def set_workers(self, workers: object, stopping: object = False) -> None:
+        """The workers a sync round waits for (from MEMBERSHIP, repeated in heartbeat answers).
+        ``stopping``: the job stops gracefully, so a worker gone from them ends the sync rounds
+        (``Policy.freeze``) instead of leaving the others to complete rounds without it."""
         if not isinstance(workers, list) or not all(isinstance(w, str) for w in workers):
             return
         if set(workers) != self.members:
+            frozen = self.policy.freeze() if stopping is True and self.members - set(workers) else []
             self.members = set(workers)
             self.hyper.set_workers(len(self.members))
-            replies = self.policy.set_workers(self.members)
+            replies = frozen + self.policy.set_workers(self.members)
             if self.replicas is not None:
                 replies = self.replicas.release(self.replicas.forward_membership(sorted(self.members)), replies)
             for to, reply in replies:
@@ -681,7 +684,7 @@ def run_server(ctx: Context, coordinator: str, host: str = "127.0.0.1", rank: in
         coord.rpc.on_push = on_push
 
         def on_reply(meta: dict[str, Any]) -> None:
-            server.set_workers(meta.get("workers"))
+            server.set_workers(meta.get("workers"), meta.get("stopping", False))
             keepers = meta.get("keepers")
             if server.replicas is not None and isinstance(keepers, list) and all(isinstance(k, str) for k in keepers):
                 for to, answer in server.replicas.keep(keepers):

@@ -39,6 +39,7 @@ from downpour.data.scoring import log_loss, roc_auc
 from downpour.errors import ConfigError, RemoteError, RequestTimeout
 from downpour.extensions import checked_loss, metric_value, resolve_loss, resolve_metrics
 from downpour.monitor import Buckets, RateMeter
+from downpour.protocol.ops import Code
 from downpour.worker.client import Handle, KVClient
 from downpour.worker.flat import FlatModel
 from downpour.worker.online import OnlineLoop
@@ -111,6 +112,9 @@ class Trainer:
         # ends after a step, with its push settled, so the position it leaves at is exact.
         self.leave = LeaveOrder()
         self.left = False  # training ended because of that order
+        # A server refused the last push because a graceful stop ended the sync rounds (a worker
+        # left after its last round, see SyncPolicy.freeze): that push was not applied; leave.
+        self.halted = False
         self.steps = 0
         self.examples = 0
         self.loss_ema: float | None = None
@@ -166,7 +170,7 @@ class Trainer:
         every = self.job.monitor.eval_every_shards if self.rank == 0 else None
         trained = 0
         while not self.finished:
-            if self.leave.due(self.kv.versions):
+            if self.halted or self.leave.due(self.kv.versions):
                 self.left = True
                 break
             shard = next_shard()
@@ -212,6 +216,10 @@ class Trainer:
                 break
             n = len(y)
             self.step(_to(x, device), _to(y, device), [shard["epoch"], shard["shard"], skip + done + n])
+            if self.halted:  # its push was refused, not applied: the shard resumes before this batch
+                self.steps, self.examples = self.steps - 1, self.examples - n
+                self.left = True
+                break
             done += n
         return done
 
@@ -284,8 +292,12 @@ class Trainer:
         try:
             self.kv.wait(self.inflight)
         except RemoteError as err:
-            if err.code not in ("sync_round", "sync_duplicate", "peer_replaced", "not_member", "stream_gap"):
+            if err.code not in ("sync_round", "sync_duplicate", "peer_replaced", "not_member", "stream_gap", Code.STOPPING):
                 raise
+            if err.code == Code.STOPPING:  # the job stops and its sync rounds ended: nothing of this push was applied
+                log.info("%s: the job is stopping; the last push was not applied, leaving before it", self.name)
+                self.inflight, self._inflight_position, self.halted = None, None, True
+                return
             if err.code == "stream_gap":  # a server lacks events before this push: the stream loop rewinds
                 self.stream_gaps += 1
             # This worker waited for a shard (or joined) while sync rounds went on: its gradient is for
