@@ -288,6 +288,27 @@ def test_a_sync_server_answers_a_round_once_the_coordinator_names_its_members(ma
     torch.testing.assert_close(reply.tensors[0], INIT - LR)
 
 
+@pytest.mark.parametrize("stopping", [False, True])
+def test_in_a_graceful_stop_a_worker_leaving_ends_the_sync_rounds_instead_of_completing_them_without_it(make_server, stopping):
+    """worker-1 pushed a round worker-0 left before (it heard of the stop late). Outside a stop the
+    smaller membership completes that round with worker-1's gradient alone; in a stop the round
+    is refused (``stopping``, nothing applied) and so is any push after it."""
+    h = make_server("sync")
+    h.init()
+    h.server.on_coordinator("coordinator", Message(Op.MEMBERSHIP, meta={"workers": ["worker-0", "worker-1"]}))
+    assert h.frames(b"worker-1", encode(Message(Op.PUSHPULL, 1, {"keys": KEYS, "version": 0}, [grad(1.0)]))) == []
+    start = len(h.sent)
+    h.server.on_coordinator("coordinator", Message(Op.MEMBERSHIP, meta={"workers": ["worker-1"], "stopping": stopping}))
+    [(to, reply)] = h.sent[start:]
+    assert to == b"worker-1" and reply.req_id == 1
+    if not stopping:
+        assert reply.meta == {"version": 1}
+        return
+    assert is_error(reply, "stopping")
+    assert is_error(h.call(Op.PUSHPULL, {"keys": KEYS, "version": 0}, [grad(1.0)], peer=b"worker-1"), "stopping")
+    assert torch.equal(h.pull(), INIT) and versions(h.server.store) == [0, 0]
+
+
 # -- stream partitions: each server applies each event once -----------------------------------------
 
 
