@@ -167,7 +167,6 @@ class Heartbeat:
         self._fut: Future | None = None
         self._last_ok = time.monotonic()
         self._next = 0.0
-        self.sent = 0  # heartbeats sent
 
     def tick(self, progress: Callable[[], dict[str, Any]] | None = None) -> str | None:
         """``progress`` is called only when a heartbeat goes out (so it may cost a little)."""
@@ -189,9 +188,7 @@ class Heartbeat:
             meta = {**self.extra, "node": self.client.node, "progress": progress() if progress else {}}
             msg = Message(Op.HEARTBEAT, meta=meta)
             self._fut = self.client.rpc.request(COORDINATOR, msg, timeout_s=self.attempt_s)
-            self.sent += 1
         return None
-
 
 
 class RestoringHeartbeat:
@@ -211,7 +208,6 @@ class RestoringHeartbeat:
         self.ctx, self.address, self.identity, self.node, self.security = ctx, address, identity, node, security
         self.interval_s, self.limit_s = interval_s, limit_s
         self.reason: str | None = None
-        self.heartbeat: Heartbeat | None = None
         self._halt = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"{node}-restoring-heartbeat", daemon=True)
 
@@ -231,11 +227,11 @@ class RestoringHeartbeat:
     def _run(self) -> None:
         client = CoordinatorClient(self.ctx, self.address, f"{self.identity}.hb", security=self.security)
         client.node = self.node
-        self.heartbeat = Heartbeat(client, self.interval_s, self.limit_s, extra={"restoring": True})
+        heartbeat = Heartbeat(client, self.interval_s, self.limit_s, extra={"restoring": True})
         give_up = time.monotonic() + self.limit_s
         try:
             while time.monotonic() < give_up:
-                reason = self.heartbeat.tick()
+                reason = heartbeat.tick()
                 if reason is not None:
                     self.reason = reason
                     return
