@@ -8,6 +8,7 @@ import torch
 import zmq
 
 from downpour.config import parse_job
+from downpour.errors import ProtocolError
 from downpour.layout import make_layout
 from downpour.protocol import Message, Op, decode, encode
 from downpour.protocol.codec import MAGIC
@@ -189,6 +190,31 @@ def test_a_push_with_nan_or_inf_is_refused_counted_and_changes_nothing(ready, ba
     assert ready.rejected() == {"invalid": 1}
     assert torch.equal(ready.pull(), INIT)
     assert ready.server.stats()["pushes"] == 0 and ready.server.stats()["version"] == 0
+
+
+@pytest.mark.parametrize("big", [1.01e15, -1.01e15, 3.0e38], ids=repr)
+def test_a_push_with_a_value_over_the_gradient_bound_is_refused(ready, big):
+    g = grad(1.0)
+    g[2] = big
+    assert is_error(ready.call(Op.PUSH, {"keys": KEYS, "version": 0}, [g]), "invalid")
+    assert torch.equal(ready.pull(), INIT)
+
+
+def test_a_push_with_large_values_within_the_bound_is_applied():
+    """Values whose squares overflow float32 (so the one-dot-product check cannot vouch for them)
+    but which are within the bound are judged value by value, and accepted."""
+    from downpour.protocol.ops import MAX_GRADIENT
+    from downpour.server.service import bounded
+
+    t = torch.full((1000,), 1e-3)
+    t[7], t[9] = MAX_GRADIENT, -MAX_GRADIENT  # squares of 1e30: the dot product alone would not pass it
+    assert bounded("PUSH", t) is t
+    assert bounded("PUSH", torch.full((5,), 1e14)) is not None  # squares 1e28 each, sum under the fast bound
+    for bad in (float("nan"), float("inf"), MAX_GRADIENT * 1.001):
+        u = t.clone()
+        u[500] = bad
+        with pytest.raises(ProtocolError):
+            bounded("PUSH", u)
 
 
 BAD_PUSHES = {

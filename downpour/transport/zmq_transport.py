@@ -37,6 +37,7 @@ ZERO_COPY_MIN_BYTES = 1 << 20
 # The transport's types, under the transport's names: the layers above name these, never zmq's.
 Context = zmq.Context  # one per process: every socket of a node is made from it (new_context)
 WouldBlock = zmq.Again  # recv() found no message waiting (poll first, or stop reading a burst)
+_SNDMORE = int(zmq.SNDMORE)  # a plain int: combining pyzmq's enum flags costs a Python call each time
 
 
 def send_copies(nbytes: int) -> bool:
@@ -128,8 +129,11 @@ class Listener:
         """Send to ``peer``. With ``track``, returns one entry per frame: a tracker for each
         frame lent to ZeroMQ (not copied, see :func:`send_copies`), whose memory must not
         change until ``tracker.done``; None for frames that were copied."""
-        if not track:
-            self.socket.send_multipart([peer, *frames], copy=False)
+        if not track:  # (send_multipart checks every frame and combines flags through an enum per frame)
+            send, last = self.socket.send, len(frames) - 1
+            send(peer, _SNDMORE if frames else 0, copy=False)
+            for i, part in enumerate(frames):
+                send(part, _SNDMORE if i < last else 0, copy=False)
             return []
         self.socket.send(peer, zmq.SNDMORE)
         trackers: list[zmq.MessageTracker | None] = []
@@ -167,7 +171,9 @@ class Channel:
             raise TransportError(f"cannot connect to {address}: {err}") from None
 
     def send(self, frames: Sequence[Any]) -> None:
-        self.socket.send_multipart(frames, copy=False)
+        send, last = self.socket.send, len(frames) - 1
+        for i, part in enumerate(frames):  # (as Listener.send: int flags, no per-frame checks)
+            send(part, _SNDMORE if i < last else 0, copy=False)
 
     def recv(self) -> list[zmq.Frame]:
         """One message, without blocking (call after a poll said it is readable)."""
