@@ -4,6 +4,7 @@ jobs on every topology from 1×1 to S×W, and print its predictions at scale.
     .venv/bin/python benchmarks/scale_measure.py                          # calibrate, check 1..4 × 1..8, predict
     .venv/bin/python benchmarks/scale_measure.py --servers 2 --workers 3  # a quick look: 1..2 × 1..3
     .venv/bin/python benchmarks/scale_measure.py --json scale.json
+    .venv/bin/python benchmarks/scale_measure.py --only 2x3 --repeat 3   # CPU per example per role, one topology
 
 Where each figure of :class:`~benchmarks.scale_model.Costs` comes from (all measured in this run):
 
@@ -361,6 +362,26 @@ def scale_table(costs: Costs, workloads: list[Workload], servers: int, workers: 
     return "\n".join(lines)
 
 
+def only(args: argparse.Namespace) -> int:
+    """``--only SxW``: the reference job on one topology, as the check measures it, ``--repeat`` times."""
+    servers, workers = (int(v) for v in args.only.split("x"))
+    rows = []
+    for _ in range(args.repeat):
+        m = measure(os.path.join(_ROOT, "examples", "mnist.yaml"), servers, workers, args.steps_short, args.steps_long)
+        w, s = (1e6 * m[k] / m["batch"] for k in ("worker_cpu_per_step_s", "server_cpu_per_step_s"))
+        rows.append({"examples_per_s": m["examples_per_s"], "worker_us": w, "server_us": s, "all_us": w + s})
+        print(f"{servers}x{workers}: {m['examples_per_s']:,.0f} examples/s, CPU per example: workers {w:.1f} µs, "
+              f"servers {s:.1f} µs, all {w + s:.1f} µs", flush=True)
+    if len(rows) > 1:
+        mean = {k: statistics.mean(r[k] for r in rows) for k in rows[0]}
+        print(f"mean of {len(rows)}: {mean['examples_per_s']:,.0f} examples/s, workers {mean['worker_us']:.1f} µs, "
+              f"servers {mean['server_us']:.1f} µs, all {mean['all_us']:.1f} µs per example")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"only": args.only, "runs": rows, "environment": environment()}, f, indent=1)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--servers", type=int, default=4, help="check topologies 1..SERVERS servers (default 4)")
@@ -391,8 +412,13 @@ def main(argv: list[str] | None = None) -> int:
         metavar="NAME=SECONDS",
         help="replace one of the calibrated costs (a Costs field) before predicting, e.g. server_msg_s=150e-6",
     )
+    ap.add_argument("--only", metavar="SxW", help="measure only this topology (no calibration, no model): examples/s and "
+                    "CPU per example per role, --repeat times (to compare two commits run it on each, back to back)")
+    ap.add_argument("--repeat", type=int, default=1, help="with --only: how many times (default 1)")
     args = ap.parse_args(argv)
     signal.signal(signal.SIGTERM, _interrupt)
+    if args.only:
+        return only(args)
     torch.manual_seed(0)
     t0 = time.perf_counter()
     saved = None
