@@ -178,11 +178,14 @@ class ScalingOptions(_Frozen):
     # Sync: over the first warmup_steps job steps the factor rises linearly from 1 to its full
     # value (gradual warm-up). None: 5% of the job's planned steps. 0: no warm-up.
     warmup_steps: int | None = Field(None, ge=0)
-    # Async and ssp: momentum: the explicit momentum shrinks as the measured staleness s grows, so
-    # that explicit plus implicit momentum ("asynchrony begets momentum", Mitliagkas et al. 2016)
-    # stays at the job's momentum, and a step's size is the job's over sqrt(1 + s); none.
-    # auto: momentum for SGD with momentum, none for the rest.
-    async_rule: Literal["auto", "momentum", "none"] = "auto"
+    # Async and ssp: lookahead: one momentum buffer per worker, and each reply carries the values
+    # the parameters will have once every worker's momentum is applied once more (DANA, Hakimi et
+    # al. 2019): the job's lr and momentum, n buffers of the shard's size per server.
+    # momentum: the explicit momentum shrinks as the measured staleness s grows, so that explicit
+    # plus implicit momentum ("asynchrony begets momentum", Mitliagkas et al. 2016) stays at the
+    # job's momentum, and a step's size is the job's over sqrt(1 + s); none.
+    # auto: lookahead for SGD with momentum, none for the rest.
+    async_rule: Literal["auto", "lookahead", "momentum", "none"] = "auto"
     # Pushes the running mean of staleness (which the async rule follows) averages over.
     staleness_window: int = Field(200, ge=1)
 
@@ -770,11 +773,11 @@ class JobConfig(_Frozen):
         if t.staleness_lr:
             raise ValueError("training.staleness_lr compensates staleness by hand: it needs optimizer.scaling: none "
                              "(auto compensates the measured staleness itself)")
-        if t.local_steps > 1 and (o.sync_lr not in ("auto", "none") or o.async_rule == "momentum"):
+        if t.local_steps > 1 and (o.sync_lr not in ("auto", "none") or o.async_rule in ("momentum", "lookahead")):
             raise ValueError(f"{f}: training.local_steps pushes changes of the parameters, which no update rule "
                              "applies, so there is nothing to scale; leave sync_lr and async_rule at auto")
-        if o.async_rule == "momentum" and getattr(opt, "momentum", 0) <= 0:
-            raise ValueError(f"{f}.async_rule: momentum needs an update rule with momentum; optimizer "
+        if o.async_rule in ("momentum", "lookahead") and getattr(opt, "momentum", 0) <= 0:
+            raise ValueError(f"{f}.async_rule: {o.async_rule} needs an update rule with momentum; optimizer "
                              f"{opt.name} has {'momentum 0' if opt.name == 'sgd' else 'none'}")
         modes = {t.consistency, *(g.consistency for g in t.consistency_groups)}
         if o.warmup_steps and "sync" not in modes:

@@ -14,6 +14,7 @@ from downpour.errors import ConfigError
 from downpour.layout import make_layout
 from downpour.protocol import Message, Op
 from downpour.server.consistency import AsyncPolicy, Push, SSPPolicy, SyncPolicy
+from downpour.server.lookahead import make_lookahead
 from downpour.server.optim import make_rule
 from downpour.server.scaling import Hyperparams, async_compensation, check_hyperparameters, resolve, sync_factor
 from downpour.server.schedule import check_schedule, make_schedule
@@ -35,6 +36,7 @@ def new_store(j, numel: int = 12, planned: int | None = None, seed: int = 0) -> 
     store.write(store.all, torch.randn(numel, generator=torch.Generator().manual_seed(seed)))
     store.initialized = True
     store.hyper = Hyperparams(j, planned)
+    store.lookahead = make_lookahead(j, store)  # as a server builds it
     return store
 
 
@@ -87,15 +89,17 @@ def test_scaling_none_reproduces_todays_sync_rounds_bit_for_bit():
     assert torch.equal(store.read(store.all), want)
 
 
-def test_auto_with_one_worker_and_no_staleness_changes_nothing():
-    j = job({}, {"consistency": "async"}, {"num_workers": 1})
+@pytest.mark.parametrize("rule", ["lookahead", "momentum"])
+def test_auto_with_one_worker_and_no_staleness_changes_nothing(rule):
+    j = job({"scaling_options": {"async_rule": rule}}, {"consistency": "async"}, {"num_workers": 1})
     store = new_store(j)
     policy = AsyncPolicy(store, store.hyper.observe, j.training)
     want, buf = store.read(store.all), torch.zeros(store.numel)
     for t in range(20):
         g = torch.full((store.numel,), 0.1 * (t + 1))
-        policy.push(push("w", g, t))
+        (_, reply), = policy.push(push("w", g, t))
         old_sgd(want, buf, g, t, 0.01, 0.9)
+        assert torch.equal(reply.tensors[0], want)  # the worker is sent the values themselves
     assert torch.equal(store.read(store.all), want)
     assert store.hyper.progress()["lr"] == 0.01 and store.hyper.progress()["momentum"] == 0.9
 
@@ -282,7 +286,7 @@ def test_async_compensation_gives_the_stated_momentum_and_lr_for_a_known_stalene
     """A simulated server whose pushes are all ``stale`` versions old: explicit momentum
     max(0, 1 - 0.1·(1 + s)), lr 0.01·(1 - momentum) / (0.1·sqrt(1 + s)) (0.01·sqrt(1 + s) up to s = 9);
     each update uses exactly those."""
-    j = job({}, {"consistency": "async"}, {"num_workers": stale + 1})
+    j = job({"scaling_options": {"async_rule": "momentum"}}, {"consistency": "async"}, {"num_workers": stale + 1})
     store = new_store(j)
     policy = AsyncPolicy(store, store.hyper.observe, j.training)
     want, buf = store.read(store.all), torch.zeros(store.numel)
@@ -306,7 +310,7 @@ def test_async_compensation_gives_the_stated_momentum_and_lr_for_a_known_stalene
 
 
 def test_the_compensation_follows_staleness_as_it_changes():
-    j = job({"scaling_options": {"staleness_window": 50}}, {"consistency": "ssp"})
+    j = job({"scaling_options": {"staleness_window": 50, "async_rule": "momentum"}}, {"consistency": "ssp"})
     store = new_store(j)
     policy = AsyncPolicy(store, store.hyper.observe, j.training)
     for t in range(400):  # 8 workers' worth of staleness
@@ -319,7 +323,7 @@ def test_the_compensation_follows_staleness_as_it_changes():
 
 
 def test_effective_values_over_time_are_kept_for_the_summary():
-    j = job({}, {"consistency": "async"})
+    j = job({"scaling_options": {"async_rule": "momentum"}}, {"consistency": "async"})
     store = new_store(j, planned=400)
     policy = AsyncPolicy(store, store.hyper.observe, j.training)
     for t in range(400):
@@ -331,6 +335,75 @@ def test_effective_values_over_time_are_kept_for_the_summary():
     assert first[:3] == [0, 0.01, 0.9] and last[0] == 399 and last[2] < 0.7
 
 
+# -- async and ssp: look-ahead momentum ---------------------------------------------------------
+
+
+def lookahead_by_hand(n: int, rounds: int, mode: str, lr: float = 0.01, mu: float = 0.9):
+    """n workers pushing in turn (each push n - 1 versions stale once all have pushed), through a
+    simulated server and by hand: per-worker momentum v_i = mu v_i + g, θ -= lr v_i, and worker i
+    sent θ - lr mu Σ_{j≠i} v_j."""
+    j = job({}, {"consistency": mode}, {"num_workers": n})
+    store = new_store(j)
+    policy = (AsyncPolicy if mode == "async" else SSPPolicy)(store, store.hyper.observe, j.training)
+    workers = [f"worker-{i}" for i in range(n)]
+    policy.set_workers(set(workers))
+    theta, v = store.read(store.all), {w: torch.zeros(store.numel) for w in workers}
+    pulled = dict.fromkeys(workers, 0)
+    gen = torch.Generator().manual_seed(3)
+    for t in range(rounds * n):
+        w = workers[t % n]
+        g = torch.randn(store.numel, generator=gen)
+        replies = policy.push(push(w, g, pulled[w], clock=t // n + 1))
+        v[w] = g + mu * v[w]
+        theta -= lr * v[w]
+        sent = theta - lr * mu * sum(v[o] for o in workers if o != w)
+        (_, reply), = [r for r in replies if r[0] == w.encode()]
+        torch.testing.assert_close(reply.tensors[0], sent, rtol=1e-6, atol=1e-6)
+        pulled[w] = reply.meta["version"]
+    torch.testing.assert_close(store.read(store.all), theta, rtol=1e-6, atol=1e-6)
+    return store, policy
+
+
+@pytest.mark.parametrize("mode", ["async", "ssp"])
+@pytest.mark.parametrize("n", [2, 4, 8])
+def test_lookahead_keeps_a_momentum_per_worker_and_sends_where_the_others_will_have_moved(n, mode):
+    store, _ = lookahead_by_hand(n, rounds=12, mode=mode)
+    eff = store.hyper.progress()
+    assert eff["staleness_recent"] > 0  # the pushes were stale: n - 1 once every worker pushed
+    # The job's lr and momentum, whatever the staleness: the look-ahead compensates it, not the values.
+    assert (eff["lr"], eff["momentum"], eff["momentum_total"]) == (0.01, 0.9, 0.9)
+    assert store.hyper.report()["plan"]["async_rule"] == "lookahead"
+
+
+def test_lookahead_forgets_a_worker_that_left():
+    store, policy = lookahead_by_hand(3, rounds=5, mode="async")
+    la = store.lookahead
+    gone = la.buffers["worker-2"].clone()
+    policy.set_workers({"worker-0", "worker-1"})
+    assert set(la.buffers) == {"worker-0", "worker-1"}
+    torch.testing.assert_close(la.total, la.buffers["worker-0"] + la.buffers["worker-1"])
+    sent = la.values(store.all, "worker-0")
+    torch.testing.assert_close(sent, store.read(store.all) - 0.01 * 0.9 * la.buffers["worker-1"])
+    assert not torch.allclose(gone, torch.zeros_like(gone))
+
+
+def test_lookahead_state_moves_to_a_backup():
+    store, _ = lookahead_by_hand(3, rounds=4, mode="async")
+    other = new_store(job({}, {"consistency": "async"}, {"num_workers": 3}))
+    other.lookahead.load(store.lookahead.state())
+    torch.testing.assert_close(other.lookahead.total, store.lookahead.total)
+
+
+@pytest.mark.parametrize(("optimizer", "training"), [
+    ({"scaling": "none"}, {"consistency": "async"}),  # none: the rule's own momentum, as today
+    ({}, {"consistency": "sync"}),  # sync rounds have no staleness to look ahead over
+    ({"scaling_options": {"async_rule": "momentum"}}, {"consistency": "async"}),
+    ({"name": "adam", "lr": 0.001}, {"consistency": "async"}),  # adaptive rules: no async rule
+])
+def test_lookahead_is_built_only_for_async_or_ssp_sgd_with_momentum(optimizer, training):
+    assert new_store(job(optimizer, training)).lookahead is None
+
+
 # -- bad input ---------------------------------------------------------------------------------
 
 
@@ -338,6 +411,7 @@ def test_effective_values_over_time_are_kept_for_the_summary():
     ({"name": "adagrad", "scaling_options": {"async_rule": "momentum"}}, {},
      r"optimizer.scaling_options.async_rule: momentum needs an update rule with momentum; optimizer adagrad"),
     ({"momentum": 0.0, "scaling_options": {"async_rule": "momentum"}}, {}, r"async_rule: momentum .* momentum 0"),
+    ({"momentum": 0.0, "scaling_options": {"async_rule": "lookahead"}}, {}, r"async_rule: lookahead .* momentum 0"),
     ({"scaling_options": {"sync_lr": "linear"}}, {"local_steps": 4}, r"optimizer.scaling_options: training.local_steps"),
     ({"scaling_options": {"warmup_steps": 50}}, {"consistency": "async"}, r"warmup_steps: warm-up applies to sync rounds"),
     ({"scaling_options": {"warmup_steps": 500}}, {"consistency": "sync", "steps": 100},

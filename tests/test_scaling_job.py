@@ -74,8 +74,18 @@ def test_one_sync_worker_with_an_lr_schedule_matches_torch(tmp_path, tiny_data, 
     assert trace[-1][1] == pytest.approx(probe.param_groups[0]["lr"])  # the lr of the last step
 
 
-def test_an_async_job_reports_the_compensation_it_applied(tmp_path, tiny_data):
+def test_an_async_job_reports_the_lookahead_it_applied_by_default(tmp_path, tiny_data):
     job = tiny_job(tiny_data, cluster={"num_workers": 3})
+    s = LocalLauncher(resolve_job(job), str(tmp_path / "run")).run().summary
+    assert s["status"] == "ok"
+    eff = s["optimizer"]["effective"]
+    assert eff["plan"]["async_rule"] == "lookahead"
+    assert max(row[4] for row in eff["trace"]) > 0  # three workers make pushes stale ...
+    assert all(row[1:4] == [0.05, 0.9, 0.9] for row in eff["trace"])  # ... and the job's lr and momentum apply
+
+
+def test_an_async_job_reports_the_compensation_it_applied(tmp_path, tiny_data):
+    job = tiny_job(tiny_data, cluster={"num_workers": 3}, optimizer={"scaling_options": {"async_rule": "momentum"}})
     s = LocalLauncher(resolve_job(job), str(tmp_path / "run")).run().summary
     assert s["status"] == "ok"
     eff = s["optimizer"]["effective"]

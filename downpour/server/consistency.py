@@ -101,15 +101,31 @@ class Policy:
 
 
 class AsyncPolicy(Policy):
+    """With the store's ``lookahead`` (``async_rule: lookahead``, server/lookahead.py) a gradient
+    goes to its worker's momentum buffer and a reply carries the look-ahead values."""
+
     def push(self, p: Push) -> list[Reply]:
         self._apply(p)
         return [self._answer(p)]
+
+    def set_workers(self, workers: set[str]) -> list[Reply]:
+        if self.store.lookahead is not None:
+            self.store.lookahead.keep(set(workers))
+        return []
 
     def _apply(self, p: Push) -> None:
         stale = self.store.version(p.idx) - p.version
         self.record_staleness(stale)
         grad = p.grad / stale if self.training.staleness_lr and stale > 1 else p.grad
-        self.store.apply(p.idx, grad, delta=p.delta)
+        if self.store.lookahead is not None and not p.delta:
+            self.store.lookahead.apply(p.peer.decode(errors="replace"), p.idx, grad)
+        else:
+            self.store.apply(p.idx, grad, delta=p.delta)
+
+    def _answer(self, p: Push, values: torch.Tensor | None = None) -> Reply:
+        if values is None and p.wants_values and self.store.lookahead is not None:
+            values = self.store.lookahead.values(p.idx, p.peer.decode(errors="replace"))
+        return super()._answer(p, values)
 
 
 class SSPPolicy(AsyncPolicy):
@@ -146,6 +162,7 @@ class SSPPolicy(AsyncPolicy):
 
     def set_workers(self, workers: set[str]) -> list[Reply]:
         workers = set(workers)
+        super().set_workers(workers)
         if self.workers:  # not the first membership: newcomers start level with the slowest member
             stay = workers & self.workers
             level = min((self.clocks.get(w, 0) for w in stay), default=None)

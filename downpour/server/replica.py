@@ -233,6 +233,8 @@ def server_state(server: ParameterServer) -> tuple[dict[str, torch.Tensor], dict
                "init": torch.tensor(store.key_initialized, dtype=torch.uint8)}
     for k, v in store.rule.state().items():
         tensors[f"state.{k}"] = v.clone()
+    for who, v in (store.lookahead.state() if store.lookahead is not None else {}).items():
+        tensors[f"lookahead/{who}"] = v.clone()
     if server.sparse:
         for name, table in server.sparse.tables.items():
             for k, v in table.snapshot(True).items():
@@ -279,6 +281,9 @@ def load_state(server: ParameterServer, tensors: dict[str, torch.Tensor], info: 
     store.initialized = all(store.key_initialized)
     for k, v in store.rule.state().items():
         v.copy_(tensors[f"state.{k}"])
+    if store.lookahead is not None:
+        store.lookahead.load({k.split("/", 1)[1]: v for k, v in tensors.items()
+                              if k.startswith("lookahead/") and tuple(v.shape) == (store.numel,)})
     for name, snap in sparse.items():
         server.sparse.tables[name].restore([snap])
     server.positions = {str(k): list(v) for k, v in info.get("positions", {}).items()}

@@ -3,6 +3,8 @@
     lr(t)       = optimizer.lr × schedule(t) × sync_factor(n, t) × async_lr_factor(s)
     momentum(t) = async_momentum(s)  (optimizer.momentum when nothing is stale)
 
+(async_lr_factor and async_momentum are 1 and the job's momentum under ``async_rule: lookahead``.)
+
 ``t`` is the job step of the keys updated (updates workers pushed to them, all workers
 together: one optimizer step of the same job on one worker), ``n`` the number of gradients a
 sync round averaged (the live workers: it follows joins, leaves and deaths), ``s`` the running
@@ -13,7 +15,13 @@ applies, so the update rule sees exactly the job's lr and momentum (today's beha
 (Goyal et al. 2017) multiplies the lr by n, sqrt by √n; over the first ``warmup_steps`` job steps
 the factor rises linearly from 1 to its full value.
 
-**Async and ssp** ("asynchrony begets momentum", Mitliagkas et al. 2016). With pushes s versions
+**Async and ssp, lookahead** (the default for SGD with momentum; server/lookahead.py): the job's lr
+and momentum, with one momentum buffer per worker and replies that look ahead over the other
+workers' pending momentum (DANA, Hakimi et al. 2019). It needs nothing from this module beyond
+the schedule: what a stale push would add as implicit momentum is taken out of the workers'
+gradients instead of out of the explicit momentum.
+
+**Async and ssp, momentum** ("asynchrony begets momentum", Mitliagkas et al. 2016). With pushes s versions
 stale on average (geometrically distributed), asynchronous SGD with lr η behaves in expectation
 like momentum SGD with implicit momentum μ_i = s / (1 + s) and lr η / (1 + s). Explicit momentum μ_e
 composes with it as 1 - μ_total = (1 - μ_e)(1 - μ_i), so the rule keeps μ_total at the job's μ:
@@ -60,7 +68,7 @@ class Plan:
 
     sync_lr: str  # linear | sqrt | none
     warmup_steps: int
-    async_rule: str  # momentum | none
+    async_rule: str  # lookahead | momentum | none
     staleness_window: int
 
 
@@ -73,7 +81,7 @@ def resolve(job: JobConfig, planned_steps: int | None) -> Plan:
         return Plan("none", 0, "none", o.staleness_window)
     sync_lr = o.sync_lr if o.sync_lr != "auto" else ("linear" if opt.name == "sgd" else "sqrt")
     momentum = getattr(opt, "momentum", 0.0)
-    async_rule = o.async_rule if o.async_rule != "auto" else ("momentum" if opt.name == "sgd" and momentum > 0 else "none")
+    async_rule = o.async_rule if o.async_rule != "auto" else ("lookahead" if opt.name == "sgd" and momentum > 0 else "none")
     if o.warmup_steps is not None:
         warmup = o.warmup_steps
     else:
@@ -192,7 +200,9 @@ class Hyperparams:
 
     def current_row(self) -> list[float]:
         s = self.staleness.value
-        total = total_momentum(self.explicit, s) if self.explicit is not None and self.plan.async_rule != "none" else self.explicit
+        # The look-ahead takes the delay's implicit momentum out of the workers' gradients: the total is the explicit.
+        compensated = self.explicit is not None and self.plan.async_rule == "momentum"
+        total = total_momentum(self.explicit, s) if compensated else self.explicit
         return [self.step, self.lr, self.explicit if self.explicit is not None else 0.0,
                 total if total is not None else 0.0, s]
 

@@ -43,6 +43,7 @@ from downpour.protocol.schema import SchemaError
 from downpour.protocol.throttle import LogOnce, RateLimit
 from downpour.server.consistency import POLICIES, Policy, Push, values_reply
 from downpour.server.grouped import GroupedPolicy, key_modes
+from downpour.server.lookahead import make_lookahead
 from downpour.server.metrics import server_metrics
 from downpour.server.optim import make_rule
 from downpour.server.replica import BackupHost, NullListener, PrimaryLink, changes_state, server_state
@@ -90,6 +91,7 @@ class ParameterServer:
         self.store = ShardStore(layout.server_slices(rank), lambda n: make_rule(job.optimizer, job.effective_lr(), n))
         # The lr and momentum of each update: schedule and scaling (``planned_steps``: the job's length in job steps).
         self.hyper = self.store.hyper = Hyperparams(job, planned_steps)
+        self.store.lookahead = make_lookahead(job, self.store)  # async_rule: lookahead's per-worker momentum
         self.store.max_keys = job.cluster.max_keys_per_request
         self.sparse = SparseShard(layout, rank, job.sparse, job.training.seed, job.cluster.max_sparse_ids_per_request)
         self.limit = RateLimit(job.cluster.max_requests_per_s)

@@ -8,12 +8,17 @@ optimizer operation, however many keys).
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from downpour.errors import ProtocolError
 from downpour.layout import KeySlice
 from downpour.server.optim import UpdateRule
 from downpour.server.scaling import Hyperparams
+
+if TYPE_CHECKING:
+    from downpour.server.lookahead import Lookahead
 
 _LEND_WAIT_S = 0.05  # longest wait for a zero-copy reply before copying the shard instead
 
@@ -36,6 +41,8 @@ class ShardStore:
         # for each update; None leaves the rule's own.
         self.steps = [0] * len(self.keys)
         self.hyper: Hyperparams | None = None
+        # Per-worker momentum of ``async_rule: lookahead`` (server/lookahead.py); None: the rule's own.
+        self.lookahead: Lookahead | None = None
         self.rule: UpdateRule = rule_factory(self.numel)
         self.key_initialized = [False] * len(self.keys)
         self.initialized = False  # every key has its initial value

@@ -1,0 +1,113 @@
+"""Look-ahead momentum for async and ssp: ``optimizer.scaling_options.async_rule: lookahead``.
+
+DANA (Hakimi et al., "Taming Momentum in a Distributed Asynchronous Environment", 2019). The
+server keeps one momentum buffer per worker instead of one for all, and answers a worker's push
+with the parameters it will have once the other workers' momentum has been applied once more,
+which happens before that worker's next push arrives:
+
+    on a push g from worker i:   v_i ← μ v_i + g        θ ← θ − lr v_i
+    the values sent to worker i: θ − lr μ Σ_{j≠i} v_j
+
+With n workers each buffer is updated once a round, so the n buffers together move the
+parameters like the one momentum buffer of a sync job under the linear scaling rule (lr × n on
+the mean gradient, momentum μ per round), and a worker's next gradient is taken about where it
+will be applied: only the fresh gradients pushed in between are stale, not the momentum that
+dominates the motion. With a look-ahead over every buffer, the worker's own included, this is
+DANA-Zero, and one worker trains with Nesterov momentum; without its own, one worker trains
+exactly as the job states (a test checks it bit for bit). The rule's lr and momentum are the
+job's (and its schedule); nothing depends on the measured staleness.
+
+Cost: n buffers of the shard's size per server (n the workers that pushed to it), and a copy of
+the values per reply (they differ from the stored ones). A worker that leaves the membership has
+its buffer dropped: its momentum will never be applied, so it no longer counts in the look-ahead.
+The buffers go to a backup with the server's state; a checkpoint does not keep them (a resumed
+job's workers start their momentum again, as new workers do).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from downpour.config import JobConfig
+from downpour.server.store import ShardStore
+
+
+def make_lookahead(job: JobConfig, store: ShardStore) -> Lookahead | None:
+    """The look-ahead for ``store`` when ``job`` resolves to ``async_rule: lookahead`` and has keys
+    in async or ssp (a sync round needs none); None otherwise. ``store.hyper`` must be set."""
+    t = job.training
+    modes = {t.consistency, *(g.consistency for g in t.consistency_groups)}
+    if store.hyper is None or store.hyper.plan.async_rule != "lookahead" or not modes & {"async", "ssp"}:
+        return None
+    opt = job.optimizer
+    return Lookahead(store, opt.weight_decay, opt.dampening, opt.nesterov)
+
+
+class Lookahead:
+    """One server's per-worker momentum buffers (keyed by the pushing peer's routing id). The
+    store's ``hyper`` sets :attr:`lr` and :attr:`momentum` before each update, as for a rule; the
+    update itself is the SGD rule's (weight decay, dampening, nesterov), on the worker's buffer."""
+
+    def __init__(self, store: ShardStore, weight_decay: float = 0.0, dampening: float = 0.0,
+                 nesterov: bool = False) -> None:
+        self.store = store
+        self.weight_decay, self.dampening, self.nesterov = weight_decay, dampening, nesterov
+        self.lr, self.momentum = 0.0, 0.0
+        self.buffers: dict[str, torch.Tensor] = {}
+        self.total = torch.zeros(store.numel)  # Σ_j v_j
+
+    def apply(self, who: str, idx: list[int], grad: torch.Tensor) -> None:
+        """Worker ``who``'s gradient on keys ``idx`` (concatenated in request order): one update,
+        counted in the keys' versions and job steps as the store counts its own."""
+        store = self.store
+        if store.hyper is not None:
+            store.hyper.set_rule(self, store.steps[idx[0]])
+        v = self.buffers.get(who)
+        if v is None:
+            v = self.buffers[who] = torch.zeros(store.numel)
+        mu = self.momentum
+        runs = store._runs(idx, by_version=False)
+        store._before_change(runs)
+        for lo, hi, at, _ in runs:
+            p, b, total = store.data[lo:hi], v[lo:hi], self.total[lo:hi]
+            g = grad[at : at + hi - lo]
+            if self.weight_decay:
+                g = g.add(p, alpha=self.weight_decay)
+            total.sub_(b)
+            if self.dampening == 0:
+                torch.add(g, b, alpha=mu, out=b)  # as the SGD rule: bit for bit the same with one worker
+            else:
+                b.mul_(mu).add_(g, alpha=1 - self.dampening)
+            total.add_(b)
+            p.add_(g.add(b, alpha=mu) if self.nesterov else b, alpha=-self.lr)
+        for i in idx:
+            store.versions[i] += 1
+            store.steps[i] += 1
+
+    def values(self, idx: list[int], who: str) -> torch.Tensor | None:
+        """The keys' values worker ``who`` is sent, in request order: θ − lr μ Σ_{j≠who} v_j
+        (None: no other worker's momentum is pending, the stored values are sent)."""
+        own = self.buffers.get(who)
+        if not self.buffers or (own is not None and len(self.buffers) == 1):
+            return None
+        data, c = self.store.data, self.lr * self.momentum
+        parts = []
+        for lo, hi, _, _ in self.store._runs(idx, by_version=False):
+            x = torch.add(data[lo:hi], self.total[lo:hi], alpha=-c)
+            parts.append(x if own is None else x.add_(own[lo:hi], alpha=c))
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+    def keep(self, workers: set[str]) -> None:
+        """Drop the buffers of peers whose worker is not in ``workers`` (it left or died)."""
+        for who in [w for w in self.buffers if w not in workers and w.partition(".")[0] not in workers]:
+            self.total.sub_(self.buffers.pop(who))
+
+    def state(self) -> dict[str, torch.Tensor]:
+        return dict(self.buffers)
+
+    def load(self, buffers: dict[str, torch.Tensor]) -> None:
+        """Replace the buffers (a backup taking its primary's state)."""
+        self.buffers = {w: v.clone() for w, v in buffers.items()}
+        self.total = torch.zeros(self.store.numel)
+        for v in self.buffers.values():
+            self.total.add_(v)
