@@ -223,6 +223,10 @@ def _run_stream(tmp_path, name: str, redis, lines: list[bytes], rate: float, cha
                 if not status or status["phase"] != "training":
                     continue
                 kind = plan[0]
+                nodes = [n for n in status["nodes"] if n["state"] == "alive"]
+                if kind == "redis" and not (sum(n["role"] == "worker" and n["progress"].get("events", 0) > 0 for n in nodes) == 2
+                                            and sum(n["role"] == "server" for n in nodes) == 2):
+                    continue  # one failure at a time: a replaced worker reads from redis before it restarts
                 if kind == "redis":
                     producer.pause()
                     redis.stop()

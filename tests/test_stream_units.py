@@ -192,3 +192,46 @@ def test_closing_a_prefetching_reader_drops_what_it_read_ahead_and_a_new_one_rea
     again.close()
     offsets = [e.offset for e in head + rest]
     assert offsets == sorted(set(offsets)) and len(offsets) == 30
+
+
+class _LoadingRedis:
+    """A redis client whose server answers "loading" to the first ``loading`` calls."""
+
+    def __init__(self, loading: int) -> None:
+        self.loading = loading
+
+    def _answer(self):
+        import redis
+
+        if self.loading:
+            self.loading -= 1
+            raise redis.BusyLoadingError("Redis is loading the dataset in memory")
+        return True
+
+    def ping(self):
+        return self._answer()
+
+    def exists(self, key):
+        return self._answer()
+
+
+def test_a_redis_server_still_loading_its_data_is_waited_for_and_one_that_never_finishes_is_a_clear_error():
+    import pytest
+
+    pytest.importorskip("redis")
+    from downpour.errors import DataError
+
+    src = open_source("redis://127.0.0.1:1/0?stream=clicks&partitions=2")  # (no connection is made here)
+    now = [0.0]
+    naps = []
+
+    def sleep(s):
+        naps.append(s)
+        now[0] += s
+
+    src.client = _LoadingRedis(loading=3)  # a replaced worker starting while redis-server restarts
+    src.check(loading_wait_s=60, clock=lambda: now[0], sleep=sleep)
+    assert len(naps) == 3 and src.client.loading == 0
+    src.client = _LoadingRedis(loading=10**6)
+    with pytest.raises(DataError, match=r"redis at redis://127\.0\.0\.1:1/0 was still loading its data after 5s"):
+        src.check(loading_wait_s=5, clock=lambda: now[0], sleep=sleep)

@@ -37,6 +37,9 @@ end
 return {n, 1}
 """
 _ACK_CHUNK = 1_000
+# How long a worker starting (or a job checking its data) waits for a redis-server that answers
+# but is still loading its append-only file; loading takes seconds, not minutes.
+_LOADING_WAIT_S = 60.0
 _ACK_CHUNKS_PER_CALL = 10
 
 
@@ -147,13 +150,25 @@ class RedisSource:
     def key(self, partition: int) -> str:
         return f"{self.spec.name}:{partition}"
 
-    def check(self) -> None:
+    def check(self, loading_wait_s: float = _LOADING_WAIT_S, clock=time.monotonic, sleep=time.sleep) -> None:
+        """Redis answers and every partition's stream exists, else a :class:`DataError` that says
+        which. A redis-server still loading its persisted data (``BusyLoadingError``: reachable,
+        restarted a moment ago) is waited for, up to ``loading_wait_s`` seconds: a worker replaced
+        while redis-server restarts then starts once it is loaded instead of failing."""
         redis = _redis()
-        try:
-            self.client.ping()
-            missing = [self.key(p) for p in range(self.spec.partitions) if not self.client.exists(self.key(p))]
-        except (redis.ConnectionError, redis.TimeoutError) as err:
-            raise DataError(f"data.url: redis at {self.where} is unreachable: {err}") from None
+        deadline = clock() + loading_wait_s
+        while True:
+            try:
+                self.client.ping()
+                missing = [self.key(p) for p in range(self.spec.partitions) if not self.client.exists(self.key(p))]
+                break
+            except redis.BusyLoadingError as err:
+                if clock() >= deadline:
+                    raise DataError(f"data.url: redis at {self.where} was still loading its data after "
+                                    f"{loading_wait_s:g}s: {err}") from None
+                sleep(0.2)
+            except (redis.ConnectionError, redis.TimeoutError) as err:
+                raise DataError(f"data.url: redis at {self.where} is unreachable: {err}") from None
         if missing:
             raise DataError(f"data.url: stream {missing[0]!r} does not exist at {self.where} ({len(missing)} of "
                             f"{self.spec.partitions} partitions missing); start the producer first "
