@@ -281,7 +281,8 @@ def test_every_event_is_applied_once_while_a_worker_a_server_and_the_coordinator
     +0.0038 above their undisturbed runs: within 0.005 by a margin of 0.001, and systematic. Its
     events scored better after the failures whether the model scoring them had seen more events
     than the undisturbed run's or fewer, so it is not the partitions' reordering; why a failover
-    leaves a model that scores better is not established (benchmarks/RESULTS.md §15).
+    leaves a model that scores better is not established; one run per kind of failure puts it on
+    the server's replacement (+0.0038 alone; benchmarks/RESULTS.md §15).
 
     Both runs start from one model trained on W earlier events of the same distribution (a
     warm start, as a model put online is): from scratch, the prequential AUC of the first tens of
