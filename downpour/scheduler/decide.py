@@ -2,16 +2,19 @@
 
 :func:`decide` never changes a job; the simulator and the service perform its actions. A round:
 
-1. The policy ranks the queued jobs (``Policy.order``).
+1. The policy ranks the queued jobs (``Policy.order``; again after each start or reservation if
+   the policy's order depends on what runs, ``Policy.rerank``).
 2. Each in turn is placed as a gang on the free resources (:func:`place_gang`); placed -> ``Start``.
 3. One that does not fit now but will once jobs already stopping have stopped *reserves* those
    resources (later jobs in the round cannot take them).
-4. Otherwise, under a preemptive policy, running jobs the policy lets it preempt (and that have run
-   at least ``min_run_s``, so no job is stopped as soon as it started) are picked, least deserving
-   first, until the gang fits in what they and the free resources hold -> a ``Preempt`` for each,
-   and the job reserves them. Victims are only chosen if together they make the gang fit. Only the
-   first ``SEARCHES`` jobs of a round that do not fit look for victims (a round stays cheap with a
-   long queue; the rest look in later rounds).
+4. Otherwise, under a preemptive policy, the policy picks victims among the running jobs that have
+   run at least ``min_run_s`` (so no job is stopped as soon as it started): ``Policy.choose_victims``,
+   by default those ``may_preempt`` allows, least deserving first, until the gang fits in what they
+   and the free resources hold -> a ``Preempt`` for each, and the job reserves them. Victims are
+   only chosen if together they make the gang fit. Only ``SEARCHES`` searches happen per round (a
+   round stays cheap with a long queue; the rest look in later rounds), and a job whose search
+   group (``Policy.search_group``: the job; under ``drf`` its user) already found none does not
+   search again in that round.
 5. Without backfilling, the first job that does not start ends the round.
 """
 
@@ -75,28 +78,32 @@ def decide(jobs: Sequence[Job], nodes: Mapping[str, Resources], policy: Policy, 
     ctx = None
     actions: list[Action] = []
     searches = SEARCHES
-    for job in policy.order(queued, ranked_holding, capacity, now):
+    failed: set = set()   # search groups (policy.search_group) that found no victims this round
+    ranking = policy.order(queued, ranked_holding, capacity, now)
+    while ranking:
+        job = ranking.pop(0)
         where = place_gang(job.tasks, free)
         if where is not None:
             actions.append(Start(job.id, where))
             free, future = take(free, job.tasks, where), take(future, job.tasks, where)
             ranked_holding.append(job)
             ctx = None
+            if policy.rerank:
+                ranking = policy.order(ranking, ranked_holding, capacity, now)
             continue
         where = place_gang(job.tasks, future)
-        chosen: list[Job] = []
-        if where is None and policy.preemptive and searches > 0 and victims:
+        group = policy.search_group(job)
+        if where is None and policy.preemptive and searches > 0 and victims and group not in failed:
             searches -= 1
-            pool = future
             ctx = policy.context(ranked_holding, capacity, now) if ctx is None else ctx
-            allowed = [v for v in victims if policy.may_preempt(job, v, ctx, now)]
-            for v in sorted(allowed, key=lambda v: policy.victim_key(v, ctx, now)):
-                chosen.append(v)
-                pool = give(pool, v.tasks, v.placement)
-                where = place_gang(job.tasks, pool)
-                if where is not None:
-                    break
-            if where is not None:
+
+            def fits(chosen: list[Job], pool: Mapping[str, Resources] = future, tasks=job.tasks) -> bool:
+                for v in chosen:
+                    pool = give(pool, v.tasks, v.placement)
+                return place_gang(tasks, pool) is not None
+
+            chosen = policy.choose_victims(job, victims, ctx, now, fits)
+            if chosen:
                 chosen = _drop_needless(job, chosen, future)
                 for v in chosen:
                     future = give(future, v.tasks, v.placement)
@@ -105,11 +112,15 @@ def decide(jobs: Sequence[Job], nodes: Mapping[str, Resources], policy: Policy, 
                     actions.append(Preempt(v.id, job.id))
                 ctx = None
                 where = place_gang(job.tasks, future)
+            else:
+                failed.add(group)
         if where is not None:  # reserve: later jobs in this round leave these resources alone
             future = take(future, job.tasks, where)
             free = _min(free, future)
             ranked_holding.append(job)
             ctx = None
+            if policy.rerank:
+                ranking = policy.order(ranking, ranked_holding, capacity, now)
         if not policy.backfill:
             break
     return actions

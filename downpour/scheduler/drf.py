@@ -1,20 +1,69 @@
-"""Dominant Resource Fairness (Ghodsi et al., NSDI 2011).
+"""Dominant Resource Fairness (Ghodsi et al., NSDI 2011), for divisible tasks and for whole jobs.
 
 A user's *dominant share* is the largest fraction of any one resource its allocation takes.
 DRF equalises weighted dominant shares by *progressive filling*: every unsatisfied user's dominant
 share grows at the rate of its weight until a resource runs out (its users stop) or the user has all
 the tasks it asked for. :func:`drf_allocation` computes that allocation exactly (tasks divisible, as
-in the paper) and is what the property tests check sharing incentive, strategy-proofness and
-envy-freeness on. The scheduler's ``drf`` policy applies the same rule to whole jobs: the next job
-to start is one of the queue, then user, of lowest weighted dominant share (:func:`dominant_shares`).
+in the paper); its sharing incentive, strategy-proofness and envy-freeness are tested as stated there.
+
+The scheduler's ``drf`` policy cannot divide a job: a job is a gang, started whole or not at all.
+It fills progressively over whole jobs (the next job to start is the oldest of the user, in the
+queue, of lowest weighted dominant share) and takes resources back by preemption under the *swap
+rule* of :func:`swap_allowed`; :func:`choose_victims` picks the victims. Write ``s_u`` for user u's
+weighted dominant share (dominant share of what its running jobs hold, over its weight ``w_u``),
+``W`` for the sum of the weights, ``σ_u`` for the dominant share of one job of u. The swap rule:
+a queued job J of user X may stop a set V of other users' running jobs only if J raises ``s_X``
+and every victim's user Y keeps ``s_Y`` (after losing all its victims) strictly above ``s_X``
+*before* J: ``s_Y - (V's part of Y) > s_X``. (Across queues the same rule holds between queues'
+shares; within a queue a swap may not lower the queue's share while other queues hold resources.)
+
+What the policy guarantees, on one node (or wherever a gang fits if and only if its total fits,
+i.e. no fragmentation), for the at most ``decide.SEARCHES`` least-served users waiting in a round
+(all of them when no more wait), once the rounds reach a *fixed point* (a round with no action),
+each user's jobs alike (σ_u per job):
+
+* **No livelock.** Between arrivals and completions only finitely many preemptions happen. Proof:
+  every start raises some shares and lowers none; every swap raises ``s_X`` and leaves every share
+  it lowers above the old ``s_X``, so the vector of shares sorted ascending grows lexicographically
+  (the first value below which fewer shares lie is ``s_X``'s old value). There are finitely many
+  allocations. (Queues: the same argument on queue shares for swaps across queues, and on user
+  shares for swaps within a queue, whose queue share then does not drop.) The policy it replaces
+  checked each victim on its own and oscillated forever: 5 CPUs and 13 GB, tasks ⟨1 CPU, 1 GB⟩ and
+  ⟨0, 2 GB⟩, two victims each "allowed" alone, the victims' user back below and retaking them.
+* **Sharing incentive up to one job per user.** A user u with a job waiting holds
+  ``w_u·s_u > (w_u/W)·(1 - Σ_v σ_v)`` (the sum over every user with jobs running or waiting): its
+  weighted slice less at most one job of each user; divisible DRF gives ``w_u/W``. Proof: at a
+  fixed point u's next job fits neither in the free resources nor after :func:`choose_victims`
+  has taken every job the swap rule allows (it only stops early when the job fits), which leaves
+  each other user v with ``k_v`` jobs, ``k_v·σ_v/w_v ≤ s_u + σ_v/w_v``. So on some resource r,
+  ``C_r < (x_u+1)·D_ur + Σ_v k_v·D_vr ≤ C_r·(w_u·s_u + σ_u + Σ_v (w_v·s_u + σ_v))``, i.e.
+  ``1 < W·s_u + Σ σ``.
+* **Envy-freeness up to one job of each side.** For a user u with a job waiting and any other v,
+  v's bundle less one of v's jobs and one of u's needs (less ``σ_v`` and ``σ_u`` of dominant
+  share) is worth no more jobs of u than u has... except where u's job fits no swap at all: if u
+  would rather have ``(w_u/w_v)·(x_v - 1)·D_v`` than its own ``x_u·D_u``, then
+  ``(x_v - 1)·σ_v/w_v > s_u`` (envy of a bundle implies a larger weighted dominant share: on u's
+  dominant resource the bundle holds more than u does), so v has a job the swap rule lets u take;
+  at a fixed point taking all such jobs of every user still does not make room for u's job.
+  Tested as: at a fixed point, a user envious of another's bundle less one job could not have
+  been given one more job by any swap the rule allows.
+* **Strategy-proofness, as far as it goes with whole jobs.** Declaring a larger demand than the
+  truth (the only lie a scheduler that enforces declared demands lets a job run with) never gets a
+  user more jobs it can run: the policy's order and the swap rule depend on a user's demand only
+  through its dominant share, which a larger demand can only raise; tested on random instances
+  (the same start from an empty cluster, truth against lie).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 
+from downpour.scheduler.model import Job
 from downpour.scheduler.resources import Resources
+
+EPS = 1e-12   # shares are ratios of integers: "strictly above" means by more than rounding
 
 
 def drf_allocation(capacity: Sequence[float], demands: Sequence[Sequence[float]], weights: Sequence[float] | None = None,
@@ -57,3 +106,98 @@ def dominant_shares(holders: Iterable[tuple[str, Resources]], capacity: Resource
     for who, r in holders:
         held[who] = held.get(who, Resources()) + r
     return {who: r.dominant_share(capacity) / weights.get(who, 1.0) for who, r in held.items()}
+
+
+@dataclass(frozen=True)
+class Holdings:
+    """What each queue and each user (``Job.entity("user")``) holds, for the swap rule."""
+
+    capacity: Resources
+    weights: Mapping[str, float]
+    queues: Mapping[str, Resources]
+    users: Mapping[str, Resources]
+
+    @classmethod
+    def of(cls, holding: Iterable[Job], capacity: Resources, weights: Mapping[str, float]) -> Holdings:
+        queues: dict[str, Resources] = {}
+        users: dict[str, Resources] = {}
+        for j in holding:
+            queues[j.queue] = queues.get(j.queue, Resources()) + j.demand
+            users[j.entity("user")] = users.get(j.entity("user"), Resources()) + j.demand
+        return cls(capacity, weights, queues, users)
+
+    def share(self, who: str, held: Resources) -> float:
+        """Weighted dominant share of ``who`` (a queue or a ``queue/user``) holding ``held``."""
+        return held.dominant_share(self.capacity) / self.weights.get(who, 1.0)
+
+    def shares(self, level: str) -> dict[str, float]:
+        held = self.queues if level == "queue" else self.users
+        return {who: self.share(who, r) for who, r in held.items()}
+
+
+def _level(job: Job, victim: Job) -> str | None:
+    """Where ``job`` and ``victim`` are two sides: two queues, two users of a queue, or one user (None)."""
+    return "queue" if job.queue != victim.queue else "user" if job.user != victim.user else None
+
+
+def swap_allowed(h: Holdings, job: Job, victims: Sequence[Job]) -> bool:
+    """The swap rule (module docstring): may ``job`` start in place of ``victims``?
+
+    Per side: the job's side must gain share, and each victim side must keep, after losing all its
+    victims, a share strictly above the job's side's share before the swap.
+    """
+    levels = [_level(job, v) for v in victims]
+    if not victims or None in levels:
+        return False
+    held = {"queue": dict(h.queues), "user": dict(h.users)}
+    mine = {"queue": job.queue, "user": job.entity("user")}
+    before = {lv: h.share(mine[lv], held[lv].get(mine[lv], Resources())) for lv in held}
+    for lv in held:
+        held[lv][mine[lv]] = held[lv].get(mine[lv], Resources()) + job.demand
+    for v in victims:
+        held["queue"][v.queue] = held["queue"][v.queue] - v.demand
+        held["user"][v.entity("user")] = held["user"][v.entity("user")] - v.demand
+    after = {lv: h.share(mine[lv], held[lv][mine[lv]]) for lv in held}
+    for lv in ("queue", "user"):
+        sides = {v.entity(lv) for v, vl in zip(victims, levels) if vl == lv}
+        if sides and not (after[lv] > before[lv] + EPS and all(h.share(y, held[lv][y]) > before[lv] + EPS for y in sides)):
+            return False
+    # Within a queue, freeing more than the job takes may lower the queue's share: only harmless
+    # (for the no-livelock argument) while no other queue holds resources.
+    return after["queue"] >= before["queue"] - EPS or set(h.queues) <= {job.queue}
+
+
+def choose_victims(h: Holdings, job: Job, candidates: Sequence[Job], fits: Callable[[list[Job]], bool]) -> list[Job]:
+    """Victims for ``job`` under the swap rule, or [] when no allowed set makes it fit (``fits``).
+
+    Water-filling from the top: each step takes a job of the side (queue, then user) that holds the
+    most now, among the jobs whose side would stay strictly above the job's side's share; the most
+    recently started first (it loses least). It stops as soon as the job fits, then drops victims
+    the job fits without (the last taken, from the least-served sides, first). Taking every
+    allowed job before giving up is what the sharing-incentive proof needs.
+    """
+    held = {"queue": dict(h.queues), "user": dict(h.users)}
+    mine = {"queue": job.queue, "user": job.entity("user")}
+    floor = {lv: h.share(mine[lv], held[lv].get(mine[lv], Resources())) for lv in held}
+    pool = [v for v in candidates if _level(job, v) is not None]
+    chosen: list[Job] = []
+    while True:
+        def after(v: Job, lv: str) -> float:
+            return h.share(v.entity(lv), held[lv][v.entity(lv)] - v.demand)
+
+        options = [v for v in pool if after(v, _level(job, v)) > floor[_level(job, v)] + EPS]
+        if not options:
+            return []
+        v = max(options, key=lambda v: (h.share(v.queue, held["queue"][v.queue]),
+                                        h.share(v.entity("user"), held["user"][v.entity("user")]), v.started_s or 0.0, v.id))
+        pool.remove(v)
+        chosen.append(v)
+        held["queue"][v.queue] = held["queue"][v.queue] - v.demand
+        held["user"][v.entity("user")] = held["user"][v.entity("user")] - v.demand
+        if fits(chosen):
+            break
+    for v in reversed(list(chosen)):
+        rest = [x for x in chosen if x is not v]
+        if rest and fits(rest):
+            chosen = rest
+    return chosen if swap_allowed(h, job, chosen) else []

@@ -11,9 +11,10 @@ Each policy is a small class registered by name (:func:`make_policy`):
   first job cannot be placed, nothing after it starts (a wide job is never overtaken forever).
 * ``drf``: weighted fair share across queues, then users within a queue, by Dominant Resource
   Fairness: the next job is the oldest one of the user of least weighted dominant share in the
-  queue of least weighted dominant share. A job may preempt another queue's (or, in its own
-  queue, another user's) job only if, after the swap, its side's share would still not exceed
-  the victim's side's: a preemption always narrows the gap, so two sides never take turns.
+  queue of least weighted dominant share. A job may preempt other queues' (or, in its own queue,
+  other users') jobs only if its side's share rises and every victim's side keeps, after losing
+  all its victims, a share strictly above the job's side's share before: the *swap rule* of
+  :mod:`downpour.scheduler.drf`, where what it guarantees with whole jobs is stated and proved.
 * ``las``: least attained service, Tiresias-style (Gu et al., NSDI 2019): attained service is
   tasks x seconds run; ``thresholds`` cut it into discrete queues; a lower queue goes first, FIFO
   within a queue; a job preempts jobs in higher queues. With ``promote_factor`` set, a job that has
@@ -22,11 +23,11 @@ Each policy is a small class registered by name (:func:`make_policy`):
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from typing import Any
 
 from downpour.errors import ConfigError
-from downpour.scheduler.drf import dominant_shares
+from downpour.scheduler.drf import Holdings, choose_victims, swap_allowed
 from downpour.scheduler.model import Job
 from downpour.scheduler.resources import Resources
 
@@ -35,6 +36,7 @@ class Policy:
     name = ""
     preemptive = False
     backfill = True   # may a job start while one ranked before it cannot be placed?
+    rerank = False    # does the order change when a job starts (``decide`` then asks for it again)?
 
     def order(self, queued: Sequence[Job], holding: Sequence[Job], capacity: Resources, now: float) -> list[Job]:
         """Queued jobs, first to start first."""
@@ -52,6 +54,21 @@ class Policy:
     def victim_key(self, victim: Job, ctx: Any, now: float) -> tuple:
         """Victims are taken in ascending order of this key (the least deserving first)."""
         return (-(victim.started_s or 0.0),)
+
+    def choose_victims(self, job: Job, candidates: Sequence[Job], ctx: Any, now: float,
+                       fits: Callable[[list[Job]], bool]) -> list[Job]:
+        """Running jobs whose stop lets ``job`` fit (``fits(victims)`` says whether it does), or []:
+        by default those ``may_preempt`` allows, in ``victim_key`` order, until the job fits."""
+        chosen: list[Job] = []
+        for v in sorted((v for v in candidates if self.may_preempt(job, v, ctx, now)), key=lambda v: self.victim_key(v, ctx, now)):
+            chosen.append(v)
+            if fits(chosen):
+                return chosen
+        return []
+
+    def search_group(self, job: Job) -> Hashable:
+        """Jobs of one group stop looking for victims in a round once one of them found none."""
+        return job.id
 
     def describe(self, job: Job, now: float) -> str:
         """What this policy ranks the job by, for ``downpour jobs``."""
@@ -95,6 +112,7 @@ class PriorityAging(Policy):
 
 class DominantResourceFairness(Policy):
     name = "drf"
+    rerank = True
 
     def __init__(self, weights: Mapping[str, float] | None = None, preempt: bool = True) -> None:
         self.weights = dict(weights or {})
@@ -103,53 +121,26 @@ class DominantResourceFairness(Policy):
             raise ConfigError(f"drf policy: weights must be > 0, got {bad}")
         self.preemptive = bool(preempt)
 
-    def _shares(self, holding, capacity, level):
-        return dominant_shares(((j.entity(level), j.demand) for j in holding), capacity, self.weights)
-
     def order(self, queued, holding, capacity, now):
-        # Progressive filling over whole jobs: give the next job to the least-served queue, then user,
-        # as if each job ranked so far had started.
-        queues, users = self._shares(holding, capacity, "queue"), self._shares(holding, capacity, "user")
-        waiting: dict[str, list[Job]] = {}
-        for j in sorted(queued, key=lambda j: (j.submitted_s, j.id)):
-            waiting.setdefault(j.entity("user"), []).append(j)
-        out = []
-        while waiting:
-            def key(user: str) -> tuple:
-                head = waiting[user][0]
-                return (queues.get(head.queue, 0.0), users.get(user, 0.0), head.submitted_s, head.id)
-
-            user = min(waiting, key=key)
-            job = waiting[user].pop(0)
-            if not waiting[user]:
-                del waiting[user]
-            out.append(job)
-            share = job.demand.dominant_share(capacity)
-            queues[job.queue] = queues.get(job.queue, 0.0) + share / self.weights.get(job.queue, 1.0)
-            users[user] = users.get(user, 0.0) + share / self.weights.get(user, 1.0)
-        return out
-
-    def _sides(self, job, victim):
-        return "queue" if job.queue != victim.queue else "user" if job.user != victim.user else None
+        # The least-served queue, then user, first, by the shares of what runs now; ``decide`` ranks
+        # again after every start (``rerank``), so whole jobs are handed out by progressive filling,
+        # and a job that cannot start leaves the others' order as it was.
+        h = Holdings.of(holding, capacity, self.weights)
+        queues, users = h.shares("queue"), h.shares("user")
+        return sorted(queued, key=lambda j: (queues.get(j.queue, 0.0), users.get(j.entity("user"), 0.0), j.submitted_s, j.id))
 
     def context(self, holding, capacity, now):
-        return {"queue": self._shares(holding, capacity, "queue"), "user": self._shares(holding, capacity, "user"),
-                "capacity": capacity}
+        return Holdings.of(holding, capacity, self.weights)
 
     def may_preempt(self, job, victim, ctx, now):
-        level = self._sides(job, victim)
-        if level is None:
-            return False
-        shares, capacity = ctx[level], ctx["capacity"]
-        mine, theirs = job.entity(level), victim.entity(level)
-        w_mine, w_theirs = self.weights.get(mine, 1.0), self.weights.get(theirs, 1.0)
-        after_mine = shares.get(mine, 0.0) + job.demand.dominant_share(capacity) / w_mine
-        after_theirs = shares.get(theirs, 0.0) - victim.demand.dominant_share(capacity) / w_theirs
-        return after_mine <= after_theirs + 1e-12
+        return swap_allowed(ctx, job, [victim])
 
-    def victim_key(self, victim, ctx, now):
-        users, queues = ctx["user"], ctx["queue"]
-        return (-queues.get(victim.queue, 0.0), -users.get(victim.entity("user"), 0.0), -(victim.started_s or 0.0))
+    def choose_victims(self, job, candidates, ctx, now, fits):
+        # The swap rule is about the whole set of victims (each one allowed alone is not enough).
+        return choose_victims(ctx, job, candidates, fits)
+
+    def search_group(self, job):
+        return job.entity("user")
 
 
 class LeastAttainedService(Policy):
