@@ -27,7 +27,11 @@ each user's jobs alike (σ_u per job):
   it lowers above the old ``s_X``, so the vector of shares sorted ascending grows lexicographically
   (the first value below which fewer shares lie is ``s_X``'s old value). There are finitely many
   allocations. (Queues: the same argument on queue shares for swaps across queues, and on user
-  shares for swaps within a queue, whose queue share then does not drop.) The policy it replaces
+  shares for swaps within a queue, whose queue share then does not drop.) A swap counts its job as
+  started: in the next round that job's side ranks before every victim's side, because the order
+  is recomputed from what runs after each start (not as if every job ranked so far had started: a
+  job that cannot start would then push others back and let the victims retake their resources,
+  an oscillation the random tests with several queues found). The policy it replaces
   checked each victim on its own and oscillated forever: 5 CPUs and 13 GB, tasks ⟨1 CPU, 1 GB⟩ and
   ⟨0, 2 GB⟩, two victims each "allowed" alone, the victims' user back below and retaking them.
 * **Sharing incentive up to one job per user.** A user u with a job waiting holds
@@ -38,20 +42,22 @@ each user's jobs alike (σ_u per job):
   each other user v with ``k_v`` jobs, ``k_v·σ_v/w_v ≤ s_u + σ_v/w_v``. So on some resource r,
   ``C_r < (x_u+1)·D_ur + Σ_v k_v·D_vr ≤ C_r·(w_u·s_u + σ_u + Σ_v (w_v·s_u + σ_v))``, i.e.
   ``1 < W·s_u + Σ σ``.
-* **Envy-freeness up to one job of each side.** For a user u with a job waiting and any other v,
-  v's bundle less one of v's jobs and one of u's needs (less ``σ_v`` and ``σ_u`` of dominant
-  share) is worth no more jobs of u than u has... except where u's job fits no swap at all: if u
-  would rather have ``(w_u/w_v)·(x_v - 1)·D_v`` than its own ``x_u·D_u``, then
-  ``(x_v - 1)·σ_v/w_v > s_u`` (envy of a bundle implies a larger weighted dominant share: on u's
-  dominant resource the bundle holds more than u does), so v has a job the swap rule lets u take;
-  at a fixed point taking all such jobs of every user still does not make room for u's job.
-  Tested as: at a fixed point, a user envious of another's bundle less one job could not have
-  been given one more job by any swap the rule allows.
-* **Strategy-proofness, as far as it goes with whole jobs.** Declaring a larger demand than the
-  truth (the only lie a scheduler that enforces declared demands lets a job run with) never gets a
-  user more jobs it can run: the policy's order and the swap rule depend on a user's demand only
-  through its dominant share, which a larger demand can only raise; tested on random instances
-  (the same start from an empty cluster, truth against lie).
+* **Envy-freeness up to one job.** A user u with a job waiting would not run one more job with
+  another user v's bundle less one of v's jobs, scaled by ``λ = min(1, w_u/w_v)``. Proof: say
+  ``λ·(x_v-1)·D_v ≥ (x_u+1)·D_u``. Dominant shares are monotone, so ``σ_u ≤ λ·(x_v-1)·σ_v/(x_u+1)``,
+  and the ``k_v`` jobs v keeps after every allowed swap satisfy ``(k_v-1)·σ_v/w_v ≤ s_u``, whence
+  ``k_v - 1 ≤ x_u·(x_v-1)/(x_u+1)`` and ``x_v - k_v ≥ (x_v-1)/(x_u+1) ≥ λ·(x_v-1)/(x_u+1)``: the jobs
+  of v the rule lets u take hold ``D_u``, so u's job would fit, which a fixed point rules out.
+  (Divisible DRF needs no "less one job" and scales by ``w_u/w_v`` either way.)
+* **Not strategy-proof.** Declaring a larger demand than the jobs need can win jobs: the larger
+  job leaves too little for another user's job, which then waits while the liar backfills, and
+  the swap rule's strict inequality (which no-livelock needs) keeps it from taking the resources
+  back. 4 GPUs, a: one job of 3, b: two of 1; truthful b runs one, declaring 2 GPUs per job it
+  runs two and a none (a test). Random instances show gains of one or two jobs. The paper's proof
+  needs divisible tasks; no rule here replaces it.
+
+Beyond one node a gang may not fit where its total would (fragmentation); the order, the swap rule
+and no-livelock hold there too, the bounds above need not.
 """
 
 from __future__ import annotations
@@ -98,14 +104,6 @@ def drf_allocation(capacity: Sequence[float], demands: Sequence[Sequence[float]]
             tasks[i] = min(tasks[i], caps[i])
         active -= done
     return tasks
-
-
-def dominant_shares(holders: Iterable[tuple[str, Resources]], capacity: Resources, weights: Mapping[str, float]) -> dict[str, float]:
-    """Weighted dominant share of each entity from ``(entity, resources held)`` pairs."""
-    held: dict[str, Resources] = {}
-    for who, r in holders:
-        held[who] = held.get(who, Resources()) + r
-    return {who: r.dominant_share(capacity) / weights.get(who, 1.0) for who, r in held.items()}
 
 
 @dataclass(frozen=True)
