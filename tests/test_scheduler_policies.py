@@ -138,17 +138,17 @@ def test_a_job_waits_for_a_stopping_job_instead_of_preempting_another():
     assert decide([stopping, running, new, newer], nodes, policy, now=20.0) == [Preempt(1, 3)]
 
 
-def test_drf_serves_the_user_of_least_dominant_share_and_preempts_only_to_narrow_the_gap():
+def test_drf_serves_the_user_of_least_dominant_share_and_preempts_only_when_the_victims_stay_above():
     nodes = {"n": Resources(cpus=4, memory_mb=4000)}
     policy = make_policy("drf")
     hog = [_job(i, 1, 0.0, user="a", phase=Phase.RUNNING, placement=("n",), started_s=0.0) for i in range(4)]
     b1 = _job(10, 1, 1.0, user="b")
     a5 = _job(11, 1, 0.5, user="a")
     acts = decide([*hog, a5, b1], nodes, policy, now=5.0)
-    assert len(acts) == 1 and acts[0].for_job == 10 and acts[0].job_id in range(4)  # b (share 0) first; a keeps 3/4 > 1/4
+    assert len(acts) == 1 and acts[0].for_job == 10 and acts[0].job_id in range(4)  # b (share 0) first; a keeps 3/4 > b's 0
     b_run = [_job(20 + i, 1, 0.0, user="b", phase=Phase.RUNNING, placement=("n",), started_s=0.0) for i in range(2)]
     a_run = [_job(30 + i, 1, 0.0, user="a", phase=Phase.RUNNING, placement=("n",), started_s=0.0) for i in range(2)]
-    assert decide([*a_run, *b_run, _job(40, 1, 1.0, user="b")], nodes, policy, now=5.0) == []  # 3/4 vs 1/4 would widen it
+    assert decide([*a_run, *b_run, _job(40, 1, 1.0, user="b")], nodes, policy, now=5.0) == []  # a would keep 1/4, not above b's 1/2
 
 
 def test_drf_weights_queues():
