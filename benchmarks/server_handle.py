@@ -1,0 +1,95 @@
+"""CPU per request of one server's request path, in process: ``ParameterServer.handle`` fed PUSHPULL
+requests of the reference job (examples/mnist.yaml, server 0 of 2: 50,885 float32 values through a
+shared-memory slot, as a local job sends them), its socket's send replaced by a no-op.
+
+What it measures is the server's own work per request (decode, validation including the NaN/Inf
+check, the SGD step, the reply's header and the values copied back into the slot), without ZeroMQ's
+wake-ups and without the other processes of a job sharing the caches; a real job's request costs
+several times more (benchmarks/RESULTS.md §18, "Hot path, first pass"). Each request's gradient is
+written into the slot before it (outside the timing): the reply overwrites the slot with values.
+
+    .venv/bin/python benchmarks/server_handle.py                 # µs of thread CPU per request
+    .venv/bin/python benchmarks/server_handle.py --profile       # and where it goes (cProfile)
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import os
+import pstats
+import sys
+import tempfile
+import time
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if _ROOT not in sys.path:
+    sys.path.insert(0, _ROOT)
+
+import torch  # noqa: E402
+import zmq  # noqa: E402
+
+from downpour.config import load_job  # noqa: E402
+from downpour.coordinator.service import plan_layout  # noqa: E402
+from downpour.protocol import Message, Op, encode  # noqa: E402
+from downpour.server.service import ParameterServer  # noqa: E402
+from downpour.transport import Listener, Slot  # noqa: E402
+
+PEER = b"worker-0"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--requests", type=int, default=4000, help="timed requests (default 4000, after 200 untimed)")
+    ap.add_argument("--profile", action="store_true", help="also profile as many requests with cProfile")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(1)
+    job = load_job(os.path.join(_ROOT, "examples", "mnist.yaml"))
+    layout = plan_layout(job)
+    ctx = zmq.Context()
+    with tempfile.TemporaryDirectory(prefix="handle-") as folder:
+        listener = Listener(ctx, f"ipc://{folder}/s0.sock", job.cluster.max_message_bytes)
+        server = ParameterServer(ctx, job, layout, 0, listener, "server-0")
+        listener.send = lambda peer, frames, track=False: []  # type: ignore[method-assign]
+        keys = [s.key for s in layout.server_slices(0)]
+        numel = layout.server_numel(0)
+        slot = Slot(folder, "worker-0-s0", numel * 4)
+        values = torch.frombuffer(slot.buffer, dtype=torch.float32)
+        values.copy_(torch.randn(numel) * 0.05)
+        server.handle(PEER, encode(Message(Op.INIT, 1, {"keys": keys, "shm": [slot.name, numel]})))
+        grad = torch.randn(numel) * 1e-3
+
+        def request(i: int) -> list:
+            meta = {"keys": keys, "shm": [slot.name, numel], "version": max(0, i - 2), "weight": 32.0, "clock": i + 1, "seq": i + 1}
+            return encode(Message(Op.PUSHPULL, 10 + i, meta))
+
+        n = 200 + args.requests
+        frames = [request(i) for i in range(n)]
+        cpu = 0.0
+        for i, f in enumerate(frames):
+            values.copy_(grad)
+            t0 = time.thread_time()
+            server.handle(PEER, f)
+            if i >= 200:
+                cpu += time.thread_time() - t0
+        if server.rejected:
+            raise SystemExit(f"requests refused: {dict(server.rejected)}")
+        print(f"ParameterServer.handle, PUSHPULL of {numel:,} float32 through shared memory: "
+              f"{1e6 * cpu / args.requests:.1f} µs of CPU per request ({args.requests} requests)")
+        if args.profile:
+            more = [request(i) for i in range(n, n + args.requests)]
+            prof = cProfile.Profile()
+            prof.enable()
+            for f in more:
+                values.copy_(grad)
+                server.handle(PEER, f)
+            prof.disable()
+            pstats.Stats(prof).sort_stats("tottime").print_stats(25)
+        slot.close()
+        listener.close()
+    ctx.term()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
