@@ -14,7 +14,8 @@
    only chosen if together they make the gang fit. Only ``SEARCHES`` searches happen per round (a
    round stays cheap with a long queue; the rest look in later rounds), and a job whose search
    group (``Policy.search_group``: the job; under ``drf`` its user) already found none does not
-   search again in that round.
+   search again in that round. At most ``Policy.max_swaps`` jobs preempt per round (``drf``: one,
+   so the next round sees the swap's victims gone before another swap is judged).
 5. Without backfilling, the first job that does not start ends the round.
 """
 
@@ -79,6 +80,7 @@ def decide(jobs: Sequence[Job], nodes: Mapping[str, Resources], policy: Policy, 
     actions: list[Action] = []
     searches = SEARCHES
     failed: set = set()   # search groups (policy.search_group) that found no victims this round
+    swaps = 0             # jobs that preempted others this round (at most policy.max_swaps)
     ranking = policy.order(queued, ranked_holding, capacity, now)
     while ranking:
         job = ranking.pop(0)
@@ -93,7 +95,7 @@ def decide(jobs: Sequence[Job], nodes: Mapping[str, Resources], policy: Policy, 
             continue
         where = place_gang(job.tasks, future)
         group = policy.search_group(job)
-        if where is None and policy.preemptive and searches > 0 and victims and group not in failed:
+        if where is None and policy.preemptive and searches > 0 and victims and group not in failed and swaps < policy.max_swaps:
             searches -= 1
             ctx = policy.context(ranked_holding, capacity, now) if ctx is None else ctx
 
@@ -104,6 +106,7 @@ def decide(jobs: Sequence[Job], nodes: Mapping[str, Resources], policy: Policy, 
 
             chosen = policy.choose_victims(job, victims, ctx, now, fits)
             if chosen:
+                swaps += 1
                 chosen = _drop_needless(job, chosen, future)
                 for v in chosen:
                     future = give(future, v.tasks, v.placement)

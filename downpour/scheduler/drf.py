@@ -26,12 +26,12 @@ each user's jobs alike (σ_u per job):
   every start raises some shares and lowers none; every swap raises ``s_X`` and leaves every share
   it lowers above the old ``s_X``, so the vector of shares sorted ascending grows lexicographically
   (the first value below which fewer shares lie is ``s_X``'s old value). There are finitely many
-  allocations. (Queues: the same argument on queue shares for swaps across queues, and on user
-  shares for swaps within a queue, whose queue share then does not drop.) A swap counts its job as
-  started: in the next round that job's side ranks before every victim's side, because the order
-  is recomputed from what runs after each start (not as if every job ranked so far had started: a
-  job that cannot start would then push others back and let the victims retake their resources,
-  an oscillation the random tests with several queues found). The policy it replaces
+  allocations. This holds among the users of one queue (tested). Across queues it does not: a
+  user's start inside a queue can lift that queue above the queue a swap took resources from,
+  whose victim then ranks first and retakes them (a test shows such a cycle); ``--min-run-s``
+  bounds how often in the service. The order is recomputed from what runs after each start, at
+  most one swap happens per round, and a victim's side is judged on its running jobs only (not on
+  jobs started or reserved in the same round): each closed an oscillation random tests found. The policy it replaces
   checked each victim on its own and oscillated forever: 5 CPUs and 13 GB, tasks ⟨1 CPU, 1 GB⟩ and
   ⟨0, 2 GB⟩, two victims each "allowed" alone, the victims' user back below and retaking them.
 * **Sharing incentive up to one job per user.** A user u with a job waiting holds
@@ -56,8 +56,8 @@ each user's jobs alike (σ_u per job):
   runs two and a none (a test). Random instances show gains of one or two jobs. The paper's proof
   needs divisible tasks; no rule here replaces it.
 
-Beyond one node a gang may not fit where its total would (fragmentation); the order, the swap rule
-and no-livelock hold there too, the bounds above need not.
+Beyond one node a gang may not fit where its total would (fragmentation); the order and the swap rule
+are the same there, the bounds above need not hold.
 """
 
 from __future__ import annotations
@@ -66,7 +66,7 @@ import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
-from downpour.scheduler.model import Job
+from downpour.scheduler.model import Job, Phase
 from downpour.scheduler.resources import Resources
 
 EPS = 1e-12   # shares are ratios of integers: "strictly above" means by more than rounding
@@ -108,21 +108,25 @@ def drf_allocation(capacity: Sequence[float], demands: Sequence[Sequence[float]]
 
 @dataclass(frozen=True)
 class Holdings:
-    """What each queue and each user (``Job.entity("user")``) holds, for the swap rule."""
+    """What each queue and each user (``Job.entity("user")``) holds, for the swap rule: all that
+    the round counts as holding (``queues``, ``users``: jobs running, started or reserved), and what
+    is actually running (``running_queues``, ``running_users``): a victim's side is judged on that
+    alone, as a job started or reserved this round may yet not run."""
 
     capacity: Resources
     weights: Mapping[str, float]
     queues: Mapping[str, Resources]
     users: Mapping[str, Resources]
+    running_queues: Mapping[str, Resources]
+    running_users: Mapping[str, Resources]
 
     @classmethod
     def of(cls, holding: Iterable[Job], capacity: Resources, weights: Mapping[str, float]) -> Holdings:
-        queues: dict[str, Resources] = {}
-        users: dict[str, Resources] = {}
+        held: list[dict[str, Resources]] = [{}, {}, {}, {}]
         for j in holding:
-            queues[j.queue] = queues.get(j.queue, Resources()) + j.demand
-            users[j.entity("user")] = users.get(j.entity("user"), Resources()) + j.demand
-        return cls(capacity, weights, queues, users)
+            for k, who in enumerate((j.queue, j.entity("user")) * (2 if j.phase is Phase.RUNNING else 1)):
+                held[k][who] = held[k].get(who, Resources()) + j.demand
+        return cls(capacity, weights, *held)
 
     def share(self, who: str, held: Resources) -> float:
         """Weighted dominant share of ``who`` (a queue or a ``queue/user``) holding ``held``."""
@@ -147,18 +151,21 @@ def swap_allowed(h: Holdings, job: Job, victims: Sequence[Job]) -> bool:
     levels = [_level(job, v) for v in victims]
     if not victims or None in levels:
         return False
-    held = {"queue": dict(h.queues), "user": dict(h.users)}
     mine = {"queue": job.queue, "user": job.entity("user")}
+    held = {"queue": dict(h.queues), "user": dict(h.users)}              # the job's side
+    running = {"queue": dict(h.running_queues), "user": dict(h.running_users)}   # the victims' sides
     before = {lv: h.share(mine[lv], held[lv].get(mine[lv], Resources())) for lv in held}
     for lv in held:
         held[lv][mine[lv]] = held[lv].get(mine[lv], Resources()) + job.demand
     for v in victims:
-        held["queue"][v.queue] = held["queue"][v.queue] - v.demand
-        held["user"][v.entity("user")] = held["user"][v.entity("user")] - v.demand
+        for lv in held:
+            running[lv][v.entity(lv)] = running[lv][v.entity(lv)] - v.demand
+            if v.entity(lv) == mine[lv]:
+                held[lv][mine[lv]] = held[lv][mine[lv]] - v.demand
     after = {lv: h.share(mine[lv], held[lv][mine[lv]]) for lv in held}
     for lv in ("queue", "user"):
         sides = {v.entity(lv) for v, vl in zip(victims, levels) if vl == lv}
-        if sides and not (after[lv] > before[lv] + EPS and all(h.share(y, held[lv][y]) > before[lv] + EPS for y in sides)):
+        if sides and not (after[lv] > before[lv] + EPS and all(h.share(y, running[lv][y]) > before[lv] + EPS for y in sides)):
             return False
     # Within a queue, freeing more than the job takes may lower the queue's share: only harmless
     # (for the no-livelock argument) while no other queue holds resources.
@@ -174,9 +181,9 @@ def choose_victims(h: Holdings, job: Job, candidates: Sequence[Job], fits: Calla
     the job fits without (the last taken, from the least-served sides, first). Taking every
     allowed job before giving up is what the sharing-incentive proof needs.
     """
-    held = {"queue": dict(h.queues), "user": dict(h.users)}
     mine = {"queue": job.queue, "user": job.entity("user")}
-    floor = {lv: h.share(mine[lv], held[lv].get(mine[lv], Resources())) for lv in held}
+    floor = {lv: h.share(mine[lv], held.get(mine[lv], Resources())) for lv, held in (("queue", h.queues), ("user", h.users))}
+    held = {"queue": dict(h.running_queues), "user": dict(h.running_users)}   # the victims' sides: what runs
     pool = [v for v in candidates if _level(job, v) is not None]
     chosen: list[Job] = []
     while True:

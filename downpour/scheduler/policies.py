@@ -23,6 +23,7 @@ Each policy is a small class registered by name (:func:`make_policy`):
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from typing import Any
 
@@ -37,6 +38,7 @@ class Policy:
     preemptive = False
     backfill = True   # may a job start while one ranked before it cannot be placed?
     rerank = False    # does the order change when a job starts (``decide`` then asks for it again)?
+    max_swaps = math.inf   # jobs that may preempt others in one round
 
     def order(self, queued: Sequence[Job], holding: Sequence[Job], capacity: Resources, now: float) -> list[Job]:
         """Queued jobs, first to start first."""
@@ -113,6 +115,9 @@ class PriorityAging(Policy):
 class DominantResourceFairness(Policy):
     name = "drf"
     rerank = True
+    # One swap per round: the no-livelock argument counts a swap's job as started, which holds only
+    # if no second swap is judged on shares that count jobs merely reserved in this round.
+    max_swaps = 1
 
     def __init__(self, weights: Mapping[str, float] | None = None, preempt: bool = True) -> None:
         self.weights = dict(weights or {})
