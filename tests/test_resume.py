@@ -95,3 +95,22 @@ def test_a_new_job_warm_starts_from_a_checkpoint_and_initialises_new_parameters(
                           capture_output=True, text=True, timeout=120)
     assert done.returncode != 0
     assert "changed shape" in done.stderr and "1.weight" in done.stderr, done.stderr
+
+
+def test_a_stopped_async_lookahead_job_resumes_its_momentum_to_the_same_parameters(tmp_path, tiny_data):
+    """One async worker is deterministic, and under ``async_rule: lookahead`` (auto's choice) its
+    momentum lives in the servers' per-worker buffers: they are checkpointed, so the resumed job
+    lands where the uninterrupted one does (a momentum restarted at zero would not)."""
+    job = tiny_job(tiny_data, model={"args": {"hidden": [32], "dropout": 0.0}}, training={"consistency": "async", "epochs": 12},
+                   cluster={"num_workers": 1}, checkpoint={"every_steps": 60, "every_s": None})
+    whole = LocalLauncher(resolve_job(job), str(tmp_path / "whole")).run()
+    assert whole.summary["optimizer"]["effective"]["plan"]["async_rule"] == "lookahead"
+    (tmp_path / "a").mkdir()
+    stopped = _stop_after_a_checkpoint(tmp_path / "a", job)
+    summary, resumed = _resume(tmp_path, job, stopped)
+    state = json.loads(open(os.path.join(stopped, "checkpoints", _committed(stopped)[-1], "job.json")).read())
+    assert 0 < state["step"], "the run was stopped mid-way"
+    want = torch.load(os.path.join(whole.run_dir, "model.pt"), weights_only=True)
+    got = torch.load(resumed / "model.pt", weights_only=True)
+    for name, value in want.items():
+        torch.testing.assert_close(got[name], value, rtol=1e-5, atol=1e-5)

@@ -19,9 +19,10 @@ job's (and its schedule); nothing depends on the measured staleness.
 
 Cost: n buffers of the shard's size per server (n the workers that pushed to it), and a copy of
 the values per reply (they differ from the stored ones). A worker that leaves the membership has
-its buffer dropped: its momentum will never be applied, so it no longer counts in the look-ahead.
-The buffers go to a backup with the server's state; a checkpoint does not keep them (a resumed
-job's workers start their momentum again, as new workers do).
+its buffer dropped: its momentum will never be applied, so it no longer counts in the look-ahead
+(docs/scaling.md says why dropping, not folding it into the values). The buffers, keyed by worker
+name, go to a backup with the server's state and into checkpoints (``lookahead.<worker>`` in the
+shard file, server/snapshot.py), so a resumed job's workers go on with their momentum.
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ def make_lookahead(job: JobConfig, store: ShardStore) -> Lookahead | None:
 
 
 class Lookahead:
-    """One server's per-worker momentum buffers (keyed by the pushing peer's routing id). The
+    """One server's per-worker momentum buffers (keyed by worker name: the pushing peer's routing id). The
     store's ``hyper`` sets :attr:`lr` and :attr:`momentum` before each update, as for a rule; the
     update itself is the SGD rule's (weight decay, dampening, nesterov), on the worker's buffer."""
 
@@ -98,16 +99,34 @@ class Lookahead:
         return parts[0] if len(parts) == 1 else torch.cat(parts)
 
     def keep(self, workers: set[str]) -> None:
-        """Drop the buffers of peers whose worker is not in ``workers`` (it left or died)."""
-        for who in [w for w in self.buffers if w not in workers and w.partition(".")[0] not in workers]:
-            self.total.sub_(self.buffers.pop(who))
+        """Drop the buffers of workers not in ``workers`` (they left, died, or are not in this job:
+        a resumed checkpoint's), and sum the rest again: Σ v_j is then exact, not carried with the
+        rounding of every update since the last change."""
+        gone = [w for w in self.buffers if w not in workers]
+        for who in gone:
+            del self.buffers[who]
+        if gone:
+            self._sum()
 
     def state(self) -> dict[str, torch.Tensor]:
+        """The buffers by worker name (the live tensors: a caller that keeps them copies them)."""
         return dict(self.buffers)
 
-    def load(self, buffers: dict[str, torch.Tensor]) -> None:
-        """Replace the buffers (a backup taking its primary's state)."""
+    def load(self, buffers: dict[str, torch.Tensor], total: torch.Tensor | None = None) -> None:
+        """Replace the buffers (a backup taking its primary's state, a server resuming a
+        checkpoint), and their sum when given (so the replies continue bit for bit; without it
+        it is summed again). Each must be float32 of the shard's size: callers check their input
+        first and name it; this raises ValueError."""
+        for who, v in [*buffers.items(), *([("(their sum)", total)] if total is not None else [])]:
+            if v.dtype != torch.float32 or tuple(v.shape) != (self.store.numel,):
+                raise ValueError(f"look-ahead buffer {who}: {v.dtype} {tuple(v.shape)}, expected float32 ({self.store.numel},)")
         self.buffers = {w: v.clone() for w, v in buffers.items()}
+        if total is not None and self.buffers:
+            self.total = total.clone()
+        else:
+            self._sum()
+
+    def _sum(self) -> None:
         self.total = torch.zeros(self.store.numel)
         for v in self.buffers.values():
             self.total.add_(v)

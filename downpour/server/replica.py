@@ -49,6 +49,7 @@ from downpour.layout import Layout
 from downpour.protocol import Message, Op, decode, encode
 from downpour.protocol.ops import REPLICA_STREAM, Code
 from downpour.protocol.schema import SchemaError
+from downpour.server.snapshot import LOOKAHEAD, LOOKAHEAD_SUM, lookahead_tensors
 from downpour.transport import Channel, Context, Poller, Security, WouldBlock
 
 if TYPE_CHECKING:
@@ -233,8 +234,7 @@ def server_state(server: ParameterServer) -> tuple[dict[str, torch.Tensor], dict
                "init": torch.tensor(store.key_initialized, dtype=torch.uint8)}
     for k, v in store.rule.state().items():
         tensors[f"state.{k}"] = v.clone()
-    for who, v in (store.lookahead.state() if store.lookahead is not None else {}).items():
-        tensors[f"lookahead/{who}"] = v.clone()
+    tensors |= lookahead_tensors(store)  # lookahead.<worker> and lookahead_sum, as in shard files
     if server.sparse:
         for name, table in server.sparse.tables.items():
             for k, v in table.snapshot(True).items():
@@ -266,6 +266,9 @@ def load_state(server: ParameterServer, tensors: dict[str, torch.Tensor], info: 
     for k, shape in want.items():
         if k not in tensors or tuple(tensors[k].shape) != shape:
             raise ProtocolError(f"state field {k}: {tuple(tensors[k].shape) if k in tensors else 'missing'}, expected {shape}")
+    for k, v in tensors.items():
+        if (k.startswith(LOOKAHEAD) or k == LOOKAHEAD_SUM) and (v.dtype != torch.float32 or tuple(v.shape) != (store.numel,)):
+            raise ProtocolError(f"state field {k}: {v.dtype} {tuple(v.shape)}, expected float32 ({store.numel},)")
     sparse: dict[str, dict[str, Any]] = {}
     for k, v in tensors.items():
         if k.startswith("sparse/"):
@@ -282,8 +285,7 @@ def load_state(server: ParameterServer, tensors: dict[str, torch.Tensor], info: 
     for k, v in store.rule.state().items():
         v.copy_(tensors[f"state.{k}"])
     if store.lookahead is not None:
-        store.lookahead.load({k.split("/", 1)[1]: v for k, v in tensors.items()
-                              if k.startswith("lookahead/") and tuple(v.shape) == (store.numel,)})
+        store.lookahead.load({k[len(LOOKAHEAD) :]: v for k, v in tensors.items() if k.startswith(LOOKAHEAD)}, tensors.get(LOOKAHEAD_SUM))
     for name, snap in sparse.items():
         server.sparse.tables[name].restore([snap])
     server.positions = {str(k): list(v) for k, v in info.get("positions", {}).items()}

@@ -8,6 +8,9 @@ File format (safetensors: a JSON header, then raw little-endian tensors; never a
 * ``steps`` int64 [keys]: each key's job steps, the clock of lr schedules (older files lack it:
   their versions stand in);
 * ``state.<name>`` float32 [numel]: the update rule's state (``momentum_buffer``, ``exp_avg`` ...);
+* ``lookahead.<worker>`` float32 [numel]: under ``async_rule: lookahead``, each worker's momentum
+  buffer (by worker name, server/lookahead.py), and ``lookahead_sum`` float32 [numel] their sum as
+  the server kept it (so replies after a resume are the ones it would have sent);
 * metadata ``positions`` (JSON: worker -> [epoch, shard, examples done] of its last push included),
   ``marks`` (JSON: stream partition marks, "epoch:shard:TAG" -> offset; see ParameterServer.marks),
   ``rule``, ``rank``, ``version``.
@@ -42,6 +45,9 @@ from downpour.server.store import ShardStore
 from downpour.storage import CheckpointStore, Manifest
 
 log = logging.getLogger(__name__)
+
+
+LOOKAHEAD, LOOKAHEAD_SUM = "lookahead.", "lookahead_sum"  # tensor names: a worker's buffer (prefix), their sum
 
 
 def shard_file(rank: int) -> str:
@@ -101,6 +107,7 @@ class Snapshotter:
         }
         for k, v in self.store.rule.state().items():
             tensors[f"state.{k}"] = v.clone()
+        tensors |= lookahead_tensors(self.store)
         meta = {"positions": json.dumps(positions), "rule": self.rule_name, "rank": str(self.rank), "version": str(self.version()),
                 "marks": json.dumps(self.marks())}
         sparse = self.sparse.snapshot(req.name, req.committed, req.full_every) if self.sparse is not None else None
@@ -134,6 +141,15 @@ class Snapshotter:
                 return out
 
 
+def lookahead_tensors(store: ShardStore) -> dict[str, torch.Tensor]:
+    """Copies of the per-worker momentum of ``async_rule: lookahead`` and their sum, as named in
+    shard files and a backup's state (none without the rule or before any push)."""
+    la = store.lookahead
+    if la is None or not la.buffers:
+        return {}
+    return {**{f"{LOOKAHEAD}{who}": v.clone() for who, v in la.state().items()}, LOOKAHEAD_SUM: la.total.clone()}
+
+
 # -- reading ---------------------------------------------------------------------
 def load_shard_file(data: bytes, where: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Parse and check one shard file: dtypes, shapes and sizes agree with each other."""
@@ -158,13 +174,19 @@ def load_shard_file(data: bytes, where: str) -> tuple[dict[str, torch.Tensor], d
     for k, t in tensors.items():
         if k.startswith("state.") and (t.dtype != torch.float32 or t.shape != (n,)):
             raise DataError(f"{where}: {k!r} is {t.dtype} {tuple(t.shape)}, expected float32 ({n},)")
+        if (k.startswith(LOOKAHEAD) or k == LOOKAHEAD_SUM) and (t.dtype != torch.float32 or t.shape != (n,)):
+            what = f"the look-ahead momentum of {k[len(LOOKAHEAD):]}" if k != LOOKAHEAD_SUM else "the sum of the look-ahead momentum"
+            raise DataError(f"{where}: {what} ({k!r}) is {t.dtype} {tuple(t.shape)}, expected float32 ({n},) like the shard's values")
+    if LOOKAHEAD_SUM in tensors and not any(k.startswith(LOOKAHEAD) for k in tensors):
+        raise DataError(f"{where}: {LOOKAHEAD_SUM!r} without any 'lookahead.<worker>' buffer")
     return tensors, meta
 
 
 class OldParams:
-    """The parameters of a checkpoint, addressable by name: values, rule state and versions."""
+    """The parameters of a checkpoint, addressable by name: values, rule state, versions and, with
+    ``lookahead`` (not needed to export values), the per-worker look-ahead momentum."""
 
-    def __init__(self, store: CheckpointStore, manifest: Manifest, layout: Layout) -> None:
+    def __init__(self, store: CheckpointStore, manifest: Manifest, layout: Layout, lookahead: bool = True) -> None:
         self.layout = layout
         self._params = {p.name: p for p in layout.params}
         files = sorted(f for f in manifest.files if f.startswith("server-"))
@@ -175,6 +197,10 @@ class OldParams:
             raise DataError(f"{store.where(manifest.name)}: the layout has {layout.numel} values, its files hold at most {held}")
         self.values = torch.zeros(layout.numel)
         self.state: dict[str, torch.Tensor] = {}
+        # async_rule: lookahead: worker -> its momentum buffer, and their sum (None: a file lacked it)
+        self.lookahead: dict[str, torch.Tensor] = {}
+        self.lookahead_sum: torch.Tensor | None = None
+        sums_complete = True
         self.key_versions = [0] * len(layout.slices)
         self.key_steps = [0] * len(layout.slices)
         self.positions: list[dict[str, list[int]]] = []
@@ -185,6 +211,10 @@ class OldParams:
             tensors, meta = load_shard_file(store.read(manifest, file), where)
             self.positions.append(json.loads(meta.get("positions", "{}")))
             self.marks[int(file[len("server-") :].split(".")[0])] = _marks(meta.get("marks", "{}"), where)
+            if not lookahead:
+                tensors = {k: t for k, t in tensors.items() if not k.startswith(LOOKAHEAD) and k != LOOKAHEAD_SUM}
+            elif LOOKAHEAD_SUM not in tensors:
+                sums_complete = False
             at = 0
             steps = tensors.get("steps", tensors["versions"]).tolist()
             for key, length, version, step in zip(tensors["keys"].tolist(), tensors["lengths"].tolist(),
@@ -196,6 +226,12 @@ class OldParams:
                 for name, t in tensors.items():
                     if name.startswith("state."):
                         self.state.setdefault(name[6:], torch.zeros(layout.numel))[s.start : s.stop] = t[at : at + length]
+                    elif name.startswith(LOOKAHEAD):
+                        self.lookahead.setdefault(name[len(LOOKAHEAD) :], torch.zeros(layout.numel))[s.start : s.stop] = t[at : at + length]
+                    elif name == LOOKAHEAD_SUM:
+                        if self.lookahead_sum is None:
+                            self.lookahead_sum = torch.zeros(layout.numel)
+                        self.lookahead_sum[s.start : s.stop] = t[at : at + length]
                 self.key_versions[key] = version
                 self.key_steps[key] = step
                 seen[key] = True
@@ -203,7 +239,11 @@ class OldParams:
         if not all(seen):
             missing = [layout.describe(s) for s, ok in zip(layout.slices, seen) if not ok]
             raise DataError(f"{store.where(manifest.name)}: no server file holds {', '.join(missing[:5])}")
-        for what, t in [("values", self.values), *self.state.items()]:
+        if not sums_complete or not self.lookahead:
+            self.lookahead_sum = None  # summed again on restore
+        for what, t in [("values", self.values), *self.state.items(),
+                        *((f"look-ahead momentum of {who}", t) for who, t in self.lookahead.items()),
+                        *([("look-ahead sum", self.lookahead_sum)] if self.lookahead_sum is not None else [])]:
             if not bool(torch.isfinite(t).all()):
                 raise DataError(f"{store.where(manifest.name)}: the checkpoint's {what} hold NaN or Inf")
 
@@ -243,13 +283,18 @@ def _marks(text: str, where: str) -> dict[str, int]:
 def restore_store(store: ShardStore, layout: Layout, old: OldParams, full: bool) -> int:
     """Fill this server's keys from a checkpoint's parameters, by parameter name and element range.
 
-    ``full`` (resume): also the rule's state and the versions. Otherwise (warm start) only the
+    ``full`` (resume): also the rule's state, the versions and the look-ahead momentum (when both
+    the checkpoint and this job's rule have it; a checkpoint without it starts every worker's at
+    zero, the workers of a job that does not use it have theirs dropped). Otherwise (warm start) only the
     values; keys of parameters the checkpoint lacks stay uninitialised (a worker INITs them).
     Returns how many keys were filled."""
     state = store.rule.state()
     starts = [p.offset for p in layout.params]
     old_order = sorted((o.start, o.key) for o in old.layout.slices)  # keys need not be in element order
     old_starts = [start for start, _ in old_order]
+    la = store.lookahead if full else None
+    buffers = {who: torch.zeros(store.numel) for who in old.lookahead} if la is not None else {}
+    total = torch.zeros(store.numel) if buffers and old.lookahead_sum is not None else None
     filled = 0
     for i, key in enumerate(store.keys):
         s = layout.slices[key]
@@ -264,6 +309,10 @@ def restore_store(store: ShardStore, layout: Layout, old: OldParams, full: bool)
             for name, t in state.items():
                 if name in old.state:
                     t[dst] = old.state[name][lo : lo + s.length]
+            for who, t in buffers.items():
+                t[dst] = old.lookahead[who][lo : lo + s.length]
+            if total is not None and old.lookahead_sum is not None:
+                total[dst] = old.lookahead_sum[lo : lo + s.length]
             first = max(0, bisect_right(old_starts, lo) - 1)
             covering = [old_order[j][1] for j in range(first, bisect_right(old_starts, lo + s.length - 1))]
             store.versions[i] = max((old.key_versions[k] for k in covering), default=0)
@@ -271,4 +320,9 @@ def restore_store(store: ShardStore, layout: Layout, old: OldParams, full: bool)
         store.key_initialized[i] = True
         filled += 1
     store.initialized = all(store.key_initialized)
+    if la is not None:
+        la.load(buffers, total)
+    elif full and old.lookahead:
+        log.info("the checkpoint's look-ahead momentum of %d workers is not used: this job's async rule is not lookahead",
+                 len(old.lookahead))
     return filled

@@ -79,7 +79,7 @@ class CheckpointState:
         state = json.loads(store.read(manifest, JOB_STATE))
         self.job = parse_job(state["job"], source=store.where(manifest.name, JOB_STATE))
         self.layout = Layout.from_dict(state["layout"])
-        old = OldParams(store, manifest, self.layout)
+        old = OldParams(store, manifest, self.layout, lookahead=False)
         self.dense = {p.name: old.values[p.offset : p.offset + p.numel].numpy().copy() for p in self.layout.params}
         parts: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {t.name: [] for t in self.layout.tables}
         for file in sorted(f for f in manifest.files if f.startswith("sparse-server-")):
