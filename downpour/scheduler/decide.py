@@ -17,6 +17,12 @@
    search again in that round. At most ``Policy.max_swaps`` jobs preempt per round (``drf``: one,
    so the next round sees the swap's victims gone before another swap is judged).
 5. Without backfilling, the first job that does not start ends the round.
+
+Under a policy that ``keeps_claims`` (``drf``), a job that preempted others (``Job.claimed_s`` set by
+whoever performed the ``Preempt``) is ranked first, oldest claim first, until it starts: the
+resources its victims free are its own, not the first ranked job's of the next round. Without that,
+the victims' side can rank first once they have stopped (other starts having lifted the preemptor's
+side) and take them back, the preemptor preempting again, forever.
 """
 
 from __future__ import annotations
@@ -81,7 +87,7 @@ def decide(jobs: Sequence[Job], nodes: Mapping[str, Resources], policy: Policy, 
     searches = SEARCHES
     failed: set = set()   # search groups (policy.search_group) that found no victims this round
     swaps = 0             # jobs that preempted others this round (at most policy.max_swaps)
-    ranking = policy.order(queued, ranked_holding, capacity, now)
+    ranking = _claims_first(policy, policy.order(queued, ranked_holding, capacity, now))
     while ranking:
         job = ranking.pop(0)
         where = place_gang(job.tasks, free)
@@ -91,13 +97,13 @@ def decide(jobs: Sequence[Job], nodes: Mapping[str, Resources], policy: Policy, 
             ranked_holding.append(job)
             ctx = None
             if policy.rerank:
-                ranking = policy.order(ranking, ranked_holding, capacity, now)
+                ranking = _claims_first(policy, policy.order(ranking, ranked_holding, capacity, now))
             continue
         where = place_gang(job.tasks, future)
         group = policy.search_group(job)
         if where is None and policy.preemptive and searches > 0 and victims and group not in failed and swaps < policy.max_swaps:
             searches -= 1
-            ctx = policy.context(ranked_holding, capacity, now) if ctx is None else ctx
+            ctx = policy.context(ranked_holding, capacity, now, queued) if ctx is None else ctx
 
             def fits(chosen: list[Job], pool: Mapping[str, Resources] = future, tasks=job.tasks) -> bool:
                 for v in chosen:
@@ -123,10 +129,18 @@ def decide(jobs: Sequence[Job], nodes: Mapping[str, Resources], policy: Policy, 
             ranked_holding.append(job)
             ctx = None
             if policy.rerank:
-                ranking = policy.order(ranking, ranked_holding, capacity, now)
+                ranking = _claims_first(policy, policy.order(ranking, ranked_holding, capacity, now))
         if not policy.backfill:
             break
     return actions
+
+
+def _claims_first(policy: Policy, ranking: list[Job]) -> list[Job]:
+    """The ranking with claimed jobs first, oldest claim first, when the policy keeps claims."""
+    if not policy.keeps_claims:
+        return ranking
+    claimed = sorted((j for j in ranking if j.claimed_s is not None), key=lambda j: (j.claimed_s, j.id))
+    return claimed + [j for j in ranking if j.claimed_s is None]
 
 
 def _drop_needless(job: Job, chosen: list[Job], future: Mapping[str, Resources]) -> list[Job]:

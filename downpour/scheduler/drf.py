@@ -119,14 +119,16 @@ class Holdings:
     users: Mapping[str, Resources]
     running_queues: Mapping[str, Resources]
     running_users: Mapping[str, Resources]
+    active_queues: frozenset[str] = frozenset()   # queues with jobs holding resources or waiting
 
     @classmethod
-    def of(cls, holding: Iterable[Job], capacity: Resources, weights: Mapping[str, float]) -> Holdings:
+    def of(cls, holding: Iterable[Job], capacity: Resources, weights: Mapping[str, float],
+           waiting: Iterable[Job] = ()) -> Holdings:
         held: list[dict[str, Resources]] = [{}, {}, {}, {}]
         for j in holding:
             for k, who in enumerate((j.queue, j.entity("user")) * (2 if j.phase is Phase.RUNNING else 1)):
                 held[k][who] = held[k].get(who, Resources()) + j.demand
-        return cls(capacity, weights, *held)
+        return cls(capacity, weights, *held, frozenset(held[0]) | {j.queue for j in waiting})
 
     def share(self, who: str, held: Resources) -> float:
         """Weighted dominant share of ``who`` (a queue or a ``queue/user``) holding ``held``."""
@@ -168,8 +170,8 @@ def swap_allowed(h: Holdings, job: Job, victims: Sequence[Job]) -> bool:
         if sides and not (after[lv] > before[lv] + EPS and all(h.share(y, running[lv][y]) > before[lv] + EPS for y in sides)):
             return False
     # Within a queue, freeing more than the job takes may lower the queue's share: only harmless
-    # (for the no-livelock argument) while no other queue holds resources.
-    return after["queue"] >= before["queue"] - EPS or set(h.queues) <= {job.queue}
+    # (for the no-livelock argument) while no other queue has jobs, holding or waiting.
+    return after["queue"] >= before["queue"] - EPS or (h.active_queues | set(h.queues)) <= {job.queue}
 
 
 def choose_victims(h: Holdings, job: Job, candidates: Sequence[Job], fits: Callable[[list[Job]], bool]) -> list[Job]:

@@ -51,6 +51,9 @@ class Job:
     restarts: int = 0                          # restarts after failures
     not_before_s: float = 0.0                  # back-off: not restarted before this time
     cancel_requested: bool = False
+    # When this job last preempted others to start, until it starts (whoever performs a Preempt sets
+    # it, a Start clears it): under a policy with ``keeps_claims`` it starts first (decide.py).
+    claimed_s: float | None = None
     message: str = ""
     # The service's: where the job runs.
     run_dir: str = ""

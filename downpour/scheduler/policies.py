@@ -39,14 +39,15 @@ class Policy:
     backfill = True   # may a job start while one ranked before it cannot be placed?
     rerank = False    # does the order change when a job starts (``decide`` then asks for it again)?
     max_swaps = math.inf   # jobs that may preempt others in one round
+    keeps_claims = False   # does a job that preempted start first until it starts (``decide``)?
 
     def order(self, queued: Sequence[Job], holding: Sequence[Job], capacity: Resources, now: float) -> list[Job]:
         """Queued jobs, first to start first."""
         raise NotImplementedError
 
-    def context(self, holding: Sequence[Job], capacity: Resources, now: float) -> Any:
-        """What ``may_preempt`` and ``victim_key`` need to know about the jobs holding resources,
-        computed once per change of them (DRF: the shares)."""
+    def context(self, holding: Sequence[Job], capacity: Resources, now: float, queued: Sequence[Job] = ()) -> Any:
+        """What ``may_preempt`` and ``victim_key`` need to know about the jobs holding resources (and
+        those waiting), computed once per change of them (DRF: the shares)."""
         return None
 
     def may_preempt(self, job: Job, victim: Job, ctx: Any, now: float) -> bool:
@@ -118,6 +119,9 @@ class DominantResourceFairness(Policy):
     # One swap per round: the no-livelock argument counts a swap's job as started, which holds only
     # if no second swap is judged on shares that count jobs merely reserved in this round.
     max_swaps = 1
+    # A swap's job starts before anyone else may take what its victims free: the no-livelock
+    # argument counts it as started from the swap on.
+    keeps_claims = True
 
     def __init__(self, weights: Mapping[str, float] | None = None, preempt: bool = True) -> None:
         self.weights = dict(weights or {})
@@ -134,8 +138,8 @@ class DominantResourceFairness(Policy):
         queues, users = h.shares("queue"), h.shares("user")
         return sorted(queued, key=lambda j: (queues.get(j.queue, 0.0), users.get(j.entity("user"), 0.0), j.submitted_s, j.id))
 
-    def context(self, holding, capacity, now):
-        return Holdings.of(holding, capacity, self.weights)
+    def context(self, holding, capacity, now, queued=()):
+        return Holdings.of(holding, capacity, self.weights, queued)
 
     def may_preempt(self, job, victim, ctx, now):
         return swap_allowed(ctx, job, [victim])

@@ -151,6 +151,10 @@ class Scheduler:
                     self._start(job, act.placement, now)
                 elif isinstance(act, Preempt):
                     log.info("scheduler: preempting job %d for job %d", job.id, act.for_job)
+                    claimant = self.jobs[act.for_job]
+                    if claimant.claimed_s is None:  # it starts first once its victims have stopped (drf)
+                        claimant.claimed_s = now
+                        self.store.save(claimant)
                     job.preemptions += 1
                     self._stop(job, f"preempted for job {act.for_job}")
                     self.store.save(job)
@@ -172,7 +176,7 @@ class Scheduler:
 
     # -- internals ----------------------------------------------------------------
     def _start(self, job: Job, placement: tuple[str, ...], now: float) -> None:
-        job.phase, job.placement, job.started_s, job.pid = Phase.RUNNING, placement, now, None
+        job.phase, job.placement, job.started_s, job.pid, job.claimed_s = Phase.RUNNING, placement, now, None, None
         job.run_dir = run_folder(self.settings.root, job.id, job.attempt)
         job.first_started_s = job.first_started_s if job.first_started_s is not None else now
         self.store.save(job)  # saved first: a scheduler killed right after finds the process by its run folder

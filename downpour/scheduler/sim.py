@@ -12,6 +12,15 @@ Training Workloads", USENIX ATC 2019) and the trace Tiresias was evaluated on (G
 2019): most jobs are small (one or two tasks) and short, a few are wide, and run times are
 heavy-tailed over orders of magnitude (log-normal body, Pareto tail). The parameters are ours, chosen
 for that shape, not fitted to either trace; they are arguments, so other shapes are one call away.
+
+:func:`philly_trace` draws its run times from the Philly trace's published distribution instead:
+``PHILLY_RUN_MIN`` holds, per GPU-count bucket, quantiles of job run time read from "Job Runtimes
+(Figure 2)" of the trace's analysis notebook (github.com/msr-fiddle/philly-traces, the CDFs of the
+ATC paper's Figure 2, computed on the released trace; ``benchmarks/philly_fit.py`` derives them).
+Job widths follow the GPU-count mix that Gavel's simulator draws "from the Philly distribution"
+(Narayanan et al., OSDI 2020; github.com/stanford-futuredata/gavel, ``scheduler/utils.py``
+``_generate_scale_factor``): 1, 2, 4, 8 tasks with probabilities .70, .10, .15, .05 (second-hand:
+neither the paper nor the notebook shows the mix).
 """
 
 from __future__ import annotations
@@ -48,7 +57,6 @@ def synthetic_trace(n_jobs: int = 400, seed: int = 0, load: float = 1.2, cluster
     jobs scaled by the 99th percentile of the body, cut at ``max_s``; users Zipf-ish (user 0 submits most)."""
     rng = random.Random(seed)
     sizes, probs = zip(*widths)
-    user_w = [1.0 / (k + 1) for k in range(users)]
     drawn = []
     for _ in range(n_jobs):
         width = rng.choices(sizes, probs)[0]
@@ -57,9 +65,17 @@ def synthetic_trace(n_jobs: int = 400, seed: int = 0, load: float = 1.2, cluster
         else:
             duration = rng.lognormvariate(math.log(median_s), sigma)
         drawn.append((width, min(max_s, max(1.0, duration))))
+    return _arrivals(drawn, rng, load, cluster_cpus, users, queues)
+
+
+def _arrivals(drawn: list[tuple[int, float]], rng: random.Random, load: float, cluster_cpus: int, users: int,
+              queues: int) -> list[TraceJob]:
+    """Jobs of the drawn (width, run time) pairs arriving as a Poisson process of offered load ``load``
+    (task-seconds asked per second, over ``cluster_cpus``); users Zipf-ish (user 0 submits most)."""
+    user_w = [1.0 / (k + 1) for k in range(users)]
     # Arrival rate from the drawn work itself, so that the offered load is ``load`` whatever the tail gave.
     work = sum(w * d for w, d in drawn)
-    rate = n_jobs * load * cluster_cpus / work
+    rate = len(drawn) * load * cluster_cpus / work
     jobs, t = [], 0.0
     for i, (width, duration) in enumerate(drawn):
         t += rng.expovariate(rate)
@@ -67,6 +83,50 @@ def synthetic_trace(n_jobs: int = 400, seed: int = 0, load: float = 1.2, cluster
         jobs.append(TraceJob(i, t, duration, tuple(Resources(cpus=1, memory_mb=1024) for _ in range(width)),
                              user=f"u{u}", queue=f"q{u % queues}", priority=rng.choice((0, 0, 0, 1, 2))))
     return jobs
+
+
+# Philly's run times, per GPU-count bucket: (cumulative fraction, minutes), read by
+# benchmarks/philly_fit.py from the trace notebook's Figure 2 (x axis 0.1 to 10^4 minutes; the last
+# point is the CDF at the axis' right edge: the jobs beyond it run 10^4 minutes here).
+PHILLY_RUN_MIN: dict[str, tuple[tuple[float, float], ...]] = {
+    "1": ((0.02, 0.369), (0.05, 0.709), (0.1, 0.966), (0.2, 1.23), (0.3, 3.82), (0.4, 10.3), (0.5, 19.2),
+          (0.6, 32.2), (0.7, 45.4), (0.8, 93.4), (0.9, 236), (0.991, 1e4)),
+    "2-4": ((0.02, 0.162), (0.05, 0.228), (0.1, 0.311), (0.2, 0.597), (0.3, 3.11), (0.4, 13.2), (0.5, 29),
+            (0.6, 213), (0.7, 618), (0.8, 1.51e3), (0.9, 3.45e3), (0.965, 1e4)),
+    "5-8": ((0.02, 0.311), (0.05, 0.618), (0.1, 1.41), (0.2, 7.86), (0.3, 21.3), (0.4, 66.2), (0.5, 206),
+            (0.6, 438), (0.7, 1.27e3), (0.8, 2.8e3), (0.9, 5.97e3), (0.945, 1e4)),
+    ">8": ((0.02, 0.382), (0.05, 0.64), (0.1, 0.842), (0.2, 4.38), (0.3, 16.7), (0.4, 40.9), (0.5, 136),
+           (0.6, 290), (0.7, 709), (0.8, 1.23e3), (0.9, 3.11e3), (0.972, 1e4)),
+}
+PHILLY_WIDTHS = ((1, 0.70), (2, 0.10), (4, 0.15), (8, 0.05))   # after Gavel's generator (module docstring)
+
+
+def philly_bucket(width: int) -> str:
+    return "1" if width == 1 else "2-4" if width <= 4 else "5-8" if width <= 8 else ">8"
+
+
+def philly_run_s(width: int, u: float) -> float:
+    """The run time (s) at quantile ``u`` of Philly's run times for jobs of ``width`` GPUs: log-linear
+    between the points of ``PHILLY_RUN_MIN``, from 0.1 minute (the figure's left edge) at 0."""
+    pts = ((0.0, 0.1), *PHILLY_RUN_MIN[philly_bucket(width)])
+    if u >= pts[-1][0]:
+        return 60.0 * pts[-1][1]
+    k = next(i for i in range(1, len(pts)) if u < pts[i][0])
+    (q0, m0), (q1, m1) = pts[k - 1], pts[k]
+    return 60.0 * m0 * (m1 / m0) ** ((u - q0) / (q1 - q0))
+
+
+def philly_trace(n_jobs: int = 400, seed: int = 0, load: float = 1.2, cluster_cpus: int = 64,
+                 widths: tuple[tuple[int, float], ...] = PHILLY_WIDTHS, users: int = 8, queues: int = 2) -> list[TraceJob]:
+    """``n_jobs`` jobs with Philly's run times per width (:func:`philly_run_s`), widths from ``widths``,
+    arriving and assigned to users as in :func:`synthetic_trace`."""
+    rng = random.Random(seed)
+    sizes, probs = zip(*widths)
+    drawn = []
+    for _ in range(n_jobs):
+        width = rng.choices(sizes, probs)[0]
+        drawn.append((width, philly_run_s(width, rng.random())))
+    return _arrivals(drawn, rng, load, cluster_cpus, users, queues)
 
 
 @dataclass
@@ -158,8 +218,10 @@ def simulate(trace: list[TraceJob], nodes: dict[str, Resources], policy: Policy,
                     result.starts.append(j.id)
                 else:
                     remaining[j.id] += resume_s
-                j.phase, j.started_s, j.placement = Phase.RUNNING, now, act.placement
+                j.phase, j.started_s, j.placement, j.claimed_s = Phase.RUNNING, now, act.placement, None
             elif isinstance(act, Preempt):
+                if jobs[act.for_job].claimed_s is None:
+                    jobs[act.for_job].claimed_s = now
                 stop_running(j, now)
                 j.phase, j.preemptions = Phase.STOPPING, j.preemptions + 1
                 stop_at[j.id] = now + stop_s
