@@ -195,3 +195,37 @@ def test_whole_jobs_are_not_strategy_proof_a_larger_demand_can_block_another_use
     b_lies = User("b", Resources(gpus=2), Resources(gpus=2), 1, 2, 1.0)
     assert settle(capacity, [a, b], [1, 0, 1], drf([a, b])) == {"a": 1, "b": 1}
     assert settle(capacity, [a, b_lies], [1, 0, 1], drf([a, b_lies])) == {"a": 0, "b": 2}
+
+
+@st.composite
+def alike_jobs(draw):
+    """One queue, users of any weights whose jobs are all the same gang; one of them, the liar, may
+    declare a larger task (every component at least the true one)."""
+    capacity = draw(capacities)
+    width = draw(st.integers(1, 3))
+    task = Resources(draw(st.integers(0, min(4, capacity.cpus // width))), draw(st.integers(0, capacity.gpus // width)),
+                     draw(st.integers(0, min(16, capacity.memory_mb // width))))
+    if task.dominant_share(capacity) == 0:
+        task = Resources(task.cpus, task.gpus, 1)
+    job = Resources(task.cpus * width, task.gpus * width, task.memory_mb * width)
+    users = [User(f"u{i}", job, task, width, draw(st.integers(1, 8)), draw(st.sampled_from([0.5, 1.0, 1.0, 2.0, 3.0])))
+             for i in range(draw(st.integers(2, 5)))]
+    order = draw(st.permutations([u for u, user in enumerate(users) for _ in range(user.jobs)]))
+    liar = draw(st.integers(0, len(users) - 1))
+    lie = Resources(draw(st.integers(task.cpus, max(task.cpus, capacity.cpus // width))),
+                    draw(st.integers(task.gpus, max(task.gpus, capacity.gpus // width))),
+                    draw(st.integers(task.memory_mb, max(task.memory_mb, capacity.memory_mb // width))))
+    return capacity, users, list(order), liar, lie
+
+
+@settings(max_examples=150, deadline=None)
+@given(alike_jobs())
+def test_strategy_proofness_when_every_job_is_alike(inst):
+    """Where strategy-proofness holds with whole jobs (tested, not proved): every user's jobs are the
+    same gang. Declaring larger tasks never runs more of the liar's jobs."""
+    capacity, users, order, liar, lie = inst
+    truthful = settle(capacity, users, order, drf(users))
+    u = users[liar]
+    declared = Resources(lie.cpus * u.width, lie.gpus * u.width, lie.memory_mb * u.width)
+    lying = [*users[:liar], User(u.name, declared, lie, u.width, u.jobs, u.weight), *users[liar + 1:]]
+    assert settle(capacity, lying, order, drf(lying))[u.name] <= truthful[u.name]

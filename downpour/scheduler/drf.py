@@ -15,25 +15,37 @@ weighted dominant share (dominant share of what its running jobs hold, over its 
 a queued job J of user X may stop a set V of other users' running jobs only if J raises ``s_X``
 and every victim's user Y keeps ``s_Y`` (after losing all its victims) strictly above ``s_X``
 *before* J: ``s_Y - (V's part of Y) > s_X``. (Across queues the same rule holds between queues'
-shares; within a queue a swap may not lower the queue's share while other queues hold resources.)
+shares; within a queue a swap may not lower the queue's share while other queues have jobs.) The job
+that preempts claims what its victims free: it starts first once they have stopped.
 
 What the policy guarantees, on one node (or wherever a gang fits if and only if its total fits,
 i.e. no fragmentation), for the at most ``decide.SEARCHES`` least-served users waiting in a round
 (all of them when no more wait), once the rounds reach a *fixed point* (a round with no action),
 each user's jobs alike (σ_u per job):
 
-* **No livelock.** Between arrivals and completions only finitely many preemptions happen. Proof:
-  every start raises some shares and lowers none; every swap raises ``s_X`` and leaves every share
-  it lowers above the old ``s_X``, so the vector of shares sorted ascending grows lexicographically
-  (the first value below which fewer shares lie is ``s_X``'s old value). There are finitely many
-  allocations. This holds among the users of one queue (tested). Across queues it does not: a
-  user's start inside a queue can lift that queue above the queue a swap took resources from,
-  whose victim then ranks first and retakes them (a test shows such a cycle); ``--min-run-s``
-  bounds how often in the service. The order is recomputed from what runs after each start, at
-  most one swap happens per round, and a victim's side is judged on its running jobs only (not on
-  jobs started or reserved in the same round): each closed an oscillation random tests found. The policy it replaces
-  checked each victim on its own and oscillated forever: 5 CPUs and 13 GB, tasks ⟨1 CPU, 1 GB⟩ and
-  ⟨0, 2 GB⟩, two victims each "allowed" alone, the victims' user back below and retaking them.
+* **No livelock.** Between arrivals and completions only finitely many preemptions happen, within
+  and across queues. A job that preempts *claims* what its victims free: it ranks first in every
+  round until it starts (``Job.claimed_s``, ``Policy.keeps_claims``), so count it as holding its
+  demand from the swap on. Take as potential ``P`` the vector of the queues' shares sorted
+  ascending, followed by each queue's (in a fixed order) users' shares sorted ascending, over the
+  queues with jobs; when only one queue has jobs, its users' vector alone. Compare lexicographically.
+  (1) A start lowers no share, so ``P`` does not fall. (2) A swap at the queue level
+  (some victim in another queue) raises the job's queue share ``a`` and leaves every victim queue
+  strictly above ``a``: the shares below ``a`` are unchanged, one value ``a`` has gone, the values
+  that moved are above ``a``, so the sorted queue vector, and ``P``, rise. (3) A swap inside a
+  queue leaves the queue's share at least where it was (the rule's last clause; it may fall only
+  while no other queue has jobs, where ``P`` has no queue part): if it rose, (2)'s argument; if not,
+  the queue vector is unchanged and the same argument on the queue's users' vector makes ``P`` rise.
+  The rule judges the job's side on all it holds in the round (jobs running, started, claimed) and
+  the victims' sides on their running jobs only, which is at most what they hold, so (2) and (3)
+  hold of the true state; and at most one swap is judged per round. ``P`` never falls and rises at
+  each swap; there are finitely many allocations. Tested on random instances with one and with
+  several queues, queue and user weights. Without claims it failed across queues (a test keeps the
+  instance): the victims' queue, once they had stopped, could rank first (another start having lifted
+  the preemptor's queue) and take the resources back, the preemptor preempting again, forever. The
+  policy before the swap rule checked each victim on its own and oscillated even within a queue:
+  5 CPUs and 13 GB, tasks ⟨1 CPU, 1 GB⟩ and ⟨0, 2 GB⟩, two victims each "allowed" alone, the
+  victims' user back below and retaking them.
 * **Sharing incentive up to one job per user.** A user u with a job waiting holds
   ``w_u·s_u > (w_u/W)·(1 - Σ_v σ_v)`` (the sum over every user with jobs running or waiting): its
   weighted slice less at most one job of each user; divisible DRF gives ``w_u/W``. Proof: at a
@@ -49,12 +61,14 @@ each user's jobs alike (σ_u per job):
   ``k_v - 1 ≤ x_u·(x_v-1)/(x_u+1)`` and ``x_v - k_v ≥ (x_v-1)/(x_u+1) ≥ λ·(x_v-1)/(x_u+1)``: the jobs
   of v the rule lets u take hold ``D_u``, so u's job would fit, which a fixed point rules out.
   (Divisible DRF needs no "less one job" and scales by ``w_u/w_v`` either way.)
-* **Not strategy-proof.** Declaring a larger demand than the jobs need can win jobs: the larger
-  job leaves too little for another user's job, which then waits while the liar backfills, and
-  the swap rule's strict inequality (which no-livelock needs) keeps it from taking the resources
-  back. 4 GPUs, a: one job of 3, b: two of 1; truthful b runs one, declaring 2 GPUs per job it
-  runs two and a none (a test). Random instances show gains of one or two jobs. The paper's proof
-  needs divisible tasks; no rule here replaces it.
+* **Strategy-proofness only where every job is alike.** Declaring a larger demand than the jobs
+  need can win jobs: the larger job leaves too little for another user's job, which then waits while
+  the liar backfills, and the swap rule's strict inequality (which no-livelock needs) keeps it from
+  taking the resources back. 4 GPUs, a: one job of 3, b: two of 1; truthful b runs one, declaring 2
+  GPUs per job it runs two and a none (a test). The paper's proof needs divisible tasks
+  (:func:`drf_allocation` has it, tested). Where every user's jobs are the same gang (one queue, any
+  weights), declaring larger tasks never won a job on random instances (tested, not proved: the
+  liar's larger jobs leave no room that its own true jobs, the same as everyone's, could use).
 
 Beyond one node a gang may not fit where its total would (fragmentation); the order and the swap rule
 are the same there, the bounds above need not hold.

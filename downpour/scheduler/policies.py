@@ -15,6 +15,7 @@ Each policy is a small class registered by name (:func:`make_policy`):
   other users') jobs only if its side's share rises and every victim's side keeps, after losing
   all its victims, a share strictly above the job's side's share before: the *swap rule* of
   :mod:`downpour.scheduler.drf`, where what it guarantees with whole jobs is stated and proved.
+  A job that preempted starts first once its victims have stopped (it *claims* what they free).
 * ``las``: least attained service, Tiresias-style (Gu et al., NSDI 2019): attained service is
   tasks x seconds run; ``thresholds`` cut it into discrete queues; a lower queue goes first, FIFO
   within a queue; a job preempts jobs in higher queues. With ``promote_factor`` set, a job that has
