@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -171,3 +172,21 @@ def test_unknown_policy_and_bad_options_are_named():
         make_policy("las", thresholds=[10, 5])
     with pytest.raises(ConfigError, match="las policy"):
         make_policy("las", quantum=3)
+
+
+def test_the_philly_trace_draws_the_published_run_times_per_width():
+    """sim.philly_trace: widths 1/2/4/8 only; each bucket's run times follow PHILLY_RUN_MIN (its points
+    exactly, its median within sampling error), cut at 10^4 minutes; the same seed, the same trace."""
+    from downpour.scheduler.sim import PHILLY_RUN_MIN, philly_bucket, philly_run_s, philly_trace
+
+    for bucket, width in (("1", 1), ("2-4", 4), ("5-8", 8)):
+        for q, minutes in PHILLY_RUN_MIN[bucket]:
+            assert philly_run_s(width, q) == pytest.approx(60.0 * minutes)
+        assert philly_run_s(width, 0.0) == pytest.approx(6.0)
+        assert philly_run_s(width, 0.9999) == pytest.approx(600_000.0)
+    trace = philly_trace(2000, seed=1, load=2.0)
+    assert trace == philly_trace(2000, seed=1, load=2.0)
+    assert {len(j.tasks) for j in trace} == {1, 2, 4, 8}
+    ones = sorted(j.duration_s for j in trace if philly_bucket(len(j.tasks)) == "1")
+    median = dict(PHILLY_RUN_MIN["1"])[0.5] * 60.0
+    assert 0.7 * median < ones[len(ones) // 2] < 1.4 * median
