@@ -112,5 +112,9 @@ def test_a_stopped_async_lookahead_job_resumes_its_momentum_to_the_same_paramete
     assert 0 < state["step"], "the run was stopped mid-way"
     want = torch.load(os.path.join(whole.run_dir, "model.pt"), weights_only=True)
     got = torch.load(resumed / "model.pt", weights_only=True)
+    # Async resumes are not bit for bit (one run left 22 of 25,088 weights 1.04e-5 apart); a momentum
+    # restarted at zero moved 1,443 of them by more than 1e-5.
+    off = sum(int(((got[n] - v).abs() > 1e-5).sum()) for n, v in want.items())
+    assert off < 0.01 * sum(v.numel() for v in want.values()), off
     for name, value in want.items():
-        torch.testing.assert_close(got[name], value, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(got[name], value, rtol=1e-3, atol=1e-4)
