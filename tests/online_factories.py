@@ -20,18 +20,41 @@ from downpour.nn import SparseEmbedding
 COUNT_FIELD = 25  # C26
 
 
-class CountingCTR(torch.nn.Module):
-    def __init__(self, **args) -> None:
+class _Tail(torch.nn.Module):
+    def __init__(self) -> None:
         super().__init__()
+        self.events = torch.nn.Parameter(torch.zeros(1))
+
+
+class CountingCTR(torch.nn.Module):
+    """With ``dense_count`` s > 0, also two dense parameters whose gradient is forced to -s per
+    event of the batch: with dense SGD at lr 1/s (a power of two, so the sum is exact) each holds
+    how many events' dense updates reached it. ``head`` comes first in the model's parameters
+    and ``tail.events`` last, so with two servers (partitioned by bytes) one is on each."""
+
+    def __init__(self, dense_count: float = 0.0, **args) -> None:
+        super().__init__()
+        self.dense_count = float(dense_count)
+        if self.dense_count:
+            self.head = torch.nn.Parameter(torch.zeros(1))
         self.model = WideDeep(**args)
         self.count = SparseEmbedding("count", 1)
+        if self.dense_count:
+            self.tail = _Tail()
 
     def forward(self, dense: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         out = self.model(dense, ids)
         c = self.count(ids[:, COUNT_FIELD])  # [B, 1]
         if c.requires_grad:
             c.register_hook(lambda g: torch.full_like(g, -1.0))
-        return out + (c - c.detach()).reshape(out.shape)
+        out = out + (c - c.detach()).reshape(out.shape)
+        if self.dense_count:
+            for p in (self.head, self.tail.events):
+                d = p.expand(len(ids))  # one element per event: the parameter's gradient is their sum
+                if d.requires_grad:
+                    d.register_hook(lambda g: torch.full_like(g, -self.dense_count))
+                out = out + (d - d.detach()).reshape(out.shape)
+        return out
 
 
 def counting_ctr(**args) -> torch.nn.Module:
@@ -86,3 +109,19 @@ def counts_in(checkpoint_dir: str) -> np.ndarray:
         values.append(snap["values"][:, 0])
     k, v = np.concatenate(keys), np.concatenate(values)
     return k - COUNT_FIELD * FIELD_STRIDE, v
+
+
+def dense_counts_in(checkpoint_dir: str) -> dict[str, tuple[int, float]]:
+    """The dense counters of a ``counting_ctr`` model with ``dense_count``, from the newest
+    checkpoint in ``checkpoint_dir`` (the servers' files): {name: (server holding it, events)}."""
+    from downpour.serving.export import CheckpointState
+    from downpour.storage import CheckpointStore
+
+    store = CheckpointStore(checkpoint_dir)
+    state = CheckpointState(store, store.latest())
+    out = {}
+    for name in ("head", "tail.events"):
+        p = next(p for p in state.layout.params if p.name == name)
+        server = next(s.server for s in state.layout.slices if s.start <= p.offset < s.stop)
+        out[name] = (server, float(state.dense[name][0]))
+    return out

@@ -3,6 +3,7 @@ each applied exactly once (counted from the model's state), offsets in the check
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 
@@ -12,7 +13,7 @@ import pytest
 from downpour.stream import open_source
 from tests.cluster import QUIET, run_train
 from tests.conftest import FAST_CLUSTER
-from tests.online_factories import counts_in, serial_rows, write_serial_events
+from tests.online_factories import counts_in, dense_counts_in, serial_rows, write_serial_events
 from tests.redis_server import needs_redis, redis_server  # noqa: F401
 
 pytestmark = [needs_redis, pytest.mark.slow]
@@ -186,19 +187,23 @@ class _Producer:
         self.thread.join(timeout=30)
 
 
-def _chaos_job(url: str, init_from: str) -> dict:
+def _chaos_job(url: str, init_from: str | None = None, **over) -> dict:
     # (a server loading the warm start's 450,000 sparse rows sends no heartbeat meanwhile: 5.5 s on a loaded machine)
     cluster = {**FAST_CLUSTER, "num_servers": 2, "num_workers": 2, "heartbeat_timeout_s": 8.0, "worker_restarts": 3,
                "server_restarts": 3, "coordinator_restarts": 3}
-    return stream_job(url, cluster=cluster, checkpoint={"every_s": 1, "keep": 3}, init_from=init_from)
+    return stream_job(url, cluster=cluster, checkpoint={"every_s": 1, "keep": 3},
+                      **({"init_from": init_from} if init_from else {}), **over)
 
 
-def _run_stream(tmp_path, name: str, redis, lines: list[bytes], rate: float, chaos: bool,
-                init_from: str) -> tuple[dict, list[str], str]:
-    """Train the job (warm-started from ``init_from``) on ``lines`` written at ``rate``/s into
-    stream ``name``; with ``chaos``, kill a worker, a server and the coordinator (SIGKILL) one
-    after the other mid-stream and restart redis-server. Returns the summary, what was done, and
-    the run folder."""
+CHAOS = ["worker", "server", "coordinator", "redis"]
+
+
+def _run_stream(tmp_path, name: str, redis, lines: list[bytes], rate: float, plan: list[str],
+                job=_chaos_job) -> tuple[dict, list[str], str]:
+    """Train ``job(url)`` on ``lines`` written at ``rate``/s into stream ``name``, causing the
+    failures of ``plan`` one after the other mid-stream (``worker``, ``server``, ``coordinator``:
+    SIGKILL; ``redis``: redis-server restarted). Returns the summary, what was done, and the run
+    folder."""
     import signal
     import time
 
@@ -210,7 +215,7 @@ def _run_stream(tmp_path, name: str, redis, lines: list[bytes], rate: float, cha
     folder = tmp_path / name
     folder.mkdir()
     done: list[str] = []
-    proc, run_dir = start_job(folder, _chaos_job(url, init_from))
+    proc, run_dir = start_job(folder, job(url))
     try:
         # Chunks of two full batches per partition: a worker that keeps up with the stream reads
         # batches of 128 as one that lags behind does (chunks of 200 per partition made it train on
@@ -218,7 +223,7 @@ def _run_stream(tmp_path, name: str, redis, lines: list[bytes], rate: float, cha
         with _Producer(src, lines, rate, chunk=2 * 2 * 128) as producer:
             wait_training(run_dir, timeout_s=120, steps=1)
             producer.running.set()  # the stream flows from here
-            plan = ["worker", "server", "coordinator", "redis"] if chaos else []
+            plan = list(plan)
             deadline = time.monotonic() + 150
             while plan and time.monotonic() < deadline and proc.poll() is None:
                 time.sleep(2.0)
@@ -297,8 +302,9 @@ def test_every_event_is_applied_once_while_a_worker_a_server_and_the_coordinator
     (tmp_path / "warm").mkdir()
     run_train(tmp_path / "warm", stream_job(src.spec.url + "?stream=warm&partitions=2"), timeout_s=240)
     start = str(tmp_path / "warm" / "run")
-    calm, _, calm_dir = _run_stream(tmp_path, "calm", redis_server, lines[:n], rate, chaos=False, init_from=start)
-    chaos, done, chaos_dir = _run_stream(tmp_path, "chaos", redis_server, lines[:n], rate, chaos=True, init_from=start)
+    warm_job = functools.partial(_chaos_job, init_from=start)
+    calm, _, calm_dir = _run_stream(tmp_path, "calm", redis_server, lines[:n], rate, [], warm_job)
+    chaos, done, chaos_dir = _run_stream(tmp_path, "chaos", redis_server, lines[:n], rate, CHAOS, warm_job)
     for run_dir in (calm_dir, chaos_dir):  # (the warm start's rows hold 1 each from its own run)
         serials, counts = counts_in(os.path.join(run_dir, "checkpoints"))
         assert np.array_equal(np.sort(serials), np.arange(n + warm)), (run_dir, len(serials))
@@ -311,3 +317,27 @@ def test_every_event_is_applied_once_while_a_worker_a_server_and_the_coordinator
     print(f"\nprequential AUC: undisturbed {calm_auc:.4f} ({calm['online']['prequential_events']} events scored), chaos "
           f"{chaos_auc:.4f} ({chaos['online']['prequential_events']}), {chaos_auc - calm_auc:+.4f}; {done}")
     assert abs(chaos_auc - calm_auc) <= 0.01, (calm_auc, chaos_auc, done)
+
+
+def test_every_events_dense_update_reaches_each_server_once_while_a_server_and_then_a_worker_die(tmp_path, redis_server):  # noqa: F811
+    """Dense updates, counted from the model's state: two dense parameters (one on each server)
+    gain exactly 1 per event whose update reached them (dense SGD at lr 2⁻¹⁰, gradient -2¹⁰ per
+    event), as the ``count`` table's rows do for sparse updates. A server is killed (SIGKILL) and
+    replaced from its last checkpoint, then a worker: the replaced server applies the events
+    after its checkpoint again, the other one skips them, and every event's dense update is in
+    the final checkpoint once on both."""
+    n = 30_000
+    lines = serial_rows(n)
+    job = functools.partial(_chaos_job, model={"factory": "tests.online_factories:counting_ctr",
+                                               "args": {"num_dense": 13, "num_fields": 26, "dim": 4, "hidden": [16],
+                                                        "dense_count": 1024.0}},
+                            optimizer={"name": "sgd", "lr": 2.0 ** -10})
+    summary, done, run_dir = _run_stream(tmp_path, "dense", redis_server, lines, 2000.0, ["server", "worker"], job)
+    ckpt = os.path.join(run_dir, "checkpoints")
+    dense = dense_counts_in(ckpt)
+    serials, counts = counts_in(ckpt)
+    assert sorted(server for server, _ in dense.values()) == [0, 1], dense  # one counter on each server
+    assert {name: events for name, (_, events) in dense.items()} == {"head": n, "tail.events": n}, (dense, done)
+    assert np.array_equal(np.sort(serials), np.arange(n)) and np.all(counts == 1.0), (done, np.unique(counts, return_counts=True))
+    kinds = sorted(f["node"].split(".")[0].split("-")[0] for f in summary["failures"])
+    assert kinds == ["server", "worker"], summary["failures"]

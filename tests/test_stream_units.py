@@ -159,6 +159,27 @@ def test_a_prefetching_reader_returns_every_event_once_in_order_and_reads_a_boun
     assert inner.closed and not r._thread.is_alive()
 
 
+class _TrickleReader(_ListReader):
+    """Hands over its events a few at a time, as a broker does with a write it sees in pieces."""
+
+    def read(self, max_events, timeout_s):
+        import time
+
+        time.sleep(0.002)
+        return super().read(min(max_events, 3), timeout_s)
+
+
+def test_a_prefetching_reader_waits_for_a_batch_to_fill_rather_than_return_the_first_pieces():
+    from downpour.stream.prefetch import PrefetchReader
+
+    r = PrefetchReader(_TrickleReader(40), chunk=16, wait_s=5.0)
+    assert [len(r.read(16, 5.0)) for _ in range(2)] == [16, 16]  # not the 3 events there at first
+    r.close()
+    short = PrefetchReader(_TrickleReader(5), chunk=16, wait_s=0.05)
+    assert [e.offset for e in short.read(16, 5.0)] == [1, 2, 3, 4, 5]  # a partial batch once wait_s has passed
+    short.close()
+
+
 def test_a_prefetching_reader_raises_its_inner_readers_error_after_the_events_read_before_it():
     import pytest
 

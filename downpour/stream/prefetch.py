@@ -17,7 +17,8 @@ from downpour.stream.api import PartitionReader, RawEvent
 
 
 class PrefetchReader:
-    """Wraps a :class:`PartitionReader`; ``read`` returns events the thread already has."""
+    """Wraps a :class:`PartitionReader`; ``read`` returns events the thread has read (waiting
+    at most ``wait_s`` for a batch of ``max_events`` to fill once one event is there)."""
 
     def __init__(self, inner: PartitionReader, chunk: int, wait_s: float, depth: int = 2) -> None:
         if chunk < 1 or depth < 1:
@@ -51,9 +52,18 @@ class PrefetchReader:
                     self._cv.notify_all()
 
     def read(self, max_events: int, timeout_s: float) -> list[RawEvent]:
+        """Up to ``max_events`` events: waits at most ``timeout_s`` for the first, then at most
+        ``wait_s`` (the constructor's) for the rest to arrive. Waiting for the batch to fill keeps
+        a batch's size from depending on when the worker happened to ask: a broker that hands
+        over a producer's write in pieces would otherwise make a worker that keeps up with the
+        stream train on many small batches, and one that lags behind on full ones (each push is
+        an optimizer step: the two learn differently from the same events)."""
         with self._cv:
             if not self._events and self._error is None:
                 self._cv.wait_for(lambda: self._events or self._error is not None, timeout_s)
+            if self._events and len(self._events) < max_events and self._error is None:
+                self._cv.wait_for(lambda: len(self._events) >= max_events or self._error is not None or self._stop,
+                                  self.wait_s)
             if not self._events and self._error is not None:
                 raise self._error
             n = min(max_events, len(self._events))
