@@ -273,21 +273,15 @@ def test_every_event_is_applied_once_while_a_worker_a_server_and_the_coordinator
     are each killed (SIGKILL) mid-stream and redis-server (append-only file) is restarted. Every
     event's update is in the final model exactly once, read from the model's own state (the
     ``count`` table: each event's row gains 1 per update), every event is acknowledged, and the
-    prequential AUC is that of an undisturbed run over the same events within 0.01.
+    prequential AUC is that of an undisturbed run over the same events within 0.005.
 
-    The target is 0.005; the test holds 0.01. Measured (2026-12-05, 2-core shared VM, per-event
-    scores of each run written out and compared event by event): every event is scored exactly
-    once in every run (a dead worker's scores after its last heartbeat are missing from the pooled
-    counts: 79,801 of 80,000 in one run); two undisturbed runs in one invocation differ by 0.0001
-    and 0.0007, but by 0.0131 in a third, where one of them kept up with the producer and trained
-    on batches of 128 and 72 (its chunks were 200 events per partition) while the other lagged
-    and trained on full batches: the batch sizes alone moved the AUC that much. The producer now
-    writes two full batches per partition per chunk. With that, two chaos runs scored +0.0043 and
-    +0.0038 above their undisturbed runs: within 0.005 by a margin of 0.001, and systematic. Its
-    events scored better after the failures whether the model scoring them had seen more events
-    than the undisturbed run's or fewer, so it is not the partitions' reordering; why a failover
-    leaves a model that scores better is not established; one run per kind of failure puts it on
-    the server's replacement (+0.0038 alone; benchmarks/RESULTS.md §15).
+    Measured (2026-12-05, 2-core shared VM): chaos minus undisturbed -0.0002, two undisturbed runs
+    +0.0001 (benchmarks/RESULTS.md §15). The difference was +0.004 while a worker's read returned
+    whatever part of a producer's write it had: one that kept up with the stream trained on many
+    small batches (932 pushes for the 80,000 events), one catching up after the server's
+    replacement on full ones (860), and each push is an Adagrad step. A batch now waits (up to
+    ``data.args.wait_s``) to fill, and both runs push 626 times. Every event is scored exactly once
+    (a dead worker's scores after its last heartbeat can be missing from the pooled counts).
 
     Both runs start from one model trained on W earlier events of the same distribution (a
     warm start, as a model put online is): from scratch, the prequential AUC of the first tens of
@@ -316,7 +310,7 @@ def test_every_event_is_applied_once_while_a_worker_a_server_and_the_coordinator
     calm_auc, chaos_auc = calm["online"]["prequential_auc"], chaos["online"]["prequential_auc"]
     print(f"\nprequential AUC: undisturbed {calm_auc:.4f} ({calm['online']['prequential_events']} events scored), chaos "
           f"{chaos_auc:.4f} ({chaos['online']['prequential_events']}), {chaos_auc - calm_auc:+.4f}; {done}")
-    assert abs(chaos_auc - calm_auc) <= 0.01, (calm_auc, chaos_auc, done)
+    assert abs(chaos_auc - calm_auc) <= 0.005, (calm_auc, chaos_auc, done)
 
 
 def test_every_events_dense_update_reaches_each_server_once_while_a_server_and_then_a_worker_die(tmp_path, redis_server):  # noqa: F811
