@@ -111,42 +111,53 @@ def launchers(args) -> dict[str, Any]:
 
 
 # -- two hosts ------------------------------------------------------------------------------------
-def run_two_hosts(job: dict, rate_mbit: float, folder: str) -> dict[str, Any]:
-    from tests.netns import Hosts
-
+def run_on_hosts(hosts, job: dict, folder: str, timeout_s: float = 1800) -> dict[str, Any]:
+    """Run ``job`` with the coordinator and servers on host ``a`` of ``hosts`` and the workers on
+    host ``b`` (tcp, CURVE, one key per worker); return its summary.json. Kills what it started."""
     path = os.path.join(folder, f"job-{time.monotonic_ns()}.yaml")
     with open(path, "w") as f:
         yaml.safe_dump(job, f)
     keys, run_dir = os.path.join(folder, f"keys-{time.monotonic_ns()}"), os.path.join(folder, f"run-{time.monotonic_ns()}")
     workers = job["cluster"]["num_workers"]  # one key per worker (each worker its own, bound to its rank)
-    subprocess.run([sys.executable, "-m", "downpour", "keys", keys, "--workers", str(workers)], check=True, capture_output=True)
+    subprocess.run([sys.executable, "-m", "downpour", "keys", keys, "--workers", str(workers)], check=True, capture_output=True,
+                   timeout=60)
     env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
     procs: list[subprocess.Popen] = []
-    with Hosts() as hosts:
-        a, _ = hosts.add("a"), hosts.add("b")
-        hosts.shape("a", rate_mbit)
-        hosts.shape("b", rate_mbit)
-        dp = [sys.executable, "-m", "downpour"]
-        logf = open(os.path.join(folder, "nodes.log"), "ab")
-        try:
-            procs.append(hosts.popen("a", [*dp, "coordinator", path, "--bind", "tcp://0.0.0.0:7070", "--run-dir", run_dir, "--keys", keys],
+    a = hosts.addresses["a"]
+    dp = [sys.executable, "-m", "downpour"]
+    logf = open(os.path.join(folder, "nodes.log"), "ab")
+    try:
+        procs.append(hosts.popen("a", [*dp, "coordinator", path, "--bind", "tcp://0.0.0.0:7070", "--run-dir", run_dir, "--keys", keys],
+                                 env=env, stdout=logf, stderr=subprocess.STDOUT))
+        for _ in range(job["cluster"]["num_servers"]):
+            procs.append(hosts.popen("a", [*dp, "server", "--coordinator", f"{a}:7070", "--host", "0.0.0.0", "--keys", keys],
                                      env=env, stdout=logf, stderr=subprocess.STDOUT))
-            for _ in range(job["cluster"]["num_servers"]):
-                procs.append(hosts.popen("a", [*dp, "server", "--coordinator", f"{a}:7070", "--host", "0.0.0.0", "--keys", keys],
-                                         env=env, stdout=logf, stderr=subprocess.STDOUT))
-            for r in range(workers):
-                procs.append(hosts.popen("b", [*dp, "worker", "--coordinator", f"{a}:7070", "--keys", keys, "--rank", str(r)],
-                                         env=env, stdout=logf, stderr=subprocess.STDOUT))
-            codes = [p.wait(timeout=1800) for p in procs]
-        finally:
-            for p in procs:
-                if p.poll() is None:
-                    p.kill()
-                    p.wait()
-            logf.close()
+        for r in range(workers):
+            procs.append(hosts.popen("b", [*dp, "worker", "--coordinator", f"{a}:7070", "--keys", keys, "--rank", str(r)],
+                                     env=env, stdout=logf, stderr=subprocess.STDOUT))
+        deadline = time.monotonic() + timeout_s
+        codes = [p.wait(timeout=max(1.0, deadline - time.monotonic())) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait(timeout=30)
+        logf.close()
     if any(codes):
         raise RuntimeError(f"a process failed: exit codes {codes}; see {folder}/nodes.log")
-    s = json.load(open(os.path.join(run_dir, "summary.json")))
+    with open(os.path.join(run_dir, "summary.json")) as f:
+        return json.load(f)
+
+
+def run_two_hosts(job: dict, rate_mbit: float, folder: str) -> dict[str, Any]:
+    from tests.netns import Hosts
+
+    with Hosts() as hosts:
+        hosts.add("a")
+        hosts.add("b")
+        hosts.shape("a", rate_mbit)
+        hosts.shape("b", rate_mbit)
+        s = run_on_hosts(hosts, job, folder)
     curve = s.get("accuracy_curve") or []
     return {"examples_per_s": s["examples_per_s"], "train_s": s["train_s"], "test_accuracy": s["test_accuracy"],
             "seconds_to_target": next((t for t, _, acc in curve if acc >= TARGET), None), "curve": curve}

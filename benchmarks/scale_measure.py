@@ -174,6 +174,11 @@ def run_job(path: str, overrides: list[str]) -> dict[str, Any]:
         s = LocalLauncher(job, run_dir).run().summary
     if s.get("status") != "ok":
         raise RuntimeError(f"{path} {overrides}: {s.get('status')}: {s.get('error')}")
+    return totals(s)
+
+
+def totals(s: dict[str, Any]) -> dict[str, Any]:
+    """What :func:`measure` takes from a job's summary.json."""
     servers = s["servers"].values()
     return {
         "examples": s["examples"],
@@ -188,11 +193,14 @@ def run_job(path: str, overrides: list[str]) -> dict[str, Any]:
     }
 
 
-def measure(path: str, servers: int, workers: int, total_short: int, total_long: int, extra: list[str] = ()) -> dict[str, Any]:
-    """Per-role CPU per step and examples/s of the extra steps of the longer of two runs (two step caps)."""
+def measure(
+    path: str, servers: int, workers: int, total_short: int, total_long: int, extra: list[str] = (), runner: Any = run_job
+) -> dict[str, Any]:
+    """Per-role CPU per step and examples/s of the extra steps of the longer of two runs (two step caps).
+    ``runner(path, overrides)`` runs one job and returns :func:`totals` of it (default: the local launcher)."""
     cl = [f"cluster.num_servers={servers}", f"cluster.num_workers={workers}", *QUIET, *extra]
-    short = run_job(path, [*cl, f"steps={max(1, total_short // workers)}"])
-    long = run_job(path, [*cl, f"steps={max(2, total_long // workers)}"])
+    short = runner(path, [*cl, f"steps={max(1, total_short // workers)}"])
+    long = runner(path, [*cl, f"steps={max(2, total_long // workers)}"])
     d = {k: long[k] - short[k] for k in ("examples", "steps", "worker_cpu_s", "server_cpu_s", "requests", "rows", "train_s")}
     if d["steps"] <= 0:
         raise RuntimeError(f"{servers}x{workers}: the longer run took no more steps than the shorter one")
@@ -226,6 +234,29 @@ def calibrate(args: argparse.Namespace) -> dict[str, Any]:
     a = measure(MNIST_JOB, 1, 1, args.steps_short, args.steps_long)
     b = measure(MNIST_JOB, 2, 1, args.steps_short, args.steps_long)
     c = measure(MNIST_JOB, 1, 1, args.steps_short, args.steps_long, [f"model.args.hidden=[{BIG_HIDDEN}]"])
+    costs, worker_step = solve_request_costs(a, b, c, ref_p, big_p, ref_c, big_c, apply, lat)
+    ref = Workload("reference MLP (784-128-10, batch 32)", ref_p, 32, ref_c, worker_step)
+    c100_c, c100_p = mlp_compute_s(DENSE_100M_HIDDEN, 32, 3)
+    dense100 = Workload(f"dense MLP 784-{'-'.join(map(str, DENSE_100M_HIDDEN))}-10 (batch 32)", c100_p, 32, c100_c, worker_step)
+    log(f"  100M model {c100_p:,} params: {c100_c * 1e3:.1f} ms/step")
+    out = {
+        "costs": asdict(costs),
+        "workloads": {"reference": asdict(ref), "dense100m": asdict(dense100)},
+        "jobs": {"A": a, "B": b, "C": c},
+        "compute": {"reference": ref_c, "wide": big_c, "dense100m": c100_c},
+        "requests_per_step": [a["requests_per_step"], b["requests_per_step"], c["requests_per_step"]],
+    }
+    if args.ctr:
+        ctr, out["jobs"]["D"] = calibrate_ctr(args, costs)
+        out["workloads"]["ctr"] = asdict(ctr)
+    return out
+
+
+def solve_request_costs(
+    a: dict, b: dict, c: dict, ref_p: int, big_p: int, ref_c: float, big_c: float, apply: float, lat: float
+) -> tuple[Costs, float]:
+    """The per-request and per-byte costs from jobs A (1×1), B (2×1), C (1×1, wide), and the worker's
+    other CPU per step of the reference model."""
     ra, rb, rc = a["requests_per_step"], b["requests_per_step"], c["requests_per_step"]
     bytes_a, bytes_c = 4 * ref_p, 4 * big_p
     # Worker: three unknowns (other CPU per step, per request, per byte), three jobs: solved exactly.
@@ -246,22 +277,7 @@ def calibrate(args: argparse.Namespace) -> dict[str, Any]:
         apply_s_per_param=apply,
         latency_s=lat,
     )
-    worker_step = float(worker_step)
-    ref = Workload("reference MLP (784-128-10, batch 32)", ref_p, 32, ref_c, worker_step)
-    c100_c, c100_p = mlp_compute_s(DENSE_100M_HIDDEN, 32, 3)
-    dense100 = Workload(f"dense MLP 784-{'-'.join(map(str, DENSE_100M_HIDDEN))}-10 (batch 32)", c100_p, 32, c100_c, worker_step)
-    log(f"  100M model {c100_p:,} params: {c100_c * 1e3:.1f} ms/step")
-    out = {
-        "costs": asdict(costs),
-        "workloads": {"reference": asdict(ref), "dense100m": asdict(dense100)},
-        "jobs": {"A": a, "B": b, "C": c},
-        "compute": {"reference": ref_c, "wide": big_c, "dense100m": c100_c},
-        "requests_per_step": [ra, rb, rc],
-    }
-    if args.ctr:
-        ctr, out["jobs"]["D"] = calibrate_ctr(args, costs)
-        out["workloads"]["ctr"] = asdict(ctr)
-    return out
+    return costs, float(worker_step)
 
 
 def calibrate_ctr(args: argparse.Namespace, costs: Costs) -> tuple[Workload, dict[str, Any]]:

@@ -8,7 +8,9 @@ measures them and checks the model against real jobs; this file holds no timing)
 * :class:`Workload`: what one worker step does: forward+backward CPU at the batch, the worker's
   other CPU per step, the dense parameters it pushes and pulls, the sparse rows it moves;
 * :class:`Topology`: servers, workers, and either the cores of one shared host (every process on
-  it) or one host per process joined by links of ``Costs.bandwidth_Bps``.
+  it) or one host per process joined by links of ``Costs.bandwidth_Bps``; or, with ``split``, the
+  servers on one host and the workers on another, one link of ``Costs.bandwidth_Bps`` between them
+  (with ``cores``, both hosts share those cores: network namespaces of one machine).
 
 One worker step (async, no overlap) is: forward+backward, one push+pull request per server (more
 when a server's share exceeds ``max_request_bytes``), wait for the slowest reply. Per step:
@@ -26,7 +28,8 @@ steps/s (all workers) is the least of these bounds, and the least one names the 
 * ``server``: each server's request loop is one thread and sees every worker's step: 1 / (server
   CPU / S);
 * ``network``: a server's link carries its share of every step: bandwidth / (bytes / S) per
-  direction (a worker's own link is inside the ``worker`` bound).
+  direction (a worker's own link is inside the ``worker`` bound); with ``split``, the one link
+  between the two hosts carries every step: bandwidth / bytes.
 
 Examples/s = rate × batch. CPU per example, per role, is the CPU per step over the batch: the
 model predicts no contention, so a host where more processes than cores share caches shows more.
@@ -74,6 +77,7 @@ class Topology:
     workers: int
     cores: float | None = None  # one host with this many cores for every process; None: a host per process
     max_request_bytes: int = 2 * 1024 * 1024  # cluster.max_request_bytes: a server's share is split into such requests
+    split: bool = False  # servers on one host, workers on another, one link of Costs.bandwidth_Bps between them
 
 
 @dataclass(frozen=True)
@@ -108,7 +112,7 @@ def predict(costs: Costs, work: Workload, topo: Topology) -> Prediction:
         + work.params * costs.apply_s_per_param
         + work.sparse_rows * work.server_row_s
     )
-    network = costs.bandwidth_Bps is not None and topo.cores is None
+    network = costs.bandwidth_Bps is not None and (topo.cores is None or topo.split)
     transfer = 2 * nbytes / costs.bandwidth_Bps if network else 0.0
     bounds = {
         "worker": w / (worker_cpu + server_cpu / s + 2 * costs.latency_s + transfer),
@@ -117,7 +121,7 @@ def predict(costs: Costs, work: Workload, topo: Topology) -> Prediction:
     if topo.cores is not None:
         bounds["cpu"] = topo.cores / (worker_cpu + server_cpu)
     if network:
-        bounds["network"] = costs.bandwidth_Bps * s / nbytes
+        bounds["network"] = costs.bandwidth_Bps * (1 if topo.split else s) / nbytes
     bottleneck = min(bounds, key=bounds.get)
     if bottleneck == "worker" and work.compute_s < 0.5 * (worker_cpu + server_cpu / s + 2 * costs.latency_s + transfer):
         bottleneck = "worker (messaging)"  # the chain is mostly requests, not forward/backward

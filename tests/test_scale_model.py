@@ -77,3 +77,14 @@ def test_sparse_rows_add_bytes_and_server_work_and_several_requests_per_server()
 def test_a_topology_without_servers_or_workers_is_refused():
     with pytest.raises(ValueError, match="at least one server and one worker"):
         predict(COSTS, REF, Topology(0, 1))
+
+
+def test_two_hosts_on_one_machine_share_its_cores_and_send_every_step_through_one_link():
+    costs = replace(COSTS, bandwidth_Bps=12.5e6)  # 100 Mbit/s
+    p = predict(costs, REF, Topology(2, 3, cores=2, split=True))
+    assert p.bottleneck == "network"
+    assert p.bounds["network"] == pytest.approx(12.5e6 / step_bytes(REF))  # not twice that: one link, not one per server
+    assert p.bounds["cpu"] == pytest.approx(2 / (p.worker_cpu_per_step_s + p.server_cpu_per_step_s))
+    # Without a link limit the split changes nothing: the cores bound it as on one host.
+    fast = predict(COSTS, REF, Topology(2, 3, cores=2, split=True))
+    assert fast.examples_per_s == predict(COSTS, REF, Topology(2, 3, cores=2)).examples_per_s

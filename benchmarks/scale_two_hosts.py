@@ -1,0 +1,284 @@
+"""Check the scaling model (``benchmarks/scale_model.py``) across two hosts joined by a shaped link.
+
+    sudo .venv/bin/python benchmarks/scale_two_hosts.py                          # rates 0 (unshaped), 1000, 100 Mbit/s
+    sudo .venv/bin/python benchmarks/scale_two_hosts.py --rates 100 --topologies 2x3,1x1 --json two.json
+
+Needs root (network namespaces and tc); without it, or without ``ip``, it says why on stderr and exits
+0 having measured nothing. The hosts are two network namespaces of this machine (``tests/netns.py``):
+host A runs the coordinator and the servers (``--host 0.0.0.0``), host B the workers, over tcp with
+CURVE and one key per worker (``benchmarks/multi_host.py``'s setup); each host's egress is limited
+with tc ``tbf`` to the rate (0: not shaped). This kernel has neither ``netem`` nor ``fq``, so no delay
+can be added: the link's latency is the namespace pair's own, and it is measured.
+
+What is measured, and fed to the model (all in this run):
+
+* **The link**, at each rate: one-way latency, half the median round trip of 64 bytes between a
+  process in each namespace (raw pyzmq PAIR over tcp), and bandwidth, the goodput of a bulk transfer
+  in messages the size of one reference push (407 kB), each direction: what tbf lets through less
+  the TCP/IP and Ethernet headers it also counts. Unshaped, the link has no limit of its own: its
+  cost is CPU, already in the per-byte costs, so the model gets no bandwidth there.
+* **The per-request and per-byte CPU over this transport**: jobs A (1×1), B (2×1) and C (1×1, a
+  1024-wide hidden layer) on the unshaped pair, two step caps each, solved as
+  ``benchmarks/scale_measure.py`` does over ipc; forward+backward and the update rule in process.
+* **The check**: the reference job (async) on ``--topologies`` at each rate, two step caps (the
+  extra steps' examples over their training time; start-up cancels), against
+  ``predict(..., Topology(S, W, cores=CORES, split=True))``: one link carries every step both ways,
+  and both namespaces share this machine's cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, replace
+from typing import Any
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if _ROOT not in sys.path:
+    sys.path.insert(0, _ROOT)
+
+from benchmarks.common import environment  # noqa: E402
+from benchmarks.scale_model import Costs, Topology, Workload, predict, step_bytes  # noqa: E402
+
+PROBE_PORT = 7171
+EXTRA = ["monitor.dashboard=false"]  # besides scale_measure.QUIET
+
+
+def log(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt  # SIGTERM (timeout): unwind, so that the namespaces and processes go
+
+
+# --------------------------------------------------------------------------- the link
+def probe_serve(address: str) -> None:
+    """The far end of :func:`probe_client`: echoes, swallows a bulk transfer, or sends one."""
+    import zmq
+
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.PAIR)
+    sock.setsockopt(zmq.RCVTIMEO, 120_000)
+    sock.bind(address)
+    try:
+        while True:
+            msg = sock.recv()
+            if msg == b"stop":
+                break
+            if msg.startswith(b"in "):
+                for _ in range(int(msg.split()[1])):
+                    sock.recv(copy=False)
+                sock.send(b"ok")
+            elif msg.startswith(b"out "):
+                _, n, size = msg.split()
+                payload = bytes(int(size))
+                for _ in range(int(n)):
+                    sock.send(payload, copy=False)
+            else:
+                sock.send(msg)
+    finally:
+        sock.close(linger=0)
+        ctx.term()
+
+
+def probe_client(address: str, message_bytes: int, total_bytes: int) -> dict[str, float]:
+    import zmq
+
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.PAIR)
+    sock.setsockopt(zmq.RCVTIMEO, 120_000)
+    sock.connect(address)
+    try:
+        ping, rtts = bytes(64), []
+        for _ in range(600):
+            t0 = time.perf_counter()
+            sock.send(ping)
+            sock.recv()
+            rtts.append(time.perf_counter() - t0)
+        rtt = statistics.median(rtts[100:])
+        n = max(4, total_bytes // message_bytes)
+        payload = bytes(message_bytes)
+        t0 = time.perf_counter()
+        sock.send(f"in {n}".encode())
+        for _ in range(n):
+            sock.send(payload, copy=False)
+        sock.recv()
+        up = n * message_bytes / (time.perf_counter() - t0 - rtt / 2)
+        t0 = time.perf_counter()
+        sock.send(f"out {n} {message_bytes}".encode())
+        for _ in range(n):
+            sock.recv(copy=False)
+        down = n * message_bytes / (time.perf_counter() - t0 - rtt / 2)
+        sock.send(b"stop")
+    finally:
+        sock.close(linger=0)
+        ctx.term()
+    return {"latency_s": rtt / 2, "up_Bps": up, "down_Bps": down, "messages": n, "message_bytes": message_bytes}
+
+
+def probe_link(hosts, message_bytes: int, total_bytes: int) -> dict[str, float]:
+    """Latency and goodput between host b (client) and host a (server)."""
+    me = [sys.executable, os.path.abspath(__file__)]
+    server = hosts.popen("a", [*me, "--probe-serve", f"tcp://0.0.0.0:{PROBE_PORT}"], stdout=subprocess.DEVNULL)
+    try:
+        out = subprocess.run(
+            ["ip", "netns", "exec", hosts.names["b"], *me, "--probe-client", f"tcp://{hosts.addresses['a']}:{PROBE_PORT}",
+             "--probe-bytes", f"{message_bytes},{total_bytes}"],
+            capture_output=True, text=True, timeout=300, check=True,
+        )
+    finally:
+        try:
+            server.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait(timeout=10)
+    return json.loads(out.stdout)
+
+
+# --------------------------------------------------------------------------- jobs on the two hosts
+def runner_on(hosts, folder: str):
+    """A ``runner`` for :func:`scale_measure.measure`: the job with servers on host a, workers on host b."""
+    from benchmarks.multi_host import run_on_hosts
+    from benchmarks.scale_measure import totals
+    from downpour.config import job_to_dict, load_job
+
+    def run(path: str, overrides: list[str]) -> dict[str, Any]:
+        s = run_on_hosts(hosts, job_to_dict(load_job(path, [*overrides, *EXTRA])), folder, timeout_s=600)
+        if s.get("status") != "ok":
+            raise RuntimeError(f"{path} {overrides}: {s.get('status')}: {s.get('error')}")
+        return totals(s)
+
+    return run
+
+
+def calibrate(hosts, folder: str, args: argparse.Namespace) -> tuple[Costs, Workload, dict[str, Any]]:
+    from benchmarks import scale_measure as sm
+
+    ref_c, ref_p = sm.mlp_compute_s([128], 32, args.compute_steps)
+    big_c, big_p = sm.mlp_compute_s([sm.BIG_HIDDEN], 32, args.compute_steps)
+    apply = sm.apply_s_per_param()
+    run = runner_on(hosts, folder)
+    log("calibrating over tcp + CURVE between the namespaces, unshaped: jobs A (1x1), B (2x1), C (1x1, wide) ...")
+    a = sm.measure(sm.MNIST_JOB, 1, 1, args.steps_short, args.steps_long, runner=run)
+    b = sm.measure(sm.MNIST_JOB, 2, 1, args.steps_short, args.steps_long, runner=run)
+    c = sm.measure(sm.MNIST_JOB, 1, 1, args.steps_short, args.steps_long, [f"model.args.hidden=[{sm.BIG_HIDDEN}]"], runner=run)
+    costs, worker_step = sm.solve_request_costs(a, b, c, ref_p, big_p, ref_c, big_c, apply, lat=0.0)
+    ref = Workload("reference MLP (784-128-10, batch 32)", ref_p, 32, ref_c, worker_step)
+    return costs, ref, {"A": a, "B": b, "C": c, "compute": {"reference": ref_c, "wide": big_c}}
+
+
+def check_rate(rate_mbit: float, costs: Costs, ref: Workload, folder: str, args: argparse.Namespace) -> dict[str, Any]:
+    from benchmarks import scale_measure as sm
+    from tests.netns import Hosts
+
+    nbytes = int(step_bytes(ref))
+    with Hosts() as hosts:
+        hosts.add("a")
+        hosts.add("b")
+        if rate_mbit > 0:
+            hosts.shape("a", rate_mbit)
+            hosts.shape("b", rate_mbit)
+        total = int(max(8e6, min(64e6, rate_mbit * 1e6 / 8 * 1.5))) if rate_mbit > 0 else int(64e6)
+        link = probe_link(hosts, nbytes, total)
+        bandwidth = min(link["up_Bps"], link["down_Bps"]) if rate_mbit > 0 else None
+        log(f"  {rate_mbit:g} Mbit/s: latency {link['latency_s'] * 1e6:.0f} µs one way, goodput up {link['up_Bps'] * 8e-6:,.0f} / "
+            f"down {link['down_Bps'] * 8e-6:,.0f} Mbit/s")
+        at = replace(costs, latency_s=link["latency_s"], bandwidth_Bps=bandwidth)
+        run, rows = runner_on(hosts, folder), []
+        for topo in args.topologies.split(","):
+            s, w = (int(v) for v in topo.split("x"))
+            p = predict(at, ref, Topology(s, w, cores=args.cores, split=True))
+            # step caps: about --seconds of training in the longer run at the predicted rate
+            steps_long = int(min(args.steps_long, max(8 * w, p.examples_per_s / ref.batch * args.seconds)))
+            m = sm.measure(sm.MNIST_JOB, s, w, max(w, steps_long // 8), steps_long, runner=run)
+            rows.append({"servers": s, "workers": w, "measured": m, "predicted": asdict(p)})
+            log(f"  {rate_mbit:g} Mbit/s {s}x{w}: {m['examples_per_s']:,.0f} examples/s measured, {p.examples_per_s:,.0f} "
+                f"predicted ({p.bottleneck})")
+    return {"rate_mbit": rate_mbit, "link": link, "bandwidth_Bps": bandwidth, "rows": rows}
+
+
+def table(results: list[dict[str, Any]], ref: Workload) -> str:
+    lines = [
+        "| link (tbf) | latency µs one way | goodput Mbit/s up / down | S×W | examples/s measured | predicted | error | bound "
+        "| steps/s each bound allows | CPU µs/example workers / servers, measured / predicted |",
+        "|---|---:|---:|---|---:|---:|---:|---|---|---:|",
+    ]
+    for r in results:
+        link = r["link"]
+        for row in r["rows"]:
+            m, p = row["measured"], row["predicted"]
+            bounds = ", ".join(f"{k} {v:,.0f}" for k, v in p["bounds"].items())
+            lines.append(
+                f"| {'unshaped' if r['rate_mbit'] <= 0 else format(r['rate_mbit'], 'g') + ' Mbit/s'} | {link['latency_s'] * 1e6:.0f} | "
+                f"{link['up_Bps'] * 8e-6:,.0f} / {link['down_Bps'] * 8e-6:,.0f} | {row['servers']}×{row['workers']} | "
+                f"{m['examples_per_s']:,.0f} | {p['examples_per_s']:,.0f} | "
+                f"{100 * (p['examples_per_s'] - m['examples_per_s']) / m['examples_per_s']:+.0f}% | {p['bottleneck']} | {bounds} | "
+                f"{m['worker_cpu_per_step_s'] / m['batch'] * 1e6:.1f} / {m['server_cpu_per_step_s'] / m['batch'] * 1e6:.1f}, "
+                f"{p['worker_cpu_per_step_s'] / ref.batch * 1e6:.1f} / {p['server_cpu_per_step_s'] / ref.batch * 1e6:.1f} |"
+            )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rates", default="0,1000,100", help="link rates, Mbit/s, 0 for unshaped (default 0,1000,100)")
+    ap.add_argument("--topologies", default="2x3", help="SxW of the reference job to check at each rate (default 2x3)")
+    ap.add_argument("--cores", type=float, default=float(os.cpu_count() or 1), help="cores of this machine (default: all)")
+    ap.add_argument("--steps-short", type=int, default=200, help="calibration: steps (all workers) of the shorter run")
+    ap.add_argument("--steps-long", type=int, default=1600, help="calibration: of the longer run; the check's cap too")
+    ap.add_argument("--seconds", type=float, default=12.0, help="check: the longer run's cap in seconds at the predicted rate")
+    ap.add_argument("--compute-steps", type=int, default=200, help="forward+backward steps timed in process")
+    ap.add_argument("--json", help="write everything here")
+    ap.add_argument("--probe-serve", help=argparse.SUPPRESS)
+    ap.add_argument("--probe-client", help=argparse.SUPPRESS)
+    ap.add_argument("--probe-bytes", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.probe_serve:
+        probe_serve(args.probe_serve)
+        return 0
+    if args.probe_client:
+        size, total = (int(v) for v in args.probe_bytes.split(","))
+        print(json.dumps(probe_client(args.probe_client, size, total)))
+        return 0
+    from tests.netns import Hosts, unavailable
+
+    if (why := unavailable()) is not None:
+        log(f"SKIPPED: the two-host check measured nothing: {why}")
+        return 0
+    signal.signal(signal.SIGTERM, _interrupt)
+    t0 = time.perf_counter()
+    folder = tempfile.mkdtemp(prefix="dp-scale-two-hosts-")
+    with Hosts() as hosts:
+        hosts.add("a")
+        hosts.add("b")
+        costs, ref, cal = calibrate(hosts, folder, args)
+    log(f"costs over tcp + CURVE: worker {costs.worker_msg_s * 1e6:.1f} µs/request {costs.worker_byte_s * 1e9:.2f} ns/byte, "
+        f"server {costs.server_msg_s * 1e6:.1f} µs/request {costs.server_byte_s * 1e9:.2f} ns/byte; "
+        f"worker other {ref.worker_step_s * 1e3:.3f} ms/step")
+    results = [check_rate(float(r), costs, ref, folder, args) for r in args.rates.split(",")]
+    print(
+        f"costs over tcp + CURVE between two namespaces: worker_msg_s {costs.worker_msg_s * 1e6:.1f} µs, worker_byte_s "
+        f"{costs.worker_byte_s * 1e9:.2f} ns, server_msg_s {costs.server_msg_s * 1e6:.1f} µs, server_byte_s "
+        f"{costs.server_byte_s * 1e9:.2f} ns, apply {costs.apply_s_per_param * 1e9:.2f} ns/param; forward+backward "
+        f"{ref.compute_s * 1e3:.3f} ms, worker other {ref.worker_step_s * 1e3:.3f} ms/step\n"
+    )
+    print(table(results, ref))
+    total = time.perf_counter() - t0
+    print(f"\n{total:.0f}s in all; {environment()['cpu_model']}; run folder {folder}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"environment": environment(), "costs": asdict(costs), "reference": asdict(ref), "calibration": cal,
+                       "results": results, "total_s": total}, f, indent=1, default=str)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
