@@ -7,7 +7,6 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from safetensors.torch import save as st_save
 
 from downpour.config import parse_job
 from downpour.errors import DataError, ProtocolError
@@ -20,6 +19,7 @@ from downpour.server.scaling import Hyperparams
 from downpour.server.snapshot import OldParams, load_shard_file, restore_store
 from downpour.server.store import ShardStore
 from tests.checkpoint_helpers import SHAPES, by_param, checkpoint_of, layout_of
+from tests.test_snapshot import shard_bytes as snapshot_shard_bytes
 
 WORKERS = ["worker-0", "worker-1", "worker-2"]
 
@@ -171,15 +171,10 @@ def test_a_checkpoints_buffer_of_a_worker_not_in_the_resumed_job_goes_at_its_fir
 
 
 def shard_bytes(**change) -> bytes:
-    tensors = {"values": torch.arange(6, dtype=torch.float32), "versions": torch.tensor([1, 2], dtype=torch.int64),
-               "keys": torch.tensor([0, 1], dtype=torch.int64), "lengths": torch.tensor([4, 2], dtype=torch.int64),
-               "lookahead.worker-0": torch.zeros(6), "lookahead_sum": torch.zeros(6)}
-    for name, t in change.items():
-        if t is None:
-            del tensors[name]
-        else:
-            tensors[name] = t
-    return st_save(tensors, metadata={"rank": "0", "positions": "{}"})
+    """test_snapshot's well-formed shard file with one worker's buffer and the sum instead of a rule's
+    state; ``change`` replaces tensors (None: leaves one out)."""
+    tensors = {"lookahead.worker-0": torch.zeros(6), "lookahead_sum": torch.zeros(6)} | change
+    return snapshot_shard_bytes(**{"state.momentum_buffer": None}, **{k: t for k, t in tensors.items() if t is not None})
 
 
 BAD = {

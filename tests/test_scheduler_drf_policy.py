@@ -78,17 +78,23 @@ def scaled(r: Resources, k: float) -> tuple[float, float, float]:
 capacities = st.builds(Resources, cpus=st.integers(3, 16), gpus=st.integers(0, 4), memory_mb=st.integers(3, 64))
 
 
+def gang(draw, capacity: Resources, width: int) -> tuple[Resources, Resources]:
+    """A task of ``width`` that fits ``capacity`` with a non-zero dominant share, and its job."""
+    task = Resources(draw(st.integers(0, min(4, capacity.cpus // width))), draw(st.integers(0, capacity.gpus // width)),
+                     draw(st.integers(0, min(16, capacity.memory_mb // width))))
+    if task.dominant_share(capacity) == 0:
+        task = Resources(task.cpus, task.gpus, 1)
+    job = Resources(task.cpus * width, task.gpus * width, task.memory_mb * width)
+    return task, job
+
+
 @st.composite
 def instances(draw, queues=("default",), weighted=True):
     capacity = draw(capacities)
     users = []
     for i in range(draw(st.integers(1, 5))):
         width = draw(st.integers(1, 3))
-        task = Resources(draw(st.integers(0, min(4, capacity.cpus // width))), draw(st.integers(0, capacity.gpus // width)),
-                         draw(st.integers(0, min(16, capacity.memory_mb // width))))
-        if task.dominant_share(capacity) == 0:
-            task = Resources(task.cpus, task.gpus, 1)
-        job = Resources(task.cpus * width, task.gpus * width, task.memory_mb * width)
+        task, job = gang(draw, capacity, width)
         weight = draw(st.sampled_from([0.5, 1.0, 1.0, 2.0, 3.0])) if weighted else 1.0
         users.append(User(f"u{i}", job, task, width, draw(st.integers(1, 8)), weight, draw(st.sampled_from(queues))))
     order = draw(st.permutations([u for u, user in enumerate(users) for _ in range(user.jobs)]))
@@ -203,11 +209,7 @@ def alike_jobs(draw):
     declare a larger task (every component at least the true one)."""
     capacity = draw(capacities)
     width = draw(st.integers(1, 3))
-    task = Resources(draw(st.integers(0, min(4, capacity.cpus // width))), draw(st.integers(0, capacity.gpus // width)),
-                     draw(st.integers(0, min(16, capacity.memory_mb // width))))
-    if task.dominant_share(capacity) == 0:
-        task = Resources(task.cpus, task.gpus, 1)
-    job = Resources(task.cpus * width, task.gpus * width, task.memory_mb * width)
+    task, job = gang(draw, capacity, width)
     users = [User(f"u{i}", job, task, width, draw(st.integers(1, 8)), draw(st.sampled_from([0.5, 1.0, 1.0, 2.0, 3.0])))
              for i in range(draw(st.integers(2, 5)))]
     order = draw(st.permutations([u for u, user in enumerate(users) for _ in range(user.jobs)]))

@@ -49,7 +49,7 @@ from downpour.layout import Layout
 from downpour.protocol import Message, Op, decode, encode
 from downpour.protocol.ops import REPLICA_STREAM, Code
 from downpour.protocol.schema import SchemaError
-from downpour.server.snapshot import LOOKAHEAD, LOOKAHEAD_SUM, lookahead_tensors
+from downpour.server.snapshot import LOOKAHEAD, LOOKAHEAD_SUM, bad_lookahead, lookahead_tensors
 from downpour.transport import Channel, Context, Poller, Security, WouldBlock
 
 if TYPE_CHECKING:
@@ -267,7 +267,7 @@ def load_state(server: ParameterServer, tensors: dict[str, torch.Tensor], info: 
         if k not in tensors or tuple(tensors[k].shape) != shape:
             raise ProtocolError(f"state field {k}: {tuple(tensors[k].shape) if k in tensors else 'missing'}, expected {shape}")
     for k, v in tensors.items():
-        if (k.startswith(LOOKAHEAD) or k == LOOKAHEAD_SUM) and (v.dtype != torch.float32 or tuple(v.shape) != (store.numel,)):
+        if bad_lookahead(k, v, store.numel):
             raise ProtocolError(f"state field {k}: {v.dtype} {tuple(v.shape)}, expected float32 ({store.numel},)")
     sparse: dict[str, dict[str, Any]] = {}
     for k, v in tensors.items():

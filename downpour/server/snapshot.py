@@ -150,6 +150,11 @@ def lookahead_tensors(store: ShardStore) -> dict[str, torch.Tensor]:
     return {**{f"{LOOKAHEAD}{who}": v.clone() for who, v in la.state().items()}, LOOKAHEAD_SUM: la.total.clone()}
 
 
+def bad_lookahead(name: str, t: torch.Tensor, numel: int) -> bool:
+    """Is ``name`` a look-ahead tensor (a worker's buffer or their sum) that is not float32 [numel]?"""
+    return (name.startswith(LOOKAHEAD) or name == LOOKAHEAD_SUM) and (t.dtype != torch.float32 or tuple(t.shape) != (numel,))
+
+
 # -- reading ---------------------------------------------------------------------
 def load_shard_file(data: bytes, where: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Parse and check one shard file: dtypes, shapes and sizes agree with each other."""
@@ -174,7 +179,7 @@ def load_shard_file(data: bytes, where: str) -> tuple[dict[str, torch.Tensor], d
     for k, t in tensors.items():
         if k.startswith("state.") and (t.dtype != torch.float32 or t.shape != (n,)):
             raise DataError(f"{where}: {k!r} is {t.dtype} {tuple(t.shape)}, expected float32 ({n},)")
-        if (k.startswith(LOOKAHEAD) or k == LOOKAHEAD_SUM) and (t.dtype != torch.float32 or t.shape != (n,)):
+        if bad_lookahead(k, t, n):
             what = f"the look-ahead momentum of {k[len(LOOKAHEAD):]}" if k != LOOKAHEAD_SUM else "the sum of the look-ahead momentum"
             raise DataError(f"{where}: {what} ({k!r}) is {t.dtype} {tuple(t.shape)}, expected float32 ({n},) like the shard's values")
     if LOOKAHEAD_SUM in tensors and not any(k.startswith(LOOKAHEAD) for k in tensors):
@@ -311,7 +316,7 @@ def restore_store(store: ShardStore, layout: Layout, old: OldParams, full: bool)
                     t[dst] = old.state[name][lo : lo + s.length]
             for who, t in buffers.items():
                 t[dst] = old.lookahead[who][lo : lo + s.length]
-            if total is not None and old.lookahead_sum is not None:
+            if total is not None:
                 total[dst] = old.lookahead_sum[lo : lo + s.length]
             first = max(0, bisect_right(old_starts, lo) - 1)
             covering = [old_order[j][1] for j in range(first, bisect_right(old_starts, lo + s.length - 1))]
