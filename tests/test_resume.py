@@ -98,11 +98,14 @@ def test_a_new_job_warm_starts_from_a_checkpoint_and_initialises_new_parameters(
 
 
 def test_a_stopped_async_lookahead_job_resumes_its_momentum_to_the_same_parameters(tmp_path, tiny_data):
-    """One async worker is deterministic, and under ``async_rule: lookahead`` (auto's choice) its
-    momentum lives in the servers' per-worker buffers: they are checkpointed, so the resumed job
-    lands where the uninterrupted one does (a momentum restarted at zero would not)."""
+    """One async worker on one server resumes exactly, and under ``async_rule: lookahead`` (auto's
+    choice) its momentum lives in the server's per-worker buffers: they are checkpointed, so the
+    resumed job lands where the uninterrupted one does (with the buffers left out of checkpoints,
+    2,262 weights ended more than 1e-5 apart). With two servers the resumed job was not exact (22
+    to 453 weights more than 1e-5 apart, from one run to the next), likely because each server's checkpoint is
+    taken at its own point of the worker's pushes."""
     job = tiny_job(tiny_data, model={"args": {"hidden": [32], "dropout": 0.0}}, training={"consistency": "async", "epochs": 12},
-                   cluster={"num_workers": 1}, checkpoint={"every_steps": 60, "every_s": None})
+                   cluster={"num_servers": 1, "num_workers": 1}, checkpoint={"every_steps": 60, "every_s": None})
     whole = LocalLauncher(resolve_job(job), str(tmp_path / "whole")).run()
     assert whole.summary["optimizer"]["effective"]["plan"]["async_rule"] == "lookahead"
     (tmp_path / "a").mkdir()
@@ -112,9 +115,5 @@ def test_a_stopped_async_lookahead_job_resumes_its_momentum_to_the_same_paramete
     assert 0 < state["step"], "the run was stopped mid-way"
     want = torch.load(os.path.join(whole.run_dir, "model.pt"), weights_only=True)
     got = torch.load(resumed / "model.pt", weights_only=True)
-    # Async resumes are not bit for bit (one run left 22 of 25,088 weights 1.04e-5 apart); a momentum
-    # restarted at zero moved 1,443 of them by more than 1e-5.
-    off = sum(int(((got[n] - v).abs() > 1e-5).sum()) for n, v in want.items())
-    assert off < 0.01 * sum(v.numel() for v in want.values()), off
     for name, value in want.items():
-        torch.testing.assert_close(got[name], value, rtol=1e-3, atol=1e-4)
+        torch.testing.assert_close(got[name], value, rtol=1e-5, atol=1e-5)
