@@ -33,6 +33,28 @@ steps/s (all workers) is the least of these bounds, and the least one names the 
 
 Examples/s = rate × batch. CPU per example, per role, is the CPU per step over the batch: the
 model predicts no contention, so a host where more processes than cores share caches shows more.
+
+The least bound is where the job goes with many workers, and it is optimistic where two bounds
+meet (the knee): with ``Topology(queueing=True)`` the rate is instead that of a closed queueing
+network solved by exact mean value analysis (Reiser & Lavenberg; any queueing text, e.g. Lazowska
+et al., *Quantitative System Performance*, ch. 6 and 20). Each of the W workers is one customer
+with one step outstanding at a time (async, no overlap), cycling through
+
+* ``cpu``: the cores, a station of C servers (load-dependent: min(j, C) steps served at once when j
+  are there), demand worker CPU + server CPU per step;
+* ``push`` and ``pull``: with ``split`` and a bandwidth, the link's two directions (full duplex: each
+  host's egress is its own queue), demand bytes / bandwidth each. Several TCP flows share a link
+  about equally, so a direction is a processor-sharing station, for which the solution holds
+  whatever the distribution of the transfer times (BCMP);
+* ``latency``: a delay (no queue) of 2·latency.
+
+MVA: R_k(n) = D_k·(1 + Q_k(n−1)) at a queue, D_k at a delay, and at the cores
+Σ_j j/min(j, C)·D_k·p_k(j−1 | n−1); X(n) = n / Σ_k R_k(n); Q_k(n) = X(n)·R_k(n), for n = 1…W.
+Then examples/s = min(X(W), the ``server`` bound) × batch, and the bottleneck is the busiest
+station. With one worker it is the serial chain (less the servers' parallelism: all S servers'
+CPU is in the chain, where the ``worker`` bound counts one server's share); with many, the least
+bound. Between, the queues: at the knee of 3 workers and two link directions of equal demand, a
+link is busy 3/4 of the time, not all of it.
 """
 
 from __future__ import annotations
@@ -78,6 +100,7 @@ class Topology:
     cores: float | None = None  # one host with this many cores for every process; None: a host per process
     max_request_bytes: int = 2 * 1024 * 1024  # cluster.max_request_bytes: a server's share is split into such requests
     split: bool = False  # servers on one host, workers on another, one link of Costs.bandwidth_Bps between them
+    queueing: bool = False  # the rate of a closed queueing network (mean value analysis), not the least bound; needs cores
 
 
 @dataclass(frozen=True)
@@ -88,6 +111,8 @@ class Prediction:
     worker_cpu_per_step_s: float = 0.0  # one worker step's CPU in the worker
     server_cpu_per_step_s: float = 0.0  # one worker step's CPU in all servers together
     requests_per_server: float = 1.0  # per worker step
+    bounds_examples_per_s: float = 0.0  # the least bound × batch (the prediction without ``queueing``)
+    stations: dict[str, dict[str, float]] = field(default_factory=dict)  # with ``queueing``: demand, residence s, utilisation
 
     def cpu_per_example_s(self, batch: int) -> dict[str, float]:
         return {"worker": self.worker_cpu_per_step_s / batch, "server": self.server_cpu_per_step_s / batch}
@@ -127,7 +152,50 @@ def predict(costs: Costs, work: Workload, topo: Topology) -> Prediction:
         bottleneck = "worker (messaging)"  # the chain is mostly requests, not forward/backward
     elif bottleneck == "worker":
         bottleneck = "worker (compute)"
-    return Prediction(bounds[min(bounds, key=bounds.get)] * work.batch, bottleneck, bounds, worker_cpu, server_cpu, k)
+    least = bounds[min(bounds, key=bounds.get)] * work.batch
+    if not topo.queueing:
+        return Prediction(least, bottleneck, bounds, worker_cpu, server_cpu, k, least)
+    if topo.cores is None:
+        raise ValueError("queueing needs the cores of the host(s): Topology(..., cores=C)")
+    stations = {"cpu": (worker_cpu + server_cpu, topo.cores), "latency": (2 * costs.latency_s, 0.0)}
+    if network:
+        stations["push"] = stations["pull"] = (nbytes / costs.bandwidth_Bps, 1.0)
+    rate, residence = mva(stations, w)
+    if bounds["server"] < rate:
+        rate, bottleneck = bounds["server"], "server"
+    else:
+        busy = {name: rate * d / c for name, (d, c) in stations.items() if c > 0}
+        bottleneck = max(busy, key=busy.get)
+        bottleneck = "network" if bottleneck in ("push", "pull") else bottleneck
+    table = {name: {"demand_s": d, "residence_s": residence[name], "utilisation": rate * d / c if c > 0 else 0.0}
+             for name, (d, c) in stations.items()}
+    return Prediction(rate * work.batch, bottleneck, bounds, worker_cpu, server_cpu, k, least, table)
+
+
+def mva(stations: dict[str, tuple[float, float]], customers: int) -> tuple[float, dict[str, float]]:
+    """Exact mean value analysis of a closed network: ``stations`` maps a name to (demand per cycle in s,
+    servers): 0 servers a delay, 1 a queue (FCFS or processor sharing), C > 1 a load-dependent station
+    serving min(j, C) at once. Returns the throughput (cycles/s) and each station's residence time per
+    cycle with ``customers`` in the network."""
+    queue = {k: 0.0 for k in stations}  # Q_k(n-1)
+    marginal = {k: [1.0] for k, (_, c) in stations.items() if c > 1}  # p_k(j | n-1), j = 0..n-1
+    rate, residence = 0.0, {}
+    for n in range(1, customers + 1):
+        for k, (d, c) in stations.items():
+            if c <= 0:
+                residence[k] = d
+            elif c <= 1:
+                residence[k] = d / c * (1 + queue[k])
+            else:
+                residence[k] = sum(j / min(j, c) * d * marginal[k][j - 1] for j in range(1, n + 1))
+        rate = n / sum(residence.values())
+        for k, (d, c) in stations.items():
+            queue[k] = rate * residence[k]
+            if c > 1:
+                p = [0.0] + [rate * d / min(j, c) * marginal[k][j - 1] for j in range(1, n + 1)]
+                p[0] = max(0.0, 1.0 - sum(p[1:]))
+                marginal[k] = p
+    return rate, residence
 
 
 def at_scale(costs: Costs, gbit_s: float, latency_s: float) -> Costs:

@@ -143,18 +143,74 @@ def probe_link(hosts, message_bytes: int, total_bytes: int) -> dict[str, float]:
     return json.loads(out.stdout)
 
 
+# --------------------------------------------------------------------------- what the link did
+# TCP counters (nstat) kept per host: segments sent, and every way the kernel counts a resend
+TCP_COUNTERS = ("TcpOutSegs", "TcpRetransSegs", "TcpExtTCPLostRetransmit", "TcpExtTCPFastRetrans", "TcpExtTCPSlowStartRetrans",
+                "TcpExtTCPTimeouts", "TcpExtTCPLossProbes", "TcpExtTCPSpuriousRTOs", "TcpExtTCPSackRecovery",
+                "TcpExtTCPRenoRecovery", "TcpExtTCPDSACKRecv", "TcpExtTCPOFOQueue")
+
+
+def _json_of(cmd: list[str]) -> Any:
+    return json.loads(subprocess.run(cmd, capture_output=True, text=True, timeout=20, check=True).stdout)
+
+
+def counters(hosts) -> dict[str, dict[str, float]]:
+    """Per host: what its veth sent and received (``ip -s link``: L2 bytes, ACKs included), what its
+    egress qdisc (tbf, when shaped) passed, dropped and held back (``tc -s qdisc``), and :data:`TCP_COUNTERS`."""
+    out = {}
+    for host, ns in hosts.names.items():
+        dev = hosts.devices[host]
+        st = _json_of(["ip", "-n", ns, "-s", "-j", "link", "show", "dev", dev])[0]["stats64"]
+        q = next(q for q in _json_of(["tc", "-n", ns, "-s", "-j", "qdisc", "show", "dev", dev]) if q.get("root", True))
+        tcp = _json_of(["ip", "netns", "exec", ns, "nstat", "-asz", "--json"])["kernel"]
+        out[host] = {"tx_bytes": st["tx"]["bytes"], "tx_packets": st["tx"]["packets"], "tx_dropped": st["tx"]["dropped"],
+                     "rx_bytes": st["rx"]["bytes"], "rx_dropped": st["rx"]["dropped"],
+                     **{f"qdisc_{k}": q.get(k, 0) for k in ("bytes", "packets", "drops", "overlimits", "requeues")},
+                     **{k: tcp.get(k, 0) for k in TCP_COUNTERS}}
+    return out
+
+
+def _delta(after: dict[str, dict[str, float]], before: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
+    return {h: {k: v - before[h][k] for k, v in after[h].items()} for h in after}
+
+
+def wire_per_step(m: dict[str, Any], rate_mbit: float) -> dict[str, Any]:
+    """The link in the extra steps of :func:`scale_measure.measure` (the longer run less the shorter): bytes on
+    the wire per worker step each way (B→A: pushes; A→B: replies), resends, drops, and how busy each
+    direction was (its bytes over the extra training time, against the tbf rate)."""
+    long, short = m["long"]["wire"], m["short"]["wire"]
+    d = {h: {k: long[h][k] - short[h][k] for k in long[h]} for h in long}
+    steps, secs = m["long"]["steps"] - m["short"]["steps"], m["long"]["train_s"] - m["short"]["train_s"]
+    out = {"steps": steps, "train_s": secs, "counters": d}
+    for name, host in (("b_to_a", "b"), ("a_to_b", "a")):
+        # shaped: what tbf let through, every segment with its own headers (the veth counts a GSO packet's once)
+        sent = d[host]["qdisc_bytes"] if rate_mbit > 0 else d[host]["tx_bytes"]
+        out[name] = {
+            "bytes_per_step": sent / steps,
+            "packets_per_step": (d[host]["qdisc_packets"] if rate_mbit > 0 else d[host]["tx_packets"]) / steps,
+            "qdisc_drops": d[host]["qdisc_drops"],
+            "retrans_segs": d[host]["TcpRetransSegs"],
+            "out_segs": d[host]["TcpOutSegs"],
+            "utilisation": sent * 8 / secs / (rate_mbit * 1e6) if rate_mbit > 0 else None,
+        }
+    return out
+
+
 # --------------------------------------------------------------------------- jobs on the two hosts
 def runner_on(hosts, folder: str):
-    """A ``runner`` for :func:`scale_measure.measure`: the job with servers on host a, workers on host b."""
+    """A ``runner`` for :func:`scale_measure.measure`: the job with servers on host a, workers on host b;
+    with each run's :func:`counters` (after less before) under ``wire``."""
     from benchmarks.multi_host import run_on_hosts
     from benchmarks.scale_measure import totals
     from downpour.config import job_to_dict, load_job
 
     def run(path: str, overrides: list[str]) -> dict[str, Any]:
+        before = counters(hosts)
         s = run_on_hosts(hosts, job_to_dict(load_job(path, [*overrides, *EXTRA])), folder, timeout_s=600)
+        wire = _delta(counters(hosts), before)
         if s.get("status") != "ok":
             raise RuntimeError(f"{path} {overrides}: {s.get('status')}: {s.get('error')}")
-        return totals(s)
+        return {**totals(s), "wire": wire}
 
     return run
 
@@ -188,6 +244,10 @@ def check_rate(rate_mbit: float, costs: Costs, ref: Workload, folder: str, args:
             hosts.shape("b", rate_mbit)
         total = int(max(8e6, min(64e6, rate_mbit * 1e6 / 8 * 1.5))) if rate_mbit > 0 else int(64e6)
         link = probe_link(hosts, nbytes, total)
+        link["settings"] = {k: subprocess.run(["ip", "netns", "exec", hosts.names["a"], "sysctl", "-n", k], capture_output=True,
+                                              text=True, timeout=20).stdout.strip()
+                            for k in ("net.ipv4.tcp_congestion_control", "net.ipv4.tcp_limit_output_bytes", "net.ipv4.tcp_wmem")}
+        link["qdisc"] = _json_of(["tc", "-n", hosts.names["a"], "-j", "qdisc", "show", "dev", hosts.devices["a"]])
         bandwidth = min(link["up_Bps"], link["down_Bps"]) if rate_mbit > 0 else None
         log(f"  {rate_mbit:g} Mbit/s: latency {link['latency_s'] * 1e6:.0f} µs one way, goodput up {link['up_Bps'] * 8e-6:,.0f} / "
             f"down {link['down_Bps'] * 8e-6:,.0f} Mbit/s")
@@ -195,32 +255,51 @@ def check_rate(rate_mbit: float, costs: Costs, ref: Workload, folder: str, args:
         run, rows = runner_on(hosts, folder), []
         for topo in args.topologies.split(","):
             s, w = (int(v) for v in topo.split("x"))
-            p = predict(at, ref, Topology(s, w, cores=args.cores, split=True))
+            p = predict(at, ref, Topology(s, w, cores=args.cores, split=True, queueing=True))
             # step caps: about --seconds of training in the longer run at the predicted rate
             steps_long = int(min(args.steps_long, max(8 * w, p.examples_per_s / ref.batch * args.seconds)))
             m = sm.measure(sm.MNIST_JOB, s, w, max(w, steps_long // 8), steps_long, runner=run)
-            rows.append({"servers": s, "workers": w, "measured": m, "predicted": asdict(p)})
+            wire = wire_per_step(m, rate_mbit)
+            rows.append({"servers": s, "workers": w, "measured": m, "predicted": asdict(p), "wire": wire})
             log(f"  {rate_mbit:g} Mbit/s {s}x{w}: {m['examples_per_s']:,.0f} examples/s measured, {p.examples_per_s:,.0f} "
-                f"predicted ({p.bottleneck})")
+                f"predicted ({p.bottleneck}; the least bound alone: {p.bounds_examples_per_s:,.0f})")
+            for name, v in (("B->A", wire["b_to_a"]), ("A->B", wire["a_to_b"])):
+                busy = "" if v["utilisation"] is None else f", busy {100 * v['utilisation']:.0f}% of the tbf rate"
+                log(f"    {name}: {v['bytes_per_step']:,.0f} B/step on the wire ({v['bytes_per_step'] / nbytes:.3f}x the model's "
+                    f"{nbytes:,}), {v['packets_per_step']:.0f} frames/step, qdisc drops {v['qdisc_drops']}, "
+                    f"TCP resent {v['retrans_segs']} of {v['out_segs']} segments{busy}")
     return {"rate_mbit": rate_mbit, "link": link, "bandwidth_Bps": bandwidth, "rows": rows}
 
 
 def table(results: list[dict[str, Any]], ref: Workload) -> str:
     lines = [
-        "| link (tbf) | latency µs one way | goodput Mbit/s up / down | S×W | examples/s measured | predicted | error | bound "
-        "| steps/s each bound allows | CPU µs/example workers / servers, measured / predicted |",
-        "|---|---:|---:|---|---:|---:|---:|---|---|---:|",
+        "| link (tbf) | latency µs one way | goodput Mbit/s up / down | S×W | examples/s measured | predicted (queueing) | error "
+        "| least bound | error | bottleneck | link busy B→A / A→B, measured / predicted | wire bytes per step B→A / A→B (× the model's) "
+        "| TCP segments resent B→A / A→B | tbf drops per step B→A / A→B | CPU µs/example workers / servers, measured / predicted |",
+        "|---|---:|---:|---|---:|---:|---:|---:|---:|---|---|---|---|---|---|",
     ]
     for r in results:
         link = r["link"]
         for row in r["rows"]:
-            m, p = row["measured"], row["predicted"]
-            bounds = ", ".join(f"{k} {v:,.0f}" for k, v in p["bounds"].items())
+            m, p, wire = row["measured"], row["predicted"], row["wire"]
+            up, down = wire["b_to_a"], wire["a_to_b"]
+            steps = wire["steps"]
+            busy = "n/a (unshaped)"
+            if up["utilisation"] is not None:
+                pb = p["stations"].get("push", {}).get("utilisation")
+                busy = f"{100 * up['utilisation']:.0f}% / {100 * down['utilisation']:.0f}%, {100 * pb:.0f}%"
+            nbytes = step_bytes(ref)
             lines.append(
                 f"| {'unshaped' if r['rate_mbit'] <= 0 else format(r['rate_mbit'], 'g') + ' Mbit/s'} | {link['latency_s'] * 1e6:.0f} | "
                 f"{link['up_Bps'] * 8e-6:,.0f} / {link['down_Bps'] * 8e-6:,.0f} | {row['servers']}×{row['workers']} | "
                 f"{m['examples_per_s']:,.0f} | {p['examples_per_s']:,.0f} | "
-                f"{100 * (p['examples_per_s'] - m['examples_per_s']) / m['examples_per_s']:+.0f}% | {p['bottleneck']} | {bounds} | "
+                f"{100 * (p['examples_per_s'] - m['examples_per_s']) / m['examples_per_s']:+.0f}% | {p['bounds_examples_per_s']:,.0f} | "
+                f"{100 * (p['bounds_examples_per_s'] - m['examples_per_s']) / m['examples_per_s']:+.0f}% | {p['bottleneck']} | {busy} | "
+                f"{up['bytes_per_step']:,.0f} ({up['bytes_per_step'] / nbytes:.3f}) / {down['bytes_per_step']:,.0f} "
+                f"({down['bytes_per_step'] / nbytes:.3f}) | "
+                f"{100 * up['retrans_segs'] / max(1, up['out_segs']):.1f}% / "
+                f"{100 * down['retrans_segs'] / max(1, down['out_segs']):.1f}% | "
+                f"{up['qdisc_drops'] / steps:.1f} / {down['qdisc_drops'] / steps:.1f} | "
                 f"{m['worker_cpu_per_step_s'] / m['batch'] * 1e6:.1f} / {m['server_cpu_per_step_s'] / m['batch'] * 1e6:.1f}, "
                 f"{p['worker_cpu_per_step_s'] / ref.batch * 1e6:.1f} / {p['server_cpu_per_step_s'] / ref.batch * 1e6:.1f} |"
             )
