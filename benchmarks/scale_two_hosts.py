@@ -22,8 +22,20 @@ What is measured, and fed to the model (all in this run):
   ``benchmarks/scale_measure.py`` does over ipc; forward+backward and the update rule in process.
 * **The check**: the reference job (async) on ``--topologies`` at each rate, two step caps (the
   extra steps' examples over their training time; start-up cancels), against
-  ``predict(..., Topology(S, W, cores=CORES, split=True))``: one link carries every step both ways,
-  and both namespaces share this machine's cores.
+  ``predict(..., Topology(S, W, cores=CORES, split=True, queueing=True))``: one link carries every
+  step both ways, both namespaces share this machine's cores, and the rate is the closed queueing
+  network's (mean value analysis, ``scale_model.mva``); the least bound alone is printed beside it.
+* **The link during the check**, in the extra steps (each run's counters after less before, the
+  longer run less the shorter): bytes per worker step each way as tbf passed them (every segment
+  with its headers, resends and ACKs; the veth's own count unshaped), how busy each direction was
+  (those bytes over the training time, against the tbf rate; the model's figure is the ``push``
+  station's utilisation), tbf drops (``tc -s qdisc``) and TCP segments resent (``nstat``
+  TcpRetransSegs over TcpOutSegs) per host.
+
+``--tbf-latency-ms`` gives tbf a longer queue (tests/netns.py's is 20 ms: 250 kB at 100 Mbit/s, where
+six connections' pushes overflow it), ``--cc`` another TCP congestion control (a namespace may
+only pick from net.ipv4.tcp_allowed_congestion_control: reno or bbr here), and ``--costs-from``
+reuses an earlier run's calibration, to vary the link without recalibrating.
 """
 
 from __future__ import annotations
@@ -239,9 +251,16 @@ def check_rate(rate_mbit: float, costs: Costs, ref: Workload, folder: str, args:
     with Hosts() as hosts:
         hosts.add("a")
         hosts.add("b")
-        if rate_mbit > 0:
-            hosts.shape("a", rate_mbit)
-            hosts.shape("b", rate_mbit)
+        for h in ("a", "b"):
+            if rate_mbit > 0:
+                hosts.shape(h, rate_mbit)
+                if args.tbf_latency_ms is not None:  # the same tbf with a longer queue (tests/netns.py's is 20 ms)
+                    subprocess.run(["tc", "-n", hosts.names[h], "qdisc", "replace", "dev", hosts.devices[h], "root", "tbf", "rate",
+                                    f"{rate_mbit}mbit", "burst", "256kbit", "latency", f"{args.tbf_latency_ms}ms"],
+                                   check=True, capture_output=True, timeout=20)
+            if args.cc:
+                subprocess.run(["ip", "netns", "exec", hosts.names[h], "sysctl", "-w", f"net.ipv4.tcp_congestion_control={args.cc}"],
+                               check=True, capture_output=True, timeout=20)
         total = int(max(8e6, min(64e6, rate_mbit * 1e6 / 8 * 1.5))) if rate_mbit > 0 else int(64e6)
         link = probe_link(hosts, nbytes, total)
         link["settings"] = {k: subprocess.run(["ip", "netns", "exec", hosts.names["a"], "sysctl", "-n", k], capture_output=True,
@@ -316,6 +335,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seconds", type=float, default=12.0, help="check: the longer run's cap in seconds at the predicted rate")
     ap.add_argument("--compute-steps", type=int, default=200, help="forward+backward steps timed in process")
     ap.add_argument("--json", help="write everything here")
+    ap.add_argument("--costs-from", metavar="JSON", help="take the costs from an earlier run's --json instead of calibrating")
+    ap.add_argument("--cc", help="TCP congestion control in both hosts for the check (default: the kernel's, inherited)")
+    ap.add_argument("--tbf-latency-ms", type=float, help="the tbf queue in ms of the rate (default: tests/netns.py's 20)")
     ap.add_argument("--probe-serve", help=argparse.SUPPRESS)
     ap.add_argument("--probe-client", help=argparse.SUPPRESS)
     ap.add_argument("--probe-bytes", help=argparse.SUPPRESS)
@@ -335,10 +357,15 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _interrupt)
     t0 = time.perf_counter()
     folder = tempfile.mkdtemp(prefix="dp-scale-two-hosts-")
-    with Hosts() as hosts:
-        hosts.add("a")
-        hosts.add("b")
-        costs, ref, cal = calibrate(hosts, folder, args)
+    if args.costs_from:
+        with open(args.costs_from) as f:
+            earlier = json.load(f)
+        costs, ref, cal = Costs(**earlier["costs"]), Workload(**earlier["reference"]), {"from": args.costs_from}
+    else:
+        with Hosts() as hosts:
+            hosts.add("a")
+            hosts.add("b")
+            costs, ref, cal = calibrate(hosts, folder, args)
     log(f"costs over tcp + CURVE: worker {costs.worker_msg_s * 1e6:.1f} µs/request {costs.worker_byte_s * 1e9:.2f} ns/byte, "
         f"server {costs.server_msg_s * 1e6:.1f} µs/request {costs.server_byte_s * 1e9:.2f} ns/byte; "
         f"worker other {ref.worker_step_s * 1e3:.3f} ms/step")

@@ -5,7 +5,7 @@ from dataclasses import replace
 
 import pytest
 
-from benchmarks.scale_model import Costs, Topology, Workload, at_scale, predict, step_bytes
+from benchmarks.scale_model import Costs, Topology, Workload, at_scale, mva, predict, step_bytes
 
 US, NS = 1e-6, 1e-9
 COSTS = Costs(
@@ -88,3 +88,38 @@ def test_two_hosts_on_one_machine_share_its_cores_and_send_every_step_through_on
     # Without a link limit the split changes nothing: the cores bound it as on one host.
     fast = predict(COSTS, REF, Topology(2, 3, cores=2, split=True))
     assert fast.examples_per_s == predict(COSTS, REF, Topology(2, 3, cores=2)).examples_per_s
+
+
+def test_mva_of_two_equal_queues_with_three_customers_keeps_each_busy_three_quarters_of_the_time():
+    rate, residence = mva({"push": (1.0, 1), "pull": (1.0, 1)}, 3)
+    assert rate == pytest.approx(0.75)  # X(n) = n / (n + 1) / D for two queues of demand D
+    assert residence["push"] == pytest.approx(2.0)
+    # A delay adds its demand and never queues; a station of 2 servers with 1 customer is a plain delay.
+    assert mva({"cpu": (1.0, 2), "latency": (0.5, 0)}, 1)[0] == pytest.approx(1 / 1.5)
+
+
+def test_queueing_is_the_serial_chain_for_one_worker_and_the_least_bound_for_many():
+    costs = replace(COSTS, bandwidth_Bps=12.5e6)
+    one = predict(costs, REF, Topology(1, 1, cores=2, split=True, queueing=True))
+    chain = one.worker_cpu_per_step_s + one.server_cpu_per_step_s + 2 * 25 * US + 2 * step_bytes(REF) / 12.5e6
+    assert one.examples_per_s == pytest.approx(32 / chain)
+    assert one.examples_per_s == pytest.approx(one.bounds_examples_per_s)
+    many = predict(costs, REF, Topology(2, 200, cores=2, split=True, queueing=True))
+    assert many.examples_per_s == pytest.approx(32 * many.bounds["network"], rel=0.02)
+    assert many.bottleneck == "network" and many.stations["push"]["utilisation"] == pytest.approx(1, rel=0.02)
+
+
+def test_at_the_knee_queueing_predicts_less_than_the_least_bound():
+    costs = replace(COSTS, bandwidth_Bps=12.5e6)
+    knee = predict(costs, REF, Topology(2, 3, cores=2, split=True, queueing=True))
+    assert knee.examples_per_s < 0.8 * knee.bounds_examples_per_s
+    assert knee.bottleneck == "network"
+    # The least bound is unchanged by the option, and without it nothing changes.
+    plain = predict(costs, REF, Topology(2, 3, cores=2, split=True))
+    assert plain.examples_per_s == plain.bounds_examples_per_s == knee.bounds_examples_per_s
+    assert plain.stations == {}
+
+
+def test_queueing_needs_the_cores():
+    with pytest.raises(ValueError, match="cores"):
+        predict(COSTS, REF, Topology(2, 3, queueing=True))
