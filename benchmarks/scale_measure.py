@@ -30,7 +30,8 @@ Where each figure of :class:`~benchmarks.scale_model.Costs` comes from (all meas
   ``worker_step_s``.
 
 The check then runs the reference job on every topology (servers 1..S × workers 1..W) the same way
-(two step caps), and prints measured against predicted examples/s (the longer run's extra examples
+(two step caps), and prints measured against predicted examples/s (the least bound, and beside it
+``Topology(queueing=True)``'s closed-network rate; the longer run's extra examples
 over its extra training time, so that start-up skew cancels) and CPU per example per role, for the
 ``--cores`` of this machine. A and B are calibration points: their worker CPU per example agrees by
 construction, the servers' nearly (least squares), their examples/s is predicted.
@@ -40,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import signal
 import statistics
@@ -333,9 +335,11 @@ def check(args: argparse.Namespace, costs: Costs, ref: Workload) -> list[dict[st
 
 def _predicted(costs: Costs, ref: Workload, servers: int, workers: int, cores: float) -> dict[str, Any]:
     p = predict(costs, ref, Topology(servers, workers, cores=cores))
+    q = predict(costs, ref, Topology(servers, workers, cores=cores, queueing=True))
     per_example = p.cpu_per_example_s(ref.batch)
     return {
         "examples_per_s": p.examples_per_s,
+        "queueing_examples_per_s": q.examples_per_s,  # the closed queueing network (mean value analysis)
         "bottleneck": p.bottleneck,
         "bounds": p.bounds,
         "worker_cpu_per_example_s": per_example["worker"],
@@ -349,17 +353,19 @@ def _pct(measured: float, predicted: float) -> str:
 
 def check_table(rows: list[dict[str, Any]]) -> str:
     lines = [
-        "| S×W | examples/s measured | predicted | error | bound | worker CPU µs/example measured / predicted | "
+        "| S×W | examples/s measured | predicted | error | queueing | error | bound | worker CPU µs/example measured / predicted | "
         "server CPU µs/example measured / predicted | all CPU µs/example measured / predicted | error |",
-        "|---|---:|---:|---:|---|---:|---:|---:|---:|",
+        "|---|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|",
     ]
     for r in rows:
         m, p = r["measured"], r["predicted"]
         mw, ms = m["worker_cpu_per_step_s"] / m["batch"] * 1e6, m["server_cpu_per_step_s"] / m["batch"] * 1e6
         pw, ps = p["worker_cpu_per_example_s"] * 1e6, p["server_cpu_per_example_s"] * 1e6
+        q = p.get("queueing_examples_per_s", math.nan)
         lines.append(
             f"| {r['servers']}×{r['workers']} | {m['examples_per_s']:,.0f} | {p['examples_per_s']:,.0f} | "
-            f"{_pct(m['examples_per_s'], p['examples_per_s'])} | {p['bottleneck']} | {mw:.1f} / {pw:.1f} | {ms:.1f} / {ps:.1f} | "
+            f"{_pct(m['examples_per_s'], p['examples_per_s'])} | {q:,.0f} | {_pct(m['examples_per_s'], q)} | "
+            f"{p['bottleneck']} | {mw:.1f} / {pw:.1f} | {ms:.1f} / {ps:.1f} | "
             f"{mw + ms:.1f} / {pw + ps:.1f} | {_pct(mw + ms, pw + ps)} |"
         )
     return "\n".join(lines)
