@@ -121,15 +121,16 @@ def run_single(job: JobConfig, buckets_log2: int, threads: int) -> dict[str, Any
         torch.manual_seed(t.seed)
         model, opts = _build(job, buckets_log2)
         gen = torch.Generator().manual_seed(t.seed)
-        examples, train_s = 0, 0.0
+        examples, train_s, cpu_s = 0, 0.0, 0.0
         for _ in range(t.epochs):
             perm = torch.randperm(n, generator=gen)
             xd, xi, ys = dense[perm], ids[perm], y[perm]
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             for b in range(0, n, bs):
                 _step(model, opts, xd[b : b + bs], xi[b : b + bs], ys[b : b + bs])
                 examples += len(ys[b : b + bs])
             train_s += time.perf_counter() - t0
+            cpu_s += time.process_time() - c0
         model.eval()
         (tdense, tids), ty = data.test.take(np.arange(len(data.test)))
         with torch.no_grad():
@@ -143,6 +144,7 @@ def run_single(job: JobConfig, buckets_log2: int, threads: int) -> dict[str, Any
         "examples": examples,
         "train_s": train_s,
         "examples_per_s": examples / train_s,
+        "cpu_us_per_example": 1e6 * cpu_s / examples,  # the timed loop's CPU (every thread)
         "test_auc": roc_auc(labels, p),
         "test_logloss": log_loss(labels, p),
     }
@@ -176,6 +178,12 @@ def run_downpour(job: JobConfig) -> dict[str, Any]:
         "worker_sparse_wait_s": sum(w["sparse"]["wait_s"] for w in workers),
         "worker_dense_wait_s": sum(w["wait_s"] for w in workers),
         "server_cpu_s": sum(v["cpu_s"] for v in s["servers"].values()),
+        # Each process's CPU (every thread) over its whole life: start-up and evaluation included.
+        "worker_cpu_s": sum(w["cpu_s"] for w in workers),
+        "worker_cpu_us_per_example": 1e6 * sum(w["cpu_s"] for w in workers) / s["examples"],
+        "server_cpu_us_per_example": 1e6 * sum(v["cpu_s"] for v in s["servers"].values()) / s["examples"],
+        "sparse_requests": sum(w["sparse"]["requests"] for w in workers),
+        "sparse_reads_ahead": sum(w["sparse"].get("reads_ahead", 0) for w in workers),
         "rows_per_server": {n: {t: v["rows"] for t, v in srv["sparse"]["tables"].items()} for n, srv in s["servers"].items()},
         "bytes_per_row": {n: {t: v["bytes_per_row"] for t, v in srv["sparse"]["tables"].items()} for n, srv in s["servers"].items()},
     }
@@ -218,7 +226,7 @@ def main() -> int:
             singles[t].append(r)
             print(
                 f"[run {i + 1}] single process, {t} thread(s): {r['examples_per_s']:,.0f} examples/s over {r['train_s']:.1f}s, "
-                f"test AUC {r['test_auc']:.4f}, log loss {r['test_logloss']:.4f}",
+                f"test AUC {r['test_auc']:.4f}, log loss {r['test_logloss']:.4f}, CPU {r['cpu_us_per_example']:.1f} µs/example",
                 flush=True,
             )
         out = run_downpour(job)
@@ -233,6 +241,12 @@ def main() -> int:
             f"    workers: compute (forward incl. sparse pulls, backward) {out['worker_compute_s']:.1f}s, of it waiting for "
             f"sparse rows {out['worker_sparse_wait_s']:.1f}s; dense push+pull wait {out['worker_dense_wait_s']:.1f}s; "
             f"servers' CPU {out['server_cpu_s']:.1f}s; rows per server {out['rows_per_server']}",
+            flush=True,
+        )
+        print(
+            f"    CPU per example (whole processes): workers {out['worker_cpu_us_per_example']:.1f} µs, servers "
+            f"{out['server_cpu_us_per_example']:.1f} µs; {out['sparse_requests']:,} SPARSE requests, "
+            f"{out['sparse_reads_ahead']:,} table reads served by rows pulled ahead",
             flush=True,
         )
     c = job.cluster

@@ -634,12 +634,16 @@ class SparseConfig(SparseTableConfig):
     it leaves out come from this section)."""
 
     tables: dict[str, SparseTableConfig] = Field(default_factory=dict)
+    # A worker pulls the next batch's rows (every table, one request per server) while it trains
+    # this one, for one step more staleness of the rows (as training.overlap for the dense values).
+    # None: on in async jobs (without consistency_groups), off otherwise; sync and ssp refuse it.
+    prefetch: bool | None = None
 
     @model_validator(mode="before")
     @classmethod
     def _inherit(cls, data: Any) -> Any:
         if isinstance(data, dict) and isinstance(data.get("tables"), dict):
-            base = {k: v for k, v in data.items() if k != "tables"}
+            base = {k: v for k, v in data.items() if k not in ("tables", "prefetch")}
             data = {**data, "tables": {name: {**base, **t} if isinstance(t, dict) else t for name, t in data["tables"].items()}}
         return data
 
@@ -753,6 +757,9 @@ class JobConfig(_Frozen):
         if self.cluster.replicas and (t.consistency == "ssp" or t.consistency_groups):
             raise ValueError("cluster.replicas: replication supports training.consistency async and sync (without "
                              "consistency_groups); this job uses " + ("consistency_groups" if t.consistency_groups else "ssp"))
+        if self.sparse.prefetch and (t.consistency != "async" or t.consistency_groups):
+            raise ValueError("sparse.prefetch: pulling rows a batch ahead adds a step of staleness, which only "
+                             f"async training allows; this job uses {'consistency_groups' if t.consistency_groups else t.consistency}")
         slow = self.training.slowdown
         if slow is not None and slow.rank is not None and slow.rank >= self.cluster.num_workers:
             raise ValueError(f"training.slowdown.rank {self.training.slowdown.rank} is not a worker rank "
@@ -787,6 +794,12 @@ class JobConfig(_Frozen):
             raise ValueError(f"{f}.warmup_steps ({o.warmup_steps}) is longer than the job "
                              f"({t.steps * self.cluster.num_workers} job steps: training.steps × cluster.num_workers)")
         return self
+
+    @property
+    def sparse_prefetch(self) -> bool:
+        """Whether workers pull sparse rows a batch ahead (``sparse.prefetch``, resolved)."""
+        t = self.training
+        return self.sparse.prefetch if self.sparse.prefetch is not None else (t.consistency == "async" and not t.consistency_groups)
 
     def planned_steps(self, num_train: int) -> int:
         """Job steps (updates a worker pushes, all workers together: the unit of schedules and

@@ -29,6 +29,16 @@ class RowSource(Protocol):
         result is a leaf that requires grad, and the source pushes its gradient after backward."""
         ...
 
+    # Optional: ``unique(ids) -> (keys, inverse)``, flat int64 IDs (any device) made unique in an
+    # order of the source's choosing, with ``ids == keys[inverse]`` (both on the CPU). Without it,
+    # ``torch.unique`` (sorted keys). The worker's client groups the keys by server and answers
+    # repeated questions about the same IDs (two tables read from one input) without sorting again.
+
+
+def _unique(source: RowSource, flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    fn = getattr(source, "unique", None)
+    return fn(flat) if fn is not None else torch.unique(flat.cpu(), return_inverse=True)
+
 
 class SparseEmbedding(nn.Module):
     """Rows of table ``table`` (``dim`` floats each) for int64 feature IDs of any shape.
@@ -66,12 +76,13 @@ class SparseEmbedding(nn.Module):
         if offsets is not None and (self.mode is None or ids.dim() != 1):
             raise ConfigError(f"SparseEmbedding {self.table!r}: offsets need mode sum or mean and 1-D ids, "
                               f"got mode={self.mode} and ids of shape {tuple(ids.shape)}")
-        flat = ids.reshape(-1).cpu()
+        flat = ids.reshape(-1)
         pad = None
         if self.padding_idx is not None:
+            flat = flat.cpu()
             pad = flat == self.padding_idx
             flat = flat.masked_fill(pad, 0) if pad.any() else flat
-        uniq, inverse = torch.unique(flat[~pad] if pad is not None else flat, return_inverse=True)
+        uniq, inverse = _unique(self.source, flat[~pad] if pad is not None else flat)
         train = self.training and torch.is_grad_enabled()
         rows = self.source.rows(self.table, uniq, self.dim, train) if len(uniq) else torch.zeros(0, self.dim)
         rows = rows.to(ids.device)

@@ -42,3 +42,28 @@ def tiny_ctr(n_train: int = 4000, n_test: int = 1000, num_fields: int = 4, num_d
     train = CTRSplit(*make_ctr(n_train, 1, num_fields, num_dense))
     test = CTRSplit(*make_ctr(n_test, 2, num_fields, num_dense))
     return Dataset(train, test)
+
+
+class CountingWideDeep(torch.nn.Module):
+    """Wide & Deep plus a table ``count`` (dim 1) read from the same IDs, whose gradient is -1 per
+    occurrence: with sparse SGD at lr 1 from rows of 0, a row holds how many of its ID's
+    occurrences were trained (every push applied exactly once: epochs × occurrences)."""
+
+    def __init__(self, **args) -> None:
+        super().__init__()
+        from downpour.models import WideDeep
+        from downpour.nn import SparseEmbedding
+
+        self.model = WideDeep(**args)
+        self.count = SparseEmbedding("count", 1)
+
+    def forward(self, dense: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        out = self.model(dense, ids)
+        c = self.count(ids)  # [B, fields, 1]
+        if c.requires_grad:
+            c.register_hook(lambda g: torch.full_like(g, -1.0))
+        return out + (c - c.detach()).sum((1, 2))
+
+
+def counting_wide_deep(**args) -> torch.nn.Module:
+    return CountingWideDeep(**args)

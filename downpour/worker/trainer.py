@@ -25,7 +25,7 @@ import logging
 import math
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -65,6 +65,15 @@ def _forward(model: torch.nn.Module, x: Inputs) -> torch.Tensor:
     return model(x) if isinstance(x, torch.Tensor) else model(*x)
 
 
+def _with_next(items: Iterator[Any]) -> Iterator[tuple[Any, Any]]:
+    """Each item with the one after it (None after the last): the batch after the one training is known."""
+    item = next(items, None)
+    while item is not None:
+        after = next(items, None)
+        yield item, after
+        item = after
+
+
 class LeaveOrder:
     """The coordinator asked this worker to leave: a graceful stop of the job. Set from the heartbeat
     thread, read by the training loop before each step. ``at_version`` (sync jobs): leave once the
@@ -89,6 +98,7 @@ class Trainer:
                  sparse: SparseClient | None = None) -> None:
         self.job, self.flat, self.kv, self.data, self.name, self.rank = job, flat, kv, dataset, name, rank
         self.sparse = sparse  # the model's SparseEmbedding rows (None: a dense model)
+        self.rows_ahead = sparse is not None and job.sparse_prefetch  # each batch's rows pulled during the step before
         t = job.training
         self.overlap = (t.overlap and t.consistency == "async" and not t.consistency_groups
                         and t.accumulate == 1 and t.local_steps == 1)
@@ -208,14 +218,18 @@ class Trainer:
         skip = shard.get("skip", 0)  # examples already trained (a shard resumed from a checkpoint)
         done = 0
         device = self.flat.device
-        for x, y in self.batches(rng.permutation(positions)[skip:]):
+        batches = ((_to(x, device), _to(y, device)) for x, y in self.batches(rng.permutation(positions)[skip:]))
+        for (x, y), after in _with_next(batches):
             if self.finished:
                 break
             if self.leave.due(self.kv.versions):
                 self.left = True
                 break
             n = len(y)
-            self.step(_to(x, device), _to(y, device), [shard["epoch"], shard["shard"], skip + done + n])
+            if self.rows_ahead:  # the next batch's sparse rows travel while this one trains
+                last = after is None or (self.max_steps is not None and self.steps + 1 >= self.max_steps)
+                self.sparse.prepare(x, None if last else after[0])
+            self.step(x, y, [shard["epoch"], shard["shard"], skip + done + n])
             if self.halted:  # its push was refused, not applied: the shard resumes before this batch
                 self.steps, self.examples = self.steps - 1, self.examples - n
                 self.left = True
