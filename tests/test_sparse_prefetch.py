@@ -29,22 +29,36 @@ class _Future:
     def result(self) -> Message:
         if self._error is not None:
             raise self._error
+        if self._reply is None:  # answered when waited for: the order a worker waits in is the order applied
+            self._reply = self._rpc.answer(self.peer, self.req_id, self._msg)
         return self._reply
+
+    def _answered(self, rpc: FakeRpc, peer: str, msg: Message) -> _Future:
+        self._rpc, self._msg = rpc, msg
+        return self
 
 
 class FakeRpc:
     """Each request handled by its server's SparseShard at once. ``fail``: request numbers
-    (1-based) answered ``peer_replaced`` without being applied (a server replaced meanwhile)."""
+    (1-based) answered ``peer_replaced`` without being applied (a server replaced meanwhile).
+    As a real server, a request whose ``seq`` is not past the last applied one is read only."""
 
     def __init__(self, shards: dict[str, SparseShard], fail: tuple[int, ...] = ()) -> None:
         self.shards, self.fail, self.n = shards, set(fail), 0
+        self.applied: dict[str, int] = {}
 
     def request(self, peer: str, msg: Message) -> _Future:
         self.n += 1
         if self.n in self.fail:
             return _Future(peer, self.n, None, RemoteError("replaced", peer=peer, code="peer_replaced"))
-        msg = Message(msg.op, self.n, msg.meta, list(msg.tensors))
-        return _Future(peer, self.n, self.shards[peer].handle(msg), None)
+        return _Future(peer, self.n, None, None)._answered(self, peer, msg)
+
+    def answer(self, peer: str, req_id: int, msg: Message) -> Message:
+        seq = msg.meta.get("seq")
+        replay = seq is not None and seq <= self.applied.get(peer, 0)
+        if seq is not None and not replay:
+            self.applied[peer] = seq
+        return self.shards[peer].handle(Message(msg.op, req_id, msg.meta, list(msg.tensors)), replay=replay)
 
 
 SPARSE = {"optimizer": {"name": "adagrad", "lr": 0.1}, "tables": {"count": {"optimizer": {"name": "sgd", "lr": 1.0}, "init_scale": 0.0}}}
@@ -173,6 +187,19 @@ def test_rows_pulled_ahead_for_a_batch_never_trained_are_dropped_and_their_pushe
     client.flush()
     assert client.ahead_dropped == 1
     keys, counts = _occurrences(batches, upto=7)
+    np.testing.assert_array_equal(_rows(shards, "count", keys)[:, 0], counts.astype(np.float32))
+
+
+def test_after_a_failover_the_requests_are_replayed_in_the_order_they_were_sent():
+    """Requests 7 (batch 2's rows pulled ahead, with batch 1's pushes, to server 0) and 9 (batch 1's
+    own pull, sent after it to server 0) both meet a replaced server. The replacement reads a
+    request whose seq is not past the last one it applied as a replay: had 9 been waited for and
+    replayed first, 7's pushes would be taken as applied already and lost."""
+    batches = _batches()
+    client, shards = _cluster(fail=(7, 9), replay=True)
+    _train(Counting(), client, batches, ahead=True)
+    keys, counts = _occurrences(batches)
+    assert client.replayed == 2
     np.testing.assert_array_equal(_rows(shards, "count", keys)[:, 0], counts.astype(np.float32))
 
 

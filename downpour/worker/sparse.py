@@ -135,7 +135,12 @@ class SparseClient:
         return t
 
     def _pull(self, table: str, k: np.ndarray, dim: int, train: bool, plan: Plan | None) -> np.ndarray:
-        """Rows of ``k`` now: one request per server holding some (with its waiting pushes)."""
+        """Rows of ``k`` now: one request per server holding some (with its waiting pushes).
+        Requests pulled ahead are answered first: a server that took over from a replaced one
+        applies replayed pushes only in the order they were sent (``seq``), so a worker must
+        never wait for (and replay) a later request before an earlier one."""
+        self._settle_ahead(self._now)
+        self._settle_ahead(self._next)
         if plan is None:
             k = np.ascontiguousarray(k, dtype=np.int64)
             order, bounds = self._split(k)
