@@ -12,8 +12,8 @@ TEST_TOOLS := prometheus chromium redis-server
 
 .PHONY: demo ctr online test test-fast setup data tools lint bench clean
 
-# setup.py builds the sparse tables' C kernel (downpour/sparse/_native.c) into the package.
-$(VENV)/.installed: requirements.txt requirements-dev.txt pyproject.toml setup.py downpour/sparse/_native.c
+# setup.py builds the C kernels (downpour/sparse/_native.c, downpour/server/_dense.c) into the package.
+$(VENV)/.installed: requirements.txt requirements-dev.txt pyproject.toml setup.py downpour/sparse/_native.c downpour/server/_dense.c
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -r requirements-dev.txt

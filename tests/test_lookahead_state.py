@@ -130,6 +130,26 @@ def test_a_job_without_lookahead_ignores_the_buffers_and_one_with_it_starts_from
     assert all(st.lookahead.buffers == {} and not st.lookahead.total.any() for st in fresh)
 
 
+def test_a_lookahead_server_keeps_and_saves_no_momentum_of_its_rule_and_resumes_a_checkpoint_that_has_it(url):
+    layout = layout_of(2)
+    stores = servers(layout)
+    assert all(st.rule.state() == {} for st in stores)  # the look-ahead owns the momentum
+    rounds(stores, layout, 2, seed=1)
+    store, manifest = checkpoint_of(stores, url)
+    assert "momentum_buffer" not in OldParams(store, manifest, layout).state
+    for st in stores:  # as an older version kept the rule's buffer, unused: zeros, and saved them
+        st.rule.buf = torch.zeros(st.numel)
+    store, manifest = checkpoint_of(stores, url + "-older")
+    old = OldParams(store, manifest, layout)
+    assert "momentum_buffer" in old.state
+    fresh = servers(layout, init=False)
+    for st in fresh:
+        restore_store(st, layout, old, full=True)
+    assert all(st.rule.state() == {} for st in fresh)
+    for of in [None, *WORKERS, "sum"]:
+        assert torch.equal(gathered(fresh, layout, of), gathered(stores, layout, of)), of
+
+
 def test_an_export_does_not_load_the_buffers(url):
     layout = layout_of(2)
     stores = servers(layout)

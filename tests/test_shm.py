@@ -182,3 +182,44 @@ def test_the_slot_of_a_request_that_got_no_answer_is_never_reused(ctx, folder):
         kv.close()
     finally:
         rpc.close()
+
+
+@pytest.mark.parametrize("scaling", ["auto", "none"])
+def test_replies_written_straight_into_the_slot_equal_those_sent_over_the_socket(ctx, folder, scaling):
+    """An async server writes a reply's values into the request's slot in the same pass as the update
+    (server/kernels.py): under look-ahead (``scaling: auto``) they differ from the stored values, under
+    ``none`` they are the new stored values; either way the very values a socket gets."""
+    job = parse_job({"model": {"name": "mlp"}, "optimizer": {"name": "sgd", "lr": 0.5, "momentum": 0.9, "scaling": scaling},
+                     "training": {"consistency": "async"}, "cluster": {"num_servers": 1, "num_workers": 2},
+                     "monitor": {"metrics": False}})
+    shm = LiveServer(None, job=job, layout=LAYOUT, bind=f"ipc://{folder}/la.sock")
+    tcp = LiveServer(None, job=job, layout=LAYOUT, bind="tcp://127.0.0.1:*")
+    names = [b"worker-0", b"worker-1"]
+    clients = {(srv, n): RawClient(ctx, srv.address, identity=n) for srv in (shm, tcp) for n in names}
+    slots = {n: Slot(folder, n.decode(), NUMEL * 4) for n in names}
+    try:
+        def ask(srv, name, op, meta, tensors=None):
+            reply = clients[(srv, name)].request(op, dict(meta, keys=KEYS), tensors, timeout_s=WAIT_S)
+            assert reply is not None and reply.op == Op.OK, reply and reply.meta
+            return reply
+        for srv in (shm, tcp):
+            ask(srv, names[0], Op.INIT, {}, [INIT.clone()])
+        gen = torch.Generator().manual_seed(0)
+        for t in range(6):
+            name, g = names[t % 2], torch.randn(NUMEL, generator=gen)
+            slot = torch.frombuffer(slots[name].buffer, dtype=torch.float32, count=NUMEL)
+            slot.copy_(g)
+            via_slot = ask(shm, name, Op.PUSHPULL, {"version": t, "weight": 1.0, "shm": [slots[name].name, NUMEL]})
+            via_socket = ask(tcp, name, Op.PUSHPULL, {"version": t, "weight": 1.0}, [g.clone()])
+            assert via_slot.meta["shm"] is True and via_slot.tensors == []
+            assert torch.equal(slot, via_socket.tensors[0]), t
+            # from the second push on, the other worker's momentum is pending: not the stored values
+            assert torch.equal(slot, shm.values()) == (scaling == "none" or t == 0), t
+        assert torch.equal(shm.values(), tcp.values())
+    finally:
+        for c in clients.values():
+            c.close()
+        for s in slots.values():
+            s.close()
+        shm.close()
+        tcp.close()

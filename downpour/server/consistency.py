@@ -102,25 +102,36 @@ class Policy:
 
 class AsyncPolicy(Policy):
     """With the store's ``lookahead`` (``async_rule: lookahead``, server/lookahead.py) a gradient
-    goes to its worker's momentum buffer and a reply carries the look-ahead values."""
+    goes to its worker's momentum buffer and a reply carries the look-ahead values. The update and
+    the reply's values are one pass (server/kernels.py): written straight into the memory
+    ``reply_slot(peer, req_id)`` names when the server sets it (the request's shared-memory slot,
+    which the server offers only where nothing reads the request's gradient there afterwards)."""
+
+    reply_slot: Callable[[bytes, int], torch.Tensor | None] | None = None
 
     def push(self, p: Push) -> list[Reply]:
-        self._apply(p)
-        return [self._answer(p)]
+        into = None
+        if self.reply_slot is not None and p.wants_values and p.pull is None:
+            into = self.reply_slot(p.peer, p.msg.req_id)
+            if into is not None and into.numel() != self.store.size_of(p.idx):
+                into = None
+        return [self._answer(p, self._apply(p, p.wants_values, into))]
 
     def set_workers(self, workers: set[str]) -> list[Reply]:
         if self.store.lookahead is not None:
             self.store.lookahead.keep(set(workers))
         return []
 
-    def _apply(self, p: Push) -> None:
+    def _apply(self, p: Push, reply: bool = False, into: torch.Tensor | None = None) -> torch.Tensor | None:
+        """Apply ``p``; with ``reply``, also the values ``p``'s worker is sent, in the same pass: into
+        ``into`` when given. Returns them (None: no values were written, the stored ones are sent)."""
         stale = self.store.version(p.idx) - p.version
         self.record_staleness(stale)
         grad = p.grad / stale if self.training.staleness_lr and stale > 1 else p.grad
         if self.store.lookahead is not None and not p.delta:
-            self.store.lookahead.apply(p.peer.decode(errors="replace"), p.idx, grad)
-        else:
-            self.store.apply(p.idx, grad, delta=p.delta)
+            return self.store.lookahead.step(p.peer.decode(errors="replace"), p.idx, grad, reply, into)
+        self.store.apply(p.idx, grad, delta=p.delta, out=into)
+        return into
 
     def _answer(self, p: Push, values: torch.Tensor | None = None) -> Reply:
         if values is None and p.wants_values and self.store.lookahead is not None:

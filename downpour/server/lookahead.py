@@ -17,12 +17,15 @@ DANA-Zero, and one worker trains with Nesterov momentum; without its own, one wo
 exactly as the job states (a test checks it bit for bit). The rule's lr and momentum are the
 job's (and its schedule); nothing depends on the measured staleness.
 
-Cost: n buffers of the shard's size per server (n the workers that pushed to it), and a copy of
-the values per reply (they differ from the stored ones). A worker that leaves the membership has
-its buffer dropped: its momentum will never be applied, so it no longer counts in the look-ahead
-(docs/scaling.md says why dropping, not folding it into the values). The buffers, keyed by worker
-name, go to a backup with the server's state and into checkpoints (``lookahead.<worker>`` in the
-shard file, server/snapshot.py), so a resumed job's workers go on with their momentum.
+Cost: n buffers of the shard's size per server (n the workers that pushed to it; the SGD rule's
+own buffer is then not kept), and the values of each reply (they differ from the stored ones),
+computed in the same pass over memory as the update (server/kernels.py: compiled where built,
+one pass instead of six, and written straight into a shared-memory slot where the request came
+through one). A worker that leaves the membership has its buffer dropped: its momentum will
+never be applied, so it no longer counts in the look-ahead (docs/scaling.md says why dropping,
+not folding it into the values). The buffers, keyed by worker name, go to a backup with the
+server's state and into checkpoints (``lookahead.<worker>`` in the shard file, server/snapshot.py),
+so a resumed job's workers go on with their momentum.
 """
 
 from __future__ import annotations
@@ -30,17 +33,22 @@ from __future__ import annotations
 import torch
 
 from downpour.config import JobConfig
+from downpour.server import kernels
 from downpour.server.store import ShardStore
 
 
 def make_lookahead(job: JobConfig, store: ShardStore) -> Lookahead | None:
     """The look-ahead for ``store`` when ``job`` resolves to ``async_rule: lookahead`` and has keys
-    in async or ssp (a sync round needs none); None otherwise. ``store.hyper`` must be set."""
+    in async or ssp (a sync round needs none); None otherwise. ``store.hyper`` must be set. Where
+    every key is async or ssp the rule's own momentum buffer is freed (never used, never saved: a
+    checkpoint of an older version that holds it as zeros still loads, the zeros unread)."""
     t = job.training
     modes = {t.consistency, *(g.consistency for g in t.consistency_groups)}
     if store.hyper is None or store.hyper.plan.async_rule != "lookahead" or not modes & {"async", "ssp"}:
         return None
     opt = job.optimizer
+    if modes <= {"async", "ssp"}:  # (a sync group's keys still take the rule's momentum)
+        store.rule.yield_momentum()
     return Lookahead(store, opt.weight_decay, opt.dampening, opt.nesterov)
 
 
@@ -60,30 +68,34 @@ class Lookahead:
     def apply(self, who: str, idx: list[int], grad: torch.Tensor) -> None:
         """Worker ``who``'s gradient on keys ``idx`` (concatenated in request order): one update,
         counted in the keys' versions and job steps as the store counts its own."""
+        self.step(who, idx, grad)
+
+    def step(self, who: str, idx: list[int], grad: torch.Tensor, reply: bool = False,
+             into: torch.Tensor | None = None) -> torch.Tensor | None:
+        """:meth:`apply`, and with ``reply`` the values ``who`` is then sent, in the same pass over
+        memory (server/kernels.py): written into ``into`` when given (a request's shared-memory
+        slot; it may be ``grad``'s own memory), else into a fresh tensor. Returns them, or None
+        where they are the stored values (no other worker's momentum is pending) and no ``into``
+        was given, as :meth:`values` does."""
         store = self.store
         if store.hyper is not None:
             store.hyper.set_rule(self, store.steps[idx[0]])
         v = self.buffers.get(who)
         if v is None:
             v = self.buffers[who] = torch.zeros(store.numel)
-        mu = self.momentum
+        own = len(self.buffers) > 1  # a look-ahead over the others' momentum (else: the stored values)
+        out = into if into is not None or not (reply and own) else torch.empty(store.size_of(idx))
+        mu, c = self.momentum, self.lr * self.momentum
         runs = store._runs(idx, by_version=False)
         store._before_change(runs)
         for lo, hi, at, _ in runs:
-            p, b, total = store.data[lo:hi], v[lo:hi], self.total[lo:hi]
-            g = grad[at : at + hi - lo]
-            if self.weight_decay:
-                g = g.add(p, alpha=self.weight_decay)
-            total.sub_(b)
-            if self.dampening == 0:
-                torch.add(g, b, alpha=mu, out=b)  # as the SGD rule: bit for bit the same with one worker
-            else:
-                b.mul_(mu).add_(g, alpha=1 - self.dampening)
-            total.add_(b)
-            p.add_(g.add(b, alpha=mu) if self.nesterov else b, alpha=-self.lr)
+            kernels.lookahead(store.data[lo:hi], v[lo:hi], self.total[lo:hi], grad[at : at + hi - lo],
+                              None if out is None or not reply else out[at : at + hi - lo], lr=self.lr, momentum=mu,
+                              weight_decay=self.weight_decay, dampening=self.dampening, nesterov=self.nesterov, c=c, own=own)
         for i in idx:
             store.versions[i] += 1
             store.steps[i] += 1
+        return out if reply else None
 
     def values(self, idx: list[int], who: str) -> torch.Tensor | None:
         """The keys' values worker ``who`` is sent, in request order: θ − lr μ Σ_{j≠who} v_j

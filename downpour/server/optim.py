@@ -18,10 +18,15 @@ import torch
 
 from downpour.config import AdagradConfig, AdamConfig, SGDConfig
 from downpour.errors import ConfigError
+from downpour.server import kernels
 
 
 class UpdateRule:
-    """Base class: subclasses allocate state in ``__init__`` and implement ``apply``."""
+    """Base class: subclasses allocate state in ``__init__`` and implement ``apply``. A rule whose
+    ``apply`` takes ``out=`` (``fuses_out``) writes the range's new values there too, in the same
+    pass; for the others the store copies them."""
+
+    fuses_out = False
 
     def __init__(self, cfg, lr: float, numel: int) -> None:
         self.cfg = cfg
@@ -33,6 +38,10 @@ class UpdateRule:
     def state(self) -> dict[str, torch.Tensor]:
         """The rule's state tensors (for checkpoints)."""
         return {}
+
+    def yield_momentum(self) -> None:
+        """Another component owns every key's momentum (server/lookahead.py): free the rule's own,
+        so that it is neither kept nor saved; the rule's :meth:`apply` is then never called."""
 
 
 RULES: dict[str, type[UpdateRule]] = {}
@@ -73,25 +82,23 @@ class SGD(UpdateRule):
         super().__init__(cfg, lr, numel)
         self.buf = torch.zeros(numel) if cfg.momentum else None
         self.momentum = cfg.momentum  # the effective momentum (server/scaling.py may lower it under staleness)
+        self.yielded = False  # the look-ahead owns the momentum (yield_momentum)
 
-    def apply(self, param, grad, lo, hi, step):
-        c = self.cfg
-        p = param[lo:hi]
-        if c.weight_decay:
-            grad = grad.add(p, alpha=c.weight_decay)
-        if self.buf is not None:
-            buf = self.buf[lo:hi]
-            if step == 0:
-                buf.copy_(grad)
-            elif c.dampening == 0:
-                torch.add(grad, buf, alpha=self.momentum, out=buf)  # one kernel for buf = momentum * buf + grad
-            else:
-                buf.mul_(self.momentum).add_(grad, alpha=1 - c.dampening)
-            grad = grad.add(buf, alpha=self.momentum) if c.nesterov else buf
-        p.add_(grad, alpha=-self.lr)
+    fuses_out = True
+
+    def apply(self, param, grad, lo, hi, step, out=None):
+        assert not self.yielded, "SGD.apply after yield_momentum: the look-ahead applies every gradient"
+        c = self.cfg  # (one pass, compiled where built: server/kernels.py)
+        kernels.sgd(param[lo:hi], None if self.buf is None else self.buf[lo:hi], grad, out, lr=self.lr,
+                    momentum=self.momentum, weight_decay=c.weight_decay, dampening=c.dampening, nesterov=c.nesterov,
+                    first=step == 0)
 
     def state(self):
         return {"momentum_buffer": self.buf} if self.buf is not None else {}
+
+    def yield_momentum(self):
+        self.buf, self.yielded = None, True
+
 
 
 @register_rule("adagrad")

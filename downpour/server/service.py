@@ -41,7 +41,7 @@ from downpour.protocol import Message, Op, decode, encode
 from downpour.protocol.ops import MAX_GRADIENT, Code, validate
 from downpour.protocol.schema import SchemaError
 from downpour.protocol.throttle import LogOnce, RateLimit
-from downpour.server.consistency import POLICIES, Policy, Push, values_reply
+from downpour.server.consistency import POLICIES, AsyncPolicy, Policy, Push, values_reply
 from downpour.server.grouped import GroupedPolicy, key_modes
 from downpour.server.lookahead import make_lookahead
 from downpour.server.metrics import server_metrics
@@ -107,6 +107,8 @@ class ParameterServer:
             self.policy: Policy = GroupedPolicy(self.store, self._record_staleness, job.training, modes)
         else:
             self.policy = POLICIES[job.training.consistency](self.store, self._record_staleness, job.training)
+            if isinstance(self.policy, AsyncPolicy):  # replies' values go straight into the request's slot
+                self.policy.reply_slot = self._reply_slot
         self._pull_codecs: dict[tuple, Codec] = {}  # built once per distinct request ``pq``
         self.max_bytes = job.cluster.max_message_bytes
         self.counts: Counter[str] = Counter()
@@ -284,6 +286,12 @@ class ParameterServer:
                 self._slot_out.clear()
             self._slot_out[(peer, msg.req_id)] = values
 
+    def _reply_slot(self, peer: bytes, req_id: int) -> torch.Tensor | None:
+        """The shared-memory slot a reply's values may be written into before the reply is sent;
+        none while backups follow this server (the request's gradient, which that slot holds, is
+        forwarded to them after the policy applied it)."""
+        return self._slot_out.get((peer, req_id)) if self.replicas is None else None
+
     def _reject(self, peer: bytes, msg: Message, code: str, text: str) -> None:
         self._send(peer, msg.error(code, text))
 
@@ -294,7 +302,8 @@ class ParameterServer:
             into = self._slot_out.pop((peer, msg.req_id), None)
             if (into is not None and msg.op == Op.OK and len(msg.tensors) == 1 and "enc" not in msg.meta
                     and msg.tensors[0].dtype == torch.float32 and msg.tensors[0].numel() == into.numel()):
-                into.copy_(msg.tensors[0])
+                if into.data_ptr() != msg.tensors[0].data_ptr():  # (the policy may have written them there)
+                    into.copy_(msg.tensors[0])
                 msg = Message(Op.OK, msg.req_id, {**msg.meta, "shm": True})
                 self.bytes_out += into.numel() * 4
         frames = encode(msg)

@@ -146,19 +146,27 @@ class ShardStore:
             return self.data[lo:hi].clone() if snapshot else self.data[lo:hi]
         return torch.cat([self.data[lo:hi] for lo, hi, _, _ in runs])
 
-    def apply(self, idx: list[int], grad: torch.Tensor, delta: bool = False, pushes: int = 1) -> None:
+    def apply(self, idx: list[int], grad: torch.Tensor, delta: bool = False, pushes: int = 1,
+              out: torch.Tensor | None = None) -> None:
         """One optimizer step on the keys, with ``grad`` concatenated in request order (the mean
         of ``pushes`` workers' gradients in a sync round). With ``delta`` the values are added to
-        the keys instead (no optimizer, no state change)."""
+        the keys instead (no optimizer, no state change). ``out``: where the keys' new values go
+        too, in request order (a reply's memory; it may be ``grad``'s own)."""
         runs = self._runs(idx, by_version=True)
         self._before_change(runs)
         for lo, hi, at, first in runs:
+            o = None if out is None else out[at : at + hi - lo]
             if delta:
                 self.data[lo:hi].add_(grad[at : at + hi - lo])
             else:
                 if self.hyper is not None:
                     self.hyper.set_rule(self.rule, self.steps[first], pushes)
+                if o is not None and self.rule.fuses_out:
+                    self.rule.apply(self.data, grad[at : at + hi - lo], lo, hi, self.versions[first], out=o)
+                    continue
                 self.rule.apply(self.data, grad[at : at + hi - lo], lo, hi, self.versions[first])
+            if o is not None:
+                o.copy_(self.data[lo:hi])
         for i in idx:
             self.versions[i] += 1
             self.steps[i] += pushes

@@ -1,0 +1,185 @@
+/* Compiled kernels of the dense update rules (downpour/server/kernels.py): SGD with momentum, and the
+ * look-ahead momentum of async jobs (server/lookahead.py), each fused with the reply's values, in one pass
+ * over a contiguous float32 run, with the GIL released.
+ *
+ * The torch path does one pass per operation (4 for a look-ahead update, 2 more and a cat for its reply,
+ * another copy into a shared-memory slot); here every element is loaded once, updated, and its reply value
+ * written straight into the outgoing buffer.
+ *
+ * Bit for bit torch's results. torch's CPU add with alpha (a.add(b, alpha=s)) is a fused multiply-add,
+ * fma(b, s, a), on every path it vectorizes (vec::fmadd) and, compiled for AVX2/AVX-512, on its scalar
+ * tails too; its multiply by a scalar and its plain add and subtract are single float32 operations. The
+ * kernels repeat torch's operations in its order, each add with alpha as an explicit fmaf(), and the build
+ * turns contraction off (-ffp-contract=off) so no other product is fused. Scalars arrive as Python floats
+ * (double) and are rounded to float32 once, as torch rounds an alpha. Where the CPU has no FMA instruction
+ * torch's vectorized fmadd is not fused, so the kernels refuse to run there (available() is false) and the
+ * torch path is taken.
+ *
+ * Arrays arrive as addresses (tensor.data_ptr()) and lengths: the Python side (kernels.py) checks dtype,
+ * contiguity and sizes before calling, so a call costs no buffer-protocol round trip. The gradient may be
+ * the very memory the reply goes to (a request's shared-memory slot): each element's gradient is read
+ * before its reply value is written, and no pointer is declared restrict.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <math.h>
+#include <stdint.h>
+
+/* x86-64: the loops are compiled for AVX2 + FMA (fmaf is then one instruction, 8 lanes at a time) and run
+ * only where the CPU has both. Elsewhere (aarch64: fmaf is always one instruction) the plain build runs. */
+#if defined(__x86_64__) && defined(__GNUC__)
+#define HOT __attribute__((target("avx2,fma")))
+static int cpu_ok(void) {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+}
+#else
+#define HOT
+static int cpu_ok(void) { return 1; }
+#endif
+
+enum {
+    F_MOMENTUM = 1,  /* a momentum buffer (SGD) */
+    F_FIRST = 2,     /* the range's first update: the buffer becomes the gradient (SGD) */
+    F_DAMPENING = 4, /* b = b * mu + (1 - dampening) g, instead of b = mu b + g */
+    F_NESTEROV = 8,  /* the step is g + mu b, not b */
+    F_DECAY = 16,    /* g += weight_decay p first */
+    F_OUT = 32,      /* write the reply's values */
+    F_OWN = 64,      /* look-ahead reply: add back the worker's own buffer (c b) */
+    F_ALL = 128,
+};
+
+/* The gradient after weight decay, g.add(p, alpha=wd), and the buffer's update, as torch does them. */
+#define GRAD(gi, pi) ((flags & F_DECAY) ? fmaf((pi), wd, (gi)) : (gi))
+#define BUFFER(bi, gi) ((flags & F_DAMPENING) ? fmaf((gi), damp1, (bi) * mu) : fmaf((bi), mu, (gi)))
+#define STEP(bi, gi) ((flags & F_NESTEROV) ? fmaf((bi), mu, (gi)) : (bi))
+
+/* The loops take their flags as compile-time constants (one copy per combination, see DISPATCH), so each
+ * copy is a straight loop that GCC vectorizes. ivdep: the only overlap among the arrays is out == g, read
+ * before written at each index, which carries nothing from one iteration to the next. */
+#define ALWAYS static inline __attribute__((always_inline))
+
+/* SGD (server/optim.py's SGD.apply) on n values: p, its buffer b (with F_MOMENTUM), gradient g; the new
+ * values also into out (with F_OUT). */
+ALWAYS void sgd_loop(float *p, float *b, const float *g, float *out, Py_ssize_t n, float lr, float mu, float wd,
+                     float damp1, const int flags) {
+    float nlr = -lr;
+#pragma GCC ivdep
+    for (Py_ssize_t i = 0; i < n; i++) {
+        float gi = GRAD(g[i], p[i]);
+        float d = gi;
+        if (flags & F_MOMENTUM) {
+            float bi = (flags & F_FIRST) ? gi : BUFFER(b[i], gi);
+            b[i] = bi;
+            d = STEP(bi, gi);
+        }
+        float pi = fmaf(d, nlr, p[i]);
+        p[i] = pi;
+        if (flags & F_OUT)
+            out[i] = pi;
+    }
+}
+
+/* Look-ahead (server/lookahead.py's apply, then values) on n values: p, the pushing worker's buffer b, the
+ * buffers' sum total, gradient g; with F_OUT the reply into out: p - c total + c b with F_OWN, else p. */
+ALWAYS void lookahead_loop(float *p, float *b, float *total, const float *g, float *out, Py_ssize_t n, float lr,
+                           float mu, float wd, float damp1, float c, const int flags) {
+    float nlr = -lr, nc = -c;
+#pragma GCC ivdep
+    for (Py_ssize_t i = 0; i < n; i++) {
+        float gi = GRAD(g[i], p[i]);
+        float bo = b[i];
+        float bi = BUFFER(bo, gi);
+        float t = (total[i] - bo) + bi;
+        float pi = fmaf(STEP(bi, gi), nlr, p[i]);
+        b[i] = bi;
+        total[i] = t;
+        p[i] = pi;
+        if (flags & F_OUT)
+            out[i] = (flags & F_OWN) ? fmaf(bi, c, fmaf(t, nc, pi)) : pi;
+    }
+}
+
+#define C8(X, o) X(o + 0) X(o + 1) X(o + 2) X(o + 3) X(o + 4) X(o + 5) X(o + 6) X(o + 7)
+#define C32(X) C8(X, 0) C8(X, 8) C8(X, 16) C8(X, 24)
+#define C64(X) C32(X) C8(X, 32) C8(X, 40) C8(X, 48) C8(X, 56)
+
+#define SGD_CASE(f) \
+    case f: sgd_loop(p, b, g, out, n, lr, mu, wd, damp1, f); break;
+HOT static void sgd_run(float *p, float *b, const float *g, float *out, Py_ssize_t n, float lr, float mu, float wd,
+                        float damp1, int flags) {
+    switch (flags & (F_OWN - 1)) { C64(SGD_CASE) } /* every flag but OWN */
+}
+
+#define LOOKAHEAD_CASE(f) \
+    case f: lookahead_loop(p, b, total, g, out, n, lr, mu, wd, damp1, c, (f) << 2); break;
+HOT static void lookahead_run(float *p, float *b, float *total, const float *g, float *out, Py_ssize_t n, float lr,
+                              float mu, float wd, float damp1, float c, int flags) {
+    switch ((flags & (F_ALL - 1)) >> 2) { C32(LOOKAHEAD_CASE) } /* every flag but MOMENTUM and FIRST */
+}
+
+static const char sgd_doc[] =
+    "sgd(p, b, g, out, n, lr, momentum, weight_decay, 1 - dampening, flags): SGD on n float32 values at the\n"
+    "addresses p (parameters), b (momentum buffer, 0: none), g (gradient); the new parameters also into out\n"
+    "(0: not). Addresses and sizes are the caller's to check (kernels.py).";
+
+static PyObject *sgd(PyObject *self, PyObject *args) {
+    unsigned long long p, b, g, out;
+    Py_ssize_t n;
+    double lr, mu, wd, damp1;
+    int flags;
+    if (!PyArg_ParseTuple(args, "KKKKnddddi", &p, &b, &g, &out, &n, &lr, &mu, &wd, &damp1, &flags))
+        return NULL;
+    Py_BEGIN_ALLOW_THREADS
+    sgd_run((float *)(uintptr_t)p, (float *)(uintptr_t)b, (const float *)(uintptr_t)g, (float *)(uintptr_t)out, n,
+             (float)lr, (float)mu, (float)wd, (float)damp1, flags);
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
+static const char lookahead_doc[] =
+    "lookahead(p, b, total, g, out, n, lr, momentum, weight_decay, 1 - dampening, c, flags): one look-ahead\n"
+    "update of n float32 values (parameters p, the worker's buffer b, the buffers' sum total, gradient g) and\n"
+    "its reply into out (0: none): p - c total + c b with flag OWN, else p.";
+
+static PyObject *lookahead(PyObject *self, PyObject *args) {
+    unsigned long long p, b, total, g, out;
+    Py_ssize_t n;
+    double lr, mu, wd, damp1, c;
+    int flags;
+    if (!PyArg_ParseTuple(args, "KKKKKndddddi", &p, &b, &total, &g, &out, &n, &lr, &mu, &wd, &damp1, &c, &flags))
+        return NULL;
+    Py_BEGIN_ALLOW_THREADS
+    lookahead_run((float *)(uintptr_t)p, (float *)(uintptr_t)b, (float *)(uintptr_t)total, (const float *)(uintptr_t)g,
+                   (float *)(uintptr_t)out, n, (float)lr, (float)mu, (float)wd, (float)damp1, (float)c, flags);
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
+static PyObject *available(PyObject *self, PyObject *unused) { return PyBool_FromLong(cpu_ok()); }
+
+static PyMethodDef methods[] = {
+    {"sgd", sgd, METH_VARARGS, sgd_doc},
+    {"lookahead", lookahead, METH_VARARGS, lookahead_doc},
+    {"available", available, METH_NOARGS, "Whether this CPU runs the kernels (x86-64: AVX2 and FMA)."},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT, "downpour.server._dense",
+    "Compiled dense update rules: SGD momentum and look-ahead momentum, fused with the reply's values.", -1, methods,
+};
+
+PyMODINIT_FUNC PyInit__dense(void) {
+    PyObject *m = PyModule_Create(&module);
+    if (m == NULL)
+        return NULL;
+    if (PyModule_AddIntConstant(m, "MOMENTUM", F_MOMENTUM) < 0 || PyModule_AddIntConstant(m, "FIRST", F_FIRST) < 0 ||
+        PyModule_AddIntConstant(m, "DAMPENING", F_DAMPENING) < 0 ||
+        PyModule_AddIntConstant(m, "NESTEROV", F_NESTEROV) < 0 || PyModule_AddIntConstant(m, "DECAY", F_DECAY) < 0 ||
+        PyModule_AddIntConstant(m, "OUT", F_OUT) < 0 || PyModule_AddIntConstant(m, "OWN", F_OWN) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}

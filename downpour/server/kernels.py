@@ -1,0 +1,105 @@
+"""The dense update rules' inner loops, compiled where ``_dense.c`` is built, in torch otherwise.
+
+Two kernels, each on one contiguous float32 run of a shard and each fused with the reply's values:
+
+* :func:`sgd`: SGD with momentum (server/optim.py), and the new values copied into ``out``;
+* :func:`lookahead`: the look-ahead update of one worker's momentum (server/lookahead.py) and the
+  values that worker is sent, θ − c Σ_j v_j + c v_own, written into ``out``.
+
+The torch path does one pass over memory per operation (a look-ahead push and its reply: six, and a
+cat and a copy); the compiled one does one pass in all, with the GIL released. Both give bit-identical
+values (tests/test_dense_kernels.py): the C code repeats torch's float32 operations in torch's order,
+an add with alpha as the fused multiply-add torch's CPU kernels use. ``out`` may be the gradient's
+own memory (a request's shared-memory slot): each value's gradient is read before its reply is
+written. :data:`KERNEL` says which path runs ("compiled", or why torch); ``DOWNPOUR_DENSE_NATIVE=0``
+forces torch, for comparisons.
+"""
+
+from __future__ import annotations
+
+import os
+from types import ModuleType
+
+import torch
+
+
+def _load_native() -> tuple[ModuleType | None, str]:
+    if os.environ.get("DOWNPOUR_DENSE_NATIVE", "1") == "0":
+        return None, "torch (DOWNPOUR_DENSE_NATIVE=0)"
+    try:
+        from downpour.server import _dense
+    except ImportError as err:
+        return None, f"torch (the C kernel is not built: {err}; install a C compiler and reinstall for the fast path)"
+    if not _dense.available():  # (x86-64 without AVX2 and FMA: torch's own adds are not fused there)
+        return None, "torch (this CPU lacks AVX2 and FMA, which the compiled kernels need to match torch bit for bit)"
+    return _dense, "compiled"
+
+
+# Decided once, at import, like the sparse tables' (sparse/index.py): servers report it in their stats.
+NATIVE, KERNEL = _load_native()
+
+
+def _fits(t: torch.Tensor | None, n: int) -> bool:
+    return t is None or (t.dtype == torch.float32 and t.is_contiguous() and t.numel() == n)
+
+
+def sgd(p: torch.Tensor, buf: torch.Tensor | None, g: torch.Tensor, out: torch.Tensor | None, *, lr: float,
+        momentum: float, weight_decay: float, dampening: float, nesterov: bool, first: bool,
+        native: bool = True) -> None:
+    """One SGD step on ``p`` in place (``torch.optim.SGD``'s: ``buf`` the momentum buffer of ``p``'s
+    range, None without momentum; ``first``: the range's first update, the buffer becomes the
+    gradient), then the new values copied into ``out`` (None: not). All 1-d of one length.
+    ``native=False``: the torch path, whatever :data:`KERNEL` says."""
+    n, native = p.numel(), NATIVE if native else None
+    if native is not None and _fits(p, n) and _fits(buf, n) and _fits(g, n) and _fits(out, n):
+        flags = ((native.MOMENTUM if buf is not None else 0) | (native.FIRST if first else 0)
+                 | (native.DAMPENING if dampening else 0) | (native.NESTEROV if nesterov else 0)
+                 | (native.DECAY if weight_decay else 0) | (native.OUT if out is not None else 0))
+        native.sgd(p.data_ptr(), 0 if buf is None else buf.data_ptr(), g.data_ptr(),
+                   0 if out is None else out.data_ptr(), n, lr, momentum, weight_decay, 1 - dampening, flags)
+        return
+    if weight_decay:
+        g = g.add(p, alpha=weight_decay)
+    if buf is not None:
+        if first:
+            buf.copy_(g)
+        elif dampening == 0:
+            torch.add(g, buf, alpha=momentum, out=buf)  # one kernel for buf = momentum * buf + grad
+        else:
+            buf.mul_(momentum).add_(g, alpha=1 - dampening)
+        g = g.add(buf, alpha=momentum) if nesterov else buf
+    p.add_(g, alpha=-lr)
+    if out is not None:
+        out.copy_(p)
+
+
+def lookahead(p: torch.Tensor, b: torch.Tensor, total: torch.Tensor, g: torch.Tensor, out: torch.Tensor | None, *,
+              lr: float, momentum: float, weight_decay: float, dampening: float, nesterov: bool, c: float,
+              own: bool, native: bool = True) -> None:
+    """One look-ahead step of a worker: its buffer ``b`` takes the gradient as SGD's momentum buffer
+    does, ``total`` (Σ of every worker's buffer) follows, ``p`` moves by ``lr`` times the step; then
+    into ``out`` (None: nowhere) the values the worker is sent: ``p − c·total + c·b`` with ``own``
+    (look-ahead over the others' momentum), else ``p``. All 1-d of one length.
+    ``native=False``: the torch path, whatever :data:`KERNEL` says."""
+    n, native = p.numel(), NATIVE if native else None
+    if native is not None and _fits(p, n) and _fits(b, n) and _fits(total, n) and _fits(g, n) and _fits(out, n):
+        flags = ((native.DAMPENING if dampening else 0) | (native.NESTEROV if nesterov else 0)
+                 | (native.DECAY if weight_decay else 0) | (native.OUT if out is not None else 0)
+                 | (native.OWN if own else 0))
+        native.lookahead(p.data_ptr(), b.data_ptr(), total.data_ptr(), g.data_ptr(),
+                         0 if out is None else out.data_ptr(), n, lr, momentum, weight_decay, 1 - dampening, c, flags)
+        return
+    if weight_decay:
+        g = g.add(p, alpha=weight_decay)
+    total.sub_(b)
+    if dampening == 0:
+        torch.add(g, b, alpha=momentum, out=b)  # as the SGD rule: bit for bit the same with one worker
+    else:
+        b.mul_(momentum).add_(g, alpha=1 - dampening)
+    total.add_(b)
+    p.add_(g.add(b, alpha=momentum) if nesterov else b, alpha=-lr)
+    if out is not None:
+        if own:
+            torch.add(p, total, alpha=-c, out=out).add_(b, alpha=c)
+        else:
+            out.copy_(p)
