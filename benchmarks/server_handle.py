@@ -10,6 +10,11 @@ written into the slot before it (outside the timing): the reply overwrites the s
 
     .venv/bin/python benchmarks/server_handle.py                 # µs of thread CPU per request
     .venv/bin/python benchmarks/server_handle.py --profile       # and where it goes (cProfile)
+    .venv/bin/python benchmarks/server_handle.py --workers 3 --scaling auto   # 3 workers' pushes in turn
+
+With one worker (the default) ``scaling: auto``'s look-ahead momentum answers with the stored values
+(no other worker's momentum is pending); ``--workers 3`` sends the pushes of 3 workers in turn, each
+through its own slot, so every reply carries look-ahead values, as in a job of 3 workers.
 """
 
 from __future__ import annotations
@@ -42,9 +47,12 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--requests", type=int, default=4000, help="timed requests (default 4000, after 200 untimed)")
     ap.add_argument("--profile", action="store_true", help="also profile as many requests with cProfile")
+    ap.add_argument("--scaling", choices=["auto", "none"], default=None, help="optimizer.scaling (default: the job's)")
+    ap.add_argument("--workers", type=int, default=1, help="workers whose pushes come in turn (default 1)")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
-    job = load_job(os.path.join(_ROOT, "examples", "mnist.yaml"))
+    job = load_job(os.path.join(_ROOT, "examples", "mnist.yaml"),
+                   [f"optimizer.scaling={args.scaling}"] if args.scaling else None)
     layout = plan_layout(job)
     ctx = zmq.Context()
     with tempfile.TemporaryDirectory(prefix="handle-") as folder:
@@ -53,39 +61,45 @@ def main(argv: list[str] | None = None) -> int:
         listener.send = lambda peer, frames, track=False: []  # type: ignore[method-assign]
         keys = [s.key for s in layout.server_slices(0)]
         numel = layout.server_numel(0)
-        slot = Slot(folder, "worker-0-s0", numel * 4)
-        values = torch.frombuffer(slot.buffer, dtype=torch.float32)
-        values.copy_(torch.randn(numel) * 0.05)
-        server.handle(PEER, encode(Message(Op.INIT, 1, {"keys": keys, "shm": [slot.name, numel]})))
+        peers = [b"worker-%d" % w for w in range(args.workers)]
+        slots = [Slot(folder, f"worker-{w}-s0", numel * 4) for w in range(args.workers)]
+        views = [torch.frombuffer(slot.buffer, dtype=torch.float32) for slot in slots]
+        views[0].copy_(torch.randn(numel) * 0.05)
+        server.handle(PEER, encode(Message(Op.INIT, 1, {"keys": keys, "shm": [slots[0].name, numel]})))
         grad = torch.randn(numel) * 1e-3
 
         def request(i: int) -> list:
-            meta = {"keys": keys, "shm": [slot.name, numel], "version": max(0, i - 2), "weight": 32.0, "clock": i + 1, "seq": i + 1}
+            w, k = i % args.workers, i // args.workers  # the worker's own push count: its clock and seq
+            meta = {"keys": keys, "shm": [slots[w].name, numel], "version": max(0, i - 2), "weight": 32.0,
+                    "clock": k + 1, "seq": k + 1}
             return encode(Message(Op.PUSHPULL, 10 + i, meta))
 
         n = 200 + args.requests
         frames = [request(i) for i in range(n)]
         cpu = 0.0
         for i, f in enumerate(frames):
+            values = views[i % args.workers]
             values.copy_(grad)
             t0 = time.thread_time()
-            server.handle(PEER, f)
+            server.handle(peers[i % args.workers], f)
             if i >= 200:
                 cpu += time.thread_time() - t0
         if server.rejected:
             raise SystemExit(f"requests refused: {dict(server.rejected)}")
-        print(f"ParameterServer.handle, PUSHPULL of {numel:,} float32 through shared memory: "
-              f"{1e6 * cpu / args.requests:.1f} µs of CPU per request ({args.requests} requests)")
+        print(f"ParameterServer.handle, PUSHPULL of {numel:,} float32 through shared memory, scaling "
+              f"{job.optimizer.scaling}, {args.workers} worker(s): {1e6 * cpu / args.requests:.1f} µs of CPU per request "
+              f"({args.requests} requests)")
         if args.profile:
             more = [request(i) for i in range(n, n + args.requests)]
             prof = cProfile.Profile()
             prof.enable()
-            for f in more:
-                values.copy_(grad)
-                server.handle(PEER, f)
+            for i, f in enumerate(more, n):
+                views[i % args.workers].copy_(grad)
+                server.handle(peers[i % args.workers], f)
             prof.disable()
             pstats.Stats(prof).sort_stats("tottime").print_stats(25)
-        slot.close()
+        for slot in slots:
+            slot.close()
         listener.close()
     ctx.term()
     return 0

@@ -43,6 +43,12 @@ def _fits(t: torch.Tensor | None, n: int) -> bool:
     return t is None or (t.dtype == torch.float32 and t.is_contiguous() and t.numel() == n)
 
 
+# The state (p, b, total) is a server's own: slices of 1-d float32 tensors of the shard's size, so
+# contiguous and as long as each other (checked where they are made or loaded: server/lookahead.py's
+# load, server/replica.py's load_state). Only what comes from a request, g, and where the reply
+# goes, out, are checked per call.
+
+
 def sgd(p: torch.Tensor, buf: torch.Tensor | None, g: torch.Tensor, out: torch.Tensor | None, *, lr: float,
         momentum: float, weight_decay: float, dampening: float, nesterov: bool, first: bool,
         native: bool = True) -> None:
@@ -51,7 +57,7 @@ def sgd(p: torch.Tensor, buf: torch.Tensor | None, g: torch.Tensor, out: torch.T
     gradient), then the new values copied into ``out`` (None: not). All 1-d of one length.
     ``native=False``: the torch path, whatever :data:`KERNEL` says."""
     n, native = p.numel(), NATIVE if native else None
-    if native is not None and _fits(p, n) and _fits(buf, n) and _fits(g, n) and _fits(out, n):
+    if native is not None and _fits(g, n) and _fits(out, n):
         flags = ((native.MOMENTUM if buf is not None else 0) | (native.FIRST if first else 0)
                  | (native.DAMPENING if dampening else 0) | (native.NESTEROV if nesterov else 0)
                  | (native.DECAY if weight_decay else 0) | (native.OUT if out is not None else 0))
@@ -82,7 +88,7 @@ def lookahead(p: torch.Tensor, b: torch.Tensor, total: torch.Tensor, g: torch.Te
     (look-ahead over the others' momentum), else ``p``. All 1-d of one length.
     ``native=False``: the torch path, whatever :data:`KERNEL` says."""
     n, native = p.numel(), NATIVE if native else None
-    if native is not None and _fits(p, n) and _fits(b, n) and _fits(total, n) and _fits(g, n) and _fits(out, n):
+    if native is not None and _fits(g, n) and _fits(out, n):
         flags = ((native.DAMPENING if dampening else 0) | (native.NESTEROV if nesterov else 0)
                  | (native.DECAY if weight_decay else 0) | (native.OUT if out is not None else 0)
                  | (native.OWN if own else 0))

@@ -43,6 +43,7 @@ from downpour.protocol.schema import SchemaError
 from downpour.protocol.throttle import LogOnce, RateLimit
 from downpour.server.consistency import POLICIES, AsyncPolicy, Policy, Push, values_reply
 from downpour.server.grouped import GroupedPolicy, key_modes
+from downpour.server.kernels import KERNEL as DENSE_KERNEL
 from downpour.server.lookahead import make_lookahead
 from downpour.server.metrics import server_metrics
 from downpour.server.optim import make_rule
@@ -572,6 +573,7 @@ class ParameterServer:
             "version": max(self.store.versions, default=0),
             "cpu_s": time.process_time(),
             "optimizer": self.hyper.report(),
+            "dense_kernel": DENSE_KERNEL,
             **({"sparse": self.sparse.stats()} if self.sparse else {}),
             **self.policy.stats(),
             **({"replication": {**self._replication(), "replayed": self.counts["replayed"]}} if self.replicas is not None else {}),
@@ -689,7 +691,8 @@ def run_server(ctx: Context, coordinator: str, host: str = "127.0.0.1", rank: in
                     ctx, job, layout, r, NullListener(), name, steps))  # type: ignore[arg-type]
             server.backup_host = backups
         coord.configure(job.cluster.coordinator_timeout_s, job.cluster.heartbeat_timeout_s)
-        log.info("%s: serving %d parameters in %d keys at %s", server.name, server.store.numel, len(server.store.keys), listener.address)
+        log.info("%s: serving %d parameters in %d keys at %s (dense update rules: %s)", server.name, server.store.numel,
+                 len(server.store.keys), listener.address, DENSE_KERNEL)
         if job.monitor.metrics:
             route = metrics_route(server_metrics(server, layout), node_labels(job.name, "server", server.rank, server.name))
             endpoint = HttpEndpoint(metrics_host or job.monitor.http_host, 0, {"/metrics": route}, server.name)
