@@ -72,6 +72,9 @@ def test_a_fresh_venv_with_pip_install_dot_trains_the_reference_job(tmp_path):
     site = subprocess.run([str(venv / "bin" / "python"), "-c", "import downpour, os; print(os.path.dirname(downpour.__file__))"],
                           cwd=tmp_path, capture_output=True, text=True, check=True, env=env).stdout.strip()
     assert site.startswith(str(venv)) and os.path.exists(os.path.join(site, "py.typed")), site
+    dense = subprocess.run([str(venv / "bin" / "python"), "-c", "from downpour.server.kernels import KERNEL; print(KERNEL)"],
+                           cwd=tmp_path, capture_output=True, text=True, check=True, env=env).stdout.strip()
+    assert dense == "compiled" or "lacks AVX2" in dense, dense  # built with no more than the sparse kernel needs
     run_dir = tmp_path / "run"
     work = tmp_path / "work"  # not the source folder: the processes must import the installed package
     shutil.copytree(src / "examples", work / "examples")
