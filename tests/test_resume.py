@@ -7,8 +7,10 @@ import os
 import subprocess
 import time
 
+import pytest
 import torch
 import yaml
+from safetensors import safe_open
 
 from downpour.api import resolve_job
 from downpour.launch import LocalLauncher
@@ -97,22 +99,46 @@ def test_a_new_job_warm_starts_from_a_checkpoint_and_initialises_new_parameters(
     assert "changed shape" in done.stderr and "1.weight" in done.stderr, done.stderr
 
 
-def test_a_stopped_async_lookahead_job_resumes_its_momentum_to_the_same_parameters(tmp_path, tiny_data):
-    """One async worker on one server resumes exactly, and under ``async_rule: lookahead`` (auto's
-    choice) its momentum lives in the server's per-worker buffers: they are checkpointed, so the
-    resumed job lands where the uninterrupted one does (with the buffers left out of checkpoints,
-    2,262 weights ended more than 1e-5 apart). With two servers the resumed job was not exact (22
-    to 453 weights more than 1e-5 apart, from one run to the next), likely because each server's checkpoint is
-    taken at its own point of the worker's pushes."""
-    job = tiny_job(tiny_data, model={"args": {"hidden": [32], "dropout": 0.0}}, training={"consistency": "async", "epochs": 12},
-                   cluster={"num_servers": 1, "num_workers": 1}, checkpoint={"every_steps": 60, "every_s": None})
+def _shard_files(folder: str) -> list[dict[str, str]]:
+    """Each server's file metadata in a checkpoint folder (version, positions ...)."""
+    out = []
+    for name in sorted(os.listdir(folder)):
+        if name.startswith("server-") and name.endswith(".safetensors"):
+            with safe_open(os.path.join(folder, name), "pt") as f:
+                out.append(f.metadata())
+    return out
+
+
+@pytest.mark.parametrize("optimizer, training, rule", [
+    ({}, {}, "lookahead"),  # auto's choice: each worker's momentum in per-worker buffers on the servers
+    ({"scaling": "none"}, {"overlap": True}, "none"),  # the job's momentum as it is, a push always in flight
+], ids=["lookahead", "plain-overlap"])
+def test_a_stopped_async_job_on_two_servers_resumes_to_the_same_parameters(tmp_path, tiny_data, optimizer, training, rule):
+    """One async worker is deterministic, and a checkpoint's cut holds the same pushes on every
+    server (server/snapshot.py): the resumed job lands where the uninterrupted one does. Before the
+    cut, each server copied at its own point of the worker's pushes, a push apart (22 to 453 weights
+    ended more than 1e-5 apart from one run to the next). Under ``async_rule: lookahead`` the
+    worker's momentum lives in the servers' per-worker buffers, which checkpoints hold (left out,
+    2,262 weights ended more than 1e-5 apart). The job is stopped at once (as a second Ctrl-C
+    does), so it resumes from a periodic checkpoint, not a graceful stop's final one."""
+    job = tiny_job(tiny_data, model={"args": {"hidden": [32], "dropout": 0.0}},
+                   optimizer={"name": "sgd", "lr": 0.05, "momentum": 0.9, **optimizer},
+                   training={"consistency": "async", "epochs": 12, **training},
+                   cluster={"num_servers": 2, "num_workers": 1}, checkpoint={"every_steps": 60, "every_s": None})
     whole = LocalLauncher(resolve_job(job), str(tmp_path / "whole")).run()
-    assert whole.summary["optimizer"]["effective"]["plan"]["async_rule"] == "lookahead"
+    assert whole.summary["optimizer"]["effective"]["plan"]["async_rule"] == rule
     (tmp_path / "a").mkdir()
     stopped = _stop_after_a_checkpoint(tmp_path / "a", job)
     summary, resumed = _resume(tmp_path, job, stopped)
-    state = json.loads(open(os.path.join(stopped, "checkpoints", _committed(stopped)[-1], "job.json")).read())
-    assert 0 < state["step"], "the run was stopped mid-way"
+    assert summary["data_shards"]["completed_per_epoch"] == {str(e): 6 for e in range(12)}
+    folder = os.path.join(stopped, "checkpoints", _committed(stopped)[-1])
+    state = json.loads(open(os.path.join(folder, "job.json")).read())
+    assert 0 < state["step"] and state["ledger"]["queue"], "the run was stopped mid-way"
+    # The cut: both servers hold the same pushes, and the worker resumes right after them.
+    [s0, s1] = _shard_files(folder)
+    assert (s0["version"], s0["positions"]) == (s1["version"], s1["positions"])
+    [at] = json.loads(s0["positions"]).values()
+    assert state["ledger"]["queue"][0] == at or at[2] == 400  # (a shard pushed to its end is completed)
     want = torch.load(os.path.join(whole.run_dir, "model.pt"), weights_only=True)
     got = torch.load(resumed / "model.pt", weights_only=True)
     for name, value in want.items():

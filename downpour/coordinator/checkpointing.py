@@ -1,7 +1,9 @@
 """When to checkpoint, and whether a checkpoint is complete: pure decisions on the coordinator's clock.
 
-A checkpoint begins with a ``CHECKPOINT`` to every server (at once in async mode; at a common
-future version in sync mode, so that every shard holds the same round). Each server copies
+A checkpoint begins with a ``CHECKPOINT`` to every server, at a cut every server reaches with the
+same pushes applied: a common future version in sync mode (every shard holds the same round), a
+push number per worker in async and ssp mode (server/snapshot.py); at once for a graceful stop's
+final checkpoint and the end of training, when no worker pushes. Each server copies
 its shard, writes it in the background and reports the file's SHA-256. When every server
 reported, the coordinator writes the job's state (``job.json``) and then the manifest, which
 makes the checkpoint exist. A checkpoint not complete within ``checkpoint.timeout_s`` is
@@ -133,3 +135,11 @@ def sync_margin(rate_per_s: float, heartbeat_interval_s: float) -> int:
     """How many rounds ahead a sync checkpoint is placed: far enough that every server hears
     of it before reaching that version (one heartbeat of lag, twice over), but soon."""
     return int(rate_per_s * (2 * heartbeat_interval_s + 0.25)) + 5
+
+
+def clock_margin(pushes_per_s: float, heartbeat_interval_s: float) -> int:
+    """How many pushes ahead of a worker's last reported count an async checkpoint's cut is placed:
+    the count is at most a heartbeat old, and the CHECKPOINT goes straight to the servers, so a
+    heartbeat and a half of the worker's pushes, plus a few, puts it ahead of every server (one
+    already past it says so, and the cut moves further ahead)."""
+    return int(pushes_per_s * (1.5 * heartbeat_interval_s + 0.1)) + 3

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from downpour.coordinator import failures
 from downpour.coordinator.actions import Action, CommitCheckpoint, Reply, SaveModel
-from downpour.coordinator.checkpointing import sync_margin
+from downpour.coordinator.checkpointing import clock_margin, sync_margin
 from downpour.coordinator.model import ALIVE, DEAD, DONE, FINISHED, Node, Phase
 from downpour.models import buffers as bufs
 from downpour.protocol import Message, Op
@@ -28,20 +28,44 @@ def job_steps(st: CoordinatorState) -> int:
     return st.step_offset + sum(int((n.stats or n.progress).get("steps", 0)) for n in workers)
 
 
+def cut_clocks(st: CoordinatorState, retries: int, at_start: bool = False) -> dict[str, int]:
+    """An async or ssp checkpoint's cut: per training worker, the number of its last push the copy
+    holds (its ``meta.clock``), far enough ahead of the push count its last heartbeat carried that
+    every server hears of the checkpoint first (placed at its own push rate, so that the workers
+    reach it about together: :func:`~downpour.coordinator.checkpointing.clock_margin`). The step-0
+    checkpoint (``at_start``) is cut where the workers stand (no push yet) when nothing was
+    refused; a server already past a worker's number reports ``missed``, and the cut moves further
+    ahead, twice as far each time. Workers without a push count yet are left out: a server holds
+    all their pushes until it copies (none of them are in the checkpoint)."""
+    out: dict[str, int] = {}
+    for n in st.training_workers():
+        pushes, examples = n.progress.get("pushes"), n.progress.get("examples")
+        if type(pushes) is not int:
+            continue
+        rate = float(n.progress.get("examples_per_s") or 0.0) * pushes / examples if examples else 0.0
+        margin = 0 if at_start and retries == 0 else clock_margin(rate or st.version_rate, st.cl.heartbeat_interval_s) * 2**retries
+        out[n.name] = pushes + margin
+    return out
+
+
 def begin(st: CoordinatorState, now: float, final: bool = False, retries: int = 0) -> list[Action]:
-    at_version = None
+    at_version, at_clock = None, None
     if st.checkpoints.sync and not final:
         known = max((int(n.progress.get("version", 0)) for n in st.nodes_of("server")), default=0)
         at_version = known + sync_margin(st.version_rate, st.cl.heartbeat_interval_s) * 2**retries
+    elif not final:  # async and ssp: every server copies with the same pushes applied (server/snapshot.py)
+        at_clock = cut_clocks(st, retries, at_start=st.checkpoints.start_due)
     p = st.checkpoints.begin(now, job_steps(st), at_version, final)
     p.retries = retries
     log.info("coordinator: checkpoint %s at step %d%s", p.name, p.step,
-             f" (servers copy at version {at_version})" if at_version is not None else "")
+             f" (servers copy at version {at_version})" if at_version is not None
+             else f" (servers copy after pushes {at_clock})" if at_clock else "")
     committed = st.checkpoints.committed
     # Servers with sparse tables write only the rows changed since the last checkpoint when
     # that one was committed (else a full base): they are told which one was.
     msg = Message(Op.CHECKPOINT, meta={"name": p.name, "url": st.checkpoints.url, "keep": st.job.checkpoint.keep,
-                                       "at_version": at_version, "committed": committed[-1]["name"] if committed else None,
+                                       "at_version": at_version, "at_clock": at_clock, "timeout_s": st.job.checkpoint.timeout_s,
+                                       "committed": committed[-1]["name"] if committed else None,
                                        "full_every": st.job.checkpoint.sparse_full_every})
     return [Reply(n.identity, msg) for n in st.nodes_of("server")]
 

@@ -142,6 +142,9 @@ class ParameterServer:
         self.mark_floor: dict[str, int] = {}
         self.snapshots = Snapshotter(self.store, rank, job.optimizer.name, name, self.sparse)
         self.snapshots.marks = lambda: self.marks
+        self.snapshots.members = lambda: self.members
+        # Pushes past an async checkpoint's cut, held until its copy is taken (snapshot.py): (peer, request).
+        self._held: list[tuple[bytes, Message]] = []
         # Requesters on this machine (an ipc listener) may pass values through shared memory
         # (transport/shm.py): the slots they name, and where each request's reply values go.
         folder = slot_folder(listener.address) if job.cluster.shared_memory else None
@@ -247,9 +250,17 @@ class ParameterServer:
         if self.promoted_at is not None and self.first_request_s is None and msg.op in _WORKER_OPS:
             self.first_request_s = time.monotonic() - self.promoted_at
             log.info("%s: first request as the promoted primary, %.3fs after taking over", self.name, self.first_request_s)
+        if msg.op in (Op.PUSH, Op.PUSHPULL) and self.snapshots.holds(peer.decode(errors="replace"), msg.meta.get("clock")):
+            self._held.append((peer, msg))  # past the pending checkpoint's cut: applied once the copy is taken
+            self._take_snapshot()
+            return
+        self._dispatch(peer, msg)
+
+    def _dispatch(self, peer: bytes, msg: Message) -> None:
+        """Run a checked request's handler and send its replies (to backups first)."""
         t0 = time.perf_counter()
         try:
-            replies = handler(self, peer, msg)
+            replies = self._HANDLERS[msg.op](self, peer, msg)
         except ProtocolError as err:
             self._reject(peer, msg, Code.INVALID, str(err))
             return
@@ -259,8 +270,21 @@ class ParameterServer:
             self._send(to, reply)
         if self.timing:
             self.request_times[msg.op].observe(time.perf_counter() - t0)
-        if self.snapshots.armed is not None:
-            self.snapshots.maybe_take(self.positions)
+        self._take_snapshot()
+
+    def _take_snapshot(self) -> None:
+        """Take the pending checkpoint's copy if its moment came; then apply the pushes held for it."""
+        if self.snapshots.armed is not None and self.snapshots.maybe_take(self.positions):
+            self._release_held()
+
+    def _release_held(self) -> None:
+        """Apply the held pushes, in the order they came, that the (new or no) pending checkpoint does not hold."""
+        held, self._held = self._held, []
+        for peer, msg in held:
+            if self.snapshots.holds(peer.decode(errors="replace"), msg.meta.get("clock")):
+                self._held.append((peer, msg))
+            else:
+                self._dispatch(peer, msg)
 
     def _from_slot(self, peer: bytes, msg: Message) -> None:
         """A request whose values are in a shared-memory slot (``meta.shm``: [name, numel]): they
@@ -406,6 +430,7 @@ class ParameterServer:
             return [refused]
         if seq is not None:
             self.applied[who] = seq
+        self.snapshots.applied(who, clock, idx is self.store.all)
         if mark is not None:
             self.marks[mark] = pos[2]
         if isinstance(pos, list) and len(pos) == 3 and all(type(x) is int and x >= 0 for x in pos):
@@ -505,6 +530,8 @@ class ParameterServer:
             self.set_workers(msg.meta.get("workers"), msg.meta.get("stopping", False))
         elif msg.op == Op.CHECKPOINT:
             self.snapshots.request(msg.meta, self.positions)
+            if self.snapshots.armed is None or self._held:  # taken at once, or a new cut: what it no longer holds goes on
+                self._release_held()
 
     def restore(self, order: dict[str, Any], layout: Layout) -> None:
         """Load this server's keys from a checkpoint (``--resume``: with optimizer state and versions;
@@ -515,6 +542,7 @@ class ParameterServer:
         filled = restore_store(self.store, layout, old, bool(order.get("full")))
         if order.get("full"):
             self.positions = {}
+            self.snapshots.clocks = {}
             self.marks, self.mark_floor = old.marks_for(self.rank, layout.num_servers)
         log.info("%s: %s %d of %d keys from %s", self.name, "restored" if order.get("full") else "warm-started",
                  filled, len(self.store.keys), store.where(manifest.name))
@@ -537,6 +565,7 @@ class ParameterServer:
                 replies = self.replicas.release(self.replicas.forward_membership(sorted(self.members)), replies)
             for to, reply in replies:
                 self._send(to, reply)
+            self._take_snapshot()  # a worker of an async checkpoint's cut may have left
 
     def progress(self) -> dict[str, Any]:
         """What the heartbeat carries to the coordinator (its dashboard and diagnosis)."""
@@ -596,6 +625,8 @@ class ParameterServer:
             if now >= next_check:  # not per request: a poll of the coordinator costs a system call
                 next_check = now + _COORDINATOR_CHECK_S
                 coord.rpc.pump(0)
+                if self.snapshots.expired(now):
+                    self._release_held()
                 for report in self.snapshots.finished():  # answers are not awaited: the coordinator counts reports
                     coord.rpc.request(COORDINATOR, Message(Op.REPORT, meta={"node": coord.node, "kind": "checkpoint", "data": report}))
                 if self.replicas is not None:  # a backup that keeps replies waiting too long is dropped

@@ -15,10 +15,23 @@ File format (safetensors: a JSON header, then raw little-endian tensors; never a
   ``marks`` (JSON: stream partition marks, "epoch:shard:TAG" -> offset; see ParameterServer.marks),
   ``rule``, ``rank``, ``version``.
 
-When the copy is taken: at once (async mode, the end of training), or, in sync mode, right after
-the round that brings the shard to version ``at_version`` is applied. Every server of a sync job
-then holds round ``at_version`` exactly: a worker pushes round v+1 only after every server
-answered round v, so no server can apply v+1 before all applied v.
+When the copy is taken: at once (the end of training, a graceful stop's final checkpoint), or at
+a cut every server reaches with the same pushes applied:
+
+* sync mode: right after the round that brings the shard to version ``at_version`` is applied.
+  Every server of a sync job then holds round ``at_version`` exactly: a worker pushes round v+1
+  only after every server answered round v, so no server can apply v+1 before all applied v.
+* async and ssp (``at_clock``: worker -> a push number T_w, its ``meta.clock``): the copy holds
+  every worker's pushes 1..T_w and none after, on every server. A worker sends push T+1 only once
+  every server answered every request of push T (it settles a push before the next, with or
+  without ``overlap``), so each server can stop at T_w on its own: it holds
+  (does not apply) a push beyond its worker's T_w, and copies once every worker of the cut is
+  there (its push T_w applied here whole, or its push T_w+1 held: every request of T_w was
+  answered, so all of T_w is in) or has left the membership;
+  then the held pushes are applied in the order they came. Pushes of workers not in the cut (one
+  that joined since) are held too. A server that applied a push beyond T_w already reports
+  ``missed`` and the coordinator asks again further ahead; one that does not reach the cut
+  within ``timeout_s`` gives up (reports an error) and applies what it held.
 """
 
 from __future__ import annotations
@@ -30,7 +43,7 @@ import threading
 import time
 from bisect import bisect_right
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -63,6 +76,15 @@ class Request:
     asked: float
     committed: str | None = None  # the coordinator's latest committed checkpoint
     full_every: int = 5  # sparse tables: a full base at least every this many checkpoints
+    at_clock: dict[str, int] | None = None  # async/ssp: worker -> the last push number in the copy
+    timeout_s: float = 120.0  # async/ssp: give up the cut (and release held pushes) after this long
+    reached: set[str] = field(default_factory=set)  # workers of at_clock whose push T_w is applied here whole
+
+
+def _clocks(value: object) -> dict[str, int] | None:
+    if not isinstance(value, dict):
+        return None
+    return {str(w): t for w, t in value.items() if type(t) is int and t >= 0}
 
 
 class Snapshotter:
@@ -75,28 +97,85 @@ class Snapshotter:
         self.reports: queue.Queue[dict[str, Any]] = queue.Queue()
         self.writes = 0
         self.marks: Callable[[], dict[str, int]] = dict  # the server's stream marks (saved with the shard)
+        self.members: Callable[[], set[str]] = set  # the workers of the job's membership (empty: not known yet)
+        # Per worker: (the number of its last push applied here, whether that request held every key
+        # of this shard). Worker clocks start again with each worker process, as this map does on restore.
+        self.clocks: dict[str, tuple[int, bool]] = {}
 
     def request(self, meta: dict[str, Any], positions: dict[str, list[int]]) -> None:
         """A CHECKPOINT from the coordinator (replaces any request not yet taken)."""
         at = meta.get("at_version")
         committed, full_every = meta.get("committed"), meta.get("full_every", 5)
+        timeout = meta.get("timeout_s")
         req = Request(str(meta.get("name")), str(meta.get("url")), int(meta.get("keep", 3)),
                       at if isinstance(at, int) else None, time.monotonic(),
-                      committed if isinstance(committed, str) else None, full_every if type(full_every) is int and full_every > 0 else 5)
+                      committed if isinstance(committed, str) else None, full_every if type(full_every) is int and full_every > 0 else 5,
+                      _clocks(meta.get("at_clock")), float(timeout) if isinstance(timeout, (int, float)) and timeout > 0 else 120.0)
         if req.at_version is not None and self.version() > req.at_version:
             self.reports.put({"name": req.name, "missed": True, "version": self.version()})
             return
+        if req.at_clock is not None:
+            past = [w for w, t in req.at_clock.items() if self.clocks.get(w, (0, True))[0] > t]
+            if past:
+                log.info("%s: checkpoint %s: %s already past push %d here", self.node, req.name, past[0], req.at_clock[past[0]])
+                self.armed = None  # (an earlier cut no longer holds pushes either: the coordinator asks again)
+                self.reports.put({"name": req.name, "missed": True, "version": self.version()})
+                return
+            req.reached = {w for w, t in req.at_clock.items() if self.clocks.get(w, (0, True)) == (t, True)}
         self.armed = req
         self.maybe_take(positions)
 
     def version(self) -> int:
         return max(self.store.versions, default=0)
 
-    def maybe_take(self, positions: dict[str, list[int]]) -> None:
-        """Called after every request handled: takes the copy once its moment came."""
+    def holds(self, who: str, clock: object) -> bool:
+        """Must push number ``clock`` of worker ``who`` wait until the copy is taken (it is past the cut)?"""
         req = self.armed
-        if req is None or (req.at_version is not None and self.version() < req.at_version):
+        if req is None or req.at_clock is None or type(clock) is not int:
+            return False
+        target = req.at_clock.get(who)
+        if target is None:
+            return True  # a worker not in the cut (it joined since): none of its pushes are in it
+        if clock > target:
+            req.reached.add(who)  # its push T_w+1 is here: every request of T_w was answered, all of it is in
+            return True
+        return False
+
+    def applied(self, who: str, clock: object, whole: bool) -> None:
+        """Push number ``clock`` of ``who`` was applied here (``whole``: that request held every key
+        of the shard, so the whole push is in)."""
+        if type(clock) is not int:
             return
+        self.clocks[who] = (clock, whole)
+        req = self.armed
+        if req is not None and req.at_clock is not None and req.at_clock.get(who) == clock and whole:
+            req.reached.add(who)
+
+    def expired(self, now: float) -> bool:
+        """An async cut not reached within its timeout: given up (reported as an error); the caller
+        applies the pushes held for it."""
+        req = self.armed
+        if req is None or req.at_clock is None or now - req.asked <= req.timeout_s:
+            return False
+        self.armed = None
+        waiting = sorted(set(req.at_clock) - req.reached)
+        self.reports.put({"name": req.name, "error": f"the checkpoint's cut was not reached within {req.timeout_s:g}s "
+                                                     f"(waiting for {', '.join(waiting) or 'nobody'})"})
+        return True
+
+    def _due(self, req: Request) -> bool:
+        if req.at_version is not None:
+            return self.version() >= req.at_version
+        if req.at_clock is not None:
+            members = self.members()
+            return all(w in req.reached or (members and w not in members) for w in req.at_clock)
+        return True
+
+    def maybe_take(self, positions: dict[str, list[int]]) -> bool:
+        """Called after every request handled: takes the copy once its moment came (returns whether it did)."""
+        req = self.armed
+        if req is None or not self._due(req):
+            return False
         self.armed = None
         tensors = {
             "values": self.store.data.clone(),
@@ -112,6 +191,7 @@ class Snapshotter:
                 "marks": json.dumps(self.marks())}
         sparse = self.sparse.snapshot(req.name, req.committed, req.full_every) if self.sparse is not None else None
         threading.Thread(target=self._write, args=(req, tensors, meta, sparse), name=f"{self.node}-checkpoint", daemon=True).start()
+        return True
 
     def _write(self, req: Request, tensors: dict[str, torch.Tensor], meta: dict[str, str], sparse) -> None:
         t0 = time.monotonic()

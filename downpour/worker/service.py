@@ -258,9 +258,14 @@ class WorkerProcess:
             self.endpoint = HttpEndpoint(metrics_host or job.monitor.http_host, 0, {"/metrics": route}, self.name)
         extra = {"metrics": advertised(self.endpoint.address, self.coordinator, advertise, "metrics", True)} if self.endpoint else None
         self.hb = HeartbeatThread(self.ctx, self.coordinator, self.name, job,
-                                  lambda: self.trainer.progress() if self.trainer else {}, self.abort, extra=extra,
+                                  self._progress, self.abort, extra=extra,
                                   security=self.security, on_reply=self._on_reply, identity=coord.identity)
         self.hb.start()
+
+    def _progress(self) -> dict[str, Any]:
+        """What the heartbeat carries: the trainer's progress and the pushes made (the clock an async
+        checkpoint's cut is placed by, server/snapshot.py)."""
+        return {**self.trainer.progress(), "pushes": self.trainer.kv.pushes} if self.trainer else {}
 
     def _on_reply(self, meta: dict[str, Any]) -> None:
         self.servers.offer(meta)
