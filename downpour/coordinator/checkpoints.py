@@ -37,15 +37,24 @@ def cut_clocks(st: CoordinatorState, retries: int, at_start: bool = False) -> di
     refused; a server already past a worker's number reports ``missed``, and the cut moves further
     ahead, twice as far each time. Workers without a push count yet are left out: a server holds
     all their pushes until it copies (none of them are in the checkpoint)."""
-    out: dict[str, int] = {}
+    at: dict[str, int] = {}  # where each worker stands
+    margins: dict[str, int] = {}
     for n in st.training_workers():
         pushes, examples = n.progress.get("pushes"), n.progress.get("examples")
         if type(pushes) is not int:
             continue
         rate = float(n.progress.get("examples_per_s") or 0.0) * pushes / examples if examples else 0.0
-        margin = 0 if at_start and retries == 0 else clock_margin(rate or st.version_rate, st.cl.heartbeat_interval_s) * 2**retries
-        out[n.name] = pushes + margin
-    return out
+        at[n.name] = pushes
+        margins[n.name] = 0 if at_start and retries == 0 else clock_margin(rate or st.version_rate, st.cl.heartbeat_interval_s) * 2**retries
+    t = st.job.training
+    if t.consistency == "ssp" and at:
+        # A worker more than the bound ahead waits for the slowest (its answers are held); were the
+        # slowest's next push held for the cut meanwhile, neither would reach it. Cuts within the
+        # bound of each other, one margin for all (the widest) above where each stands, avoid that.
+        widest = max(margins.values())
+        lowest = min(at.values()) + widest
+        return {w: min(p + widest, lowest + t.staleness_bound) for w, p in at.items()}
+    return {w: p + margins[w] for w, p in at.items()}
 
 
 def begin(st: CoordinatorState, now: float, final: bool = False, retries: int = 0) -> list[Action]:
