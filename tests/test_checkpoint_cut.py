@@ -4,12 +4,17 @@ interleave on each server, so a resumed job neither repeats nor loses a push."""
 
 from __future__ import annotations
 
+import json
+
 import torch
 
+from downpour.coordinator import checkpoints
 from downpour.coordinator.checkpointing import clock_margin
+from downpour.protocol import Op
 from downpour.server.snapshot import Snapshotter, load_shard_file
 from downpour.server.store import ShardStore
 from tests.checkpoint_helpers import initialised, layout_of, read_raw, wait_reports
+from tests.test_coordinator_state import JOB, WORKERS, Sim
 
 
 class Server:
@@ -141,3 +146,23 @@ def test_a_cut_not_reached_in_time_is_given_up_and_what_it_held_is_applied(url):
 def test_the_cut_is_placed_a_heartbeat_and_a_half_of_pushes_ahead():
     assert clock_margin(0.0, 1.0) == 3
     assert clock_margin(100.0, 0.2) == 43
+
+
+def cut_asked(job) -> dict[str, int]:
+    """The push numbers a CHECKPOINT names when worker-i reported 100(i+1) pushes at 10(i+1) pushes/s."""
+    sim = Sim(job)
+    sim.start()
+    for i, w in enumerate(WORKERS):
+        sim.send(w, Op.HEARTBEAT, progress={"pushes": 100 * (i + 1), "examples": 3200 * (i + 1), "examples_per_s": 320.0 * (i + 1)})
+    [at] = {json.dumps(r.msg.meta["at_clock"]) for r in checkpoints.begin(sim.state, 1.0)}
+    return json.loads(at)
+
+
+def test_the_coordinator_places_each_workers_cut_ahead_of_it_at_its_own_push_rate():
+    # a heartbeat (0.5 s) and a half, plus 0.1 s, of each one's pushes, plus 3
+    assert cut_asked(JOB) == {"worker-0": 100 + 11, "worker-1": 200 + 20, "worker-2": 300 + 28}
+
+
+def test_an_ssp_cut_keeps_the_workers_within_the_staleness_bound_of_each_other():
+    ssp = JOB.model_copy(update={"training": JOB.training.model_copy(update={"consistency": "ssp", "staleness_bound": 3})})
+    assert cut_asked(ssp) == {"worker-0": 128, "worker-1": 131, "worker-2": 131}
