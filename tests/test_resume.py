@@ -112,7 +112,8 @@ def _shard_files(folder: str) -> list[dict[str, str]]:
 @pytest.mark.parametrize("optimizer, training, rule", [
     ({}, {}, "lookahead"),  # auto's choice: each worker's momentum in per-worker buffers on the servers
     ({"scaling": "none"}, {"overlap": True}, "none"),  # the job's momentum as it is, a push always in flight
-], ids=["lookahead", "plain-overlap"])
+    ({}, {"consistency": "ssp", "staleness_bound": 2}, "lookahead"),
+], ids=["lookahead", "plain-overlap", "ssp"])
 def test_a_stopped_async_job_on_two_servers_resumes_to_the_same_parameters(tmp_path, tiny_data, optimizer, training, rule):
     """One async worker is deterministic, and a checkpoint's cut holds the same pushes on every
     server (server/snapshot.py): the resumed job lands where the uninterrupted one does. Before the
