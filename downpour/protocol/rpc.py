@@ -17,7 +17,7 @@ from collections.abc import Callable
 from downpour.errors import JobFailed, ProtocolError, RemoteError, RequestTimeout
 from downpour.protocol.codec import decode, encode
 from downpour.protocol.messages import REPLY_OPS, Message, Op
-from downpour.transport import Channel, Context, Poller, Security, WouldBlock
+from downpour.transport import Channel, Context, Poller, Security
 
 log = logging.getLogger(__name__)
 
@@ -184,12 +184,8 @@ class RpcClient:
     def pump(self, timeout_s: float) -> None:
         """Receive whatever arrives within ``timeout_s`` (at least one poll)."""
         for ch in self._poller.poll(timeout_s):
-            while True:
-                try:
-                    frames = ch.recv()
-                except WouldBlock:
-                    break
-                self._dispatch(self._names[ch], frames)
+            while ch.ready():
+                self._dispatch(self._names[ch], ch.recv())
 
     def _dispatch(self, peer: str, frames: list) -> None:
         size = sum(len(f) for f in frames)
