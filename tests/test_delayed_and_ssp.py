@@ -25,6 +25,7 @@ from downpour.server.consistency import AsyncPolicy, Push, SSPPolicy, SyncPolicy
 from downpour.server.optim import make_rule
 from downpour.server.store import ShardStore
 from downpour.transport import Listener, Poller, new_context
+from downpour.worker.client import Pieces
 from downpour.worker.flat import FlatModel
 from downpour.worker.trainer import Trainer
 from tests.cluster import QUIET, run_train
@@ -272,7 +273,8 @@ class RecordingKV:
         self.wire = {"push": {}, "pull": {}}
 
     def push_pull(self, grad, out, keys=None, weight=1.0, versions=None, position=None, delta=False, start=None):
-        self.pushes.append({"grad": grad.clone(), "weight": weight, "delta": delta, "versions": versions})
+        flat = grad.vector() if isinstance(grad, Pieces) else grad.clone()  # (a step's gradient comes in pieces)
+        self.pushes.append({"grad": flat, "weight": weight, "delta": delta, "versions": versions})
         return object()
 
     def pull(self, out, keys=None, exact=False):

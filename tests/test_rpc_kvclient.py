@@ -18,7 +18,7 @@ from downpour.config import parse_job
 from downpour.errors import ConfigError, RemoteError, RequestTimeout
 from downpour.layout import Layout, make_layout
 from downpour.protocol.rpc import RpcClient
-from downpour.worker.client import KVClient
+from downpour.worker.client import KVClient, Pieces
 from tests.live_server import LiveServer
 
 SHAPES = [("w", (6, 5)), ("b", (6,)), ("v", (4, 3))]  # 48 elements
@@ -195,6 +195,20 @@ def flat_mask(layout: Layout, keys: list[int]) -> torch.Tensor:
         s = layout.slices[k]
         mask[s.start : s.stop] = True
     return mask
+
+
+@pytest.mark.parametrize("layout", [BYTES, GREEDY], ids=["bytes", "greedy"])
+def test_a_gradient_in_pieces_is_pushed_as_the_same_vector_would_be(cluster, layout):
+    kv = cluster(layout, job(lr=0.1))
+    values = ready(kv)
+    grad = gradient(layout, 4)
+    cuts = [0, 3, 17, layout.numel // 2 + 1, layout.numel]  # pieces that straddle keys and servers
+    pieces = Pieces([grad[a:b].clone() for a, b in zip(cuts, cuts[1:])])
+    out = torch.empty(layout.numel)
+    kv.wait(kv.push_pull(pieces, out), WAIT_S)
+    torch.testing.assert_close(out, values - 0.1 * grad)
+    with pytest.raises(ConfigError):
+        kv.push_pull(Pieces([grad[1:]]), out)
 
 
 def test_a_non_contiguous_key_subset_is_gathered_and_scattered_correctly(cluster):

@@ -47,6 +47,49 @@ from downpour.transport import Slot, slot_folder
 log = logging.getLogger(__name__)
 
 
+class Pieces:
+    """A flat vector held as consecutive 1-D tensors (a model's gradients, parameter by parameter),
+    which a push gathers straight into its request's buffer: one pass over the values instead of
+    two (concatenating them first, then copying that into a shared-memory slot), about 50 µs a step
+    for the reference model. The tensors must stay as they are until the push was waited on."""
+
+    __slots__ = ("tensors", "starts", "numel")
+
+    def __init__(self, tensors: list[torch.Tensor]) -> None:
+        self.tensors = tensors
+        self.starts: list[int] = []
+        at = 0
+        for t in tensors:
+            self.starts.append(at)
+            at += t.numel()
+        self.numel = at
+
+    def _pieces(self, lo: int, hi: int) -> list[torch.Tensor]:
+        """The views that make up flat[lo:hi], in order."""
+        out = []
+        for start, t in zip(self.starts, self.tensors):
+            a, b = max(lo, start), min(hi, start + t.numel())
+            if a < b:
+                out.append(t[a - start : b - start])
+        return out
+
+    def slice(self, lo: int, hi: int) -> torch.Tensor:
+        pieces = self._pieces(lo, hi)
+        return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+
+    def copy_into(self, lo: int, hi: int, into: torch.Tensor) -> None:
+        at = 0
+        for piece in self._pieces(lo, hi):
+            into[at : at + piece.numel()].copy_(piece)
+            at += piece.numel()
+
+    def vector(self) -> torch.Tensor:
+        return torch.cat(self.tensors)
+
+
+Flat = torch.Tensor | Pieces  # a flat float32 vector in the layout's order, whole or in pieces
+
+
 @dataclass
 class _Part:
     server: int
@@ -54,7 +97,9 @@ class _Part:
     ranges: list[tuple[int, int]]  # flat ranges, merged where adjacent
     numel: int
 
-    def gather(self, flat: torch.Tensor) -> torch.Tensor:
+    def gather(self, flat: Flat) -> torch.Tensor:
+        if isinstance(flat, Pieces):
+            return flat.slice(*self.ranges[0]) if len(self.ranges) == 1 else torch.cat([flat.slice(lo, hi) for lo, hi in self.ranges])
         if len(self.ranges) == 1:
             lo, hi = self.ranges[0]
             return flat[lo:hi]
@@ -66,10 +111,13 @@ class _Part:
             out[lo:hi].copy_(values[at : at + hi - lo])
             at += hi - lo
 
-    def gather_into(self, flat: torch.Tensor, into: torch.Tensor) -> None:
+    def gather_into(self, flat: Flat, into: torch.Tensor) -> None:
         at = 0
         for lo, hi in self.ranges:
-            into[at : at + hi - lo].copy_(flat[lo:hi])
+            if isinstance(flat, Pieces):
+                flat.copy_into(lo, hi, into[at : at + hi - lo])
+            else:
+                into[at : at + hi - lo].copy_(flat[lo:hi])
             at += hi - lo
 
 
@@ -129,7 +177,7 @@ class Handle:
     __slots__ = ("futures", "out", "sent", "data")
 
     def __init__(self, futures: list[tuple[_Part, Future, _Slot | None]], out: torch.Tensor | None,
-                 sent: dict[int, Message] | None = None, data: torch.Tensor | None = None) -> None:
+                 sent: dict[int, Message] | None = None, data: Flat | None = None) -> None:
         self.futures = futures
         self.out = out
         self.sent = sent or {}  # id(future) -> the push request it carries (replay)
@@ -216,14 +264,21 @@ class KVClient:
             raise ConfigError(f"key {key!r} is not in the layout (0..{len(self.layout.slices) - 1})")
         return self.layout.slices[key]
 
-    def _check(self, t: torch.Tensor, what: str) -> None:
+    def _check(self, t: Flat, what: str) -> None:
+        if isinstance(t, Pieces):
+            if t.numel != self.layout.numel or any(p.dtype is not torch.float32 or p.dim() != 1 or p.is_cuda for p in t.tensors):
+                raise ConfigError(f"{what} in pieces must be 1-D float32 CPU tensors of {self.layout.numel} elements in all, "
+                                  f"got {t.numel}")
+            return
         if t.dtype is not torch.float32 or t.shape != self._shape or t.is_cuda:
             raise ConfigError(f"{what} must be a flat float32 CPU tensor of {self.layout.numel} elements, "
                               f"got {t.dtype} {tuple(t.shape)} on {t.device}")
 
-    def _send(self, op: Op, keys: list[int] | None, data: torch.Tensor | None, out: torch.Tensor | None,
+    def _send(self, op: Op, keys: list[int] | None, data: Flat | None, out: torch.Tensor | None,
               weight: float = 1.0, versions: list[int] | None = None, extra: dict | None = None, exact: bool = False) -> Handle:
         versions = self.versions if versions is None else versions
+        if isinstance(data, Pieces) and self.compressor is not None:  # the codecs take one vector
+            data = data.vector()
         parts = self._all if keys is None else self._plan(keys)
         pushing = op in (Op.PUSH, Op.PUSHPULL)
         if pushing:
@@ -303,7 +358,7 @@ class KVClient:
         self._check(grad, "grad")
         return self._send(Op.PUSH, keys, grad, None, weight, versions)
 
-    def push_pull(self, grad: torch.Tensor, out: torch.Tensor, keys: list[int] | None = None, weight: float = 1.0,
+    def push_pull(self, grad: Flat, out: torch.Tensor, keys: list[int] | None = None, weight: float = 1.0,
                   versions: list[int] | None = None, position: list[int] | None = None, delta: bool = False,
                   start: int | None = None) -> Handle:
         """Push, then receive the values after that update in the same round trip (one message
@@ -311,7 +366,8 @@ class KVClient:
         of the shard done with this gradient]) is kept by the servers for checkpoints. With
         ``delta`` the servers add ``grad`` to the values instead of taking an optimizer step.
         ``start``: a stream batch's push covers offsets (start, position[2]] of partition
-        position[1]; each server applies it once (see :meth:`stream_marks`)."""
+        position[1]; each server applies it once (see :meth:`stream_marks`). ``grad`` may come
+        in :class:`Pieces` (the parameters' gradients as they are), gathered as they are sent."""
         self._check(grad, "grad")
         self._check(out, "out")
         extra: dict = {"pos": position} if position else {}
@@ -367,7 +423,7 @@ class KVClient:
             handle.futures = []
             raise
 
-    def _resend(self, part: _Part, msg: Message, data: torch.Tensor | None) -> Future:
+    def _resend(self, part: _Part, msg: Message, data: Flat | None) -> Future:
         """Send a push again, as it was (same ``seq``), to its server's new process; values that
         went through shared memory go in a frame this time."""
         meta = {k: v for k, v in msg.meta.items() if k != "shm"}

@@ -19,6 +19,7 @@ from torch import nn
 from downpour.errors import ConfigError
 from downpour.layout import Layout
 from downpour.models import param_shapes
+from downpour.worker.client import Pieces
 
 
 class FlatModel:
@@ -57,6 +58,15 @@ class FlatModel:
         out.copy_(vector, non_blocking=True)
         torch.cuda.current_stream(vector.device).synchronize()
         return out
+
+    def grad_pieces(self) -> Pieces | torch.Tensor:
+        """The gradients parameter by parameter, not concatenated (a push gathers them straight
+        into its buffer: :class:`~downpour.worker.client.Pieces`); on a GPU the one vector of
+        :meth:`grad_vector`. Safe to send while the next step runs: that step's backward makes
+        new gradient tensors (:meth:`zero_grad` drops these)."""
+        if self.device.type != "cpu":
+            return self.grad_vector()
+        return Pieces([p.grad.reshape(-1).float() if p.grad is not None else torch.zeros(p.numel()) for p in self.params])
 
     def zero_grad(self) -> None:
         for p in self.params:

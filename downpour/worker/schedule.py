@@ -20,6 +20,7 @@ import torch
 
 from downpour.config import JobConfig
 from downpour.errors import ConfigError
+from downpour.worker.client import Flat, Pieces
 from downpour.worker.flat import FlatModel
 
 _LOCAL_OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
@@ -52,7 +53,7 @@ class PushSchedule:
         including it): record it; True when a push is due now."""
         raise NotImplementedError
 
-    def take(self, steps: int, pushed_at: int) -> tuple[torch.Tensor, float, bool] | None:
+    def take(self, steps: int, pushed_at: int) -> tuple[Flat, float, bool] | None:
         """What to push now, as (vector, weight, is_delta), and forget it; None when nothing is owed
         (``pushed_at``: ``steps`` at the last push)."""
         raise NotImplementedError
@@ -65,19 +66,21 @@ class Accumulate(PushSchedule):
     def __init__(self, flat: FlatModel, every: int) -> None:
         self.flat, self.every = flat, every
         # The examples-weighted mean of the gradients since the last push, over ``n`` examples.
-        self.mean: torch.Tensor | None = None
+        self.mean: Flat | None = None
         self.n = 0
 
     def after_backward(self, examples: int, steps: int) -> bool:
-        grad = self.flat.grad_vector()
         self.n += examples
         if self.mean is None:  # one batch's mean, as it is: no pass over the vector
-            self.mean = grad
+            # Pushed at once (every step): the gradients as they are, gathered by the push itself.
+            self.mean = self.flat.grad_pieces() if self.every == 1 else self.flat.grad_vector()
         else:  # running mean: mean += (grad - mean) * n / N
-            self.mean.add_(grad.sub_(self.mean), alpha=examples / self.n)
+            if isinstance(self.mean, Pieces):
+                self.mean = self.mean.vector()
+            self.mean.add_(self.flat.grad_vector().sub_(self.mean), alpha=examples / self.n)
         return steps % self.every == 0
 
-    def take(self, steps: int, pushed_at: int) -> tuple[torch.Tensor, float, bool] | None:
+    def take(self, steps: int, pushed_at: int) -> tuple[Flat, float, bool] | None:
         if self.mean is None:
             return None
         out = (self.mean, float(self.n), False)
