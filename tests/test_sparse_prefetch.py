@@ -16,10 +16,11 @@ from downpour.config import parse_job
 from downpour.errors import ConfigError, RemoteError
 from downpour.layout import make_layout
 from downpour.models import WideDeep
-from downpour.nn import LocalTables, SparseEmbedding, attach
+from downpour.nn import LocalTables, attach
 from downpour.protocol import Message
 from downpour.server.sparse import SparseShard, make_table
 from downpour.worker.sparse import SparseClient
+from tests.ctr_factories import CountingWideDeep
 
 
 class _Future:
@@ -73,23 +74,11 @@ def _cluster(servers: int = 2, fail: tuple[int, ...] = (), replay: bool = False)
     return client, shards
 
 
-class Counting(nn.Module):
-    """Wide & Deep plus a table ``count`` read from the same IDs whose gradient is -1 per
-    occurrence: with SGD at lr 1 from rows of 0, a row holds how many of its ID's occurrences
-    were trained."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        torch.manual_seed(0)
-        self.model = WideDeep(num_dense=3, num_fields=5, dim=4, hidden=[8])
-        self.count = SparseEmbedding("count", 1)
-
-    def forward(self, dense: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        out = self.model(dense, ids)
-        c = self.count(ids)  # [B, fields, 1]
-        if c.requires_grad:
-            c.register_hook(lambda g: torch.full_like(g, -1.0))
-        return out + (c - c.detach()).sum((1, 2))
+def counting() -> nn.Module:
+    """Wide & Deep plus a table ``count`` whose rows count their IDs' trained occurrences
+    (tests/ctr_factories.py), with the same dense weights in every call."""
+    torch.manual_seed(0)
+    return CountingWideDeep(num_dense=3, num_fields=5, dim=4, hidden=[8])
 
 
 def _batches(n: int = 12, size: int = 64, seed: int = 1) -> list[tuple[tuple[torch.Tensor, torch.Tensor], torch.Tensor]]:
@@ -139,10 +128,10 @@ def test_without_the_pipeline_the_rows_are_those_of_training_in_one_process_bit_
     order the client keeps the keys in."""
     batches = _batches()
     client, shards = _cluster()
-    _train(Counting(), client, batches)
+    _train(counting(), client, batches)
     job = parse_job({"model": {"name": "mlp"}, "sparse": SPARSE})
     local = LocalTables(lambda name, dim: make_table(job.sparse.table(name), dim, seed=0))
-    _train(Counting(), local, batches)
+    _train(counting(), local, batches)
     keys, counts = _occurrences(batches)
     for table, _ in TABLES:
         np.testing.assert_array_equal(_rows(shards, table, keys), local.tables[table].peek(keys))
@@ -168,7 +157,7 @@ def test_one_plan_serves_both_tables_read_from_the_same_ids_and_pushes_are_slice
 def test_with_rows_pulled_ahead_every_gradient_is_pushed_exactly_once():
     batches = _batches()
     client, shards = _cluster()
-    _train(Counting(), client, batches, ahead=True)
+    _train(counting(), client, batches, ahead=True)
     keys, counts = _occurrences(batches)
     np.testing.assert_array_equal(_rows(shards, "count", keys)[:, 0], counts.astype(np.float32))
     # The first forward finds which tables read which input; from the second batch on, all three
@@ -182,7 +171,7 @@ def test_with_rows_pulled_ahead_every_gradient_is_pushed_exactly_once():
 def test_rows_pulled_ahead_for_a_batch_never_trained_are_dropped_and_their_pushes_stay_applied():
     batches = _batches()
     client, shards = _cluster()
-    _train(Counting(), client, batches, ahead=True, stop_before=7)  # batch 7 was pulled ahead, not trained
+    _train(counting(), client, batches, ahead=True, stop_before=7)  # batch 7 was pulled ahead, not trained
     client.prepare(batches[0][0], None)  # a later step (another shard): the rows of batch 7 are dropped
     client.flush()
     assert client.ahead_dropped == 1
@@ -197,7 +186,7 @@ def test_after_a_failover_the_requests_are_replayed_in_the_order_they_were_sent(
     replayed first, 7's pushes would be taken as applied already and lost."""
     batches = _batches()
     client, shards = _cluster(fail=(7, 9), replay=True)
-    _train(Counting(), client, batches, ahead=True)
+    _train(counting(), client, batches, ahead=True)
     keys, counts = _occurrences(batches)
     assert client.replayed == 2
     np.testing.assert_array_equal(_rows(shards, "count", keys)[:, 0], counts.astype(np.float32))
@@ -211,7 +200,7 @@ def test_a_pull_ahead_refused_by_a_replaced_server_is_sent_again(replay):
     pulled again and the pushes it carried are lost, as with any request to a replaced server."""
     batches = _batches()
     client, shards = _cluster(fail=(15,), replay=replay)
-    _train(Counting(), client, batches, ahead=True)
+    _train(counting(), client, batches, ahead=True)
     keys, counts = _occurrences(batches)
     got = _rows(shards, "count", keys)[:, 0]
     if replay:
