@@ -218,6 +218,12 @@ def test_prefetch_is_on_for_async_jobs_and_refused_where_rows_must_be_of_the_las
     for consistency in ("sync", "ssp"):
         with pytest.raises(ConfigError, match="sparse.prefetch"):
             parse_job({"model": {"name": "mlp"}, "sparse": {"prefetch": True}, "training": {"consistency": consistency}})
+    # Replicated servers: off by default, and refused when asked for (a failover can lose row
+    # updates carried by pulls ahead: test_replication_job's CTR test fails with it on).
+    replicated = {"model": {"name": "mlp"}, "cluster": {"num_servers": 2, "replicas": 1}}
+    assert not parse_job(replicated).sparse_prefetch
+    with pytest.raises(ConfigError, match="sparse.prefetch with cluster.replicas"):
+        parse_job({**replicated, "sparse": {"prefetch": True}})
     # Per-table settings do not inherit it.
     job = parse_job({"model": {"name": "mlp"}, "sparse": {"prefetch": False, "tables": {"t": {"init_scale": 0.0}}}})
     assert job.sparse.table("t").init_scale == 0.0

@@ -13,7 +13,7 @@ so a steady-state step costs one sparse round trip per server per table call, an
 never needs a message of its own. :meth:`SparseClient.flush` sends what is still waiting
 (at the end of training, before an evaluation).
 
-**Rows pulled a batch ahead** (``sparse.prefetch``, on by default in async jobs): before a step,
+**Rows pulled a batch ahead** (``sparse.prefetch``, on by default in async jobs without replicas): before a step,
 the trainer names the batch after it (:meth:`SparseClient.prepare`), and that batch's rows of
 every table the last forward read straight from one of its inputs go out at once, all tables in
 one request per server (carrying the pushes waiting for it). The step's forward then finds its
