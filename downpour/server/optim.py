@@ -78,13 +78,13 @@ def make_rule(cfg, lr: float, numel: int) -> UpdateRule:
 
 @register_rule("sgd")
 class SGD(UpdateRule):
+    fuses_out = True
+
     def __init__(self, cfg: SGDConfig, lr: float, numel: int) -> None:
         super().__init__(cfg, lr, numel)
         self.buf = torch.zeros(numel) if cfg.momentum else None
         self.momentum = cfg.momentum  # the effective momentum (server/scaling.py may lower it under staleness)
         self.yielded = False  # the look-ahead owns the momentum (yield_momentum)
-
-    fuses_out = True
 
     def apply(self, param, grad, lo, hi, step, out=None):
         assert not self.yielded, "SGD.apply after yield_momentum: the look-ahead applies every gradient"
@@ -98,7 +98,6 @@ class SGD(UpdateRule):
 
     def yield_momentum(self):
         self.buf, self.yielded = None, True
-
 
 
 @register_rule("adagrad")
