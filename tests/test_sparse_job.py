@@ -241,7 +241,11 @@ def test_a_delta_whose_base_was_replaced_is_refused():
 def test_a_ctr_job_checkpoints_its_tables_incrementally_and_a_resume_gets_them_back(tmp_path):
     # Every checkpoint after the first is a delta while its predecessor was committed (the one at
     # the end is a new base if it replaced one still being written): enough steps for several.
-    job = _ctr_job(epochs=3)
+    # An async checkpoint's cut lies about 1.5 heartbeats of pushes ahead of its request, so the
+    # count depends on pushes per heartbeat, not on every_steps: 768 steps at batch 16 and a 0.1 s
+    # heartbeat made 7-12 here, where 192 steps and 0.2 s made 2 on a quiet machine.
+    job = _ctr_job(epochs=3, batch_size=16)
+    job["cluster"]["heartbeat_interval_s"] = 0.1
     job["checkpoint"] = {"enabled": True, "every_steps": 10, "every_s": None, "keep": 2, "sparse_full_every": 100}
     first = LocalLauncher(resolve_job(job), str(tmp_path / "run")).run().summary
     assert first["status"] == "ok" and first["checkpoints"]["count"] >= 3
