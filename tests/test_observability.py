@@ -85,25 +85,34 @@ def test_a_frozen_worker_is_named_with_its_shards_and_the_workers_it_holds_up(tm
     """Sync mode: freeze one worker (SIGSTOP). It goes silent; the other one stalls waiting for the round."""
     job = tiny_job(tiny_data, training={"epochs": 1000, "consistency": "sync"}, cluster={"heartbeat_timeout_s": 30.0},
                    monitor={"stall_after_s": 2.0, "sample_interval_s": 0.2})
-    # Long shards (38 steps): the freeze is unlikely to fall between two shards, where the worker holds none.
+    # Long shards (38 steps): the freeze rarely falls between two shards, where the worker holds
+    # none and the alert rightly lists none; when it does (seen once under load), thaw and freeze again.
     job["data"]["shard_size"] = 1200
     with running_job(tmp_path, job, steps=3) as (_, run_dir, status):
         pid = {n["name"]: n["pid"] for n in status["nodes"]}["worker-1"]
-        os.kill(pid, signal.SIGSTOP)
-        try:
-            def diagnosed():
-                st = query_status(run_dir)
-                kinds = {(a["node"], a["kind"]): a for a in (st or {}).get("alerts", [])}
-                return kinds if ("worker-1", "silent") in kinds and ("worker-0", "stalled") in kinds else None
 
-            alerts = _wait(diagnosed, 30, "worker-1 silent and worker-0 stalled")
-            shown = subprocess.run([PY, "-m", "downpour", "status", run_dir], capture_output=True, text=True, timeout=30)
-            url = open(os.path.join(run_dir, "dashboard.url")).read().strip() + "api/status"
-            # The dashboard serves its own sample (every sample_interval_s): wait for one with both alerts.
-            dashboard = _wait(lambda: (d := json.loads(_get(url))) and {a["node"] for a in d["alerts"]} >= {"worker-0", "worker-1"} and d,
-                              30, "the dashboard to show both alerts")
-        finally:
-            os.kill(pid, signal.SIGCONT)
+        def diagnosed():
+            st = query_status(run_dir)
+            kinds = {(a["node"], a["kind"]): a for a in (st or {}).get("alerts", [])}
+            return kinds if ("worker-1", "silent") in kinds and ("worker-0", "stalled") in kinds else None
+
+        url = open(os.path.join(run_dir, "dashboard.url")).read().strip() + "api/status"
+        both = {"worker-0", "worker-1"}
+        for attempt in range(3):
+            os.kill(pid, signal.SIGSTOP)
+            try:
+                alerts = _wait(diagnosed, 30, "worker-1 silent and worker-0 stalled")
+                between = attempt < 2 and not alerts[("worker-1", "silent")]["affected"]["shards"]
+                if not between:
+                    shown = subprocess.run([PY, "-m", "downpour", "status", run_dir], capture_output=True, text=True, timeout=30)
+                    # The dashboard serves its own sample (every sample_interval_s): wait for one with both alerts.
+                    dashboard = _wait(lambda: (d := json.loads(_get(url))) and {a["node"] for a in d["alerts"]} >= both and d,
+                                      30, "the dashboard to show both alerts")
+            finally:
+                os.kill(pid, signal.SIGCONT)
+            if not between:
+                break
+            _wait(lambda: (st := query_status(run_dir)) and not st["alerts"] and st, 30, "the alerts to clear")
         silent = alerts[("worker-1", "silent")]
         assert silent["affected"]["shards"] and silent["affected"]["shards"][0].startswith("epoch ")
         assert alerts[("worker-0", "stalled")]["since_s"] >= 2.0
