@@ -636,8 +636,7 @@ class SparseConfig(SparseTableConfig):
     tables: dict[str, SparseTableConfig] = Field(default_factory=dict)
     # A worker pulls the next batch's rows (every table, one request per server) while it trains
     # this one, for one step more staleness of the rows (as training.overlap for the dense values).
-    # None: on in async jobs (without consistency_groups or cluster.replicas), off otherwise; sync, ssp
-    # and replicated servers refuse it.
+    # None: on in async jobs (without consistency_groups), off otherwise; sync and ssp refuse it.
     prefetch: bool | None = None
 
     @model_validator(mode="before")
@@ -761,10 +760,6 @@ class JobConfig(_Frozen):
         if self.sparse.prefetch and (t.consistency != "async" or t.consistency_groups):
             raise ValueError("sparse.prefetch: pulling rows a batch ahead adds a step of staleness, which only "
                              f"async training allows; this job uses {'consistency_groups' if t.consistency_groups else t.consistency}")
-        if self.sparse.prefetch and self.cluster.replicas:
-            raise ValueError("sparse.prefetch with cluster.replicas is not supported yet: on a failover to a backup, "
-                             "row updates carried by requests for rows pulled ahead can be lost; set sparse.prefetch: false "
-                             "(the default with replicas)")
         slow = self.training.slowdown
         if slow is not None and slow.rank is not None and slow.rank >= self.cluster.num_workers:
             raise ValueError(f"training.slowdown.rank {self.training.slowdown.rank} is not a worker rank "
@@ -806,7 +801,7 @@ class JobConfig(_Frozen):
         t = self.training
         if self.sparse.prefetch is not None:
             return self.sparse.prefetch
-        return t.consistency == "async" and not t.consistency_groups and not self.cluster.replicas
+        return t.consistency == "async" and not t.consistency_groups
 
     def planned_steps(self, num_train: int) -> int:
         """Job steps (updates a worker pushes, all workers together: the unit of schedules and

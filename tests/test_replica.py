@@ -14,6 +14,7 @@ from downpour.config import parse_job
 from downpour.layout import make_layout
 from downpour.protocol import Message, Op, decode, encode
 from downpour.protocol.ops import Code
+from downpour.server.replays import MAX_SKIPPED, is_replay, parse_skipped, record
 from downpour.server.replica import Backup, BackupHost, NullListener
 from downpour.server.service import ParameterServer
 from downpour.transport import Listener
@@ -106,7 +107,7 @@ def same_state(a: ParameterServer, b: ParameterServer) -> None:
     assert a.store.versions == b.store.versions and a.store.steps == b.store.steps
     for k, v in a.store.rule.state().items():
         assert torch.equal(v, b.store.rule.state()[k]), k
-    assert a.applied == b.applied
+    assert a.applied == b.applied and a.skipped == b.skipped
     for name, t in a.sparse.tables.items():
         ids = np.array(sorted(int(x) for x in t.row_key[: t.next_row] if x >= 0), dtype=np.int64)
         u = b.sparse.tables[name]
@@ -189,6 +190,44 @@ def test_a_replayed_push_is_applied_once_and_answered_with_the_current_values(pa
     rows = p.primary.sparse.tables["emb"].peek(np.array(own_ids(3)))
     p.sparse(own_ids(3), 1.0, seq=1)  # replayed: read, not pushed
     assert np.array_equal(p.primary.sparse.tables["emb"].peek(np.array(own_ids(3))), rows)
+
+
+def test_a_row_request_overtaken_by_a_later_one_after_a_failover_is_applied_once_when_replayed(pair):
+    """Row request 2 was lost with a primary that died before forwarding it, and the worker sent
+    request 3 (rows pulled a batch ahead) to the promoted backup before it sent 2 again: 2 is not
+    a duplicate there, though 3 is past it. The backup of that server (joining after 3, through a
+    state transfer) applies the replay too, and a second replay of 2 is read only on both."""
+    p = pair()
+    ids = np.array(own_ids(3))
+    p.sparse(own_ids(3), 1.0, seq=1)
+    p.sparse(own_ids(3), 1.0, seq=3)
+    assert p.primary.skipped == {"worker-0/sparse": [2]}
+    p.hello()
+    p.stream()
+    p.ack()
+    p.sparse(own_ids(3), 1.0, seq=2)  # the replay: applied
+    assert p.primary.skipped == {} and p.primary.counts["replayed"] == 0
+    p.stream()
+    p.ack()
+    rows = p.primary.sparse.tables["emb"].peek(ids)
+    p.sparse(own_ids(3), 1.0, seq=2)  # again: read only
+    p.stream()
+    assert np.array_equal(p.primary.sparse.tables["emb"].peek(ids), rows) and p.primary.counts["replayed"] == 1
+    assert p.primary.sparse.counts["keys_pushed"] == p.backup.server.sparse.counts["keys_pushed"] == 9
+    same_state(p.primary, p.backup.server)
+
+
+def test_a_stream_keeps_only_its_newest_skipped_seqs():
+    last: dict[str, int] = {}
+    skipped: dict[str, list[int]] = {}
+    record(last, skipped, "w", 1)
+    record(last, skipped, "w", 4)
+    assert skipped == {"w": [2, 3]} and not is_replay(last, skipped, "w", 3) and is_replay(last, skipped, "w", 1)
+    record(last, skipped, "w", 3)
+    assert skipped == {"w": [2]}
+    record(last, skipped, "w", 1000)  # never past its bound, however far a stream jumps: the oldest go
+    assert skipped["w"] == list(range(1000 - MAX_SKIPPED, 1000)) and is_replay(last, skipped, "w", 2)
+    assert parse_skipped({"w": [5, 3], "x": ["a"], "y": []}) == {"w": [3, 5]} and parse_skipped([1]) == {}
 
 
 def test_a_sync_round_survives_a_promotion_and_a_replay_waits_for_its_round(pair):

@@ -116,8 +116,10 @@ def test_primaries_killed_again_and_again_lose_no_update(tmp_path, tiny_data):
 
 
 def test_the_ctr_job_loses_no_update_of_its_tables_when_primaries_are_killed(tmp_path):
-    """The CTR job (sparse tables with Adagrad rows): rank 1's primary killed twice, the second
-    time the promoted one. Every row update a worker pushed is applied once, as is every dense push."""
+    """The CTR job (sparse tables with Adagrad rows, pulled a batch ahead): rank 1's primary killed
+    twice, the second time the promoted one. Every row update a worker pushed is applied once, as
+    is every dense push (a row request the old primary died with may reach the new one after the
+    next: it is applied all the same)."""
     from tests.test_sparse_job import _ctr_job
 
     job = _ctr_job(epochs=25)
@@ -137,6 +139,7 @@ def test_the_ctr_job_loses_no_update_of_its_tables_when_primaries_are_killed(tmp
     pushed = sum(w["sparse"]["ids_pushed"] for w in summary["workers"].values())
     applied = sum(v["sparse"]["keys_pushed"] for v in summary["servers"].values())
     assert applied == pushed > 0
+    assert all(w["sparse"]["reads_ahead"] > 0 for w in summary["workers"].values())
     _every_shard_once(summary, 25)
     assert summary["test_auc"] > 0.7
 

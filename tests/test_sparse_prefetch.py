@@ -18,6 +18,7 @@ from downpour.layout import make_layout
 from downpour.models import WideDeep
 from downpour.nn import LocalTables, attach
 from downpour.protocol import Message
+from downpour.server.replays import is_replay, record
 from downpour.server.sparse import SparseShard, make_table
 from downpour.worker.sparse import SparseClient
 from tests.ctr_factories import CountingWideDeep
@@ -30,36 +31,33 @@ class _Future:
     def result(self) -> Message:
         if self._error is not None:
             raise self._error
-        if self._reply is None:  # answered when waited for: the order a worker waits in is the order applied
-            self._reply = self._rpc.answer(self.peer, self.req_id, self._msg)
         return self._reply
-
-    def _answered(self, rpc: FakeRpc, peer: str, msg: Message) -> _Future:
-        self._rpc, self._msg = rpc, msg
-        return self
 
 
 class FakeRpc:
-    """Each request handled by its server's SparseShard at once. ``fail``: request numbers
-    (1-based) answered ``peer_replaced`` without being applied (a server replaced meanwhile).
-    As a real server, a request whose ``seq`` is not past the last applied one is read only."""
+    """Each request handled by its server's SparseShard when it is sent (as a server applies a
+    worker's requests in the order they arrive). ``fail``: request numbers (1-based) answered
+    ``peer_replaced`` without being applied (a server replaced meanwhile, before it got them:
+    the next request goes to the replacement, which holds the same rows). A request is read only
+    where a real server reads it so (server/replays.py: ``seq`` applied already)."""
 
     def __init__(self, shards: dict[str, SparseShard], fail: tuple[int, ...] = ()) -> None:
         self.shards, self.fail, self.n = shards, set(fail), 0
         self.applied: dict[str, int] = {}
+        self.skipped: dict[str, list[int]] = {}
+        self.order: dict[str, list[int]] = {}  # per server, the seqs applied, in the order applied
 
     def request(self, peer: str, msg: Message) -> _Future:
         self.n += 1
         if self.n in self.fail:
             return _Future(peer, self.n, None, RemoteError("replaced", peer=peer, code="peer_replaced"))
-        return _Future(peer, self.n, None, None)._answered(self, peer, msg)
-
-    def answer(self, peer: str, req_id: int, msg: Message) -> Message:
         seq = msg.meta.get("seq")
-        replay = seq is not None and seq <= self.applied.get(peer, 0)
+        replay = seq is not None and is_replay(self.applied, self.skipped, peer, seq)
         if seq is not None and not replay:
-            self.applied[peer] = seq
-        return self.shards[peer].handle(Message(msg.op, req_id, msg.meta, list(msg.tensors)), replay=replay)
+            record(self.applied, self.skipped, peer, seq)
+            self.order.setdefault(peer, []).append(seq)
+        reply = self.shards[peer].handle(Message(msg.op, self.n, msg.meta, list(msg.tensors)), replay=replay)
+        return _Future(peer, self.n, reply, None)
 
 
 SPARSE = {"optimizer": {"name": "adagrad", "lr": 0.1}, "tables": {"count": {"optimizer": {"name": "sgd", "lr": 1.0}, "init_scale": 0.0}}}
@@ -180,24 +178,27 @@ def test_rows_pulled_ahead_for_a_batch_never_trained_are_dropped_and_their_pushe
 
 
 def test_after_a_failover_the_requests_are_replayed_in_the_order_they_were_sent():
-    """Requests 7 (batch 2's rows pulled ahead, with batch 1's pushes, to server 0) and 9 (batch 1's
-    own pull, sent after it to server 0) both meet a replaced server. The replacement reads a
-    request whose seq is not past the last one it applied as a replay: had 9 been waited for and
-    replayed first, 7's pushes would be taken as applied already and lost."""
+    """Request 7 (batch 2's rows pulled ahead, with the pushes waiting for server 0) meets a
+    replaced server, and so does its replay (9). It is sent until answered before batch 1's own
+    pulls go out (rows pulled ahead are answered first), so the replacement applies every request
+    once and in the order it was sent."""
     batches = _batches()
     client, shards = _cluster(fail=(7, 9), replay=True)
     _train(counting(), client, batches, ahead=True)
     keys, counts = _occurrences(batches)
     assert client.replayed == 2
     np.testing.assert_array_equal(_rows(shards, "count", keys)[:, 0], counts.astype(np.float32))
+    assert all(seqs == list(range(1, len(seqs) + 1)) for seqs in client.rpc.order.values())
 
 
 @pytest.mark.parametrize("replay", [False, True])
 def test_a_pull_ahead_refused_by_a_replaced_server_is_sent_again(replay):
     """Request 15 (batch 3's rows pulled ahead, with batch 1's pushes: batch 0 sends 6 pulls, batch 1
     2 ahead and 6 pulls of its own) is answered peer_replaced without being applied. With
-    replay (backups), the same request goes again and every count holds; without, the rows are
-    pulled again and the pushes it carried are lost, as with any request to a replaced server."""
+    replay (backups), the same request goes again and every count holds, though the next
+    batch's pull ahead (17, one seq later) reached the replacement first: the server applies the
+    replay all the same (server/replays.py); without, the rows are pulled again and the pushes it
+    carried are lost, as with any request to a replaced server."""
     batches = _batches()
     client, shards = _cluster(fail=(15,), replay=replay)
     _train(counting(), client, batches, ahead=True)
@@ -218,12 +219,9 @@ def test_prefetch_is_on_for_async_jobs_and_refused_where_rows_must_be_of_the_las
     for consistency in ("sync", "ssp"):
         with pytest.raises(ConfigError, match="sparse.prefetch"):
             parse_job({"model": {"name": "mlp"}, "sparse": {"prefetch": True}, "training": {"consistency": consistency}})
-    # Replicated servers: off by default, and refused when asked for (a failover can lose row
-    # updates carried by pulls ahead: test_replication_job's CTR test fails with it on).
+    # Replicated servers too (a failover loses no row update: test_replication_job's CTR test).
     replicated = {"model": {"name": "mlp"}, "cluster": {"num_servers": 2, "replicas": 1}}
-    assert not parse_job(replicated).sparse_prefetch
-    with pytest.raises(ConfigError, match="sparse.prefetch with cluster.replicas"):
-        parse_job({**replicated, "sparse": {"prefetch": True}})
+    assert parse_job(replicated).sparse_prefetch and parse_job({**replicated, "sparse": {"prefetch": True}}).sparse_prefetch
     # Per-table settings do not inherit it.
     job = parse_job({"model": {"name": "mlp"}, "sparse": {"prefetch": False, "tables": {"t": {"init_scale": 0.0}}}})
     assert job.sparse.table("t").init_scale == 0.0

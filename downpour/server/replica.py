@@ -49,6 +49,7 @@ from downpour.layout import Layout
 from downpour.protocol import Message, Op, decode, encode
 from downpour.protocol.ops import REPLICA_STREAM, Code
 from downpour.protocol.schema import SchemaError
+from downpour.server.replays import parse_skipped
 from downpour.server.snapshot import LOOKAHEAD, LOOKAHEAD_SUM, bad_lookahead, lookahead_tensors
 from downpour.transport import Channel, Context, Poller, Security, WouldBlock
 
@@ -246,7 +247,7 @@ def server_state(server: ParameterServer) -> tuple[dict[str, torch.Tensor], dict
         waiting.append({"who": who, "peer": p.peer.decode(errors="replace"), "weight": p.weight, "version": p.version,
                         "delta": p.delta, "meta": {k: v for k, v in p.msg.meta.items() if k not in ("shm", "pq")}})
     hyper = server.hyper.staleness
-    info = {"positions": server.positions, "applied": server.applied, "members": sorted(server.members),
+    info = {"positions": server.positions, "applied": server.applied, "skipped": server.skipped, "members": sorted(server.members),
             "counts": {k: server.counts[k] for k in ("push", "pull", "replayed")},
             "sparse_counts": dict(server.sparse.counts) if server.sparse else {},
             "marks": server.marks, "mark_floor": server.mark_floor,
@@ -290,6 +291,7 @@ def load_state(server: ParameterServer, tensors: dict[str, torch.Tensor], info: 
         server.sparse.tables[name].restore([snap])
     server.positions = {str(k): list(v) for k, v in info.get("positions", {}).items()}
     server.applied = {str(k): int(v) for k, v in info.get("applied", {}).items()}
+    server.skipped = parse_skipped(info.get("skipped"))
     counts = info.get("counts")
     for k, v in (counts if isinstance(counts, dict) else {}).items():  # what the rank's primaries applied before it joined
         if k in ("push", "pull", "replayed") and type(v) is int and v >= 0:

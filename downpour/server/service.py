@@ -47,6 +47,7 @@ from downpour.server.kernels import KERNEL as DENSE_KERNEL
 from downpour.server.lookahead import make_lookahead
 from downpour.server.metrics import server_metrics
 from downpour.server.optim import make_rule
+from downpour.server.replays import is_replay, record
 from downpour.server.replica import BackupHost, NullListener, PrimaryLink, changes_state, server_state
 from downpour.server.scaling import Hyperparams
 from downpour.server.snapshot import OldParams, Snapshotter, restore_store
@@ -155,6 +156,9 @@ class ParameterServer:
         # worker ("NAME" dense, "NAME/sparse"), so that a push replayed after a failover applies once.
         self.replicas: PrimaryLink | None = None
         self.applied: dict[str, int] = {}
+        # Per worker's row stream, the seqs below its last applied one that never came here (sent
+        # to a replaced primary, overtaken by a later one): applied when sent again (replays.py).
+        self.skipped: dict[str, list[int]] = {}
         self.backup_host: BackupHost | None = None  # the backups this process keeps (for heartbeats)
         self.applied_seq = 0  # a backup's server: the last seq of its primary's stream it applied
         # A promoted backup: when it started serving, and how long until its first worker request.
@@ -491,7 +495,7 @@ class ParameterServer:
             return [(peer, msg.error("no_tables", "this job has no sparse tables"))]
         t0 = time.perf_counter()
         who, seq = peer.decode(errors="replace") + "/sparse", msg.meta.get("seq")
-        replay = seq is not None and seq <= self.applied.get(who, 0)  # applied already: read only
+        replay = seq is not None and is_replay(self.applied, self.skipped, who, seq)  # applied already: read only
         mark, verdict = self._stream_mark(msg, "s") if not replay else (None, "apply")
         if verdict == "gap":
             return [(peer, msg.error(Code.STREAM_GAP, self._gap_text(msg, mark)))]
@@ -501,7 +505,7 @@ class ParameterServer:
         if replay:
             self.counts["replayed"] += 1
         elif seq is not None:
-            self.applied[who] = seq
+            record(self.applied, self.skipped, who, seq)
         if mark is not None and verdict == "apply" and reply.op == Op.OK:
             self.marks[mark] = msg.meta["pos"][2]
         self.apply_s += time.perf_counter() - t0

@@ -13,7 +13,7 @@ so a steady-state step costs one sparse round trip per server per table call, an
 never needs a message of its own. :meth:`SparseClient.flush` sends what is still waiting
 (at the end of training, before an evaluation).
 
-**Rows pulled a batch ahead** (``sparse.prefetch``, on by default in async jobs without replicas): before a step,
+**Rows pulled a batch ahead** (``sparse.prefetch``, on by default in async jobs): before a step,
 the trainer names the batch after it (:meth:`SparseClient.prepare`), and that batch's rows of
 every table the last forward read straight from one of its inputs go out at once, all tables in
 one request per server (carrying the pushes waiting for it). The step's forward then finds its
@@ -136,9 +136,9 @@ class SparseClient:
 
     def _pull(self, table: str, k: np.ndarray, dim: int, train: bool, plan: Plan | None) -> np.ndarray:
         """Rows of ``k`` now: one request per server holding some (with its waiting pushes).
-        Requests pulled ahead are answered first: a server that took over from a replaced one
-        applies replayed pushes only in the order they were sent (``seq``), so a worker must
-        never wait for (and replay) a later request before an earlier one."""
+        Requests pulled ahead are answered first, so that after a failover the replacement gets
+        the replayed requests, and applies their pushes, in the order they were sent (it would
+        apply them in any order, once each: server/replays.py)."""
         self._settle_ahead(self._now)
         self._settle_ahead(self._next)
         if plan is None:
