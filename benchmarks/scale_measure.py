@@ -62,6 +62,7 @@ import zmq  # noqa: E402
 
 from benchmarks.common import environment  # noqa: E402
 from benchmarks.scale_model import Costs, Topology, Workload, at_scale, predict  # noqa: E402
+from benchmarks.scale_probe import load_of  # noqa: E402
 from downpour.config import load_job  # noqa: E402
 from downpour.launch import LocalLauncher  # noqa: E402
 from downpour.models import mlp  # noqa: E402
@@ -233,9 +234,9 @@ def calibrate(args: argparse.Namespace) -> dict[str, Any]:
         f"apply {apply * 1e9:.2f} ns/param; ipc latency {lat * 1e6:.1f} us"
     )
     log("calibrating: jobs A (1x1), B (2x1), C (1x1, wide) ...")
-    a = measure(MNIST_JOB, 1, 1, args.steps_short, args.steps_long)
-    b = measure(MNIST_JOB, 2, 1, args.steps_short, args.steps_long)
-    c = measure(MNIST_JOB, 1, 1, args.steps_short, args.steps_long, [f"model.args.hidden=[{BIG_HIDDEN}]"])
+    a = measure(MNIST_JOB, 1, 1, args.steps_short, args.steps_long, runner=args.runner)
+    b = measure(MNIST_JOB, 2, 1, args.steps_short, args.steps_long, runner=args.runner)
+    c = measure(MNIST_JOB, 1, 1, args.steps_short, args.steps_long, [f"model.args.hidden=[{BIG_HIDDEN}]"], runner=args.runner)
     costs, worker_step = solve_request_costs(a, b, c, ref_p, big_p, ref_c, big_c, apply, lat)
     ref = Workload("reference MLP (784-128-10, batch 32)", ref_p, 32, ref_c, worker_step)
     c100_c, c100_p = mlp_compute_s(DENSE_100M_HIDDEN, 32, 3)
@@ -248,6 +249,14 @@ def calibrate(args: argparse.Namespace) -> dict[str, Any]:
         "compute": {"reference": ref_c, "wide": big_c, "dense100m": c100_c},
         "requests_per_step": [a["requests_per_step"], b["requests_per_step"], c["requests_per_step"]],
     }
+    loads = [load_of(j["long"].get("probe")) for j in (a, b)]
+    if all(loads):
+        # The coordinator's and the launcher's CPU while a job trains (heartbeats, ticks, status polls, the
+        # /proc sampler): a rate per second, not per step; jobs A and B's mean. The check adds it to
+        # the other processes' load measured with each topology: Topology.other_load.
+        out["background_cores"] = statistics.mean(x["background"] for x in loads)
+        log(f"  coordinator and launcher: {out['background_cores']:.3f} cores while a job trains; "
+            f"other processes during A and B: {loads[0]['outside']:.2f}, {loads[1]['outside']:.2f} cores")
     if args.ctr:
         ctr, out["jobs"]["D"] = calibrate_ctr(args, costs)
         out["workloads"]["ctr"] = asdict(ctr)
@@ -298,7 +307,7 @@ def calibrate_ctr(args: argparse.Namespace, costs: Costs) -> tuple[Workload, dic
     compute = compute_step_s(model, (dense, ids), y, "bce", args.compute_steps)
     params = sum(p.numel() for n, p in model.named_parameters() if not n.startswith(("embedding", "wide.")))
     log("calibrating: job D (CTR, 1x1) ...")
-    d = measure(CTR_JOB, 1, 1, args.ctr_steps // 4, args.ctr_steps, [f"data.path={data}"])
+    d = measure(CTR_JOB, 1, 1, args.ctr_steps // 4, args.ctr_steps, [f"data.path={data}"], runner=args.runner)
     rows, req = d["rows_per_step"], d["requests_per_step"]  # table rows: an ID counts once per table
     row_bytes = round(4 * (int(margs.get("dim", 16)) + 1) / 2 + 8)  # the mean of an embedding and a wide row, and the ID
     nbytes = 4 * params + rows * row_bytes
@@ -322,25 +331,45 @@ def calibrate_ctr(args: argparse.Namespace, costs: Costs) -> tuple[Workload, dic
 
 
 # --------------------------------------------------------------------------- check and predictions
-def check(args: argparse.Namespace, costs: Costs, ref: Workload) -> list[dict[str, Any]]:
+def check(args: argparse.Namespace, costs: Costs, ref: Workload, background: float) -> list[dict[str, Any]]:
     rows = []
-    for s in range(1, args.servers + 1):
+    servers = [int(v) for v in args.check_servers.split(",")] if args.check_servers else range(1, args.servers + 1)
+    for s in servers:
         for w in range(1, args.workers + 1):
-            m = measure(MNIST_JOB, s, w, args.steps_short, args.steps_long)
-            p = _predicted(costs, ref, s, w, args.cores)
-            rows.append({"servers": s, "workers": w, "measured": m, "predicted": p})
-            log(f"  {s}x{w}: {m['examples_per_s']:,.0f} examples/s measured, {p['examples_per_s']:,.0f} predicted ({p['bottleneck']})")
+            m = measure(MNIST_JOB, s, w, args.steps_short, args.steps_long, runner=args.runner)
+            load = load_of(m["long"].get("probe"))
+            p = _predicted(costs, ref, s, w, args.cores, background, load.get("outside", 0.0))
+            rows.append({"servers": s, "workers": w, "measured": m, "predicted": p, "load": load,
+                         "loadavg": m["long"].get("loadavg")})
+            log(f"  {s}x{w}: {m['examples_per_s']:,.0f} examples/s measured, {p['examples_per_s']:,.0f} least bound, "
+                f"{p['run_queue_examples_per_s']:,.0f} run queue, {p['loaded_examples_per_s']:,.0f} with {p['other_load']:.2f} "
+                f"cores taken by others; load average {m['long'].get('loadavg')}")
     return rows
 
 
-def _predicted(costs: Costs, ref: Workload, servers: int, workers: int, cores: float) -> dict[str, Any]:
+def _predicted(
+    costs: Costs, ref: Workload, servers: int, workers: int, cores: float, background: float = 0.0, outside: float = 0.0
+) -> dict[str, Any]:
+    """The least bound and the queueing rate with every core to the job (the model before the run queue),
+    and the run-queue model (``Topology(queueing=True, shared_cores=True)``) with ``background`` cores
+    taken by the coordinator and the launcher (calibrated), and with ``outside`` more, taken by other
+    processes while this topology ran (measured beside it)."""
+    other_load = background + outside
     p = predict(costs, ref, Topology(servers, workers, cores=cores))
     q = predict(costs, ref, Topology(servers, workers, cores=cores, queueing=True))
+    rq = predict(costs, ref, Topology(servers, workers, cores=cores, queueing=True, shared_cores=True, other_load=background))
+    rql = predict(costs, ref, Topology(servers, workers, cores=cores, queueing=True, shared_cores=True, other_load=other_load))
     per_example = p.cpu_per_example_s(ref.batch)
     return {
         "examples_per_s": p.examples_per_s,
         "queueing_examples_per_s": q.examples_per_s,  # the closed queueing network (mean value analysis)
+        "other_load": other_load,
+        "run_queue_examples_per_s": rq.examples_per_s,  # the cores as the run queue, the coordinator's and launcher's load
+        "run_queue_wait_s": rq.stations["cpu"]["wait_s"],
+        "loaded_examples_per_s": rql.examples_per_s,  # ... and other processes' load measured beside the job
+        "loaded_wait_s": rql.stations["cpu"]["wait_s"],
         "bottleneck": p.bottleneck,
+        "loaded_bottleneck": rql.bottleneck,
         "bounds": p.bounds,
         "worker_cpu_per_example_s": per_example["worker"],
         "server_cpu_per_example_s": per_example["server"],
@@ -351,23 +380,55 @@ def _pct(measured: float, predicted: float) -> str:
     return f"{100 * (predicted - measured) / measured:+.0f}%"
 
 
+PREDICTIONS = {  # the check's predictions of examples/s: key in _predicted's result, what it is
+    "examples_per_s": "least bound",
+    "queueing_examples_per_s": "queueing, cores as C servers",
+    "run_queue_examples_per_s": "run queue",
+    "loaded_examples_per_s": "run queue, the cores others left",
+}
+
+
+def within(rows: list[dict[str, Any]], key: str, tolerance: float = 0.25) -> int:
+    """How many rows' ``key`` prediction is within ``tolerance`` of the measured examples/s."""
+    return sum(abs(r["predicted"][key] / r["measured"]["examples_per_s"] - 1) <= tolerance for r in rows if key in r["predicted"])
+
+
+def run_queue_wait_s(m: dict[str, Any]) -> float:
+    """The workers' and servers' threads' run-queue wait per step in the long run's steady window."""
+    probe = m["long"]["probe"]
+    wait = sum(a["wait"] for g, a in probe["groups"].items() if g in ("worker.main", "worker.zmq", "worker.other",
+                                                                       "server.main", "server.zmq", "server.other"))
+    return wait / (probe["window_s"] * m["examples_per_s"] / m["batch"])
+
+
 def check_table(rows: list[dict[str, Any]]) -> str:
     lines = [
-        "| S×W | examples/s measured | predicted | error | queueing | error | bound | worker CPU µs/example measured / predicted | "
-        "server CPU µs/example measured / predicted | all CPU µs/example measured / predicted | error |",
-        "|---|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|",
+        "| S×W | examples/s measured | least bound | error | queueing, cores as C servers | error | run queue | error | "
+        "cores others took (load avg) | run queue, cores others left | error | run-queue wait µs/step measured / predicted | "
+        "all CPU µs/example measured / predicted | error |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         m, p = r["measured"], r["predicted"]
         mw, ms = m["worker_cpu_per_step_s"] / m["batch"] * 1e6, m["server_cpu_per_step_s"] / m["batch"] * 1e6
         pw, ps = p["worker_cpu_per_example_s"] * 1e6, p["server_cpu_per_example_s"] * 1e6
-        q = p.get("queueing_examples_per_s", math.nan)
+        x = m["examples_per_s"]
+        cells = []
+        for key in ("examples_per_s", "queueing_examples_per_s", "run_queue_examples_per_s", None, "loaded_examples_per_s"):
+            if key is None:
+                avg = r.get("loadavg") or [math.nan]
+                cells.append(f"{p.get('other_load', math.nan):.2f} ({avg[0]:.1f})")
+            else:
+                v = p.get(key, math.nan)
+                cells.append(f"{v:,.0f} | {_pct(x, v)}")
+        waited = (run_queue_wait_s(m) if (m.get("long") or {}).get("probe") else math.nan) * 1e6
         lines.append(
-            f"| {r['servers']}×{r['workers']} | {m['examples_per_s']:,.0f} | {p['examples_per_s']:,.0f} | "
-            f"{_pct(m['examples_per_s'], p['examples_per_s'])} | {q:,.0f} | {_pct(m['examples_per_s'], q)} | "
-            f"{p['bottleneck']} | {mw:.1f} / {pw:.1f} | {ms:.1f} / {ps:.1f} | "
+            f"| {r['servers']}×{r['workers']} | {x:,.0f} | {' | '.join(cells)} | "
+            f"{waited:,.0f} / {p.get('loaded_wait_s', math.nan) * 1e6:,.0f} | "
             f"{mw + ms:.1f} / {pw + ps:.1f} | {_pct(mw + ms, pw + ps)} |"
         )
+    counts = ", ".join(f"{what}: {within(rows, key)}" for key, what in PREDICTIONS.items())
+    lines.append(f"\nexamples/s within 25 % of the measured, of {len(rows)}: {counts}")
     return "\n".join(lines)
 
 
@@ -389,7 +450,8 @@ def only(args: argparse.Namespace) -> int:
     servers, workers = (int(v) for v in args.only.split("x"))
     rows = []
     for _ in range(args.repeat):
-        m = measure(os.path.join(_ROOT, "examples", "mnist.yaml"), servers, workers, args.steps_short, args.steps_long)
+        m = measure(os.path.join(_ROOT, "examples", "mnist.yaml"), servers, workers, args.steps_short, args.steps_long,
+                    runner=args.runner)
         w, s = (1e6 * m[k] / m["batch"] for k in ("worker_cpu_per_step_s", "server_cpu_per_step_s"))
         rows.append({"examples_per_s": m["examples_per_s"], "worker_us": w, "server_us": s, "all_us": w + s})
         print(f"{servers}x{workers}: {m['examples_per_s']:,.0f} examples/s, CPU per example: workers {w:.1f} µs, "
@@ -420,12 +482,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--gbits", default="10,25", help="link speeds of the predictions at scale, Gbit/s (default 10,25)")
     ap.add_argument("--net-latency-us", type=float, default=50.0, help="one-way network latency at scale, µs (default 50: assumed)")
     ap.add_argument("--no-check", dest="check", action="store_false", help="calibrate and predict only")
+    ap.add_argument("--check-servers", metavar="LIST", help="check only these server counts, e.g. 3,4 (default 1..SERVERS)")
+    ap.add_argument("--calibration-from", metavar="PATH", help="take the calibration from an earlier --json and measure "
+                    "the check only (to split the check over several runs)")
+    ap.add_argument("--probe", action=argparse.BooleanOptionalAction, default=True,
+                    help="sample every thread of the job from /proc while it trains (benchmarks/scale_probe.py): the "
+                    "cores other processes take, the coordinator's and launcher's share (default on)")
     ap.add_argument("--json", help="write everything here")
     ap.add_argument(
         "--from-json",
         metavar="PATH",
+        action="append",
         help="measure nothing: take the calibration and the check's measurements from "
-        "an earlier --json, and print the tables again (with --cost, what other costs would predict)",
+        "an earlier --json, and print the tables again (with --cost, what other costs would predict); "
+        "several: the first one's calibration, every one's check rows",
     )
     ap.add_argument(
         "--cost",
@@ -439,15 +509,27 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeat", type=int, default=1, help="with --only: how many times (default 1)")
     args = ap.parse_args(argv)
     signal.signal(signal.SIGTERM, _interrupt)
+    args.runner = run_job
+    if args.probe:
+        from benchmarks.scale_probe import probe_runner
+
+        args.runner = probe_runner(period_s=0.2, trim=0.15)
     if args.only:
         return only(args)
     torch.manual_seed(0)
     t0 = time.perf_counter()
     saved = None
     if args.from_json:
-        with open(args.from_json) as f:
-            saved = json.load(f)
+        saved = {"check": []}
+        for path in args.from_json:
+            with open(path) as f:
+                one = json.load(f)
+            saved.setdefault("calibration", one["calibration"])
+            saved["check"] += one["check"]
         cal = saved["calibration"]
+    elif args.calibration_from:
+        with open(args.calibration_from) as f:
+            cal = json.load(f)["calibration"]
     else:
         cal = calibrate(args)
     for item in args.cost:
@@ -471,10 +553,12 @@ def main(argv: list[str] | None = None) -> int:
             f"{w.worker_step_s * 1e3:.3f} ms/step"
             + (f", {w.sparse_rows:,.0f} rows/step at {w.server_row_s * 1e9:.0f} ns each on the servers" if w.sparse_rows else "")
         )
+    background = cal.get("background_cores", 0.0)
     if saved is not None:
-        rows = [{**r, "predicted": _predicted(costs, works["reference"], r["servers"], r["workers"], args.cores)} for r in saved["check"]]
+        rows = [{**r, "predicted": _predicted(costs, works["reference"], r["servers"], r["workers"], args.cores, background,
+                                              (r.get("load") or {}).get("outside", 0.0))} for r in saved["check"]]
     else:
-        rows = check(args, costs, works["reference"]) if args.check else []
+        rows = check(args, costs, works["reference"], background) if args.check else []
     if rows:
         print(f"\ncheck on this machine ({args.cores:g} cores), reference job, async:\n")
         print(check_table(rows))

@@ -21,8 +21,11 @@ when a server's share exceeds ``max_request_bytes``), wait for the slowest reply
 with ``bytes`` = 4·P + rows·row_bytes each way and k requests per server. The job's rate in
 steps/s (all workers) is the least of these bounds, and the least one names the bottleneck:
 
-* ``cpu``: one host of C cores: C / (worker CPU + server CPU): oversubscription spreads the
-  whole demand over the cores;
+* ``cpu``: one host of C cores: C' / (worker CPU + server CPU): oversubscription spreads the
+  whole demand over the cores. C' = C less ``Topology.other_load``, the cores' worth of CPU that
+  work outside the workers and servers takes on the same host (the coordinator and the launcher,
+  and on a shared machine other users' processes: ``benchmarks/scale_probe.py`` measures both);
+  with none, C' = C;
 * ``worker``: each worker is a serial chain: W / (worker CPU + one server's CPU + 2·latency +
   transfer), transfer = 2·bytes / bandwidth on a network and 0 on one host;
 * ``server``: each server's request loop is one thread and sees every worker's step: 1 / (server
@@ -40,7 +43,7 @@ network solved by exact mean value analysis (Reiser & Lavenberg; any queueing te
 et al., *Quantitative System Performance*, ch. 6 and 20). Each of the W workers is one customer
 with one step outstanding at a time (async, no overlap), cycling through
 
-* ``cpu``: the cores, a station of C servers (load-dependent: min(j, C) steps served at once when j
+* ``cpu``: the cores, a station of C' servers (load-dependent: min(j, C') steps served at once when j
   are there), demand worker CPU + server CPU per step;
 * ``push`` and ``pull``: with ``split`` and a bandwidth, the link's two directions (full duplex: each
   host's egress is its own queue), demand bytes / bandwidth each. Several TCP flows share a link
@@ -101,6 +104,16 @@ class Topology:
     max_request_bytes: int = 2 * 1024 * 1024  # cluster.max_request_bytes: a server's share is split into such requests
     split: bool = False  # servers on one host, workers on another, one link of Costs.bandwidth_Bps between them
     queueing: bool = False  # the rate of a closed queueing network (mean value analysis), not the least bound; needs cores
+    other_load: float = 0.0  # cores' worth of CPU taken on the host(s) by work outside the workers and servers; needs cores
+    shared_cores: bool = False  # with queueing: the cores as one queue C' times as fast (the run queue), not C' ideal servers
+
+
+def job_cores(topo: Topology) -> float:
+    """The cores left to the workers and servers: ``cores`` less ``other_load`` (the coordinator, the
+    launcher, other users' processes), never below a hundredth of a core."""
+    if topo.cores is None:
+        raise ValueError("other_load needs the cores of the host(s): Topology(..., cores=C)")
+    return max(0.01 * topo.cores, topo.cores - topo.other_load)
 
 
 @dataclass(frozen=True)
@@ -144,7 +157,9 @@ def predict(costs: Costs, work: Workload, topo: Topology) -> Prediction:
         "server": s / server_cpu if server_cpu > 0 else math.inf,
     }
     if topo.cores is not None:
-        bounds["cpu"] = topo.cores / (worker_cpu + server_cpu)
+        bounds["cpu"] = job_cores(topo) / (worker_cpu + server_cpu)
+    elif topo.other_load:
+        raise ValueError("other_load needs the cores of the host(s): Topology(..., cores=C)")
     if network:
         bounds["network"] = costs.bandwidth_Bps * (1 if topo.split else s) / nbytes
     bottleneck = min(bounds, key=bounds.get)
@@ -157,7 +172,19 @@ def predict(costs: Costs, work: Workload, topo: Topology) -> Prediction:
         return Prediction(least, bottleneck, bounds, worker_cpu, server_cpu, k, least)
     if topo.cores is None:
         raise ValueError("queueing needs the cores of the host(s): Topology(..., cores=C)")
-    stations = {"cpu": (worker_cpu + server_cpu, topo.cores), "latency": (2 * costs.latency_s, 0.0)}
+    if topo.shared_cores:
+        if network:
+            raise ValueError("shared_cores models one host's run queue: no link (split or bandwidth) with it")
+        serial = worker_cpu + server_cpu / s  # a step's chain: its worker, and one server's share (the S run in parallel)
+        rate, wait = run_queue_mva(serial, server_cpu - server_cpu / s, job_cores(topo), topo.other_load, 2 * costs.latency_s, w)
+        if bounds["server"] < rate:
+            rate, bottleneck = bounds["server"], "server"
+        else:
+            bottleneck = "cpu" if wait > 0.5 * serial else bottleneck
+        table = {"cpu": {"demand_s": worker_cpu + server_cpu, "serial_s": serial, "wait_s": wait,
+                         "utilisation": (rate * (worker_cpu + server_cpu) + topo.other_load) / topo.cores}}
+        return Prediction(rate * work.batch, bottleneck, bounds, worker_cpu, server_cpu, k, least, table)
+    stations = {"cpu": (worker_cpu + server_cpu, job_cores(topo)), "latency": (2 * costs.latency_s, 0.0)}
     if network:
         stations["push"] = stations["pull"] = (nbytes / costs.bandwidth_Bps, 1.0)
     rate, residence = mva(stations, w)
@@ -196,6 +223,36 @@ def mva(stations: dict[str, tuple[float, float]], customers: int) -> tuple[float
                 p[0] = max(0.0, 1.0 - sum(p[1:]))
                 marginal[k] = p
     return rate, residence
+
+
+def run_queue_mva(serial_s: float, parallel_s: float, cores: float, other_load: float, delay_s: float,
+                  customers: int, iterations: int = 200) -> tuple[float, float]:
+    """Mean value analysis with the cores as the host's run queue: ``customers`` steps (one per worker)
+    each need ``serial_s`` of CPU in their chain, ``parallel_s`` more beside it (the other servers'
+    shares of the step, run at the same time), and a delay of ``delay_s``. The cores are one queue
+    ``cores`` times as fast plus a delay of the rest of the demand (Seidmann's approximation of a
+    multi-server station: a step waits behind whatever CPU work is queued, whichever core frees
+    first), and ``other_load`` (cores' worth of CPU of other processes) and the parallel shares are
+    open load on it: R = serial/C · (1 + Q(n−1)) / (1 − U) + serial · (C − 1)/C + delay, with
+    U = (other_load + X·parallel) / C, solved for X by iteration at each n (Lazowska et al., ch. 7
+    for open load in a closed network). Returns (steps/s of all customers, run-queue wait per step:
+    the residence at the cores less ``serial_s``)."""
+    queue, rate, wait = 0.0, 0.0, 0.0
+    for n in range(1, customers + 1):
+        x = rate or 1.0 / (serial_s + delay_s)
+        for _ in range(iterations):
+            util = min(0.999, (other_load + x * parallel_s) / cores)
+            at_queue = serial_s / cores * (1 + queue) / (1 - util)
+            new = n / (at_queue + serial_s * (cores - 1) / cores + delay_s)
+            if abs(new - x) <= 1e-9 * new:
+                x = new
+                break
+            x = 0.5 * (x + new)
+        rate = x
+        at_queue = serial_s / cores * (1 + queue) / (1 - min(0.999, (other_load + rate * parallel_s) / cores))
+        wait = at_queue + serial_s * (cores - 1) / cores - serial_s
+        queue = rate * at_queue
+    return rate, wait
 
 
 def at_scale(costs: Costs, gbit_s: float, latency_s: float) -> Costs:
