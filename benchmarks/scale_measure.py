@@ -30,11 +30,21 @@ Where each figure of :class:`~benchmarks.scale_model.Costs` comes from (all meas
   ``worker_step_s``.
 
 The check then runs the reference job on every topology (servers 1..S × workers 1..W) the same way
-(two step caps), and prints measured against predicted examples/s (the least bound, and beside it
-``Topology(queueing=True)``'s closed-network rate; the longer run's extra examples
-over its extra training time, so that start-up skew cancels) and CPU per example per role, for the
-``--cores`` of this machine. A and B are calibration points: their worker CPU per example agrees by
-construction, the servers' nearly (least squares), their examples/s is predicted.
+(two step caps), and prints measured examples/s (the longer run's extra examples over its extra
+training time, so that start-up skew cancels) against four predictions for the ``--cores`` of this
+machine: the least bound; ``Topology(queueing=True)``'s closed network with the cores as C servers;
+the cores as the host's run queue (``shared_cores=True``) with the coordinator's and launcher's
+load calibrated in jobs A and B; and the same with the load of other processes measured while that
+topology ran (``Topology.other_load``). With ``--probe`` (default) every job's threads are sampled
+from /proc (``benchmarks/scale_probe.py``): the run-queue wait per step measured is printed beside
+the predicted one, and CPU per example per role. A and B are calibration points: their worker CPU
+per example agrees by construction, the servers' nearly (least squares), their examples/s is
+predicted.
+
+    .venv/bin/python benchmarks/scale_measure.py --check-servers 1 --json s1.json     # calibrate, check 1 × 1..8
+    .venv/bin/python benchmarks/scale_measure.py --check-servers 2 --calibration-from s1.json --json s2.json
+    .venv/bin/python benchmarks/scale_measure.py --topologies 2x2,1x4 --calibration-from s1.json --json again.json
+    .venv/bin/python benchmarks/scale_measure.py --from-json s1.json --from-json s2.json  # one table of both
 """
 
 from __future__ import annotations
@@ -334,16 +344,18 @@ def calibrate_ctr(args: argparse.Namespace, costs: Costs) -> tuple[Workload, dic
 def check(args: argparse.Namespace, costs: Costs, ref: Workload, background: float) -> list[dict[str, Any]]:
     rows = []
     servers = [int(v) for v in args.check_servers.split(",")] if args.check_servers else range(1, args.servers + 1)
-    for s in servers:
-        for w in range(1, args.workers + 1):
-            m = measure(MNIST_JOB, s, w, args.steps_short, args.steps_long, runner=args.runner)
-            load = load_of(m["long"].get("probe"))
-            p = _predicted(costs, ref, s, w, args.cores, background, load.get("outside", 0.0))
-            rows.append({"servers": s, "workers": w, "measured": m, "predicted": p, "load": load,
-                         "loadavg": m["long"].get("loadavg")})
-            log(f"  {s}x{w}: {m['examples_per_s']:,.0f} examples/s measured, {p['examples_per_s']:,.0f} least bound, "
-                f"{p['run_queue_examples_per_s']:,.0f} run queue, {p['loaded_examples_per_s']:,.0f} with {p['other_load']:.2f} "
-                f"cores taken by others; load average {m['long'].get('loadavg')}")
+    topologies = [(s, w) for s in servers for w in range(1, args.workers + 1)]
+    if args.topologies:
+        topologies = [tuple(int(v) for v in t.split("x")) for t in args.topologies.split(",")]
+    for s, w in topologies:
+        m = measure(MNIST_JOB, s, w, args.steps_short, args.steps_long, runner=args.runner)
+        load = load_of(m["long"].get("probe"))
+        p = _predicted(costs, ref, s, w, args.cores, background, load.get("outside", 0.0))
+        rows.append({"servers": s, "workers": w, "measured": m, "predicted": p, "load": load,
+                     "loadavg": m["long"].get("loadavg")})
+        log(f"  {s}x{w}: {m['examples_per_s']:,.0f} examples/s measured, {p['examples_per_s']:,.0f} least bound, "
+            f"{p['run_queue_examples_per_s']:,.0f} run queue, {p['loaded_examples_per_s']:,.0f} with {p['other_load']:.2f} "
+            f"cores taken by others; load average {m['long'].get('loadavg')}")
     return rows
 
 
@@ -483,6 +495,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--net-latency-us", type=float, default=50.0, help="one-way network latency at scale, µs (default 50: assumed)")
     ap.add_argument("--no-check", dest="check", action="store_false", help="calibrate and predict only")
     ap.add_argument("--check-servers", metavar="LIST", help="check only these server counts, e.g. 3,4 (default 1..SERVERS)")
+    ap.add_argument("--topologies", metavar="SxW,...", help="check only these topologies (e.g. to repeat noisy points)")
     ap.add_argument("--calibration-from", metavar="PATH", help="take the calibration from an earlier --json and measure "
                     "the check only (to split the check over several runs)")
     ap.add_argument("--probe", action=argparse.BooleanOptionalAction, default=True,

@@ -58,6 +58,17 @@ station. With one worker it is the serial chain (less the servers' parallelism: 
 CPU is in the chain, where the ``worker`` bound counts one server's share); with many, the least
 bound. Between, the queues: at the knee of 3 workers and two link directions of equal demand, a
 link is busy 3/4 of the time, not all of it.
+
+On one host the cores are not C ideal servers of W steps: a step is a chain of threads (the
+worker's, two ZeroMQ I/O threads each way, the server's request loop) that wake each other, and
+each wake-up joins the host's run queue behind whatever other threads are runnable, so 2 workers
+wait for 2 cores although exact MVA says two steps never queue there (``benchmarks/scale_probe.py``
+measures the wait per thread from /proc). ``Topology(queueing=True, shared_cores=True)`` solves the
+cores as that run queue: Seidmann's approximation of a C-server station (a queue C times as fast,
+where a step waits behind all work queued, plus a delay of (C − 1)/C of its demand), with the
+chain's demand worker CPU + one server's share (the S servers of a step run in parallel), and the
+other S − 1 shares and ``other_load`` as open load on the cores (:func:`run_queue_mva`). One worker
+is its serial chain again; many, the ``cpu`` bound with C'.
 """
 
 from __future__ import annotations
@@ -176,7 +187,8 @@ def predict(costs: Costs, work: Workload, topo: Topology) -> Prediction:
         if network:
             raise ValueError("shared_cores models one host's run queue: no link (split or bandwidth) with it")
         serial = worker_cpu + server_cpu / s  # a step's chain: its worker, and one server's share (the S run in parallel)
-        rate, wait = run_queue_mva(serial, server_cpu - server_cpu / s, job_cores(topo), topo.other_load, 2 * costs.latency_s, w)
+        rate, wait = run_queue_mva(serial, server_cpu - server_cpu / s, topo.cores, min(topo.other_load, 0.99 * topo.cores),
+                                   2 * costs.latency_s, w)
         if bounds["server"] < rate:
             rate, bottleneck = bounds["server"], "server"
         else:
@@ -226,7 +238,7 @@ def mva(stations: dict[str, tuple[float, float]], customers: int) -> tuple[float
 
 
 def run_queue_mva(serial_s: float, parallel_s: float, cores: float, other_load: float, delay_s: float,
-                  customers: int, iterations: int = 200) -> tuple[float, float]:
+                  customers: int) -> tuple[float, float]:
     """Mean value analysis with the cores as the host's run queue: ``customers`` steps (one per worker)
     each need ``serial_s`` of CPU in their chain, ``parallel_s`` more beside it (the other servers'
     shares of the step, run at the same time), and a delay of ``delay_s``. The cores are one queue
@@ -234,24 +246,32 @@ def run_queue_mva(serial_s: float, parallel_s: float, cores: float, other_load: 
     multi-server station: a step waits behind whatever CPU work is queued, whichever core frees
     first), and ``other_load`` (cores' worth of CPU of other processes) and the parallel shares are
     open load on it: R = serial/C · (1 + Q(n−1)) / (1 − U) + serial · (C − 1)/C + delay, with
-    U = (other_load + X·parallel) / C, solved for X by iteration at each n (Lazowska et al., ch. 7
-    for open load in a closed network). Returns (steps/s of all customers, run-queue wait per step:
-    the residence at the cores less ``serial_s``)."""
+    U = (other_load + X·parallel) / C (Lazowska et al., ch. 7, open load in a closed network), and
+    X(n) = n / R solved at each n by bisection (X·R(X) grows with X). Returns (steps/s of all
+    customers, run-queue wait per step: the residence at the cores less ``serial_s``)."""
     queue, rate, wait = 0.0, 0.0, 0.0
+    free = 1.0 - other_load / cores
+    if free <= 0:
+        raise ValueError(f"other_load {other_load:g} leaves none of {cores:g} cores")
+
+    def at_queue(x: float, q: float) -> float:
+        return serial_s / cores * (1 + q) / (free - x * parallel_s / cores)
+
     for n in range(1, customers + 1):
-        x = rate or 1.0 / (serial_s + delay_s)
-        for _ in range(iterations):
-            util = min(0.999, (other_load + x * parallel_s) / cores)
-            at_queue = serial_s / cores * (1 + queue) / (1 - util)
-            new = n / (at_queue + serial_s * (cores - 1) / cores + delay_s)
-            if abs(new - x) <= 1e-9 * new:
-                x = new
-                break
-            x = 0.5 * (x + new)
-        rate = x
-        at_queue = serial_s / cores * (1 + queue) / (1 - min(0.999, (other_load + rate * parallel_s) / cores))
-        wait = at_queue + serial_s * (cores - 1) / cores - serial_s
-        queue = rate * at_queue
+        lo = 0.0
+        hi = n / (serial_s + delay_s)  # no wait at all
+        if parallel_s > 0:
+            hi = min(hi, free * cores / parallel_s * (1 - 1e-12))
+        for _ in range(200):
+            mid = 0.5 * (lo + hi)
+            if mid * (at_queue(mid, queue) + serial_s * (cores - 1) / cores + delay_s) < n:
+                lo = mid
+            else:
+                hi = mid
+        rate = lo
+        r = at_queue(rate, queue)
+        wait = r + serial_s * (cores - 1) / cores - serial_s
+        queue = rate * r
     return rate, wait
 
 

@@ -5,7 +5,7 @@ from dataclasses import replace
 
 import pytest
 
-from benchmarks.scale_model import Costs, Topology, Workload, at_scale, mva, predict, step_bytes
+from benchmarks.scale_model import Costs, Topology, Workload, at_scale, job_cores, mva, predict, run_queue_mva, step_bytes
 
 US, NS = 1e-6, 1e-9
 COSTS = Costs(
@@ -123,3 +123,55 @@ def test_at_the_knee_queueing_predicts_less_than_the_least_bound():
 def test_queueing_needs_the_cores():
     with pytest.raises(ValueError, match="cores"):
         predict(COSTS, REF, Topology(2, 3, queueing=True))
+
+
+def test_other_load_takes_cores_from_the_cpu_bound():
+    p = predict(COSTS, REF, Topology(2, 8, cores=2, other_load=0.5))
+    demand = p.worker_cpu_per_step_s + p.server_cpu_per_step_s
+    assert p.bounds["cpu"] == pytest.approx(1.5 / demand)
+    assert job_cores(Topology(1, 1, cores=2, other_load=5)) == pytest.approx(0.02)  # never below a hundredth of the cores
+    with pytest.raises(ValueError, match="cores"):
+        predict(COSTS, REF, Topology(2, 3, other_load=0.5))
+
+
+def test_run_queue_with_one_worker_on_one_server_is_the_serial_chain():
+    p = predict(COSTS, REF, Topology(1, 1, cores=2, queueing=True, shared_cores=True))
+    chain = p.worker_cpu_per_step_s + p.server_cpu_per_step_s + 2 * 25 * US
+    assert p.examples_per_s == pytest.approx(32 / chain)
+    assert p.stations["cpu"]["wait_s"] == pytest.approx(0.0, abs=1e-12)
+
+
+def test_run_queue_two_steps_on_two_cores_wait_where_two_ideal_servers_would_not():
+    d, z = 1e-3, 1e-4
+    exact, _ = mva({"cpu": (d, 2), "latency": (z, 0)}, 2)
+    assert exact == pytest.approx(2 / (d + z))  # two customers, two servers: nobody queues
+    rate, wait = run_queue_mva(d, 0.0, 2, 0.0, z, 2)
+    # Seidmann: the second step finds Q(1) = X(1)·D/2 of work queued at a queue twice as fast.
+    assert wait == pytest.approx(d / 2 * (d / 2) / (d + z))
+    assert rate == pytest.approx(2 / (d + z + wait))
+
+
+def test_run_queue_tends_to_the_cores_bound_with_many_workers_and_counts_other_load():
+    cheap_servers = replace(COSTS, server_msg_s=10 * US)  # the cores bind, not one server's request loop
+    for other in (0.0, 0.5):
+        p = predict(cheap_servers, REF, Topology(2, 60, cores=2, queueing=True, shared_cores=True, other_load=other))
+        demand = p.worker_cpu_per_step_s + p.server_cpu_per_step_s
+        assert p.examples_per_s == pytest.approx(32 * (2 - other) / demand, rel=0.01)
+        assert p.bottleneck == "cpu"
+
+
+def test_run_queue_keeps_the_servers_of_one_step_in_parallel():
+    p = predict(COSTS, REF, Topology(3, 1, cores=2, queueing=True, shared_cores=True))
+    exact = predict(COSTS, REF, Topology(3, 1, cores=2, queueing=True))
+    chain = p.worker_cpu_per_step_s + p.server_cpu_per_step_s / 3 + 2 * 25 * US
+    assert p.stations["cpu"]["serial_s"] == pytest.approx(chain - 2 * 25 * US)
+    # Between the chain with one server's share (the other two only load the cores) and exact MVA's
+    # chain with all three.
+    assert exact.examples_per_s < p.examples_per_s < 32 / chain
+    rate, _ = run_queue_mva(chain - 2 * 25 * US, p.server_cpu_per_step_s * 2 / 3, 2, 0.0, 2 * 25 * US, 1)
+    assert p.examples_per_s == pytest.approx(32 * rate)
+
+
+def test_run_queue_is_for_one_host_without_links():
+    with pytest.raises(ValueError, match="link"):
+        predict(replace(COSTS, bandwidth_Bps=1e8), REF, Topology(2, 3, cores=2, split=True, queueing=True, shared_cores=True))

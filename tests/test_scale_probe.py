@@ -1,0 +1,71 @@
+"""The /proc sampler of the scaling check (benchmarks/scale_probe.py): its arithmetic on made-up samples,
+and one read of this process's own threads. No timing here."""
+
+import os
+import threading
+
+import pytest
+
+from benchmarks.scale_probe import FIELDS, load_of, read_task, steady_window, thread_kind, window_deltas
+
+
+def task(role, proc, kind, run, wait=0.0, vcs=0):
+    return {"role": role, "proc": proc, "kind": kind, "run": run, "wait": wait, "slices": 0, "vcs": vcs, "ivcs": 0,
+            "utime": run, "stime": 0.0}
+
+
+def sample(t, server_vcs, server_run, worker_run, busy):
+    return {
+        "t": t,
+        "tasks": {
+            "server-0/10": task("server", "server-0", "main", server_run, 0.1 * server_run, server_vcs),
+            "worker-0/20": task("worker", "worker-0", "main", worker_run, 0.2 * worker_run),
+            "coordinator/5": task("coordinator", "coordinator", "main", 0.01 * t),
+            "launcher/1": task("launcher", "launcher", "other", 0.02 * t),
+        },
+        "cores_busy_s": busy,
+        "cores_all_s": 2 * t,
+    }
+
+
+def test_the_window_is_the_busy_stretch_less_its_ends_and_deltas_add_up_per_role_and_process():
+    # Start-up (t 0..1, few switches), training (1..11, 1000 switches/s), the end (11..12).
+    samples, vcs = [], 0
+    for i in range(13):
+        vcs += 1000 if 1 <= i <= 11 and i > 1 else 5
+        samples.append(sample(float(i), vcs, 0.4 * i, 0.9 * i, 1.5 * i))
+    a, b = steady_window(samples, trim=0.2)
+    assert (a["t"], b["t"]) == (3.0, 9.0)
+    d = window_deltas(a, b)
+    assert d["window_s"] == 6.0
+    assert d["groups"]["server.main"]["run"] == pytest.approx(0.4 * 6)
+    assert d["groups"]["server-0.main"]["wait"] == pytest.approx(0.04 * 6)
+    assert d["groups"]["coordinator.main"]["threads"] == 1  # role and process share a name: counted once
+    assert set(FIELDS) <= set(d["groups"]["worker.main"])
+    load = load_of(d)
+    assert load["job"] == pytest.approx(1.3)
+    assert load["background"] == pytest.approx(0.03)
+    # The machine was busy 1.5 cores; the job's threads, the coordinator's and the launcher's 1.33: the rest is others'.
+    assert load["outside"] == pytest.approx(1.5 - 1.33)
+    assert load_of(None) == {}
+
+
+def test_no_window_without_a_steady_stretch():
+    assert steady_window([sample(0.0, 0, 0, 0, 0)]) is None
+
+
+def test_threads_are_told_apart_by_their_names():
+    assert thread_kind(7, 7, "python") == "main"
+    assert thread_kind(7, 8, "ZMQbg/IO/0") == "zmq"
+    assert thread_kind(7, 9, "python") == "other"
+
+
+@pytest.mark.skipif(not os.path.exists(f"/proc/{os.getpid()}/task/{os.getpid()}/schedstat"), reason="no schedstat")
+def test_read_task_reads_this_process_and_none_for_a_thread_gone():
+    comm, counters = read_task(os.getpid(), os.getpid())
+    assert comm
+    assert set(FIELDS) <= set(counters) and counters["run"] > 0
+    t = threading.Thread(target=lambda: None)
+    t.start()
+    t.join()
+    assert read_task(os.getpid(), t.native_id) is None
