@@ -44,25 +44,55 @@ def tiny_ctr(n_train: int = 4000, n_test: int = 1000, num_fields: int = 4, num_d
     return Dataset(train, test)
 
 
+class _Tail(torch.nn.Module):
+    def __init__(self, n: int) -> None:
+        super().__init__()
+        self.occurrences = torch.nn.Parameter(torch.zeros(n))
+
+
 class CountingWideDeep(torch.nn.Module):
     """Wide & Deep plus a table ``count`` (dim 1) read from the same IDs, whose gradient is -1 per
     occurrence: with sparse SGD at lr 1 from rows of 0, a row holds how many of its ID's
-    occurrences were trained (every push applied exactly once: epochs × occurrences)."""
+    occurrences were trained (every push applied exactly once: epochs × occurrences).
 
-    def __init__(self, **args) -> None:
+    With ``dense_count`` s > 0, also two dense parameters ``head`` (the model's first) and
+    ``tail.occurrences`` (its last: with two servers, one on each) of ``count_servers`` elements:
+    element i's gradient is -s per occurrence of an ID that the sparse tables keep on server i
+    (of ``count_servers``). With dense SGD at lr 1/s (a power of two, so the sums are exact) each
+    holds, per server, how many occurrences' dense updates reached it: what that server's
+    ``count`` rows add up to when rows and dense values hold the same pushes."""
+
+    def __init__(self, dense_count: float = 0.0, count_servers: int = 1, **args) -> None:
         super().__init__()
+        from downpour.layout import make_layout
         from downpour.models import WideDeep
         from downpour.nn import SparseEmbedding
 
+        self.dense_count = float(dense_count)
+        self.servers = make_layout([("x", (1,))], count_servers, tables=[("count", 1)]) if dense_count else None
+        if self.dense_count:
+            self.head = torch.nn.Parameter(torch.zeros(count_servers))
         self.model = WideDeep(**args)
         self.count = SparseEmbedding("count", 1)
+        if self.dense_count:
+            self.tail = _Tail(count_servers)
 
     def forward(self, dense: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         out = self.model(dense, ids)
         c = self.count(ids)  # [B, fields, 1]
         if c.requires_grad:
             c.register_hook(lambda g: torch.full_like(g, -1.0))
-        return out + (c - c.detach()).sum((1, 2))
+        out = out + (c - c.detach()).sum((1, 2))
+        if self.servers is not None:
+            n = self.servers.num_servers
+            where = torch.from_numpy(self.servers.sparse_servers(ids.reshape(-1).numpy())).reshape(ids.shape)
+            per_server = torch.nn.functional.one_hot(where, n).sum(1).float()  # [B, n]: occurrences by server
+            for p in (self.head, self.tail.occurrences):
+                d = p.expand(len(ids), n)
+                if d.requires_grad:
+                    d.register_hook(lambda g, k=per_server: -self.dense_count * k)
+                out = out + (d - d.detach()).sum(1)
+        return out
 
 
 def counting_wide_deep(**args) -> torch.nn.Module:

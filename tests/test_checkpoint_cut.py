@@ -6,15 +6,28 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
+import pytest
 import torch
+from safetensors.torch import load as st_load
 
+from downpour.api import resolve_job
+from downpour.config import parse_job
 from downpour.coordinator import checkpoints
 from downpour.coordinator.checkpointing import clock_margin
+from downpour.launch import LocalLauncher
+from downpour.layout import make_layout
+from downpour.nn import attach
 from downpour.protocol import Op
 from downpour.server.snapshot import Snapshotter, load_shard_file
+from downpour.server.sparse import SparseShard, sparse_file
 from downpour.server.store import ShardStore
-from tests.checkpoint_helpers import initialised, layout_of, read_raw, wait_reports
+from tests.checkpoint_helpers import SHAPES, initialised, layout_of, read_raw, wait_reports
 from tests.test_coordinator_state import JOB, WORKERS, Sim
+from tests.test_sparse_job import _ctr_job
+from tests.test_sparse_prefetch import _batches as sparse_batches
+from tests.test_sparse_prefetch import _cluster as sparse_cluster
+from tests.test_sparse_prefetch import counting
 
 
 class Server:
@@ -166,3 +179,195 @@ def test_the_coordinator_places_each_workers_cut_ahead_of_it_at_its_own_push_rat
 def test_an_ssp_cut_keeps_the_workers_within_the_staleness_bound_of_each_other():
     ssp = JOB.model_copy(update={"training": JOB.training.model_copy(update={"consistency": "ssp", "staleness_bound": 3})})
     assert cut_asked(ssp) == {"worker-0": 128, "worker-1": 131, "worker-2": 131}
+
+
+# -- sparse-table rows in the cut ---------------------------------------------------------------
+# A worker's step T produces its dense push T and row gradients that travel in a SPARSE request of
+# its own, sent after that push (with the next batch's pull) and numbered T too (``meta.clock``).
+# The copy must hold the rows of pushes 1..T_w exactly: a server holds SPARSE requests past T_w
+# as it holds pushes, and takes the copy only once a later request of every worker is held (the
+# rows of T_w come after push T_w, so push T_w applied is not enough).
+COUNTING = {"optimizer": {"name": "sgd", "lr": 0.5}, "tables": {"count": {"optimizer": {"name": "sgd", "lr": 1.0}, "init_scale": 0.0}}}
+
+
+class RowServer(Server):
+    """A server with a sparse table ``count``: a worker's rows of push T add 1 to its own row."""
+
+    def __init__(self, store: ShardStore, rank: int, layout) -> None:
+        super().__init__(store, rank)
+        self.rank = rank
+        job = parse_job({"model": {"name": "mlp"}, "sparse": COUNTING})
+        self.sparse = SparseShard(layout, rank, job.sparse, seed=0, max_keys=1000)
+        self.snap.sparse = self.sparse
+        ids = np.arange(200, dtype=np.int64)
+        self.ids = ids[layout.sparse_servers(ids) == rank]
+
+    def row(self, who: str) -> np.ndarray:
+        return self.ids[WORKERS.index(who) : WORKERS.index(who) + 1]
+
+    def rows(self, who: str, clock: int) -> str:
+        if self.snap.holds(who, clock) or any(h[0] == who and h[1] == ("rows", clock) for h in self.held):
+            self.held.append((who, ("rows", clock), True))
+            self._take()
+            return "held"
+        self.sparse.tables["count"].pull(self.row(who))  # (a row exists once pulled)
+        self.sparse.tables["count"].push(self.row(who), np.full((1, 1), -1.0, np.float32))
+        self.snap.rows_applied(who, clock)
+        self._take()
+        return "applied"
+
+    def count(self, who: str) -> float:
+        return float(self.sparse.tables["count"].peek(self.row(who))[0, 0])
+
+    def _release(self) -> None:
+        held, self.held = self.held, []
+        for who, clock, whole in held:
+            if isinstance(clock, tuple):
+                self.rows(who, clock[1])
+            else:
+                self.push(who, clock, whole)
+
+
+def row_servers() -> list[RowServer]:
+    layout = make_layout(SHAPES, 2, "f32", "bytes", 16, tables=[("count", 1)])
+    return [RowServer(st, r, layout) for r, st in enumerate(initialised(layout))]
+
+
+def copied_rows(url: str, name: str, server: RowServer) -> dict[str, float]:
+    """Each worker's ``count`` row in ``server``'s sparse file of checkpoint ``name``."""
+    tensors = st_load(read_raw(f"{url}/{name}/{sparse_file(server.rank)}"))
+    rows = dict(zip(tensors["count/keys"].tolist(), tensors["count/values"][:, 0].tolist(), strict=True))
+    return {w: rows.get(int(server.row(w)[0]), 0.0) for w in WORKERS[:2]}
+
+
+def test_the_rows_of_a_workers_last_push_in_the_cut_are_copied_with_it_and_later_rows_wait(url):
+    [a, _] = row_servers()
+    a.members = {"worker-0"}
+    a.checkpoint("ckpt-rows", url, {"worker-0": 2})
+    for clock in (1, 2):
+        assert a.push("worker-0", clock) == a.rows("worker-0", clock) == "applied"
+        assert a.snap.armed is not None  # push 2 applied whole, but its rows might still be on their way
+    assert a.push("worker-0", 3) == "held"  # sent after the rows of push 2: all of push 2 is here
+    assert a.snap.armed is None and a.count("worker-0") == 2.0
+    [report] = wait_reports([a.snap])
+    assert report["version"] == 2 and copied_rows(url, "ckpt-rows", a)["worker-0"] == 2.0
+    assert a.rows("worker-0", 3) == "applied" and a.count("worker-0") == 3.0
+
+
+def test_two_servers_copy_the_same_pushes_of_rows_however_the_requests_interleave(url):
+    a, b = row_servers()
+    for s in (a, b):
+        s.members = {"worker-0", "worker-1"}
+        s.checkpoint("ckpt-both", url, {"worker-0": 2, "worker-1": 1})
+    # a: worker-0 runs ahead; its rows of push 3 come while worker-1 has not reached the cut.
+    for clock in (1, 2):
+        a.push("worker-0", clock)
+        a.rows("worker-0", clock)
+    assert a.push("worker-0", 3) == a.rows("worker-0", 3) == "held"
+    a.push("worker-1", 1)
+    a.rows("worker-1", 1)
+    assert a.snap.armed is not None
+    assert a.push("worker-1", 2) == "held" and a.snap.armed is None
+    # b: worker-1's rows of push 1 come last; worker-0's rows of push 2 come after its push 3.
+    b.push("worker-1", 1)
+    b.push("worker-0", 1)
+    b.rows("worker-0", 1)
+    b.push("worker-0", 2)
+    assert b.push("worker-0", 3) == "held"
+    assert b.rows("worker-0", 2) == "applied"  # (a worker settles a push's requests before the next)
+    assert b.snap.armed is not None and b.rows("worker-1", 1) == "applied"
+    assert b.rows("worker-1", 2) == "held" and b.snap.armed is None
+    reports = wait_reports([a.snap, b.snap])
+    assert [r["version"] for r in reports] == [3, 3]
+    assert copied_rows(url, "ckpt-both", a) == copied_rows(url, "ckpt-both", b) == {"worker-0": 2.0, "worker-1": 1.0}
+    assert a.held == b.held == [] and a.count("worker-0") == 3.0 and b.count("worker-1") == 2.0  # the held ones, after the copy
+
+
+def test_a_server_whose_rows_are_past_the_cut_already_says_missed(url):
+    [a, _] = row_servers()
+    a.push("worker-0", 1)
+    a.rows("worker-0", 1)
+    a.rows("worker-0", 2)  # (push 2's request on its way to this server, its rows here)
+    a.checkpoint("ckpt-late-rows", url, {"worker-0": 1})
+    assert a.snap.finished() == [{"name": "ckpt-late-rows", "missed": True, "version": 1}]
+
+
+def test_a_sync_cut_with_rows_waits_for_the_rows_of_its_round_and_holds_the_next(url):
+    [a, _] = row_servers()
+    a.members = {"worker-0"}
+    a.snap.request({"name": "ckpt-sync-rows", "url": url, "keep": 3, "at_version": 2}, a.positions)
+    a.push("worker-0", 1)
+    a.rows("worker-0", 1)
+    a.push("worker-0", 2)  # version 2: the round is in, the rows of it are not yet
+    assert a.snap.armed is not None and a.snap.armed.at_clock == {"worker-0": 2}
+    assert a.rows("worker-0", 2) == "applied" and a.push("worker-0", 3) == "held"
+    assert a.snap.armed is None
+    [report] = wait_reports([a.snap])
+    assert report["version"] == 2 and copied_rows(url, "ckpt-sync-rows", a)["worker-0"] == 2.0
+
+
+@pytest.mark.parametrize("ahead", [False, True], ids=["pulled-when-read", "pulled-ahead"])
+def test_a_workers_row_gradients_carry_the_number_of_the_push_of_their_step(ahead):
+    """The rows of step T travel after its dense push T (with a later batch's pull): the request
+    says T, and a request without row gradients says nothing (it is never held)."""
+    client, _ = sparse_cluster()
+    pushes = [0]
+    client.clock = lambda: pushes[0] + 1  # the number the worker's next dense push will carry
+    sent: list[tuple[int, dict]] = []
+    request = client.rpc.request
+
+    def recording(peer, msg):
+        sent.append((pushes[0], dict(msg.meta)))
+        return request(peer, msg)
+
+    client.rpc.request = recording
+    model, batches = counting(), sparse_batches(6)
+    attach(model, client)
+    for i, ((dense, ids), y) in enumerate(batches):
+        if ahead:
+            client.prepare((dense, ids), batches[i + 1][0] if i + 1 < len(batches) else None)
+        torch.nn.functional.binary_cross_entropy_with_logits(model(dense, ids), y).backward()
+        client.after_backward()
+        pushes[0] += 1  # the step's dense push
+    client.flush()
+    with_rows = [(made, meta) for made, meta in sent if any(n for _, n, _ in meta["tables"])]
+    assert len(with_rows) >= 2 * len(batches)  # every step's rows, to both servers
+    assert all(meta["clock"] == made for made, meta in with_rows)  # (sent after push `made`, of its step)
+    assert all("clock" not in meta for made, meta in sent if (made, meta) not in with_rows)
+
+
+def _counting_ctr_job(**training) -> dict:
+    """The tiny CTR job with the counting model: ``count`` rows and two dense counters (one on
+    each server) that add up the same occurrences, by the server keeping the IDs' rows."""
+    # (worker-1 four times slower: the workers reach their cuts at their own rates)
+    job = _ctr_job(consistency="async", epochs=3, slowdown={"factor": 4.0, "rank": 1}, **training)
+    job["model"] = {"factory": "tests.ctr_factories:counting_wide_deep",
+                    "args": {**job["model"]["args"], "dense_count": 1024.0, "count_servers": 2}}
+    job["optimizer"] = {"name": "sgd", "lr": 2.0 ** -10}
+    job["sparse"] = {"optimizer": {"name": "adagrad", "lr": 0.1},
+                     "tables": {"count": {"optimizer": {"name": "sgd", "lr": 1.0}, "init_scale": 0.0}}}
+    job["checkpoint"] = {"enabled": True, "every_steps": 12, "every_s": None, "at_start": False, "keep": 100,
+                         "sparse_full_every": 3}
+    return job
+
+
+@pytest.mark.slow
+def test_an_async_ctr_jobs_checkpoints_hold_the_rows_and_dense_values_of_the_same_pushes_on_both_servers(tmp_path):
+    from downpour.serving.export import CheckpointState
+    from downpour.storage import CheckpointStore
+
+    summary = LocalLauncher(resolve_job(_counting_ctr_job()), str(tmp_path / "run")).run().summary
+    assert summary["status"] == "ok"
+    store = CheckpointStore(str(tmp_path / "run" / "checkpoints"))
+    seen = []
+    for name in store.names():
+        state = CheckpointState(store, store.manifest(name))
+        keys, rows = state.tables["count"]
+        per_server = np.bincount(state.layout.sparse_servers(keys), weights=rows[:, 0].astype(np.float64), minlength=2)
+        head, tail = state.dense["head"], state.dense["tail.occurrences"]
+        # each server's rows hold the occurrences of the pushes its dense counter holds, and both
+        # servers' dense counters hold the same pushes
+        assert per_server.tolist() == head.tolist() == tail.tolist(), (name, per_server, head, tail)
+        seen.append((name, head.sum(), store.manifest(name).job.get("needs")))
+    assert any(0 < occurrences < 4 * 4000 * 3 for _, occurrences, _ in seen), seen  # taken while training
+    assert any(needs for _, _, needs in seen)  # some are deltas on earlier ones

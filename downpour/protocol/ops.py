@@ -167,8 +167,10 @@ REQUESTS: dict[Op, Record] = {
                      "kv": List(COUNT, 1 << 24), "pos": POSITION, "from": COUNT, "seq": SEQ, "pq": _PULL_CODEC, "shm": _SHM,
                      "enc": List(Tuple(Str(16), Dict(Str(8), Plain(max_depth=0, max_str=16), 16), Int(0, 64)), 1 << 24)},
                     required=("keys", "version"), rest=REST),
+    # clock: the number of the dense push whose step produced the rows' gradients it carries (an
+    # async checkpoint's cut holds it as it holds that push: server/snapshot.py).
     Op.SPARSE: Record({"tables": List(Tuple(Str(128), COUNT, COUNT), 1024),
-                       "peek": Bool(), "seq": SEQ, "pos": POSITION, "from": COUNT}, required=("tables",), rest=REST),
+                       "peek": Bool(), "seq": SEQ, "pos": POSITION, "from": COUNT, "clock": Int(1)}, required=("tables",), rest=REST),
     Op.MARKS: Record({"shard": List(COUNT, length=2)}, required=("shard",), rest=REST),
 }
 REQUESTS[Op.PUSHPULL] = REQUESTS[Op.PUSH]

@@ -61,6 +61,7 @@ log = logging.getLogger(__name__)
 _POLL_S = 0.05  # longest idle wait between heartbeat/coordinator checks
 _COORDINATOR_CHECK_S = 0.005  # how often a busy server looks for coordinator messages (MEMBERSHIP, stop)
 _WORKER_OPS = frozenset({Op.INIT, Op.PULL, Op.PUSH, Op.PUSHPULL, Op.SPARSE})
+_HELD_OPS = frozenset({Op.PUSH, Op.PUSHPULL, Op.SPARSE})  # held past an async cut by their meta.clock (snapshot.py)
 
 
 # A sum of squares at most this proves every value finite and within MAX_GRADIENT: rounding is
@@ -254,11 +255,17 @@ class ParameterServer:
         if self.promoted_at is not None and self.first_request_s is None and msg.op in _WORKER_OPS:
             self.first_request_s = time.monotonic() - self.promoted_at
             log.info("%s: first request as the promoted primary, %.3fs after taking over", self.name, self.first_request_s)
-        if msg.op in (Op.PUSH, Op.PUSHPULL) and self.snapshots.holds(peer.decode(errors="replace"), msg.meta.get("clock")):
+        if msg.op in _HELD_OPS and self._must_hold(peer, msg):
             self._held.append((peer, msg))  # past the pending checkpoint's cut: applied once the copy is taken
             self._take_snapshot()
             return
         self._dispatch(peer, msg)
+
+    def _must_hold(self, peer: bytes, msg: Message) -> bool:
+        """Is this push or SPARSE request past the pending checkpoint's cut? A SPARSE request that
+        follows a held one of its worker is held too: their ``seq`` says which were applied."""
+        return self.snapshots.holds(peer.decode(errors="replace"), msg.meta.get("clock")) or (
+            msg.op == Op.SPARSE and any(p == peer and m.op == Op.SPARSE for p, m in self._held))
 
     def _dispatch(self, peer: bytes, msg: Message) -> None:
         """Run a checked request's handler and send its replies (to backups first)."""
@@ -285,7 +292,7 @@ class ParameterServer:
         """Apply the held pushes, in the order they came, that the (new or no) pending checkpoint does not hold."""
         held, self._held = self._held, []
         for peer, msg in held:
-            if self.snapshots.holds(peer.decode(errors="replace"), msg.meta.get("clock")):
+            if self._must_hold(peer, msg):
                 self._held.append((peer, msg))
             else:
                 self._dispatch(peer, msg)
@@ -506,6 +513,8 @@ class ParameterServer:
             self.counts["replayed"] += 1
         elif seq is not None:
             record(self.applied, self.skipped, who, seq)
+        if not replay and reply.op == Op.OK:
+            self.snapshots.rows_applied(who[: -len("/sparse")], msg.meta.get("clock"))
         if mark is not None and verdict == "apply" and reply.op == Op.OK:
             self.marks[mark] = msg.meta["pos"][2]
         self.apply_s += time.perf_counter() - t0
@@ -546,7 +555,7 @@ class ParameterServer:
         filled = restore_store(self.store, layout, old, bool(order.get("full")))
         if order.get("full"):
             self.positions = {}
-            self.snapshots.clocks = {}
+            self.snapshots.clocks, self.snapshots.row_clocks = {}, {}
             self.marks, self.mark_floor = old.marks_for(self.rank, layout.num_servers)
         log.info("%s: %s %d of %d keys from %s", self.name, "restored" if order.get("full") else "warm-started",
                  filled, len(self.store.keys), store.where(manifest.name))

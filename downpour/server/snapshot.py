@@ -32,6 +32,13 @@ a cut every server reaches with the same pushes applied:
   that joined since) are held too. A server that applied a push beyond T_w already reports
   ``missed`` and the coordinator asks again further ahead; one that does not reach the cut
   within ``timeout_s`` gives up (reports an error) and applies what it held.
+
+Sparse-table rows are copied at the same moment and hold the same pushes. A worker sends the row
+gradients of its step T after its dense push T, in SPARSE requests numbered T (``meta.clock``);
+they are held past T_w as pushes are. Push T_w applied here is then not enough (its rows may still
+be on their way): with sparse tables a worker of the cut counts as there once a request of it past
+T_w (push or rows) is held, or it left. In sync mode, once round ``at_version`` is applied, the cut
+becomes each member's push of that round (its rows come with its next step).
 """
 
 from __future__ import annotations
@@ -101,6 +108,8 @@ class Snapshotter:
         # Per worker: (the number of its last push applied here, whether that request held every key
         # of this shard). Worker clocks start again with each worker process, as this map does on restore.
         self.clocks: dict[str, tuple[int, bool]] = {}
+        # Per worker: the highest push number whose row gradients (SPARSE) were applied here.
+        self.row_clocks: dict[str, int] = {}
 
     def request(self, meta: dict[str, Any], positions: dict[str, list[int]]) -> None:
         """A CHECKPOINT from the coordinator (replaces any request not yet taken)."""
@@ -115,13 +124,14 @@ class Snapshotter:
             self.reports.put({"name": req.name, "missed": True, "version": self.version()})
             return
         if req.at_clock is not None:
-            past = [w for w, t in req.at_clock.items() if self.clocks.get(w, (0, True))[0] > t]
+            past = [w for w, t in req.at_clock.items() if max(self.clocks.get(w, (0, True))[0], self.row_clocks.get(w, 0)) > t]
             if past:
                 log.info("%s: checkpoint %s: %s already past push %d here", self.node, req.name, past[0], req.at_clock[past[0]])
                 self.armed = None  # (an earlier cut no longer holds pushes either: the coordinator asks again)
                 self.reports.put({"name": req.name, "missed": True, "version": self.version()})
                 return
-            req.reached = {w for w, t in req.at_clock.items() if self.clocks.get(w, (0, True)) == (t, True)}
+            if not self.sparse:  # (with rows, only a later request says that every part of T_w is in)
+                req.reached = {w for w, t in req.at_clock.items() if self.clocks.get(w, (0, True)) == (t, True)}
         self.armed = req
         self.maybe_take(positions)
 
@@ -148,8 +158,13 @@ class Snapshotter:
             return
         self.clocks[who] = (clock, whole)
         req = self.armed
-        if req is not None and req.at_clock is not None and req.at_clock.get(who) == clock and whole:
+        if req is not None and req.at_clock is not None and req.at_clock.get(who) == clock and whole and not self.sparse:
             req.reached.add(who)
+
+    def rows_applied(self, who: str, clock: object) -> None:
+        """A SPARSE request of ``who`` carrying the row gradients of its push ``clock`` was applied here."""
+        if type(clock) is int and clock > self.row_clocks.get(who, 0):
+            self.row_clocks[who] = clock
 
     def expired(self, now: float) -> bool:
         """An async cut not reached within its timeout: given up (reported as an error); the caller
@@ -165,7 +180,15 @@ class Snapshotter:
 
     def _due(self, req: Request) -> bool:
         if req.at_version is not None:
-            return self.version() >= req.at_version
+            if self.version() < req.at_version:
+                return False
+            if not self.sparse:
+                return True
+            # Round at_version is applied, but the workers send its rows' gradients with their next
+            # step, after its answer: from here on the cut is each worker's push of that round.
+            members = self.members()
+            req.at_clock = {w: c for w, (c, _) in self.clocks.items() if not members or w in members}
+            req.at_version, req.asked = None, time.monotonic()
         if req.at_clock is not None:
             members = self.members()
             return all(w in req.reached or (members and w not in members) for w in req.at_clock)

@@ -300,7 +300,7 @@ class WorkerProcess:
         self.servers.kv = kv
         sparse = None
         if layout.tables:  # the model's SparseEmbedding rows come from the servers' tables
-            sparse = SparseClient(rpc, layout, peers, kv.wire, replay=job.cluster.replicas > 0)
+            sparse = SparseClient(rpc, layout, peers, kv.wire, replay=job.cluster.replicas > 0, clock=lambda: kv.pushes + 1)
             attach(model, sparse)
         trainer = Trainer(job, flat, kv, dataset, name, int(reply["rank"]), sparse)
         trainer.leave = self.leave

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -51,12 +52,17 @@ _NO_KEYS = np.zeros(0, np.int64)
 
 class SparseClient:
     def __init__(self, rpc: RpcClient, layout: Layout, server_peers: dict[int, str], wire: dict[str, Counter[str]] | None = None,
-                 replay: bool = False) -> None:
+                 replay: bool = False, clock: Callable[[], int] | None = None) -> None:
         """``replay``: the servers keep backups; a request whose server was replaced meanwhile (a
         backup took over) is sent again as it was, pushes included, and the new primary applies
-        its pushes unless it holds them already (``meta.seq``, counted per server)."""
+        its pushes unless it holds them already (``meta.seq``, counted per server). ``clock``: the
+        number the worker's next dense push will carry (its ``meta.clock``); a request carrying
+        row gradients says the push of the step they came from (``meta.clock``), so that a
+        checkpoint's cut holds them as it holds that push (server/snapshot.py)."""
         self.rpc, self.layout, self.peers = rpc, layout, server_peers
         self.replay = replay
+        self.clock = clock
+        self._clocks: dict[int, int] = {}  # server -> the push number of the gradients waiting for it
         self.seq: dict[int, int] = {}
         self._unanswered: dict[int, tuple[int, Message]] = {}  # request id -> (server, request), for replay
         self.replayed = 0
@@ -200,6 +206,9 @@ class SparseClient:
         rows among the reply's tensors. ``stream``: the stream batch the pushes are of ({"pos",
         "from"}; sent even with no rows)."""
         pushes = self.pending.pop(server, {}) if not peek else {}
+        clock = self._clocks.pop(server, None) if pushes else None
+        if clock is None and stream is not None and self.clock is not None:  # a stream batch's mark moves with its push
+            clock = self.clock()
         names = list(pushes) + [t for t in pulls if t not in pushes]
         if not names and stream is not None:  # no rows for this server: the request still moves its mark
             first = self.layout.tables[0]
@@ -223,6 +232,8 @@ class SparseClient:
         meta: dict = {"tables": spec, "peek": True} if peek else {"tables": spec}
         if stream is not None:
             meta.update(stream)
+        if clock is not None:
+            meta["clock"] = clock
         if not peek:
             self.seq[server] = meta["seq"] = self.seq.get(server, 0) + 1
         self.requests += 1
@@ -317,6 +328,11 @@ class SparseClient:
         """Queue this batch's row gradients (summed per unique ID) for the servers that hold them.
         Keys of a plan are grouped by server already: each server's share is a slice (a view)."""
         bounds_of, self._bounds = self._bounds, {}
+        clock = self.clock() if self.clock is not None else None
+        for s in [s for s, c in self._clocks.items() if c != clock and s in self.pending]:
+            # still waiting from an earlier push's step (its batch's rows were all pulled ahead): sent
+            # now, so that no request mixes the gradients of two pushes (each is held by its own)
+            self.sent.append(self._send(s, {}, False)[0])
         for table, keys, grad in merge_row_grads(self.fetched):
             k, g = keys.numpy(), grad.numpy()
             kept = bounds_of.get(id(keys))
@@ -329,6 +345,8 @@ class SparseClient:
                 waiting = self.pending.setdefault(s, {})
                 old = waiting.get(table)
                 waiting[table] = (k[idx], g[idx]) if old is None else _sum_rows(old[0], old[1], k[idx], g[idx])
+                if clock is not None:
+                    self._clocks[s] = clock
         self.fetched = []
 
     def send_pending(self, position: list[int] | None = None, start: int | None = None) -> None:

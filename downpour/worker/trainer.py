@@ -183,6 +183,10 @@ class Trainer:
             if self.halted or self.leave.due(self.kv.versions):
                 self.left = True
                 break
+            if self.sparse is not None and trained:
+                # The rows of the last step go out now: asked for a shard, this worker may leave the
+                # membership to wait, and a checkpoint's cut then takes it as complete (snapshot.py).
+                self.sparse.flush()
             shard = next_shard()
             if shard is None:
                 self.left = self.leave.event.is_set()  # the wait for a shard ended by the order to leave
