@@ -89,9 +89,9 @@ class Lookahead:
         runs = store._runs(idx, by_version=False)
         store._before_change(runs)
         for lo, hi, at, _ in runs:
-            kernels.lookahead(store.data[lo:hi], v[lo:hi], self.total[lo:hi], grad[at : at + hi - lo],
-                              None if out is None or not reply else out[at : at + hi - lo], lr=self.lr, momentum=mu,
-                              weight_decay=self.weight_decay, dampening=self.dampening, nesterov=self.nesterov, c=c, own=own)
+            kernels.lookahead(store.data, v, self.total, grad, out if reply else None, lo=lo, hi=hi, at=at, lr=self.lr,
+                              momentum=mu, weight_decay=self.weight_decay, dampening=self.dampening,
+                              nesterov=self.nesterov, c=c, own=own)
         for i in idx:
             store.versions[i] += 1
             store.steps[i] += 1

@@ -176,4 +176,4 @@ class ShardStore:
 
     def version(self, idx: list[int]) -> int:
         """The newest version among the keys."""
-        return max(self.versions[i] for i in idx)
+        return max(self.versions) if idx is self.all else max(self.versions[i] for i in idx)
