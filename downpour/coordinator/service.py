@@ -233,10 +233,12 @@ class Coordinator:
         finish = None
         if not poller.poll(timeout_s):
             return None
-        for _ in range(_BURST):
+        for i in range(_BURST):
+            if i and not self.listener.ready():  # (the poll said the first one waits)
+                break
             try:
                 peer, frames = self.listener.recv()
-            except WouldBlock:
+            except WouldBlock:  # (not expected after ready(): a guard)
                 break
             bound = self.listener.peer_rank(frames)  # a worker's own key: one rate window per key
             if self.limit.over(peer if bound is None else b"key:worker-%d" % bound):

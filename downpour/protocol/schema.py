@@ -193,7 +193,11 @@ class Tuple(Schema):
         if type(v) is not list or len(v) != len(self.items):
             self.fail(v, path, f"a list of {len(self.items)} items")
         for i, (s, x) in enumerate(zip(self.items, v)):
-            s.check(x, f"{path}[{i}]")
+            try:
+                s.check(x, path)
+            except SchemaError:
+                s.check(x, f"{path}[{i}]")  # the item's own path, built only for an error (checks are pure)
+                raise
 
 
 class Record(Schema):
@@ -227,7 +231,11 @@ class Record(Schema):
                     raise SchemaError(f"{path}.{k}: unknown field")
                 s = rest
             if x is not None:
-                s.check(x, f"{path}.{k}")
+                try:
+                    s.check(x, path)
+                except SchemaError:
+                    s.check(x, f"{path}.{k}")  # the field's own path, built only for an error (checks are pure)
+                    raise
 
 
 class Dict(Schema):

@@ -198,7 +198,7 @@ class ParameterServer:
     def handle(self, peer: bytes, frames: list) -> None:
         """One request: refused (answered ERROR with a :class:`Code`, counted) unless it passes every
         check; a handler that fails anyway answers ERROR ``internal`` and the loop goes on."""
-        self.bytes_in += sum(len(f) for f in frames)
+        self.bytes_in += sum(map(len, frames))
         # A worker's own key: one rate window per key, whatever its connections.
         bound = self.listener.peer_rank(frames) if self.listener.security is not None else None
         if self.limit.over(peer if bound is None else b"key:worker-%d" % bound):
@@ -253,7 +253,8 @@ class ParameterServer:
         if self.promoted_at is not None and self.first_request_s is None and msg.op in _WORKER_OPS:
             self.first_request_s = time.monotonic() - self.promoted_at
             log.info("%s: first request as the promoted primary, %.3fs after taking over", self.name, self.first_request_s)
-        if msg.op in _HELD_OPS and self._must_hold(peer, msg):
+        if msg.op in _HELD_OPS and (self.snapshots.armed is not None or self._held) and self._must_hold(peer, msg):
+            # (no checkpoint pending and nothing held: nothing to look up, the usual case)
             self._held.append((peer, msg))  # past the pending checkpoint's cut: applied once the copy is taken
             self._take_snapshot()
             return
@@ -348,7 +349,10 @@ class ParameterServer:
                 msg = Message(Op.OK, msg.req_id, {**msg.meta, "shm": True})
                 self.bytes_out += into.numel() * 4
         frames = encode(msg)
-        self.bytes_out += sum(len(f) for f in frames)
+        self.bytes_out += sum(map(len, frames))
+        if not msg.tensors:  # (a header alone: nothing lent)
+            self.listener.send(peer, frames)
+            return
         shared = [self.store.shares_memory(t) for t in msg.tensors]
         trackers = self.listener.send(peer, frames, track=any(shared))
         for t, is_shared, tracker in zip(msg.tensors, shared, trackers[1:]):
@@ -633,10 +637,13 @@ class ParameterServer:
         next_check = 0.0
         while True:
             if poller.poll(_POLL_S):
-                for _ in range(256):  # bounded burst, then look at the coordinator again
+                listener = self.listener
+                for i in range(256):  # bounded burst, then look at the coordinator again
+                    if i and not listener.ready():  # (the poll said the first one waits)
+                        break
                     try:
-                        peer, frames = self.listener.recv()
-                    except WouldBlock:
+                        peer, frames = listener.recv()
+                    except WouldBlock:  # (not expected after ready(): a guard)
                         break
                     self.handle(peer, frames)
             now = time.monotonic()

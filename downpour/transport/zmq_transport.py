@@ -36,7 +36,7 @@ ZERO_COPY_MIN_BYTES = 1 << 20
 
 # The transport's types, under the transport's names: the layers above name these, never zmq's.
 Context = zmq.Context  # one per process: every socket of a node is made from it (new_context)
-WouldBlock = zmq.Again  # recv() found no message waiting (poll first, or stop reading a burst)
+WouldBlock = zmq.Again  # recv() found no message waiting (poll first, or check ready() before each)
 _SNDMORE = int(zmq.SNDMORE)  # a plain int: combining pyzmq's enum flags costs a Python call each time
 _EVENTS, _POLLIN = int(zmq.EVENTS), int(zmq.POLLIN)
 
@@ -104,9 +104,15 @@ class Listener:
                 time.sleep(0.01)
 
     def recv(self) -> tuple[bytes, list[zmq.Frame]]:
-        """One message, without blocking (call after a poll said it is readable)."""
+        """One message, without blocking (call after a poll or :meth:`ready` said one waits;
+        :data:`WouldBlock` otherwise)."""
         frames = self.socket.recv_multipart(flags=zmq.NOBLOCK, copy=False)
         return frames[0].bytes, frames[1:]
+
+    def ready(self) -> bool:
+        """Whether a message is waiting now (as :meth:`Channel.ready`): a burst read as ``recv``
+        while ``ready()`` ends on a check, not on the :data:`WouldBlock` a last ``recv`` raises."""
+        return bool(self.socket.getsockopt(_EVENTS) & _POLLIN)
 
     def peer_role(self, frames: list[zmq.Frame]) -> str | None:
         """The role of the key that sent ``frames`` (None without security: anyone may send)."""
