@@ -164,3 +164,76 @@ def test_an_async_server_answers_and_stores_the_same_values_on_either_path(monke
     assert torch.equal(data_c, data_t)
     assert all(torch.equal(a, b) for a, b in zip(replies_c, replies_t, strict=True))
     assert state_c.keys() == state_t.keys() and all(torch.equal(state_c[k], state_t[k]) for k in state_c)
+
+
+@needs_native
+@pytest.mark.parametrize("own", [True, False])
+def test_a_step_on_a_range_equals_torchs_and_leaves_the_rest_alone(own):
+    """The range form (``lo``, ``hi`` of the state, ``at`` of the gradient and reply), as a request
+    for some keys runs it: bit for bit torch's, and nothing outside the range is written."""
+    n, lo, hi, at = 1000, 123, 700, 45
+    runs = []
+    for path in (True, False):
+        s = _state(n, 13)
+        s["out"] = torch.full((n,), -7.0)  # (not NaN: untouched values must compare equal)
+        before = {k: v.clone() for k, v in s.items()}
+        kernels.lookahead(s["p"], s["b"], s["total"], s["g"], s["out"], lo=lo, hi=hi, at=at, lr=0.05, momentum=0.9,
+                          weight_decay=1e-4, dampening=0.0, nesterov=False, c=0.045, own=own, native=path)
+        for name in ("p", "b", "total"):
+            assert torch.equal(s[name][:lo], before[name][:lo]) and torch.equal(s[name][hi:], before[name][hi:])
+            assert not torch.equal(s[name][lo:hi], before[name][lo:hi])
+        assert (s["out"][:at] == -7.0).all() and (s["out"][at + hi - lo:] == -7.0).all()
+        assert not (s["out"][at : at + hi - lo] == -7.0).any()
+        runs.append(s)
+    _same(*runs)
+
+
+def test_the_float32_bound_is_the_largest_float32_not_above_the_limit():
+    from downpour.protocol.ops import MAX_GRADIENT
+
+    for limit in (MAX_GRADIENT, 1.0, 0.1, 3.0e38, 1e-3):
+        f = kernels.float32_at_most(limit)
+        assert f <= limit and float(torch.tensor(f, dtype=torch.float32)) == f
+        above = torch.nextafter(torch.tensor(f, dtype=torch.float32), torch.tensor(float("inf")))
+        assert float(above) > limit
+
+
+@pytest.mark.parametrize("n", LENGTHS)
+def test_the_bound_check_agrees_with_torch_for_every_kind_of_bad_value_anywhere(n):
+    """NaN, either infinity and the next float32 past the bound are refused at the first, a middle and
+    the last position (vector body and tail); the bound itself and everything below pass; on the
+    compiled path (where built) as on torch's."""
+    from downpour.protocol.ops import MAX_GRADIENT
+
+    limit = kernels.float32_at_most(MAX_GRADIENT)
+    past = float(torch.nextafter(torch.tensor(limit, dtype=torch.float32), torch.tensor(float("inf"))))
+    g = _state(n, n)["g"]
+    for path in (True, False):
+        assert kernels.within(g, limit, native=path)
+        assert kernels.within(g[:0], limit, native=path)
+        for at in sorted({0, n // 2, n - 1}):
+            for value, ok in ((float("nan"), False), (float("inf"), False), (float("-inf"), False), (past, False),
+                              (-past, False), (limit, True), (-limit, True)):
+                u = g.clone()
+                u[at] = value
+                assert kernels.within(u, limit, native=path) is ok, (path, at, value)
+
+
+@pytest.mark.parametrize("compiled", [True, False], ids=["compiled", "torch"])
+def test_a_servers_bound_check_refuses_the_same_values_on_either_path(monkeypatch, compiled):
+    from downpour.errors import ProtocolError
+    from downpour.protocol.ops import MAX_GRADIENT
+    from downpour.server.service import bounded
+
+    if compiled and not kernels._WITHIN:
+        pytest.skip(f"the compiled check is not built: {kernels.KERNEL}")
+    monkeypatch.setattr(kernels, "_WITHIN", compiled)
+    t = torch.full((1000,), 1e-3)
+    t[7], t[9] = MAX_GRADIENT, -MAX_GRADIENT
+    assert bounded("PUSH", t) is t
+    assert bounded("PUSH", t[::2]) is not None  # (not contiguous: torch's check)
+    for bad in (float("nan"), float("inf"), MAX_GRADIENT * 1.001):
+        u = t.clone()
+        u[500] = bad
+        with pytest.raises(ProtocolError, match="NaN or Inf"):
+            bounded("PUSH", u)

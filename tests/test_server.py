@@ -201,8 +201,8 @@ def test_a_push_with_a_value_over_the_gradient_bound_is_refused(ready, big):
 
 
 def test_a_push_with_large_values_within_the_bound_is_applied():
-    """Values whose squares overflow float32 (so the one-dot-product check cannot vouch for them)
-    but which are within the bound are judged value by value, and accepted."""
+    """Values whose squares overflow float32 but which are within the bound are accepted (the check
+    compares each value with the bound; no sum of squares may overflow it)."""
     from downpour.protocol.ops import MAX_GRADIENT
     from downpour.server.service import bounded
 
