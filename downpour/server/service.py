@@ -434,10 +434,11 @@ class ParameterServer:
         if self.members and who not in self.members:  # (a worker back from waiting for a shard: it pulls and goes on)
             return [(peer, msg.error(Code.NOT_MEMBER, f"{who!r:.40} is not in the job's current membership"))]
         push = Push(peer, msg, idx, grad, float(weight), version, codec, delta, clock, kv)
-        who, seq = peer.decode(errors="replace"), msg.meta.get("seq")
+        seq = msg.meta.get("seq")
         if seq is not None and seq <= self.applied.get(who, 0):  # a replay of a push applied already
             return self._replayed(push)
-        mark, verdict = self._stream_mark(msg, str(msg.meta["keys"][0]) if msg.meta["keys"] else "")
+        mark, verdict = (None, "apply") if msg.meta.get("from") is None else (  # (not a stream batch's push)
+            self._stream_mark(msg, str(msg.meta["keys"][0]) if msg.meta["keys"] else ""))
         if verdict == "gap":
             return [(peer, msg.error(Code.STREAM_GAP, self._gap_text(msg, mark)))]
         pos = msg.meta.get("pos")
@@ -454,7 +455,7 @@ class ParameterServer:
         if mark is not None:
             self.marks[mark] = pos[2]
         if isinstance(pos, list) and len(pos) == 3 and all(type(x) is int and x >= 0 for x in pos):
-            self.positions[peer.decode(errors="replace")] = pos
+            self.positions[who] = pos
         self.counts["push"] += 1
         if msg.op == Op.PUSHPULL:
             self.counts["pull"] += 1
