@@ -121,8 +121,8 @@ def record(servers: int, workers: int, steps: int, after_s: float, record_s: flo
     from downpour.config import load_job
     from downpour.launch import LocalLauncher
 
-    job = load_job(MNIST_JOB, [f"cluster.num_servers={servers}", f"cluster.num_workers={workers}", *QUIET,
-                               f"steps={max(1, steps // workers)}"])
+    job = load_job(MNIST_JOB, [f"cluster.num_servers={servers}", f"cluster.num_workers={workers}", *QUIET, "epochs=20",
+                               f"steps={max(1, steps // workers)}"])  # epochs: data for every step (3 epochs are 5,625)
     data = os.path.join(folder, f"perf-{servers}x{workers}.data")
     got: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="scale-") as run_dir:
@@ -132,15 +132,17 @@ def record(servers: int, workers: int, steps: int, after_s: float, record_s: flo
             time.sleep(after_s)
             got["names"] = thread_names(launcher)
             got["loadavg"] = open("/proc/loadavg").read().split()[:3]
-            subprocess.run(["perf", "sched", "record", "-a", "-o", data, "--", "sleep", str(record_s)],
-                           capture_output=True, timeout=record_s + 60)
+            done = subprocess.run(["perf", "sched", "record", "-a", "-o", data, "--", "sleep", str(record_s)],
+                                  capture_output=True, text=True, timeout=record_s + 60)
+            got["perf"] = done.stderr.strip().splitlines()[-3:]  # says so if it lost events
 
         th = threading.Thread(target=rec, daemon=True)
         th.start()
         summary = launcher.run().summary
         th.join(timeout=record_s + 90)
-    text = subprocess.run(["perf", "script", "-i", data, "-F", "cpu,time,event,trace"], capture_output=True, text=True,
-                          timeout=300).stdout
+    script = subprocess.run(["perf", "script", "-i", data, "-F", "cpu,time,event,trace"], capture_output=True, text=True,
+                            timeout=300)
+    text = script.stdout
     os.remove(data)
     events = parse_events(text)
     names = got.get("names", {})
@@ -155,12 +157,15 @@ def record(servers: int, workers: int, steps: int, after_s: float, record_s: flo
         "span_s": span,
         "cores_idle": sum(b - a for v in idle.values() for a, b in v) / (span * ncpu) if span else None,
         "threads": summarize(waits, idle, names),
+        "events": len(events),
+        "perf": got.get("perf", []) + [line for line in script.stderr.splitlines() if "lost" in line.lower()],
     }
 
 
 def report(r: dict[str, Any]) -> str:
     lines = [f"{r['servers']}x{r['workers']}: {r['examples_per_s']:,.0f} examples/s (whole run), {r['span_s']:.2f} s recorded, "
-             f"cores idle {100 * r['cores_idle']:.0f} %, load average {r['loadavg']}"]
+             f"cores idle {100 * r['cores_idle']:.0f} %, load average {r['loadavg']}; {r['events']:,} scheduler events"]
+    lines += [f"  perf: {line}" for line in r["perf"] if "lost" in line.lower()]
     total = collections.Counter()
     for k, a in sorted(r["threads"].items()):
         lines.append(f"    {k:18s} {a['waits']:6d} waits, {1e3 * a['wait_s']:7.1f} ms ({1e6 * a['wait_s'] / a['waits']:5.0f} µs each), "
@@ -176,8 +181,8 @@ def report(r: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--topologies", default="1x1,1x2,2x2,1x3", help="SxW,... (default 1x1,1x2,2x2,1x3)")
-    ap.add_argument("--steps", type=int, default=12000, help="steps of each job, all workers (default 12000)")
-    ap.add_argument("--after-s", type=float, default=9.0, help="seconds from the launch to the recording (default 9)")
+    ap.add_argument("--steps", type=int, default=12000, help="steps of each job, all workers (default 12000: 12 s or more here)")
+    ap.add_argument("--after-s", type=float, default=7.0, help="seconds from the launch to the recording (default 7)")
     ap.add_argument("--record-s", type=float, default=2.0, help="seconds recorded (default 2)")
     ap.add_argument("--json", help="write the results here")
     args = ap.parse_args(argv)
