@@ -23,7 +23,7 @@ from downpour.server.snapshot import Snapshotter, load_shard_file
 from downpour.server.sparse import SparseShard, sparse_file
 from downpour.server.store import ShardStore
 from tests.checkpoint_helpers import SHAPES, initialised, layout_of, read_raw, wait_reports
-from tests.test_coordinator_state import JOB, WORKERS, Sim
+from tests.test_coordinator_state import JOB, SERVERS, WORKERS, Sim, ident
 from tests.test_sparse_job import _ctr_job
 from tests.test_sparse_prefetch import _batches as sparse_batches
 from tests.test_sparse_prefetch import _cluster as sparse_cluster
@@ -161,24 +161,54 @@ def test_the_cut_is_placed_a_heartbeat_and_a_half_of_pushes_ahead():
     assert clock_margin(100.0, 0.2) == 43
 
 
-def cut_asked(job) -> dict[str, int]:
-    """The push numbers a CHECKPOINT names when worker-i reported 100(i+1) pushes at 10(i+1) pushes/s."""
+def heartbeats(job) -> Sim:
+    """A coordinator to which worker-i reported 100(i+1) pushes at 10(i+1) pushes/s."""
     sim = Sim(job)
     sim.start()
     for i, w in enumerate(WORKERS):
         sim.send(w, Op.HEARTBEAT, progress={"pushes": 100 * (i + 1), "examples": 3200 * (i + 1), "examples_per_s": 320.0 * (i + 1)})
-    [at] = {json.dumps(r.msg.meta["at_clock"]) for r in checkpoints.begin(sim.state, 1.0)}
-    return json.loads(at)
+    return sim
 
 
-def test_the_coordinator_places_each_workers_cut_ahead_of_it_at_its_own_push_rate():
-    # a heartbeat (0.5 s) and a half, plus 0.1 s, of each one's pushes, plus 3
-    assert cut_asked(JOB) == {"worker-0": 100 + 11, "worker-1": 200 + 20, "worker-2": 300 + 28}
+def test_without_a_probe_the_cut_is_placed_a_heartbeat_and_a_half_of_each_workers_pushes_ahead():
+    # a heartbeat (0.5 s) and a half, plus 0.1 s, of each one's pushes, plus 3 (the servers' answers unknown)
+    assert checkpoints.cut_clocks(heartbeats(JOB).state, 0) == {"worker-0": 100 + 11, "worker-1": 200 + 20, "worker-2": 300 + 28}
 
 
 def test_an_ssp_cut_keeps_the_workers_within_the_staleness_bound_of_each_other():
     ssp = JOB.model_copy(update={"training": JOB.training.model_copy(update={"consistency": "ssp", "staleness_bound": 3})})
-    assert cut_asked(ssp) == {"worker-0": 128, "worker-1": 131, "worker-2": 131}
+    assert checkpoints.cut_clocks(heartbeats(ssp).state, 0) == {"worker-0": 128, "worker-1": 131, "worker-2": 131}
+
+
+def test_the_coordinator_asks_the_servers_where_the_workers_stand_and_cuts_just_past_that():
+    sim = heartbeats(JOB)
+    sim.state.checkpoints.start_due = False
+    probes = checkpoints.begin(sim.state, 1.0)
+    assert sorted(r.to for r in probes) == sorted(ident(s) for s in SERVERS)
+    [name] = {r.msg.meta["name"] for r in probes if r.msg.op == Op.CHECKPOINT and r.msg.meta["probe"]}
+    # The heartbeats are up to one old: the servers have seen more pushes (each server its own).
+    sim.now = 1.05
+    first = sim.send(SERVERS[0], Op.REPORT, kind="checkpoint", data={"name": name, "probe": True,
+                                                                      "clocks": {"worker-0": 104, "worker-1": 205}})
+    assert [r.msg.op for r in first] == [Op.OK]  # (the report's answer) nothing asked before every server answered
+    asked = sim.send(SERVERS[1], Op.REPORT, kind="checkpoint", data={"name": name, "probe": True,
+                                                                      "clocks": {"worker-0": 103, "worker-1": 207, "worker-2": 301}})
+    asked = [r for r in asked if r.msg.op == Op.CHECKPOINT]
+    [at] = {json.dumps(r.msg.meta["at_clock"]) for r in asked}
+    assert sorted(r.to for r in asked) == sorted(ident(s) for s in SERVERS) and asked[0].msg.meta["name"] == name
+    # past the highest number either server saw, by twice the probe's round trip (0.05 s) of each one's pushes, plus 2
+    assert json.loads(at) == {"worker-0": 104 + 3, "worker-1": 207 + 4, "worker-2": 301 + 5}
+
+
+def test_a_server_answers_the_probe_with_the_highest_push_of_each_worker_it_has_seen(url):
+    [a, _] = row_servers()
+    a.members = {"worker-0", "worker-1"}
+    a.push("worker-0", 3)
+    a.rows("worker-0", 4)  # (push 4's request on its way here)
+    a.push("worker-1", 2)
+    a.snap.probe("ckpt-probe", [("worker-1", 5), ("worker-1", None)])  # worker-1's push 5 held for an earlier cut
+    assert a.snap.finished() == [{"name": "ckpt-probe", "probe": True, "clocks": {"worker-0": 4, "worker-1": 5}}]
+    assert a.snap.armed is None
 
 
 # -- sparse-table rows in the cut ---------------------------------------------------------------

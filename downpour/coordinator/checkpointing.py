@@ -33,6 +33,10 @@ class Pending:
     reports: dict[str, dict[str, Any]] = field(default_factory=dict)
     retries: int = 0
     versions: dict[str, int] = field(default_factory=dict)  # server rank -> its version in the checkpoint
+    # async/ssp: while the cut is being placed, each server's answer to the probe (server -> worker
+    # -> the highest push number it has seen of that worker), of the servers asked; None otherwise.
+    probes: dict[str, dict[str, int]] | None = None
+    probed: set[str] = field(default_factory=set)  # the servers asked
 
 
 class CheckpointPlan:
@@ -143,3 +147,11 @@ def clock_margin(pushes_per_s: float, heartbeat_interval_s: float) -> int:
     heartbeat and a half of the worker's pushes, plus a few, puts it ahead of every server (one
     already past it says so, and the cut moves further ahead)."""
     return int(pushes_per_s * (1.5 * heartbeat_interval_s + 0.1)) + 3
+
+
+def probe_margin(pushes_per_s: float, round_trip_s: float) -> int:
+    """How many pushes ahead of the highest push number the servers reported (to a probe answered
+    within ``round_trip_s``) an async checkpoint's cut is placed: those numbers are at most a round
+    trip old when the CHECKPOINT goes out, and it takes about half of one to arrive, so twice the
+    round trip of the worker's pushes, plus 2 (a server already past says so: the cut moves ahead)."""
+    return int(pushes_per_s * 2 * round_trip_s) + 2

@@ -11,12 +11,13 @@ from typing import TYPE_CHECKING, Any
 
 from downpour.coordinator import failures
 from downpour.coordinator.actions import Action, CommitCheckpoint, Reply, SaveModel
-from downpour.coordinator.checkpointing import clock_margin, sync_margin
+from downpour.coordinator.checkpointing import clock_margin, probe_margin, sync_margin
 from downpour.coordinator.model import ALIVE, DEAD, DONE, FINISHED, Node, Phase
 from downpour.models import buffers as bufs
 from downpour.protocol import Message, Op
 
 if TYPE_CHECKING:
+    from downpour.coordinator.checkpointing import Pending
     from downpour.coordinator.state import CoordinatorState
 
 log = logging.getLogger(__name__)
@@ -28,15 +29,19 @@ def job_steps(st: CoordinatorState) -> int:
     return st.step_offset + sum(int((n.stats or n.progress).get("steps", 0)) for n in workers)
 
 
-def cut_clocks(st: CoordinatorState, retries: int, at_start: bool = False) -> dict[str, int]:
+def cut_clocks(st: CoordinatorState, retries: int, at_start: bool = False, seen: dict[str, int] | None = None,
+               round_trip_s: float = 0.0) -> dict[str, int]:
     """An async or ssp checkpoint's cut: per training worker, the number of its last push the copy
-    holds (its ``meta.clock``), far enough ahead of the push count its last heartbeat carried that
-    every server hears of the checkpoint first (placed at its own push rate, so that the workers
-    reach it about together: :func:`~downpour.coordinator.checkpointing.clock_margin`). The step-0
-    checkpoint (``at_start``) is cut where the workers stand (no push yet) when nothing was
-    refused; a server already past a worker's number reports ``missed``, and the cut moves further
-    ahead, twice as far each time. Workers without a push count yet are left out: a server holds
-    all their pushes until it copies (none of them are in the checkpoint)."""
+    holds (its ``meta.clock``), far enough ahead of where it stands that every server hears of the
+    checkpoint first, placed at its own push rate so that the workers reach it about together.
+    Where it stands: ``seen``, the highest push number any server reported to the probe (answered
+    within ``round_trip_s``: :func:`~downpour.coordinator.checkpointing.probe_margin` ahead), else
+    the push count its last heartbeat carried (up to a heartbeat old:
+    :func:`~downpour.coordinator.checkpointing.clock_margin` ahead). The step-0 checkpoint
+    (``at_start``) is cut where the workers stand (no push yet) when nothing was refused; a server
+    already past a worker's number reports ``missed``, and the cut moves further ahead, twice as
+    far each time. Workers without a push count yet are left out: a server holds all their pushes
+    until it copies (none of them are in the checkpoint)."""
     at: dict[str, int] = {}  # where each worker stands
     margins: dict[str, int] = {}
     for n in st.training_workers():
@@ -44,8 +49,13 @@ def cut_clocks(st: CoordinatorState, retries: int, at_start: bool = False) -> di
         if type(pushes) is not int:
             continue
         rate = float(n.progress.get("examples_per_s") or 0.0) * pushes / examples if examples else 0.0
+        rate = rate or st.version_rate
+        if seen is not None:
+            at[n.name] = max(pushes, seen.get(n.name, 0))
+            margins[n.name] = probe_margin(rate, round_trip_s) * 2**retries
+            continue
         at[n.name] = pushes
-        margins[n.name] = 0 if at_start and retries == 0 else clock_margin(rate or st.version_rate, st.cl.heartbeat_interval_s) * 2**retries
+        margins[n.name] = 0 if at_start and retries == 0 else clock_margin(rate, st.cl.heartbeat_interval_s) * 2**retries
     t = st.job.training
     if t.consistency == "ssp" and at:
         # A worker more than the bound ahead waits for the slowest (its answers are held); were the
@@ -58,14 +68,45 @@ def cut_clocks(st: CoordinatorState, retries: int, at_start: bool = False) -> di
 
 
 def begin(st: CoordinatorState, now: float, final: bool = False, retries: int = 0) -> list[Action]:
+    """Ask the servers for a checkpoint. Async and ssp (not the step-0 one, nor a final one): first
+    a probe, each server answering with the highest push number it has seen of each worker, so
+    that the cut goes just past where the workers stand (:func:`probed` sends the CHECKPOINT)."""
     at_version, at_clock = None, None
+    probe = not st.checkpoints.sync and not final and not st.checkpoints.start_due
     if st.checkpoints.sync and not final:
         known = max((int(n.progress.get("version", 0)) for n in st.nodes_of("server")), default=0)
         at_version = known + sync_margin(st.version_rate, st.cl.heartbeat_interval_s) * 2**retries
-    elif not final:  # async and ssp: every server copies with the same pushes applied (server/snapshot.py)
+    elif not final and not probe:  # async and ssp: every server copies with the same pushes applied (server/snapshot.py)
         at_clock = cut_clocks(st, retries, at_start=st.checkpoints.start_due)
     p = st.checkpoints.begin(now, job_steps(st), at_version, final)
     p.retries = retries
+    if probe:
+        servers = st.nodes_of("server")
+        p.probes, p.probed = {}, {n.name for n in servers}
+        return [Reply(n.identity, Message(Op.CHECKPOINT, meta={"name": p.name, "probe": True})) for n in servers]
+    return _ask(st, p, at_version, at_clock)
+
+
+def probed(st: CoordinatorState, node: Node, data: dict[str, Any], now: float) -> list[Action]:
+    """A server's answer to the probe of the pending checkpoint; with every server's in, the cut is
+    placed past the highest push number any of them has seen of each worker."""
+    p = st.checkpoints.pending
+    if p is None or p.probes is None or data.get("name") != p.name or node.name not in p.probed:
+        return []
+    clocks = data.get("clocks")
+    p.probes[node.name] = {str(w): c for w, c in clocks.items() if type(c) is int} if isinstance(clocks, dict) else {}
+    if set(p.probes) < p.probed:
+        return []
+    seen: dict[str, int] = {}
+    for answer in p.probes.values():
+        for w, c in answer.items():
+            seen[w] = max(seen.get(w, 0), c)
+    p.probes = None
+    log.info("coordinator: checkpoint %s: the servers have seen pushes %s (probe answered in %.3fs)", p.name, seen, now - p.asked)
+    return _ask(st, p, None, cut_clocks(st, p.retries, seen=seen, round_trip_s=now - p.asked))
+
+
+def _ask(st: CoordinatorState, p: Pending, at_version: int | None, at_clock: dict[str, int] | None) -> list[Action]:
     log.info("coordinator: checkpoint %s at step %d%s", p.name, p.step,
              f" (servers copy at version {at_version})" if at_version is not None
              else f" (servers copy after pushes {at_clock})" if at_clock else "")
@@ -80,6 +121,8 @@ def begin(st: CoordinatorState, now: float, final: bool = False, retries: int = 
 
 
 def server_report(st: CoordinatorState, node: Node, data: dict[str, Any], now: float) -> list[Action]:
+    if data.get("probe"):
+        return probed(st, node, data, now)
     verdict = st.checkpoints.on_report(node.name, data)
     p = st.checkpoints.pending
     if verdict == "missed" and p is not None:

@@ -551,6 +551,8 @@ class ParameterServer:
     def on_coordinator(self, peer: str, msg: Message) -> None:
         if msg.op == Op.MEMBERSHIP:
             self.set_workers(msg.meta.get("workers"), msg.meta.get("stopping", False))
+        elif msg.op == Op.CHECKPOINT and msg.meta.get("probe"):  # an async cut being placed: where the workers stand here
+            self.snapshots.probe(str(msg.meta.get("name")), [(p.decode(errors="replace"), m.meta.get("clock")) for p, m in self._held])
         elif msg.op == Op.CHECKPOINT:
             self.snapshots.request(msg.meta, self.positions)
             if self.snapshots.armed is None or self._held:  # taken at once, or a new cut: what it no longer holds goes on

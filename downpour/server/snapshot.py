@@ -135,6 +135,15 @@ class Snapshotter:
         self.armed = req
         self.maybe_take(positions)
 
+    def probe(self, name: str, held: list[tuple[str, object]]) -> None:
+        """The coordinator places checkpoint ``name``'s async cut: report the highest push number
+        of each worker seen here (a push or rows applied, or a request ``held``: (worker, clock))."""
+        seen = {w: c for w, (c, _) in self.clocks.items()}
+        for w, c in [*self.row_clocks.items(), *held]:
+            if type(c) is int and c > seen.get(w, 0):
+                seen[w] = c
+        self.reports.put({"name": name, "probe": True, "clocks": seen})
+
     def version(self) -> int:
         return max(self.store.versions, default=0)
 
