@@ -253,8 +253,8 @@ class ParameterServer:
         if self.promoted_at is not None and self.first_request_s is None and msg.op in _WORKER_OPS:
             self.first_request_s = time.monotonic() - self.promoted_at
             log.info("%s: first request as the promoted primary, %.3fs after taking over", self.name, self.first_request_s)
+        # (looked up only while a checkpoint is pending or requests are held: neither, usually)
         if msg.op in _HELD_OPS and (self.snapshots.armed is not None or self._held) and self._must_hold(peer, msg):
-            # (no checkpoint pending and nothing held: nothing to look up, the usual case)
             self._held.append((peer, msg))  # past the pending checkpoint's cut: applied once the copy is taken
             self._take_snapshot()
             return
