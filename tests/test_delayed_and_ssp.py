@@ -629,3 +629,28 @@ def test_a_push_refused_because_the_sync_rounds_ended_is_not_counted_and_the_wor
     assert trainer.position == [0, 0, 16]  # after the second batch: the last push applied
     assert done == []  # the third batch ended shard 0, but was not applied: the shard is not done
     assert trainer.steps == 2 and trainer.examples == 16
+
+
+def test_with_overlap_a_shard_is_reported_done_only_once_its_last_push_was_answered():
+    trainer, kv = small_trainer(overlap=True, epochs=1)
+    assert trainer.overlap
+    data = batches(3)
+
+    def train_shard(shard):
+        for i, (x, y) in enumerate(data):
+            trainer.step(x, y, [shard["epoch"], shard["shard"], 8 * (i + 1)])
+        return 8 * len(data)
+
+    trainer.train_shard = train_shard
+    shards = [{"epoch": 0, "shard": 1, "start": 24, "stop": 48}, {"epoch": 0, "shard": 0, "start": 0, "stop": 24}]
+    asked, done = [], []
+
+    def next_shard():
+        asked.append((trainer.inflight, trainer.position))
+        return shards.pop() if shards else None
+
+    trainer.run(next_shard, lambda *a: done.append((a, trainer.inflight, trainer.position)))
+    assert len(kv.pushes) == 6
+    # Each shard is reported done with no push in flight, at the position of its last batch.
+    assert done == [((0, 0, 24), None, [0, 0, 24]), ((0, 1, 24), None, [0, 1, 24])]
+    assert asked[1:] == [(None, [0, 0, 24]), (None, [0, 1, 24])]

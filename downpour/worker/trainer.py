@@ -193,6 +193,10 @@ class Trainer:
                 break
             self.shard = shard
             n = self.train_shard(shard)
+            # With overlap the shard's last push may still be in flight: it is answered before the shard
+            # is reported done or another one is asked for (a worker that waits for a shard counts as
+            # settled at a checkpoint's cut, and a dead worker's shard resumes from its last answered push).
+            self._settle()
             if n == shard["stop"] - shard["start"] - shard.get("skip", 0):  # cut short by training.steps: unfinished
                 shard_done(shard["epoch"], shard["shard"], n)
             trained += 1
