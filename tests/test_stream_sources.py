@@ -138,6 +138,7 @@ def test_a_redis_restart_mid_read_is_waited_for_and_nothing_is_read_twice(tmp_pa
         server.stop()
 
 
+@needs_redis
 def test_a_reader_opened_while_redis_is_down_waits_and_reads_after_its_offset_once_it_is_back(tmp_path):
     server = RedisServer(str(tmp_path)).start()
     try:
