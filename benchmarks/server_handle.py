@@ -11,10 +11,13 @@ written into the slot before it (outside the timing): the reply overwrites the s
     .venv/bin/python benchmarks/server_handle.py                 # µs of thread CPU per request
     .venv/bin/python benchmarks/server_handle.py --profile       # and where it goes (cProfile)
     .venv/bin/python benchmarks/server_handle.py --workers 3 --scaling auto   # 3 workers' pushes in turn
+    .venv/bin/python benchmarks/server_handle.py --workers 3 --consistency sync   # rounds of 3 workers
 
 With one worker (the default) ``scaling: auto``'s look-ahead momentum answers with the stored values
 (no other worker's momentum is pending); ``--workers 3`` sends the pushes of 3 workers in turn, each
-through its own slot, so every reply carries look-ahead values, as in a job of 3 workers.
+through its own slot, so every reply carries look-ahead values, as in a job of 3 workers. With
+``--consistency sync`` each worker's push is for the current round, and the last of a round completes
+it (the mean, the step and every worker's reply): the figure is per request, rounds included.
 """
 
 from __future__ import annotations
@@ -49,10 +52,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--profile", action="store_true", help="also profile as many requests with cProfile")
     ap.add_argument("--scaling", choices=["auto", "none"], default=None, help="optimizer.scaling (default: the job's)")
     ap.add_argument("--workers", type=int, default=1, help="workers whose pushes come in turn (default 1)")
+    ap.add_argument("--consistency", choices=["async", "sync"], default=None, help="training.consistency (default: the job's)")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
-    job = load_job(os.path.join(_ROOT, "examples", "mnist.yaml"),
-                   [f"optimizer.scaling={args.scaling}"] if args.scaling else None)
+    sets = ([f"optimizer.scaling={args.scaling}"] if args.scaling else []) + (
+        [f"training.consistency={args.consistency}"] if args.consistency else [])
+    job = load_job(os.path.join(_ROOT, "examples", "mnist.yaml"), sets or None)
+    sync = job.training.consistency == "sync"
     layout = plan_layout(job)
     ctx = zmq.Context()
     with tempfile.TemporaryDirectory(prefix="handle-") as folder:
@@ -67,10 +73,13 @@ def main(argv: list[str] | None = None) -> int:
         views[0].copy_(torch.randn(numel) * 0.05)
         server.handle(PEER, encode(Message(Op.INIT, 1, {"keys": keys, "shm": [slots[0].name, numel]})))
         grad = torch.randn(numel) * 1e-3
+        if sync:  # the membership a round waits for
+            server.set_workers([p.decode() for p in peers])
 
         def request(i: int) -> list:
             w, k = i % args.workers, i // args.workers  # the worker's own push count: its clock and seq
-            meta = {"keys": keys, "shm": [slots[w].name, numel], "version": max(0, i - 2), "weight": 32.0,
+            version = k if sync else max(0, i - 2)  # sync: the round; async: a push two versions stale
+            meta = {"keys": keys, "shm": [slots[w].name, numel], "version": version, "weight": 32.0,
                     "clock": k + 1, "seq": k + 1}
             return encode(Message(Op.PUSHPULL, 10 + i, meta))
 
@@ -87,7 +96,8 @@ def main(argv: list[str] | None = None) -> int:
         if server.rejected:
             raise SystemExit(f"requests refused: {dict(server.rejected)}")
         print(f"ParameterServer.handle, PUSHPULL of {numel:,} float32 through shared memory, scaling "
-              f"{job.optimizer.scaling}, {args.workers} worker(s): {1e6 * cpu / args.requests:.1f} µs of CPU per request "
+              f"{job.optimizer.scaling}, {job.training.consistency}, {args.workers} worker(s): "
+              f"{1e6 * cpu / args.requests:.1f} µs of CPU per request "
               f"({args.requests} requests)")
         if args.profile:
             more = [request(i) for i in range(n, n + args.requests)]

@@ -14,7 +14,7 @@ from downpour.config import parse_job
 from downpour.layout import make_layout
 from downpour.protocol import Message, Op
 from downpour.server import kernels
-from downpour.server.consistency import AsyncPolicy, Push
+from downpour.server.consistency import AsyncPolicy, Push, SyncPolicy
 from downpour.server.lookahead import make_lookahead
 from downpour.server.optim import make_rule
 from downpour.server.scaling import Hyperparams
@@ -164,6 +164,73 @@ def test_an_async_server_answers_and_stores_the_same_values_on_either_path(monke
     assert torch.equal(data_c, data_t)
     assert all(torch.equal(a, b) for a, b in zip(replies_c, replies_t, strict=True))
     assert state_c.keys() == state_t.keys() and all(torch.equal(state_c[k], state_t[k]) for k in state_c)
+
+
+@needs_native
+@pytest.mark.parametrize("n", [1, 17, 1000, 1023, 1024, 1025, 2049, 50_885])
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("k", [1, 3, 5])
+@pytest.mark.parametrize("momentum,first", [(0.9, False), (0.9, True), (0.0, False)])
+def test_the_compiled_sync_round_equals_torchs_mean_then_step_bit_for_bit(n, variant, k, momentum, first):
+    """The mean of k gradients (uneven weights), the step and the replies, compiled, against torch's
+    mean then torch's step; some replies go over their own worker's gradient, as slots do."""
+    wd, damp, nesterov = variant
+    gen = torch.Generator().manual_seed(n + k)
+    p0, b0 = torch.randn(n, generator=gen), torch.randn(n, generator=gen) * 0.1
+    grads0 = [torch.randn(n, generator=gen) * 10.0 ** -j for j in range(k)]
+    weights = [32.0, 31.0, 17.5, 3.3, 1.0][:k]
+    want_p, want_b = p0.clone(), b0.clone()
+    kernels.sgd(want_p, want_b if momentum else None, kernels.mean([g.clone() for g in grads0], weights), None,
+                lr=0.037, momentum=momentum, weight_decay=wd, dampening=damp, nesterov=nesterov, first=first,
+                native=False)
+    for path in (True, False):
+        p, b, grads = p0.clone(), b0.clone(), [g.clone() for g in grads0]
+        outs = grads[::2] + [torch.full((n,), float("nan"))]
+        kernels.sgd_mean(p, b if momentum else None, grads, weights, outs, lr=0.037, momentum=momentum,
+                         weight_decay=wd, dampening=damp, nesterov=nesterov, first=first, native=path)
+        assert torch.equal(p, want_p) and torch.equal(b, want_b if momentum else b0)
+        assert all(torch.equal(o, want_p) for o in outs)
+
+
+@needs_native
+@pytest.mark.parametrize("into_slot", [False, True])
+def test_a_sync_server_answers_and_stores_the_same_values_on_either_path(monkeypatch, into_slot):
+    """Rounds of three workers (pushes arriving out of rank order, uneven weights) over several keys,
+    compiled and in torch: the stored values, the momentum buffer and every reply agree bit for bit; with
+    ``into_slot`` each reply is written over its own request's gradient, as a shared-memory slot is."""
+    j = parse_job({"model": {"name": "mlp"}, "optimizer": {"name": "sgd", "lr": 0.05, "momentum": 0.9},
+                   "training": {"consistency": "sync"}})
+    layout = make_layout([("a", (37, 5)), ("b", (5,)), ("c", (301,))], 1)
+    outcomes = []
+    for path in (NATIVE_ON, None):
+        monkeypatch.setattr(kernels, "NATIVE", path)
+        store = ShardStore(layout.server_slices(0), lambda n: make_rule(j.optimizer, j.effective_lr(), n))
+        store.write(store.all, torch.randn(store.numel, generator=torch.Generator().manual_seed(0)))
+        store.initialized = True
+        store.hyper = Hyperparams(j, None)
+        policy = SyncPolicy(store, store.hyper.observe, j.training)
+        policy.set_workers({"worker-0", "worker-1", "worker-2"})
+        slots: dict[tuple[bytes, int], torch.Tensor] = {}
+        policy.reply_slot = (lambda peer, req: slots.get((peer, req))) if into_slot else None  # noqa: B023 (read at once)
+        gen, replies = torch.Generator().manual_seed(1), []
+        for r in range(4):
+            for w in (2, 0, 1):
+                who, req = f"worker-{w}".encode(), 10 * r + w
+                g = torch.randn(store.numel, generator=gen) * 0.1
+                slots[(who, req)] = g
+                msg = Message(Op.PUSHPULL, req, {"keys": list(store.keys)})
+                for to, reply in policy.push(Push(who, msg, store.all, g, 32.0 - w, r)):
+                    assert reply.op == Op.OK
+                    if into_slot:  # the values are in the slot of the request answered
+                        assert reply.tensors[0].data_ptr() == slots[(to, reply.req_id)].data_ptr()
+                    replies.append(reply.tensors[0].clone())
+            slots.clear()
+        assert len(replies) == 12
+        outcomes.append((store.read(store.all), store.rule.buf.clone(), replies))
+    (data_c, buf_c, replies_c), (data_t, buf_t, replies_t) = outcomes
+    assert torch.equal(data_c, data_t) and torch.equal(buf_c, buf_t)
+    assert all(torch.equal(a, b) for a, b in zip(replies_c, replies_t, strict=True))
+    assert all(torch.equal(a, data_c) for a in replies_c[-3:])  # every worker of the last round got the new values
 
 
 @needs_native

@@ -24,6 +24,7 @@
 #include <Python.h>
 #include <math.h>
 #include <stdint.h>
+#include <string.h>
 
 /* x86-64: the loops are compiled for AVX2 + FMA (fmaf is then one instruction, 8 lanes at a time) and run
  * only where the CPU has both. Elsewhere (aarch64: fmaf is always one instruction) the plain build runs. */
@@ -156,6 +157,101 @@ static PyObject *lookahead(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+/* A sync round (server/consistency.py's SyncPolicy): the weighted mean of k workers' gradients, as torch
+ * computes it (acc = g0 * w0, acc.add_(gj, alpha=wj) for each next one, acc.div_(wsum)), then SGD on it
+ * (sgd_loop), the new values written into each of the outs (the workers' reply slots). Block by block, so
+ * that every array is read or written once from memory and the mean never leaves the cache: one pass in all
+ * where the torch path takes four for the mean, one for the step and one per reply. A reply slot may be its
+ * worker's gradient: a block's gradients are all read before its outs are written. */
+#define ROUND_BLOCK 1024
+
+HOT static void mean_block(float *m, const float *const *g, const float *w, Py_ssize_t k, float wsum, Py_ssize_t at,
+                           Py_ssize_t len) {
+    const float *g0 = g[0] + at;
+    float w0 = w[0];
+    for (Py_ssize_t i = 0; i < len; i++)
+        m[i] = g0[i] * w0;
+    for (Py_ssize_t j = 1; j < k; j++) {
+        const float *gj = g[j] + at;
+        float wj = w[j];
+        for (Py_ssize_t i = 0; i < len; i++)
+            m[i] = fmaf(gj[i], wj, m[i]);
+    }
+    for (Py_ssize_t i = 0; i < len; i++)
+        m[i] = m[i] / wsum;
+}
+
+HOT static void sgd_mean_run(float *p, float *b, const float *const *g, const float *w, Py_ssize_t k, float wsum,
+                             float *const *outs, Py_ssize_t nouts, Py_ssize_t n, float lr, float mu, float wd,
+                             float damp1, int flags) {
+    float m[ROUND_BLOCK];
+    flags = nouts ? (flags | F_OUT) : (flags & ~F_OUT);
+    for (Py_ssize_t at = 0; at < n; at += ROUND_BLOCK) {
+        Py_ssize_t len = n - at < ROUND_BLOCK ? n - at : ROUND_BLOCK;
+        mean_block(m, g, w, k, wsum, at, len);
+        sgd_run(p + at, b ? b + at : NULL, m, nouts ? outs[0] + at : NULL, len, lr, mu, wd, damp1, flags);
+        for (Py_ssize_t j = 1; j < nouts; j++)
+            memcpy(outs[j] + at, outs[0] + at, (size_t)len * sizeof(float));
+    }
+}
+
+/* A tuple of addresses (ints) as pointers, in `into` (k of them). */
+static int addresses(PyObject *tuple, void **into, Py_ssize_t k) {
+    for (Py_ssize_t j = 0; j < k; j++) {
+        unsigned long long a = PyLong_AsUnsignedLongLong(PyTuple_GET_ITEM(tuple, j));
+        if (a == (unsigned long long)-1 && PyErr_Occurred())
+            return -1;
+        into[j] = (void *)(uintptr_t)a;
+    }
+    return 0;
+}
+
+static const char sgd_mean_doc[] =
+    "sgd_mean(p, b, grads, weights, wsum, outs, n, lr, momentum, weight_decay, 1 - dampening, flags): a sync\n"
+    "round on n float32 values: the weighted mean of the gradients at the addresses in the tuple grads (weights:\n"
+    "a tuple of floats as long, wsum their sum), then SGD on p (b: momentum buffer, 0: none), the new values\n"
+    "written into each address of the tuple outs (may be empty). Addresses and sizes are the caller's to check.";
+
+static PyObject *sgd_mean(PyObject *self, PyObject *args) {
+    unsigned long long p, b;
+    PyObject *grads, *weights, *outs;
+    Py_ssize_t n;
+    double wsum, lr, mu, wd, damp1;
+    int flags;
+    if (!PyArg_ParseTuple(args, "KKO!O!dO!nddddi", &p, &b, &PyTuple_Type, &grads, &PyTuple_Type, &weights, &wsum,
+                          &PyTuple_Type, &outs, &n, &lr, &mu, &wd, &damp1, &flags))
+        return NULL;
+    Py_ssize_t k = PyTuple_GET_SIZE(grads), nouts = PyTuple_GET_SIZE(outs);
+    if (k < 1 || PyTuple_GET_SIZE(weights) != k) {
+        PyErr_SetString(PyExc_ValueError, "sgd_mean: one weight per gradient, and at least one gradient");
+        return NULL;
+    }
+    void **ptrs = PyMem_Malloc((size_t)(k + nouts) * sizeof(void *));
+    float *w = PyMem_Malloc((size_t)k * sizeof(float));
+    if (ptrs == NULL || w == NULL) {
+        PyMem_Free(ptrs);
+        PyMem_Free(w);
+        return PyErr_NoMemory();
+    }
+    int bad = addresses(grads, ptrs, k) < 0 || addresses(outs, ptrs + k, nouts) < 0;
+    for (Py_ssize_t j = 0; !bad && j < k; j++) {
+        double wj = PyFloat_AsDouble(PyTuple_GET_ITEM(weights, j));
+        bad = wj == -1.0 && PyErr_Occurred();
+        w[j] = (float)wj;
+    }
+    if (!bad) {
+        Py_BEGIN_ALLOW_THREADS
+        sgd_mean_run((float *)(uintptr_t)p, (float *)(uintptr_t)b, (const float *const *)ptrs, w, k, (float)wsum,
+                     (float *const *)(ptrs + k), nouts, n, (float)lr, (float)mu, (float)wd, (float)damp1, flags);
+        Py_END_ALLOW_THREADS
+    }
+    PyMem_Free(ptrs);
+    PyMem_Free(w);
+    if (bad)
+        return NULL;
+    Py_RETURN_NONE;
+}
+
 /* Whether every one of n float32 values is within [-limit, limit]: NaN fails (every comparison with it is
  * false), and so does an infinity. One read-only pass, branch-free (vectorized), no early exit: a request
  * is refused rarely, and the pass over a shard's gradient costs less than the branch per element. */
@@ -189,6 +285,7 @@ static PyMethodDef methods[] = {
     {"sgd", sgd, METH_VARARGS, sgd_doc},
     {"lookahead", lookahead, METH_VARARGS, lookahead_doc},
     {"within", within, METH_VARARGS, within_doc},
+    {"sgd_mean", sgd_mean, METH_VARARGS, sgd_mean_doc},
     {"available", available, METH_NOARGS, "Whether this CPU runs the kernels (x86-64: AVX2 and FMA)."},
     {NULL, NULL, 0, NULL},
 };

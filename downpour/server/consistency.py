@@ -29,6 +29,7 @@ from downpour.compress import Codec, encode_pull
 from downpour.config import TrainingConfig
 from downpour.protocol import Message, Op
 from downpour.protocol.ops import Code
+from downpour.server import kernels
 from downpour.server.store import ShardStore
 
 
@@ -203,6 +204,10 @@ class SSPPolicy(AsyncPolicy):
 
 
 class SyncPolicy(Policy):
+    """``reply_slot``: as AsyncPolicy's (set by the server where replies may go into request slots)."""
+
+    reply_slot: Callable[[bytes, int], torch.Tensor | None] | None = None
+
     def __init__(self, store: ShardStore, record_staleness: Callable[[int], None], training: TrainingConfig | None = None,
                  keys: list[int] | None = None) -> None:
         super().__init__(store, record_staleness, training, keys)
@@ -264,23 +269,39 @@ class SyncPolicy(Policy):
         old.peer, old.msg, old.pull, old.grad = p.peer, p.msg, p.pull, p.grad
         return True
 
-    def _mean(self) -> torch.Tensor:
-        """The weighted mean of the round's pushes, summed in the workers' rank order: float
+    def _ranked(self) -> list[Push]:
+        """The round's pushes in the workers' rank order, the order their mean sums them in: float
         addition is not associative, so summing in arrival order would make a sync job's parameters
         depend on timing (a stopped-and-resumed job would not land on an uninterrupted run's)."""
-        pushes = [self.waiting[w] for w in sorted(self.waiting, key=_rank_order)]
-        acc = pushes[0].grad.mul(pushes[0].weight)
-        for p in pushes[1:]:
-            acc.add_(p.grad, alpha=p.weight)
-        return acc.div_(sum(p.weight for p in pushes))
+        return [self.waiting[w] for w in sorted(self.waiting, key=_rank_order)]
+
+    def _slot(self, p: Push) -> torch.Tensor | None:
+        """Where ``p``'s reply values may be written before it is sent (its request's shared-memory
+        slot, see AsyncPolicy), or None."""
+        if self.reply_slot is None or not p.wants_values or p.pull is not None:
+            return None
+        into = self.reply_slot(p.peer, p.msg.req_id)
+        return into if into is not None and into.numel() == self.store.size_of(self._all) else None
 
     def _maybe_complete(self) -> list[Reply]:
         # No membership yet means the coordinator has not said who trains: keep waiting.
         if self.frozen or not self.waiting or not self.workers or not self.workers.issubset(self.waiting):
             return []
-        self.store.apply(self._all, self._mean(), delta=self.delta, pushes=len(self.waiting))
-        values = self.store.read(self._all) if any(p.wants_values for p in self.waiting.values()) else None
-        replies = [self._answer(p, values) for p in self.waiting.values()]
+        pushes = self._ranked()
+        if not self.delta and self.store.rule.fuses_mean:
+            # Mean, step and the replies' values in one pass (server/kernels.py), each reply's values
+            # written into its request's slot where it has one.
+            slots = {id(p): self._slot(p) for p in pushes}
+            self.store.apply_mean(self._all, [p.grad for p in pushes], [p.weight for p in pushes],
+                                  [s for s in slots.values() if s is not None], pushes=len(pushes))
+        else:
+            slots = {}
+            self.store.apply(self._all, kernels.mean([p.grad for p in pushes], [p.weight for p in pushes]),
+                             delta=self.delta, pushes=len(pushes))
+        values = None
+        if any(p.wants_values and slots.get(id(p)) is None for p in pushes):
+            values = self.store.read(self._all)
+        replies = [self._answer(p, values if slots.get(id(p)) is None else slots[id(p)]) for p in self.waiting.values()]
         self.waiting.clear()
         return replies
 

@@ -87,6 +87,40 @@ def sgd(p: torch.Tensor, buf: torch.Tensor | None, g: torch.Tensor, out: torch.T
         out.copy_(p)
 
 
+def mean(grads: list[torch.Tensor], weights: list[float]) -> torch.Tensor:
+    """The weighted mean of ``grads``, summed in the order given (float addition is not associative:
+    the order is the caller's to fix), as a new tensor: torch's operations, which :func:`sgd_mean`'s
+    compiled path repeats."""
+    acc = grads[0].mul(weights[0])
+    for g, w in zip(grads[1:], weights[1:]):
+        acc.add_(g, alpha=w)
+    return acc.div_(sum(weights))
+
+
+def sgd_mean(p: torch.Tensor, buf: torch.Tensor | None, grads: list[torch.Tensor], weights: list[float],
+             outs: list[torch.Tensor], *, lr: float, momentum: float, weight_decay: float, dampening: float,
+             nesterov: bool, first: bool, native: bool = True) -> None:
+    """A sync round's step: :func:`sgd` on the weighted :func:`mean` of ``grads`` (each as long as
+    ``p``), the new values also into each of ``outs`` (a reply slot may be a worker's own gradient).
+    Compiled, one pass over memory for all of it (block by block); torch: the mean, the step, a copy
+    per out. Bit for bit the same either way."""
+    n, native = p.numel(), NATIVE if native else None
+    if (native is not None and _HAS_MEAN and all(_fits(g, n) for g in grads) and all(_fits(o, n) for o in outs)
+            and len(weights) == len(grads) >= 1):
+        flags = ((native.MOMENTUM if buf is not None else 0) | (native.FIRST if first else 0)
+                 | (native.DAMPENING if dampening else 0) | (native.NESTEROV if nesterov else 0)
+                 | (native.DECAY if weight_decay else 0))
+        native.sgd_mean(p.data_ptr(), 0 if buf is None else buf.data_ptr(), tuple(g.data_ptr() for g in grads),
+                        tuple(float(w) for w in weights), float(sum(weights)), tuple(o.data_ptr() for o in outs), n,
+                        lr, momentum, weight_decay, 1 - dampening, flags)
+        return
+    g = mean(grads, weights)
+    sgd(p, buf, g, outs[0] if outs else None, lr=lr, momentum=momentum, weight_decay=weight_decay,
+        dampening=dampening, nesterov=nesterov, first=first, native=native is not None)
+    for o in outs[1:]:
+        o.copy_(p)
+
+
 def lookahead(p: torch.Tensor, b: torch.Tensor, total: torch.Tensor, g: torch.Tensor, out: torch.Tensor | None, *,
               lr: float, momentum: float, weight_decay: float, dampening: float, nesterov: bool, c: float,
               own: bool, lo: int = 0, hi: int | None = None, at: int = 0, native: bool = True) -> None:
@@ -150,3 +184,4 @@ def within(t: torch.Tensor, limit: float, native: bool = True) -> bool:
 
 # A build from before the bound check was compiled has no ``within``: the torch check runs there.
 _WITHIN = NATIVE is not None and hasattr(NATIVE, "within")
+_HAS_MEAN = NATIVE is not None and hasattr(NATIVE, "sgd_mean")  # (likewise the sync round's)

@@ -27,12 +27,21 @@ class UpdateRule:
     pass; for the others the store copies them."""
 
     fuses_out = False
+    # A rule with ``apply_mean`` (``fuses_mean``) takes a sync round's gradients as they came and
+    # averages them in the same pass as its step (server/store.py's apply_mean).
+    fuses_mean = False
 
     def __init__(self, cfg, lr: float, numel: int) -> None:
         self.cfg = cfg
         self.lr = lr
 
     def apply(self, param: torch.Tensor, grad: torch.Tensor, lo: int, hi: int, step: int) -> None:
+        raise NotImplementedError
+
+    def apply_mean(self, param: torch.Tensor, grads: list[torch.Tensor], weights: list[float], lo: int, hi: int,
+                   step: int, outs: list[torch.Tensor]) -> None:
+        """:meth:`apply` with the weighted mean of ``grads`` (each for ``param[lo:hi]``, summed in the
+        order given), the range's new values also into each of ``outs``. Only where ``fuses_mean``."""
         raise NotImplementedError
 
     def state(self) -> dict[str, torch.Tensor]:
@@ -78,7 +87,7 @@ def make_rule(cfg, lr: float, numel: int) -> UpdateRule:
 
 @register_rule("sgd")
 class SGD(UpdateRule):
-    fuses_out = True
+    fuses_out = fuses_mean = True
 
     def __init__(self, cfg: SGDConfig, lr: float, numel: int) -> None:
         super().__init__(cfg, lr, numel)
@@ -92,6 +101,13 @@ class SGD(UpdateRule):
         kernels.sgd(param[lo:hi], None if self.buf is None else self.buf[lo:hi], grad, out, lr=self.lr,
                     momentum=self.momentum, weight_decay=c.weight_decay, dampening=c.dampening, nesterov=c.nesterov,
                     first=step == 0)
+
+    def apply_mean(self, param, grads, weights, lo, hi, step, outs):
+        assert not self.yielded, "SGD.apply_mean after yield_momentum"
+        c = self.cfg
+        kernels.sgd_mean(param[lo:hi], None if self.buf is None else self.buf[lo:hi], grads, weights, outs, lr=self.lr,
+                         momentum=self.momentum, weight_decay=c.weight_decay, dampening=c.dampening,
+                         nesterov=c.nesterov, first=step == 0)
 
     def state(self):
         return {"momentum_buffer": self.buf} if self.buf is not None else {}

@@ -41,7 +41,7 @@ from downpour.protocol import Message, Op, decode, encode
 from downpour.protocol.ops import MAX_GRADIENT, Code, validate
 from downpour.protocol.schema import SchemaError
 from downpour.protocol.throttle import LogOnce, RateLimit
-from downpour.server.consistency import POLICIES, AsyncPolicy, Policy, Push, values_reply
+from downpour.server.consistency import POLICIES, AsyncPolicy, Policy, Push, SyncPolicy, values_reply
 from downpour.server.grouped import GroupedPolicy, key_modes
 from downpour.server.kernels import KERNEL as DENSE_KERNEL
 from downpour.server.kernels import float32_at_most, within
@@ -104,7 +104,7 @@ class ParameterServer:
             self.policy: Policy = GroupedPolicy(self.store, self._record_staleness, job.training, modes)
         else:
             self.policy = POLICIES[job.training.consistency](self.store, self._record_staleness, job.training)
-            if isinstance(self.policy, AsyncPolicy):  # replies' values go straight into the request's slot
+            if isinstance(self.policy, (AsyncPolicy, SyncPolicy)):  # replies' values go straight into the request's slot
                 self.policy.reply_slot = self._reply_slot
         self._pull_codecs: dict[tuple, Codec] = {}  # built once per distinct request ``pq``
         self.max_bytes = job.cluster.max_message_bytes

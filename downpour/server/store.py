@@ -171,6 +171,25 @@ class ShardStore:
             self.versions[i] += 1
             self.steps[i] += pushes
 
+    def apply_mean(self, idx: list[int], grads: list[torch.Tensor], weights: list[float], outs: list[torch.Tensor],
+                   pushes: int) -> None:
+        """A sync round's step on the keys: :meth:`apply` with the weighted mean of ``grads`` (each
+        concatenated in request order, summed in the order given) in the same pass, the new values
+        also into each of ``outs`` (replies' memory, in request order; one may be a gradient's own).
+        Only for a rule that ``fuses_mean``."""
+        runs = self._runs(idx, by_version=True)
+        self._before_change(runs)
+        for lo, hi, at, first in runs:
+            if self.hyper is not None:
+                self.hyper.set_rule(self.rule, self.steps[first], pushes)
+            n = hi - lo
+            whole = at == 0 and n == grads[0].numel()  # (one run over the whole request: no views to make)
+            self.rule.apply_mean(self.data, grads if whole else [g[at : at + n] for g in grads], weights, lo, hi,
+                                 self.versions[first], outs if whole else [o[at : at + n] for o in outs])
+        for i in idx:
+            self.versions[i] += 1
+            self.steps[i] += pushes
+
     def shares_memory(self, t: torch.Tensor) -> bool:
         return t.untyped_storage().data_ptr() == self.data.untyped_storage().data_ptr()
 
