@@ -56,7 +56,10 @@ def test_a_stopped_sync_job_resumes_to_the_same_parameters(tmp_path, tiny_data):
                    training={"consistency": "sync", "epochs": 12}, checkpoint={"every_steps": 60, "every_s": None})
     whole = LocalLauncher(resolve_job(job), str(tmp_path / "whole")).run()
     (tmp_path / "a").mkdir()
-    stopped = _stop_after_a_checkpoint(tmp_path / "a", job)
+    # The run to stop sleeps after each step (sync rounds are deterministic, so its values are the same):
+    # at full speed the whole job can end before its first checkpoint is committed and seen.
+    slowed = {**job, "training": {**job["training"], "slowdown": {"rank": None, "factor": 8.0}}}
+    stopped = _stop_after_a_checkpoint(tmp_path / "a", slowed)
     summary, resumed = _resume(tmp_path, job, stopped)
     state = json.loads(open(os.path.join(stopped, "checkpoints", _committed(stopped)[-1], "job.json")).read())
     assert 0 < state["step"] and state["ledger"]["queue"], "the run was stopped mid-way"
