@@ -388,6 +388,9 @@ class ClusterConfig(_Frozen):
     # With ipc, a worker and a server pass the values of pushes and pulls through shared memory
     # (a file per request slot in the socket folder); only the headers go through the socket.
     shared_memory: bool = True
+    # With ipc, workers send their requests to servers over a plain Unix socket beside each
+    # server's ZeroMQ one: one wake-up per message instead of three (transport/uds.py).
+    unix_sockets: bool = True
     partitioner: str = "bytes"
     # Largest slice of one tensor stored under one key, in bytes. Larger tensors are cut.
     max_slice_bytes: int = Field(2 * 1024 * 1024, gt=0)

@@ -325,6 +325,9 @@ class NullListener:
     def send(self, peer: bytes, frames: list, track: bool = False) -> list:
         return []
 
+    def pending(self) -> bool:
+        return False
+
     def close(self) -> None:
         pass
 

@@ -55,7 +55,21 @@ from downpour.server.snapshot import OldParams, Snapshotter, restore_store
 from downpour.server.sparse import SparseShard
 from downpour.server.store import ShardStore
 from downpour.storage import CheckpointStore
-from downpour.transport import Context, Listener, Poller, Security, SlotMaps, WouldBlock, advertised, bind_address, bound_name, slot_folder
+from downpour.transport import (
+    Both,
+    Context,
+    Listener,
+    Poller,
+    Security,
+    SlotMaps,
+    UnixListener,
+    WouldBlock,
+    advertised,
+    bind_address,
+    bound_name,
+    slot_folder,
+    unix_path,
+)
 
 log = logging.getLogger(__name__)
 
@@ -639,7 +653,8 @@ class ParameterServer:
         poller.register(self.listener)
         next_check = 0.0
         while True:
-            if poller.poll(_POLL_S):
+            # (a Unix listener may hold messages it read ahead, which no poll reports: transport/uds.py)
+            if self.listener.pending() or poller.poll(_POLL_S):
                 listener = self.listener
                 for i in range(256):  # bounded burst, then look at the coordinator again
                     if i and not listener.ready():  # (the poll said the first one waits)
@@ -715,14 +730,26 @@ def run_server(ctx: Context, coordinator: str, host: str = "127.0.0.1", rank: in
     coord = CoordinatorClient(ctx, coordinator, identity, request_timeout_s=30.0, security=security)
     server: ParameterServer | None = None
     endpoint: HttpEndpoint | None = None
+    unix: UnixListener | None = None
     try:
         # Bind before registering: the coordinator hands our address to the workers.
         transport = "ipc" if coordinator.startswith("ipc://") else "tcp"
-        listener = Listener(ctx, bind_address(transport, host, ipc_dir, f"server-{rank}-{uuid.uuid4().hex[:6]}", port), 1 << 30, security)
-        listener.address = advertised(listener.address, coordinator, advertise, f"server (rank {rank})")
+        zmq_listener = Listener(ctx, bind_address(transport, host, ipc_dir, f"server-{rank}-{uuid.uuid4().hex[:6]}", port), 1 << 30,
+                                security)
+        zmq_listener.address = advertised(zmq_listener.address, coordinator, advertise, f"server (rank {rank})")
+        listener: Listener | Both = zmq_listener
+        # Workers on this machine send their requests over a Unix socket beside the ipc one (transport/uds.py):
+        # listening before registering, as workers may connect as soon as the coordinator names this server.
+        path = unix_path(zmq_listener.address) if transport == "ipc" and security is None else None
+        if path is not None:
+            unix = UnixListener(path, 1 << 30)
+            listener = Both(zmq_listener, unix)
         reply = coord.register("server", rank, listener.address, timeout_s=120.0, hosted_by=hosted_by, promoted=promote is not None)
         job = parse_job(reply["job"], source="coordinator")
         layout = Layout.from_dict(reply["layout"])
+        if unix is not None and not job.cluster.unix_sockets:  # (workers will not look for it)
+            unix.close()
+            listener, unix = zmq_listener, None
         if job.cluster.max_message_bytes < 1 << 30:  # the job's frame limit on every connection from now on
             listener.limit(job.cluster.max_message_bytes)
         # Updates are elementwise and memory-bound: more intra-op threads only contend with other processes.
@@ -791,4 +818,6 @@ def run_server(ctx: Context, coordinator: str, host: str = "127.0.0.1", rank: in
     finally:
         if endpoint is not None:
             endpoint.close()
+        if unix is not None:  # (its socket file goes with it)
+            unix.close()
         coord.close()

@@ -109,6 +109,11 @@ class Listener:
         frames = self.socket.recv_multipart(flags=zmq.NOBLOCK, copy=False)
         return frames[0].bytes, frames[1:]
 
+    def pending(self) -> bool:
+        """Whether a message was read ahead and waits where a poll does not see it (never, here;
+        transport/uds.py's listeners may)."""
+        return False
+
     def ready(self) -> bool:
         """Whether a message is waiting now (as :meth:`Channel.ready`): a burst read as ``recv``
         while ``ready()`` ends on a check, not on the :data:`WouldBlock` a last ``recv`` raises."""
@@ -203,15 +208,33 @@ class Poller:
         self._poller = zmq.Poller()
         self._owner: dict[Any, Any] = {}
 
-    def register(self, endpoint: Listener | Channel) -> None:
-        self._poller.register(endpoint.socket, zmq.POLLIN)
-        self._owner[endpoint.socket] = endpoint
+    def register(self, endpoint: Any) -> None:
+        """A listener or channel (ZeroMQ's, or transport/uds.py's: anything with a ``socket`` that
+        has a ``fileno``, or ``pollables()``)."""
+        for s in _pollables(endpoint):
+            self._poller.register(s, zmq.POLLIN)
+            self._owner[_key(s)] = endpoint
 
-    def unregister(self, endpoint: Listener | Channel) -> None:
-        self._poller.unregister(endpoint.socket)
-        self._owner.pop(endpoint.socket, None)
+    def unregister(self, endpoint: Any) -> None:
+        for s in _pollables(endpoint):
+            if self._owner.pop(_key(s), None) is not None:
+                self._poller.unregister(s)
 
-    def poll(self, timeout_s: float) -> list[Listener | Channel]:
+    def poll(self, timeout_s: float) -> list[Any]:
         """The endpoints with a message waiting, after at most ``timeout_s`` seconds."""
+        if not self._owner:  # (ZeroMQ's poll of nothing returns at once: a waiting caller would spin)
+            time.sleep(max(0.0, timeout_s))
+            return []
         ready = self._poller.poll(max(0, math.ceil(timeout_s * 1000)))
-        return [self._owner[s] for s, _ in ready]
+        owners = [self._owner[s] for s, _ in ready]
+        return owners if len(owners) < 2 else list(dict.fromkeys(owners))  # (one endpoint may have two sockets)
+
+
+def _key(s: Any) -> Any:
+    """How a poll names a registered object: a ZeroMQ socket as itself, anything else by its file descriptor."""
+    return s if isinstance(s, zmq.Socket) else s.fileno()
+
+
+def _pollables(endpoint: Any) -> list[Any]:
+    more = getattr(endpoint, "pollables", None)
+    return more() if more is not None else [endpoint.socket]

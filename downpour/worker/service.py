@@ -281,7 +281,8 @@ class WorkerProcess:
         self.flat = flat = FlatModel(model, layout, self.device)
         link = job.cluster.link_mbit_s * 1e6 / 8 if job.cluster.link_mbit_s else None
         self.rpc = rpc = RpcClient(self.ctx, name, job.cluster.request_timeout_s, job.cluster.max_message_bytes, abort=self.abort,
-                                   abort_reason=self._reason, security=self.security, link_bytes_per_s=link)
+                                   abort_reason=self._reason, security=self.security, link_bytes_per_s=link,
+                                   unix_sockets=job.cluster.unix_sockets and link is None)
         peers = {}
         for s in reply["servers"]:
             rpc.connect(s["name"], s["address"])
