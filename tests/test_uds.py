@@ -15,8 +15,7 @@ import zmq
 from downpour.errors import TransportError
 from downpour.protocol import Message, Op, decode, encode
 from downpour.protocol.rpc import RpcClient
-from downpour.transport import Both, Listener, Poller, UnixChannel, UnixListener, bind_address, unix_path
-from downpour.transport import uds
+from downpour.transport import Both, Listener, Poller, UnixChannel, UnixListener, bind_address, uds, unix_path
 
 
 def _wait(cond, timeout_s: float = 5.0):
