@@ -62,10 +62,13 @@ class Plan:
 
 def make_plan(ids: torch.Tensor, num_servers: int, server_of, grouped: bool, source: int | None = None) -> Plan:
     """The plan of flat int64 ``ids``; ``server_of(keys)`` gives each key's server (numpy)."""
-    uniq, inverse = torch.unique(ids.cpu(), return_inverse=True)
+    # numpy's unique: the same sorted keys and inverse as torch.unique, in about half its time
+    # on a batch's ~13k IDs (one thread; it is the largest piece of a plan)
+    k, inv = np.unique(ids.cpu().numpy().reshape(-1), return_inverse=True)
+    k, inv = k.astype(np.int64, copy=False), inv.reshape(-1).astype(np.int64, copy=False)
+    uniq, inverse = torch.from_numpy(k), torch.from_numpy(inv)
     if num_servers == 1:
         return Plan(ids, ids._version, uniq, inverse, np.array([0, len(uniq)]), None, source)
-    k = uniq.numpy()
     srv = server_of(k)
     order = np.argsort(srv, kind="stable")
     bounds = np.concatenate([[0], np.cumsum(np.bincount(srv, minlength=num_servers))])
