@@ -83,19 +83,32 @@ def test_a_restarted_coordinator_continues_the_job_and_every_shard_is_trained_on
         sim.send(who, Op.HEARTBEAT)
     assert failure.reconnected_after_s is not None
 
-    # Train the rest; workers finish their shard before asking for the next.
-    holds = {WORKERS[1]: held}
-    while True:
-        progressed = False
+    # Train the rest; workers finish their shard before asking for the next. A NEXT_SHARD with
+    # nothing to hand out yet waits at the coordinator: its answer comes with a later request's.
+    holds, asking, finished = {WORKERS[1]: held}, set(), set()
+
+    def answers(actions: list) -> None:
+        for r in replies(actions):
+            who = r.to.decode().removeprefix("id-")
+            if who in asking and "shard" in r.msg.meta:
+                asking.discard(who)
+                if r.msg.meta["shard"] is not None:
+                    holds[who] = r.msg.meta["shard"]
+                elif "wait_s" not in r.msg.meta:
+                    finished.add(who)
+
+    for _ in range(100):
+        if finished == set(WORKERS):
+            break
         for w in WORKERS:
+            if w in asking or w in finished:
+                continue
             if w in holds:
                 s = holds.pop(w)
-                ok(one(sim.send(w, Op.SHARD_DONE, epoch=s["epoch"], shard=s["shard"], examples=4)))
-            s = ok(one(sim.send(w, Op.NEXT_SHARD), to=w))["shard"]
-            if s is not None:
-                holds[w], progressed = s, True
-        if not progressed and not holds:
-            break
+                answers(sim.send(w, Op.SHARD_DONE, epoch=s["epoch"], shard=s["shard"], examples=4))
+            asking.add(w)
+            answers(sim.send(w, Op.NEXT_SHARD))
+    assert finished == set(WORKERS) and not holds
     assert st.ledger.summary()["completed_per_epoch"] == {"0": 3, "1": 3} and st.ledger.summary()["unfinished"] == 0
 
 

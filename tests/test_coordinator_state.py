@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from downpour.config import parse_job
+from downpour.coordinator.membership import shard_wait_s
 from downpour.coordinator.state import CoordinatorState, Finish, Reply
 from downpour.layout import Layout, make_layout
 from downpour.models import build_model, param_shapes
@@ -216,12 +217,73 @@ def test_every_shard_of_every_epoch_is_handed_out_exactly_once_then_none():
     done = holds.pop(WORKERS[0])
     ok(one(sim.send(WORKERS[0], Op.SHARD_DONE, epoch=done["epoch"], shard=done["shard"], examples=1)))
     assert ok(one(sim.send(WORKERS[0], Op.SHARD_DONE, epoch=done["epoch"], shard=done["shard"], examples=1))) == {}  # a repeat
-    waiting = ok(one(sim.send(WORKERS[0], Op.NEXT_SHARD), to=WORKERS[0]))
+    # The request waits at the coordinator (parked), answered when something changes or after a while.
+    assert not replies(sim.send(WORKERS[0], Op.NEXT_SHARD), to=WORKERS[0])
+    waiting = ok(one(sim.tick(sim.now + shard_wait_s(sim.state) + 0.01), to=WORKERS[0]))
     assert waiting["shard"] is None and waiting["wait_s"] > 0
-    for e, s, w in handed:
+    assert not replies(sim.send(WORKERS[0], Op.NEXT_SHARD), to=WORKERS[0])  # it asks again: parked again
+    left = [(e, s, w) for e, s, w in handed if w != WORKERS[0] or (e, s) != (done["epoch"], done["shard"])]
+    for e, s, w in left[:-1]:
         sim.send(w, Op.SHARD_DONE, epoch=e, shard=s, examples=4)
-    final = ok(one(sim.send(WORKERS[0], Op.NEXT_SHARD), to=WORKERS[0]))
+        assert WORKERS[0] in sim.state.shard_waiters  # still parked: a shard is still held
+    # The last shard done answers the parked request at once: training is over for it.
+    e, s, w = left[-1]
+    out = sim.send(w, Op.SHARD_DONE, epoch=e, shard=s, examples=4)
+    final = ok(one(out, to=WORKERS[0]))
     assert final["shard"] is None and "wait_s" not in final
+    assert not sim.state.shard_waiters
+
+
+ONE_EPOCH = JOB.model_copy(update={"training": JOB.training.model_copy(update={"epochs": 1})})
+
+
+def _one_shard_each(sim: Sim) -> dict[str, dict]:
+    """Start a one-epoch job (three shards) and hand each worker one."""
+    sim.start()
+    for w in WORKERS:
+        sim.send(w, Op.BARRIER, name="init")
+    return {w: ok(one(sim.send(w, Op.NEXT_SHARD), to=w))["shard"] for w in WORKERS}
+
+
+def test_a_parked_shard_request_gets_the_shard_of_a_worker_that_died():
+    sim = Sim(ONE_EPOCH)
+    held = _one_shard_each(sim)
+    mine = held[WORKERS[0]]
+    ok(one(sim.send(WORKERS[0], Op.SHARD_DONE, epoch=mine["epoch"], shard=mine["shard"], examples=4)))
+    assert not replies(sim.send(WORKERS[0], Op.NEXT_SHARD), to=WORKERS[0])  # parked: others still hold shards
+    # worker-1 goes silent; the others keep heartbeating. Its death puts its shard back, and the
+    # parked request gets it in the same tick.
+    for t in (0.8, 1.6, 2.4, 3.2, 4.0, 4.8):
+        sim.now = t
+        for name in [*SERVERS, WORKERS[0], WORKERS[2]]:
+            sim.send(name, Op.HEARTBEAT)
+        assert not replies(sim.tick(t), to=WORKERS[0])  # a heartbeat or a tick inside the wait: still parked
+        assert WORKERS[0] in sim.state.shard_waiters
+        sim.send(WORKERS[0], Op.NEXT_SHARD)  # the worker's own repeat (told to wait) replaces the parked one
+    got = ok(one(sim.tick(5.5), to=WORKERS[0]))
+    assert got["shard"] == held[WORKERS[1]]
+    assert sim.state.ledger.assigned[(mine["epoch"], held[WORKERS[1]]["shard"])] == WORKERS[0]
+
+
+def test_a_parked_shard_request_is_answered_at_a_graceful_stop_and_when_the_job_fails():
+    sim = Sim(ONE_EPOCH)
+    held = _one_shard_each(sim)
+    mine = held[WORKERS[0]]
+    sim.send(WORKERS[0], Op.SHARD_DONE, epoch=mine["epoch"], shard=mine["shard"], examples=4)
+    assert not replies(sim.send(WORKERS[0], Op.NEXT_SHARD), to=WORKERS[0])
+    # A graceful stop: the worker must see its leave order (a heartbeat's), so it is told to wait, not parked.
+    answer = ok(one(sim.state.request_stop(sim.now), to=WORKERS[0]))
+    assert answer["shard"] is None and answer["wait_s"] > 0
+    assert ok(one(sim.send(WORKERS[0], Op.NEXT_SHARD), to=WORKERS[0]))["wait_s"] > 0  # and not parked again
+
+    # A failed job answers every parked request with the failure.
+    sim = Sim(ONE_EPOCH)
+    mine = _one_shard_each(sim)[WORKERS[0]]
+    sim.send(WORKERS[0], Op.SHARD_DONE, epoch=mine["epoch"], shard=mine["shard"], examples=4)
+    sim.send(WORKERS[0], Op.NEXT_SHARD)
+    out = sim.send(SERVERS[0], Op.REPORT, kind="error", data={"error": "disk full"})
+    assert sim.state.phase == "failed"
+    assert error_code(one(out, WORKERS[0])) == "job_failed" and not sim.state.shard_waiters
 
 
 def test_no_shard_is_handed_out_before_training():

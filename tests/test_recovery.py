@@ -142,10 +142,16 @@ def test_a_worker_waiting_for_a_shard_leaves_the_membership_and_takes_a_shard_th
         if len(held) <= 3 or w == WORKERS[0]:
             ok(one(sim.send(w, Op.SHARD_DONE, epoch=held[-1]["epoch"], shard=held[-1]["shard"], examples=1)))
     out = sim.send(WORKERS[0], Op.NEXT_SHARD)
-    assert ok(one(out, to=WORKERS[0]))["wait_s"] > 0
+    assert not replies(out, to=WORKERS[0])  # it waits at the coordinator for a shard or the end
     assert membership(out) == [WORKERS[1], WORKERS[2]]
-    lose(sim, WORKERS[2], 5.5)
-    got = sim.send(WORKERS[0], Op.NEXT_SHARD)
+    for t in (1.0, 3.0, 5.0):  # worker-2 goes silent; worker-0 asks again whenever told to
+        sim.now = t
+        for name in (*SERVERS, WORKERS[0], WORKERS[1]):
+            for r in replies(sim.send(name, Op.HEARTBEAT), to=WORKERS[0]):
+                if "shard" in r.msg.meta:
+                    assert r.msg.meta == {"shard": None, "wait_s": r.msg.meta["wait_s"]}
+                    assert not replies(sim.send(WORKERS[0], Op.NEXT_SHARD), to=WORKERS[0])
+    got = sim.tick(5.5)  # worker-2 declared dead: its shard goes to the waiting worker-0 at once
     assert ok(one(got, to=WORKERS[0]))["shard"] == held[5]  # the shard worker-2 held
     assert membership(got) == [WORKERS[0], WORKERS[1]]
 

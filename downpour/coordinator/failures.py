@@ -151,9 +151,9 @@ def fail(st: CoordinatorState, now: float, node: str, reason: str, kind: str = "
     for waiting in [*st.barriers.values(), st.done_waiting]:
         for ident, msg in waiting.values():
             out.append(Reply(ident, msg.error(Code.JOB_FAILED, st.error)))
-    for ident, msg in st.joiners:
+    for ident, msg in [*st.joiners, *((i, m) for i, m, _ in st.shard_waiters.values())]:
         out.append(Reply(ident, msg.error(Code.JOB_FAILED, st.error)))
-    st.pending_workers, st.barriers, st.done_waiting, st.joiners = [], {}, {}, []
+    st.pending_workers, st.barriers, st.done_waiting, st.joiners, st.shard_waiters = [], {}, {}, [], {}
     return out
 
 

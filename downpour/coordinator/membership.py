@@ -293,19 +293,35 @@ def release_barriers(st: CoordinatorState, now: float) -> list[Action]:
 
 
 def next_shard(st: CoordinatorState, ident: bytes, msg: Message, now: float, node: Node) -> list[Action]:
+    st.shard_waiters.pop(node.name, None)  # a repeat of a parked request replaces it
+    out, meta = _shard_answer(st, now, node)
+    if meta is None and st.stop_requested is not None:  # (see wake_shard_waiters)
+        meta = {"shard": None, "wait_s": min(0.2, st.cl.heartbeat_interval_s)}
+    if meta is not None:
+        return [*out, Reply(ident, msg.reply(meta))]
+    # Others still hold shards; one may come back if its worker dies, and otherwise the last one's
+    # completion ends training. The request waits here for either (wake_shard_waiters), so the job
+    # ends when its last shard does, not a polling interval later.
+    st.shard_waiters[node.name] = (ident, msg, now)
+    return out
+
+
+def _shard_answer(st: CoordinatorState, now: float, node: Node) -> tuple[list[Action], dict[str, Any] | None]:
+    """What NEXT_SHARD answers now (None: nothing yet, the worker waits), and the actions that go with it."""
     if st.phase != Phase.TRAINING or node.state != ALIVE:
-        return [Reply(ident, msg.reply({"shard": None}))]
+        return [], {"shard": None}
     # A worker trains one shard at a time: one it holds is handed out again (its request was
     # repeated: the answer was lost, or the coordinator restarted in between).
-    shard = st.ledger.held(node.name) or st.ledger.next(node.name)
+    shard = st.ledger.held(node.name)
+    if shard is None and st.ledger.has_next():
+        shard = st.ledger.next(node.name)
     out: list[Action] = []
     if shard is None and st.ledger.assigned and st.cl.on_worker_failure == "recover":
-        # Others still hold shards; one may come back if its worker dies. Meanwhile this
-        # worker pushes nothing, so a sync round (or an ssp bound) must not wait for it.
+        # Meanwhile this worker pushes nothing, so a sync round (or an ssp bound) must not wait for it.
         if not node.idle:
             node.idle = True
             out += tell_servers(st)
-        return [*out, Reply(ident, msg.reply({"shard": None, "wait_s": min(0.2, st.cl.heartbeat_interval_s)}))]
+        return out, None
     if node.idle:
         node.idle = False
         out += tell_servers(st)
@@ -315,7 +331,36 @@ def next_shard(st: CoordinatorState, ident: bytes, msg: Message, now: float, nod
             if any(r[:2] == key for r in record.requeued):
                 record.recovered_after_s = round(now - at, 3)
                 st.recovering.remove((at, record))
-    return [*out, Reply(ident, msg.reply({"shard": shard}))]
+    return out, {"shard": shard}
+
+
+def shard_wait_s(st: CoordinatorState) -> float:
+    """How long a NEXT_SHARD waits parked at most: well inside the worker's attempt (it sends the
+    request again after ``heartbeat_timeout_s`` without an answer)."""
+    return min(1.0, 0.25 * st.cl.heartbeat_timeout_s)
+
+
+def wake_shard_waiters(st: CoordinatorState, now: float) -> list[Action]:
+    """Answer the parked NEXT_SHARD requests that can be answered now: a shard came back, the
+    last one was done, the job stopped or failed, or one waited :func:`shard_wait_s` (it is told
+    to ask again). During a graceful stop nothing stays parked: the worker's leave order comes
+    with a heartbeat, and a parked request would hold it from seeing it."""
+    out: list[Action] = []
+    for name, (ident, msg, since) in list(st.shard_waiters.items()):
+        node = st.nodes.get(name)
+        if node is None or node.state == DEAD:
+            del st.shard_waiters[name]
+            out.append(Reply(ident, msg.error(Code.DECLARED_DEAD, f"{name} was declared dead; its work went to others")))
+            continue
+        actions, meta = _shard_answer(st, now, node)
+        out += actions
+        if meta is None and st.stop_requested is None and now - since < shard_wait_s(st):
+            continue
+        del st.shard_waiters[name]
+        if meta is None:  # ask again: at once after a long wait, after a moment during a stop
+            meta = {"shard": None, "wait_s": 0.001 if st.stop_requested is None else min(0.2, st.cl.heartbeat_interval_s)}
+        out.append(Reply(ident, msg.reply(meta)))
+    return out
 
 
 def leave(st: CoordinatorState, ident: bytes, msg: Message, now: float, node: Node) -> list[Action]:

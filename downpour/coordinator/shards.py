@@ -85,6 +85,10 @@ class ShardLedger:
         self.handed_at[(epoch, shard)] = len(self.handed_at)
         return self._describe(epoch, shard)
 
+    def has_next(self) -> bool:
+        """Whether :meth:`next` would hand out a shard (it changes nothing)."""
+        return bool(self.queue) or self.epoch + 1 < self.epochs
+
     def held(self, node: str) -> dict | None:
         """The unfinished shard ``node`` was handed last, described as :meth:`next` does (None: none)."""
         mine = [k for k, who in self.assigned.items() if who == node]

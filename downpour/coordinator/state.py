@@ -80,6 +80,8 @@ class CoordinatorState(JobState):
         self.barriers: dict[str, dict[str, tuple[bytes, Message]]] = {}
         self.done_waiting: dict[str, tuple[bytes, Message]] = {}  # WORKER_DONEs waiting for the end of training
         self.joiners: list[tuple[bytes, Message]] = []  # workers waiting for a free slot while training runs
+        # NEXT_SHARDs of workers with nothing to train while others finish theirs (membership.next_shard).
+        self.shard_waiters: dict[str, tuple[bytes, Message, float]] = {}
         # Servers that registered for a rank while training ran and no rank was free (a replacement
         # started before the old process was declared dead): answered once a rank frees.
         self.server_joiners: list[tuple[bytes, Message]] = []
@@ -119,7 +121,7 @@ class CoordinatorState(JobState):
 
     def request_stop(self, now: float) -> list[Action]:
         """Stop the job gracefully (see :func:`downpour.coordinator.checkpoints.request_stop`)."""
-        return checkpoints.request_stop(self, now)
+        return checkpoints.request_stop(self, now) + membership.wake_shard_waiters(self, now)
 
     def checkpoint_committed(self, now: float, ok: bool, why: str = "") -> None:
         """The service wrote (or failed to write) the job state and manifest of the pending checkpoint."""
@@ -130,6 +132,8 @@ class CoordinatorState(JobState):
         """One request. ``role`` is the role of the key that sent it (None without CURVE: not checked);
         a node may only act as the role its key holds. Every ERROR answer to it is counted by code."""
         actions = self._handle(identity, msg, now, role)
+        if self.shard_waiters and msg.op != Op.NEXT_SHARD:  # what it changed may answer a parked NEXT_SHARD
+            actions += membership.wake_shard_waiters(self, now)
         for a in actions:
             if isinstance(a, Reply) and a.msg.op == Op.ERROR and a.to == identity and a.msg.req_id == msg.req_id:
                 code = str(a.msg.meta.get("code"))
@@ -203,6 +207,13 @@ class CoordinatorState(JobState):
         return [Reply(ident, msg.reply(self.status(now)))]
 
     def tick(self, now: float) -> list[Action]:
+        """Time-driven decisions: failures detected, stops, checkpoints due, parked requests answered."""
+        actions = self._tick(now)
+        if self.shard_waiters:
+            actions += membership.wake_shard_waiters(self, now)
+        return actions
+
+    def _tick(self, now: float) -> list[Action]:
         if self.phase == Phase.FAILED:
             alive = {n.name for n in self.nodes.values() if n.state in (ALIVE, DONE)}
             if alive.issubset(self.stop_told) or (self.stop_deadline is not None and now >= self.stop_deadline):
