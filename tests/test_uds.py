@@ -203,3 +203,45 @@ def test_without_a_unix_socket_or_with_keys_a_client_uses_zeromq(tmp_path):
 def test_a_channel_to_nothing_is_a_transport_error(tmp_path):
     with pytest.raises(TransportError, match="cannot connect"):
         UnixChannel(str(tmp_path / "none.uds"), b"w")
+
+
+def test_a_lower_limit_applies_to_connections_already_open(listener):
+    ch = UnixChannel(listener.path, b"early")  # connected before the limit is lowered
+    ch.send([b"x" * 1000])
+    assert bytes(_recv(listener)[1][0]) == b"x" * 1000
+    listener.set_limit(100)
+    ch.send([b"y" * 200_000])  # (the limit allows for the frames' own lengths: well past it)
+    _wait(lambda: listener.ready() or listener.dropped)
+    assert listener.dropped == 1 and not listener.pending()  # refused: the connection is closed
+    late = UnixChannel(listener.path, b"late")
+    late.send([b"z" * 50])
+    assert bytes(_recv(listener)[1][0]) == b"z" * 50  # within the limit: taken
+    late.close()
+    ch.close()
+
+
+def test_both_sides_take_turns_when_both_have_messages(tmp_path):
+    ctx = zmq.Context()
+    zl = Listener(ctx, f"ipc://{tmp_path / 'srv.sock'}", 1 << 30)
+    unix = UnixListener(unix_path(zl.address), 1 << 30)
+    server = Both(zl, unix)
+    dealer = ctx.socket(zmq.DEALER)
+    dealer.setsockopt(zmq.IDENTITY, b"remote")
+    dealer.connect(zl.address)
+    local = UnixChannel(unix.path, b"local")
+    try:
+        for i in range(20):
+            local.send([b"u%d" % i])
+            dealer.send_multipart([b"z%d" % i])
+        _wait(lambda: unix.ready() and len(unix._inbox) == 20 and server.zmq.ready())
+        order = []
+        for _ in range(20):  # the Unix side is full the whole time: the ZeroMQ side still gets every other turn
+            peer, _frames = server.recv()
+            order.append(peer)
+        assert order.count(b"remote") == 10 and order.count(b"local") == 10
+        assert all(a != b for a, b in zip(order, order[1:]))
+    finally:
+        local.close()
+        dealer.close(linger=0)
+        server.close()
+        ctx.term()

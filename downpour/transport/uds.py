@@ -212,6 +212,12 @@ class UnixListener:
     def knows(self, peer: bytes) -> bool:
         return peer in self._by_peer
 
+    def set_limit(self, max_message_bytes: int) -> None:
+        """The largest message taken from now on, on open connections too (a larger one closes its connection)."""
+        self.max_bytes = max_message_bytes
+        for conn in self._conns.values():
+            conn.reader.max_bytes = max_message_bytes
+
     def pending(self) -> bool:
         """A message is read and waiting (the poller will not say so again)."""
         return bool(self._inbox)
@@ -440,13 +446,14 @@ class Both:
         self.address = zmq_listener.address
         self.security = zmq_listener.security
         self.socket = zmq_listener.socket
+        self._zmq_first = False  # which side recv looks at first (alternates)
 
     def pollables(self) -> list[Any]:
         return [self.zmq.socket, self.unix]
 
     def limit(self, max_message_bytes: int, timeout_s: float = 5.0) -> None:
         self.zmq.limit(max_message_bytes, timeout_s)
-        self.unix.max_bytes = max_message_bytes
+        self.unix.set_limit(max_message_bytes)
 
     def pending(self) -> bool:
         return self.unix.pending()
@@ -455,6 +462,11 @@ class Both:
         return self.unix.ready() or self.zmq.ready()
 
     def recv(self) -> tuple[bytes, list]:
+        # Taken from each side in turn when both have messages: a busy Unix side (the machine's
+        # workers) never starves the ZeroMQ one (the coordinator, backups, other hosts), nor the reverse.
+        self._zmq_first = not self._zmq_first
+        if self._zmq_first and self.zmq.ready():
+            return self.zmq.recv()
         if self.unix.pending() or self.unix.ready():
             return self.unix.recv()
         return self.zmq.recv()
