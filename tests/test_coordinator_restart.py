@@ -282,6 +282,47 @@ def test_a_request_without_an_answer_is_sent_again_until_its_time_limit():
         ctx.term()
 
 
+def test_a_finished_shard_travels_with_the_next_shard_request_or_ahead_of_any_other():
+    """One request per shard: SHARD_DONE's report rides on the following NEXT_SHARD; a worker
+    that asks anything else first (LEAVE, WORKER_DONE...) reports it on its own, first."""
+    import threading
+
+    from downpour.coordinator.client import CoordinatorClient
+    from downpour.protocol import decode, encode
+    from downpour.transport import Listener, Poller, new_context
+
+    ctx = new_context()
+    listener = Listener(ctx, "tcp://127.0.0.1:*", 1 << 20)
+    client = CoordinatorClient(ctx, listener.address, "worker-0", request_timeout_s=10.0, attempt_s=5.0)
+    seen: list[tuple[Op, dict]] = []
+
+    def coordinator(n: int) -> None:
+        poller = Poller()
+        poller.register(listener)
+        while len(seen) < n and poller.poll(5.0):
+            peer, frames = listener.recv()
+            msg = decode(frames)
+            seen.append((msg.op, {k: v for k, v in msg.meta.items() if k != "node"}))
+            listener.send(peer, encode(msg.reply({"shard": {"epoch": 0, "shard": 2, "start": 8, "stop": 10}}
+                                                 if msg.op == Op.NEXT_SHARD else {})))
+
+    try:
+        thread = threading.Thread(target=coordinator, args=(3,))
+        thread.start()
+        client.shard_done(0, 1, 4)
+        assert client.next_shard()["shard"] == 2
+        client.shard_done(0, 2, 2)
+        client.call(Op.LEAVE, {"position": [0, 2, 2], "stats": {}})
+        thread.join(5.0)
+        assert seen == [(Op.NEXT_SHARD, {"done": [0, 1, 4]}),
+                        (Op.SHARD_DONE, {"epoch": 0, "shard": 2, "examples": 2}),
+                        (Op.LEAVE, {"position": [0, 2, 2], "stats": {}})]
+    finally:
+        client.close()
+        listener.close()
+        ctx.term()
+
+
 # -- end to end -----------------------------------------------------------------------------------
 
 

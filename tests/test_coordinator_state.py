@@ -286,6 +286,35 @@ def test_a_parked_shard_request_is_answered_at_a_graceful_stop_and_when_the_job_
     assert error_code(one(out, WORKERS[0])) == "job_failed" and not sim.state.shard_waiters
 
 
+def test_next_shard_reports_the_finished_shard_and_hands_out_the_next_in_one_request():
+    sim = Sim(ONE_EPOCH)
+    held = _one_shard_each(sim)
+    mine = held[WORKERS[0]]
+    done = [mine["epoch"], mine["shard"], 4]
+    before = len(sim.state.ledger.journal)
+    # A shard it never held: refused, and nothing handed out or recorded.
+    other = held[WORKERS[1]]
+    assert error_code(one(sim.send(WORKERS[0], Op.NEXT_SHARD, done=[other["epoch"], other["shard"], 4]))) == "bad_shard"
+    assert len(sim.state.ledger.journal) == before and not sim.state.shard_waiters
+    # Its own: recorded as done; nothing is left to hand out while others train, so it waits.
+    assert not replies(sim.send(WORKERS[0], Op.NEXT_SHARD, done=done), to=WORKERS[0])
+    assert (mine["epoch"], mine["shard"]) in sim.state.ledger.completed
+    assert not replies(sim.send(WORKERS[0], Op.NEXT_SHARD, done=done), to=WORKERS[0])  # a repeat: harmless
+    # The last two shards reported the same way end training for everyone waiting.
+    assert not replies(sim.send(WORKERS[1], Op.NEXT_SHARD, done=[other["epoch"], other["shard"], 4]), to=WORKERS[1])
+    last = held[WORKERS[2]]
+    out = sim.send(WORKERS[2], Op.NEXT_SHARD, done=[last["epoch"], last["shard"], 2])
+    assert {r.to: r.msg.meta for r in replies(out) if r.msg.op == Op.OK} == {ident(w): {"shard": None} for w in WORKERS}
+    assert sim.state.ledger.complete()
+
+
+@pytest.mark.parametrize("done", [[0, 1], [0, 1, 2, 3], [-1, 0, 4], ["0", 0, 4], 7])
+def test_a_malformed_done_is_refused_as_invalid(done):
+    sim = Sim(ONE_EPOCH)
+    _one_shard_each(sim)
+    assert error_code(one(sim.send(WORKERS[0], Op.NEXT_SHARD, done=done))) == "invalid"
+
+
 def test_no_shard_is_handed_out_before_training():
     sim = Sim()
     sim.register(SERVERS[0], "server")

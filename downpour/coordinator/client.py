@@ -63,6 +63,7 @@ class CoordinatorClient:
         self.rpc.connect(COORDINATOR, address, role="coordinator")
         self.node = identity
         self.address, self.secured = address, security is not None
+        self._done: list[int] | None = None  # a finished shard not reported yet: [epoch, shard, examples]
 
     def configure(self, request_timeout_s: float, attempt_s: float) -> None:
         """The job's limits, once it is known (``cluster.coordinator_timeout_s``, ``heartbeat_timeout_s``)."""
@@ -76,6 +77,8 @@ class CoordinatorClient:
     def call_message(self, op: Op, meta: dict[str, Any] | None = None, timeout_s: float | None = None,
                      tensors: list | None = None) -> Message:
         """:meth:`call` with tensor frames, returning the whole answer (its tensors too)."""
+        if self._done is not None and op != Op.NEXT_SHARD:  # reported before anything else is asked
+            self._report_done(timeout_s)
         limit = self.rpc.request_timeout_s if timeout_s is None else timeout_s
         deadline = time.monotonic() + limit
         while (left := deadline - time.monotonic()) > 0:
@@ -111,7 +114,8 @@ class CoordinatorClient:
         the job ends the wait through the abort flag, as every request does). ``leave``: an event
         that ends the wait with None (the coordinator asked this worker to leave: a graceful stop)."""
         while True:
-            reply = self.call(Op.NEXT_SHARD)
+            reply = self.call(Op.NEXT_SHARD, {"done": self._done} if self._done is not None else None)
+            self._done = None  # (answered: the coordinator took it)
             wait = reply.get("wait_s")
             if reply.get("shard") is not None or not isinstance(wait, (int, float)) or wait <= 0:
                 return reply.get("shard")
@@ -126,7 +130,15 @@ class CoordinatorClient:
         self.call(Op.LEAVE, {"position": position, "stats": stats}, timeout_s)
 
     def shard_done(self, epoch: int, shard: int, examples: int) -> None:
-        self.call(Op.SHARD_DONE, {"epoch": epoch, "shard": shard, "examples": examples})
+        """Report a finished shard. It travels with the next NEXT_SHARD (one request per shard, not
+        two); any other request of this client reports it first, on its own."""
+        if self._done is not None:
+            self._report_done()
+        self._done = [epoch, shard, examples]
+
+    def _report_done(self, timeout_s: float | None = None) -> None:
+        (epoch, shard, examples), self._done = self._done, None
+        self.call(Op.SHARD_DONE, {"epoch": epoch, "shard": shard, "examples": examples}, timeout_s)
 
     def worker_done(self, stats: dict[str, Any], timeout_s: float,
                     buffers: tuple[list[str], list] | None = None) -> Message:

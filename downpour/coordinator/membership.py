@@ -294,6 +294,9 @@ def release_barriers(st: CoordinatorState, now: float) -> list[Action]:
 
 def next_shard(st: CoordinatorState, ident: bytes, msg: Message, now: float, node: Node) -> list[Action]:
     st.shard_waiters.pop(node.name, None)  # a repeat of a parked request replaces it
+    done = msg.meta.get("done")  # the shard the worker just finished (what SHARD_DONE says), first
+    if done is not None and not st.ledger.done(node.name, done[0], done[1]):
+        return [Reply(ident, msg.error(Code.BAD_SHARD, f"{node.name} was not assigned shard {done[1]} of epoch {done[0]}"))]
     out, meta = _shard_answer(st, now, node)
     if meta is None and st.stop_requested is not None:  # (see wake_shard_waiters)
         meta = {"shard": None, "wait_s": min(0.2, st.cl.heartbeat_interval_s)}

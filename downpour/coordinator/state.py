@@ -132,7 +132,7 @@ class CoordinatorState(JobState):
         """One request. ``role`` is the role of the key that sent it (None without CURVE: not checked);
         a node may only act as the role its key holds. Every ERROR answer to it is counted by code."""
         actions = self._handle(identity, msg, now, role)
-        if self.shard_waiters and msg.op != Op.NEXT_SHARD:  # what it changed may answer a parked NEXT_SHARD
+        if self.shard_waiters:  # what it changed may answer a parked NEXT_SHARD
             actions += membership.wake_shard_waiters(self, now)
         for a in actions:
             if isinstance(a, Reply) and a.msg.op == Op.ERROR and a.to == identity and a.msg.req_id == msg.req_id:

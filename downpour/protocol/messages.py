@@ -21,7 +21,7 @@ class Op(IntEnum):
     REGISTER = 1  # meta: role, address (servers), host, pid -> OK: rank, node, job, layout
     HEARTBEAT = 2  # meta: node, progress, restoring? -> OK: stop?
     BARRIER = 3  # meta: node, name -> OK once every live participant arrived
-    NEXT_SHARD = 4  # meta: node -> OK: shard (or none left)
+    NEXT_SHARD = 4  # meta: node, done? ([epoch, shard, examples]: as SHARD_DONE) -> OK: shard (or none left)
     SHARD_DONE = 5  # meta: node, epoch, shard, examples
     WORKER_DONE = 6  # meta: node, stats -> OK once every worker is done: evaluator?
     REPORT = 7  # meta: node, test metrics

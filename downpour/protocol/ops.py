@@ -152,7 +152,8 @@ REQUESTS: dict[Op, Record] = {
     # restoring: a server still loading its checkpoint (alive, not serving yet; coordinator/membership.py).
     Op.HEARTBEAT: Record({**_NODE, "progress": PROGRESS, "metrics": Str(255), "restoring": Bool()}, required=("node",), rest=REST),
     Op.BARRIER: Record({**_NODE, "name": Str(64)}, required=("node", "name"), rest=REST),
-    Op.NEXT_SHARD: Record(_NODE, required=("node",), rest=REST),
+    # done: the shard this worker just finished, as SHARD_DONE reports it (one request instead of two).
+    Op.NEXT_SHARD: Record({**_NODE, "done": POSITION}, required=("node",), rest=REST),
     Op.SHARD_DONE: Record({**_NODE, "epoch": COUNT, "shard": COUNT, "examples": COUNT},
                           required=("node", "epoch", "shard"), rest=REST),
     # buffers: the names of the model's buffers its tensor frames hold, in order (models/buffers.py).
