@@ -128,7 +128,7 @@ def test_a_finished_job_leaves_tensorboard_scalars_and_a_status_screen(tmp_path,
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     shared = tmp_path / "prometheus"
-    job = resolve_job(tiny_job(tiny_data, training={"epochs": 6}, monitor={"sample_interval_s": 0.2, "targets_dir": str(shared)}))
+    job = resolve_job(tiny_job(tiny_data, training={"epochs": 20}, monitor={"sample_interval_s": 0.05, "targets_dir": str(shared)}))
     result = LocalLauncher(job, str(tmp_path / "run")).run()
     # The job is over: no Prometheus target is left, in the run folder or the shared folder.
     assert json.loads((shared / "run.json").read_text()) == []
