@@ -299,7 +299,7 @@ def next_shard(st: CoordinatorState, ident: bytes, msg: Message, now: float, nod
         return [Reply(ident, msg.error(Code.BAD_SHARD, f"{node.name} was not assigned shard {done[1]} of epoch {done[0]}"))]
     out, meta = _shard_answer(st, now, node)
     if meta is None and st.stop_requested is not None:  # (see wake_shard_waiters)
-        meta = {"shard": None, "wait_s": min(0.2, st.cl.heartbeat_interval_s)}
+        meta = _ask_again(st)
     if meta is not None:
         return [*out, Reply(ident, msg.reply(meta))]
     # Others still hold shards; one may come back if its worker dies, and otherwise the last one's
@@ -360,10 +360,14 @@ def wake_shard_waiters(st: CoordinatorState, now: float) -> list[Action]:
         if meta is None and st.stop_requested is None and now - since < shard_wait_s(st):
             continue
         del st.shard_waiters[name]
-        if meta is None:  # ask again: at once after a long wait, after a moment during a stop
-            meta = {"shard": None, "wait_s": 0.001 if st.stop_requested is None else min(0.2, st.cl.heartbeat_interval_s)}
-        out.append(Reply(ident, msg.reply(meta)))
+        out.append(Reply(ident, msg.reply(meta if meta is not None else _ask_again(st))))
     return out
+
+
+def _ask_again(st: CoordinatorState) -> dict[str, Any]:
+    """The answer that sends a waiting worker back to ask again: at once after a long wait, after
+    a moment during a graceful stop (time for its heartbeat to bring the leave order)."""
+    return {"shard": None, "wait_s": 0.001 if st.stop_requested is None else min(0.2, st.cl.heartbeat_interval_s)}
 
 
 def leave(st: CoordinatorState, ident: bytes, msg: Message, now: float, node: Node) -> list[Action]:
