@@ -162,11 +162,14 @@ def test_a_frozen_worker_is_named_as_the_cause_not_the_workers_the_coordinator_s
         status = wait_training(run_dir)
         frozen = next(n["pid"] for n in status["nodes"] if n["name"] == "worker-1")
         os.kill(frozen, signal.SIGSTOP)  # up but silent, like a hung machine
-        _, err = proc.communicate(timeout=60)
+        _, err = proc.communicate(timeout=120)
     finally:
         proc.kill()
     assert proc.returncode == 1
     assert "job failed: worker-1: no heartbeat" in err, err[-2000:]
+    # The launcher kills the hung process at once instead of waiting for it to exit by itself.
+    assert f"worker-1 (pid {frozen}) was declared dead by the coordinator but still runs; killing it" in err, err[-2000:]
+    assert not alive(frozen)
 
 
 def test_a_second_ctrl_c_stops_every_process_at_once(tmp_path, tiny_data):

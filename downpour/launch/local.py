@@ -300,6 +300,15 @@ class LocalLauncher:
         self._spawn(name, self._respawn_args(p))
         return True
 
+    def _kill_declared_dead(self, name: str | None) -> None:
+        """The node the coordinator failed the job for, if its process still runs, is hung (no
+        heartbeat, a restore that never ended): it will not exit when told, so it is killed now
+        rather than after the others' grace period."""
+        for p in self.procs:
+            if name is not None and p.name.split(".")[0] == name and p.popen.poll() is None:  # (worker-1.2 serves as worker-1)
+                log.warning("%s (pid %d) was declared dead by the coordinator but still runs; killing it", p.name, p.popen.pid)
+                p.popen.kill()
+
     def _coordinator_ends(self, coord: Proc) -> bool:
         """A node exited with an error: often because the coordinator stopped it after another
         node failed (the coordinator then ends the job moments later, naming that node). Wait a
@@ -341,6 +350,14 @@ class LocalLauncher:
         return args
 
     def _finish(self, failed: list[Proc]) -> RunResult:
+        summary_path = os.path.join(self.run_dir, "summary.json")
+        try:
+            with open(summary_path) as f:
+                summary = json.load(f)
+        except (OSError, ValueError):
+            summary = None
+        if summary is not None and summary.get("status") not in ("ok", "stopped"):
+            self._kill_declared_dead(summary.get("failed_node"))
         # The coordinator is done; the others exit on their own within a heartbeat or two.
         deadline = time.monotonic() + _EXIT_GRACE_S
         for p in self.procs:
@@ -350,11 +367,7 @@ class LocalLauncher:
                 pass
             if p.exit_code is None and p.popen.poll() is not None:
                 p.exit_code = p.popen.returncode
-        summary_path = os.path.join(self.run_dir, "summary.json")
-        try:
-            with open(summary_path) as f:
-                summary = json.load(f)
-        except (OSError, ValueError):
+        if summary is None:
             coord = self.coordinator
             tail = coord.log_tail()
             raise JobFailed(f"{coord.describe_exit()} before writing the job's summary; stopping the job."
