@@ -223,3 +223,55 @@ def test_row_pools_start_on_a_cache_line_after_growth_and_restore():
     for t in (table, restored):
         assert t.values.ctypes.data % 64 == 0 and t.state["sum"].ctypes.data % 64 == 0
         assert t.values.flags.c_contiguous and t.values.shape == (len(t.values), 16)
+
+
+@needs_kernels
+@pytest.mark.parametrize("servers", [1, 2, 3, 5])
+def test_the_request_check_kernel_agrees_with_numpy(servers):
+    """check_ids: the server's two checks of a request's IDs (they are its own; none repeats) in one pass."""
+    from downpour.layout import Layout
+    from downpour.layout.spec import SERVER_SALT
+
+    layout = Layout(params=(), slices=(), num_servers=servers, dtype="f32")
+    rng = np.random.default_rng(servers)
+    for trial in range(60):
+        keys = rng.integers(-(2**63), 2**63 - 1, int(rng.integers(1, 400)), dtype=np.int64)
+        rank = int(rng.integers(0, servers))
+        if trial % 3:  # mostly the IDs a worker would send this server
+            keys = keys[layout.sparse_servers(keys) == rank]
+        if trial % 4 == 0 and len(keys) > 1:
+            keys[int(rng.integers(0, len(keys)))] = keys[int(rng.integers(0, len(keys)))]  # maybe a repeat
+        if trial % 7 == 0 and len(keys) > 2:
+            keys[:2] = EMPTY  # the reserved ID, twice
+        owned = servers == 1 or not len(keys) or bool((layout.sparse_servers(keys) == rank).all())
+        repeats = len(np.unique(keys)) != len(keys)
+        for unique in (True, False):
+            got = NATIVE.check_ids(keys, servers, rank, SERVER_SALT, unique)
+            assert got == (1 if not owned else 2 if unique and repeats else 0), (trial, unique)
+
+
+@needs_kernels
+def test_row_initialisation_in_place_matches_the_hash_and_refuses_bad_rows():
+    table = SparseTable(DIM, make_row_rule("adagrad"), seed=123456789, init_scale=0.05)
+    keys = np.array([EMPTY + 1, -7, 0, 42, 2**63 - 1], np.int64)
+    values = np.zeros((10, DIM), np.float32)
+    rows = np.array([9, 0, 4, 2, 7], np.int64)
+    NATIVE.init_rows(keys, rows, table.seed, table.init_scale, values, DIM)
+    np.testing.assert_array_equal(values[rows], table.initial(keys))
+    assert not values[[1, 3, 5, 6, 8]].any()  # nothing else written
+    with pytest.raises(ValueError, match="outside the pool"):
+        NATIVE.init_rows(keys, np.array([0, 1, 2, 3, 10], np.int64), 0, 0.01, values, DIM)
+    with pytest.raises(ValueError, match="rows"):
+        NATIVE.init_rows(keys, rows[:3], 0, 0.01, values, DIM)
+    with pytest.raises(ValueError, match="check_ids"):
+        NATIVE.check_ids(keys, 2, 2, 0, True)
+
+
+def test_growing_a_row_pool_keeps_every_row_and_zeroes_the_new_ones():
+    table = SparseTable(4, make_row_rule("adagrad"), capacity=4)
+    first = table.pull(np.arange(1, 4, dtype=np.int64)).copy()
+    table.pull(np.arange(10, 30, dtype=np.int64))  # grows the pool from 4 to 32 rows
+    assert len(table.values) == 32
+    np.testing.assert_array_equal(table.values[:3], first)
+    assert not table.values[table.next_row :].any() and (table.state["sum"][table.next_row :] == 0).all()
+    np.testing.assert_array_equal(table.pull(np.arange(1, 4, dtype=np.int64)), first)

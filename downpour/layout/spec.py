@@ -22,7 +22,8 @@ from downpour.hashing import mix
 
 # Salt of the hash that places a feature ID on a server: independent of the hash that places
 # it in a server's index (the same hash would leave each server only its own residue of slots).
-_SERVER_SALT = np.uint64(0x9E3779B97F4A7C15)
+SERVER_SALT = 0x9E3779B97F4A7C15
+_SERVER_SALT = np.uint64(SERVER_SALT)
 
 
 @dataclass(frozen=True, slots=True)

@@ -25,9 +25,10 @@ from safetensors.torch import load as st_load
 from downpour.config import SparseConfig, SparseTableConfig
 from downpour.errors import DataError, ProtocolError
 from downpour.layout import Layout
+from downpour.layout.spec import SERVER_SALT
 from downpour.protocol import Message
 from downpour.sparse import SparseTable, make_row_rule
-from downpour.sparse.index import KERNEL
+from downpour.sparse.index import KERNEL, NATIVE
 from downpour.storage import CheckpointStore, Manifest
 
 log = logging.getLogger(__name__)
@@ -68,9 +69,15 @@ class SparseShard:
         if t.dtype != torch.int64 or t.dim() != 1:
             raise ProtocolError(f"{what} must be a 1-d int64 tensor, got {t.dtype} {tuple(t.shape)}")
         keys = t.numpy()
-        if len(keys) and self.layout.num_servers > 1 and bool((self.layout.sparse_servers(keys) != self.rank).any()):
+        if NATIVE is not None and len(keys):  # both checks in one compiled pass
+            verdict = NATIVE.check_ids(np.ascontiguousarray(keys), self.layout.num_servers, self.rank, SERVER_SALT, unique)
+            owned, repeats = verdict != 1, verdict == 2
+        else:
+            owned = not (len(keys) and self.layout.num_servers > 1 and bool((self.layout.sparse_servers(keys) != self.rank).any()))
+            repeats = unique and len(np.unique(keys)) != len(keys)
+        if not owned:
             raise ProtocolError(f"{what} holds IDs that belong to another server")
-        if unique and len(np.unique(keys)) != len(keys):
+        if repeats:
             raise ProtocolError(f"{what} repeats an ID (sum the gradients of one ID before pushing)")
         return keys
 

@@ -552,6 +552,135 @@ static PyObject *push_ftrl(PyObject *self, PyObject *args) {
     return bad ? bad_row_error() : Py_NewRef(Py_None);
 }
 
+/* ---- request checks and row initialisation ------------------------------------------------------- */
+
+PyDoc_STRVAR(check_ids_doc, "check_ids(keys, num_servers, rank, salt, unique) -> int\n\n"
+                            "Check a request's IDs in one pass: 0 when all is well; 1 when an ID belongs to another server\n"
+                            "(splitmix64(key ^ salt) >> 33, modulo num_servers, is not rank; num_servers 1: never); 2 when\n"
+                            "unique is true and an ID repeats. The numpy check it replaces: layout.sparse_servers and\n"
+                            "np.unique.");
+
+static PyObject *check_ids(PyObject *self, PyObject *args) {
+    PyObject *o;
+    Py_ssize_t num_servers, rank;
+    unsigned long long salt;
+    int unique;
+    Arr a[1] = {0};
+    PyObject *result = NULL;
+    if (!PyArg_ParseTuple(args, "OnnKp:check_ids", &o, &num_servers, &rank, &salt, &unique))
+        return NULL;
+    if (num_servers < 1 || rank < 0 || rank >= num_servers) {
+        PyErr_Format(PyExc_ValueError, "check_ids: rank %zd of %zd servers", rank, num_servers);
+        return NULL;
+    }
+    if (take(o, &a[0], 'i', 8, 0, "keys") < 0)
+        goto done;
+    const int64_t *keys = a[0].view.buf;
+    Py_ssize_t n = a[0].n;
+    int code = 0;
+    int64_t *set = NULL;
+    uint64_t mask = 0;
+    if (unique && n > 1) {
+        uint64_t cap = 16;
+        while (cap < (uint64_t)n * 2)
+            cap <<= 1;
+        set = PyMem_RawMalloc(cap * sizeof(int64_t));
+        if (set == NULL) {
+            PyErr_NoMemory();
+            goto done;
+        }
+        mask = cap - 1;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    if (num_servers > 1) {
+        for (Py_ssize_t i = 0; i < n; i++) {
+            if ((Py_ssize_t)((mix((uint64_t)keys[i] ^ (uint64_t)salt) >> 33) % (uint64_t)num_servers) != rank) {
+                code = 1;
+                break;
+            }
+        }
+    }
+    if (code == 0 && set != NULL) {
+        /* An open-addressing set of the keys seen; EMPTY marks a free slot, so EMPTY itself is tracked aside. */
+        for (uint64_t j = 0; j <= mask; j++)
+            set[j] = EMPTY;
+        int empty_seen = 0;
+        for (Py_ssize_t i = 0; i < n && code == 0; i++) {
+            int64_t k = keys[i];
+            if (k == EMPTY) {
+                code = empty_seen ? 2 : 0;
+                empty_seen = 1;
+                continue;
+            }
+            uint64_t s = mix((uint64_t)k) & mask;
+            while (set[s] != EMPTY && set[s] != k)
+                s = (s + 1) & mask;
+            if (set[s] == k)
+                code = 2;
+            else
+                set[s] = k;
+        }
+    }
+    Py_END_ALLOW_THREADS
+    PyMem_RawFree(set);
+    result = PyLong_FromLong(code);
+done:
+    release(a, 1);
+    return result;
+}
+
+PyDoc_STRVAR(init_rows_doc, "init_rows(keys, rows, seed, scale, values, dim) -> None\n\n"
+                            "Write the seeded initial row of each key into values[rows[i]] (values: a pool of rows of dim\n"
+                            "float32): SparseTable.initial's numbers, bit for bit: h = mix(mix(key ^ seed) + column),\n"
+                            "((h >> 40) / 2**24 * 2 - 1) * scale in float32.");
+
+static PyObject *init_rows(PyObject *self, PyObject *args) {
+    PyObject *o[3];
+    unsigned long long seed;
+    double scale;
+    Py_ssize_t dim;
+    Arr a[3] = {0};
+    PyObject *result = NULL;
+    if (!PyArg_ParseTuple(args, "OOKdOn:init_rows", &o[0], &o[1], &seed, &scale, &o[2], &dim))
+        return NULL;
+    if (dim < 1) {
+        PyErr_Format(PyExc_ValueError, "dim must be positive, got %zd", dim);
+        return NULL;
+    }
+    if (take(o[0], &a[0], 'i', 8, 0, "keys") < 0 || take(o[1], &a[1], 'i', 8, 0, "rows") < 0 ||
+        need_items(&a[1], a[0].n, "rows") < 0 || take(o[2], &a[2], 'f', 4, 1, "values") < 0)
+        goto done;
+    if (a[2].n % dim != 0) {
+        PyErr_Format(PyExc_ValueError, "values: %zd items are not whole rows of %zd", a[2].n, dim);
+        goto done;
+    }
+    const int64_t *keys = a[0].view.buf;
+    const int64_t *rows = a[1].view.buf;
+    float *values = a[2].view.buf;
+    Py_ssize_t n = a[0].n, nrows = a[2].n / dim;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        if (rows[i] < 0 || rows[i] >= nrows) {
+            PyErr_Format(PyExc_ValueError, "rows: %lld lies outside the pool of %zd rows", (long long)rows[i], nrows);
+            goto done;
+        }
+    }
+    float s = (float)scale;
+    Py_BEGIN_ALLOW_THREADS
+    for (Py_ssize_t i = 0; i < n; i++) {
+        uint64_t base = mix((uint64_t)keys[i] ^ (uint64_t)seed);
+        float *row = values + (size_t)rows[i] * dim;
+        for (Py_ssize_t c = 0; c < dim; c++) {
+            uint64_t h = mix(base + (uint64_t)c);
+            row[c] = ((float)(h >> 40) / 16777216.0f * 2.0f - 1.0f) * s;
+        }
+    }
+    Py_END_ALLOW_THREADS
+    result = Py_NewRef(Py_None);
+done:
+    release(a, 3);
+    return result;
+}
+
 static PyMethodDef methods[] = {
     {"lookup", lookup, METH_VARARGS, lookup_doc},
     {"insert", insert, METH_VARARGS, insert_doc},
@@ -560,6 +689,8 @@ static PyMethodDef methods[] = {
     {"push_adagrad", push_adagrad, METH_VARARGS, push_adagrad_doc},
     {"push_adam", push_adam, METH_VARARGS, push_adam_doc},
     {"push_ftrl", push_ftrl, METH_VARARGS, push_ftrl_doc},
+    {"check_ids", check_ids, METH_VARARGS, check_ids_doc},
+    {"init_rows", init_rows, METH_VARARGS, init_rows_doc},
     {NULL, NULL, 0, NULL},
 };
 

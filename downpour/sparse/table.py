@@ -54,17 +54,24 @@ class TableStats:
 
 # snapshot()["meta"], int64: these fields in this order
 META_FIELDS = ("step", "full", "dim", "admitted", "evicted")
+_U64 = (1 << 64) - 1
 LINE = 64  # bytes: the row pools start on a cache line, so a row of 16 float32 is one line, not two
 
 
-def _aligned(a: np.ndarray) -> np.ndarray:
+def _aligned(a: np.ndarray, rows: int | None = None) -> np.ndarray:
     """A copy of ``a`` whose data starts on a cache-line boundary (numpy's own allocations start 16
     bytes past one). A push touches each pushed row of values and optimizer state at random: a 64-byte
-    row that straddles two lines costs two cache misses instead of one."""
-    buf = np.empty(a.nbytes + LINE, dtype=np.uint8)
+    row that straddles two lines costs two cache misses instead of one. ``rows``: the copy has that
+    many rows (at least ``len(a)``), those past ``a``'s zero. The buffer comes zeroed from the
+    allocator (fresh pages, zeroed as they are first touched), so growing a pool copies only its
+    old rows, once."""
+    rows = len(a) if rows is None else rows
+    shape = (rows, *a.shape[1:])
+    nbytes = a.itemsize * int(np.prod(shape))
+    buf = np.zeros(nbytes + LINE, dtype=np.uint8)
     start = -buf.ctypes.data % LINE
-    out = buf[start : start + a.nbytes].view(a.dtype).reshape(a.shape)
-    out[...] = a
+    out = buf[start : start + nbytes].view(a.dtype).reshape(shape)
+    out[: len(a)] = a
     return out
 
 
@@ -149,8 +156,8 @@ class SparseTable:
 
     def _resize(self, cap: int) -> None:
         grow = cap - len(self.values)
-        self.values = _aligned(np.concatenate([self.values, np.zeros((grow, self.dim), dtype=np.float32)]))
-        self.state = {k: _aligned(np.concatenate([v, np.zeros((grow, *v.shape[1:]), dtype=v.dtype)])) for k, v in self.state.items()}
+        self.values = _aligned(self.values, cap)
+        self.state = {k: _aligned(v, cap) for k, v in self.state.items()}
         self.row_key = np.concatenate([self.row_key, np.full(grow, EMPTY, dtype=np.int64)])
         self.touched = np.concatenate([self.touched, np.zeros(grow, dtype=np.int32)])
 
@@ -190,7 +197,12 @@ class SparseTable:
         if ok.any():
             keys = missing[ok]
             new = self._alloc(len(keys))
-            self.values[new] = 0.0 if self.rule.zero_init else self.initial(keys)
+            if self.rule.zero_init:
+                self.values[new] = 0.0
+            elif self._kernels is not None:  # the same numbers, written in place
+                self._kernels.init_rows(keys, new, int(self.seed) & _U64, self.init_scale, self.values, self.dim)
+            else:
+                self.values[new] = self.initial(keys)
             self.rule.reset(self.state, new)
             self.row_key[new] = keys
             self.touched[new] = self.step
