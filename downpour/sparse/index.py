@@ -96,7 +96,8 @@ class Index:
                 new_slot, _ = self._slots(new_keys)
 
     def _grow(self, need: int) -> None:
-        keys, vals = self.keys[self.keys != EMPTY], self.vals[self.keys != EMPTY]
+        used = self.keys != EMPTY
+        keys, vals = self.keys[used], self.vals[used]
         cap = len(self.keys)
         while cap // 2 < need:
             cap *= 2

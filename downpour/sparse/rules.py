@@ -24,7 +24,8 @@ class RowRule:
     def allocate(self, rows: int, dim: int) -> dict[str, np.ndarray]:
         return {}
 
-    def reset(self, state: dict[str, np.ndarray], rows: np.ndarray) -> None:
+    def reset(self, state: dict[str, np.ndarray], rows: np.ndarray | slice) -> None:
+        """Optimizer state of fresh rows (``rows``: row numbers, or a slice of them)."""
         for v in state.values():
             v[rows] = 0
 

@@ -197,15 +197,18 @@ class SparseTable:
         if ok.any():
             keys = missing[ok]
             new = self._alloc(len(keys))
+            # Fresh rows of a pool without freed ones are one run: written as a slice, not scattered.
+            at = slice(int(new[0]), int(new[-1]) + 1) if int(new[-1]) - int(new[0]) + 1 == len(new) and (
+                len(new) < 2 or bool((np.diff(new) == 1).all())) else new
             if self.rule.zero_init:
-                self.values[new] = 0.0
+                self.values[at] = 0.0
             elif self._kernels is not None:  # the same numbers, written in place
                 self._kernels.init_rows(keys, new, int(self.seed) & _U64, self.init_scale, self.values, self.dim)
             else:
-                self.values[new] = self.initial(keys)
-            self.rule.reset(self.state, new)
-            self.row_key[new] = keys
-            self.touched[new] = self.step
+                self.values[at] = self.initial(keys)
+            self.rule.reset(self.state, at)
+            self.row_key[at] = keys
+            self.touched[at] = self.step
             self.index.put(keys, new)
             if self._tracking:
                 self._created.append(new)
