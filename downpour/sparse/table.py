@@ -40,6 +40,7 @@ import numpy as np
 
 from downpour.errors import ConfigError, DataError, ProtocolError
 from downpour.sparse.index import EMPTY, NATIVE, Index, mix
+from downpour.sparse.pool import Pool
 from downpour.sparse.rules import RowRule
 
 __all__ = ["EMPTY", "NATIVE", "Index", "SparseTable", "TableStats", "mix"]
@@ -58,20 +59,15 @@ _U64 = (1 << 64) - 1
 LINE = 64  # bytes: the row pools start on a cache line, so a row of 16 float32 is one line, not two
 
 
-def _aligned(a: np.ndarray, rows: int | None = None) -> np.ndarray:
+def _aligned(a: np.ndarray) -> np.ndarray:
     """A copy of ``a`` whose data starts on a cache-line boundary (numpy's own allocations start 16
     bytes past one). A push touches each pushed row of values and optimizer state at random: a 64-byte
-    row that straddles two lines costs two cache misses instead of one. ``rows``: the copy has that
-    many rows (at least ``len(a)``), those past ``a``'s zero. The buffer comes zeroed from the
-    allocator (fresh pages, zeroed as they are first touched), so growing a pool copies only its
-    old rows, once."""
-    rows = len(a) if rows is None else rows
-    shape = (rows, *a.shape[1:])
-    nbytes = a.itemsize * int(np.prod(shape))
-    buf = np.zeros(nbytes + LINE, dtype=np.uint8)
+    row that straddles two lines costs two cache misses instead of one. (A grown pool is aligned by
+    pool.py: its arrays start on a page.)"""
+    buf = np.empty(a.nbytes + LINE, dtype=np.uint8)
     start = -buf.ctypes.data % LINE
-    out = buf[start : start + nbytes].view(a.dtype).reshape(shape)
-    out[: len(a)] = a
+    out = buf[start : start + a.nbytes].view(a.dtype).reshape(a.shape)
+    out[...] = a
     return out
 
 
@@ -107,6 +103,7 @@ class SparseTable:
         self.row_key = np.full(capacity, EMPTY, dtype=np.int64)
         self.touched = np.zeros(capacity, dtype=np.int32)  # the push count when each row was last pushed (or created)
         self.free: list[np.ndarray] = []  # row numbers freed by eviction
+        self._pool = Pool()  # where the row pool grows (pool.py)
         self.next_row = 0
         self.step = 0  # pushes applied
         self.stats = TableStats()
@@ -155,11 +152,11 @@ class SparseTable:
         return rows
 
     def _resize(self, cap: int) -> None:
-        grow = cap - len(self.values)
-        self.values = _aligned(self.values, cap)
-        self.state = {k: _aligned(v, cap) for k, v in self.state.items()}
-        self.row_key = np.concatenate([self.row_key, np.full(grow, EMPTY, dtype=np.int64)])
-        self.touched = np.concatenate([self.touched, np.zeros(grow, dtype=np.int32)])
+        """Room for ``cap`` rows: in place within the pool's reservations (pool.py), else copied once."""
+        self.values = self._pool.array("values", self.values, cap)
+        self.state = {k: self._pool.array(f"state.{k}", v, cap) for k, v in self.state.items()}
+        self.row_key = self._pool.array("row_key", self.row_key, cap, fill=EMPTY)
+        self.touched = self._pool.array("touched", self.touched, cap)
 
     def _check(self, keys: np.ndarray) -> np.ndarray:
         keys = np.ascontiguousarray(keys)  # the kernels take contiguous arrays; copies only a strided view
