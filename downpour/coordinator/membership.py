@@ -296,7 +296,7 @@ def next_shard(st: CoordinatorState, ident: bytes, msg: Message, now: float, nod
     st.shard_waiters.pop(node.name, None)  # a repeat of a parked request replaces it
     done = msg.meta.get("done")  # the shard the worker just finished (what SHARD_DONE says), first
     if done is not None and not st.ledger.done(node.name, done[0], done[1]):
-        return [Reply(ident, msg.error(Code.BAD_SHARD, f"{node.name} was not assigned shard {done[1]} of epoch {done[0]}"))]
+        return [_not_assigned(ident, msg, node, done[0], done[1])]
     out, meta = _shard_answer(st, now, node)
     if meta is None and st.stop_requested is not None:  # (see wake_shard_waiters)
         meta = _ask_again(st)
@@ -386,8 +386,13 @@ def leave(st: CoordinatorState, ident: bytes, msg: Message, now: float, node: No
 def shard_done(st: CoordinatorState, ident: bytes, msg: Message, now: float, node: Node) -> list[Action]:
     epoch, shard = msg.meta.get("epoch"), msg.meta.get("shard")
     if not (isinstance(epoch, int) and isinstance(shard, int)) or not st.ledger.done(node.name, epoch, shard):
-        return [Reply(ident, msg.error(Code.BAD_SHARD, f"{node.name} was not assigned shard {shard} of epoch {epoch}"))]
+        return [_not_assigned(ident, msg, node, epoch, shard)]
     return [Reply(ident, msg.reply({}))]
+
+
+def _not_assigned(ident: bytes, msg: Message, node: Node, epoch: Any, shard: Any) -> Reply:
+    """The refusal of a finished shard (SHARD_DONE, or NEXT_SHARD's ``done``) the worker did not hold."""
+    return Reply(ident, msg.error(Code.BAD_SHARD, f"{node.name} was not assigned shard {shard} of epoch {epoch}"))
 
 
 def worker_done(st: CoordinatorState, ident: bytes, msg: Message, now: float, node: Node) -> list[Action]:

@@ -304,8 +304,10 @@ class LocalLauncher:
         """The node the coordinator failed the job for, if its process still runs, is hung (no
         heartbeat, a restore that never ended): it will not exit when told, so it is killed now
         rather than after the others' grace period."""
+        if name is None:
+            return
         for p in self.procs:
-            if name is not None and p.name.split(".")[0] == name and p.popen.poll() is None:  # (worker-1.2 serves as worker-1)
+            if p.name.split(".")[0] == name and p.popen.poll() is None:  # (worker-1.2 serves as worker-1)
                 log.warning("%s (pid %d) was declared dead by the coordinator but still runs; killing it", p.name, p.popen.pid)
                 p.popen.kill()
 

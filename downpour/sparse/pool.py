@@ -26,10 +26,11 @@ _FLAGS = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_NORESERVE", 
 
 def _mapped(rows: int, tail: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
     """A zeroed array of ``rows`` rows on a fresh anonymous mapping (at least one page)."""
-    nbytes = max(mmap.PAGESIZE, dtype.itemsize * rows * int(np.prod(tail, dtype=np.int64)))
+    per_row = max(1, int(np.prod(tail, dtype=np.int64)))  # items
+    nbytes = max(mmap.PAGESIZE, dtype.itemsize * rows * per_row)
     m = mmap.mmap(-1, nbytes, flags=_FLAGS, prot=mmap.PROT_READ | mmap.PROT_WRITE)
-    count = nbytes // dtype.itemsize // max(1, int(np.prod(tail, dtype=np.int64)))
-    return np.frombuffer(m, dtype=dtype, count=count * int(np.prod(tail, dtype=np.int64))).reshape((count, *tail))
+    count = nbytes // (dtype.itemsize * per_row)  # rows that fit (a page may hold more than asked)
+    return np.frombuffer(m, dtype=dtype, count=count * per_row).reshape((count, *tail))
 
 
 class Pool:
@@ -43,7 +44,7 @@ class Pool:
         """``a`` with ``rows`` rows (at least ``len(a)``): its rows, then ``fill``. A view of
         ``a``'s reservation when ``a`` is one and it has room; else a copy into a new one."""
         room = self._room.get(name)
-        if room is None or len(room) < rows or not _starts_at(a, room) or room.dtype != a.dtype or room.shape[1:] != a.shape[1:]:
+        if room is None or len(room) < rows or not _starts_at(a, room):
             try:
                 room = _mapped(max(rows * RESERVE, MIN_ROWS), a.shape[1:], a.dtype)
             except (OSError, ValueError, OverflowError):  # no such reservation here: just the rows
@@ -62,4 +63,5 @@ class Pool:
 
 def _starts_at(a: np.ndarray, room: np.ndarray) -> bool:
     """Whether ``a`` is the first rows of ``room`` (the same memory, not a copy)."""
-    return a.ctypes.data == room.ctypes.data and a.flags.c_contiguous and len(a) <= len(room)
+    return (a.ctypes.data == room.ctypes.data and a.flags.c_contiguous and len(a) <= len(room)
+            and a.dtype == room.dtype and a.shape[1:] == room.shape[1:])

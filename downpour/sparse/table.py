@@ -71,6 +71,15 @@ def _aligned(a: np.ndarray) -> np.ndarray:
     return out
 
 
+def _run(rows: np.ndarray) -> np.ndarray | slice:
+    """``rows`` as a slice when they are one ascending run (fresh rows of a pool without freed ones
+    are): written as a slice, not scattered."""
+    first, last = int(rows[0]), int(rows[-1])
+    if last - first + 1 == len(rows) and (len(rows) < 2 or bool((np.diff(rows) == 1).all())):
+        return slice(first, last + 1)
+    return rows
+
+
 class SparseTable:
     """Rows of ``dim`` float32 for int64 feature IDs, updated by ``rule``.
 
@@ -194,9 +203,7 @@ class SparseTable:
         if ok.any():
             keys = missing[ok]
             new = self._alloc(len(keys))
-            # Fresh rows of a pool without freed ones are one run: written as a slice, not scattered.
-            at = slice(int(new[0]), int(new[-1]) + 1) if int(new[-1]) - int(new[0]) + 1 == len(new) and (
-                len(new) < 2 or bool((np.diff(new) == 1).all())) else new
+            at = _run(new)
             if self.rule.zero_init:
                 self.values[at] = 0.0
             elif self._kernels is not None:  # the same numbers, written in place
