@@ -283,6 +283,9 @@ class RecordingKV:
     def wait(self, handle, timeout_s=None) -> None:
         pass
 
+    def share_values(self):
+        return None  # (no servers to write into the model: it keeps its own memory)
+
 
 MODEL = {"name": "mlp", "args": {"input_shape": [6], "hidden": [5], "dropout": 0.0, "num_classes": 3}}
 

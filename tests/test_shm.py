@@ -152,6 +152,106 @@ def test_bad_slot_requests_are_refused_and_change_nothing(ctx, folder, tmp_path)
         s.close()
 
 
+def test_a_reply_goes_into_the_range_meta_into_names_and_bad_ranges_change_nothing(ctx, folder, tmp_path):
+    """``meta.into`` ([slot, first value, values]): the reply's values are written there (a worker's
+    parameters), not into the request's slot; a range the server may not write is refused first."""
+    s = OneServer(ctx, f"ipc://{folder}/server-0.sock")
+    try:
+        assert s.ask(Op.INIT, {}, [INIT.clone()]).op == Op.OK
+        slot = Slot(folder, "w", NUMEL * 4)
+        grad = torch.frombuffer(slot.buffer, dtype=torch.float32)
+        params = Slot(folder, "w-values", (NUMEL + 5) * 4)  # the request's values start at value 5 of it
+        values = torch.frombuffer(params.buffer, dtype=torch.float32)
+        values.fill_(7.0)
+        outside = tmp_path / "shm-x"
+        outside.write_bytes(b"\0" * NUMEL * 4)
+        os.symlink(outside, os.path.join(folder, "shm-elsewhere"))
+        push = {"version": 0, "weight": 1.0, "shm": [slot.name, NUMEL]}
+        cases = [
+            (Op.PUSHPULL, {**push, "into": ["../shm-x", 0, NUMEL]}, "bad shared-memory slot name"),
+            (Op.PUSHPULL, {**push, "into": ["shm-elsewhere", 0, NUMEL]}, "cannot open"),
+            (Op.PUSHPULL, {**push, "into": [params.name, 6, NUMEL]}, f"holds {NUMEL + 5} values, not 6 + {NUMEL}"),
+            (Op.PUSHPULL, {**push, "into": [params.name, -1, NUMEL]}, "meta.into"),
+            (Op.PUSHPULL, {**push, "into": [params.name, 5]}, "meta.into"),
+            (Op.PUSHPULL, {**push, "into": [params.name, 5, NUMEL - 1]}, f"meta.into holds {NUMEL - 1} values"),
+            (Op.PUSH, {**push, "into": [params.name, 5, NUMEL]}, "meta.into is for PULL and PUSHPULL"),
+        ]
+        grad.fill_(1.0)
+        before = s.values()
+        for op, meta, why in cases:
+            reply = s.ask(op, meta)
+            assert reply.op == Op.ERROR and why in reply.meta["error"], (meta, reply.meta)
+            assert torch.equal(s.values(), before) and torch.equal(values, torch.full_like(values, 7.0))
+        reply = s.ask(Op.PUSHPULL, {**push, "into": [params.name, 5, NUMEL]})
+        assert reply.op == Op.OK and reply.meta["shm"] is True and reply.tensors == []
+        assert torch.equal(values[5:], INIT - 0.5) and torch.equal(values[:5], torch.full((5,), 7.0))
+        assert torch.equal(grad, torch.ones(NUMEL))  # the gradient's slot is left as it was
+        values.zero_()
+        reply = s.ask(Op.PULL, {"into": [params.name, 5, NUMEL]})  # a pull needs no slot of its own
+        assert reply.op == Op.OK and reply.meta["shm"] is True and torch.equal(values[5:], INIT - 0.5)
+        slot.close()
+        params.close()
+    finally:
+        s.close()
+
+
+def test_a_worker_whose_values_live_in_shared_memory_gets_every_reply_in_place(ctx, folder):
+    """KVClient.share_values: pulls and push+pulls into that vector name each server's range of it
+    (``meta.into``) and are not copied out of a slot; into any other tensor they are, as before."""
+    layout = make_layout([("w", (6, 5)), ("b", (6,)), ("v", (4, 3))], 2, max_slice_bytes=40)
+    job = parse_job({"model": {"name": "mlp"}, "optimizer": {"name": "sgd", "lr": 0.1}, "cluster": {"num_servers": 2},
+                     "monitor": {"metrics": False}})
+    servers = [LiveServer(None, job=job, layout=layout, rank=r, bind=f"ipc://{folder}/server-{r}.sock") for r in range(2)]
+    rpc = RpcClient(ctx, "worker-0", WAIT_S)
+    try:
+        kv = KVClient(rpc, layout, {0: "server-0", 1: "server-1"})
+        for r, srv in enumerate(servers):
+            rpc.connect(f"server-{r}", srv.address)
+            assert kv.set_address(f"server-{r}", srv.address)
+        values = kv.share_values()
+        assert values is not None and values.numel() == layout.numel and kv.share_values() is values
+        init = torch.linspace(-2.0, 2.0, layout.numel)
+        kv.wait(kv.init(init), WAIT_S)
+        sent = []
+        request = rpc.request
+        rpc.request = lambda peer, msg: sent.append(msg) or request(peer, msg)
+        scattered = []
+        from downpour.worker import client as client_module
+        scatter = client_module._Part.scatter
+        client_module._Part.scatter = lambda part, v, out: scattered.append(part.server) or scatter(part, v, out)
+        try:
+            kv.wait(kv.pull(values), WAIT_S)
+            assert torch.equal(values, init)
+            assert [m.meta["into"][1:] for m in sent] == [[lo, hi - lo] for part in kv._all for lo, hi in part.ranges]
+            assert all("shm" not in m.meta for m in sent) and scattered == []
+            grad = torch.randn(layout.numel, generator=torch.Generator().manual_seed(1))
+            kv.wait(kv.push_pull(grad, values), WAIT_S)
+            torch.testing.assert_close(values, init - 0.1 * grad)
+            assert all("shm" in m.meta and "into" in m.meta for m in sent[2:]) and scattered == []
+            other = torch.empty(layout.numel)  # not the shared vector: through the request's slot and copied
+            kv.wait(kv.pull(other), WAIT_S)
+            assert torch.equal(other, values) and all("into" not in m.meta for m in sent[4:]) and sorted(scattered) == [0, 1]
+        finally:
+            client_module._Part.scatter = scatter
+        kv.close()
+        assert [f for f in os.listdir(folder) if f.startswith("shm-")] == []
+        assert torch.equal(values, other)  # still mapped while the caller holds it
+    finally:
+        rpc.close()
+        for srv in servers:
+            srv.close()
+
+
+def test_values_are_not_shared_with_servers_on_tcp(ctx):
+    rpc = RpcClient(ctx, "worker-0", WAIT_S)
+    try:
+        kv = KVClient(rpc, LAYOUT, {0: "server-0"})
+        assert not kv.set_address("server-0", "tcp://127.0.0.1:5555")
+        assert kv.share_values() is None
+    finally:
+        rpc.close()
+
+
 def test_a_server_that_listens_on_tcp_or_was_told_not_to_refuses_shared_memory(ctx, folder):
     slot = Slot(folder, "w", NUMEL * 4)
     for server in (OneServer(ctx, "tcp://127.0.0.1:*"), OneServer(ctx, f"ipc://{folder}/s.sock", shared_memory=False)):

@@ -141,6 +141,7 @@ REPORTS: dict[str, Schema] = {
 _NODE = {"node": NAME}
 _PULL_CODEC = Tuple(Str(16), Int(1, 1 << 24))  # [codec, bucket]: the server takes only the job's compression.pull
 _SHM = Tuple(Str(128), Int(1, 1 << 40))  # [slot name, values]
+_INTO = Tuple(Str(128), Int(0, 1 << 40), Int(1, 1 << 40))  # [slot name, first value, values]: where a reply's values go
 # A worker's count of its requests that change this server's state (pushes; SPARSE): a replay after
 # a failover repeats it, so the promoted primary applies each exactly once.
 SEQ = Int(1)
@@ -163,9 +164,10 @@ REQUESTS: dict[Op, Record] = {
     Op.STATUS: Record(_NODE, rest=REST),
     Op.LEAVE: Record({**_NODE, "position": POSITION, "stats": STATS}, required=("node",), rest=REST),
     Op.INIT: Record({"keys": KEYS, "shm": _SHM}, required=("keys",), rest=REST),
-    Op.PULL: Record({"keys": KEYS, "pq": _PULL_CODEC, "shm": _SHM}, required=("keys",), rest=REST),
+    Op.PULL: Record({"keys": KEYS, "pq": _PULL_CODEC, "shm": _SHM, "into": _INTO}, required=("keys",), rest=REST),
     Op.PUSH: Record({"keys": KEYS, "version": COUNT, "weight": WEIGHT, "clock": Int(1), "delta": Bool(),
                      "kv": List(COUNT, 1 << 24), "pos": POSITION, "from": COUNT, "seq": SEQ, "pq": _PULL_CODEC, "shm": _SHM,
+                     "into": _INTO,
                      "enc": List(Tuple(Str(16), Dict(Str(8), Plain(max_depth=0, max_str=16), 16), Int(0, 64)), 1 << 24)},
                     required=("keys", "version"), rest=REST),
     # clock: the number of the dense push whose step produced the rows' gradients it carries (an

@@ -114,7 +114,7 @@ class PrimaryLink:
         self.seq += 1
         if not self.followers:
             return self.seq
-        meta = {k: v for k, v in msg.meta.items() if k not in ("shm", "pq")}
+        meta = {k: v for k, v in msg.meta.items() if k not in ("shm", "into", "pq")}
         # Values in a shared-memory slot are overwritten by the reply: the backup gets a copy.
         tensors = [t.clone() for t in msg.tensors] if "shm" in msg.meta else msg.tensors
         op = Op.PUSH if msg.op == Op.PUSHPULL else msg.op  # a backup answers nobody: no values to read back
@@ -245,7 +245,7 @@ def server_state(server: ParameterServer) -> tuple[dict[str, torch.Tensor], dict
     for i, (who, p) in enumerate(getattr(server.policy, "waiting", {}).items()):
         tensors[f"waiting.{i}"] = p.grad.clone()
         waiting.append({"who": who, "peer": p.peer.decode(errors="replace"), "weight": p.weight, "version": p.version,
-                        "delta": p.delta, "meta": {k: v for k, v in p.msg.meta.items() if k not in ("shm", "pq")}})
+                        "delta": p.delta, "meta": {k: v for k, v in p.msg.meta.items() if k not in ("shm", "into", "pq")}})
     hyper = server.hyper.staleness
     info = {"positions": server.positions, "applied": server.applied, "skipped": server.skipped, "members": sorted(server.members),
             "counts": {k: server.counts[k] for k in ("push", "pull", "replayed")},

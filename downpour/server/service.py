@@ -160,9 +160,9 @@ class ParameterServer:
         folder = slot_folder(listener.address) if job.cluster.shared_memory else None
         self.slots = SlotMaps(folder) if folder else None
         self._slot_out: dict[tuple[bytes, int], torch.Tensor] = {}
-        # Each slot's tensor over its mapping, as its last request named it (name -> (mapping, tensor)):
-        # a worker names the same slot and length in every request, and a view costs a microsecond or two.
-        self._slot_views: dict[str, tuple[object, torch.Tensor]] = {}
+        # Each slot's tensor over its mapping, as its last request named it ((name, first value) ->
+        # (mapping, tensor)): a worker names the same slot and range in every request, and a view costs a microsecond or two.
+        self._slot_views: dict[tuple[str, int], tuple[object, torch.Tensor]] = {}
         # Replication (server/replica.py): the stream to this rank's backups (None: a backup's
         # own server, or a job without replicas), and the last push sequence number applied per
         # worker ("NAME" dense, "NAME/sparse"), so that a push replayed after a failover applies once.
@@ -258,7 +258,7 @@ class ParameterServer:
         except SchemaError as err:
             self._reject(peer, msg, Code.INVALID, str(err))
             return
-        if "shm" in msg.meta:
+        if "shm" in msg.meta or "into" in msg.meta:
             try:
                 self._from_slot(peer, msg)
             except ProtocolError as err:
@@ -312,35 +312,54 @@ class ParameterServer:
 
     def _from_slot(self, peer: bytes, msg: Message) -> None:
         """A request whose values are in a shared-memory slot (``meta.shm``: [name, numel]): they
-        become the request's tensor, and the reply's values go back into the slot."""
+        become the request's tensor, and the reply's values go back into the slot, or into the
+        part of a slot ``meta.into`` names ([name, first value, numel]: a worker's parameters,
+        which then take the pulled values in place)."""
         if self.slots is None:
             raise ProtocolError("this server takes no shared memory (it does not listen on an ipc socket)")
-        shm = msg.meta["shm"]
+        shm, into = msg.meta.get("shm"), msg.meta.get("into")
         if msg.op not in (Op.INIT, Op.PULL, Op.PUSH, Op.PUSHPULL) or msg.tensors or "enc" in msg.meta:
             raise ProtocolError(f"{msg.op.name} with tensors, compression or of this kind cannot use shared memory")
-        if not (isinstance(shm, list) and len(shm) == 2 and type(shm[1]) is int and shm[1] > 0):
-            raise ProtocolError(f"meta.shm must be [slot name, number of values], got {shm!r}")
-        try:
-            buffer = self.slots.map(shm[0])
-        except TransportError as err:
-            raise ProtocolError(str(err)) from None
-        view = self._slot_views.get(shm[0])
-        if view is not None and view[0] is buffer and view[1].numel() == shm[1]:
-            values = view[1]  # (the same mapping and length as its last request: the same tensor)
-        else:
-            if shm[1] * 4 > len(buffer):
-                raise ProtocolError(f"shared-memory slot {shm[0]} holds {len(buffer) // 4} values, not {shm[1]}")
-            values = torch.frombuffer(buffer, dtype=torch.float32, count=shm[1])
-            if len(self._slot_views) >= 256:  # (it keeps mappings alive: bounded like SlotMaps' own)
-                self._slot_views.clear()
-            self._slot_views[shm[0]] = (buffer, values)
-        if msg.op != Op.PULL:
-            msg.tensors = [values]
-            self.bytes_in += shm[1] * 4
-        if msg.op in (Op.PULL, Op.PUSHPULL):
+        values = None
+        if shm is not None:
+            if not (isinstance(shm, list) and len(shm) == 2 and type(shm[1]) is int and shm[1] > 0):
+                raise ProtocolError(f"meta.shm must be [slot name, number of values], got {shm!r}")
+            values = self._slot_view(shm[0], 0, shm[1])
+            if msg.op != Op.PULL:
+                msg.tensors = [values]
+                self.bytes_in += shm[1] * 4
+        if into is not None:
+            if msg.op not in (Op.PULL, Op.PUSHPULL):
+                raise ProtocolError(f"{msg.op.name} is not answered with values: meta.into is for PULL and PUSHPULL")
+            if not (isinstance(into, list) and len(into) == 3 and type(into[1]) is int and type(into[2]) is int
+                    and into[1] >= 0 and into[2] > 0):
+                raise ProtocolError(f"meta.into must be [slot name, first value, number of values], got {into!r}")
+            if shm is not None and into[2] != shm[1]:
+                raise ProtocolError(f"meta.into holds {into[2]} values, the request's slot {shm[1]}")
+            values = self._slot_view(into[0], into[1], into[2])
+        if values is not None and msg.op in (Op.PULL, Op.PUSHPULL):
             if len(self._slot_out) > 10_000:  # requests never answered (a worker that left): forget them
                 self._slot_out.clear()
             self._slot_out[(peer, msg.req_id)] = values
+
+    def _slot_view(self, name: object, first: int, numel: int) -> torch.Tensor:
+        """``numel`` float32 values of slot ``name`` from value ``first`` on; ProtocolError if it is
+        not a slot this server may map or holds fewer values."""
+        try:
+            buffer = self.slots.map(name)
+        except TransportError as err:
+            raise ProtocolError(str(err)) from None
+        key = (name, first)
+        view = self._slot_views.get(key)
+        if view is not None and view[0] is buffer and view[1].numel() == numel:
+            return view[1]  # (the same mapping and range as its last request: the same tensor)
+        if (first + numel) * 4 > len(buffer):
+            raise ProtocolError(f"shared-memory slot {name} holds {len(buffer) // 4} values, not {first} + {numel}")
+        values = torch.frombuffer(buffer, dtype=torch.float32, count=numel, offset=first * 4)
+        if len(self._slot_views) >= 256:  # (it keeps mappings alive: bounded like SlotMaps' own)
+            self._slot_views.clear()
+        self._slot_views[key] = (buffer, values)
+        return values
 
     def _reply_slot(self, peer: bytes, req_id: int) -> torch.Tensor | None:
         """The shared-memory slot a reply's values may be written into before the reply is sent;

@@ -31,6 +31,7 @@ the encodings and shared memory it uses live in ``compress`` and ``transport``.
 from __future__ import annotations
 
 import logging
+import os
 from collections import Counter
 from dataclasses import dataclass
 
@@ -171,12 +172,13 @@ class _Slot:
 
 
 class Handle:
-    """What :meth:`KVClient.wait` needs to finish one call: per request its part, future and slot,
-    and (for a push) its message and data, to send again after a failover."""
+    """What :meth:`KVClient.wait` needs to finish one call: per request its part, future, slot and
+    whether the reply's values go straight into ``out`` (``meta.into``), and (for a push) its
+    message and data, to send again after a failover."""
 
     __slots__ = ("futures", "out", "sent", "data")
 
-    def __init__(self, futures: list[tuple[_Part, Future, _Slot | None]], out: torch.Tensor | None,
+    def __init__(self, futures: list[tuple[_Part, Future, _Slot | None, bool]], out: torch.Tensor | None,
                  sent: dict[int, Message] | None = None, data: Flat | None = None) -> None:
         self.futures = futures
         self.out = out
@@ -220,6 +222,7 @@ class KVClient:
         self.replay = replay
         self.seq: dict[int, int] = {}  # by server rank: pushes sent to it (meta.seq)
         self.replayed = 0  # pushes sent again after a failover
+        self._into: tuple[Slot, torch.Tensor] | None = None  # the values vector in shared memory (share_values)
 
     def set_address(self, peer: str, address: str) -> bool:
         """Server ``peer`` listens at ``address`` (now, or since it was replaced). With
@@ -237,10 +240,42 @@ class KVClient:
         return rank in self._slots
 
     def close(self) -> None:
-        """Remove this client's shared-memory slots."""
+        """Remove this client's shared-memory slots (a shared values vector stays mapped while used)."""
         for slots in self._slots.values():
             slots.close()
         self._slots.clear()
+        if self._into is not None:
+            self._into[0].close()
+
+    def share_values(self) -> torch.Tensor | None:
+        """A flat float32 vector of the layout's size in shared memory, for the caller's values (a
+        model's parameters): a pull or push+pull whose ``out`` it is then names the range of it
+        each server's keys hold (``meta.into``), and the server writes its reply's values there,
+        so the caller's copy out of the request's slot goes. None where no server takes shared
+        memory (or none could be made). The caller must not read the vector while such a request
+        is in flight (its values change under it), and never waits on one answered out of order."""
+        if self._into is not None:
+            return self._into[1]
+        folders = {pool.folder for pool in self._slots.values()}
+        if len(folders) != 1 or self.layout.numel == 0:
+            return None
+        try:
+            slot = Slot(folders.pop(), f"{self.rpc.node}-values", self.layout.numel * 4)
+        except (OSError, DownpourError) as err:
+            log.warning("%s: no shared memory for its values (%s); pulled values are copied", self.rpc.node, err)
+            return None
+        self._into = (slot, torch.frombuffer(slot.buffer, dtype=torch.float32))
+        return self._into[1]
+
+    def _into_meta(self, part: _Part, out: torch.Tensor | None) -> list | None:
+        """``meta.into`` for ``part`` when its reply's values may be written straight into ``out``."""
+        into = self._into
+        if into is None or out is None or len(part.ranges) != 1 or out.data_ptr() != into[1].data_ptr():
+            return None
+        pool = self._slots.get(part.server)
+        if pool is None or pool.folder != os.path.dirname(into[0].path):
+            return None
+        return [into[0].name, part.ranges[0][0], part.numel]
 
     def _plan(self, keys: list[int] | None) -> list[_Part]:
         slices: list[KeySlice] = list(self.layout.slices) if keys is None else [self._slice(k) for k in sorted(keys)]
@@ -288,11 +323,15 @@ class KVClient:
         for part in parts:
             meta: dict = {"keys": part.keys, **extra} if extra else {"keys": part.keys}
             tensors = []
-            slot = self._take_slot(part) if (data is not None or out is not None) and self._slots else None
+            into = self._into_meta(part, out) if self._into is not None else None
+            if into is not None:
+                meta["into"] = into
+            slot = self._take_slot(part) if (data is not None or (out is not None and into is None)) and self._slots else None
             if slot is not None:
                 if data is not None:
                     part.gather_into(data, slot.values)
                 meta["shm"] = [slot.slot.name, part.numel]
+            if slot is not None or into is not None:
                 self.shm_requests += 1
             elif pushing and self.compressor is not None:
                 meta["enc"], tensors = self.compressor.encode(part.keys, data)
@@ -319,7 +358,7 @@ class KVClient:
                 self.wire["push"]["headers"] += fut.sent[0]
                 if self.replay:
                     sent[id(fut)] = Message(op, meta=meta, tensors=tensors)
-            futures.append((part, fut, slot))
+            futures.append((part, fut, slot, into is not None))
         if pushing and self.compressor is not None:
             self.wire["push"].update(self.compressor.bytes)
             self.compressor.bytes.clear()
@@ -398,7 +437,7 @@ class KVClient:
         RequestTimeout naming the server that did not answer)."""
         try:
             while handle.futures:
-                part, fut, slot = handle.futures[0]
+                part, fut, slot, into = handle.futures[0]
                 try:
                     reply = fut.result(timeout_s)
                 except RemoteError as err:  # answered: the server is done with the slot (unless it was replaced)
@@ -408,16 +447,16 @@ class KVClient:
                     again = handle.sent.pop(id(fut), None) if err.code == "peer_replaced" else None
                     if again is None:
                         raise
-                    handle.futures.insert(0, (part, self._resend(part, again, handle.data), None))
+                    handle.futures.insert(0, (part, self._resend(part, again, handle.data), None, False))
                     continue
                 handle.futures.pop(0)
                 try:
-                    self._received(part, fut, reply, handle.out, slot)
+                    self._received(part, fut, reply, handle.out, slot, into)
                 finally:
                     if slot is not None:
                         slot.pool.done(slot, True)
         except DownpourError:  # the requests not waited for may still be answered: their slots are not reused
-            for _, _, slot in handle.futures:
+            for _, _, slot, _ in handle.futures:
                 if slot is not None:
                     slot.pool.done(slot, False)
             handle.futures = []
@@ -426,7 +465,7 @@ class KVClient:
     def _resend(self, part: _Part, msg: Message, data: Flat | None) -> Future:
         """Send a push again, as it was (same ``seq``), to its server's new process; values that
         went through shared memory go in a frame this time."""
-        meta = {k: v for k, v in msg.meta.items() if k != "shm"}
+        meta = {k: v for k, v in msg.meta.items() if k not in ("shm", "into")}
         tensors = msg.tensors if "shm" not in msg.meta or data is None else [part.gather(data)]
         again = Message(msg.op, meta=meta, tensors=tensors)
         fut = self.rpc.request(self.peers[part.server], again)
@@ -434,7 +473,8 @@ class KVClient:
         log.info("%s: sent push %d to %s again (its primary was replaced)", self.rpc.node, meta.get("seq", 0), fut.peer)
         return fut
 
-    def _received(self, part: _Part, fut: Future, reply: Message, out: torch.Tensor | None, slot: _Slot | None) -> None:
+    def _received(self, part: _Part, fut: Future, reply: Message, out: torch.Tensor | None, slot: _Slot | None,
+                  into: bool = False) -> None:
         version, kv = reply.meta.get("version"), reply.meta.get("kv")
         if isinstance(kv, list) and len(kv) == len(part.keys) and all(type(v) is int for v in kv):
             for k, v in zip(part.keys, kv):
@@ -442,11 +482,12 @@ class KVClient:
         elif type(version) is int:
             for k in part.keys:
                 self.versions[k] = version
-        if out is not None and slot is not None and reply.meta.get("shm") is True:
+        if out is not None and (slot is not None or into) and reply.meta.get("shm") is True:
             pulled = self.wire["pull"]
             pulled["headers"] += fut.received[0]
             pulled["values"] += part.numel * 4
-            part.scatter(slot.values[: part.numel], out)
+            if not into:  # (with meta.into the server wrote them into ``out`` already)
+                part.scatter(slot.values[: part.numel], out)
         elif out is not None and reply.tensors:
             header, total = fut.received
             pulled = self.wire["pull"]

@@ -31,19 +31,36 @@ class FlatModel:
         self.model = model.to(device)
         self.device = device
         self.params = [p for p in model.parameters() if p.requires_grad]
+        self.layout = layout
         self.flat = torch.empty(layout.numel, device=device)
         self.cast: list[tuple[nn.Parameter, torch.Tensor]] = []  # (a non-float32 parameter, its slice of flat)
-        for p, spec in zip(self.params, layout.params):
-            view = self.flat[spec.offset : spec.offset + spec.numel]
-            view.copy_(p.data.reshape(-1))
-            if p.dtype == torch.float32:
-                p.data = view.view(spec.shape)
-            else:
-                self.cast.append((p, view))
+        self._views(copy=True)
         on_cpu = device.type == "cpu"
         self.host = self.flat if on_cpu else torch.empty(layout.numel, pin_memory=torch.cuda.is_available())
         if not on_cpu:
             self.host.copy_(self.flat)
+
+    def _views(self, copy: bool) -> None:
+        """Make the float32 parameters views of ``flat`` (``copy``: with their current values)."""
+        self.cast = []
+        for p, spec in zip(self.params, self.layout.params):
+            view = self.flat[spec.offset : spec.offset + spec.numel]
+            if copy:
+                view.copy_(p.data.reshape(-1))
+            if p.dtype == torch.float32:
+                p.data = view.view(spec.shape)
+            else:
+                self.cast.append((p, view))
+
+    def place(self, memory: torch.Tensor) -> None:
+        """Move the flat vector (a CPU model's parameters) into ``memory``, a float32 CPU vector of
+        its size (e.g. shared memory that servers write pulled values into); the values go along."""
+        if self.device.type != "cpu" or memory.dtype != torch.float32 or memory.shape != self.flat.shape:
+            raise ConfigError(f"a model's values move to a float32 CPU vector of {self.flat.numel()} values, "
+                              f"not {memory.dtype} {tuple(memory.shape)} (on {self.device})")
+        memory.copy_(self.flat)
+        self.flat = self.host = memory
+        self._views(copy=False)
 
     def grad_vector(self) -> torch.Tensor:
         """The gradients as one new flat CPU tensor (safe to send while the next step runs)."""

@@ -102,6 +102,12 @@ class Trainer:
         t = job.training
         self.overlap = (t.overlap and t.consistency == "async" and not t.consistency_groups
                         and t.accumulate == 1 and t.local_steps == 1)
+        if not self.overlap and flat.device.type == "cpu":
+            # The parameters move into shared memory where the servers take it: each reply's values
+            # are written straight into them (nothing reads them while a push+pull is in flight).
+            values = kv.share_values()
+            if values is not None:
+                flat.place(values)
         self.pushes = 0
         self.pushes_at = 0  # self.steps at the last push
         # [epoch, shard, examples of it done] of the last push the servers acknowledged (the
