@@ -657,3 +657,29 @@ def test_with_overlap_a_shard_is_reported_done_only_once_its_last_push_was_answe
     # Each shard is reported done with no push in flight, at the position of its last batch.
     assert done == [((0, 0, 24), None, [0, 0, 24]), ((0, 1, 24), None, [0, 1, 24])]
     assert asked[1:] == [(None, [0, 0, 24]), (None, [0, 1, 24])]
+
+
+def test_a_warm_up_runs_the_model_before_training_and_leaves_no_trace():
+    """Trainer.warm_up (before the init barrier): forward and backward passes, then the parameters,
+    the buffers (a BatchNorm's running statistics) and the random generator are as they were, no
+    gradient is kept and nothing is pushed."""
+    job = parse_job({"model": MODEL, "optimizer": {"name": "sgd", "lr": 0.1}, "training": {"batch_size": 8},
+                     "cluster": {"num_servers": 1, "num_workers": 1}, "monitor": {"metrics": False}})
+    model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.BatchNorm1d(5), torch.nn.ReLU(), torch.nn.Dropout(0.5),
+                                torch.nn.Linear(5, 3))
+    layout = make_layout(param_shapes(model), 1)
+    kv = RecordingKV(len(layout.slices))
+    g = torch.Generator().manual_seed(5)
+    data = Dataset(ArrayDataset(torch.randn(24, 6, generator=g).numpy(), torch.randint(0, 3, (24,), generator=g).numpy()))
+    trainer = Trainer(job, FlatModel(model, layout, torch.device("cpu")), kv, data, "worker-0")
+    params = [p.detach().clone() for p in model.parameters()]
+    buffers = [b.clone() for b in model.buffers()]
+    rng = torch.get_rng_state()
+    calls: list[int] = []
+    model.register_forward_hook(lambda module, args, out: calls.append(len(args[0])))
+    trainer.warm_up()
+    assert calls == [8, 8]
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), params))
+    assert all(p.grad is None for p in model.parameters())
+    assert all(torch.equal(b, c) for b, c in zip(model.buffers(), buffers)) and model[1].num_batches_tracked == 0
+    assert torch.equal(torch.get_rng_state(), rng) and kv.pushes == [] and trainer.steps == 0

@@ -317,6 +317,7 @@ class WorkerProcess:
         assert kv is not None and trainer is not None
         if self.reply.get("initializer"):
             kv.wait(kv.init(flat.host))
+        trainer.warm_up()  # (while the other workers start: torch's first calls are not the first step's)
         coord.barrier("init", timeout_s=_LONG_WAIT_S)
         trainer.pull_all()
         flat.host_to_device()

@@ -21,6 +21,7 @@ is a small strategy of its own (:mod:`downpour.worker.schedule`).
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import threading
@@ -358,6 +359,30 @@ class Trainer:
                 if attempt == attempts - 1 or (isinstance(err, RemoteError) and err.code != "peer_replaced"):
                     raise
                 log.info("%s: pull failed (%s); again", self.name, err)
+
+    def warm_up(self, steps: int = 2) -> None:
+        """Forward and backward passes on the first examples of the training split, before training
+        starts (while the other workers may still be starting): torch's first calls (allocations,
+        kernel choices; on a GPU its libraries' start-up) then belong to start-up, not to the first
+        steps. Nothing of it stays: the gradients are dropped, the model's buffers and the random
+        generator are restored, and the parameters are not changed. Not for sparse models (their
+        forward pulls rows) or data read through a loader or a stream."""
+        size = split_len(self.data.train) if self.data is not None else 0
+        if self.sparse is not None or self.online is not None or self.batches is None or self.batches.loader is not None or size <= 0:
+            return
+        model, device = self.flat.model, self.flat.device
+        buffers = [(b, b.detach().clone()) for b in model.buffers()]
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            model.train()
+            for x, y in itertools.islice(self.batches(np.arange(min(size, self.job.training.batch_size))), 1):
+                for _ in range(steps):
+                    with self.precision.autocast():
+                        loss = self.loss_fn(_forward(model, _to(x, device)), _to(y, device))
+                    loss.float().sum().backward()
+                    self.flat.zero_grad()
+        with torch.no_grad():
+            for b, saved in buffers:
+                b.copy_(saved)
 
     def start(self) -> None:
         """After the first pull: local SGD measures its first delta from these values."""
