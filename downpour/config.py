@@ -391,6 +391,10 @@ class ClusterConfig(_Frozen):
     # With ipc, workers send their requests to servers over a plain Unix socket beside each
     # server's ZeroMQ one: one wake-up per message instead of three (transport/uds.py).
     unix_sockets: bool = True
+    # The CPU scheduling policy of the job's processes (downpour/processes.py). batch (Linux's
+    # SCHED_BATCH): a process that wakes up does not preempt one running on its core, which spares
+    # context switches where the job has more busy processes than cores; normal: the default policy.
+    cpu_policy: Literal["batch", "normal"] = "batch"
     partitioner: str = "bytes"
     # Largest slice of one tensor stored under one key, in bytes. Larger tensors are cut.
     max_slice_bytes: int = Field(2 * 1024 * 1024, gt=0)

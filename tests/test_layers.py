@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parent.parent / "downpour"
 # parts marked as peers (the roles) may not import each other. A part is a top-level package or
 # module of downpour/, or a module named in full where it sits elsewhere than its package.
 LAYERS: list[set[str]] = [
-    {"errors", "imports", "hashing"},
+    {"errors", "imports", "hashing", "processes"},
     {"transport", "sparse", "nn"},
     {"config"},
     {"protocol", "layout", "models", "data", "stream"},

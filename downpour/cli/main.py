@@ -163,9 +163,11 @@ def _run_with_progress(launcher, job, quiet: bool):
 # -- single roles -----------------------------------------------------------
 def cmd_coordinator(args) -> int:
     from downpour.coordinator.service import Coordinator
+    from downpour.processes import apply_cpu_policy
     from downpour.transport import new_context
 
     job = _load(args)
+    apply_cpu_policy(job.cluster.cpu_policy)
     bind = args.bind or os.environ.get("DOWNPOUR_BIND") or f"tcp://127.0.0.1:{args.port or 7070}"
     if "://" not in bind:
         bind = f"tcp://{bind}"

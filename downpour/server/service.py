@@ -37,6 +37,7 @@ from downpour.coordinator.client import COORDINATOR, CoordinatorClient, Heartbea
 from downpour.errors import DownpourError, ProtocolError, TransportError
 from downpour.layout import Layout
 from downpour.monitor import Buckets, HttpEndpoint, metrics_route, node_labels
+from downpour.processes import apply_cpu_policy
 from downpour.protocol import Message, Op, decode, encode
 from downpour.protocol.ops import MAX_GRADIENT, Code, validate
 from downpour.protocol.schema import SchemaError
@@ -765,6 +766,7 @@ def run_server(ctx: Context, coordinator: str, host: str = "127.0.0.1", rank: in
             listener = Both(zmq_listener, unix)
         reply = coord.register("server", rank, listener.address, timeout_s=120.0, hosted_by=hosted_by, promoted=promote is not None)
         job = parse_job(reply["job"], source="coordinator")
+        apply_cpu_policy(job.cluster.cpu_policy)
         layout = Layout.from_dict(reply["layout"])
         if unix is not None and not job.cluster.unix_sockets:  # (workers will not look for it)
             unix.close()

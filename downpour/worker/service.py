@@ -25,6 +25,7 @@ from downpour.models import buffers as bufs
 from downpour.models import build_model
 from downpour.monitor import HttpEndpoint, metrics_route, node_labels
 from downpour.nn import attach
+from downpour.processes import apply_cpu_policy
 from downpour.protocol import Message, Op
 from downpour.protocol.rpc import RpcClient
 from downpour.transport import Context, Security, advertised
@@ -243,6 +244,7 @@ class WorkerProcess:
         self.reply, self.name = reply, reply["node"]
         self.servers.name = self.name
         self.job = job = parse_job(reply["job"], source="coordinator")
+        apply_cpu_policy(job.cluster.cpu_policy)
         if trusted_factories is not None:
             foreign = sorted(job_factories(job) - trusted_factories)
             if foreign:
