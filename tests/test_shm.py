@@ -242,6 +242,41 @@ def test_a_worker_whose_values_live_in_shared_memory_gets_every_reply_in_place(c
             srv.close()
 
 
+def test_a_part_that_finds_every_slot_in_use_sends_its_values_in_frames_and_gets_them_back_so(ctx, folder, monkeypatch):
+    """Requests of one key each (``request_bytes``), and one slot per server: a part without a slot
+    pushes in a frame and names no range (``meta.into``), and its reply's values are copied in."""
+    from downpour.worker import client as client_module
+
+    monkeypatch.setattr(client_module._Slots, "LIMIT", 1)
+    layout = make_layout([("w", (6, 5)), ("b", (6,)), ("v", (4, 3))], 2, max_slice_bytes=40)
+    job = parse_job({"model": {"name": "mlp"}, "optimizer": {"name": "sgd", "lr": 0.1}, "cluster": {"num_servers": 2},
+                     "monitor": {"metrics": False}})
+    servers = [LiveServer(None, job=job, layout=layout, rank=r, bind=f"ipc://{folder}/server-{r}.sock") for r in range(2)]
+    rpc = RpcClient(ctx, "worker-0", WAIT_S)
+    try:
+        kv = KVClient(rpc, layout, {0: "server-0", 1: "server-1"}, request_bytes=40)
+        for r, srv in enumerate(servers):
+            rpc.connect(f"server-{r}", srv.address)
+            assert kv.set_address(f"server-{r}", srv.address)
+        values = kv.share_values()
+        init = torch.linspace(-2.0, 2.0, layout.numel)
+        kv.wait(kv.init(init), WAIT_S)
+        sent = []
+        request = rpc.request
+        rpc.request = lambda peer, msg: sent.append(msg) or request(peer, msg)
+        grad = torch.randn(layout.numel, generator=torch.Generator().manual_seed(2))
+        kv.wait(kv.push_pull(grad, values), WAIT_S)
+        torch.testing.assert_close(values, init - 0.1 * grad)
+        framed = [m for m in sent if m.tensors]
+        assert len(sent) == len(layout.slices) and framed and all("into" not in m.meta and "shm" not in m.meta for m in framed)
+        assert all("into" in m.meta and "shm" in m.meta for m in sent if not m.tensors)
+        kv.close()
+    finally:
+        rpc.close()
+        for srv in servers:
+            srv.close()
+
+
 def test_values_are_not_shared_with_servers_on_tcp(ctx):
     rpc = RpcClient(ctx, "worker-0", WAIT_S)
     try:

@@ -324,19 +324,23 @@ class KVClient:
             meta: dict = {"keys": part.keys, **extra} if extra else {"keys": part.keys}
             tensors = []
             into = self._into_meta(part, out) if self._into is not None else None
+            slot = None
+            if self._slots and (data is not None or (out is not None and into is None)):
+                slot = self._take_slot(part)
+                if slot is None:  # (every slot in use: the values go in a frame, and the reply's come back in one)
+                    into = None
             if into is not None:
                 meta["into"] = into
-            slot = self._take_slot(part) if (data is not None or (out is not None and into is None)) and self._slots else None
             if slot is not None:
                 if data is not None:
                     part.gather_into(data, slot.values)
                 meta["shm"] = [slot.slot.name, part.numel]
-            if slot is not None or into is not None:
-                self.shm_requests += 1
             elif pushing and self.compressor is not None:
                 meta["enc"], tensors = self.compressor.encode(part.keys, data)
             elif data is not None:
                 tensors.append(part.gather(data))
+            if slot is not None or into is not None:
+                self.shm_requests += 1
             if pushing and self.compressor is None:
                 self.wire["push"]["values"] += part.numel * 4
             if pushing:
