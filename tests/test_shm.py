@@ -195,86 +195,82 @@ def test_a_reply_goes_into_the_range_meta_into_names_and_bad_ranges_change_nothi
         s.close()
 
 
-def test_a_worker_whose_values_live_in_shared_memory_gets_every_reply_in_place(ctx, folder):
-    """KVClient.share_values: pulls and push+pulls into that vector name each server's range of it
-    (``meta.into``) and are not copied out of a slot; into any other tensor they are, as before."""
-    layout = make_layout([("w", (6, 5)), ("b", (6,)), ("v", (4, 3))], 2, max_slice_bytes=40)
+TWO = make_layout([("w", (6, 5)), ("b", (6,)), ("v", (4, 3))], 2, max_slice_bytes=40)  # 10-value keys, 2 servers
+
+
+@pytest.fixture
+def two_servers(ctx, folder):
+    """``start(request_bytes=None) -> (KVClient, sent)`` against two live servers of TWO on ipc sockets in
+    ``folder``, with shared memory; ``sent``: every request the client sends from then on."""
     job = parse_job({"model": {"name": "mlp"}, "optimizer": {"name": "sgd", "lr": 0.1}, "cluster": {"num_servers": 2},
                      "monitor": {"metrics": False}})
-    servers = [LiveServer(None, job=job, layout=layout, rank=r, bind=f"ipc://{folder}/server-{r}.sock") for r in range(2)]
+    servers = [LiveServer(None, job=job, layout=TWO, rank=r, bind=f"ipc://{folder}/server-{r}.sock") for r in range(2)]
     rpc = RpcClient(ctx, "worker-0", WAIT_S)
-    try:
-        kv = KVClient(rpc, layout, {0: "server-0", 1: "server-1"})
+
+    def start(request_bytes: int | None = None) -> tuple[KVClient, list[Message]]:
+        kv = KVClient(rpc, TWO, {0: "server-0", 1: "server-1"}, request_bytes=request_bytes)
         for r, srv in enumerate(servers):
             rpc.connect(f"server-{r}", srv.address)
             assert kv.set_address(f"server-{r}", srv.address)
-        values = kv.share_values()
-        assert values is not None and values.numel() == layout.numel and kv.share_values() is values
-        init = torch.linspace(-2.0, 2.0, layout.numel)
-        kv.wait(kv.init(init), WAIT_S)
-        sent = []
+        sent: list[Message] = []
         request = rpc.request
         rpc.request = lambda peer, msg: sent.append(msg) or request(peer, msg)
-        scattered = []
-        from downpour.worker import client as client_module
-        scatter = client_module._Part.scatter
-        client_module._Part.scatter = lambda part, v, out: scattered.append(part.server) or scatter(part, v, out)
-        try:
-            kv.wait(kv.pull(values), WAIT_S)
-            assert torch.equal(values, init)
-            assert [m.meta["into"][1:] for m in sent] == [[lo, hi - lo] for part in kv._all for lo, hi in part.ranges]
-            assert all("shm" not in m.meta for m in sent) and scattered == []
-            grad = torch.randn(layout.numel, generator=torch.Generator().manual_seed(1))
-            kv.wait(kv.push_pull(grad, values), WAIT_S)
-            torch.testing.assert_close(values, init - 0.1 * grad)
-            assert all("shm" in m.meta and "into" in m.meta for m in sent[2:]) and scattered == []
-            other = torch.empty(layout.numel)  # not the shared vector: through the request's slot and copied
-            kv.wait(kv.pull(other), WAIT_S)
-            assert torch.equal(other, values) and all("into" not in m.meta for m in sent[4:]) and sorted(scattered) == [0, 1]
-        finally:
-            client_module._Part.scatter = scatter
-        kv.close()
-        assert [f for f in os.listdir(folder) if f.startswith("shm-")] == []
-        assert torch.equal(values, other)  # still mapped while the caller holds it
-    finally:
-        rpc.close()
-        for srv in servers:
-            srv.close()
+        return kv, sent
+
+    yield start
+    rpc.close()
+    for srv in servers:
+        srv.close()
 
 
-def test_a_part_that_finds_every_slot_in_use_sends_its_values_in_frames_and_gets_them_back_so(ctx, folder, monkeypatch):
+def test_a_worker_whose_values_live_in_shared_memory_gets_every_reply_in_place(two_servers, folder, monkeypatch):
+    """KVClient.share_values: pulls and push+pulls into that vector name each server's range of it
+    (``meta.into``) and are not copied out of a slot; into any other tensor they are, as before."""
+    from downpour.worker import client as client_module
+
+    kv, sent = two_servers()
+    values = kv.share_values()
+    assert values is not None and values.numel() == TWO.numel and kv.share_values() is values
+    init = torch.linspace(-2.0, 2.0, TWO.numel)
+    kv.wait(kv.init(init), WAIT_S)
+    del sent[:]
+    scattered = []
+    scatter = client_module._Part.scatter
+    monkeypatch.setattr(client_module._Part, "scatter", lambda part, v, out: scattered.append(part.server) or scatter(part, v, out))
+    kv.wait(kv.pull(values), WAIT_S)
+    assert torch.equal(values, init)
+    assert [m.meta["into"][1:] for m in sent] == [[lo, hi - lo] for part in kv._all for lo, hi in part.ranges]
+    assert all("shm" not in m.meta for m in sent) and scattered == []
+    grad = torch.randn(TWO.numel, generator=torch.Generator().manual_seed(1))
+    kv.wait(kv.push_pull(grad, values), WAIT_S)
+    torch.testing.assert_close(values, init - 0.1 * grad)
+    assert all("shm" in m.meta and "into" in m.meta for m in sent[2:]) and scattered == []
+    other = torch.empty(TWO.numel)  # not the shared vector: through the request's slot and copied
+    kv.wait(kv.pull(other), WAIT_S)
+    assert torch.equal(other, values) and all("into" not in m.meta for m in sent[4:]) and sorted(scattered) == [0, 1]
+    kv.close()
+    assert [f for f in os.listdir(folder) if f.startswith("shm-")] == []
+    assert torch.equal(values, other)  # still mapped while the caller holds it
+
+
+def test_a_part_that_finds_every_slot_in_use_sends_its_values_in_frames_and_gets_them_back_so(two_servers, monkeypatch):
     """Requests of one key each (``request_bytes``), and one slot per server: a part without a slot
     pushes in a frame and names no range (``meta.into``), and its reply's values are copied in."""
     from downpour.worker import client as client_module
 
     monkeypatch.setattr(client_module._Slots, "LIMIT", 1)
-    layout = make_layout([("w", (6, 5)), ("b", (6,)), ("v", (4, 3))], 2, max_slice_bytes=40)
-    job = parse_job({"model": {"name": "mlp"}, "optimizer": {"name": "sgd", "lr": 0.1}, "cluster": {"num_servers": 2},
-                     "monitor": {"metrics": False}})
-    servers = [LiveServer(None, job=job, layout=layout, rank=r, bind=f"ipc://{folder}/server-{r}.sock") for r in range(2)]
-    rpc = RpcClient(ctx, "worker-0", WAIT_S)
-    try:
-        kv = KVClient(rpc, layout, {0: "server-0", 1: "server-1"}, request_bytes=40)
-        for r, srv in enumerate(servers):
-            rpc.connect(f"server-{r}", srv.address)
-            assert kv.set_address(f"server-{r}", srv.address)
-        values = kv.share_values()
-        init = torch.linspace(-2.0, 2.0, layout.numel)
-        kv.wait(kv.init(init), WAIT_S)
-        sent = []
-        request = rpc.request
-        rpc.request = lambda peer, msg: sent.append(msg) or request(peer, msg)
-        grad = torch.randn(layout.numel, generator=torch.Generator().manual_seed(2))
-        kv.wait(kv.push_pull(grad, values), WAIT_S)
-        torch.testing.assert_close(values, init - 0.1 * grad)
-        framed = [m for m in sent if m.tensors]
-        assert len(sent) == len(layout.slices) and framed and all("into" not in m.meta and "shm" not in m.meta for m in framed)
-        assert all("into" in m.meta and "shm" in m.meta for m in sent if not m.tensors)
-        kv.close()
-    finally:
-        rpc.close()
-        for srv in servers:
-            srv.close()
+    kv, sent = two_servers(request_bytes=40)
+    values = kv.share_values()
+    init = torch.linspace(-2.0, 2.0, TWO.numel)
+    kv.wait(kv.init(init), WAIT_S)
+    del sent[:]
+    grad = torch.randn(TWO.numel, generator=torch.Generator().manual_seed(2))
+    kv.wait(kv.push_pull(grad, values), WAIT_S)
+    torch.testing.assert_close(values, init - 0.1 * grad)
+    framed = [m for m in sent if m.tensors]
+    assert len(sent) == len(TWO.slices) and framed and all("into" not in m.meta and "shm" not in m.meta for m in framed)
+    assert all("into" in m.meta and "shm" in m.meta for m in sent if not m.tensors)
+    kv.close()
 
 
 def test_values_are_not_shared_with_servers_on_tcp(ctx):
