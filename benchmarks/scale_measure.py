@@ -501,6 +501,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--probe", action=argparse.BooleanOptionalAction, default=True,
                     help="sample every thread of the job from /proc while it trains (benchmarks/scale_probe.py): the "
                     "cores other processes take, the coordinator's and launcher's share (default on)")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="a job override for every job run, e.g. cluster.cpu_policy=normal (repeatable)")
     ap.add_argument("--json", help="write everything here")
     ap.add_argument(
         "--from-json",
@@ -527,6 +529,9 @@ def main(argv: list[str] | None = None) -> int:
         from benchmarks.scale_probe import probe_runner
 
         args.runner = probe_runner(period_s=0.2, trim=0.15)
+    if args.overrides:
+        base, extra = args.runner, list(args.overrides)
+        args.runner = lambda path, overrides: base(path, [*overrides, *extra])
     if args.only:
         return only(args)
     torch.manual_seed(0)
