@@ -323,7 +323,7 @@ class KVClient:
         for part in parts:
             meta: dict = {"keys": part.keys, **extra} if extra else {"keys": part.keys}
             tensors = []
-            into = self._into_meta(part, out) if self._into is not None else None
+            into = self._into_meta(part, out)
             slot = None
             if self._slots and (data is not None or (out is not None and into is None)):
                 slot = self._take_slot(part)

@@ -367,8 +367,10 @@ class Trainer:
         steps. Nothing of it stays: the gradients are dropped, the model's buffers and the random
         generator are restored, and the parameters are not changed. Not for sparse models (their
         forward pulls rows) or data read through a loader or a stream."""
-        size = split_len(self.data.train) if self.data is not None else 0
-        if self.sparse is not None or self.online is not None or self.batches is None or self.batches.loader is not None or size <= 0:
+        if self.sparse is not None or self.online is not None or self.batches is None or self.batches.loader is not None:
+            return
+        size = split_len(self.data.train)
+        if size <= 0:
             return
         model, device = self.flat.model, self.flat.device
         buffers = [(b, b.detach().clone()) for b in model.buffers()]
