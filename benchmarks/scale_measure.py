@@ -18,11 +18,16 @@ Where each figure of :class:`~benchmarks.scale_model.Costs` comes from (all meas
   launcher, ipc sockets and shared memory as by default). A role's CPU per step is the difference
   of its processes' CPU (``cpu_s`` in summary.json) between a run capped at ``--steps-long`` and one
   at ``--steps-short`` steps in all, over the difference in steps: start-up and evaluation cancel.
-  Three jobs: A = 1 server × 1 worker, B = 2 × 1, C = 1 × 1 with a 1024-wide hidden layer (814k
-  parameters instead of 102k). Per extra request (B − A): ``worker_msg_s`` and ``server_msg_s``.
-  Per extra byte (C − A, less the compute and update-rule difference): ``worker_byte_s`` and
-  ``server_byte_s``. What is left of A's worker CPU is ``worker_step_s`` of the reference model,
-  used for the other dense models too.
+  The calibration jobs (``--calibrate-on``; default every server count of the check with 1 worker
+  and with 3, the reference job's workers: 1×1 … S×1 and 1×3 … S×3, some idle and some loaded) and
+  C = 1 × 1 with a 1024-wide hidden layer (814k parameters instead of 102k). Each job is one
+  equation per role: worker CPU per step = forward+backward + ``worker_step_s`` + requests ·
+  ``worker_msg_s`` + 2 · bytes · ``worker_byte_s``, server CPU per step = requests · ``server_msg_s``
+  + 2 · bytes · ``server_byte_s`` + the update rule; the costs are their least-squares solution,
+  none below zero (:func:`solve_request_costs`). Many jobs across 1–S requests per step, not the
+  three that solve it exactly: on a machine this noisy (±10 % from one run to the next) three
+  equations gave a worker CPU per request of −59 µs in one run and +144 µs in the next
+  (RESULTS.md §30). ``worker_step_s`` of the reference model is used for the other dense models too.
 * The CTR model (``examples/ctr.yaml``'s Wide & Deep): job D = 1 × 1 on generated Criteo data. Its
   forward+backward is the single-process hashed-table model of ``benchmarks/ctr.py``; the rows per
   step are the servers' pulled and pushed keys over the steps; what is left of D's server CPU after
@@ -34,17 +39,18 @@ The check then runs the reference job on every topology (servers 1..S × workers
 training time, so that start-up skew cancels) against four predictions for the ``--cores`` of this
 machine: the least bound; ``Topology(queueing=True)``'s closed network with the cores as C servers;
 the cores as the host's run queue (``shared_cores=True``) with the coordinator's and launcher's
-load calibrated in jobs A and B; and the same with the load of other processes measured while that
+load calibrated in the calibration jobs; and the same with the load of other processes measured while that
 topology ran (``Topology.other_load``). With ``--probe`` (default) every job's threads are sampled
 from /proc (``benchmarks/scale_probe.py``): the run-queue wait per step measured is printed beside
-the predicted one, and CPU per example per role. A and B are calibration points: their worker CPU
-per example agrees by construction, the servers' nearly (least squares), their examples/s is
-predicted.
+the predicted one, and CPU per example per role. The calibration jobs are checked too (the same
+measurements, not run again; marked † in the table, and the count of the others given apart): their
+CPU per example is fitted, their examples/s predicted.
 
     .venv/bin/python benchmarks/scale_measure.py --check-servers 1 --json s1.json     # calibrate, check 1 × 1..8
     .venv/bin/python benchmarks/scale_measure.py --check-servers 2 --calibration-from s1.json --json s2.json
     .venv/bin/python benchmarks/scale_measure.py --topologies 2x2,1x4 --calibration-from s1.json --json again.json
     .venv/bin/python benchmarks/scale_measure.py --from-json s1.json --from-json s2.json  # one table of both
+    .venv/bin/python benchmarks/scale_measure.py --from-json s.json --refit  # the costs fitted again from its check rows
 """
 
 from __future__ import annotations
@@ -58,7 +64,7 @@ import statistics
 import sys
 import tempfile
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from typing import Any
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -71,7 +77,7 @@ import torch.nn.functional as F  # noqa: E402
 import zmq  # noqa: E402
 
 from benchmarks.common import environment  # noqa: E402
-from benchmarks.scale_model import Costs, Topology, Workload, at_scale, predict  # noqa: E402
+from benchmarks.scale_model import Costs, Topology, Workload, at_scale, predict, step_bytes  # noqa: E402
 from benchmarks.scale_probe import load_of  # noqa: E402
 from downpour.config import load_job  # noqa: E402
 from downpour.launch import LocalLauncher  # noqa: E402
@@ -233,6 +239,27 @@ def measure(
 
 
 # --------------------------------------------------------------------------- calibration
+def calibration_topologies(args: argparse.Namespace) -> list[tuple[int, int]]:
+    """``--calibrate-on`` (``SxW,...``), or every server count of the check with 1 and with 3 workers
+    (3: the reference job's; fewer when the check has fewer)."""
+    if args.calibrate_on:
+        return [parse_topology(t) for t in args.calibrate_on.split(",")]
+    servers = sorted({s for s, _ in check_topologies(args)}) or [1, 2]
+    if len(servers) < 2:  # a per-request cost needs two request counts
+        servers = sorted({*servers, 2 if servers[0] == 1 else 1})
+    return [(s, w) for w in sorted({1, min(3, args.workers)}) for s in servers]
+
+
+def parse_topology(text: str) -> tuple[int, int]:
+    try:
+        s, w = (int(v) for v in text.strip().lower().split("x"))
+    except ValueError:
+        raise SystemExit(f"not a topology: {text!r} (SERVERSxWORKERS, e.g. 2x3)") from None
+    if s < 1 or w < 1:
+        raise SystemExit(f"a topology needs at least one server and one worker: {text!r}")
+    return s, w
+
+
 def calibrate(args: argparse.Namespace) -> dict[str, Any]:
     log("calibrating: in-process compute and update rule, ipc latency ...")
     ref_c, ref_p = mlp_compute_s([128], 32, args.compute_steps)
@@ -243,53 +270,99 @@ def calibrate(args: argparse.Namespace) -> dict[str, Any]:
         f"  reference MLP {ref_p:,} params: {ref_c * 1e3:.3f} ms/step; {BIG_HIDDEN}-wide {big_p:,}: {big_c * 1e3:.3f} ms; "
         f"apply {apply * 1e9:.2f} ns/param; ipc latency {lat * 1e6:.1f} us"
     )
-    log("calibrating: jobs A (1x1), B (2x1), C (1x1, wide) ...")
-    a = measure(MNIST_JOB, 1, 1, args.steps_short, args.steps_long, runner=args.runner)
-    b = measure(MNIST_JOB, 2, 1, args.steps_short, args.steps_long, runner=args.runner)
+    tops = calibration_topologies(args)
+    log(f"calibrating: the reference job on {', '.join(f'{s}x{w}' for s, w in tops)}; C (1x1, wide) ...")
+    jobs = {f"{s}x{w}": measure(MNIST_JOB, s, w, args.steps_short, args.steps_long, runner=args.runner) for s, w in tops}
     c = measure(MNIST_JOB, 1, 1, args.steps_short, args.steps_long, [f"model.args.hidden=[{BIG_HIDDEN}]"], runner=args.runner)
-    costs, worker_step = solve_request_costs(a, b, c, ref_p, big_p, ref_c, big_c, apply, lat)
-    ref = Workload("reference MLP (784-128-10, batch 32)", ref_p, 32, ref_c, worker_step)
-    c100_c, c100_p = mlp_compute_s(DENSE_100M_HIDDEN, 32, 3)
-    dense100 = Workload(f"dense MLP 784-{'-'.join(map(str, DENSE_100M_HIDDEN))}-10 (batch 32)", c100_p, 32, c100_c, worker_step)
-    log(f"  100M model {c100_p:,} params: {c100_c * 1e3:.1f} ms/step")
     out = {
-        "costs": asdict(costs),
-        "workloads": {"reference": asdict(ref), "dense100m": asdict(dense100)},
-        "jobs": {"A": a, "B": b, "C": c},
-        "compute": {"reference": ref_c, "wide": big_c, "dense100m": c100_c},
-        "requests_per_step": [a["requests_per_step"], b["requests_per_step"], c["requests_per_step"]],
+        "compute": {"reference": ref_c, "wide": big_c},
+        "params": {"reference": ref_p, "wide": big_p},
+        "apply_s_per_param": apply,
+        "latency_s": lat,
+        "jobs": {**jobs, "C": c},
     }
-    loads = [load_of(j["long"].get("probe")) for j in (a, b)]
-    if all(loads):
+    out.update(fit_calibration(out, list(jobs.values())))
+    c100_c, c100_p = mlp_compute_s(DENSE_100M_HIDDEN, 32, 3)
+    out["compute"]["dense100m"] = c100_c
+    dense100 = Workload(f"dense MLP 784-{'-'.join(map(str, DENSE_100M_HIDDEN))}-10 (batch 32)", c100_p, 32, c100_c,
+                        out["workloads"]["reference"]["worker_step_s"])
+    out["workloads"]["dense100m"] = asdict(dense100)
+    log(f"  100M model {c100_p:,} params: {c100_c * 1e3:.1f} ms/step")
+    loads = [load_of(j["long"].get("probe")) for j in jobs.values()]
+    if loads and all(loads):
         # The coordinator's and the launcher's CPU while a job trains (heartbeats, ticks, status polls, the
-        # /proc sampler): a rate per second, not per step; jobs A and B's mean. The check adds it to
+        # /proc sampler): a rate per second, not per step; the calibration jobs' mean. The check adds it to
         # the other processes' load measured with each topology: Topology.other_load.
         out["background_cores"] = statistics.mean(x["background"] for x in loads)
-        log(f"  coordinator and launcher: {out['background_cores']:.3f} cores while a job trains; "
-            f"other processes during A and B: {loads[0]['outside']:.2f}, {loads[1]['outside']:.2f} cores")
+        log(f"  coordinator and launcher: {out['background_cores']:.3f} cores while a job trains; other processes "
+            f"during the calibration jobs: {max(x['outside'] for x in loads):.2f} cores at most")
     if args.ctr:
-        ctr, out["jobs"]["D"] = calibrate_ctr(args, costs)
+        ctr, out["jobs"]["D"] = calibrate_ctr(args, Costs(**out["costs"]))
         out["workloads"]["ctr"] = asdict(ctr)
     return out
 
 
+def fit_calibration(cal: dict[str, Any], points: list[dict[str, Any]]) -> dict[str, Any]:
+    """The costs and the reference workload fitted to ``points`` (measurements of the reference job) and
+    ``cal``'s job C, with ``cal``'s in-process figures: the ``costs``, ``workloads`` and ``fitted`` of a
+    calibration."""
+    ref_p = cal.get("params", {}).get("reference", mlp_params([128]))
+    big_p = cal.get("params", {}).get("wide", mlp_params([BIG_HIDDEN]))
+    ref_c, big_c = cal["compute"]["reference"], cal["compute"]["wide"]
+    apply = cal.get("apply_s_per_param", (cal.get("costs") or {}).get("apply_s_per_param"))
+    lat = cal.get("latency_s", (cal.get("costs") or {}).get("latency_s"))
+    costs, worker_step = solve_request_costs(points, cal["jobs"]["C"], ref_p, big_p, ref_c, big_c, apply, lat)
+    ref = Workload("reference MLP (784-128-10, batch 32)", ref_p, 32, ref_c, worker_step)
+    log(f"  fitted to {len(points)} + 1 jobs: worker {worker_step * 1e6:.1f} µs/step + {costs.worker_msg_s * 1e6:.1f} µs/request + "
+        f"{costs.worker_byte_s * 1e9:.3f} ns/byte; server {costs.server_msg_s * 1e6:.1f} µs/request + "
+        f"{costs.server_byte_s * 1e9:.3f} ns/byte")
+    works = {**cal.get("workloads", {}), "reference": asdict(ref)}
+    if "dense100m" in works:  # the reference model's other worker CPU per step, as calibrate() gives it
+        works["dense100m"] = {**works["dense100m"], "worker_step_s": worker_step}
+    if "ctr" in works and "D" in cal["jobs"]:  # what job D leaves after these costs
+        works["ctr"] = asdict(ctr_residuals(Workload(**works["ctr"]), cal["jobs"]["D"], costs))
+    return {"costs": asdict(costs), "workloads": works, "fitted": sorted(f"{m['servers']}x{m['workers']}" for m in points)}
+
+
+def mlp_params(hidden: list[int]) -> int:
+    return sum(p.numel() for p in mlp(hidden=hidden).parameters())
+
+
+def nonnegative_lstsq(a: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """The least-squares solution of ``a x ≈ y`` with every ``x ≥ 0``: the best unconstrained solution
+    over each subset of the columns whose solution is non-negative (the optimum is one of them; a
+    handful of columns here, so all 2^n subsets)."""
+    n = a.shape[1]
+    best, best_x = math.inf, np.zeros(n)
+    for mask in range(1, 1 << n):
+        cols = [i for i in range(n) if mask >> i & 1]
+        sol, *_ = np.linalg.lstsq(a[:, cols], y, rcond=None)
+        if (sol < 0).any():
+            continue
+        x = np.zeros(n)
+        x[cols] = sol
+        r = float(np.sum((a @ x - y) ** 2))
+        if r < best:
+            best, best_x = r, x
+    return best_x
+
+
 def solve_request_costs(
-    a: dict, b: dict, c: dict, ref_p: int, big_p: int, ref_c: float, big_c: float, apply: float, lat: float
+    points: list[dict], wide: dict, ref_p: int, big_p: int, ref_c: float, big_c: float, apply: float, lat: float
 ) -> tuple[Costs, float]:
-    """The per-request and per-byte costs from jobs A (1×1), B (2×1), C (1×1, wide), and the worker's
-    other CPU per step of the reference model."""
-    ra, rb, rc = a["requests_per_step"], b["requests_per_step"], c["requests_per_step"]
-    bytes_a, bytes_c = 4 * ref_p, 4 * big_p
-    # Worker: three unknowns (other CPU per step, per request, per byte), three jobs: solved exactly.
-    # Servers: two unknowns (per request, per byte; the update rule is measured apart), three jobs: least squares.
-    wk = np.array([[1.0, ra, 2 * bytes_a], [1.0, rb, 2 * bytes_a], [1.0, rc, 2 * bytes_c]])
-    wy = np.array([a["worker_cpu_per_step_s"] - ref_c, b["worker_cpu_per_step_s"] - ref_c, c["worker_cpu_per_step_s"] - big_c])
-    worker_step, worker_msg, worker_byte = np.linalg.solve(wk, wy)
-    sk = np.array([[ra, 2 * bytes_a], [rb, 2 * bytes_a], [rc, 2 * bytes_c]])
-    sy = np.array(
-        [a["server_cpu_per_step_s"] - apply * ref_p, b["server_cpu_per_step_s"] - apply * ref_p, c["server_cpu_per_step_s"] - apply * big_p]
-    )
-    (server_msg, server_byte), *_ = np.linalg.lstsq(sk, sy, rcond=None)
+    """The per-request and per-byte costs, and the worker's other CPU per step of the reference model:
+    the non-negative least-squares fit of every job's worker and server CPU per step (:func:`measure`'s
+    figures) — ``points`` of the reference model at any topologies (two request counts at least), and
+    ``wide``, one of the 1024-wide model (the per-byte costs)."""
+    if len({round(m["requests_per_step"], 3) for m in points}) < 2:
+        raise ValueError("the per-request costs need jobs of at least two request counts (servers)")
+    jobs = [(m, 4 * ref_p, ref_c, ref_p) for m in points] + [(wide, 4 * big_p, big_c, big_p)]
+    wk = np.array([[1.0, m["requests_per_step"], 2 * nbytes] for m, nbytes, _, _ in jobs])
+    wy = np.array([m["worker_cpu_per_step_s"] - compute for m, _, compute, _ in jobs])
+    worker_step, worker_msg, worker_byte = nonnegative_lstsq(wk, wy)
+    sk = np.array([[m["requests_per_step"], 2 * nbytes] for m, nbytes, _, _ in jobs])
+    sy = np.array([m["server_cpu_per_step_s"] - apply * params for m, _, _, params in jobs])
+    server_msg, server_byte = nonnegative_lstsq(sk, sy)
     costs = Costs(
         worker_msg_s=float(worker_msg),
         worker_byte_s=float(worker_byte),
@@ -320,39 +393,55 @@ def calibrate_ctr(args: argparse.Namespace, costs: Costs) -> tuple[Workload, dic
     d = measure(CTR_JOB, 1, 1, args.ctr_steps // 4, args.ctr_steps, [f"data.path={data}"], runner=args.runner)
     rows, req = d["rows_per_step"], d["requests_per_step"]  # table rows: an ID counts once per table
     row_bytes = round(4 * (int(margs.get("dim", 16)) + 1) / 2 + 8)  # the mean of an embedding and a wide row, and the ID
-    nbytes = 4 * params + rows * row_bytes
-    server_row = (
-        d["server_cpu_per_step_s"] - req * costs.server_msg_s - 2 * nbytes * costs.server_byte_s - params * costs.apply_s_per_param
-    ) / rows
-    worker_step = d["worker_cpu_per_step_s"] - compute - req * costs.worker_msg_s - 2 * nbytes * costs.worker_byte_s
     log(f"  CTR dense {params:,} params, {rows:,.0f} rows/step, {req:.1f} requests/step: forward+backward {compute * 1e3:.2f} ms")
     w = Workload(
         f"CTR Wide & Deep (dim {margs.get('dim')}, batch {job.training.batch_size})",
         params,
         job.training.batch_size,
         compute,
-        worker_step,
-        rows,
-        row_bytes,
-        server_row,
+        sparse_rows=rows,
+        row_bytes=row_bytes,
         requests_per_server=req,
     )
+    w = ctr_residuals(w, d, costs)
     return w, d
 
 
+def ctr_residuals(w: Workload, d: dict[str, Any], costs: Costs) -> Workload:
+    """``w`` with what job D's CPU per step leaves after ``costs``' request, byte and update-rule costs:
+    ``server_row_s`` (per row) and ``worker_step_s``."""
+    nbytes = step_bytes(w)
+    req, rows = w.requests_per_server, w.sparse_rows
+    server_row = (
+        d["server_cpu_per_step_s"] - req * costs.server_msg_s - 2 * nbytes * costs.server_byte_s - w.params * costs.apply_s_per_param
+    ) / rows
+    worker_step = d["worker_cpu_per_step_s"] - w.compute_s - req * costs.worker_msg_s - 2 * nbytes * costs.worker_byte_s
+    return replace(w, server_row_s=server_row, worker_step_s=worker_step)
+
+
 # --------------------------------------------------------------------------- check and predictions
-def check(args: argparse.Namespace, costs: Costs, ref: Workload, background: float) -> list[dict[str, Any]]:
-    rows = []
-    servers = [int(v) for v in args.check_servers.split(",")] if args.check_servers else range(1, args.servers + 1)
-    topologies = [(s, w) for s in servers for w in range(1, args.workers + 1)]
+def check_topologies(args: argparse.Namespace) -> list[tuple[int, int]]:
+    """``--topologies``, or servers 1..``--servers`` (or ``--check-servers``) × workers 1..``--workers``."""
     if args.topologies:
-        topologies = [tuple(int(v) for v in t.split("x")) for t in args.topologies.split(",")]
-    for s, w in topologies:
-        m = measure(MNIST_JOB, s, w, args.steps_short, args.steps_long, runner=args.runner)
+        return [parse_topology(t) for t in args.topologies.split(",")]
+    servers = [int(v) for v in args.check_servers.split(",")] if args.check_servers else range(1, args.servers + 1)
+    return [(s, w) for s in servers for w in range(1, args.workers + 1)]
+
+
+def check(
+    args: argparse.Namespace, costs: Costs, ref: Workload, background: float, measured: dict[str, dict] | None = None,
+    fitted: list[str] = (),
+) -> list[dict[str, Any]]:
+    """Measure (or take from ``measured``, keyed ``SxW``: the calibration's jobs) every topology of the
+    check, and predict it; ``fitted``: the topologies the costs were fitted to (marked in the rows)."""
+    rows = []
+    for s, w in check_topologies(args):
+        key = f"{s}x{w}"
+        m = (measured or {}).get(key) or measure(MNIST_JOB, s, w, args.steps_short, args.steps_long, runner=args.runner)
         load = load_of(m["long"].get("probe"))
         p = _predicted(costs, ref, s, w, args.cores, background, load.get("outside", 0.0))
         rows.append({"servers": s, "workers": w, "measured": m, "predicted": p, "load": load,
-                     "loadavg": m["long"].get("loadavg")})
+                     "loadavg": m["long"].get("loadavg"), "fitted": key in fitted})
         log(f"  {s}x{w}: {m['examples_per_s']:,.0f} examples/s measured, {p['examples_per_s']:,.0f} least bound, "
             f"{p['run_queue_examples_per_s']:,.0f} run queue, {p['loaded_examples_per_s']:,.0f} with {p['other_load']:.2f} "
             f"cores taken by others; load average {m['long'].get('loadavg')}")
@@ -435,12 +524,18 @@ def check_table(rows: list[dict[str, Any]]) -> str:
                 cells.append(f"{v:,.0f} | {_pct(x, v)}")
         waited = (run_queue_wait_s(m) if (m.get("long") or {}).get("probe") else math.nan) * 1e6
         lines.append(
-            f"| {r['servers']}×{r['workers']} | {x:,.0f} | {' | '.join(cells)} | "
+            f"| {r['servers']}×{r['workers']}{'†' if r.get('fitted') else ''} | {x:,.0f} | {' | '.join(cells)} | "
             f"{waited:,.0f} / {p.get('loaded_wait_s', math.nan) * 1e6:,.0f} | "
             f"{mw + ms:.1f} / {pw + ps:.1f} | {_pct(mw + ms, pw + ps)} |"
         )
     counts = ", ".join(f"{what}: {within(rows, key)}" for key, what in PREDICTIONS.items())
     lines.append(f"\nexamples/s within 25 % of the measured, of {len(rows)}: {counts}")
+    others = [r for r in rows if not r.get("fitted")]
+    if len(others) < len(rows):
+        counts = ", ".join(f"{what}: {within(others, key)}" for key, what in PREDICTIONS.items())
+        worst = max(abs(r["predicted"]["loaded_examples_per_s"] / r["measured"]["examples_per_s"] - 1) for r in others) if others else 0
+        lines.append(f"† the costs were fitted to these topologies' CPU per step. Of the {len(others)} others: {counts}; "
+                     f"the worst miss of the run queue with the cores others left {100 * worst:.0f} %")
     return "\n".join(lines)
 
 
@@ -496,6 +591,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-check", dest="check", action="store_false", help="calibrate and predict only")
     ap.add_argument("--check-servers", metavar="LIST", help="check only these server counts, e.g. 3,4 (default 1..SERVERS)")
     ap.add_argument("--topologies", metavar="SxW,...", help="check only these topologies (e.g. to repeat noisy points)")
+    ap.add_argument("--calibrate-on", metavar="SxW,...", help="the reference job's topologies the request costs are "
+                    "fitted to (default: each server count of the check with 1 and with 3 workers)")
     ap.add_argument("--calibration-from", metavar="PATH", help="take the calibration from an earlier --json and measure "
                     "the check only (to split the check over several runs)")
     ap.add_argument("--probe", action=argparse.BooleanOptionalAction, default=True,
@@ -512,6 +609,8 @@ def main(argv: list[str] | None = None) -> int:
         "an earlier --json, and print the tables again (with --cost, what other costs would predict); "
         "several: the first one's calibration, every one's check rows",
     )
+    ap.add_argument("--refit", action="store_true", help="with --from-json: fit the costs again, to the saved check "
+                    "rows of the --calibrate-on topologies and the saved job C (e.g. a JSON of an older calibration)")
     ap.add_argument(
         "--cost",
         action="append",
@@ -550,6 +649,18 @@ def main(argv: list[str] | None = None) -> int:
             cal = json.load(f)["calibration"]
     else:
         cal = calibrate(args)
+    if args.refit:
+        if saved is None:
+            ap.error("--refit refits saved measurements: give --from-json")
+        by_topology = {f"{r['servers']}x{r['workers']}": r for r in saved["check"]}
+        wanted = [f"{s}x{w}" for s, w in calibration_topologies(args)]
+        missing = [t for t in wanted if t not in by_topology]
+        if missing:
+            ap.error(f"--refit: the saved check has no {', '.join(missing)} (see --calibrate-on)")
+        cal = {**cal, **fit_calibration(cal, [by_topology[t]["measured"] for t in wanted])}
+        loads = [by_topology[t].get("load") for t in wanted]
+        if loads and all(loads):
+            cal["background_cores"] = statistics.mean(x["background"] for x in loads)
     for item in args.cost:
         name, _, value = item.partition("=")
         if name not in cal["costs"]:
@@ -573,10 +684,13 @@ def main(argv: list[str] | None = None) -> int:
         )
     background = cal.get("background_cores", 0.0)
     if saved is not None:
-        rows = [{**r, "predicted": _predicted(costs, works["reference"], r["servers"], r["workers"], args.cores, background,
-                                              (r.get("load") or {}).get("outside", 0.0))} for r in saved["check"]]
+        fitted = set(cal.get("fitted", []))
+        rows = [{**r, "fitted": f"{r['servers']}x{r['workers']}" in fitted,
+                 "predicted": _predicted(costs, works["reference"], r["servers"], r["workers"], args.cores, background,
+                                         (r.get("load") or {}).get("outside", 0.0))} for r in saved["check"]]
     else:
-        rows = check(args, costs, works["reference"], background) if args.check else []
+        own = None if args.calibration_from else cal["jobs"]  # this run's calibration jobs are check rows, not run again
+        rows = check(args, costs, works["reference"], background, own, cal.get("fitted", [])) if args.check else []
     if rows:
         print(f"\ncheck on this machine ({args.cores:g} cores), reference job, async:\n")
         print(check_table(rows))

@@ -238,7 +238,7 @@ def calibrate(hosts, folder: str, args: argparse.Namespace) -> tuple[Costs, Work
     a = sm.measure(sm.MNIST_JOB, 1, 1, args.steps_short, args.steps_long, runner=run)
     b = sm.measure(sm.MNIST_JOB, 2, 1, args.steps_short, args.steps_long, runner=run)
     c = sm.measure(sm.MNIST_JOB, 1, 1, args.steps_short, args.steps_long, [f"model.args.hidden=[{sm.BIG_HIDDEN}]"], runner=run)
-    costs, worker_step = sm.solve_request_costs(a, b, c, ref_p, big_p, ref_c, big_c, apply, lat=0.0)
+    costs, worker_step = sm.solve_request_costs([a, b], c, ref_p, big_p, ref_c, big_c, apply, lat=0.0)
     ref = Workload("reference MLP (784-128-10, batch 32)", ref_p, 32, ref_c, worker_step)
     return costs, ref, {"A": a, "B": b, "C": c, "compute": {"reference": ref_c, "wide": big_c}}
 
