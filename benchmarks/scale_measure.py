@@ -15,19 +15,22 @@ Where each figure of :class:`~benchmarks.scale_model.Costs` comes from (all meas
 * ``latency_s``: half a round trip of a 64-byte message between two processes over an ipc socket
   (raw pyzmq PAIR sockets).
 * The request costs, from the reference job itself (``examples/mnist.yaml`` through the local
-  launcher, ipc sockets and shared memory as by default). A role's CPU per step is the difference
-  of its processes' CPU (``cpu_s`` in summary.json) between a run capped at ``--steps-long`` and one
-  at ``--steps-short`` steps in all, over the difference in steps: start-up and evaluation cancel.
-  The calibration jobs (``--calibrate-on``; default every server count of the check with 1 worker
-  and with 3, the reference job's workers: 1×1 … S×1 and 1×3 … S×3, some idle and some loaded) and
-  C = 1 × 1 with a 1024-wide hidden layer (814k parameters instead of 102k). Each job is one
-  equation per role: worker CPU per step = forward+backward + ``worker_step_s`` + requests ·
-  ``worker_msg_s`` + 2 · bytes · ``worker_byte_s``, server CPU per step = requests · ``server_msg_s``
-  + 2 · bytes · ``server_byte_s`` + the update rule; the costs are their least-squares solution,
-  none below zero (:func:`solve_request_costs`). Many jobs across 1–S requests per step, not the
-  three that solve it exactly: on a machine this noisy (±10 % from one run to the next) three
-  equations gave a worker CPU per request of −59 µs in one run and +144 µs in the next
-  (RESULTS.md §30). ``worker_step_s`` of the reference model is used for the other dense models too.
+  launcher, ipc sockets and shared memory as by default). Each job runs twice, capped at
+  ``--steps-short`` and at ``--steps-long`` steps in all; a role's CPU per step is its threads' CPU
+  in the steady-state window of the longer run (``benchmarks/scale_probe.py``, on by default) over
+  the steps the measured rate puts in it (:func:`cpu_per_step`); with ``--no-probe``, the
+  difference of the two runs' CPU (``cpu_s`` in summary.json) over the difference in steps, where
+  each process's start-up CPU does not quite cancel (±30 % at a point). The calibration jobs
+  (``--calibrate-on``; default every server count of the check with 3 workers, the reference job's,
+  and with 6: 1×3 … S×3 and 1×6 … S×6, loaded as most of the check is) and C = 1 × 1 with a
+  1024-wide hidden layer (814k parameters instead of 102k). Each job is one equation per role:
+  worker CPU per step = forward+backward + ``worker_step_s`` + requests · ``worker_msg_s`` + 2 ·
+  bytes · ``worker_byte_s``, server CPU per step = requests · ``server_msg_s`` + 2 · bytes ·
+  ``server_byte_s`` + the update rule; the costs are their least-squares solution, none below zero
+  (:func:`solve_request_costs`). Many jobs across 1–S requests per step, not three that solve it
+  exactly: on a machine this noisy three equations gave a worker CPU per request of −59 µs in one
+  run and +144 µs in the next (RESULTS.md §30). ``worker_step_s`` of the reference model is used
+  for the other dense models too.
 * The CTR model (``examples/ctr.yaml``'s Wide & Deep): job D = 1 × 1 on generated Criteo data. Its
   forward+backward is the single-process hashed-table model of ``benchmarks/ctr.py``; the rows per
   step are the servers' pulled and pushed keys over the steps; what is left of D's server CPU after
@@ -238,16 +241,30 @@ def measure(
     }
 
 
+def cpu_per_step(m: dict[str, Any], role: str) -> float:
+    """A role's (``worker`` or ``server``) CPU per step of :func:`measure`'s result ``m``: from the
+    /proc sampler's steady-state window of the longer run when it has one (every thread of the role,
+    over the steps the measured rate puts in the window), else the difference of the two runs'
+    totals, which carries each process's start-up CPU (imports, connections: ±0.1–0.3 s a process,
+    against ~2 s of training CPU in all) and so reads ±30 % at a point (RESULTS.md §31)."""
+    probe = (m.get("long") or {}).get("probe")
+    if probe and probe.get("window_s", 0) > 0 and m.get("examples_per_s"):
+        steps = probe["window_s"] * m["examples_per_s"] / m["batch"]
+        return sum(a["run"] for g, a in probe["groups"].items() if g.split(".")[0] == role) / steps
+    return m[f"{role}_cpu_per_step_s"]
+
+
 # --------------------------------------------------------------------------- calibration
 def calibration_topologies(args: argparse.Namespace) -> list[tuple[int, int]]:
-    """``--calibrate-on`` (``SxW,...``), or every server count of the check with 1 and with 3 workers
-    (3: the reference job's; fewer when the check has fewer)."""
+    """``--calibrate-on`` (``SxW,...``), or every server count of the check with 3 and with 6 workers
+    (3: the reference job's; 6, twice as many: loaded, as the check mostly is; fewer when the check
+    has fewer)."""
     if args.calibrate_on:
         return [parse_topology(t) for t in args.calibrate_on.split(",")]
     servers = sorted({s for s, _ in check_topologies(args)}) or [1, 2]
     if len(servers) < 2:  # a per-request cost needs two request counts
         servers = sorted({*servers, 2 if servers[0] == 1 else 1})
-    return [(s, w) for w in sorted({1, min(3, args.workers)}) for s in servers]
+    return [(s, w) for w in sorted({min(3, args.workers), min(6, args.workers)}) for s in servers]
 
 
 def parse_topology(text: str) -> tuple[int, int]:
@@ -358,10 +375,10 @@ def solve_request_costs(
         raise ValueError("the per-request costs need jobs of at least two request counts (servers)")
     jobs = [(m, 4 * ref_p, ref_c, ref_p) for m in points] + [(wide, 4 * big_p, big_c, big_p)]
     wk = np.array([[1.0, m["requests_per_step"], 2 * nbytes] for m, nbytes, _, _ in jobs])
-    wy = np.array([m["worker_cpu_per_step_s"] - compute for m, _, compute, _ in jobs])
+    wy = np.array([cpu_per_step(m, "worker") - compute for m, _, compute, _ in jobs])
     worker_step, worker_msg, worker_byte = nonnegative_lstsq(wk, wy)
     sk = np.array([[m["requests_per_step"], 2 * nbytes] for m, nbytes, _, _ in jobs])
-    sy = np.array([m["server_cpu_per_step_s"] - apply * params for m, _, _, params in jobs])
+    sy = np.array([cpu_per_step(m, "server") - apply * params for m, _, _, params in jobs])
     server_msg, server_byte = nonnegative_lstsq(sk, sy)
     costs = Costs(
         worker_msg_s=float(worker_msg),
@@ -413,9 +430,9 @@ def ctr_residuals(w: Workload, d: dict[str, Any], costs: Costs) -> Workload:
     nbytes = step_bytes(w)
     req, rows = w.requests_per_server, w.sparse_rows
     server_row = (
-        d["server_cpu_per_step_s"] - req * costs.server_msg_s - 2 * nbytes * costs.server_byte_s - w.params * costs.apply_s_per_param
+        cpu_per_step(d, "server") - req * costs.server_msg_s - 2 * nbytes * costs.server_byte_s - w.params * costs.apply_s_per_param
     ) / rows
-    worker_step = d["worker_cpu_per_step_s"] - w.compute_s - req * costs.worker_msg_s - 2 * nbytes * costs.worker_byte_s
+    worker_step = cpu_per_step(d, "worker") - w.compute_s - req * costs.worker_msg_s - 2 * nbytes * costs.worker_byte_s
     return replace(w, server_row_s=server_row, worker_step_s=worker_step)
 
 
@@ -511,7 +528,7 @@ def check_table(rows: list[dict[str, Any]]) -> str:
     ]
     for r in rows:
         m, p = r["measured"], r["predicted"]
-        mw, ms = m["worker_cpu_per_step_s"] / m["batch"] * 1e6, m["server_cpu_per_step_s"] / m["batch"] * 1e6
+        mw, ms = (cpu_per_step(m, role) / m["batch"] * 1e6 for role in ("worker", "server"))
         pw, ps = p["worker_cpu_per_example_s"] * 1e6, p["server_cpu_per_example_s"] * 1e6
         x = m["examples_per_s"]
         cells = []

@@ -69,3 +69,8 @@ def per_example_loss(out, y):
 
 def top2_accuracy(outputs, targets):
     return (outputs.topk(2, dim=1).indices == targets[:, None]).any(1).float().mean()
+
+
+def broken_loss(out, y):
+    """A loss with a bug: every worker that calls it dies the same way (the launcher's crash-loop test)."""
+    raise RuntimeError("a deliberately broken loss")

@@ -351,6 +351,30 @@ def test_a_worker_told_to_stop_leaves_cleanly_and_its_data_is_finished_by_the_ot
     _every_shard_once(summary, 15)
 
 
+@pytest.mark.parametrize("restarts", [10, 1])
+def test_workers_that_die_of_the_same_error_end_the_job_at_once_with_it(tmp_path, tiny_data, restarts):
+    # A bug in user code kills every worker at its first step. Each rank is replaced once (its replacement
+    # dies the same way: not replaced again, however many restarts are left) or until the restarts run
+    # out; then no worker is left and the job fails with the error, long before the coordinator's
+    # startup_timeout_s (set far beyond the test's wait) would have ended it.
+    job = tiny_job(tiny_data, training={"loss": "tests.byo_factories:broken_loss"}, monitor=QUIET, checkpoint={"enabled": False},
+                   cluster={"num_workers": 3, "worker_restarts": restarts, "startup_timeout_s": 600.0})
+    proc, _ = start_job(tmp_path, job)
+    t0 = time.monotonic()
+    try:
+        _, err = proc.communicate(timeout=150)
+    finally:
+        stop_job(proc)
+    assert proc.returncode != 0
+    assert time.monotonic() - t0 < 150
+    assert "every worker process has died and none is left to start" in err, err[-3000:]
+    assert "RuntimeError: a deliberately broken loss" in err
+    started = err.count("in its place (restart")
+    assert started == min(3, restarts)
+    if restarts > 3:
+        assert err.count("not replaced again") == 3
+
+
 
 def _killed_server_run(tmp_path, tiny_data, consistency: str = "async", **cluster) -> tuple[dict, str, dict]:
     """SIGKILL server-1 once a checkpoint is committed; returns the summary, the launcher's

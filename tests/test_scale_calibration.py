@@ -5,7 +5,7 @@ import argparse
 import numpy as np
 import pytest
 
-from benchmarks.scale_measure import calibration_topologies, check_topologies, nonnegative_lstsq, solve_request_costs
+from benchmarks.scale_measure import calibration_topologies, check_topologies, cpu_per_step, nonnegative_lstsq, solve_request_costs
 
 US, NS = 1e-6, 1e-9
 REF_P, BIG_P, REF_C, BIG_C, APPLY = 100_000, 800_000, 300 * US, 2_000 * US, 1 * NS
@@ -80,13 +80,27 @@ def args(**kw):
 
 
 def test_the_calibration_topologies_follow_the_check():
-    assert calibration_topologies(args()) == [(s, w) for w in (1, 3) for s in (1, 2, 3, 4)]
-    assert calibration_topologies(args(servers=2, workers=2)) == [(1, 1), (2, 1), (1, 2), (2, 2)]
+    assert calibration_topologies(args()) == [(s, w) for w in (3, 6) for s in (1, 2, 3, 4)]
+    assert calibration_topologies(args(servers=2, workers=2)) == [(1, 2), (2, 2)]
+    assert calibration_topologies(args(servers=2, workers=4)) == [(1, 3), (2, 3), (1, 4), (2, 4)]
     # a check of one server count still calibrates on two
-    assert calibration_topologies(args(check_servers="3")) == [(1, 1), (3, 1), (1, 3), (3, 3)]
+    assert calibration_topologies(args(check_servers="3")) == [(1, 3), (3, 3), (1, 6), (3, 6)]
     assert calibration_topologies(args(calibrate_on="1x1, 2X4")) == [(1, 1), (2, 4)]
     assert check_topologies(args(topologies="2x3,1x1")) == [(2, 3), (1, 1)]
     with pytest.raises(SystemExit, match="not a topology"):
         calibration_topologies(args(calibrate_on="2by3"))
     with pytest.raises(SystemExit, match="at least one server"):
         check_topologies(args(topologies="0x3"))
+
+
+def test_cpu_per_step_takes_the_steady_window_when_the_run_was_sampled_and_the_totals_otherwise():
+    m = job(2, 3, REF_P, REF_C)
+    assert cpu_per_step(m, "worker") == m["worker_cpu_per_step_s"]
+    # 0.5 s window at 3,200 examples/s of batch 32: 50 steps; the workers' threads ran 60 ms, the servers' 20 ms
+    # (the sampler's groups: each role's threads by kind, and each process's apart, not to be counted twice)
+    groups = {"worker.main": {"run": 0.055}, "worker.zmq": {"run": 0.005}, "worker-0.main": {"run": 0.03},
+              "worker-1.main": {"run": 0.025}, "server.main": {"run": 0.02}, "server-0.main": {"run": 0.02},
+              "coordinator.main": {"run": 0.5}}
+    m = {**m, "examples_per_s": 3200.0, "batch": 32, "long": {"probe": {"window_s": 0.5, "groups": groups}}}
+    assert cpu_per_step(m, "worker") == pytest.approx(0.06 / 50)
+    assert cpu_per_step(m, "server") == pytest.approx(0.02 / 50)

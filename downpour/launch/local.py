@@ -9,6 +9,10 @@ the latest checkpoint) and the coordinator (on the same address; it picks up
 the job from the state it saved in the run folder); any other process that
 dies unexpectedly is reported as the root cause (with the end of its log),
 and every process started is stopped, on success, failure or Ctrl-C alike.
+A replacement that dies with the same last log line as the process it replaced
+(a deterministic error: a bug in user code, a bad file) is not replaced again,
+and once no worker is left to train and none can be started the job fails at
+once with that error, rather than when ``cluster.startup_timeout_s`` runs out.
 Children also die with the launcher (``PR_SET_PDEATHSIG``), so none is orphaned.
 """
 
@@ -61,6 +65,12 @@ class Proc:
     exit_code: int | None = None
     exited_at: float | None = None
     replaced: bool = False  # a worker that died and was replaced (or left for the coordinator to recover from)
+    inherited_error: str | None = None  # a replacement: the last log line of the process it replaced
+
+    def last_line(self) -> str:
+        """The last non-blank line of the log (a traceback's last line names the exception)."""
+        tail = self.log_tail(lines=4).splitlines()
+        return next((line.strip() for line in reversed(tail) if line.strip()), "")
 
     def describe_exit(self) -> str:
         rc = self.exit_code
@@ -113,7 +123,7 @@ class LocalLauncher:
         self.env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS=str(job.training.torch_threads))
 
     # -- processes ----------------------------------------------------------
-    def _spawn(self, name: str, args: list[str]) -> Proc:
+    def _spawn(self, name: str, args: list[str], inherited_error: str | None = None) -> Proc:
         if self.insecure:
             args = [*args, "--insecure"]
         elif self.keys:
@@ -125,7 +135,7 @@ class LocalLauncher:
                 stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                 env=self.env, start_new_session=True, preexec_fn=_die_with_parent,
             )
-        proc = Proc(name, popen, log_path, list(args))
+        proc = Proc(name, popen, log_path, list(args), inherited_error=inherited_error)
         self.procs.append(proc)
         return proc
 
@@ -248,6 +258,11 @@ class LocalLauncher:
                 raise JobFailed(f"{first.describe_exit()}; stopping the job.\n"
                                 f"--- end of {first.log_path} ---\n{tail}" if tail else f"{first.describe_exit()}; stopping the job.",
                                 node=first.name)
+            gone = self._no_worker_left()
+            if gone is not None and not self._coordinator_ends(coord):
+                raise gone
+            if gone is not None:
+                return self._finish(failed)
             if on_status is not None:
                 if pending is not None and pending.done():
                     try:
@@ -279,11 +294,13 @@ class LocalLauncher:
                             "keys after cluster.server_replace_timeout_s=%gs", p.describe_exit(), cl.server_restarts,
                             cl.server_replace_timeout_s)
                 return True
+            if self._crash_loop(p, "a surviving server takes over its keys after cluster.server_replace_timeout_s"):
+                return True
             self.server_restarts += 1
             name = f"{p.name.split('.')[0]}.{self.server_restarts + 1}"
             log.warning("%s; starting %s in its place (server restart %d of %d)", p.describe_exit(), name,
                         self.server_restarts, cl.server_restarts)
-            self._spawn(name, self._respawn_args(p))
+            self._spawn(name, self._respawn_args(p), inherited_error=p.last_line())
             return True
         if not p.name.startswith("worker-") or cl.on_worker_failure != "recover":
             return False
@@ -292,13 +309,40 @@ class LocalLauncher:
             log.warning("%s; no restarts left (cluster.worker_restarts=%d): the other workers take over its data",
                         p.describe_exit(), cl.worker_restarts)
             return True
+        if self._crash_loop(p, "the other workers take over its data"):
+            return True
         self.restarts += 1
         base = p.name.split(".")[0]
         name = f"{base}.{self.restarts + 1}"
         log.warning("%s; starting %s in its place (restart %d of %d)", p.describe_exit(), name, self.restarts,
                     cl.worker_restarts)
-        self._spawn(name, self._respawn_args(p))
+        self._spawn(name, self._respawn_args(p), inherited_error=p.last_line())
         return True
+
+    def _crash_loop(self, p: Proc, instead: str) -> bool:
+        """Whether ``p``, a replacement, died of what killed the process it replaced (the same last log
+        line): then a third would too, and it is not started (logged, with what happens instead)."""
+        if p.inherited_error is None or p.last_line() != p.inherited_error:
+            return False
+        log.warning("%s with the same error as the process it replaced (%s): not replaced again; %s",
+                    p.describe_exit(), p.inherited_error[:200] or "an empty log", instead)
+        return True
+
+    def _no_worker_left(self) -> JobFailed | None:
+        """Every worker process died and none will be started (no restarts left, or each rank in a crash
+        loop): no worker can join, so the job fails now, with the last one's error, rather than when the
+        coordinator's ``cluster.startup_timeout_s`` runs out. Not after a worker exited cleanly (the job is
+        ending) or while a graceful stop is under way."""
+        workers = [p for p in self.procs if p.name.startswith("worker-")]
+        if self.stopping or not workers or any(p.exit_code is None for p in workers):
+            return None
+        last = max(workers, key=lambda p: p.exited_at or 0.0)
+        if last.exit_code == 0 or not all(p.replaced for p in workers if p.exit_code):
+            return None
+        tail = last.log_tail()
+        return JobFailed(f"every worker process has died and none is left to start (cluster.worker_restarts="
+                         f"{self.job.cluster.worker_restarts}, {self.restarts} used); the last: {last.describe_exit()}; "
+                         "stopping the job." + (f"\n--- end of {last.log_path} ---\n{tail}" if tail else ""), node=last.name)
 
     def _kill_declared_dead(self, name: str | None) -> None:
         """The node the coordinator failed the job for, if its process still runs, is hung (no

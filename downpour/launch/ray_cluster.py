@@ -268,7 +268,7 @@ class RayLauncher(LocalLauncher):
         self.bind_host = "127.0.0.1" if self.started_ray and self.ray_address is None else NODE_IP
         return super().start()
 
-    def _spawn(self, name: str, args: list[str]) -> Proc:
+    def _spawn(self, name: str, args: list[str], inherited_error: str | None = None) -> Proc:
         role = args[0]
         if "--ipc-dir" in args and not self.ipc:  # (tcp: the folder is not used)
             i = args.index("--ipc-dir")
@@ -298,7 +298,7 @@ class RayLauncher(LocalLauncher):
                 job_file = f.read()
         actor = ray.remote(RoleHost).options(**options).remote(args, log_path, env, self._keys_for(role), job_file)
         popen = RayProcess(actor, log_path, name, cfg.start_timeout_s)
-        proc = Proc(name, popen, log_path, [a for a in args if a != "--insecure"])  # type: ignore[arg-type]
+        proc = Proc(name, popen, log_path, [a for a in args if a != "--insecure"], inherited_error=inherited_error)  # type: ignore[arg-type]
         self.procs.append(proc)
         self.placement[name] = {"role": role, **popen.where}
         self._write_placement()  # replacements too
