@@ -120,7 +120,7 @@ class SparseShard:
         out = []
         for table, pk, g, qk in work:
             if len(pk) and not replay:
-                table.push(pk, g)
+                table.push(pk, g, finite=True)  # (checked above, before any table changed)
                 self.counts["keys_pushed"] += len(pk)
             rows = (table.peek(qk) if peek or replay else table.pull(qk)) if len(qk) else np.zeros((0, table.dim), np.float32)
             self.counts["keys_pulled"] += len(qk)

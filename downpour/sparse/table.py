@@ -249,13 +249,15 @@ class SparseTable:
                 out[miss] = self.initial(keys[miss])
         return out
 
-    def push(self, keys: np.ndarray, grads: np.ndarray) -> None:
+    def push(self, keys: np.ndarray, grads: np.ndarray, finite: bool = False) -> None:
         """One optimizer step on the rows of ``keys`` (unique IDs; grads shape (n, dim)). Gradients
-        of IDs without a row (not admitted) are dropped. Then the eviction rules run."""
+        of IDs without a row (not admitted) are dropped. Then the eviction rules run. ``finite``: the
+        caller has checked that every gradient is finite (the server does, for a whole request before
+        any of its tables changes), so that pass is not made twice."""
         keys = self._check(keys)
         if grads.shape != (len(keys), self.dim) or grads.dtype != np.float32:
             raise ProtocolError(f"sparse gradients must be float32 of shape ({len(keys)}, {self.dim}), got {grads.dtype} {grads.shape}")
-        if len(grads) and not np.isfinite(grads).all():
+        if len(grads) and not finite and not np.isfinite(grads).all():
             raise ProtocolError("sparse gradients contain NaN or Inf")
         step = self.step + 1
         kernel = self.rule.kernel(self.state) if self._kernels is not None else None
