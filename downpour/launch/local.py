@@ -9,8 +9,9 @@ the latest checkpoint) and the coordinator (on the same address; it picks up
 the job from the state it saved in the run folder); any other process that
 dies unexpectedly is reported as the root cause (with the end of its log),
 and every process started is stopped, on success, failure or Ctrl-C alike.
-A replacement that dies with the same last log line as the process it replaced
-(a deterministic error: a bug in user code, a bad file) is not replaced again,
+A replacement that fails as the process it replaced did (the same exit code and
+last log line: a deterministic error, a bug in user code, a bad file; not a kill
+by a signal) is not replaced again,
 and once no worker is left to train and none can be started the job fails at
 once with that error, rather than when ``cluster.startup_timeout_s`` runs out.
 Children also die with the launcher (``PR_SET_PDEATHSIG``), so none is orphaned.
@@ -65,12 +66,16 @@ class Proc:
     exit_code: int | None = None
     exited_at: float | None = None
     replaced: bool = False  # a worker that died and was replaced (or left for the coordinator to recover from)
-    inherited_error: str | None = None  # a replacement: the last log line of the process it replaced
+    inherited_error: str | None = None  # a replacement: the :meth:`error` of the process it replaced
 
-    def last_line(self) -> str:
-        """The last non-blank line of the log (a traceback's last line names the exception)."""
+    def error(self) -> str | None:
+        """How the process failed by itself: its exit code (> 0) and the last non-blank line of its log
+        (a traceback's last line names the exception). None while it runs, after a clean exit, or when
+        a signal killed it (a kill from outside, e.g. the OOM killer, says nothing about the next one)."""
+        if self.exit_code is None or self.exit_code <= 0:
+            return None
         tail = self.log_tail(lines=4).splitlines()
-        return next((line.strip() for line in reversed(tail) if line.strip()), "")
+        return f"exit code {self.exit_code}: " + next((line.strip() for line in reversed(tail) if line.strip()), "")
 
     def describe_exit(self) -> str:
         rc = self.exit_code
@@ -300,7 +305,7 @@ class LocalLauncher:
             name = f"{p.name.split('.')[0]}.{self.server_restarts + 1}"
             log.warning("%s; starting %s in its place (server restart %d of %d)", p.describe_exit(), name,
                         self.server_restarts, cl.server_restarts)
-            self._spawn(name, self._respawn_args(p), inherited_error=p.last_line())
+            self._spawn(name, self._respawn_args(p), inherited_error=p.error())
             return True
         if not p.name.startswith("worker-") or cl.on_worker_failure != "recover":
             return False
@@ -316,16 +321,18 @@ class LocalLauncher:
         name = f"{base}.{self.restarts + 1}"
         log.warning("%s; starting %s in its place (restart %d of %d)", p.describe_exit(), name, self.restarts,
                     cl.worker_restarts)
-        self._spawn(name, self._respawn_args(p), inherited_error=p.last_line())
+        self._spawn(name, self._respawn_args(p), inherited_error=p.error())
         return True
 
     def _crash_loop(self, p: Proc, instead: str) -> bool:
-        """Whether ``p``, a replacement, died of what killed the process it replaced (the same last log
-        line): then a third would too, and it is not started (logged, with what happens instead)."""
-        if p.inherited_error is None or p.last_line() != p.inherited_error:
+        """Whether ``p``, a replacement, failed as the process it replaced did (the same exit code and
+        last log line: :meth:`Proc.error`): then a third would too, and it is not started (logged, with
+        what happens instead). A process killed by a signal is never part of a loop."""
+        error = p.error()
+        if error is None or error != p.inherited_error:
             return False
         log.warning("%s with the same error as the process it replaced (%s): not replaced again; %s",
-                    p.describe_exit(), p.inherited_error[:200] or "an empty log", instead)
+                    p.describe_exit(), error[:200], instead)
         return True
 
     def _no_worker_left(self) -> JobFailed | None:

@@ -1,0 +1,74 @@
+"""The local launcher's decisions about dead processes, on made-up ones (no process starts here):
+when a failure is a crash loop, and when no worker is left (the end-to-end case: tests/test_recovery.py)."""
+
+from __future__ import annotations
+
+import signal
+from types import SimpleNamespace
+
+import pytest
+
+from downpour.config import parse_job
+from downpour.errors import JobFailed
+from downpour.launch.local import LocalLauncher, Proc
+
+JOB = parse_job({"name": "t", "model": {"name": "mlp"}, "data": {"name": "idx", "path": "/nonexistent"},
+                 "cluster": {"num_servers": 1, "num_workers": 2, "worker_restarts": 5}})
+
+
+def proc(tmp_path, name: str, code: int | None, log: str, inherited: str | None = None, at: float = 0.0) -> Proc:
+    path = tmp_path / f"{name}.log"
+    path.write_text(log)
+    return Proc(name, SimpleNamespace(pid=1000), str(path), ["worker"], exit_code=code, exited_at=at, inherited_error=inherited)
+
+
+@pytest.fixture
+def launcher(tmp_path):
+    """A launcher that has started nothing (its decisions only)."""
+    return LocalLauncher(JOB, str(tmp_path))
+
+
+TRACE = "Traceback (most recent call last):\n  File 'x.py', line 1\nRuntimeError: a broken loss\n\n"
+
+
+def test_an_error_exit_names_its_code_and_last_line_and_a_kill_names_nothing(tmp_path):
+    assert proc(tmp_path, "w", 1, TRACE).error() == "exit code 1: RuntimeError: a broken loss"
+    assert proc(tmp_path, "w", -signal.SIGKILL, TRACE).error() is None  # killed from outside
+    assert proc(tmp_path, "w", 0, TRACE).error() is None
+    assert proc(tmp_path, "w", None, TRACE).error() is None  # still running
+
+
+def test_only_the_same_failure_twice_in_a_row_is_a_crash_loop(tmp_path, launcher):
+    first = proc(tmp_path, "worker-0", 1, TRACE)
+    same = proc(tmp_path, "worker-0.2", 1, TRACE, inherited=first.error())
+    assert launcher._crash_loop(same, "...")
+    other = proc(tmp_path, "worker-0.3", 1, "ValueError: something else\n", inherited=first.error())
+    assert not launcher._crash_loop(other, "...")
+    # killed twice with the same log (a kill leaves the last line a normal one): each kill is replaced
+    killed = proc(tmp_path, "worker-1", -signal.SIGKILL, "worker-1: training on cpu\n")
+    again = proc(tmp_path, "worker-1.2", -signal.SIGKILL, "worker-1: training on cpu\n", inherited=killed.error())
+    assert killed.error() is None and not launcher._crash_loop(again, "...")
+    first_of_rank = proc(tmp_path, "worker-2", 1, TRACE)  # an original process has nothing inherited
+    assert not launcher._crash_loop(first_of_rank, "...")
+
+
+@pytest.mark.parametrize("codes, replaced, stopping, left", [
+    ((1, 1), (True, True), False, True),  # every worker failed and none is coming: fail now
+    ((1, None), (True, False), False, False),  # one still runs
+    ((1, 0), (True, False), False, False),  # the last one ended cleanly: the job is ending
+    ((1, 1), (True, False), False, False),  # one failure not yet dealt with (the launcher's failure path has it)
+    ((1, 1), (True, True), True, False),  # a graceful stop under way
+])
+def test_no_worker_left_only_when_every_worker_failed_and_none_can_be_started(tmp_path, launcher, codes, replaced, stopping,
+                                                                             left):
+    launcher.stopping = stopping
+    launcher.procs = [proc(tmp_path, "coordinator", None, ""), proc(tmp_path, "server-0", None, "")]
+    for i, (code, rep) in enumerate(zip(codes, replaced)):
+        p = proc(tmp_path, f"worker-{i}", code, TRACE, at=float(i))
+        p.replaced = rep
+        launcher.procs.append(p)
+    gone = launcher._no_worker_left()
+    assert (gone is not None) == left
+    if left:
+        assert isinstance(gone, JobFailed) and gone.node == "worker-1"
+        assert "none is left to start" in str(gone) and "RuntimeError: a broken loss" in str(gone)
