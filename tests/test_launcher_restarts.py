@@ -72,3 +72,15 @@ def test_no_worker_left_only_when_every_worker_failed_and_none_can_be_started(tm
     if left:
         assert isinstance(gone, JobFailed) and gone.node == "worker-1"
         assert "none is left to start" in str(gone) and "RuntimeError: a broken loss" in str(gone)
+
+
+def test_a_logged_error_is_the_same_whatever_its_time_pid_and_replacement_name(tmp_path, launcher):
+    first = proc(tmp_path, "worker-1", 1, "2026-12-07 04:07:09,544 ERROR worker-1: the model's parameters do not match (pid 2492)\n")
+    again = proc(tmp_path, "worker-1.2", 1, "2026-12-07 04:07:12,001 ERROR worker-1.2: the model's parameters do not match (pid 2525)\n",
+                 inherited=first.error())
+    assert first.error() == "exit code 1: ERROR worker-1: the model's parameters do not match (pid)"
+    assert launcher._crash_loop(again, "...")
+    other = proc(tmp_path, "worker-1.3", 1, "2026-12-07 04:07:15,001 ERROR worker-1.3: lost the coordinator\n",
+                 inherited=again.error())
+    assert not launcher._crash_loop(other, "...")
+    assert proc(tmp_path, "w", 2, TRACE).error() != first.error()  # another exit code

@@ -351,6 +351,37 @@ def test_a_worker_told_to_stop_leaves_cleanly_and_its_data_is_finished_by_the_ot
     _every_shard_once(summary, 15)
 
 
+def test_a_rank_killed_twice_is_replaced_twice(tmp_path, tiny_data):
+    # Both of its deaths leave the same last log line, but a kill from outside is no crash loop.
+    job = tiny_job(tiny_data, training={"epochs": 4 * EPOCHS}, monitor=QUIET, checkpoint={"enabled": False},
+                   cluster={"num_workers": 3, "heartbeat_timeout_s": 2.0})
+    job["data"]["shard_size"] = 200
+    proc, run_dir = start_job(tmp_path, job)
+    try:
+        killed = []
+        for _ in range(2):  # worker-1, then its replacement worker-1.2, each once it trains
+            deadline, victim = time.monotonic() + 90, None
+            while victim is None and time.monotonic() < deadline:
+                st = query_status(run_dir) or {"nodes": []}
+                victim = next((n for n in st["nodes"] if n["name"].split(".")[0] == "worker-1" and n.get("state") == "alive"
+                               and n["pid"] not in killed and (n["progress"].get("steps") or 0) > 0), None)
+                time.sleep(0.1)
+            assert victim is not None, f"worker-1 never trained (again) before the job ended; killed {killed}"
+            os.kill(victim["pid"], signal.SIGKILL)
+            killed.append(victim["pid"])
+        _, err = proc.communicate(timeout=150)
+    finally:
+        stop_job(proc)
+    assert proc.returncode == 0, err[-3000:]
+    assert "starting worker-1.2 in its place (restart 1 of 3)" in err
+    assert "starting worker-1.3 in its place (restart 2 of 3)" in err
+    assert "not replaced again" not in err
+    with open(os.path.join(run_dir, "summary.json")) as f:
+        summary = json.load(f)
+    assert summary["status"] == "ok" and len(summary["failures"]) == 2
+    _every_shard_once(summary, 4 * EPOCHS)
+
+
 @pytest.mark.parametrize("restarts", [10, 1])
 def test_workers_that_die_of_the_same_error_end_the_job_at_once_with_it(tmp_path, tiny_data, restarts):
     # A bug in user code kills every worker at its first step. Each rank is replaced once (its replacement

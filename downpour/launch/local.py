@@ -23,6 +23,7 @@ import ctypes
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -46,6 +47,9 @@ from downpour.transport import Security, create_job_keys, new_context, remove_sl
 log = logging.getLogger(__name__)
 
 _STATUS_EVERY_S = 0.25
+_STAMP = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d[,.]\d+ ")  # logging's asctime
+_PID = re.compile(r"\bpid \d+")
+_REPLACEMENT = re.compile(r"\b((?:worker|server|coordinator)(?:-\d+)?)\.\d+\b")
 _START_TIMEOUT_S = 60.0
 _EXIT_GRACE_S = 10.0
 
@@ -75,7 +79,10 @@ class Proc:
         if self.exit_code is None or self.exit_code <= 0:
             return None
         tail = self.log_tail(lines=4).splitlines()
-        return f"exit code {self.exit_code}: " + next((line.strip() for line in reversed(tail) if line.strip()), "")
+        last = next((line.strip() for line in reversed(tail) if line.strip()), "")
+        # the same error in a replacement: another time stamp, pid and name (worker-1.2 for worker-1)
+        last = _REPLACEMENT.sub(r"\1", _PID.sub("pid", _STAMP.sub("", last)))
+        return f"exit code {self.exit_code}: {last}"
 
     def describe_exit(self) -> str:
         rc = self.exit_code
