@@ -260,7 +260,10 @@ def calibration_topologies(args: argparse.Namespace) -> list[tuple[int, int]]:
     (3: the reference job's; 6, twice as many: loaded, as the check mostly is; fewer when the check
     has fewer)."""
     if args.calibrate_on:
-        return [parse_topology(t) for t in args.calibrate_on.split(",")]
+        tops = [parse_topology(t) for t in args.calibrate_on.split(",")]
+        if len({s for s, _ in tops}) < 2:
+            raise SystemExit(f"--calibrate-on {args.calibrate_on}: the per-request costs need at least two server counts")
+        return tops
     servers = sorted({s for s, _ in check_topologies(args)}) or [1, 2]
     if len(servers) < 2:  # a per-request cost needs two request counts
         servers = sorted({*servers, 2 if servers[0] == 1 else 1})

@@ -87,6 +87,8 @@ def test_the_calibration_topologies_follow_the_check():
     assert calibration_topologies(args(check_servers="3")) == [(1, 3), (3, 3), (1, 6), (3, 6)]
     assert calibration_topologies(args(calibrate_on="1x1, 2X4")) == [(1, 1), (2, 4)]
     assert check_topologies(args(topologies="2x3,1x1")) == [(2, 3), (1, 1)]
+    with pytest.raises(SystemExit, match="two server counts"):
+        calibration_topologies(args(calibrate_on="2x3,2x6"))
     with pytest.raises(SystemExit, match="not a topology"):
         calibration_topologies(args(calibrate_on="2by3"))
     with pytest.raises(SystemExit, match="at least one server"):
