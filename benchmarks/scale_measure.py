@@ -81,7 +81,7 @@ import zmq  # noqa: E402
 
 from benchmarks.common import environment  # noqa: E402
 from benchmarks.scale_model import Costs, Topology, Workload, at_scale, predict, step_bytes  # noqa: E402
-from benchmarks.scale_probe import load_of  # noqa: E402
+from benchmarks.scale_probe import load_of, role_cpu_s  # noqa: E402
 from downpour.config import load_job  # noqa: E402
 from downpour.launch import LocalLauncher  # noqa: E402
 from downpour.models import mlp  # noqa: E402
@@ -250,7 +250,7 @@ def cpu_per_step(m: dict[str, Any], role: str) -> float:
     probe = (m.get("long") or {}).get("probe")
     if probe and probe.get("window_s", 0) > 0 and m.get("examples_per_s"):
         steps = probe["window_s"] * m["examples_per_s"] / m["batch"]
-        return sum(a["run"] for g, a in probe["groups"].items() if g.split(".")[0] == role) / steps
+        return role_cpu_s(probe, role) / steps
     return m[f"{role}_cpu_per_step_s"]
 
 
@@ -326,8 +326,9 @@ def fit_calibration(cal: dict[str, Any], points: list[dict[str, Any]]) -> dict[s
     """The costs and the reference workload fitted to ``points`` (measurements of the reference job) and
     ``cal``'s job C, with ``cal``'s in-process figures: the ``costs``, ``workloads`` and ``fitted`` of a
     calibration."""
-    ref_p = cal.get("params", {}).get("reference", mlp_params([128]))
-    big_p = cal.get("params", {}).get("wide", mlp_params([BIG_HIDDEN]))
+    params = cal.get("params") or {}  # (a calibration saved before it recorded them: count them)
+    ref_p = params["reference"] if "reference" in params else mlp_params([128])
+    big_p = params["wide"] if "wide" in params else mlp_params([BIG_HIDDEN])
     ref_c, big_c = cal["compute"]["reference"], cal["compute"]["wide"]
     apply = cal.get("apply_s_per_param", (cal.get("costs") or {}).get("apply_s_per_param"))
     lat = cal.get("latency_s", (cal.get("costs") or {}).get("latency_s"))

@@ -173,6 +173,12 @@ def window_deltas(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def role_cpu_s(probe: dict[str, Any], role: str) -> float:
+    """Seconds on a core of every thread of ``role``'s processes in the window (its ``role.kind``
+    groups; the per-process groups hold the same threads again)."""
+    return sum(a["run"] for g, a in probe["groups"].items() if g.split(".")[0] == role)
+
+
 def load_of(probe: dict[str, Any] | None) -> dict[str, float]:
     """The cores' worth of CPU in a window (see :func:`window_deltas`) that is not the workers' and
     servers': ``background``, the coordinator's and the launcher's threads (this sampler included);
@@ -180,8 +186,8 @@ def load_of(probe: dict[str, Any] | None) -> dict[str, float]:
     job, never below 0). Empty without a window."""
     if not probe:
         return {}
-    groups, span = probe["groups"], probe["window_s"]
-    role_run = {r: sum(a["run"] for g, a in groups.items() if g.split(".")[0] == r) for r in ROLES}
+    span = probe["window_s"]
+    role_run = {r: role_cpu_s(probe, r) for r in ROLES}
     ours = sum(role_run.values())
     return {
         "background": (role_run["coordinator"] + role_run["launcher"]) / span,

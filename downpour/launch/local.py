@@ -271,10 +271,10 @@ class LocalLauncher:
                                 f"--- end of {first.log_path} ---\n{tail}" if tail else f"{first.describe_exit()}; stopping the job.",
                                 node=first.name)
             gone = self._no_worker_left()
-            if gone is not None and not self._coordinator_ends(coord):
-                raise gone
             if gone is not None:
-                return self._finish(failed)
+                if self._coordinator_ends(coord):  # its verdict, if it has one, names the root cause
+                    return self._finish(failed)
+                raise gone
             if on_status is not None:
                 if pending is not None and pending.done():
                     try:
