@@ -111,9 +111,11 @@ def launchers(args) -> dict[str, Any]:
 
 
 # -- two hosts ------------------------------------------------------------------------------------
-def run_on_hosts(hosts, job: dict, folder: str, timeout_s: float = 1800) -> dict[str, Any]:
+def run_on_hosts(hosts, job: dict, folder: str, timeout_s: float = 1800, started: list | None = None) -> dict[str, Any]:
     """Run ``job`` with the coordinator and servers on host ``a`` of ``hosts`` and the workers on
-    host ``b`` (tcp, CURVE, one key per worker); return its summary.json. Kills what it started."""
+    host ``b`` (tcp, CURVE, one key per worker); return its summary.json. Kills what it started.
+    ``started``: each process is appended to it as (name, pid) once it starts (``coordinator``,
+    ``server-i``, ``worker-r``), e.g. for a :class:`benchmarks.scale_probe.Sampler` to read."""
     path = os.path.join(folder, f"job-{time.monotonic_ns()}.yaml")
     with open(path, "w") as f:
         yaml.safe_dump(job, f)
@@ -123,18 +125,20 @@ def run_on_hosts(hosts, job: dict, folder: str, timeout_s: float = 1800) -> dict
                    timeout=60)
     env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
     procs: list[subprocess.Popen] = []
+    started = [] if started is None else started
     a = hosts.addresses["a"]
     dp = [sys.executable, "-m", "downpour"]
     logf = open(os.path.join(folder, "nodes.log"), "ab")
     try:
-        procs.append(hosts.popen("a", [*dp, "coordinator", path, "--bind", "tcp://0.0.0.0:7070", "--run-dir", run_dir, "--keys", keys],
-                                 env=env, stdout=logf, stderr=subprocess.STDOUT))
-        for _ in range(job["cluster"]["num_servers"]):
-            procs.append(hosts.popen("a", [*dp, "server", "--coordinator", f"{a}:7070", "--host", "0.0.0.0", "--keys", keys],
-                                     env=env, stdout=logf, stderr=subprocess.STDOUT))
+        def start(name: str, host: str, cmd: list[str]) -> None:
+            procs.append(hosts.popen(host, cmd, env=env, stdout=logf, stderr=subprocess.STDOUT))
+            started.append((name, procs[-1].pid))
+
+        start("coordinator", "a", [*dp, "coordinator", path, "--bind", "tcp://0.0.0.0:7070", "--run-dir", run_dir, "--keys", keys])
+        for i in range(job["cluster"]["num_servers"]):
+            start(f"server-{i}", "a", [*dp, "server", "--coordinator", f"{a}:7070", "--host", "0.0.0.0", "--keys", keys])
         for r in range(workers):
-            procs.append(hosts.popen("b", [*dp, "worker", "--coordinator", f"{a}:7070", "--keys", keys, "--rank", str(r)],
-                                     env=env, stdout=logf, stderr=subprocess.STDOUT))
+            start(f"worker-{r}", "b", [*dp, "worker", "--coordinator", f"{a}:7070", "--keys", keys, "--rank", str(r)])
         deadline = time.monotonic() + timeout_s
         codes = [p.wait(timeout=max(1.0, deadline - time.monotonic())) for p in procs]
     finally:

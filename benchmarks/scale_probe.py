@@ -35,6 +35,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -91,10 +92,12 @@ def cores_busy_s() -> tuple[float, float]:
 
 
 class Sampler:
-    """Samples every thread of a launcher's processes every ``period_s`` in a thread of this process."""
+    """Samples every thread of a job's processes every ``period_s`` in a thread of this process.
+    ``procs()``: the processes now, as (name, pid) pairs; the name's part before the first ``-`` is
+    the role (``server-0``, ``worker-1.2``, ``coordinator``)."""
 
-    def __init__(self, launcher: LocalLauncher, period_s: float = 0.1) -> None:
-        self.launcher, self.period_s = launcher, period_s
+    def __init__(self, procs: Callable[[], list[tuple[str, int]]], period_s: float = 0.1) -> None:
+        self.procs, self.period_s = procs, period_s
         self.samples: list[dict[str, Any]] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)
@@ -114,18 +117,17 @@ class Sampler:
             got = read_task(me, tid)
             if got is not None:
                 tasks[f"launcher/{tid}"] = {"role": "launcher", "proc": "launcher", "kind": thread_kind(me, tid, got[0]), **got[1]}
-        for p in list(self.launcher.procs):
-            pid = p.popen.pid
+        for name, pid in self.procs():
             try:
                 tids = [int(t) for t in os.listdir(f"/proc/{pid}/task")]
             except OSError:
                 continue
-            role = p.name.split("-")[0]
+            role = name.split("-")[0]
             for tid in tids:
                 got = read_task(pid, tid)
                 if got is not None:
                     comm, counters = got
-                    tasks[f"{p.name}/{tid}"] = {"role": role, "proc": p.name, "kind": thread_kind(pid, tid, comm), **counters}
+                    tasks[f"{name}/{tid}"] = {"role": role, "proc": name, "kind": thread_kind(pid, tid, comm), **counters}
         busy, total = cores_busy_s()
         return {"t": time.monotonic(), "tasks": tasks, "cores_busy_s": busy, "cores_all_s": total}
 
@@ -196,6 +198,13 @@ def load_of(probe: dict[str, Any] | None) -> dict[str, float]:
     }
 
 
+def probed(out: dict[str, Any], samples: list[dict[str, Any]], load: list[float], trim: float) -> dict[str, Any]:
+    """A runner's result ``out`` (:func:`~benchmarks.scale_measure.totals` of a job) with the load
+    average at its start and the sampler's steady-state window (``probe``; None when it found none)."""
+    window = steady_window(samples, trim)
+    return {**out, "loadavg": load, "probe": window_deltas(*window) if window else None}
+
+
 def probe_runner(period_s: float, trim: float):
     """A runner for :func:`~benchmarks.scale_measure.measure` that samples /proc while the job runs."""
 
@@ -203,19 +212,16 @@ def probe_runner(period_s: float, trim: float):
 
     def run(path: str, overrides: list[str]) -> dict[str, Any]:
         job = load_job(path, overrides)
-        load = _read("/proc/loadavg").split()[:3]
+        load = list(os.getloadavg())
         with tempfile.TemporaryDirectory(prefix="scale-") as run_dir:
             launcher = LocalLauncher(job, run_dir)
-            with Sampler(launcher, period_s) as sampler:
+            with Sampler(lambda: [(p.name, p.popen.pid) for p in list(launcher.procs)], period_s) as sampler:
                 s = launcher.run().summary
         if s.get("status") != "ok":
             raise RuntimeError(f"{path} {overrides}: {s.get('status')}: {s.get('error')}")
         out = totals(s)
-        out["loadavg"] = [float(x) for x in load]
         out["worker_times"] = {k: sum(w.get(k, 0.0) for w in s["workers"].values()) for k in ("compute_s", "push_s", "wait_s", "train_s")}
-        window = steady_window(sampler.samples, trim)
-        out["probe"] = window_deltas(*window) if window else None
-        return out
+        return probed(out, sampler.samples, load, trim)
 
     return run
 

@@ -17,14 +17,21 @@ What is measured, and fed to the model (all in this run):
   in messages the size of one reference push (407 kB), each direction: what tbf lets through less
   the TCP/IP and Ethernet headers it also counts. Unshaped, the link has no limit of its own: its
   cost is CPU, already in the per-byte costs, so the model gets no bandwidth there.
-* **The per-request and per-byte CPU over this transport**: jobs A (1×1), B (2×1) and C (1×1, a
-  1024-wide hidden layer) on the unshaped pair, two step caps each, solved as
-  ``benchmarks/scale_measure.py`` does over ipc; forward+backward and the update rule in process.
+* **The per-request and per-byte CPU over this transport**: the reference job on the unshaped pair at
+  every ``--calibrate-on`` topology (default: each server count of the check, and 1 or 2 beside a
+  single one, with 3 and with 6 workers) and job C (1×1, a 1024-wide hidden layer), two step caps
+  each, fitted as ``benchmarks/scale_measure.py`` fits them over ipc (non-negative least squares of
+  each role's CPU per step, read by the /proc sampler of ``benchmarks/scale_probe.py`` in the longer
+  run's steady window: the namespaces share this machine's /proc); forward+backward and the update
+  rule in process. The coordinator's and this process's CPU in those windows is the cores the job
+  does not get (``Topology.other_load``).
 * **The check**: the reference job (async) on ``--topologies`` at each rate, two step caps (the
   extra steps' examples over their training time; start-up cancels), against
-  ``predict(..., Topology(S, W, cores=CORES, split=True, queueing=True))``: one link carries every
-  step both ways, both namespaces share this machine's cores, and the rate is the closed queueing
-  network's (mean value analysis, ``scale_model.mva``); the least bound alone is printed beside it.
+  ``predict(..., Topology(S, W, cores=CORES, split=True, queueing=True, other_load=...))``: one link
+  carries every step both ways, both namespaces share this machine's cores, and the rate is the
+  closed queueing network's (mean value analysis, ``scale_model.mva``); the least bound alone is
+  printed beside it. Unshaped, a topology the costs were fitted to is the calibration's own
+  measurement (marked †); the count within 25 % is printed with and without those.
 * **The link during the check**, in the extra steps (each run's counters after less before, the
   longer run less the shorter): bytes per worker step each way as tbf passed them (every segment
   with its headers, resends and ACKs; the veth's own count unshaped), how busy each direction was
@@ -42,6 +49,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import signal
 import statistics
@@ -60,6 +68,7 @@ from benchmarks.common import environment  # noqa: E402
 from benchmarks.scale_model import Costs, Topology, Workload, predict, step_bytes  # noqa: E402
 
 PROBE_PORT = 7171
+PROBE_PERIOD_S, PROBE_TRIM = 0.2, 0.15  # the /proc sampler's period and the steady window's trim (scale_measure's)
 EXTRA = ["monitor.dashboard=false"]  # besides scale_measure.QUIET
 
 
@@ -211,40 +220,62 @@ def wire_per_step(m: dict[str, Any], rate_mbit: float) -> dict[str, Any]:
 # --------------------------------------------------------------------------- jobs on the two hosts
 def runner_on(hosts, folder: str):
     """A ``runner`` for :func:`scale_measure.measure`: the job with servers on host a, workers on host b;
-    with each run's :func:`counters` (after less before) under ``wire``."""
+    with each run's :func:`counters` (after less before) under ``wire``, and every thread of its
+    processes sampled from /proc (``benchmarks/scale_probe.py``: the namespaces share this machine's
+    /proc) under ``probe``."""
     from benchmarks.multi_host import run_on_hosts
     from benchmarks.scale_measure import totals
+    from benchmarks.scale_probe import Sampler, probed
     from downpour.config import job_to_dict, load_job
 
     def run(path: str, overrides: list[str]) -> dict[str, Any]:
-        before = counters(hosts)
-        s = run_on_hosts(hosts, job_to_dict(load_job(path, [*overrides, *EXTRA])), folder, timeout_s=600)
+        before, load, started = counters(hosts), list(os.getloadavg()), []
+        with Sampler(lambda: list(started), PROBE_PERIOD_S) as sampler:
+            s = run_on_hosts(hosts, job_to_dict(load_job(path, [*overrides, *EXTRA])), folder, timeout_s=600, started=started)
         wire = _delta(counters(hosts), before)
         if s.get("status") != "ok":
             raise RuntimeError(f"{path} {overrides}: {s.get('status')}: {s.get('error')}")
-        return {**totals(s), "wire": wire}
+        return {**probed(totals(s), sampler.samples, load, PROBE_TRIM), "wire": wire}
 
     return run
 
 
+def calibration_topologies(args: argparse.Namespace) -> list[tuple[int, int]]:
+    """``--calibrate-on``, or each server count of the check (and 1 or 2 beside a single one) with 3 and
+    with 6 workers: ``scale_measure.calibration_topologies`` for this check."""
+    from benchmarks import scale_measure as sm
+
+    return sm.calibration_topologies(argparse.Namespace(calibrate_on=args.calibrate_on, topologies=args.topologies, workers=6))
+
+
 def calibrate(hosts, folder: str, args: argparse.Namespace) -> tuple[Costs, Workload, dict[str, Any]]:
     from benchmarks import scale_measure as sm
+    from benchmarks.scale_probe import load_of
 
     ref_c, ref_p = sm.mlp_compute_s([128], 32, args.compute_steps)
     big_c, big_p = sm.mlp_compute_s([sm.BIG_HIDDEN], 32, args.compute_steps)
     apply = sm.apply_s_per_param()
     run = runner_on(hosts, folder)
-    log("calibrating over tcp + CURVE between the namespaces, unshaped: jobs A (1x1), B (2x1), C (1x1, wide) ...")
-    a = sm.measure(sm.MNIST_JOB, 1, 1, args.steps_short, args.steps_long, runner=run)
-    b = sm.measure(sm.MNIST_JOB, 2, 1, args.steps_short, args.steps_long, runner=run)
+    tops = calibration_topologies(args)
+    log(f"calibrating over tcp + CURVE between the namespaces, unshaped: the reference job on "
+        f"{', '.join(f'{s}x{w}' for s, w in tops)}; C (1x1, wide) ...")
+    jobs = {f"{s}x{w}": sm.measure(sm.MNIST_JOB, s, w, args.steps_short, args.steps_long, runner=run) for s, w in tops}
     c = sm.measure(sm.MNIST_JOB, 1, 1, args.steps_short, args.steps_long, [f"model.args.hidden=[{sm.BIG_HIDDEN}]"], runner=run)
-    costs, worker_step = sm.solve_request_costs([a, b], c, ref_p, big_p, ref_c, big_c, apply, lat=0.0)
+    costs, worker_step = sm.solve_request_costs(list(jobs.values()), c, ref_p, big_p, ref_c, big_c, apply, lat=0.0)
     ref = Workload("reference MLP (784-128-10, batch 32)", ref_p, 32, ref_c, worker_step)
-    return costs, ref, {"A": a, "B": b, "C": c, "compute": {"reference": ref_c, "wide": big_c}}
+    loads = [load_of(m["long"].get("probe")) for m in jobs.values()]
+    # The coordinator's and this process's CPU while a job trains (heartbeats, status, the sampler): cores
+    # the workers and servers do not get (Topology.other_load), the calibration jobs' mean.
+    background = statistics.mean(x["background"] for x in loads) if loads and all(loads) else 0.0
+    return costs, ref, {"jobs": {**jobs, "C": c}, "fitted": list(jobs), "background_cores": background,
+                        "compute": {"reference": ref_c, "wide": big_c}}
 
 
-def check_rate(rate_mbit: float, costs: Costs, ref: Workload, folder: str, args: argparse.Namespace) -> dict[str, Any]:
+def check_rate(rate_mbit: float, costs: Costs, ref: Workload, folder: str, args: argparse.Namespace, cal: dict[str, Any]) -> dict[str, Any]:
+    """The link's probe and the check of every ``--topologies`` at ``rate_mbit`` (0: unshaped, where the
+    calibration's own jobs of this run, if any, are taken as they are: rows marked fitted)."""
     from benchmarks import scale_measure as sm
+    from benchmarks.scale_probe import load_of
     from tests.netns import Hosts
 
     nbytes = int(step_bytes(ref))
@@ -272,14 +303,18 @@ def check_rate(rate_mbit: float, costs: Costs, ref: Workload, folder: str, args:
             f"down {link['down_Bps'] * 8e-6:,.0f} Mbit/s")
         at = replace(costs, latency_s=link["latency_s"], bandwidth_Bps=bandwidth)
         run, rows = runner_on(hosts, folder), []
-        for topo in args.topologies.split(","):
-            s, w = (int(v) for v in topo.split("x"))
-            p = predict(at, ref, Topology(s, w, cores=args.cores, split=True, queueing=True))
-            # step caps: about --seconds of training in the longer run at the predicted rate
-            steps_long = int(min(args.steps_long, max(8 * w, p.examples_per_s / ref.batch * args.seconds)))
-            m = sm.measure(sm.MNIST_JOB, s, w, max(w, steps_long // 8), steps_long, runner=run)
+        background = cal.get("background_cores", 0.0)
+        for s, w in (sm.parse_topology(t) for t in args.topologies.split(",")):
+            p = predict(at, ref, Topology(s, w, cores=args.cores, split=True, queueing=True, other_load=background))
+            fitted = rate_mbit <= 0 and f"{s}x{w}" in cal.get("fitted", [])
+            m = (cal.get("jobs") or {}).get(f"{s}x{w}") if rate_mbit <= 0 else None
+            if m is None:
+                # step caps: about --seconds of training in the longer run at the predicted rate
+                steps_long = int(min(args.steps_long, max(8 * w, p.examples_per_s / ref.batch * args.seconds)))
+                m = sm.measure(sm.MNIST_JOB, s, w, max(w, steps_long // 8), steps_long, runner=run)
             wire = wire_per_step(m, rate_mbit)
-            rows.append({"servers": s, "workers": w, "measured": m, "predicted": asdict(p), "wire": wire})
+            rows.append({"servers": s, "workers": w, "measured": m, "predicted": asdict(p), "wire": wire, "fitted": fitted,
+                         "load": load_of(m["long"].get("probe"))})
             log(f"  {rate_mbit:g} Mbit/s {s}x{w}: {m['examples_per_s']:,.0f} examples/s measured, {p.examples_per_s:,.0f} "
                 f"predicted ({p.bottleneck}; the least bound alone: {p.bounds_examples_per_s:,.0f})")
             for name, v in (("B->A", wire["b_to_a"]), ("A->B", wire["a_to_b"])):
@@ -291,11 +326,16 @@ def check_rate(rate_mbit: float, costs: Costs, ref: Workload, folder: str, args:
 
 
 def table(results: list[dict[str, Any]], ref: Workload) -> str:
+    """The check as a markdown table; † marks the topologies the costs were fitted to (unshaped, this run's
+    calibration jobs)."""
+    from benchmarks.scale_measure import cpu_per_step
+
     lines = [
         "| link (tbf) | latency µs one way | goodput Mbit/s up / down | S×W | examples/s measured | predicted (queueing) | error "
         "| least bound | error | bottleneck | link busy B→A / A→B, measured / predicted | wire bytes per step B→A / A→B (× the model's) "
-        "| TCP segments resent B→A / A→B | tbf drops per step B→A / A→B | CPU µs/example workers / servers, measured / predicted |",
-        "|---|---:|---:|---|---:|---:|---:|---:|---:|---|---|---|---|---|---|",
+        "| TCP segments resent B→A / A→B | tbf drops per step B→A / A→B | CPU µs/example workers / servers, measured / predicted "
+        "| cores others took |",
+        "|---|---:|---:|---|---:|---:|---:|---:|---:|---|---|---|---|---|---|---:|",
     ]
     for r in results:
         link = r["link"]
@@ -307,10 +347,10 @@ def table(results: list[dict[str, Any]], ref: Workload) -> str:
             if up["utilisation"] is not None:
                 pb = p["stations"].get("push", {}).get("utilisation")
                 busy = f"{100 * up['utilisation']:.0f}% / {100 * down['utilisation']:.0f}%, {100 * pb:.0f}%"
-            nbytes = step_bytes(ref)
+            nbytes, mark = step_bytes(ref), " †" if row.get("fitted") else ""
             lines.append(
                 f"| {'unshaped' if r['rate_mbit'] <= 0 else format(r['rate_mbit'], 'g') + ' Mbit/s'} | {link['latency_s'] * 1e6:.0f} | "
-                f"{link['up_Bps'] * 8e-6:,.0f} / {link['down_Bps'] * 8e-6:,.0f} | {row['servers']}×{row['workers']} | "
+                f"{link['up_Bps'] * 8e-6:,.0f} / {link['down_Bps'] * 8e-6:,.0f} | {row['servers']}×{row['workers']}{mark} | "
                 f"{m['examples_per_s']:,.0f} | {p['examples_per_s']:,.0f} | "
                 f"{100 * (p['examples_per_s'] - m['examples_per_s']) / m['examples_per_s']:+.0f}% | {p['bounds_examples_per_s']:,.0f} | "
                 f"{100 * (p['bounds_examples_per_s'] - m['examples_per_s']) / m['examples_per_s']:+.0f}% | {p['bottleneck']} | {busy} | "
@@ -319,8 +359,9 @@ def table(results: list[dict[str, Any]], ref: Workload) -> str:
                 f"{100 * up['retrans_segs'] / max(1, up['out_segs']):.1f}% / "
                 f"{100 * down['retrans_segs'] / max(1, down['out_segs']):.1f}% | "
                 f"{up['qdisc_drops'] / steps:.1f} / {down['qdisc_drops'] / steps:.1f} | "
-                f"{m['worker_cpu_per_step_s'] / m['batch'] * 1e6:.1f} / {m['server_cpu_per_step_s'] / m['batch'] * 1e6:.1f}, "
-                f"{p['worker_cpu_per_step_s'] / ref.batch * 1e6:.1f} / {p['server_cpu_per_step_s'] / ref.batch * 1e6:.1f} |"
+                f"{cpu_per_step(m, 'worker') / m['batch'] * 1e6:.1f} / {cpu_per_step(m, 'server') / m['batch'] * 1e6:.1f}, "
+                f"{p['worker_cpu_per_step_s'] / ref.batch * 1e6:.1f} / {p['server_cpu_per_step_s'] / ref.batch * 1e6:.1f} | "
+                f"{(row.get('load') or {}).get('outside', math.nan):.2f} |"
             )
     return "\n".join(lines)
 
@@ -335,6 +376,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seconds", type=float, default=12.0, help="check: the longer run's cap in seconds at the predicted rate")
     ap.add_argument("--compute-steps", type=int, default=200, help="forward+backward steps timed in process")
     ap.add_argument("--json", help="write everything here")
+    ap.add_argument("--calibrate-on", metavar="SxW,...", help="the reference job's topologies the request costs are fitted "
+                    "to, two server counts at least (default: each server count of --topologies, and 1 or 2 beside a "
+                    "single one, with 3 and with 6 workers)")
     ap.add_argument("--costs-from", metavar="JSON", help="take the costs from an earlier run's --json instead of calibrating")
     ap.add_argument("--cc", help="TCP congestion control in both hosts for the check (default: the kernel's, inherited)")
     ap.add_argument("--tbf-latency-ms", type=float, help="the tbf queue in ms of the rate (default: tests/netns.py's 20)")
@@ -360,7 +404,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.costs_from:
         with open(args.costs_from) as f:
             earlier = json.load(f)
-        costs, ref, cal = Costs(**earlier["costs"]), Workload(**earlier["reference"]), {"from": args.costs_from}
+        costs, ref = Costs(**earlier["costs"]), Workload(**earlier["reference"])
+        cal = {"from": args.costs_from, "background_cores": earlier["calibration"].get("background_cores", 0.0)}
     else:
         with Hosts() as hosts:
             hosts.add("a")
@@ -369,7 +414,7 @@ def main(argv: list[str] | None = None) -> int:
     log(f"costs over tcp + CURVE: worker {costs.worker_msg_s * 1e6:.1f} µs/request {costs.worker_byte_s * 1e9:.2f} ns/byte, "
         f"server {costs.server_msg_s * 1e6:.1f} µs/request {costs.server_byte_s * 1e9:.2f} ns/byte; "
         f"worker other {ref.worker_step_s * 1e3:.3f} ms/step")
-    results = [check_rate(float(r), costs, ref, folder, args) for r in args.rates.split(",")]
+    results = [check_rate(float(r), costs, ref, folder, args, cal) for r in args.rates.split(",")]
     print(
         f"costs over tcp + CURVE between two namespaces: worker_msg_s {costs.worker_msg_s * 1e6:.1f} µs, worker_byte_s "
         f"{costs.worker_byte_s * 1e9:.2f} ns, server_msg_s {costs.server_msg_s * 1e6:.1f} µs, server_byte_s "
@@ -377,6 +422,10 @@ def main(argv: list[str] | None = None) -> int:
         f"{ref.compute_s * 1e3:.3f} ms, worker other {ref.worker_step_s * 1e3:.3f} ms/step\n"
     )
     print(table(results, ref))
+    rows = [row for r in results for row in r["rows"]]
+    within = [row for row in rows if abs(row["predicted"]["examples_per_s"] / row["measured"]["examples_per_s"] - 1) <= 0.25]
+    print(f"\nwithin 25 % (queueing): {len(within)} of {len(rows)}; of the {sum(not r.get('fitted') for r in rows)} not "
+          f"fitted (no †): {sum(not r.get('fitted') for r in within)}")
     total = time.perf_counter() - t0
     print(f"\n{total:.0f}s in all; {environment()['cpu_model']}; run folder {folder}")
     if args.json:

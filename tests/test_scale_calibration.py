@@ -95,6 +95,18 @@ def test_the_calibration_topologies_follow_the_check():
         check_topologies(args(topologies="0x3"))
 
 
+def test_the_two_host_check_calibrates_on_its_server_counts_with_3_and_6_workers():
+    from benchmarks import scale_two_hosts
+
+    def tops(topologies, calibrate_on=None):
+        return scale_two_hosts.calibration_topologies(argparse.Namespace(topologies=topologies, calibrate_on=calibrate_on))
+
+    assert tops("2x3") == [(1, 3), (2, 3), (1, 6), (2, 6)]
+    assert tops("1x1,2x3,1x3") == [(1, 3), (2, 3), (1, 6), (2, 6)]
+    assert tops("3x4") == [(1, 3), (3, 3), (1, 6), (3, 6)]
+    assert tops("2x3", "1x2,2x2") == [(1, 2), (2, 2)]
+
+
 def test_cpu_per_step_takes_the_steady_window_when_the_run_was_sampled_and_the_totals_otherwise():
     m = job(2, 3, REF_P, REF_C)
     assert cpu_per_step(m, "worker") == m["worker_cpu_per_step_s"]

@@ -2,10 +2,13 @@
 and one read of this process's own threads. No timing here."""
 
 import os
+import subprocess
+import sys
+import time
 
 import pytest
 
-from benchmarks.scale_probe import FIELDS, load_of, read_task, steady_window, thread_kind, window_deltas
+from benchmarks.scale_probe import FIELDS, Sampler, load_of, read_task, steady_window, thread_kind, window_deltas
 
 
 def task(role, proc, kind, run, wait=0.0, vcs=0):
@@ -65,3 +68,29 @@ def test_read_task_reads_this_process_and_none_for_a_thread_that_is_not_there():
     assert comm
     assert set(FIELDS) <= set(counters) and counters["run"] > 0
     assert read_task(os.getpid(), 2**22 + 1) is None  # above pid_max: no such thread
+
+
+@pytest.fixture
+def busy_child():
+    """A child process that spins (CPU to see), killed after the test."""
+    p = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    yield p
+    p.kill()
+    p.wait(timeout=10)
+
+
+@pytest.mark.skipif(not os.path.exists(f"/proc/{os.getpid()}/task/{os.getpid()}/schedstat"), reason="no schedstat")
+def test_the_sampler_reads_the_processes_it_is_given_by_name_and_pid_and_skips_one_that_is_gone(busy_child):
+    # (name, pid) pairs, as a launcher's processes or ones started in network namespaces give them.
+    started = [("server-0", busy_child.pid), ("worker-0", 2**22 + 1)]  # the second: no such process
+    with Sampler(lambda: list(started), period_s=0.05) as sampler:
+        deadline = time.monotonic() + 30
+        while len(sampler.samples) < 3 and time.monotonic() < deadline:
+            time.sleep(0.05)
+    assert len(sampler.samples) >= 3
+    first, last = sampler.samples[0]["tasks"], sampler.samples[-1]["tasks"]
+    key = f"server-0/{busy_child.pid}"
+    assert first[key]["role"] == "server" and first[key]["kind"] == "main"
+    assert last[key]["run"] > first[key]["run"]  # it spun between the samples
+    assert not any(t["role"] == "worker" for t in last.values())
+    assert any(t["role"] == "launcher" for t in last.values())  # this process, which runs the sampler
