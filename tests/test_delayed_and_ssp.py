@@ -655,7 +655,8 @@ def test_with_overlap_a_shard_is_reported_done_only_once_its_last_push_was_answe
     trainer.run(next_shard, lambda *a: done.append((a, trainer.inflight, trainer.position)))
     assert len(kv.pushes) == 6
     # Each shard is reported done with no push in flight, at the position of its last batch.
-    assert done == [((0, 0, 24), None, [0, 0, 24]), ((0, 1, 24), None, [0, 1, 24])]
+    # (with the worker's steps and examples so far: 3 batches of 8 per shard)
+    assert done == [((0, 0, 24, 3, 24), None, [0, 0, 24]), ((0, 1, 24, 6, 48), None, [0, 1, 24])]
     assert asked[1:] == [(None, [0, 0, 24]), (None, [0, 1, 24])]
 
 
@@ -683,3 +684,22 @@ def test_a_warm_up_runs_the_model_before_training_and_leaves_no_trace():
     assert all(p.grad is None for p in model.parameters())
     assert all(torch.equal(b, c) for b, c in zip(model.buffers(), buffers)) and model[1].num_batches_tracked == 0
     assert torch.equal(torch.get_rng_state(), rng) and kv.pushes == [] and trainer.steps == 0
+
+
+def test_a_metric_that_fails_at_the_end_is_reported_and_the_others_are_kept():
+    from downpour.data import ArrayDataset, Dataset
+
+    job = parse_job({"model": MODEL, "training": {"batch_size": 8, "metrics": {
+        "top2": "tests.byo_factories:top2_accuracy", "bad": "tests.byo_factories:metric_not_a_number",
+        "raises": "tests.byo_factories:metric_raises"}}, "cluster": {"num_servers": 1, "num_workers": 1}, "monitor": {"metrics": False}})
+    model = build_model(job.model, 0)
+    layout = make_layout(param_shapes(model), 1)
+    g = torch.Generator().manual_seed(0)
+    test = ArrayDataset(torch.randn(40, 6, generator=g).numpy(), torch.randint(0, 3, (40,), generator=g).numpy())
+    trainer = Trainer(job, FlatModel(model, layout, torch.device("cpu")), RecordingKV(len(layout.slices)), Dataset(test, test),
+                      "worker-0")
+    result = trainer.evaluate()
+    assert result["test_examples"] == 40 and 0.0 <= result["test_accuracy"] <= 1.0
+    assert list(result["metrics"]) == ["top2"] and result["metrics"]["top2"] >= result["test_accuracy"]
+    assert "must return a number, got str" in result["metric_errors"]["bad"]
+    assert result["metric_errors"]["raises"] == "ZeroDivisionError: the metric's own bug"

@@ -150,6 +150,10 @@ def test_a_killed_node_stops_the_job_with_a_clear_error(tmp_path, tiny_data, vic
         proc.kill()
     assert proc.returncode == 1
     assert f"{victim} (pid {pids[victim]}) was killed by SIGKILL" in err
+    if victim != "coordinator":  # the coordinator's verdict is in the run folder, for downpour status and post-mortems
+        with open(os.path.join(run_dir, "summary.json")) as f:
+            summary = json.load(f)
+        assert summary["status"] == "failed" and summary["failed_node"] == victim and "exited" in summary["error"]
     deadline = time.monotonic() + 10.0  # the launcher stops the rest; their exits may take a moment
     while any(alive(p) for p in pids.values()) and time.monotonic() < deadline:
         time.sleep(0.05)

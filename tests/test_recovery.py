@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from downpour.config import SGDConfig, TrainingConfig
+from downpour.coordinator.failures import EXIT_CHECK_S
 from downpour.coordinator.shards import ShardLedger
 from downpour.coordinator.state import CoordinatorState
 from downpour.layout import make_layout
@@ -73,6 +74,27 @@ def test_a_dead_worker_does_not_stop_the_job_and_its_shard_resumes_after_its_las
     again = take(sim, WORKERS[0])  # the front of the queue: the shard the dead worker held
     assert (again["epoch"], again["shard"], again["skip"]) == (shard["epoch"], shard["shard"], 2)
     assert failure.recovered_after_s == 0.5
+
+
+def test_a_finished_shards_report_counts_the_workers_steps_so_a_death_before_its_next_heartbeat_loses_none():
+    sim = Sim()
+    training(sim)
+    first = take(sim, WORKERS[1])
+    sim.send(WORKERS[1], Op.HEARTBEAT, progress={"steps": 2, "examples": 8})
+    # The shard's end is reported with the worker's counters (1 step of 4 and 5 of 3 examples since
+    # that heartbeat): the shard is not trained again, so its steps must count although no
+    # heartbeat carries them.
+    nxt = ok(one(sim.send(WORKERS[1], Op.NEXT_SHARD, done=[first["epoch"], first["shard"], 4],
+                          progress={"steps": 3, "examples": 12}), to=WORKERS[1]))["shard"]
+    assert sim.state.nodes[WORKERS[1]].progress["steps"] == 3
+    sim.send(WORKERS[1], Op.SHARD_DONE, epoch=nxt["epoch"], shard=nxt["shard"], examples=4, progress={"steps": 4, "examples": 16})
+    lose(sim, WORKERS[1], 5.5)
+    summary = sim.state.summary(5.5)
+    assert (summary["workers"][WORKERS[1]]["steps"], summary["workers"][WORKERS[1]]["examples"]) == (4, 16)
+    assert summary["failures"][0]["requeued"] == []  # both its shards were finished: nothing is trained twice
+    # Counters never go back, and malformed ones are refused by the request's schema.
+    refused = sim.send(WORKERS[0], Op.SHARD_DONE, epoch=0, shard=0, examples=4, progress={"steps": -1, "examples": 2})
+    assert error_code(one(refused)) == "invalid"
 
 
 def test_a_worker_that_reports_an_error_is_recovered_from_like_a_dead_one():
@@ -189,6 +211,57 @@ def test_with_default_settings_a_server_lost_before_the_first_periodic_checkpoin
     assert failure.rolled_back_versions == 37  # what it applied since step 0, reported
 
 
+def started_with_pids(sim: Sim) -> dict[int, bool]:
+    """Every node registered with a pid of its own (servers 100.., workers 200..), training, and each
+    process seen running; returns the pids' liveness, which the test changes."""
+    for i, s in enumerate(SERVERS):
+        sim.send(s, Op.REGISTER, role="server", rank=i, address=f"tcp://127.0.0.1:{6000 + i}", host="test", pid=100 + i)
+    for i, w in enumerate(WORKERS):
+        sim.send(w, Op.REGISTER, role="worker", rank=i, host="test", pid=200 + i)
+    for w in WORKERS:
+        sim.send(w, Op.BARRIER, name="init")
+    running = {100 + i: True for i in range(len(SERVERS))} | {200 + i: True for i in range(len(WORKERS))}
+    sim.state.pid_alive = running.get
+    sim.tick(0.5)
+    return running
+
+
+def test_a_worker_whose_process_exited_is_declared_dead_at_once_and_nobody_waits_for_it():
+    """Not after cluster.heartbeat_timeout_s: an async checkpoint's cut, a sync round or an ssp bound
+    would hold the others until then (the servers hear the membership without it at once)."""
+    sim = Sim()
+    running = started_with_pids(sim)
+    shard = take(sim, WORKERS[1])
+    running[201] = False
+    got = sim.tick(0.5 + EXIT_CHECK_S)
+    [failure] = sim.state.failures
+    assert failure.node == WORKERS[1] and "exited" in failure.reason and failure.detected_after_s < 1.0
+    assert membership(got) == [WORKERS[0], WORKERS[2]]
+    assert take(sim, WORKERS[0])["shard"] == shard["shard"]  # its shard, back at the front of the queue
+
+
+def test_a_server_lost_before_writing_its_part_abandons_the_pending_checkpoint_and_none_begins_until_it_serves():
+    sim = Sim()
+    sim.state = CoordinatorState(JOB, LAYOUT, NUM_TRAIN, 0.0, checkpoint_url="memory://lost-server")
+    running = started_with_pids(sim)  # (the step-0 checkpoint is asked for at once)
+    pending = sim.state.checkpoints.pending
+    assert pending is not None
+    sim.state.checkpoints.committed.append({"name": "ckpt-000000000000-0000", "step": 0, "write_s": 0.1, "final": False})
+    report = {"name": pending.name, "file": "server-0.safetensors", "sha256": "0" * 64, "bytes": 1, "version": 0}
+    sim.send(SERVERS[0], Op.REPORT, kind="checkpoint", data=report)
+    running[101] = False  # server-1's process exits before it wrote its part
+    sim.tick(1.0 + EXIT_CHECK_S)
+    assert sim.state.checkpoints.pending is None and sim.state.checkpoints.abandoned == 1
+    assert sim.state.failures[0].node == "server-1" and sim.state.server_slots
+    sim.state.checkpoints.last_at = -1e9  # a periodic checkpoint is due
+    assert not [a for a in sim.tick(2.0) if getattr(a, "msg", None) is not None and a.msg.op == Op.CHECKPOINT]  # its rank cannot write
+    sim.send("server-1-new", Op.REGISTER, role="server", rank=None, address="tcp://127.0.0.1:7999", host="test", pid=300)
+    sim.now = 3.0
+    sim.send("server-1-new", Op.HEARTBEAT, node="server-1")  # restored and serving
+    assert not sim.state.server_slots
+    assert [a for a in sim.tick(3.0) if getattr(a, "msg", None) is not None and a.msg.op == Op.CHECKPOINT]
+
+
 def test_a_silent_server_waits_for_a_replacement_that_loads_the_latest_checkpoint():
     sim = Sim()
     training(sim)
@@ -298,9 +371,9 @@ EPOCHS = 40  # long enough (about 15 s) for a replacement to start and join
 
 
 def _killed_worker_run(tmp_path, tiny_data, consistency: str = "async", sig: int = signal.SIGKILL, epochs: int = EPOCHS,
-                       **cluster) -> tuple[dict, str]:
-    job = tiny_job(tiny_data, training={"epochs": epochs, "consistency": consistency}, monitor=QUIET, checkpoint={"enabled": False},
-                   cluster={"num_workers": 3, "heartbeat_timeout_s": 2.0, **cluster})
+                       checkpoint: dict | None = None, **cluster) -> tuple[dict, str]:
+    job = tiny_job(tiny_data, training={"epochs": epochs, "consistency": consistency}, monitor=QUIET,
+                   checkpoint=checkpoint or {"enabled": False}, cluster={"num_workers": 3, "heartbeat_timeout_s": 2.0, **cluster})
     job["data"]["shard_size"] = 200  # small shards: several are in flight when the worker dies
     proc, run_dir = start_job(tmp_path, job)
     try:
@@ -327,12 +400,26 @@ def test_a_killed_worker_is_replaced_and_every_shard_is_trained_exactly_once(tmp
     assert summary["status"] == "ok"
     [failure] = summary["failures"]
     assert failure["node"] == "worker-1" and failure["kind"] == "dead"
-    assert 2.0 <= failure["detected_after_s"] < 10.0
+    # Its process exited: declared dead at once, not after cluster.heartbeat_timeout_s (2 s).
+    assert "exited" in failure["reason"] and failure["detected_after_s"] < 2.0
     assert failure["replaced_by"] is not None and failure["replaced_by"].startswith("worker-1.")
     assert "starting worker-1.2 in its place" in err
     assert summary["workers"][failure["replaced_by"]]["steps"] > 0  # the replacement trained
     _every_shard_once(summary)
     assert summary["test_accuracy"] > 0.5
+
+
+def test_a_worker_killed_while_checkpoints_are_cut_is_declared_dead_at_once_and_checkpoints_go_on(tmp_path, tiny_data):
+    """An async checkpoint's cut holds every push past it until each worker reaches it or leaves the
+    membership: a killed worker must leave it at once, not after the heartbeat timeout (60 s here,
+    beyond the test's limit)."""
+    summary, _ = _killed_worker_run(tmp_path, tiny_data, epochs=25, heartbeat_timeout_s=60.0, coordinator_timeout_s=60.0,
+                                    checkpoint={"enabled": True, "every_s": 0.3, "keep": 2})
+    assert summary["status"] == "ok"
+    [failure] = summary["failures"]
+    assert failure["node"] == "worker-1" and "exited" in failure["reason"] and failure["detected_after_s"] < 5.0
+    _every_shard_once(summary, 25)
+    assert summary["checkpoints"]["count"] >= 3 and summary["checkpoints"]["abandoned"] == 0
 
 
 def test_without_restarts_the_other_workers_finish_a_killed_workers_data(tmp_path, tiny_data):

@@ -5,6 +5,7 @@ workers are told, and that the plan survives a coordinator restart."""
 from __future__ import annotations
 
 from downpour.config import parse_job
+from downpour.coordinator.failures import EXIT_CHECK_S
 from downpour.coordinator.persist import STATE_FILE, StateStore, adopt_state, export_state, open_store
 from downpour.coordinator.state import CoordinatorState
 from downpour.layout import make_layout
@@ -198,7 +199,8 @@ def test_with_replicas_a_server_whose_process_exited_is_declared_dead_at_once_bu
     c.now = 0.5
     assert c.state.tick(0.5) == []  # every server process seen running
     running[101] = False
-    out = c.state.tick(0.6)
+    assert c.state.tick(0.6) == []  # (processes are looked for every EXIT_CHECK_S)
+    out = c.state.tick(0.5 + EXIT_CHECK_S)
     assert c.state.nodes["server-1"].state == "dead" and [r.msg.op for r in replies(out)] == [Op.PROMOTE]
     assert "exited" in c.state.failures[0].reason
     # A process never seen running (another pid namespace, a pid this machine does not have) is
@@ -206,10 +208,12 @@ def test_with_replicas_a_server_whose_process_exited_is_declared_dead_at_once_bu
     other = Cluster()
     other.state.pid_alive = lambda pid: False
     assert other.state.tick(0.5) == [] and all(n.state == "alive" for n in other.state.nodes.values())
-    without = Cluster(replicas=0)  # without replicas, the heartbeat timeout as before
-    without.state.pid_alive = lambda pid: pid != 101
-    without.state.tick(0.5)
-    assert without.state.tick(0.6) == [] and without.state.nodes["server-1"].state == "alive"
+    # Not of this machine: left to the heartbeat timeout.
+    remote = Cluster()
+    remote.state.is_local = lambda host: False
+    remote.state.pid_alive = lambda pid: pid != 101
+    remote.state.tick(0.5)
+    assert remote.state.tick(0.5 + EXIT_CHECK_S) == [] and remote.state.nodes["server-1"].state == "alive"
 
 
 def test_a_backup_of_a_dead_process_is_not_kept_by_a_later_server_of_the_same_name():

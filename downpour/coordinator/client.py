@@ -64,6 +64,7 @@ class CoordinatorClient:
         self.node = identity
         self.address, self.secured = address, security is not None
         self._done: list[int] | None = None  # a finished shard not reported yet: [epoch, shard, examples]
+        self._done_progress: dict[str, Any] = {}  # and the worker's counters then ({"progress": {steps, examples}})
 
     def configure(self, request_timeout_s: float, attempt_s: float) -> None:
         """The job's limits, once it is known (``cluster.coordinator_timeout_s``, ``heartbeat_timeout_s``)."""
@@ -114,7 +115,7 @@ class CoordinatorClient:
         the job ends the wait through the abort flag, as every request does). ``leave``: an event
         that ends the wait with None (the coordinator asked this worker to leave: a graceful stop)."""
         while True:
-            reply = self.call(Op.NEXT_SHARD, {"done": self._done} if self._done is not None else None)
+            reply = self.call(Op.NEXT_SHARD, {"done": self._done, **self._done_progress} if self._done is not None else None)
             self._done = None  # (answered: the coordinator took it)
             wait = reply.get("wait_s")
             if reply.get("shard") is not None or not isinstance(wait, (int, float)) or wait <= 0:
@@ -129,16 +130,19 @@ class CoordinatorClient:
         back (the one it was in resumes after ``position``) and keeps ``stats``."""
         self.call(Op.LEAVE, {"position": position, "stats": stats}, timeout_s)
 
-    def shard_done(self, epoch: int, shard: int, examples: int) -> None:
+    def shard_done(self, epoch: int, shard: int, examples: int, steps: int | None = None, trained: int | None = None) -> None:
         """Report a finished shard. It travels with the next NEXT_SHARD (one request per shard, not
-        two); any other request of this client reports it first, on its own."""
+        two); any other request of this client reports it first, on its own. ``steps`` and ``trained``:
+        this worker's steps and examples so far, which the coordinator counts from then on (were the
+        worker to die before its next heartbeat, the shard is not trained again: its steps count)."""
         if self._done is not None:
             self._report_done()
         self._done = [epoch, shard, examples]
+        self._done_progress = {"progress": {"steps": steps, "examples": trained}} if steps is not None and trained is not None else {}
 
     def _report_done(self, timeout_s: float | None = None) -> None:
         (epoch, shard, examples), self._done = self._done, None
-        self.call(Op.SHARD_DONE, {"epoch": epoch, "shard": shard, "examples": examples}, timeout_s)
+        self.call(Op.SHARD_DONE, {"epoch": epoch, "shard": shard, "examples": examples, **self._done_progress}, timeout_s)
 
     def worker_done(self, stats: dict[str, Any], timeout_s: float,
                     buffers: tuple[list[str], list] | None = None) -> Message:

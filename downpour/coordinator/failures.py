@@ -24,6 +24,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+EXIT_CHECK_S = 0.2  # how often the processes of this machine's nodes are looked for (exited)
+
 
 def affected(st: CoordinatorState, name: str) -> dict[str, list[str]]:
     """The key ranges (of a server) or data shards (of a worker) that ``name`` holds."""
@@ -37,6 +39,34 @@ def affected(st: CoordinatorState, name: str) -> dict[str, list[str]]:
     return {"shards": [f"epoch {e} shard {s}" for e, s in shards]}
 
 
+def exited(st: CoordinatorState, watched: list[Node], now: float) -> list[Node]:
+    """Nodes of this machine whose process exited while training: declared dead without waiting for
+    the heartbeat timeout. A dead worker is what an async checkpoint's cut, a sync round or an ssp
+    bound would otherwise wait for (the servers hold pushes past the cut until it leaves the
+    membership), and a dead server what its workers' requests, its failover or its replacement
+    would. Only a process once seen running counts (a node in another process namespace that
+    happens to name a pid of this one is never judged by it): a live node is never declared dead
+    because of this check, a pid reused by another process only delays detection to the heartbeat
+    timeout. Nodes of other machines are left to the heartbeat timeout. At most every
+    ``EXIT_CHECK_S`` (a look at /proc per node)."""
+    if st.phase != Phase.TRAINING or now < st.exits_checked_at + EXIT_CHECK_S:
+        return []
+    st.exits_checked_at = now
+    out = []
+    for n in watched:
+        local = st.local_hosts.get(n.host)
+        if local is None:  # (a name lookup: once per host)
+            local = st.local_hosts[n.host] = st.is_local(n.host)
+        if not local or type(n.pid) is not int:
+            continue
+        alive = st.pid_alive(n.pid)
+        if alive:
+            st.pid_seen.add((n.name, n.pid))
+        elif alive is False and (n.name, n.pid) in st.pid_seen:
+            out.append(n)
+    return out
+
+
 def lose(st: CoordinatorState, now: float, node: Node, reason: str, kind: str, detected_after_s: float = 0.0) -> list[Action]:
     """``node`` died or failed: a worker while training is recovered from (unless the job says
     fail); anything else stops the job."""
@@ -44,6 +74,11 @@ def lose(st: CoordinatorState, now: float, node: Node, reason: str, kind: str, d
         return worker_lost(st, now, node, reason, kind, detected_after_s)
     if node.role == "worker" and st.phase == Phase.EVALUATING and st.cl.on_worker_failure == "recover":
         return evaluator_lost(st, now, node, reason, kind, detected_after_s)
+    pending = st.checkpoints.pending
+    if node.role == "server" and pending is not None and node.name not in pending.reports:
+        # Its part of the checkpoint will never come (a replacement or a promoted backup knows nothing
+        # of it): the next one is begun when due, not after checkpoint.timeout_s.
+        st.checkpoints.abandon(now, f"{node.name} was lost before it wrote its part")
     if node.role == "server" and st.phase == Phase.TRAINING and st.cl.on_server_failure == "recover":
         if st.cl.replicas:  # a backup takes over, losing nothing
             promoted = replication.primary_lost(st, now, node, reason, kind, detected_after_s, affected(st, node.name))

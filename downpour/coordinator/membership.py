@@ -297,6 +297,8 @@ def next_shard(st: CoordinatorState, ident: bytes, msg: Message, now: float, nod
     done = msg.meta.get("done")  # the shard the worker just finished (what SHARD_DONE says), first
     if done is not None and not st.ledger.done(node.name, done[0], done[1]):
         return [_not_assigned(ident, msg, node, done[0], done[1])]
+    if done is not None:
+        _count(node, msg.meta.get("progress"))
     out, meta = _shard_answer(st, now, node)
     if meta is None and st.stop_requested is not None:  # (see wake_shard_waiters)
         meta = _ask_again(st)
@@ -387,7 +389,18 @@ def shard_done(st: CoordinatorState, ident: bytes, msg: Message, now: float, nod
     epoch, shard = msg.meta.get("epoch"), msg.meta.get("shard")
     if not (isinstance(epoch, int) and isinstance(shard, int)) or not st.ledger.done(node.name, epoch, shard):
         return [_not_assigned(ident, msg, node, epoch, shard)]
+    _count(node, msg.meta.get("progress"))
     return [Reply(ident, msg.reply({}))]
+
+
+def _count(node: Node, progress: Any) -> None:
+    """A finished shard's report carries the worker's steps and examples then: counted from now on (a
+    heartbeat may be up to an interval older, and the completed shard is not trained again if the
+    worker dies before its next one)."""
+    if isinstance(progress, dict):
+        for k in ("steps", "examples"):
+            if type(progress.get(k)) is int and progress[k] > int(node.progress.get(k) or 0):
+                node.progress = {**node.progress, k: progress[k]}
 
 
 def _not_assigned(ident: bytes, msg: Message, node: Node, epoch: Any, shard: Any) -> Reply:

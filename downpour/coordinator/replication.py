@@ -227,27 +227,3 @@ def heard(st: CoordinatorState, now: float, node: Node) -> None:
     want = len(st.replica_plan.get(node.rank, []))
     if record.rereplicated_after_s is None and want and len(caught_up(node)) >= want:
         record.rereplicated_after_s = round(now - st.started - record.at_s - record.promoted_after_s, 3)
-
-
-def exited(st: CoordinatorState, watched: list[Node]) -> list[Node]:
-    """Server nodes (with replicas) of this machine whose process exited: declared dead without
-    waiting for the heartbeat timeout, since a failover is then what stands between the workers
-    and their next answer. Only a process once seen running counts (a node in another process
-    namespace that happens to name a pid of this one is never judged by it): a live node is never
-    declared dead because of this check, a pid reused by another process only delays detection
-    to the heartbeat timeout."""
-    if not st.cl.replicas or st.phase != Phase.TRAINING:
-        return []
-    out = []
-    for n in watched:
-        local = st.local_hosts.get(n.host)
-        if local is None:  # (a name lookup: once per host)
-            local = st.local_hosts[n.host] = st.is_local(n.host)
-        if n.role != "server" or not local:
-            continue
-        alive = st.pid_alive(n.pid)
-        if alive:
-            st.pid_seen.add((n.name, n.pid))
-        elif alive is False and (n.name, n.pid) in st.pid_seen:
-            out.append(n)
-    return out

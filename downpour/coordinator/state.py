@@ -41,7 +41,7 @@ from typing import Any
 import torch
 
 from downpour.config import JobConfig
-from downpour.coordinator import checkpoints, failures, hosting, membership, replication
+from downpour.coordinator import checkpoints, failures, hosting, membership
 from downpour.coordinator.actions import Action, CommitCheckpoint, Finish, Reply, SaveModel
 from downpour.coordinator.checkpointing import CheckpointPlan
 from downpour.coordinator.health import Health
@@ -105,10 +105,11 @@ class CoordinatorState(JobState):
         self.reconnecting: tuple[set[str], float, FailureRecord] | None = None
         self.is_local: Callable[[str], bool] = lambda host: True  # whether a host is the coordinator's (set by the service)
         # Whether a process of this machine is running (None: cannot tell; set by the service), and the
-        # server nodes whose process was seen running: with replicas, one whose process exited is
-        # declared dead at once (coordinator/replication.py: exited).
+        # nodes whose process was seen running: one whose process exited while training is declared
+        # dead at once (coordinator/failures.py: exited).
         self.pid_alive: Callable[[int], bool | None] = lambda pid: None
         self.pid_seen: set[tuple[str, int]] = set()
+        self.exits_checked_at = -float("inf")
         self.local_hosts: dict[str, bool] = {}
         if resume is not None:  # the checkpoint resumed from is the restore point until a new one is committed
             self.checkpoints.start_due = False
@@ -229,7 +230,7 @@ class CoordinatorState(JobState):
             watched = self.nodes_of("server")  # workers wait inside REGISTER, without heartbeats
         else:
             watched = [n for n in self.nodes.values() if n.state in (ALIVE, DONE)]
-        for node in replication.exited(self, watched):
+        for node in failures.exited(self, watched, now):
             why = f"its process (pid {node.pid}) exited; declared dead"
             return failures.lose(self, now, node, why, "dead", now - node.last_seen)
         for node in watched:
@@ -261,7 +262,9 @@ class CoordinatorState(JobState):
             hosting.move_lost_ranks(self, now)
         if self.checkpoints.expired(now):
             self.checkpoints.abandon(now, f"not complete after {self.job.checkpoint.timeout_s:g}s")
-        if self.phase == Phase.TRAINING and self.train_started is not None and self.checkpoints.due(now, checkpoints.job_steps(self)):
+        # (Not while a server's rank waits for its replacement: that rank could not write its part.)
+        if (self.phase == Phase.TRAINING and self.train_started is not None and not self.server_slots
+                and self.checkpoints.due(now, checkpoints.job_steps(self))):
             return checkpoints.begin(self, now)
         return []
 

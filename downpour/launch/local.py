@@ -264,7 +264,11 @@ class LocalLauncher:
             failed = [p for p in failed if not (p.replaced or self._recover(p))]
             if failed:
                 first = failed[0]
-                if first.exit_code > 0 and self._coordinator_ends(coord):  # its verdict names the root cause
+                # The coordinator's verdict names the root cause (a node it stopped after another failed
+                # exits with an error too) and writes summary.json; it hears of a process of this machine
+                # that was killed at once (coordinator/failures.py: exited), of others after
+                # cluster.heartbeat_timeout_s, and is not waited for that long.
+                if self._coordinator_ends(coord):
                     return self._finish(failed)
                 tail = first.log_tail()
                 raise JobFailed(f"{first.describe_exit()}; stopping the job.\n"
@@ -438,5 +442,6 @@ class LocalLauncher:
             culprit = next((p for p in self.procs if p.name == node), None)
             tail = culprit.log_tail() if culprit else ""
             detail = f"\n--- end of {culprit.log_path} ---\n{tail}" if tail else ""
-            raise JobFailed(f"job failed: {summary.get('error')}{detail}", node=node)
+            killed = f" ({culprit.describe_exit()})" if culprit is not None and (culprit.exit_code or 0) < 0 else ""
+            raise JobFailed(f"{summary.get('error')}{killed}{detail}", node=node)
         return RunResult(self.run_dir, summary, codes)

@@ -147,6 +147,8 @@ _INTO = Tuple(Str(128), Int(0, 1 << 40), Int(1, 1 << 40))  # [slot name, first v
 SEQ = Int(1)
 KEYS = List(Int(0, (1 << 31) - 1), 1 << 24)  # the server's limit (cluster.max_keys_per_request) applies after
 
+COUNTERS = Record({"steps": COUNT, "examples": COUNT}, required=("steps", "examples"))
+
 REQUESTS: dict[Op, Record] = {
     Op.REGISTER: Record({**_NODE, "role": Str(16), "rank": Int(0, 1 << 20), "address": Str(512), "host": Str(256),
                          "pid": Int(0, 1 << 40), "hosted_by": NAME}, required=("role",), rest=REST),
@@ -154,8 +156,9 @@ REQUESTS: dict[Op, Record] = {
     Op.HEARTBEAT: Record({**_NODE, "progress": PROGRESS, "metrics": Str(255), "restoring": Bool()}, required=("node",), rest=REST),
     Op.BARRIER: Record({**_NODE, "name": Str(64)}, required=("node", "name"), rest=REST),
     # done: the shard this worker just finished, as SHARD_DONE reports it (one request instead of two).
-    Op.NEXT_SHARD: Record({**_NODE, "done": POSITION}, required=("node",), rest=REST),
-    Op.SHARD_DONE: Record({**_NODE, "epoch": COUNT, "shard": COUNT, "examples": COUNT},
+    # progress: the worker's steps and examples when it finished that shard (counted from then on).
+    Op.NEXT_SHARD: Record({**_NODE, "done": POSITION, "progress": COUNTERS}, required=("node",), rest=REST),
+    Op.SHARD_DONE: Record({**_NODE, "epoch": COUNT, "shard": COUNT, "examples": COUNT, "progress": COUNTERS},
                           required=("node", "epoch", "shard"), rest=REST),
     # buffers: the names of the model's buffers its tensor frames hold, in order (models/buffers.py).
     Op.WORKER_DONE: Record({**_NODE, "stats": STATS, "buffers": List(Str(1024), 1 << 16)}, required=("node",), rest=REST),

@@ -181,7 +181,7 @@ class Trainer:
             out.update(self.online.progress())
         return out
 
-    def run(self, next_shard: Callable[[], dict | None], shard_done: Callable[[int, int, int], None]) -> None:
+    def run(self, next_shard: Callable[[], dict | None], shard_done: Callable[[int, int, int, int, int], None]) -> None:
         """Train shards until the coordinator has none left (or ``training.steps`` is reached)."""
         t0 = time.perf_counter()
         every = self.job.monitor.eval_every_shards if self.rank == 0 else None
@@ -205,7 +205,7 @@ class Trainer:
             # settled at a checkpoint's cut, and a dead worker's shard resumes from its last answered push).
             self._settle()
             if n == shard["stop"] - shard["start"] - shard.get("skip", 0):  # cut short by training.steps: unfinished
-                shard_done(shard["epoch"], shard["shard"], n)
+                shard_done(shard["epoch"], shard["shard"], n, self.steps, self.examples)
             trained += 1
             if every and trained % every == 0:
                 self._settle()
@@ -436,7 +436,17 @@ class Trainer:
                 result["optimum_logloss"] = optimum.get("test_logloss")
         if self.metrics and n:
             out_all, y_all_t = torch.cat(outs), torch.cat(targets)
-            result["metrics"] = {name: metric_value(name, t.metrics[name], fn(out_all, y_all_t)) for name, fn in self.metrics.items()}
+            result["metrics"], errors = {}, {}
+            for name, fn in self.metrics.items():
+                # A metric that fails (raises, or returns no number) is reported, not fatal: the
+                # trained model and the job's other figures are kept.
+                try:
+                    result["metrics"][name] = metric_value(name, t.metrics[name], fn(out_all, y_all_t))
+                except Exception as err:  # noqa: BLE001  (user code: any error)
+                    errors[name] = f"{type(err).__name__}: {err}"[:1000]
+                    log.error("%s: training.metrics.%s (%s) failed: %s", self.name, name, t.metrics[name], errors[name])
+            if errors:
+                result["metric_errors"] = errors
         return result
 
     def stats(self) -> dict[str, Any]:
