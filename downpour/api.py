@@ -38,6 +38,21 @@ def default_run_dir(name: str) -> str:
     return os.path.join("runs", f"{name}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}")
 
 
+def check_run_dir(job: JobConfig, run_dir: str) -> None:
+    """A run folder holds one job: one that already holds a job's state (its summary, its coordinator's
+    state, checkpoints) is refused unless this job resumes from it. Another job's checkpoints there
+    would mix with this one's (the latest and the ones pruned go by step, whichever job wrote them)."""
+    held = [name for name in ("summary.json", "coordinator.db") if os.path.exists(os.path.join(run_dir, name))]
+    checkpoints = os.path.join(run_dir, "checkpoints")
+    if job.checkpoint.url is None and os.path.isdir(checkpoints) and any(e.startswith("ckpt-") for e in os.listdir(checkpoints)):
+        held.append("checkpoints/")
+    resume, here = job.checkpoint.resume_from, os.path.abspath(run_dir)
+    if not held or (resume is not None and "://" not in resume and os.path.commonpath([os.path.abspath(resume), here]) == here):
+        return
+    raise ConfigError(f"the run folder {run_dir} already holds a job ({', '.join(held)}); continue it with --resume {run_dir} "
+                      "(checkpoint.resume_from), or give this job a new --run-dir")
+
+
 def check_data(job: JobConfig) -> None:
     """Fail early, before any process starts, when the job's data cannot be found, an import path it
     names (loss, metrics, collate function, update rule) does not resolve, or its optimizer settings
@@ -129,5 +144,7 @@ def train(
 
     job = resolve_job(config, model_fn, dataset_fn)
     check_data(job)
-    run = make_launcher(job, run_dir or default_run_dir(job.name), launcher, address=address).run()
+    run_dir = run_dir or default_run_dir(job.name)
+    check_run_dir(job, run_dir)
+    run = make_launcher(job, run_dir, launcher, address=address).run()
     return TrainResult(run.summary, run.run_dir, job)

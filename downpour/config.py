@@ -260,6 +260,19 @@ class RegisteredRuleConfig(_Hyperparameters):
     args: dict[str, Any] = Field(default_factory=dict)
     scale_lr_with_workers: bool = False
 
+    @model_validator(mode="before")
+    @classmethod
+    def _known_name(cls, data: Any) -> Any:
+        # An unknown name without a module is the error to report (a typo of a built-in's name, say),
+        # before the built-in's own fields (momentum, betas) are refused as unknown to this one.
+        if isinstance(data, dict) and data.get("module") is None and isinstance(data.get("name"), str):
+            from downpour.server.optim import RULES  # the rules' registry
+
+            if data["name"] not in RULES:
+                raise ValueError(f"unknown {data['name']!r}; known: {sorted(RULES)} (a rule of your own: give optimizer.module, "
+                                 "the module that registers it)")
+        return data
+
     @model_validator(mode="after")
     def _registered(self) -> RegisteredRuleConfig:
         # Without a module the name must be registered already (a built-in, or imported by the caller).
@@ -828,8 +841,11 @@ class JobConfig(_Frozen):
 def _format_validation_error(err: ValidationError, source: str) -> str:
     lines = [f"invalid job configuration ({source}):"]
     for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
-        msg = e["msg"]
+        # (the optimizer union's tags, e.g. optimizer.registered, are not fields a user wrote)
+        loc = ".".join(str(p) for i, p in enumerate(e["loc"]) if not (i == 1 and e["loc"][0] == "optimizer"
+                                                                          and p in ("sgd", "adagrad", "adam", "adamw", "registered")))
+        loc = loc or "(top level)"
+        msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "literal_error" and "expected" in e.get("ctx", {}):
             msg = f"must be one of {e['ctx']['expected']}"
         elif e["type"] == "union_tag_invalid":

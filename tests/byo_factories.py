@@ -71,6 +71,15 @@ def top2_accuracy(outputs, targets):
     return (outputs.topk(2, dim=1).indices == targets[:, None]).any(1).float().mean()
 
 
+def metric_not_a_number(outputs, targets):
+    """A metric with a bug: it returns a string (reported at the end, not fatal)."""
+    return "high"
+
+
+def metric_raises(outputs, targets):
+    raise ZeroDivisionError("the metric's own bug")
+
+
 def broken_loss(out, y):
     """A loss with a bug: every worker that calls it dies the same way (the launcher's crash-loop test)."""
     raise RuntimeError("a deliberately broken loss")

@@ -3,6 +3,7 @@ AdamW, buffers in model.pt, non-float32 parameters and autocast."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -13,7 +14,7 @@ from downpour.data import build_dataset
 from downpour.data.loader import Batches
 from downpour.errors import ConfigError, DataError
 from tests.byo_factories import bn_cnn, collate_scaled, image_splits
-from tests.conftest import FAST_CLUSTER
+from tests.conftest import FAST_CLUSTER, write_idx
 
 QUIET = {"metrics": False, "dashboard": False, "tensorboard": False}
 
@@ -179,3 +180,13 @@ def test_buffers_merge_by_policy_and_their_names_pass_the_worker_done_schema():
     names, tensors = pack(merged)
     assert unpack(names, tensors).keys() == merged.keys()
     validate(Op.WORKER_DONE, {"node": "worker-0", "stats": {"steps": 3}, "buffers": [f"m.{i}.running_var" for i in range(3000)]})
+
+
+def test_an_empty_training_split_is_a_clear_error_before_anything_starts(tmp_path):
+    with pytest.raises(DataError, match="data.factory tests.byo_factories:image_splits: the training split holds no examples"):
+        check_data(resolve_job(byo_job(data={"factory": "tests.byo_factories:image_splits", "args": {"train": 0}})))
+    for name, array in [("train-images-idx3-ubyte", np.zeros((0, 28, 28), np.uint8)), ("train-labels-idx1-ubyte", np.zeros(0, np.uint8)),
+                        ("t10k-images-idx3-ubyte", np.zeros((5, 28, 28), np.uint8)), ("t10k-labels-idx1-ubyte", np.zeros(5, np.uint8))]:
+        write_idx(str(tmp_path / name), array)  # valid IDX files; the training ones hold 0 items
+    with pytest.raises(DataError, match=f"data idx at {tmp_path}: the training split holds no examples"):
+        check_data(resolve_job({"model": {"name": "mlp", "args": {"hidden": [8]}}, "data": {"path": str(tmp_path)}}))

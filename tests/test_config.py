@@ -214,3 +214,11 @@ def test_an_optimizer_section_without_a_name_means_sgd_or_says_which_names_are_a
         assert "optimizer.name" in str(err) and "'sgd'" in str(err)
     else:
         assert job.optimizer.name == "sgd" and job.optimizer.lr == 0.5
+
+
+def test_a_misspelt_optimizer_is_named_unknown_rather_than_its_fields():
+    with pytest.raises(ConfigError) as info:
+        parse_job({**MINIMAL, "optimizer": {"name": "adamm", "lr": 0.01, "momentum": 0.9}})
+    text = str(info.value)
+    assert "optimizer: unknown 'adamm'" in text and "'adamw'" in text
+    assert "unknown field" not in text and "registered" not in text and "Value error" not in text

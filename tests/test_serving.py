@@ -26,10 +26,10 @@ from downpour.serving.precision import decode, encode, row_bytes
 MODEL = {"name": "wide_deep", "args": {"num_dense": 13, "num_fields": 26, "dim": 8, "hidden": [16]}}
 
 
-def fake_state(seed: int, n_rows: int = 3000, base=None, touch: int = 0, name: str = "ckpt-1"):
+def fake_state(seed: int, n_rows: int = 3000, base=None, touch: int = 0, name: str = "ckpt-1", model_cfg=None):
     """A checkpoint's model as the exporter reads it: random dense values and table rows; with
     ``base``, a copy of it with ``touch`` rows of each table (and one dense slice) changed."""
-    job = parse_job({"model": MODEL, "training": {"seed": 3}})
+    job = parse_job({"model": model_cfg or MODEL, "training": {"seed": 3}})
     model = build_model(job.model, 3)
     rng = np.random.default_rng(seed)
     tables = {t: d for t, d in sparse_tables(model)}
@@ -88,6 +88,15 @@ def test_a_delta_holds_only_the_changed_rows_and_serving_follows_it_exactly(tmp_
     g = Follower(url)
     g.poll()
     assert g.state.version == 2 and all(np.array_equal(g.state.dense[n], s2.dense[n]) for n in s2.dense)
+
+
+def test_an_export_of_a_model_that_does_not_answer_criteo_instances_is_refused_with_why(tmp_path, caplog):
+    url = str(tmp_path / "export")
+    Exporter(url, "float32", full_every=10, slice_size=64).export(
+        fake_state(1, model_cfg={"name": "mlp", "args": {"input_shape": [784], "hidden": [8], "num_classes": 10}}))
+    f = Follower(url)
+    assert not f.poll() and f.state is None and f.refused == 1  # /healthz stays 503: nothing fails per request
+    assert "its model (mlp) does not answer a Criteo instance" in caplog.text
 
 
 def test_a_corrupt_or_partial_delta_is_refused_and_serving_stays_on_the_last_good_version(tmp_path):

@@ -56,15 +56,23 @@ def _load(args) -> Any:
 
 # -- train ------------------------------------------------------------------
 def cmd_train(args) -> int:
-    from downpour.api import check_data, default_run_dir
+    from downpour.api import check_data, check_run_dir, default_run_dir
     from downpour.launch import make_launcher
 
     job = _load(args)
     check_data(job)  # missing data: one line saying how to get it, nothing started
     run_dir = args.run_dir or default_run_dir(job.name)
+    check_run_dir(job, run_dir)
     if args.insecure:
         print("downpour: WARNING: --insecure: the job's processes talk without authentication or encryption.",
               file=sys.stderr, flush=True)
+    device = job.training.device
+    if (args.launcher or job.launcher) == "local" and any(d != "cpu" for d in ([device] if isinstance(device, str) else device)):
+        import torch
+
+        if not torch.cuda.is_available():
+            print(f"downpour: WARNING: training.device {device} asked for, but no GPU is visible here: the workers "
+                  "compute on the CPU.", file=sys.stderr, flush=True)
     launcher = make_launcher(job, run_dir, args.launcher, insecure=args.insecure, address=args.address)
 
     def graceful(signum: int, frame: Any) -> None:
@@ -102,6 +110,8 @@ def cmd_train(args) -> int:
         fmt = lambda v: "n/a" if v is None else f"{v:.4f}"  # noqa: E731  (no test split, or a loss with no accuracy)
         print(f"test accuracy: {fmt(s['test_accuracy'])}   test loss: {fmt(s['test_loss'])}"
               + "".join(f"   {k}: {fmt(v)}" for k, v in (s.get("test_metrics") or {}).items()))
+        for k, why in (s.get("test_metric_errors") or {}).items():
+            print(f"downpour: training.metrics.{k} failed: {why}", file=sys.stderr)
     if s.get("test_auc") is not None:
         best = s.get("optimum_auc")
         print(f"test AUC: {s['test_auc']:.4f}" + (f"   (optimum {best:.4f}: gap {best - s['test_auc']:.4f})" if best is not None else "")

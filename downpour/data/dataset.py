@@ -80,16 +80,21 @@ def build_dataset(cfg: DataConfig) -> Dataset:
     from downpour.imports import import_object
 
     if cfg.factory is not None:
+        where = f"data.factory {cfg.factory}"
         fn = import_object(cfg.factory, "data.factory")
-        ds = as_dataset(fn(**cfg.args), f"data.factory {cfg.factory}")
-        check_split(ds.train, "train", f"data.factory {cfg.factory}", training=True)
+        ds = as_dataset(fn(**cfg.args), where)
+        check_split(ds.train, "train", where, training=True)
         if ds.test is not None:
-            check_split(ds.test, "test", f"data.factory {cfg.factory}", training=False)
-        return ds
-    fn = BUILTINS.get(cfg.name or "")
-    if fn is None:
-        raise ConfigError(f"data.name: unknown dataset {cfg.name!r}; known: {sorted(BUILTINS)}")
-    return fn(cfg.path, **cfg.args)
+            check_split(ds.test, "test", where, training=False)
+    else:
+        fn = BUILTINS.get(cfg.name or "")
+        if fn is None:
+            raise ConfigError(f"data.name: unknown dataset {cfg.name!r}; known: {sorted(BUILTINS)}")
+        where = f"data {cfg.name} at {cfg.path}"
+        ds = fn(cfg.path, **cfg.args)
+    if len(ds.train) == 0:
+        raise DataError(f"{where}: the training split holds no examples: nothing to train")
+    return ds
 
 
 def as_dataset(obj: object, where: str) -> Dataset:

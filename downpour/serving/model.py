@@ -138,7 +138,28 @@ def _build(state: ServedState) -> torch.nn.Module:
             p.copy_(torch.from_numpy(flat).view(p.shape))
     attach(model, _Rows(state))
     model.eval()
+    _check_answers_criteo(model, state)
     return model
+
+
+def _check_answers_criteo(model: torch.nn.Module, state: ServedState) -> None:
+    """Serving answers click-through-rate requests (Criteo instances: dense features and feature IDs,
+    :mod:`downpour.serving.app`): a model that cannot take one such instance is refused here, when its
+    version is loaded, rather than failing every request."""
+    from downpour.stream.api import RawEvent
+    from downpour.stream.events import parse_events
+
+    batch = parse_events([RawEvent(1, {"json": json.dumps({"label": 0})})], "a serving check", 0)
+    try:
+        with torch.no_grad():
+            out = model(batch.dense, batch.ids)
+        if not isinstance(out, torch.Tensor) or out.numel() != 1:
+            raise TypeError(f"one instance gave {type(out).__name__} {tuple(getattr(out, 'shape', ()))}, not one logit")
+    except Exception as err:  # noqa: BLE001  (any model: whatever it raises)
+        name = state.manifest["model"].get("name") or state.manifest["model"].get("factory")
+        raise DataError(f"export version {state.version}: its model ({name}) does not answer a Criteo instance (dense "
+                        f"features and feature IDs, one click logit each): downpour serve serves click-through-rate "
+                        f"models ({type(err).__name__}: {err})") from None
 
 
 class Follower:

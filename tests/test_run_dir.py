@@ -1,0 +1,42 @@
+"""A run folder holds one job: `downpour train` (and downpour.train) refuse one that holds another job's
+state unless the job resumes from it, so that two jobs' checkpoints never mix."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from downpour.api import check_run_dir
+from downpour.config import parse_job
+from downpour.errors import ConfigError
+
+MODEL = {"name": "mlp", "args": {"input_shape": [4], "hidden": [3], "num_classes": 2}}
+
+
+def job(**checkpoint):
+    return parse_job({"model": MODEL, "checkpoint": checkpoint})
+
+
+@pytest.mark.parametrize("left", ["summary.json", "coordinator.db", "checkpoints/ckpt-000000000300-0003"])
+def test_a_run_folder_that_holds_a_job_is_refused_unless_the_job_resumes_from_it(tmp_path, left):
+    run = tmp_path / "run"
+    check_run_dir(job(), str(run))  # not there yet: fine
+    (run / os.path.dirname(left)).mkdir(parents=True, exist_ok=True)
+    (run / left).mkdir() if left.startswith("checkpoints/") else (run / left).write_text("{}")
+    with pytest.raises(ConfigError, match=f"already holds a job .*{os.path.basename(left.rstrip('/').split('/')[0])}.*--resume"):
+        check_run_dir(job(), str(run))
+    check_run_dir(job(resume_from=str(run)), str(run))  # continuing it, in place
+    check_run_dir(job(resume_from=str(run / "checkpoints")), str(run))
+    with pytest.raises(ConfigError, match="already holds a job"):
+        check_run_dir(job(resume_from=str(tmp_path / "run-other")), str(run))  # a prefix of the name is not the folder
+
+
+def test_an_empty_checkpoints_folder_or_checkpoints_kept_elsewhere_do_not_count(tmp_path):
+    (tmp_path / "checkpoints").mkdir()
+    check_run_dir(job(), str(tmp_path))
+    (tmp_path / "checkpoints" / "ckpt-000000000010-0001").mkdir()
+    check_run_dir(job(url=str(tmp_path / "elsewhere")), str(tmp_path))  # this job writes its checkpoints elsewhere
+    (tmp_path / "logs").mkdir()
+    with pytest.raises(ConfigError):
+        check_run_dir(job(), str(tmp_path))
