@@ -40,9 +40,9 @@ def resolve_loss(spec: str) -> LossFn:
 def checked_loss(spec: str, value: Any) -> torch.Tensor:
     """``value`` (what the loss returned) if it is a finite-typed scalar tensor, else a clear error."""
     if not isinstance(value, torch.Tensor) or value.dim() != 0 or not value.is_floating_point():
-        shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+        got = f"a {value.dtype} tensor of shape {tuple(value.shape)}" if isinstance(value, torch.Tensor) else type(value).__name__
         raise ConfigError(f"training.loss {spec!r} must return a scalar floating-point tensor (the batch's mean loss), "
-                          f"got {shape}")
+                          f"got {got}")
     return value
 
 
@@ -68,4 +68,6 @@ def check_extensions(job: JobConfig) -> None:
     resolve_metrics(t.metrics)
     if job.data.loader.collate_fn:
         import_object(job.data.loader.collate_fn, "data.loader.collate_fn")
+    if job.model.factory:  # imported, not called (the coordinator builds the model)
+        import_object(job.model.factory, "model.factory")
     check_rule(job.optimizer)

@@ -138,6 +138,8 @@ def test_a_loss_that_is_not_a_scalar_is_a_clear_error():
     assert checked_loss("tests.byo_factories:smoothed_ce", smoothed_ce(out, y)).dim() == 0
     with pytest.raises(ConfigError, match=r"training.loss 'tests.byo_factories:per_example_loss' must return a scalar.*\(4,\)"):
         checked_loss("tests.byo_factories:per_example_loss", per_example_loss(out, y))
+    with pytest.raises(ConfigError, match=r"got a torch.int64 tensor of shape \(\)"):  # a scalar, but not a float
+        checked_loss("an integer loss", torch.tensor(3))
 
 
 def _evaluate(model, test, batch_size=1000):
@@ -190,3 +192,8 @@ def test_an_empty_training_split_is_a_clear_error_before_anything_starts(tmp_pat
         write_idx(str(tmp_path / name), array)  # valid IDX files; the training ones hold 0 items
     with pytest.raises(DataError, match=f"data idx at {tmp_path}: the training split holds no examples"):
         check_data(resolve_job({"model": {"name": "mlp", "args": {"hidden": [8]}}, "data": {"path": str(tmp_path)}}))
+
+
+def test_a_model_factory_that_does_not_import_is_refused_before_anything_starts():
+    with pytest.raises(ConfigError, match="model.factory"):
+        check_data(resolve_job(byo_job(model={"factory": "tests.byo_factories:no_such_model"})))

@@ -40,3 +40,13 @@ def test_an_empty_checkpoints_folder_or_checkpoints_kept_elsewhere_do_not_count(
     (tmp_path / "logs").mkdir()
     with pytest.raises(ConfigError):
         check_run_dir(job(), str(tmp_path))
+
+
+def test_status_of_a_run_folder_that_is_not_there_says_so(tmp_path):
+    import argparse
+
+    from downpour.cli.status import cmd_status
+
+    args = argparse.Namespace(target=str(tmp_path / "nope"), keys=None, json=False, insecure=False)
+    with pytest.raises(ConfigError, match="no such run folder"):
+        cmd_status(args)

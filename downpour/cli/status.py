@@ -142,6 +142,8 @@ def cmd_status(args) -> int:
         if os.path.exists(url_path):
             with open(url_path) as f:
                 dashboard = f.read().strip()
+    elif "://" not in target and (os.sep in target or target.startswith(".")):
+        raise ConfigError(f"{target}: no such run folder (TARGET is a run folder, or a coordinator's HOST:PORT)")
     from downpour.protocol import Message, Op
     from downpour.protocol.rpc import RpcClient
     from downpour.transport import new_context

@@ -51,7 +51,8 @@ def plan_resume(where: str, layout: Layout, optimizer: str | None = None) -> dic
                           f"this job uses {optimizer!r}; use init_from to start a new optimizer from its parameters")
     if _shapes(old) != _shapes(layout):
         raise ConfigError(f"cannot resume from {store.where(manifest.name)}: the model differs from the checkpoint's "
-                          f"({_difference(_shapes(old), _shapes(layout))}); use init_from to warm-start a changed model")
+                          f"({_difference(_shapes(old), _shapes(layout))}); init_from warm-starts a model with parameters added or "
+                          "removed (one whose shape changed cannot be taken: rename it to start it afresh)")
     log.info("coordinator: resuming from %s (step %d)", store.where(manifest.name), manifest.step)
     return {"name": store.where(manifest.name), "ledger": state["ledger"], "step": manifest.step,
             "examples": state.get("examples", 0),
