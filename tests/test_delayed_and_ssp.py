@@ -7,6 +7,7 @@ from __future__ import annotations
 import time
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -703,3 +704,23 @@ def test_a_metric_that_fails_at_the_end_is_reported_and_the_others_are_kept():
     assert list(result["metrics"]) == ["top2"] and result["metrics"]["top2"] >= result["test_accuracy"]
     assert "must return a number, got str" in result["metric_errors"]["bad"]
     assert result["metric_errors"]["raises"] == "ZeroDivisionError: the metric's own bug"
+
+
+def test_labels_beyond_the_models_outputs_are_a_clear_error_before_training():
+    from downpour.data import ArrayDataset, Dataset
+    from downpour.errors import ConfigError
+
+    job = parse_job({"model": MODEL, "training": {"batch_size": 8}, "cluster": {"num_servers": 1, "num_workers": 1},
+                     "monitor": {"metrics": False}})
+    model = build_model(job.model, 0)  # 3 outputs
+    layout = make_layout(param_shapes(model), 1)
+    x = torch.randn(40, 6).numpy()
+    for top, fails in ((2, False), (4, True)):
+        y = np.arange(40) % (top + 1)  # labels 0..top; the first batch holds all of them
+        trainer = Trainer(job, FlatModel(model, layout, torch.device("cpu")), RecordingKV(len(layout.slices)),
+                          Dataset(ArrayDataset(x, y), None), "worker-0")
+        if fails:
+            with pytest.raises(ConfigError, match="the training labels go up to 4, but the model has 3 outputs"):
+                trainer.warm_up()
+        else:
+            trainer.warm_up()

@@ -70,9 +70,17 @@ class IdxSplit:
         return self._len
 
     def take(self, indices: np.ndarray):
+        return self._data().take(indices)
+
+    @property
+    def y(self) -> np.ndarray:
+        """Every label (read at the first use, as ``take`` reads them)."""
+        return self._data().y
+
+    def _data(self) -> ArrayDataset:
         if self._arrays is None:
             self._arrays = ArrayDataset(read_idx(self.paths[0]), read_idx(self.paths[1]), self.scale)
-        return self._arrays.take(indices)
+        return self._arrays
 
 
 def read_idx(path: str) -> np.ndarray:

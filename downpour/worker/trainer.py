@@ -379,12 +379,27 @@ class Trainer:
             for x, y in itertools.islice(self.batches(np.arange(min(size, self.job.training.batch_size))), 1):
                 for _ in range(steps):
                     with self.precision.autocast():
-                        loss = self.loss_fn(_forward(model, _to(x, device)), _to(y, device))
+                        out = _forward(model, _to(x, device))
+                        self._check_classes(out)
+                        loss = self.loss_fn(out, _to(y, device))
                     loss.float().sum().backward()
                     self.flat.zero_grad()
         with torch.no_grad():
             for b, saved in buffers:
                 b.copy_(saved)
+
+    def _check_classes(self, out: torch.Tensor) -> None:
+        """With cross entropy over class logits: every training label must name one of the model's outputs
+        (else torch fails in the middle of training, on the first batch holding a larger one)."""
+        y = getattr(self.data.train, "y", None)
+        if self.job.training.loss != "cross_entropy" or out.dim() != 2 or not isinstance(y, (np.ndarray, torch.Tensor)) or not len(y):
+            return
+        if y.dtype.kind not in "iu" if isinstance(y, np.ndarray) else y.is_floating_point():
+            return
+        top = int(y.max())
+        if top >= out.shape[1]:
+            raise ConfigError(f"the training labels go up to {top}, but the model has {out.shape[1]} outputs (classes 0.."
+                              f"{out.shape[1] - 1}): give it at least {top + 1} (model.args.num_classes for a built-in model)")
 
     def start(self) -> None:
         """After the first pull: local SGD measures its first delta from these values."""
