@@ -100,7 +100,7 @@ def test_resume_takes_the_newest_checkpoint_that_verifies(url):
 
 def test_a_model_of_another_hidden_size_is_refused_by_resume(url):
     write_job_checkpoint(url, mlp_layout([3]))
-    with pytest.raises(ConfigError, match=r"model differs.*1\.weight \[3, 4\] -> \[5, 4\].*use init_from"):
+    with pytest.raises(ConfigError, match=r"model differs.*1\.weight \[3, 4\] -> \[5, 4\].*init_from warm-starts"):
         plan_resume(url, mlp_layout([5]))
 
 
