@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import importlib.util
 import os
@@ -10,22 +11,31 @@ from typing import Any
 
 from downpour.errors import ConfigError
 
-_MAIN_ALIAS = "__downpour_main__"
+_MAIN_ALIAS = "__downpour_main__"  # scripts imported by path are modules named this, plus the path's hash
 
 
 def import_object(spec: str, field: str) -> Any:
     """The object ``spec`` names. ``file:/path/script.py:fn`` imports a script by path
-    (how :func:`downpour.train` passes functions defined in a ``__main__`` script)."""
+    (how :func:`downpour.train` passes functions defined in a ``__main__`` script), once per path:
+    a job may name functions of several scripts."""
     if spec.startswith("file:"):
         path, _, attr = spec[len("file:") :].rpartition(":")
-        module = sys.modules.get(_MAIN_ALIAS)
+        path = os.path.abspath(path)
+        name = f"{_MAIN_ALIAS}{hashlib.sha1(path.encode()).hexdigest()[:12]}"
+        module = sys.modules.get(name)
         if module is None:
-            loader_spec = importlib.util.spec_from_file_location(_MAIN_ALIAS, path)
+            if not os.path.isfile(path):
+                raise ConfigError(f"{field}: no such script {path} (in {spec!r})")
+            loader_spec = importlib.util.spec_from_file_location(name, path)
             if loader_spec is None or loader_spec.loader is None:
                 raise ConfigError(f"{field}: cannot import script {path}")
             module = importlib.util.module_from_spec(loader_spec)
-            sys.modules[_MAIN_ALIAS] = module
-            loader_spec.loader.exec_module(module)
+            sys.modules[name] = module
+            try:
+                loader_spec.loader.exec_module(module)
+            except BaseException:
+                del sys.modules[name]  # (not left half-run for the next caller)
+                raise
     else:
         mod_name, sep, attr = spec.partition(":")
         if not sep or not mod_name or not attr:

@@ -86,6 +86,7 @@ def test_the_default_shard_size_gives_every_worker_several_shards_and_an_explici
     assert shard_size_for(None, 1400, 2, 32) == 175  # 8 shards: 4 per worker
     assert shard_size_for(None, 60000, 3, 32) == 2048
     assert shard_size_for(None, 50, 4, 32) == 32  # never less than a batch
+    assert shard_size_for(None, 60000, 3, 4096) == 4096  # a batch above the cap: one batch a shard, not a cut batch
     assert shard_size_for(500, 1400, 2, 32) == 500
 
 

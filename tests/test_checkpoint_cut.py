@@ -175,9 +175,11 @@ def test_without_a_probe_the_cut_is_placed_a_heartbeat_and_a_half_of_each_worker
     assert checkpoints.cut_clocks(heartbeats(JOB).state, 0) == {"worker-0": 100 + 11, "worker-1": 200 + 20, "worker-2": 300 + 28}
 
 
-def test_an_ssp_cut_keeps_the_workers_within_the_staleness_bound_of_each_other():
+def test_an_ssp_cut_is_one_margin_past_where_each_worker_stands():
+    # (the workers as far apart as they are: a cut within the bound of the lowest number would be behind
+    # a worker whose count began before a replacement's, and every checkpoint would be abandoned)
     ssp = JOB.model_copy(update={"training": JOB.training.model_copy(update={"consistency": "ssp", "staleness_bound": 3})})
-    assert checkpoints.cut_clocks(heartbeats(ssp).state, 0) == {"worker-0": 128, "worker-1": 131, "worker-2": 131}
+    assert checkpoints.cut_clocks(heartbeats(ssp).state, 0) == {"worker-0": 128, "worker-1": 228, "worker-2": 328}
 
 
 def test_the_coordinator_asks_the_servers_where_the_workers_stand_and_cuts_just_past_that():

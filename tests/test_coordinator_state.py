@@ -478,3 +478,23 @@ def test_a_servers_heartbeat_answer_repeats_who_trains():
     assert ok(one(sim.send(SERVERS[0], Op.HEARTBEAT)))["workers"] == WORKERS
     sim.send(WORKERS[1], Op.WORKER_DONE, stats={})
     assert ok(one(sim.send(SERVERS[0], Op.HEARTBEAT)))["workers"] == [WORKERS[0], WORKERS[2]]
+
+
+def test_the_launchers_abort_fails_the_job_and_its_summary_says_why():
+    sim = Sim()
+    sim.start()
+    [ok] = sim.state.handle(ident("launcher"), Message(Op.ABORT, 1, {"reason": "every worker process has died", "node": "worker-1"}), 0.5)
+    assert ok.msg.op == Op.OK and sim.state.phase == "failed"
+    assert sim.state.error == "worker-1: every worker process has died" and sim.state.failed_node == "worker-1"
+    [done] = finishes(sim.tick(60.0))
+    assert done.code == 1 and done.summary["status"] != "ok" and "every worker process has died" in done.summary["error"]
+
+
+@pytest.mark.parametrize("role", ["worker", "server", "unknown"])
+def test_only_the_launchers_key_may_abort_a_job(role):
+    sim = Sim()
+    sim.start()
+    [refused] = sim.state.handle(ident("x"), Message(Op.ABORT, 1, {"reason": "no"}), 0.5, role)
+    assert refused.msg.op == Op.ERROR and refused.msg.meta["code"] == "forbidden" and sim.state.phase == "training"
+    [refused] = sim.state.handle(ident("x"), Message(Op.ABORT, 2, {"reason": 7}), 0.5)  # (checked like any request)
+    assert refused.msg.meta["code"] == "invalid" and sim.state.phase == "training"

@@ -364,6 +364,44 @@ def test_an_ssp_newcomer_starts_level_with_the_slowest_instead_of_holding_everyo
     assert len(push("c", 1)) == 1
 
 
+def _ssp_policy(bound: int) -> SSPPolicy:
+    layout = make_layout([("w", (2,))], 1)
+    store = ShardStore(layout.server_slices(0), lambda n: make_rule(SGDConfig(lr=0.1), 0.1, n))
+    store.initialized = True
+    return SSPPolicy(store, lambda s: None, TrainingConfig(consistency="ssp", staleness_bound=bound))
+
+
+def _ssp_push(policy: SSPPolicy, who: str, clock: int) -> list:
+    return policy.push(Push(who.encode(), Message(Op.PUSHPULL, clock, {}), [0], torch.zeros(2), 1.0, 0, clock=clock))
+
+
+def test_a_replacement_ssp_server_counts_each_workers_first_push_as_its_first():
+    """A server restored from a checkpoint mid-job hears the old workers at push 2,000 and a replaced
+    one at push 300: counted as they come, the replaced one would hold the others for 1,700 pushes
+    (the job stalled past every request's timeout)."""
+    policy = _ssp_policy(1)
+    policy.restored()
+    policy.set_workers({"a", "b", "new"})
+    for who, first in (("a", 2000), ("b", 1990), ("new", 300)):  # each at 1: one ahead of those not heard yet
+        assert len(_ssp_push(policy, who, first)) == 1
+    for step in range(1, 20):  # then in step: none is held
+        for who, start in (("a", 2000), ("b", 1990), ("new", 300)):
+            assert len(_ssp_push(policy, who, start + step)) >= 1
+    assert policy.held == [] and policy.stats()["ssp_max_lead"] <= 1
+    # A worker that left and comes back keeps its clock (its offset), never sent back behind the others.
+    policy.set_workers({"a", "b"})
+    policy.set_workers({"a", "b", "new"})
+    assert len(_ssp_push(policy, "new", 320)) == 1
+
+
+def test_a_server_of_the_jobs_start_counts_the_workers_pushes_as_they_are():
+    policy = _ssp_policy(1)
+    policy.set_workers({"a", "b"})
+    assert len(_ssp_push(policy, "a", 1)) == 1
+    assert _ssp_push(policy, "a", 2) == []  # b at 0: a leads by 2
+    assert len(_ssp_push(policy, "b", 1)) == 2
+
+
 # -- end to end -----------------------------------------------------------------------------------
 
 
@@ -477,7 +515,7 @@ def test_workers_that_die_of_the_same_error_end_the_job_at_once_with_it(tmp_path
     # startup_timeout_s (set far beyond the test's wait) would have ended it.
     job = tiny_job(tiny_data, training={"loss": "tests.byo_factories:broken_loss"}, monitor=QUIET, checkpoint={"enabled": False},
                    cluster={"num_workers": 3, "worker_restarts": restarts, "startup_timeout_s": 600.0})
-    proc, _ = start_job(tmp_path, job)
+    proc, run_dir = start_job(tmp_path, job)
     t0 = time.monotonic()
     try:
         _, err = proc.communicate(timeout=150)
@@ -487,6 +525,11 @@ def test_workers_that_die_of_the_same_error_end_the_job_at_once_with_it(tmp_path
     assert time.monotonic() - t0 < 150
     assert "every worker process has died and none is left to start" in err, err[-3000:]
     assert "RuntimeError: a deliberately broken loss" in err
+    # The coordinator, told, failed the job and wrote its summary (downpour status reads it).
+    with open(os.path.join(run_dir, "summary.json")) as f:
+        summary = json.load(f)
+    assert summary["status"] != "ok" and "every worker process has died" in summary["error"]
+    assert summary["failed_node"].startswith("worker-")
     started = err.count("in its place (restart")
     assert started == min(3, restarts)
     if restarts > 3:

@@ -59,11 +59,13 @@ def cut_clocks(st: CoordinatorState, retries: int, at_start: bool = False, seen:
     t = st.job.training
     if t.consistency == "ssp" and at:
         # A worker more than the bound ahead waits for the slowest (its answers are held); were the
-        # slowest's next push held for the cut meanwhile, neither would reach it. Cuts within the
-        # bound of each other, one margin for all (the widest) above where each stands, avoid that.
+        # slowest's next push held for the cut meanwhile, neither would reach it. One margin for all
+        # (the widest) above where each stands keeps the cuts as far apart as the workers are, which
+        # ssp keeps within the bound of each other. (Not "within the bound of the lowest number":
+        # push numbers are each worker's own count, and the servers count one that joined later,
+        # a replacement, from the slowest's clock; its number is thousands below the others'.)
         widest = max(margins.values())
-        lowest = min(at.values()) + widest
-        return {w: min(p + widest, lowest + t.staleness_bound) for w, p in at.items()}
+        return {w: p + widest for w, p in at.items()}
     return {w: p + margins[w] for w, p in at.items()}
 
 

@@ -153,7 +153,9 @@ class CoordinatorState(JobState):
             return self.refuse(identity, msg, Code.INVALID, str(err))
         if role is not None and msg.op == Op.REGISTER and msg.meta.get("role") != role:
             return self.refuse(identity, msg, Code.FORBIDDEN, f"a {role} key cannot register as {msg.meta.get('role')!r}")
-        if msg.op not in (Op.REGISTER, Op.STATUS):
+        if msg.op == Op.ABORT and role not in (None, "client"):  # (the launcher's key, with CURVE on)
+            return self.refuse(identity, msg, Code.FORBIDDEN, f"a {role} key cannot fail the job")
+        if msg.op not in (Op.REGISTER, Op.STATUS, Op.ABORT):
             node = self.nodes.get(msg.meta["node"])
             if node is None:
                 return self.refuse(identity, msg, Code.UNKNOWN_NODE, f"node {msg.meta.get('node')!r} is not registered")
@@ -206,6 +208,13 @@ class CoordinatorState(JobState):
 
     def on_status(self, ident: bytes, msg: Message, now: float, _: Node | None) -> list[Action]:
         return [Reply(ident, msg.reply(self.status(now)))]
+
+    def on_abort(self, ident: bytes, msg: Message, now: float, _: Node | None) -> list[Action]:
+        """The launcher failed the job (every worker process dead, none left to start): the job ends
+        as any failure does, with its summary written (what was trained, the checkpoints, why)."""
+        node = msg.meta.get("node")
+        return [Reply(ident, msg.reply({})), *failures.fail(self, now, node if isinstance(node, str) else "launcher",
+                                                             str(msg.meta["reason"]))]
 
     def tick(self, now: float) -> list[Action]:
         """Time-driven decisions: failures detected, stops, checkpoints due, parked requests answered."""
@@ -292,4 +301,5 @@ _HANDLERS = {
     Op.REPORT: CoordinatorState.on_report,
     Op.LEAVE: membership.leave,
     Op.STATUS: CoordinatorState.on_status,
+    Op.ABORT: CoordinatorState.on_abort,
 }

@@ -276,7 +276,10 @@ class LocalLauncher:
                                 node=first.name)
             gone = self._no_worker_left()
             if gone is not None:
-                if self._coordinator_ends(coord):  # its verdict, if it has one, names the root cause
+                # The coordinator would wait cluster.startup_timeout_s for a worker to join: told, it fails
+                # the job now and writes its summary (what was trained, the checkpoints, why it failed).
+                self._abort(rpc, gone)
+                if self._coordinator_ends(coord):
                     return self._finish(failed)
                 raise gone
             if on_status is not None:
@@ -361,6 +364,17 @@ class LocalLauncher:
         return JobFailed(f"every worker process has died and none is left to start (cluster.worker_restarts="
                          f"{self.job.cluster.worker_restarts}, {self.restarts} used); the last: {last.describe_exit()}; "
                          "stopping the job." + (f"\n--- end of {last.log_path} ---\n{tail}" if tail else ""), node=last.name)
+
+    @staticmethod
+    def _abort(rpc: RpcClient, failure: JobFailed) -> None:
+        """Fail the job at the coordinator with ``failure`` (its first line: the log tail is added
+        from the failed node's log when the verdict comes back). Not answered: the wait for the
+        coordinator's verdict ends as without it."""
+        reason = str(failure).split("\n", 1)[0][:4000]
+        try:
+            rpc.call("coordinator", Message(Op.ABORT, meta={"reason": reason, "node": failure.node or "launcher"}), timeout_s=2.0)
+        except DownpourError as err:
+            log.warning("could not tell the coordinator that the job failed: %s", err)
 
     def _kill_declared_dead(self, name: str | None) -> None:
         """The node the coordinator failed the job for, if its process still runs, is hung (no

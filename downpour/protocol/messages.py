@@ -27,6 +27,9 @@ class Op(IntEnum):
     REPORT = 7  # meta: node, test metrics
     STATUS = 8  # -> OK: job status snapshot (launcher, `downpour status`)
     LEAVE = 9  # meta: node, position, stats: a worker leaves a running job cleanly
+    # launcher -> coordinator: the job failed where the coordinator cannot see it (every worker process
+    # died and none is left to start); meta: reason, node -> OK. The coordinator fails the job with it.
+    ABORT = 10
     # coordinator -> node (sent unprompted on the node's coordinator socket)
     STOP = 20  # meta: reason
     # coordinator -> server

@@ -165,6 +165,7 @@ REQUESTS: dict[Op, Record] = {
     Op.REPORT: Record({**_NODE, "kind": Str(16, choices=tuple(REPORTS)), "data": Plain(max_depth=6, max_items=1 << 18)},
                       required=("node", "kind"), rest=REST),
     Op.STATUS: Record(_NODE, rest=REST),
+    Op.ABORT: Record({**_NODE, "reason": Str(4096)}, required=("reason",), rest=REST),
     Op.LEAVE: Record({**_NODE, "position": POSITION, "stats": STATS}, required=("node",), rest=REST),
     Op.INIT: Record({"keys": KEYS, "shm": _SHM}, required=("keys",), rest=REST),
     Op.PULL: Record({"keys": KEYS, "pq": _PULL_CODEC, "shm": _SHM, "into": _INTO}, required=("keys",), rest=REST),

@@ -83,6 +83,10 @@ class Policy:
     def set_workers(self, workers: set[str]) -> list[Reply]:
         return []
 
+    def restored(self) -> None:
+        """The server took its state from a checkpoint while the job's workers were running (a
+        replacement, or a resumed job): what they pushed before is unknown here."""
+
     def freeze(self) -> list[Reply]:
         """A graceful stop of a sync job: a worker left (for good, with its data position), so no
         round completes any more (sync: refusals for the pushes waiting, see SyncPolicy)."""
@@ -154,6 +158,13 @@ class SSPPolicy(AsyncPolicy):
         self.offsets: dict[str, int] = {}
         self.held: list[tuple[str, int, Push]] = []
         self.max_lead = 0  # the largest lead (in pushes) of a worker over the slowest when answered
+        # Restored from a checkpoint (a replacement server): the workers' push counts go on from
+        # wherever each one was (a replaced worker's from 1, the others' from thousands), so each
+        # worker's first push here counts as its first: level, as at the start of a job.
+        self.late = False
+
+    def restored(self) -> None:
+        self.late = True
 
     def refuse(self, p: Push) -> Reply | None:
         if p.clock is None:
@@ -166,6 +177,8 @@ class SSPPolicy(AsyncPolicy):
             return [refused]
         self._apply(p)
         who = p.peer.decode(errors="replace")
+        if self.late and who not in self.raw and who not in self.offsets:
+            self.offsets[who] = 1 - p.clock
         self.raw[who] = max(self.raw.get(who, 0), p.clock)
         clock = p.clock + self.offsets.get(who, 0)
         self.clocks[who] = max(self.clocks.get(who, 0), clock)
@@ -179,8 +192,8 @@ class SSPPolicy(AsyncPolicy):
             stay = workers & self.workers
             level = min((self.clocks.get(w, 0) for w in stay), default=None)
             for w in workers - self.workers:
-                if level is not None:
-                    self.offsets[w] = max(0, level - self.raw.get(w, 0))
+                if level is not None:  # (a clock never goes back: one back from waiting for a shard keeps its offset)
+                    self.offsets[w] = max(self.offsets.get(w, 0), level - self.raw.get(w, 0))
                     self.clocks[w] = self.raw.get(w, 0) + self.offsets[w]
         self.workers = workers
         return self._release()

@@ -110,6 +110,10 @@ class GroupedPolicy(Policy):
             out += self._collect(policy.set_workers(workers))
         return out
 
+    def restored(self) -> None:
+        for policy in self.policies.values():
+            policy.restored()
+
     def freeze(self) -> list[Reply]:
         out: list[Reply] = []
         for policy in self.policies.values():

@@ -602,6 +602,7 @@ class ParameterServer:
         if order.get("full"):
             self.positions = {}
             self.snapshots.clocks, self.snapshots.row_clocks = {}, {}
+            self.policy.restored()
             self.marks, self.mark_floor = old.marks_for(self.rank, layout.num_servers)
         log.info("%s: %s %d of %d keys from %s", self.name, "restored" if order.get("full") else "warm-started",
                  filled, len(self.store.keys), store.where(manifest.name))
