@@ -29,9 +29,10 @@ MAX_AUTO_SHARD = 2048
 
 
 def shard_size_for(shard_size: int | None, num_examples: int, worker_slots: int, batch_size: int) -> int:
-    """``shard_size`` if given; else the largest size (at most MAX_AUTO_SHARD, but at least one batch:
-    a shard shorter than a batch would cut every batch short) that cuts an epoch into SHARDS_PER_WORKER shards per worker slot or more. With one whole-epoch
-    shard per worker, small data would not be mixed between workers within an epoch."""
+    """``shard_size`` if given; else the largest size (at most MAX_AUTO_SHARD, but at least one
+    batch: a shard shorter than a batch would cut every batch short) that cuts an epoch into
+    SHARDS_PER_WORKER shards per worker slot or more. With one whole-epoch shard per worker,
+    small data would not be mixed between workers within an epoch."""
     if shard_size is not None:
         return shard_size
     per = -(-max(1, num_examples) // (SHARDS_PER_WORKER * max(1, worker_slots)))
