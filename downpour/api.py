@@ -41,7 +41,12 @@ def default_run_dir(name: str) -> str:
 def check_run_dir(job: JobConfig, run_dir: str) -> None:
     """A run folder holds one job: one that already holds a job's state (its summary, its coordinator's
     state, checkpoints) is refused unless this job resumes from it. Another job's checkpoints there
-    would mix with this one's (the latest and the ones pruned go by step, whichever job wrote them)."""
+    would mix with this one's (the latest and the ones pruned go by step, whichever job wrote them).
+    It is created here: a path that cannot be a folder is a clear error before anything starts."""
+    try:
+        os.makedirs(run_dir, exist_ok=True)
+    except OSError as err:
+        raise ConfigError(f"the run folder {run_dir} cannot be created: {err.strerror or err}") from None
     held = [name for name in ("summary.json", "coordinator.db") if os.path.exists(os.path.join(run_dir, name))]
     checkpoints = os.path.join(run_dir, "checkpoints")
     if job.checkpoint.url is None and os.path.isdir(checkpoints) and any(e.startswith("ckpt-") for e in os.listdir(checkpoints)):
@@ -85,7 +90,17 @@ def resolve_job(
         data.pop("name", None)
         data["factory"] = object_path(dataset_fn, "dataset_fn")
         raw["data"] = data
-    return parse_job(apply_overrides(raw, overrides or []), source="downpour.train")
+    return parse_job(apply_overrides(_named(raw), overrides or []), source="downpour.train")
+
+
+def _named(value: Any, field: str = "") -> Any:
+    """``value`` with every callable in it (a loss, a metric, a collate function, a factory: any field
+    that takes an import path) replaced by its import path, which the job's processes import."""
+    if isinstance(value, dict):
+        return {k: _named(v, f"{field}.{k}" if field else str(k)) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_named(v, f"{field}[{i}]") for i, v in enumerate(value))
+    return object_path(value, field) if callable(value) else value
 
 
 @dataclass(frozen=True)

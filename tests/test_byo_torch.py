@@ -198,3 +198,16 @@ def test_an_empty_training_split_is_a_clear_error_before_anything_starts(tmp_pat
 def test_a_model_factory_that_does_not_import_is_refused_before_anything_starts():
     with pytest.raises(ConfigError, match="model.factory"):
         check_data(resolve_job(byo_job(model={"factory": "tests.byo_factories:no_such_model"})))
+
+
+def test_the_python_api_takes_callables_for_every_field_that_takes_an_import_path():
+    from downpour.api import resolve_job
+    from tests import byo_factories as f
+
+    job = resolve_job({"model": {"factory": f.bn_cnn}, "data": {"factory": f.image_splits, "loader": {"collate_fn": f.collate_scaled}},
+                       "training": {"loss": f.smoothed_ce, "metrics": {"top2": f.top2_accuracy}}})
+    assert job.model.factory == "tests.byo_factories:bn_cnn" and job.data.factory == "tests.byo_factories:image_splits"
+    assert job.data.loader.collate_fn == "tests.byo_factories:collate_scaled"
+    assert job.training.loss == "tests.byo_factories:smoothed_ce" and job.training.metrics == {"top2": "tests.byo_factories:top2_accuracy"}
+    with pytest.raises(ConfigError, match="training.loss: .* cannot be found by other processes"):
+        resolve_job({"training": {"loss": lambda out, y: out.sum()}})

@@ -89,6 +89,13 @@ def test_take_returns_examples_in_the_order_asked(tmp_path, gz):
     torch.testing.assert_close(tx[0], torch.from_numpy(data["test_x"][1]).float() / 255.0)
 
 
+def test_test_examples_of_another_shape_than_the_training_ones_are_refused_before_training(tmp_path):
+    data = arrays()
+    data["test_x"] = np.zeros((2, 3, 3), dtype=np.uint8)
+    with pytest.raises(DataError, match=r"the test examples are 3x3 .*, the training examples 4x3 .*one model cannot take both"):
+        load_idx_dataset(str(write_folder(tmp_path, data, True)))
+
+
 def test_raw_files_are_memory_mapped(tmp_path):
     path = write_idx(tmp_path / "x", arrays()["train_x"], gz=False)
     assert isinstance(read_idx(str(path)), np.memmap)

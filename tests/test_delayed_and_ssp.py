@@ -724,3 +724,22 @@ def test_labels_beyond_the_models_outputs_are_a_clear_error_before_training():
                 trainer.warm_up()
         else:
             trainer.warm_up()
+
+
+@pytest.mark.parametrize("x_shape, y_shape, says", [
+    ((40, 8), (40,), r"inputs \[8, 8\] float32, labels \[8\] int64\): RuntimeError: mat1 and mat2 shapes cannot be multiplied"),
+    ((40, 6), (40, 2), r"inputs \[8, 6\] float32, labels \[8, 2\] int64\): RuntimeError"),
+])
+def test_data_the_model_cannot_take_is_a_clear_error_before_training(x_shape, y_shape, says):
+    from downpour.data import ArrayDataset, Dataset
+    from downpour.errors import ConfigError
+
+    job = parse_job({"model": MODEL, "training": {"batch_size": 8}, "cluster": {"num_servers": 1, "num_workers": 1},
+                     "monitor": {"metrics": False}})
+    model = build_model(job.model, 0)  # 6 inputs, 3 outputs
+    layout = make_layout(param_shapes(model), 1)
+    x, y = torch.randn(*x_shape).numpy(), np.zeros(y_shape, dtype=np.int64)
+    trainer = Trainer(job, FlatModel(model, layout, torch.device("cpu")), RecordingKV(len(layout.slices)),
+                      Dataset(ArrayDataset(x, y), None), "worker-0")
+    with pytest.raises(ConfigError, match=r"the model cannot train on the data.s first batch \(" + says):
+        trainer.warm_up()

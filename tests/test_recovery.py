@@ -681,3 +681,14 @@ def test_a_killed_server_without_restarts_left_moves_onto_the_surviving_server(t
     assert "no server restarts left" in err and failure["recovered_after_s"] is not None
     _every_shard_once(summary)
     assert summary["test_accuracy"] > 0.5
+
+
+def test_rolled_back_versions_are_unknown_when_the_servers_last_heartbeat_is_older_than_the_checkpoint():
+    from types import SimpleNamespace
+
+    from downpour.coordinator.failures import rolled_back
+
+    st = SimpleNamespace(checkpoints=SimpleNamespace(committed=[{"versions": {"1": 2417}}]))
+    assert rolled_back(st, SimpleNamespace(rank=1, progress={"version": 2500})) == 83
+    assert rolled_back(st, SimpleNamespace(rank=1, progress={"version": 2272})) is None  # not 0: updates were lost
+    assert rolled_back(st, SimpleNamespace(rank=0, progress={"version": 2272})) is None

@@ -176,6 +176,8 @@ def test_in_sync_mode_a_primary_killed_mid_job_changes_no_parameter(tmp_path, ti
     assert failure["promoted_to"] is not None and failure["rolled_back_versions"] == 0
     _no_update_lost(summary, 3)
     assert calm["failures"] == [] and _no_update_lost(calm, 3) is None
+    caught_up = calm["replication"]["caught_up"]  # every rank's backup, as its primary last reported (at the end too)
+    assert sorted(caught_up) == sorted(calm["replication"]["planned"]) and all(n >= 1 for n in caught_up.values()), caught_up
     want, got = _final(calm_dir), _final(run_dir)
     for name, value in want.items():
         torch.testing.assert_close(got[name], value, rtol=1e-5, atol=1e-5)

@@ -42,6 +42,14 @@ def test_an_empty_checkpoints_folder_or_checkpoints_kept_elsewhere_do_not_count(
         check_run_dir(job(), str(tmp_path))
 
 
+def test_a_run_folder_that_cannot_be_a_folder_is_a_clear_error(tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ConfigError, match=r"the run folder .*file cannot be created: File exists"):
+        check_run_dir(job(), str(tmp_path / "file"))
+    with pytest.raises(ConfigError, match=r"the run folder .*file/run cannot be created: Not a directory"):
+        check_run_dir(job(), str(tmp_path / "file" / "run"))
+
+
 def test_status_of_a_run_folder_that_is_not_there_says_so(tmp_path):
     import argparse
 

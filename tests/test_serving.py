@@ -99,6 +99,17 @@ def test_an_export_of_a_model_that_does_not_answer_criteo_instances_is_refused_w
     assert "its model (mlp) does not answer a Criteo instance" in caplog.text
 
 
+def test_exporting_from_a_folder_with_no_checkpoint_is_an_error_not_zero_versions(tmp_path, capsys):
+    from downpour.cli.serve import cmd_export
+
+    args = SimpleNamespace(url=str(tmp_path / "out"), precision="float32", full_every=20)
+    assert cmd_export(SimpleNamespace(checkpoints=str(tmp_path / "nope"), **vars(args))) == 2
+    assert "(no such folder): no committed checkpoint to export" in capsys.readouterr().out
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    assert cmd_export(SimpleNamespace(checkpoints=str(tmp_path / "run"), **vars(args))) == 2
+    assert "checkpoints: no committed checkpoint to export" in capsys.readouterr().out
+
+
 def test_a_corrupt_or_partial_delta_is_refused_and_serving_stays_on_the_last_good_version(tmp_path):
     url = str(tmp_path / "export")
     ex = Exporter(url, "float16", full_every=2, slice_size=64)

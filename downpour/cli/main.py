@@ -369,6 +369,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        # A job's import paths (mypkg.models:make_cnn) resolve from the current folder, as in the job's
+        # processes (python -m downpour ...); after what is installed, which a local file never shadows.
+        sys.path.append(os.getcwd())
     args = build_parser().parse_args(argv)
     _setup_logging(args.log_level)
     try:

@@ -113,10 +113,11 @@ def server_lost(st: CoordinatorState, now: float, node: Node, reason: str, kind:
 
 def rolled_back(st: CoordinatorState, node: Node) -> int | None:
     """Updates of ``node``'s rank that its replacement will not have: its version when last heard
-    from, less its version in the checkpoint it is restored from (None: unknown)."""
+    from, less its version in the checkpoint it is restored from (None: unknown, also where that
+    heartbeat is older than the checkpoint: the updates applied after both are not known)."""
     at = node.progress.get("version")
     saved = (st.checkpoints.committed[-1].get("versions") or {}).get(str(node.rank)) if st.checkpoints.committed else None
-    return max(0, at - saved) if type(at) is int and type(saved) is int else None
+    return at - saved if type(at) is int and type(saved) is int and at >= saved else None
 
 
 def evaluator_lost(st: CoordinatorState, now: float, node: Node, reason: str, kind: str, detected_after_s: float) -> list[Action]:

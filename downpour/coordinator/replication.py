@@ -31,7 +31,7 @@ from collections import Counter
 from typing import TYPE_CHECKING, Any
 
 from downpour.coordinator.actions import Action, Reply
-from downpour.coordinator.model import ALIVE, DEAD, DONE, FailureRecord, Node, Phase
+from downpour.coordinator.model import ALIVE, DEAD, DONE, FINISHED, FailureRecord, Node, Phase
 from downpour.protocol import Message, Op
 
 if TYPE_CHECKING:
@@ -155,10 +155,10 @@ def kept_by(st: CoordinatorState, node: Node) -> list[int]:
 
 def summary(st: CoordinatorState) -> dict[str, Any]:
     """Backups per rank as planned now (STATUS, summary.json, /metrics): ``planned`` per rank,
-    ``caught_up`` as the rank's live primary last reported, and ``short``: the ranks planned with
-    fewer than ``cluster.replicas`` (too few live server processes left; `downpour train` starts no
-    new server process when replicas are set)."""
-    primaries = {n.rank: n for n in st.nodes_of("server")}
+    ``caught_up`` as the rank's primary (live, or finished at the job's end) last reported, and
+    ``short``: the ranks planned with fewer than ``cluster.replicas`` (too few live server
+    processes left; `downpour train` starts no new server process when replicas are set)."""
+    primaries = {n.rank: n for n in st.nodes_of("server", (ALIVE, FINISHED))}  # (finished: in the job's summary)
     planned = {r: len(st.replica_plan.get(r, [])) for r in range(st.cl.num_servers)}
     return {"replicas": st.cl.replicas, "planned": {str(r): n for r, n in planned.items()},
             "caught_up": {str(r): len(caught_up(n)) for r, n in sorted(primaries.items())},

@@ -62,6 +62,7 @@ class IdxSplit:
         if xshape[0] != yshape[0]:
             raise DataError(f"{xshape[0]} inputs but {yshape[0]} labels ({images}, {labels})")
         self.paths = (images, labels)
+        self.shape = tuple(xshape[1:])  # one example's
         self.scale = 1.0 / 255.0 if xtype == np.uint8 else None
         self._len = xshape[0]
         self._arrays: ArrayDataset | None = None
@@ -137,4 +138,8 @@ def find_idx_files(folder: str) -> dict[str, str]:
 def load_idx_dataset(path: str) -> Dataset:
     """MNIST-format images and labels from a folder; pixels scaled to [0, 1] as floats."""
     f = find_idx_files(path)
-    return Dataset(train=IdxSplit(f["train_x"], f["train_y"]), test=IdxSplit(f["test_x"], f["test_y"]))
+    train, test = IdxSplit(f["train_x"], f["train_y"]), IdxSplit(f["test_x"], f["test_y"])
+    if train.shape != test.shape:  # (the model would train, then fail on the first test batch)
+        raise DataError(f"{path}: the test examples are {'x'.join(map(str, test.shape))} ({f['test_x']}), the training "
+                        f"examples {'x'.join(map(str, train.shape))} ({f['train_x']}): one model cannot take both")
+    return Dataset(train=train, test=test)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import posixpath
 import threading
 import time
@@ -242,9 +243,14 @@ class ExportThread:
 def export_all(checkpoint_url: str, export_url: str, precision: str = "float32", full_every: int = 20) -> list[int]:
     """Export every committed checkpoint under ``checkpoint_url`` in order (``downpour export``)."""
     store = CheckpointStore(checkpoint_url)
+    names = store.names()
+    if not names:
+        there = "" if "://" in checkpoint_url or os.path.isdir(checkpoint_url) else " (no such folder)"
+        raise DataError(f"{checkpoint_url}{there}: no committed checkpoint to export (a run folder of a job with "
+                        "checkpoint.enabled, or its checkpoint.url)")
     ex = None
     out = []
-    for name in store.names():
+    for name in names:
         try:
             m = store.manifest(name)
         except (OSError, DataError):

@@ -66,6 +66,13 @@ def _forward(model: torch.nn.Module, x: Inputs) -> torch.Tensor:
     return model(x) if isinstance(x, torch.Tensor) else model(*x)
 
 
+def _shape_of(x: Any) -> str:
+    """A batch's shape(s) and dtype(s), for an error message."""
+    if isinstance(x, torch.Tensor):
+        return f"{list(x.shape)} {str(x.dtype).removeprefix('torch.')}"
+    return "(" + ", ".join(_shape_of(t) for t in x) + ")" if isinstance(x, (tuple, list)) else type(x).__name__
+
+
 def _with_next(items: Iterator[Any]) -> Iterator[tuple[Any, Any]]:
     """Each item with the one after it (None after the last): the batch after the one training is known."""
     item = next(items, None)
@@ -378,11 +385,16 @@ class Trainer:
             model.train()
             for x, y in itertools.islice(self.batches(np.arange(min(size, self.job.training.batch_size))), 1):
                 for _ in range(steps):
-                    with self.precision.autocast():
-                        out = _forward(model, _to(x, device))
-                        self._check_classes(out)
-                        loss = self.loss_fn(out, _to(y, device))
-                    loss.float().sum().backward()
+                    try:
+                        with self.precision.autocast():
+                            out = _forward(model, _to(x, device))
+                            self._check_classes(out)
+                            loss = self.loss_fn(out, _to(y, device))
+                        loss.float().sum().backward()
+                    except (RuntimeError, ValueError, IndexError, TypeError) as err:
+                        # (a model for other data: torch's words alone do not say which side is wrong)
+                        raise ConfigError(f"the model cannot train on the data's first batch (inputs {_shape_of(x)}, "
+                                          f"labels {_shape_of(y)}): {type(err).__name__}: {err}") from err
                     self.flat.zero_grad()
         with torch.no_grad():
             for b, saved in buffers:
