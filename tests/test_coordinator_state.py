@@ -498,3 +498,13 @@ def test_only_the_launchers_key_may_abort_a_job(role):
     assert refused.msg.op == Op.ERROR and refused.msg.meta["code"] == "forbidden" and sim.state.phase == "training"
     [refused] = sim.state.handle(ident("x"), Message(Op.ABORT, 2, {"reason": 7}), 0.5)  # (checked like any request)
     assert refused.msg.meta["code"] == "invalid" and sim.state.phase == "training"
+
+
+@pytest.mark.parametrize("steps, planned", [(None, None), (10, 10 * 32 * 3)])
+def test_a_stream_jobs_status_plans_no_examples_unless_its_steps_end_it(steps, planned):
+    from downpour.config import STREAM_SPAN
+
+    job = parse_job({**{k: v for k, v in JOB.model_dump(mode="json").items() if k in ("name", "model", "cluster")},
+                     "data": {"name": "stream", "url": "file:///tmp/nowhere.jsonl"}, "training": {"steps": steps}})
+    state = CoordinatorState(job, LAYOUT, 2 * STREAM_SPAN, 0.0)
+    assert state.status(0.0)["planned_examples"] == planned

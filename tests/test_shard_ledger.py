@@ -227,3 +227,18 @@ def test_a_job_resumed_twice_trains_every_example_exactly_once_per_epoch(seed, a
     state = interrupted(second, trained, rng, at // 2 + 1, 6)
     finish(state, trained, rng)
     assert Counter(trained) == every_example()
+
+
+def test_a_resumed_ledger_keeps_its_shard_size_and_refuses_data_of_another_length():
+    from downpour.errors import ConfigError
+
+    ledger = ShardLedger(40, 4, 2, seed=7)
+    e, s = handed(ledger, "w0")
+    state = json.loads(json.dumps(ledger.state_at({"w0": [e, s, 3]})))
+    more_workers = ShardLedger(40, 8, 2, seed=7)  # the automatic size of a job resumed with other workers
+    more_workers.restore(state)
+    assert more_workers.shard_size == 4 and more_workers.num_shards == 10 and more_workers.queue[0] == (e, s)
+    with pytest.raises(ConfigError, match="trained on 40 training examples, this job's data holds 60"):
+        ShardLedger(60, 4, 2, seed=7).restore(state)
+    old = {k: v for k, v in state.items() if k not in ("num_examples", "shard_size")}  # a checkpoint of an older version
+    ShardLedger(40, 4, 2, seed=7).restore(old)

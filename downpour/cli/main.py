@@ -146,26 +146,28 @@ def _run_with_progress(launcher, job, quiet: bool):
             if quiet or time.monotonic() - last[0] < 5.0 or status.get("phase") != "training":
                 return
             last[0] = time.monotonic()
-            loss = status.get("loss")
-            print(f"  {status['examples']}/{status['planned_examples']} examples, step {status['steps']}, "
-                  f"{status['examples_per_s']:.0f} ex/s, loss {loss if loss is None else round(loss, 4)}", flush=True)
+            loss, planned = status.get("loss"), status.get("planned_examples")
+            print(f"  {status['examples']}{'' if planned is None else f'/{planned}'} examples, step {status['steps']}, "
+                  f"{status['examples_per_s']:.0f} ex/s, loss {'-' if loss is None else round(loss, 4)}", flush=True)
 
         return launcher.run(plain)
-    columns = [TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed:>7.0f}/{task.total:.0f} ex"),
+    columns = [TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[count]} ex"),
                TextColumn("step {task.fields[step]}"), TextColumn("{task.fields[rate]:>7.0f} ex/s"),
                TextColumn("loss {task.fields[loss]}"), TimeElapsedColumn()]
     with Progress(*columns, transient=False) as progress:
-        task = progress.add_task("starting", total=1, step=0, rate=0.0, loss="-")
+        task = progress.add_task("starting", total=1, step=0, rate=0.0, loss="-", count="0")
 
         def update(status: dict) -> None:
-            loss = status.get("loss")
-            progress.update(task, description=status["phase"], total=max(1, status["planned_examples"]),
+            loss, planned = status.get("loss"), status.get("planned_examples")  # (None: a stream, until stopped)
+            progress.update(task, description=status["phase"], total=None if planned is None else max(1, planned),
                             completed=status["examples"], step=status["steps"], rate=status["examples_per_s"],
-                            loss="-" if loss is None else f"{loss:.4f}")
+                            loss="-" if loss is None else f"{loss:.4f}",
+                            count=f"{status['examples']:>7}" + ("" if planned is None else f"/{planned}"))
 
         result = launcher.run(update)
         s = result.summary  # the final figures, not the last heartbeat's
         progress.update(task, description="finished", total=max(1, s["examples"]), completed=s["examples"], step=s["steps"],
+                        count=f"{s['examples']:>7}/{s['examples']}",
                         rate=s["examples_per_s"], loss="-" if s.get("test_loss") is None else f"test {s['test_loss']:.4f}")
         return result
 

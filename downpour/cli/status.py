@@ -44,7 +44,8 @@ def render_live(status: dict[str, Any], dashboard: str | None = None) -> Group:
     head.append(s["phase"], style="bold red" if s["phase"] == "failed" else "bold green")
     head.append(f"  {s.get('consistency', '')}  {s.get('num_servers', '?')} servers, {s.get('num_workers', '?')} workers"
                 f"  up {s['elapsed_s']:.0f}s\n")
-    head.append(f"examples {s['examples']}/{s['planned_examples']}  step {s['steps']}  {s['examples_per_s']:.0f} ex/s"
+    planned = s.get("planned_examples")  # (None: a stream)
+    head.append(f"examples {s['examples']}{'' if planned is None else f'/{planned}'}  step {s['steps']}  {s['examples_per_s']:.0f} ex/s"
                 f"  loss {_num(s.get('loss'), '.4f')}")
     st = s.get("staleness") or {}
     if st:

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from downpour.coordinator.state import CoordinatorState
 
+from downpour.config import STREAM_SPAN
 from downpour.coordinator import replication
 from downpour.coordinator.model import ALIVE, DEAD, DONE, FINISHED
 
@@ -21,9 +22,11 @@ def job_status(self: CoordinatorState, now: float) -> dict[str, Any]:
     examples = sum(int(n.progress.get("examples", 0)) for n in workers)
     losses = [float(n.progress["loss"]) for n in workers if n.state in (ALIVE, DONE) and "loss" in n.progress]
     elapsed = (self.train_ended or now) - self.train_started if self.train_started is not None else 0.0
-    planned = self.num_train * self.job.training.epochs
+    # (None: a stream, trained until stopped, unless training.steps ends it)
+    planned = None if self.ledger.shard_size >= STREAM_SPAN else self.num_train * self.job.training.epochs
     if self.job.training.steps is not None:
-        planned = min(planned, self.job.training.steps * self.job.training.batch_size * self.cl.num_workers)
+        by_steps = self.job.training.steps * self.job.training.batch_size * self.cl.num_workers
+        planned = by_steps if planned is None else min(planned, by_steps)
     servers = [n.progress for n in self.nodes_of("server", (ALIVE, DONE, FINISHED))]
     pushes = sum(int(p.get("pushes", 0)) for p in servers)
     return {

@@ -17,15 +17,20 @@ already in the parameters (``skip``).
 
 from __future__ import annotations
 
+import logging
 from collections import deque
 from dataclasses import dataclass, field
 
 import numpy as np
 
+from downpour.errors import ConfigError
+
 # The adaptive shard size (``data.shard_size: null``): at least this many shards per worker slot
 # each epoch, and no shard larger than MAX_AUTO_SHARD examples.
 SHARDS_PER_WORKER = 4
 MAX_AUTO_SHARD = 2048
+
+log = logging.getLogger(__name__)
 
 
 def shard_size_for(shard_size: int | None, num_examples: int, worker_slots: int, batch_size: int) -> int:
@@ -174,7 +179,8 @@ class ShardLedger:
         first = sorted(back, key=lambda k: self.handed_at.get(k, -1))  # as they were first handed out
         queue = [*first, *(k for k in self.queue if k not in back)]
         return {"epoch": self.epoch, "completed": sorted([e, s] for e, s in completed),
-                "queue": [[e, s, skips.get((e, s), 0)] for e, s in queue]}
+                "queue": [[e, s, skips.get((e, s), 0)] for e, s in queue],
+                "num_examples": self.num_examples, "shard_size": self.shard_size}
 
     def earliest(self, node: str, positions: list[list[int]]) -> list[int]:
         """Of one worker's positions as several servers saw them (async: each server's copy is
@@ -188,7 +194,18 @@ class ShardLedger:
         return min(positions, key=order)
 
     def restore(self, state: dict) -> None:
-        """Continue from :meth:`state_at`'s plain data (a checkpoint's job state)."""
+        """Continue from :meth:`state_at`'s plain data (a checkpoint's job state). Its shards keep their
+        size (the automatic one follows the worker count, which a resumed job may change); data of
+        another length is refused: the shards would name other examples."""
+        n, size = state.get("num_examples"), state.get("shard_size")
+        if n is not None and int(n) != self.num_examples:
+            raise ConfigError(f"the checkpoint was trained on {int(n)} training examples, this job's data holds "
+                              f"{self.num_examples}: resume it on the same data, or start a new job from its parameters "
+                              "with checkpoint.init_from")
+        if size is not None and int(size) != self.shard_size:
+            log.info("coordinator: the resumed job keeps its checkpoint's shards of %d examples (this job's would be %d)",
+                     int(size), self.shard_size)
+            self.shard_size = int(size)
         self.journal.append(["restore", state])
         self.epoch = int(state["epoch"])
         self.completed = {(int(e), int(s)): "checkpoint" for e, s in state["completed"]}
