@@ -68,6 +68,7 @@ def check_extensions(job: JobConfig) -> None:
     resolve_metrics(t.metrics)
     if job.data.loader.collate_fn:
         import_object(job.data.loader.collate_fn, "data.loader.collate_fn")
-    if job.model.factory:  # imported, not called (the coordinator builds the model)
-        import_object(job.model.factory, "model.factory")
+    from downpour.models import model_factory
+
+    model_factory(job.model)  # imported and its arguments checked, not called (the coordinator builds the model)
     check_rule(job.optimizer)

@@ -211,3 +211,15 @@ def test_the_python_api_takes_callables_for_every_field_that_takes_an_import_pat
     assert job.training.loss == "tests.byo_factories:smoothed_ce" and job.training.metrics == {"top2": "tests.byo_factories:top2_accuracy"}
     with pytest.raises(ConfigError, match="training.loss: .* cannot be found by other processes"):
         resolve_job({"training": {"loss": lambda out, y: out.sum()}})
+
+
+@pytest.mark.parametrize("model, says", [
+    ({"name": "mlpp"}, "model.name: unknown model 'mlpp'; known: "),
+    ({"name": "mlp", "args": {"hiden": [3]}}, r"model.args: .*'hiden' \(mlp takes input_shape, hidden, dropout"),
+    ({"factory": "tests.byo_factories:bn_cnn", "args": {"depth": 3}}, r"model.args: .*'depth' \(tests.byo_factories:bn_cnn takes width\)"),
+])
+def test_an_unknown_model_or_argument_is_refused_before_anything_starts(model, says):
+    from downpour.extensions import check_extensions
+
+    with pytest.raises(ConfigError, match=says):
+        check_extensions(parse_job({"model": model}))

@@ -220,3 +220,18 @@ def test_examples_of_a_big_endian_float_idx_file_can_be_taken(tmp_path):
     ds = load_idx_dataset(str(write_folder(tmp_path, data, gz=False)))
     x, _ = ds.train.take(np.array([1, 0]))
     torch.testing.assert_close(x, torch.from_numpy(data["train_x"][[1, 0]].astype(np.float32)))
+
+
+def test_a_gzipped_idx_file_cut_short_is_refused_when_its_header_is_read(tmp_path):
+    from downpour.data.idx import read_idx_header
+
+    path = write_idx(tmp_path / "x", np.zeros((500, 28, 28), dtype=np.uint8) + np.arange(28, dtype=np.uint8), gz=True)
+    assert read_idx_header(str(path))[1] == (500, 28, 28)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(DataError, match=r"cannot read IDX file .*x.gz \(damaged or cut short\?\)"):
+        read_idx_header(str(path))
+    two = tmp_path / "two.gz"  # a gzip of two members: its trailer holds the last one's length only
+    raw = idx_bytes(np.ones((50, 3), dtype=np.uint8))
+    two.write_bytes(gzip.compress(raw[:20]) + gzip.compress(raw[20:]))
+    assert read_idx_header(str(two))[1] == (50, 3)

@@ -55,6 +55,7 @@ def test_status_of_a_run_folder_that_is_not_there_says_so(tmp_path):
 
     from downpour.cli.status import cmd_status
 
-    args = argparse.Namespace(target=str(tmp_path / "nope"), keys=None, json=False, insecure=False)
-    with pytest.raises(ConfigError, match="no such run folder"):
-        cmd_status(args)
+    for target in (str(tmp_path / "nope"), "nope"):  # (a bare name too: no HOST:PORT either)
+        args = argparse.Namespace(target=target, keys=None, json=False, insecure=False)
+        with pytest.raises(ConfigError, match="no such run folder"):
+            cmd_status(args)

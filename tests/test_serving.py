@@ -199,7 +199,8 @@ def test_predict_answers_with_the_exported_values_and_refuses_bad_requests(serve
         ref = torch.sigmoid(state.model(b.dense, b.ids).reshape(-1)).double().tolist()
     assert ref == out["predictions"]
     bad = [({"instances": [{"C1": 12}]}, 422, "instances[0]: C1 is 12"), ({"instances": []}, 400, "non-empty"),
-           ({"rows": ["1\t2"]}, 422, "rows[0]"), ([1, 2], 400, "JSON object"), ({"instances": [{"I1": "x"}]}, 422, "I1")]
+           ({"rows": ["1\t2"]}, 422, "rows[0]: 2 tab-separated fields, expected 39"), ([1, 2], 400, "JSON object"),
+           ({"instances": [{"I1": "x"}]}, 422, "I1")]
     for body, code, words in bad:
         got = _post(base, body)
         assert got[0] == code and words in got[1]["error"], got

@@ -143,7 +143,7 @@ def cmd_status(args) -> int:
         if os.path.exists(url_path):
             with open(url_path) as f:
                 dashboard = f.read().strip()
-    elif "://" not in target and (os.sep in target or target.startswith(".")):
+    elif "://" not in target and (os.sep in target or target.startswith(".") or ":" not in target):
         raise ConfigError(f"{target}: no such run folder (TARGET is a run folder, or a coordinator's HOST:PORT)")
     from downpour.protocol import Message, Op
     from downpour.protocol.rpc import RpcClient

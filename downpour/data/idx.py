@@ -33,8 +33,9 @@ HOW_TO_GET = (
 
 
 def read_idx_header(path: str) -> tuple[np.dtype, tuple[int, ...]]:
-    """An IDX file's element type and shape, reading only its header (and, for an
-    uncompressed file, checking that the data it promises is there)."""
+    """An IDX file's element type and shape, reading only its header, and checking that the data it
+    promises is there: from an uncompressed file's size, or a gzipped one's stored length (read
+    through only where that differs: a damaged file, or a gzip of several members)."""
     try:
         opener = gzip.open if path.endswith(".gz") else open
         with opener(path, "rb") as f:
@@ -45,11 +46,28 @@ def read_idx_header(path: str) -> tuple[np.dtype, tuple[int, ...]]:
         raise DataError(f"{path} is not an IDX file (bad magic or truncated header)")
     dtype, ndim = np.dtype(_TYPES[head[2]]), head[3]
     shape = struct.unpack(f">{ndim}I", head[4 : 4 + 4 * ndim])
+    need = 4 + 4 * ndim + int(np.prod(shape)) * dtype.itemsize
     if not path.endswith(".gz"):
-        need = 4 + 4 * ndim + int(np.prod(shape)) * dtype.itemsize
         if os.path.getsize(path) < need:
             raise DataError(f"{path}: file holds {os.path.getsize(path)} bytes, header promises {need}")
+    elif _gzip_length(path) != need % (1 << 32):
+        try:
+            got = 0
+            with gzip.open(path, "rb") as f:
+                while chunk := f.read(1 << 20):
+                    got += len(chunk)
+        except (OSError, EOFError, gzip.BadGzipFile) as err:
+            raise DataError(f"cannot read IDX file {path} (damaged or cut short?): {err}") from None
+        if got < need:
+            raise DataError(f"{path}: holds {got} bytes once decompressed, header promises {need}")
     return dtype, shape
+
+
+def _gzip_length(path: str) -> int:
+    """The uncompressed length a gzip file's trailer states (of its last member; modulo 2**32)."""
+    with open(path, "rb") as f:
+        f.seek(-4, os.SEEK_END)
+        return struct.unpack("<I", f.read(4))[0]
 
 
 class IdxSplit:

@@ -7,6 +7,7 @@ as keyword arguments either way.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 
 import torch
@@ -96,14 +97,30 @@ def wide_deep(**kwargs) -> nn.Module:
     return WideDeep(**kwargs)
 
 
-def build_model(cfg: ModelConfig, seed: int) -> nn.Module:
-    """The job's model with parameters initialised from ``seed`` (the same on every node)."""
+def model_factory(cfg: ModelConfig) -> Callable[..., nn.Module]:
+    """The function that builds the job's model; its arguments (``model.args``) are checked against
+    its signature, so that a misspelt one is an error before anything starts, not in the coordinator."""
     if cfg.factory is not None:
         fn = import_object(cfg.factory, "model.factory")
     else:
         fn = BUILTINS.get(cfg.name or "")
         if fn is None:
             raise ConfigError(f"model.name: unknown model {cfg.name!r}; known: {sorted(BUILTINS)}")
+    try:
+        signature = inspect.signature(fn)
+    except (TypeError, ValueError):  # (no signature to check against: a builtin of C, say)
+        return fn
+    try:
+        signature.bind(**cfg.args)
+    except TypeError as err:
+        takes = ", ".join(p.name for p in signature.parameters.values() if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD))
+        raise ConfigError(f"model.args: {err} ({cfg.factory or cfg.name} takes {takes or 'none'})") from None
+    return fn
+
+
+def build_model(cfg: ModelConfig, seed: int) -> nn.Module:
+    """The job's model with parameters initialised from ``seed`` (the same on every node)."""
+    fn = model_factory(cfg)
     torch.manual_seed(seed)
     try:
         model = fn(**cfg.args)

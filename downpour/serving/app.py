@@ -72,6 +72,9 @@ class Service:
             else:
                 if not isinstance(item, str):
                     return 422, {"error": f"rows[{i}] is not a string"}
+                if item.count("\t") not in (38, 39):  # (told apart here: a label is added to the 39 fields of an instance)
+                    return 422, {"error": f"rows[{i}]: {item.count(chr(9)) + 1} tab-separated fields, expected 39 (13 integers, "
+                                          "26 categories) or 40 (a label first)"}
                 raws.append(RawEvent(i + 1, {"tsv": item if item.count("\t") == 39 else "0\t" + item}))
         batch = parse_events(raws, "request", 0)
         if batch.malformed:
