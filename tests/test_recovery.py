@@ -392,6 +392,11 @@ def test_a_replacement_ssp_server_counts_each_workers_first_push_as_its_first():
     policy.set_workers({"a", "b"})
     policy.set_workers({"a", "b", "new"})
     assert len(_ssp_push(policy, "new", 320)) == 1
+    # One this server never heard from (it waited for a shard while the server was replaced) comes back
+    # at push 2,500: level with the others, not 2,480 pushes ahead of them.
+    policy.set_workers({"a", "b", "new", "back"})
+    assert len(_ssp_push(policy, "back", 2500)) == 1
+    assert len(_ssp_push(policy, "a", 2020)) >= 1 and policy.held == []
 
 
 def test_a_server_of_the_jobs_start_counts_the_workers_pushes_as_they_are():

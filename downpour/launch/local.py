@@ -368,8 +368,8 @@ class LocalLauncher:
     @staticmethod
     def _abort(rpc: RpcClient, failure: JobFailed) -> None:
         """Fail the job at the coordinator with ``failure`` (its first line: the log tail is added
-        from the failed node's log when the verdict comes back). Not answered: the wait for the
-        coordinator's verdict ends as without it."""
+        from the failed node's log when the verdict comes back). A coordinator that does not answer
+        is then waited for as before, and the job fails without its summary."""
         reason = str(failure).split("\n", 1)[0][:4000]
         try:
             rpc.call("coordinator", Message(Op.ABORT, meta={"reason": reason, "node": failure.node or "launcher"}), timeout_s=2.0)

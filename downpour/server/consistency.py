@@ -160,7 +160,8 @@ class SSPPolicy(AsyncPolicy):
         self.max_lead = 0  # the largest lead (in pushes) of a worker over the slowest when answered
         # Restored from a checkpoint (a replacement server): the workers' push counts go on from
         # wherever each one was (a replaced worker's from 1, the others' from thousands), so each
-        # worker's first push here counts as its first: level, as at the start of a job.
+        # worker's first push here is counted level with the slowest heard from (1 if none was, as
+        # at the start of a job), or where a membership placed it.
         self.late = False
 
     def restored(self) -> None:
@@ -177,8 +178,9 @@ class SSPPolicy(AsyncPolicy):
             return [refused]
         self._apply(p)
         who = p.peer.decode(errors="replace")
-        if self.late and who not in self.raw and who not in self.offsets:
-            self.offsets[who] = 1 - p.clock
+        if self.late and who not in self.raw:
+            known = [self.clocks[w] for w in self.workers if w != who and w in self.raw]
+            self.offsets[who] = max(1, self.clocks.get(who, min(known, default=0))) - p.clock
         self.raw[who] = max(self.raw.get(who, 0), p.clock)
         clock = p.clock + self.offsets.get(who, 0)
         self.clocks[who] = max(self.clocks.get(who, 0), clock)
