@@ -182,6 +182,33 @@ def test_an_ssp_cut_is_one_margin_past_where_each_worker_stands():
     assert checkpoints.cut_clocks(heartbeats(ssp).state, 0) == {"worker-0": 128, "worker-1": 228, "worker-2": 328}
 
 
+def test_a_worker_with_no_push_count_yet_is_left_out_of_an_async_cut_but_cut_at_0_under_ssp():
+    # (a joiner: the servers hold the pushes of a worker outside the cut until the copy, and under ssp the
+    # others wait for it, the slowest, so that none would reach the cut)
+    ssp = JOB.model_copy(update={"training": JOB.training.model_copy(update={"consistency": "ssp", "staleness_bound": 3})})
+    for job, has in ((JOB, False), (ssp, True)):
+        sim = heartbeats(job)
+        sim.state.nodes["worker-2"].progress = {}
+        cut = checkpoints.cut_clocks(sim.state, 0)
+        assert ("worker-2" in cut) == has and (not has or 0 < cut["worker-2"] < 100), cut
+
+
+def test_an_ssp_worker_joining_abandons_the_pending_checkpoint():
+    from downpour.coordinator import failures, membership
+
+    ssp = JOB.model_copy(update={"training": JOB.training.model_copy(update={"consistency": "ssp", "staleness_bound": 3})})
+    for job, abandoned in ((JOB, 0), (ssp, 1)):
+        sim = heartbeats(job)
+        sim.state.checkpoints.start_due = False
+        checkpoints.begin(sim.state, 1.0)
+        assert sim.state.checkpoints.pending is not None
+        failures.lose(sim.state, 1.1, sim.state.nodes["worker-2"], "killed", "dead")
+        sim.register("worker-2-new", "worker")
+        membership.admit_joiners(sim.state, 1.2)
+        assert "worker-2.2" in sim.state.nodes and sim.state.checkpoints.abandoned == abandoned
+        assert (sim.state.checkpoints.pending is None) == bool(abandoned)
+
+
 def test_the_coordinator_asks_the_servers_where_the_workers_stand_and_cuts_just_past_that():
     sim = heartbeats(JOB)
     sim.state.checkpoints.start_due = False

@@ -275,7 +275,7 @@ class RecordingKV:
 
     def push_pull(self, grad, out, keys=None, weight=1.0, versions=None, position=None, delta=False, start=None):
         flat = grad.vector() if isinstance(grad, Pieces) else grad.clone()  # (a step's gradient comes in pieces)
-        self.pushes.append({"grad": flat, "weight": weight, "delta": delta, "versions": versions})
+        self.pushes.append({"grad": flat, "weight": weight, "delta": delta, "versions": versions, "position": position})
         return object()
 
     def pull(self, out, keys=None, exact=False):
@@ -334,13 +334,16 @@ def test_accumulating_four_batches_of_8_pushes_the_gradient_of_one_batch_of_32()
 def test_the_trainer_flushes_a_partial_accumulation_when_it_ends():
     trainer, kv = small_trainer(accumulate=4)
     data = batches(6)
-    for x, y in data:
-        trainer.step(x, y)
-    assert len(kv.pushes) == 1
+    for i, (x, y) in enumerate(data):
+        trainer.step(x, y, [0, 3, 8 * (i + 1)])
+    assert len(kv.pushes) == 1 and kv.pushes[0]["position"] == [0, 3, 32]
     trainer.run(lambda: None, lambda *a: None)  # no shard left: the run ends at once
     assert len(kv.pushes) == 2
     last = kv.pushes[1]
-    assert last["weight"] == 16 and last["delta"] is False
+    # with the data position of its last batch: a checkpoint, a graceful stop's LEAVE and a resume know it was trained
+    assert last["weight"] == 16 and last["delta"] is False and last["position"] == [0, 3, 48]
+    trainer._settle()
+    assert trainer.position == [0, 3, 48]
     want = direct_gradient([x for x, _ in data[4:]], [y for _, y in data[4:]])
     torch.testing.assert_close(last["grad"], want, rtol=1e-6, atol=1e-6)
     trainer.run(lambda: None, lambda *a: None)  # nothing left to push

@@ -17,6 +17,7 @@ from downpour.models import buffers as bufs
 from downpour.protocol import Message, Op
 
 if TYPE_CHECKING:
+    from downpour.config import JobConfig
     from downpour.coordinator.checkpointing import Pending
     from downpour.coordinator.state import CoordinatorState
 
@@ -27,6 +28,12 @@ def job_steps(st: CoordinatorState) -> int:
     """Optimizer steps of all workers: a finished worker's exact count, else its last heartbeat's."""
     workers = st.nodes_of("worker", (ALIVE, DONE, FINISHED, DEAD))
     return st.step_offset + sum(int((n.stats or n.progress).get("steps", 0)) for n in workers)
+
+
+def ssp(job: JobConfig) -> bool:
+    """Whether any of the job's keys trains under ssp (its workers wait for the slowest)."""
+    t = job.training
+    return "ssp" in {t.consistency, *(g.consistency for g in t.consistency_groups)}
 
 
 def cut_clocks(st: CoordinatorState, retries: int, at_start: bool = False, seen: dict[str, int] | None = None,
@@ -41,13 +48,17 @@ def cut_clocks(st: CoordinatorState, retries: int, at_start: bool = False, seen:
     (``at_start``) is cut where the workers stand (no push yet) when nothing was refused; a server
     already past a worker's number reports ``missed``, and the cut moves further ahead, twice as
     far each time. Workers without a push count yet are left out: a server holds all their pushes
-    until it copies (none of them are in the checkpoint)."""
+    until it copies (none of them are in the checkpoint). Not under ssp, where the others would
+    wait for such a worker: it is cut as standing at 0."""
     at: dict[str, int] = {}  # where each worker stands
     margins: dict[str, int] = {}
+    bounded = ssp(st.job)
     for n in st.training_workers():
         pushes, examples = n.progress.get("pushes"), n.progress.get("examples")
         if type(pushes) is not int:
-            continue
+            if not bounded:
+                continue
+            pushes, examples = 0, None
         rate = float(n.progress.get("examples_per_s") or 0.0) * pushes / examples if examples else 0.0
         rate = rate or st.version_rate
         if seen is not None:
@@ -56,8 +67,7 @@ def cut_clocks(st: CoordinatorState, retries: int, at_start: bool = False, seen:
             continue
         at[n.name] = pushes
         margins[n.name] = 0 if at_start and retries == 0 else clock_margin(rate, st.cl.heartbeat_interval_s) * 2**retries
-    t = st.job.training
-    if t.consistency == "ssp" and at:
+    if bounded and at:
         # A worker more than the bound ahead waits for the slowest (its answers are held); were the
         # slowest's next push held for the cut meanwhile, neither would reach it. One margin for all
         # (the widest) above where each stands keeps the cuts as far apart as the workers are, which

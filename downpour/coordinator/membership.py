@@ -187,6 +187,10 @@ def admit_joiners(st: CoordinatorState, now: float) -> list[Action]:
                     st.recovering.remove((at, record))
         log.info("coordinator: %s joined the running job (%s, pid %s)%s", name, host, pid,
                  " to evaluate the trained model" if st.phase == Phase.EVALUATING else "")
+        if st.phase == Phase.TRAINING and checkpoints.ssp(st.job):
+            # The servers hold a joiner's pushes until the pending checkpoint's copy (it is not in the
+            # cut), and under ssp the others wait for it, the slowest: none would reach the cut.
+            st.checkpoints.abandon(now, f"{name} joined before its cut was reached (ssp: the others wait for it)")
         meta = {**admitted(st, name, rank),
                 "servers": st.server_addresses(), "initializer": False}
         out.append(Reply(ident, msg.reply(meta)))

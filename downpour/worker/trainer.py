@@ -122,6 +122,7 @@ class Trainer:
         # heartbeat carries it: where the shard resumes if this worker dies), and of the one in flight.
         self.position: list[int] | None = None
         self._inflight_position: list[int] | None = None
+        self._last_position: list[int] | None = None  # the data position of the last step's batch
         self._stream_from: int | None = None  # a stream push: the offset before its first event
         self.stream_gaps = 0  # stream pushes a server refused (stream_gap): the partition rewinds
         self.dropped = 0  # pushes a sync server refused as being for a past round (after a wait or a join)
@@ -223,7 +224,9 @@ class Trainer:
                     self.flat.host_to_device()
                 self.curve.append([time.perf_counter() - t0, self.examples, self.evaluate()["test_accuracy"]])
         self.shard = None
-        self._flush(None)
+        # What accumulation or local SGD still holds goes out with the data position of its last batch:
+        # a checkpoint, a graceful stop's LEAVE and a resume then know those examples were trained.
+        self._flush(self._last_position)
         self._settle()
         if self.sparse is not None:
             self.sparse.flush()
@@ -264,6 +267,7 @@ class Trainer:
         ``start``: a stream batch's offset before its first event (its pushes cover (start, position[2]])."""
         if start is not None and self._stream_from is None:
             self._stream_from = start  # the first batch of the next push
+        self._last_position = position
         c0 = time.perf_counter()
         # The versions the model's values have now: the gradient is computed on them, so the
         # servers measure its staleness from here (not from the push+pull settled below).
