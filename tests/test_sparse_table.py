@@ -101,6 +101,18 @@ def test_an_id_is_admitted_only_after_it_was_seen_n_times_and_reads_as_zeros_unt
     assert (table.pull(key) == 0).all() and len(table) == 0 and table.stats.pending == 1
     row = table.pull(key)  # the third sighting
     assert len(table) == 1 and table.stats.admitted == 1 and np.abs(row).max() > 0
+    assert table.stats.pending == 0 and len(table.snapshot(full=True)["pending.keys"]) == 0  # admitted: no longer pending
+
+
+def test_the_sightings_of_admitted_ids_are_dropped_from_the_pending_index():
+    table = SparseTable(DIM, SGD(0.1), admit_after=2)
+    many = np.arange(1, 5001, dtype=np.int64)
+    table.pull(many)
+    assert table.stats.pending == 5000 and len(table.seen) == 5000
+    table.pull(many[:4000])  # admitted: their sightings go (in one rebuild, once they are most of the index)
+    assert len(table) == 4000 and table.stats.pending == 1000 and len(table.seen) == 1000
+    table.pull(many[4000:])
+    assert len(table) == 5000 and table.stats.pending == 0
 
 
 def test_probabilistic_admission_admits_about_that_fraction():

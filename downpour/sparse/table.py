@@ -107,6 +107,7 @@ class SparseTable:
         self._kernels = NATIVE
         self.index = Index(capacity * 2 + 1, self._kernels)
         self.seen = Index(64, self._kernels)  # sightings of IDs not admitted yet
+        self._seen_stale = 0  # entries of ``seen`` admitted since (linear probing: dropped by a rebuild)
         self.values = _aligned(np.zeros((capacity, dim), dtype=np.float32))
         self.state = {k: _aligned(v) for k, v in rule.allocate(capacity, dim).items()}
         self.row_key = np.full(capacity, EMPTY, dtype=np.int64)
@@ -187,19 +188,27 @@ class SparseTable:
         out[rows < 0] = 0.0
         return out, rows
 
+    def _pending(self) -> tuple[np.ndarray, np.ndarray]:
+        """The IDs seen and not admitted, with their sightings (``seen`` less the ones admitted since)."""
+        keys, counts = self.seen.items()
+        keep = self.index.get(keys) < 0
+        return keys[keep], counts[keep]
+
     def _admit(self, missing: np.ndarray) -> np.ndarray:
         """Rows for unique IDs that have none (-1 for those not admitted), creating rows for new admissions."""
         rows = np.full(len(missing), -1, dtype=np.int64)
         ok = np.ones(len(missing), dtype=bool)
         if self.admit_after > 1 or self.admit_probability < 1:
-            count = np.maximum(self.seen.get(missing), 0) + 1
+            before = self.seen.get(missing)
+            count = np.maximum(before, 0) + 1
             ok = count >= self.admit_after
             if self.admit_probability < 1:
                 with np.errstate(over="ignore"):
                     draw = mix(missing.view(np.uint64) ^ mix(np.full(len(missing), self.step + self.seed, dtype=np.uint64)))
                 ok &= (draw >> np.uint64(11)).astype(np.float64) / float(1 << 53) < self.admit_probability
             self.seen.put(missing[~ok], count[~ok])
-            self.stats.pending = len(self.seen)
+            self._seen_stale += int(np.count_nonzero(ok & (before >= 0)))
+            self.stats.pending = len(self.seen) - self._seen_stale
         if ok.any():
             keys = missing[ok]
             new = self._alloc(len(keys))
@@ -218,6 +227,9 @@ class SparseTable:
                 self._created.append(new)
             rows[ok] = new
             self.stats.admitted += len(keys)
+            if self._seen_stale > max(1024, len(self.seen) // 2):  # the admitted IDs' sightings go, in one pass
+                self.seen.rebuild(*self._pending())
+                self._seen_stale = 0
             self.stats.rows = len(self.index)
         return rows
 
@@ -346,7 +358,7 @@ class SparseTable:
         }
         snap.update({f"state.{name}": arr[rows] for name, arr in self.state.items()})
         if full:
-            pending, counts = self.seen.items()
+            pending, counts = self._pending()
             order = np.argsort(pending)  # by ID, not by slot: the same snapshot whichever path built the index
             snap["pending.keys"], snap["pending.counts"] = pending[order], counts[order]
         self._tracking, self._snap_step = True, self.step
@@ -420,7 +432,7 @@ class SparseTable:
         seen.put(np.ascontiguousarray(pending_keys), pending_counts)
         # Nothing can fail from here on: the table changes only now.
         spare = 1 if n == 0 else 0  # a pool grows by doubling, so it never has zero rows
-        self.index, self.seen = index, seen
+        self.index, self.seen, self._seen_stale = index, seen, 0
         self.values = _aligned(np.concatenate([cols["values"], np.zeros((spare, self.dim), dtype=np.float32)]))
         self.state = {k: _aligned(np.concatenate([cols[f"state.{k}"], self.rule.allocate(spare, self.dim)[k]])) for k in self.state}
         self.row_key = np.concatenate([keys, np.full(spare, EMPTY, dtype=np.int64)])
