@@ -838,6 +838,9 @@ class JobConfig(_Frozen):
         return opt.lr * (self.cluster.num_workers if opt.scale_lr_with_workers else 1)
 
 
+_OPTIMIZER_TAGS: dict[str, type[BaseModel]] = {"sgd": SGDConfig, "adagrad": AdagradConfig, "adam": AdamConfig, "adamw": AdamWConfig}
+
+
 def _format_validation_error(err: ValidationError, source: str) -> str:
     lines = [f"invalid job configuration ({source}):"]
     for e in err.errors():
@@ -852,6 +855,10 @@ def _format_validation_error(err: ValidationError, source: str) -> str:
             msg = f"unknown name {e['ctx'].get('tag')!r}; allowed: {e['ctx'].get('expected_tags')}"
         elif e["type"] == "extra_forbidden":
             msg = "unknown field"
+            rule = _OPTIMIZER_TAGS.get(str(e["loc"][1])) if len(e["loc"]) > 2 and e["loc"][0] == "optimizer" else None
+            if rule is not None:  # (a job switched to another rule on the command line, keeping the old one's fields)
+                msg = (f"unknown field for optimizer {e['loc'][1]} (it takes {', '.join(rule.model_fields)}; "
+                       "replace the whole mapping to switch rules: --set 'optimizer={name: ..., lr: ...}')")
         given = e.get("input")
         shown = "" if isinstance(given, dict) or e["type"] == "missing" else f" (got {given!r})"
         lines.append(f"  {loc}: {msg}{shown}")

@@ -222,3 +222,8 @@ def test_a_misspelt_optimizer_is_named_unknown_rather_than_its_fields():
     text = str(info.value)
     assert "optimizer: unknown 'adamm'" in text and "'adamw'" in text
     assert "unknown field" not in text and "registered" not in text and "Value error" not in text
+
+
+def test_another_rules_field_says_what_the_rule_takes_and_how_to_switch():
+    with pytest.raises(ConfigError, match=r"optimizer.momentum: unknown field for optimizer adam \(it takes .*betas.*optimizer=\{name"):
+        parse_job({**MINIMAL, "optimizer": {"name": "adam", "lr": 0.001, "momentum": 0.9}})
