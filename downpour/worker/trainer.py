@@ -395,6 +395,8 @@ class Trainer:
                             self._check_classes(out)
                             loss = self.loss_fn(out, _to(y, device))
                         loss.float().sum().backward()
+                    except torch.cuda.OutOfMemoryError:
+                        raise  # (the device's memory, not the data)
                     except (RuntimeError, ValueError, IndexError, TypeError) as err:
                         # (a model for other data: torch's words alone do not say which side is wrong)
                         raise ConfigError(f"the model cannot train on the data's first batch (inputs {_shape_of(x)}, "
