@@ -603,7 +603,8 @@ def test_with_default_checkpoint_settings_a_worker_then_a_server_killed_early_do
     assert summary["status"] == "ok"
     server = next(f for f in summary["failures"] if f["node"] == "server-0")
     assert server["restored_from"].startswith("ckpt-000000000000-")  # the step-0 checkpoint
-    assert isinstance(server["rolled_back_versions"], int) and server["rolled_back_versions"] >= 0
+    lost = server["rolled_back_versions"]  # (null: its last heartbeat came before the checkpoint's copy, so unknown)
+    assert lost is None or (isinstance(lost, int) and lost >= 0), lost
     _every_shard_once(summary)
     assert summary["test_accuracy"] > 0.5
 
