@@ -61,6 +61,33 @@ def test_the_latest_checkpoint_is_the_one_of_the_highest_step_whatever_order_the
     assert store.latest().step == 500 and store.names() == [store.name_for(30), store.name_for(500)]
 
 
+def _commit_needing(store: CheckpointStore, step: int, needs: list[int]) -> None:
+    name = store.name_for(step)
+    entry = store.write_file(name, "sparse-server-0.safetensors", b"rows at %d" % step)
+    store.commit(Manifest(name, step, {"sparse-server-0.safetensors": entry},
+                          {"needs": [store.name_for(n) for n in needs]}))
+
+
+def test_pruning_keeps_what_a_kept_checkpoint_needs_and_what_that_one_needs_in_turn(location):
+    # Each server keeps its own chain of sparse deltas; they diverge when a checkpoint that only one
+    # server wrote for is abandoned. Both take a base at 10; server-0 writes for 40 and 40 is
+    # abandoned; at 30 server-0 is a delta on 10 ([10, 30]) and server-1 (who wrote for an abandoned
+    # 20) a new base ([30]); at 50 server-0, whose last write was the abandoned 40, a new base, and
+    # server-1 a delta ([30, 50]); at 60 both deltas. So 30 needs 10, 50 needs 30, 60 needs 30 and 50.
+    # Keeping the two newest keeps 30 for them, and 30 is not restorable without 10.
+    store = CheckpointStore(location, keep=2)
+    _commit_needing(store, 10, [])
+    _commit_needing(store, 30, [10])
+    _commit_needing(store, 50, [30])
+    _commit_needing(store, 60, [30, 50])
+    names = store.names()
+    assert names == [store.name_for(s) for s in (10, 30, 50, 60)]
+    assert all(set(store.manifest(n).job["needs"]) <= set(names) for n in names)
+    _commit_needing(store, 70, [])  # a new base on both: only the two newest stay
+    _commit_needing(store, 80, [70])
+    assert store.names() == [store.name_for(70), store.name_for(80)]
+
+
 def test_pruning_removes_abandoned_writes_older_than_the_newest_checkpoint_but_not_one_in_progress(location):
     store = CheckpointStore(location, keep=3)
     commit_checkpoint(store, 1)

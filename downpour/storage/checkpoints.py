@@ -108,15 +108,24 @@ class CheckpointStore:
 
     def prune(self) -> None:
         """Delete the oldest checkpoints beyond ``keep``, except those a kept one still needs (the
-        base and deltas of its sparse tables, listed in its manifest's ``job.needs``)."""
+        base and deltas of its sparse tables, listed in its manifest's ``job.needs``), and what those
+        need in turn. Each server keeps its own chain, so a checkpoint kept for one server's deltas can
+        name another server's base that no newer checkpoint needs; keeping it too leaves every
+        checkpoint that remains restorable on its own."""
         committed = self.names()
         kept = committed[max(0, len(committed) - self.keep) :]
         needed: set[str] = set()
-        for name in kept:
+        todo, seen = list(kept), set(kept)
+        while todo:
+            name = todo.pop()
             try:
-                needed.update(str(n) for n in self.manifest(name).job.get("needs") or [])
+                more = {str(n) for n in self.manifest(name).job.get("needs") or []} - needed
             except (DataError, OSError) as err:  # a broken manifest protects nothing
                 log.warning("checkpoint %s: %s", self.where(name), err)
+                continue
+            needed |= more
+            todo.extend(n for n in more if n in committed and n not in seen)
+            seen.update(more)
         for name in committed[: max(0, len(committed) - self.keep)]:
             if name not in needed:
                 self.fs.rm(self._path(name), recursive=True)
