@@ -6,7 +6,7 @@ import pytest
 
 from downpour.config import parse_job
 from downpour.coordinator.membership import shard_wait_s
-from downpour.coordinator.state import CoordinatorState, Finish, Reply
+from downpour.coordinator.state import CoordinatorState, Finish, Reply, SaveModel
 from downpour.layout import Layout, make_layout
 from downpour.models import build_model, param_shapes
 from downpour.protocol import Message, Op
@@ -462,6 +462,26 @@ def test_an_error_report_fails_the_job_naming_the_node_and_its_error():
     assert sim.state.phase == "failed" and sim.state.failed_node == WORKERS[2]
     assert sim.state.error == f"{WORKERS[2]}: CUDA out of memory"
     assert WORKERS[2] in ok(one(sim.send(SERVERS[0], Op.HEARTBEAT)))["stop"]
+
+
+def test_a_job_whose_evaluation_fails_after_training_still_saves_the_trained_model():
+    sim = Sim(FAIL_JOB)
+    sim.train()  # every shard trained; rank 0 evaluates
+    out = sim.send(WORKERS[0], Op.REPORT, kind="error", data={"error": "the test split is damaged"})
+    assert sim.state.phase == "failed"
+    saves = [a for a in out if isinstance(a, SaveModel)]
+    assert len(saves) == 1 and {s["name"] for s in saves[0].servers} == set(SERVERS)
+
+
+def test_a_job_that_fails_while_training_or_with_a_server_lost_saves_no_model():
+    sim = Sim(FAIL_JOB)
+    sim.start()
+    out = sim.send(WORKERS[1], Op.REPORT, kind="error", data={"error": "out of memory"})
+    assert sim.state.phase == "failed" and not [a for a in out if isinstance(a, SaveModel)]
+    sim = Sim(FAIL_JOB)
+    sim.train()
+    out = sim.send(SERVERS[1], Op.REPORT, kind="error", data={"error": "disk full"})  # its parameters are gone
+    assert sim.state.phase == "failed" and not [a for a in out if isinstance(a, SaveModel)]
 
 
 def test_only_the_first_failure_is_reported():

@@ -14,7 +14,7 @@ import logging
 from typing import TYPE_CHECKING
 
 from downpour.coordinator import hosting, membership, replication
-from downpour.coordinator.actions import Action, Reply
+from downpour.coordinator.actions import Action, Reply, SaveModel
 from downpour.coordinator.health import describe_affected
 from downpour.coordinator.model import ALIVE, DEAD, DONE, FINISHED, FailureRecord, Node, Phase
 from downpour.protocol.ops import Code
@@ -170,6 +170,7 @@ def worker_lost(st: CoordinatorState, now: float, node: Node, reason: str, kind:
 def fail(st: CoordinatorState, now: float, node: str, reason: str, kind: str = "error", detected_after_s: float = 0.0) -> list[Action]:
     if st.phase in (Phase.FAILED, Phase.FINISHED):
         return []
+    trained = st.phase == Phase.EVALUATING  # training is over: only the evaluation failed
     held = affected(st, node)
     st.failures.append(FailureRecord(node, kind, round(now - st.started, 3), reason,
                                      detected_after_s=round(detected_after_s, 3), affected=held))
@@ -190,6 +191,9 @@ def fail(st: CoordinatorState, now: float, node: str, reason: str, kind: str = "
     for ident, msg in [*st.joiners, *((i, m) for i, m, _ in st.shard_waiters.values())]:
         out.append(Reply(ident, msg.error(Code.JOB_FAILED, st.error)))
     st.pending_workers, st.barriers, st.done_waiting, st.joiners, st.shard_waiters = [], {}, {}, [], {}
+    if trained and len(st.nodes_of("server", (ALIVE, DONE))) == st.cl.num_servers:
+        # The trained parameters are whole on the servers: model.pt is written as on success.
+        out.append(SaveModel(st.server_addresses(), st.final_buffers))
     return out
 
 
