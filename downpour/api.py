@@ -29,7 +29,7 @@ from typing import Any
 
 from downpour.config import JobConfig, apply_overrides, job_to_dict, load_job, parse_job
 from downpour.data import build_dataset
-from downpour.errors import ConfigError
+from downpour.errors import ConfigError, DownpourError
 from downpour.imports import object_path
 from downpour.server.scaling import check_hyperparameters
 
@@ -52,10 +52,39 @@ def check_run_dir(job: JobConfig, run_dir: str) -> None:
     if job.checkpoint.url is None and os.path.isdir(checkpoints) and any(e.startswith("ckpt-") for e in os.listdir(checkpoints)):
         held.append("checkpoints/")
     resume, here = job.checkpoint.resume_from, os.path.abspath(run_dir)
-    if not held or (resume is not None and "://" not in resume and os.path.commonpath([os.path.abspath(resume), here]) == here):
-        return
-    raise ConfigError(f"the run folder {run_dir} already holds a job ({', '.join(held)}); continue it with --resume {run_dir} "
-                      "(checkpoint.resume_from), or give this job a new --run-dir")
+    if held and not (resume is not None and "://" not in resume and os.path.commonpath([os.path.abspath(resume), here]) == here):
+        raise ConfigError(f"the run folder {run_dir} already holds a job ({', '.join(held)}); continue it with --resume {run_dir} "
+                          "(checkpoint.resume_from), or give this job a new --run-dir")
+    if job.checkpoint.enabled and job.checkpoint.url:
+        check_checkpoint_url(job)
+
+
+def check_checkpoint_url(job: JobConfig) -> None:
+    """``checkpoint.url`` must be a place every process of the job can write to, and hold no other
+    job's checkpoints (they would mix: the latest and the ones pruned go by step, whichever job wrote
+    them) unless this job resumes from there. Checked by writing and deleting a small file."""
+    from downpour.storage import CheckpointStore, resolve_location, same_location
+
+    url = job.checkpoint.url
+    if url.startswith("memory://"):
+        raise ConfigError(f"checkpoint.url {url}: memory:// is one process's memory, and each server writes its part "
+                          "from its own process; use a folder or a shared URL (s3://, ...)")
+    try:
+        store = CheckpointStore(url)
+        store.fs.makedirs(store.root, exist_ok=True)
+        probe = f"{store.root}/.downpour-write-check-{os.getpid()}"
+        with store.fs.open(probe, "wb") as f:
+            f.write(b"downpour")
+        store.fs.rm(probe)
+        names = store.names()
+    except DownpourError as err:
+        raise ConfigError(f"checkpoint.url {url}: {err}") from None
+    except Exception as err:  # noqa: BLE001 - any fsspec backend's error: the job cannot checkpoint there
+        raise ConfigError(f"checkpoint.url {url}: cannot write there: {type(err).__name__}: {err}") from None
+    resume = job.checkpoint.resume_from
+    if names and not (resume is not None and same_location(resolve_location(resume), url)):
+        raise ConfigError(f"checkpoint.url {url} already holds a job's checkpoints (newest {names[-1]}); continue that job "
+                          f"with --resume {url}, or give this job another checkpoint.url")
 
 
 def check_data(job: JobConfig) -> None:

@@ -83,3 +83,23 @@ def metric_raises(outputs, targets):
 def broken_loss(out, y):
     """A loss with a bug: every worker that calls it dies the same way (the launcher's crash-loop test)."""
     raise RuntimeError("a deliberately broken loss")
+
+
+class _DictOut(nn.Module):
+    """A model that returns a dict (its logits and their norm), for a loss that takes it apart."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = bn_cnn()
+
+    def forward(self, x):
+        logits = self.body(x)
+        return {"logits": logits, "norm": logits.norm(dim=1)}
+
+
+def dict_out() -> nn.Module:
+    return _DictOut()
+
+
+def dict_loss(out, y):
+    return F.cross_entropy(out["logits"], y)

@@ -169,6 +169,20 @@ def test_a_batchnorm_dropout_model_through_a_dataloader_loads_strictly_from_mode
     assert _evaluate(model, test) == pytest.approx(s["test_accuracy"], abs=1e-9)
 
 
+@pytest.mark.slow
+def test_a_model_that_returns_a_dict_trains_with_a_loss_that_takes_it_apart(tmp_path):
+    # The output goes to the loss as it is; the test loss is reported, accuracy and tensor metrics
+    # are not (they would need a tensor), and say why.
+    from downpour.launch import LocalLauncher
+
+    job = byo_job(model={"factory": "tests.byo_factories:dict_out"},
+                  training={"loss": "tests.byo_factories:dict_loss", "consistency": "async", "epochs": 1})
+    s = LocalLauncher(resolve_job(job), str(tmp_path / "run")).run().summary
+    assert s["status"] == "ok", s.get("error")
+    assert s["test_accuracy"] is None and 0.0 < s["test_loss"] < 2.3  # below chance's log(10)
+    assert "is a dict, not a tensor" in s["test_metric_errors"]["top2"]
+
+
 def test_buffers_merge_by_policy_and_their_names_pass_the_worker_done_schema():
     from downpour.models.buffers import merge, pack, unpack
     from downpour.protocol import Op

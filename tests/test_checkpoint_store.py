@@ -181,3 +181,29 @@ def test_a_run_folder_with_a_checkpoints_folder_means_that_folder(tmp_path):
 @pytest.mark.parametrize("where", ["memory://t-x/run", "s3://bucket/run/checkpoints", "file:///tmp/run"])
 def test_a_url_is_taken_as_it_is(where):
     assert resolve_location(where) == where
+
+
+def test_a_run_folder_whose_job_wrote_to_a_checkpoint_url_means_that_url(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text("name: x\ncheckpoint:\n  url: s3://bucket/x/ckpts\n")
+    assert resolve_location(str(run)) == "s3://bucket/x/ckpts"
+    (run / "config.yaml").write_text(f"name: x\ncheckpoint:\n  url: {tmp_path / 'elsewhere'}\n")
+    assert resolve_location(str(run)) == str(tmp_path / "elsewhere")
+    (run / "config.yaml").write_text("name: x\ncheckpoint: {url: null}\n")
+    assert resolve_location(str(run)) == str(run)  # checkpoints in the run folder (none yet)
+    (run / "config.yaml").write_text("name: [x\n")  # not YAML: as if absent
+    assert resolve_location(str(run)) == str(run)
+
+
+def test_the_scheduler_resumes_from_the_checkpoint_url_a_preempted_run_wrote_to(tmp_path):
+    from downpour.scheduler.runner import resume_source, run_folder
+
+    url = tmp_path / "bucket"
+    run0 = run_folder(str(tmp_path / "root"), 7, 0)
+    os.makedirs(run0)
+    with open(os.path.join(run0, "config.yaml"), "w") as f:
+        f.write(f"name: x\ncheckpoint:\n  url: {url}\n")
+    assert resume_source(str(tmp_path / "root"), 7, 1) is None  # nothing committed there yet
+    commit_checkpoint(CheckpointStore(str(url)), 12)
+    assert resume_source(str(tmp_path / "root"), 7, 1) == run0

@@ -59,3 +59,34 @@ def test_status_of_a_run_folder_that_is_not_there_says_so(tmp_path):
         args = argparse.Namespace(target=target, keys=None, json=False, insecure=False)
         with pytest.raises(ConfigError, match="no such run folder"):
             cmd_status(args)
+
+
+def _committed(where) -> None:
+    from downpour.storage import CheckpointStore
+    from tests.checkpoint_helpers import commit_checkpoint
+
+    commit_checkpoint(CheckpointStore(str(where)), 40)
+
+
+def test_a_checkpoint_url_that_holds_a_jobs_checkpoints_is_refused_unless_the_job_resumes_from_there(tmp_path):
+    url = tmp_path / "shared" / "ckpts"
+    check_run_dir(job(url=str(url)), str(tmp_path / "a"))  # empty (made here): fine
+    _committed(url)
+    with pytest.raises(ConfigError, match=r"checkpoint.url .*ckpts already holds a job's checkpoints \(newest ckpt-000000000040.*--resume"):
+        check_run_dir(job(url=str(url)), str(tmp_path / "b"))
+    check_run_dir(job(url=str(url), resume_from=str(url)), str(tmp_path / "b"))
+    # the run folder of the job that wrote there means its checkpoint.url (its config.yaml says so)
+    (tmp_path / "a" / "config.yaml").write_text(f"name: a\ncheckpoint:\n  url: {url}\n")
+    check_run_dir(job(url=str(url), resume_from=str(tmp_path / "a")), str(tmp_path / "c"))
+    with pytest.raises(ConfigError, match="already holds a job's checkpoints"):
+        check_run_dir(job(url=str(url), resume_from=str(tmp_path / "elsewhere")), str(tmp_path / "d"))
+    check_run_dir(job(url=str(url), enabled=False), str(tmp_path / "e"))  # this job writes none
+
+
+def test_a_checkpoint_url_no_process_can_write_to_is_refused_before_anything_starts(tmp_path):
+    with pytest.raises(ConfigError, match=r"memory:// is one process's memory"):
+        check_run_dir(job(url="memory://ck"), str(tmp_path / "a"))
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ConfigError, match=r"checkpoint.url .*file/ck: cannot write there"):
+        check_run_dir(job(url=str(tmp_path / "file" / "ck")), str(tmp_path / "b"))
+    assert not list((tmp_path / "a").glob(".downpour-write-check-*"))

@@ -120,6 +120,11 @@ def cmd_train(args) -> int:
     print(f"{s['examples']} examples in {s['steps']} steps, {s['train_s']:.1f}s training "
           f"({s['examples_per_s']:.0f} examples/s), {s['wall_s']:.1f}s wall; "
           f"staleness mean {s['staleness']['mean']:.2f} max {s['staleness']['max']}")
+    ck = s.get("checkpoints") or {}
+    if ck.get("enabled") and ck.get("abandoned") and not ck.get("count"):
+        print(f"downpour: WARNING: no checkpoint was committed ({ck['abandoned']} abandoned, at {ck.get('url')}): this job "
+              f"cannot be resumed; the coordinator's log says why ({os.path.join(result.run_dir, 'logs', 'coordinator.log')})",
+              file=sys.stderr)
     print(f"summary: {os.path.join(result.run_dir, 'summary.json')}")
     return 0
 

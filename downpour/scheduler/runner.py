@@ -61,9 +61,10 @@ def resume_source(root: str, job_id: int, attempt: int) -> str | None:
     """The newest run folder before ``attempt`` with a complete checkpoint, or None."""
     for k in range(attempt - 1, -1, -1):
         folder = run_folder(root, job_id, k)
-        if os.path.isdir(os.path.join(folder, "checkpoints")):
+        where = resolve_location(folder)  # its checkpoints/ folder, or the checkpoint.url its job wrote to
+        if "://" in where or os.path.isdir(where):
             try:
-                if CheckpointStore(resolve_location(folder)).latest() is not None:
+                if CheckpointStore(where).latest() is not None:
                     return folder
             except Exception as err:  # noqa: BLE001 - a damaged folder is skipped, an older one may do
                 log.warning("scheduler: job %d: %s has no usable checkpoint: %s", job_id, folder, err)

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import fsspec
+import yaml
 
 from downpour.errors import DataError
 from downpour.protocol.schema import SAFE_NAME
@@ -62,11 +63,37 @@ class Manifest:
             raise DataError(f"{where}: not a valid checkpoint manifest: {err}") from None
 
 
+def configured_location(run_dir: str) -> str | None:
+    """The ``checkpoint.url`` the job of a run folder wrote its checkpoints to (its ``config.yaml``),
+    or None: no such file, or checkpoints in the run folder."""
+    path = os.path.join(run_dir, "config.yaml")
+    try:
+        with open(path, encoding="utf-8") as f:
+            raw = yaml.safe_load(f.read(MAX_MANIFEST_BYTES))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return None
+    cp = raw.get("checkpoint") if isinstance(raw, dict) else None
+    url = cp.get("url") if isinstance(cp, dict) else None
+    return url if isinstance(url, str) and url else None
+
+
+def same_location(a: str, b: str) -> bool:
+    """Whether two checkpoint locations (folders or URLs, as :func:`resolve_location` gives) are one."""
+    norm = [x.rstrip("/") if "://" in x else os.path.abspath(x) for x in (a, b)]
+    return norm[0] == norm[1]
+
+
 def resolve_location(where: str) -> str:
-    """A run folder means its ``checkpoints`` folder; anything else is taken as the store's URL."""
+    """A run folder means its ``checkpoints`` folder, or the ``checkpoint.url`` its job wrote to;
+    anything else is taken as the store's URL."""
     if "://" not in where:
         inner = os.path.join(where, "checkpoints")
-        return os.path.abspath(inner if os.path.isdir(inner) else where)
+        if os.path.isdir(inner):
+            return os.path.abspath(inner)
+        url = configured_location(where) if os.path.isdir(where) else None
+        if url is not None:
+            return url if "://" in url else os.path.abspath(url)
+        return os.path.abspath(where)
     return where
 
 

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from downpour.errors import RemoteError, RequestTimeout
+from downpour.errors import ConfigError, RemoteError, RequestTimeout
 from downpour.stream import parse_events
 from downpour.stream.prefetch import PrefetchReader
 from downpour.stream.prequential import Prequential
@@ -113,6 +113,9 @@ class OnlineLoop:
                     t.step(x, batch.y.to(t.flat.device), [epoch, part, batch.last_offset], pushed)
                     pushed = batch.last_offset
                     new = batch.offsets > scored  # events read again after a rewind are scored once
+                    if new.any() and t.last_output is None:
+                        raise ConfigError("the model's output is not a tensor: online learning scores each batch "
+                                          "from it (a probability's logit per event) before training on it")
                     if new.any():
                         probs = torch.sigmoid(t.last_output.reshape(-1)).cpu().numpy()
                         self.prequential.add(batch.y.numpy()[new], probs[new])

@@ -280,7 +280,9 @@ class Trainer:
         with self.precision.autocast():
             out = _forward(model, x)
             loss = checked_loss(t.loss, self.loss_fn(out, y))
-        self.last_output = out.detach()  # scored before its update (online learning's prequential metrics)
+        # scored before its update (online learning's prequential metrics); a model may return a tuple or
+        # a dict for its own loss to take apart
+        self.last_output = out.detach() if isinstance(out, torch.Tensor) else None
         self.precision.backward(loss)
         if not self.precision.unscale(self.flat.params):  # fp16 overflow: this batch is skipped, the scale halves
             self.flat.zero_grad()
@@ -438,7 +440,7 @@ class Trainer:
             self._test_batches = Batches(test, batch_size, self.job.data.loader, self.flat.device.type == "cuda",
                                          "data (test split)")
         total_loss, correct, n, countable = 0.0, 0, 0, True
-        outs, targets = [], []
+        outs, targets, other = [], [], None  # other: the type of an output that is not a tensor
         keep = kind == "binary_cross_entropy" or bool(self.metrics)
         size = split_len(test)
         with torch.no_grad():
@@ -448,6 +450,9 @@ class Trainer:
                     out = _forward(model, x)
                     total_loss += float(checked_loss(kind, self.loss_fn(out, y))) * len(y)
                 n += len(y)
+                if not isinstance(out, torch.Tensor):  # a tuple or dict for a custom loss: its test loss only
+                    countable, other = False, type(out).__name__
+                    continue
                 if kind == "binary_cross_entropy":
                     correct += int(((torch.sigmoid(out.float().reshape(-1)) > 0.5).to(y.dtype) == y.reshape(-1)).sum())
                 elif out.dim() == 2 and y.dim() == 1 and not y.is_floating_point():
@@ -459,7 +464,7 @@ class Trainer:
                     targets.append(y.cpu())
         result: dict[str, Any] = {"test_accuracy": correct / n if n and countable else None,
                                   "test_loss": total_loss / n if n else None, "test_examples": n}
-        if kind == "binary_cross_entropy" and n:
+        if kind == "binary_cross_entropy" and n and other is None:
             y_all, p_all = torch.cat(targets).reshape(-1).numpy(), torch.sigmoid(torch.cat(outs).reshape(-1)).numpy()
             result["test_auc"] = roc_auc(y_all, p_all)
             result["test_logloss"] = log_loss(y_all, p_all)
@@ -467,7 +472,11 @@ class Trainer:
             if optimum:
                 result["optimum_auc"] = optimum.get("test_auc")
                 result["optimum_logloss"] = optimum.get("test_logloss")
-        if self.metrics and n:
+        if self.metrics and n and other is not None:
+            result["metrics"] = {}
+            result["metric_errors"] = {name: f"the model's output is a {other}, not a tensor: metrics take a tensor"
+                                       for name in self.metrics}
+        elif self.metrics and n:
             out_all, y_all_t = torch.cat(outs), torch.cat(targets)
             result["metrics"], errors = {}, {}
             for name, fn in self.metrics.items():
