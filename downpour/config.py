@@ -36,7 +36,7 @@ STREAM_SPAN = 1 << 58
 
 
 class _Frozen(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)  # no setting is infinite or NaN
 
 
 class ModelConfig(_Frozen):
@@ -907,6 +907,38 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
     return out
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing a key given twice in one mapping (PyYAML keeps the last one
+    silently, so a section written twice would lose the first one's settings)."""
+
+
+def _unique_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    seen: dict[Any, Any] = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        try:
+            twice = key in seen
+        except TypeError:  # an unhashable key: PyYAML's own error follows
+            break
+        if twice:
+            raise yaml.constructor.ConstructorError(
+                "while constructing a mapping", node.start_mark, f"found the key {key!r} twice", key_node.start_mark)
+        seen[key] = True
+    return loader.construct_mapping(node, deep=deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _unique_mapping)
+
+
+def parse_yaml(text: str, where: str) -> Any:
+    """A job file's text as Python values (safe: plain types only); a clear error when it is not YAML
+    or gives a key twice."""
+    try:
+        return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError as err:
+        raise ConfigError(f"job file {where} is not valid YAML: {err}") from None
+
+
 def load_job(path: str | Path, overrides: list[str] | None = None) -> JobConfig:
     """Read a YAML job file, apply ``--set`` overrides, validate."""
     p = Path(path)
@@ -914,10 +946,7 @@ def load_job(path: str | Path, overrides: list[str] | None = None) -> JobConfig:
         text = p.read_text()
     except OSError as err:
         raise ConfigError(f"cannot read job file {p}: {err.strerror}") from None
-    try:
-        raw = yaml.safe_load(text)
-    except yaml.YAMLError as err:
-        raise ConfigError(f"job file {p} is not valid YAML: {err}") from None
+    raw = parse_yaml(text, str(p))
     if raw is None:
         raise ConfigError(f"job file {p} is empty")
     if not isinstance(raw, dict):

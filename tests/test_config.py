@@ -188,6 +188,23 @@ def test_a_job_file_that_is_not_yaml_is_refused_naming_the_file(tmp_path):
     assert str(path) in str(info.value)
 
 
+def test_a_key_given_twice_is_refused_naming_it(tmp_path):
+    # PyYAML keeps the last one silently: a section written twice would lose the first's settings.
+    path = write(tmp_path, "model: {name: mlp}\ntraining: {epochs: 3}\ntraining: {batch_size: 8}\n")
+    with pytest.raises(ConfigError, match="found the key 'training' twice"):
+        load_job(path)
+    with pytest.raises(ConfigError, match="found the key 'lr' twice"):
+        load_job(write(tmp_path, "model: {name: mlp}\noptimizer: {name: sgd, lr: 0.1, lr: 0.2}\n"))
+
+
+@pytest.mark.parametrize("value", ["inf", "-inf", "nan", ".inf"])
+def test_no_setting_is_infinite_or_nan(value):
+    with pytest.raises(ConfigError, match="optimizer.lr: Input should be a finite number"):
+        parse_job({"model": {"name": "mlp"}, "optimizer": {"name": "sgd", "lr": float(value.lstrip("."))}})
+    with pytest.raises(ConfigError, match="checkpoint.every_s: Input should be a finite number"):
+        parse_job({"model": {"name": "mlp"}, "checkpoint": {"every_s": float(value.lstrip("."))}})
+
+
 def test_an_empty_job_file_is_refused(tmp_path):
     with pytest.raises(ConfigError, match="is empty"):
         load_job(write(tmp_path, "# nothing here\n"))

@@ -21,6 +21,7 @@ import threading
 
 import yaml
 
+from downpour.config import parse_yaml
 from downpour.errors import ConfigError
 
 DEFAULT_DIR = os.path.join("runs", "scheduler")
@@ -98,7 +99,7 @@ def cmd_submit(args) -> int:
             text = f.read()
     except OSError as err:
         raise ConfigError(f"job file {args.job}: {err.strerror}") from None
-    raw = yaml.safe_load(text) if text.strip() else None
+    raw = parse_yaml(text, args.job) if text.strip() else None
     # A relative data path means one relative to where `submit` runs; the job runs there too.
     if isinstance(raw, dict) and isinstance(raw.get("data"), dict) and isinstance(raw["data"].get("path"), str) \
             and "://" not in raw["data"]["path"]:

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import yaml
 
 from downpour.api import check_data
-from downpour.config import apply_overrides, job_to_dict, parse_job
+from downpour.config import apply_overrides, job_to_dict, parse_job, parse_yaml
 from downpour.errors import ConfigError, DownpourError
 from downpour.scheduler.decide import Preempt, Start, decide, free_resources
 from downpour.scheduler.model import Job, Phase
@@ -75,10 +75,7 @@ class Scheduler:
         for name, value in (("user", user), ("queue", queue)):
             if not value or not all(c.isalnum() or c in "-_." for c in value):
                 raise ConfigError(f"{name}: expected letters, digits, '-', '_' or '.', got {value!r}")
-        try:
-            raw = yaml.safe_load(job_yaml)
-        except yaml.YAMLError as err:
-            raise ConfigError(f"job file: not valid YAML: {err}") from None
+        raw = parse_yaml(job_yaml, "(submitted)")
         if not isinstance(raw, dict):
             raise ConfigError("job file: expected a mapping of sections (model, data, training, ...)")
         spec = parse_job(apply_overrides(raw, list(overrides or [])), "submitted job")
