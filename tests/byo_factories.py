@@ -103,3 +103,21 @@ def dict_out() -> nn.Module:
 
 def dict_loss(out, y):
     return F.cross_entropy(out["logits"], y)
+
+
+class _Tied(nn.Module):
+    """Input and output embeddings tied (one parameter under two names), and a BatchNorm buffer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(6, 6, bias=False)
+        self.norm = nn.BatchNorm1d(6)
+        self.b = nn.Linear(6, 6, bias=False)
+        self.b.weight = self.a.weight
+
+    def forward(self, x):
+        return self.b(torch.relu(self.norm(self.a(x))))
+
+
+def tied() -> nn.Module:
+    return _Tied()

@@ -183,6 +183,31 @@ def test_a_model_that_returns_a_dict_trains_with_a_loss_that_takes_it_apart(tmp_
     assert "is a dict, not a tensor" in s["test_metric_errors"]["top2"]
 
 
+def test_tied_parameters_are_no_buffers_and_model_pt_holds_every_name_with_the_servers_values(tmp_path):
+    # b.weight is a.weight: the servers keep it once (a.weight); the workers' copies of it must not be
+    # merged as a buffer (a strict load would then put the workers' average over the trained value).
+    from downpour.coordinator.saving import write_model
+    from downpour.layout import make_layout
+    from downpour.models import param_shapes
+    from downpour.models.buffers import aliases, model_buffers
+    from tests.byo_factories import tied
+
+    model = tied()
+    shapes = param_shapes(model)
+    trained = {name for name, _ in shapes}
+    assert "b.weight" not in trained and aliases(model, trained) == {"b.weight": "a.weight"}
+    assert set(model_buffers(model, trained)) == {"norm.running_mean", "norm.running_var", "norm.num_batches_tracked"}
+    layout = make_layout(shapes, 1)
+    flat = torch.arange(float(layout.numel))
+    path = str(tmp_path / "model.pt")
+    write_model(path, layout, flat, model_buffers(model, trained), aliases(model, trained))
+    state = torch.load(path, weights_only=True)
+    assert torch.equal(state["a.weight"], state["b.weight"])
+    fresh = tied()
+    fresh.load_state_dict(state, strict=True)
+    assert torch.equal(fresh.b.weight.detach(), state["a.weight"])
+
+
 def test_buffers_merge_by_policy_and_their_names_pass_the_worker_done_schema():
     from downpour.models.buffers import merge, pack, unpack
     from downpour.protocol import Op

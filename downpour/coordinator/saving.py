@@ -55,10 +55,13 @@ def pull_parameters(rpc: RpcClient, layout: Layout, servers: dict[int, str], max
     return flat
 
 
-def write_model(path: str, layout: Layout, flat: torch.Tensor, buffers: dict[str, torch.Tensor] | None) -> None:
+def write_model(path: str, layout: Layout, flat: torch.Tensor, buffers: dict[str, torch.Tensor] | None,
+                aliases: dict[str, str] | None = None) -> None:
     """The parameters (views of ``flat`` by the layout) and the merged buffers as a state_dict at
-    ``path``, atomically (a reader never sees half a file)."""
+    ``path``, atomically (a reader never sees half a file). ``aliases``: other names of parameters
+    (tied weights), written as the same tensor so that a strict load finds every key."""
     state = {p.name: flat[p.offset : p.offset + p.numel].view(p.shape).clone() for p in layout.params}
     state.update(buffers or {})  # BatchNorm statistics and other buffers, merged from the workers
+    state.update({alias: state[name] for alias, name in (aliases or {}).items() if name in state})
     torch.save(state, path + ".tmp")
     os.replace(path + ".tmp", path)

@@ -31,6 +31,7 @@ from downpour.coordinator.state import CommitCheckpoint, CoordinatorState, Finis
 from downpour.data import build_dataset
 from downpour.errors import ConfigError, DownpourError, ProtocolError
 from downpour.layout import Layout, make_layout
+from downpour.models import buffers as bufs
 from downpour.models import build_model, param_shapes
 from downpour.monitor import HttpEndpoint, metrics_route, node_labels
 from downpour.monitor.http import static_file
@@ -57,13 +58,20 @@ _BURST = 256  # requests handled before the clock is looked at again
 
 def plan_layout(job: JobConfig) -> Layout:
     """Build the model on the meta device (no memory) to learn its parameters, then partition them."""
+    return plan_model(job)[0]
+
+
+def plan_model(job: JobConfig) -> tuple[Layout, dict[str, str]]:
+    """:func:`plan_layout`, and the other names of trained parameters (tied weights) for ``model.pt``."""
     try:
         with torch.device("meta"):
             model = build_model(job.model, job.training.seed)
     except (RuntimeError, NotImplementedError):  # a factory that cannot run on meta tensors
         model = build_model(job.model, job.training.seed)
     cl = job.cluster
-    return make_layout(param_shapes(model), cl.num_servers, "f32", cl.partitioner, cl.max_slice_bytes, tables=sparse_tables(model))
+    shapes = param_shapes(model)
+    layout = make_layout(shapes, cl.num_servers, "f32", cl.partitioner, cl.max_slice_bytes, tables=sparse_tables(model))
+    return layout, bufs.aliases(model, {name for name, _ in shapes})
 
 
 def write_atomic(path: str, text: str) -> None:
@@ -91,7 +99,7 @@ class Coordinator:
         self.job = job
         self.security = security
         self.run_dir = run_dir
-        layout = plan_layout(job)
+        layout, self.aliases = plan_model(job)
         dataset = build_dataset(job.data)
         num_train = len(dataset.train)
         check_hyperparameters(job, num_train)  # warm-up and schedule against the job's length
@@ -327,7 +335,7 @@ class Coordinator:
             servers = {int(s["rank"]): s["name"] for s in action.servers}
             flat = pull_parameters(rpc, self.layout, servers, self.job.cluster.max_request_bytes)
             path = os.path.join(self.run_dir, "model.pt")
-            write_model(path, self.layout, flat, action.buffers)
+            write_model(path, self.layout, flat, action.buffers, self.aliases)
             log.info("coordinator: saved the trained parameters to %s", path)
         except DownpourError as err:
             log.error("coordinator: could not save the trained parameters: %s", err)

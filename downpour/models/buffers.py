@@ -34,10 +34,19 @@ _DTYPES = {str(d).removeprefix("torch."): d for d in (torch.float32, torch.float
                                                        torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8, torch.bool)}
 
 
+def aliases(model: nn.Module, trained: set[str]) -> dict[str, str]:
+    """State_dict names that are another name of a ``trained`` parameter (tied weights:
+    ``b.weight = a.weight``), each mapped to the name the servers keep it under."""
+    named = {id(p): n for n, p in model.named_parameters() if n in trained}
+    return {n: named[id(t)] for n, t in model.state_dict(keep_vars=True).items() if n not in trained and id(t) in named}
+
+
 def model_buffers(model: nn.Module, trained: set[str]) -> dict[str, torch.Tensor]:
     """What a state_dict holds besides the ``trained`` parameters (the servers' keys): persistent
-    buffers, and frozen parameters (``requires_grad=False``), by state_dict name."""
-    return {n: t for n, t in model.state_dict().items() if n not in trained}
+    buffers, and frozen parameters (``requires_grad=False``), by state_dict name. Other names of
+    trained parameters are not buffers: their values are the servers'."""
+    tied = aliases(model, trained)
+    return {n: t for n, t in model.state_dict().items() if n not in trained and n not in tied}
 
 
 def pack(buffers: dict[str, torch.Tensor]) -> tuple[list[str], list[torch.Tensor]]:
