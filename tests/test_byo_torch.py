@@ -262,3 +262,17 @@ def test_an_unknown_model_or_argument_is_refused_before_anything_starts(model, s
 
     with pytest.raises(ConfigError, match=says):
         check_extensions(parse_job({"model": model}))
+
+
+def test_an_embedding_that_makes_sparse_gradients_is_refused_naming_it():
+    from torch import nn
+
+    from downpour.models import param_shapes
+
+    model = nn.Sequential(nn.Embedding(50, 4, sparse=True), nn.Flatten(), nn.Linear(16, 2))
+    with pytest.raises(ConfigError, match=r"module 0 \(Embedding\(sparse=True\)\) makes sparse gradients.*sparse=False"):
+        param_shapes(model)
+    frozen = nn.EmbeddingBag(50, 4, sparse=True)
+    frozen.weight.requires_grad_(False)  # not trained: no gradient at all
+    assert param_shapes(nn.Sequential(frozen, nn.Linear(4, 2))) == [("1.weight", (2, 4)), ("1.bias", (2,))]
+    assert len(param_shapes(nn.Sequential(nn.Embedding(50, 4), nn.Flatten(), nn.Linear(16, 2)))) == 3

@@ -133,6 +133,11 @@ def build_model(cfg: ModelConfig, seed: int) -> nn.Module:
 
 def param_shapes(model: nn.Module) -> list[tuple[str, tuple[int, ...]]]:
     """(name, shape) of every trainable parameter, in the order the layout uses."""
+    for name, m in model.named_modules():
+        if isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and m.sparse and m.weight.requires_grad:
+            raise ConfigError(f"module {name or 'model'} ({type(m).__name__}(sparse=True)) makes sparse gradients; the servers "
+                              "take dense ones: use sparse=False, or downpour.nn.SparseEmbedding for a table too large for a "
+                              "worker (docs/sparse.md)")
     out = []
     for name, p in model.named_parameters():
         if not p.requires_grad:
