@@ -184,8 +184,13 @@ def train(
     that does not resolve, :class:`DataError` when the data is missing (nothing is started
     then), and :class:`JobFailed` naming the first node that failed.
     """
+    from downpour import imports
     from downpour.launch import make_launcher
 
+    if imports.importing:  # a job's process imports the script for its functions, and its top level called this
+        raise ConfigError(f"downpour.train was called while a job's process imported {imports.importing[-1]} for the "
+                          "functions it names: every process runs the script's top level again. Put the call under "
+                          "`if __name__ == \"__main__\":`")
     job = resolve_job(config, model_fn, dataset_fn)
     check_data(job)
     run_dir = run_dir or default_run_dir(job.name)

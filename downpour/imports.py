@@ -12,6 +12,7 @@ from typing import Any
 from downpour.errors import ConfigError
 
 _MAIN_ALIAS = "__downpour_main__"  # scripts imported by path are modules named this, plus the path's hash
+importing: list[str] = []  # the scripts whose top level runs now (imported by path, for their functions)
 
 
 def import_object(spec: str, field: str) -> Any:
@@ -31,11 +32,14 @@ def import_object(spec: str, field: str) -> Any:
                 raise ConfigError(f"{field}: cannot import script {path}")
             module = importlib.util.module_from_spec(loader_spec)
             sys.modules[name] = module
+            importing.append(path)
             try:
                 loader_spec.loader.exec_module(module)
             except BaseException:
                 del sys.modules[name]  # (not left half-run for the next caller)
                 raise
+            finally:
+                importing.pop()
     else:
         mod_name, sep, attr = spec.partition(":")
         if not sep or not mod_name or not attr:

@@ -247,6 +247,21 @@ def test_the_python_api_trains_module_level_factories(tmp_path, tiny_data):
     assert torch.equal(model[1].weight, state["1.weight"]) and not model.training
 
 
+def test_a_script_that_calls_train_without_a_main_guard_is_told_to_add_one(tmp_path):
+    # The job's processes import the script for its functions, so its top level runs again there.
+    script = tmp_path / "noguard.py"
+    script.write_text(
+        "import torch, downpour\n"
+        "from torch.utils.data import TensorDataset\n"
+        "def model(): return torch.nn.Linear(4, 2)\n"
+        "def data(): return TensorDataset(torch.randn(64, 4), torch.randint(0, 2, (64,)))\n"
+        f"downpour.train(model, data, {{'cluster': {{'num_servers': 1, 'num_workers': 1}}}}, run_dir={str(tmp_path / 'run')!r})\n")
+    done = subprocess.run([PY, str(script)], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert done.returncode != 0
+    assert f"imported {script} for the functions it names" in done.stderr and 'if __name__ == "__main__":' in done.stderr
+    assert not (tmp_path / "run" / "summary.json").exists()  # nothing started
+
+
 def test_overlap_ipc_and_the_greedy_partitioner_train_together(tmp_path, tiny_data):
     # A gentler rate: overlap adds a step of staleness, which lr 0.05 with momentum 0.9 does not always survive.
     job = tiny_job(tiny_data, training={"overlap": True, "epochs": 2}, optimizer={"lr": 0.02},
