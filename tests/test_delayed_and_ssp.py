@@ -271,6 +271,7 @@ class RecordingKV:
         self.versions = [0] * keys
         self.pushes: list[dict] = []
         self.rpc = SimpleNamespace(bytes_sent=0, bytes_received=0)
+        self.bytes_sent = self.bytes_received = 0
         self.wire = {"push": {}, "pull": {}}
 
     def push_pull(self, grad, out, keys=None, weight=1.0, versions=None, position=None, delta=False, start=None):

@@ -242,8 +242,12 @@ def test_a_worker_whose_values_live_in_shared_memory_gets_every_reply_in_place(t
     assert [m.meta["into"][1:] for m in sent] == [[lo, hi - lo] for part in kv._all for lo, hi in part.ranges]
     assert all("shm" not in m.meta for m in sent) and scattered == []
     grad = torch.randn(TWO.numel, generator=torch.Generator().manual_seed(1))
+    sent0, received0 = kv.shm_sent, kv.shm_received
     kv.wait(kv.push_pull(grad, values), WAIT_S)
     torch.testing.assert_close(values, init - 0.1 * grad)
+    # the values moved through shared memory count as bytes sent and received, as the servers count them
+    assert (kv.shm_sent - sent0, kv.shm_received - received0) == (4 * TWO.numel, 4 * TWO.numel)
+    assert kv.bytes_sent == kv.rpc.bytes_sent + kv.shm_sent and kv.bytes_received == kv.rpc.bytes_received + kv.shm_received
     assert all("shm" in m.meta and "into" in m.meta for m in sent[2:]) and scattered == []
     other = torch.empty(TWO.numel)  # not the shared vector: through the request's slot and copied
     kv.wait(kv.pull(other), WAIT_S)

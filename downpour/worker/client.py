@@ -219,6 +219,7 @@ class KVClient:
         self._shape = torch.Size([layout.numel])
         self._slots: dict[int, _Slots] = {}  # by server rank: where values go through shared memory
         self.shm_requests = 0  # requests whose values went through shared memory
+        self.shm_sent = self.shm_received = 0  # bytes of values through shared memory, each way
         self.replay = replay
         self.seq: dict[int, int] = {}  # by server rank: pushes sent to it (meta.seq)
         self.replayed = 0  # pushes sent again after a failover
@@ -238,6 +239,16 @@ class KVClient:
         if folder is not None and self.compressor is None and self.pq is None:
             self._slots[rank] = _Slots(folder, f"{self.rpc.node}-s{rank}")
         return rank in self._slots
+
+    @property
+    def bytes_sent(self) -> int:
+        """Bytes sent to servers: the sockets' frames and the values written to shared memory."""
+        return self.rpc.bytes_sent + self.shm_sent
+
+    @property
+    def bytes_received(self) -> int:
+        """Bytes received from servers: the sockets' frames and the values read from shared memory."""
+        return self.rpc.bytes_received + self.shm_received
 
     def close(self) -> None:
         """Remove this client's shared-memory slots (a shared values vector stays mapped while used)."""
@@ -334,6 +345,7 @@ class KVClient:
             if slot is not None:
                 if data is not None:
                     part.gather_into(data, slot.values)
+                    self.shm_sent += part.numel * 4
                 meta["shm"] = [slot.slot.name, part.numel]
             elif pushing and self.compressor is not None:
                 meta["enc"], tensors = self.compressor.encode(part.keys, data)
@@ -490,6 +502,7 @@ class KVClient:
             pulled = self.wire["pull"]
             pulled["headers"] += fut.received[0]
             pulled["values"] += part.numel * 4
+            self.shm_received += part.numel * 4
             if not into:  # (with meta.into the server wrote them into ``out`` already)
                 part.scatter(slot.values[: part.numel], out)
         elif out is not None and reply.tensors:

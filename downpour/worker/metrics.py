@@ -28,8 +28,9 @@ def worker_metrics(trainer: Callable[[], Trainer | None]) -> Callable[[Families]
         f.counter("downpour_worker_step_phase_seconds_total", doc, t.wait_s, phase="pull_wait")
         if t.step_times is not None:
             f.histogram("downpour_worker_step_seconds", "Wall time of one training step.", t.step_times)
-        f.counter("downpour_worker_sent_bytes_total", "Bytes sent to servers (headers and tensor frames).", t.kv.rpc.bytes_sent)
-        f.counter("downpour_worker_received_bytes_total", "Bytes received from servers.", t.kv.rpc.bytes_received)
+        f.counter("downpour_worker_sent_bytes_total", "Bytes sent to servers (frames, and values through shared memory).",
+                  t.kv.bytes_sent)
+        f.counter("downpour_worker_received_bytes_total", "Bytes received from servers.", t.kv.bytes_received)
         doc = ("Bytes of pushes and of pulled values by part: values, indices and scales (what a codec sends), "
                "headers (message headers).")
         for direction, parts in t.kv.wire.items():

@@ -176,7 +176,7 @@ class Trainer:
         out: dict[str, Any] = {
             "steps": self.steps, "examples": self.examples, "examples_per_s": self.rate.update(self.examples),
             "compute_s": self.compute_s, "push_s": self.push_s, "pull_wait_s": self.wait_s,
-            "bytes_sent": self.kv.rpc.bytes_sent, "bytes_received": self.kv.rpc.bytes_received,
+            "bytes_sent": self.kv.bytes_sent, "bytes_received": self.kv.bytes_received,
         }
         if self.position is not None:
             out["position"] = self.position
@@ -501,8 +501,8 @@ class Trainer:
             "wait_s": self.wait_s,
             "examples_per_s": self.examples / self.train_s if self.train_s > 0 else 0.0,
             "final_loss": self.loss_ema,
-            "bytes_sent": self.kv.rpc.bytes_sent,
-            "bytes_received": self.kv.rpc.bytes_received,
+            "bytes_sent": self.kv.bytes_sent,
+            "bytes_received": self.kv.bytes_received,
             "pushes": self.pushes,
             "dropped_pushes": self.dropped,
             "wire": {d: dict(c) for d, c in self.kv.wire.items()},
