@@ -21,6 +21,7 @@ run, whose top level must then sit under ``if __name__ == "__main__":``), or
 from __future__ import annotations
 
 import os
+import shlex
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
@@ -53,8 +54,8 @@ def check_run_dir(job: JobConfig, run_dir: str) -> None:
         held.append("checkpoints/")
     resume, here = job.checkpoint.resume_from, os.path.abspath(run_dir)
     if held and not (resume is not None and "://" not in resume and os.path.commonpath([os.path.abspath(resume), here]) == here):
-        raise ConfigError(f"the run folder {run_dir} already holds a job ({', '.join(held)}); continue it with --resume {run_dir} "
-                          "(checkpoint.resume_from), or give this job a new --run-dir")
+        raise ConfigError(f"the run folder {run_dir} already holds a job ({', '.join(held)}); continue it with "
+                          f"--resume {shlex.quote(run_dir)} (checkpoint.resume_from), or give this job a new --run-dir")
     if job.checkpoint.enabled and job.checkpoint.url:
         check_checkpoint_url(job)
 
@@ -84,7 +85,7 @@ def check_checkpoint_url(job: JobConfig) -> None:
     resume = job.checkpoint.resume_from
     if names and not (resume is not None and same_location(resolve_location(resume), url)):
         raise ConfigError(f"checkpoint.url {url} already holds a job's checkpoints (newest {names[-1]}); continue that job "
-                          f"with --resume {url}, or give this job another checkpoint.url")
+                          f"with --resume {shlex.quote(url)}, or give this job another checkpoint.url")
 
 
 def check_data(job: JobConfig) -> None:

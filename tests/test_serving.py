@@ -90,6 +90,20 @@ def test_a_delta_holds_only_the_changed_rows_and_serving_follows_it_exactly(tmp_
     assert g.state.version == 2 and all(np.array_equal(g.state.dense[n], s2.dense[n]) for n in s2.dense)
 
 
+def test_an_export_knows_the_checkpoint_its_newest_version_came_from_so_exporting_again_adds_nothing(tmp_path):
+    from downpour.serving.export import exported_through
+
+    url = str(tmp_path / "export")
+    assert exported_through(url) is None
+    ex = Exporter(url, "float32", full_every=10, slice_size=64)
+    s1 = fake_state(1)
+    ex.export(s1)
+    ex.export(fake_state(2, base=s1, touch=10, name="ckpt-000000000020"))
+    assert exported_through(url) == "ckpt-000000000020"
+    (tmp_path / "export" / version_dir(2) / "manifest.json").write_text("{not json")
+    assert exported_through(url) is None  # unreadable: everything is exported again, nothing skipped wrongly
+
+
 def test_an_export_of_a_model_that_does_not_answer_criteo_instances_is_refused_with_why(tmp_path, caplog):
     url = str(tmp_path / "export")
     Exporter(url, "float32", full_every=10, slice_size=64).export(

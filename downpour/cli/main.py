@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shlex
 import signal
 import sys
 import time
@@ -81,7 +82,7 @@ def cmd_train(args) -> int:
         signal.signal(signal.SIGTERM, _at_once)
         signal.signal(signal.SIGINT, _at_once)
         print(f"\ndownpour: {signal.Signals(signum).name}: stopping gracefully (final checkpoint, then every process "
-              f"stops; resume with --resume {run_dir}). Ctrl-C again stops at once.", file=sys.stderr, flush=True)
+              f"stops; resume with --resume {shlex.quote(run_dir)}). Ctrl-C again stops at once.", file=sys.stderr, flush=True)
         launcher.request_stop()
 
     signal.signal(signal.SIGTERM, graceful)
@@ -98,7 +99,7 @@ def cmd_train(args) -> int:
         last = (s.get("checkpoints") or {}).get("last")
         print(f"downpour: stopped gracefully after {s['examples']} examples in {s['steps']} steps; "
               + (f"checkpoint {last} committed: " if last else "no checkpoint was committed: ")
-              + f"continue with --resume {result.run_dir}")
+              + f"continue with --resume {shlex.quote(result.run_dir)}")
         print(f"summary: {os.path.join(result.run_dir, 'summary.json')}")
         return 0
     online = s.get("online")

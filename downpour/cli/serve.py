@@ -6,6 +6,8 @@
 
 from __future__ import annotations
 
+import sys
+
 
 def add_serve_parser(sub) -> None:
     s = sub.add_parser("serve", help="answer predictions over HTTP from an export, following its new versions")
@@ -29,8 +31,26 @@ def cmd_serve(args) -> int:
         print("downpour serve: --poll-s must be positive")
         return 2
     print(f"serving {args.url} on http://{args.host}:{args.port} (/predict, /healthz, /metrics)", flush=True)
+    _say_if_empty(args.url, args.poll_s)
     serve(args.url, args.host, args.port, args.poll_s)
     return 0
+
+
+def _say_if_empty(url: str, poll_s: float) -> None:
+    """A warning when the export URL holds no version yet (a job's exports may still come: not an error)."""
+    import fsspec
+
+    from downpour.serving.export import list_versions
+
+    try:
+        fs, root = fsspec.core.url_to_fs(url)
+        found = list_versions(fs, root)
+    except Exception as err:  # noqa: BLE001 - any fsspec backend's error; serving reports it as it polls
+        print(f"downpour serve: WARNING: cannot list {url}: {type(err).__name__}: {err}", file=sys.stderr, flush=True)
+        return
+    if not found:
+        print(f"downpour serve: WARNING: no exported version under {url} yet: /predict answers 503 until one appears "
+              f"(polled every {poll_s:g} s; `downpour export` or a job's export.url writes them)", file=sys.stderr, flush=True)
 
 
 def cmd_export(args) -> int:
@@ -43,5 +63,10 @@ def cmd_export(args) -> int:
     except DownpourError as err:
         print(f"downpour export: {err}")
         return 2
-    print(f"exported {len(versions)} version(s) to {args.url}" + (f": {versions[0]}..{versions[-1]}" if versions else ""))
+    if not versions:
+        from downpour.serving.export import exported_through
+
+        print(f"nothing new to export: {args.url} holds up to checkpoint {exported_through(args.url)} already")
+        return 0
+    print(f"exported {len(versions)} version(s) to {args.url}: {versions[0]}..{versions[-1]}")
     return 0

@@ -240,8 +240,24 @@ class ExportThread:
                 self._cv.notify_all()
 
 
+def exported_through(export_url: str) -> str | None:
+    """The checkpoint the newest version under ``export_url`` was made from (None: no version, or
+    its manifest is unreadable)."""
+    try:
+        fs, root = fsspec.core.url_to_fs(export_url)
+        versions = list_versions(fs, root)
+        if not versions:
+            return None
+        with fs.open(posixpath.join(root, version_dir(versions[-1]), MANIFEST), "rb") as f:
+            name = json.loads(f.read()).get("checkpoint")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return name if isinstance(name, str) else None
+
+
 def export_all(checkpoint_url: str, export_url: str, precision: str = "float32", full_every: int = 20) -> list[int]:
-    """Export every committed checkpoint under ``checkpoint_url`` in order (``downpour export``)."""
+    """Export every committed checkpoint under ``checkpoint_url`` in order (``downpour export``); those
+    up to the one the export's newest version was made from are there already and are skipped."""
     store = CheckpointStore(checkpoint_url)
     names = store.names()
     if not names:
@@ -250,7 +266,10 @@ def export_all(checkpoint_url: str, export_url: str, precision: str = "float32",
                         "checkpoint.enabled, or its checkpoint.url)")
     ex = None
     out = []
+    done = exported_through(export_url)
     for name in names:
+        if done is not None and name <= done:  # (names sort by step)
+            continue
         try:
             m = store.manifest(name)
         except (OSError, DataError):
