@@ -51,6 +51,7 @@ class FakeRunner:
         p["alive"] = False
         p["exit"] = {"finish": Exit(0, {"status": "ok", "error": None}), "stopped": Exit(0, {"status": "stopped", "error": None}),
                      "crash": Exit(1, None),  # killed before it wrote a summary
+                     "refused": Exit(2, None),  # downpour train refused the job before it started
                      # a failure seen by a scheduler that adopted the process: no exit code, the summary says it
                      "failed": Exit(None, {"status": "failed", "error": "worker-0 died"})}[how]
 
@@ -179,6 +180,21 @@ def test_a_failing_job_is_restarted_with_back_off_then_failed(make, tiny_data):
     runner.end(job, "crash")
     s.step()
     assert job.phase is Phase.FAILED and "after 2 restarts" in job.message
+
+
+def test_a_job_refused_before_it_started_is_failed_at_once_with_why(make, tiny_data):
+    # exit 2: its config, data or storage was refused; another attempt would be refused the same way
+    from downpour.scheduler.runner import log_path
+
+    s, runner, clock = make(cpus=2, max_restarts=3, backoff_s=10.0)
+    job = s.submit(job_yaml(tiny_data))
+    s.step()
+    with open(log_path(s.settings.root, job.id, job.attempt), "a") as f:
+        f.write("starting\ndownpour: checkpoint.url memory://x: memory:// is one process's memory\n")
+    runner.end(job, "refused")
+    s.step()
+    assert job.phase is Phase.FAILED and job.restarts == 0
+    assert job.message.startswith("refused before it started (exit 2: checkpoint.url memory://x: memory:// is one process's")
 
 
 def test_a_job_stopped_by_hand_goes_back_to_the_queue_without_counting_as_a_failure(make, tiny_data):

@@ -39,6 +39,21 @@ class UnknownJob(ConfigError):
     """No job has this ID."""
 
 
+REFUSED = 2  # downpour train's exit code for a job refused before it started (its config, data, storage)
+
+
+def last_error(path: str, tail: int = 8192) -> str:
+    """``": LINE"``: the last line of an attempt's log that says why it ended ("downpour: ..."), or ""."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(max(0, os.fstat(f.fileno()).st_size - tail))
+            lines = f.read().decode(errors="replace").splitlines()
+    except OSError:
+        return ""
+    said = [line.strip() for line in lines if line.startswith("downpour: ")]
+    return f": {said[-1][len('downpour: '):][:300]}" if said else ""
+
+
 @dataclass(frozen=True)
 class SchedulerSettings:
     root: str                                    # the scheduler's folder: scheduler.db, jobs/ID/...
@@ -222,16 +237,19 @@ class Scheduler:
             job.phase, job.finished_s, job.message = Phase.CANCELLED, now, "cancelled"
         elif job.phase is Phase.STOPPING or ended.stopped:  # preempted (or stopped by hand): resumes from its checkpoint
             job.phase, job.attempt = Phase.QUEUED, job.attempt + 1
-        elif job.restarts < self.settings.max_restarts:
+        elif ended.code != REFUSED and job.restarts < self.settings.max_restarts:
             job.restarts += 1
             delay = self.settings.backoff_s * 2 ** (job.restarts - 1)
+            why = last_error(log_path(self.settings.root, job.id, job.attempt))
             job.phase, job.attempt, job.not_before_s = Phase.QUEUED, job.attempt + 1, now + delay
-            job.message = f"attempt {job.attempt - 1} failed (exit {ended.code}); restart {job.restarts} in {delay:.0f} s"
+            job.message = f"attempt {job.attempt - 1} failed (exit {ended.code}{why}); restart {job.restarts} in {delay:.0f} s"
             log.warning("scheduler: job %d: %s", job.id, job.message)
         else:
             job.phase, job.finished_s = Phase.FAILED, now
             where = log_path(self.settings.root, job.id, job.attempt)
-            job.message = f"failed (exit {ended.code}) after {job.restarts} restarts; see {where}"
+            why = last_error(where)
+            job.message = (f"refused before it started (exit {REFUSED}{why}): not restarted; see {where}" if ended.code == REFUSED
+                           else f"failed (exit {ended.code}{why}) after {job.restarts} restarts; see {where}")
             log.error("scheduler: job %d %s", job.id, job.message)
 
     def _adopt(self) -> None:
