@@ -90,3 +90,19 @@ def test_a_checkpoint_url_no_process_can_write_to_is_refused_before_anything_sta
     with pytest.raises(ConfigError, match=r"checkpoint.url .*file/ck: cannot write there"):
         check_run_dir(job(url=str(tmp_path / "file" / "ck")), str(tmp_path / "b"))
     assert not list((tmp_path / "a").glob(".downpour-write-check-*"))
+
+
+def test_status_of_a_finished_run_shows_its_auc_metrics_and_checkpoints():
+    from rich.console import Console
+
+    from downpour.cli.status import render_summary
+
+    summary = {"job": "ctr", "status": "ok", "consistency": "async", "num_servers": 2, "num_workers": 2,
+               "test_accuracy": 0.78, "test_loss": 0.47, "test_auc": 0.7548, "test_logloss": 0.4788,
+               "test_metrics": {"top2": 0.91}, "examples": 100, "steps": 4, "train_s": 1.0, "examples_per_s": 100.0,
+               "wall_s": 2.0, "checkpoints": {"enabled": True, "count": 0, "abandoned": 2, "last": None, "url": "s3://b/ck"}}
+    console = Console(width=200, record=True)
+    console.print(render_summary(summary))
+    text = console.export_text()
+    assert "test AUC 0.7548" in text and "top2 0.9100" in text
+    assert "checkpoints 0 committed (last -), 2 abandoned; s3://b/ck" in text and "cannot be resumed" in text

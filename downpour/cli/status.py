@@ -91,7 +91,16 @@ def render_summary(s: dict[str, Any]) -> Group:
     head.append(f"{s.get('job', 'job')}  ", style="bold")
     head.append(s.get("status", "?"), style="bold green" if s.get("status") == "ok" else "bold red")
     head.append(f"  {s.get('consistency')}  {s.get('num_servers')} servers, {s.get('num_workers')} workers\n")
-    head.append(f"test accuracy {_num(s.get('test_accuracy'), '.4f')}  test loss {_num(s.get('test_loss'), '.4f')}\n")
+    head.append(f"test accuracy {_num(s.get('test_accuracy'), '.4f')}  test loss {_num(s.get('test_loss'), '.4f')}")
+    if s.get("test_auc") is not None:
+        head.append(f"  test AUC {_num(s.get('test_auc'), '.4f')}  log loss {_num(s.get('test_logloss'), '.4f')}")
+    for name, value in (s.get("test_metrics") or {}).items():
+        head.append(f"  {name} {_num(value, '.4f')}")
+    online = s.get("online") or {}
+    if online:
+        head.append(f"\nstream: {online.get('events')} events, prequential AUC {_num(online.get('prequential_auc'), '.4f')}, "
+                    f"log loss {_num(online.get('prequential_logloss'), '.4f')}")
+    head.append("\n")
     head.append(f"{s.get('examples')} examples in {s.get('steps')} steps, {s.get('train_s', 0):.1f}s training "
                 f"({s.get('examples_per_s', 0):.0f} ex/s), {s.get('wall_s', 0):.1f}s wall")
     st = s.get("staleness") or {}
@@ -107,7 +116,14 @@ def render_summary(s: dict[str, Any]) -> Group:
     for name, v in sorted((s.get("servers") or {}).items()):
         nodes.add_row(name, str(v.get("pushes", "-")), "-", f"{_bytes(v.get('bytes_in'))}/{_bytes(v.get('bytes_out'))}",
                       f"{_num(v.get('cpu_s'), '.1f')}s")
+    ck = s.get("checkpoints") or {}
+    if ck.get("enabled"):
+        head.append(f"\ncheckpoints {ck.get('count', 0)} committed (last {ck.get('last') or '-'}), {ck.get('abandoned', 0)} abandoned; "
+                    f"{ck.get('url')}")
     parts: list[Any] = [head, nodes]
+    if ck.get("enabled") and ck.get("abandoned") and not ck.get("count"):
+        parts.append(Text("! no checkpoint was committed: this job cannot be resumed (the coordinator's log says why)",
+                          style="yellow"))
     for f in s.get("failures") or []:
         parts.append(Text(f"x {f['node']} {f['kind']} at {f['at_s']:.1f}s: {f['reason']}", style="red"))
     if s.get("error"):
