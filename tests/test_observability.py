@@ -128,7 +128,8 @@ def test_a_finished_job_leaves_tensorboard_scalars_and_a_status_screen(tmp_path,
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     shared = tmp_path / "prometheus"
-    job = resolve_job(tiny_job(tiny_data, training={"epochs": 20}, monitor={"sample_interval_s": 0.05, "targets_dir": str(shared)}))
+    job = resolve_job(tiny_job(tiny_data, training={"epochs": 20, "metrics": {"top2": "tests.byo_factories:top2_accuracy"}},
+                               monitor={"sample_interval_s": 0.05, "targets_dir": str(shared)}))
     result = LocalLauncher(job, str(tmp_path / "run")).run()
     # The job is over: no Prometheus target is left, in the run folder or the shared folder.
     assert json.loads((shared / "run.json").read_text()) == []
@@ -136,8 +137,10 @@ def test_a_finished_job_leaves_tensorboard_scalars_and_a_status_screen(tmp_path,
     acc = EventAccumulator(os.path.join(result.run_dir, "tensorboard"))
     acc.Reload()
     tags = set(acc.Tags()["scalars"])
-    assert {"train/loss", "train/examples_per_s", "train/staleness_mean", "test/accuracy", "test/loss",
+    assert {"train/loss", "train/examples_per_s", "train/staleness_mean", "test/accuracy", "test/loss", "test/top2",
             "worker-0/loss", "worker-1/examples_per_s"} <= tags
+    [top2] = acc.Scalars("test/top2")
+    assert top2.value == pytest.approx(result.summary["test_metrics"]["top2"], abs=1e-6)
     losses = [e.value for e in acc.Scalars("train/loss")]
     assert len(losses) >= 2 and all(math.isfinite(v) for v in losses)
     [acc_event] = acc.Scalars("test/accuracy")

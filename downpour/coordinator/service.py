@@ -220,7 +220,9 @@ class Coordinator:
         self._sample(time.monotonic())
         write_targets(self._targets_paths(), [])  # the job is over: nothing left to scrape
         if self.tensorboard is not None:
+            metrics = {f"test/{name}": v for name, v in (summary.get("test_metrics") or {}).items() if isinstance(v, (int, float))}
             self.tensorboard.add({"test/accuracy": summary.get("test_accuracy"), "test/loss": summary.get("test_loss"),
+                                  "test/auc": summary.get("test_auc"), "test/logloss": summary.get("test_logloss"), **metrics,
                                   "train/examples_per_s_overall": summary.get("examples_per_s")}, int(summary.get("steps") or 0))
             self.tensorboard.close()
         if self.endpoint is not None:
