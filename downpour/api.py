@@ -96,6 +96,23 @@ def check_data(job: JobConfig) -> None:
 
     check_extensions(job)
     check_hyperparameters(job, len(build_dataset(job.data).train))
+    check_restore_points(job)
+
+
+def check_restore_points(job: JobConfig) -> None:
+    """A job that resumes (``checkpoint.resume_from``) or warm-starts (``init_from``): the checkpoint
+    is there and fits the model, checked here rather than by the coordinator after the start."""
+    cp = job.checkpoint
+    if not cp.resume_from and not job.init_from:
+        return
+    from downpour.coordinator.restore import plan_resume, plan_warm_start
+    from downpour.coordinator.service import plan_layout
+
+    layout = plan_layout(job)
+    if cp.resume_from:
+        plan_resume(cp.resume_from, layout, job.optimizer.name)
+    else:
+        plan_warm_start(job.init_from, layout)
 
 
 def resolve_job(
