@@ -106,3 +106,17 @@ def test_status_of_a_finished_run_shows_its_auc_metrics_and_checkpoints():
     text = console.export_text()
     assert "test AUC 0.7548" in text and "top2 0.9100" in text
     assert "checkpoints 0 committed (last -), 2 abandoned; s3://b/ck" in text and "cannot be resumed" in text
+
+
+def test_a_stream_with_more_partitions_than_workers_is_warned_about(capsys):
+    from downpour.cli.main import _warn_partitions_left_unread
+
+    def stream_job(partitions: int, workers: int):
+        return parse_job({"model": {"name": "wide_deep"}, "data": {"name": "stream", "url": f"ev.jsonl?partitions={partitions}"},
+                          "training": {"loss": "binary_cross_entropy"}, "cluster": {"num_workers": workers}})
+
+    _warn_partitions_left_unread(stream_job(3, 2))
+    assert "the stream has 3 partitions and the job 2 worker(s)" in capsys.readouterr().err
+    _warn_partitions_left_unread(stream_job(2, 2))
+    _warn_partitions_left_unread(job())  # not a stream
+    assert capsys.readouterr().err == ""

@@ -64,6 +64,7 @@ def cmd_train(args) -> int:
     check_data(job)  # missing data: one line saying how to get it, nothing started
     run_dir = args.run_dir or default_run_dir(job.name)
     check_run_dir(job, run_dir)
+    _warn_partitions_left_unread(job)
     if args.insecure:
         print("downpour: WARNING: --insecure: the job's processes talk without authentication or encryption.",
               file=sys.stderr, flush=True)
@@ -128,6 +129,21 @@ def cmd_train(args) -> int:
               file=sys.stderr)
     print(f"summary: {os.path.join(result.run_dir, 'summary.json')}")
     return 0
+
+
+def _warn_partitions_left_unread(job) -> None:
+    """A stream with more partitions than workers: a worker holds one partition at a time, so the
+    others are read only as workers finish theirs (an unbounded stream's never)."""
+    if job.data.name != "stream" or not job.data.url:
+        return
+    from downpour.stream.api import StreamSpec
+
+    partitions = StreamSpec.parse(job.data.url, dict(job.data.args or {})).partitions
+    workers = job.cluster.num_workers
+    if partitions > workers:
+        print(f"downpour: WARNING: the stream has {partitions} partitions and the job {workers} worker(s): a worker holds one "
+              f"partition at a time, so {partitions - workers} wait until a worker's partition ends (an unbounded one "
+              "never does); give the job at least as many workers as partitions", file=sys.stderr, flush=True)
 
 
 def _terminate(signum: int, frame: Any) -> None:
