@@ -325,3 +325,20 @@ def test_cancels_racing_the_end_of_a_preemption_from_other_threads_lose_no_job(m
     assert [p["job"] for p in runner.procs.values() if p["alive"]] == [prev.id]
     assert s.free()["here"].cpus == 0
     assert not [r for r in caplog.records if r.levelname == "ERROR"], caplog.text
+
+
+@pytest.mark.parametrize("columns,shown", [(80, False), (200, True)])
+def test_the_jobs_table_keeps_what_matters_on_a_narrow_terminal(monkeypatch, capsys, columns, shown):
+    import argparse
+
+    from downpour.cli import scheduler as cli
+
+    job = {"id": 7, "name": "mnist", "queue": "default", "user": "ana", "priority": 5, "phase": "running", "position": None,
+           "tasks": 5, "wait_s": 1.0, "running_s": 12.0, "attained": 60.0, "rank": "0.4", "preemptions": 1, "restarts": 0,
+           "message": "attempt 1 failed (exit 1: worker-0 died of a CUDA error); restart 1 in 5 s"}
+    monkeypatch.setenv("COLUMNS", str(columns))
+    monkeypatch.setattr(cli, "_client", lambda args: argparse.Namespace(jobs=lambda: [job]))
+    assert cli.cmd_jobs(argparse.Namespace(json=False)) == 0
+    out = capsys.readouterr().out
+    assert all(word in out for word in ("mnist", "running", "message", "CUDA", "restart")), out  # (the message wraps)
+    assert ("policy rank" in out) is shown

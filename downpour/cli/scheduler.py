@@ -120,15 +120,20 @@ def cmd_jobs(args) -> int:
     from rich.console import Console
     from rich.table import Table
 
+    console = Console()
+    wide = console.width >= 140  # a narrow terminal gets the columns that matter most (--json has them all)
     table = Table(title="downpour jobs")
-    for col in ("ID", "name", "queue/user", "prio", "phase", "pos", "tasks", "wait s", "run s", "attained", "policy rank",
-                "preempt", "restarts", "message"):
-        table.add_column(col)
+    cols = ("ID", "name", "queue/user", "prio", "phase", "pos", "tasks", "wait s", "run s", "attained", "policy rank",
+            "preempt", "restarts", "message")
+    keep = cols if wide else ("ID", "name", "prio", "phase", "tasks", "run s", "restarts", "message")
+    for col in keep:
+        table.add_column(col, overflow="fold", ratio=4 if col == "message" else None)
     for j in jobs:
-        table.add_row(str(j["id"]), j["name"], f"{j['queue']}/{j['user']}", str(j["priority"]), j["phase"],
-                      str(j["position"] or ""), str(j["tasks"]), f"{j['wait_s']:.0f}", f"{j['running_s']:.0f}",
-                      f"{j['attained']:.0f}", j["rank"], str(j["preemptions"]), str(j["restarts"]), j["message"])
-    Console().print(table)
+        row = dict(zip(cols, (str(j["id"]), j["name"], f"{j['queue']}/{j['user']}", str(j["priority"]), j["phase"],
+                              str(j["position"] or ""), str(j["tasks"]), f"{j['wait_s']:.0f}", f"{j['running_s']:.0f}",
+                              f"{j['attained']:.0f}", j["rank"], str(j["preemptions"]), str(j["restarts"]), j["message"])))
+        table.add_row(*(row[c] for c in keep))
+    console.print(table)
     return 0
 
 
