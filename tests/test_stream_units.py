@@ -256,3 +256,16 @@ def test_a_redis_server_still_loading_its_data_is_waited_for_and_one_that_never_
     src.client = _LoadingRedis(loading=10**6)
     with pytest.raises(DataError, match=r"redis at redis://127\.0\.0\.1:1/0 was still loading its data after 5s"):
         src.check(loading_wait_s=5, clock=lambda: now[0], sleep=sleep)
+
+
+def test_a_stream_shares_the_hidden_model_of_a_file_data_set_of_its_seed_but_no_row():
+    from downpour.data.criteo_gen import CriteoSpec, generate_rows
+    from downpour.stream.generator import _phase_rows
+
+    biases: dict = {}
+    streamed = next(_phase_rows(0, 0, 0, 2000, biases))
+    spec, bias = biases[0]
+    in_files = next(generate_rows(CriteoSpec(rows=100_000, seed=0), bias, 0, 2000))
+    assert spec.seed == 0  # phase 0 draws its labels from the seed's own model, as the files do
+    file_rows = {r.tobytes() for r in in_files.ints}
+    assert not any(r.tobytes() in file_rows for r in streamed.ints)

@@ -6,6 +6,11 @@ model changes every D events: phase k draws its labels from the weights of seed
 changes and a model frozen at the start falls behind one that keeps learning. Event i
 goes to partition i mod P with its creation time in ``ts``; ``end_marker`` appends one
 ``eos`` event to every partition at the end (a bounded stream: the job ends there).
+
+The events are rows from 2^39 on of the generator's sequence, where no data set of files holds
+any (``downpour datagen criteo`` writes rows from 0): a stream and a file data set of the same
+seed share their hidden model (phase 0) but no row, so a file test split scores a model trained
+on the stream honestly.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from downpour.data.criteo_gen import CriteoSpec, generate_rows, solve_bias
 log = logging.getLogger(__name__)
 
 _BLOCK = 32768  # rows drawn at a time: one chunk of the generator (it draws whole chunks)
+STREAM_ROWS_FROM = 1 << 39  # the stream's first row in the generator's sequence (files use rows from 0)
 
 
 def _phase_rows(seed: int, phase: int, start: int, stop: int, biases: dict[int, tuple[CriteoSpec, float]]):
@@ -27,7 +33,7 @@ def _phase_rows(seed: int, phase: int, start: int, stop: int, biases: dict[int, 
         spec = CriteoSpec(rows=1 << 40, seed=seed + phase, id_seed=seed)
         biases[phase] = (spec, solve_bias(spec, pilot_rows=20_000))
     spec, bias = biases[phase]
-    yield from generate_rows(spec, bias, start, stop)
+    yield from generate_rows(spec, bias, STREAM_ROWS_FROM + start, STREAM_ROWS_FROM + stop)
 
 
 def stream_events(source, events: int, rate: float = 0.0, seed: int = 0, drift_every: int | None = None,
