@@ -276,3 +276,9 @@ def test_an_embedding_that_makes_sparse_gradients_is_refused_naming_it():
     frozen.weight.requires_grad_(False)  # not trained: no gradient at all
     assert param_shapes(nn.Sequential(frozen, nn.Linear(4, 2))) == [("1.weight", (2, 4)), ("1.bias", (2,))]
     assert len(param_shapes(nn.Sequential(nn.Embedding(50, 4), nn.Flatten(), nn.Linear(16, 2)))) == 3
+
+
+def test_an_empty_test_split_is_warned_about_when_the_data_set_is_built(caplog):
+    with caplog.at_level("WARNING", logger="downpour.data.dataset"):
+        ds = build_dataset(parse_job(byo_job(data={"factory": "tests.byo_factories:empty_test"})).data)
+    assert len(ds.test) == 0 and "the test split holds no examples: the job reports no test figures" in caplog.text

@@ -10,6 +10,7 @@ loss takes: int64 class indices for ``cross_entropy`` (IDX files), float32 0/1 f
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -19,6 +20,8 @@ import torch
 
 from downpour.config import DataConfig
 from downpour.errors import ConfigError, DataError
+
+log = logging.getLogger(__name__)
 
 
 class Split(Protocol):
@@ -94,6 +97,12 @@ def build_dataset(cfg: DataConfig) -> Dataset:
         ds = fn(cfg.path, **cfg.args)
     if len(ds.train) == 0:
         raise DataError(f"{where}: the training split holds no examples: nothing to train")
+    try:
+        empty_test = ds.test is not None and len(ds.test) == 0
+    except TypeError:  # (a split whose length is unknown)
+        empty_test = False
+    if empty_test:
+        log.warning("%s: the test split holds no examples: the job reports no test figures", where)
     return ds
 
 
