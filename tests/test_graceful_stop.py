@@ -192,6 +192,7 @@ def test_a_gracefully_stopped_async_job_resumes_and_trains_every_shard_exactly_o
     assert resumed["data_shards"]["completed_per_epoch"] == {str(e): 6 for e in range(30)}
     assert resumed["data_shards"]["unfinished"] == 0
     assert summary["examples"] + resumed["examples"] == 30 * 2400
+    assert summary["job_examples"] == summary["examples"] and resumed["job_examples"] == 30 * 2400  # the job's total
 
 
 @pytest.mark.slow

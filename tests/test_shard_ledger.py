@@ -242,3 +242,13 @@ def test_a_resumed_ledger_keeps_its_shard_size_and_refuses_data_of_another_lengt
         ShardLedger(60, 4, 2, seed=7).restore(state)
     old = {k: v for k, v in state.items() if k not in ("num_examples", "shard_size")}  # a checkpoint of an older version
     ShardLedger(40, 4, 2, seed=7).restore(old)
+
+
+def test_a_state_says_how_many_examples_it_holds_the_training_of():
+    ledger = ShardLedger(42, 4, 2, seed=7)  # eleven shards, the last of two examples
+    a, b = handed(ledger, "w0"), handed(ledger, "w1")
+    ledger.done("w0", *a)
+    assert ShardLedger.trained_in(ledger.state_at({"w0": [*a, 4], "w1": [*b, 3]})) == 4 + 3
+    last = (a[0], 10)  # the short shard counts its two examples, not four
+    assert ShardLedger.trained_in({**ledger.state_at({}), "completed": [list(last)], "queue": []}) == 2
+    assert ShardLedger.trained_in({"completed": [], "queue": []}) is None  # an older state: no sizes

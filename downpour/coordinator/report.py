@@ -112,6 +112,8 @@ def job_summary(self: CoordinatorState, now: float) -> dict[str, Any]:
         **({"replication": replication.summary(self)} if self.cl.replicas else {}),
         "checkpoints": self.checkpoints.summary(),
         "resumed_from": (self.resume or {}).get("name"),
+        # Examples trained in this run and the runs before it (what the checkpoint this run resumed from holds).
+        "job_examples": _before(self) + examples,
         "coordinator_refused": dict(self.rejected),
         "workers": workers,
         "servers": servers,
@@ -156,6 +158,16 @@ def _histogram_summary(hist: dict[int, int]) -> dict[str, Any]:
         "max": max(hist),
         "histogram": {str(k): hist[k] for k in sorted(hist)},
     }
+
+
+def _before(st) -> int:
+    """The examples a resumed job had trained before this run: its checkpoint's ledger says (a stream's
+    shards are partitions of offsets, not counts: there, the count the checkpoint carried)."""
+    resume = st.resume or {}
+    trained = resume.get("trained")
+    if trained is None or st.job.data.name == "stream":
+        trained = resume.get("examples", 0)
+    return int(trained or 0)
 
 
 def _curve(workers, train_s: float, examples: int, ev: dict[str, Any]) -> list[list[float]]:

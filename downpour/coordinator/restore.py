@@ -13,6 +13,7 @@ import logging
 from typing import Any
 
 from downpour.coordinator.checkpointing import JOB_STATE
+from downpour.coordinator.shards import ShardLedger
 from downpour.errors import ConfigError, DataError
 from downpour.layout import Layout
 from downpour.storage import CheckpointStore, resolve_location
@@ -56,6 +57,9 @@ def plan_resume(where: str, layout: Layout, optimizer: str | None = None) -> dic
     log.info("coordinator: resuming from %s (step %d)", store.where(manifest.name), manifest.step)
     return {"name": store.where(manifest.name), "ledger": state["ledger"], "step": manifest.step,
             "examples": state.get("examples", 0),
+            # the examples the checkpoint holds the training of, by its ledger (the count above also has
+            # those trained after its cut, which this run trains again)
+            "trained": ShardLedger.trained_in(state["ledger"]),
             "restore": {"url": store.url, "name": manifest.name, "layout": state["layout"], "full": True}}
 
 

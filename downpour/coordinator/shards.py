@@ -182,6 +182,17 @@ class ShardLedger:
                 "queue": [[e, s, skips.get((e, s), 0)] for e, s in queue],
                 "num_examples": self.num_examples, "shard_size": self.shard_size}
 
+    @staticmethod
+    def trained_in(state: dict) -> int | None:
+        """How many examples a :meth:`state_at` state says were trained (every epoch's completed shards
+        and the parts of shards done); None for a state without the data's length (an older one)."""
+        n, size = state.get("num_examples"), state.get("shard_size")
+        if n is None or size is None:
+            return None
+        n, size = int(n), int(size)
+        whole = sum(min(size, n - int(s) * size) for _, s in state.get("completed") or [])
+        return whole + sum(int(k) for _, _, k in state.get("queue") or [])
+
     def earliest(self, node: str, positions: list[list[int]]) -> list[int]:
         """Of one worker's positions as several servers saw them (async: each server's copy is
         taken at its own moment), the earliest: what every server's parameters include."""
