@@ -68,6 +68,16 @@ def test_async_records_how_many_updates_a_push_missed(staleness):
     assert staleness == [0, 1, 2, 0]
 
 
+def test_a_push_of_a_version_past_the_servers_counts_as_not_stale(staleness):
+    # A server restored from a checkpoint stands behind the versions its predecessor gave the workers:
+    # their next pushes name versions it never had. Not a negative staleness (the summary's schema
+    # refuses one, which ended such a server at the end of the job).
+    policy = AsyncPolicy(new_store(), staleness.append)
+    policy.push(push("w0", grad(1.0), version=0))
+    policy.push(push("w1", grad(1.0), version=9))
+    assert staleness == [0, 0]
+
+
 def test_an_async_push_without_pull_answers_only_the_version(staleness):
     [(_, reply)] = AsyncPolicy(new_store(), staleness.append).push(push("w0", grad(1.0), op=Op.PUSH))
     assert reply.meta == {"version": 1} and reply.tensors == []

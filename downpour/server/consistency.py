@@ -130,7 +130,9 @@ class AsyncPolicy(Policy):
     def _apply(self, p: Push, reply: bool = False, into: torch.Tensor | None = None) -> torch.Tensor | None:
         """Apply ``p``; with ``reply``, also the values ``p``'s worker is sent, in the same pass: into
         ``into`` when given. Returns them (None: no values were written, the stored ones are sent)."""
-        stale = self.store.version(p.idx) - p.version
+        # A push of a version past this server's is from values it no longer holds: it was restored
+        # from a checkpoint behind where its predecessor stood (or a peer said so): not stale at all.
+        stale = max(0, self.store.version(p.idx) - p.version)
         self.record_staleness(stale)
         grad = p.grad / stale if self.training.staleness_lr and stale > 1 else p.grad
         if self.store.lookahead is not None and not p.delta:
