@@ -337,6 +337,24 @@ def test_a_plain_client_without_curve_can_neither_pull_nor_push(live, net, keys)
     assert srv.rejected() == {}  # nothing reached the server's handler
 
 
+def test_a_plain_client_that_keeps_asking_a_keyed_server_gets_an_error_in_bounded_time_never_a_hang(live, net, keys):
+    # After the failed handshake ZeroMQ has no connection to send on and would hold a DEALER's send
+    # for good (a worker started with --insecure against a keyed job hung in its registration).
+    from downpour.errors import TransportError
+
+    srv, _ = ready(live, net, keys)
+    plain = net.kv(srv.address, None, timeout_s=SHORT_S)
+    out = torch.zeros(NUMEL)
+    for _ in range(3):
+        t0 = time.monotonic()
+        with pytest.raises((RequestTimeout, TransportError)) as err:
+            plain.wait(plain.pull(out))
+        assert time.monotonic() - t0 < 3 * SHORT_S + 5
+        if err.type is TransportError:
+            assert "the peer expects keys" in str(err.value)
+    assert torch.equal(out, torch.zeros(NUMEL)) and srv.rejected() == {}
+
+
 def test_a_client_with_another_jobs_keys_is_refused_by_the_zap_handler(live, net, keys, other_keys):
     srv, worker = ready(live, net, keys)
     assert srv.security.refused == 0

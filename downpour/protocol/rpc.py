@@ -152,7 +152,8 @@ class RpcClient:
             except TransportError as err:  # (a listener that went away: ZeroMQ's socket still serves, or waits)
                 log.info("%s: %s; using %s", self.node, err, address)
         if ch is None:
-            ch = Channel(self.ctx, address, identity=self.node.encode(), security=self.security, server_role=role)
+            ch = Channel(self.ctx, address, identity=self.node.encode(), security=self.security, server_role=role,
+                         send_timeout_s=self.request_timeout_s)
         self._channels[peer] = ch
         self._names[ch] = peer
         self._poller.register(ch)
@@ -185,7 +186,11 @@ class RpcClient:
         size = sum(len(f) for f in frames)
         fut.sent = (len(frames[0]), size)
         self.bytes_sent += size
-        self._channels[peer].send(frames)
+        try:
+            self._channels[peer].send(frames)
+        except TransportError:
+            self._pending.pop(msg.req_id, None)
+            raise
         if self.link_bytes_per_s:
             now = time.monotonic()
             self._link_out = max(now, self._link_out) + size / self.link_bytes_per_s

@@ -164,15 +164,20 @@ class Channel:
     """A DEALER socket connected to one listener."""
 
     def __init__(self, ctx: zmq.Context, address: str, identity: bytes | None = None,
-                 security: Security | None = None, server_role: str = "server") -> None:
-        """With ``security``, a CURVE client that checks the listener holds ``server_role``'s key."""
+                 security: Security | None = None, server_role: str = "server", send_timeout_s: float = 30.0) -> None:
+        """With ``security``, a CURVE client that checks the listener holds ``server_role``'s key.
+        A send waits at most ``send_timeout_s`` for a connection to take it (ZeroMQ holds a DEALER's
+        sends while it has none: the peer is not there, or a key handshake failed), then fails."""
         self.address = address
+        self.send_timeout_s = send_timeout_s
+        self.secure = security is not None
         self.socket = ctx.socket(zmq.DEALER)
         if security is not None:
             security.connect(self.socket, server_role)
         self.socket.setsockopt(zmq.LINGER, 0)
         self.socket.setsockopt(zmq.SNDHWM, _HWM)
         self.socket.setsockopt(zmq.RCVHWM, _HWM)
+        self.socket.setsockopt(zmq.SNDTIMEO, max(1, int(send_timeout_s * 1000)))
         self.socket.copy_threshold = ZERO_COPY_MIN_BYTES
         if identity:
             self.socket.setsockopt(zmq.IDENTITY, identity)
@@ -184,8 +189,14 @@ class Channel:
 
     def send(self, frames: Sequence[Any]) -> None:
         send, last = self.socket.send, len(frames) - 1
-        for i, part in enumerate(frames):  # (as Listener.send: int flags, no per-frame checks)
-            send(part, _SNDMORE if i < last else 0, copy=False)
+        try:
+            for i, part in enumerate(frames):  # (as Listener.send: int flags, no per-frame checks)
+                send(part, _SNDMORE if i < last else 0, copy=False)
+        except zmq.Again:
+            keys = ("this node's keys are not the job's (--keys on one side, --insecure on the other, or another "
+                    "job's folder)" if self.secure else "the peer expects keys (started with --keys) and this node has none")
+            raise TransportError(f"no connection to {self.address} took a message within {self.send_timeout_s:.0f}s: the "
+                                 f"peer is not running there, or {keys}") from None
 
     def recv(self) -> list[zmq.Frame]:
         """One message, without blocking (call after a poll said it is readable)."""
