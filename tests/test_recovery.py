@@ -275,6 +275,10 @@ def test_a_silent_server_waits_for_a_replacement_that_loads_the_latest_checkpoin
     assert sim.state.phase == "training"
     [failure] = sim.state.failures
     assert failure.node == "server-1" and failure.restored_from == "ckpt-000000000010-0001"
+    # Alive after all (a pause, a link down): told to stop as one declared dead, so that it exits as a
+    # failed process and its launcher starts the replacement its rank waits for.
+    late = ok(one(sim.send(SERVERS[1], Op.HEARTBEAT)))
+    assert late["dead"] is True and "declared dead" in late["stop"]
     got = sim.send("server-1-new", Op.REGISTER, role="server", rank=None, address="tcp://127.0.0.1:7999", host="test", pid=9)
     answer, membership_msg = replies(got, to="server-1-new")
     assert membership_msg.msg.op == Op.MEMBERSHIP  # the sync rounds' members, at once

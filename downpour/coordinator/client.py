@@ -182,6 +182,7 @@ class Heartbeat:
         self.attempt_s = min(timeout_s, max(2 * interval_s, 2.0))
         self._fut: Future | None = None
         self._last_ok = time.monotonic()
+        self.declared_dead = False  # the coordinator's stop said this node was declared dead
         self._next = 0.0
 
     def tick(self, progress: Callable[[], dict[str, Any]] | None = None) -> str | None:
@@ -194,6 +195,7 @@ class Heartbeat:
             if self.on_reply is not None:
                 self.on_reply(meta)
             if meta.get("stop"):
+                self.declared_dead = meta.get("dead") is True  # (its work went to others: a replacement takes the rank)
                 return str(meta["stop"])
         elif self._fut is not None and self._fut.expired():  # lost (the coordinator may have restarted)
             self._fut, self._next = None, now

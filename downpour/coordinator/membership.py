@@ -225,7 +225,8 @@ def heartbeat(st: CoordinatorState, ident: bytes, msg: Message, now: float, node
     if node.role == "server" and node.state == ALIVE:
         replication.heard(st, now, node)
     if node.state == DEAD:  # declared dead, yet alive: its shards went to others, so it must stop
-        return [Reply(ident, msg.reply({"stop": f"{node.name} was declared dead (silent too long); its work went to others"}))]
+        return [Reply(ident, msg.reply({"stop": f"{node.name} was declared dead (silent too long); its work went to others",
+                                        "dead": True}))]
     # Servers stop once the job is over and its last checkpoint is written (or abandoned).
     stop_server = st.phase == Phase.STOPPING and node.role == "server" and st.checkpoints.pending is None
     if st.phase == Phase.FAILED or stop_server:
@@ -255,7 +256,7 @@ def restoring(st: CoordinatorState, ident: bytes, msg: Message, now: float, node
     if node.role != "server":
         return [Reply(ident, msg.error(Code.INVALID, f"meta.restoring: {node.name} is not a server; only servers restore"))]
     if node.state == DEAD:
-        return [Reply(ident, msg.reply({"stop": f"{node.name} was declared dead; its work went to others"}))]
+        return [Reply(ident, msg.reply({"stop": f"{node.name} was declared dead; its work went to others", "dead": True}))]
     if st.phase == Phase.FAILED:
         st.stop_told.add(node.name)
         return [Reply(ident, msg.reply({"stop": st.error}))]

@@ -828,6 +828,10 @@ def run_server(ctx: Context, coordinator: str, host: str = "127.0.0.1", rank: in
         hb = Heartbeat(coord, job.cluster.heartbeat_interval_s, job.cluster.coordinator_timeout_s, on_reply=on_reply,
                        extra={"metrics": advertised(endpoint.address, coordinator, advertise, "metrics", True)} if endpoint else None)
         reason = server.serve(coord, hb)
+        if hb.declared_dead:  # alive after all, but its rank waits for a replacement: exit as a failed process
+            log.error("%s: stopping: %s; exiting with code 1 so that the launcher starts the rank's replacement",
+                      server.name, reason)
+            return 1
         log.info("%s: stopping: %s", server.name, reason)
         coord.report("server", server.stats())
         hosted.join(timeout_s=3 * job.cluster.heartbeat_interval_s + 5.0)
