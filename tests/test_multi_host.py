@@ -141,11 +141,15 @@ def test_a_local_checkpoint_folder_refuses_a_server_on_another_host(tmp_path, ti
     try:
         nodes.start("coordinator", "a", "coordinator", job, "--bind", f"tcp://{a}:7070", "--run-dir", str(tmp_path / "run"), "--insecure")
         nodes.start("server", "b", "server", "--coordinator", f"{a}:7070", "--host", "0.0.0.0", "--insecure")
-        codes = nodes.wait(["server"], 90)
+        codes = nodes.wait(["server", "coordinator"], 90)
     finally:
         nodes.close()
     assert codes["server"] not in (0, None), nodes.tails()
     assert "a folder on the coordinator's host" in nodes.log("server") and "s3://" in nodes.log("server")
+    # No server of that host could ever join: the job fails at once, saying why (not at its start timeout).
+    assert codes["coordinator"] not in (0, None), nodes.tails()
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["status"] == "failed" and "a server registered from another host" in summary["error"]
 
 
 def _moto(hosts: Hosts, host: str, folder) -> tuple[subprocess.Popen, str]:

@@ -16,6 +16,7 @@ from downpour.coordinator import checkpoints, failures, hosting, replication
 from downpour.coordinator.actions import Action, Reply
 from downpour.coordinator.model import ALIVE, DEAD, DONE, FINISHED, Node, Phase
 from downpour.coordinator.reach import address_problem as _address_problem
+from downpour.coordinator.reach import checkpoint_unreachable as _checkpoint_unreachable
 from downpour.errors import ProtocolError
 from downpour.models import buffers as bufs
 from downpour.protocol import Message, Op
@@ -76,7 +77,12 @@ def register(st: CoordinatorState, ident: bytes, msg: Message, now: float, _: No
     if role == "server" and not (isinstance(address, str) and address):
         return st.refuse(ident, msg, Code.BAD_ADDRESS, "a server must give the address it listens on")
     if role == "server" and (problem := address_problem(st, address)):
-        return st.refuse(ident, msg, Code.BAD_ADDRESS, problem)
+        refused = st.refuse(ident, msg, Code.BAD_ADDRESS, problem)
+        if checkpoint_unreachable(st, address):  # the job's checkpoint.url: no server of that host could ever join
+            from downpour.coordinator import failures
+
+            refused += failures.fail(st, now, "coordinator", f"a server registered from another host: {problem}", "config")
+        return refused
     name = f"{role}-{rank}"
     host, pid = str(msg.meta.get("host", "?")), msg.meta.get("pid")
     st.nodes[name] = Node(name, role, rank, ident, address, host, pid if isinstance(pid, int) else 0, last_seen=now)
@@ -96,6 +102,11 @@ def register(st: CoordinatorState, ident: bytes, msg: Message, now: float, _: No
 def address_problem(st: CoordinatorState, address: str) -> str | None:
     cp = st.checkpoints
     return _address_problem(address, cp.url if cp.enabled else None, st.job.checkpoint.shared, st.is_local)
+
+
+def checkpoint_unreachable(st: CoordinatorState, address: str) -> bool:
+    cp = st.checkpoints
+    return _checkpoint_unreachable(address, cp.url if cp.enabled else None, st.job.checkpoint.shared, st.is_local)
 
 
 def admitted(st: CoordinatorState, name: str, rank: int) -> dict[str, Any]:

@@ -30,9 +30,18 @@ def address_problem(address: str, checkpoint_url: str | None, shared: bool, is_l
     if is_wildcard(host):
         return (f"the server advertised {address}, a wildcard address its peers cannot connect to; "
                 "start it with --advertise HOST (an address of its host that the others reach)")
-    if checkpoint_url and local_path(checkpoint_url) and not shared and not is_local(host):
+    if checkpoint_unreachable(address, checkpoint_url, shared, is_local):
         return (f"checkpoints go to {checkpoint_url}, a folder on the coordinator's host, but this server is on another "
                 f"host ({host}): its shard would be written to its own disk, where no other host finds it. Set "
                 "checkpoint.url to a location every host reaches (s3://BUCKET/PATH or another fsspec URL), or to a "
                 "folder every host mounts at the same path with checkpoint.shared: true")
     return None
+
+
+def checkpoint_unreachable(address: str, checkpoint_url: str | None, shared: bool, is_local: Callable[[str], bool]) -> bool:
+    """Whether the server at ``address`` is on another host than a checkpoint folder of this host's
+    own (not a job setting a server can change: every server of that host would be refused)."""
+    if address.startswith("ipc://") or not checkpoint_url or shared or not local_path(checkpoint_url):
+        return False
+    host = split_url(address)[1]
+    return not is_wildcard(host) and not is_local(host)
