@@ -47,6 +47,9 @@ def test_missing_resources_are_named_with_what_is_asked_and_what_exists():
     assert missing == ["CPU: the job asks for 5, the cluster has 4", "GPU: the job asks for 3, the cluster has 0",
                        "nodes: STRICT_SPREAD puts each of the 5 servers and workers on its own node, the cluster has 3"]
     assert ray_cluster.missing_resources(bundles[:2], {"CPU": 4.0, "ps": 2.0}, "PACK", 1) == []
+    # the coordinator's share (it runs outside the placement group) counts too, not as a node of its own
+    assert ray_cluster.missing_resources(bundles[:2] * 2, {"CPU": 4.0, "ps": 4.0}, "STRICT_SPREAD", 4, {"CPU": 0.5}) == [
+        "CPU: the job asks for 4.5, the cluster has 4"]
 
 
 def test_ray_jobs_use_unix_sockets_only_where_every_ray_node_is_this_machine(tiny_data, monkeypatch, tmp_path):

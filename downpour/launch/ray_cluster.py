@@ -58,11 +58,13 @@ def bundle(res: RayResources) -> dict[str, float]:
     return {k: v for k, v in b.items() if v}
 
 
-def missing_resources(bundles: list[dict[str, float]], total: dict[str, float], strategy: str, nodes: int) -> list[str]:
-    """What a cluster with ``total`` resources over ``nodes`` alive nodes lacks for ``bundles``,
-    one phrase per resource (empty: the totals suffice, placement may still wait for free ones)."""
+def missing_resources(bundles: list[dict[str, float]], total: dict[str, float], strategy: str, nodes: int,
+                      outside: dict[str, float] | None = None) -> list[str]:
+    """What a cluster with ``total`` resources over ``nodes`` alive nodes lacks for ``bundles`` and
+    ``outside`` (the coordinator's request: not a bundle), one phrase per resource (empty: the totals
+    suffice, placement may still wait for free ones)."""
     want: dict[str, float] = {}
-    for b in bundles:
+    for b in [*bundles, outside or {}]:
         for k, v in b.items():
             want[k] = want.get(k, 0.0) + v
     out = [f"{k}: the job asks for {v:g}, the cluster has {total.get(k, 0.0):g}" for k, v in sorted(want.items())
@@ -122,6 +124,18 @@ class RoleHost:
             self.popen.send_signal(signum)
 
 
+def _here_free() -> dict[str, float]:
+    """This node's free resources (Ray's names), or {} when Ray does not say."""
+    try:
+        here = ray.get_runtime_context().get_node_id()
+        for node_id, free in (ray.state.available_resources_per_node() or {}).items():
+            if node_id == here:
+                return dict(free)
+    except Exception:  # noqa: BLE001 - an internal API of Ray's: only a message depends on it
+        pass
+    return {}
+
+
 class RayProcess:
     """The parts of ``subprocess.Popen`` the launcher uses, for a process a :class:`RoleHost` runs."""
 
@@ -132,8 +146,11 @@ class RayProcess:
             self.where = ray.get(actor.where.remote(), timeout=start_timeout_s)
         except ray.exceptions.GetTimeoutError:
             ray.kill(actor)
-            raise JobFailed(f"Ray did not start {name} within ray.start_timeout_s={start_timeout_s:g}s "
-                            "(its bundle's resources are still taken, or its node is gone)", node=name) from None
+            why = ("it runs on this node, outside the placement group, and this node's CPUs went to the group's bundles: "
+                   f"free here now {_short(_here_free())}; lower ray.coordinator.num_cpus (0 is allowed) or give this node "
+                   "more" if name == "coordinator" else "its bundle's resources are still taken, or its node is gone")
+            raise JobFailed(f"Ray did not start {name} within ray.start_timeout_s={start_timeout_s:g}s ({why})",
+                            node=name) from None
         except ray.exceptions.RayError as err:
             raise JobFailed(f"Ray could not start {name}: {err}", node=name) from None
         self.pid = int(self.where["pid"])
@@ -208,7 +225,8 @@ class RayLauncher(LocalLauncher):
         bundles = self._bundles()
         cfg = self.job.ray
         nodes = [n for n in ray.nodes() if n.get("Alive")]
-        missing = missing_resources(bundles, ray.cluster_resources(), cfg.placement_strategy, len(nodes))
+        # The coordinator runs on this node, outside the placement group: its share counts too.
+        missing = missing_resources(bundles, ray.cluster_resources(), cfg.placement_strategy, len(nodes), bundle(cfg.coordinator))
         if missing:
             raise JobFailed("the Ray cluster lacks the job's resources: " + "; ".join(missing)
                             + " (lower ray.server / ray.worker requests, or add nodes)", node="launcher")
