@@ -117,7 +117,7 @@ def test_a_worker_is_answered_only_once_every_node_registered():
     sim.register(SERVERS[0], "server", 0)
     out = sim.register(SERVERS[1], "server", 1)
     assert sim.state.phase == "training"
-    servers = [{"rank": i, "name": s, "address": f"tcp://127.0.0.1:{6003 + i}"} for i, s in enumerate(SERVERS)]
+    servers = [{"rank": i, "name": s, "address": f"tcp://127.0.0.1:{6003 + i}", "pid": 123} for i, s in enumerate(SERVERS)]
     for i, w in enumerate(WORKERS):
         meta = ok(one(out, w))
         assert meta["node"] == w and meta["rank"] == i

@@ -285,7 +285,7 @@ def test_a_silent_server_waits_for_a_replacement_that_loads_the_latest_checkpoin
     reply = ok(answer)
     assert reply["rank"] == 1 and reply["restore"]["name"] == "ckpt-000000000010-0001" and reply["restore"]["full"]
     beat = ok(one(sim.send(WORKERS[1], Op.HEARTBEAT), to=WORKERS[1]))
-    assert {"rank": 1, "name": "server-1", "address": "tcp://127.0.0.1:7999"} in beat["servers"] and beat["servers_gen"] == 1
+    assert {"rank": 1, "name": "server-1", "address": "tcp://127.0.0.1:7999", "pid": 9} in beat["servers"] and beat["servers_gen"] == 1
     assert failure.recovered_after_s is None  # not before the replacement serves (its first heartbeat)
     sim.now = 7.0
     sim.send("server-1-new", Op.HEARTBEAT, node="server-1")
@@ -702,3 +702,29 @@ def test_rolled_back_versions_are_unknown_when_the_servers_last_heartbeat_is_old
     assert rolled_back(st, SimpleNamespace(rank=1, progress={"version": 2500})) == 83
     assert rolled_back(st, SimpleNamespace(rank=1, progress={"version": 2272})) is None  # not 0: updates were lost
     assert rolled_back(st, SimpleNamespace(rank=0, progress={"version": 2272})) is None
+
+
+def test_a_worker_reconnects_to_a_replacement_server_at_the_same_address_as_to_one_at_a_new_one():
+    # A fixed --port (or a DNS name) gives the replacement the old address: the new process is told
+    # by its pid, so the requests waiting on the dead one end at once rather than at their timeout.
+    from types import SimpleNamespace
+
+    from downpour.worker.service import ServerMap
+
+    reconnects = []
+    servers = ServerMap("worker-0")
+    servers.rpc = SimpleNamespace(reconnect=lambda name, address: reconnects.append((name, address)) or 2)
+    servers.addresses = {"server-0": "tcp://10.0.0.1:7100", "server-1": "tcp://10.0.0.2:7100"}
+    servers.pids = {"server-0": 11, "server-1": 12}
+
+    def offer(gen, pid0, pid1, address1="tcp://10.0.0.2:7100"):
+        servers.offer({"servers_gen": gen, "servers": [{"rank": 0, "name": "server-0", "address": "tcp://10.0.0.1:7100", "pid": pid0},
+                                                       {"rank": 1, "name": "server-1", "address": address1, "pid": pid1}]})
+        servers.apply()
+
+    offer(1, 11, 12)
+    assert reconnects == []  # the same processes
+    offer(2, 11, 99)
+    assert reconnects == [("server-1", "tcp://10.0.0.2:7100")] and servers.pids["server-1"] == 99
+    offer(3, 11, 99, "tcp://10.0.0.3:7100")
+    assert reconnects[-1] == ("server-1", "tcp://10.0.0.3:7100") and len(reconnects) == 2

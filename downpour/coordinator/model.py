@@ -200,7 +200,8 @@ class JobState:
         return self.nodes_of("worker", (ALIVE,))
 
     def server_addresses(self) -> list[dict[str, Any]]:
-        return [{"rank": n.rank, "name": n.name, "address": n.address} for n in self.nodes_of("server", (ALIVE, DONE))]
+        # pid: a replacement at the same address (a fixed --port) is a new process all the same
+        return [{"rank": n.rank, "name": n.name, "address": n.address, "pid": n.pid} for n in self.nodes_of("server", (ALIVE, DONE))]
 
     def members(self) -> list[str]:
         """The workers a sync round (or an ssp bound) waits for: training, not waiting for a shard."""

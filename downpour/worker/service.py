@@ -101,6 +101,7 @@ class ServerMap:
         self.rpc: RpcClient | None = None
         self.kv: KVClient | None = None
         self.addresses: dict[str, str] = {}
+        self.pids: dict[str, int] = {}  # each server's process, as the coordinator last said
         self.gen = 0
         self._offered: tuple[int, list] | None = None
 
@@ -115,13 +116,20 @@ class ServerMap:
             return
         self.gen = offered[0]
         for s in offered[1]:
-            name, address = (s.get("name"), s.get("address")) if isinstance(s, dict) else (None, None)
-            if name in self.addresses and isinstance(address, str) and address != self.addresses[name]:
+            name, address, pid = (s.get("name"), s.get("address"), s.get("pid")) if isinstance(s, dict) else (None, None, None)
+            if name not in self.addresses or not isinstance(address, str):
+                continue
+            moved = address != self.addresses[name]
+            restarted = type(pid) is int and pid > 0 and self.pids.get(name, pid) != pid  # a new process at the same address
+            if type(pid) is int:
+                self.pids[name] = pid
+            if moved or restarted:
                 self.addresses[name] = address
                 lost = self.rpc.reconnect(name, address)
                 if self.kv is not None:
                     self.kv.set_address(name, address)
-                log.warning("%s: %s moved to %s (a replacement); %d request(s) to the old one dropped", self.name, name, address, lost)
+                log.warning("%s: %s %s (a replacement); %d request(s) to the old one dropped", self.name, name,
+                            f"moved to {address}" if moved else f"restarted at {address}", lost)
 
 
 def device_for(job: JobConfig, rank: int, local_rank: int | None = None) -> torch.device:
@@ -290,6 +298,8 @@ class WorkerProcess:
             rpc.connect(s["name"], s["address"])
             peers[int(s["rank"])] = s["name"]
             self.servers.addresses[s["name"]] = s["address"]
+            if type(s.get("pid")) is int:
+                self.servers.pids[s["name"]] = s["pid"]
         self.servers.rpc = rpc
         rpc.on_wait = self.servers.apply
         t = job.training
