@@ -76,11 +76,13 @@ def test_the_coordinator_refuses_such_a_server_at_registration():
 
     state = CoordinatorState(JOB, LAYOUT, 10, 0.0, "/runs/a/checkpoints")
     state.is_local = lambda host: host == "127.0.0.1"
-    out = state.handle(b"s", Message(Op.REGISTER, 1, {"role": "server", "rank": 0, "address": "tcp://10.0.0.2:1", "host": "b"}), 0.0)
-    assert error_code(one(out)) == "bad_address" and state.nodes == {}
-    assert "checkpoint.url" in one(out).msg.meta["error"]
     ok = state.handle(b"t", Message(Op.REGISTER, 2, {"role": "server", "rank": 0, "address": "tcp://127.0.0.1:1", "host": "a"}), 0.0)
     assert "server-0" in state.nodes and not one(ok).msg.meta.get("error")
+    out = state.handle(b"s", Message(Op.REGISTER, 1, {"role": "server", "rank": 1, "address": "tcp://10.0.0.2:1", "host": "b"}), 0.0)
+    assert error_code(one(out)) == "bad_address" and set(state.nodes) == {"server-0"}
+    assert "checkpoint.url" in one(out).msg.meta["error"]
+    # No server of that host could ever join (the job's setting, not the server's): the job fails now, saying why.
+    assert state.phase == "failed" and "a server registered from another host" in state.error
 
 
 @pytest.fixture
