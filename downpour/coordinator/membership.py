@@ -79,8 +79,6 @@ def register(st: CoordinatorState, ident: bytes, msg: Message, now: float, _: No
     if role == "server" and (problem := address_problem(st, address)):
         refused = st.refuse(ident, msg, Code.BAD_ADDRESS, problem)
         if checkpoint_unreachable(st, address):  # the job's checkpoint.url: no server of that host could ever join
-            from downpour.coordinator import failures
-
             refused += failures.fail(st, now, "coordinator", f"a server registered from another host: {problem}", "config")
         return refused
     name = f"{role}-{rank}"
@@ -99,14 +97,18 @@ def register(st: CoordinatorState, ident: bytes, msg: Message, now: float, _: No
     return out
 
 
-def address_problem(st: CoordinatorState, address: str) -> str | None:
+def _reach(st: CoordinatorState) -> tuple[str | None, bool, Any]:
+    """What reach.py's checks take of the job: its checkpoint location (if any), shared or not, is_local."""
     cp = st.checkpoints
-    return _address_problem(address, cp.url if cp.enabled else None, st.job.checkpoint.shared, st.is_local)
+    return cp.url if cp.enabled else None, st.job.checkpoint.shared, st.is_local
+
+
+def address_problem(st: CoordinatorState, address: str) -> str | None:
+    return _address_problem(address, *_reach(st))
 
 
 def checkpoint_unreachable(st: CoordinatorState, address: str) -> bool:
-    cp = st.checkpoints
-    return _checkpoint_unreachable(address, cp.url if cp.enabled else None, st.job.checkpoint.shared, st.is_local)
+    return _checkpoint_unreachable(address, *_reach(st))
 
 
 def admitted(st: CoordinatorState, name: str, rank: int) -> dict[str, Any]:
