@@ -432,6 +432,24 @@ def test_waiting_requests_are_answered_with_job_failed_when_the_job_fails():
     assert error_code(one(out, WORKERS[0])) == "job_failed"
 
 
+def test_after_a_failure_a_survivor_told_no_shard_cannot_take_the_job_on_to_its_evaluation():
+    """The survivors of a failure get no shard; one that then says it finished training, or waits at a
+    barrier, is answered that the job failed: the job stays failed (exit 1), nothing is evaluated."""
+    sim = Sim(FAIL_JOB)
+    sim.start()
+    for w in WORKERS:
+        sim.send(w, Op.BARRIER, name="init")
+    sim.send(WORKERS[1], Op.REPORT, kind="error", data={"error": "out of memory"})
+    assert ok(one(sim.send(WORKERS[0], Op.NEXT_SHARD)))["shard"] is None
+    assert error_code(one(sim.send(WORKERS[0], Op.WORKER_DONE, stats={}))) == "job_failed"
+    assert error_code(one(sim.send(WORKERS[2], Op.BARRIER, name="epoch-1"))) == "job_failed"
+    assert sim.state.phase == "failed" and sim.state.evaluator is None
+    for name in [*SERVERS, WORKERS[0], WORKERS[2]]:
+        sim.send(name, Op.HEARTBEAT)
+    [finish] = finishes(sim.tick(0.1))
+    assert finish.code == 1 and finish.summary["status"] == "failed"
+
+
 def test_registration_past_the_startup_timeout_fails_naming_the_counts():
     sim = Sim()
     sim.register(SERVERS[0], "server")

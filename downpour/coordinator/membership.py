@@ -290,6 +290,8 @@ def track_version_rate(st: CoordinatorState, now: float, version: object) -> Non
 
 def barrier(st: CoordinatorState, ident: bytes, msg: Message, now: float, node: Node) -> list[Action]:
     name = str(msg.meta.get("name"))
+    if st.phase == Phase.FAILED:  # (the ones waiting when it failed were answered so by failures.fail)
+        return [Reply(ident, msg.error(Code.JOB_FAILED, st.error or "the job failed"))]
     if name == "init" and st.train_started is not None:  # a worker joining a running job
         return [Reply(ident, msg.reply({}))]
     st.barriers.setdefault(name, {})[node.name] = (ident, msg)
@@ -427,6 +429,8 @@ def _not_assigned(ident: bytes, msg: Message, node: Node, epoch: Any, shard: Any
 
 
 def worker_done(st: CoordinatorState, ident: bytes, msg: Message, now: float, node: Node) -> list[Action]:
+    if st.phase == Phase.FAILED:  # (told "no shard" since the failure): the job does not go on to its evaluation
+        return [Reply(ident, msg.error(Code.JOB_FAILED, st.error or "the job failed"))]
     if st.phase in (Phase.EVALUATING, Phase.STOPPING):  # a repeat whose answer was lost: the same answer
         return [Reply(ident, done_answer(st, msg, node.name == st.evaluator and st.phase == Phase.EVALUATING))]
     if node.state == DONE and node.name in st.done_waiting:  # a repeat: it waits on
