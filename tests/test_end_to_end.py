@@ -171,6 +171,8 @@ def test_a_frozen_worker_is_named_as_the_cause_not_the_workers_the_coordinator_s
         proc.kill()
     assert proc.returncode == 1
     assert "job failed: worker-1: no heartbeat" in err, err[-2000:]
+    log = open(os.path.join(run_dir, "logs", "coordinator.log")).read()
+    assert log.count("coordinator: job failed") == 1, log[-2000:]  # said once, when it failed
     # The launcher kills the hung process at once instead of waiting for it to exit by itself.
     assert f"worker-1 (pid {frozen}) was declared dead by the coordinator but still runs; killing it" in err, err[-2000:]
     assert not alive(frozen)

@@ -128,6 +128,17 @@ def test_a_node_without_heartbeats_is_reported_silent_with_what_it_holds(caplog)
     assert "server-1 is no longer silent" in caplog.text
 
 
+def test_a_silent_node_declared_dead_is_not_said_to_be_no_longer_silent(caplog):
+    caplog.set_level(logging.INFO)
+    h = Health(silent_after_s=1.5, stall_after_s=10.0, slow_fraction=0.5)
+    server = FakeNode("server-1", "server", last_seen=0.0)
+    h.update([server], training=True, now=2.0, affected=_affected)
+    assert [a["kind"] for a in h.current(2.0)] == ["silent"]
+    server.state = "dead"  # the coordinator declared it dead: its alert ends, unannounced
+    h.update([server], training=True, now=2.1, affected=_affected)
+    assert h.current(2.1) == [] and "no longer silent" not in caplog.text
+
+
 def test_a_worker_whose_steps_do_not_move_is_stalled_since_its_last_step():
     h = Health(silent_after_s=100.0, stall_after_s=10.0, slow_fraction=0.5)
     w = FakeNode("worker-2", "worker", progress={"steps": 5})

@@ -133,6 +133,10 @@ def test_an_elastic_job_admits_workers_beyond_num_workers_up_to_max_workers():
     meta = ok(one(sim.send("extra", Op.REGISTER, role="worker", host="test", pid=7), to="extra"))
     assert meta["rank"] == 3 and meta["node"] == "worker-3"
     assert sim.send("one-too-many", Op.REGISTER, role="worker", host="test", pid=8) == []  # waits for a slot
+    for i, w in enumerate([*WORKERS, "worker-3"]):  # the summary counts every worker that trained, past num_workers
+        sim.state.nodes[w].stats = {"examples": 32 * (i + 1), "steps": i + 1}
+    summary = sim.state.summary(sim.now)
+    assert (summary["num_workers"], summary["workers_trained"]) == (3, 4)
 
 
 def test_a_worker_leaving_cleanly_gives_its_shard_back_and_keeps_its_stats_without_a_failure():

@@ -327,6 +327,17 @@ def test_cancels_racing_the_end_of_a_preemption_from_other_threads_lose_no_job(m
     assert not [r for r in caplog.records if r.levelname == "ERROR"], caplog.text
 
 
+def test_a_finished_jobs_view_says_how_long_it_ran_over_every_attempt():
+    from downpour.scheduler.http import job_view
+    from downpour.scheduler.model import Job
+
+    job = Job(7, (Resources(cpus=1),) * 5, 0.0, phase=Phase.DONE, first_started_s=10.0, finished_s=100.0, attained=5 * 42.0)
+    s = Scheduler.__new__(Scheduler)  # (job_view reads only the policy's rank of the job)
+    s.policy = type("P", (), {"describe": lambda self, job, now: "-"})()
+    view = job_view(s, job, now=200.0)
+    assert view["running_s"] == 0.0 and view["ran_s"] == 42.0  # (it is not running; it ran 42 s in all)
+
+
 @pytest.mark.parametrize("columns,shown", [(80, False), (200, True)])
 def test_the_jobs_table_keeps_what_matters_on_a_narrow_terminal(monkeypatch, capsys, columns, shown):
     import argparse
@@ -334,7 +345,7 @@ def test_the_jobs_table_keeps_what_matters_on_a_narrow_terminal(monkeypatch, cap
     from downpour.cli import scheduler as cli
 
     job = {"id": 7, "name": "mnist", "queue": "default", "user": "ana", "priority": 5, "phase": "running", "position": None,
-           "tasks": 5, "wait_s": 1.0, "running_s": 12.0, "attained": 60.0, "rank": "0.4", "preemptions": 1, "restarts": 0,
+           "tasks": 5, "wait_s": 1.0, "running_s": 12.0, "ran_s": 12.0, "attained": 60.0, "rank": "0.4", "preemptions": 1, "restarts": 0,
            "message": "attempt 1 failed (exit 1: worker-0 died of a CUDA error); restart 1 in 5 s"}
     monkeypatch.setenv("COLUMNS", str(columns))
     monkeypatch.setattr(cli, "_client", lambda args: argparse.Namespace(jobs=lambda: [job]))

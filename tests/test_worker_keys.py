@@ -70,6 +70,11 @@ def test_shared_worker_key_folders_are_unchanged(tmp_path):
     w = Security.load(folder, "worker", rank=5)  # any rank: the role's key
     assert (w.name, w.rank) == ("worker", None)
     assert Security.load(folder, "server").rank_of(w.public.decode()) is None
+    os.remove(os.path.join(folder, "worker.key_secret"))  # a worker machine not given the shared secret
+    for rank in (5, None):
+        with pytest.raises(ConfigError, match=r"no worker key in .*copy the job's worker\.key_secret") as err:
+            Security.load(folder, "worker", rank=rank)
+        assert "key_secret" not in str(err.value).replace("worker.key_secret", "")  # (no per-worker file named)
 
 
 def test_bad_worker_counts_are_refused_naming_the_value(tmp_path):

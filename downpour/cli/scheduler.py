@@ -130,7 +130,7 @@ def cmd_jobs(args) -> int:
         table.add_column(col, overflow="fold", ratio=4 if col == "message" else None)
     for j in jobs:
         row = dict(zip(cols, (str(j["id"]), j["name"], f"{j['queue']}/{j['user']}", str(j["priority"]), j["phase"],
-                              str(j["position"] or ""), str(j["tasks"]), f"{j['wait_s']:.0f}", f"{j['running_s']:.0f}",
+                              str(j["position"] or ""), str(j["tasks"]), f"{j['wait_s']:.0f}", f"{j['ran_s']:.0f}",
                               f"{j['attained']:.0f}", j["rank"], str(j["preemptions"]), str(j["restarts"]), j["message"])))
         table.add_row(*(row[c] for c in keep))
     console.print(table)

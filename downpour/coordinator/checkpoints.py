@@ -141,8 +141,12 @@ def server_report(st: CoordinatorState, node: Node, data: dict[str, Any], now: f
         if p.retries >= 5:
             st.checkpoints.abandon(now, f"{node.name} kept passing the version asked for")
             return []
-        log.info("coordinator: %s passed version %s before hearing of checkpoint %s; asking again",
-                 node.name, p.at_version, p.name)
+        if p.at_version is not None:
+            log.info("coordinator: %s passed version %s before hearing of checkpoint %s; asking again",
+                     node.name, p.at_version, p.name)
+        else:  # (an async cut: a worker's push past it was applied there already)
+            log.info("coordinator: %s applied pushes past checkpoint %s's cut before hearing of it; asking again",
+                     node.name, p.name)
         return begin(st, now, retries=p.retries + 1)
     if verdict == "failed":
         st.checkpoints.abandon(now, f"{node.name}: {data.get('error')}")

@@ -89,8 +89,11 @@ class Health:
                 median = statistics.median(others)
                 found[(n.name, "slow")] = (since, f"{n.name} runs at {rates[n.name]:.0f} examples/s, "
                                                   f"below {self.slow_fraction:g} x the others' median {median:.0f}")
+        names = {n.name for n in live}
         for key in [k for k in self.alerts if k not in found]:
             alert = self.alerts.pop(key)
+            if alert.node not in names:  # declared dead or gone: not "no longer silent" (its end was logged)
+                continue
             log.info("coordinator: %s is no longer %s (after %.1fs)", alert.node, alert.kind, now - alert.since)
         for key, (since, message) in found.items():
             alert = self.alerts.get(key)

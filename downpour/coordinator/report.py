@@ -101,7 +101,9 @@ def job_summary(self: CoordinatorState, now: float) -> dict[str, Any]:
         "train_s": train_s,
         "examples_per_s": examples / train_s if train_s > 0 else 0.0,
         "num_servers": self.cl.num_servers,
-        "num_workers": self.cl.num_workers,
+        "num_workers": self.cl.num_workers,  # (what the job started with)
+        # Worker processes that trained: more with an elastic job's joiners, and with replacements.
+        "workers_trained": sum(1 for w in workers.values() if int(w.get("examples", 0)) > 0),
         "consistency": self.job.training.consistency,
         "staleness": _histogram_summary(hist),
         "optimizer": _optimizer_summary(self.job, servers.values()),

@@ -387,8 +387,7 @@ class Coordinator:
             write_json(os.path.join(self.run_dir, "summary.json"), summary)
         if finish.code == 0:
             log.info("coordinator: job finished: test accuracy %s", summary.get("test_accuracy"))
-        else:
-            log.error("coordinator: job failed: %s", summary.get("error"))
+        # (a failed job's "job failed" line was logged when it failed: failures.fail)
         # Answer status queries a moment longer, so a launcher polling us sees the end: the same
         # checks as before (roles, limits), but only replies are sent and nothing is saved.
         end = time.monotonic() + 0.5

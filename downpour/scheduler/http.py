@@ -42,7 +42,8 @@ def job_view(s: Scheduler, job: Job, now: float, position: int | None = None) ->
             "submitted_s": job.submitted_s, "first_started_s": job.first_started_s, "finished_s": job.finished_s,
             "wait_s": (job.first_started_s if job.first_started_s is not None else end) - job.submitted_s,
             "jct_s": job.finished_s - job.submitted_s if job.finished_s is not None else None,
-            "running_s": run, "attained": job.attained_at(now), "rank": s.policy.describe(job, now),
+            "running_s": run, "ran_s": job.attained_at(now) / max(1, job.width),  # (the current run; every run's)
+            "attained": job.attained_at(now), "rank": s.policy.describe(job, now),
             "preemptions": job.preemptions, "restarts": job.restarts, "attempt": job.attempt, "pid": job.pid,
             "run_dir": job.run_dir, "message": job.message, "cancel_requested": job.cancel_requested}
 

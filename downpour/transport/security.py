@@ -71,6 +71,9 @@ def _own_key(folder: str, role: str, rank: int | None) -> str:
     if role != "worker" or os.path.exists(os.path.join(folder, "worker.key_secret")):
         return role
     own = _worker_keys(folder, ".key_secret")
+    if not own and not _worker_keys(folder, ".key"):  # a shared-key job: its one worker key is missing here
+        raise ConfigError(f"no worker key in {folder}: copy the job's worker.key_secret there "
+                          "(its keys are shared by every worker: `downpour keys` made no worker-N keys)")
     if rank is not None:
         if f"worker-{rank}" not in own:
             raise ConfigError(f"no key for worker rank {rank} in {folder} (it holds "
