@@ -96,7 +96,8 @@ def ray_nodes():
         ray.init(address=cluster.address, _node_ip_address=NODE_IP, log_to_driver=False)
         cluster.wait_for_nodes()
         started_s = time.monotonic() - t0
-        yield {"head": cluster.head_node.node_id, "ps": ps.node_id, "trainer": trainer.node_id, "started_s": started_s}
+        yield {"head": cluster.head_node.node_id, "ps": ps.node_id, "trainer": trainer.node_id, "started_s": started_s,
+               "cluster": cluster, "small": small}
     finally:
         ray.shutdown()
         cluster.shutdown()
@@ -215,3 +216,65 @@ def test_an_insecure_job_on_ray_hands_each_worker_the_job_file_itself_not_a_path
         shipped = p["args"][p["args"].index("--job") + 1]
         assert not shipped.startswith(str(run_dir)) and "downpour-ray-" in shipped, p["args"]
     assert "--keys" not in placement["server-0"]["args"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("role,room", [("worker", True), ("worker", False), ("server", True)],
+                         ids=["worker-room-elsewhere", "worker-no-room", "server-room-elsewhere"])
+def test_on_ray_a_lost_node_s_process_is_replaced_where_there_is_room_and_the_job_goes_on_either_way(tmp_path, tiny_data,
+                                                                                                      ray_nodes, role, room):
+    """A whole Ray node goes (its raylet and every process on it), not one process. Ray moves the
+    placement group's bundle that was there to a node with room, and the worker's (server's)
+    replacement starts in it (a server's loads the latest checkpoint); with no room anywhere, the
+    replacement is given up after ray.start_timeout_s and the other worker trains the lost one's
+    data. Either way every shard is trained once and the job succeeds."""
+    cluster, small = ray_nodes["cluster"], ray_nodes["small"]
+    first = cluster.add_node(**small, num_cpus=1, resources={"roam": 1})
+    second = cluster.add_node(**small, num_cpus=1, resources={"roam": 1})
+    spare = None
+    cluster.wait_for_nodes()
+    epochs = 30
+    spec = _ray_job(tiny_data, training={"epochs": epochs},
+                    checkpoint={"enabled": True, "every_steps": 20, "every_s": None, "keep": 2},
+                    cluster={"num_workers": 2, "heartbeat_timeout_s": 3.0})
+    spec["ray"][role] = {"num_cpus": 1 if role == "worker" else 0.5, "resources": {"roam": 1}}
+    spec["ray"]["start_timeout_s"] = 20
+    spec["data"]["shard_size"] = 200
+    run_dir = str(tmp_path / "run")
+    launcher = make_launcher(parse_job(spec), run_dir)
+    out: dict = {}
+    thread = threading.Thread(target=lambda: out.update(result=_catch(launcher.run)), daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 180
+        status = None
+        while time.monotonic() < deadline and not (status and (status.get("checkpoints") or {}).get("count")):
+            time.sleep(0.5)
+            status = query_status(run_dir)
+        assert status, "the job never committed a checkpoint"
+        placement = json.loads((tmp_path / "run" / "placement.json").read_text())["processes"]
+        lost = next(name for name in (f"{role}-0", f"{role}-1") if placement[name]["node_id"] == second.node_id)
+        if room:
+            spare = cluster.add_node(**small, num_cpus=1, resources={"roam": 1})
+            cluster.wait_for_nodes()
+        cluster.remove_node(second)  # the node's raylet and every process on it
+        thread.join(timeout=300)
+    finally:
+        if thread.is_alive():
+            launcher.stop_all()
+            thread.join(timeout=30)
+        for node in (first, spare):
+            if node is not None:
+                cluster.remove_node(node)
+    result = out["result"]
+    assert not isinstance(result, BaseException), result
+    s = result.summary
+    assert s["status"] == "ok", s["error"]
+    assert {f["node"] for f in s["failures"]} == {lost}
+    shards = s["data_shards"]
+    assert shards["unfinished"] == 0 and shards["completed_per_epoch"] == {str(e): shards["num_shards"] for e in range(epochs)}
+    placement = json.loads((tmp_path / "run" / "placement.json").read_text())["processes"]
+    if room:
+        assert placement[f"{lost}.2"]["node_id"] == spare.node_id
+    else:
+        assert f"{lost}.2" not in placement and s["workers_trained"] == 2

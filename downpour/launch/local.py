@@ -319,7 +319,7 @@ class LocalLauncher:
             name = f"{p.name.split('.')[0]}.{self.server_restarts + 1}"
             log.warning("%s; starting %s in its place (server restart %d of %d)", p.describe_exit(), name,
                         self.server_restarts, cl.server_restarts)
-            self._spawn(name, self._respawn_args(p), inherited_error=p.error())
+            self._replace(p, name, "a surviving server takes over its keys after cluster.server_replace_timeout_s")
             return True
         if not p.name.startswith("worker-") or cl.on_worker_failure != "recover":
             return False
@@ -335,8 +335,16 @@ class LocalLauncher:
         name = f"{base}.{self.restarts + 1}"
         log.warning("%s; starting %s in its place (restart %d of %d)", p.describe_exit(), name, self.restarts,
                     cl.worker_restarts)
-        self._spawn(name, self._respawn_args(p), inherited_error=p.error())
+        self._replace(p, name, "the other workers take over its data")
         return True
+
+    def _replace(self, p: Proc, name: str, instead: str) -> None:
+        """Start ``name`` in place of ``p``; one that cannot be started (on Ray: its node went with the
+        process and no node has room for its bundle) does not fail the job, which goes on without it."""
+        try:
+            self._spawn(name, self._respawn_args(p), inherited_error=p.error())
+        except (JobFailed, OSError) as err:
+            log.warning("could not start %s in place of %s (%s): %s", name, p.name, str(err).splitlines()[0], instead)
 
     def _crash_loop(self, p: Proc, instead: str) -> bool:
         """Whether ``p``, a replacement, failed as the process it replaced did (the same exit code and
