@@ -54,6 +54,9 @@ def check_run_dir(job: JobConfig, run_dir: str) -> None:
         held.append("checkpoints/")
     resume, here = job.checkpoint.resume_from, os.path.abspath(run_dir)
     if held and not (resume is not None and "://" not in resume and os.path.commonpath([os.path.abspath(resume), here]) == here):
+        if job.checkpoint.url is None and "checkpoints/" not in held:  # (e.g. a job stopped before training began)
+            raise ConfigError(f"the run folder {run_dir} already holds a job ({', '.join(held)}) that left no checkpoint "
+                              "to continue from: remove the folder, or give this job a new --run-dir")
         raise ConfigError(f"the run folder {run_dir} already holds a job ({', '.join(held)}); continue it with "
                           f"--resume {shlex.quote(run_dir)} (checkpoint.resume_from), or give this job a new --run-dir")
     if job.checkpoint.enabled and job.checkpoint.url:

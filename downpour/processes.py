@@ -18,6 +18,11 @@ import os
 
 log = logging.getLogger(__name__)
 
+# The exit code of a worker the coordinator stopped (the job failed or is over, its request refused
+# with job_failed): not a crash, so its launcher starts no replacement. A node the coordinator
+# declared dead exits 1 instead: its work went to others and a replacement takes its rank.
+EXIT_STOPPED = 3
+
 
 def apply_cpu_policy(policy: str) -> bool:
     """Put every thread of this process under ``policy`` (``batch`` or ``normal``); threads started

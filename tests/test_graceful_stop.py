@@ -13,7 +13,7 @@ import pytest
 import torch
 import yaml
 
-from downpour.api import resolve_job
+from downpour.api import check_run_dir, resolve_job
 from downpour.coordinator.state import CommitCheckpoint, CoordinatorState, Finish, Reply, SaveModel
 from downpour.launch import LocalLauncher
 from downpour.protocol import Op
@@ -214,3 +214,29 @@ def test_a_gracefully_stopped_sync_job_resumes_to_the_parameters_of_an_uninterru
     for name, value in want.items():
         torch.testing.assert_close(got[name], value, rtol=1e-5, atol=1e-5)
     assert resumed["data_shards"]["completed_per_epoch"] == {str(e): 6 for e in range(epochs)}
+
+
+def test_ctrl_c_as_the_job_starts_stops_it_once_with_no_coordinator_restart_and_no_resume_promised(tmp_path, tiny_data):
+    """The launcher passes a stop on as SIGTERM as soon as the coordinator's address is written:
+    the coordinator takes it from then on (a coordinator killed by it would be restarted into the
+    same SIGTERM, over and over). Stopped before training began, the job ends at once, and its
+    folder, which holds no checkpoint, is not offered a --resume."""
+    proc, run_dir = start_job(tmp_path, tiny_job(tiny_data, training={"epochs": 50}))
+    try:
+        deadline = time.monotonic() + 60
+        while not os.path.exists(os.path.join(run_dir, "coordinator.addr")) and time.monotonic() < deadline:
+            time.sleep(0.005)
+        proc.send_signal(2)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert "coordinator.2" not in err and "coordinator restart" not in err, err[-3000:]
+    assert "resume with --resume" not in err
+    summary = json.loads(open(os.path.join(run_dir, "summary.json")).read())
+    if summary["status"] != "stopped":  # (the stop can come after training began: then it is a normal graceful stop)
+        assert proc.returncode == 1 and "before training began" in summary["error"], err[-3000:]
+        from downpour.config import load_job
+        from downpour.errors import ConfigError
+
+        with pytest.raises(ConfigError, match="left no checkpoint to continue from: remove the folder"):
+            check_run_dir(load_job(str(tmp_path / "job.yaml")), run_dir)

@@ -11,6 +11,7 @@ import pytest
 from downpour.config import parse_job
 from downpour.errors import JobFailed
 from downpour.launch.local import LocalLauncher, Proc
+from downpour.processes import EXIT_STOPPED
 
 JOB = parse_job({"name": "t", "model": {"name": "mlp"}, "data": {"name": "idx", "path": "/nonexistent"},
                  "cluster": {"num_servers": 1, "num_workers": 2, "worker_restarts": 5}})
@@ -84,3 +85,38 @@ def test_a_logged_error_is_the_same_whatever_its_time_pid_and_replacement_name(t
                  inherited=again.error())
     assert not launcher._crash_loop(other, "...")
     assert proc(tmp_path, "w", 2, TRACE).error() != first.error()  # another exit code
+
+
+@pytest.mark.parametrize("code, stopping, replaced_by", [
+    (1, False, "worker-0.2"),  # a crash: replaced
+    (-signal.SIGKILL, False, "worker-0.2"),  # killed from outside: replaced
+    (EXIT_STOPPED, False, None),  # the coordinator stopped it (the job failed or ended): not a crash
+    (1, True, None),  # a graceful stop under way: nothing is started any more
+    (-signal.SIGKILL, True, None),
+])
+def test_a_worker_is_replaced_only_while_the_job_goes_on_and_only_if_it_was_not_stopped_by_the_coordinator(
+        tmp_path, launcher, code, stopping, replaced_by):
+    started = []
+    launcher._spawn = lambda name, args, inherited_error=None: started.append(name)
+    launcher.stopping = stopping
+    assert launcher._recover(proc(tmp_path, "worker-0", code, "worker-0: stopped by the coordinator: server-1 died\n"))
+    assert started == ([replaced_by] if replaced_by else [])
+    assert launcher.restarts == (1 if replaced_by else 0)  # (a worker that was stopped uses up no restart)
+
+
+def test_a_replacement_that_cannot_be_started_leaves_the_job_to_go_on_without_it(tmp_path, launcher, caplog):
+    def cannot(name, args, inherited_error=None):
+        raise JobFailed(f"Ray did not start {name} within ray.start_timeout_s=20s (its node is gone)")
+
+    launcher._spawn = cannot
+    assert launcher._recover(proc(tmp_path, "worker-1", -signal.SIGKILL, ""))
+    assert "could not start worker-1.2 in place of worker-1 (Ray did not start" in caplog.text
+    assert "the other workers take over its data" in caplog.text
+
+
+def test_a_coordinator_killed_by_the_stops_own_sigterm_is_not_restarted(tmp_path, launcher):
+    (tmp_path / "coordinator.db").write_text("")
+    coord = Proc("coordinator", SimpleNamespace(pid=1000), str(tmp_path / "c.log"), ["coordinator", "--bind", "ipc://x"],
+                 exit_code=-signal.SIGTERM)
+    launcher.stopping = True
+    assert not launcher._restart_coordinator(coord) and launcher.coordinator_restarts == 0

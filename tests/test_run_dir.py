@@ -24,7 +24,10 @@ def test_a_run_folder_that_holds_a_job_is_refused_unless_the_job_resumes_from_it
     check_run_dir(job(), str(run))  # not there yet: fine
     (run / os.path.dirname(left)).mkdir(parents=True, exist_ok=True)
     (run / left).mkdir() if left.startswith("checkpoints/") else (run / left).write_text("{}")
-    with pytest.raises(ConfigError, match=f"already holds a job .*{os.path.basename(left.rstrip('/').split('/')[0])}.*--resume"):
+    # A folder with a checkpoint is to be continued; one without (a job stopped before training began,
+    # say) has nothing to continue from, so it is not offered a --resume that would fail.
+    advice = "--resume" if left.startswith("checkpoints/") else "left no checkpoint to continue from: remove the folder"
+    with pytest.raises(ConfigError, match=f"already holds a job .*{os.path.basename(left.rstrip('/').split('/')[0])}.*{advice}"):
         check_run_dir(job(), str(run))
     check_run_dir(job(resume_from=str(run)), str(run))  # continuing it, in place
     check_run_dir(job(resume_from=str(run / "checkpoints")), str(run))

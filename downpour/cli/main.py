@@ -83,7 +83,7 @@ def cmd_train(args) -> int:
         signal.signal(signal.SIGTERM, _at_once)
         signal.signal(signal.SIGINT, _at_once)
         print(f"\ndownpour: {signal.Signals(signum).name}: stopping gracefully (final checkpoint, then every process "
-              f"stops; resume with --resume {shlex.quote(run_dir)}). Ctrl-C again stops at once.", file=sys.stderr, flush=True)
+              "stops). Ctrl-C again stops at once.", file=sys.stderr, flush=True)
         launcher.request_stop()
 
     signal.signal(signal.SIGTERM, graceful)
@@ -99,8 +99,8 @@ def cmd_train(args) -> int:
     if s.get("status") == "stopped":
         last = (s.get("checkpoints") or {}).get("last")
         print(f"downpour: stopped gracefully after {s['examples']} examples in {s['steps']} steps; "
-              + (f"checkpoint {last} committed: " if last else "no checkpoint was committed: ")
-              + f"continue with --resume {shlex.quote(result.run_dir)}")
+              + (f"checkpoint {last} committed: continue with --resume {shlex.quote(result.run_dir)}" if last else
+                 "no checkpoint was committed, so there is nothing to continue from (checkpoint.enabled: false?)"))
         print(f"summary: {os.path.join(result.run_dir, 'summary.json')}")
         return 0
     online = s.get("online")
@@ -210,16 +210,25 @@ def cmd_coordinator(args) -> int:
         os.makedirs(args.run_dir, mode=0o700, exist_ok=True)
     security = node_security(args, "coordinator", bind)
     ctx = new_context()
-    coord = Coordinator(ctx, job, bind, args.run_dir, security, recover=args.recover, lost_at=args.lost_at, advertise=args.advertise)
-    print(f"coordinator listening on {coord.address}", file=sys.stderr, flush=True)
+    made: dict[str, Any] = {"coord": None, "asked": False}
 
     def graceful(signum: int, frame: Any) -> None:  # the first SIGTERM: stop without losing work; the second: at once
         signal.signal(signal.SIGTERM, _terminate)
         print("coordinator: SIGTERM: stopping gracefully (final checkpoint); a second SIGTERM stops at once",
               file=sys.stderr, flush=True)
-        coord.request_stop()
+        if made["coord"] is not None:
+            made["coord"].request_stop()
+        else:
+            made["asked"] = True  # (before the coordinator was made: it is asked once made)
 
+    # Before the coordinator is made: it writes coordinator.addr, and a launcher stopping the job sends
+    # SIGTERM as soon as that file is there.
     signal.signal(signal.SIGTERM, graceful)
+    coord = Coordinator(ctx, job, bind, args.run_dir, security, recover=args.recover, lost_at=args.lost_at, advertise=args.advertise)
+    print(f"coordinator listening on {coord.address}", file=sys.stderr, flush=True)
+    made["coord"] = coord
+    if made["asked"]:
+        coord.request_stop()
     try:
         return coord.serve()
     except KeyboardInterrupt:

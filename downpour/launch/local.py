@@ -40,6 +40,7 @@ import yaml
 from downpour.config import JobConfig, job_to_dict
 from downpour.errors import DownpourError, JobFailed
 from downpour.monitor.targets import targets_paths, write_targets
+from downpour.processes import EXIT_STOPPED
 from downpour.protocol import Message, Op
 from downpour.protocol.rpc import RpcClient
 from downpour.transport import Security, create_job_keys, new_context, remove_slots
@@ -301,6 +302,11 @@ class LocalLauncher:
         shards back, and (up to ``cluster.worker_restarts`` times per job) a replacement is
         started, which joins the running job. Returns whether the job goes on."""
         cl = self.job.cluster
+        if self.stopping or p.exit_code == EXIT_STOPPED:  # a graceful stop under way, or the coordinator stopped it
+            p.replaced = True
+            log.info("%s; not replaced: %s", p.describe_exit(), "the job is stopping" if self.stopping else
+                     "the coordinator stopped it (the job failed or ended)")
+            return True
         if p.name.startswith("server-"):  # a replacement loads the latest checkpoint (the coordinator says which)
             if cl.on_server_failure != "recover" or not (self.job.checkpoint.enabled or cl.replicas):
                 return False
@@ -414,6 +420,8 @@ class LocalLauncher:
         from downpour.coordinator.persist import STATE_FILE
 
         cl = self.job.cluster
+        if self.stopping and p.exit_code == -signal.SIGTERM:  # killed by the stop's own SIGTERM, before it could take it
+            return False
         if (p.exit_code == 0 or os.path.exists(os.path.join(self.run_dir, "summary.json"))
                 or not os.path.exists(os.path.join(self.run_dir, STATE_FILE)) or self.coordinator_restarts >= cl.coordinator_restarts):
             return False

@@ -25,7 +25,7 @@ from downpour.models import buffers as bufs
 from downpour.models import build_model
 from downpour.monitor import HttpEndpoint, metrics_route, node_labels
 from downpour.nn import attach
-from downpour.processes import apply_cpu_policy
+from downpour.processes import EXIT_STOPPED, apply_cpu_policy
 from downpour.protocol import Message, Op
 from downpour.protocol.rpc import RpcClient
 from downpour.transport import Context, Security, advertised
@@ -56,6 +56,7 @@ class HeartbeatThread(threading.Thread):
         self.ctx, self.address, self.node, self.job = ctx, address, node, job
         self.progress, self.abort, self.extra = progress, abort, extra
         self.reason = "stopped"
+        self.declared_dead = False  # the coordinator's stop said this worker was declared dead
         self._halt = threading.Event()
 
     def run(self) -> None:
@@ -74,6 +75,7 @@ class HeartbeatThread(threading.Thread):
                     reason = str(err)
                 if reason is not None:
                     self.reason = f"stopped by the coordinator: {reason}"
+                    self.declared_dead = hb.declared_dead
                     self.abort.set()
                     return
         finally:
@@ -207,12 +209,12 @@ def run_worker(ctx: Context, coordinator: str, rank: int | None = None, startup_
         log.error("%s: %s", w.name, err)
         if not w.abort.is_set():
             _report_error(w.coord, str(err))
-        return 1
+        return EXIT_STOPPED if err.code == "job_failed" or w.stopped() else 1
     except DownpourError as err:
         log.error("%s: %s", w.name, err)
         if not w.abort.is_set():  # when the coordinator stopped us, it knows why already
             _report_error(w.coord, str(err))
-        return 1
+        return EXIT_STOPPED if w.stopped() else 1
     except Exception as err:  # a bug or a user-code failure: tell the coordinator the root cause
         log.error("%s: %s\n%s", w.name, err, traceback.format_exc())
         _report_error(w.coord, f"{type(err).__name__}: {err}")
@@ -244,6 +246,11 @@ class WorkerProcess:
 
     def _reason(self) -> str:
         return self.hb.reason if self.hb else "aborted"
+
+    def stopped(self) -> bool:
+        """Whether the coordinator stopped this worker (the job failed or ended), not as declared dead."""
+        return self.abort.is_set() and self.hb is not None and self.hb.reason.startswith("stopped by the coordinator") \
+            and not self.hb.declared_dead
 
     def join(self, startup_timeout_s: float, trusted_factories: set[str] | None, metrics_host: str | None,
              advertise: str | None) -> None:
