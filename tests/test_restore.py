@@ -193,3 +193,14 @@ def test_checkpoints_taken_after_a_resume_sort_after_the_one_resumed_from():
     assert len(asked) == 2 and state.checkpoints.pending is not None
     assert state.checkpoints.pending.step >= 500 and asked[0] > old, (
         f"after resuming from {old}, the next checkpoint is {asked[0]} (step {state.checkpoints.pending.step})")
+
+
+def test_a_warm_start_from_another_models_checkpoint_that_shares_no_parameter_is_refused(url):
+    """Nothing would be taken: the job would train from scratch while the user believes it warm-started."""
+    write_job_checkpoint(url, mlp_layout([3]))
+    other = make_layout([("embedding.weight", (50, 4)), ("head.weight", (1, 4)), ("head.bias", (1,))], 2, "f32", "bytes", 16)
+    with pytest.raises(ConfigError, match=r"shares no parameter with this model: it holds 1\.weight, 1\.bias, .*"
+                                          r"the model has embedding\.weight, head\.weight, head\.bias"):
+        plan_warm_start(url, other)
+    with pytest.raises(ConfigError, match=r"another model's checkpoint, sharing no parameter with this one"):
+        plan_resume(url, other, "adagrad")  # (not "trained with optimizer 'sgd'": that is not what is wrong)
