@@ -120,3 +120,14 @@ def test_a_coordinator_killed_by_the_stops_own_sigterm_is_not_restarted(tmp_path
                  exit_code=-signal.SIGTERM)
     launcher.stopping = True
     assert not launcher._restart_coordinator(coord) and launcher.coordinator_restarts == 0
+
+
+def test_a_replacement_is_named_by_its_ranks_next_generation_as_the_coordinator_names_it(tmp_path, launcher):
+    started = []
+    launcher._spawn = lambda name, args, inherited_error=None: started.append(name)
+    launcher.procs = [proc(tmp_path, n, None, "") for n in ("worker-0", "worker-1")]
+    for dead in ("worker-0", "worker-1"):  # (the job's second restart is worker-1's first: worker-1.2, not .3)
+        assert launcher._recover(proc(tmp_path, dead, -signal.SIGKILL, ""))
+        launcher.procs.append(proc(tmp_path, started[-1], None, ""))
+    assert launcher._recover(proc(tmp_path, "worker-1.2", -signal.SIGKILL, ""))
+    assert started == ["worker-0.2", "worker-1.2", "worker-1.3"]

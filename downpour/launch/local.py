@@ -322,7 +322,7 @@ class LocalLauncher:
             if self._crash_loop(p, "a surviving server takes over its keys after cluster.server_replace_timeout_s"):
                 return True
             self.server_restarts += 1
-            name = f"{p.name.split('.')[0]}.{self.server_restarts + 1}"
+            name = self._next_name(p)
             log.warning("%s; starting %s in its place (server restart %d of %d)", p.describe_exit(), name,
                         self.server_restarts, cl.server_restarts)
             self._replace(p, name, "a surviving server takes over its keys after cluster.server_replace_timeout_s")
@@ -337,12 +337,18 @@ class LocalLauncher:
         if self._crash_loop(p, "the other workers take over its data"):
             return True
         self.restarts += 1
-        base = p.name.split(".")[0]
-        name = f"{base}.{self.restarts + 1}"
+        name = self._next_name(p)
         log.warning("%s; starting %s in its place (restart %d of %d)", p.describe_exit(), name, self.restarts,
                     cl.worker_restarts)
         self._replace(p, name, "the other workers take over its data")
         return True
+
+    def _next_name(self, p: Proc) -> str:
+        """The name of ``p``'s replacement: its rank's next generation (worker-1.2, then worker-1.3), the
+        name the coordinator gives it too (its log file is logs/NAME.log)."""
+        base = p.name.split(".")[0]
+        gens = [int(q.name.partition(".")[2] or 1) for q in [p, *self.procs] if q.name.split(".")[0] == base]
+        return f"{base}.{1 + max(gens)}"
 
     def _replace(self, p: Proc, name: str, instead: str) -> None:
         """Start ``name`` in place of ``p``; one that cannot be started (on Ray: its node went with the
