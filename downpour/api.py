@@ -20,6 +20,7 @@ run, whose top level must then sit under ``if __name__ == "__main__":``), or
 
 from __future__ import annotations
 
+import logging
 import os
 import shlex
 import time
@@ -33,6 +34,8 @@ from downpour.data import build_dataset
 from downpour.errors import ConfigError, DownpourError
 from downpour.imports import object_path
 from downpour.server.scaling import check_hyperparameters
+
+log = logging.getLogger(__name__)
 
 
 def default_run_dir(name: str) -> str:
@@ -113,9 +116,41 @@ def check_restore_points(job: JobConfig) -> None:
 
     layout = plan_layout(job)
     if cp.resume_from:
-        plan_resume(cp.resume_from, layout, job.optimizer.name)
+        kept = (plan_resume(cp.resume_from, layout, job.optimizer.name, announce=False).get("ledger") or {}).get("shard_size")
+        if job.data.shard_size is not None and kept is not None and kept != job.data.shard_size:
+            log.warning("downpour: data.shard_size %d is not used: a resumed job keeps its checkpoint's shards (%d examples "
+                        "each), so that every example is still trained once per epoch", job.data.shard_size, kept)
     else:
-        plan_warm_start(job.init_from, layout)
+        plan_warm_start(job.init_from, layout, announce=False)
+
+
+_LOSSY = ("topk", "randomk", "onebit", "powersgd")  # codecs that drop information for good without error feedback
+
+
+def advisories(job: JobConfig) -> list[str]:
+    """What in a valid job is probably not what its author meant (``downpour train`` prints each as a
+    WARNING before the start, ``downpour.train`` logs it): a codec that drops information without
+    error feedback, and a parameter pattern that matches no parameter of the model (a typo)."""
+    out = []
+    comp = job.compression
+    for where, push in [("compression.push", comp.push), *((f"compression.groups[{i}].push", g.push) for i, g in enumerate(comp.groups))]:
+        if push.codec in _LOSSY and not push.error_feedback and push.dgc is None:
+            out.append(f"{where}: codec {push.codec} without error_feedback drops what it does not send for good "
+                       "(docs/compression.md); set error_feedback: true")
+    patterns = [(f"compression.groups[{i}].params", g.params) for i, g in enumerate(comp.groups)]
+    patterns += [(f"training.consistency_groups[{i}].params", g.params) for i, g in enumerate(job.training.consistency_groups)]
+    if patterns:
+        import fnmatch
+
+        from downpour.coordinator.service import plan_layout
+
+        names = [p.name for p in plan_layout(job).params]
+        for where, pats in patterns:
+            for pat in pats:
+                if not any(fnmatch.fnmatchcase(n, pat) for n in names):
+                    shown = ", ".join(names[:8]) + (f" and {len(names) - 8} more" if len(names) > 8 else "")
+                    out.append(f"{where}: {pat!r} matches no parameter of the model ({shown})")
+    return out
 
 
 def resolve_job(
@@ -214,6 +249,8 @@ def train(
                           "`if __name__ == \"__main__\":`")
     job = resolve_job(config, model_fn, dataset_fn)
     check_data(job)
+    for advice in advisories(job):
+        log.warning("downpour: %s", advice)
     run_dir = run_dir or default_run_dir(job.name)
     check_run_dir(job, run_dir)
     run = make_launcher(job, run_dir, launcher, address=address).run()

@@ -204,3 +204,15 @@ def test_a_warm_start_from_another_models_checkpoint_that_shares_no_parameter_is
         plan_warm_start(url, other)
     with pytest.raises(ConfigError, match=r"another model's checkpoint, sharing no parameter with this one"):
         plan_resume(url, other, "adagrad")  # (not "trained with optimizer 'sgd'": that is not what is wrong)
+
+
+def test_a_resume_that_asks_for_another_shard_size_is_told_the_checkpoints_is_kept(url, caplog):
+    from downpour.api import check_restore_points
+    from downpour.config import parse_job
+
+    write_job_checkpoint(url, mlp_layout([3]))  # its ledger's shards: 4 examples each
+    model = {"name": "mlp", "args": {"input_shape": [4], "hidden": [3], "num_classes": 3, "dropout": 0.0}}
+    with caplog.at_level(logging.INFO):
+        check_restore_points(parse_job({"model": model, "data": {"shard_size": 8}, "checkpoint": {"resume_from": url}}))
+    assert "data.shard_size 8 is not used: a resumed job keeps its checkpoint's shards (4 examples each)" in caplog.text
+    assert "resuming from" not in caplog.text  # (the check before the start says nothing of a resume it may refuse)

@@ -57,11 +57,13 @@ def _load(args) -> Any:
 
 # -- train ------------------------------------------------------------------
 def cmd_train(args) -> int:
-    from downpour.api import check_data, check_run_dir, default_run_dir
+    from downpour.api import advisories, check_data, check_run_dir, default_run_dir
     from downpour.launch import make_launcher
 
     job = _load(args)
     check_data(job)  # missing data: one line saying how to get it, nothing started
+    for advice in advisories(job):
+        print(f"downpour: WARNING: {advice}", file=sys.stderr, flush=True)
     run_dir = args.run_dir or default_run_dir(job.name)
     check_run_dir(job, run_dir)
     _warn_partitions_left_unread(job)

@@ -41,9 +41,10 @@ def _shapes(layout: Layout) -> dict[str, tuple[int, ...]]:
     return {**{p.name: tuple(p.shape) for p in layout.params}, **{f"table {t.name}": (t.dim,) for t in layout.tables}}
 
 
-def plan_resume(where: str, layout: Layout, optimizer: str | None = None) -> dict[str, Any]:
+def plan_resume(where: str, layout: Layout, optimizer: str | None = None, announce: bool = True) -> dict[str, Any]:
     """What the coordinator continues from: the ledger, the step, and the servers' restore order.
-    ``optimizer`` (the job's update rule) must be the checkpoint's: its state is restored."""
+    ``optimizer`` (the job's update rule) must be the checkpoint's: its state is restored.
+    ``announce``: log it (the coordinator's; not a check made before the start)."""
     store, manifest, state = latest_checkpoint(where)
     old = Layout.from_dict(state["layout"])
     old_opt = ((state.get("job") or {}).get("optimizer") or {}).get("name")
@@ -58,7 +59,7 @@ def plan_resume(where: str, layout: Layout, optimizer: str | None = None) -> dic
         raise ConfigError(f"cannot resume from {store.where(manifest.name)}: the model differs from the checkpoint's "
                           f"({_difference(_shapes(old), _shapes(layout))}); init_from warm-starts a model with parameters added or "
                           "removed (one whose shape changed cannot be taken: rename it to start it afresh)")
-    log.info("coordinator: resuming from %s (step %d)", store.where(manifest.name), manifest.step)
+    (log.info if announce else log.debug)("coordinator: resuming from %s (step %d)", store.where(manifest.name), manifest.step)
     return {"name": store.where(manifest.name), "ledger": state["ledger"], "step": manifest.step,
             "examples": state.get("examples", 0),
             # the examples the checkpoint holds the training of, by its ledger (the count above also has
@@ -67,8 +68,9 @@ def plan_resume(where: str, layout: Layout, optimizer: str | None = None) -> dic
             "restore": {"url": store.url, "name": manifest.name, "layout": state["layout"], "full": True}}
 
 
-def plan_warm_start(where: str, layout: Layout) -> dict[str, Any]:
-    """The servers' restore order for ``init_from``: parameters only; a changed shape is an error."""
+def plan_warm_start(where: str, layout: Layout, announce: bool = True) -> dict[str, Any]:
+    """The servers' restore order for ``init_from``: parameters only; a changed shape is an error.
+    ``announce``: log what is taken (the coordinator's; not a check made before the start)."""
     store, manifest, state = latest_checkpoint(where)
     old, new = _shapes(Layout.from_dict(state["layout"])), _shapes(layout)
     changed = [f"{n}: {list(old[n])} in the checkpoint, {list(new[n])} now" for n in new if n in old and old[n] != new[n]]
@@ -78,8 +80,9 @@ def plan_warm_start(where: str, layout: Layout) -> dict[str, Any]:
     if new and len(fresh) == len(new):  # nothing to take: another model's checkpoint, not a warm start
         raise ConfigError(f"init_from {store.where(manifest.name)} shares no parameter with this model: it holds "
                           f"{_listed(old)}, the model has {_listed(new)}")
-    log.info("coordinator: warm start from %s: %d parameters taken%s", store.where(manifest.name), len(new) - len(fresh),
-             f", {len(fresh)} new ones initialised ({', '.join(fresh)})" if fresh else "")
+    (log.info if announce else log.debug)(
+        "coordinator: warm start from %s: %d parameters taken%s", store.where(manifest.name), len(new) - len(fresh),
+        f", {len(fresh)} new ones initialised ({', '.join(fresh)})" if fresh else "")
     return {"url": store.url, "name": manifest.name, "layout": state["layout"], "full": False}
 
 
