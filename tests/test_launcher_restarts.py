@@ -131,3 +131,22 @@ def test_a_replacement_is_named_by_its_ranks_next_generation_as_the_coordinator_
         launcher.procs.append(proc(tmp_path, started[-1], None, ""))
     assert launcher._recover(proc(tmp_path, "worker-1.2", -signal.SIGKILL, ""))
     assert started == ["worker-0.2", "worker-1.2", "worker-1.3"]
+
+
+@pytest.mark.parametrize("aborted, ordered, dead, stopped", [
+    (True, True, False, True),  # the coordinator's answer said stop (the job failed or ended): exit EXIT_STOPPED
+    (True, True, True, False),  # ... declared dead: exit 1, a replacement takes its rank
+    (True, False, False, False),  # the coordinator went silent or refused a heartbeat: exit 1
+    (False, True, False, False),
+])
+def test_a_worker_exits_stopped_only_when_the_coordinators_answer_told_it_to_stop_and_not_as_dead(aborted, ordered, dead, stopped):
+    import threading
+
+    from downpour.worker.service import WorkerProcess
+
+    w = WorkerProcess.__new__(WorkerProcess)  # (only what stopped() reads)
+    w.abort = threading.Event()
+    if aborted:
+        w.abort.set()
+    w.hb = SimpleNamespace(ordered=ordered, declared_dead=dead, reason="stopped by the coordinator: server-1 died")
+    assert w.stopped() is stopped

@@ -57,6 +57,7 @@ class HeartbeatThread(threading.Thread):
         self.progress, self.abort, self.extra = progress, abort, extra
         self.reason = "stopped"
         self.declared_dead = False  # the coordinator's stop said this worker was declared dead
+        self.ordered = False  # the coordinator's answer said stop (not an error, not a coordinator gone silent)
         self._halt = threading.Event()
 
     def run(self) -> None:
@@ -71,6 +72,7 @@ class HeartbeatThread(threading.Thread):
                 try:
                     client.rpc.pump(0.0)  # (an unprompted PROMOTE need not wait for the next heartbeat)
                     reason = hb.tick(self.progress)
+                    self.ordered = reason is not None
                 except DownpourError as err:
                     reason = str(err)
                 if reason is not None:
@@ -249,8 +251,7 @@ class WorkerProcess:
 
     def stopped(self) -> bool:
         """Whether the coordinator stopped this worker (the job failed or ended), not as declared dead."""
-        return self.abort.is_set() and self.hb is not None and self.hb.reason.startswith("stopped by the coordinator") \
-            and not self.hb.declared_dead
+        return self.abort.is_set() and self.hb is not None and self.hb.ordered and not self.hb.declared_dead
 
     def join(self, startup_timeout_s: float, trusted_factories: set[str] | None, metrics_host: str | None,
              advertise: str | None) -> None:
