@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
 import platform
+import statistics
 import sys
 import time
 from typing import Any
@@ -50,3 +52,15 @@ def environment() -> dict[str, Any]:
         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "argv": sys.argv,
     }
+
+
+def spread(values: list[float], fmt: str = ".1f") -> str:
+    """``mean (min–max)`` of a benchmark's repeated figures, for its markdown table."""
+    return f"{statistics.mean(values):{fmt}} ({min(values):{fmt}}–{max(values):{fmt}})"
+
+
+def write_runs(path: str | None, args: Any, runs: dict[str, list[dict[str, Any]]]) -> None:
+    """Every run of a benchmark, with the machine and the arguments, as JSON at ``path`` (None: nothing)."""
+    if path:
+        with open(path, "w") as f:
+            json.dump({"environment": environment(), "args": vars(args), "runs": runs}, f, indent=1)

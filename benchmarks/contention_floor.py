@@ -27,7 +27,6 @@ by any design of that shape on this machine. ``--policy`` is the job's ``cluster
 from __future__ import annotations
 
 import argparse
-import json
 import multiprocessing as mp
 import os
 import statistics
@@ -42,7 +41,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.common import environment  # noqa: E402
+from benchmarks.common import environment, spread, write_runs  # noqa: E402
 from downpour.config import load_job  # noqa: E402
 from downpour.data.idx import load_idx_dataset  # noqa: E402
 from downpour.models import mlp  # noqa: E402
@@ -181,14 +180,12 @@ def main(argv: list[str] | None = None) -> int:
     print("|---|---:|---:|---:|---:|---:|")
     for k in runs:
         cpus = [r["cpu_us_per_example"] for r in runs[k]]
-        print(f"| {k.replace('x', ' × ')} | {statistics.mean(cpus):.1f} ({min(cpus):.1f}–{max(cpus):.1f}) | "
+        print(f"| {k.replace('x', ' × ')} | {spread(cpus)} | "
               f"{statistics.mean(cpus) / base:.2f} | "
               f"{statistics.mean(r['trainer_cpu_us_per_example'] for r in runs[k]) / base:.2f} | "
               f"{statistics.mean(r['examples_per_s'] for r in runs[k]):,.0f} | "
               f"{statistics.mean(r['cores_busy'] for r in runs[k]):.2f} |")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"environment": environment(), "args": vars(args), "runs": runs}, f, indent=1)
+    write_runs(args.json, args, runs)
     return 0
 
 

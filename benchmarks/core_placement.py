@@ -28,7 +28,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.common import environment, machine_busy_s  # noqa: E402
+from benchmarks.common import environment, machine_busy_s, spread, write_runs  # noqa: E402
 
 JOB = "examples/mnist.yaml"
 
@@ -90,13 +90,9 @@ def main(argv: list[str] | None = None) -> int:
     print("| configuration | examples/s (mean, min–max) | cores busy | CPU µs/example (mean, min–max) |")
     print("|---|---:|---:|---:|")
     for c, rs in runs.items():
-        rates, cpus = [r["examples_per_s"] for r in rs], [r["cpu_us_per_example"] for r in rs]
-        print(f"| {c} | {statistics.mean(rates):,.0f} ({min(rates):,.0f}–{max(rates):,.0f}) | "
-              f"{statistics.mean(r['cores_busy'] for r in rs):.2f} | "
-              f"{statistics.mean(cpus):.1f} ({min(cpus):.1f}–{max(cpus):.1f}) |")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"environment": environment(), "args": vars(args), "runs": runs}, f, indent=1)
+        print(f"| {c} | {spread([r['examples_per_s'] for r in rs], ',.0f')} | {statistics.mean(r['cores_busy'] for r in rs):.2f} | "
+              f"{spread([r['cpu_us_per_example'] for r in rs])} |")
+    write_runs(args.json, args, runs)
     return 0
 
 

@@ -147,18 +147,9 @@ def test_on_ray_a_killed_worker_and_a_killed_server_are_replaced_and_every_shard
                     checkpoint={"enabled": True, "every_steps": 20, "every_s": None, "keep": 2},
                     cluster={"num_workers": 2, "heartbeat_timeout_s": 3.0})
     spec["data"]["shard_size"] = 200
-    run_dir = str(tmp_path / "run")
-    launcher = make_launcher(parse_job(spec), run_dir)
-    out: dict = {}
-    thread = threading.Thread(target=lambda: out.update(result=_catch(launcher.run)), daemon=True)
-    thread.start()
+    launcher, thread, out = _start_in_thread(spec, str(tmp_path / "run"))
     try:
-        deadline = time.monotonic() + 180
-        status = None
-        while time.monotonic() < deadline and not (status and (status.get("checkpoints") or {}).get("count")):
-            time.sleep(0.5)
-            status = query_status(run_dir)
-        assert status, "the job never committed a checkpoint"
+        status = _first_checkpoint(str(tmp_path / "run"))
         pids = {n["name"]: n["pid"] for n in status["nodes"]}
         os.kill(pids["worker-1"], signal.SIGKILL)
         os.kill(pids["server-1"], signal.SIGKILL)
@@ -176,6 +167,26 @@ def test_on_ray_a_killed_worker_and_a_killed_server_are_replaced_and_every_shard
     assert shards["unfinished"] == 0 and shards["completed_per_epoch"] == {str(e): shards["num_shards"] for e in range(epochs)}
     placement = json.loads((tmp_path / "run" / "placement.json").read_text())["processes"]
     assert placement["server-1.2"]["node_id"] == ray_nodes["ps"] and placement["worker-1.2"]["node_id"] == ray_nodes["trainer"]
+
+
+def _start_in_thread(spec: dict, run_dir: str):
+    """The job on Ray, run by a thread; returns the launcher, the thread and where its result goes."""
+    launcher = make_launcher(parse_job(spec), run_dir)
+    out: dict = {}
+    thread = threading.Thread(target=lambda: out.update(result=_catch(launcher.run)), daemon=True)
+    thread.start()
+    return launcher, thread, out
+
+
+def _first_checkpoint(run_dir: str) -> dict:
+    """The job's status once it committed a checkpoint (at most 180 s)."""
+    deadline = time.monotonic() + 180
+    status = None
+    while time.monotonic() < deadline and not (status and (status.get("checkpoints") or {}).get("count")):
+        time.sleep(0.5)
+        status = query_status(run_dir)
+    assert status, "the job never committed a checkpoint"
+    return status
 
 
 def _catch(fn):
@@ -240,18 +251,9 @@ def test_on_ray_a_lost_node_s_process_is_replaced_where_there_is_room_and_the_jo
     spec["ray"][role] = {"num_cpus": 1 if role == "worker" else 0.5, "resources": {"roam": 1}}
     spec["ray"]["start_timeout_s"] = 20
     spec["data"]["shard_size"] = 200
-    run_dir = str(tmp_path / "run")
-    launcher = make_launcher(parse_job(spec), run_dir)
-    out: dict = {}
-    thread = threading.Thread(target=lambda: out.update(result=_catch(launcher.run)), daemon=True)
-    thread.start()
+    launcher, thread, out = _start_in_thread(spec, str(tmp_path / "run"))
     try:
-        deadline = time.monotonic() + 180
-        status = None
-        while time.monotonic() < deadline and not (status and (status.get("checkpoints") or {}).get("count")):
-            time.sleep(0.5)
-            status = query_status(run_dir)
-        assert status, "the job never committed a checkpoint"
+        _first_checkpoint(str(tmp_path / "run"))
         placement = json.loads((tmp_path / "run" / "placement.json").read_text())["processes"]
         lost = next(name for name in (f"{role}-0", f"{role}-1") if placement[name]["node_id"] == second.node_id)
         if room:
