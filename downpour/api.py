@@ -142,14 +142,14 @@ def advisories(job: JobConfig) -> list[str]:
     if patterns:
         import fnmatch
 
+        from downpour.coordinator.restore import listed
         from downpour.coordinator.service import plan_layout
 
         names = [p.name for p in plan_layout(job).params]
         for where, pats in patterns:
             for pat in pats:
                 if not any(fnmatch.fnmatchcase(n, pat) for n in names):
-                    shown = ", ".join(names[:8]) + (f" and {len(names) - 8} more" if len(names) > 8 else "")
-                    out.append(f"{where}: {pat!r} matches no parameter of the model ({shown})")
+                    out.append(f"{where}: {pat!r} matches no parameter of the model ({listed(names, most=8)})")
     return out
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Iterable
 from typing import Any
 
 from downpour.coordinator.checkpointing import JOB_STATE
@@ -51,13 +52,13 @@ def plan_resume(where: str, layout: Layout, optimizer: str | None = None, announ
     shapes, now = _shapes(old), _shapes(layout)
     if not set(shapes) & set(now):  # (the model first: an optimizer's name says nothing of another model)
         raise ConfigError(f"cannot resume from {store.where(manifest.name)}: it is another model's checkpoint, sharing no "
-                          f"parameter with this one: it holds {_listed(shapes)}, the model has {_listed(now)}")
+                          f"parameter with this one: it holds {listed(shapes)}, the model has {listed(now)}")
     if optimizer is not None and old_opt is not None and old_opt != optimizer:
         raise ConfigError(f"cannot resume from {store.where(manifest.name)}: it was trained with optimizer {old_opt!r}, "
                           f"this job uses {optimizer!r}; use init_from to start a new optimizer from its parameters")
     if shapes != now:
         raise ConfigError(f"cannot resume from {store.where(manifest.name)}: the model differs from the checkpoint's "
-                          f"({_difference(_shapes(old), _shapes(layout))}); init_from warm-starts a model with parameters added or "
+                          f"({_difference(shapes, now)}); init_from warm-starts a model with parameters added or "
                           "removed (one whose shape changed cannot be taken: rename it to start it afresh)")
     (log.info if announce else log.debug)("coordinator: resuming from %s (step %d)", store.where(manifest.name), manifest.step)
     return {"name": store.where(manifest.name), "ledger": state["ledger"], "step": manifest.step,
@@ -79,14 +80,16 @@ def plan_warm_start(where: str, layout: Layout, announce: bool = True) -> dict[s
     fresh = [n for n in new if n not in old]
     if new and len(fresh) == len(new):  # nothing to take: another model's checkpoint, not a warm start
         raise ConfigError(f"init_from {store.where(manifest.name)} shares no parameter with this model: it holds "
-                          f"{_listed(old)}, the model has {_listed(new)}")
+                          f"{listed(old)}, the model has {listed(new)}")
     (log.info if announce else log.debug)(
         "coordinator: warm start from %s: %d parameters taken%s", store.where(manifest.name), len(new) - len(fresh),
         f", {len(fresh)} new ones initialised ({', '.join(fresh)})" if fresh else "")
     return {"url": store.url, "name": manifest.name, "layout": state["layout"], "full": False}
 
 
-def _listed(names: dict[str, Any], most: int = 6) -> str:
+def listed(names: Iterable[str], most: int = 6) -> str:
+    """Names for a message: the first ``most``, and how many more."""
+    names = list(names)
     shown = list(names)[:most]
     return ", ".join(shown) + (f" and {len(names) - most} more" if len(names) > most else "")
 
