@@ -14,6 +14,7 @@ import torch
 import yaml
 
 from downpour.api import check_run_dir, resolve_job
+from downpour.coordinator.checkpointing import MAX_WIDENING, sync_margin, widening
 from downpour.coordinator.state import CommitCheckpoint, CoordinatorState, Finish, Reply, SaveModel
 from downpour.launch import LocalLauncher
 from downpour.protocol import Op
@@ -92,6 +93,33 @@ def test_a_sync_job_stops_every_worker_after_the_same_round():
     sim.state.request_stop(1.0)
     orders = [sim.heartbeat(w) for w in WORKERS]
     assert len({o["leave_at"] for o in orders}) == 1 and orders[0]["leave_at"] > 40
+
+
+def test_a_sync_checkpoint_asked_again_starts_from_the_passing_server_s_version_and_stays_near_it():
+    """A server already past the version asked for says where it is; the next ask goes a bounded
+    margin past that. Before, it went to the heartbeat's (stale) version plus a margin doubled per
+    retry: under load, version 20 and then 1,154, past a short job's end."""
+    job = JOB.model_copy(update={"training": JOB.training.model_copy(update={"consistency": "sync"})})
+    sim = CheckpointSim(job)
+    sim.start()
+    for w in WORKERS:
+        sim.send(w, Op.BARRIER, name="init")
+    sim.heartbeat(SERVERS[0], version=0)
+    sim.state.version_rate = 100.0  # rounds per second, as heartbeats measured it
+    margin = sync_margin(100.0, job.cluster.heartbeat_interval_s)
+    asks = []
+    name, at, passed, t = None, None, 0, 0.1
+    for retry in range(6):  # the first ask, then five more
+        out = sim.tick(t) if at is None else sim.send(SERVERS[1], Op.REPORT, kind="checkpoint",
+                                                       data={"name": name, "missed": True, "version": passed})
+        [ask] = [a for a in out if isinstance(a, Reply) and a.msg.op == Op.CHECKPOINT and a.to == ident(SERVERS[0])]
+        name, at = ask.msg.meta["name"], ask.msg.meta["at_version"]
+        asks.append(at)
+        assert passed < at <= passed + widening(retry) * margin
+        passed = at + 3  # the server got there before the ask did
+    assert asks[0] == margin and max(b - a for a, b in zip(asks, asks[1:])) <= 3 + MAX_WIDENING * margin
+    out = sim.send(SERVERS[1], Op.REPORT, kind="checkpoint", data={"name": name, "missed": True, "version": passed})
+    assert sim.state.checkpoints.pending is None and sim.state.checkpoints.abandoned == 1  # passed after five retries: given up
 
 
 @pytest.mark.parametrize("consistency", ["sync", "async"])

@@ -32,6 +32,7 @@ class Pending:
     final: bool
     reports: dict[str, dict[str, Any]] = field(default_factory=dict)
     retries: int = 0
+    passed: int = 0  # sync: the highest version a server reported when it passed at_version
     versions: dict[str, int] = field(default_factory=dict)  # server rank -> its version in the checkpoint
     # async/ssp: while the cut is being placed, each server's answer to the probe (server -> worker
     # -> the highest push number it has seen of that worker), of the servers asked; None otherwise.
@@ -139,6 +140,18 @@ def sync_margin(rate_per_s: float, heartbeat_interval_s: float) -> int:
     """How many rounds ahead a sync checkpoint is placed: far enough that every server hears
     of it before reaching that version (one heartbeat of lag, twice over), but soon."""
     return int(rate_per_s * (2 * heartbeat_interval_s + 0.25)) + 5
+
+
+MAX_WIDENING = 4
+
+
+def widening(retries: int) -> int:
+    """How many margins ahead the cut of a checkpoint asked again is placed after ``retries``
+    servers passed it: twice as far each time, at most :data:`MAX_WIDENING` times. Each new ask
+    starts from where the servers were last seen (the passing server's own version, in sync mode;
+    a fresh probe, async), so a wider margin only covers a slower delivery; left to double, five
+    retries put a short job's checkpoint past its end (32 margins, thousands of rounds)."""
+    return min(2**retries, MAX_WIDENING)
 
 
 def clock_margin(pushes_per_s: float, heartbeat_interval_s: float) -> int:

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from downpour.coordinator import failures
 from downpour.coordinator.actions import Action, CommitCheckpoint, Reply, SaveModel
-from downpour.coordinator.checkpointing import clock_margin, probe_margin, sync_margin
+from downpour.coordinator.checkpointing import clock_margin, probe_margin, sync_margin, widening
 from downpour.coordinator.model import ALIVE, DEAD, DONE, FINISHED, Node, Phase
 from downpour.models import buffers as bufs
 from downpour.protocol import Message, Op
@@ -47,7 +47,8 @@ def cut_clocks(st: CoordinatorState, retries: int, at_start: bool = False, seen:
     :func:`~downpour.coordinator.checkpointing.clock_margin` ahead). The step-0 checkpoint
     (``at_start``) is cut where the workers stand (no push yet) when nothing was refused; a server
     already past a worker's number reports ``missed``, and the cut moves further ahead, twice as
-    far each time. Workers without a push count yet are left out: a server holds all their pushes
+    far each time (up to :func:`~downpour.coordinator.checkpointing.widening`). Workers without
+    a push count yet are left out: a server holds all their pushes
     until it copies (none of them are in the checkpoint). Not under ssp, where the others would
     wait for such a worker: it is cut as standing at 0."""
     at: dict[str, int] = {}  # where each worker stands
@@ -63,10 +64,10 @@ def cut_clocks(st: CoordinatorState, retries: int, at_start: bool = False, seen:
         rate = rate or st.version_rate
         if seen is not None:
             at[n.name] = max(pushes, seen.get(n.name, 0))
-            margins[n.name] = probe_margin(rate, round_trip_s) * 2**retries
+            margins[n.name] = probe_margin(rate, round_trip_s) * widening(retries)
             continue
         at[n.name] = pushes
-        margins[n.name] = 0 if at_start and retries == 0 else clock_margin(rate, st.cl.heartbeat_interval_s) * 2**retries
+        margins[n.name] = 0 if at_start and retries == 0 else clock_margin(rate, st.cl.heartbeat_interval_s) * widening(retries)
     if bounded and at:
         # A worker more than the bound ahead waits for the slowest (its answers are held); were the
         # slowest's next push held for the cut meanwhile, neither would reach it. One margin for all
@@ -79,19 +80,21 @@ def cut_clocks(st: CoordinatorState, retries: int, at_start: bool = False, seen:
     return {w: p + margins[w] for w, p in at.items()}
 
 
-def begin(st: CoordinatorState, now: float, final: bool = False, retries: int = 0) -> list[Action]:
+def begin(st: CoordinatorState, now: float, final: bool = False, retries: int = 0, passed: int = 0) -> list[Action]:
     """Ask the servers for a checkpoint. Async and ssp (not the step-0 one, nor a final one): first
     a probe, each server answering with the highest push number it has seen of each worker, so
-    that the cut goes just past where the workers stand (:func:`probed` sends the CHECKPOINT)."""
+    that the cut goes just past where the workers stand (:func:`probed` sends the CHECKPOINT).
+    Sync: a version ahead of the highest any server reported, by heartbeat or (``passed``) when it
+    said it was already past the version asked for."""
     at_version, at_clock = None, None
     probe = not st.checkpoints.sync and not final and not st.checkpoints.start_due
     if st.checkpoints.sync and not final:
         known = max((int(n.progress.get("version", 0)) for n in st.nodes_of("server")), default=0)
-        at_version = known + sync_margin(st.version_rate, st.cl.heartbeat_interval_s) * 2**retries
+        at_version = max(known, passed) + sync_margin(st.version_rate, st.cl.heartbeat_interval_s) * widening(retries)
     elif not final and not probe:  # async and ssp: every server copies with the same pushes applied (server/snapshot.py)
         at_clock = cut_clocks(st, retries, at_start=st.checkpoints.start_due)
     p = st.checkpoints.begin(now, job_steps(st), at_version, final)
-    p.retries = retries
+    p.retries, p.passed = retries, passed
     if probe:
         servers = st.nodes_of("server")
         p.probes, p.probed = {}, {n.name for n in servers}
@@ -142,12 +145,14 @@ def server_report(st: CoordinatorState, node: Node, data: dict[str, Any], now: f
             st.checkpoints.abandon(now, f"{node.name} kept passing the version asked for")
             return []
         if p.at_version is not None:
-            log.info("coordinator: %s passed version %s before hearing of checkpoint %s; asking again",
-                     node.name, p.at_version, p.name)
+            version = data.get("version")
+            p.passed = max(p.passed, version if type(version) is int else 0)
+            log.info("coordinator: %s passed version %s (at %s) before hearing of checkpoint %s; asking again",
+                     node.name, p.at_version, version, p.name)
         else:  # (an async cut: a worker's push past it was applied there already)
             log.info("coordinator: %s applied pushes past checkpoint %s's cut before hearing of it; asking again",
                      node.name, p.name)
-        return begin(st, now, retries=p.retries + 1)
+        return begin(st, now, retries=p.retries + 1, passed=p.passed)
     if verdict == "failed":
         st.checkpoints.abandon(now, f"{node.name}: {data.get('error')}")
     if verdict != "complete" or p is None:
