@@ -660,8 +660,8 @@ def test_with_overlap_a_shard_is_reported_done_only_once_its_last_push_was_answe
     trainer.run(next_shard, lambda *a: done.append((a, trainer.inflight, trainer.position)))
     assert len(kv.pushes) == 6
     # Each shard is reported done with no push in flight, at the position of its last batch.
-    # (with the worker's steps and examples so far: 3 batches of 8 per shard)
-    assert done == [((0, 0, 24, 3, 24), None, [0, 0, 24]), ((0, 1, 24, 6, 48), None, [0, 1, 24])]
+    # (with the worker's steps, examples and pushes so far: 3 batches of 8 per shard)
+    assert done == [((0, 0, 24, 3, 24, 3), None, [0, 0, 24]), ((0, 1, 24, 6, 48, 6), None, [0, 1, 24])]
     assert asked[1:] == [(None, [0, 0, 24]), (None, [0, 1, 24])]
 
 

@@ -80,17 +80,19 @@ def test_a_finished_shards_report_counts_the_workers_steps_so_a_death_before_its
     sim = Sim()
     training(sim)
     first = take(sim, WORKERS[1])
-    sim.send(WORKERS[1], Op.HEARTBEAT, progress={"steps": 2, "examples": 8})
+    sim.send(WORKERS[1], Op.HEARTBEAT, progress={"steps": 2, "examples": 8, "pushes": 2})
     # The shard's end is reported with the worker's counters (1 step of 4 and 5 of 3 examples since
     # that heartbeat): the shard is not trained again, so its steps must count although no
     # heartbeat carries them.
     nxt = ok(one(sim.send(WORKERS[1], Op.NEXT_SHARD, done=[first["epoch"], first["shard"], 4],
                           progress={"steps": 3, "examples": 12}), to=WORKERS[1]))["shard"]
     assert sim.state.nodes[WORKERS[1]].progress["steps"] == 3
-    sim.send(WORKERS[1], Op.SHARD_DONE, epoch=nxt["epoch"], shard=nxt["shard"], examples=4, progress={"steps": 4, "examples": 16})
+    sim.send(WORKERS[1], Op.SHARD_DONE, epoch=nxt["epoch"], shard=nxt["shard"], examples=4,
+             progress={"steps": 4, "examples": 16, "pushes": 4})
     lose(sim, WORKERS[1], 5.5)
     summary = sim.state.summary(5.5)
-    assert (summary["workers"][WORKERS[1]]["steps"], summary["workers"][WORKERS[1]]["examples"]) == (4, 16)
+    dead = summary["workers"][WORKERS[1]]  # its pushes move on with its steps (not the last heartbeat's)
+    assert (dead["steps"], dead["examples"], dead["pushes"]) == (4, 16, 4)
     assert summary["failures"][0]["requeued"] == []  # both its shards were finished: nothing is trained twice
     # Counters never go back, and malformed ones are refused by the request's schema.
     refused = sim.send(WORKERS[0], Op.SHARD_DONE, epoch=0, shard=0, examples=4, progress={"steps": -1, "examples": 2})

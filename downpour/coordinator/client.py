@@ -130,15 +130,18 @@ class CoordinatorClient:
         back (the one it was in resumes after ``position``) and keeps ``stats``."""
         self.call(Op.LEAVE, {"position": position, "stats": stats}, timeout_s)
 
-    def shard_done(self, epoch: int, shard: int, examples: int, steps: int | None = None, trained: int | None = None) -> None:
+    def shard_done(self, epoch: int, shard: int, examples: int, steps: int | None = None, trained: int | None = None,
+                   pushes: int | None = None) -> None:
         """Report a finished shard. It travels with the next NEXT_SHARD (one request per shard, not
-        two); any other request of this client reports it first, on its own. ``steps`` and ``trained``:
-        this worker's steps and examples so far, which the coordinator counts from then on (were the
-        worker to die before its next heartbeat, the shard is not trained again: its steps count)."""
+        two); any other request of this client reports it first, on its own. ``steps``, ``trained``
+        and ``pushes``: this worker's steps, examples and pushes so far, which the coordinator counts
+        from then on (were the worker to die before its next heartbeat, the shard is not trained
+        again: its steps count)."""
         if self._done is not None:
             self._report_done()
         self._done = [epoch, shard, examples]
-        self._done_progress = {"progress": {"steps": steps, "examples": trained}} if steps is not None and trained is not None else {}
+        progress = {"steps": steps, "examples": trained, **({"pushes": pushes} if pushes is not None else {})}
+        self._done_progress = {"progress": progress} if steps is not None and trained is not None else {}
 
     def _report_done(self, timeout_s: float | None = None) -> None:
         (epoch, shard, examples), self._done = self._done, None

@@ -414,11 +414,11 @@ def shard_done(st: CoordinatorState, ident: bytes, msg: Message, now: float, nod
 
 
 def _count(node: Node, progress: Any) -> None:
-    """A finished shard's report carries the worker's steps and examples then: counted from now on (a
-    heartbeat may be up to an interval older, and the completed shard is not trained again if the
-    worker dies before its next one)."""
+    """A finished shard's report carries the worker's steps, examples and pushes then: counted from
+    now on (a heartbeat may be up to an interval older, and the completed shard is not trained again
+    if the worker dies before its next one; its pushes move on with its steps)."""
     if isinstance(progress, dict):
-        for k in ("steps", "examples"):
+        for k in ("steps", "examples", "pushes"):
             if type(progress.get(k)) is int and progress[k] > int(node.progress.get(k) or 0):
                 node.progress = {**node.progress, k: progress[k]}
 

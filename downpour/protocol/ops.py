@@ -147,7 +147,7 @@ _INTO = Tuple(Str(128), Int(0, 1 << 40), Int(1, 1 << 40))  # [slot name, first v
 SEQ = Int(1)
 KEYS = List(Int(0, (1 << 31) - 1), 1 << 24)  # the server's limit (cluster.max_keys_per_request) applies after
 
-COUNTERS = Record({"steps": COUNT, "examples": COUNT}, required=("steps", "examples"))
+COUNTERS = Record({"steps": COUNT, "examples": COUNT, "pushes": COUNT}, required=("steps", "examples"))
 
 REQUESTS: dict[Op, Record] = {
     Op.REGISTER: Record({**_NODE, "role": Str(16), "rank": Int(0, 1 << 20), "address": Str(512), "host": Str(256),

@@ -189,7 +189,7 @@ class Trainer:
             out.update(self.online.progress())
         return out
 
-    def run(self, next_shard: Callable[[], dict | None], shard_done: Callable[[int, int, int, int, int], None]) -> None:
+    def run(self, next_shard: Callable[[], dict | None], shard_done: Callable[[int, int, int, int, int, int], None]) -> None:
         """Train shards until the coordinator has none left (or ``training.steps`` is reached)."""
         t0 = time.perf_counter()
         every = self.job.monitor.eval_every_shards if self.rank == 0 else None
@@ -213,7 +213,7 @@ class Trainer:
             # settled at a checkpoint's cut, and a dead worker's shard resumes from its last answered push).
             self._settle()
             if n == shard["stop"] - shard["start"] - shard.get("skip", 0):  # cut short by training.steps: unfinished
-                shard_done(shard["epoch"], shard["shard"], n, self.steps, self.examples)
+                shard_done(shard["epoch"], shard["shard"], n, self.steps, self.examples, self.pushes)
             trained += 1
             if every and trained % every == 0:
                 self._settle()
