@@ -1,4 +1,5 @@
-"""Operating-system settings of a job's processes: their CPU scheduling policy.
+"""Operating-system settings of a job's processes: their CPU scheduling policy, their exit codes,
+and what a SIGTERM means to them.
 
 A training job's processes are batch work: what counts is how much they get done, not how soon
 one of them runs after it wakes up. Under Linux's ``SCHED_BATCH`` a thread that wakes (a server
@@ -15,6 +16,10 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
+import time
+from collections.abc import Callable
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -22,6 +27,45 @@ log = logging.getLogger(__name__)
 # with job_failed): not a crash, so its launcher starts no replacement. A node the coordinator
 # declared dead exits 1 instead: its work went to others and a replacement takes its rank.
 EXIT_STOPPED = 3
+
+# A server stopped by SIGTERM outside a graceful stop of its job: 128 + SIGTERM, as a shell reports a
+# process the signal ended (its launcher starts the rank's replacement, as for one killed by it).
+EXIT_TERMINATED = 128 + signal.SIGTERM
+
+# A SIGTERM that comes less than this after the first is the same stop arriving by a second route
+# (a service manager, `pkill` or `timeout` signalling every process of the job, and the launcher
+# passing its own stop on to the coordinator): it does not turn a graceful stop into one at once.
+REPEAT_S = 1.0
+
+
+def die_by_sigterm() -> None:
+    """End this process as SIGTERM's default action does (its parent sees it killed by the signal)."""
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    os.kill(os.getpid(), signal.SIGTERM)
+
+
+class TermSignal:
+    """The SIGTERMs of a process that stops in steps: the first calls ``first`` (from the signal
+    handler: it may only set flags); a later one, :data:`REPEAT_S` or more after it, calls ``again``
+    (default: raise KeyboardInterrupt, the stop at once); one sooner is ignored."""
+
+    def __init__(self, first: Callable[[], None], again: Callable[[], None] | None = None) -> None:
+        self.at: float | None = None
+        self._first, self._again = first, again
+
+    def install(self) -> TermSignal:
+        signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        now = time.monotonic()
+        if self.at is None:
+            self.at = now
+            self._first()
+        elif now - self.at >= REPEAT_S:
+            if self._again is None:
+                raise KeyboardInterrupt
+            self._again()
 
 
 def apply_cpu_policy(policy: str) -> bool:

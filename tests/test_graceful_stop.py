@@ -156,6 +156,18 @@ def test_a_stop_after_training_ended_lets_the_job_finish_normally():
     assert sim.state.request_stop(1.0) == [] and sim.state.stop_requested is None
 
 
+def test_servers_hear_that_the_job_is_ending_from_a_graceful_stop_or_its_evaluation_on():
+    """A server sent SIGTERM serves on while the job ends (its final checkpoint needs it), else stops."""
+    sim = CheckpointSim()
+    sim.start()
+    assert "ending" not in sim.heartbeat(SERVERS[0])
+    sim.state.request_stop(1.0)
+    assert sim.heartbeat(SERVERS[0])["ending"] is True
+    done = CheckpointSim()
+    done.train()  # evaluating: the job ends by itself
+    assert done.heartbeat(SERVERS[1])["ending"] is True
+
+
 def test_workers_that_left_are_not_asked_to_leave_again_and_others_keep_heartbeating():
     sim = CheckpointSim()
     sim.start()
@@ -242,6 +254,61 @@ def test_a_gracefully_stopped_sync_job_resumes_to_the_parameters_of_an_uninterru
     for name, value in want.items():
         torch.testing.assert_close(got[name], value, rtol=1e-5, atol=1e-5)
     assert resumed["data_shards"]["completed_per_epoch"] == {str(e): 6 for e in range(epochs)}
+
+
+@pytest.mark.slow
+def test_sigterm_to_every_process_of_the_job_at_once_stops_it_gracefully_and_it_resumes_exactly(tmp_path, tiny_data):
+    """As a service manager stopping the job's control group, or `pkill -f` on its run folder, does:
+    the launcher, the coordinator, the servers and the workers each get one SIGTERM. Before, the
+    servers died of it (no final checkpoint), the coordinator took the launcher's SIGTERM as a
+    second one and stopped at once (130), the launcher restarted it into the stop and then killed
+    it: no summary, and the job failed."""
+    job = tiny_job(tiny_data, training={"epochs": 30}, checkpoint={"every_s": 3600})
+    (tmp_path / "a").mkdir()
+    proc, run_dir = start_job(tmp_path / "a", job)
+    try:
+        status = wait_training(run_dir, steps=20)
+        pids = [proc.pid, status["coordinator"]["pid"], *(n["pid"] for n in status["nodes"])]
+        for pid in pids:
+            os.kill(pid, 15)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0 and "--resume" in out, err[-3000:]
+    deadline = time.monotonic() + 10
+    while any(alive(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not any(alive(p) for p in pids)
+    summary = json.loads(open(os.path.join(run_dir, "summary.json")).read())
+    assert summary["status"] == "stopped" and summary["failures"] == [] and summary["data_shards"]["unfinished"] > 0
+    last = _committed(run_dir)[-1]
+    assert json.loads(open(os.path.join(run_dir, "checkpoints", last, "manifest.json")).read())["job"]["final"] is True
+    logs = {n: open(os.path.join(run_dir, "logs", f"{n}.log")).read() for n in ("coordinator", "server-0", "server-1")}
+    assert "served on until the job's end" in logs["server-0"] and "served on until the job's end" in logs["server-1"]
+    assert not os.path.exists(os.path.join(run_dir, "logs", "coordinator.2.log"))
+    resumed, _ = _resume(tmp_path, job, run_dir)
+    assert resumed["resumed_from"].endswith(last) and resumed["data_shards"]["unfinished"] == 0
+    assert resumed["data_shards"]["completed_per_epoch"] == {str(e): 6 for e in range(30)}
+    assert summary["examples"] + resumed["examples"] == 30 * 2400
+
+
+@pytest.mark.slow
+def test_a_server_sent_sigterm_alone_stops_and_its_rank_is_replaced_while_the_job_goes_on(tmp_path, tiny_data):
+    job = tiny_job(tiny_data, training={"epochs": 30})
+    proc, run_dir = start_job(tmp_path, job)
+    try:
+        status = wait_training(run_dir, steps=20)
+        server = next(n for n in status["nodes"] if n["name"] == "server-1")
+        os.kill(server["pid"], 15)
+        out, err = proc.communicate(timeout=180)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, err[-3000:]
+    summary = json.loads(open(os.path.join(run_dir, "summary.json")).read())
+    assert summary["status"] == "ok" and summary["examples"] == 30 * 2400
+    [failure] = summary["failures"]
+    assert failure["node"] == "server-1" and failure["replaced_by"]
+    assert "SIGTERM, and the job is not ending" in open(os.path.join(run_dir, "logs", "server-1.log")).read()
 
 
 def test_ctrl_c_as_the_job_starts_stops_it_once_with_no_coordinator_restart_and_no_resume_promised(tmp_path, tiny_data):

@@ -114,10 +114,13 @@ def test_a_replacement_that_cannot_be_started_leaves_the_job_to_go_on_without_it
     assert "the other workers take over its data" in caplog.text
 
 
-def test_a_coordinator_killed_by_the_stops_own_sigterm_is_not_restarted(tmp_path, launcher):
+@pytest.mark.parametrize("code", [-signal.SIGTERM, -signal.SIGINT, 130])
+def test_a_coordinator_stopped_by_a_signal_during_the_stop_is_not_restarted(tmp_path, launcher, code):
+    """Killed by the stop's own SIGTERM before it could take it, or stopped at once (a second SIGTERM:
+    exit 130). Before, a 130 was restarted into the stop, and the launcher then killed the new one."""
     (tmp_path / "coordinator.db").write_text("")
     coord = Proc("coordinator", SimpleNamespace(pid=1000), str(tmp_path / "c.log"), ["coordinator", "--bind", "ipc://x"],
-                 exit_code=-signal.SIGTERM)
+                 exit_code=code)
     launcher.stopping = True
     assert not launcher._restart_coordinator(coord) and launcher.coordinator_restarts == 0
 

@@ -11,7 +11,7 @@ import pytest
 
 from downpour.config import parse_job
 from downpour.errors import ConfigError
-from downpour.processes import apply_cpu_policy
+from downpour.processes import REPEAT_S, TermSignal, apply_cpu_policy
 
 CHILD = r"""
 import os, sys, threading, time
@@ -42,3 +42,23 @@ def test_a_policy_that_is_not_known_is_refused_by_the_config_and_the_call():
         parse_job({"model": {"name": "mlp"}, "cluster": {"cpu_policy": "realtime"}})
     with pytest.raises(ValueError, match="batch or normal"):
         apply_cpu_policy("realtime")
+
+
+def test_a_sigterm_repeated_within_a_second_is_the_same_stop_and_a_later_one_is_the_second(monkeypatch):
+    """A service manager and the launcher both passing one stop on must not make it a stop at once."""
+    calls = []
+    term = TermSignal(lambda: calls.append("first"), again=lambda: calls.append("again"))
+    clock = [100.0]
+    monkeypatch.setattr("downpour.processes.time.monotonic", lambda: clock[0])
+    term._handle(15, None)
+    clock[0] += REPEAT_S / 2
+    term._handle(15, None)  # the same stop by a second route
+    assert calls == ["first"] and term.at == 100.0
+    clock[0] += REPEAT_S
+    term._handle(15, None)
+    assert calls == ["first", "again"]
+    with pytest.raises(KeyboardInterrupt):  # by default the second one stops at once
+        bare = TermSignal(lambda: None)
+        bare._handle(15, None)
+        clock[0] += REPEAT_S
+        bare._handle(15, None)

@@ -35,6 +35,7 @@ from downpour.cli.scheduler import add_scheduler_parsers
 from downpour.cli.serve import add_serve_parser
 from downpour.cli.status import cmd_status
 from downpour.errors import ConfigError, DownpourError, JobFailed
+from downpour.processes import TermSignal
 
 log = logging.getLogger("downpour")
 
@@ -79,17 +80,22 @@ def cmd_train(args) -> int:
                   "compute on the CPU.", file=sys.stderr, flush=True)
     launcher = make_launcher(job, run_dir, args.launcher, insecure=args.insecure, address=args.address)
 
-    def graceful(signum: int, frame: Any) -> None:
+    def graceful(name: str) -> None:
         """The first Ctrl-C or SIGTERM stops the job without losing work: workers leave after their
-        current step, a final checkpoint is committed, every process stops. The second stops at once."""
-        signal.signal(signal.SIGTERM, _at_once)
+        current step, a final checkpoint is committed, every process stops. The second stops at once
+        (a SIGTERM within processes.REPEAT_S of the first is the same stop, sent by two routes)."""
         signal.signal(signal.SIGINT, _at_once)
-        print(f"\ndownpour: {signal.Signals(signum).name}: stopping gracefully (final checkpoint, then every process "
+        print(f"\ndownpour: {name}: stopping gracefully (final checkpoint, then every process "
               "stops). Ctrl-C again stops at once.", file=sys.stderr, flush=True)
         launcher.request_stop()
 
-    signal.signal(signal.SIGTERM, graceful)
-    signal.signal(signal.SIGINT, graceful)  # also where started with SIGINT ignored
+    term = TermSignal(lambda: graceful("SIGTERM"), again=lambda: _at_once(signal.SIGTERM, None)).install()
+
+    def interrupted(signum: int, frame: Any) -> None:
+        term.at = time.monotonic()  # (a SIGTERM from now on stops at once, once it is not a repeat)
+        graceful("SIGINT")
+
+    signal.signal(signal.SIGINT, interrupted)  # also where started with SIGINT ignored
     print(f"downpour: {job.name}: {job.cluster.num_servers} servers, {job.cluster.num_workers} workers, "
           f"{job.training.consistency}; run folder {run_dir}", flush=True)
     try:
@@ -214,8 +220,7 @@ def cmd_coordinator(args) -> int:
     ctx = new_context()
     made: dict[str, Any] = {"coord": None, "asked": False}
 
-    def graceful(signum: int, frame: Any) -> None:  # the first SIGTERM: stop without losing work; the second: at once
-        signal.signal(signal.SIGTERM, _terminate)
+    def graceful() -> None:  # the first SIGTERM: stop without losing work; a second (not a repeat): at once
         print("coordinator: SIGTERM: stopping gracefully (final checkpoint); a second SIGTERM stops at once",
               file=sys.stderr, flush=True)
         if made["coord"] is not None:
@@ -224,8 +229,9 @@ def cmd_coordinator(args) -> int:
             made["asked"] = True  # (before the coordinator was made: it is asked once made)
 
     # Before the coordinator is made: it writes coordinator.addr, and a launcher stopping the job sends
-    # SIGTERM as soon as that file is there.
-    signal.signal(signal.SIGTERM, graceful)
+    # SIGTERM as soon as that file is there. (A service manager signalling every process of the job
+    # and the launcher passing the stop on both reach it: the repeat is the same stop.)
+    TermSignal(graceful).install()
     coord = Coordinator(ctx, job, bind, args.run_dir, security, recover=args.recover, lost_at=args.lost_at, advertise=args.advertise)
     print(f"coordinator listening on {coord.address}", file=sys.stderr, flush=True)
     made["coord"] = coord
@@ -249,6 +255,8 @@ def cmd_server(args) -> int:
         return run_server(ctx, coordinator_url(args.coordinator), host=args.host, rank=args.rank, ipc_dir=args.ipc_dir,
                           metrics_host=args.metrics_host, security=node_security(args, "server", coordinator_url(args.coordinator)),
                           advertise=args.advertise, port=args.port)
+    except KeyboardInterrupt:  # Ctrl-C, or its launcher stopping every process at once
+        return 130
     finally:
         ctx.destroy(linger=0)
 

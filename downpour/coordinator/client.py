@@ -23,7 +23,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 from downpour.errors import RequestTimeout, TransportError
 from downpour.protocol import Message, Op
@@ -39,6 +39,10 @@ def connection_id(role: str, rank: int | None) -> str:
     """The routing id a node registers with: the coordinator takes the node's requests only from
     it (and from it + ``.hb``, the heartbeat connection), so it holds 128 random bits."""
     return f"{role}-{rank if rank is not None else '?'}-{uuid.uuid4().hex}"
+
+
+class LeaveWait(Protocol):
+    def wait(self, timeout_s: float) -> bool: ...
 
 
 class CoordinatorClient:
@@ -108,12 +112,13 @@ class CoordinatorClient:
         """Returns when every live worker reached barrier ``name``."""
         return self.call(Op.BARRIER, {"name": name}, timeout_s)
 
-    def next_shard(self, leave: threading.Event | None = None) -> dict[str, Any] | None:
+    def next_shard(self, leave: threading.Event | LeaveWait | None = None) -> dict[str, Any] | None:
         """The next data shard to train ({epoch, shard, start, stop}), or None when none is left.
         While other workers still hold shards (one may come back if its worker dies) the
         coordinator says wait: this asks again until it gets a shard or a final None (a stop of
         the job ends the wait through the abort flag, as every request does). ``leave``: an event
-        that ends the wait with None (the coordinator asked this worker to leave: a graceful stop)."""
+        (or anything with its ``wait``) that ends the wait with None (this worker is to leave: a
+        graceful stop)."""
         while True:
             reply = self.call(Op.NEXT_SHARD, {"done": self._done, **self._done_progress} if self._done is not None else None)
             self._done = None  # (answered: the coordinator took it)
@@ -187,6 +192,11 @@ class Heartbeat:
         self._last_ok = time.monotonic()
         self.declared_dead = False  # the coordinator's stop said this node was declared dead
         self._next = 0.0
+
+    @property
+    def answered_at(self) -> float:
+        """When (time.monotonic) the coordinator last answered a heartbeat (at first: when this was made)."""
+        return self._last_ok
 
     def tick(self, progress: Callable[[], dict[str, Any]] | None = None) -> str | None:
         """``progress`` is called only when a heartbeat goes out (so it may cost a little)."""

@@ -248,10 +248,13 @@ def heartbeat(st: CoordinatorState, ident: bytes, msg: Message, now: float, node
         return [Reply(ident, msg.reply({"stop": reason}))]
     if node.role == "server" and st.phase != Phase.REGISTERING:
         # Repeats the last MEMBERSHIP, so a server that missed it still learns who trains;
-        # and asks a survivor to take over the ranks left without a replacement.
+        # and asks a survivor to take over the ranks left without a replacement. ``ending``: the job
+        # is on its way to the end (a graceful stop, its evaluation): a server sent SIGTERM stays
+        # for it (its final checkpoint) and stops when told, instead of at once (server/service.py).
         hosts = replication.promotions(st, node)
+        ending = st.stop_requested is not None or st.phase in (Phase.EVALUATING, Phase.STOPPING)
         return [Reply(ident, msg.reply({**membership_meta(st), **({"host_ranks": hosts} if hosts else {}),
-                                        **replication.assignment(st, node)}))]
+                                        **replication.assignment(st, node), **({"ending": True} if ending else {})}))]
     if node.role == "worker" and st.stop_requested is not None and node.state == ALIVE:
         order = {"leave": "the job is stopping gracefully (final checkpoint)", "leave_at": st.leave_at}
         return [Reply(ident, msg.reply(order))]

@@ -201,12 +201,13 @@ class LocalLauncher:
         self.stopping = True  # _watch passes it on to the coordinator (once it runs)
 
     def stop_all(self, grace_s: float = 3.0) -> None:
-        """Stop every process still running at once: SIGTERM (SIGINT for the coordinator, whose
-        SIGTERM means a graceful stop), then SIGKILL after ``grace_s``."""
+        """Stop every process still running at once: SIGINT (to each node SIGTERM means a graceful
+        step: the coordinator's stop, a worker's leaving after its step, a server's serving on to
+        the job's end), then SIGKILL after ``grace_s``."""
         live = [p for p in self.procs if p.popen.poll() is None]
         for p in live:
             try:
-                p.popen.send_signal(signal.SIGINT if p is self.coordinator else signal.SIGTERM)
+                p.popen.send_signal(signal.SIGINT)
             except ProcessLookupError:
                 pass
         deadline = time.monotonic() + grace_s
@@ -426,7 +427,9 @@ class LocalLauncher:
         from downpour.coordinator.persist import STATE_FILE
 
         cl = self.job.cluster
-        if self.stopping and p.exit_code == -signal.SIGTERM:  # killed by the stop's own SIGTERM, before it could take it
+        # Stopped by a signal while the job stops: killed by the stop's own SIGTERM before it could take it,
+        # or stopped at once by a second SIGTERM or a SIGINT (130): what was asked for, not a crash to recover from.
+        if self.stopping and p.exit_code in (-signal.SIGTERM, -signal.SIGINT, 128 + signal.SIGINT):
             return False
         if (p.exit_code == 0 or os.path.exists(os.path.join(self.run_dir, "summary.json"))
                 or not os.path.exists(os.path.join(self.run_dir, STATE_FILE)) or self.coordinator_restarts >= cl.coordinator_restarts):

@@ -26,6 +26,7 @@ import os
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -37,7 +38,7 @@ from downpour.coordinator.client import COORDINATOR, CoordinatorClient, Heartbea
 from downpour.errors import DownpourError, ProtocolError, TransportError
 from downpour.layout import Layout
 from downpour.monitor import Buckets, HttpEndpoint, metrics_route, node_labels
-from downpour.processes import apply_cpu_policy
+from downpour.processes import EXIT_TERMINATED, REPEAT_S, TermSignal, apply_cpu_policy, die_by_sigterm
 from downpour.protocol import Message, Op, decode, encode
 from downpour.protocol.ops import MAX_GRADIENT, Code, validate
 from downpour.protocol.schema import SchemaError
@@ -668,8 +669,9 @@ class ParameterServer:
             **({"replication": {**self._replication(), "replayed": self.counts["replayed"]}} if self.replicas is not None else {}),
         }
 
-    def serve(self, coord: CoordinatorClient, heartbeat: Heartbeat) -> str:
-        """Answer requests until the coordinator says stop; returns its reason."""
+    def serve(self, coord: CoordinatorClient, heartbeat: Heartbeat, leave: Callable[[], bool] | None = None) -> str | None:
+        """Answer requests until the coordinator says stop; returns its reason. None: ``leave()``
+        (looked at with the coordinator's messages) said to stop first."""
         poller = Poller()
         poller.register(self.listener)
         next_check = 0.0
@@ -699,6 +701,8 @@ class ParameterServer:
                 reason = heartbeat.tick(self.progress)
                 if reason is not None:
                     return reason
+                if leave is not None and leave():
+                    return None
 
 
 class HostedRanks:
@@ -815,7 +819,11 @@ def run_server(ctx: Context, coordinator: str, host: str = "127.0.0.1", rank: in
 
         coord.rpc.on_push = on_push
 
+        ending = [False]  # the coordinator said the job is on its way to the end (a graceful stop, its evaluation)
+
         def on_reply(meta: dict[str, Any]) -> None:
+            if meta.get("ending") is True:
+                ending[0] = True
             server.set_workers(meta.get("workers"), meta.get("stopping", False))
             keepers = meta.get("keepers")
             if server.replicas is not None and isinstance(keepers, list) and all(isinstance(k, str) for k in keepers):
@@ -827,7 +835,23 @@ def run_server(ctx: Context, coordinator: str, host: str = "127.0.0.1", rank: in
 
         hb = Heartbeat(coord, job.cluster.heartbeat_interval_s, job.cluster.coordinator_timeout_s, on_reply=on_reply,
                        extra={"metrics": advertised(endpoint.address, coordinator, advertise, "metrics", True)} if endpoint else None)
-        reason = server.serve(coord, hb)
+        # SIGTERM while serving: a service manager stopping every process of the job (the coordinator
+        # then stops it gracefully, and its final checkpoint needs this server), or this server alone
+        # taken away. So it serves on until a heartbeat answered REPEAT_S or more after the signal
+        # says which: the job ending, it stops when told (exit 0); else it stops now and its rank is
+        # replaced (EXIT_TERMINATED). A second SIGTERM ends it at once, as the first did before.
+        term = TermSignal(lambda: None, again=die_by_sigterm).install() if threading.current_thread() is threading.main_thread() else None
+
+        def leave() -> bool:
+            return term is not None and term.at is not None and not ending[0] and hb.answered_at - term.at >= REPEAT_S
+
+        reason = server.serve(coord, hb, leave)
+        if reason is None:
+            log.warning("%s: stopping: SIGTERM, and the job is not ending (exit %d: the rank's replacement loads the latest "
+                        "checkpoint)", server.name, EXIT_TERMINATED)
+            return EXIT_TERMINATED
+        if term is not None and term.at is not None:
+            log.info("%s: SIGTERM: served on until the job's end", server.name)
         if hb.declared_dead:  # alive after all, but its rank waits for a replacement: exit as a failed process
             log.error("%s: stopping: %s; exiting with code 1 so that the launcher starts the rank's replacement",
                       server.name, reason)

@@ -9,6 +9,7 @@ with :class:`JobFailed` rather than waiting out its timeout.
 from __future__ import annotations
 
 import logging
+import signal
 import threading
 import traceback
 from collections.abc import Callable
@@ -25,7 +26,7 @@ from downpour.models import buffers as bufs
 from downpour.models import build_model
 from downpour.monitor import HttpEndpoint, metrics_route, node_labels
 from downpour.nn import attach
-from downpour.processes import EXIT_STOPPED, apply_cpu_policy
+from downpour.processes import EXIT_STOPPED, TermSignal, apply_cpu_policy
 from downpour.protocol import Message, Op
 from downpour.protocol.rpc import RpcClient
 from downpour.transport import Context, Security, advertised
@@ -343,13 +344,26 @@ class WorkerProcess:
         flat.host_to_device()
         trainer.start()
         log.info("%s: training on %s", name, self.device)
+        # SIGTERM while training: leave after this step, as the coordinator's order to leave does (its
+        # push settled, so the position is exact: one still in flight may be applied, and the batch
+        # must not be trained again). A second SIGTERM (not a repeat), or Ctrl-C: leave at once.
+        previous = signal.getsignal(signal.SIGTERM)
+
+        def signalled() -> None:
+            self.leave.signalled = True
+
+        term = TermSignal(signalled).install() if threading.current_thread() is threading.main_thread() else None
         try:
-            trainer.run(lambda: coord.next_shard(self.leave.event), coord.shard_done)
-        except KeyboardInterrupt:  # SIGTERM or Ctrl-C while training: leave cleanly, the job goes on
+            trainer.run(lambda: coord.next_shard(self.leave), coord.shard_done)
+        except KeyboardInterrupt:  # at once: the position is that of the last push answered
             log.info("%s: interrupted; leaving the job (its shards go back to the queue)", name)
             return _leave(coord, trainer, 2.0)
+        finally:
+            if term is not None:
+                signal.signal(signal.SIGTERM, previous)
         if trainer.left:  # the job stops gracefully: the last push is settled, so the position is exact
-            log.info("%s: the job is stopping; leaving at data position %s", name, trainer.position)
+            log.info("%s: %s; leaving at data position %s", name,
+                     "SIGTERM" if self.leave.signalled else "the job is stopping", trainer.position)
             return _leave(coord, trainer, self.job.cluster.request_timeout_s)
         return None
 

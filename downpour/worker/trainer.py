@@ -85,17 +85,28 @@ def _with_next(items: Iterator[Any]) -> Iterator[tuple[Any, Any]]:
 class LeaveOrder:
     """The coordinator asked this worker to leave: a graceful stop of the job. Set from the heartbeat
     thread, read by the training loop before each step. ``at_version`` (sync jobs): leave once the
-    values held are of that round, so that every worker stops after the same round."""
+    values held are of that round, so that every worker stops after the same round. ``signalled``:
+    the worker process got SIGTERM (set by its handler, which takes no lock): leave after this step."""
 
     def __init__(self) -> None:
         self.event = threading.Event()
         self.at_version: int | None = None
+        self.signalled = False
 
     def set(self, at_version: object) -> None:
         self.at_version = at_version if type(at_version) is int and at_version >= 0 else None
         self.event.set()
 
+    def asked(self) -> bool:
+        return self.signalled or self.event.is_set()
+
+    def wait(self, timeout_s: float) -> bool:
+        """Whether leaving was asked for, waiting up to ``timeout_s`` for the coordinator's order."""
+        return self.signalled or self.event.wait(timeout_s) or self.signalled
+
     def due(self, versions: list[int]) -> bool:
+        if self.signalled:
+            return True
         if not self.event.is_set():
             return False
         return self.at_version is None or min(versions, default=0) >= self.at_version
@@ -204,7 +215,7 @@ class Trainer:
                 self.sparse.flush()
             shard = next_shard()
             if shard is None:
-                self.left = self.leave.event.is_set()  # the wait for a shard ended by the order to leave
+                self.left = self.leave.asked()  # the wait for a shard ended by the order to leave
                 break
             self.shard = shard
             n = self.train_shard(shard)
