@@ -1,5 +1,6 @@
 """A real redis-server for the stream tests: 127.0.0.1, a free port, its own temp folder,
-append-only persistence (so a restart keeps the streams), always stopped."""
+append-only persistence (so a restart keeps the streams; ``persist=False``: none, as redis-server's
+cache-only setups run), always stopped."""
 
 from __future__ import annotations
 
@@ -18,8 +19,8 @@ def free_port() -> int:
 
 
 class RedisServer:
-    def __init__(self, folder: str, port: int | None = None) -> None:
-        self.folder, self.port = folder, port or free_port()
+    def __init__(self, folder: str, port: int | None = None, persist: bool = True) -> None:
+        self.folder, self.port, self.persist = folder, port or free_port(), persist
         self.proc: subprocess.Popen | None = None
 
     @property
@@ -28,7 +29,8 @@ class RedisServer:
 
     def start(self, timeout_s: float = 20.0) -> RedisServer:
         self.proc = subprocess.Popen(
-            ["redis-server", "--bind", "127.0.0.1", "--port", str(self.port), "--dir", self.folder, "--appendonly", "yes",
+            ["redis-server", "--bind", "127.0.0.1", "--port", str(self.port), "--dir", self.folder,
+             "--appendonly", "yes" if self.persist else "no",
              "--appendfsync", "always", "--save", "", "--protected-mode", "yes", "--daemonize", "no"],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         import redis

@@ -226,6 +226,54 @@ def test_predict_answers_with_the_exported_values_and_refuses_bad_requests(serve
     assert "downpour_serve_freshness_seconds" in text
 
 
+def _post_raw(base: str, data: bytes) -> tuple[int, dict]:
+    req = urllib.request.Request(base + "/predict", data=data, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=20) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read())
+
+
+def test_a_body_nested_too_deep_or_too_large_is_refused_with_a_4xx_and_counted(served, monkeypatch):
+    """Before: a RecursionError answered 500 (not counted), and any size of body was read and parsed."""
+    import downpour.serving.app as app
+
+    base, _, _ = served
+    code, out = _post_raw(base, b'{"instances": ' + b"[" * 100_000 + b"]" * 100_000 + b"}")
+    assert code == 400 and "not JSON" in out["error"]
+    monkeypatch.setattr(app, "MAX_BODY_BYTES", 1000)  # (read when each request is answered)
+    code, out = _post_raw(base, json.dumps({"instances": _instances(40)}).encode())
+    assert code == 413 and "larger than 1000 bytes" in out["error"]
+    with urllib.request.urlopen(base + "/metrics", timeout=5) as r:
+        text = r.read().decode()
+    assert 'status="400"' in text and 'status="413"' in text
+
+
+def test_health_is_answered_while_predictions_are_computed(served, monkeypatch):
+    """/predict runs off the event loop: a slow model does not hold up /healthz (a liveness probe)."""
+    base, _, service = served
+    real, started, release = service.predict, threading.Event(), threading.Event()
+
+    def held(body):  # a prediction that ends only once /healthz was answered
+        started.set()
+        release.wait(30)
+        return real(body)
+
+    monkeypatch.setattr(service, "predict", held)
+    answers = []
+    t = threading.Thread(target=lambda: answers.append(_post(base, {"instances": _instances(2)})))
+    t.start()
+    try:
+        assert started.wait(10)
+        with urllib.request.urlopen(base + "/healthz", timeout=10) as r:  # (before: waited for the prediction, timed out)
+            assert r.status == 200
+    finally:
+        release.set()
+        t.join(timeout=30)
+    assert answers and answers[0][0] == 200
+
+
 def test_predict_while_deltas_land_never_sees_the_version_go_back(served):
     base, ex, service = served
     seen, errors = [], []

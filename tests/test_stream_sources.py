@@ -139,6 +139,60 @@ def test_a_redis_restart_mid_read_is_waited_for_and_nothing_is_read_twice(tmp_pa
 
 
 @needs_redis
+@pytest.mark.slow
+def test_a_redis_without_persistence_restarted_mid_read_is_waited_for_and_new_events_are_read(tmp_path, caplog):
+    """Its streams are gone after the restart: the reader makes its partition anew (the events it held
+    are lost, said in a warning) instead of failing the worker, then the job."""
+    server = RedisServer(str(tmp_path), persist=False).start()
+    try:
+        src = open_source(server.url + "?stream=ev")
+        src.create()
+        offs = [src.append(0, _event(i)) for i in range(3)]
+        r = src.open(0, 0, "w")
+        assert [e.offset for e in r.read(2, 0.5)] == offs[:2]
+        server.stop()
+        assert r.read(10, 0.1) == []
+        server.start()
+        assert not src.client.exists(src.key(0))
+        got = []
+        for i in range(50):
+            got += r.read(10, 0.1)  # (no DataError: the stream and its group are made again)
+            if i == 2:
+                new = src.append(0, _event(9))
+            if got:
+                break
+        assert [e.offset for e in got] == [new] and new > offs[-1]
+        assert "is gone after the restart" in caplog.text
+    finally:
+        server.stop()
+
+
+def test_an_event_with_bytes_that_are_not_utf8_or_json_nested_too_deep_is_malformed_alone():
+    from downpour.stream.api import RawEvent
+
+    deep = '{"label": 1, "I1": ' + "[" * 100_000 + "]" * 100_000 + "}"
+    raws = [RawEvent(1, {"tsv": ROW}), RawEvent(2, {"json": deep}), RawEvent(3, {"tsv": "1\t\ufffd\ufffd"}),
+            RawEvent(4, {"json": json.dumps({"label": 1, "ts": 1e400})}), RawEvent(5, {"tsv": ROW})]
+    b = parse_events(raws, "t", 0)
+    assert b.offsets.tolist() == [1, 5] and b.malformed == 3
+
+
+@needs_redis
+@pytest.mark.slow
+def test_a_redis_event_with_bytes_that_are_not_utf8_is_counted_malformed_and_the_others_are_read(redis_server):  # noqa: F811
+    """Strict decoding failed the whole read, at every retry: the worker died, and each replacement."""
+    src = open_source(redis_server.url + "?stream=bytes")
+    src.create()
+    good = src.append(0, {"tsv": ROW})
+    src.client.xadd(src.key(0), {"tsv": b"\xff\xfe\x00garbage"})
+    last = src.append(0, {"tsv": ROW})
+    got = src.open(0, 0, "w").read(10, 0.5)
+    assert len(got) == 3 and got[0].offset == good and got[2].offset == last
+    b = parse_events(got, "bytes", 0)
+    assert b.offsets.tolist() == [good, last] and b.malformed == 1
+
+
+@needs_redis
 def test_a_reader_opened_while_redis_is_down_waits_and_reads_after_its_offset_once_it_is_back(tmp_path):
     server = RedisServer(str(tmp_path)).start()
     try:

@@ -26,6 +26,7 @@ from downpour.stream.api import RawEvent
 from downpour.stream.events import parse_events
 
 MAX_BATCH = 4096  # instances per request
+MAX_BODY_BYTES = 32 << 20  # a request's body: 4096 instances of every field take under 8 MB
 
 
 class Service:
@@ -49,6 +50,17 @@ class Service:
             return float("nan")
         at = s.event_time or s.manifest.get("checkpoint_time") or s.manifest.get("exported_at")
         return max(0.0, time.time() - float(at))
+
+    def answer(self, raw: bytes) -> tuple[int, dict[str, Any]]:
+        """A /predict body's answer (run off the event loop: parsing and the model take a while)."""
+        try:
+            body = json.loads(raw)
+        except (ValueError, UnicodeDecodeError, RecursionError) as err:  # (nested too deep: RecursionError)
+            return 400, {"error": f"the body is not JSON: {str(err) or 'nested too deep'}"}
+        try:
+            return self.predict(body)
+        except DataError as err:
+            return 422, {"error": str(err)}
 
     def predict(self, body: Any) -> tuple[int, dict[str, Any]]:
         state = self.follower.state  # one version for the whole request
@@ -90,21 +102,18 @@ class Service:
 
 def make_app(service: Service):
     from starlette.applications import Starlette
+    from starlette.concurrency import run_in_threadpool
     from starlette.requests import Request
     from starlette.responses import JSONResponse, Response
     from starlette.routing import Route
 
     async def predict(request: Request):
         t0 = time.perf_counter()
-        try:
-            body = await request.json()
-        except (ValueError, UnicodeDecodeError) as err:
-            code, out = 400, {"error": f"the body is not JSON: {err}"}
-        else:
-            try:
-                code, out = service.predict(body)
-            except DataError as err:
-                code, out = 422, {"error": str(err)}
+        raw = await _body(request, MAX_BODY_BYTES)
+        if raw is None:
+            code, out = 413, {"error": f"the body is larger than {MAX_BODY_BYTES} bytes"}
+        else:  # in a thread: /healthz and /metrics stay answered while predictions are computed
+            code, out = await run_in_threadpool(service.answer, raw)
         service.latency.observe(time.perf_counter() - t0)
         service.requests.labels("predict", str(code)).inc()
         return JSONResponse(out, status_code=code)
@@ -121,6 +130,20 @@ def make_app(service: Service):
 
     return Starlette(routes=[Route("/predict", predict, methods=["POST"]), Route("/healthz", healthz),
                              Route("/metrics", metrics)])
+
+
+async def _body(request: Any, limit: int) -> bytes | None:
+    """The request's body, or None once it passes ``limit`` bytes (not read further)."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        return None
+    parts, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            return None
+        parts.append(chunk)
+    return b"".join(parts)
 
 
 def serve(url: str, host: str = "127.0.0.1", port: int = 8080, poll_s: float = 0.5, ready=None) -> None:

@@ -83,6 +83,8 @@ def _row_of(ev: RawEvent) -> tuple[str, float]:
         obj_ts = json.loads(f["json"]).get("ts")
         if obj_ts is not None:
             ts = float(obj_ts)
+            if not math.isfinite(ts):
+                raise ValueError(f"ts is {obj_ts!r}")
     else:
         raise ValueError(f"neither a 'tsv' nor a 'json' field (fields: {sorted(f)[:5]})")
     if "\n" in row or "\r" in row:
@@ -107,7 +109,7 @@ def parse_events(events: list[RawEvent], where: str, after: int) -> EventBatch:
             break
         try:
             row, ts = _row_of(ev)
-        except (ValueError, TypeError, UnicodeError) as err:
+        except (ValueError, TypeError, UnicodeError, RecursionError) as err:  # (JSON nested too deep: RecursionError)
             bad += 1
             if len(reasons) < _KEEP_REASONS:
                 reasons.append(f"{where}@{ev.offset}: {err}")

@@ -76,10 +76,17 @@ class RedisReader:
             self._down_since = time.monotonic()
             log.warning("%s: %s unreachable (%s); waiting for it", consumer, source.where, err)
 
-    def _group_at(self, offset: int) -> None:
+    def _group_at(self, offset: int, again: bool = False) -> None:
+        """The group's cursor at ``offset``. ``again`` (redis is back after being down): a stream that
+        is gone (a redis-server without persistence restarted) is made anew, empty, with a warning:
+        what the producers write from now on is read, and what it held is lost with it."""
         r, group = self.source.client, self.source.spec.group
+        if again and not r.exists(self.key):
+            log.warning("%s: %s: stream %s is gone after the restart (redis-server without persistence?): the events it "
+                        "held past %s are lost; reading what the producers write from now on", self.consumer, self.source.where,
+                        self.key, unpack_id(offset))
         try:
-            r.xgroup_create(self.key, group, id=unpack_id(offset), mkstream=False)
+            r.xgroup_create(self.key, group, id=unpack_id(offset), mkstream=again)
         except _redis().ResponseError as err:
             if "BUSYGROUP" not in str(err):
                 raise DataError(f"{self.source.where}: cannot create consumer group on {self.key}: {err}") from None
@@ -89,7 +96,7 @@ class RedisReader:
         redis = _redis()
         try:
             if self._down_since is not None:  # back: the group may be older than our cursor, or gone
-                self._group_at(self.after)
+                self._group_at(self.after, again=True)
                 log.warning("%s: %s reachable again after %.1fs; reading on after %s", self.consumer, self.source.where,
                             time.monotonic() - self._down_since, unpack_id(self.after))
                 self._down_since = None
@@ -144,7 +151,10 @@ class RedisSource:
         redis = _redis()
         self.spec = spec
         self.where = spec.url
-        self.client = redis.Redis.from_url(spec.url, decode_responses=True, socket_timeout=5.0, socket_connect_timeout=2.0)
+        # Bytes that are not UTF-8 become U+FFFD, so such an event fails to parse and is counted as
+        # malformed on its own (strict decoding failed the whole read, every time it was retried).
+        self.client = redis.Redis.from_url(spec.url, decode_responses=True, encoding_errors="replace", socket_timeout=5.0,
+                                           socket_connect_timeout=2.0)
         self.ack_script = self.client.register_script(_ACK_LUA)  # EVALSHA, loaded again after a restart
 
     def key(self, partition: int) -> str:
