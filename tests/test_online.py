@@ -130,6 +130,9 @@ def test_a_graceful_stop_then_resume_applies_every_event_exactly_once(tmp_path, 
     assert out.returncode == 0, out.stderr[-3000:]
     serials, _ = _applied(resumed / "run", src)
     assert np.array_equal(serials, np.arange(40000))
+    # and the job's count says so (before, the stop's final checkpoint carried the last heartbeats' count)
+    stopped, again = (json.loads((r / "summary.json").read_text()) for r in (run, resumed / "run"))
+    assert stopped["examples"] == len(first) and again["job_examples"] == 40000, (stopped["examples"], again["job_examples"])
 
 
 class _Producer:

@@ -166,8 +166,10 @@ def server_report(st: CoordinatorState, node: Node, data: dict[str, Any], now: f
         "ledger": st.ledger.state_at({w: st.ledger.earliest(w, ps) for w, ps in positions.items()}),
         "step": p.step,
         "version": max(int(r.get("version", 0)) for r in p.reports.values()),
+        # A worker that left or finished: its exact count (a graceful stop's final checkpoint); else its
+        # last heartbeat's (a stream job's count after --resume starts from this: data.name stream)
         "examples": int((st.resume or {}).get("examples", 0))
-        + sum(int(n.progress.get("examples", 0)) for n in st.nodes_of("worker", (ALIVE, DONE, FINISHED, DEAD))),
+        + sum(int((n.stats or n.progress).get("examples", 0)) for n in st.nodes_of("worker", (ALIVE, DONE, FINISHED, DEAD))),
         "resumed_from": (st.resume or {}).get("name"),
         **({"buffers": bufs.to_json(st.final_buffers)} if st.final_buffers else {}),
     }
