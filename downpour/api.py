@@ -96,11 +96,13 @@ def check_checkpoint_url(job: JobConfig) -> None:
 
 def check_data(job: JobConfig) -> None:
     """Fail early, before any process starts, when the job's data cannot be found, an import path it
-    names (loss, metrics, collate function, update rule) does not resolve, or its optimizer settings
-    do not fit the job's length (warm-up, schedule)."""
+    names (loss, metrics, collate function, update rule) does not resolve, its model has a buffer no
+    message can carry, or its optimizer settings do not fit the job's length (warm-up, schedule)."""
+    from downpour.coordinator.service import plan_layout
     from downpour.extensions import check_extensions
 
     check_extensions(job)
+    plan_layout(job)  # the model builds, and each of its buffers can be sent (a complex one cannot)
     check_hyperparameters(job, len(build_dataset(job.data).train))
     check_restore_points(job)
 

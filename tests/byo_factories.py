@@ -123,6 +123,24 @@ def tied() -> nn.Module:
     return _Tied()
 
 
+class _Flagged(nn.Module):
+    """A bool buffer (a mask) and, with ``complex_state``, a complex one."""
+
+    def __init__(self, complex_state: bool = False) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Flatten(), nn.Linear(28 * 28, 10))
+        self.register_buffer("mask", torch.ones(10, dtype=torch.bool))
+        if complex_state:
+            self.register_buffer("phase", torch.zeros(2, dtype=torch.complex64))
+
+    def forward(self, x):
+        return self.net(x).masked_fill(~self.mask, 0.0)
+
+
+def flagged(complex_state: bool = False) -> nn.Module:
+    return _Flagged(complex_state)
+
+
 def empty_test():
     train, _ = image_splits(train=64, test=1)
     return train, torch.utils.data.Subset(train, [])

@@ -282,3 +282,22 @@ def test_an_empty_test_split_is_warned_about_when_the_data_set_is_built(caplog):
     with caplog.at_level("WARNING", logger="downpour.data.dataset"):
         ds = build_dataset(parse_job(byo_job(data={"factory": "tests.byo_factories:empty_test"})).data)
     assert len(ds.test) == 0 and "the test split holds no examples: the job reports no test figures" in caplog.text
+
+
+def test_a_buffer_no_message_can_carry_is_refused_before_anything_starts_naming_it():
+    """Before: a complex buffer trained to the end, then every worker failed to report its buffers."""
+    with pytest.raises(ConfigError, match=r"model: buffer 'phase' is complex64, which the workers cannot send"):
+        check_data(parse_job(byo_job(model={"factory": "tests.byo_factories:flagged", "args": {"complex_state": True}})))
+    check_data(parse_job(byo_job(model={"factory": "tests.byo_factories:flagged"})))  # a bool buffer can be sent
+
+
+@pytest.mark.slow
+def test_a_bool_buffer_is_a_bool_in_model_pt(tmp_path):
+    """(It travels as uint8; before, model.pt held it so.)"""
+    from downpour.launch import LocalLauncher
+
+    job = byo_job(model={"factory": "tests.byo_factories:flagged"}, training={"epochs": 1, "metrics": {}})
+    s = LocalLauncher(resolve_job(job), str(tmp_path / "run")).run().summary
+    assert s["status"] == "ok", s.get("error")
+    state = torch.load(tmp_path / "run" / "model.pt", weights_only=True)
+    assert state["mask"].dtype == torch.bool and bool(state["mask"].all())

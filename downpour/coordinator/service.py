@@ -61,8 +61,9 @@ def plan_layout(job: JobConfig) -> Layout:
     return plan_model(job)[0]
 
 
-def plan_model(job: JobConfig) -> tuple[Layout, dict[str, str]]:
-    """:func:`plan_layout`, and the other names of trained parameters (tied weights) for ``model.pt``."""
+def plan_model(job: JobConfig) -> tuple[Layout, dict[str, str], set[str]]:
+    """:func:`plan_layout`, the other names of trained parameters (tied weights) for ``model.pt``, and
+    its bool buffers (they travel as uint8). A buffer no message can carry is a :class:`ConfigError`."""
     try:
         with torch.device("meta"):
             model = build_model(job.model, job.training.seed)
@@ -71,7 +72,10 @@ def plan_model(job: JobConfig) -> tuple[Layout, dict[str, str]]:
     cl = job.cluster
     shapes = param_shapes(model)
     layout = make_layout(shapes, cl.num_servers, "f32", cl.partitioner, cl.max_slice_bytes, tables=sparse_tables(model))
-    return layout, bufs.aliases(model, {name for name, _ in shapes})
+    trained = {name for name, _ in shapes}
+    buffers = bufs.model_buffers(model, trained)
+    bufs.check_sendable(buffers)
+    return layout, bufs.aliases(model, trained), {n for n, t in buffers.items() if t.dtype == torch.bool}
 
 
 def write_atomic(path: str, text: str) -> None:
@@ -99,7 +103,7 @@ class Coordinator:
         self.job = job
         self.security = security
         self.run_dir = run_dir
-        layout, self.aliases = plan_model(job)
+        layout, self.aliases, self.bool_buffers = plan_model(job)
         dataset = build_dataset(job.data)
         num_train = len(dataset.train)
         check_hyperparameters(job, num_train)  # warm-up and schedule against the job's length
@@ -337,7 +341,9 @@ class Coordinator:
             servers = {int(s["rank"]): s["name"] for s in action.servers}
             flat = pull_parameters(rpc, self.layout, servers, self.job.cluster.max_request_bytes)
             path = os.path.join(self.run_dir, "model.pt")
-            write_model(path, self.layout, flat, action.buffers, self.aliases)
+            # (bool buffers travel as uint8: model.pt holds them as the model does)
+            buffers = {n: t.bool() if n in self.bool_buffers else t for n, t in action.buffers.items()} if action.buffers else None
+            write_model(path, self.layout, flat, buffers, self.aliases)
             log.info("coordinator: saved the trained parameters to %s", path)
         except DownpourError as err:
             log.error("coordinator: could not save the trained parameters: %s", err)

@@ -49,6 +49,21 @@ def model_buffers(model: nn.Module, trained: set[str]) -> dict[str, torch.Tensor
     return {n: t for n, t in model.state_dict().items() if n not in trained and n not in tied}
 
 
+def check_sendable(buffers: dict[str, torch.Tensor]) -> None:
+    """A :class:`ConfigError` naming the first buffer whose dtype no message can carry (a complex
+    buffer, say): checked before the job starts, not found at its end, when the workers report
+    their buffers for ``model.pt``."""
+    from downpour.errors import ConfigError
+    from downpour.protocol.codec import DTYPE_NAMES
+
+    for name, t in buffers.items():
+        if t.dtype not in DTYPE_NAMES and t.dtype != torch.bool:
+            allowed = ", ".join(str(d).removeprefix("torch.") for d in [*DTYPE_NAMES, torch.bool])
+            raise ConfigError(f"model: buffer {name!r} is {str(t.dtype).removeprefix('torch.')}, which the workers cannot "
+                              f"send for model.pt (allowed: {allowed}); keep it as two real buffers, or register it with "
+                              "persistent=False")
+
+
 def pack(buffers: dict[str, torch.Tensor]) -> tuple[list[str], list[torch.Tensor]]:
     """Names (for the message's meta) and contiguous CPU tensors (its frames); bool goes as uint8."""
     names, tensors = [], []
