@@ -105,6 +105,28 @@ def test_a_file_source_counts_a_bad_json_line_and_reads_on():
     os.unlink(f.name)
 
 
+def test_a_file_source_reads_a_backlog_a_batch_at_a_time_and_says_when_the_file_shrank(tmp_path, caplog):
+    """Before: every read took another chunk and copied the whole buffer, so a backlog went into memory
+    whole, read in time quadratic in its size."""
+    path = tmp_path / "events.tsv"
+    row = "\t".join(["1", *["3"] * 13, *["0a1b2c3d"] * 26]) + "\n"
+    path.write_text(row * 20_000)  # ~5 MB
+    r = open_source(str(path)).open(0, 0, "t")
+    held = []
+    for _ in range(40):
+        got = r.read(128, 0.1)
+        assert len(got) == 128
+        held.append(len(r._buf))
+    assert max(held) < 2 * max(1 << 16, 128 * 400) + len(row)  # bounded by a read's size, not the backlog
+    assert r.after == 40 * 128 * len(row)
+    path.write_text(row)  # truncated under the reader: what it had read ahead is still handed out, then a warning
+    with caplog.at_level("WARNING", logger="downpour.stream.file_source"):
+        for _ in range(1000):
+            if not r.read(128, 0.01):
+                break
+    assert "shorter than the" in caplog.text
+
+
 class _ListReader:
     """A partition reader over a list; records how far ahead it was read."""
 

@@ -10,12 +10,15 @@ with ``partitions: P`` the files are ``PATH.0`` … ``PATH.{P-1}``. Acknowledgin
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 from urllib.parse import urlsplit
 
 from downpour.errors import DataError
 from downpour.stream.api import RawEvent, StreamSpec, register_source
+
+log = logging.getLogger(__name__)
 
 
 def _is_eos(text: str) -> bool:
@@ -32,6 +35,7 @@ class FileReader:
     def __init__(self, path: str, partition: int, after: int) -> None:
         self.path, self.partition, self.after = path, partition, after
         self._buf = b""
+        self._shrank = False  # warned that the file is shorter than what was read (truncated, rotated)
 
     def read(self, max_events: int, timeout_s: float) -> list[RawEvent]:
         deadline = time.monotonic() + timeout_s
@@ -42,13 +46,21 @@ class FileReader:
             time.sleep(min(0.05, max(0.0, deadline - time.monotonic())))
 
     def _take(self, max_events: int) -> list[RawEvent]:
-        pos = self.after + len(self._buf)
-        try:
-            with open(self.path, "rb") as f:
-                f.seek(pos)
-                self._buf += f.read(max(1 << 16, max_events * 400))
-        except FileNotFoundError:
-            return []
+        # More is read only while the buffer holds fewer lines than asked for: a backlog is read a
+        # batch at a time, not into memory whole (and copied once per batch: quadratic).
+        if self._buf.count(b"\n") < max_events:
+            pos = self.after + len(self._buf)
+            try:
+                with open(self.path, "rb") as f:
+                    size = os.fstat(f.fileno()).st_size
+                    if size < pos and not self._shrank:
+                        self._shrank = True
+                        log.warning("%s: the file is %d bytes, shorter than the %d read (truncated or rotated?): waiting for "
+                                    "it to grow past them; a new file belongs under another path", self.path, size, pos)
+                    f.seek(pos)
+                    self._buf += f.read(max(1 << 16, max_events * 400))
+            except FileNotFoundError:
+                return []
         out = []
         at = 0
         while len(out) < max_events:
