@@ -112,3 +112,19 @@ def test_a_saved_failure_record_that_is_not_one_is_refused(tmp_path):
     parts["job"]["phase"] = "dancing"
     with pytest.raises(ConfigError, match="corrupt"):
         adopt_state(CoordinatorState(JOB, LAYOUT, NUM_TRAIN, 0.0), {**parts, "journal": []}, 0.0)
+
+
+def test_summary_json_is_strict_json_with_null_for_what_is_not_a_number(tmp_path):
+    """(An online job whose events had no time wrote NaN, which strict JSON parsers refuse.)"""
+    import json
+
+    from downpour.coordinator.service import write_json
+
+    path = str(tmp_path / "summary.json")
+    write_json(path, {"online": {"event_to_push_s": {"p50": float("nan"), "p99": float("inf")}}, "n": [1.5, float("-inf")]})
+
+    def refuse(name):
+        raise ValueError(name)
+
+    assert json.loads(open(path).read(), parse_constant=refuse) == {"online": {"event_to_push_s": {"p50": None, "p99": None}},
+                                                                    "n": [1.5, None]}

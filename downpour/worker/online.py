@@ -188,7 +188,9 @@ class OnlineLoop:
         return out
 
     def stats(self) -> dict[str, Any]:
-        lag = np.asarray(self.freshness_lag_s) if self.freshness_lag_s else None
+        lag = np.asarray(self.freshness_lag_s, dtype=np.float64) if self.freshness_lag_s else None
+        lag = lag[np.isfinite(lag)] if lag is not None else None  # (events without a time: NaN)
+        lag = lag if lag is not None and lag.size else None
         return {"events": self.events, "malformed": self.malformed, "batches": self.batches, "partitions": self.partitions,
                 "rewinds": self.rewinds,
                 "prequential": self.prequential.summary(),
