@@ -106,9 +106,13 @@ def cmd_train(args) -> int:
     s = result.summary
     if s.get("status") == "stopped":
         last = (s.get("checkpoints") or {}).get("last")
-        print(f"downpour: stopped gracefully after {s['examples']} examples in {s['steps']} steps; "
-              + (f"checkpoint {last} committed: continue with --resume {shlex.quote(result.run_dir)}" if last else
-                 "no checkpoint was committed, so there is nothing to continue from (checkpoint.enabled: false?)"))
+        if s.get("stopped"):  # before training began
+            print(f"downpour: stopped before training began; nothing to continue from: start the job again in a new "
+                  f"run folder (or remove {shlex.quote(result.run_dir)})")
+        else:
+            print(f"downpour: stopped gracefully after {s['examples']} examples in {s['steps']} steps; "
+                  + (f"checkpoint {last} committed: continue with --resume {shlex.quote(result.run_dir)}" if last else
+                     "no checkpoint was committed, so there is nothing to continue from (checkpoint.enabled: false?)"))
         print(f"summary: {os.path.join(result.run_dir, 'summary.json')}")
         return 0
     online = s.get("online")

@@ -198,7 +198,8 @@ def request_stop(st: CoordinatorState, now: float) -> list[Action]:
     so its shard goes back to the queue. Once none trains, a final checkpoint is committed, the
     trained parameters are saved, the servers stop, and the summary says ``status: stopped``.
     ``--resume`` then continues from that checkpoint and trains every example once. A job still
-    registering fails at once (nothing to keep); one already evaluating simply finishes."""
+    registering ends at once (nothing to keep: its summary says ``stopped``, with why under
+    ``stopped``); one already evaluating simply finishes."""
     if st.stop_requested is not None or st.phase not in (Phase.REGISTERING, Phase.TRAINING):
         return []
     st.stop_requested = now

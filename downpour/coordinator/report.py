@@ -70,6 +70,12 @@ def _stopped_early(self: CoordinatorState) -> bool:
     return self.stop_requested is not None and not self.ledger.complete()
 
 
+def _stopped_at_start(self: CoordinatorState) -> bool:
+    """Stopped (SIGTERM, Ctrl-C, a preemption) before training began: ended at once, and as asked,
+    so not a failure, though it left nothing to continue from."""
+    return self.failed_node == "coordinator" and bool(self.failures) and self.failures[-1].kind == "stopped"
+
+
 def job_summary(self: CoordinatorState, now: float) -> dict[str, Any]:
     """What summary.json holds at the end of the job."""
     # A worker that died sent no final stats: its last heartbeat's progress stands in for them.
@@ -85,8 +91,10 @@ def job_summary(self: CoordinatorState, now: float) -> dict[str, Any]:
     ev = self.evaluation or {}
     return {
         # stopped: a graceful stop ended training early (its final checkpoint resumes it)
-        "status": "failed" if self.error is not None else "stopped" if _stopped_early(self) else "ok",
-        "error": self.error,
+        "status": ("stopped" if _stopped_at_start(self) else "failed") if self.error is not None
+        else "stopped" if _stopped_early(self) else "ok",
+        "error": None if _stopped_at_start(self) else self.error,
+        **({"stopped": self.error} if _stopped_at_start(self) else {}),
         "failed_node": self.failed_node,
         "job": self.job.name,
         "test_accuracy": ev.get("test_accuracy"),
