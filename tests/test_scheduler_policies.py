@@ -129,6 +129,18 @@ def test_las_runs_the_least_served_first_and_preempts_a_job_past_its_threshold()
     assert decide([old, new], nodes, policy, now=60.0, min_run_s=120.0) == []
 
 
+def test_a_job_queued_again_after_its_attempt_failed_preempts_nobody():
+    """A job failing at every attempt stopped a healthy lower-priority job at each of them (three
+    preemptions for nothing): retrying, it waits for free resources like any job that does not rank."""
+    nodes = {"n": Resources(cpus=2)}
+    policy = make_policy("priority")
+    healthy = _job(0, 2, 0.0, phase=Phase.RUNNING, placement=("n", "n"), started_s=0.0, priority=0)
+    assert decide([healthy, _job(1, 1, 5.0, priority=3)], nodes, policy, now=20.0) == [Preempt(0, 1)]
+    assert decide([healthy, _job(1, 1, 5.0, priority=3, retrying=True)], nodes, policy, now=20.0) == []
+    idle = {"n": Resources(cpus=3)}  # free resources: it starts as any job
+    assert decide([healthy, _job(1, 1, 5.0, priority=3, retrying=True)], idle, policy, now=20.0) == [Start(1, ("n",))]
+
+
 def test_a_job_waits_for_a_stopping_job_instead_of_preempting_another():
     nodes = {"n": Resources(cpus=2)}
     policy = make_policy("las", thresholds=[10.0])

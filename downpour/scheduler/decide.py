@@ -15,7 +15,9 @@
    round stays cheap with a long queue; the rest look in later rounds), and a job whose search
    group (``Policy.search_group``: the job; under ``drf`` its user) already found none does not
    search again in that round. At most ``Policy.max_swaps`` jobs preempt per round (``drf``: one,
-   so the next round sees the swap's victims gone before another swap is judged).
+   so the next round sees the swap's victims gone before another swap is judged). A job queued
+   again after its attempt failed (``Job.retrying``) preempts nobody: it waits for free resources
+   (a job failing at every attempt would otherwise stop a healthy one at each, for nothing).
 5. Without backfilling, the first job that does not start ends the round.
 
 Under a policy that ``keeps_claims`` (``drf``), a job that preempted others (``Job.claimed_s`` set by
@@ -101,7 +103,8 @@ def decide(jobs: Sequence[Job], nodes: Mapping[str, Resources], policy: Policy, 
             continue
         where = place_gang(job.tasks, future)
         group = policy.search_group(job)
-        if where is None and policy.preemptive and searches > 0 and victims and group not in failed and swaps < policy.max_swaps:
+        if (where is None and policy.preemptive and searches > 0 and victims and group not in failed and swaps < policy.max_swaps
+                and not job.retrying):
             searches -= 1
             ctx = policy.context(ranked_holding, capacity, now, queued) if ctx is None else ctx
 

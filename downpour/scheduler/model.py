@@ -49,6 +49,7 @@ class Job:
     attained: float = 0.0                      # service received: tasks x seconds run (Tiresias' 2D attained service)
     preemptions: int = 0
     restarts: int = 0                          # restarts after failures
+    retrying: bool = False                     # queued again after its attempt failed: preempts nobody (decide.py)
     not_before_s: float = 0.0                  # back-off: not restarted before this time
     cancel_requested: bool = False
     # When this job last preempted others to start, until it starts (whoever performs a Preempt sets

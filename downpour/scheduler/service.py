@@ -195,6 +195,8 @@ class Scheduler:
         try:
             job.pid, job.run_dir, resumed = self.runner.start(job.id, job.attempt, job.extra.get("cwd"))
             job.extra["resumed_from"] = resumed
+            # (what the last attempt's end said, "preempted for job N", no longer holds)
+            job.message = f"running (attempt {job.attempt}{', resumed' if resumed else ''})" if job.attempt else "running"
         except OSError as err:
             job.phase, job.placement, job.message = Phase.FAILED, None, f"could not start: {err}"
             job.finished_s = now
@@ -236,12 +238,12 @@ class Scheduler:
         elif job.cancel_requested:
             job.phase, job.finished_s, job.message = Phase.CANCELLED, now, "cancelled"
         elif job.phase is Phase.STOPPING or ended.stopped:  # preempted (or stopped by hand): resumes from its checkpoint
-            job.phase, job.attempt = Phase.QUEUED, job.attempt + 1
+            job.phase, job.attempt, job.retrying = Phase.QUEUED, job.attempt + 1, False
         elif ended.code != REFUSED and job.restarts < self.settings.max_restarts:
             job.restarts += 1
             delay = self.settings.backoff_s * 2 ** (job.restarts - 1)
             why = last_error(log_path(self.settings.root, job.id, job.attempt))
-            job.phase, job.attempt, job.not_before_s = Phase.QUEUED, job.attempt + 1, now + delay
+            job.phase, job.attempt, job.not_before_s, job.retrying = Phase.QUEUED, job.attempt + 1, now + delay, True
             job.message = f"attempt {job.attempt - 1} failed (exit {ended.code}{why}); restart {job.restarts} in {delay:.0f} s"
             log.warning("scheduler: job %d: %s", job.id, job.message)
         else:
