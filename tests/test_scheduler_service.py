@@ -256,6 +256,16 @@ def test_the_http_api_and_metrics(make, tiny_data):
             client.submit(job_yaml=yaml.safe_dump(bad))
         with pytest.raises(ConfigError, match="priority"):
             client.submit(job_yaml=job_yaml(tiny_data), priority="high")
+        # A malformed body is a 400 naming the field, as documented (an infinity was a 500, other errors 422)
+        import json
+        import urllib.error
+        import urllib.request
+
+        req = urllib.request.Request(f"http://127.0.0.1:{sock.getsockname()[1]}/jobs", data=b'{"job_yaml": "x", "priority": 1e400}',
+                                     headers={"Content-Type": "application/json"})
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(req, timeout=10)
+        assert refused.value.code == 400 and "priority" in json.loads(refused.value.read())["detail"]
         text = client.metrics()
         assert 'downpour_scheduler_queue_length{queue="default",user="bob"} 1.0' in text
         assert 'downpour_scheduler_dominant_share{queue="research",user="ann"} 1.0' in text

@@ -12,6 +12,7 @@ resource), 404 for an unknown job ID.
 from __future__ import annotations
 
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
@@ -56,6 +57,13 @@ def build_app(s: Scheduler) -> FastAPI:
     @app.exception_handler(DownpourError)
     async def _refused(request: Request, err: DownpourError):
         return JSONResponse({"detail": str(err)}, status_code=404 if isinstance(err, UnknownJob) else 400)
+
+    @app.exception_handler(RequestValidationError)
+    async def _malformed(request: Request, err: RequestValidationError):
+        # 400 as any refusal, naming the fields; the values are not echoed (an infinity is no JSON: that was a 500)
+        where = "; ".join(f"{'.'.join(str(p) for p in e.get('loc', ()) if p != 'body') or 'body'}: {e.get('msg', 'invalid')}"
+                          for e in err.errors()[:5])
+        return JSONResponse({"detail": f"malformed request: {where}"}, status_code=400)
 
     @app.post("/jobs")
     def submit(body: Submission):
