@@ -75,12 +75,14 @@ def alive(pid: int) -> bool:
 
 
 def stop_job(proc: subprocess.Popen, timeout_s: float = 30.0) -> None:
-    """Stop the launcher at once, as a second Ctrl-C does: the first SIGTERM asks for a graceful
-    stop, one handled after it stops every process. SIGTERM is repeated (a signal arriving before
-    the previous one was handled would merge with it) until the launcher ends; killed if it does not."""
+    """Stop the launcher at once, as a second Ctrl-C does: the first SIGINT asks for a graceful
+    stop, one handled after it stops every process. SIGINT is repeated (a signal arriving before
+    the previous one was handled would merge with it) until the launcher ends; killed if it does not.
+    (Not SIGTERM: one within processes.REPEAT_S of the first is the same stop, so the graceful stop
+    would go on.)"""
     deadline = time.monotonic() + timeout_s
     while proc.poll() is None and time.monotonic() < deadline:
-        proc.send_signal(signal.SIGTERM)
+        proc.send_signal(signal.SIGINT)
         try:
             proc.wait(timeout=0.1)
         except subprocess.TimeoutExpired:

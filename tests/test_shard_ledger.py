@@ -252,3 +252,18 @@ def test_a_state_says_how_many_examples_it_holds_the_training_of():
     last = (a[0], 10)  # the short shard counts its two examples, not four
     assert ShardLedger.trained_in({**ledger.state_at({}), "completed": [list(last)], "queue": []}) == 2
     assert ShardLedger.trained_in({"completed": [], "queue": []}) is None  # an older state: no sizes
+
+
+def test_in_a_final_snapshot_a_shard_reported_done_is_done_whatever_its_last_push_position():
+    """A stream partition ends at its end marker, read after its last push: the final checkpoint kept
+    it in the queue at that push's offset, and a resume waited for events after it forever."""
+    ledger = ShardLedger(40, 4, 2, seed=7)
+    e, s = handed(ledger, "w0")
+    assert ledger.done("w0", e, s)
+    later = handed(ledger, "w0")
+    assert ledger.done("w0", *later)  # done with no push of its own (a partition holding only its end marker)
+    final = ledger.state_at({"w0": [e, s, 1]}, final=True)
+    assert [e, s] in final["completed"] and list(later) in final["completed"]
+    assert all((q[0], q[1]) not in ((e, s), tuple(later)) for q in final["queue"])
+    periodic = ledger.state_at({"w0": [e, s, 1]})  # while training goes on: what the snapshot holds
+    assert periodic["queue"][0] == [e, s, 1] and [e, s] not in periodic["completed"]

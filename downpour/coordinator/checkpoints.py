@@ -163,7 +163,7 @@ def server_report(st: CoordinatorState, node: Node, data: dict[str, Any], now: f
             if isinstance(pos, list) and len(pos) == 3 and all(isinstance(x, int) for x in pos):
                 positions.setdefault(worker, []).append(pos)
     state = {
-        "ledger": st.ledger.state_at({w: st.ledger.earliest(w, ps) for w, ps in positions.items()}),
+        "ledger": st.ledger.state_at({w: st.ledger.earliest(w, ps) for w, ps in positions.items()}, final=p.final),
         "step": p.step,
         "version": max(int(r.get("version", 0)) for r in p.reports.values()),
         # A worker that left or finished: its exact count (a graceful stop's final checkpoint); else its

@@ -146,13 +146,16 @@ class ShardLedger:
         return [[e, s, self.skips.get((e, s), 0)] for e, s in back]
 
     # -- checkpoints ------------------------------------------------------------
-    def state_at(self, positions: dict[str, list[int]]) -> dict:
+    def state_at(self, positions: dict[str, list[int]], final: bool = False) -> dict:
         """The ledger as it stood when the servers took a snapshot, as plain data.
 
         ``positions`` maps a worker to its data position in that snapshot: [epoch, shard,
         examples of the shard done] of its last push included. The shard a worker was in
         resumes after those examples (or counts as completed if they were all of it); shards
-        it was handed afterwards were not begun then, nor were those of a worker with no position."""
+        it was handed afterwards were not begun then, nor were those of a worker with no position.
+        ``final``: a snapshot taken with no worker training (the end of training, a graceful stop's
+        last checkpoint): a shard reported done is done, whatever the last push's position says (a
+        stream partition ends at its end marker, read after its last push, not at a bound)."""
         completed = set(self.completed)
         skips = {**self.base_skip, **self.skips}
         back: dict[tuple[int, int], None] = dict.fromkeys(self.assigned)  # unfinished now: unfinished then
@@ -165,7 +168,7 @@ class ShardLedger:
                 at = handed.index(key) if key in handed else -1
             if at >= 0 and pos is not None:
                 lo, hi = self.bounds(key[1])
-                if pos[2] >= hi - lo:
+                if pos[2] >= hi - lo or (final and key in self.completed):
                     completed.add(key)
                     back.pop(key, None)
                     skips.pop(key, None)
@@ -174,6 +177,8 @@ class ShardLedger:
                     back[key] = None
                     skips[key] = pos[2]
             for later in handed[at + 1 :]:  # handed out after the snapshot
+                if final and later in self.completed:
+                    continue
                 completed.discard(later)
                 back[later] = None
         first = sorted(back, key=lambda k: self.handed_at.get(k, -1))  # as they were first handed out
