@@ -175,6 +175,8 @@ def test_an_event_with_bytes_that_are_not_utf8_or_json_nested_too_deep_is_malfor
             RawEvent(4, {"json": json.dumps({"label": 1, "ts": 1e400})}), RawEvent(5, {"tsv": ROW})]
     b = parse_events(raws, "t", 0)
     assert b.offsets.tolist() == [1, 5] and b.malformed == 3
+    named = parse_events([RawEvent(1, {"tsv": ROW, "ts": "yesterday"})], "t", 0)
+    assert named.malformed == 1 and "ts is 'yesterday', expected seconds since the epoch" in named.reasons[0]
 
 
 @needs_redis

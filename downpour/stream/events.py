@@ -68,23 +68,30 @@ def _json_row(text: str) -> str:
     return "\t".join(cells)
 
 
+def _seconds(value: object) -> float:
+    """An event's ``ts``: a finite number of seconds since the epoch, else a ValueError naming the field."""
+    try:
+        ts = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise ValueError(f"ts is {str(value)[:40]!r}, expected seconds since the epoch") from None
+    if not math.isfinite(ts):
+        raise ValueError(f"ts is {str(value)[:40]!r}, expected seconds since the epoch")
+    return ts
+
+
 def _row_of(ev: RawEvent) -> tuple[str, float]:
     """One event's Criteo row and time; ValueError/DataError if malformed."""
     f = ev.fields
     ts = float("nan")
     if "ts" in f:
-        ts = float(f["ts"])
-        if not math.isfinite(ts):
-            raise ValueError(f"ts is {f['ts']!r}")
+        ts = _seconds(f["ts"])
     if "tsv" in f:
         row = f["tsv"]
     elif "json" in f:
         row = _json_row(f["json"])
         obj_ts = json.loads(f["json"]).get("ts")
         if obj_ts is not None:
-            ts = float(obj_ts)
-            if not math.isfinite(ts):
-                raise ValueError(f"ts is {obj_ts!r}")
+            ts = _seconds(obj_ts)
     else:
         raise ValueError(f"neither a 'tsv' nor a 'json' field (fields: {sorted(f)[:5]})")
     if "\n" in row or "\r" in row:
