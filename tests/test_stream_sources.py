@@ -114,19 +114,26 @@ def test_acknowledging_runs_in_redis_in_bounded_calls_and_survives_a_flushed_scr
     assert src.open_acker(0).ack(offs[-1]) == 0  # nothing left: acknowledging again is a no-op
 
 
+def _restarted_mid_read(server: RedisServer, events: int, first: int):
+    """A reader that read the ``first`` of ``events`` events, then saw redis-server stop and start
+    again; returns the source, the reader and the events' offsets."""
+    src = open_source(server.url + "?stream=ev")
+    src.create()
+    offs = [src.append(0, _event(i)) for i in range(events)]
+    r = src.open(0, 0, "w")
+    assert [e.offset for e in r.read(first, 0.5)] == offs[:first]
+    server.stop()
+    assert r.read(10, 0.1) == []  # down: waits, returns nothing, does not raise
+    server.start()
+    return src, r, offs
+
+
 @needs_redis
 @pytest.mark.slow
 def test_a_redis_restart_mid_read_is_waited_for_and_nothing_is_read_twice(tmp_path):
     server = RedisServer(str(tmp_path)).start()
     try:
-        src = open_source(server.url + "?stream=ev")
-        src.create()
-        offs = [src.append(0, _event(i)) for i in range(5)]
-        r = src.open(0, 0, "w")
-        assert [e.offset for e in r.read(3, 0.5)] == offs[:3]
-        server.stop()
-        assert r.read(10, 0.1) == []  # down: waits, returns nothing, does not raise
-        server.start()
+        src, r, offs = _restarted_mid_read(server, 5, 3)
         offs.append(src.append(0, _event(5)))
         got = []
         for _ in range(50):
@@ -145,14 +152,7 @@ def test_a_redis_without_persistence_restarted_mid_read_is_waited_for_and_new_ev
     are lost, said in a warning) instead of failing the worker, then the job."""
     server = RedisServer(str(tmp_path), persist=False).start()
     try:
-        src = open_source(server.url + "?stream=ev")
-        src.create()
-        offs = [src.append(0, _event(i)) for i in range(3)]
-        r = src.open(0, 0, "w")
-        assert [e.offset for e in r.read(2, 0.5)] == offs[:2]
-        server.stop()
-        assert r.read(10, 0.1) == []
-        server.start()
+        src, r, offs = _restarted_mid_read(server, 3, 2)
         assert not src.client.exists(src.key(0))
         got = []
         for i in range(50):
