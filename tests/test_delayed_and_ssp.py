@@ -303,6 +303,30 @@ def small_trainer(**training) -> tuple[Trainer, RecordingKV]:
     return trainer, kv
 
 
+def test_a_trained_parameter_the_first_step_gives_no_gradient_is_warned_about_once(caplog):
+    """The servers update it with a zero gradient (weight decay and momentum still move it), where
+    torch.optim would skip it: the user is told which, and how to freeze it."""
+    job = parse_job({"model": MODEL, "optimizer": {"name": "adamw", "lr": 0.1, "weight_decay": 0.5},
+                     "training": {"batch_size": 8}, "cluster": {"num_servers": 1, "num_workers": 1}, "monitor": {"metrics": False}})
+
+    class WithUnused(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.used, self.spare = torch.nn.Linear(6, 3), torch.nn.Linear(3, 3)
+
+        def forward(self, x):
+            return self.used(x)
+
+    model = WithUnused()
+    layout = make_layout(param_shapes(model), 1)
+    trainer = Trainer(job, FlatModel(model, layout, torch.device("cpu")), RecordingKV(len(layout.slices)), None, "worker-0")
+    with caplog.at_level("WARNING", logger="downpour.worker.trainer"):
+        for x, y in batches(2):
+            trainer.step(x, y)
+    warned = [r.message for r in caplog.records if "got no gradient" in r.message]
+    assert len(warned) == 1 and "spare.weight, spare.bias" in warned[0] and "requires_grad=False" in warned[0]
+
+
 def batches(n: int, size: int = 8) -> list[tuple[torch.Tensor, torch.Tensor]]:
     g = torch.Generator().manual_seed(3)
     return [(torch.randn(size, 6, generator=g), torch.randint(0, 3, (size,), generator=g)) for _ in range(n)]

@@ -154,6 +154,7 @@ class Trainer:
         self.steps = 0
         self.examples = 0
         self.loss_ema: float | None = None
+        self._grads_checked = False  # the first step looked for trained parameters that get no gradient
         self.inflight: Handle | None = None
         self.compute_s = 0.0  # forward, backward, gradient to one vector
         self.push_s = 0.0  # handing the push+pull to ZeroMQ (encode, send)
@@ -295,6 +296,9 @@ class Trainer:
         # a dict for its own loss to take apart
         self.last_output = out.detach() if isinstance(out, torch.Tensor) else None
         self.precision.backward(loss)
+        if not self._grads_checked:
+            self._grads_checked = True
+            self._warn_no_gradient()
         if not self.precision.unscale(self.flat.params):  # fp16 overflow: this batch is skipped, the scale halves
             self.flat.zero_grad()
         if t.clip_grad_value is not None:
@@ -319,6 +323,17 @@ class Trainer:
         value = float(loss.item())
         if math.isfinite(value):
             self.loss_ema = value if self.loss_ema is None else 0.98 * self.loss_ema + 0.02 * value
+
+    def _warn_no_gradient(self) -> None:
+        """Trained parameters the first step gave no gradient (a module the forward never calls): the
+        servers update them with a zero gradient, so weight decay and momentum still move them, where
+        torch.optim skips a parameter whose ``.grad`` is None. Said once, by rank 0."""
+        missing = [spec.name for p, spec in zip(self.flat.params, self.flat.layout.params) if p.grad is None]
+        if missing and self.rank == 0:
+            shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+            log.warning("%s: parameter(s) %s got no gradient in the first step (not used by the forward?): the servers update "
+                        "them with a zero gradient, so weight decay and momentum still change them (torch.optim would skip "
+                        "them); freeze them with requires_grad=False if they are not to be trained", self.name, shown)
 
     def _flush(self, position: list[int] | None, base: list[int] | None = None) -> None:
         """Push what the steps since the last push produced (if anything) and pull the new values."""
