@@ -302,3 +302,19 @@ def test_predict_while_deltas_land_never_sees_the_version_go_back(served):
         stop.set()
         t.join(timeout=20)
     assert not errors and seen and seen == sorted(seen) and seen[-1] == 9 and len(set(seen)) > 2, (errors, seen[-5:])
+
+
+def test_serve_on_a_port_in_use_says_so_before_claiming_to_serve(tmp_path, capsys):
+    """(It printed "serving ... on http://..." and then failed.)"""
+    import argparse
+    import socket
+
+    from downpour.cli.serve import cmd_serve
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        code = cmd_serve(argparse.Namespace(url=str(tmp_path / "export"), host="127.0.0.1", port=port, poll_s=0.5))
+    out, err = capsys.readouterr()
+    assert code == 3 and "serving" not in out and f"cannot listen on 127.0.0.1:{port}" in err

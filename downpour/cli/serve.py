@@ -30,10 +30,28 @@ def cmd_serve(args) -> int:
     if args.poll_s <= 0:
         print("downpour serve: --poll-s must be positive")
         return 2
+    problem = _cannot_listen(args.host, args.port)
+    if problem:  # (said before "serving ... on", not after it)
+        print(f"downpour serve: cannot listen on {args.host}:{args.port}: {problem}", file=sys.stderr, flush=True)
+        return 3
     print(f"serving {args.url} on http://{args.host}:{args.port} (/predict, /healthz, /metrics)", flush=True)
     _say_if_empty(args.url, args.poll_s)
     serve(args.url, args.host, args.port, args.poll_s)
     return 0
+
+
+def _cannot_listen(host: str, port: int) -> str | None:
+    """Why nothing can listen on ``host:port`` (in use, no such address), else None."""
+    import socket
+
+    try:
+        family, kind, proto, _, where = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        with socket.socket(family, kind, proto) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind(where)
+    except OSError as err:
+        return err.strerror or str(err)
+    return None
 
 
 def _say_if_empty(url: str, poll_s: float) -> None:
