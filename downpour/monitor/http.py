@@ -70,10 +70,15 @@ class _CappedServer(ThreadingHTTPServer):
             raise
 
     def process_request_thread(self, request, client_address) -> None:
+        # (socketserver's, with the slot given back before the connection is closed: a client that
+        # sees the close and connects again finds it free; released after, it could be refused)
         try:
-            super().process_request_thread(request, client_address)
+            self.finish_request(request, client_address)
+        except Exception:  # noqa: BLE001 - as socketserver: reported, the server goes on
+            self.handle_error(request, client_address)
         finally:
             self._slots.release()
+            self.shutdown_request(request)
 
 
 class HttpEndpoint:
