@@ -102,7 +102,12 @@ def check_data(job: JobConfig) -> None:
     from downpour.extensions import check_extensions
 
     check_extensions(job)
-    plan_layout(job)  # the model builds, and each of its buffers can be sent (a complex one cannot)
+    try:
+        plan_layout(job)  # the model builds, and each of its buffers can be sent (a complex one cannot)
+    except DownpourError:
+        raise
+    except Exception as err:  # noqa: BLE001 - the user's factory: whatever it raises, said in one line
+        raise ConfigError(f"model: building it failed: {type(err).__name__}: {err}") from None
     check_hyperparameters(job, len(build_dataset(job.data).train))
     check_restore_points(job)
 

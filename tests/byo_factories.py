@@ -144,3 +144,7 @@ def flagged(complex_state: bool = False) -> nn.Module:
 def empty_test():
     train, _ = image_splits(train=64, test=1)
     return train, torch.utils.data.Subset(train, [])
+
+
+def raising_model() -> nn.Module:
+    raise ValueError("no such width")

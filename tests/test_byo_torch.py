@@ -301,3 +301,8 @@ def test_a_bool_buffer_is_a_bool_in_model_pt(tmp_path):
     assert s["status"] == "ok", s.get("error")
     state = torch.load(tmp_path / "run" / "model.pt", weights_only=True)
     assert state["mask"].dtype == torch.bool and bool(state["mask"].all())
+
+
+def test_a_model_factory_that_raises_is_refused_before_anything_starts_with_its_error():
+    with pytest.raises(ConfigError, match="model: building it failed: ValueError: no such width"):
+        check_data(parse_job(byo_job(model={"factory": "tests.byo_factories:raising_model"})))
