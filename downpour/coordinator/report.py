@@ -89,12 +89,13 @@ def job_summary(self: CoordinatorState, now: float) -> dict[str, Any]:
     steps = sum(int(w.get("steps", 0)) for w in workers.values())
     train_s = (self.train_ended or now) - self.train_started if self.train_started is not None else 0.0
     ev = self.evaluation or {}
+    at_start = _stopped_at_start(self)
     return {
         # stopped: a graceful stop ended training early (its final checkpoint resumes it)
-        "status": ("stopped" if _stopped_at_start(self) else "failed") if self.error is not None
+        "status": ("stopped" if at_start else "failed") if self.error is not None
         else "stopped" if _stopped_early(self) else "ok",
-        "error": None if _stopped_at_start(self) else self.error,
-        **({"stopped": self.error} if _stopped_at_start(self) else {}),
+        "error": None if at_start else self.error,
+        **({"stopped": self.error} if at_start else {}),
         "failed_node": self.failed_node,
         "job": self.job.name,
         "test_accuracy": ev.get("test_accuracy"),
