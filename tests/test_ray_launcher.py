@@ -125,6 +125,20 @@ def test_a_job_on_ray_places_servers_and_workers_on_the_nodes_that_offer_their_r
         assert (tmp_path / "run" / "logs" / f"{name}.log").stat().st_size > 0
     assert (tmp_path / "run" / "model.pt").exists() and (tmp_path / "run" / "summary.json").exists()
     assert (tmp_path / "run" / "coordinator.addr").read_text().startswith(f"tcp://{NODE_IP}:")  # each listens on its node's address
+    _assert_private_folders_removed(placement["processes"], at_least=4)
+
+
+def _assert_private_folders_removed(placement: dict, at_least: int) -> None:
+    """Each Ray-run process's private folder on its node (its key files, its job file) is gone once
+    the job ended: key files are secrets, and a folder per process piles up in /tmp."""
+    folders = set()
+    for p in placement.values():
+        for i, arg in enumerate(p["args"][:-1]):
+            if arg in ("--keys", "--job") and "downpour-ray-" in p["args"][i + 1]:
+                path = p["args"][i + 1]
+                folders.add(path[: path.index("downpour-ray-")] + path[path.index("downpour-ray-"):].split(os.sep)[0])
+    assert len(folders) >= at_least, placement
+    assert not [f for f in folders if os.path.exists(f)]
 
 
 @pytest.mark.slow
@@ -167,6 +181,7 @@ def test_on_ray_a_killed_worker_and_a_killed_server_are_replaced_and_every_shard
     assert shards["unfinished"] == 0 and shards["completed_per_epoch"] == {str(e): shards["num_shards"] for e in range(epochs)}
     placement = json.loads((tmp_path / "run" / "placement.json").read_text())["processes"]
     assert placement["server-1.2"]["node_id"] == ray_nodes["ps"] and placement["worker-1.2"]["node_id"] == ray_nodes["trainer"]
+    _assert_private_folders_removed(placement, at_least=6)  # the killed ones' and their replacements'
 
 
 def _start_in_thread(spec: dict, run_dir: str):
@@ -227,6 +242,7 @@ def test_an_insecure_job_on_ray_hands_each_worker_the_job_file_itself_not_a_path
         shipped = p["args"][p["args"].index("--job") + 1]
         assert not shipped.startswith(str(run_dir)) and "downpour-ray-" in shipped, p["args"]
     assert "--keys" not in placement["server-0"]["args"]
+    _assert_private_folders_removed(placement, at_least=2)  # the workers' job files
 
 
 @pytest.mark.slow

@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -112,16 +113,30 @@ class RoleHost:
         return {**self.node, "pid": self.popen.pid, "args": self.args}
 
     def wait(self) -> tuple[int, str | None]:
-        """The exit code once the process ends, and its log when the run folder is not on this node."""
+        """The exit code once the process ends, and its log when the run folder is not on this node. The
+        private folder (the role's key files, the job file) goes with the process."""
         code = self.popen.wait()
-        if self.shared_log:
-            return code, None
-        with open(self.log_path, errors="replace") as f:
-            return code, f.read()
+        text = None
+        if not self.shared_log:
+            with open(self.log_path, errors="replace") as f:
+                text = f.read()
+        self._remove_private()
+        return code, text
 
     def signal(self, signum: int) -> None:
         if self.popen.poll() is None:
             self.popen.send_signal(signum)
+
+    def close(self) -> None:
+        """Kill the process if it still runs and remove the private folder: the launcher calls this
+        before ``ray.kill``, which ends the actor without running its clean-up."""
+        if self.popen.poll() is None:
+            self.popen.kill()
+            self.popen.wait()
+        self._remove_private()
+
+    def _remove_private(self) -> None:
+        shutil.rmtree(self.private, ignore_errors=True)
 
 
 def _here_free() -> dict[str, float]:
@@ -333,6 +348,14 @@ class RayLauncher(LocalLauncher):
             super().stop_all(grace_s)
         except subprocess.TimeoutExpired:  # a signal not delivered in time: killing the actors ends their processes too
             pass
+        closing = []
+        for p in self.procs:
+            try:
+                closing.append(p.popen.actor.close.remote())  # type: ignore[attr-defined]
+            except Exception:  # noqa: BLE001 - already gone
+                pass
+        if closing:  # the key files each actor wrote on its node; best effort, a gone node keeps none
+            ray.wait(closing, num_returns=len(closing), timeout=grace_s)
         for p in self.procs:
             try:
                 ray.kill(p.popen.actor)  # type: ignore[attr-defined]
