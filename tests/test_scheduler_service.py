@@ -363,3 +363,28 @@ def test_the_jobs_table_keeps_what_matters_on_a_narrow_terminal(monkeypatch, cap
     out = capsys.readouterr().out
     assert all(word in out for word in ("mnist", "running", "message", "CUDA", "restart")), out  # (the message wraps)
     assert ("policy rank" in out) is shown
+
+
+def test_a_failed_attempt_s_message_names_the_failing_process_s_exception_from_the_quoted_log(tmp_path):
+    """The launcher's last line says that every worker died; the cause is in the worker's log, which the
+    launcher quotes after it. The scheduler's message carries both."""
+    from downpour.scheduler.service import last_error
+
+    log = tmp_path / "attempt-1.log"
+    log.write_text("downpour: job: 1 servers, 2 workers, async\n"
+                   "downpour: job failed: every worker process has died and none is left to start; stopping the job.\n"
+                   "--- end of /runs/j/logs/worker-1.log ---\n"
+                   "  File \"/home/u/model.py\", line 9, in forward\n"
+                   "    raise ValueError('boom in my forward')\n"
+                   "ValueError: boom in my forward\n")
+    assert last_error(str(log)) == (": job failed: every worker process has died and none is left to start; stopping the job. "
+                                    "[worker-1: ValueError: boom in my forward]")
+    log.write_text("downpour: job failed: the coordinator failed to start: exit 1\n"
+                   "--- end of /runs/j/logs/coordinator.log ---\n"
+                   "torch.OutOfMemoryError: CUDA out of memory\nsomething after\n")
+    assert last_error(str(log)).endswith("[coordinator: torch.OutOfMemoryError: CUDA out of memory]")
+    log.write_text("downpour: job failed: a server is unreachable\n")  # nothing quoted: the line alone
+    assert last_error(str(log)) == ": job failed: a server is unreachable"
+    log.write_text("Traceback (most recent call last):\nValueError: not ours\n")  # no line of ours: nothing
+    assert last_error(str(log)) == ""
+    assert last_error(str(tmp_path / "missing.log")) == ""

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import signal
 import threading
 import time
@@ -42,16 +43,30 @@ class UnknownJob(ConfigError):
 REFUSED = 2  # downpour train's exit code for a job refused before it started (its config, data, storage)
 
 
+_RAISED = re.compile(r"^(?:[A-Za-z_][\w.]*\.)?[A-Z]\w*(?:Error|Exception|Failed|Interrupt|Exit)\b")
+
+
 def last_error(path: str, tail: int = 8192) -> str:
-    """``": LINE"``: the last line of an attempt's log that says why it ended ("downpour: ..."), or ""."""
+    """``": LINE"``: the last line of an attempt's log that says why it ended ("downpour: ..."), or "".
+    When the launcher quoted the end of the failing process's log after it ("--- end of PATH ---"),
+    that process's last exception line is added: the cause, not only that the process died."""
     try:
         with open(path, "rb") as f:
             f.seek(max(0, os.fstat(f.fileno()).st_size - tail))
             lines = f.read().decode(errors="replace").splitlines()
     except OSError:
         return ""
-    said = [line.strip() for line in lines if line.startswith("downpour: ")]
-    return f": {said[-1][len('downpour: '):][:300]}" if said else ""
+    said = [i for i, line in enumerate(lines) if line.startswith("downpour: ")]
+    if not said:
+        return ""
+    line = lines[said[-1]].strip()[len("downpour: "):][:300]
+    quoted = next((j for j in range(said[-1] + 1, len(lines)) if lines[j].startswith("--- end of ")), None)
+    if quoted is not None:
+        raised = [s.strip() for s in lines[quoted + 1:] if _RAISED.match(s.strip())]
+        if raised:
+            name = os.path.basename(lines[quoted][len("--- end of "):].rstrip(" -")).removesuffix(".log")
+            line += f" [{name}: {raised[-1][:200]}]"
+    return f": {line}"
 
 
 @dataclass(frozen=True)
