@@ -152,6 +152,39 @@ def test_a_stop_before_training_began_ends_the_job_at_once():
     assert summary["status"] == "stopped" and summary["error"] is None and "before training began" in summary["stopped"]
 
 
+def test_a_server_lost_during_a_graceful_stop_ends_the_job_stopped_with_the_last_committed_checkpoint():
+    """No replacement is started while the job stops, so the final checkpoint could never be
+    written: the job ends at once, stopped, and says where --resume continues from (before, the
+    coordinator waited for a replacement that never came, and the job hung)."""
+    from downpour.coordinator import failures
+
+    sim = CheckpointSim()
+    sim.start()
+    sim.state.checkpoints.committed.append({"name": "ckpt-000000000040-0002", "step": 40, "write_s": 0.1, "final": False, "versions": {}})
+    sim.state.request_stop(1.0)
+    failures.lose(sim.state, 1.2, sim.state.nodes["server-1"], "its process exited", "dead")
+    assert sim.state.phase == "failed"  # every node is told to stop
+    summary = sim.state.summary(1.5)
+    assert summary["status"] == "stopped" and summary["error"] is None, summary
+    assert "server-1 was lost during the graceful stop" in summary["stopped"]
+    assert "--resume continues from checkpoint ckpt-000000000040-0002 (step 40)" in summary["stopped"]
+    assert [f["node"] for f in summary["failures"]] == ["server-1"]
+
+    final = CheckpointSim()  # the final checkpoint committed first: the resume continues from it
+    final.start()
+    final.state.checkpoints.committed.append({"name": "ckpt-000000000050-0003", "step": 50, "write_s": 0.1, "final": True, "versions": {}})
+    final.state.request_stop(1.0)
+    failures.lose(final.state, 1.2, final.state.nodes["server-0"], "killed", "dead")
+    assert "the final checkpoint ckpt-000000000050-0003 was committed before it" in final.state.summary(1.5)["stopped"]
+
+    running = CheckpointSim()  # not stopping: a replacement is awaited, as ever
+    running.start()
+    running.state.checkpoints.committed.append({"name": "ckpt-000000000040-0002", "step": 40, "write_s": 0.1, "final": False,
+                                                "versions": {}})
+    failures.lose(running.state, 1.2, running.state.nodes["server-1"], "killed", "dead")
+    assert running.state.phase == "training" and running.state.server_slots
+
+
 def test_a_stop_after_training_ended_lets_the_job_finish_normally():
     sim = CheckpointSim()
     sim.train()
@@ -311,6 +344,39 @@ def test_a_server_sent_sigterm_alone_stops_and_its_rank_is_replaced_while_the_jo
     [failure] = summary["failures"]
     assert failure["node"] == "server-1" and failure["replaced_by"]
     assert "SIGTERM, and the job is not ending" in open(os.path.join(run_dir, "logs", "server-1.log")).read()
+
+
+@pytest.mark.slow
+def test_a_server_killed_during_a_graceful_stop_ends_it_stopped_and_the_resume_trains_every_example_once(tmp_path, tiny_data):
+    """Ctrl-C, then a server dies before the final checkpoint is written. Before, the coordinator
+    waited for a replacement the stopping launcher never started, and the job hung until a second
+    Ctrl-C. Now it ends at once, stopped, and --resume continues from the last committed checkpoint."""
+    job = tiny_job(tiny_data, training={"epochs": 30}, checkpoint={"every_steps": 40, "every_s": None})
+    (tmp_path / "a").mkdir()
+    proc, run_dir = start_job(tmp_path / "a", job)
+    try:
+        status = wait_training(run_dir, steps=60)
+        pids = [n["pid"] for n in status["nodes"]]
+        server = next(n["pid"] for n in status["nodes"] if n["name"] == "server-1")
+        proc.send_signal(2)
+        os.kill(server, 9)
+        started = time.monotonic()
+        out, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0 and time.monotonic() - started < 60, err[-3000:]
+    assert "server-1 was lost during the graceful stop" in out and "--resume" in out, (out, err[-3000:])
+    deadline = time.monotonic() + 10
+    while any(alive(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not any(alive(p) for p in pids)
+    summary = json.loads(open(os.path.join(run_dir, "summary.json")).read())
+    assert summary["status"] == "stopped" and summary["failures"][-1]["node"] == "server-1", summary["stopped"]
+    resumed, _ = _resume(tmp_path, job, run_dir)
+    assert resumed["resumed_from"].endswith(summary["checkpoints"]["last"])
+    assert resumed["data_shards"]["unfinished"] == 0
+    assert resumed["data_shards"]["completed_per_epoch"] == {str(e): 6 for e in range(30)}
+    assert resumed["job_examples"] == 30 * 2400
 
 
 def test_ctrl_c_as_the_job_starts_stops_it_once_with_no_coordinator_restart_and_no_resume_promised(tmp_path, tiny_data):

@@ -106,9 +106,12 @@ def cmd_train(args) -> int:
     s = result.summary
     if s.get("status") == "stopped":
         last = (s.get("checkpoints") or {}).get("last")
-        if s.get("stopped"):  # before training began
+        if s.get("stopped") and not last and not s.get("examples"):  # before training began
             print(f"downpour: stopped before training began; nothing to continue from: start the job again in a new "
                   f"run folder (or remove {shlex.quote(result.run_dir)})")
+        elif s.get("stopped"):  # ended at once: a server was lost during the stop
+            print(f"downpour: stopped after {s['examples']} examples in {s['steps']} steps; {s['stopped']}"
+                  + (f" (--resume {shlex.quote(result.run_dir)})" if last else ""))
         else:
             print(f"downpour: stopped gracefully after {s['examples']} examples in {s['steps']} steps; "
                   + (f"checkpoint {last} committed: continue with --resume {shlex.quote(result.run_dir)}" if last else

@@ -74,6 +74,8 @@ def lose(st: CoordinatorState, now: float, node: Node, reason: str, kind: str, d
         return worker_lost(st, now, node, reason, kind, detected_after_s)
     if node.role == "worker" and st.phase == Phase.EVALUATING and st.cl.on_worker_failure == "recover":
         return evaluator_lost(st, now, node, reason, kind, detected_after_s)
+    if node.role == "server" and st.stop_requested is not None and st.phase in (Phase.TRAINING, Phase.STOPPING):
+        return server_lost_in_stop(st, now, node, reason, kind, detected_after_s)
     pending = st.checkpoints.pending
     if node.role == "server" and pending is not None and node.name not in pending.reports:
         # Its part of the checkpoint will never come (a replacement or a promoted backup knows nothing
@@ -89,6 +91,32 @@ def lose(st: CoordinatorState, now: float, node: Node, reason: str, kind: str, d
         reason += " (no checkpoint committed yet to restart it from)"
     node.state = DEAD
     return fail(st, now, node.name, reason, kind, detected_after_s)
+
+
+def server_lost_in_stop(st: CoordinatorState, now: float, node: Node, reason: str, kind: str, detected_after_s: float) -> list[Action]:
+    """A server lost during a graceful stop: no replacement is started while the job stops (the
+    launcher starts none), so its rank's part of the final checkpoint, and of ``model.pt``, will
+    never come. A backup takes over where there is one; else the job ends now, stopped as asked,
+    and ``--resume`` continues from the last committed checkpoint, whose data positions match its
+    parameters (what was trained after it is trained again, once)."""
+    if st.cl.replicas and st.phase == Phase.TRAINING:
+        promoted = replication.primary_lost(st, now, node, reason, kind, detected_after_s, affected(st, node.name))
+        if promoted is not None:
+            return promoted
+    node.state = DEAD
+    pending = st.checkpoints.pending
+    if pending is not None:
+        st.checkpoints.abandon(now, f"{node.name} was lost during the graceful stop")
+    last = st.checkpoints.committed[-1] if st.checkpoints.committed else None
+    if last is not None and last.get("final"):
+        then = f"the final checkpoint {last['name']} was committed before it: --resume continues from it"
+    elif last is not None:
+        then = (f"the final checkpoint cannot be written: --resume continues from checkpoint {last['name']} "
+                f"(step {last.get('step')}) and trains again what was trained after it")
+    else:
+        then = "no checkpoint was committed: there is nothing to continue from"
+    log.warning("coordinator: %s lost during the graceful stop (%s); %s", node.name, reason, then)
+    return fail(st, now, node.name, f"{node.name} was lost during the graceful stop ({reason}); {then}", "stopped")
 
 
 def server_lost(st: CoordinatorState, now: float, node: Node, reason: str, kind: str, detected_after_s: float) -> list[Action]:

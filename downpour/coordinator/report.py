@@ -70,10 +70,11 @@ def _stopped_early(self: CoordinatorState) -> bool:
     return self.stop_requested is not None and not self.ledger.complete()
 
 
-def _stopped_at_start(self: CoordinatorState) -> bool:
-    """Stopped (SIGTERM, Ctrl-C, a preemption) before training began: ended at once, and as asked,
-    so not a failure, though it left nothing to continue from."""
-    return self.failed_node == "coordinator" and bool(self.failures) and self.failures[-1].kind == "stopped"
+def _stopped_at_once(self: CoordinatorState) -> bool:
+    """Stopped as asked (SIGTERM, Ctrl-C, a preemption) but ended at once, with why under ``stopped``:
+    before training began (nothing to continue from), or a server lost during the stop (``--resume``
+    continues from the last committed checkpoint). Not a failure of the job."""
+    return self.error is not None and bool(self.failures) and self.failures[-1].kind == "stopped"
 
 
 def job_summary(self: CoordinatorState, now: float) -> dict[str, Any]:
@@ -89,7 +90,7 @@ def job_summary(self: CoordinatorState, now: float) -> dict[str, Any]:
     steps = sum(int(w.get("steps", 0)) for w in workers.values())
     train_s = (self.train_ended or now) - self.train_started if self.train_started is not None else 0.0
     ev = self.evaluation or {}
-    at_start = _stopped_at_start(self)
+    at_start = _stopped_at_once(self)
     return {
         # stopped: a graceful stop ended training early (its final checkpoint resumes it)
         "status": ("stopped" if at_start else "failed") if self.error is not None
