@@ -185,6 +185,47 @@ def test_a_server_lost_during_a_graceful_stop_ends_the_job_stopped_with_the_last
     assert running.state.phase == "training" and running.state.server_slots
 
 
+def test_a_graceful_stop_s_final_checkpoint_that_never_completes_is_abandoned_and_the_stop_ends_without_it():
+    sim = CheckpointSim()
+    sim.start()
+    sim.state.request_stop(1.0)
+    for w in WORKERS:
+        sim.send(w, Op.LEAVE, position=None, stats={"steps": 0})
+    sim.tick(1.1)  # nobody trains: the final checkpoint is asked of the servers, which never answer
+    assert sim.state.checkpoints.pending is not None and sim.state.checkpoints.pending.final
+    for s in SERVERS:  # alive, heartbeating, but the write hangs (storage that does not answer)
+        sim.heartbeat(s)
+    assert sim.tick(5.0) == [] and sim.state.checkpoints.pending is not None
+    timeout = sim.state.job.checkpoint.timeout_s
+    for s in SERVERS:
+        sim.heartbeat(s)
+    sim.now = 1.1 + timeout + 0.5
+    for s in SERVERS:
+        sim.heartbeat(s)
+    saved = sim.tick(sim.now)
+    assert sim.state.checkpoints.pending is None and sim.state.checkpoints.abandoned == 1
+    assert any(isinstance(a, SaveModel) for a in saved) and sim.state.phase == "stopping"
+    assert sim.tick(sim.now + 0.1) == [] and sim.state.phase == "stopping"  # workers all gone: as a stop has them
+    ck = sim.state.summary(sim.now)["checkpoints"]
+    assert ck["final_abandoned"].startswith("ckpt-000000000000-0001: not complete after") and ck["count"] == 0
+
+
+def test_the_console_warns_when_no_checkpoint_or_only_the_final_one_was_not_written(capsys, tmp_path):
+    from downpour.cli.main import _warn_checkpoints
+
+    url = "s3://ckpts/run"
+    _warn_checkpoints({"checkpoints": {"enabled": True, "url": url, "count": 3, "last": "ckpt-000000000307-0003",
+                                       "last_step": 307, "abandoned": 2,
+                                       "final_abandoned": "ckpt-000000001407-0008: server-0: EndpointConnectionError"}}, str(tmp_path))
+    err = capsys.readouterr().err
+    assert "WARNING: the final checkpoint was not written (ckpt-000000001407-0008: server-0: EndpointConnectionError)" in err
+    assert "continues from ckpt-000000000307-0003 (step 307)" in err
+    _warn_checkpoints({"checkpoints": {"enabled": True, "url": url, "count": 0, "abandoned": 2}}, str(tmp_path))
+    assert "no checkpoint was committed (2 abandoned" in capsys.readouterr().err
+    _warn_checkpoints({"checkpoints": {"enabled": True, "url": url, "count": 3, "abandoned": 1}}, str(tmp_path))  # a periodic one
+    assert capsys.readouterr().err == ""
+
+
 def test_a_stop_after_training_ended_lets_the_job_finish_normally():
     sim = CheckpointSim()
     sim.train()

@@ -113,6 +113,7 @@ def cmd_train(args) -> int:
             print(f"downpour: stopped after {s['examples']} examples in {s['steps']} steps; {s['stopped']}"
                   + (f" (--resume {shlex.quote(result.run_dir)})" if last else ""))
         else:
+            _warn_checkpoints(s, result.run_dir)
             print(f"downpour: stopped gracefully after {s['examples']} examples in {s['steps']} steps; "
                   + (f"checkpoint {last} committed: continue with --resume {shlex.quote(result.run_dir)}" if last else
                      "no checkpoint was committed, so there is nothing to continue from (checkpoint.enabled: false?)"))
@@ -137,13 +138,23 @@ def cmd_train(args) -> int:
     print(f"{s['examples']} examples in {s['steps']} steps, {s['train_s']:.1f}s training "
           f"({s['examples_per_s']:.0f} examples/s), {s['wall_s']:.1f}s wall; "
           f"staleness mean {s['staleness']['mean']:.2f} max {s['staleness']['max']}")
-    ck = s.get("checkpoints") or {}
-    if ck.get("enabled") and ck.get("abandoned") and not ck.get("count"):
-        print(f"downpour: WARNING: no checkpoint was committed ({ck['abandoned']} abandoned, at {ck.get('url')}): this job "
-              f"cannot be resumed; the coordinator's log says why ({os.path.join(result.run_dir, 'logs', 'coordinator.log')})",
-              file=sys.stderr)
+    _warn_checkpoints(s, result.run_dir)
     print(f"summary: {os.path.join(result.run_dir, 'summary.json')}")
     return 0
+
+
+def _warn_checkpoints(s: dict, run_dir: str) -> None:
+    """Say on the console when the job's checkpoints did not all land: none committed, or the final
+    one (end of training, a graceful stop) abandoned, so a --resume would start further back."""
+    ck = s.get("checkpoints") or {}
+    log_path = os.path.join(run_dir, "logs", "coordinator.log")
+    if ck.get("enabled") and ck.get("abandoned") and not ck.get("count"):
+        print(f"downpour: WARNING: no checkpoint was committed ({ck['abandoned']} abandoned, at {ck.get('url')}): this job "
+              f"cannot be resumed; the coordinator's log says why ({log_path})", file=sys.stderr)
+    elif ck.get("final_abandoned"):
+        print(f"downpour: WARNING: the final checkpoint was not written ({ck['final_abandoned']}): a --resume of this run "
+              f"continues from {ck.get('last')} (step {ck.get('last_step')}) and trains again what came after it; "
+              f"the coordinator's log says more ({log_path})", file=sys.stderr)
 
 
 def _warn_partitions_left_unread(job) -> None:

@@ -52,6 +52,7 @@ class CheckpointPlan:
         self.last_step = 0
         self.committed: list[dict[str, Any]] = []
         self.abandoned = 0
+        self.final_abandoned: str | None = None  # why the final checkpoint (end of training, a graceful stop) was not written
         self._seq = 0
         # checkpoint.at_start: the first checkpoint is due as soon as training starts (a resumed job
         # has its restore point already: the coordinator turns this off).
@@ -99,18 +100,23 @@ class CheckpointPlan:
         if self.pending is not None:
             log.error("coordinator: checkpoint %s abandoned: %s", self.pending.name, why)
             self.abandoned += 1
+            if self.pending.final:
+                self.final_abandoned = f"{self.pending.name}: {why}"
             self.pending = None
 
     def committed_now(self, now: float, write_s: float) -> None:
         p = self.pending
         assert p is not None
         self.committed.append({"name": p.name, "step": p.step, "write_s": write_s, "final": p.final, "versions": p.versions})
+        if p.final:
+            self.final_abandoned = None
         self.pending = None
 
     def export(self, base: float) -> dict[str, Any]:
         """What a restarted coordinator needs (times relative to ``base``, the job's start)."""
         return {"committed": self.committed, "abandoned": self.abandoned, "seq": self._seq, "last_step": self.last_step,
-                "last_at": self.last_at - base, "pending": self.pending.name if self.pending else None}
+                "last_at": self.last_at - base, "pending": self.pending.name if self.pending else None,
+                "final_abandoned": self.final_abandoned}
 
     def adopt(self, saved: dict[str, Any], base: float, resumed: bool) -> None:
         """Continue from :meth:`export`'s ``saved``. A checkpoint that was being written is
@@ -118,6 +124,7 @@ class CheckpointPlan:
         self.committed, self.abandoned = list(saved["committed"]), int(saved["abandoned"])
         self._seq, self.last_step = int(saved["seq"]), int(saved["last_step"])
         self.last_at = base + float(saved["last_at"])
+        self.final_abandoned = saved.get("final_abandoned")
         self.start_due = self.start_due and self._seq == 0 and not resumed
         if saved["pending"]:
             self.abandoned += 1
@@ -133,6 +140,7 @@ class CheckpointPlan:
             "last": self.committed[-1]["name"] if self.committed else None,
             "mean_write_s": sum(writes) / len(writes) if writes else None,
             "abandoned": self.abandoned,
+            **({"final_abandoned": self.final_abandoned} if self.final_abandoned else {}),
         }
 
 

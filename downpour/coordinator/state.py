@@ -257,9 +257,12 @@ class CoordinatorState(JobState):
                 why = (f"still restoring its checkpoint after {now - since:.1f}s "
                        f"(cluster.startup_timeout_s {self.cl.startup_timeout_s:g}s); declared dead")
                 return failures.lose(self, now, node, why, "dead", now - since)
+        if self.checkpoints.expired(now):  # (a graceful stop's final one too: the stop then ends without it)
+            self.checkpoints.abandon(now, f"not complete after {self.job.checkpoint.timeout_s:g}s")
         if self.stop_requested is not None and self.phase == Phase.TRAINING:
             return checkpoints.stop_step(self, now)
-        if self.workerless_since is not None and now - self.workerless_since > self.cl.startup_timeout_s:
+        if (self.workerless_since is not None and self.stop_requested is None  # (workers leave a graceful stop)
+                and now - self.workerless_since > self.cl.startup_timeout_s):
             return failures.fail(self, now, "coordinator", f"every worker was lost and none joined within "
                               f"{self.cl.startup_timeout_s:g}s (cluster.startup_timeout_s)", "no_workers")
         if self.reconnecting is not None:
@@ -269,8 +272,6 @@ class CoordinatorState(JobState):
             self.health.update(list(self.nodes.values()), training, now, self.affected)
         if self.phase == Phase.TRAINING and self.server_slots:
             hosting.move_lost_ranks(self, now)
-        if self.checkpoints.expired(now):
-            self.checkpoints.abandon(now, f"not complete after {self.job.checkpoint.timeout_s:g}s")
         # (Not while a server's rank waits for its replacement: that rank could not write its part.)
         if (self.phase == Phase.TRAINING and self.train_started is not None and not self.server_slots
                 and self.checkpoints.due(now, checkpoints.job_steps(self))):
