@@ -420,6 +420,33 @@ def test_a_server_killed_during_a_graceful_stop_ends_it_stopped_and_the_resume_t
     assert resumed["job_examples"] == 30 * 2400
 
 
+@pytest.mark.slow
+def test_ctrl_c_just_after_a_server_died_stops_the_job_promptly_and_the_resume_trains_every_example_once(tmp_path, tiny_data):
+    """The stop lands while the server's replacement starts (or before its loss is seen). Before,
+    the workers never heard where the replacement listens once told to leave, and waited out five
+    30 s pull timeouts each on the dead process: a three-minute "graceful" stop, with three false
+    worker failures."""
+    job = tiny_job(tiny_data, training={"epochs": 30}, checkpoint={"every_steps": 40, "every_s": None})
+    (tmp_path / "a").mkdir()
+    proc, run_dir = start_job(tmp_path / "a", job)
+    try:
+        status = wait_training(run_dir, steps=60)
+        os.kill(next(n["pid"] for n in status["nodes"] if n["name"] == "server-0"), 9)
+        time.sleep(0.5)
+        proc.send_signal(2)
+        started = time.monotonic()
+        out, err = proc.communicate(timeout=150)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0 and time.monotonic() - started < 60, err[-3000:]
+    summary = json.loads(open(os.path.join(run_dir, "summary.json")).read())
+    assert summary["status"] == "stopped", summary.get("error")
+    assert [f["node"] for f in summary["failures"]] == ["server-0"], summary["failures"]  # no worker failed
+    resumed, _ = _resume(tmp_path, job, run_dir)
+    assert resumed["data_shards"]["unfinished"] == 0
+    assert resumed["data_shards"]["completed_per_epoch"] == {str(e): 6 for e in range(30)}
+
+
 def test_ctrl_c_as_the_job_starts_stops_it_once_with_no_coordinator_restart_and_no_resume_promised(tmp_path, tiny_data):
     """The launcher passes a stop on as SIGTERM as soon as the coordinator's address is written:
     the coordinator takes it from then on (a coordinator killed by it would be restarted into the

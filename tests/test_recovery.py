@@ -6,6 +6,7 @@ test_coordinator_state); the end-to-end tests kill a real worker of a `downpour 
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import signal
@@ -292,6 +293,12 @@ def test_a_silent_server_waits_for_a_replacement_that_loads_the_latest_checkpoin
     assert reply["rank"] == 1 and reply["restore"]["name"] == "ckpt-000000000010-0001" and reply["restore"]["full"]
     beat = ok(one(sim.send(WORKERS[1], Op.HEARTBEAT), to=WORKERS[1]))
     assert {"rank": 1, "name": "server-1", "address": "tcp://127.0.0.1:7999", "pid": 9} in beat["servers"] and beat["servers_gen"] == 1
+    # A graceful stop asked for now: the order to leave comes with where the servers are, or a worker
+    # waiting on the dead process would wait out its request timeouts before it could leave.
+    stopping = copy.deepcopy(sim)
+    stopping.state.request_stop(6.6)
+    told = ok(one(stopping.send(WORKERS[2], Op.HEARTBEAT), to=WORKERS[2]))
+    assert told["leave"] and told["servers_gen"] == 1 and told["servers"] == beat["servers"]
     assert failure.recovered_after_s is None  # not before the replacement serves (its first heartbeat)
     sim.now = 7.0
     sim.send("server-1-new", Op.HEARTBEAT, node="server-1")

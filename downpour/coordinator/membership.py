@@ -255,12 +255,14 @@ def heartbeat(st: CoordinatorState, ident: bytes, msg: Message, now: float, node
         ending = st.stop_requested is not None or st.phase in (Phase.EVALUATING, Phase.STOPPING)
         return [Reply(ident, msg.reply({**membership_meta(st), **({"host_ranks": hosts} if hosts else {}),
                                         **replication.assignment(st, node), **({"ending": True} if ending else {})}))]
-    if node.role == "worker" and st.stop_requested is not None and node.state == ALIVE:
-        order = {"leave": "the job is stopping gracefully (final checkpoint)", "leave_at": st.leave_at}
-        return [Reply(ident, msg.reply(order))]
+    meta: dict[str, Any] = {}
     if node.role == "worker" and st.servers_gen:  # a server was replaced: where the servers are now
-        return [Reply(ident, msg.reply({"servers": st.server_addresses(), "servers_gen": st.servers_gen}))]
-    return [Reply(ident, msg.reply({}))]
+        meta = {"servers": st.server_addresses(), "servers_gen": st.servers_gen}
+    if node.role == "worker" and st.stop_requested is not None and node.state == ALIVE:
+        # (With where the servers are: a worker waiting on a replaced server's old process must
+        # reach the new one to settle its last push and leave.)
+        meta.update(leave="the job is stopping gracefully (final checkpoint)", leave_at=st.leave_at)
+    return [Reply(ident, msg.reply(meta))]
 
 
 def restoring(st: CoordinatorState, ident: bytes, msg: Message, now: float, node: Node) -> list[Action]:
