@@ -38,9 +38,12 @@ def make_ctr(n: int, seed: int, num_fields: int = 4, num_dense: int = 3, vocab: 
     return dense, ids, y
 
 
-def tiny_ctr(n_train: int = 4000, n_test: int = 1000, num_fields: int = 4, num_dense: int = 3) -> Dataset:
+def tiny_ctr(n_train: int = 4000, n_test: int = 1000, num_fields: int = 4, num_dense: int = 3,
+             test_label: float | None = None) -> Dataset:
+    """``test_label``: every test example's label is this one (a test split of one class)."""
     train = CTRSplit(*make_ctr(n_train, 1, num_fields, num_dense))
-    test = CTRSplit(*make_ctr(n_test, 2, num_fields, num_dense))
+    dense, ids, y = make_ctr(n_test, 2, num_fields, num_dense)
+    test = CTRSplit(dense, ids, y if test_label is None else np.full_like(y, test_label))
     return Dataset(train, test)
 
 

@@ -156,6 +156,16 @@ def test_a_ctr_job_learns_the_ids_and_spreads_their_rows_over_the_servers(tmp_pa
     assert s["wire"]["push"]["indices"] > 0
 
 
+def test_a_ctr_job_whose_test_split_holds_one_class_ends_ok_with_no_auc_and_says_why(tmp_path):
+    """A small sample of rare clicks can hold no positive: the AUC is undefined, the job is not failed."""
+    spec = _ctr_job(epochs=1)
+    spec["data"]["args"] = {"n_test": 50, "test_label": 0.0}
+    result = LocalLauncher(resolve_job(spec), str(tmp_path / "run")).run()
+    s = result.summary
+    assert s["status"] == "ok" and s.get("test_auc") is None and 0 < s["test_logloss"]
+    assert s["test_auc_undefined"] == "the test split holds one class only (0 positives, 50 negatives): no AUC"
+
+
 def _checkpoint(store, shards, name: str, committed: str | None, full_every: int = 3) -> list[str]:
     """What the servers and the coordinator do for one checkpoint: each shard writes its file,
     then the manifest lists them and the chains they need. Returns the union of the chains."""

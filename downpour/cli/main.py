@@ -130,6 +130,8 @@ def cmd_train(args) -> int:
               + "".join(f"   {k}: {fmt(v)}" for k, v in (s.get("test_metrics") or {}).items()))
         for k, why in (s.get("test_metric_errors") or {}).items():
             print(f"downpour: training.metrics.{k} failed: {why}", file=sys.stderr)
+    if s.get("test_auc") is None and s.get("test_auc_undefined"):
+        print(f"test AUC: n/a ({s['test_auc_undefined']})   test log loss: {s['test_logloss']:.4f}")
     if s.get("test_auc") is not None:
         best = s.get("optimum_auc")
         print(f"test AUC: {s['test_auc']:.4f}" + (f"   (optimum {best:.4f}: gap {best - s['test_auc']:.4f})" if best is not None else "")

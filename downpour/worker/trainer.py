@@ -492,7 +492,14 @@ class Trainer:
                                   "test_loss": total_loss / n if n else None, "test_examples": n}
         if kind == "binary_cross_entropy" and n and other is None:
             y_all, p_all = torch.cat(targets).reshape(-1).numpy(), torch.sigmoid(torch.cat(outs).reshape(-1)).numpy()
-            result["test_auc"] = roc_auc(y_all, p_all)
+            positives = int(y_all.sum())
+            if 0 < positives < len(y_all):
+                result["test_auc"] = roc_auc(y_all, p_all)
+            else:  # undefined on one class (a small sample of rare clicks): the loss still says how the model does
+                result["test_auc"] = None
+                result["test_auc_undefined"] = (f"the test split holds one class only ({positives} positives, "
+                                                f"{len(y_all) - positives} negatives): no AUC")
+                log.warning("%s: %s", self.name, result["test_auc_undefined"])
             result["test_logloss"] = log_loss(y_all, p_all)
             optimum = getattr(self.data, "optimum", None)
             if optimum:
