@@ -118,12 +118,13 @@ def check_restore_points(job: JobConfig) -> None:
     cp = job.checkpoint
     if not cp.resume_from and not job.init_from:
         return
-    from downpour.coordinator.restore import plan_resume, plan_warm_start
+    from downpour.coordinator.restore import plan_resume, plan_warm_start, rules_of
     from downpour.coordinator.service import plan_layout
 
     layout = plan_layout(job)
     if cp.resume_from:
-        kept = (plan_resume(cp.resume_from, layout, job.optimizer.name, announce=False).get("ledger") or {}).get("shard_size")
+        plan = plan_resume(cp.resume_from, layout, job.optimizer.name, announce=False, sparse=rules_of(job, layout))
+        kept = (plan.get("ledger") or {}).get("shard_size")
         if job.data.shard_size is not None and kept is not None and kept != job.data.shard_size:
             log.warning("downpour: data.shard_size %d is not used: a resumed job keeps its checkpoint's shards (%d examples "
                         "each), so that every example is still trained once per epoch", job.data.shard_size, kept)

@@ -276,3 +276,31 @@ def test_a_ctr_job_checkpoints_its_tables_incrementally_and_a_resume_gets_them_b
     assert again["status"] == "ok"
     assert again["test_auc"] == pytest.approx(first["test_auc"], abs=1e-9)
     assert again["test_logloss"] == pytest.approx(first["test_logloss"], abs=1e-7)
+
+
+def test_a_changed_row_optimizer_is_refused_on_resume_and_taken_by_a_warm_start_that_starts_its_state_afresh(tmp_path):
+    """The rows' optimizer state is the checkpoint's on --resume, so another row optimizer is refused
+    before anything starts (before, every server failed to restore it and the job hung for minutes);
+    init_from takes the rows' values only, so it starts any row optimizer from them (before, the
+    servers failed on the checkpoint's state as on a resume)."""
+    from downpour.api import check_data
+
+    job = _ctr_job(epochs=3)
+    job["checkpoint"] = {"enabled": True, "every_s": None}
+    first = LocalLauncher(resolve_job(job), str(tmp_path / "run")).run().summary
+    assert first["status"] == "ok" and first["test_auc"] > 0.75
+    resume = {**job, "checkpoint": {**job["checkpoint"], "resume_from": str(tmp_path / "run")},
+              "sparse": {"optimizer": {"name": "adam", "lr": 0.01}}}
+    with pytest.raises(ConfigError, match=r"another row optimizer \(table 'embedding': 'adagrad' in the checkpoint, 'adam' now"):
+        check_data(resolve_job(resume))
+    # One table only changed: named alone.
+    one = {**resume, "sparse": {"optimizer": {"name": "adagrad", "lr": 0.1}, "tables": {"wide": {"optimizer": {"name": "ftrl"}}}}}
+    with pytest.raises(ConfigError, match=r"\(table 'wide': 'adagrad' in the checkpoint, 'ftrl' now\)"):
+        check_data(resolve_job(one))
+    warm = {**job, "init_from": str(tmp_path / "run"), "training": {**job["training"], "epochs": 1},
+            "sparse": {"optimizer": {"name": "ftrl"}, "tables": {"embedding": {"optimizer": {"name": "sgd", "lr": 0.05}}}}}
+    check_data(resolve_job(warm))
+    s = LocalLauncher(resolve_job(warm), str(tmp_path / "warm")).run().summary
+    assert s["status"] == "ok" and s["test_auc"] > 0.75, s.get("error")
+    assert {srv["sparse"]["tables"]["embedding"]["rows"] for srv in s["servers"].values()} == {
+        srv["sparse"]["tables"]["embedding"]["rows"] for srv in first["servers"].values()}

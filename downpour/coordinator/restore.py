@@ -42,13 +42,39 @@ def _shapes(layout: Layout) -> dict[str, tuple[int, ...]]:
     return {**{p.name: tuple(p.shape) for p in layout.params}, **{f"table {t.name}": (t.dim,) for t in layout.tables}}
 
 
-def plan_resume(where: str, layout: Layout, optimizer: str | None = None, announce: bool = True) -> dict[str, Any]:
+def sparse_rules(job: dict[str, Any], tables: Iterable[str]) -> dict[str, str]:
+    """Each sparse table's row optimizer by name, from a job's dict (``sparse.tables.<name>``, else
+    ``sparse``); tables it does not name are left out."""
+    sparse = job.get("sparse") or {}
+    base = (sparse.get("optimizer") or {}).get("name")
+    out = {}
+    for t in tables:
+        name = ((((sparse.get("tables") or {}).get(t)) or {}).get("optimizer") or {}).get("name") or base
+        if isinstance(name, str):
+            out[t] = name
+    return out
+
+
+def rules_of(job: Any, layout: Layout) -> dict[str, str]:
+    """Each sparse table's row optimizer by name, for a validated job (a JobConfig)."""
+    return {t.name: job.sparse.table(t.name).optimizer.name for t in layout.tables}
+
+
+def plan_resume(where: str, layout: Layout, optimizer: str | None = None, announce: bool = True,
+                sparse: dict[str, str] | None = None) -> dict[str, Any]:
     """What the coordinator continues from: the ledger, the step, and the servers' restore order.
-    ``optimizer`` (the job's update rule) must be the checkpoint's: its state is restored.
-    ``announce``: log it (the coordinator's; not a check made before the start)."""
+    ``optimizer`` (the job's update rule) and ``sparse`` (each table's row optimizer) must be the
+    checkpoint's: their state is restored. ``announce``: log it (the coordinator's; not a check
+    made before the start)."""
     store, manifest, state = latest_checkpoint(where)
     old = Layout.from_dict(state["layout"])
     old_opt = ((state.get("job") or {}).get("optimizer") or {}).get("name")
+    old_rules = sparse_rules(state.get("job") or {}, [t.name for t in old.tables])
+    changed = [f"table {t!r}: {old_rules[t]!r} in the checkpoint, {r!r} now" for t, r in (sparse or {}).items()
+               if t in old_rules and old_rules[t] != r]
+    if changed:
+        raise ConfigError(f"cannot resume from {store.where(manifest.name)}: its sparse tables were trained with another "
+                          f"row optimizer ({'; '.join(changed)}); use init_from to start new optimizer state from its rows")
     shapes, now = _shapes(old), _shapes(layout)
     if not set(shapes) & set(now):  # (the model first: an optimizer's name says nothing of another model)
         raise ConfigError(f"cannot resume from {store.where(manifest.name)}: it is another model's checkpoint, sharing no "

@@ -26,7 +26,7 @@ from downpour.coordinator.history import History
 from downpour.coordinator.keys import key_refusal
 from downpour.coordinator.metrics import coordinator_metrics
 from downpour.coordinator.persist import adopt_state, export_state, open_store
-from downpour.coordinator.restore import plan_resume, plan_warm_start
+from downpour.coordinator.restore import plan_resume, plan_warm_start, rules_of
 from downpour.coordinator.saving import pull_parameters, write_model
 from downpour.coordinator.state import CommitCheckpoint, CoordinatorState, Finish, Reply, SaveModel
 from downpour.data import build_dataset
@@ -131,7 +131,8 @@ class Coordinator:
 
             ex = job.export
             self.exports = ExportThread(Exporter(ex.url, ex.precision, ex.full_every, ex.slice_size, job.data.url), self.checkpoint_url)
-        resume = plan_resume(cp.resume_from, layout, job.optimizer.name) if cp.resume_from and not recover else None
+        resume = (plan_resume(cp.resume_from, layout, job.optimizer.name, sparse=rules_of(job, layout))
+                  if cp.resume_from and not recover else None)
         self.state = CoordinatorState(job, layout, num_train, time.monotonic(), self.checkpoint_url if cp.enabled else None, resume)
         self.state.pid = os.getpid()
         self.store = None

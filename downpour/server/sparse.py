@@ -167,7 +167,10 @@ class SparseShard:
                 if name not in old_dims:
                     continue
                 replay = make_table(self.cfg.table(name), table.dim, self.seed)
-                replay.restore([{k[len(name) + 1 :]: v for k, v in snap.items() if k.startswith(name + "/")} for snap in chain])
+                snaps = [{k[len(name) + 1 :]: v for k, v in snap.items() if k.startswith(name + "/")} for snap in chain]
+                if not full:  # the rows' values only: the checkpoint's optimizer may be another one than this job's
+                    snaps = [_fresh_state(snap, replay) for snap in snaps]
+                replay.restore(snaps)
                 parts.setdefault(name, []).append(self._mine(replay.snapshot(True)))
         rows = 0
         own = self.rank if old.num_servers == self.layout.num_servers else None
@@ -190,6 +193,16 @@ class SparseShard:
             for c in cols:
                 out[c] = snap[c][keep]
         return out
+
+
+def _fresh_state(snap: dict[str, np.ndarray], table: Any) -> dict[str, np.ndarray]:
+    """``snap`` with its rows' optimizer state replaced by ``table``'s rule's fresh state (a warm
+    start takes the values of a checkpoint trained with any row optimizer)."""
+    keys = snap.get("keys")
+    n = len(keys) if isinstance(keys, np.ndarray) else 0
+    out = {k: v for k, v in snap.items() if not k.startswith("state.")}
+    out.update({f"state.{k}": v for k, v in table.rule.allocate(n, table.dim).items()})
+    return out
 
 
 def _concat(parts: list[dict[str, np.ndarray]], own: int | None) -> dict[str, np.ndarray]:
