@@ -269,6 +269,33 @@ def test_a_server_lost_before_writing_its_part_abandons_the_pending_checkpoint_a
     assert [a for a in sim.tick(3.0) if getattr(a, "msg", None) is not None and a.msg.op == Op.CHECKPOINT]
 
 
+def test_ranks_left_with_no_server_process_and_no_replacement_end_the_job_with_why_instead_of_waiting_for_ever():
+    from downpour.coordinator import failures
+
+    sim = Sim()
+    training(sim)
+    sim.state.checkpoints.committed.append({"name": "ckpt-000000000010-0001", "step": 10, "write_s": 0.1, "final": False})
+    for s in SERVERS:  # every server process gone; the launcher starts none (restarts used up, or none can start)
+        failures.lose(sim.state, 1.0, sim.state.nodes[s], "killed", "dead")
+    assert sim.state.phase == "training" and sorted(sim.state.server_slots) == [0, 1]
+    cl = sim.state.cl
+    limit = cl.server_replace_timeout_s + cl.startup_timeout_s
+    for w in WORKERS:
+        sim.send(w, Op.HEARTBEAT)
+    sim.now = 1.0 + limit - 0.5
+    for w in WORKERS:
+        sim.send(w, Op.HEARTBEAT)
+    sim.tick(sim.now)
+    assert sim.state.phase == "training"  # a replacement may still come
+    sim.now = 1.0 + limit + 0.5
+    for w in WORKERS:
+        sim.send(w, Op.HEARTBEAT)
+    sim.tick(sim.now)
+    assert sim.state.phase == "failed"
+    assert "no server process is left and no replacement registered" in sim.state.error
+    assert "rank(s) [0, 1]" in sim.state.error and "--resume continues from checkpoint ckpt-000000000010-0001" in sim.state.error
+
+
 def test_a_silent_server_waits_for_a_replacement_that_loads_the_latest_checkpoint():
     sim = Sim()
     training(sim)

@@ -115,6 +115,31 @@ def test_primaries_killed_again_and_again_lose_no_update(tmp_path, tiny_data):
     assert summary["test_accuracy"] > 0.5
 
 
+def test_when_the_last_server_process_dies_a_replacement_loads_the_latest_checkpoint_and_the_job_goes_on(tmp_path, tiny_data):
+    """With backups, a dead server's ranks fail over to another process and the launcher starts no
+    replacement; once the last server process dies, no backup is left anywhere. Before, the job then
+    waited for ever; now the launcher starts a replacement, which loads the latest checkpoint."""
+    job = tiny_job(tiny_data, training={"epochs": 30}, monitor=QUIET,
+                   checkpoint={"every_steps": 40, "every_s": None},
+                   cluster={"num_servers": 2, "num_workers": 2, "replicas": 1, "heartbeat_timeout_s": 1.5,
+                            "server_replace_timeout_s": 2.0})
+    proc, run_dir = start_job(tmp_path, job)
+    killed: list = []
+    try:
+        wait_training(run_dir, steps=3)
+        _kill_primaries(run_dir, 1, 1, killed)  # rank 1 fails over into server-0's process
+        last = next(n for n in query_status(run_dir)["nodes"] if n["role"] == "server" and n["state"] == "alive")
+        os.kill(last["pid"], signal.SIGKILL)
+        summary = _summary(proc, run_dir)
+    finally:
+        stop_job(proc)
+    assert summary["status"] == "ok", summary.get("error")
+    restored = [f for f in summary["failures"] if f.get("restored_from")]
+    assert restored and all(f["recovered_after_s"] is not None for f in restored), summary["failures"]
+    _every_shard_once(summary, 30)
+    assert summary["test_accuracy"] > 0.5
+
+
 def test_the_ctr_job_loses_no_update_of_its_tables_when_primaries_are_killed(tmp_path):
     """The CTR job (sparse tables with Adagrad rows, pulled a batch ahead): rank 1's primary killed
     twice, the second time the promoted one. Every row update a worker pushed is applied once, as

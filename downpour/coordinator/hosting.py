@@ -112,3 +112,21 @@ def move_lost_ranks(st: CoordinatorState, now: float) -> None:
         st.hosting[rank] = first[proc].name
         log.warning("coordinator: no replacement for server-%d after %.0fs; %s takes over its keys from checkpoint %s",
                     rank, now - at, first[proc].name, record.restored_from)
+
+
+def stranded(st: CoordinatorState, now: float) -> str | None:
+    """Why the job cannot go on when a rank has waited for a server longer than
+    ``cluster.server_replace_timeout_s`` plus ``cluster.startup_timeout_s`` while no server process
+    is alive to take it over and no replacement registered (every server process gone, none
+    started, or none able to start); else None."""
+    if st.nodes_of("server", (ALIVE,)):
+        return None
+    waited = [(rank, at) for rank, (at, _) in st.server_slots.items()]
+    limit = st.cl.server_replace_timeout_s + st.cl.startup_timeout_s
+    late = sorted(rank for rank, at in waited if now - at > limit)
+    if not late:
+        return None
+    point = (restore_point(st) or {}).get("name")
+    return (f"no server process is left and no replacement registered within {limit:g}s (cluster.server_replace_timeout_s + "
+            f"cluster.startup_timeout_s) for rank(s) {late}" + (f"; --resume continues from checkpoint {point}" if point else ""))
+

@@ -272,6 +272,9 @@ class CoordinatorState(JobState):
             self.health.update(list(self.nodes.values()), training, now, self.affected)
         if self.phase == Phase.TRAINING and self.server_slots:
             hosting.move_lost_ranks(self, now)
+            why = hosting.stranded(self, now)
+            if why is not None:
+                return failures.fail(self, now, "coordinator", why, "no_servers")
         # (Not while a server's rank waits for its replacement: that rank could not write its part.)
         if (self.phase == Phase.TRAINING and self.train_started is not None and not self.server_slots
                 and self.checkpoints.due(now, checkpoints.job_steps(self))):

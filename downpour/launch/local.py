@@ -312,9 +312,12 @@ class LocalLauncher:
             if cl.on_server_failure != "recover" or not (self.job.checkpoint.enabled or cl.replicas):
                 return False
             p.replaced = True
-            if cl.replicas:  # the coordinator promotes a backup of each rank it served, on the other processes
+            survivors = [q for q in self.procs if q.name.startswith("server-") and q.exit_code is None]
+            if cl.replicas and survivors:  # the coordinator promotes a backup of each rank it served, on the other processes
                 log.warning("%s; its ranks fail over to their backups (cluster.replicas=%d)", p.describe_exit(), cl.replicas)
                 return True
+            if cl.replicas:  # no process is left to hold a backup: a replacement loads the latest checkpoint
+                log.warning("%s, the last server process: no backup is left to fail over to", p.describe_exit())
             if self.server_restarts >= cl.server_restarts:
                 log.warning("%s; no server restarts left (cluster.server_restarts=%d): a surviving server takes over its "
                             "keys after cluster.server_replace_timeout_s=%gs", p.describe_exit(), cl.server_restarts,
