@@ -247,6 +247,29 @@ def test_a_worker_whose_process_exited_is_declared_dead_at_once_and_nobody_waits
     assert take(sim, WORKERS[0])["shard"] == shard["shard"]  # its shard, back at the front of the queue
 
 
+def test_a_server_whose_process_exits_after_training_is_seen_at_once_and_the_failure_says_to_resume():
+    """During the evaluation (or while the model is saved) a dead server leaves the trained
+    parameters incomplete: seen from its pid at once (before, only after the heartbeat timeout,
+    while the evaluation's and the model's pulls waited), and the job's error says how to get the
+    model: --resume from the end of training's checkpoint."""
+    sim = Sim()
+    running = started_with_pids(sim)
+    while (shard := one(sim.send(WORKERS[0], Op.NEXT_SHARD)).msg.meta["shard"]) is not None:
+        sim.send(WORKERS[0], Op.SHARD_DONE, epoch=shard["epoch"], shard=shard["shard"], examples=shard["stop"] - shard["start"])
+    for w in WORKERS:
+        sim.send(w, Op.WORKER_DONE, stats={"examples": 10, "steps": 1})
+    assert sim.state.phase == "evaluating"
+    sim.state.checkpoints.committed.append({"name": "ckpt-000000000090-0004", "step": 90, "write_s": 0.1, "final": True})
+    running[200] = False  # a worker's exit is not looked at after training (it may have ended)
+    running[101] = False
+    sim.tick(1.0 + EXIT_CHECK_S)
+    assert sim.state.phase == "failed" and sim.state.failed_node == "server-1"
+    [failure] = sim.state.failures
+    assert failure.detected_after_s < 1.5 and "exited" in failure.reason
+    assert ("--resume continues from checkpoint ckpt-000000000090-0004, the end of training's: it trains nothing more, "
+            "evaluates and writes model.pt") in sim.state.error
+
+
 def test_a_server_lost_before_writing_its_part_abandons_the_pending_checkpoint_and_none_begins_until_it_serves():
     sim = Sim()
     sim.state = CoordinatorState(JOB, LAYOUT, NUM_TRAIN, 0.0, checkpoint_url="memory://lost-server")

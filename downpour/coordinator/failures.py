@@ -48,9 +48,13 @@ def exited(st: CoordinatorState, watched: list[Node], now: float) -> list[Node]:
     happens to name a pid of this one is never judged by it): a live node is never declared dead
     because of this check, a pid reused by another process only delays detection to the heartbeat
     timeout. Nodes of other machines are left to the heartbeat timeout. At most every
-    ``EXIT_CHECK_S`` (a look at /proc per node)."""
-    if st.phase != Phase.TRAINING or now < st.exits_checked_at + EXIT_CHECK_S:
+    ``EXIT_CHECK_S`` (a look at /proc per node). After training (the evaluation, saving the model)
+    servers only, and not those told to stop: the model is saved from them."""
+    if st.phase not in (Phase.TRAINING, Phase.EVALUATING, Phase.STOPPING) or now < st.exits_checked_at + EXIT_CHECK_S:
         return []
+    if st.phase != Phase.TRAINING:  # (a process that was told to stop may serve another rank too: not that one either)
+        told = {(st.nodes[n].host, st.nodes[n].pid) for n in st.stop_told if n in st.nodes}
+        watched = [n for n in watched if n.role == "server" and n.name not in st.stop_told and (n.host, n.pid) not in told]
     st.exits_checked_at = now
     out = []
     for n in watched:
@@ -89,6 +93,12 @@ def lose(st: CoordinatorState, now: float, node: Node, reason: str, kind: str, d
         if hosting.restore_point(st) is not None:
             return server_lost(st, now, node, reason, kind, detected_after_s)
         reason += " (no checkpoint committed yet to restart it from)"
+    if node.role == "server" and st.phase in (Phase.EVALUATING, Phase.STOPPING) and st.checkpoints.committed:
+        last = st.checkpoints.committed[-1]
+        reason += (f"; training was over, but without it the trained parameters are not whole, so model.pt is not written: "
+                   f"--resume continues from checkpoint {last['name']}" + (
+                       ", the end of training's: it trains nothing more, evaluates and writes model.pt" if last.get("final")
+                       else f" (step {last.get('step')})"))
     node.state = DEAD
     return fail(st, now, node.name, reason, kind, detected_after_s)
 
