@@ -43,7 +43,7 @@ demo: setup data
 CTR_DATA ?= data/criteo
 CTR_ROWS ?= 3000000
 ctr: setup
-	@if [ ! -f $(CTR_DATA)/criteo.json ]; then $(VENV)/bin/downpour datagen criteo --rows $(CTR_ROWS) --out $(CTR_DATA); fi
+	@if [ ! -f $(CTR_DATA)/criteo.json ]; then $(VENV)/bin/downpour datagen criteo --rows $(CTR_ROWS) --out $(CTR_DATA) --overwrite; fi
 	$(VENV)/bin/downpour train examples/ctr.yaml --set data.path=$(CTR_DATA)
 
 # Online learning (docs/online.md): stream -> training -> export -> serving, for ONLINE_S seconds.

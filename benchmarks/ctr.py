@@ -210,7 +210,7 @@ def main() -> int:
     data = os.path.join(args.data, f"criteo-{args.rows}-{args.seed}")
     if not os.path.exists(os.path.join(data, "criteo.json")):
         t0 = time.perf_counter()
-        generate(CriteoSpec(rows=args.rows, seed=args.seed), data)
+        generate(CriteoSpec(rows=args.rows, seed=args.seed), data, overwrite=True)
         print(f"generated {args.rows:,} rows in {time.perf_counter() - t0:.0f}s under {data}", flush=True)
     import yaml
 

@@ -168,7 +168,7 @@ def _ctr_data(rows: int) -> str:
 
     data = os.path.join(_ROOT, "data", f"criteo-{rows}-0")
     if not os.path.exists(os.path.join(data, "criteo.json")):
-        generate(CriteoSpec(rows=rows, seed=0), data)
+        generate(CriteoSpec(rows=rows, seed=0), data, overwrite=True)
     return data
 
 

@@ -65,7 +65,7 @@ def ctr_data(rows: int, seed: int, folder: str) -> str:
     path = os.path.join(folder, f"criteo-{rows}-{seed}")
     if not os.path.exists(os.path.join(path, "criteo.json")):
         t0 = time.perf_counter()
-        generate(CriteoSpec(rows=rows, seed=seed), path)
+        generate(CriteoSpec(rows=rows, seed=seed), path, overwrite=True)
         log(f"generated {rows:,} rows in {time.perf_counter() - t0:.0f}s under {path}")
     return path
 

@@ -402,7 +402,7 @@ def calibrate_ctr(args: argparse.Namespace, costs: Costs) -> tuple[Workload, dic
 
     data = os.path.join(args.data, f"criteo-{args.ctr_rows}-0")
     if not os.path.exists(os.path.join(data, "criteo.json")):
-        generate(CriteoSpec(rows=args.ctr_rows, seed=0), data)
+        generate(CriteoSpec(rows=args.ctr_rows, seed=0), data, overwrite=True)
     job = load_job(CTR_JOB, [f"data.path={data}"])
     margs = job.model.args
     ds = load_criteo_dataset(data)

@@ -378,6 +378,23 @@ def test_downpour_datagen_criteo_writes_the_files(tmp_path, capsys):
     assert len(load_criteo_dataset(out, cache=False).test) == 500
 
 
+def test_datagen_into_a_folder_holding_a_data_set_is_refused_unless_overwrite_removes_its_files(tmp_path, capsys):
+    """Files of the old data set left beside the new one (more files, another size) would be read
+    with it: a mixed data set scored against the new one's optimum."""
+    out = str(tmp_path / "data")
+    assert main(["datagen", "criteo", "--rows", "2e3", "--out", out, "--files", "3"]) == 0
+    capsys.readouterr()
+    assert main(["datagen", "criteo", "--rows", "1e3", "--out", out, "--files", "2"]) == 2
+    assert "already holds a data set (criteo.json, test-00000.tsv" in capsys.readouterr().err
+    assert len(load_criteo_dataset(out, cache=False).train) == 1800  # left as it was
+    assert main(["datagen", "criteo", "--rows", "1e3", "--out", out, "--files", "2", "--overwrite"]) == 0
+    assert "train-00002.tsv" not in os.listdir(out) and "test-00002.tsv" not in os.listdir(out)
+    assert len(load_criteo_dataset(out, cache=False).train) == 900
+    (tmp_path / "file").write_text("x")
+    assert main(["datagen", "criteo", "--rows", "1e3", "--out", str(tmp_path / "file" / "sub")]) == 2
+    assert "cannot write to" in capsys.readouterr().err
+
+
 def test_downpour_datagen_refuses_bad_settings(tmp_path, capsys):
     assert main(["datagen", "criteo", "--rows", "1", "--out", str(tmp_path)]) == 2
     assert "rows" in capsys.readouterr().err

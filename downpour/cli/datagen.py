@@ -10,6 +10,7 @@ optimum test AUC and log loss, the generator's parameters); see docs/ctr-data.md
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 
 
@@ -43,6 +44,7 @@ def add_datagen_parser(sub) -> None:
     c.add_argument("--test-fraction", type=float, help="share of the rows in the test split (default 0.1)")
     c.add_argument("--files", type=int, help="files per split (default 4)")
     c.add_argument("--ctr", type=float, help="mean click rate (default 0.25)")
+    c.add_argument("--overwrite", action="store_true", help="--out holds a data set already: remove its files first")
     c.set_defaults(fn=cmd_datagen_criteo)
 
 
@@ -57,7 +59,11 @@ def cmd_datagen_criteo(args) -> int:
     given = {"rows": args.rows, "seed": args.seed, "test_fraction": args.test_fraction, "files": args.files, "ctr": args.ctr}
     spec = CriteoSpec(**{k: v for k, v in given.items() if v is not None})
     start = time.monotonic()
-    meta = generate(spec, args.out)
+    try:
+        meta = generate(spec, args.out, overwrite=args.overwrite)
+    except OSError as err:
+        print(f"downpour datagen criteo: cannot write to {args.out}: {err}", file=sys.stderr)
+        return 2
     opt = meta["optimum"]
     print(
         f"wrote {meta['rows']['train']:,} training and {meta['rows']['test']:,} test rows to {args.out} "

@@ -38,6 +38,7 @@ import functools
 import json
 import logging
 import math
+import re
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -50,7 +51,7 @@ import numpy as np
 from downpour.data.criteo import META_FILE, TRUTH_FILE
 from downpour.data.criteo_format import NUM_CAT, NUM_INT, format_lines
 from downpour.data.scoring import log_loss, roc_auc
-from downpour.errors import ConfigError
+from downpour.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 
@@ -387,12 +388,28 @@ def split_files(spec: CriteoSpec) -> list[tuple[str, int, int]]:
     return out
 
 
-def generate(spec: CriteoSpec, out: str, threads: int = 2) -> dict:
+def _data_files(fs, root: str) -> list[str]:
+    """The files of a data set already under ``root`` (this generator's, or any Criteo-format one)."""
+    if not fs.isdir(root):
+        return []
+    names = [p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(root, detail=False)]
+    return sorted(n for n in names if n in (META_FILE, TRUTH_FILE) or re.fullmatch(r"(train|test)-.*\.tsv(\.gz)?", n))
+
+
+def generate(spec: CriteoSpec, out: str, threads: int = 2, overwrite: bool = False) -> dict:
     """Write the data set under ``out`` (a folder or any fsspec URL); return the metadata
     also written to ``out/criteo.json`` (counts, click rates, the optimum, the parameters).
     ``threads`` chunks are drawn and formatted at a time (numpy releases the GIL in its
-    large operations); the files are written in order by the calling thread."""
+    large operations); the files are written in order by the calling thread. A folder that
+    holds a data set already is refused (its files left would be read with the new ones), unless
+    ``overwrite``: then that data set's files are removed first."""
     fs, root = fsspec.core.url_to_fs(out)
+    old = _data_files(fs, root)
+    if old and not overwrite:
+        raise DataError(f"{out} already holds a data set ({', '.join(old[:4])}{' ...' if len(old) > 4 else ''}): a reader "
+                        "would take its files with the new ones; write to an empty folder, or give --overwrite to remove them first")
+    for name in old:
+        fs.rm(f"{root}/{name}")
     fs.makedirs(root, exist_ok=True)
     bias = solve_bias(spec)
     n_train = spec.rows - spec.num_test
