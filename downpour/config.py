@@ -943,9 +943,11 @@ def load_job(path: str | Path, overrides: list[str] | None = None) -> JobConfig:
     """Read a YAML job file, apply ``--set`` overrides, validate."""
     p = Path(path)
     try:
-        text = p.read_text()
+        text = p.read_text(encoding="utf-8")
     except OSError as err:
         raise ConfigError(f"cannot read job file {p}: {err.strerror}") from None
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"job file {p} is not UTF-8 text (byte {err.start}): a YAML job file is expected") from None
     raw = parse_yaml(text, str(p))
     if raw is None:
         raise ConfigError(f"job file {p} is empty")

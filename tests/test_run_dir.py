@@ -64,6 +64,42 @@ def test_status_of_a_run_folder_that_is_not_there_says_so(tmp_path):
             cmd_status(args)
 
 
+def test_status_of_a_broken_summary_a_summary_named_and_a_job_stopped_at_once_says_what_it_is(tmp_path, capsys):
+    import argparse
+
+    from downpour.cli.main import main
+    from downpour.cli.status import cmd_status
+
+    def status(target):
+        return cmd_status(argparse.Namespace(target=str(target), keys=None, json=True, insecure=False))
+
+    run = tmp_path / "run"
+    run.mkdir()
+    for text in ("{not json", "{}", "[1, 2]", "\udcff"):
+        (run / "summary.json").write_text(text, errors="surrogateescape")
+        with pytest.raises(ConfigError, match="summary.json (cannot be read as|is not) a job summary"):
+            status(run)
+    (run / "summary.json").write_text('{"status": "ok", "job": "j"}')
+    assert status(run / "summary.json") == 0 and '"status": "ok"' in capsys.readouterr().out  # the file itself, named
+    stopped = tmp_path / "stopped"  # hard-stopped: its coordinator's address left, nobody answering there
+    stopped.mkdir()
+    (stopped / "coordinator.addr").write_text("tcp://127.0.0.1:9")
+    with pytest.raises(ConfigError, match=r"the job is not running and wrote no summary.json .* --resume"):
+        status(stopped)
+    with pytest.raises(SystemExit) as stop:  # argparse's own refusal
+        main(["--log-level", "NOPE", "status", str(run)])
+    assert stop.value.code == 2 and "invalid choice: 'NOPE'" in capsys.readouterr().err
+
+
+def test_a_job_file_that_is_not_text_is_a_one_line_error(tmp_path):
+    from downpour.config import load_job
+
+    path = tmp_path / "job.yaml"
+    path.write_bytes(b"\x89PNG\r\n\x1a\n\x00\xff")
+    with pytest.raises(ConfigError, match=r"job file .*job.yaml is not UTF-8 text"):
+        load_job(path)
+
+
 def _committed(where) -> None:
     from downpour.storage import CheckpointStore
     from tests.checkpoint_helpers import commit_checkpoint

@@ -352,7 +352,7 @@ def cmd_node(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="downpour", description="Downpour parameter-server training")
-    p.add_argument("--log-level", default="INFO")
+    p.add_argument("--log-level", default="INFO", type=str.upper, choices=["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"])
     sub = p.add_subparsers(dest="command", required=True)
 
     env = os.environ.get

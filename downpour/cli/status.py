@@ -14,7 +14,7 @@ from rich.table import Table
 from rich.text import Text
 
 from downpour.cli.common import coordinator_url, node_security
-from downpour.errors import ConfigError
+from downpour.errors import ConfigError, DownpourError
 
 _STATE_STYLE = {"alive": "green", "done": "cyan", "finished": "dim", "dead": "bold red"}
 
@@ -138,6 +138,9 @@ def show(renderable: Group, title: str) -> None:
 def cmd_status(args) -> int:
     """``downpour status TARGET``: the summary of a finished run folder, else the live STATUS of its coordinator."""
     target, dashboard = args.target, None
+    run_dir = None
+    if os.path.isfile(target) and os.path.basename(target) == "summary.json":  # the run folder's summary, named
+        target = os.path.dirname(target) or "."
     if os.path.isdir(target) and not args.keys and os.path.isdir(os.path.join(target, "keys")):
         args.keys = os.path.join(target, "keys")
     if os.path.isdir(target):
@@ -145,8 +148,13 @@ def cmd_status(args) -> int:
         addr_path = os.path.join(target, "coordinator.addr")
         url_path = os.path.join(target, "dashboard.url")
         if os.path.exists(path):
-            with open(path) as f:
-                summary = json.load(f)
+            try:
+                with open(path, encoding="utf-8") as f:
+                    summary = json.load(f)
+            except (OSError, ValueError) as err:  # (UnicodeDecodeError is a ValueError)
+                raise ConfigError(f"{path} cannot be read as a job summary: {err}") from None
+            if not isinstance(summary, dict) or "status" not in summary:
+                raise ConfigError(f"{path} is not a job summary (no status in it)")
             if args.json:
                 print(json.dumps(summary, indent=2))
             else:
@@ -155,7 +163,7 @@ def cmd_status(args) -> int:
         if not os.path.exists(addr_path):
             raise ConfigError(f"{target} holds neither summary.json nor coordinator.addr")
         with open(addr_path) as f:
-            target = f.read().strip()
+            run_dir, target = target, f.read().strip()
         if os.path.exists(url_path):
             with open(url_path) as f:
                 dashboard = f.read().strip()
@@ -172,6 +180,12 @@ def cmd_status(args) -> int:
     try:
         rpc.connect("coordinator", url, role="coordinator")
         status = rpc.call("coordinator", Message(Op.STATUS)).meta
+    except DownpourError as err:
+        if run_dir is None:
+            raise
+        raise ConfigError(f"{run_dir}: the job is not running and wrote no summary.json (its coordinator at {target} does not "
+                          f"answer: {err}); it was stopped at once or its machine went down: `downpour train JOB --resume "
+                          f"{run_dir}` continues from its latest checkpoint") from None
     finally:
         rpc.close()
         ctx.destroy(linger=0)
