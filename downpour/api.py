@@ -20,6 +20,7 @@ run, whose top level must then sit under ``if __name__ == "__main__":``), or
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shlex
@@ -31,7 +32,7 @@ from typing import Any
 
 from downpour.config import JobConfig, apply_overrides, job_to_dict, load_job, parse_job
 from downpour.data import build_dataset
-from downpour.errors import ConfigError, DownpourError
+from downpour.errors import ConfigError, DataError, DownpourError
 from downpour.imports import object_path
 from downpour.server.scaling import check_hyperparameters
 
@@ -103,13 +104,34 @@ def check_data(job: JobConfig) -> None:
 
     check_extensions(job)
     try:
-        plan_layout(job)  # the model builds, and each of its buffers can be sent (a complex one cannot)
+        layout = plan_layout(job)  # the model builds, and each of its buffers can be sent (a complex one cannot)
     except DownpourError:
         raise
     except Exception as err:  # noqa: BLE001 - the user's factory: whatever it raises, said in one line
         raise ConfigError(f"model: building it failed: {type(err).__name__}: {err}") from None
-    check_hyperparameters(job, len(build_dataset(job.data).train))
-    check_restore_points(job)
+    unknown = sorted(set(job.sparse.tables) - {t.name for t in layout.tables})
+    if unknown:  # (a misspelt table's settings would apply to nothing, silently)
+        have = ", ".join(t.name for t in layout.tables) or "none"
+        raise ConfigError(f"sparse.tables: {', '.join(map(repr, unknown))} is no table of the model (its sparse tables: {have})")
+    d = job.data
+    with _one_line(f"data: loading it with {d.factory} failed" if d.factory else f"data: cannot read {d.url or d.path}"):
+        train = len(build_dataset(job.data).train)
+    check_hyperparameters(job, train)
+    cp = job.checkpoint
+    with _one_line(f"cannot read the checkpoint at {cp.resume_from or job.init_from}"):
+        check_restore_points(job)
+
+
+@contextlib.contextmanager
+def _one_line(what: str) -> Iterator[None]:
+    """Storage that fails (an S3 endpoint down, wrong credentials, a user's data factory raising)
+    as a one-line DataError, ``what: Type: message``, before anything starts."""
+    try:
+        yield
+    except DownpourError:
+        raise
+    except Exception as err:  # noqa: BLE001 - fsspec back ends raise their own types (botocore's, say)
+        raise DataError(f"{what}: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}") from None
 
 
 def check_restore_points(job: JobConfig) -> None:

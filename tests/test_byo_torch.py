@@ -234,6 +234,26 @@ def test_an_empty_training_split_is_a_clear_error_before_anything_starts(tmp_pat
         check_data(resolve_job({"model": {"name": "mlp", "args": {"hidden": [8]}}, "data": {"path": str(tmp_path)}}))
 
 
+def test_storage_or_a_data_factory_failing_before_the_start_is_a_one_line_data_error(monkeypatch, tmp_path):
+    """An S3 endpoint down or wrong credentials surface as the back end's own exception types
+    (botocore's EndpointConnectionError is no OSError): said in one line, not as three tracebacks."""
+    import downpour.api as api
+
+    class EndpointConnectionError(Exception):
+        pass
+
+    def down(_):
+        raise EndpointConnectionError('Could not connect to the endpoint URL: "http://127.0.0.1:9/ctr-data"\nmore')
+
+    monkeypatch.setattr(api, "build_dataset", down)
+    with pytest.raises(DataError, match=r"^data: cannot read s3://ctr-data/criteo: EndpointConnectionError: Could not connect to "
+                                        r"the endpoint URL: \"http://127.0.0.1:9/ctr-data\"$"):
+        check_data(resolve_job({"model": {"name": "mlp", "args": {"hidden": [8]}}, "data": {"path": "s3://ctr-data/criteo"}}))
+    monkeypatch.setattr(api, "build_dataset", lambda _: (_ for _ in ()).throw(RuntimeError("boom")))
+    with pytest.raises(DataError, match=r"^data: loading it with tests.byo_factories:image_splits failed: RuntimeError: boom$"):
+        check_data(resolve_job(byo_job(data={"factory": "tests.byo_factories:image_splits"})))
+
+
 def test_a_model_factory_that_does_not_import_is_refused_before_anything_starts():
     with pytest.raises(ConfigError, match="model.factory"):
         check_data(resolve_job(byo_job(model={"factory": "tests.byo_factories:no_such_model"})))

@@ -304,3 +304,12 @@ def test_a_changed_row_optimizer_is_refused_on_resume_and_taken_by_a_warm_start_
     assert s["status"] == "ok" and s["test_auc"] > 0.75, s.get("error")
     assert {srv["sparse"]["tables"]["embedding"]["rows"] for srv in s["servers"].values()} == {
         srv["sparse"]["tables"]["embedding"]["rows"] for srv in first["servers"].values()}
+
+
+def test_settings_for_a_sparse_table_the_model_does_not_have_are_refused_naming_the_tables_it_has():
+    from downpour.api import check_data
+
+    job = _ctr_job()
+    job["sparse"] = {"tables": {"embeding": {"init_scale": 1.0}}}
+    with pytest.raises(ConfigError, match=r"sparse.tables: 'embeding' is no table of the model \(its sparse tables: "):
+        check_data(resolve_job(job))
