@@ -167,6 +167,11 @@ def advisories(job: JobConfig) -> list[str]:
         if push.codec in _LOSSY and not push.error_feedback and push.dgc is None:
             out.append(f"{where}: codec {push.codec} without error_feedback drops what it does not send for good "
                        "(docs/compression.md); set error_feedback: true")
+    t = job.training
+    moved = t.staleness_bound != type(t).model_fields["staleness_bound"].default  # (set: a job's dict sets every field)
+    if moved and t.consistency != "ssp" and not t.consistency_groups:
+        out.append(f"training.staleness_bound {t.staleness_bound} applies to consistency ssp only; this job is "
+                   f"{t.consistency}, so it is not used (set consistency: ssp to bound staleness)")
     patterns = [(f"compression.groups[{i}].params", g.params) for i, g in enumerate(comp.groups)]
     patterns += [(f"training.consistency_groups[{i}].params", g.params) for i, g in enumerate(job.training.consistency_groups)]
     if patterns:

@@ -33,3 +33,12 @@ def test_a_pattern_that_matches_no_parameter_is_named_with_the_models_parameters
     assert found == ["compression.groups[0].params: 'nomatch*' matches no parameter of the model (1.weight, 1.bias, 4.weight, 4.bias)",
                      "training.consistency_groups[0].params: '4.wieght' matches no parameter of the model "
                      "(1.weight, 1.bias, 4.weight, 4.bias)"]
+
+
+def test_a_staleness_bound_set_for_a_job_that_is_not_ssp_is_said_to_be_unused():
+    assert advisories(job(training={"consistency": "async", "staleness_bound": 1})) == [
+        "training.staleness_bound 1 applies to consistency ssp only; this job is async, so it is not used "
+        "(set consistency: ssp to bound staleness)"]
+    assert advisories(job(training={"consistency": "ssp", "staleness_bound": 1})) == []
+    assert advisories(job(training={"consistency": "sync"})) == []  # (the default bound: not set)
+

@@ -235,3 +235,12 @@ def test_a_gzipped_idx_file_cut_short_is_refused_when_its_header_is_read(tmp_pat
     raw = idx_bytes(np.ones((50, 3), dtype=np.uint8))
     two.write_bytes(gzip.compress(raw[:20]) + gzip.compress(raw[20:]))
     assert read_idx_header(str(two))[1] == (50, 3)
+
+
+def test_an_idx_data_path_that_is_a_file_says_so(tmp_path):
+    from downpour.data.idx import find_idx_files
+
+    path = tmp_path / "train-images-idx3-ubyte"
+    path.write_bytes(b"\0")
+    with pytest.raises(DataError, match=r"\(a file, not a folder of IDX files\)"):
+        find_idx_files(str(path))

@@ -292,6 +292,15 @@ def test_a_server_lost_before_writing_its_part_abandons_the_pending_checkpoint_a
     assert [a for a in sim.tick(3.0) if getattr(a, "msg", None) is not None and a.msg.op == Op.CHECKPOINT]
 
 
+def test_a_server_lost_in_a_job_without_checkpoints_says_that_checkpoints_are_off():
+    from downpour.coordinator import failures
+
+    sim = Sim()  # (no checkpoint url: checkpoints off)
+    training(sim)
+    failures.lose(sim.state, 1.0, sim.state.nodes[SERVERS[1]], "killed", "dead")
+    assert sim.state.phase == "failed" and "checkpoint.enabled is false" in sim.state.error
+
+
 def test_ranks_left_with_no_server_process_and_no_replacement_end_the_job_with_why_instead_of_waiting_for_ever():
     from downpour.coordinator import failures
 

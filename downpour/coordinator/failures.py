@@ -92,7 +92,8 @@ def lose(st: CoordinatorState, now: float, node: Node, reason: str, kind: str, d
                 return promoted
         if hosting.restore_point(st) is not None:
             return server_lost(st, now, node, reason, kind, detected_after_s)
-        reason += " (no checkpoint committed yet to restart it from)"
+        reason += (" (no checkpoint committed yet to restart it from)" if st.checkpoints.enabled else
+                   " (checkpoint.enabled is false: there is no checkpoint to restart a server from)")
     if node.role == "server" and st.phase in (Phase.EVALUATING, Phase.STOPPING) and st.checkpoints.committed:
         last = st.checkpoints.committed[-1]
         reason += (f"; training was over, but without it the trained parameters are not whole, so model.pt is not written: "

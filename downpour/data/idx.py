@@ -147,7 +147,8 @@ def find_idx_files(folder: str) -> dict[str, str]:
         else:
             missing.append(base)
     if missing:
-        where = folder if os.path.isdir(folder) else f"{folder} (no such folder)"
+        where = (folder if os.path.isdir(folder) else f"{folder} (a file, not a folder of IDX files)" if os.path.exists(folder)
+                 else f"{folder} (no such folder)")
         raise DataError(f"training data not found in {where}: missing {', '.join(missing)}[.gz]. To get it: {HOW_TO_GET}")
     return found
 
