@@ -298,6 +298,8 @@ def test_a_gracefully_stopped_async_job_resumes_and_trains_every_shard_exactly_o
     (tmp_path / "a").mkdir()
     stopped, summary, _ = _stop_gracefully(tmp_path / "a", job)
     assert summary["status"] == "stopped" and summary["data_shards"]["unfinished"] > 0
+    left = summary["data_shards"]["remaining"]  # every shard of the job not completed: what the resume completes
+    assert left == 30 * 6 - sum(summary["data_shards"]["completed_per_epoch"].values()) and left >= summary["data_shards"]["unfinished"]
     last = _committed(stopped)[-1]
     manifest = json.loads(open(os.path.join(stopped, "checkpoints", last, "manifest.json")).read())
     assert manifest["job"]["final"] is True and summary["checkpoints"]["last"] == last

@@ -509,7 +509,7 @@ def _killed_worker_run(tmp_path, tiny_data, consistency: str = "async", sig: int
 
 def _every_shard_once(summary: dict, epochs: int = EPOCHS) -> None:
     shards = summary["data_shards"]
-    assert shards["unfinished"] == 0
+    assert shards["unfinished"] == 0 and shards["remaining"] == 0
     assert shards["completed_per_epoch"] == {str(e): shards["num_shards"] for e in range(epochs)}
 
 

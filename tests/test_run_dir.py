@@ -145,6 +145,13 @@ def test_status_of_a_finished_run_shows_its_auc_metrics_and_checkpoints():
     text = console.export_text()
     assert "test AUC 0.7548" in text and "top2 0.9100" in text
     assert "checkpoints 0 committed (last -), 2 abandoned; s3://b/ck" in text and "cannot be resumed" in text
+    resumed = {**summary, "resumed_from": "/runs/a/checkpoints/ckpt-000000000040-0002", "job_examples": 160,
+               "data_shards": {"num_shards": 6, "completed_per_epoch": {"0": 6, "1": 2}, "unfinished": 4, "remaining": 10}}
+    console = Console(width=200, record=True)
+    console.print(render_summary(resumed))
+    text = console.export_text()
+    assert "resumed from /runs/a/checkpoints/ckpt-000000000040-0002: 160 examples in the job so far" in text
+    assert "8 completed, 4 unfinished in the epochs begun, 10 left in the job (6 per epoch)" in text
 
 
 def test_a_stream_with_more_partitions_than_workers_is_warned_about(capsys):

@@ -53,10 +53,7 @@ def render_live(status: dict[str, Any], dashboard: str | None = None) -> Group:
     b = s.get("bytes") or {}
     if b:
         head.append(f"  workers sent {_bytes(b.get('sent'))}, received {_bytes(b.get('received'))}")
-    shards = s.get("data_shards")
-    if shards:
-        done = sum(shards["completed_per_epoch"].values())
-        head.append(f"\ndata shards: {done} completed, {shards['unfinished']} unfinished ({shards['num_shards']} per epoch)")
+    _shards(head, s.get("data_shards"))
     if dashboard:
         head.append(f"\ndashboard: {dashboard}")
     nodes = Table(box=None, pad_edge=False, header_style="bold")
@@ -86,6 +83,14 @@ def render_live(status: dict[str, Any], dashboard: str | None = None) -> Group:
     return Group(*parts)
 
 
+def _shards(head: Text, shards: dict[str, Any] | None) -> None:
+    if shards:
+        done = sum(shards["completed_per_epoch"].values())
+        left = f", {shards['remaining']} left in the job" if "remaining" in shards else ""
+        head.append(f"\ndata shards: {done} completed, {shards['unfinished']} unfinished in the epochs begun{left} "
+                    f"({shards['num_shards']} per epoch)")
+
+
 def render_summary(s: dict[str, Any]) -> Group:
     head = Text()
     head.append(f"{s.get('job', 'job')}  ", style="bold")
@@ -103,6 +108,8 @@ def render_summary(s: dict[str, Any]) -> Group:
     head.append("\n")
     head.append(f"{s.get('examples')} examples in {s.get('steps')} steps, {s.get('train_s', 0):.1f}s training "
                 f"({s.get('examples_per_s', 0):.0f} ex/s), {s.get('wall_s', 0):.1f}s wall")
+    if s.get("resumed_from"):  # this run's figures above; the job's whole count with the runs before it
+        head.append(f"\nresumed from {s['resumed_from']}: {s.get('job_examples')} examples in the job so far")
     st = s.get("staleness") or {}
     if st:
         head.append(f"\nstaleness mean {st.get('mean', 0):.2f} p50 {st.get('p50')} p90 {st.get('p90')} "
@@ -116,6 +123,7 @@ def render_summary(s: dict[str, Any]) -> Group:
     for name, v in sorted((s.get("servers") or {}).items()):
         nodes.add_row(name, str(v.get("pushes", "-")), "-", f"{_bytes(v.get('bytes_in'))}/{_bytes(v.get('bytes_out'))}",
                       f"{_num(v.get('cpu_s'), '.1f')}s")
+    _shards(head, s.get("data_shards"))
     ck = s.get("checkpoints") or {}
     if ck.get("enabled"):
         head.append(f"\ncheckpoints {ck.get('count', 0)} committed (last {ck.get('last') or '-'}), {ck.get('abandoned', 0)} abandoned; "

@@ -260,6 +260,8 @@ class ShardLedger:
             "num_shards": self.num_shards,
             "shard_size": self.shard_size,
             "completed_per_epoch": {str(e): n for e, n in sorted(per_epoch.items())},
-            "unfinished": len(self.assigned) + len(self.queue),
+            "unfinished": len(self.assigned) + len(self.queue),  # of the epochs begun: handed out or waiting
+            # of the whole job: every shard of every epoch not completed yet (epochs not begun too)
+            "remaining": max(0, self.epochs * self.num_shards - len(self.completed)),
             "requeued": self.requeued,
         }
