@@ -839,14 +839,26 @@ class JobConfig(_Frozen):
 
 
 _OPTIMIZER_TAGS: dict[str, type[BaseModel]] = {"sgd": SGDConfig, "adagrad": AdagradConfig, "adam": AdamConfig, "adamw": AdamWConfig}
+_SPARSE_TAGS: dict[str, type[BaseModel]] = {"sgd": SparseSGDConfig, "adagrad": SparseAdagradConfig, "adam": SparseAdamConfig,
+                                            "ftrl": SparseFTRLConfig}
+
+
+def _rule_at(loc: tuple) -> tuple[str, str, type[BaseModel]] | None:
+    """(the optimizer section's path, its rule's name, the rule's config) when ``loc`` is inside a dense
+    (``optimizer``) or sparse (``sparse[.tables.T].optimizer``) optimizer of a known rule."""
+    for i in range(len(loc) - 1):
+        if loc[i] == "optimizer":
+            rule = (_SPARSE_TAGS if loc[0] == "sparse" else _OPTIMIZER_TAGS).get(str(loc[i + 1]))
+            return (".".join(str(p) for p in loc[: i + 1]), str(loc[i + 1]), rule) if rule is not None else None
+    return None
 
 
 def _format_validation_error(err: ValidationError, source: str) -> str:
     lines = [f"invalid job configuration ({source}):"]
     for e in err.errors():
         # (the optimizer union's tags, e.g. optimizer.registered, are not fields a user wrote)
-        loc = ".".join(str(p) for i, p in enumerate(e["loc"]) if not (i == 1 and e["loc"][0] == "optimizer"
-                                                                          and p in ("sgd", "adagrad", "adam", "adamw", "registered")))
+        tags = ("sgd", "adagrad", "adam", "adamw", "ftrl", "registered")
+        loc = ".".join(str(p) for i, p in enumerate(e["loc"]) if not (i > 0 and e["loc"][i - 1] == "optimizer" and p in tags))
         loc = loc or "(top level)"
         msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "literal_error" and "expected" in e.get("ctx", {}):
@@ -855,10 +867,11 @@ def _format_validation_error(err: ValidationError, source: str) -> str:
             msg = f"unknown name {e['ctx'].get('tag')!r}; allowed: {e['ctx'].get('expected_tags')}"
         elif e["type"] == "extra_forbidden":
             msg = "unknown field"
-            rule = _OPTIMIZER_TAGS.get(str(e["loc"][1])) if len(e["loc"]) > 2 and e["loc"][0] == "optimizer" else None
-            if rule is not None:  # (a job switched to another rule on the command line, keeping the old one's fields)
-                msg = (f"unknown field for optimizer {e['loc'][1]} (it takes {', '.join(rule.model_fields)}; "
-                       "replace the whole mapping to switch rules: --set 'optimizer={name: ..., lr: ...}')")
+            at = _rule_at(e["loc"]) if len(e["loc"]) > 2 else None
+            if at is not None:  # (a job switched to another rule on the command line, keeping the old one's fields)
+                section, name, rule = at
+                msg = (f"unknown field for optimizer {name} (it takes {', '.join(rule.model_fields)}; "
+                       f"replace the whole mapping to switch rules: --set '{section}={{name: {name}, ...}}')")
         given = e.get("input")
         shown = "" if isinstance(given, dict) or e["type"] == "missing" else f" (got {given!r})"
         lines.append(f"  {loc}: {msg}{shown}")

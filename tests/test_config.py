@@ -244,3 +244,10 @@ def test_a_misspelt_optimizer_is_named_unknown_rather_than_its_fields():
 def test_another_rules_field_says_what_the_rule_takes_and_how_to_switch():
     with pytest.raises(ConfigError, match=r"optimizer.momentum: unknown field for optimizer adam \(it takes .*betas.*optimizer=\{name"):
         parse_job({**MINIMAL, "optimizer": {"name": "adam", "lr": 0.001, "momentum": 0.9}})
+    # The same for a sparse table's row optimizer, in the section that named it (the job's, or one table's).
+    with pytest.raises(ConfigError, match=r"  sparse.optimizer.lr: unknown field for optimizer ftrl \(it takes name, alpha.*"
+                                          r"--set 'sparse.optimizer=\{name: ftrl, ...\}'\) \(got 0.05\)"):
+        parse_job({**MINIMAL, "sparse": {"optimizer": {"name": "ftrl", "lr": 0.05}}})
+    with pytest.raises(ConfigError, match=r"  sparse.tables.wide.optimizer.lr: unknown field for optimizer ftrl .*"
+                                          r"--set 'sparse.tables.wide.optimizer=\{name: ftrl"):
+        parse_job({**MINIMAL, "sparse": {"tables": {"wide": {"optimizer": {"name": "ftrl", "lr": 0.05}}}}})
