@@ -81,6 +81,8 @@ def test_status_of_a_broken_summary_a_summary_named_and_a_job_stopped_at_once_sa
             status(run)
     (run / "summary.json").write_text('{"status": "ok", "job": "j"}')
     assert status(run / "summary.json") == 0 and '"status": "ok"' in capsys.readouterr().out  # the file itself, named
+    (run / "summary.json").write_text('{"status": "failed", "job": "j", "error": "server-0: boom"}')
+    assert status(run) == 1  # a failed job: not 0, for scripts
     stopped = tmp_path / "stopped"  # hard-stopped: its coordinator's address left, nobody answering there
     stopped.mkdir()
     (stopped / "coordinator.addr").write_text("tcp://127.0.0.1:9")

@@ -167,7 +167,7 @@ def cmd_status(args) -> int:
                 print(json.dumps(summary, indent=2))
             else:
                 show(render_summary(summary), f"downpour status: {target} (finished)")
-            return 0
+            return 1 if summary.get("status") == "failed" else 0  # (for scripts: a failed job's status is not 0)
         if not os.path.exists(addr_path):
             raise ConfigError(f"{target} holds neither summary.json nor coordinator.addr")
         with open(addr_path) as f:
