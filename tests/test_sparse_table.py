@@ -258,6 +258,23 @@ def test_a_full_snapshot_and_its_deltas_restore_the_live_table_exactly(rule):
     np.testing.assert_array_equal(restored.peek(keys), live.peek(keys))
 
 
+def test_a_table_restored_under_a_smaller_max_rows_installs_only_that_many_rows_the_later_ones():
+    """Before, every saved row was installed and evicted on the next push, leaving the pool the
+    checkpoint's size: 1,000 rows kept ~50 kB each after a restore of 264k."""
+    big = SparseTable(DIM, Adagrad(0.1))
+    big.pull(ids(*range(1, 2001)))
+    big.push(ids(*range(1, 2001)), ones(2000))
+    base = saved(big.snapshot(full=True))
+    big.push(ids(*range(1, 51)), ones(50))  # pushed last: a delta's rows
+    delta = saved(big.snapshot(full=False))
+    small = SparseTable(DIM, Adagrad(0.1), max_rows=100)
+    small.restore([base, delta])
+    kept = contents(small)["keys"]
+    assert len(small) == 100 and set(range(1, 51)) <= set(kept.tolist())  # the delta's rows stay
+    assert small.stats.evicted == 1900 and len(small.values) <= 101  # the pool is the budget's size
+    assert small.bytes_per_row() < 1.25 * big.bytes_per_row()  # (not 20x: the pool of 2,000 rows over 100)
+
+
 def test_a_delta_holds_the_rows_created_or_pushed_and_the_ids_evicted_since_the_last_snapshot():
     table = SparseTable(DIM, Adagrad(0.1), max_rows=3)
     table.pull(ids(1, 2, 3))

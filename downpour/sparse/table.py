@@ -389,7 +389,15 @@ class SparseTable:
             keep = ~(np.isin(keys, d["evicted"]) | np.isin(keys, d["keys"]))
             keys = np.concatenate([keys[keep], d["keys"]])
             cols = {c: np.concatenate([cols[c][keep], d[c]]) for c in names}
-        self._install(keys, cols, snaps[0]["pending.keys"], snaps[0]["pending.counts"], snaps[-1]["meta"])
+        meta = snaps[-1]["meta"].copy()
+        if self.max_rows is not None and len(keys) > self.max_rows:
+            # A table restored under a smaller max_rows than it was saved with: only max_rows rows are
+            # installed (the later ones: a delta's rows were pushed after its base's), so the pool is
+            # the budget's size from the start, not the checkpoint's with most of it left empty.
+            cut = len(keys) - self.max_rows
+            keys, cols = keys[cut:], {c: v[cut:] for c, v in cols.items()}
+            meta[4] += cut  # (the evicted counter)
+        self._install(keys, cols, snaps[0]["pending.keys"], snaps[0]["pending.counts"], meta)
 
     def _validate(self, snap: Mapping[str, np.ndarray], i: int) -> Mapping[str, np.ndarray]:
         where = f"sparse table restore: snapshot {i}"
