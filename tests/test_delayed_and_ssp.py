@@ -771,3 +771,25 @@ def test_data_the_model_cannot_take_is_a_clear_error_before_training(x_shape, y_
                       Dataset(ArrayDataset(x, y), None), "worker-0")
     with pytest.raises(ConfigError, match=r"the model cannot train on the data.s first batch \(" + says):
         trainer.warm_up()
+
+
+def test_a_worker_s_heartbeat_names_no_shard_between_shards_and_no_rate_once_training_is_over():
+    """Before, a worker waiting for a shard (or done) kept reporting its last shard, and its last
+    examples/s stood in status and Prometheus for the rest of the job."""
+    job = parse_job({"model": MODEL, "optimizer": {"name": "sgd", "lr": 0.1}, "data": {"shard_size": 24},
+                     "training": {"batch_size": 8}, "cluster": {"num_servers": 1, "num_workers": 1}, "monitor": {"metrics": False}})
+    model = build_model(job.model, job.training.seed)
+    layout = make_layout(param_shapes(model), 1)
+    g = torch.Generator().manual_seed(5)
+    data = Dataset(ArrayDataset(torch.randn(24, 6, generator=g).numpy(), torch.randint(0, 3, (24,), generator=g).numpy()))
+    trainer = Trainer(job, FlatModel(model, layout, torch.device("cpu")), RecordingKV(len(layout.slices)), data, "worker-0")
+    trainer.rate.window_s = 0.0  # (a rate on every read)
+    seen: list = []
+
+    def next_shard():
+        seen.append(trainer.progress())  # what a heartbeat sent now would carry
+        return {"epoch": 0, "shard": 0, "start": 0, "stop": 24} if len(seen) == 1 else None
+
+    trainer.run(next_shard, lambda *a: None)
+    assert "shard" not in seen[0] and "shard" not in seen[1]  # before the first, and after it was done
+    assert trainer.examples == 24 and trainer.progress()["examples_per_s"] == 0.0

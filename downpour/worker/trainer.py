@@ -185,8 +185,10 @@ class Trainer:
 
     def progress(self) -> dict[str, Any]:
         """What the heartbeat carries (called from the heartbeat thread: reads plain numbers only)."""
+        rate = self.rate.update(self.examples)
         out: dict[str, Any] = {
-            "steps": self.steps, "examples": self.examples, "examples_per_s": self.rate.update(self.examples),
+            # (0 once training is over: the meter's last window would otherwise stand for ever)
+            "steps": self.steps, "examples": self.examples, "examples_per_s": 0.0 if self.train_s > 0 else rate,
             "compute_s": self.compute_s, "push_s": self.push_s, "pull_wait_s": self.wait_s,
             "bytes_sent": self.kv.bytes_sent, "bytes_received": self.kv.bytes_received,
         }
@@ -226,6 +228,7 @@ class Trainer:
             self._settle()
             if n == shard["stop"] - shard["start"] - shard.get("skip", 0):  # cut short by training.steps: unfinished
                 shard_done(shard["epoch"], shard["shard"], n, self.steps, self.examples, self.pushes)
+                self.shard = None  # (a worker waiting for the next one holds none: its heartbeat says so)
             trained += 1
             if every and trained % every == 0:
                 self._settle()
