@@ -60,6 +60,8 @@ def _json_row(text: str) -> str:
         elif name == "label" or name.startswith("I"):
             if type(v) is not int:
                 raise ValueError(f"{name} is {v!r}, expected an integer")
+            if not -(2**63) <= v < 2**63:
+                raise ValueError(f"{name} is {v}, beyond the 64-bit integer range")
             cells.append(str(v))
         else:
             if not isinstance(v, str):
