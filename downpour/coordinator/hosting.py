@@ -129,4 +129,3 @@ def stranded(st: CoordinatorState, now: float) -> str | None:
     point = (restore_point(st) or {}).get("name")
     return (f"no server process is left and no replacement registered within {limit:g}s (cluster.server_replace_timeout_s + "
             f"cluster.startup_timeout_s) for rank(s) {late}" + (f"; --resume continues from checkpoint {point}" if point else ""))
-
