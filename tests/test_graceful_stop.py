@@ -185,6 +185,59 @@ def test_a_server_lost_during_a_graceful_stop_ends_the_job_stopped_with_the_last
     assert running.state.phase == "training" and running.state.server_slots
 
 
+def test_a_rank_lost_before_the_stop_with_no_replacement_ends_the_stop_instead_of_waiting_for_ever():
+    """The stopping launcher starts no replacement: once none came within server_replace_timeout_s
+    of the stop, the final checkpoint can never be written, so the job ends stopped."""
+    from downpour.coordinator import failures
+
+    sim = CheckpointSim()
+    sim.start()
+    sim.state.checkpoints.committed.append({"name": "ckpt-000000000040-0002", "step": 40, "write_s": 0.1, "final": False,
+                                            "versions": {}})
+    failures.lose(sim.state, 1.0, sim.state.nodes["server-1"], "killed", "dead")
+    assert sim.state.phase == "training" and sim.state.server_slots  # waiting for its replacement
+    sim.state.request_stop(2.0)
+    for w in WORKERS:
+        sim.send(w, Op.LEAVE, position=None, stats={"steps": 0})
+    wait = sim.state.cl.server_replace_timeout_s
+    sim.now = 2.0 + wait - 1.0
+    for n in (*WORKERS, SERVERS[0]):
+        sim.heartbeat(n)
+    sim.tick(sim.now)
+    assert sim.state.phase == "training"  # a replacement started before the stop may still register
+    sim.now = 2.0 + wait + 1.0
+    sim.heartbeat(SERVERS[0])
+    sim.tick(sim.now)
+    summary = sim.state.summary(sim.now)
+    assert summary["status"] == "stopped" and "no replacement came" in summary["stopped"], summary
+    assert "--resume continues from checkpoint ckpt-000000000040-0002" in summary["stopped"]
+
+
+def test_an_evaluator_lost_after_a_stop_that_came_too_late_to_stop_training_still_fails_the_job_in_time():
+    """A stop asked for while the last shard ends: training completes and the job evaluates; its
+    evaluator dies, and no worker will join (the launcher stops): the job fails after
+    cluster.startup_timeout_s, as without the stop, not never."""
+    from downpour.coordinator import failures
+
+    sim = CheckpointSim()
+    sim.start()
+    for w in WORKERS:
+        sim.send(w, Op.BARRIER, name="init")
+    sim.state.request_stop(1.0)
+    while (shard := one(sim.send(WORKERS[0], Op.NEXT_SHARD)).msg.meta["shard"]) is not None:
+        sim.send(WORKERS[0], Op.SHARD_DONE, epoch=shard["epoch"], shard=shard["shard"], examples=shard["stop"] - shard["start"])
+    for w in WORKERS:
+        sim.send(w, Op.WORKER_DONE, stats={"examples": 1, "steps": 1})
+    if sim.state.phase != "evaluating":
+        pytest.skip(f"the stop ended training first here ({sim.state.phase})")
+    failures.lose(sim.state, 2.0, sim.state.nodes[sim.state.evaluator], "killed", "dead")
+    sim.now = 2.0 + sim.state.cl.startup_timeout_s + 1.0
+    for s in SERVERS:
+        sim.heartbeat(s)
+    sim.tick(sim.now)
+    assert sim.state.phase == "failed" and "every worker was lost" in sim.state.error
+
+
 def test_a_graceful_stop_s_final_checkpoint_that_never_completes_is_abandoned_and_the_stop_ends_without_it():
     sim = CheckpointSim()
     sim.start()

@@ -86,7 +86,7 @@ def test_status_of_a_broken_summary_a_summary_named_and_a_job_stopped_at_once_sa
     stopped = tmp_path / "stopped"  # hard-stopped: its coordinator's address left, nobody answering there
     stopped.mkdir()
     (stopped / "coordinator.addr").write_text("tcp://127.0.0.1:9")
-    with pytest.raises(ConfigError, match=r"the job is not running and wrote no summary.json .* --resume"):
+    with pytest.raises(ConfigError, match=r"no summary.json, and its coordinator at tcp://127.0.0.1:9 does not answer .*--resume"):
         status(stopped)
     with pytest.raises(SystemExit) as stop:  # argparse's own refusal
         main(["--log-level", "NOPE", "status", str(run)])

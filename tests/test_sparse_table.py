@@ -268,7 +268,10 @@ def test_a_table_restored_under_a_smaller_max_rows_installs_only_that_many_rows_
     big.push(ids(*range(1, 51)), ones(50))  # pushed last: a delta's rows
     delta = saved(big.snapshot(full=False))
     small = SparseTable(DIM, Adagrad(0.1), max_rows=100)
-    small.restore([base, delta])
+    untrimmed = SparseTable(DIM, Adagrad(0.1), max_rows=100)
+    untrimmed.restore([base, delta])  # (a replay of an old server's rows, split among servers after: every row)
+    assert len(untrimmed) == 2000
+    small.restore([base, delta], trim=True)
     kept = contents(small)["keys"]
     assert len(small) == 100 and set(range(1, 51)) <= set(kept.tolist())  # the delta's rows stay
     assert small.stats.evicted == 1900 and len(small.values) <= 101  # the pool is the budget's size

@@ -191,9 +191,9 @@ def cmd_status(args) -> int:
     except DownpourError as err:
         if run_dir is None:
             raise
-        raise ConfigError(f"{run_dir}: the job is not running and wrote no summary.json (its coordinator at {target} does not "
-                          f"answer: {err}); it was stopped at once or its machine went down: `downpour train JOB --resume "
-                          f"{run_dir}` continues from its latest checkpoint") from None
+        raise ConfigError(f"{run_dir}: no summary.json, and its coordinator at {target} does not answer ({err}): if the job "
+                          f"is not running (stopped at once, or its machine went down), `downpour train JOB --resume {run_dir}` "
+                          f"continues from its latest checkpoint") from None
     finally:
         rpc.close()
         ctx.destroy(linger=0)

@@ -107,27 +107,36 @@ def lose(st: CoordinatorState, now: float, node: Node, reason: str, kind: str, d
 def server_lost_in_stop(st: CoordinatorState, now: float, node: Node, reason: str, kind: str, detected_after_s: float) -> list[Action]:
     """A server lost during a graceful stop: no replacement is started while the job stops (the
     launcher starts none), so its rank's part of the final checkpoint, and of ``model.pt``, will
-    never come. A backup takes over where there is one; else the job ends now, stopped as asked,
-    and ``--resume`` continues from the last committed checkpoint, whose data positions match its
-    parameters (what was trained after it is trained again, once)."""
+    never come. A backup takes over where there is one; else the job ends now (:func:`stop_unserved`)."""
+    pending = st.checkpoints.pending
+    if pending is not None and node.name not in pending.reports:  # (a promoted backup knows nothing of it either)
+        st.checkpoints.abandon(now, f"{node.name} was lost during the graceful stop before it wrote its part")
     if st.cl.replicas and st.phase == Phase.TRAINING:
         promoted = replication.primary_lost(st, now, node, reason, kind, detected_after_s, affected(st, node.name))
         if promoted is not None:
             return promoted
     node.state = DEAD
-    pending = st.checkpoints.pending
-    if pending is not None:
-        st.checkpoints.abandon(now, f"{node.name} was lost during the graceful stop")
+    return stop_unserved(st, now, node.name, f"{node.name} was lost during the graceful stop ({reason})")
+
+
+def stop_unserved(st: CoordinatorState, now: float, node: str, why: str) -> list[Action]:
+    """End a graceful stop at once, without its final checkpoint, because a server rank has no
+    process to write its part: the job ends ``stopped`` as asked, and ``--resume`` continues from
+    the last committed checkpoint (or the one this job resumed from), whose data positions match
+    its parameters (what was trained after it is trained again, once)."""
+    if st.checkpoints.pending is not None:
+        st.checkpoints.abandon(now, why)
     last = st.checkpoints.committed[-1] if st.checkpoints.committed else None
+    point = (hosting.restore_point(st) or {}).get("name")
     if last is not None and last.get("final"):
         then = f"the final checkpoint {last['name']} was committed before it: --resume continues from it"
-    elif last is not None:
-        then = (f"the final checkpoint cannot be written: --resume continues from checkpoint {last['name']} "
-                f"(step {last.get('step')}) and trains again what was trained after it")
+    elif point is not None:
+        then = (f"the final checkpoint cannot be written: --resume continues from checkpoint {point}"
+                + (f" (step {last.get('step')})" if last is not None else "") + " and trains again what was trained after it")
     else:
         then = "no checkpoint was committed: there is nothing to continue from"
-    log.warning("coordinator: %s lost during the graceful stop (%s); %s", node.name, reason, then)
-    return fail(st, now, node.name, f"{node.name} was lost during the graceful stop ({reason}); {then}", "stopped")
+    log.warning("coordinator: %s; %s", why, then)
+    return fail(st, now, node, f"{why}; {then}", "stopped")
 
 
 def server_lost(st: CoordinatorState, now: float, node: Node, reason: str, kind: str, detected_after_s: float) -> list[Action]:

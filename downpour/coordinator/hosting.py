@@ -129,3 +129,18 @@ def stranded(st: CoordinatorState, now: float) -> str | None:
     point = (restore_point(st) or {}).get("name")
     return (f"no server process is left and no replacement registered within {limit:g}s (cluster.server_replace_timeout_s + "
             f"cluster.startup_timeout_s) for rank(s) {late}" + (f"; --resume continues from checkpoint {point}" if point else ""))
+
+
+def unserved_in_stop(st: CoordinatorState, now: float) -> int | None:
+    """During a graceful stop: a rank lost before the stop whose replacement has not come within
+    ``cluster.server_replace_timeout_s`` of the stop (the stopping launcher starts none; one started
+    before may still register). None: every rank is served, or may still be."""
+    since = st.stop_requested if st.stop_requested is not None else now
+    for rank, (at, _) in sorted(st.server_slots.items()):
+        served = st.nodes.get(f"server-{rank}")
+        host = st.nodes.get(st.hosting.get(rank, ""))
+        if (served is not None and served.state == ALIVE) or (host is not None and host.state == ALIVE):
+            continue
+        if now - max(at, since) > st.cl.server_replace_timeout_s:
+            return rank
+    return None

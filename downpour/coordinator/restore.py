@@ -69,16 +69,16 @@ def plan_resume(where: str, layout: Layout, optimizer: str | None = None, announ
     store, manifest, state = latest_checkpoint(where)
     old = Layout.from_dict(state["layout"])
     old_opt = ((state.get("job") or {}).get("optimizer") or {}).get("name")
+    shapes, now = _shapes(old), _shapes(layout)
+    if not set(shapes) & set(now):  # (the model first: an optimizer's name says nothing of another model)
+        raise ConfigError(f"cannot resume from {store.where(manifest.name)}: it is another model's checkpoint, sharing no "
+                          f"parameter with this one: it holds {listed(shapes)}, the model has {listed(now)}")
     old_rules = sparse_rules(state.get("job") or {}, [t.name for t in old.tables])
     changed = [f"table {t!r}: {old_rules[t]!r} in the checkpoint, {r!r} now" for t, r in (sparse or {}).items()
                if t in old_rules and old_rules[t] != r]
     if changed:
         raise ConfigError(f"cannot resume from {store.where(manifest.name)}: its sparse tables were trained with another "
                           f"row optimizer ({'; '.join(changed)}); use init_from to start new optimizer state from its rows")
-    shapes, now = _shapes(old), _shapes(layout)
-    if not set(shapes) & set(now):  # (the model first: an optimizer's name says nothing of another model)
-        raise ConfigError(f"cannot resume from {store.where(manifest.name)}: it is another model's checkpoint, sharing no "
-                          f"parameter with this one: it holds {listed(shapes)}, the model has {listed(now)}")
     if optimizer is not None and old_opt is not None and old_opt != optimizer:
         raise ConfigError(f"cannot resume from {store.where(manifest.name)}: it was trained with optimizer {old_opt!r}, "
                           f"this job uses {optimizer!r}; use init_from to start a new optimizer from its parameters")

@@ -260,8 +260,12 @@ class CoordinatorState(JobState):
         if self.checkpoints.expired(now):  # (a graceful stop's final one too: the stop then ends without it)
             self.checkpoints.abandon(now, f"not complete after {self.job.checkpoint.timeout_s:g}s")
         if self.stop_requested is not None and self.phase == Phase.TRAINING:
+            rank = hosting.unserved_in_stop(self, now)
+            if rank is not None:
+                return failures.stop_unserved(self, now, f"server-{rank}", f"server-{rank} was lost and no replacement came "
+                                              f"within cluster.server_replace_timeout_s of the graceful stop")
             return checkpoints.stop_step(self, now)
-        if (self.workerless_since is not None and self.stop_requested is None  # (workers leave a graceful stop)
+        if (self.workerless_since is not None and self.phase != Phase.STOPPING  # (workers leave a graceful stop)
                 and now - self.workerless_since > self.cl.startup_timeout_s):
             return failures.fail(self, now, "coordinator", f"every worker was lost and none joined within "
                               f"{self.cl.startup_timeout_s:g}s (cluster.startup_timeout_s)", "no_workers")

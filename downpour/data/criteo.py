@@ -36,6 +36,7 @@ from downpour.errors import DataError
 log = logging.getLogger(__name__)
 
 META_FILE = "criteo.json"  # written by the generator: counts, optimum, parameters
+SPLIT_PATTERNS = ("train-*.tsv*", "test-*.tsv*")  # the files of each split under data.path (any compression)
 TRUTH_FILE = "test-truth.npy"  # the generator's true click probability of every test row
 CACHE_VERSION = 1  # bump when the cached arrays change meaning
 
@@ -178,7 +179,7 @@ HOW_TO_GET = "make synthetic data with `downpour datagen criteo --rows 3000000 -
 
 @register_dataset("criteo")
 def load_criteo_dataset(
-    path: str, train: str = "train-*.tsv*", test: str = "test-*.tsv*", cache: bool = True, cache_dir: str | None = None
+    path: str, train: str = SPLIT_PATTERNS[0], test: str = SPLIT_PATTERNS[1], cache: bool = True, cache_dir: str | None = None
 ) -> CriteoDataset:
     """The Criteo-format files under ``path`` (a folder or fsspec URL). ``train``/``test`` are
     glob patterns relative to it. The parse cache goes to ``cache_dir``, by default

@@ -34,11 +34,11 @@ same spec and hash streams, and the tests check them together against the truth 
 
 from __future__ import annotations
 
+import fnmatch
 import functools
 import json
 import logging
 import math
-import re
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -48,7 +48,7 @@ from typing import NamedTuple
 import fsspec
 import numpy as np
 
-from downpour.data.criteo import META_FILE, TRUTH_FILE
+from downpour.data.criteo import META_FILE, SPLIT_PATTERNS, TRUTH_FILE
 from downpour.data.criteo_format import NUM_CAT, NUM_INT, format_lines
 from downpour.data.scoring import log_loss, roc_auc
 from downpour.errors import ConfigError, DataError
@@ -393,7 +393,7 @@ def _data_files(fs, root: str) -> list[str]:
     if not fs.isdir(root):
         return []
     names = [p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(root, detail=False)]
-    return sorted(n for n in names if n in (META_FILE, TRUTH_FILE) or re.fullmatch(r"(train|test)-.*\.tsv(\.gz)?", n))
+    return sorted(n for n in names if n in (META_FILE, TRUTH_FILE) or any(fnmatch.fnmatchcase(n, p) for p in SPLIT_PATTERNS))
 
 
 def generate(spec: CriteoSpec, out: str, threads: int = 2, overwrite: bool = False) -> dict:

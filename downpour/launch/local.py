@@ -317,6 +317,8 @@ class LocalLauncher:
                 log.warning("%s; its ranks fail over to their backups (cluster.replicas=%d)", p.describe_exit(), cl.replicas)
                 return True
             if cl.replicas:  # no process is left to hold a backup: a replacement loads the latest checkpoint
+                if not (self.job.checkpoint.enabled or self.job.checkpoint.resume_from):
+                    return False  # (nothing to load: the job cannot go on)
                 log.warning("%s, the last server process: no backup is left to fail over to", p.describe_exit())
             if self.server_restarts >= cl.server_restarts:
                 log.warning("%s; no server restarts left (cluster.server_restarts=%d): a surviving server takes over its "

@@ -176,7 +176,7 @@ class SparseShard:
         own = self.rank if old.num_servers == self.layout.num_servers else None
         for name, snaps in parts.items():
             table = self.tables[name]
-            table.restore([_concat(snaps, own)])
+            table.restore([_concat(snaps, own)], trim=True)  # (the replays above keep every row: they are split first)
             if not full:  # warm start: the parameters, not the optimizer state
                 table.rule.reset(table.state, np.arange(len(table.values)))
             rows += len(table)

@@ -365,7 +365,7 @@ class SparseTable:
         self._created, self._evicted = [], []
         return snap
 
-    def restore(self, snapshots: Sequence[Mapping[str, np.ndarray]]) -> None:
+    def restore(self, snapshots: Sequence[Mapping[str, np.ndarray]], trim: bool = False) -> None:
         """Replace the table's contents with a full snapshot followed by deltas, in the order taken.
 
         Each delta removes its evicted IDs, then inserts or overwrites its rows. Every snapshot is
@@ -374,7 +374,9 @@ class SparseTable:
         was. Configuration (rule, seed, admission and eviction settings) is the table's own. Afterwards
         the table equals the one the last snapshot was taken from (see ``snapshot`` for the admission
         counts, and the rows' last-push steps: every row counts as pushed at the restored step, so age
-        and size eviction start afresh) and deltas can follow from there."""
+        and size eviction start afresh) and deltas can follow from there. ``trim``: install at most
+        ``max_rows`` rows (a server's own table restored under a smaller budget than it was saved
+        with); which ones is arbitrary, as eviction's choice among rows of one step would be."""
         if not isinstance(snapshots, list | tuple) or not snapshots:
             raise DataError("sparse table restore: need a non-empty list of snapshots, a full one first")
         snaps = [self._validate(s, i) for i, s in enumerate(snapshots)]
@@ -390,10 +392,9 @@ class SparseTable:
             keys = np.concatenate([keys[keep], d["keys"]])
             cols = {c: np.concatenate([cols[c][keep], d[c]]) for c in names}
         meta = snaps[-1]["meta"].copy()
-        if self.max_rows is not None and len(keys) > self.max_rows:
-            # A table restored under a smaller max_rows than it was saved with: only max_rows rows are
-            # installed (the later ones: a delta's rows were pushed after its base's), so the pool is
-            # the budget's size from the start, not the checkpoint's with most of it left empty.
+        if trim and self.max_rows is not None and len(keys) > self.max_rows:
+            # Only max_rows rows are installed, so the pool is the budget's size from the start, not
+            # the checkpoint's with most of it left empty once the first push evicted the rest.
             cut = len(keys) - self.max_rows
             keys, cols = keys[cut:], {c: v[cut:] for c, v in cols.items()}
             meta[4] += cut  # (the evicted counter)
