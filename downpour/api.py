@@ -34,6 +34,7 @@ from downpour.config import JobConfig, apply_overrides, job_to_dict, load_job, p
 from downpour.data import build_dataset
 from downpour.errors import ConfigError, DataError, DownpourError
 from downpour.imports import object_path
+from downpour.layout import Layout
 from downpour.server.scaling import check_hyperparameters
 
 log = logging.getLogger(__name__)
@@ -103,12 +104,8 @@ def check_data(job: JobConfig) -> None:
     from downpour.extensions import check_extensions
 
     check_extensions(job)
-    try:
+    with _one_line("model: building it failed", ConfigError):  # the user's factory: whatever it raises
         layout = plan_layout(job)  # the model builds, and each of its buffers can be sent (a complex one cannot)
-    except DownpourError:
-        raise
-    except Exception as err:  # noqa: BLE001 - the user's factory: whatever it raises, said in one line
-        raise ConfigError(f"model: building it failed: {type(err).__name__}: {err}") from None
     unknown = sorted(set(job.sparse.tables) - {t.name for t in layout.tables})
     if unknown:  # (a misspelt table's settings would apply to nothing, silently)
         have = ", ".join(t.name for t in layout.tables) or "none"
@@ -119,22 +116,22 @@ def check_data(job: JobConfig) -> None:
     check_hyperparameters(job, train)
     cp = job.checkpoint
     with _one_line(f"cannot read the checkpoint at {cp.resume_from or job.init_from}"):
-        check_restore_points(job)
+        check_restore_points(job, layout)
 
 
 @contextlib.contextmanager
-def _one_line(what: str) -> Iterator[None]:
-    """Storage that fails (an S3 endpoint down, wrong credentials, a user's data factory raising)
-    as a one-line DataError, ``what: Type: message``, before anything starts."""
+def _one_line(what: str, error: type[DownpourError] = DataError) -> Iterator[None]:
+    """Whatever fails inside (storage: an S3 endpoint down, wrong credentials; a user's model or data
+    factory raising) as one line, ``what: Type: message``, before anything starts."""
     try:
         yield
     except DownpourError:
         raise
     except Exception as err:  # noqa: BLE001 - fsspec back ends raise their own types (botocore's, say)
-        raise DataError(f"{what}: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}") from None
+        raise error(f"{what}: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}") from None
 
 
-def check_restore_points(job: JobConfig) -> None:
+def check_restore_points(job: JobConfig, layout: Layout | None = None) -> None:
     """A job that resumes (``checkpoint.resume_from``) or warm-starts (``init_from``): the checkpoint
     is there and fits the model, checked here rather than by the coordinator after the start."""
     cp = job.checkpoint
@@ -143,7 +140,7 @@ def check_restore_points(job: JobConfig) -> None:
     from downpour.coordinator.restore import plan_resume, plan_warm_start, rules_of
     from downpour.coordinator.service import plan_layout
 
-    layout = plan_layout(job)
+    layout = layout or plan_layout(job)
     if cp.resume_from:
         plan = plan_resume(cp.resume_from, layout, job.optimizer.name, announce=False, sparse=rules_of(job, layout))
         kept = (plan.get("ledger") or {}).get("shard_size")

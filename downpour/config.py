@@ -841,6 +841,7 @@ class JobConfig(_Frozen):
 _OPTIMIZER_TAGS: dict[str, type[BaseModel]] = {"sgd": SGDConfig, "adagrad": AdagradConfig, "adam": AdamConfig, "adamw": AdamWConfig}
 _SPARSE_TAGS: dict[str, type[BaseModel]] = {"sgd": SparseSGDConfig, "adagrad": SparseAdagradConfig, "adam": SparseAdamConfig,
                                             "ftrl": SparseFTRLConfig}
+_TAGS = {*_OPTIMIZER_TAGS, *_SPARSE_TAGS, "registered"}  # the optimizer unions' tags (not fields a user wrote)
 
 
 def _rule_at(loc: tuple) -> tuple[str, str, type[BaseModel]] | None:
@@ -856,9 +857,7 @@ def _rule_at(loc: tuple) -> tuple[str, str, type[BaseModel]] | None:
 def _format_validation_error(err: ValidationError, source: str) -> str:
     lines = [f"invalid job configuration ({source}):"]
     for e in err.errors():
-        # (the optimizer union's tags, e.g. optimizer.registered, are not fields a user wrote)
-        tags = ("sgd", "adagrad", "adam", "adamw", "ftrl", "registered")
-        loc = ".".join(str(p) for i, p in enumerate(e["loc"]) if not (i > 0 and e["loc"][i - 1] == "optimizer" and p in tags))
+        loc = ".".join(str(p) for i, p in enumerate(e["loc"]) if not (i > 0 and e["loc"][i - 1] == "optimizer" and p in _TAGS))
         loc = loc or "(top level)"
         msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "literal_error" and "expected" in e.get("ctx", {}):

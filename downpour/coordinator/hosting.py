@@ -121,9 +121,8 @@ def stranded(st: CoordinatorState, now: float) -> str | None:
     started, or none able to start); else None."""
     if st.nodes_of("server", (ALIVE,)):
         return None
-    waited = [(rank, at) for rank, (at, _) in st.server_slots.items()]
     limit = st.cl.server_replace_timeout_s + st.cl.startup_timeout_s
-    late = sorted(rank for rank, at in waited if now - at > limit)
+    late = sorted(rank for rank, (at, _) in st.server_slots.items() if now - at > limit)
     if not late:
         return None
     point = (restore_point(st) or {}).get("name")
