@@ -23,10 +23,10 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, TypeAdapter, ValidationError, model_validator
 
 from downpour.errors import ConfigError
 from downpour.imports import object_path
@@ -891,7 +891,8 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
     """Apply ``key.path=value`` overrides (values parsed as YAML scalars) to a raw job mapping.
 
     A bare top-level training key may be given without its section
-    (``epochs=3`` means ``training.epochs=3``).
+    (``epochs=3`` means ``training.epochs=3``). ``key=null`` sets null where the field takes it
+    (``training.clip_grad_norm=null``: no clipping) and otherwise restores the field's default.
     """
     out = copy.deepcopy(raw)
     for item in overrides:
@@ -908,6 +909,12 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
         except yaml.YAMLError as err:
             raise ConfigError(f"--set {key}: cannot parse value {text!r}: {err}") from None
         node = out
+        if value is None and not _takes_null(parts):  # the default, as though the job file did not set it
+            for p in parts[:-1]:
+                node = node.get(p) if isinstance(node, dict) else None
+            if isinstance(node, dict):
+                node.pop(parts[-1], None)
+            continue
         for p in parts[:-1]:
             child = node.get(p)
             if child is None:
@@ -917,6 +924,31 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
             node = child
         node[parts[-1]] = value
     return out
+
+
+def _takes_null(parts: list[str]) -> bool:
+    """Whether the job field at ``parts`` accepts null (an optional field). A path the schema does not
+    know, or one inside a free mapping (``model.args``), says yes: validation judges it as given."""
+    models: list[Any] = [JobConfig]
+    for i, part in enumerate(parts):
+        fields = [m.model_fields[part] for m in models if part in m.model_fields]
+        if not fields:
+            return True
+        if i == len(parts) - 1:
+            try:
+                TypeAdapter(fields[0].annotation).validate_python(None)
+            except ValidationError:
+                return False
+            return True
+        models = _models_in(fields[0].annotation)
+    return True
+
+
+def _models_in(annotation: Any) -> list[type[BaseModel]]:
+    """The config sections an annotation names: a section, or each section of a union of them."""
+    if isinstance(annotation, type):
+        return [annotation] if issubclass(annotation, BaseModel) else []
+    return [m for arg in get_args(annotation) for m in _models_in(arg)]
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):

@@ -79,6 +79,19 @@ def test_override_values_are_parsed_as_yaml_scalars():
     assert raw == {"a": True, "b": 0.1, "c": "hello", "d": None, "e": "3"}
 
 
+def test_null_sets_an_optional_field_to_null_and_restores_the_default_of_any_other():
+    base = load_job(EXAMPLE)
+    job = load_job(EXAMPLE, ["optimizer.momentum=null", "epochs=5", "epochs=null", "training.clip_grad_norm=1.0",
+                             "training.clip_grad_norm=null", "cluster.num_workers=null", "checkpoint.every_s=null"])
+    assert base.optimizer.momentum == 0.9 and job.optimizer.momentum == 0.0  # SGD's default, not the file's
+    assert job.optimizer.lr == base.optimizer.lr and job.optimizer.name == "sgd"
+    assert job.training.epochs == type(job.training)().epochs
+    assert job.training.clip_grad_norm is None and job.checkpoint.every_s is None  # optional: null is its value
+    assert job.cluster.num_workers == type(job.cluster)().num_workers
+    with pytest.raises(ConfigError, match="model"):  # a required field has no default to restore
+        load_job(EXAMPLE, ["model=null"])
+
+
 def test_overrides_apply_in_order_and_leave_the_input_untouched():
     raw = {"model": {"name": "mlp", "args": {"hidden": [8]}}}
     out = apply_overrides(raw, ["model.args.hidden=[16]", "model.args.hidden=[32]"])
