@@ -148,3 +148,16 @@ def empty_test():
 
 def raising_model() -> nn.Module:
     raise ValueError("no such width")
+
+
+def mlp_lost_once_in_worker_0(marker: str) -> nn.Module:
+    """A small MLP; but the first worker process of rank 0 dies while it builds it (after it
+    registered, before it wrote the initial parameters), and leaves ``marker`` to say so."""
+    import os
+    import sys
+
+    argv = sys.argv[1:]
+    if argv[:1] == ["worker"] and "--rank" in argv and argv[argv.index("--rank") + 1] == "0" and not os.path.exists(marker):
+        open(marker, "w").close()
+        os._exit(3)
+    return nn.Sequential(nn.Flatten(), nn.Linear(784, 32), nn.ReLU(), nn.Linear(32, 10))

@@ -24,7 +24,7 @@ from downpour.protocol import Message, Op
 from downpour.server.consistency import Push, SSPPolicy
 from downpour.server.optim import make_rule
 from downpour.server.store import ShardStore
-from tests.cluster import QUIET, query_status, start_job, stop_job, wait_training
+from tests.cluster import QUIET, query_status, run_train, start_job, stop_job, wait_training
 from tests.conftest import tiny_job
 from tests.test_coordinator_state import JOB, LAYOUT, NUM_TRAIN, SERVERS, WORKERS, Sim, error_code, ok, one, replies
 
@@ -245,6 +245,21 @@ def test_a_worker_whose_process_exited_is_declared_dead_at_once_and_nobody_waits
     assert failure.node == WORKERS[1] and "exited" in failure.reason and failure.detected_after_s < 1.0
     assert membership(got) == [WORKERS[0], WORKERS[2]]
     assert take(sim, WORKERS[0])["shard"] == shard["shard"]  # its shard, back at the front of the queue
+
+
+@pytest.mark.parametrize("restarts", [0, 2])
+def test_a_job_whose_initializing_worker_died_before_it_wrote_the_parameters_is_initialized_by_another(
+        tmp_path, tiny_data, restarts):
+    """Worker 0 writes the initial parameters before the start barrier; one that dies first left
+    the others (and its replacement) pulling from uninitialized servers: every worker failed."""
+    marker = str(tmp_path / "worker-0-died")
+    job = tiny_job(tiny_data, training={"epochs": 2}, cluster={"worker_restarts": restarts}, monitor=QUIET)
+    job["model"] = {"factory": "tests.byo_factories:mlp_lost_once_in_worker_0", "args": {"marker": marker}}
+    summary = run_train(tmp_path, job, timeout_s=120)
+    assert os.path.exists(marker)  # worker 0 did die
+    assert summary["status"] == "ok" and summary["examples"] == 2 * 2400  # nothing lost, nothing twice
+    assert [f["node"] for f in summary["failures"]] == ["worker-0"]
+    assert summary["test_accuracy"] > 0.5
 
 
 def test_a_server_whose_process_exits_after_training_is_seen_at_once_and_the_failure_says_to_resume():

@@ -28,6 +28,7 @@ from downpour.monitor import HttpEndpoint, metrics_route, node_labels
 from downpour.nn import attach
 from downpour.processes import EXIT_STOPPED, TermSignal, apply_cpu_policy
 from downpour.protocol import Message, Op
+from downpour.protocol.ops import Code
 from downpour.protocol.rpc import RpcClient
 from downpour.transport import Context, Security, advertised
 from downpour.worker.client import KVClient
@@ -340,7 +341,17 @@ class WorkerProcess:
             kv.wait(kv.init(flat.host))
         trainer.warm_up()  # (while the other workers start: torch's first calls are not the first step's)
         coord.barrier("init", timeout_s=_LONG_WAIT_S)
-        trainer.pull_all()
+        try:
+            trainer.pull_all()
+        except RemoteError as err:
+            if err.code != Code.UNINITIALIZED:
+                raise
+            # The worker told to write the initial values died before it did (the barrier lets the
+            # live workers through): this one writes them. Each key keeps the first INIT it gets,
+            # and every worker built the model from the job's seed, so racing workers write the same.
+            log.warning("%s: %s; writing the initial parameters itself (the initializing worker was lost)", name, err)
+            kv.wait(kv.init(flat.host))
+            trainer.pull_all()
         flat.host_to_device()
         trainer.start()
         log.info("%s: training on %s", name, self.device)
