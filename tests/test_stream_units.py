@@ -280,6 +280,45 @@ def test_a_redis_server_still_loading_its_data_is_waited_for_and_one_that_never_
         src.check(loading_wait_s=5, clock=lambda: now[0], sleep=sleep)
 
 
+class _DownRedis(_LoadingRedis):
+    """A redis client whose server does not answer the first ``down`` calls."""
+
+    def __init__(self, down: int) -> None:
+        super().__init__(0)
+        self.down = down
+
+    def _answer(self):
+        import redis
+
+        if self.down:
+            self.down -= 1
+            raise redis.ConnectionError("Connection refused")
+        return True
+
+
+def test_a_node_waits_for_an_unreachable_redis_up_to_its_limit_and_the_check_before_the_start_waits_for_nothing():
+    import pytest
+
+    pytest.importorskip("redis")
+    from downpour.errors import DataError
+
+    src = open_source("redis://127.0.0.1:1/0?stream=clicks&partitions=2")
+    now = [0.0]
+
+    def sleep(s):
+        now[0] += s
+
+    src.client = _DownRedis(down=4)  # back after ~2 s: a node started during a short outage starts
+    src.check(clock=lambda: now[0], sleep=sleep, unreachable_wait_s=120)
+    assert src.client.down == 0 and 1.5 <= now[0] <= 2.5
+    src.client = _DownRedis(down=10**6)
+    with pytest.raises(DataError, match=r"redis at redis://127\.0\.0\.1:1/0 is unreachable \(waited 30s\)"):
+        src.check(clock=lambda: now[0], sleep=sleep, unreachable_wait_s=30)
+    src.client = _DownRedis(down=1)  # downpour train's own check: at once
+    with pytest.raises(DataError, match="is unreachable: Connection refused"):
+        src.check(clock=lambda: now[0], sleep=sleep)
+
+
 def test_a_stream_shares_the_hidden_model_of_a_file_data_set_of_its_seed_but_no_row():
     from downpour.data.criteo_gen import CriteoSpec, generate_rows
     from downpour.stream.generator import _phase_rows

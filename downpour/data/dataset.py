@@ -10,6 +10,7 @@ loss takes: int64 class indices for ``cross_entropy`` (IDX files), float32 0/1 f
 
 from __future__ import annotations
 
+import inspect
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -73,8 +74,10 @@ def register_dataset(name: str):
     return deco
 
 
-def build_dataset(cfg: DataConfig) -> Dataset:
+def build_dataset(cfg: DataConfig, unreachable_wait_s: float = 0.0) -> Dataset:
     """The dataset a job names: a built-in (``data.name``) or a user factory (``data.factory``).
+    ``unreachable_wait_s``: how long a built-in that reads from a service (a stream's broker)
+    waits for one that does not answer (a job's nodes, which start after the job was checked).
 
     A factory may return a :class:`Dataset` (its splits Downpour splits or torch Datasets), a
     ``(train, test)`` pair, a ``{"train": ..., "test": ...}`` mapping, or a single torch Dataset
@@ -94,7 +97,8 @@ def build_dataset(cfg: DataConfig) -> Dataset:
         if fn is None:
             raise ConfigError(f"data.name: unknown dataset {cfg.name!r}; known: {sorted(BUILTINS)}")
         where = f"data {cfg.name} at {cfg.path}"
-        ds = fn(cfg.path, **cfg.args)
+        waits = unreachable_wait_s and "unreachable_wait_s" in inspect.signature(fn).parameters
+        ds = fn(cfg.path, **cfg.args, **({"unreachable_wait_s": unreachable_wait_s} if waits else {}))
     if len(ds.train) == 0:
         raise DataError(f"{where}: the training split holds no examples: nothing to train")
     try:

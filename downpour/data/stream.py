@@ -58,7 +58,9 @@ class StreamDataset:
 
 @register_dataset("stream")
 def load_stream_dataset(url: str, wait_s: float = 0.05, max_seconds: float | None = None, check: bool = True,
-                        **args: Any) -> StreamDataset:
+                        unreachable_wait_s: float = 0.0, **args: Any) -> StreamDataset:
+    """``unreachable_wait_s``: how long a broker that does not answer is waited for (a job's
+    nodes; ``downpour train``'s own check before the start waits for nothing)."""
     from downpour.stream import open_source
 
     if not (isinstance(wait_s, (int, float)) and 0 < wait_s <= 10):
@@ -67,5 +69,5 @@ def load_stream_dataset(url: str, wait_s: float = 0.05, max_seconds: float | Non
         raise DataError(f"data.args.max_seconds: {max_seconds!r} is not a positive number of seconds")
     source = open_source(url, args)
     if check:
-        source.check()
+        source.check(unreachable_wait_s=unreachable_wait_s)
     return StreamDataset(_Unbounded(source.spec.partitions), _Empty(), source, float(wait_s), max_seconds)

@@ -82,9 +82,10 @@ class PartitionReader(Protocol):
 class StreamSource(Protocol):
     spec: StreamSpec
 
-    def check(self) -> None:
+    def check(self, *, unreachable_wait_s: float = 0.0) -> None:
         """Raise a :class:`~downpour.errors.DataError` naming the URL if the stream cannot be
-        read (broker unreachable, a partition that does not exist)."""
+        read (broker unreachable, a partition that does not exist). A broker that does not answer
+        is waited for up to ``unreachable_wait_s`` first."""
         ...
 
     def open(self, partition: int, after: int, consumer: str) -> PartitionReader:

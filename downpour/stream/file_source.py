@@ -98,7 +98,7 @@ class FileSource:
     def part(self, partition: int) -> str:
         return self.path if self.spec.partitions == 1 else f"{self.path}.{partition}"
 
-    def check(self) -> None:
+    def check(self, *, unreachable_wait_s: float = 0.0) -> None:  # (a file is there or not: nothing to wait for)
         missing = [self.part(p) for p in range(self.spec.partitions) if not os.path.exists(self.part(p))]
         if missing:
             raise DataError(f"data.url: stream file {missing[0]} does not exist ({len(missing)} of {self.spec.partitions} missing)")

@@ -160,13 +160,18 @@ class RedisSource:
     def key(self, partition: int) -> str:
         return f"{self.spec.name}:{partition}"
 
-    def check(self, loading_wait_s: float = _LOADING_WAIT_S, clock=time.monotonic, sleep=time.sleep) -> None:
+    def check(self, loading_wait_s: float = _LOADING_WAIT_S, clock=time.monotonic, sleep=time.sleep,
+              unreachable_wait_s: float = 0.0) -> None:
         """Redis answers and every partition's stream exists, else a :class:`DataError` that says
         which. A redis-server still loading its persisted data (``BusyLoadingError``: reachable,
         restarted a moment ago) is waited for, up to ``loading_wait_s`` seconds: a worker replaced
-        while redis-server restarts then starts once it is loaded instead of failing."""
+        while redis-server restarts then starts once it is loaded instead of failing. One that
+        does not answer is waited for up to ``unreachable_wait_s`` (a job's node, started after
+        ``downpour train`` found it reachable: an outage of a few seconds is not a failed job)."""
         redis = _redis()
-        deadline = clock() + loading_wait_s
+        start = clock()
+        deadline = start + loading_wait_s
+        waiting = False
         while True:
             try:
                 self.client.ping()
@@ -178,7 +183,16 @@ class RedisSource:
                                     f"{loading_wait_s:g}s: {err}") from None
                 sleep(0.2)
             except (redis.ConnectionError, redis.TimeoutError) as err:
-                raise DataError(f"data.url: redis at {self.where} is unreachable: {err}") from None
+                if clock() >= start + unreachable_wait_s:
+                    waited = f" (waited {unreachable_wait_s:g}s)" if unreachable_wait_s else ""
+                    raise DataError(f"data.url: redis at {self.where} is unreachable{waited}: {err}") from None
+                if not waiting:
+                    waiting = True
+                    log.warning("data.url: redis at %s is unreachable (%s); waiting up to %gs for it", self.where, err,
+                                unreachable_wait_s)
+                sleep(0.5)
+        if waiting:
+            log.info("data.url: redis at %s answers again", self.where)
         if missing:
             raise DataError(f"data.url: stream {missing[0]!r} does not exist at {self.where} ({len(missing)} of "
                             f"{self.spec.partitions} partitions missing); start the producer first "

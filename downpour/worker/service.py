@@ -297,7 +297,7 @@ class WorkerProcess:
         torch.set_num_threads(job.training.torch_threads)
         self.device = device_for(job, int(reply["rank"]), local_rank)
         self.model = model = build_model(job.model, job.training.seed)
-        dataset = build_dataset(job.data)
+        dataset = build_dataset(job.data, unreachable_wait_s=job.cluster.startup_timeout_s)
         self.flat = flat = FlatModel(model, layout, self.device)
         link = job.cluster.link_mbit_s * 1e6 / 8 if job.cluster.link_mbit_s else None
         self.rpc = rpc = RpcClient(self.ctx, name, job.cluster.request_timeout_s, job.cluster.max_message_bytes, abort=self.abort,
