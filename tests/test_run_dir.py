@@ -133,6 +133,32 @@ def test_a_checkpoint_url_no_process_can_write_to_is_refused_before_anything_sta
     assert not list((tmp_path / "a").glob(".downpour-write-check-*"))
 
 
+def test_the_live_status_shows_the_workers_there_now_and_a_failure_of_unknown_detection_time():
+    """A coordinator restarted by hand (``--recover``) records its own failure with no detection
+    time; an elastic job has more workers than it planned."""
+    from rich.console import Console
+
+    from downpour.cli.status import render_live
+
+    def node(name, role):
+        return {"name": name, "role": role, "state": "alive", "host": "h", "pid": 1, "heartbeat_age_s": 0.5, "progress": {}}
+
+    status = {"job": "j", "phase": "training", "consistency": "async", "num_servers": 1, "num_workers": 1, "elapsed_s": 9.0,
+              "examples": 10, "steps": 1, "examples_per_s": 5.0, "nodes": [node("server-0", "server"), node("worker-0", "worker"),
+                                                                            node("worker-1", "worker"), node("worker-2", "worker")],
+              "failures": [{"node": "coordinator", "kind": "dead", "at_s": 4.0, "detected_after_s": None, "reason": "restarted"}]}
+    console = Console(width=200, record=True)
+    console.print(render_live(status))
+    text = console.export_text()
+    assert "1 servers, 3 workers (1 planned)" in text
+    assert "x coordinator dead at 4.0s: restarted" in text
+    status["failures"][0]["detected_after_s"] = 1.25
+    status["nodes"] = status["nodes"][:2]
+    console.print(render_live(status))
+    text = console.export_text()
+    assert "1 servers, 1 workers  up" in text and "(detected after 1.2s)" in text
+
+
 def test_status_of_a_finished_run_shows_its_auc_metrics_and_checkpoints():
     from rich.console import Console
 

@@ -42,8 +42,10 @@ def render_live(status: dict[str, Any], dashboard: str | None = None) -> Group:
     head = Text()
     head.append(f"{s.get('job', 'job')}  ", style="bold")
     head.append(s["phase"], style="bold red" if s["phase"] == "failed" else "bold green")
-    head.append(f"  {s.get('consistency', '')}  {s.get('num_servers', '?')} servers, {s.get('num_workers', '?')} workers"
-                f"  up {s['elapsed_s']:.0f}s\n")
+    live = sum(1 for n in s["nodes"] if n["role"] == "worker" and n["state"] in ("alive", "done"))
+    planned_workers = s.get("num_workers", "?")  # (an elastic job's workers come and go: those there now, too)
+    workers = f"{planned_workers} workers" if live == planned_workers else f"{live} workers ({planned_workers} planned)"
+    head.append(f"  {s.get('consistency', '')}  {s.get('num_servers', '?')} servers, {workers}  up {s['elapsed_s']:.0f}s\n")
     planned = s.get("planned_examples")  # (None: a stream)
     head.append(f"examples {s['examples']}{'' if planned is None else f'/{planned}'}  step {s['steps']}  {s['examples_per_s']:.0f} ex/s"
                 f"  loss {_num(s.get('loss'), '.4f')}")
@@ -76,8 +78,8 @@ def render_live(status: dict[str, Any], dashboard: str | None = None) -> Group:
         parts.append(Text(f"! {a['node']} {a['kind']} since {_clock(a['since_s'])} ({a['since_s']:.0f}s): {a['message']}; "
                           f"affects {what}", style="yellow"))
     for f in s.get("failures") or []:
-        parts.append(Text(f"x {f['node']} {f['kind']} at {f['at_s']:.1f}s (detected after {f['detected_after_s']:.1f}s): "
-                          f"{f['reason']}", style="red"))
+        detected = f" (detected after {f['detected_after_s']:.1f}s)" if f.get("detected_after_s") is not None else ""
+        parts.append(Text(f"x {f['node']} {f['kind']} at {f['at_s']:.1f}s{detected}: {f['reason']}", style="red"))
     if s.get("error"):
         parts.append(Text(f"error: {s['error']}", style="bold red"))
     return Group(*parts)
