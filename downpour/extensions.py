@@ -7,6 +7,8 @@ import, or names something that is not callable, is a :class:`ConfigError` namin
 
 from __future__ import annotations
 
+import math
+
 from collections.abc import Callable
 from typing import Any
 
@@ -56,6 +58,8 @@ def metric_value(name: str, spec: str, value: Any) -> float:
         value = value.item()
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise DataError(f"training.metrics.{name} ({spec}) must return a number, got {type(value).__name__}")
+    if not math.isfinite(value):  # (an empty class, a division by zero): reported as the metric's error
+        raise DataError(f"training.metrics.{name} ({spec}) returned {float(value)}, not a finite number")
     return float(value)
 
 

@@ -720,7 +720,7 @@ def test_a_metric_that_fails_at_the_end_is_reported_and_the_others_are_kept():
 
     job = parse_job({"model": MODEL, "training": {"batch_size": 8, "metrics": {
         "top2": "tests.byo_factories:top2_accuracy", "bad": "tests.byo_factories:metric_not_a_number",
-        "raises": "tests.byo_factories:metric_raises"}}, "cluster": {"num_servers": 1, "num_workers": 1}, "monitor": {"metrics": False}})
+        "raises": "tests.byo_factories:metric_raises", "nan": "tests.byo_factories:metric_nan"}}, "cluster": {"num_servers": 1, "num_workers": 1}, "monitor": {"metrics": False}})
     model = build_model(job.model, 0)
     layout = make_layout(param_shapes(model), 1)
     g = torch.Generator().manual_seed(0)
@@ -732,6 +732,14 @@ def test_a_metric_that_fails_at_the_end_is_reported_and_the_others_are_kept():
     assert list(result["metrics"]) == ["top2"] and result["metrics"]["top2"] >= result["test_accuracy"]
     assert "must return a number, got str" in result["metric_errors"]["bad"]
     assert result["metric_errors"]["raises"] == "ZeroDivisionError: the metric's own bug"
+    assert "returned nan, not a finite number" in result["metric_errors"]["nan"]  # (the report takes finite numbers only)
+    assert "test_loss_undefined" not in result
+    inf_loss = job.model_copy(update={"training": job.training.model_copy(update={"loss": "tests.byo_factories:loss_infinite_in_eval"})})
+    trainer = Trainer(inf_loss, FlatModel(model, layout, torch.device("cpu")), RecordingKV(len(layout.slices)), Dataset(test, test),
+                      "worker-0")
+    result = trainer.evaluate()
+    assert result["test_loss"] is None and "the test loss is inf" in result["test_loss_undefined"]
+    assert 0.0 <= result["test_accuracy"] <= 1.0
 
 
 def test_labels_beyond_the_models_outputs_are_a_clear_error_before_training():

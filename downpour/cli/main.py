@@ -128,6 +128,8 @@ def cmd_train(args) -> int:
         fmt = lambda v: "n/a" if v is None else f"{v:.4f}"  # noqa: E731  (no test split, or a loss with no accuracy)
         print(f"test accuracy: {fmt(s['test_accuracy'])}   test loss: {fmt(s['test_loss'])}"
               + "".join(f"   {k}: {fmt(v)}" for k, v in (s.get("test_metrics") or {}).items()))
+        if s.get("test_loss_undefined"):
+            print(f"downpour: {s['test_loss_undefined']}", file=sys.stderr)
         for k, why in (s.get("test_metric_errors") or {}).items():
             print(f"downpour: training.metrics.{k} failed: {why}", file=sys.stderr)
     if s.get("test_auc") is None and s.get("test_auc_undefined"):

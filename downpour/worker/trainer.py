@@ -525,6 +525,12 @@ class Trainer:
                     log.error("%s: training.metrics.%s (%s) failed: %s", self.name, name, t.metrics[name], errors[name])
             if errors:
                 result["metric_errors"] = errors
+        loss = result["test_loss"]
+        if loss is not None and not math.isfinite(loss):  # (the report takes finite numbers only)
+            result["test_loss"] = None
+            result["test_loss_undefined"] = (f"the test loss is {loss}: the model's outputs or the loss are not finite "
+                                             "on some test examples")
+            log.warning("%s: %s", self.name, result["test_loss_undefined"])
         return result
 
     def stats(self) -> dict[str, Any]:
