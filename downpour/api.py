@@ -24,6 +24,9 @@ import contextlib
 import logging
 import os
 import shlex
+import signal
+import sys
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
@@ -44,11 +47,12 @@ def default_run_dir(name: str) -> str:
     return os.path.join("runs", f"{name}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}")
 
 
-def check_run_dir(job: JobConfig, run_dir: str) -> None:
+def check_run_dir(job: JobConfig, run_dir: str, api: bool = False) -> None:
     """A run folder holds one job: one that already holds a job's state (its summary, its coordinator's
     state, checkpoints) is refused unless this job resumes from it. Another job's checkpoints there
     would mix with this one's (the latest and the ones pruned go by step, whichever job wrote them).
-    It is created here: a path that cannot be a folder is a clear error before anything starts."""
+    It is created here: a path that cannot be a folder is a clear error before anything starts.
+    ``api``: the advice names :func:`train`'s arguments, not the command line's."""
     try:
         os.makedirs(run_dir, exist_ok=True)
     except OSError as err:
@@ -58,12 +62,15 @@ def check_run_dir(job: JobConfig, run_dir: str) -> None:
     if job.checkpoint.url is None and os.path.isdir(checkpoints) and any(e.startswith("ckpt-") for e in os.listdir(checkpoints)):
         held.append("checkpoints/")
     resume, here = job.checkpoint.resume_from, os.path.abspath(run_dir)
+    new = "run_dir" if api else "--run-dir"
+    resume_it = (f"config checkpoint.resume_from={run_dir!r}" if api else
+                 f"--resume {shlex.quote(run_dir)} (checkpoint.resume_from)")
     if held and not (resume is not None and "://" not in resume and os.path.commonpath([os.path.abspath(resume), here]) == here):
         if job.checkpoint.url is None and "checkpoints/" not in held:  # (e.g. a job stopped before training began)
             raise ConfigError(f"the run folder {run_dir} already holds a job ({', '.join(held)}) that left no checkpoint "
-                              "to continue from: remove the folder, or give this job a new --run-dir")
-        raise ConfigError(f"the run folder {run_dir} already holds a job ({', '.join(held)}); continue it with "
-                          f"--resume {shlex.quote(run_dir)} (checkpoint.resume_from), or give this job a new --run-dir")
+                              f"to continue from: remove the folder, or give this job a new {new}")
+        raise ConfigError(f"the run folder {run_dir} already holds a job ({', '.join(held)}); continue it with {resume_it}, "
+                          f"or give this job a new {new}")
     if job.checkpoint.enabled and job.checkpoint.url:
         check_checkpoint_url(job)
 
@@ -200,8 +207,9 @@ def resolve_job(
         raw = dict(config or {})
     else:
         raise ConfigError(f"config must be a JobConfig, a mapping or a job file path, got {type(config).__name__}")
-    if model_fn is not None:
-        raw["model"] = {"factory": object_path(model_fn, "model_fn"), "args": (raw.get("model") or {}).get("args", {})}
+    if model_fn is not None:  # (the arguments a factory in the config had go to model_fn; a built-in model's do not)
+        model = raw.get("model") or {}
+        raw["model"] = {"factory": object_path(model_fn, "model_fn"), "args": {} if model.get("name") else model.get("args", {})}
     if dataset_fn is not None:
         data = dict(raw.get("data") or {})
         data.pop("name", None)
@@ -271,6 +279,15 @@ def train(
     Blocks until the job ends. Raises :class:`ConfigError` for a bad config or an import path
     that does not resolve, :class:`DataError` when the data is missing (nothing is started
     then), and :class:`JobFailed` naming the first node that failed.
+
+    Called from the main thread, the first Ctrl-C (SIGINT) stops the job gracefully, as
+    ``downpour train`` does: the workers leave after their step, a final checkpoint is committed,
+    and the result comes back with ``status`` ``"stopped"``; ``train(..., config=<the same job,
+    with checkpoint.resume_from=run_dir>, run_dir=run_dir)`` continues it. A second Ctrl-C stops
+    every process at once and raises :class:`KeyboardInterrupt`.
+
+    A module beside the script that calls this (``from mymodels import net``) is found by the
+    job's processes too: the script's folder goes on their ``PYTHONPATH``.
     """
     from downpour import imports
     from downpour.launch import make_launcher
@@ -284,6 +301,56 @@ def train(
     for advice in advisories(job):
         log.warning("downpour: %s", advice)
     run_dir = run_dir or default_run_dir(job.name)
-    check_run_dir(job, run_dir)
-    run = make_launcher(job, run_dir, launcher, address=address).run()
+    check_run_dir(job, run_dir, api=True)
+    with _script_folder_on_path():
+        job_launcher = make_launcher(job, run_dir, launcher, address=address)
+        with _graceful_interrupt(job_launcher):
+            run = job_launcher.run()
     return TrainResult(run.summary, run.run_dir, job)
+
+
+@contextlib.contextmanager
+def _script_folder_on_path() -> Iterator[None]:
+    """The folder of the script being run on the job's processes' ``PYTHONPATH`` while they start, as
+    it is on this process's path: a module beside the script (``from mymodels import net``) imports
+    there too. (They run ``python -m downpour`` in this process's folder, which may be another.)"""
+    main = sys.modules.get("__main__")
+    script = getattr(main, "__file__", None)
+    folder = os.path.dirname(os.path.abspath(script)) if isinstance(script, str) else None
+    if folder is None or folder not in sys.path or folder == os.getcwd():
+        yield
+        return
+    before = os.environ.get("PYTHONPATH")
+    os.environ["PYTHONPATH"] = os.pathsep.join([p for p in (before, folder) if p])
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("PYTHONPATH", None)
+        else:
+            os.environ["PYTHONPATH"] = before
+
+
+@contextlib.contextmanager
+def _graceful_interrupt(job_launcher: Any) -> Iterator[None]:
+    """In the main thread: the first Ctrl-C asks the job to stop gracefully, the second raises
+    KeyboardInterrupt (every process is then stopped at once). Elsewhere: Python's own."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def again(signum: int, frame: Any) -> None:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # (the clean-up is not cut short)
+        raise KeyboardInterrupt
+
+    def first(signum: int, frame: Any) -> None:
+        signal.signal(signal.SIGINT, again)
+        log.warning("downpour: Ctrl-C: stopping the job gracefully (final checkpoint, then every process stops); "
+                    "Ctrl-C again stops at once")
+        job_launcher.request_stop()
+
+    previous = signal.signal(signal.SIGINT, first)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)

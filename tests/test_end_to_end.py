@@ -264,6 +264,49 @@ def test_a_script_that_calls_train_without_a_main_guard_is_told_to_add_one(tmp_p
     assert not (tmp_path / "run" / "summary.json").exists()  # nothing started
 
 
+def test_a_script_run_from_another_folder_finds_its_sibling_module_and_its_first_ctrl_c_stops_the_job_gracefully(tmp_path):
+    """``python path/to/train.py``: the job's processes import a module beside the script as the
+    script did (before, the check passed and the job then failed to start), and Ctrl-C stops the
+    job as ``downpour train``'s does: a final checkpoint, and a result that says ``stopped``."""
+    folder = tmp_path / "project"
+    folder.mkdir()
+    (folder / "sibmodels.py").write_text(
+        "import torch\n"
+        "from torch.utils.data import TensorDataset\n"
+        "def net(): return torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 2))\n"
+        "def data():\n"
+        "    g = torch.Generator().manual_seed(0)\n"
+        "    x = torch.randn(4000, 8, generator=g)\n"
+        "    return TensorDataset(x, (x[:, 0] > 0).long()), TensorDataset(x[:500], (x[:500, 0] > 0).long())\n")
+    run_dir = tmp_path / "run"
+    (folder / "train.py").write_text(
+        "import downpour\n"
+        "from sibmodels import net, data\n"
+        "if __name__ == '__main__':\n"
+        "    result = downpour.train(net, data, {'training': {'epochs': 500, 'batch_size': 16}, 'monitor': {'metrics': False,\n"
+        "                           'tensorboard': False, 'dashboard': False}, 'cluster': {'num_servers': 1, 'num_workers': 2}},\n"
+        f"                           run_dir={str(run_dir)!r})\n"
+        "    print('STATUS', result['status'], result['checkpoints']['last'], flush=True)\n")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["PYTHONPATH"] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # downpour itself (not the project)
+    proc = subprocess.Popen([PY, str(folder / "train.py")], cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        wait_training(str(run_dir), timeout_s=90, steps=5)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=90)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, err[-3000:]
+    assert "stopping the job gracefully" in err
+    status = out.split("STATUS ")[1].split()
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert status[0] == summary["status"] == "stopped" and status[1] == summary["checkpoints"]["last"] != "None"
+    assert 0 < summary["examples"] < 500 * 4000
+
+
 def test_overlap_ipc_and_the_greedy_partitioner_train_together(tmp_path, tiny_data):
     # A gentler rate: overlap adds a step of staleness, which lr 0.05 with momentum 0.9 does not always survive.
     job = tiny_job(tiny_data, training={"overlap": True, "epochs": 2}, optimizer={"lr": 0.02},

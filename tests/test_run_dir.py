@@ -35,6 +35,23 @@ def test_a_run_folder_that_holds_a_job_is_refused_unless_the_job_resumes_from_it
         check_run_dir(job(resume_from=str(tmp_path / "run-other")), str(run))  # a prefix of the name is not the folder
 
 
+def test_the_python_apis_advice_for_a_run_folder_in_use_names_its_own_arguments(tmp_path):
+    run = tmp_path / "run"
+    (run / "checkpoints" / "ckpt-000000000300-0003").mkdir(parents=True)
+    with pytest.raises(ConfigError, match=r"continue it with config checkpoint.resume_from='.*run', or give this job a new run_dir$"):
+        check_run_dir(job(), str(run), api=True)
+
+
+def test_a_model_fn_given_with_a_job_file_of_a_built_in_model_leaves_that_models_arguments_behind():
+    from downpour.api import resolve_job
+    from tests.api_factories import small_model
+
+    job = resolve_job(os.path.join(os.path.dirname(__file__), "..", "examples", "mnist.yaml"), model_fn=small_model)
+    assert job.model.factory == "tests.api_factories:small_model" and job.model.args == {}  # not mlp's hidden, dropout
+    job = resolve_job({"model": {"factory": "tests.byo_factories:bn_cnn", "args": {"width": 8}}}, model_fn=small_model)
+    assert job.model.args == {"width": 8}  # a factory's arguments are model_fn's
+
+
 def test_an_empty_checkpoints_folder_or_checkpoints_kept_elsewhere_do_not_count(tmp_path):
     (tmp_path / "checkpoints").mkdir()
     check_run_dir(job(), str(tmp_path))
