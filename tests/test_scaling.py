@@ -181,13 +181,31 @@ def _single_sync_worker(schedule_cfg: dict, make_sched, steps: int = 25):
     return store.read(store.all), torch.cat([p.detach().reshape(-1) for p in ref.parameters()])
 
 
-@pytest.mark.parametrize("name", ["step", "cosine"])
+ONECYCLE = {"name": "torch", "scheduler": "OneCycleLR", "args": {"max_lr": 0.5, "total_steps": 25}}
+
+
+@pytest.mark.parametrize("name", ["step", "cosine", "onecycle"])
 def test_one_sync_worker_with_a_schedule_matches_torch(name):
-    cfg = {"step": {"name": "step", "step_size": 6, "gamma": 0.3}, "cosine": {"name": "cosine", "t_max": 20}}[name]
+    """OneCycleLR also cycles SGD's momentum (cycle_momentum, on by default): the servers follow it."""
+    cfg = {"step": {"name": "step", "step_size": 6, "gamma": 0.3}, "cosine": {"name": "cosine", "t_max": 20},
+           "onecycle": ONECYCLE}[name]
     make = {"step": lambda o: torch.optim.lr_scheduler.StepLR(o, 6, 0.3),
-            "cosine": lambda o: torch.optim.lr_scheduler.CosineAnnealingLR(o, 20)}[name]
+            "cosine": lambda o: torch.optim.lr_scheduler.CosineAnnealingLR(o, 20),
+            "onecycle": lambda o: torch.optim.lr_scheduler.OneCycleLR(o, max_lr=0.5, total_steps=25)}[name]
     got, want = _single_sync_worker(cfg, make)
     torch.testing.assert_close(got, want, **TOL)
+
+
+def test_a_schedule_that_cycles_the_momentum_of_a_job_without_sgd_momentum_is_refused():
+    for optimizer in ({"name": "adam", "lr": 0.01}, {"name": "sgd", "lr": 0.01, "momentum": 0.0}):  # (SGD without momentum: none to cycle)
+        j = job({**optimizer, "schedule": ONECYCLE})
+        with pytest.raises(ConfigError, match=r"OneCycleLR changes the momentum .*args\.cycle_momentum: false"):
+            check_hyperparameters(j, 32 * 25)
+        check_hyperparameters(job({**optimizer, "schedule": {**ONECYCLE, "args": {**ONECYCLE["args"], "cycle_momentum": False}}}),
+                              32 * 25)
+    check_hyperparameters(job({"name": "sgd", "lr": 0.01, "momentum": 0.9, "schedule": ONECYCLE}), 32 * 25)
+    check_hyperparameters(job({"name": "adam", "lr": 0.01, "schedule": {"name": "torch", "scheduler": "CosineAnnealingWarmRestarts",
+                                                                          "args": {"T_0": 9}}}), 32 * 25)
 
 
 def test_a_schedule_that_yields_nan_is_a_config_error_naming_it():

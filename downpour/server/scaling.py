@@ -95,7 +95,8 @@ def check_hyperparameters(job: JobConfig, num_train: int) -> None:
     planned = job.planned_steps(num_train)
     if planned:  # a stream has no planned length: its schedule is checked over its first steps
         check_scaling(job, planned)
-    check_schedule(job.optimizer.schedule, job.effective_lr(), planned or UNBOUNDED_CHECK_STEPS)
+    check_schedule(job.optimizer.schedule, job.effective_lr(), planned or UNBOUNDED_CHECK_STEPS,
+                   getattr(job.optimizer, "momentum", None))
 
 
 def check_scaling(job: JobConfig, planned_steps: int) -> None:
@@ -154,7 +155,7 @@ class Hyperparams:
         self.base_lr = job.effective_lr()
         self.momentum = getattr(opt, "momentum", None)
         self.plan = resolve(job, planned_steps)
-        self.schedule = make_schedule(opt.schedule, self.base_lr)
+        self.schedule = make_schedule(opt.schedule, self.base_lr, self.momentum)
         self.scheduled = opt.schedule is not None
         self.staleness = RunningMean(self.plan.staleness_window)
         self.workers = job.cluster.num_workers  # live workers (MEMBERSHIP); shown beside the values
@@ -179,6 +180,9 @@ class Hyperparams:
             if not (math.isfinite(f) and f >= 0):
                 raise ConfigError(f"optimizer.schedule: lr factor {f} at job step {step}; it must be a finite number of at least 0")
             lr = lr * f
+            scheduled = self.schedule.momentum(step)  # (OneCycleLR's cycle_momentum)
+            if scheduled is not None and momentum is not None:
+                momentum = scheduled
         p = self.plan
         if pushes > 1 and p.sync_lr != "none":
             lr = lr * sync_factor(p.sync_lr, pushes, step, p.warmup_steps)

@@ -5,7 +5,9 @@ one worker) to a factor of ``optimizer.lr``. The built-in schedules are torch's 
 (StepLR, MultiStepLR, ExponentialLR, CosineAnnealingLR); ``lambda`` calls the user's
 function, as LambdaLR does; ``torch`` builds any ``torch.optim.lr_scheduler``-style class on a
 one-parameter optimizer and steps it once per job step, remembering every value it produced,
-so that keys at different steps cost nothing. Tests compare each to torch to 1e-7.
+so that keys at different steps cost nothing. Tests compare each to torch to 1e-7. A scheduler that
+also sets the momentum (OneCycleLR's and CyclicLR's ``cycle_momentum``) gives SGD's momentum at
+each step too (:meth:`Schedule.momentum`); for a job with no SGD momentum to give it to, it is refused.
 
 :func:`check_schedule` runs a schedule over a job's planned steps at load time and names the
 field when it yields something that is not a positive finite factor (NaN, Inf, below 0).
@@ -46,6 +48,10 @@ class Schedule:
     def factor(self, step: int) -> float:
         return 1.0
 
+    def momentum(self, step: int) -> float | None:
+        """SGD's momentum at ``step`` where the schedule sets it; None: the job's own."""
+        return None
+
 
 class ClosedForm(Schedule):
     def __init__(self, fn: Callable[[int], float]) -> None:
@@ -58,10 +64,11 @@ class ClosedForm(Schedule):
 class Recorded(Schedule):
     """A torch lr_scheduler-style object stepped forward on demand; every value is kept."""
 
-    def __init__(self, cls: Callable, args: dict, base_lr: float) -> None:
+    def __init__(self, cls: Callable, args: dict, base_lr: float, momentum: float | None = None) -> None:
         self.base_lr = base_lr
         self.param = torch.nn.Parameter(torch.zeros(1))
-        self.opt = torch.optim.SGD([self.param], lr=base_lr)
+        self.opt = torch.optim.SGD([self.param], lr=base_lr, momentum=momentum or 0.0)
+        self.job_momentum = momentum
         try:
             self.sched = cls(self.opt, **args)
         except Exception as err:  # the user's class and arguments: any failure is a config error
@@ -69,6 +76,7 @@ class Recorded(Schedule):
         if not hasattr(self.sched, "step"):
             raise ConfigError(f"{FIELD}: {type(self.sched).__name__} has no step() method")
         self.values = array("d", [self.opt.param_groups[0]["lr"] / base_lr])
+        self.momenta = array("d", [self.opt.param_groups[0]["momentum"]])
         self.failed = False
 
     def factor(self, step: int) -> float:
@@ -84,11 +92,21 @@ class Recorded(Schedule):
                 self.failed = True
                 break
             self.values.append(self.opt.param_groups[0]["lr"] / self.base_lr)
+            self.momenta.append(self.opt.param_groups[0]["momentum"])
         return self.values[min(step, len(self.values) - 1)]
 
+    def momentum(self, step: int) -> float | None:
+        self.factor(step)  # (stepped that far)
+        return self.momenta[min(step, len(self.momenta) - 1)] if self.job_momentum else None
 
-def make_schedule(cfg: ScheduleConfig | None, base_lr: float) -> Schedule:
-    """The schedule ``cfg`` describes, for a job whose lr is ``base_lr``."""
+    def sets_momentum(self) -> bool:
+        """Whether the scheduler changed the momentum in the steps taken so far."""
+        return any(m != self.momenta[0] for m in self.momenta) or self.momenta[0] != (self.job_momentum or 0.0)
+
+
+def make_schedule(cfg: ScheduleConfig | None, base_lr: float, momentum: float | None = None) -> Schedule:
+    """The schedule ``cfg`` describes, for a job whose lr is ``base_lr`` and SGD momentum ``momentum``
+    (None: its optimizer has none)."""
     if cfg is None:
         return Schedule()
     if isinstance(cfg, StepSchedule):
@@ -104,7 +122,7 @@ def make_schedule(cfg: ScheduleConfig | None, base_lr: float) -> Schedule:
     if isinstance(cfg, LambdaSchedule):
         return ClosedForm(import_object(cfg.function, f"{FIELD}.function"))
     if isinstance(cfg, TorchSchedule):
-        return Recorded(_scheduler_class(cfg.scheduler), cfg.args, base_lr)
+        return Recorded(_scheduler_class(cfg.scheduler), cfg.args, base_lr, momentum)
     raise ConfigError(f"{FIELD}: unknown schedule {cfg!r}")
 
 
@@ -123,12 +141,13 @@ def _scheduler_class(name: str) -> Callable:
     return cls
 
 
-def check_schedule(cfg: ScheduleConfig | None, base_lr: float, steps: int) -> None:
+def check_schedule(cfg: ScheduleConfig | None, base_lr: float, steps: int, momentum: float | None = None) -> None:
     """Raise :class:`ConfigError` naming the field if the schedule's factor is not a finite number
-    of at least 0 at some step in ``[0, steps]`` (every step up to 100,000, then a sample)."""
+    of at least 0 at some step in ``[0, steps]`` (every step up to 100,000, then a sample), or if it
+    sets a momentum the job has not (``momentum``: the job's SGD momentum; None or 0: none)."""
     if cfg is None:
         return
-    schedule = make_schedule(cfg, base_lr)
+    schedule = make_schedule(cfg, base_lr, momentum)
     dense = min(steps, _CHECK_STEPS)
     where = list(range(dense + 1))
     if steps > dense and not isinstance(schedule, Recorded):  # a recorded one would step to each sample
@@ -141,3 +160,7 @@ def check_schedule(cfg: ScheduleConfig | None, base_lr: float, steps: int) -> No
         if not (math.isfinite(f) and f >= 0):
             raise ConfigError(f"{FIELD}: the {cfg.name} schedule yields lr factor {f} at step {t}; "
                               "it must be a finite number of at least 0")
+    if isinstance(schedule, Recorded) and not momentum and schedule.sets_momentum():
+        raise ConfigError(f"{FIELD}: {type(schedule.sched).__name__} changes the momentum at each step (cycle_momentum), "
+                          "which the servers give to SGD's momentum only: use optimizer sgd with a momentum > 0, or set "
+                          f"{FIELD}.args.cycle_momentum: false")
