@@ -8,7 +8,6 @@ import, or names something that is not callable, is a :class:`ConfigError` namin
 from __future__ import annotations
 
 import math
-
 from collections.abc import Callable
 from typing import Any
 

@@ -720,7 +720,8 @@ def test_a_metric_that_fails_at_the_end_is_reported_and_the_others_are_kept():
 
     job = parse_job({"model": MODEL, "training": {"batch_size": 8, "metrics": {
         "top2": "tests.byo_factories:top2_accuracy", "bad": "tests.byo_factories:metric_not_a_number",
-        "raises": "tests.byo_factories:metric_raises", "nan": "tests.byo_factories:metric_nan"}}, "cluster": {"num_servers": 1, "num_workers": 1}, "monitor": {"metrics": False}})
+        "raises": "tests.byo_factories:metric_raises", "nan": "tests.byo_factories:metric_nan"}},
+        "cluster": {"num_servers": 1, "num_workers": 1}, "monitor": {"metrics": False}})
     model = build_model(job.model, 0)
     layout = make_layout(param_shapes(model), 1)
     g = torch.Generator().manual_seed(0)

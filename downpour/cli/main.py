@@ -362,7 +362,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("job", help="job file (YAML)")
     t.add_argument("--run-dir", help="run folder (default: runs/NAME-TIMESTAMP)")
     t.add_argument("--data", help="the job's data: a folder or fsspec URL, read by the job's data source (sets data.path)")
-    t.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a job field, e.g. --set epochs=3 (null: an optional field off, any other back to its default)")
+    t.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override a job field, e.g. --set epochs=3 (null: an optional field off, any other back to its default)")
     t.add_argument("--quiet", action="store_true", help="no progress output")
     t.add_argument("--insecure", action="store_true",
                    help="no authentication or encryption between the job's processes (default: ipc sockets in a "
