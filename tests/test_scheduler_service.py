@@ -96,6 +96,29 @@ def job_yaml(data, servers=1, workers=1, **sections):
     return yaml.safe_dump(tiny_job(data, cluster={"num_servers": servers, "num_workers": workers}, **sections))
 
 
+def test_a_job_naming_a_factory_beside_its_job_file_is_checked_where_it_was_submitted_from(make, tiny_data, tmp_path):
+    """`downpour submit` from a project folder: the scheduler imports the factory from there, as
+    `downpour train` there would, and forgets it afterwards (another folder may hold another one)."""
+    import sys
+
+    s, _, _ = make()
+    job = yaml.safe_load(job_yaml(tiny_data))
+    job["model"] = {"factory": "projmodels:net"}
+    for n, width in (("a", 8), ("b", 12)):
+        (tmp_path / n).mkdir()
+        (tmp_path / n / "projmodels.py").write_text(
+            f"import torch\ndef net(): return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(784, {width}), "
+            f"torch.nn.ReLU(), torch.nn.Linear({width}, 10))\n")
+    with pytest.raises(ConfigError, match="model.factory: cannot import 'projmodels'"):
+        s.submit(yaml.safe_dump(job), cwd=str(tmp_path))  # no such module there
+    assert s.submit(yaml.safe_dump(job), cwd=str(tmp_path / "a")).name == "tiny"
+    assert "projmodels" not in sys.modules and str(tmp_path / "a") not in sys.path
+    bad = dict(job, training={**job["training"], "loss": "projmodels:nope"})
+    with pytest.raises(ConfigError, match="projmodels:nope"):
+        s.submit(yaml.safe_dump(bad), cwd=str(tmp_path / "b"))
+    assert len(s.jobs) == 1
+
+
 def test_a_bad_job_is_refused_naming_the_field_and_nothing_is_stored(make, tiny_data):
     s, _, _ = make()
     bad = yaml.safe_load(job_yaml(tiny_data))

@@ -11,13 +11,16 @@ The HTTP API (http.py) and the CLI only call :meth:`submit`, :meth:`cancel`, :me
 
 from __future__ import annotations
 
+import contextlib
+import importlib
 import logging
 import os
 import re
 import signal
+import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import yaml
@@ -108,8 +111,9 @@ class Scheduler:
         raw = parse_yaml(job_yaml, "(submitted)")
         if not isinstance(raw, dict):
             raise ConfigError("job file: expected a mapping of sections (model, data, training, ...)")
-        spec = parse_job(apply_overrides(raw, list(overrides or [])), "submitted job")
-        check_data(spec)  # missing data: refused now, not after N failed starts
+        with _importable_from(cwd):  # (a factory beside the job file, as `downpour train` there would find it)
+            spec = parse_job(apply_overrides(raw, list(overrides or [])), "submitted job")
+            check_data(spec)  # missing data: refused now, not after N failed starts
         mem = self.settings.memory_mb_per_task if memory_mb_per_task is None else int(memory_mb_per_task)
         if mem <= 0:
             raise ConfigError(f"memory_mb: must be > 0, got {mem}")
@@ -282,3 +286,31 @@ class Scheduler:
                 continue
             self._ended(job, self.runner.exit(job.pid, job.run_dir) if job.pid is not None else Exit(None, None), now)
             self.store.save(job)
+
+
+_IMPORTS = threading.Lock()  # sys.path is the process's: one submission's folder on it at a time
+
+
+@contextlib.contextmanager
+def _importable_from(folder: str | None) -> Iterator[None]:
+    """A job's import paths (``mymodels:net``) resolve from the folder it was submitted from, where it
+    will run, as ``downpour train``'s do from its own (after what is installed). The modules imported
+    from there are forgotten afterwards: another submission's folder may hold others of the same name."""
+    if not folder or not os.path.isdir(folder):
+        yield
+        return
+    folder = os.path.abspath(folder)
+    with _IMPORTS:
+        before, added = set(sys.modules), folder not in sys.path
+        if added:
+            sys.path.append(folder)
+        try:
+            yield
+        finally:
+            if added:
+                sys.path.remove(folder)
+            for name in set(sys.modules) - before:
+                where = getattr(sys.modules[name], "__file__", None) or ""
+                if where.startswith(folder + os.sep):
+                    del sys.modules[name]
+            importlib.invalidate_caches()
