@@ -296,3 +296,29 @@ def test_on_ray_a_lost_node_s_process_is_replaced_where_there_is_room_and_the_jo
         assert placement[f"{lost}.2"]["node_id"] == spare.node_id
     else:
         assert f"{lost}.2" not in placement and s["workers_trained"] == 2
+
+
+def test_a_ray_address_where_nothing_answers_or_that_ray_rewrites_to_a_dead_one_is_refused_at_once(monkeypatch):
+    """ray.init retries such an address for minutes; a loopback one Ray rewrites as this machine's
+    own address, where a cluster started on 127.0.0.1 does not listen."""
+    import socket
+
+    services = pytest.importorskip("ray._private.services")
+    from downpour.launch.ray_cluster import check_ray_address
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    port = listener.getsockname()[1]
+    try:
+        monkeypatch.setattr(services, "resolve_ip_for_localhost", lambda host: "127.0.0.3")  # (nothing there)
+        with pytest.raises(JobFailed, match=rf"listens on 127\.0\.0\.1 only, but Ray connects .* 127\.0\.0\.3.*127\.0\.0\.2"):
+            check_ray_address(f"127.0.0.1:{port}")
+        monkeypatch.setattr(services, "resolve_ip_for_localhost", lambda host: host)
+        check_ray_address(f"127.0.0.1:{port}")  # what Ray will use answers
+        for fine in ("auto", None, "ray://127.0.0.1:1"):
+            check_ray_address(fine)  # (not a HOST:PORT this checks)
+    finally:
+        listener.close()
+    with pytest.raises(JobFailed, match=rf"cannot reach the Ray cluster at 127.0.0.1:{port}: nothing answers there"):
+        check_ray_address(f"127.0.0.1:{port}")

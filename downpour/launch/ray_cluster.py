@@ -25,6 +25,7 @@ import logging
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -208,6 +209,44 @@ class RayProcess:
         self.send_signal(signal.SIGKILL)
 
 
+_LOOPBACK = ("localhost", "127.0.0.1", "::1")
+
+
+def check_ray_address(address: str | None, timeout_s: float = 5.0) -> None:
+    """Raise :class:`JobFailed` at once for a ``HOST:PORT`` Ray address where nothing answers (``ray.init``
+    would retry for minutes), and for a cluster listening on 127.0.0.1 only: Ray connects to a
+    loopback host as this machine's own address (``resolve_ip_for_localhost``), where it is not."""
+    if not address or address in ("auto", "local") or "://" in address or ":" not in address:
+        return
+    host, _, port_text = address.rpartition(":")
+    host = host.strip("[]")
+    if not port_text.isdigit():
+        return
+    port = int(port_text)
+    try:
+        socket.create_connection((host, port), timeout=timeout_s).close()
+    except OSError as err:
+        raise JobFailed(f"cannot reach the Ray cluster at {address}: nothing answers there ({err.strerror or err})",
+                        node="launcher") from None
+    if host not in _LOOPBACK:
+        return
+    try:
+        from ray._private.services import resolve_ip_for_localhost  # (Ray's own rewrite: private, so guarded)
+
+        used = resolve_ip_for_localhost(host)
+    except Exception:  # noqa: BLE001 - another Ray version: ray.init says what it finds
+        return
+    if used == host:
+        return
+    try:
+        socket.create_connection((used, port), timeout=timeout_s).close()
+    except OSError:
+        raise JobFailed(f"the Ray cluster at {address} listens on {host} only, but Ray connects to {host} as this machine's "
+                        f"address {used}, where nothing answers (ray.init would wait for minutes): start the cluster with "
+                        f"--node-ip-address {used} (or another loopback address, such as 127.0.0.2) and give that "
+                        "address", node="launcher") from None
+
+
 class RayLauncher(LocalLauncher):
     """:class:`LocalLauncher`'s contract (``run``, ``request_stop``) with processes placed by Ray."""
 
@@ -232,6 +271,7 @@ class RayLauncher(LocalLauncher):
                 cpus = sum(b.get("CPU", 0.0) for b in self._bundles()) + self.job.ray.coordinator.num_cpus
                 kwargs.update(num_cpus=max(1, int(cpus + 0.999)), object_store_memory=80 * 2**20)
                 kwargs.pop("include_dashboard")
+            check_ray_address(self.ray_address)
             try:
                 ray.init(**kwargs)
             except ConnectionError as err:
