@@ -312,7 +312,7 @@ def test_a_ray_address_where_nothing_answers_or_that_ray_rewrites_to_a_dead_one_
     port = listener.getsockname()[1]
     try:
         monkeypatch.setattr(services, "resolve_ip_for_localhost", lambda host: "127.0.0.3")  # (nothing there)
-        with pytest.raises(JobFailed, match=rf"listens on 127\.0\.0\.1 only, but Ray connects .* 127\.0\.0\.3.*127\.0\.0\.2"):
+        with pytest.raises(JobFailed, match=r"listens on 127\.0\.0\.1 only, but Ray connects .* 127\.0\.0\.3.*127\.0\.0\.2"):
             check_ray_address(f"127.0.0.1:{port}")
         monkeypatch.setattr(services, "resolve_ip_for_localhost", lambda host: host)
         check_ray_address(f"127.0.0.1:{port}")  # what Ray will use answers
