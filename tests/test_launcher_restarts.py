@@ -73,6 +73,10 @@ def test_no_worker_left_only_when_every_worker_failed_and_none_can_be_started(tm
     if left:
         assert isinstance(gone, JobFailed) and gone.node == "worker-1"
         assert "none is left to start" in str(gone) and "RuntimeError: a broken loss" in str(gone)
+        assert "not restarted again" not in str(gone)
+        # Restarts were left, but each rank's replacement failed as it did: the message says why none was started
+        launcher._crash_loop(proc(tmp_path, "worker-0.2", 1, TRACE, inherited=launcher.procs[2].error()), "...")
+        assert "0 used; worker-0 not restarted again: its replacement failed with the same error" in str(launcher._no_worker_left())
 
 
 def test_a_logged_error_is_the_same_whatever_its_time_pid_and_replacement_name(tmp_path, launcher):

@@ -127,6 +127,7 @@ class LocalLauncher:
         self.procs: list[Proc] = []
         self.restarts = 0  # worker replacements started
         self.server_restarts = 0  # server replacements started
+        self.crash_loops: set[str] = set()  # ranks (worker-1, server-0) not restarted again: a crash loop
         self.coordinator_restarts = 0
         self.coordinator: Proc | None = None
         self.stopping = False  # request_stop() was called: a graceful stop is under way
@@ -373,6 +374,7 @@ class LocalLauncher:
             return False
         log.warning("%s with the same error as the process it replaced (%s): not replaced again; %s",
                     p.describe_exit(), error[:200], instead)
+        self.crash_loops.add(p.name.split(".")[0])
         return True
 
     def _no_worker_left(self) -> JobFailed | None:
@@ -387,8 +389,11 @@ class LocalLauncher:
         if last.exit_code == 0 or not all(p.replaced for p in workers if p.exit_code):
             return None
         tail = last.log_tail()
+        looped = sorted(r for r in self.crash_loops if r.startswith("worker-"))
+        why = (f"; {', '.join(looped)} not restarted again: {'its replacement' if len(looped) == 1 else 'each one replacement'} "
+               "failed with the same error, as every other would" if looped else "")
         return JobFailed(f"every worker process has died and none is left to start (cluster.worker_restarts="
-                         f"{self.job.cluster.worker_restarts}, {self.restarts} used); the last: {last.describe_exit()}; "
+                         f"{self.job.cluster.worker_restarts}, {self.restarts} used{why}); the last: {last.describe_exit()}; "
                          "stopping the job." + (f"\n--- end of {last.log_path} ---\n{tail}" if tail else ""), node=last.name)
 
     @staticmethod
