@@ -244,3 +244,15 @@ def test_an_idx_data_path_that_is_a_file_says_so(tmp_path):
     path.write_bytes(b"\0")
     with pytest.raises(DataError, match=r"\(a file, not a folder of IDX files\)"):
         find_idx_files(str(path))
+
+
+def test_a_batch_that_is_not_inputs_and_target_is_refused_saying_how_to_make_one():
+    from downpour.data.loader import as_batch
+
+    x, y = torch.zeros(2, 3), torch.zeros(2, dtype=torch.long)
+    assert as_batch({"inputs": x, "target": y}, "data")[1] is y  # a dict of those two parts is one
+    with pytest.raises(DataError, match=r"got a dict of \['image', 'label'\]: name its parts 'inputs' and 'target', or give "
+                                        r"data.loader.collate_fn"):
+        as_batch({"image": x, "label": y}, "data")
+    with pytest.raises(DataError, match="got tuple of 3 items"):
+        as_batch((x, y, y), "data")

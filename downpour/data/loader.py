@@ -89,6 +89,10 @@ def as_batch(batch: Any, where: str) -> tuple[Inputs, torch.Tensor]:
     if isinstance(batch, dict) and "target" in batch:
         x = batch.get("inputs", batch.get("input"))
         batch = (x, batch["target"])
+    if isinstance(batch, dict):
+        raise DataError(f"{where}: a batch must be (inputs, target), got a dict of {sorted(map(str, batch))[:8]}: name its "
+                        "parts 'inputs' and 'target', or give data.loader.collate_fn, a function that makes the batch "
+                        "(inputs, target)")
     if not isinstance(batch, (tuple, list)) or len(batch) != 2:
         raise DataError(f"{where}: a batch must be (inputs, target), got {type(batch).__name__}"
                         + (f" of {len(batch)} items" if isinstance(batch, (tuple, list)) else ""))
