@@ -182,8 +182,8 @@ class Coordinator:
             routes["/api/history"] = lambda: ("application/json", self.history.to_json())  # built on request
         self.endpoint = HttpEndpoint(mon.http_host, mon.dashboard_port, routes, "coordinator") if routes else None
         if self.endpoint is not None:
-            log.info("coordinator: dashboard at http://%s/ (metrics at /metrics, Prometheus targets at /targets)",
-                     self.endpoint.address)
+            log.info("coordinator: %s at http://%s/ (metrics at /metrics, Prometheus targets at /targets)",
+                     "dashboard" if mon.dashboard else "HTTP endpoint (monitor.dashboard is off)", self.endpoint.address)
             if self.run_dir:
                 url = advertised(self.endpoint.address, None, self.advertise, "dashboard", True)
                 write_atomic(os.path.join(self.run_dir, "dashboard.url"), f"http://{url}/\n")
