@@ -177,6 +177,8 @@ def test_an_event_with_bytes_that_are_not_utf8_or_json_nested_too_deep_is_malfor
     assert b.offsets.tolist() == [1, 5] and b.malformed == 3
     named = parse_events([RawEvent(1, {"tsv": ROW, "ts": "yesterday"})], "t", 0)
     assert named.malformed == 1 and "ts is 'yesterday', expected seconds since the epoch" in named.reasons[0]
+    truth = parse_events([RawEvent(1, {"json": json.dumps({"label": 1, "ts": True})})], "t", 0)
+    assert truth.malformed == 1 and "ts is 'True', expected seconds since the epoch" in truth.reasons[0]
     huge = parse_events([RawEvent(1, {"json": json.dumps({"label": 1, "I1": 10**19})})], "t", 0)
     assert huge.malformed == 1 and "I1 is 10000000000000000000, beyond the 64-bit integer range" in huge.reasons[0]
 

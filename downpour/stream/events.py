@@ -73,6 +73,8 @@ def _json_row(text: str) -> str:
 def _seconds(value: object) -> float:
     """An event's ``ts``: a finite number of seconds since the epoch, else a ValueError naming the field."""
     try:
+        if isinstance(value, bool):  # (JSON true is not a time)
+            raise TypeError
         ts = float(value)  # type: ignore[arg-type]
     except (TypeError, ValueError):
         raise ValueError(f"ts is {str(value)[:40]!r}, expected seconds since the epoch") from None
