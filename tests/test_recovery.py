@@ -260,6 +260,9 @@ def test_a_job_whose_initializing_worker_died_before_it_wrote_the_parameters_is_
     assert summary["status"] == "ok" and summary["examples"] == 2 * 2400  # nothing lost, nothing twice
     assert [f["node"] for f in summary["failures"]] == ["worker-0"]
     assert summary["test_accuracy"] > 0.5
+    [exit] = summary["launcher"]["exits"]  # how the process ended, as the launcher saw it
+    assert exit["process"] == "worker-0" and exit["exit_code"] == 7 and "exited with code 7" in exit["how"]
+    assert summary["launcher"]["restarts"] == {"worker": min(restarts, 1), "server": 0, "coordinator": 0}
 
 
 def test_a_server_whose_process_exits_after_training_is_seen_at_once_and_the_failure_says_to_resume():

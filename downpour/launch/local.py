@@ -454,6 +454,24 @@ class LocalLauncher:
         self.coordinator = self._spawn(name, [*args, "--recover", "--lost-at", repr(time.time())])
         return True
 
+    def _record_exits(self, summary: dict[str, Any], path: str) -> None:
+        """Add the processes that died while the job ran, as this launcher saw them, to the summary
+        (``launcher.exits``, ``launcher.restarts``): the coordinator's ``failures`` name only nodes it
+        knew, so not a process that died before it registered, and not how a process ended."""
+        exits = [{"process": p.name, "pid": p.popen.pid, "exit_code": p.exit_code, "how": p.describe_exit(),
+                  **({"error": p.error()} if p.error() else {})}
+                 for p in self.procs if p.replaced and p.exit_code not in (0, EXIT_STOPPED)]  # (not those that left as told)
+        if not exits:
+            return
+        from downpour.coordinator.service import write_json
+
+        summary["launcher"] = {"exits": exits, "restarts": {"worker": self.restarts, "server": self.server_restarts,
+                                                             "coordinator": self.coordinator_restarts}}
+        try:
+            write_json(path, summary)
+        except OSError as err:
+            log.warning("could not add the launcher's record to %s: %s", path, err)
+
     def _respawn_args(self, p: Proc) -> list[str]:
         args = [a for a in p.args if a not in ("--insecure", "--recover")]
         for flag in ("--keys", "--lost-at"):
@@ -486,6 +504,7 @@ class LocalLauncher:
             raise JobFailed(f"{coord.describe_exit()} before writing the job's summary; stopping the job."
                             + (f"\n--- end of {coord.log_path} ---\n{tail}" if tail else ""), node="coordinator") from None
         codes = {p.name: p.exit_code for p in self.procs}
+        self._record_exits(summary, summary_path)
         if summary.get("status") not in ("ok", "stopped"):
             node = summary.get("failed_node") or (failed[0].name if failed else "coordinator")
             culprit = next((p for p in self.procs if p.name == node), None)
