@@ -743,6 +743,24 @@ def test_a_metric_that_fails_at_the_end_is_reported_and_the_others_are_kept():
     assert 0.0 <= result["test_accuracy"] <= 1.0
 
 
+def test_a_binary_model_whose_outputs_are_nan_reports_no_auc_log_loss_or_loss_instead_of_numbers_no_report_takes():
+    job = parse_job({"model": {"name": "mlp", "args": {"input_shape": [6], "hidden": [4], "num_classes": 1}},
+                     "training": {"batch_size": 8, "loss": "binary_cross_entropy"}, "cluster": {"num_servers": 1, "num_workers": 1},
+                     "monitor": {"metrics": False}})
+    model = build_model(job.model, 0)
+    with torch.no_grad():
+        next(model.parameters()).fill_(float("nan"))  # (a diverged model)
+    layout = make_layout(param_shapes(model), 1)
+    g = torch.Generator().manual_seed(0)
+    test = ArrayDataset(torch.randn(40, 6, generator=g).numpy(), (np.arange(40) % 2).astype(np.float32))
+    trainer = Trainer(job, FlatModel(model, layout, torch.device("cpu")), RecordingKV(len(layout.slices)), Dataset(test, test),
+                      "worker-0")
+    result = trainer.evaluate()
+    assert result["test_auc"] is None and "not finite" in result["test_auc_undefined"]
+    assert result["test_logloss"] is None and "the test log loss is nan" in result["test_logloss_undefined"]
+    assert result["test_loss"] is None and "the test loss is nan" in result["test_loss_undefined"]
+
+
 def test_labels_beyond_the_models_outputs_are_a_clear_error_before_training():
     from downpour.data import ArrayDataset, Dataset
     from downpour.errors import ConfigError

@@ -123,21 +123,21 @@ def cmd_train(args) -> int:
     if online:  # a stream: no test split; its events were scored before they were trained on
         auc, ll = online.get("prequential_auc"), online.get("prequential_logloss")
         print(f"stream: {online['events']} events trained, {online['malformed']} malformed skipped; prequential AUC "
-              f"{'n/a' if auc is None else f'{auc:.4f}'}, log loss {'n/a' if ll is None else f'{ll:.4f}'}")
-    else:
-        fmt = lambda v: "n/a" if v is None else f"{v:.4f}"  # noqa: E731  (no test split, or a loss with no accuracy)
-        print(f"test accuracy: {fmt(s['test_accuracy'])}   test loss: {fmt(s['test_loss'])}"
-              + "".join(f"   {k}: {fmt(v)}" for k, v in (s.get("test_metrics") or {}).items()))
-        if s.get("test_loss_undefined"):
-            print(f"downpour: {s['test_loss_undefined']}", file=sys.stderr)
+              f"{_fmt4(auc)}, log loss {_fmt4(ll)}")
+    else:  # (n/a: no test split, or a loss with no accuracy)
+        print(f"test accuracy: {_fmt4(s['test_accuracy'])}   test loss: {_fmt4(s['test_loss'])}"
+              + "".join(f"   {k}: {_fmt4(v)}" for k, v in (s.get("test_metrics") or {}).items()))
+        for why in (s.get("test_loss_undefined"), s.get("test_logloss_undefined")):
+            if why:
+                print(f"downpour: {why}", file=sys.stderr)
         for k, why in (s.get("test_metric_errors") or {}).items():
             print(f"downpour: training.metrics.{k} failed: {why}", file=sys.stderr)
     if s.get("test_auc") is None and s.get("test_auc_undefined"):
-        print(f"test AUC: n/a ({s['test_auc_undefined']})   test log loss: {s['test_logloss']:.4f}")
+        print(f"test AUC: n/a ({s['test_auc_undefined']})   test log loss: {_fmt4(s.get('test_logloss'))}")
     if s.get("test_auc") is not None:
         best = s.get("optimum_auc")
         print(f"test AUC: {s['test_auc']:.4f}" + (f"   (optimum {best:.4f}: gap {best - s['test_auc']:.4f})" if best is not None else "")
-              + f"   test log loss: {s['test_logloss']:.4f}"
+              + f"   test log loss: {_fmt4(s.get('test_logloss'))}"
               + (f" (optimum {s['optimum_logloss']:.4f})" if s.get("optimum_logloss") is not None else ""))
     print(f"{s['examples']} examples in {s['steps']} steps, {s['train_s']:.1f}s training "
           f"({s['examples_per_s']:.0f} examples/s), {s['wall_s']:.1f}s wall; "
@@ -174,6 +174,10 @@ def _warn_partitions_left_unread(job) -> None:
         print(f"downpour: WARNING: the stream has {partitions} partitions and the job {workers} worker(s): a worker holds one "
               f"partition at a time, so {partitions - workers} wait until a worker's partition ends (an unbounded one "
               "never does); give the job at least as many workers as partitions", file=sys.stderr, flush=True)
+
+
+def _fmt4(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
 
 
 def _terminate(signum: int, frame: Any) -> None:

@@ -103,7 +103,8 @@ def job_summary(self: CoordinatorState, now: float) -> dict[str, Any]:
         "test_loss": ev.get("test_loss"),
         **({"test_loss_undefined": ev["test_loss_undefined"]} if ev.get("test_loss_undefined") else {}),
         # Binary (CTR) jobs: AUC and log loss, beside the best the data allow when it is known.
-        **{k: ev[k] for k in ("test_auc", "test_auc_undefined", "test_logloss", "optimum_auc", "optimum_logloss") if k in ev},
+        **{k: ev[k] for k in ("test_auc", "test_auc_undefined", "test_logloss", "test_logloss_undefined", "optimum_auc",
+                              "optimum_logloss") if k in ev},
         "test_metrics": ev.get("metrics") or {},  # training.metrics, by name
         **({"test_metric_errors": ev["metric_errors"]} if ev.get("metric_errors") else {}),  # the ones that failed
         "examples": examples,

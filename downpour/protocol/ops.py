@@ -119,6 +119,7 @@ EVAL = Record({
     "test_accuracy": Num(0.0, 1.0), "test_loss": Num(f32=True), "test_examples": COUNT,
     "test_auc": Num(0.0, 1.0), "test_logloss": Num(f32=True), "optimum_auc": Num(0.0, 1.0),
     "optimum_logloss": Num(f32=True), "test_auc_undefined": Str(256), "test_loss_undefined": Str(256),
+    "test_logloss_undefined": Str(256),
 }, rest=REST)
 
 SHA256 = Str(64, pattern=r"[0-9a-f]{64}")

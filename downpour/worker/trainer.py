@@ -496,8 +496,13 @@ class Trainer:
         if kind == "binary_cross_entropy" and n and other is None:
             y_all, p_all = torch.cat(targets).reshape(-1).numpy(), torch.sigmoid(torch.cat(outs).reshape(-1)).numpy()
             positives = int(y_all.sum())
-            if 0 < positives < len(y_all):
+            finite = bool(np.isfinite(p_all).all())
+            if 0 < positives < len(y_all) and finite:
                 result["test_auc"] = roc_auc(y_all, p_all)
+            elif not finite:  # (an AUC over NaN scores would be a number that means nothing)
+                result["test_auc"] = None
+                result["test_auc_undefined"] = "the model's outputs are not finite on some test examples: no AUC"
+                log.warning("%s: %s", self.name, result["test_auc_undefined"])
             else:  # undefined on one class (a small sample of rare clicks): the loss still says how the model does
                 result["test_auc"] = None
                 result["test_auc_undefined"] = (f"the test split holds one class only ({positives} positives, "
@@ -525,12 +530,13 @@ class Trainer:
                     log.error("%s: training.metrics.%s (%s) failed: %s", self.name, name, t.metrics[name], errors[name])
             if errors:
                 result["metric_errors"] = errors
-        loss = result["test_loss"]
-        if loss is not None and not math.isfinite(loss):  # (the report takes finite numbers only)
-            result["test_loss"] = None
-            result["test_loss_undefined"] = (f"the test loss is {loss}: the model's outputs or the loss are not finite "
-                                             "on some test examples")
-            log.warning("%s: %s", self.name, result["test_loss_undefined"])
+        for key, what in (("test_loss", "test loss"), ("test_logloss", "test log loss")):
+            value = result.get(key)
+            if value is not None and not math.isfinite(value):  # (the report takes finite numbers only)
+                result[key] = None
+                result[f"{key}_undefined"] = (f"the {what} is {value}: the model's outputs or the loss are not finite on "
+                                              "some test examples")
+                log.warning("%s: %s", self.name, result[f"{key}_undefined"])
         return result
 
     def stats(self) -> dict[str, Any]:
