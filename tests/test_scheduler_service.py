@@ -116,6 +116,16 @@ def test_a_job_naming_a_factory_beside_its_job_file_is_checked_where_it_was_subm
     bad = dict(job, training={**job["training"], "loss": "projmodels:nope"})
     with pytest.raises(ConfigError, match="projmodels:nope"):
         s.submit(yaml.safe_dump(bad), cwd=str(tmp_path / "b"))
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "projmodels.py").write_text("import sys\nsys.exit('a module that exits when imported')\n")
+    with pytest.raises(ConfigError, match="the job's code failed while it was checked: SystemExit: a module that exits"):
+        s.submit(yaml.safe_dump(job), cwd=str(tmp_path / "c"))  # (the scheduler goes on)
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "colorsys.py").write_text("raise RuntimeError('the local colorsys, found first')\n")
+    shadowed = dict(job, model={"factory": "colorsys:rgb_to_hsv"})  # (a module of the standard library, not imported yet)
+    assert "colorsys" not in sys.modules
+    with pytest.raises(ConfigError, match="RuntimeError: the local colorsys, found first"):  # as the job's processes would find it
+        s.submit(yaml.safe_dump(shadowed), cwd=str(tmp_path / "d"))
     assert len(s.jobs) == 1
 
 

@@ -111,9 +111,14 @@ class Scheduler:
         raw = parse_yaml(job_yaml, "(submitted)")
         if not isinstance(raw, dict):
             raise ConfigError("job file: expected a mapping of sections (model, data, training, ...)")
-        with _importable_from(cwd):  # (a factory beside the job file, as `downpour train` there would find it)
-            spec = parse_job(apply_overrides(raw, list(overrides or [])), "submitted job")
-            check_data(spec)  # missing data: refused now, not after N failed starts
+        try:
+            with _importable_from(cwd):  # (a factory beside the job file, as `downpour train` there would find it)
+                spec = parse_job(apply_overrides(raw, list(overrides or [])), "submitted job")
+                check_data(spec)  # missing data: refused now, not after N failed starts
+        except DownpourError:
+            raise
+        except (Exception, SystemExit) as err:  # the job's own code, imported to check it: it may do anything
+            raise ConfigError(f"the job's code failed while it was checked: {type(err).__name__}: {err}"[:2000]) from None
         mem = self.settings.memory_mb_per_task if memory_mb_per_task is None else int(memory_mb_per_task)
         if mem <= 0:
             raise ConfigError(f"memory_mb: must be > 0, got {mem}")
@@ -294,7 +299,7 @@ _IMPORTS = threading.Lock()  # sys.path is the process's: one submission's folde
 @contextlib.contextmanager
 def _importable_from(folder: str | None) -> Iterator[None]:
     """A job's import paths (``mymodels:net``) resolve from the folder it was submitted from, where it
-    will run, as ``downpour train``'s do from its own (after what is installed). The modules imported
+    will run, first, as in the job's processes (``python -m downpour`` there). The modules imported
     from there are forgotten afterwards: another submission's folder may hold others of the same name."""
     if not folder or not os.path.isdir(folder):
         yield
@@ -303,7 +308,7 @@ def _importable_from(folder: str | None) -> Iterator[None]:
     with _IMPORTS:
         before, added = set(sys.modules), folder not in sys.path
         if added:
-            sys.path.append(folder)
+            sys.path.insert(0, folder)
         try:
             yield
         finally:
