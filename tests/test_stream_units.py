@@ -318,6 +318,17 @@ def test_a_node_waits_for_an_unreachable_redis_up_to_its_limit_and_the_check_bef
     with pytest.raises(DataError, match="is unreachable: Connection refused"):
         src.check(clock=lambda: now[0], sleep=sleep)
 
+    class _Refused(_DownRedis):
+        def _answer(self):
+            import redis
+
+            raise redis.AuthenticationError("invalid username-password pair")
+
+    src.client, before = _Refused(down=0), now[0]
+    with pytest.raises(DataError, match="invalid username-password pair"):  # no wait mends a password
+        src.check(clock=lambda: now[0], sleep=sleep, unreachable_wait_s=120)
+    assert now[0] == before
+
 
 def test_a_stream_shares_the_hidden_model_of_a_file_data_set_of_its_seed_but_no_row():
     from downpour.data.criteo_gen import CriteoSpec, generate_rows

@@ -116,7 +116,8 @@ class Coordinator:
         self.security = security
         self.run_dir = run_dir
         layout, self.aliases, self.bool_buffers = plan_model(job)
-        dataset = build_dataset(job.data, unreachable_wait_s=job.cluster.startup_timeout_s)
+        # (a short outage: it is waited for before coordinator.addr is written, which a launcher waits a minute for)
+        dataset = build_dataset(job.data, unreachable_wait_s=min(30.0, job.cluster.startup_timeout_s))
         num_train = len(dataset.train)
         check_hyperparameters(job, num_train)  # warm-up and schedule against the job's length
         # A stream: each checkpoint's partition offsets go into its manifest, then are acknowledged.

@@ -97,8 +97,10 @@ def build_dataset(cfg: DataConfig, unreachable_wait_s: float = 0.0) -> Dataset:
         if fn is None:
             raise ConfigError(f"data.name: unknown dataset {cfg.name!r}; known: {sorted(BUILTINS)}")
         where = f"data {cfg.name} at {cfg.path}"
-        waits = unreachable_wait_s and "unreachable_wait_s" in inspect.signature(fn).parameters
-        ds = fn(cfg.path, **cfg.args, **({"unreachable_wait_s": unreachable_wait_s} if waits else {}))
+        args = dict(cfg.args)
+        if unreachable_wait_s and "unreachable_wait_s" in inspect.signature(fn).parameters:
+            args.setdefault("unreachable_wait_s", unreachable_wait_s)  # (data.args may set it: that wins)
+        ds = fn(cfg.path, **args)
     if len(ds.train) == 0:
         raise DataError(f"{where}: the training split holds no examples: nothing to train")
     try:

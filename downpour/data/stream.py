@@ -65,6 +65,8 @@ def load_stream_dataset(url: str, wait_s: float = 0.05, max_seconds: float | Non
 
     if not (isinstance(wait_s, (int, float)) and 0 < wait_s <= 10):
         raise DataError(f"data.args.wait_s: {wait_s!r} is not a number of seconds in (0, 10]")
+    if isinstance(unreachable_wait_s, bool) or not (isinstance(unreachable_wait_s, (int, float)) and 0 <= unreachable_wait_s <= 86400):
+        raise DataError(f"data.args.unreachable_wait_s: {unreachable_wait_s!r} is not a number of seconds in [0, 86400]")
     if max_seconds is not None and not (isinstance(max_seconds, (int, float)) and max_seconds > 0):
         raise DataError(f"data.args.max_seconds: {max_seconds!r} is not a positive number of seconds")
     source = open_source(url, args)

@@ -183,7 +183,7 @@ class RedisSource:
                                     f"{loading_wait_s:g}s: {err}") from None
                 sleep(0.2)
             except (redis.ConnectionError, redis.TimeoutError) as err:
-                if clock() >= start + unreachable_wait_s:
+                if isinstance(err, redis.AuthenticationError) or clock() >= start + unreachable_wait_s:  # (no wait mends a password)
                     waited = f" (waited {unreachable_wait_s:g}s)" if unreachable_wait_s else ""
                     raise DataError(f"data.url: redis at {self.where} is unreachable{waited}: {err}") from None
                 if not waiting:
