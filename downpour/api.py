@@ -302,33 +302,25 @@ def train(
         log.warning("downpour: %s", advice)
     run_dir = run_dir or default_run_dir(job.name)
     check_run_dir(job, run_dir, api=True)
-    with _script_folder_on_path():
-        job_launcher = make_launcher(job, run_dir, launcher, address=address)
-        with _graceful_interrupt(job_launcher):
-            run = job_launcher.run()
+    job_launcher = make_launcher(job, run_dir, launcher, address=address)
+    folder, env = _script_folder(), getattr(job_launcher, "env", None)  # (the environment of the processes it starts)
+    if folder is not None and isinstance(env, dict):  # (they run python -m downpour in this folder, which may be another)
+        env["PYTHONPATH"] = os.pathsep.join([p for p in (env.get("PYTHONPATH"), folder) if p])
+    with _graceful_interrupt(job_launcher):
+        run = job_launcher.run()
     return TrainResult(run.summary, run.run_dir, job)
 
 
-@contextlib.contextmanager
-def _script_folder_on_path() -> Iterator[None]:
-    """The folder of the script being run on the job's processes' ``PYTHONPATH`` while they start, as
-    it is on this process's path: a module beside the script (``from mymodels import net``) imports
-    there too. (They run ``python -m downpour`` in this process's folder, which may be another.)"""
-    main = sys.modules.get("__main__")
-    script = getattr(main, "__file__", None)
-    folder = os.path.dirname(os.path.abspath(script)) if isinstance(script, str) else None
-    if folder is None or folder not in sys.path or folder == os.getcwd():
-        yield
-        return
-    before = os.environ.get("PYTHONPATH")
-    os.environ["PYTHONPATH"] = os.pathsep.join([p for p in (before, folder) if p])
-    try:
-        yield
-    finally:
-        if before is None:
-            os.environ.pop("PYTHONPATH", None)
-        else:
-            os.environ["PYTHONPATH"] = before
+def _script_folder() -> str | None:
+    """The folder of the script being run, where Python put it on this process's path and the job's
+    processes would not find it: a module beside the script (``from mymodels import net``) is to
+    import there too. None for none (an interactive session, ``python -m``, ``python -P``)."""
+    script = getattr(sys.modules.get("__main__"), "__file__", None)
+    if not isinstance(script, str):
+        return None
+    folder = os.path.dirname(os.path.realpath(script))  # (as Python puts it on sys.path)
+    on_path = {os.path.realpath(p) for p in sys.path if p}
+    return folder if folder in on_path and folder != os.path.realpath(os.getcwd()) else None
 
 
 @contextlib.contextmanager
@@ -352,5 +344,5 @@ def _graceful_interrupt(job_launcher: Any) -> Iterator[None]:
     previous = signal.signal(signal.SIGINT, first)
     try:
         yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
+    finally:  # (None: a handler set outside Python)
+        signal.signal(signal.SIGINT, previous if previous is not None else signal.default_int_handler)

@@ -153,19 +153,22 @@ def test_each_schedule_gives_torchs_lr_at_every_step(name):
     assert 0.1 * schedule.factor(3) == pytest.approx(want[3], rel=1e-7)  # going back costs nothing and agrees
 
 
-def _single_sync_worker(schedule_cfg: dict, make_sched, steps: int = 25):
-    """One sync worker through the simulated server against torch.optim with the scheduler."""
+def _single_sync_worker(schedule_cfg: dict, make_sched, steps: int = 25, adam: str | None = None):
+    """One sync worker through the simulated server against torch.optim with the scheduler (SGD with
+    momentum, or ``adam``: "adam" or "adamw")."""
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
     ref = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
     ref.load_state_dict(model.state_dict())
-    j = job({"lr": 0.2, "momentum": 0.9, "schedule": schedule_cfg}, {"consistency": "sync"}, {"num_workers": 1})
+    j = job({"lr": 0.2, "momentum": 0.9, "schedule": schedule_cfg} if adam is None else
+            {"name": adam, "lr": 0.01, "weight_decay": 0.01, "schedule": schedule_cfg}, {"consistency": "sync"}, {"num_workers": 1})
     flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
     store = new_store(j, flat.numel(), planned=steps)
     store.write(store.all, flat)
     policy = SyncPolicy(store, store.hyper.observe, j.training)
     policy.set_workers({"w"})
-    opt = torch.optim.SGD(ref.parameters(), lr=0.2, momentum=0.9)
+    opt = (torch.optim.SGD(ref.parameters(), lr=0.2, momentum=0.9) if adam is None else
+           {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[adam](ref.parameters(), lr=0.01, weight_decay=0.01))
     sched = make_sched(opt)
     gen = torch.Generator().manual_seed(3)
     for r in range(steps):
@@ -196,14 +199,22 @@ def test_one_sync_worker_with_a_schedule_matches_torch(name):
     torch.testing.assert_close(got, want, **TOL)
 
 
+@pytest.mark.parametrize("adam", ["adam", "adamw"])
+def test_one_sync_adam_worker_with_a_one_cycle_schedule_matches_torch_its_beta1_cycled_too(adam):
+    cfg = {"name": "torch", "scheduler": "OneCycleLR", "args": {"max_lr": 0.05, "total_steps": 25}}
+    got, want = _single_sync_worker(cfg, lambda o: torch.optim.lr_scheduler.OneCycleLR(o, max_lr=0.05, total_steps=25), adam=adam)
+    torch.testing.assert_close(got, want, **TOL)
+
+
 def test_a_schedule_that_cycles_the_momentum_of_a_job_without_sgd_momentum_is_refused():
-    for optimizer in ({"name": "adam", "lr": 0.01}, {"name": "sgd", "lr": 0.01, "momentum": 0.0}):  # (SGD without momentum: none to cycle)
+    for optimizer in ({"name": "adagrad", "lr": 0.01}, {"name": "sgd", "lr": 0.01, "momentum": 0.0}):  # (no momentum to cycle)
         j = job({**optimizer, "schedule": ONECYCLE})
-        with pytest.raises(ConfigError, match=r"OneCycleLR changes the momentum .*args\.cycle_momentum: false"):
+        with pytest.raises(ConfigError, match=r"OneCycleLR changes the momentum .*set optimizer.schedule.args.cycle_momentum: false"):
             check_hyperparameters(j, 32 * 25)
         check_hyperparameters(job({**optimizer, "schedule": {**ONECYCLE, "args": {**ONECYCLE["args"], "cycle_momentum": False}}}),
                               32 * 25)
     check_hyperparameters(job({"name": "sgd", "lr": 0.01, "momentum": 0.9, "schedule": ONECYCLE}), 32 * 25)
+    check_hyperparameters(job({"name": "adamw", "lr": 0.01, "schedule": ONECYCLE}), 32 * 25)  # (beta1 cycles)
     check_hyperparameters(job({"name": "adam", "lr": 0.01, "schedule": {"name": "torch", "scheduler": "CosineAnnealingWarmRestarts",
                                                                           "args": {"T_0": 9}}}), 32 * 25)
 

@@ -350,7 +350,7 @@ class RayLauncher(LocalLauncher):
             args = [*args, "--insecure"]
         log_path = os.path.join(self.run_dir, "logs", f"{name}.log")
         env = {"PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": str(self.job.training.torch_threads),
-               **{k: os.environ[k] for k in _PUBLIC_ENV if k in os.environ}}
+               **{k: self.env[k] for k in _PUBLIC_ENV if k in self.env}}
         cfg = self.job.ray
         if role == "coordinator":  # on this node: the run folder is here
             res, strategy = cfg.coordinator, NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)

@@ -142,10 +142,11 @@ class Adam(UpdateRule):
         super().__init__(cfg, lr, numel)
         self.m = torch.zeros(numel)
         self.v = torch.zeros(numel)
+        self.beta1 = cfg.betas[0]  # the effective beta1 (a cycle_momentum schedule sets it: server/scaling.py)
 
     def apply(self, param, grad, lo, hi, step):
         c = self.cfg
-        b1, b2 = c.betas
+        b1, b2 = self.beta1, c.betas[1]
         p = param[lo:hi]
         if c.weight_decay:
             grad = grad.add(p, alpha=c.weight_decay)
@@ -169,7 +170,7 @@ class AdamW(Adam):
         c = self.cfg
         if c.weight_decay:
             param[lo:hi].mul_(1 - self.lr * c.weight_decay)
-        b1, b2 = c.betas
+        b1, b2 = self.beta1, c.betas[1]
         m, v = self.m[lo:hi], self.v[lo:hi]
         m.lerp_(grad, 1 - b1)
         v.mul_(b2).addcmul_(grad, grad, value=1 - b2)

@@ -1,7 +1,8 @@
 """Effective hyperparameters: the lr and momentum a server's update rule uses at each update.
 
     lr(t)       = optimizer.lr × schedule(t) × sync_factor(n, t) × async_lr_factor(s)
-    momentum(t) = async_momentum(s)  (optimizer.momentum when nothing is stale)
+    momentum(t) = async_momentum(s)  (optimizer.momentum when nothing is stale; a cycle_momentum
+                                      schedule's momentum(t) in its place, and Adam's beta1(t))
 
 (async_lr_factor and async_momentum are 1 and the job's momentum under ``async_rule: lookahead``.)
 
@@ -96,7 +97,7 @@ def check_hyperparameters(job: JobConfig, num_train: int) -> None:
     if planned:  # a stream has no planned length: its schedule is checked over its first steps
         check_scaling(job, planned)
     check_schedule(job.optimizer.schedule, job.effective_lr(), planned or UNBOUNDED_CHECK_STEPS,
-                   getattr(job.optimizer, "momentum", None))
+                   getattr(job.optimizer, "momentum", None), getattr(job.optimizer, "betas", None))
 
 
 def check_scaling(job: JobConfig, planned_steps: int) -> None:
@@ -155,7 +156,8 @@ class Hyperparams:
         self.base_lr = job.effective_lr()
         self.momentum = getattr(opt, "momentum", None)
         self.plan = resolve(job, planned_steps)
-        self.schedule = make_schedule(opt.schedule, self.base_lr, self.momentum)
+        self.betas = getattr(opt, "betas", None)  # Adam's: a cycle_momentum schedule sets beta1
+        self.schedule = make_schedule(opt.schedule, self.base_lr, self.momentum, self.betas)
         self.scheduled = opt.schedule is not None
         self.staleness = RunningMean(self.plan.staleness_window)
         self.workers = job.cluster.num_workers  # live workers (MEMBERSHIP); shown beside the values
@@ -197,6 +199,9 @@ class Hyperparams:
         rule.lr = self.lr
         if self.explicit is not None and hasattr(rule, "momentum"):
             rule.momentum = self.explicit
+        if self.betas is not None and self.scheduled and hasattr(rule, "beta1"):
+            beta1 = self.schedule.momentum(step)  # (OneCycleLR's cycle_momentum on Adam)
+            rule.beta1 = self.betas[0] if beta1 is None else beta1
         self.step = step
         if step >= self._next_trace and len(self.trace) < 4 * TRACE_POINTS:
             self._next_trace = step + self.every

@@ -6,8 +6,9 @@ one worker) to a factor of ``optimizer.lr``. The built-in schedules are torch's 
 function, as LambdaLR does; ``torch`` builds any ``torch.optim.lr_scheduler``-style class on a
 one-parameter optimizer and steps it once per job step, remembering every value it produced,
 so that keys at different steps cost nothing. Tests compare each to torch to 1e-7. A scheduler that
-also sets the momentum (OneCycleLR's and CyclicLR's ``cycle_momentum``) gives SGD's momentum at
-each step too (:meth:`Schedule.momentum`); for a job with no SGD momentum to give it to, it is refused.
+also sets the momentum (OneCycleLR's and CyclicLR's ``cycle_momentum``) gives SGD's momentum, or
+Adam's beta1, at each step too (:meth:`Schedule.momentum`), built on an optimizer of the job's kind
+as torch.optim's would be; for a job with neither to give it to, it is refused.
 
 :func:`check_schedule` runs a schedule over a job's planned steps at load time and names the
 field when it yields something that is not a positive finite factor (NaN, Inf, below 0).
@@ -49,7 +50,7 @@ class Schedule:
         return 1.0
 
     def momentum(self, step: int) -> float | None:
-        """SGD's momentum at ``step`` where the schedule sets it; None: the job's own."""
+        """SGD's momentum (Adam's beta1) at ``step`` where the schedule sets it; None: the job's own."""
         return None
 
 
@@ -64,11 +65,14 @@ class ClosedForm(Schedule):
 class Recorded(Schedule):
     """A torch lr_scheduler-style object stepped forward on demand; every value is kept."""
 
-    def __init__(self, cls: Callable, args: dict, base_lr: float, momentum: float | None = None) -> None:
+    def __init__(self, cls: Callable, args: dict, base_lr: float, momentum: float | None = None,
+                 betas: tuple[float, float] | None = None) -> None:
         self.base_lr = base_lr
         self.param = torch.nn.Parameter(torch.zeros(1))
-        self.opt = torch.optim.SGD([self.param], lr=base_lr, momentum=momentum or 0.0)
-        self.job_momentum = momentum
+        # The optimizer's kind decides what a cycle_momentum scheduler sets: SGD's momentum, Adam's betas.
+        self.opt = (torch.optim.Adam([self.param], lr=base_lr, betas=betas) if betas is not None else
+                    torch.optim.SGD([self.param], lr=base_lr, momentum=momentum or 0.0))
+        self.job_momentum = betas[0] if betas is not None else momentum
         try:
             self.sched = cls(self.opt, **args)
         except Exception as err:  # the user's class and arguments: any failure is a config error
@@ -76,7 +80,7 @@ class Recorded(Schedule):
         if not hasattr(self.sched, "step"):
             raise ConfigError(f"{FIELD}: {type(self.sched).__name__} has no step() method")
         self.values = array("d", [self.opt.param_groups[0]["lr"] / base_lr])
-        self.momenta = array("d", [self.opt.param_groups[0]["momentum"]])
+        self.momenta = array("d", [self._momentum()])
         self.failed = False
 
     def factor(self, step: int) -> float:
@@ -92,8 +96,12 @@ class Recorded(Schedule):
                 self.failed = True
                 break
             self.values.append(self.opt.param_groups[0]["lr"] / self.base_lr)
-            self.momenta.append(self.opt.param_groups[0]["momentum"])
+            self.momenta.append(self._momentum())
         return self.values[min(step, len(self.values) - 1)]
+
+    def _momentum(self) -> float:
+        group = self.opt.param_groups[0]
+        return float(group["betas"][0] if "betas" in group else group["momentum"])
 
     def momentum(self, step: int) -> float | None:
         self.factor(step)  # (stepped that far)
@@ -104,9 +112,10 @@ class Recorded(Schedule):
         return any(m != self.momenta[0] for m in self.momenta) or self.momenta[0] != (self.job_momentum or 0.0)
 
 
-def make_schedule(cfg: ScheduleConfig | None, base_lr: float, momentum: float | None = None) -> Schedule:
-    """The schedule ``cfg`` describes, for a job whose lr is ``base_lr`` and SGD momentum ``momentum``
-    (None: its optimizer has none)."""
+def make_schedule(cfg: ScheduleConfig | None, base_lr: float, momentum: float | None = None,
+                  betas: tuple[float, float] | None = None) -> Schedule:
+    """The schedule ``cfg`` describes, for a job whose lr is ``base_lr`` and SGD momentum ``momentum``,
+    or Adam's ``betas`` (None: its optimizer has none)."""
     if cfg is None:
         return Schedule()
     if isinstance(cfg, StepSchedule):
@@ -122,7 +131,7 @@ def make_schedule(cfg: ScheduleConfig | None, base_lr: float, momentum: float | 
     if isinstance(cfg, LambdaSchedule):
         return ClosedForm(import_object(cfg.function, f"{FIELD}.function"))
     if isinstance(cfg, TorchSchedule):
-        return Recorded(_scheduler_class(cfg.scheduler), cfg.args, base_lr, momentum)
+        return Recorded(_scheduler_class(cfg.scheduler), cfg.args, base_lr, momentum, betas)
     raise ConfigError(f"{FIELD}: unknown schedule {cfg!r}")
 
 
@@ -141,13 +150,15 @@ def _scheduler_class(name: str) -> Callable:
     return cls
 
 
-def check_schedule(cfg: ScheduleConfig | None, base_lr: float, steps: int, momentum: float | None = None) -> None:
+def check_schedule(cfg: ScheduleConfig | None, base_lr: float, steps: int, momentum: float | None = None,
+                   betas: tuple[float, float] | None = None) -> None:
     """Raise :class:`ConfigError` naming the field if the schedule's factor is not a finite number
     of at least 0 at some step in ``[0, steps]`` (every step up to 100,000, then a sample), or if it
-    sets a momentum the job has not (``momentum``: the job's SGD momentum; None or 0: none)."""
+    sets a momentum the job has not (``momentum``: the job's SGD momentum, None or 0: none; ``betas``:
+    Adam's)."""
     if cfg is None:
         return
-    schedule = make_schedule(cfg, base_lr, momentum)
+    schedule = make_schedule(cfg, base_lr, momentum, betas)
     dense = min(steps, _CHECK_STEPS)
     where = list(range(dense + 1))
     if steps > dense and not isinstance(schedule, Recorded):  # a recorded one would step to each sample
@@ -160,7 +171,7 @@ def check_schedule(cfg: ScheduleConfig | None, base_lr: float, steps: int, momen
         if not (math.isfinite(f) and f >= 0):
             raise ConfigError(f"{FIELD}: the {cfg.name} schedule yields lr factor {f} at step {t}; "
                               "it must be a finite number of at least 0")
-    if isinstance(schedule, Recorded) and not momentum and schedule.sets_momentum():
-        raise ConfigError(f"{FIELD}: {type(schedule.sched).__name__} changes the momentum at each step (cycle_momentum), "
-                          "which the servers give to SGD's momentum only: use optimizer sgd with a momentum > 0, or set "
-                          f"{FIELD}.args.cycle_momentum: false")
+    if isinstance(schedule, Recorded) and not schedule.job_momentum and schedule.sets_momentum():
+        raise ConfigError(f"{FIELD}: {type(schedule.sched).__name__} changes the momentum at each step (cycle_momentum), which "
+                          f"this job's optimizer has none of: set {FIELD}.args.cycle_momentum: false (the servers give it to "
+                          "SGD's momentum when optimizer.momentum > 0, and to Adam's beta1)")
