@@ -42,7 +42,7 @@ def render_live(status: dict[str, Any], dashboard: str | None = None) -> Group:
     head = Text()
     head.append(f"{s.get('job', 'job')}  ", style="bold")
     head.append(s["phase"], style="bold red" if s["phase"] == "failed" else "bold green")
-    live = sum(1 for n in s["nodes"] if n["role"] == "worker" and n["state"] in ("alive", "done"))
+    live = sum(1 for n in s["nodes"] if n["role"] == "worker" and n["state"] in ("alive", "done", "finished"))
     planned_workers = s.get("num_workers", "?")  # (an elastic job's workers come and go: those there now, too)
     workers = f"{planned_workers} workers" if live == planned_workers else f"{live} workers ({planned_workers} planned)"
     head.append(f"  {s.get('consistency', '')}  {s.get('num_servers', '?')} servers, {workers}  up {s['elapsed_s']:.0f}s\n")
