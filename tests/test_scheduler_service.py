@@ -96,7 +96,8 @@ def job_yaml(data, servers=1, workers=1, **sections):
     return yaml.safe_dump(tiny_job(data, cluster={"num_servers": servers, "num_workers": workers}, **sections))
 
 
-def test_a_job_naming_a_factory_beside_its_job_file_is_checked_where_it_was_submitted_from(make, tiny_data, tmp_path):
+def test_a_job_naming_a_factory_beside_its_job_file_is_checked_where_it_was_submitted_from(make, tiny_data, tmp_path,
+                                                                                           monkeypatch):
     """`downpour submit` from a project folder: the scheduler imports the factory from there, as
     `downpour train` there would, and forgets it afterwards (another folder may hold another one)."""
     import sys
@@ -121,10 +122,12 @@ def test_a_job_naming_a_factory_beside_its_job_file_is_checked_where_it_was_subm
     with pytest.raises(ConfigError, match="the job's code failed while it was checked: SystemExit: a module that exits"):
         s.submit(yaml.safe_dump(job), cwd=str(tmp_path / "c"))  # (the scheduler goes on)
     (tmp_path / "d").mkdir()
-    (tmp_path / "d" / "colorsys.py").write_text("raise RuntimeError('the local colorsys, found first')\n")
-    shadowed = dict(job, model={"factory": "colorsys:rgb_to_hsv"})  # (a module of the standard library, not imported yet)
-    assert "colorsys" not in sys.modules
-    with pytest.raises(ConfigError, match="RuntimeError: the local colorsys, found first"):  # as the job's processes would find it
+    (tmp_path / "d" / "projshadow.py").write_text("raise RuntimeError('the local projshadow, found first')\n")
+    (tmp_path / "installed").mkdir()  # (a module of the same name where installed packages are)
+    (tmp_path / "installed" / "projshadow.py").write_text((tmp_path / "a" / "projmodels.py").read_text())
+    monkeypatch.syspath_prepend(str(tmp_path / "installed"))
+    shadowed = dict(job, model={"factory": "projshadow:net"})
+    with pytest.raises(ConfigError, match="RuntimeError: the local projshadow, found first"):  # as the job's processes would find it
         s.submit(yaml.safe_dump(shadowed), cwd=str(tmp_path / "d"))
     assert len(s.jobs) == 1
 
