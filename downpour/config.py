@@ -341,7 +341,8 @@ class TrainingConfig(_Frozen):
     slowdown: SlowdownConfig | None = None
     epochs: int = Field(1, ge=1)
     # Optional cap on optimizer steps per worker; the run ends at whichever of
-    # epochs/steps comes first.
+    # epochs/steps comes first. A rank's count: its replacement, or a resumed job (each rank an
+    # equal share of the steps its checkpoint holds), continues it rather than starting afresh.
     steps: int | None = Field(None, ge=1)
     batch_size: int = Field(32, ge=1)
     seed: int = 0

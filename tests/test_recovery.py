@@ -122,6 +122,24 @@ def test_a_replacement_takes_the_free_slot_at_once_under_a_new_name_and_skips_th
     ok(one(sim.send("replacement", Op.BARRIER, name="init", node="worker-1.2"), to="replacement"))
 
 
+def test_training_steps_is_a_cap_per_rank_that_a_replacement_and_a_resumed_job_continue_instead_of_starting_afresh():
+    capped = JOB.model_copy(update={"training": JOB.training.model_copy(update={"steps": 10, "batch_size": 2})})
+    sim = Sim(capped)
+    out = sim.start()
+    assert [ok(one(out, to=w))["steps_left"] for w in WORKERS] == [10, 10, 10]
+    for w in WORKERS:
+        sim.send(w, Op.BARRIER, name="init")
+    sim.state.nodes[WORKERS[1]].progress = {"steps": 4}  # (its last heartbeat's)
+    lose(sim, WORKERS[1], 5.5)
+    meta = ok(one(sim.send("replacement", Op.REGISTER, role="worker", rank=1, host="test", pid=7), to="replacement"))
+    assert meta["node"] == "worker-1.2" and meta["steps_left"] == 6  # the rank's 10, less what its first process trained
+    resumed = Sim(capped)
+    resumed.state.resume = {"trained": 14}  # the checkpoint holds 7 batches of 2: ranks 0, 1, 2 trained 3, 2, 2 of them
+    out = resumed.start()
+    assert [ok(one(out, to=w))["steps_left"] for w in WORKERS] == [7, 8, 8]
+    assert "steps_left" not in ok(one(Sim().start(), to=WORKERS[0]))  # (no cap)
+
+
 def test_a_joiner_waits_inside_register_until_a_slot_frees():
     sim = Sim()
     training(sim)

@@ -114,7 +114,23 @@ def checkpoint_unreachable(st: CoordinatorState, address: str) -> bool:
 def admitted(st: CoordinatorState, name: str, rank: int) -> dict[str, Any]:
     """What every answer to an admitted REGISTER holds: the node's name and rank, the job, the layout."""
     return {"node": name, "rank": rank, "job": job_to_dict(st.job), "layout": st.layout.to_dict(),
-            "job_steps": st.job.planned_steps(st.num_train)}  # the clock of lr schedules and warm-up
+            "job_steps": st.job.planned_steps(st.num_train),  # the clock of lr schedules and warm-up
+            **({"steps_left": steps_left(st, name, rank)} if st.job.training.steps is not None else {})}
+
+
+def steps_left(st: CoordinatorState, name: str, rank: int) -> int:
+    """What is left of ``training.steps`` (a cap per worker) for the worker ``name`` of ``rank``: less
+    the steps its rank's earlier processes of this run trained (it replaces one that died), and, in
+    a resumed job, the rank's share of the steps the checkpoint holds (each rank of
+    ``cluster.num_workers`` an equal share, the first ones one more), so that the job ends where it
+    would have ended undisturbed (before, every process started the cap afresh)."""
+    t, workers = st.job.training, st.cl.num_workers
+    done = sum(int(n.progress.get("steps", 0)) for n in st.nodes.values()
+               if n.role == "worker" and n.rank == rank and n.name != name and n.state not in (ALIVE, DONE))
+    before = int((st.resume or {}).get("trained") or 0) // t.batch_size
+    if rank < workers:
+        done += before // workers + (1 if rank < before % workers else 0)
+    return max(0, int(t.steps or 0) - done)
 
 
 def register_again(st: CoordinatorState, ident: bytes, msg: Message, now: float) -> list[Action] | None:

@@ -326,6 +326,8 @@ class WorkerProcess:
             sparse = SparseClient(rpc, layout, peers, kv.wire, replay=job.cluster.replicas > 0, clock=lambda: kv.pushes + 1)
             attach(model, sparse)
         trainer = Trainer(job, flat, kv, dataset, name, int(reply["rank"]), sparse)
+        if type(reply.get("steps_left")) is int:  # what is left of training.steps for this rank (resumed, replaced)
+            trainer.max_steps = reply["steps_left"]
         trainer.leave = self.leave
         # Touch the data before training starts: a split may read its files lazily, and that
         # read belongs to start-up, not to the first step (where it would stall this worker).
