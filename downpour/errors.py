@@ -61,3 +61,12 @@ class JobFailed(DownpourError):
     def __init__(self, message: str, node: str = "") -> None:
         super().__init__(message)
         self.node = node
+
+
+class JobEnded(DownpourError):
+    """There is nothing to recover: the job a coordinator was asked to continue has ended already.
+    ``code``: the exit code its end had (0: it finished, 1: it failed)."""
+
+    def __init__(self, message: str, code: int) -> None:
+        super().__init__(message)
+        self.code = code

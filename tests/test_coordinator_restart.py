@@ -15,9 +15,11 @@ import signal
 import time
 
 import pytest
+import yaml
 
 from downpour.coordinator.client import ATTEMPT_S
 from downpour.coordinator.persist import STATE_FILE, StateStore, adopt_state, export_state, open_store
+from downpour.config import job_to_dict
 from downpour.coordinator.state import CoordinatorState
 from downpour.errors import ConfigError
 from downpour.protocol import Op
@@ -177,6 +179,28 @@ def test_the_state_store_writes_only_what_changed_and_refuses_another_jobs_state
         open_store(str(tmp_path / "elsewhere"), recover=True)
     fresh, _ = open_store(str(tmp_path), recover=False)  # a new job in this folder starts afresh
     assert fresh.load() == {"journal": []} and fresh.journal_saved == 0
+
+
+@pytest.mark.parametrize("phase, code", [("finished", 0), ("failed", 1)])
+def test_recovering_a_job_that_has_ended_says_so_with_the_exit_its_end_had_instead_of_serving_for_ever(tmp_path, phase, code):
+    from downpour.cli.main import main
+    from downpour.errors import JobEnded
+
+    sim = Sim()
+    sim.start()
+    sim.state.phase = phase
+    store = StateStore(str(tmp_path / STATE_FILE))
+    store.save(export_state(sim.state, sim.now), sim.state.ledger.journal)
+    store.close()
+    with pytest.raises(JobEnded, match=f"has ended already \\({phase}") as ended:
+        open_store(str(tmp_path), recover=True)
+    assert ended.value.code == code
+    job = tmp_path / "job.yaml"
+    job.write_text(yaml.safe_dump(job_to_dict(JOB)))
+    assert main(["coordinator", str(job), "--run-dir", str(tmp_path), "--recover", "--insecure"]) == code
+    assert not (tmp_path / "coordinator.addr").exists()  # it did not start
+    assert main(["coordinator", str(job), "--run-dir", str(tmp_path / "nothere"), "--recover", "--insecure"]) == 2
+    assert not (tmp_path / "nothere").exists()
 
 
 def test_a_node_that_died_while_the_coordinator_was_down_is_declared_dead_after_the_restart(tmp_path):

@@ -34,7 +34,7 @@ from downpour.cli.datagen import add_datagen_parser
 from downpour.cli.scheduler import add_scheduler_parsers
 from downpour.cli.serve import add_serve_parser
 from downpour.cli.status import cmd_status
-from downpour.errors import ConfigError, DownpourError, JobFailed
+from downpour.errors import ConfigError, DownpourError, JobEnded, JobFailed
 from downpour.processes import TermSignal
 
 log = logging.getLogger("downpour")
@@ -240,7 +240,7 @@ def cmd_coordinator(args) -> int:
     if "://" not in bind:
         bind = f"tcp://{bind}"
     check_advertise(args, "coordinator", None)
-    if args.run_dir:
+    if args.run_dir and not args.recover:  # (a folder to recover from is there, or the refusal says so)
         os.makedirs(args.run_dir, mode=0o700, exist_ok=True)
     security = node_security(args, "coordinator", bind)
     ctx = new_context()
@@ -450,6 +450,9 @@ def main(argv: list[str] | None = None) -> int:
     except JobFailed as err:
         print(f"downpour: job failed: {err}", file=sys.stderr)
         return 1
+    except JobEnded as err:  # (a coordinator asked to recover a job that is over: the exit its end had)
+        print(f"downpour: {err}", file=sys.stderr)
+        return err.code
     except DownpourError as err:
         print(f"downpour: {err}", file=sys.stderr)
         return 2

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any, Union, get_args, get_origin, get_type_hin
 from downpour.config import job_to_dict
 from downpour.coordinator.model import ALIVE, DONE, FailureRecord, JobState, Node, NodeState, Phase
 from downpour.coordinator.shards import ShardLedger, shard_size_for
-from downpour.errors import ConfigError
+from downpour.errors import ConfigError, JobEnded
 from downpour.protocol.ops import EVAL, NAME, PROGRESS, SERVER_STATS, STATS, valid
 from downpour.protocol.schema import Bool, Int, Opt, Record, SchemaError, Str
 
@@ -106,6 +106,12 @@ def open_store(run_dir: str, recover: bool) -> tuple[StateStore, dict[str, Any] 
     parts = store.load()
     if "job" not in parts:
         raise ConfigError(f"--recover: {path} holds no saved job state")
+    phase = parts["job"].get("phase")
+    if phase in ("finished", "failed"):  # (it would serve for ever: no node comes to end the job again)
+        store.close()
+        raise JobEnded(f"--recover: the job in {run_dir} has ended already ({phase}"
+                       + (f": {str(parts['job'].get('error'))[:300]}" if phase == "failed" else "") + "); nothing to recover",
+                       0 if phase == "finished" else 1)
     return store, parts
 
 
