@@ -17,9 +17,9 @@ import time
 import pytest
 import yaml
 
+from downpour.config import job_to_dict
 from downpour.coordinator.client import ATTEMPT_S
 from downpour.coordinator.persist import STATE_FILE, StateStore, adopt_state, export_state, open_store
-from downpour.config import job_to_dict
 from downpour.coordinator.state import CoordinatorState
 from downpour.errors import ConfigError
 from downpour.protocol import Op
