@@ -57,11 +57,17 @@ def export_model(run_dir: str, out: str | None = None, checkpoints: str | None =
     from downpour.models import build_model
 
     state = torch.load(os.path.join(run_dir, "model.pt"), weights_only=True)
-    _, _, job_state = latest_checkpoint(checkpoints or run_dir)
+    store, manifest, job_state = latest_checkpoint(checkpoints or run_dir)
     job = parse_job(job_state["job"], source=run_dir)
     with torch.device("meta"):
         model = build_model(job.model, job.training.seed)
-    tables = read_tables(checkpoints or run_dir) if any(isinstance(m, SparseEmbedding) for m in model.modules()) else {}
+    sparse = any(isinstance(m, SparseEmbedding) for m in model.modules())
+    if sparse and not manifest.job.get("final"):  # model.pt is the end of training's: its tables must be too
+        raise DataError(f"{run_dir}: the latest checkpoint, {store.where(manifest.name)} (step {manifest.step}), is not the "
+                        "end of training's (checkpoint.at_end was off, or it was abandoned): its sparse tables are older than "
+                        "model.pt's dense parameters, and an export would pair the two; --resume the job from it with "
+                        "checkpoint.at_end: true to write one")
+    tables = read_tables(checkpoints or run_dir) if sparse else {}
     for path, m in model.named_modules():
         if isinstance(m, SparseEmbedding):
             if m.table not in tables:
