@@ -72,3 +72,19 @@ def test_every_flag_has_its_variable():
 def test_bad_settings_are_config_errors_naming_the_variable(env, match):
     with pytest.raises(ConfigError, match=match):
         node_settings(env)
+
+
+def test_a_malformed_number_in_the_environment_or_a_port_out_of_range_is_a_one_line_refusal(monkeypatch, capsys):
+    """Exit 2 (refused before it started), as multi-host.md says; a traceback's exit 1 reads as a
+    failure a replacement may mend, and a restart policy would loop on it."""
+    from downpour.cli.main import main
+
+    monkeypatch.setenv("DOWNPOUR_ROLE", "worker")
+    monkeypatch.setenv("DOWNPOUR_COORDINATOR", "127.0.0.1:1")
+    monkeypatch.setenv("DOWNPOUR_RANK", "abc")
+    assert main(["node"]) == 2
+    assert "DOWNPOUR_RANK must be an integer, got 'abc'" in capsys.readouterr().err
+    monkeypatch.delenv("DOWNPOUR_RANK")
+    with pytest.raises(SystemExit) as refused:
+        main(["serve", "/nonexistent", "--port", "99999"])
+    assert refused.value.code == 2 and "99999 is not a port number" in capsys.readouterr().err

@@ -3,6 +3,7 @@ node's CURVE keys (or none, and when none is safe), and the --advertise check.""
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 from typing import Any
@@ -28,6 +29,17 @@ def env_int(name: str) -> int | None:
     if not v.lstrip("-").isdigit():
         raise ConfigError(f"{name} must be an integer, got {v!r}")
     return int(v)
+
+
+def port_number(text: str) -> int:
+    """An argparse type: a TCP port, 0 (a free one) to 65535."""
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{port} is not a port number (0 to 65535)")
+    return port
 
 
 def private_ipc(address: str) -> bool:

@@ -29,7 +29,7 @@ import sys
 import time
 from typing import Any
 
-from downpour.cli.common import check_advertise, coordinator_url, env_int, node_security
+from downpour.cli.common import check_advertise, coordinator_url, env_int, node_security, port_number
 from downpour.cli.datagen import add_datagen_parser
 from downpour.cli.scheduler import add_scheduler_parsers
 from downpour.cli.serve import add_serve_parser
@@ -381,7 +381,7 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("coordinator", help="start the coordinator of a hand-started job")
     c.add_argument("job", nargs="?" if env("DOWNPOUR_JOB") else None, default=env("DOWNPOUR_JOB"))
     c.add_argument("--bind", help="address to listen on, e.g. tcp://0.0.0.0:7070 (default 127.0.0.1:7070)")
-    c.add_argument("--port", type=int, default=env_int("DOWNPOUR_PORT"), help="port of the default bind, 127.0.0.1:PORT")
+    c.add_argument("--port", type=port_number, default=env_int("DOWNPOUR_PORT"), help="port of the default bind, 127.0.0.1:PORT")
     c.add_argument("--advertise", default=env("DOWNPOUR_ADVERTISE"),
                    help="host name or address the other hosts reach this coordinator at (default: from --bind)")
     c.add_argument("--run-dir")
@@ -411,7 +411,7 @@ def build_parser() -> argparse.ArgumentParser:
                            "the model/data factories it names (else only built-in names)")
         if role == "server":
             r.add_argument("--host", default=env("DOWNPOUR_HOST", "127.0.0.1"), help="interface to listen on")
-            r.add_argument("--port", type=int, default=env_int("DOWNPOUR_PORT"), help="fixed port (default: a free one)")
+            r.add_argument("--port", type=port_number, default=env_int("DOWNPOUR_PORT"), help="fixed port (default: a free one)")
             r.add_argument("--ipc-dir", help="folder for ipc sockets (when the coordinator is ipc://)")
         r.set_defaults(fn=fn)
 
@@ -443,7 +443,12 @@ def main(argv: list[str] | None = None) -> int:
         # A job's import paths (mypkg.models:make_cnn) resolve from the current folder, as in the job's
         # processes (python -m downpour ...); after what is installed, which a local file never shadows.
         sys.path.append(os.getcwd())
-    args = build_parser().parse_args(argv)
+    try:
+        parser = build_parser()  # (its defaults read DOWNPOUR_* variables)
+    except DownpourError as err:
+        print(f"downpour: {err}", file=sys.stderr)
+        return 2
+    args = parser.parse_args(argv)
     _setup_logging(args.log_level)
     try:
         return int(args.fn(args) or 0)

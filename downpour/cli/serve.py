@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import sys
 
+from downpour.cli.common import port_number
+
 
 def add_serve_parser(sub) -> None:
     s = sub.add_parser("serve", help="answer predictions over HTTP from an export, following its new versions")
     s.add_argument("url", help="the export's folder or fsspec URL (a job's export.url)")
     s.add_argument("--host", default="127.0.0.1")
-    s.add_argument("--port", type=int, default=8080)
+    s.add_argument("--port", type=port_number, default=8080)
     s.add_argument("--poll-s", type=float, default=0.5, help="how often to look for a new version (seconds)")
     s.set_defaults(fn=cmd_serve)
     e = sub.add_parser("export", help="export a run's checkpoints for serving (a snapshot, then deltas)")
