@@ -68,10 +68,18 @@ def test_every_flag_has_its_variable():
     ({"TF_CONFIG": tf(TF1, "ps", 2)}, r"task.index 2 is not an entry of cluster.ps"),
     ({"TF_CONFIG": tf({**TF1, "ps": ["nohost"]}, "ps", 0)}, r"cluster.ps\[0\] must be HOST:PORT"),
     ({"TF_CONFIG": tf(TF1, "ps", 0), "DOWNPOUR_ROLE": "worker"}, "TF_CONFIG's task is a server"),
+    ({"DOWNPOUR_ROLE": "worker", "DOWNPOUR_COORDINATOR": "a:1", "DOWNPOUR_INSECURE": "sure"}, "DOWNPOUR_INSECURE must be 1 or 0"),
 ])
 def test_bad_settings_are_config_errors_naming_the_variable(env, match):
     with pytest.raises(ConfigError, match=match):
         node_settings(env)
+
+
+def test_a_yes_or_no_variable_takes_the_usual_spellings():
+    for yes in ("1", "true", "YES", "on"):
+        assert node_settings({"DOWNPOUR_ROLE": "worker", "DOWNPOUR_COORDINATOR": "a:1", "DOWNPOUR_INSECURE": yes}).insecure
+    for no in ("", "0", "false", "No", "off"):
+        assert not node_settings({"DOWNPOUR_ROLE": "worker", "DOWNPOUR_COORDINATOR": "a:1", "DOWNPOUR_INSECURE": no}).insecure
 
 
 def test_a_malformed_number_in_the_environment_or_a_port_out_of_range_is_a_one_line_refusal(monkeypatch, capsys):

@@ -5,7 +5,7 @@
     DOWNPOUR_RANK         preferred rank (servers, workers)
     DOWNPOUR_JOB          job file (coordinator)
     DOWNPOUR_RUN_DIR      run folder (coordinator: state, model.pt, summary.json, logs)
-    DOWNPOUR_RECOVER=1    the coordinator takes over the job a crashed one saved in DOWNPOUR_RUN_DIR
+    DOWNPOUR_RECOVER=1    (or true, yes, on) the coordinator takes over the job a crashed one saved in DOWNPOUR_RUN_DIR
     DOWNPOUR_BIND         coordinator: address to listen on (tcp://HOST:PORT)
     DOWNPOUR_HOST         server: interface to listen on
     DOWNPOUR_PORT         server: fixed port (coordinator: port of DOWNPOUR_BIND's default)
@@ -51,6 +51,17 @@ class NodeSettings:
     insecure: bool = False
     overrides: list[str] = field(default_factory=list)  # job overrides (the coordinator's cluster size from TF_CONFIG)
     also_coordinator: bool = False  # TF1 style: worker 0 of a cluster without a chief runs the coordinator too
+
+
+def _flag(env: Mapping[str, str], name: str) -> bool:
+    """A yes/no variable: 1, true, yes, on (any case) or 0, false, no, off, empty; anything else is refused
+    (a setting that reads as "no" where "yes" was meant would fail later, and further from why)."""
+    v = env.get(name, "").strip().lower()
+    if v in ("1", "true", "yes", "on"):
+        return True
+    if v in ("", "0", "false", "no", "off"):
+        return False
+    raise ConfigError(f"{name} must be 1 or 0 (or true/false, yes/no, on/off), got {env[name]!r}")
 
 
 def _int(env: Mapping[str, str], name: str) -> int | None:
@@ -132,7 +143,7 @@ def node_settings(env: Mapping[str, str]) -> NodeSettings:
     rank = _int(env, "DOWNPOUR_RANK")
     s.rank = rank if rank is not None else s.rank
     s.run_dir = env.get("DOWNPOUR_RUN_DIR") or s.run_dir
-    s.recover = env.get("DOWNPOUR_RECOVER", "") == "1" or s.recover
+    s.recover = _flag(env, "DOWNPOUR_RECOVER") or s.recover
     s.bind = env.get("DOWNPOUR_BIND") or s.bind
     s.host = env.get("DOWNPOUR_HOST") or s.host
     port = _int(env, "DOWNPOUR_PORT")
@@ -142,7 +153,7 @@ def node_settings(env: Mapping[str, str]) -> NodeSettings:
     s.advertise = env.get("DOWNPOUR_ADVERTISE") or s.advertise
     s.metrics_host = env.get("DOWNPOUR_METRICS_HOST") or s.metrics_host
     s.keys = env.get("DOWNPOUR_KEYS") or s.keys
-    s.insecure = env.get("DOWNPOUR_INSECURE", "") == "1"
+    s.insecure = _flag(env, "DOWNPOUR_INSECURE")
     if (s.role == "coordinator" or s.also_coordinator) and not s.job:
         raise ConfigError("the coordinator needs the job file: set DOWNPOUR_JOB")
     if s.role == "coordinator" and not s.bind:
