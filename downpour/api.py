@@ -54,7 +54,7 @@ def check_run_dir(job: JobConfig, run_dir: str, api: bool = False) -> None:
     It is created here: a path that cannot be a folder is a clear error before anything starts.
     ``api``: the advice names :func:`train`'s arguments, not the command line's."""
     try:
-        os.makedirs(run_dir, exist_ok=True)
+        os.makedirs(run_dir, mode=0o700, exist_ok=True)  # (its keys, state, model: the user's only)
     except OSError as err:
         raise ConfigError(f"the run folder {run_dir} cannot be created: {err.strerror or err}") from None
     held = [name for name in ("summary.json", "coordinator.db") if os.path.exists(os.path.join(run_dir, name))]

@@ -211,3 +211,10 @@ def test_a_stream_with_more_partitions_than_workers_is_warned_about(capsys):
     _warn_partitions_left_unread(stream_job(2, 2))
     _warn_partitions_left_unread(job())  # not a stream
     assert capsys.readouterr().err == ""
+
+
+def test_a_run_folder_is_made_for_its_user_only(tmp_path):
+    """It holds the job's keys, state, checkpoints and model: the launcher's 0700 is not undone by a
+    folder made earlier with the umask's mode."""
+    check_run_dir(job(), str(tmp_path / "runs" / "a"))
+    assert os.stat(tmp_path / "runs" / "a").st_mode & 0o777 == 0o700
