@@ -10,7 +10,7 @@ import os
 import pytest
 
 from downpour.coordinator.checkpointing import JOB_STATE
-from downpour.errors import DataError
+from downpour.errors import ConfigError, DataError
 from downpour.storage import CheckpointStore, Manifest, resolve_location
 from tests.checkpoint_helpers import (
     alter,
@@ -207,3 +207,27 @@ def test_the_scheduler_resumes_from_the_checkpoint_url_a_preempted_run_wrote_to(
     assert resume_source(str(tmp_path / "root"), 7, 1) is None  # nothing committed there yet
     commit_checkpoint(CheckpointStore(str(url)), 12)
     assert resume_source(str(tmp_path / "root"), 7, 1) == run0
+
+
+def test_one_checkpoint_named_by_its_folder_is_taken_instead_of_the_latest(tmp_path):
+    """--resume and init_from take a run folder, its checkpoints folder, or one checkpoint's folder
+    (an older one than the latest: before a change that went wrong, say)."""
+    from downpour.api import check_run_dir
+    from downpour.config import parse_job
+    from downpour.coordinator.restore import latest_checkpoint
+    from tests.checkpoint_helpers import layout_of
+
+    store = CheckpointStore(str(tmp_path / "run" / "checkpoints"))
+    for step in (10, 20, 30):
+        commit_checkpoint(store, step, {JOB_STATE: json.dumps({"step": step, "layout": layout_of(1).to_dict()}).encode()})
+    assert latest_checkpoint(str(tmp_path / "run"))[1].step == 30
+    older = str(tmp_path / "run" / "checkpoints" / store.name_for(20))
+    _, manifest, state = latest_checkpoint(older)
+    assert manifest.step == 20 and state["step"] == 20
+    with pytest.raises(DataError, match="cannot be used"):
+        latest_checkpoint(str(tmp_path / "run" / "checkpoints" / store.name_for(25)))
+    # Resumed in its own run folder, the newer checkpoints there would be taken by a later --resume: refused.
+    job = parse_job({"model": {"name": "mlp"}, "checkpoint": {"resume_from": older}})
+    with pytest.raises(ConfigError, match="would leave the newer checkpoints there beside this job's: give this job a new --run-dir"):
+        check_run_dir(job, str(tmp_path / "run"))
+    check_run_dir(job, str(tmp_path / "elsewhere"))

@@ -23,12 +23,23 @@ log = logging.getLogger(__name__)
 
 
 def latest_checkpoint(where: str) -> tuple[CheckpointStore, Any, dict[str, Any]]:
-    """The newest complete, verified checkpoint under a run folder or URL, and its job state."""
+    """The newest complete, verified checkpoint under a run folder or URL, and its job state; or,
+    where ``where`` names one checkpoint's folder (``.../checkpoints/ckpt-...``), that one."""
     url = resolve_location(where)
-    store = CheckpointStore(url)
-    manifest = store.latest()
+    base, _, leaf = url.rstrip("/").rpartition("/")
+    if leaf.startswith("ckpt-") and base:  # one checkpoint, named: an older one than the latest, say
+        store = CheckpointStore(base)
+        try:
+            manifest = store.manifest(leaf)
+            store.verify(manifest)
+        except (DataError, OSError) as err:
+            raise DataError(f"checkpoint {url} cannot be used: {err}") from None
+    else:
+        store = CheckpointStore(url)
+        manifest = store.latest()
     if manifest is None:
-        raise DataError(f"no complete checkpoint under {url} (a checkpoint exists once its manifest.json is written)")
+        raise DataError(f"no complete checkpoint under {url} (a checkpoint exists once its manifest.json is written; "
+                        "give a run folder, its checkpoints folder, or one checkpoint's folder)")
     try:
         state = json.loads(store.read(manifest, JOB_STATE))
         Layout.from_dict(state["layout"])
