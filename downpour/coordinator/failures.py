@@ -224,7 +224,10 @@ def fail(st: CoordinatorState, now: float, node: str, reason: str, kind: str = "
                                      detected_after_s=round(detected_after_s, 3), affected=held))
     if any(held.values()):
         reason = f"{reason} ({describe_affected(held)})"
-    log.error("coordinator: job failed: %s: %s", node, reason)
+    if kind == "stopped":  # (a stop that ends the job at once, as asked: summary.json says stopped)
+        log.warning("coordinator: job stopped: %s: %s", node, reason)
+    else:
+        log.error("coordinator: job failed: %s: %s", node, reason)
     st.phase = Phase.FAILED
     st.error = f"{node}: {reason}"
     st.failed_node = node
