@@ -100,7 +100,7 @@ def test_a_checkpoint_not_complete_in_time_expires_and_is_abandoned():
 def test_the_summary_counts_checkpoints_and_their_mean_write_time():
     p = plan(url="memory://run", every_steps=10)
     assert p.summary() == {"enabled": True, "url": "memory://run", "count": 0, "last_step": None, "last": None,
-                           "mean_write_s": None, "abandoned": 0}
+                           "mean_write_s": None, "abandoned": 0, "replaced": 0}
     p.begin(0.0, 10, None)
     complete(p, 1.0, write_s=2.0)
     p.begin(2.0, 20, None)
@@ -110,3 +110,6 @@ def test_the_summary_counts_checkpoints_and_their_mean_write_time():
     s = p.summary()
     assert (s["count"], s["last_step"], s["last"], s["mean_write_s"], s["abandoned"]) == (2, 30, last, 3.0, 1)
     assert p.committed[-1]["final"] is True
+    p.begin(6.0, 40, None)
+    newer = p.begin(7.0, 50, None).name  # (the one begun at step 40 never completed: replaced, not lost)
+    assert p.summary()["replaced"] == 1 and newer.endswith("-0005")  # 2 committed + 1 abandoned + 1 replaced + this one

@@ -52,6 +52,7 @@ class CheckpointPlan:
         self.last_step = 0
         self.committed: list[dict[str, Any]] = []
         self.abandoned = 0
+        self.replaced = 0  # begun, then replaced by a newer one before all its parts came (a sync cut it missed, say)
         self.final_abandoned: str | None = None  # why the final checkpoint (end of training, a graceful stop) was not written
         self._seq = 0
         # checkpoint.at_start: the first checkpoint is due as soon as training starts (a resumed job
@@ -71,6 +72,7 @@ class CheckpointPlan:
         """A new checkpoint (it replaces one still pending, which is abandoned)."""
         if self.pending is not None:
             log.info("coordinator: checkpoint %s replaced by a newer one", self.pending.name)
+            self.replaced += 1
             self.pending = None
         self._seq += 1
         self.start_due = False
@@ -114,7 +116,8 @@ class CheckpointPlan:
 
     def export(self, base: float) -> dict[str, Any]:
         """What a restarted coordinator needs (times relative to ``base``, the job's start)."""
-        return {"committed": self.committed, "abandoned": self.abandoned, "seq": self._seq, "last_step": self.last_step,
+        return {"committed": self.committed, "abandoned": self.abandoned, "replaced": self.replaced, "seq": self._seq,
+                "last_step": self.last_step,
                 "last_at": self.last_at - base, "pending": self.pending.name if self.pending else None,
                 "final_abandoned": self.final_abandoned}
 
@@ -125,6 +128,7 @@ class CheckpointPlan:
         self._seq, self.last_step = int(saved["seq"]), int(saved["last_step"])
         self.last_at = base + float(saved["last_at"])
         self.final_abandoned = saved.get("final_abandoned")
+        self.replaced = int(saved.get("replaced") or 0)  # (a state saved before the count existed: none)
         self.start_due = self.start_due and self._seq == 0 and not resumed
         if saved["pending"]:
             self.abandoned += 1
@@ -140,6 +144,7 @@ class CheckpointPlan:
             "last": self.committed[-1]["name"] if self.committed else None,
             "mean_write_s": sum(writes) / len(writes) if writes else None,
             "abandoned": self.abandoned,
+            "replaced": self.replaced,  # (count + abandoned + replaced: the checkpoints begun, the names' sequence)
             **({"final_abandoned": self.final_abandoned} if self.final_abandoned else {}),
         }
 
