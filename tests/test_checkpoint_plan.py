@@ -37,6 +37,16 @@ def complete(p: CheckpointPlan, now: float, write_s: float = 1.0) -> None:
     p.committed_now(now, write_s)
 
 
+def test_no_periodic_checkpoint_repeats_the_last_one_where_nothing_was_pushed_since():
+    """Workers gone (and waited for), or stalled: each period wrote the same state again (119
+    checkpoints at one step in a sweep)."""
+    p = plan(every_s=1.0)
+    p.begin(0.0, 10, None)
+    complete(p, 0.5)
+    assert not p.due(100.0, 10)
+    assert p.due(100.0, 11)
+
+
 def test_a_checkpoint_is_due_every_so_many_steps():
     p = plan(every_steps=100, every_s=None)
     assert not p.due(1e6, 99)  # time alone does not count

@@ -319,7 +319,8 @@ def test_a_server_lost_before_writing_its_part_abandons_the_pending_checkpoint_a
     sim.tick(1.0 + EXIT_CHECK_S)
     assert sim.state.checkpoints.pending is None and sim.state.checkpoints.abandoned == 1
     assert sim.state.failures[0].node == "server-1" and sim.state.server_slots
-    sim.state.checkpoints.last_at = -1e9  # a periodic checkpoint is due
+    sim.state.checkpoints.last_at = -1e9  # a periodic checkpoint is due (the workers trained on)
+    sim.state.nodes[WORKERS[0]].progress = {"steps": 5}
     assert not [a for a in sim.tick(2.0) if getattr(a, "msg", None) is not None and a.msg.op == Op.CHECKPOINT]  # its rank cannot write
     sim.send("server-1-new", Op.REGISTER, role="server", rank=None, address="tcp://127.0.0.1:7999", host="test", pid=300)
     sim.now = 3.0

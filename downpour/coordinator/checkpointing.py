@@ -64,6 +64,8 @@ class CheckpointPlan:
             return False
         if self.start_due:
             return True
+        if self.committed and self.committed[-1]["step"] == step:  # nothing was pushed since: the same state again
+            return False
         by_time = self.cfg.every_s is not None and now - self.last_at >= self.cfg.every_s
         by_steps = self.cfg.every_steps is not None and step - self.last_step >= self.cfg.every_steps
         return by_time or by_steps

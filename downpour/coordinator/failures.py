@@ -209,7 +209,7 @@ def worker_lost(st: CoordinatorState, now: float, node: Node, reason: str, kind:
                     ("it had finished training" if had_finished else "it held no shard"))
     out = membership.tell_servers(st) + membership.release_barriers(st, now) + membership.admit_joiners(st, now)
     if not st.training_workers() and not st.done_waiting:
-        st.workerless_since = now
+        st.workerless_since, st.workerless_left = now, left
     elif not st.training_workers():
         out += membership.end_training(st, now)
     return out

@@ -164,6 +164,7 @@ class JobState:
     final_asked: bool = False  # that stop's final checkpoint was asked of the servers
     leave_at: int | None = None  # sync: the round after which every worker leaves (the same for all)
     workerless_since: float | None = field(default=None, metadata=TIME)  # training with no live worker
+    workerless_left: bool = False  # ... because the last one left cleanly (SIGTERM: asked to), not died
     # Steps before the checkpoint resumed from (checkpoint names keep growing), that checkpoint's
     # job state, and what servers load at start (resume or warm start).
     step_offset: int = 0

@@ -265,6 +265,13 @@ class CoordinatorState(JobState):
                 return failures.stop_unserved(self, now, f"server-{rank}", f"server-{rank} was lost and no replacement came "
                                               f"within cluster.server_replace_timeout_s of the graceful stop")
             return checkpoints.stop_step(self, now)
+        if (self.workerless_since is not None and self.workerless_left and self.stop_requested is None
+                and now - self.workerless_since > min(self.cl.heartbeat_timeout_s, self.cl.startup_timeout_s)):
+            # Every worker was asked to leave (SIGTERM, one by one: preempted machines) and none came
+            # back: the job stops as a graceful stop does, with a final checkpoint to --resume from.
+            log.warning("coordinator: every worker left the job and none joined within %gs; stopping it gracefully",
+                        min(self.cl.heartbeat_timeout_s, self.cl.startup_timeout_s))
+            return self.request_stop(now)
         if (self.workerless_since is not None and self.phase != Phase.STOPPING  # (workers leave a graceful stop)
                 and now - self.workerless_since > self.cl.startup_timeout_s):
             return failures.fail(self, now, "coordinator", f"every worker was lost and none joined within "
