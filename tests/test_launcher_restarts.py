@@ -157,3 +157,16 @@ def test_a_worker_exits_stopped_only_when_the_coordinators_answer_told_it_to_sto
         w.abort.set()
     w.hb = SimpleNamespace(ordered=ordered, declared_dead=dead, reason="stopped by the coordinator: server-1 died")
     assert w.stopped() is stopped
+
+
+def test_a_worker_that_dies_once_the_job_has_ended_is_not_replaced_and_a_summary_left_by_an_earlier_run_does_not_count(
+        tmp_path, launcher):
+    (tmp_path / "summary.json").write_text('{"status": "ok"}')
+    late = proc(tmp_path, "worker-2", 130, "")  # (SIGTERM just after the job finished)
+    spawned = []
+    launcher._spawn = lambda *a, **k: spawned.append(a)
+    assert launcher._recover(late) and late.replaced and spawned == []  # the job has ended: nothing to replace
+    launcher._clear_last_run()  # a job resumed in its own folder: that summary is the last run's
+    assert not (tmp_path / "summary.json").exists() and (tmp_path / "summary.previous.json").read_text() == '{"status": "ok"}'
+    crashed = proc(tmp_path, "worker-1", 1, TRACE)
+    assert launcher._recover(crashed) and [a[0] for a in spawned] == ["worker-1.2"]

@@ -165,8 +165,7 @@ class LocalLauncher:
             if not os.path.isdir(self.keys):
                 create_job_keys(self.keys)
         addr_file = os.path.join(self.run_dir, "coordinator.addr")
-        if os.path.exists(addr_file):
-            os.remove(addr_file)
+        self._clear_last_run()
         cl = self.job.cluster
         ipc_dir = os.path.join(self.run_dir, "sock")
         if self.ipc and len(ipc_dir) > 70:  # unix socket paths are limited to about 107 bytes
@@ -194,6 +193,17 @@ class LocalLauncher:
             trusted = ["--job", job_path] if self.insecure else []
             self._spawn(f"worker-{r}", ["worker", "--coordinator", address, "--rank", str(r), *trusted])
         return address
+
+    def _clear_last_run(self) -> None:
+        """What a run before this one in the same folder left (a job resumed in its own folder): its
+        address file, and its summary, kept as ``summary.previous.json``. A summary there reads as this
+        run's verdict: no replacement would be started, nor a crashed coordinator restarted."""
+        addr_file = os.path.join(self.run_dir, "coordinator.addr")
+        if os.path.exists(addr_file):
+            os.remove(addr_file)
+        summary = os.path.join(self.run_dir, "summary.json")
+        if os.path.exists(summary):
+            os.replace(summary, os.path.join(self.run_dir, "summary.previous.json"))
 
     def request_stop(self) -> None:
         """Stop the job gracefully: the coordinator (SIGTERM) has the workers leave after their
@@ -304,10 +314,11 @@ class LocalLauncher:
         shards back, and (up to ``cluster.worker_restarts`` times per job) a replacement is
         started, which joins the running job. Returns whether the job goes on."""
         cl = self.job.cluster
-        if self.stopping or p.exit_code == EXIT_STOPPED:  # a graceful stop under way, or the coordinator stopped it
+        ended = os.path.exists(os.path.join(self.run_dir, "summary.json"))  # (the coordinator wrote its verdict)
+        if self.stopping or p.exit_code == EXIT_STOPPED or ended:  # a graceful stop under way, or the job is over
             p.replaced = True
             log.info("%s; not replaced: %s", p.describe_exit(), "the job is stopping" if self.stopping else
-                     "the coordinator stopped it (the job failed or ended)")
+                     "the job has ended" if ended else "the coordinator stopped it (the job failed or ended)")
             return True
         if p.name.startswith("server-"):  # a replacement loads the latest checkpoint (the coordinator says which)
             if cl.on_server_failure != "recover" or not (self.job.checkpoint.enabled or cl.replicas):
