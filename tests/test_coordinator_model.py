@@ -60,7 +60,7 @@ def _every_field_changed(state: CoordinatorState) -> None:
                              promoted_after_s=0.25, failover_s=0.5, rereplicated_after_s=1.5)
     values = {
         "phase": Phase.EVALUATING, "train_started": 10.0, "train_ended": 20.0, "error": "e", "failed_node": "n",
-        "stop_requested": 15.0, "final_asked": True, "leave_at": 9, "workerless_since": 12.0, "step_offset": 4,
+        "stop_requested": 15.0, "final_asked": True, "leave_at": 9, "workerless_since": 12.0, "workerless_left": True, "step_offset": 4,
         "resume": {"step": 4, "name": "ckpt-0"}, "restore": {"url": "u", "name": "ckpt-0", "full": True},
         "evaluation": {"test_accuracy": 0.5, "test_loss": 1.0, "test_examples": 10}, "evaluator": "worker-0",
         "servers_gen": 2, "hosting": {1: "server-0"}, "rejected": {"invalid": 3}, "version_rate": 12.5, "restarts": 1,
