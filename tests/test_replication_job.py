@@ -34,6 +34,19 @@ def _kill_primaries(run_dir, rank: int, times: int, killed: list) -> None:
         wait_failures(run_dir, len(killed))
 
 
+def _live_server(run_dir: str, timeout_s: float = 60.0) -> dict:
+    """A server the coordinator sees alive (its STATUS asked again while a loaded machine keeps it
+    from answering within the query's 2 s, as after a failover on CI)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        st = query_status(run_dir)
+        live = [n for n in (st or {}).get("nodes", []) if n["role"] == "server" and n["state"] == "alive"]
+        if live:
+            return live[0]
+        time.sleep(0.1)
+    raise AssertionError("the coordinator never showed a live server")
+
+
 def wait_failures(run_dir: str, count: int, timeout_s: float = 60.0) -> None:
     """Wait until the coordinator recorded ``count`` failures."""
     deadline = time.monotonic() + timeout_s
@@ -128,7 +141,7 @@ def test_when_the_last_server_process_dies_a_replacement_loads_the_latest_checkp
     try:
         wait_training(run_dir, steps=3)
         _kill_primaries(run_dir, 1, 1, killed)  # rank 1 fails over into server-0's process
-        last = next(n for n in query_status(run_dir)["nodes"] if n["role"] == "server" and n["state"] == "alive")
+        last = _live_server(run_dir)
         os.kill(last["pid"], signal.SIGKILL)
         summary = _summary(proc, run_dir)
     finally:
