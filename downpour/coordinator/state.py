@@ -266,11 +266,12 @@ class CoordinatorState(JobState):
                                               f"within cluster.server_replace_timeout_s of the graceful stop")
             return checkpoints.stop_step(self, now)
         if (self.workerless_since is not None and self.workerless_left and self.stop_requested is None
-                and now - self.workerless_since > min(self.cl.heartbeat_timeout_s, self.cl.startup_timeout_s)):
+                and now - self.workerless_since > self.cl.startup_timeout_s):
             # Every worker was asked to leave (SIGTERM, one by one: preempted machines) and none came
-            # back: the job stops as a graceful stop does, with a final checkpoint to --resume from.
-            log.warning("coordinator: every worker left the job and none joined within %gs; stopping it gracefully",
-                        min(self.cl.heartbeat_timeout_s, self.cl.startup_timeout_s))
+            # back in the time a joiner has: the job stops as a graceful stop does, with a final
+            # checkpoint to --resume from, instead of failing.
+            log.warning("coordinator: every worker left the job and none joined within %gs (cluster.startup_timeout_s); "
+                        "stopping it gracefully", self.cl.startup_timeout_s)
             return self.request_stop(now)
         if (self.workerless_since is not None and self.phase != Phase.STOPPING  # (workers leave a graceful stop)
                 and now - self.workerless_since > self.cl.startup_timeout_s):
