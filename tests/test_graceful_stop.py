@@ -450,7 +450,9 @@ def test_sigterm_to_every_process_of_the_job_at_once_stops_it_gracefully_and_it_
 
 @pytest.mark.slow
 def test_a_server_sent_sigterm_alone_stops_and_its_rank_is_replaced_while_the_job_goes_on(tmp_path, tiny_data):
-    job = tiny_job(tiny_data, training={"epochs": 30})
+    # (Every worker's steps take 4 times their compute: on a fast machine the job otherwise trained to
+    # its end before the SIGTERM landed, and the server then stopped with it.)
+    job = tiny_job(tiny_data, training={"epochs": 30, "slowdown": {"rank": None, "factor": 4.0}})
     proc, run_dir = start_job(tmp_path, job)
     try:
         status = wait_training(run_dir, steps=20)

@@ -132,7 +132,8 @@ def test_when_the_last_server_process_dies_a_replacement_loads_the_latest_checkp
     """With backups, a dead server's ranks fail over to another process and the launcher starts no
     replacement; once the last server process dies, no backup is left anywhere. Before, the job then
     waited for ever; now the launcher starts a replacement, which loads the latest checkpoint."""
-    job = tiny_job(tiny_data, training={"epochs": 30}, monitor=QUIET,
+    # (Slowed workers: on a loaded machine the job otherwise reached its end before the second kill.)
+    job = tiny_job(tiny_data, training={"epochs": 30, "slowdown": {"rank": None, "factor": 4.0}}, monitor=QUIET,
                    checkpoint={"every_steps": 40, "every_s": None},
                    cluster={"num_servers": 2, "num_workers": 2, "replicas": 1, "heartbeat_timeout_s": 1.5,
                             "server_replace_timeout_s": 2.0})
