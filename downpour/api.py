@@ -62,15 +62,15 @@ def check_run_dir(job: JobConfig, run_dir: str, api: bool = False) -> None:
     if job.checkpoint.url is None and os.path.isdir(checkpoints) and any(e.startswith("ckpt-") for e in os.listdir(checkpoints)):
         held.append("checkpoints/")
     resume, here = job.checkpoint.resume_from, os.path.abspath(run_dir)
-    if (resume is not None and "://" not in resume and os.path.basename(resume.rstrip("/")).startswith("ckpt-")
-            and os.path.commonpath([os.path.abspath(resume), here]) == here):
+    new = "run_dir" if api else "--run-dir"
+    in_place = resume is not None and "://" not in resume and os.path.commonpath([os.path.abspath(resume), here]) == here
+    if in_place and os.path.basename(resume.rstrip("/")).startswith("ckpt-"):
         # Its newer checkpoints would stay beside the ones this job writes, and a later --resume take them.
         raise ConfigError(f"resuming from the checkpoint {resume} in its own run folder would leave the newer checkpoints "
-                          f"there beside this job's: give this job a new {'run_dir' if api else '--run-dir'}")
-    new = "run_dir" if api else "--run-dir"
+                          f"there beside this job's: give this job a new {new}")
     resume_it = (f"config checkpoint.resume_from={run_dir!r}" if api else
                  f"--resume {shlex.quote(run_dir)} (checkpoint.resume_from)")
-    if held and not (resume is not None and "://" not in resume and os.path.commonpath([os.path.abspath(resume), here]) == here):
+    if held and not in_place:
         if job.checkpoint.url is None and "checkpoints/" not in held:  # (e.g. a job stopped before training began)
             raise ConfigError(f"the run folder {run_dir} already holds a job ({', '.join(held)}) that left no checkpoint "
                               f"to continue from: remove the folder, or give this job a new {new}")

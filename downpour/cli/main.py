@@ -176,7 +176,7 @@ def _warn_partitions_left_unread(job) -> None:
               "never does); give the job at least as many workers as partitions", file=sys.stderr, flush=True)
 
 
-def _fmt4(value: float | None) -> str:
+def _fmt4(value: float | None) -> str:  # (the console's n/a; status.py's _num writes "-")
     return "n/a" if value is None else f"{value:.4f}"
 
 
